@@ -1,0 +1,14 @@
+//! pingate sells prepaid PINs to point-of-sale terminals.
+//!
+//! Map of the modules (see `../shared/architecture.md` for the whole picture, and `protocols/` for the wire specs):
+//!
+//! - [`iso8583`] — protocol core, no I/O: ISO 8583 dialects loaded from `protocols/iso8583/*.toml`, a nom decoder,
+//!   a `BytesMut` encoder, the [`iso8583::Message`] value type with masking, and the JSON form.
+//! - [`sale`] — the PIN sale contract spoken with terminals (`protocols/pin-sale-messages.md`): response codes,
+//!   the field 63 TLV that carries the PIN, and the keys that match repeats and reversals to sales.
+//! - [`cli`] — the `pingate` command line, thin over the library.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod iso8583;
+pub mod sale;
