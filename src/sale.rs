@@ -1,1 +1,446 @@
-//! placeholder
+//! The PIN sale contract spoken with terminals (`protocols/pin-sale-messages.md`): response codes with their wire
+//! values in one place, the field 63 TLV that carries the PIN to the terminal, and the keys that tie repeats and
+//! reversals to the sale they refer to. No I/O.
+
+use std::fmt;
+
+use crate::iso8583::Message;
+
+/// Outcomes of a request as the terminal sees them (field 39). The wire values are mapped here and nowhere else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ResponseCode {
+    /// `00` — the PIN is in field 63, or the reversal / network request was done.
+    Approved,
+    /// `12` — MTI, processing code or network code not supported, or a sale whose key was already reversed.
+    InvalidTransaction,
+    /// `13` — the product exists but not in this amount or currency.
+    InvalidAmount,
+    /// `15` — field 48 names no product ("no such issuer": the product is the PIN's issuer).
+    UnknownProduct,
+    /// `25` — no PIN of this product and amount is left ("unable to locate record").
+    OutOfStock,
+    /// `30` — the message does not decode, or a mandatory field is missing or malformed.
+    FormatError,
+    /// `58` — unknown terminal, or the terminal may not sell this product.
+    NotPermitted,
+    /// `91` — the PIN server could not be reached or did not answer in time ("issuer or switch inoperative").
+    ServerUnavailable,
+    /// `94` — same terminal, STAN and transmission time as an earlier request, but different content.
+    DuplicateMismatch,
+    /// `96` — anything else ("system malfunction").
+    SystemError,
+}
+
+impl ResponseCode {
+    pub const ALL: [ResponseCode; 10] = [
+        ResponseCode::Approved,
+        ResponseCode::InvalidTransaction,
+        ResponseCode::InvalidAmount,
+        ResponseCode::UnknownProduct,
+        ResponseCode::OutOfStock,
+        ResponseCode::FormatError,
+        ResponseCode::NotPermitted,
+        ResponseCode::ServerUnavailable,
+        ResponseCode::DuplicateMismatch,
+        ResponseCode::SystemError,
+    ];
+
+    /// The two characters of field 39.
+    pub fn code(self) -> &'static str {
+        match self {
+            ResponseCode::Approved => "00",
+            ResponseCode::InvalidTransaction => "12",
+            ResponseCode::InvalidAmount => "13",
+            ResponseCode::UnknownProduct => "15",
+            ResponseCode::OutOfStock => "25",
+            ResponseCode::FormatError => "30",
+            ResponseCode::NotPermitted => "58",
+            ResponseCode::ServerUnavailable => "91",
+            ResponseCode::DuplicateMismatch => "94",
+            ResponseCode::SystemError => "96",
+        }
+    }
+
+    /// The code for a field 39 value, if it is one of ours.
+    pub fn from_code(code: &str) -> Option<ResponseCode> {
+        ResponseCode::ALL.into_iter().find(|c| c.code() == code)
+    }
+
+    /// What the code means, for people.
+    pub fn description(self) -> &'static str {
+        match self {
+            ResponseCode::Approved => "approved",
+            ResponseCode::InvalidTransaction => "invalid transaction",
+            ResponseCode::InvalidAmount => "invalid amount or denomination",
+            ResponseCode::UnknownProduct => "unknown product",
+            ResponseCode::OutOfStock => "out of stock",
+            ResponseCode::FormatError => "format error",
+            ResponseCode::NotPermitted => "transaction not permitted to terminal",
+            ResponseCode::ServerUnavailable => "PIN server unavailable",
+            ResponseCode::DuplicateMismatch => "duplicate transmission with different content",
+            ResponseCode::SystemError => "system error",
+        }
+    }
+}
+
+impl fmt::Display for ResponseCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.code(), self.description())
+    }
+}
+
+/// Errors of the sale contract layer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SaleError {
+    /// Field 63 is not a sequence of `tag(2) length(3 digits) value`; `offset` is within the field.
+    #[error("field 63: {reason} at offset {offset}")]
+    BadTlv { offset: usize, reason: String },
+    /// A value does not fit its TLV element (longer than 999, or a character outside printable ASCII).
+    #[error("field 63 tag {tag}: {reason}")]
+    BadElement { tag: &'static str, reason: String },
+    /// The PIN data lacks an element it must have.
+    #[error("field 63: missing {tag}")]
+    Missing { tag: &'static str },
+    /// Field 90 (original data elements) is not 42 digits.
+    #[error(
+        "field 90: expected 42 digits (MTI, STAN, transmission date-time, acquirer, forwarder)"
+    )]
+    BadOriginalData,
+    /// A field the key needs is absent or malformed.
+    #[error("field {field}: {reason}")]
+    MissingField { field: u8, reason: &'static str },
+}
+
+/// A PIN value. It is cash: `Debug` and `Display` never show it; [`Pin::expose`] is the one way to read it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Pin(String);
+
+impl Pin {
+    pub fn new(value: impl Into<String>) -> Pin {
+        Pin(value.into())
+    }
+    /// The PIN itself: only for putting it into the answer to the terminal that bought it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Pin([masked, {} chars])", self.0.len())
+    }
+}
+
+impl fmt::Display for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[PIN masked, {} chars]", self.0.len())
+    }
+}
+
+/// What a terminal prints for a sold PIN: field 63 of an approved 0210.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinReceipt {
+    pub pin: Pin,
+    pub serial: String,
+    /// `YYYYMMDD`, absent when the PIN does not expire.
+    pub expiry: Option<String>,
+    /// Receipt lines in print order.
+    pub lines: Vec<String>,
+}
+
+/// Field 63 tags.
+pub mod tag {
+    pub const PIN: &str = "PN";
+    pub const SERIAL: &str = "SN";
+    pub const EXPIRY: &str = "EX";
+    pub const RECEIPT_LINE: &str = "RL";
+}
+
+impl PinReceipt {
+    /// Field 63 text: `PN` PIN, `SN` serial, `EX` expiry if any, then one `RL` per receipt line; each element
+    /// `tag(2) length(3 ASCII digits) value`.
+    pub fn to_tlv(&self) -> Result<String, SaleError> {
+        let mut out = String::with_capacity(64);
+        let mut put = |tag: &'static str, v: &str| -> Result<(), SaleError> {
+            if v.len() > 999 {
+                return Err(SaleError::BadElement {
+                    tag,
+                    reason: format!("{} characters, at most 999", v.len()),
+                });
+            }
+            if let Some(i) = v.bytes().position(|c| !(0x20..=0x7E).contains(&c)) {
+                return Err(SaleError::BadElement {
+                    tag,
+                    reason: format!("non-printable character at position {i}"),
+                });
+            }
+            out.push_str(tag);
+            out.push_str(&format!("{:03}", v.len()));
+            out.push_str(v);
+            Ok(())
+        };
+        put(tag::PIN, self.pin.expose())?;
+        put(tag::SERIAL, &self.serial)?;
+        if let Some(e) = &self.expiry {
+            put(tag::EXPIRY, e)?;
+        }
+        for l in &self.lines {
+            put(tag::RECEIPT_LINE, l)?;
+        }
+        if out.len() > 999 {
+            return Err(SaleError::BadElement {
+                tag: tag::RECEIPT_LINE,
+                reason: format!("field 63 would be {} long, at most 999", out.len()),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Reads field 63. Unknown tags are skipped (terminals must do the same), so the contract can grow.
+    pub fn from_tlv(data: &[u8]) -> Result<PinReceipt, SaleError> {
+        let (mut pin, mut serial, mut expiry, mut lines) = (None, None, None, Vec::new());
+        let mut i = 0;
+        while i < data.len() {
+            let head = data.get(i..i + 5).ok_or_else(|| SaleError::BadTlv {
+                offset: i,
+                reason: format!("element header needs 5 bytes, {} remain", data.len() - i),
+            })?;
+            if !head[2..].iter().all(u8::is_ascii_digit) {
+                return Err(SaleError::BadTlv {
+                    offset: i + 2,
+                    reason: "length is not 3 digits".into(),
+                });
+            }
+            let len = head[2..]
+                .iter()
+                .fold(0usize, |a, d| a * 10 + usize::from(d - b'0'));
+            let value = data
+                .get(i + 5..i + 5 + len)
+                .ok_or_else(|| SaleError::BadTlv {
+                    offset: i,
+                    reason: format!(
+                        "element announces {len} bytes, {} remain",
+                        data.len() - i - 5
+                    ),
+                })?;
+            let text = std::str::from_utf8(value)
+                .map_err(|_| SaleError::BadTlv {
+                    offset: i + 5,
+                    reason: "value is not text".into(),
+                })?
+                .to_string();
+            match &head[..2] {
+                b"PN" => pin = Some(Pin(text)),
+                b"SN" => serial = Some(text),
+                b"EX" => expiry = Some(text),
+                b"RL" => lines.push(text),
+                _ => {}
+            }
+            i += 5 + len;
+        }
+        Ok(PinReceipt {
+            pin: pin.ok_or(SaleError::Missing { tag: tag::PIN })?,
+            serial: serial.ok_or(SaleError::Missing { tag: tag::SERIAL })?,
+            expiry,
+            lines,
+        })
+    }
+}
+
+/// What makes two requests "the same sale": terminal id (41), STAN (11) and transmission date-time (7).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SaleKey {
+    pub terminal_id: String,
+    pub stan: String,
+    pub transmission: String,
+}
+
+impl SaleKey {
+    /// The key of a 0200/0201 (or of any request, for its own identity).
+    pub fn of(msg: &Message) -> Result<SaleKey, SaleError> {
+        let get = |n: u8, reason: &'static str| {
+            msg.get_str(n)
+                .map(str::to_string)
+                .ok_or(SaleError::MissingField { field: n, reason })
+        };
+        Ok(SaleKey {
+            terminal_id: msg
+                .terminal_id()
+                .map(str::to_string)
+                .ok_or(SaleError::MissingField {
+                    field: 41,
+                    reason: "terminal id is mandatory",
+                })?,
+            stan: get(11, "STAN is mandatory")?,
+            transmission: get(7, "transmission date-time is mandatory")?,
+        })
+    }
+
+    /// The key of the sale a 0400/0420 reverses: from field 90 when present, else the reversal's own 11 and 7
+    /// (simple terminals resend the original's STAN and date-time).
+    pub fn reversed_by(msg: &Message) -> Result<SaleKey, SaleError> {
+        let own = SaleKey::of(msg)?;
+        match msg.original_data() {
+            None => Ok(own),
+            Some(f90) => {
+                let o = OriginalData::parse(f90)?;
+                Ok(SaleKey {
+                    terminal_id: own.terminal_id,
+                    stan: o.stan,
+                    transmission: o.transmission,
+                })
+            }
+        }
+    }
+}
+
+/// Field 90, original data elements: n4 MTI, n6 STAN, n10 transmission date-time, n11 acquirer, n11 forwarder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OriginalData {
+    pub mti: String,
+    pub stan: String,
+    pub transmission: String,
+    pub acquirer: String,
+    pub forwarder: String,
+}
+
+impl OriginalData {
+    pub fn parse(f90: &str) -> Result<OriginalData, SaleError> {
+        if f90.len() != 42 || !f90.bytes().all(|c| c.is_ascii_digit()) {
+            return Err(SaleError::BadOriginalData);
+        }
+        Ok(OriginalData {
+            mti: f90[..4].into(),
+            stan: f90[4..10].into(),
+            transmission: f90[10..20].into(),
+            acquirer: f90[20..31].into(),
+            forwarder: f90[31..].into(),
+        })
+    }
+
+    /// The 42 digits of field 90.
+    pub fn format(&self) -> String {
+        format!(
+            "{}{}{}{:0>11}{:0>11}",
+            self.mti, self.stan, self.transmission, self.acquirer, self.forwarder
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::iso8583::Mti;
+
+    fn receipt() -> PinReceipt {
+        PinReceipt {
+            pin: Pin::new("1234567890123456"),
+            serial: "SER0000001".into(),
+            expiry: Some("20271231".into()),
+            lines: vec!["Dial *100*PIN# to top up".into()],
+        }
+    }
+
+    #[test]
+    fn codes_are_unique_and_two_digits() {
+        let mut seen = std::collections::HashSet::new();
+        for c in ResponseCode::ALL {
+            assert!(seen.insert(c.code()), "{c:?} repeats a code");
+            assert_eq!(c.code().len(), 2);
+            // Old terminals parse field 39 as a number: codes stay numeric.
+            assert!(c.code().bytes().all(|b| b.is_ascii_digit()));
+            assert_eq!(ResponseCode::from_code(c.code()), Some(c));
+        }
+        assert_eq!(ResponseCode::from_code("XX"), None);
+    }
+
+    #[test]
+    fn tlv_round_trip_and_layout() {
+        let r = receipt();
+        let t = r.to_tlv().unwrap();
+        assert_eq!(
+            t,
+            "PN0161234567890123456SN010SER0000001EX00820271231RL024Dial *100*PIN# to top up"
+        );
+        assert_eq!(PinReceipt::from_tlv(t.as_bytes()).unwrap(), r);
+    }
+
+    #[test]
+    fn tlv_skips_unknown_tags_and_names_bad_offsets() {
+        let t = "ZZ003abcPN0041234SN0015";
+        let r = PinReceipt::from_tlv(t.as_bytes()).unwrap();
+        assert_eq!(r.pin.expose(), "1234");
+        assert_eq!(r.serial, "5");
+        assert_eq!(
+            PinReceipt::from_tlv(b"PN01x").unwrap_err(),
+            SaleError::BadTlv {
+                offset: 2,
+                reason: "length is not 3 digits".into()
+            }
+        );
+        assert!(matches!(
+            PinReceipt::from_tlv(b"PN009123"),
+            Err(SaleError::BadTlv { offset: 0, .. })
+        ));
+        assert!(matches!(
+            PinReceipt::from_tlv(b"PN"),
+            Err(SaleError::BadTlv { offset: 0, .. })
+        ));
+        assert_eq!(
+            PinReceipt::from_tlv(b"SN0011"),
+            Err(SaleError::Missing { tag: "PN" })
+        );
+        let mut long = receipt();
+        long.lines = vec!["x".repeat(1000)];
+        assert!(matches!(
+            long.to_tlv(),
+            Err(SaleError::BadElement { tag: "RL", .. })
+        ));
+    }
+
+    #[test]
+    fn pin_never_shows_in_debug_or_display() {
+        let r = receipt();
+        let shown = format!("{r:?} {} {:?}", r.pin, r.pin);
+        assert!(!shown.contains("1234567890123456"), "{shown}");
+        assert!(!shown.contains("12345"), "{shown}");
+    }
+
+    #[test]
+    fn reversal_keys_come_from_field_90_or_the_reversal_itself() {
+        let mut m = Message::new(Mti::REVERSAL);
+        m.set(41, "TERM0001").set(11, "000124").set(7, "1128173600");
+        assert_eq!(
+            SaleKey::reversed_by(&m).unwrap(),
+            SaleKey {
+                terminal_id: "TERM0001".into(),
+                stan: "000124".into(),
+                transmission: "1128173600".into()
+            }
+        );
+        let o = OriginalData {
+            mti: "0200".into(),
+            stan: "000123".into(),
+            transmission: "1128173500".into(),
+            acquirer: "0".into(),
+            forwarder: "0".into(),
+        };
+        m.set(90, o.format());
+        assert_eq!(o.format().len(), 42);
+        assert_eq!(
+            SaleKey::reversed_by(&m).unwrap(),
+            SaleKey {
+                terminal_id: "TERM0001".into(),
+                stan: "000123".into(),
+                transmission: "1128173500".into()
+            }
+        );
+        m.set(90, "12");
+        assert_eq!(SaleKey::reversed_by(&m), Err(SaleError::BadOriginalData));
+        m.remove(41);
+        assert!(matches!(
+            SaleKey::of(&m),
+            Err(SaleError::MissingField { field: 41, .. })
+        ));
+    }
+}
