@@ -130,7 +130,7 @@ fn check_class(spec: &FieldSpec, v: &[u8]) -> Result<(), CodecError> {
         invalid(
             spec,
             format!(
-                "character at position {i} is not allowed in a {} field",
+                "character at position {i} is not allowed in a field of class {}",
                 spec.class.code()
             ),
         )
