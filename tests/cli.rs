@@ -1,0 +1,149 @@
+//! The `pingate iso` commands as a user runs them: the real binary, stdin, stdout, stderr and exit codes.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+fn pingate(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pingate"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn fixture(path: &str) -> String {
+    std::fs::read_to_string(format!(
+        "{}/fixtures/iso8583/{path}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn decode_masks_by_default_and_reveals_on_request() {
+    let hex = fixture("iso87-bcd/sale-approved-0210.hex");
+    let out = pingate(
+        &["iso", "decode", "--dialect", "iso87-bcd", hex.trim()],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["mti"], "0210");
+    assert_eq!(v["fields"]["39"], "00");
+    assert_eq!(v["fields"]["63"], "[masked, 78 bytes]");
+    assert!(!text(&out.stdout).contains("1234567890123456"));
+    // Field numbers come out in numeric order.
+    let keys: Vec<u32> = v["fields"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.parse().unwrap())
+        .collect();
+    assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
+
+    let out = pingate(
+        &["iso", "decode", "--dialect", "iso87-bcd", "--reveal", "-"],
+        Some(&hex),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&fixture("iso87-bcd/sale-approved-0210.json")).unwrap();
+    assert_eq!(v, expected);
+}
+
+#[test]
+fn encode_reads_stdin_and_prints_the_golden_hex() {
+    let json = fixture("iso87-ascii-binbitmap/sale-request-0200.json");
+    // The default dialect is iso87-ascii-binbitmap.
+    let out = pingate(&["iso", "encode"], Some(&json));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        fixture("iso87-ascii-binbitmap/sale-request-0200.hex").trim()
+    );
+}
+
+#[test]
+fn errors_go_to_stderr_with_exit_code_2() {
+    // Field 4 of the ASCII reference carries a letter.
+    let hex = fixture("iso87-ascii/sale-request-0200.hex");
+    let mut bytes = pingate::iso8583::from_hex(hex.trim()).unwrap();
+    bytes[28] = b'A';
+    let bad = pingate::iso8583::to_hex(&bytes);
+    let out = pingate(&["iso", "decode", "--dialect", "iso87-ascii", &bad], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        text(&out.stderr).trim(),
+        "error: field 4: expected 12 digits at offset 26, found 0x41 at offset 28"
+    );
+
+    let out = pingate(&["iso", "decode", "--dialect", "nope", "00"], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("unknown dialect `nope`"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = pingate(
+        &["iso", "encode"],
+        Some(r#"{"mti":"0200","fields":{"4":"12"}}"#),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("field 4: value of length 2"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = pingate(&["iso", "decode", "zz"], None);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn dialects_lists_what_protocols_offers() {
+    let out = pingate(&["iso", "dialects"], None);
+    assert!(out.status.success());
+    let s = text(&out.stdout);
+    for name in [
+        "iso87-ascii",
+        "iso87-ascii-binbitmap (default)",
+        "iso87-bcd",
+        "iso87-ebcdic",
+    ] {
+        assert!(s.contains(name), "{name} missing from {s}");
+    }
+}
+
+#[test]
+fn pretty_shows_field_names() {
+    let hex = fixture("iso87-ascii/sale-request-0200.hex");
+    let out = pingate(
+        &[
+            "iso",
+            "decode",
+            "--dialect",
+            "iso87-ascii",
+            "--pretty",
+            hex.trim(),
+        ],
+        None,
+    );
+    let s = text(&out.stdout);
+    assert!(
+        s.contains("Systems trace audit number (STAN)") && s.contains("000123"),
+        "{s}"
+    );
+}
