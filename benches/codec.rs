@@ -60,6 +60,17 @@ fn codec(c: &mut Criterion) {
             })
         });
     }
+    // The floor in the same run: copying the same bytes in and out, with no parsing at all.
+    let wire = dialects.get("iso87-ascii").unwrap().encode(&reference()).unwrap().freeze();
+    let mut out = BytesMut::with_capacity(512);
+    group.bench_function(format!("baseline/copy in+out ({} bytes)", wire.len()), |b| {
+        b.iter(|| {
+            let copy = Bytes::copy_from_slice(black_box(&wire));
+            out.clear();
+            out.extend_from_slice(&copy);
+            black_box(out.len())
+        })
+    });
     group.finish();
 }
 
