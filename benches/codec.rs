@@ -28,26 +28,18 @@ fn codec(c: &mut Criterion) {
     let dialects = Dialects::builtin();
     let mut group = c.benchmark_group("codec");
     group.throughput(Throughput::Elements(1));
-    for name in [
-        "iso87-ascii",
-        "iso87-ascii-binbitmap",
-        "iso87-bcd",
-        "iso87-ebcdic",
-    ] {
+    for name in ["iso87-ascii", "iso87-ascii-binbitmap", "iso87-bcd", "iso87-ebcdic"] {
         let d = dialects.get(name).unwrap();
         let wire: Bytes = d.encode(&reference()).unwrap().freeze();
         let mut out = BytesMut::with_capacity(512);
-        group.bench_function(
-            format!("{name}/decode+encode ({} bytes)", wire.len()),
-            |b| {
-                b.iter(|| {
-                    let m = d.decode(black_box(&wire)).unwrap();
-                    out.clear();
-                    d.encode_into(&m, &mut out).unwrap();
-                    black_box(out.len())
-                })
-            },
-        );
+        group.bench_function(format!("{name}/decode+encode ({} bytes)", wire.len()), |b| {
+            b.iter(|| {
+                let m = d.decode(black_box(&wire)).unwrap();
+                out.clear();
+                d.encode_into(&m, &mut out).unwrap();
+                black_box(out.len())
+            })
+        });
         group.bench_function(format!("{name}/decode"), |b| {
             b.iter(|| black_box(d.decode(black_box(&wire)).unwrap()))
         });
@@ -61,7 +53,12 @@ fn codec(c: &mut Criterion) {
         });
     }
     // The floor in the same run: copying the same bytes in and out, with no parsing at all.
-    let wire = dialects.get("iso87-ascii").unwrap().encode(&reference()).unwrap().freeze();
+    let wire = dialects
+        .get("iso87-ascii")
+        .unwrap()
+        .encode(&reference())
+        .unwrap()
+        .freeze();
     let mut out = BytesMut::with_capacity(512);
     group.bench_function(format!("baseline/copy in+out ({} bytes)", wire.len()), |b| {
         b.iter(|| {

@@ -11,11 +11,7 @@ use clap::{Parser, Subcommand};
 use crate::iso8583::{from_hex, to_hex, Dialect, Dialects, Message, DEFAULT_DIALECT};
 
 #[derive(Parser)]
-#[command(
-    name = "pingate",
-    version,
-    about = "Sells prepaid PINs to point-of-sale terminals"
-)]
+#[command(name = "pingate", version, about = "Sells prepaid PINs to point-of-sale terminals")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -114,8 +110,7 @@ fn run(cli: Cli) -> Result<String, String> {
             } => {
                 let d = dialect(&args)?;
                 let text = input(hex)?;
-                let bytes = from_hex(text.trim())
-                    .map_err(|i| format!("input is not hex: bad character at {i}"))?;
+                let bytes = from_hex(text.trim()).map_err(|i| format!("input is not hex: bad character at {i}"))?;
                 let msg = d.decode(&Bytes::from(bytes)).map_err(|e| e.to_string())?;
                 if pretty {
                     Ok(pretty_table(&d, &msg, reveal))
@@ -123,10 +118,7 @@ fn run(cli: Cli) -> Result<String, String> {
                     Ok(d.to_json(&msg, reveal).to_string())
                 }
             }
-            IsoCommand::Encode {
-                dialect: args,
-                json,
-            } => {
+            IsoCommand::Encode { dialect: args, json } => {
                 let d = dialect(&args)?;
                 let text = input(json)?;
                 let value: serde_json::Value =
@@ -143,15 +135,8 @@ fn run(cli: Cli) -> Result<String, String> {
                         crate::iso8583::Source::Builtin => "builtin".to_string(),
                         crate::iso8583::Source::File(p) => p.display().to_string(),
                     };
-                    let default = if d.name == DEFAULT_DIALECT {
-                        " (default)"
-                    } else {
-                        ""
-                    };
-                    out.push_str(&format!(
-                        "{}{default}\t{src}\n    {}\n",
-                        d.name, d.description
-                    ));
+                    let default = if d.name == DEFAULT_DIALECT { " (default)" } else { "" };
+                    out.push_str(&format!("{}{default}\t{src}\n    {}\n", d.name, d.description));
                 }
                 Ok(out.trim_end().to_string())
             }

@@ -102,9 +102,7 @@ pub enum SaleError {
     #[error("field 63: missing {tag}")]
     Missing { tag: &'static str },
     /// Field 90 (original data elements) is not 42 digits.
-    #[error(
-        "field 90: expected 42 digits (MTI, STAN, transmission date-time, acquirer, forwarder)"
-    )]
+    #[error("field 90: expected 42 digits (MTI, STAN, transmission date-time, acquirer, forwarder)")]
     BadOriginalData,
     /// A field the key needs is absent or malformed.
     #[error("field {field}: {reason}")]
@@ -211,18 +209,11 @@ impl PinReceipt {
                     reason: "length is not 3 digits".into(),
                 });
             }
-            let len = head[2..]
-                .iter()
-                .fold(0usize, |a, d| a * 10 + usize::from(d - b'0'));
-            let value = data
-                .get(i + 5..i + 5 + len)
-                .ok_or_else(|| SaleError::BadTlv {
-                    offset: i,
-                    reason: format!(
-                        "element announces {len} bytes, {} remain",
-                        data.len() - i - 5
-                    ),
-                })?;
+            let len = head[2..].iter().fold(0usize, |a, d| a * 10 + usize::from(d - b'0'));
+            let value = data.get(i + 5..i + 5 + len).ok_or_else(|| SaleError::BadTlv {
+                offset: i,
+                reason: format!("element announces {len} bytes, {} remain", data.len() - i - 5),
+            })?;
             let text = std::str::from_utf8(value)
                 .map_err(|_| SaleError::BadTlv {
                     offset: i + 5,
@@ -264,13 +255,10 @@ impl SaleKey {
                 .ok_or(SaleError::MissingField { field: n, reason })
         };
         Ok(SaleKey {
-            terminal_id: msg
-                .terminal_id()
-                .map(str::to_string)
-                .ok_or(SaleError::MissingField {
-                    field: 41,
-                    reason: "terminal id is mandatory",
-                })?,
+            terminal_id: msg.terminal_id().map(str::to_string).ok_or(SaleError::MissingField {
+                field: 41,
+                reason: "terminal id is mandatory",
+            })?,
             stan: get(11, "STAN is mandatory")?,
             transmission: get(7, "transmission date-time is mandatory")?,
         })
@@ -386,16 +374,10 @@ mod tests {
             PinReceipt::from_tlv(b"PN"),
             Err(SaleError::BadTlv { offset: 0, .. })
         ));
-        assert_eq!(
-            PinReceipt::from_tlv(b"SN0011"),
-            Err(SaleError::Missing { tag: "PN" })
-        );
+        assert_eq!(PinReceipt::from_tlv(b"SN0011"), Err(SaleError::Missing { tag: "PN" }));
         let mut long = receipt();
         long.lines = vec!["x".repeat(1000)];
-        assert!(matches!(
-            long.to_tlv(),
-            Err(SaleError::BadElement { tag: "RL", .. })
-        ));
+        assert!(matches!(long.to_tlv(), Err(SaleError::BadElement { tag: "RL", .. })));
     }
 
     #[test]

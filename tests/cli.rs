@@ -19,11 +19,7 @@ fn pingate(args: &[&str], stdin: Option<&str>) -> Output {
 }
 
 fn fixture(path: &str) -> String {
-    std::fs::read_to_string(format!(
-        "{}/fixtures/iso8583/{path}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap()
+    std::fs::read_to_string(format!("{}/fixtures/iso8583/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap()
 }
 
 fn text(b: &[u8]) -> String {
@@ -33,10 +29,7 @@ fn text(b: &[u8]) -> String {
 #[test]
 fn decode_masks_by_default_and_reveals_on_request() {
     let hex = fixture("iso87-bcd/sale-approved-0210.hex");
-    let out = pingate(
-        &["iso", "decode", "--dialect", "iso87-bcd", hex.trim()],
-        None,
-    );
+    let out = pingate(&["iso", "decode", "--dialect", "iso87-bcd", hex.trim()], None);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["mti"], "0210");
@@ -57,8 +50,7 @@ fn decode_masks_by_default_and_reveals_on_request() {
         Some(&hex),
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let expected: serde_json::Value =
-        serde_json::from_str(&fixture("iso87-bcd/sale-approved-0210.json")).unwrap();
+    let expected: serde_json::Value = serde_json::from_str(&fixture("iso87-bcd/sale-approved-0210.json")).unwrap();
     assert_eq!(v, expected);
 }
 
@@ -97,10 +89,7 @@ fn errors_go_to_stderr_with_exit_code_2() {
         text(&out.stderr)
     );
 
-    let out = pingate(
-        &["iso", "encode"],
-        Some(r#"{"mti":"0200","fields":{"4":"12"}}"#),
-    );
+    let out = pingate(&["iso", "encode"], Some(r#"{"mti":"0200","fields":{"4":"12"}}"#));
     assert_eq!(out.status.code(), Some(2));
     assert!(
         text(&out.stderr).contains("field 4: value of length 2"),
@@ -131,14 +120,7 @@ fn dialects_lists_what_protocols_offers() {
 fn pretty_shows_field_names() {
     let hex = fixture("iso87-ascii/sale-request-0200.hex");
     let out = pingate(
-        &[
-            "iso",
-            "decode",
-            "--dialect",
-            "iso87-ascii",
-            "--pretty",
-            hex.trim(),
-        ],
+        &["iso", "decode", "--dialect", "iso87-ascii", "--pretty", hex.trim()],
         None,
     );
     let s = text(&out.stdout);

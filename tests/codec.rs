@@ -3,8 +3,7 @@
 
 use bytes::Bytes;
 use pingate::iso8583::{
-    from_hex, to_hex, Class, CodecError, Dialect, DialectError, Dialects, FieldRef, Message, Mti,
-    Var,
+    from_hex, to_hex, Class, CodecError, Dialect, DialectError, Dialects, FieldRef, Message, Mti, Var,
 };
 use proptest::prelude::*;
 
@@ -74,17 +73,10 @@ fn ascii_reference_bytes_by_hand() {
     .concat();
     let hex_bitmap = [text("0200"), text(REF_BITMAP), fields.clone()].concat();
     let bin_bitmap = [text("0200"), REF_BITMAP.to_string(), fields].concat();
-    for (name, expected) in [
-        ("iso87-ascii", hex_bitmap),
-        ("iso87-ascii-binbitmap", bin_bitmap),
-    ] {
+    for (name, expected) in [("iso87-ascii", hex_bitmap), ("iso87-ascii-binbitmap", bin_bitmap)] {
         let d = dialect(name);
         assert_eq!(to_hex(&d.encode(&reference()).unwrap()), expected, "{name}");
-        assert_eq!(
-            d.decode(&Bytes::from(hex(&expected))).unwrap(),
-            reference(),
-            "{name}"
-        );
+        assert_eq!(d.decode(&Bytes::from(hex(&expected))).unwrap(), reference(), "{name}");
     }
 }
 
@@ -93,8 +85,7 @@ fn ebcdic_reference_bytes_by_hand() {
     let mut m = Message::new(Mti::SALE);
     m.set(3, "000000").set(41, "TERM0001");
     // F0F2F0F0 "0200"; bitmap 2000000000800000; "000000"; "TERM0001" in cp037.
-    let expected =
-        "F0F2F0F0".to_string() + "2000000000800000" + "F0F0F0F0F0F0" + "E3C5D9D4F0F0F0F1";
+    let expected = "F0F2F0F0".to_string() + "2000000000800000" + "F0F0F0F0F0F0" + "E3C5D9D4F0F0F0F1";
     let d = dialect("iso87-ebcdic");
     assert_eq!(to_hex(&d.encode(&m).unwrap()), expected);
     assert_eq!(d.decode(&Bytes::from(hex(&expected))).unwrap(), m);
@@ -110,15 +101,8 @@ fn signed_amounts_and_secondary_bitmap() {
     let out = to_hex(&d.encode(&m).unwrap());
     // Bitmap: bit 1 (secondary present) and 28 → 80 00 00 10 ...; secondary: 90 → byte 4 bit 0x40, 128 → last bit.
     assert_eq!(&out[..4], "0400");
-    assert_eq!(
-        &out[4..36],
-        "8000001000000000".to_string() + "0000004000000001"
-    );
-    assert_eq!(
-        &out[36..46],
-        "4300001000",
-        "xn: sign in ASCII, then 8 digits BCD"
-    );
+    assert_eq!(&out[4..36], "8000001000000000".to_string() + "0000004000000001");
+    assert_eq!(&out[36..46], "4300001000", "xn: sign in ASCII, then 8 digits BCD");
     assert_eq!(d.decode(&Bytes::from(hex(&out))).unwrap(), m);
     let a = dialect("iso87-ascii");
     let bytes = a.encode(&m).unwrap();
@@ -147,13 +131,8 @@ fn typed_accessors() {
     assert_eq!(m.rrn(), None);
     assert_eq!(Mti::SALE.response(), Mti::SALE_RESPONSE);
     assert_eq!(Mti::SALE_REPEAT.response(), Mti::SALE_RESPONSE);
-    assert_eq!(
-        Mti::REVERSAL_ADVICE_REPEAT.response(),
-        Mti::REVERSAL_ADVICE_RESPONSE
-    );
-    assert!(
-        Mti::SALE_REPEAT.is_repeat() && Mti::SALE.is_request() && !Mti::SALE_RESPONSE.is_request()
-    );
+    assert_eq!(Mti::REVERSAL_ADVICE_REPEAT.response(), Mti::REVERSAL_ADVICE_RESPONSE);
+    assert!(Mti::SALE_REPEAT.is_repeat() && Mti::SALE.is_request() && !Mti::SALE_RESPONSE.is_request());
     assert_eq!(m.remove(39).as_deref(), Some(&b"00"[..]));
     assert!(!m.has(39));
     assert!("02x0".parse::<Mti>().is_err());
@@ -162,8 +141,7 @@ fn typed_accessors() {
 #[test]
 fn debug_and_display_mask_sensitive_fields() {
     let mut m = reference();
-    m.set(2, "4111111111111111")
-        .set(63, "PN0161234567890123456SN003ABC");
+    m.set(2, "4111111111111111").set(63, "PN0161234567890123456SN003ABC");
     let d = dialect("iso87-ascii");
     let decoded = d.decode(&d.encode(&m).unwrap().freeze()).unwrap();
     for shown in [
@@ -220,19 +198,10 @@ fn decode_errors_name_field_offset_and_byte() {
     assert_eq!(e.field(), Some(FieldRef::Field(4)));
 
     let e = case(&|b| b.truncate(74));
-    assert_eq!(
-        e.to_string(),
-        "field 41: expected 8 bytes at offset 70, only 4 remain"
-    );
+    assert_eq!(e.to_string(), "field 41: expected 8 bytes at offset 70, only 4 remain");
 
     let e = case(&|b| b.extend_from_slice(b"XY"));
-    assert_eq!(
-        e,
-        CodecError::TrailingBytes {
-            offset: 102,
-            count: 2
-        }
-    );
+    assert_eq!(e, CodecError::TrailingBytes { offset: 102, count: 2 });
 
     let e = case(&|b| b[47..49].copy_from_slice(b"38"));
     assert_eq!(
@@ -266,10 +235,7 @@ fn decode_errors_name_field_offset_and_byte() {
     );
 
     let e = d.decode(&Bytes::new()).unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "MTI: expected 4 bytes at offset 0, only 0 remain"
-    );
+    assert_eq!(e.to_string(), "MTI: expected 4 bytes at offset 0, only 0 remain");
 }
 
 #[test]
@@ -299,10 +265,7 @@ fn bcd_decode_errors() {
     b[0] = 0x0A;
     assert!(matches!(
         d.decode(&Bytes::from(b)),
-        Err(CodecError::InvalidContent {
-            at: FieldRef::Mti,
-            ..
-        })
+        Err(CodecError::InvalidContent { at: FieldRef::Mti, .. })
     ));
 }
 
@@ -370,11 +333,7 @@ fn encode_errors() {
     );
     let mut m = reference();
     m.set(28, "X00001000");
-    assert!(d
-        .encode(&m)
-        .unwrap_err()
-        .to_string()
-        .contains("starts with C or D"));
+    assert!(d.encode(&m).unwrap_err().to_string().contains("starts with C or D"));
     // A failed encode leaves the buffer as it was.
     let mut out = bytes::BytesMut::from(&b"keep"[..]);
     assert!(d.encode_into(&m, &mut out).is_err());
@@ -384,11 +343,7 @@ fn encode_errors() {
 #[test]
 fn json_errors() {
     let d = dialect("iso87-ascii");
-    let bad = |s: &str| {
-        d.from_json(&serde_json::from_str(s).unwrap())
-            .unwrap_err()
-            .to_string()
-    };
+    let bad = |s: &str| d.from_json(&serde_json::from_str(s).unwrap()).unwrap_err().to_string();
     assert_eq!(
         bad(r#"{"mti":"0200","fields":{"1":"x"}}"#),
         "JSON: field key `1` is not a field number 2..=128 (the bitmap is derived from the fields)"
@@ -413,10 +368,7 @@ fn json_errors() {
 
 #[test]
 fn streaming_decode_needs_more_bytes_until_the_message_is_whole() {
-    for (name, _) in Dialects::builtin()
-        .iter()
-        .map(|(d, s)| (d.name.clone(), s.clone()))
-    {
+    for (name, _) in Dialects::builtin().iter().map(|(d, s)| (d.name.clone(), s.clone())) {
         let d = dialect(&name);
         let good = d.encode(&reference()).unwrap();
         for cut in 0..good.len() {
@@ -460,44 +412,31 @@ fn dialect_file_errors_name_the_problem() {
     };
     let err = |text: String| Dialect::from_toml(&text, "x.toml").unwrap_err();
     assert!(matches!(
-        err(base(
-            "3 = { name = \"a\", class = \"n\", length = 6, colour = 1 }",
-            ""
-        )),
+        err(base("3 = { name = \"a\", class = \"n\", length = 6, colour = 1 }", "")),
         DialectError::Toml { .. }
     ));
-    assert!(err(base(
-        "3 = { name = \"a\", class = \"n\", length = 6, colour = 1 }",
-        ""
-    ))
-    .to_string()
-    .contains("colour"));
+    assert!(
+        err(base("3 = { name = \"a\", class = \"n\", length = 6, colour = 1 }", ""))
+            .to_string()
+            .contains("colour")
+    );
     assert!(err(base("", "oops = 1")).to_string().contains("oops"));
     let e = err(base(
         "48 = { name = \"a\", class = \"ans\", var = \"LLL\", length = 999, encoding = \"bcd\" }",
         "",
     ));
-    assert_eq!(
-        e.to_string(),
-        "x.toml: field 48: class ans cannot be written as Bcd"
-    );
+    assert_eq!(e.to_string(), "x.toml: field 48: class ans cannot be written as Bcd");
     let e = err(base(
         "2 = { name = \"a\", class = \"n\", var = \"LL\", length = 100 }",
         "",
     ));
-    assert_eq!(
-        e.to_string(),
-        "x.toml: field 2: length 100 is outside 1..=99 for LL"
-    );
+    assert_eq!(e.to_string(), "x.toml: field 2: length 100 is outside 1..=99 for LL");
     let e = err(base("1 = { name = \"a\", class = \"b\", length = 8 }", ""));
     assert!(e
         .to_string()
         .starts_with("x.toml: field 1: field numbers run from 2 to 128"));
     let ok = Dialect::from_toml(
-        &base(
-            "2 = { name = \"a\", class = \"n\", var = \"LL\", length = 19 }",
-            "",
-        ),
+        &base("2 = { name = \"a\", class = \"n\", var = \"LL\", length = 19 }", ""),
         "x",
     )
     .unwrap();
@@ -525,10 +464,7 @@ fn user_dialects_are_loaded_from_a_directory_without_recompiling() {
     assert_eq!(d.decode(&out.freeze()).unwrap(), reference());
     assert!(all.get("iso87-bcd").is_ok());
     std::fs::write(dir.join("iso8583/broken.toml"), "name = 3").unwrap();
-    assert!(Dialects::load(&dir)
-        .unwrap_err()
-        .to_string()
-        .contains("broken.toml"));
+    assert!(Dialects::load(&dir).unwrap_err().to_string().contains("broken.toml"));
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(matches!(all.get("nope"), Err(DialectError::Unknown { .. })));
 }
@@ -583,15 +519,10 @@ fn value_for(class: Class, var: Var, length: usize) -> BoxedStrategy<Vec<u8>> {
 }
 
 fn message_for(d: &Dialect) -> impl Strategy<Value = Message> {
-    let specs: Vec<_> = d
-        .defined()
-        .map(|s| (s.number, s.class, s.var, s.length))
-        .collect();
+    let specs: Vec<_> = d.defined().map(|s| (s.number, s.class, s.var, s.length)).collect();
     let per_field: Vec<_> = specs
         .into_iter()
-        .map(|(n, c, v, l)| {
-            proptest::option::weighted(0.15, value_for(c, v, l)).prop_map(move |o| (n, o))
-        })
+        .map(|(n, c, v, l)| proptest::option::weighted(0.15, value_for(c, v, l)).prop_map(move |o| (n, o)))
         .collect();
     (
         prop::sample::select(vec!["0200", "0210", "0400", "0420", "0800", "0810"]),
@@ -611,9 +542,7 @@ fn message_for(d: &Dialect) -> impl Strategy<Value = Message> {
 fn roundtrip(name: &str) -> impl Fn(Message) -> Result<(), TestCaseError> {
     let d = dialect(name);
     move |m: Message| {
-        let bytes = d
-            .encode(&m)
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let bytes = d.encode(&m).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let back = d
             .decode(&bytes.freeze())
             .map_err(|e| TestCaseError::fail(e.to_string()))?;

@@ -41,8 +41,7 @@ fn check(dialects: &Dialects, dialect_name: &str, json_path: &Path, bless: bool)
     if bless {
         std::fs::write(&hex_path, format!("{encoded}\n")).unwrap();
     }
-    let golden = std::fs::read_to_string(&hex_path)
-        .unwrap_or_else(|e| panic!("{}: {e}", hex_path.display()));
+    let golden = std::fs::read_to_string(&hex_path).unwrap_or_else(|e| panic!("{}: {e}", hex_path.display()));
     let golden_bytes = from_hex(golden.trim()).unwrap();
     if encoded != to_hex(&golden_bytes) {
         return Some(format!(
@@ -104,11 +103,7 @@ fn interop_fixtures_from_another_implementation() {
     let dir = fixtures_root().join("interop");
     let mut failures = Vec::new();
     let files = json_files(&dir);
-    assert!(
-        files.len() >= 9,
-        "interop fixtures missing in {}",
-        dir.display()
-    );
+    assert!(files.len() >= 9, "interop fixtures missing in {}", dir.display());
     for f in files {
         let stem = f.file_stem().unwrap().to_string_lossy().to_string();
         let (dialect, _) = stem

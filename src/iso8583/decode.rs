@@ -8,9 +8,7 @@ use nom::{Err as NomErr, IResult, Needed};
 use super::charset::{hex_value, EBCDIC_TO_ASCII};
 use super::error::{CodecError, FieldRef, Found};
 use super::message::{Message, Mti};
-use super::spec::{
-    Class, Dialect, Encoding, FieldSpec, HeaderEncoding, Mask, Pad, PrefixEncoding, Var,
-};
+use super::spec::{Class, Dialect, Encoding, FieldSpec, HeaderEncoding, Mask, Pad, PrefixEncoding, Var};
 
 /// nom's error slot. Our parsers fail only through [`CodecError`]s they build themselves.
 #[derive(Debug)]
@@ -167,10 +165,7 @@ fn parse_mti(enc: HeaderEncoding, input: &[u8]) -> PResult<'_, Mti> {
         HeaderEncoding::Bcd => {
             let (rest, b) = take(2, input)?;
             let mut d = [0u8; 4];
-            for (i, nib) in [b[0] >> 4, b[0] & 0xF, b[1] >> 4, b[1] & 0xF]
-                .into_iter()
-                .enumerate()
-            {
+            for (i, nib) in [b[0] >> 4, b[0] & 0xF, b[1] >> 4, b[1] & 0xF].into_iter().enumerate() {
                 if nib > 9 {
                     return bad(i / 2, b[i / 2]);
                 }
@@ -238,11 +233,7 @@ fn parse_bitmap(enc: HeaderEncoding, input: &[u8], offset: usize) -> PResult<'_,
 
 /// Reads the prefix (if any) and the data of one field: (length in units, data bytes as on the wire).
 #[inline]
-fn parse_field<'a>(
-    spec: &FieldSpec,
-    input: &'a [u8],
-    offset: usize,
-) -> PResult<'a, (usize, &'a [u8])> {
+fn parse_field<'a>(spec: &FieldSpec, input: &'a [u8], offset: usize) -> PResult<'a, (usize, &'a [u8])> {
     let (rest, units) = if spec.var == Var::Fixed {
         (input, spec.length)
     } else {
@@ -255,11 +246,7 @@ fn parse_field<'a>(
                 length: units,
                 allowed: format!(
                     "{}..={}",
-                    if spec.class == Class::SignedAmount {
-                        2
-                    } else {
-                        0
-                    },
+                    if spec.class == Class::SignedAmount { 2 } else { 0 },
                     spec.length
                 ),
             });
@@ -323,13 +310,7 @@ fn field_value(
     scratch: &mut BytesMut,
 ) -> Result<Bytes, CodecError> {
     let at = FieldRef::Field(spec.number);
-    let found = |b: u8| {
-        Found(if spec.mask == Mask::None {
-            Some(b)
-        } else {
-            None
-        })
-    };
+    let found = |b: u8| Found(if spec.mask == Mask::None { Some(b) } else { None });
     let invalid = |i: usize, b: u8| CodecError::InvalidContent {
         at,
         expected: spec.class.describe(units),
@@ -427,10 +408,7 @@ fn field_value(
                     if nib != 0 && nib != 0xF {
                         return Err(CodecError::InvalidContent {
                             at,
-                            expected: format!(
-                                "a 0 or F filler nibble before {}",
-                                spec.class.describe(units)
-                            ),
+                            expected: format!("a 0 or F filler nibble before {}", spec.class.describe(units)),
                             offset,
                             bad_offset: offset + byte_at,
                             found: found(data[byte_at]),

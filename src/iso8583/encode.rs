@@ -164,10 +164,7 @@ fn put_prefix(spec: &FieldSpec, units: usize, out: &mut BytesMut) {
             }
         }
         PrefixEncoding::Bcd => {
-            let b = ((units / 1000 % 10) << 12)
-                | ((units / 100 % 10) << 8)
-                | ((units / 10 % 10) << 4)
-                | (units % 10);
+            let b = ((units / 1000 % 10) << 12) | ((units / 100 % 10) << 8) | ((units / 10 % 10) << 4) | (units % 10);
             if spec.var == Var::LL {
                 out.put_u8(b as u8);
             } else {

@@ -74,9 +74,7 @@ pub enum CodecError {
     },
 
     /// A length (from a prefix, or of a value being encoded) outside what the field allows.
-    #[error(
-        "{at}: length {length} at offset {offset} is out of bounds, the field allows {allowed}"
-    )]
+    #[error("{at}: length {length} at offset {offset} is out of bounds, the field allows {allowed}")]
     LengthOutOfBounds {
         at: FieldRef,
         offset: usize,
@@ -85,9 +83,7 @@ pub enum CodecError {
     },
 
     /// A bit is set in the bitmap (or a value is given) for a field the dialect does not define.
-    #[error(
-        "{at}: bit set at offset {offset} but the dialect `{dialect}` does not define this field"
-    )]
+    #[error("{at}: bit set at offset {offset} but the dialect `{dialect}` does not define this field")]
     UndefinedField {
         at: FieldRef,
         offset: usize,
@@ -127,10 +123,7 @@ impl CodecError {
 pub enum DialectError {
     /// The file could not be read.
     #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
 
     /// The file is not valid TOML, or has unknown keys or wrong types; `message` names the line and key.
     #[error("{path}: {message}")]

@@ -46,9 +46,7 @@ impl Dialect {
         let fields = root
             .get("fields")
             .and_then(Value::as_object)
-            .ok_or_else(|| {
-                CodecError::Json("`fields` must be an object keyed by field number".into())
-            })?;
+            .ok_or_else(|| CodecError::Json("`fields` must be an object keyed by field number".into()))?;
         let mut msg = Message::new(mti);
         msg.set_masks(self.mask_pan, self.mask_full);
         for (k, v) in fields {

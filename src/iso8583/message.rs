@@ -30,10 +30,7 @@ impl Mti {
             None => Ok(Mti(digits)),
             Some(i) => Err(CodecError::InvalidValue {
                 at: FieldRef::Mti,
-                reason: format!(
-                    "expected 4 digits, found 0x{:02X} at position {i}",
-                    digits[i]
-                ),
+                reason: format!("expected 4 digits, found 0x{:02X} at position {i}", digits[i]),
             }),
         }
     }
@@ -80,13 +77,10 @@ impl Mti {
 impl std::str::FromStr for Mti {
     type Err = CodecError;
     fn from_str(s: &str) -> Result<Mti, CodecError> {
-        let b: [u8; 4] = s
-            .as_bytes()
-            .try_into()
-            .map_err(|_| CodecError::InvalidValue {
-                at: FieldRef::Mti,
-                reason: format!("expected 4 digits, found {} characters", s.len()),
-            })?;
+        let b: [u8; 4] = s.as_bytes().try_into().map_err(|_| CodecError::InvalidValue {
+            at: FieldRef::Mti,
+            reason: format!("expected 4 digits, found {} characters", s.len()),
+        })?;
         Mti::new(b)
     }
 }
@@ -107,17 +101,8 @@ impl fmt::Debug for Mti {
 /// data (35, 36, 45), PIN block (52), ICC data (55), our PIN-bearing private field (63), MACs and security codes
 /// (53, 64, 96, 128). Dialect files carry their own list.
 pub const DEFAULT_MASK_PAN: u128 = bit(2) | bit(34);
-pub const DEFAULT_MASK_FULL: u128 = bit(14)
-    | bit(35)
-    | bit(36)
-    | bit(45)
-    | bit(52)
-    | bit(53)
-    | bit(55)
-    | bit(63)
-    | bit(64)
-    | bit(96)
-    | bit(128);
+pub const DEFAULT_MASK_FULL: u128 =
+    bit(14) | bit(35) | bit(36) | bit(45) | bit(52) | bit(53) | bit(55) | bit(63) | bit(64) | bit(96) | bit(128);
 
 /// Bit for field `n` in the field sets used here (bit 0 = field 1).
 #[inline]
@@ -189,10 +174,7 @@ impl Message {
     /// # Panics
     /// If `n` is 0, 1 (the bitmap is derived from the fields) or above 128: a programming error, never input.
     pub fn set(&mut self, n: u8, value: impl Into<Bytes>) -> &mut Message {
-        assert!(
-            (2..=128).contains(&n),
-            "ISO 8583 data fields are 2..=128, not {n}"
-        );
+        assert!((2..=128).contains(&n), "ISO 8583 data fields are 2..=128, not {n}");
         let value = value.into();
         match self.fields.binary_search_by_key(&n, |(k, _)| *k) {
             Ok(i) => self.fields[i].1 = value,

@@ -27,18 +27,12 @@ pub const DEFAULT_DIALECT: &str = "iso87-ascii-binbitmap";
 /// The dialect files shipped with pingate, compiled in so that the binary works from any directory. Files of the
 /// same name in a protocols directory take precedence.
 const BUILTIN: &[(&str, &str)] = &[
-    (
-        "iso87-ascii",
-        include_str!("../../protocols/iso8583/iso87-ascii.toml"),
-    ),
+    ("iso87-ascii", include_str!("../../protocols/iso8583/iso87-ascii.toml")),
     (
         "iso87-ascii-binbitmap",
         include_str!("../../protocols/iso8583/iso87-ascii-binbitmap.toml"),
     ),
-    (
-        "iso87-bcd",
-        include_str!("../../protocols/iso8583/iso87-bcd.toml"),
-    ),
+    ("iso87-bcd", include_str!("../../protocols/iso8583/iso87-bcd.toml")),
     (
         "iso87-ebcdic",
         include_str!("../../protocols/iso8583/iso87-ebcdic.toml"),
@@ -63,8 +57,7 @@ impl Dialects {
     pub fn builtin() -> Dialects {
         let mut d = Dialects::default();
         for (name, text) in BUILTIN {
-            let dialect = Dialect::from_toml(text, &format!("builtin {name}"))
-                .expect("shipped dialects are valid");
+            let dialect = Dialect::from_toml(text, &format!("builtin {name}")).expect("shipped dialects are valid");
             d.insert(dialect, Source::Builtin);
         }
         d

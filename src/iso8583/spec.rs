@@ -301,16 +301,10 @@ impl DialectFile {
             self.mti,
             HeaderEncoding::Ascii | HeaderEncoding::Bcd | HeaderEncoding::Ebcdic
         ) {
-            return Err(bad(
-                "mti",
-                "the MTI is written as ascii, bcd or ebcdic".into(),
-            ));
+            return Err(bad("mti", "the MTI is written as ascii, bcd or ebcdic".into()));
         }
         if !matches!(self.bitmap, HeaderEncoding::Binary | HeaderEncoding::Hex) {
-            return Err(bad(
-                "bitmap",
-                "the bitmap is written as binary or hex".into(),
-            ));
+            return Err(bad("bitmap", "the bitmap is written as binary or hex".into()));
         }
         let mut fields: Vec<Option<FieldSpec>> = vec![None; 129];
         let (mut mask_pan, mut mask_full) = (0u128, 0u128);
@@ -361,10 +355,7 @@ impl DialectFile {
                 ));
             }
             if f.class == Class::SignedAmount && f.length < 2 {
-                return Err(bad(
-                    &key,
-                    "an xn amount needs a sign and at least one digit".into(),
-                ));
+                return Err(bad(&key, "an xn amount needs a sign and at least one digit".into()));
             }
             let pad = f.pad.unwrap_or(if f.var == Var::Fixed {
                 d.pad_fixed
