@@ -6,9 +6,12 @@
 //!   a `BytesMut` encoder, the [`iso8583::Message`] value type with masking, and the JSON form.
 //! - [`sale`] — the PIN sale contract spoken with terminals (`protocols/pin-sale-messages.md`): response codes,
 //!   the field 63 TLV that carries the PIN, and the keys that match repeats and reversals to sales.
+//! - [`store`] — the PIN inventory (`PinStore` backends: SQLite now, PostgreSQL next): states and their allowed
+//!   edges, audit rows, idempotent sales, reversals, PIN encryption at rest.
 //! - [`cli`] — the `pingate` command line, thin over the library.
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod iso8583;
 pub mod sale;
+pub mod store;

@@ -1,0 +1,200 @@
+//! The PIN inventory: products, denominations and PINs in a real database, moved only along the allowed state
+//! edges, every move written with its audit row in the same transaction.
+//!
+//! ```text
+//! available ──reserve──► reserved ──confirm──► sold ──reverse──► voided
+//!     │  ▲                  │
+//!     │  └────release───────┘      (only the holder releases; an expired lease never frees a PIN by itself)
+//!     ├──sell (on demand)──────────► sold
+//!     └──expire────────────────────► expired
+//! ```
+//!
+//! The database enforces the edges too (a trigger refuses any other state change) and a unique index on the
+//! sale's PIN makes a double sale impossible even if code is wrong. Backends: [`sqlite::SqliteStore`] (the
+//! embedded default); PostgreSQL follows.
+
+pub mod crypto;
+pub mod sqlite;
+
+use crate::sale::Pin;
+
+/// States of a PIN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PinState {
+    Available,
+    Reserved,
+    Sold,
+    Voided,
+    Expired,
+}
+
+impl PinState {
+    pub const ALL: [PinState; 5] = [
+        PinState::Available,
+        PinState::Reserved,
+        PinState::Sold,
+        PinState::Voided,
+        PinState::Expired,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PinState::Available => "available",
+            PinState::Reserved => "reserved",
+            PinState::Sold => "sold",
+            PinState::Voided => "voided",
+            PinState::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<PinState> {
+        PinState::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
+    /// The allowed edges, the single source of truth (the database trigger is generated from it).
+    pub fn can_move_to(self, to: PinState) -> bool {
+        use PinState::*;
+        matches!(
+            (self, to),
+            (Available, Reserved)
+                | (Available, Sold)
+                | (Available, Expired)
+                | (Reserved, Sold)
+                | (Reserved, Available)
+                | (Sold, Voided)
+        )
+    }
+}
+
+/// Errors of the store layer; each maps to one PIN server protocol error code.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No PIN of this product and amount is available.
+    #[error("out of stock: {product} {amount}")]
+    OutOfStock { product: String, amount: i64 },
+    /// The product code is not in the catalog.
+    #[error("unknown product `{0}`")]
+    UnknownProduct(String),
+    /// The product is not offered in this amount.
+    #[error("product `{product}` has no denomination {amount}")]
+    UnknownDenomination { product: String, amount: i64 },
+    /// The idempotency key was used before with different content.
+    #[error("idempotency key {key} was used with different content")]
+    DuplicateMismatch { key: String },
+    /// The sale's key was reversed before the sale arrived: the sale is refused.
+    #[error("sale {key} was reversed before it arrived")]
+    AlreadyReversed { key: String },
+    /// The caller does not hold the PIN it names (or the PIN is not reserved).
+    #[error("gateway `{holder}` does not hold PIN {pin_id}")]
+    NotHolder { holder: String, pin_id: i64 },
+    /// A request that cannot be valid (e.g. reserve 0 PINs, a malformed import row).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// Sealing or opening a PIN failed.
+    #[error(transparent)]
+    Crypto(#[from] crypto::CryptoError),
+    /// The database failed (I/O, corruption, a constraint the code should have prevented).
+    #[error("database: {0}")]
+    Db(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        StoreError::Db(e.to_string())
+    }
+}
+
+/// A catalog product.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Product {
+    pub code: String,
+    pub name: String,
+    pub supplier: String,
+    /// ISO 4217 numeric code.
+    pub currency: String,
+    /// Amounts in minor units.
+    pub denominations: Vec<i64>,
+}
+
+/// A PIN to load into the inventory.
+#[derive(Clone, Debug)]
+pub struct NewPin {
+    pub product: String,
+    pub amount: i64,
+    pub pin: Pin,
+    pub serial: String,
+    pub expiry: Option<String>,
+    pub receipt: Vec<String>,
+}
+
+/// Who bought a PIN, and the idempotency key of the sale: gateway, terminal, STAN, transmission date-time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SaleContext {
+    pub gateway: String,
+    pub terminal_id: String,
+    pub merchant_id: String,
+    pub stan: String,
+    pub transmission: String,
+    pub rrn: String,
+}
+
+impl SaleContext {
+    /// The idempotency key as text, for errors and logs.
+    pub fn key(&self) -> String {
+        format!(
+            "{}/{}/{}/{}",
+            self.gateway, self.terminal_id, self.stan, self.transmission
+        )
+    }
+}
+
+/// An on-demand sale request.
+#[derive(Clone, Debug)]
+pub struct SellRequest {
+    pub product: String,
+    pub amount: i64,
+    pub sale: SaleContext,
+}
+
+/// A PIN handed out (sold, or reserved for a gateway's cache), decrypted for sending.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dispensed {
+    pub pin_id: i64,
+    pub product: String,
+    pub amount: i64,
+    pub pin: Pin,
+    pub serial: String,
+    pub expiry: Option<String>,
+    pub receipt: Vec<String>,
+}
+
+/// What a reversal did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reversal {
+    /// The sold PIN is now voided.
+    Voided { pin_id: i64 },
+    /// It was voided by an earlier reversal (reversals are idempotent).
+    AlreadyVoided { pin_id: i64 },
+    /// No sale with that key yet: remembered, and the late sale will be refused.
+    Remembered,
+}
+
+/// What a confirm did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Confirmation {
+    /// The reserved PIN is now sold.
+    Sold,
+    /// It was confirmed before with the same key (confirms are idempotent).
+    AlreadyConfirmed,
+    /// A reversal for this sale arrived first: the PIN was sold and voided at once; it is never sold again.
+    Voided,
+}
+
+/// Count of PINs of one product, amount and state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StockRow {
+    pub product: String,
+    pub amount: i64,
+    pub state: PinState,
+    pub count: i64,
+}

@@ -1,0 +1,699 @@
+//! SQLite backend: one file, WAL, `synchronous=FULL` (an acknowledged sale survives a power cut), write
+//! transactions started with `BEGIN IMMEDIATE` so concurrent writers queue instead of failing. Several requests can
+//! share one transaction ([`SqliteStore::sell_batch`]): that is how durable sales share a disk sync.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+
+use super::crypto::{PinCipher, Sealed};
+use super::{
+    Confirmation, Dispensed, NewPin, PinState, Product, Reversal, SaleContext, SellRequest, StockRow, StoreError,
+};
+
+/// One audit row: (from state, to state, holder); `from` is `None` for the row written when the PIN was loaded.
+pub type AuditRow = (Option<String>, String, Option<String>);
+
+/// Version of the schema this code writes; older files are migrated on open.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE products (
+    code TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    supplier TEXT NOT NULL,
+    currency TEXT NOT NULL
+);
+CREATE TABLE denominations (
+    product TEXT NOT NULL REFERENCES products(code),
+    amount INTEGER NOT NULL CHECK (amount > 0),
+    PRIMARY KEY (product, amount)
+);
+CREATE TABLE pins (
+    id INTEGER PRIMARY KEY,
+    product TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    serial TEXT NOT NULL UNIQUE,
+    fingerprint BLOB NOT NULL UNIQUE,
+    key_id INTEGER NOT NULL,
+    nonce BLOB NOT NULL,
+    ciphertext BLOB NOT NULL,
+    expiry TEXT,
+    receipt TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('available', 'reserved', 'sold', 'voided', 'expired')),
+    holder TEXT,
+    lease_until INTEGER,
+    FOREIGN KEY (product, amount) REFERENCES denominations(product, amount)
+);
+-- Picking the next available PIN stays O(1) however many are sold: the index holds available PINs only.
+CREATE INDEX pins_available ON pins(product, amount, id) WHERE state = 'available';
+CREATE INDEX pins_reserved ON pins(holder, lease_until) WHERE state = 'reserved';
+CREATE TABLE sales (
+    gateway TEXT NOT NULL,
+    terminal_id TEXT NOT NULL,
+    stan TEXT NOT NULL,
+    transmission TEXT NOT NULL,
+    pin_id INTEGER NOT NULL UNIQUE REFERENCES pins(id),
+    merchant_id TEXT NOT NULL,
+    rrn TEXT NOT NULL,
+    product TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    sold_at INTEGER NOT NULL,
+    PRIMARY KEY (gateway, terminal_id, stan, transmission)
+);
+CREATE TABLE reversals (
+    gateway TEXT NOT NULL,
+    terminal_id TEXT NOT NULL,
+    stan TEXT NOT NULL,
+    transmission TEXT NOT NULL,
+    pin_id INTEGER,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (gateway, terminal_id, stan, transmission)
+);
+CREATE TABLE audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    pin_id INTEGER NOT NULL,
+    from_state TEXT,
+    to_state TEXT NOT NULL,
+    holder TEXT,
+    at INTEGER NOT NULL
+);
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+CREATE TRIGGER pins_audit_insert AFTER INSERT ON pins BEGIN
+    INSERT INTO audit (pin_id, from_state, to_state, holder, at)
+    VALUES (NEW.id, NULL, NEW.state, NEW.holder, CAST(strftime('%s', 'now') AS INTEGER));
+END;
+CREATE TRIGGER pins_audit_update AFTER UPDATE OF state ON pins WHEN NEW.state <> OLD.state BEGIN
+    INSERT INTO audit (pin_id, from_state, to_state, holder, at)
+    VALUES (NEW.id, OLD.state, NEW.state, COALESCE(NEW.holder, OLD.holder), CAST(strftime('%s', 'now') AS INTEGER));
+END;
+CREATE TRIGGER pins_no_delete BEFORE DELETE ON pins BEGIN SELECT RAISE(ABORT, 'PINs are never deleted'); END;
+";
+
+/// The trigger that refuses any state change outside [`PinState::can_move_to`], generated from it.
+fn edges_trigger() -> String {
+    let mut allowed = Vec::new();
+    for from in PinState::ALL {
+        for to in PinState::ALL {
+            if from.can_move_to(to) {
+                allowed.push(format!(
+                    "(OLD.state = '{}' AND NEW.state = '{}')",
+                    from.as_str(),
+                    to.as_str()
+                ));
+            }
+        }
+    }
+    format!(
+        "CREATE TRIGGER pins_state_edges BEFORE UPDATE OF state ON pins WHEN NEW.state <> OLD.state AND NOT ({}) \
+         BEGIN SELECT RAISE(ABORT, 'illegal PIN state change'); END;",
+        allowed.join(" OR ")
+    )
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs() as i64
+}
+
+/// The inventory in one SQLite file. One `SqliteStore` is one connection; several (threads or processes) may
+/// share a file safely.
+pub struct SqliteStore {
+    conn: Connection,
+    cipher: PinCipher,
+}
+
+const PIN_COLUMNS: &str = "id, product, amount, serial, key_id, nonce, ciphertext, expiry, receipt";
+
+impl SqliteStore {
+    /// Opens (creating and migrating as needed) the inventory at `path`.
+    pub fn open(path: &Path, cipher: PinCipher) -> Result<SqliteStore, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(30))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let mut store = SqliteStore { conn, cipher };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Db(format!(
+                "database schema is version {version}, newer than this pingate ({SCHEMA_VERSION}): upgrade pingate"
+            )));
+        }
+        if version < 1 {
+            tx.execute_batch(SCHEMA_V1)?;
+            tx.execute_batch(&edges_trigger())?;
+        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The schema version of the open file.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        Ok(self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    fn immediate(&mut self) -> Result<Transaction<'_>, StoreError> {
+        Ok(self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?)
+    }
+
+    /// Adds a product or updates its name, supplier and currency, and adds its denominations.
+    pub fn upsert_product(&mut self, p: &Product) -> Result<(), StoreError> {
+        let tx = self.immediate()?;
+        tx.execute(
+            "INSERT INTO products (code, name, supplier, currency) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (code) DO UPDATE SET name = ?2, supplier = ?3, currency = ?4",
+            params![p.code, p.name, p.supplier, p.currency],
+        )?;
+        for a in &p.denominations {
+            tx.execute(
+                "INSERT OR IGNORE INTO denominations (product, amount) VALUES (?1, ?2)",
+                params![p.code, a],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The catalog.
+    pub fn catalog(&self) -> Result<Vec<Product>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT p.code, p.name, p.supplier, p.currency, d.amount FROM products p
+             LEFT JOIN denominations d ON d.product = p.code ORDER BY p.code, d.amount",
+        )?;
+        let mut out: Vec<Product> = Vec::new();
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get::<_, Option<i64>>(4)?,
+            ))
+        })?;
+        for row in rows {
+            let (code, name, supplier, currency, amount) = row?;
+            if out.last().is_none_or(|p| p.code != code) {
+                out.push(Product {
+                    code,
+                    name,
+                    supplier,
+                    currency,
+                    denominations: Vec::new(),
+                });
+            }
+            if let Some(a) = amount {
+                out.last_mut().expect("pushed").denominations.push(a);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Loads PINs, all or nothing. An error names the 1-based position of the offending PIN in `pins`.
+    pub fn import(&mut self, pins: &[NewPin]) -> Result<usize, StoreError> {
+        let sealed: Vec<(Sealed, Vec<u8>)> = pins
+            .iter()
+            .map(|p| {
+                Ok((
+                    self.cipher.seal(&p.pin, &p.serial)?,
+                    self.cipher.fingerprint(&p.product, &p.pin),
+                ))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let tx = self.immediate()?;
+        {
+            let mut denom = tx.prepare_cached("SELECT 1 FROM denominations WHERE product = ?1 AND amount = ?2")?;
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO pins (product, amount, serial, fingerprint, key_id, nonce, ciphertext, expiry, receipt, state)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'available')",
+            )?;
+            for (i, (p, (s, fp))) in pins.iter().zip(&sealed).enumerate() {
+                let row = i + 1;
+                if !denom.exists(params![p.product, p.amount])? {
+                    return Err(StoreError::BadRequest(format!(
+                        "PIN {row}: product `{}` has no denomination {}",
+                        p.product, p.amount
+                    )));
+                }
+                let receipt = serde_json::to_string(&p.receipt).expect("strings serialise");
+                let r = insert.execute(params![
+                    p.product,
+                    p.amount,
+                    p.serial,
+                    fp,
+                    s.key_id,
+                    &s.nonce[..],
+                    s.ciphertext,
+                    p.expiry,
+                    receipt
+                ]);
+                if let Err(e) = r {
+                    let msg = e.to_string();
+                    let what = if msg.contains("pins.serial") {
+                        format!("duplicate serial `{}`", p.serial)
+                    } else if msg.contains("pins.fingerprint") {
+                        "duplicate PIN value (already loaded, or twice in this file)".to_string()
+                    } else {
+                        msg
+                    };
+                    return Err(StoreError::BadRequest(format!("PIN {row}: {what}")));
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(pins.len())
+    }
+
+    /// Sells one PIN on demand. Idempotent on the sale's key.
+    pub fn sell(&mut self, req: &SellRequest) -> Result<Dispensed, StoreError> {
+        self.sell_batch(std::slice::from_ref(req))
+            .pop()
+            .expect("one result per request")
+    }
+
+    /// Sells several PINs in one transaction (one disk sync for all). Each request gets its own result; one
+    /// failing request does not undo the others.
+    pub fn sell_batch(&mut self, reqs: &[SellRequest]) -> Vec<Result<Dispensed, StoreError>> {
+        let now = unix_now();
+        let cipher = &self.cipher;
+        let mut tx = match self.conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+            Ok(t) => t,
+            Err(e) => return reqs.iter().map(|_| Err(StoreError::Db(e.to_string()))).collect(),
+        };
+        let mut results = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            let r = (|| {
+                let sp = tx.savepoint()?;
+                let r = sell_one(&sp, cipher, req, now)?;
+                sp.commit()?;
+                Ok(r)
+            })();
+            results.push(r);
+        }
+        if let Err(e) = tx.commit() {
+            let msg = e.to_string();
+            return reqs.iter().map(|_| Err(StoreError::Db(msg.clone()))).collect();
+        }
+        results
+    }
+
+    /// Reserves up to `n` PINs for a gateway's cache, leased until `lease_until` (unix seconds). Fewer (even none)
+    /// when stock is short.
+    pub fn reserve(
+        &mut self,
+        holder: &str,
+        product: &str,
+        amount: i64,
+        n: usize,
+        lease_until: i64,
+    ) -> Result<Vec<Dispensed>, StoreError> {
+        if n == 0 {
+            return Err(StoreError::BadRequest("reserve at least one PIN".into()));
+        }
+        let tx = self.immediate()?;
+        check_denomination(&tx, product, amount)?;
+        let rows = {
+            let mut stmt = tx.prepare_cached(&format!(
+                "UPDATE pins SET state = 'reserved', holder = ?1, lease_until = ?2
+                 WHERE id IN (SELECT id FROM pins WHERE product = ?3 AND amount = ?4 AND state = 'available'
+                              AND (expiry IS NULL OR expiry >= ?5) ORDER BY id LIMIT ?6)
+                 RETURNING {PIN_COLUMNS}"
+            ))?;
+            let rows = stmt.query_map(
+                params![holder, lease_until, product, amount, today(), n as i64],
+                pin_row,
+            )?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
+        tx.commit()?;
+        rows.into_iter().map(|r| r.open(&self.cipher)).collect()
+    }
+
+    /// A PIN reserved by `holder` was sold from its cache. Idempotent: confirming the same PIN with the same key
+    /// again is fine. If the sale's key was reversed before the confirm arrived, the PIN is sold and voided at once.
+    pub fn confirm(&mut self, holder: &str, pin_id: i64, sale: &SaleContext) -> Result<Confirmation, StoreError> {
+        let now = unix_now();
+        let tx = self.immediate()?;
+        if let Some((sold_pin, _)) = find_sale(&tx, sale)? {
+            return if sold_pin == pin_id {
+                Ok(Confirmation::AlreadyConfirmed)
+            } else {
+                Err(StoreError::DuplicateMismatch { key: sale.key() })
+            };
+        }
+        let row: Option<(String, i64)> = tx
+            .query_row(
+                "UPDATE pins SET state = 'sold', lease_until = NULL
+                 WHERE id = ?1 AND state = 'reserved' AND holder = ?2 RETURNING product, amount",
+                params![pin_id, holder],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((product, amount)) = row else {
+            return Err(StoreError::NotHolder {
+                holder: holder.to_string(),
+                pin_id,
+            });
+        };
+        insert_sale(&tx, sale, pin_id, &product, amount, now)?;
+        let outcome = if reversal_pending(&tx, sale)? {
+            void(&tx, sale, pin_id, now)?;
+            Confirmation::Voided
+        } else {
+            Confirmation::Sold
+        };
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    /// Returns unsold PINs held by `holder` to stock. Returns the ids that were not reserved by `holder` (already
+    /// sold, released before, or someone else's): those are left as they are.
+    pub fn release(&mut self, holder: &str, pin_ids: &[i64]) -> Result<Vec<i64>, StoreError> {
+        let tx = self.immediate()?;
+        let mut refused = Vec::new();
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE pins SET state = 'available', holder = NULL, lease_until = NULL
+                 WHERE id = ?1 AND state = 'reserved' AND holder = ?2",
+            )?;
+            for id in pin_ids {
+                if stmt.execute(params![id, holder])? == 0 {
+                    refused.push(*id);
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(refused)
+    }
+
+    /// Extends the leases of PINs `holder` holds; returns how many were extended.
+    pub fn renew(&mut self, holder: &str, pin_ids: &[i64], lease_until: i64) -> Result<usize, StoreError> {
+        let tx = self.immediate()?;
+        let mut n = 0;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE pins SET lease_until = ?3 WHERE id = ?1 AND state = 'reserved' AND holder = ?2",
+            )?;
+            for id in pin_ids {
+                n += stmt.execute(params![id, holder, lease_until])?;
+            }
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Reverses the sale with this key: sold → voided. Idempotent; a reversal that arrives before its sale is
+    /// remembered and the late sale is refused.
+    pub fn reverse(&mut self, sale: &SaleContext) -> Result<Reversal, StoreError> {
+        let now = unix_now();
+        let tx = self.immediate()?;
+        let outcome = match find_sale(&tx, sale)? {
+            None => {
+                tx.execute(
+                    "INSERT OR IGNORE INTO reversals (gateway, terminal_id, stan, transmission, pin_id, at)
+                     VALUES (?1, ?2, ?3, ?4, NULL, ?5)",
+                    params![sale.gateway, sale.terminal_id, sale.stan, sale.transmission, now],
+                )?;
+                Reversal::Remembered
+            }
+            Some((pin_id, PinState::Voided)) => Reversal::AlreadyVoided { pin_id },
+            Some((pin_id, _)) => {
+                void(&tx, sale, pin_id, now)?;
+                Reversal::Voided { pin_id }
+            }
+        };
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    /// Available PINs past their expiry date (`YYYYMMDD` before `today`) become expired; returns how many.
+    pub fn expire(&mut self, today: &str) -> Result<usize, StoreError> {
+        let tx = self.immediate()?;
+        let n = tx.execute(
+            "UPDATE pins SET state = 'expired' WHERE state = 'available' AND expiry IS NOT NULL AND expiry < ?1",
+            params![today],
+        )?;
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Reservations whose lease ended before `now`, per holder. They are reported, never freed by themselves: the
+    /// holder may have sold them while cut off.
+    pub fn expired_leases(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT holder, COUNT(*) FROM pins WHERE state = 'reserved' AND lease_until < ?1 GROUP BY holder ORDER BY holder",
+        )?;
+        let rows = stmt.query_map(params![now], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Operator command, once `holder`'s journal is reconciled (or it holds none): its expired reservations go
+    /// back to stock. Returns how many.
+    pub fn return_expired(&mut self, holder: &str, now: i64) -> Result<usize, StoreError> {
+        let tx = self.immediate()?;
+        let n = tx.execute(
+            "UPDATE pins SET state = 'available', lease_until = NULL
+             WHERE state = 'reserved' AND holder = ?1 AND lease_until < ?2",
+            params![holder, now],
+        )?;
+        tx.execute(
+            "UPDATE pins SET holder = NULL WHERE state = 'available' AND holder = ?1",
+            params![holder],
+        )?;
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Count of PINs per product, amount and state.
+    pub fn stock(&self) -> Result<Vec<StockRow>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT product, amount, state, COUNT(*) FROM pins GROUP BY product, amount, state ORDER BY 1, 2, 3",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let state: String = r.get(2)?;
+            Ok(StockRow {
+                product: r.get(0)?,
+                amount: r.get(1)?,
+                state: PinState::parse(&state).unwrap_or(PinState::Expired),
+                count: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The audit trail of one PIN, oldest first.
+    pub fn audit_of(&self, pin_id: i64) -> Result<Vec<AuditRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT from_state, to_state, holder FROM audit WHERE pin_id = ?1 ORDER BY seq")?;
+        let rows = stmt.query_map(params![pin_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Direct access for tests and the audit command (read-only use intended).
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+/// `YYYYMMDD` of today (UTC), to compare with PIN expiry dates.
+fn today() -> String {
+    let days = unix_now().div_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}{m:02}{d:02}")
+}
+
+struct PinRow {
+    id: i64,
+    product: String,
+    amount: i64,
+    serial: String,
+    sealed: Sealed,
+    expiry: Option<String>,
+    receipt: String,
+}
+
+fn pin_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PinRow> {
+    let nonce: Vec<u8> = r.get(5)?;
+    Ok(PinRow {
+        id: r.get(0)?,
+        product: r.get(1)?,
+        amount: r.get(2)?,
+        serial: r.get(3)?,
+        sealed: Sealed {
+            key_id: r.get(4)?,
+            nonce: nonce.try_into().unwrap_or([0; 12]),
+            ciphertext: r.get(6)?,
+        },
+        expiry: r.get(7)?,
+        receipt: r.get(8)?,
+    })
+}
+
+impl PinRow {
+    fn open(self, cipher: &PinCipher) -> Result<Dispensed, StoreError> {
+        let pin = cipher.open(&self.sealed, &self.serial)?;
+        Ok(Dispensed {
+            pin_id: self.id,
+            product: self.product,
+            amount: self.amount,
+            pin,
+            serial: self.serial,
+            expiry: self.expiry,
+            receipt: serde_json::from_str(&self.receipt).unwrap_or_default(),
+        })
+    }
+}
+
+fn check_denomination(tx: &Connection, product: &str, amount: i64) -> Result<(), StoreError> {
+    let known: bool = tx
+        .prepare_cached("SELECT 1 FROM products WHERE code = ?1")?
+        .exists(params![product])?;
+    if !known {
+        return Err(StoreError::UnknownProduct(product.to_string()));
+    }
+    let offered = tx
+        .prepare_cached("SELECT 1 FROM denominations WHERE product = ?1 AND amount = ?2")?
+        .exists(params![product, amount])?;
+    if !offered {
+        return Err(StoreError::UnknownDenomination {
+            product: product.to_string(),
+            amount,
+        });
+    }
+    Ok(())
+}
+
+/// The PIN sold under this key, and its state.
+fn find_sale(tx: &Connection, sale: &SaleContext) -> Result<Option<(i64, PinState)>, StoreError> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT s.pin_id, p.state FROM sales s JOIN pins p ON p.id = s.pin_id
+             WHERE s.gateway = ?1 AND s.terminal_id = ?2 AND s.stan = ?3 AND s.transmission = ?4",
+        )?
+        .query_row(
+            params![sale.gateway, sale.terminal_id, sale.stan, sale.transmission],
+            |r| {
+                let s: String = r.get(1)?;
+                Ok((r.get(0)?, PinState::parse(&s).unwrap_or(PinState::Sold)))
+            },
+        )
+        .optional()?)
+}
+
+fn reversal_pending(tx: &Connection, sale: &SaleContext) -> Result<bool, StoreError> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT 1 FROM reversals WHERE gateway = ?1 AND terminal_id = ?2 AND stan = ?3 AND transmission = ?4",
+        )?
+        .exists(params![sale.gateway, sale.terminal_id, sale.stan, sale.transmission])?)
+}
+
+fn insert_sale(
+    tx: &Connection,
+    sale: &SaleContext,
+    pin_id: i64,
+    product: &str,
+    amount: i64,
+    now: i64,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO sales (gateway, terminal_id, stan, transmission, pin_id, merchant_id, rrn, product, amount, sold_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?
+    .execute(params![
+        sale.gateway,
+        sale.terminal_id,
+        sale.stan,
+        sale.transmission,
+        pin_id,
+        sale.merchant_id,
+        sale.rrn,
+        product,
+        amount,
+        now
+    ])?;
+    Ok(())
+}
+
+fn void(tx: &Connection, sale: &SaleContext, pin_id: i64, now: i64) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE pins SET state = 'voided' WHERE id = ?1 AND state = 'sold'",
+        params![pin_id],
+    )?;
+    tx.execute(
+        "INSERT INTO reversals (gateway, terminal_id, stan, transmission, pin_id, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT DO UPDATE SET pin_id = ?5",
+        params![
+            sale.gateway,
+            sale.terminal_id,
+            sale.stan,
+            sale.transmission,
+            pin_id,
+            now
+        ],
+    )?;
+    Ok(())
+}
+
+fn sell_one(tx: &Connection, cipher: &PinCipher, req: &SellRequest, now: i64) -> Result<Dispensed, StoreError> {
+    let sale = &req.sale;
+    if reversal_pending(tx, sale)? && find_sale(tx, sale)?.is_none() {
+        return Err(StoreError::AlreadyReversed { key: sale.key() });
+    }
+    if let Some((pin_id, _)) = find_sale(tx, sale)? {
+        // The same key again: the same PIN, if the request is the same.
+        let (product, amount, merchant): (String, i64, String) = tx.query_row(
+            "SELECT product, amount, merchant_id FROM sales WHERE pin_id = ?1",
+            params![pin_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        if product != req.product || amount != req.amount || merchant != sale.merchant_id {
+            return Err(StoreError::DuplicateMismatch { key: sale.key() });
+        }
+        let row = tx.query_row(
+            &format!("SELECT {PIN_COLUMNS} FROM pins WHERE id = ?1"),
+            params![pin_id],
+            pin_row,
+        )?;
+        return row.open(cipher);
+    }
+    check_denomination(tx, &req.product, req.amount)?;
+    let row = tx
+        .prepare_cached(&format!(
+            "UPDATE pins SET state = 'sold'
+             WHERE id = (SELECT id FROM pins WHERE product = ?1 AND amount = ?2 AND state = 'available'
+                         AND (expiry IS NULL OR expiry >= ?3) ORDER BY id LIMIT 1)
+             RETURNING {PIN_COLUMNS}"
+        ))?
+        .query_row(params![req.product, req.amount, today()], pin_row)
+        .optional()?;
+    let Some(row) = row else {
+        return Err(StoreError::OutOfStock {
+            product: req.product.clone(),
+            amount: req.amount,
+        });
+    };
+    insert_sale(tx, sale, row.id, &req.product, req.amount, now)?;
+    row.open(cipher)
+}

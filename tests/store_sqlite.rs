@@ -1,0 +1,405 @@
+//! The SQLite inventory on a real database file: every state transition and refusal, idempotency, reversals before
+//! sales, what the database itself refuses, encryption at rest, all-or-nothing import, and concurrent writers.
+
+use std::path::PathBuf;
+
+use pingate::sale::Pin;
+use pingate::store::crypto::PinCipher;
+use pingate::store::sqlite::SqliteStore;
+use pingate::store::{Confirmation, NewPin, PinState, Product, Reversal, SaleContext, SellRequest, StoreError};
+
+struct TempDb {
+    dir: PathBuf,
+    keys: String,
+}
+
+impl TempDb {
+    fn new(name: &str) -> TempDb {
+        let dir = std::env::temp_dir().join(format!("pingate-store-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDb {
+            dir,
+            keys: PinCipher::generate_spec().unwrap(),
+        }
+    }
+    fn path(&self) -> PathBuf {
+        self.dir.join("pins.db")
+    }
+    fn open(&self) -> SqliteStore {
+        SqliteStore::open(&self.path(), PinCipher::from_spec(&self.keys).unwrap()).unwrap()
+    }
+    /// A store with product TOPUP in 1000 and 2000, and `n` PINs of 1000.
+    fn stocked(&self, n: usize) -> SqliteStore {
+        let mut s = self.open();
+        s.upsert_product(&Product {
+            code: "TOPUP".into(),
+            name: "Top-up".into(),
+            supplier: "Telco".into(),
+            currency: "978".into(),
+            denominations: vec![1000, 2000],
+        })
+        .unwrap();
+        s.import(&pins(0, n, 1000)).unwrap();
+        s
+    }
+}
+
+impl Drop for TempDb {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn pins(from: usize, n: usize, amount: i64) -> Vec<NewPin> {
+    (from..from + n)
+        .map(|i| NewPin {
+            product: "TOPUP".into(),
+            amount,
+            pin: Pin::new(format!("9{amount:05}{i:010}")),
+            serial: format!("S{amount}-{i:08}"),
+            expiry: None,
+            receipt: vec![format!("receipt {i}")],
+        })
+        .collect()
+}
+
+fn ctx(gateway: &str, stan: u32) -> SaleContext {
+    SaleContext {
+        gateway: gateway.into(),
+        terminal_id: "TERM0001".into(),
+        merchant_id: "MERCHANT0000001".into(),
+        stan: format!("{stan:06}"),
+        transmission: "1128173500".into(),
+        rrn: format!("{stan:012}"),
+    }
+}
+
+fn sell(stan: u32) -> SellRequest {
+    SellRequest {
+        product: "TOPUP".into(),
+        amount: 1000,
+        sale: ctx("gw1", stan),
+    }
+}
+
+fn count(s: &SqliteStore, state: PinState) -> i64 {
+    s.stock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.state == state)
+        .map(|r| r.count)
+        .sum()
+}
+
+#[test]
+fn on_demand_sale_is_idempotent_and_checks_content() {
+    let db = TempDb::new("sell");
+    let mut s = db.stocked(3);
+    let a = s.sell(&sell(1)).unwrap();
+    assert_eq!(a.receipt, vec!["receipt 0".to_string()]);
+    assert!(a.pin.expose().starts_with("901000"));
+    // The same key again: the same PIN, no second PIN taken.
+    assert_eq!(s.sell(&sell(1)).unwrap(), a);
+    assert_eq!(count(&s, PinState::Sold), 1);
+    // Same key, different content.
+    let mut other = sell(1);
+    other.amount = 2000;
+    assert!(matches!(s.sell(&other), Err(StoreError::DuplicateMismatch { .. })));
+    let b = s.sell(&sell(2)).unwrap();
+    assert_ne!(a.pin_id, b.pin_id);
+    let mut unknown = sell(3);
+    unknown.product = "NOPE".into();
+    assert!(matches!(s.sell(&unknown), Err(StoreError::UnknownProduct(p)) if p == "NOPE"));
+    let mut odd = sell(3);
+    odd.amount = 1500;
+    assert!(matches!(
+        s.sell(&odd),
+        Err(StoreError::UnknownDenomination { amount: 1500, .. })
+    ));
+    s.sell(&sell(3)).unwrap();
+    assert!(matches!(
+        s.sell(&sell(4)),
+        Err(StoreError::OutOfStock { amount: 1000, .. })
+    ));
+    let mut none = sell(5);
+    none.amount = 2000;
+    assert!(matches!(
+        s.sell(&none),
+        Err(StoreError::OutOfStock { amount: 2000, .. })
+    ));
+}
+
+#[test]
+fn cache_path_reserve_confirm_release_and_audit_trail() {
+    let db = TempDb::new("cache");
+    let mut s = db.stocked(10);
+    let held = s.reserve("gw1", "TOPUP", 1000, 4, 2_000_000_000).unwrap();
+    assert_eq!(held.len(), 4);
+    assert_eq!(count(&s, PinState::Reserved), 4);
+    // Another gateway cannot confirm or release them.
+    assert!(matches!(
+        s.confirm("gw2", held[0].pin_id, &ctx("gw2", 1)),
+        Err(StoreError::NotHolder { .. })
+    ));
+    assert_eq!(s.release("gw2", &[held[1].pin_id]).unwrap(), vec![held[1].pin_id]);
+    // Confirm, and again (idempotent); the same key on another PIN is a mismatch.
+    assert_eq!(
+        s.confirm("gw1", held[0].pin_id, &ctx("gw1", 1)).unwrap(),
+        Confirmation::Sold
+    );
+    assert_eq!(
+        s.confirm("gw1", held[0].pin_id, &ctx("gw1", 1)).unwrap(),
+        Confirmation::AlreadyConfirmed
+    );
+    assert!(matches!(
+        s.confirm("gw1", held[1].pin_id, &ctx("gw1", 1)),
+        Err(StoreError::DuplicateMismatch { .. })
+    ));
+    // Release the rest; a released PIN can no longer be confirmed.
+    assert_eq!(
+        s.release("gw1", &[held[1].pin_id, held[2].pin_id, held[0].pin_id])
+            .unwrap(),
+        vec![held[0].pin_id]
+    );
+    assert!(matches!(
+        s.confirm("gw1", held[1].pin_id, &ctx("gw1", 2)),
+        Err(StoreError::NotHolder { .. })
+    ));
+    assert_eq!(
+        s.renew("gw1", &[held[3].pin_id, held[0].pin_id], 2_100_000_000)
+            .unwrap(),
+        1
+    );
+    // Reverse the confirmed sale: voided, never sold again.
+    assert_eq!(
+        s.reverse(&ctx("gw1", 1)).unwrap(),
+        Reversal::Voided { pin_id: held[0].pin_id }
+    );
+    assert_eq!(
+        s.reverse(&ctx("gw1", 1)).unwrap(),
+        Reversal::AlreadyVoided { pin_id: held[0].pin_id }
+    );
+    let trail = s.audit_of(held[0].pin_id).unwrap();
+    let states: Vec<(Option<&str>, &str)> = trail.iter().map(|(f, t, _)| (f.as_deref(), t.as_str())).collect();
+    assert_eq!(
+        states,
+        vec![
+            (None, "available"),
+            (Some("available"), "reserved"),
+            (Some("reserved"), "sold"),
+            (Some("sold"), "voided")
+        ]
+    );
+    assert_eq!(trail[1].2.as_deref(), Some("gw1"));
+    // Everything sells out without ever handing out the voided PIN.
+    let mut sold = Vec::new();
+    for stan in 100..200 {
+        match s.sell(&sell(stan)) {
+            Ok(d) => sold.push(d.pin_id),
+            Err(StoreError::OutOfStock { .. }) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(sold.len(), 8, "10 PINs, 1 voided, 1 still reserved");
+    assert!(!sold.contains(&held[0].pin_id) && !sold.contains(&held[3].pin_id));
+}
+
+#[test]
+fn reversal_before_sale_is_remembered_and_the_late_sale_refused() {
+    let db = TempDb::new("early-reversal");
+    let mut s = db.stocked(3);
+    assert_eq!(s.reverse(&ctx("gw1", 7)).unwrap(), Reversal::Remembered);
+    assert_eq!(s.reverse(&ctx("gw1", 7)).unwrap(), Reversal::Remembered);
+    assert!(matches!(s.sell(&sell(7)), Err(StoreError::AlreadyReversed { .. })));
+    assert_eq!(
+        count(&s, PinState::Available),
+        3,
+        "no PIN was taken for the refused sale"
+    );
+    // A cached PIN confirmed after its reversal: sold and voided at once.
+    let held = s.reserve("gw1", "TOPUP", 1000, 1, 2_000_000_000).unwrap();
+    assert_eq!(s.reverse(&ctx("gw1", 8)).unwrap(), Reversal::Remembered);
+    assert_eq!(
+        s.confirm("gw1", held[0].pin_id, &ctx("gw1", 8)).unwrap(),
+        Confirmation::Voided
+    );
+    assert_eq!(count(&s, PinState::Voided), 1);
+}
+
+#[test]
+fn expired_leases_are_reported_not_freed_until_the_operator_returns_them() {
+    let db = TempDb::new("leases");
+    let mut s = db.stocked(5);
+    s.reserve("gw1", "TOPUP", 1000, 2, 1_000).unwrap();
+    s.reserve("gw2", "TOPUP", 1000, 1, 5_000).unwrap();
+    assert_eq!(s.expired_leases(2_000).unwrap(), vec![("gw1".to_string(), 2)]);
+    assert_eq!(
+        count(&s, PinState::Reserved),
+        3,
+        "an expired lease frees nothing by itself"
+    );
+    assert_eq!(s.return_expired("gw1", 2_000).unwrap(), 2);
+    assert_eq!(count(&s, PinState::Reserved), 1);
+    assert_eq!(count(&s, PinState::Available), 4);
+}
+
+#[test]
+fn expiry_dates() {
+    let db = TempDb::new("expiry");
+    let mut s = db.stocked(0);
+    let mut p = pins(0, 2, 1000);
+    p[0].expiry = Some("20000101".into());
+    p[1].expiry = Some("99991231".into());
+    s.import(&p).unwrap();
+    // The expired PIN is never sold, even before `expire` runs.
+    let d = s.sell(&sell(1)).unwrap();
+    assert_eq!(d.expiry.as_deref(), Some("99991231"));
+    assert_eq!(s.expire("20261128").unwrap(), 1);
+    assert_eq!(count(&s, PinState::Expired), 1);
+}
+
+#[test]
+fn the_database_refuses_illegal_changes_even_if_code_is_wrong() {
+    let db = TempDb::new("guards");
+    let mut s = db.stocked(2);
+    let d = s.sell(&sell(1)).unwrap();
+    let c = s.connection();
+    let err = c
+        .execute("UPDATE pins SET state = 'available' WHERE id = ?1", [d.pin_id])
+        .unwrap_err();
+    assert!(err.to_string().contains("illegal PIN state change"), "{err}");
+    let err = c
+        .execute("UPDATE pins SET state = 'reserved' WHERE id = ?1", [d.pin_id])
+        .unwrap_err();
+    assert!(err.to_string().contains("illegal PIN state change"));
+    // A second sale row for the same PIN (another key) is impossible.
+    let err = c
+        .execute(
+            "INSERT INTO sales (gateway, terminal_id, stan, transmission, pin_id, merchant_id, rrn, product, amount, sold_at)
+             VALUES ('gw9', 'T', '1', '1', ?1, 'M', 'R', 'TOPUP', 1000, 0)",
+            [d.pin_id],
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("UNIQUE"), "{err}");
+    assert!(c
+        .execute("DELETE FROM audit", [])
+        .unwrap_err()
+        .to_string()
+        .contains("append-only"));
+    assert!(c
+        .execute("UPDATE audit SET to_state = 'x'", [])
+        .unwrap_err()
+        .to_string()
+        .contains("append-only"));
+    assert!(c
+        .execute("DELETE FROM pins", [])
+        .unwrap_err()
+        .to_string()
+        .contains("never deleted"));
+}
+
+#[test]
+fn pins_are_encrypted_at_rest() {
+    let db = TempDb::new("at-rest");
+    let s = db.stocked(20);
+    drop(s);
+    let mut raw = std::fs::read(db.path()).unwrap();
+    if let Ok(wal) = std::fs::read(db.dir.join("pins.db-wal")) {
+        raw.extend(wal);
+    }
+    for p in pins(0, 20, 1000) {
+        let v = p.pin.expose().as_bytes();
+        assert!(
+            !raw.windows(v.len()).any(|w| w == v),
+            "a PIN value is in the database file in clear"
+        );
+    }
+    // Serial numbers are not secret and are stored as they are (sanity check of the scan above).
+    assert!(raw.windows(11).any(|w| w == b"S1000-00000"));
+    // Without the key, nothing opens.
+    let mut other = SqliteStore::open(
+        &db.path(),
+        PinCipher::from_spec(&PinCipher::generate_spec().unwrap()).unwrap(),
+    )
+    .unwrap();
+    assert!(matches!(other.sell(&sell(1)), Err(StoreError::Crypto(_))));
+}
+
+#[test]
+fn import_is_all_or_nothing_and_names_the_row() {
+    let db = TempDb::new("import");
+    let mut s = db.stocked(5);
+    let mut batch = pins(100, 5, 1000);
+    batch[3].serial = "S1000-00000002".into(); // already loaded
+    let e = s.import(&batch).unwrap_err().to_string();
+    assert_eq!(e, "bad request: PIN 4: duplicate serial `S1000-00000002`");
+    let mut batch = pins(100, 5, 1000);
+    batch[4].pin = batch[1].pin.clone();
+    assert_eq!(
+        s.import(&batch).unwrap_err().to_string(),
+        "bad request: PIN 5: duplicate PIN value (already loaded, or twice in this file)"
+    );
+    let mut batch = pins(100, 2, 1000);
+    batch[1].amount = 1234;
+    assert!(s
+        .import(&batch)
+        .unwrap_err()
+        .to_string()
+        .starts_with("bad request: PIN 2: product `TOPUP` has no"));
+    assert_eq!(count(&s, PinState::Available), 5, "failed imports left nothing behind");
+    assert_eq!(s.import(&pins(100, 5, 1000)).unwrap(), 5);
+    assert_eq!(count(&s, PinState::Available), 10);
+}
+
+#[test]
+fn a_batch_shares_one_transaction_and_failures_stay_per_request() {
+    let db = TempDb::new("batch");
+    let mut s = db.stocked(60);
+    let mut reqs: Vec<SellRequest> = (1..=50).map(sell).collect();
+    reqs[10].product = "NOPE".into();
+    let results = s.sell_batch(&reqs);
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 49);
+    assert!(matches!(results[10], Err(StoreError::UnknownProduct(_))));
+    let ids: std::collections::HashSet<i64> = results.iter().flatten().map(|d| d.pin_id).collect();
+    assert_eq!(ids.len(), 49);
+}
+
+#[test]
+fn concurrent_writers_on_one_file_never_share_a_pin_and_survive_reopen() {
+    let db = TempDb::new("concurrent");
+    drop(db.stocked(1_200));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let path = db.path();
+            let keys = db.keys.clone();
+            std::thread::spawn(move || {
+                let mut s = SqliteStore::open(&path, PinCipher::from_spec(&keys).unwrap()).unwrap();
+                let mut got = Vec::new();
+                for i in 0..100u32 {
+                    let mut req = sell(i);
+                    req.sale.gateway = format!("gw{t}");
+                    got.push(s.sell(&req).unwrap().pin_id);
+                    got.extend(
+                        s.reserve(&format!("gw{t}"), "TOPUP", 1000, 2, 2_000_000_000)
+                            .unwrap()
+                            .iter()
+                            .map(|d| d.pin_id),
+                    );
+                }
+                got
+            })
+        })
+        .collect();
+    let mut all: Vec<i64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), n, "a PIN was handed out twice");
+    assert_eq!(n, 1_200);
+    // Reopen: every acknowledged sale is there.
+    let s = db.open();
+    assert_eq!(count(&s, PinState::Sold), 400);
+    assert_eq!(count(&s, PinState::Reserved), 800);
+    assert_eq!(s.schema_version().unwrap(), 1);
+}
