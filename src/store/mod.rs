@@ -190,6 +190,56 @@ pub enum Confirmation {
     Voided,
 }
 
+/// Most PINs one `reserve` hands out.
+pub const MAX_RESERVE: usize = 1_000;
+
+/// One operation on the inventory. `holder`/`gateway` always come from the authenticated connection, never from
+/// what a client wrote.
+#[derive(Clone, Debug)]
+pub enum Op {
+    Sell(SellRequest),
+    Reserve {
+        holder: String,
+        product: String,
+        amount: i64,
+        count: usize,
+        lease_until: i64,
+    },
+    Confirm {
+        holder: String,
+        pin_id: i64,
+        sale: SaleContext,
+    },
+    Release {
+        holder: String,
+        pin_ids: Vec<i64>,
+    },
+    Renew {
+        holder: String,
+        pin_ids: Vec<i64>,
+        lease_until: i64,
+    },
+    Reverse(SaleContext),
+    Stock,
+    Catalog,
+}
+
+/// The result of an [`Op`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Sold(Dispensed),
+    Reserved(Vec<Dispensed>),
+    Confirmed(Confirmation),
+    /// Ids that were not reserved by the caller and were left alone.
+    Released {
+        refused: Vec<i64>,
+    },
+    Renewed(usize),
+    Reversed(Reversal),
+    Stock(Vec<StockRow>),
+    Catalog(Vec<Product>),
+}
+
 /// Count of PINs of one product, amount and state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StockRow {

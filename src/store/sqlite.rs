@@ -9,7 +9,8 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBe
 
 use super::crypto::{PinCipher, Sealed};
 use super::{
-    Confirmation, Dispensed, NewPin, PinState, Product, Reversal, SaleContext, SellRequest, StockRow, StoreError,
+    Confirmation, Dispensed, NewPin, Op, Outcome, PinState, Product, Reversal, SaleContext, SellRequest, StockRow,
+    StoreError, MAX_RESERVE,
 };
 
 /// One audit row: (from state, to state, holder); `from` is `None` for the row written when the PIN was loaded.
@@ -188,36 +189,7 @@ impl SqliteStore {
 
     /// The catalog.
     pub fn catalog(&self) -> Result<Vec<Product>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT p.code, p.name, p.supplier, p.currency, d.amount FROM products p
-             LEFT JOIN denominations d ON d.product = p.code ORDER BY p.code, d.amount",
-        )?;
-        let mut out: Vec<Product> = Vec::new();
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get::<_, Option<i64>>(4)?,
-            ))
-        })?;
-        for row in rows {
-            let (code, name, supplier, currency, amount) = row?;
-            if out.last().is_none_or(|p| p.code != code) {
-                out.push(Product {
-                    code,
-                    name,
-                    supplier,
-                    currency,
-                    denominations: Vec::new(),
-                });
-            }
-            if let Some(a) = amount {
-                out.last_mut().expect("pushed").denominations.push(a);
-            }
-        }
-        Ok(out)
+        catalog(&self.conn)
     }
 
     /// Loads PINs, all or nothing. An error names the 1-based position of the offending PIN in `pins`.
@@ -275,27 +247,22 @@ impl SqliteStore {
         Ok(pins.len())
     }
 
-    /// Sells one PIN on demand. Idempotent on the sale's key.
-    pub fn sell(&mut self, req: &SellRequest) -> Result<Dispensed, StoreError> {
-        self.sell_batch(std::slice::from_ref(req))
-            .pop()
-            .expect("one result per request")
-    }
-
-    /// Sells several PINs in one transaction (one disk sync for all). Each request gets its own result; one
-    /// failing request does not undo the others.
-    pub fn sell_batch(&mut self, reqs: &[SellRequest]) -> Vec<Result<Dispensed, StoreError>> {
+    /// Applies several operations in one transaction (one disk sync for all of them: group commit). Each gets its
+    /// own result; one failing operation does not undo the others (each runs in a savepoint). If the commit itself
+    /// fails, every operation fails and nothing of the batch is kept.
+    pub fn apply_batch(&mut self, ops: &[Op]) -> Vec<Result<Outcome, StoreError>> {
         let now = unix_now();
+        let today = today();
         let cipher = &self.cipher;
         let mut tx = match self.conn.transaction_with_behavior(TransactionBehavior::Immediate) {
             Ok(t) => t,
-            Err(e) => return reqs.iter().map(|_| Err(StoreError::Db(e.to_string()))).collect(),
+            Err(e) => return ops.iter().map(|_| Err(StoreError::Db(e.to_string()))).collect(),
         };
-        let mut results = Vec::with_capacity(reqs.len());
-        for req in reqs {
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
             let r = (|| {
                 let sp = tx.savepoint()?;
-                let r = sell_one(&sp, cipher, req, now)?;
+                let r = apply(&sp, cipher, op, now, &today)?;
                 sp.commit()?;
                 Ok(r)
             })();
@@ -303,9 +270,35 @@ impl SqliteStore {
         }
         if let Err(e) = tx.commit() {
             let msg = e.to_string();
-            return reqs.iter().map(|_| Err(StoreError::Db(msg.clone()))).collect();
+            return ops.iter().map(|_| Err(StoreError::Db(msg.clone()))).collect();
         }
         results
+    }
+
+    fn apply_one(&mut self, op: Op) -> Result<Outcome, StoreError> {
+        self.apply_batch(std::slice::from_ref(&op))
+            .pop()
+            .expect("one result per operation")
+    }
+
+    /// Sells one PIN on demand. Idempotent on the sale's key.
+    pub fn sell(&mut self, req: &SellRequest) -> Result<Dispensed, StoreError> {
+        match self.apply_one(Op::Sell(req.clone()))? {
+            Outcome::Sold(d) => Ok(d),
+            o => Err(unexpected(o)),
+        }
+    }
+
+    /// Sells several PINs in one transaction.
+    pub fn sell_batch(&mut self, reqs: &[SellRequest]) -> Vec<Result<Dispensed, StoreError>> {
+        let ops: Vec<Op> = reqs.iter().cloned().map(Op::Sell).collect();
+        self.apply_batch(&ops)
+            .into_iter()
+            .map(|r| match r? {
+                Outcome::Sold(d) => Ok(d),
+                o => Err(unexpected(o)),
+            })
+            .collect()
     }
 
     /// Reserves up to `n` PINs for a gateway's cache, leased until `lease_until` (unix seconds). Fewer (even none)
@@ -318,123 +311,63 @@ impl SqliteStore {
         n: usize,
         lease_until: i64,
     ) -> Result<Vec<Dispensed>, StoreError> {
-        if n == 0 {
-            return Err(StoreError::BadRequest("reserve at least one PIN".into()));
-        }
-        let tx = self.immediate()?;
-        check_denomination(&tx, product, amount)?;
-        let rows = {
-            let mut stmt = tx.prepare_cached(&format!(
-                "UPDATE pins SET state = 'reserved', holder = ?1, lease_until = ?2
-                 WHERE id IN (SELECT id FROM pins WHERE product = ?3 AND amount = ?4 AND state = 'available'
-                              AND (expiry IS NULL OR expiry >= ?5) ORDER BY id LIMIT ?6)
-                 RETURNING {PIN_COLUMNS}"
-            ))?;
-            let rows = stmt.query_map(
-                params![holder, lease_until, product, amount, today(), n as i64],
-                pin_row,
-            )?;
-            rows.collect::<Result<Vec<_>, _>>()?
+        let op = Op::Reserve {
+            holder: holder.into(),
+            product: product.into(),
+            amount,
+            count: n,
+            lease_until,
         };
-        tx.commit()?;
-        rows.into_iter().map(|r| r.open(&self.cipher)).collect()
+        match self.apply_one(op)? {
+            Outcome::Reserved(v) => Ok(v),
+            o => Err(unexpected(o)),
+        }
     }
 
     /// A PIN reserved by `holder` was sold from its cache. Idempotent: confirming the same PIN with the same key
     /// again is fine. If the sale's key was reversed before the confirm arrived, the PIN is sold and voided at once.
     pub fn confirm(&mut self, holder: &str, pin_id: i64, sale: &SaleContext) -> Result<Confirmation, StoreError> {
-        let now = unix_now();
-        let tx = self.immediate()?;
-        if let Some((sold_pin, _)) = find_sale(&tx, sale)? {
-            return if sold_pin == pin_id {
-                Ok(Confirmation::AlreadyConfirmed)
-            } else {
-                Err(StoreError::DuplicateMismatch { key: sale.key() })
-            };
+        match self.apply_one(Op::Confirm {
+            holder: holder.into(),
+            pin_id,
+            sale: sale.clone(),
+        })? {
+            Outcome::Confirmed(c) => Ok(c),
+            o => Err(unexpected(o)),
         }
-        let row: Option<(String, i64)> = tx
-            .query_row(
-                "UPDATE pins SET state = 'sold', lease_until = NULL
-                 WHERE id = ?1 AND state = 'reserved' AND holder = ?2 RETURNING product, amount",
-                params![pin_id, holder],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let Some((product, amount)) = row else {
-            return Err(StoreError::NotHolder {
-                holder: holder.to_string(),
-                pin_id,
-            });
-        };
-        insert_sale(&tx, sale, pin_id, &product, amount, now)?;
-        let outcome = if reversal_pending(&tx, sale)? {
-            void(&tx, sale, pin_id, now)?;
-            Confirmation::Voided
-        } else {
-            Confirmation::Sold
-        };
-        tx.commit()?;
-        Ok(outcome)
     }
 
     /// Returns unsold PINs held by `holder` to stock. Returns the ids that were not reserved by `holder` (already
     /// sold, released before, or someone else's): those are left as they are.
     pub fn release(&mut self, holder: &str, pin_ids: &[i64]) -> Result<Vec<i64>, StoreError> {
-        let tx = self.immediate()?;
-        let mut refused = Vec::new();
-        {
-            let mut stmt = tx.prepare_cached(
-                "UPDATE pins SET state = 'available', holder = NULL, lease_until = NULL
-                 WHERE id = ?1 AND state = 'reserved' AND holder = ?2",
-            )?;
-            for id in pin_ids {
-                if stmt.execute(params![id, holder])? == 0 {
-                    refused.push(*id);
-                }
-            }
+        match self.apply_one(Op::Release {
+            holder: holder.into(),
+            pin_ids: pin_ids.to_vec(),
+        })? {
+            Outcome::Released { refused } => Ok(refused),
+            o => Err(unexpected(o)),
         }
-        tx.commit()?;
-        Ok(refused)
     }
 
     /// Extends the leases of PINs `holder` holds; returns how many were extended.
     pub fn renew(&mut self, holder: &str, pin_ids: &[i64], lease_until: i64) -> Result<usize, StoreError> {
-        let tx = self.immediate()?;
-        let mut n = 0;
-        {
-            let mut stmt = tx.prepare_cached(
-                "UPDATE pins SET lease_until = ?3 WHERE id = ?1 AND state = 'reserved' AND holder = ?2",
-            )?;
-            for id in pin_ids {
-                n += stmt.execute(params![id, holder, lease_until])?;
-            }
+        match self.apply_one(Op::Renew {
+            holder: holder.into(),
+            pin_ids: pin_ids.to_vec(),
+            lease_until,
+        })? {
+            Outcome::Renewed(n) => Ok(n),
+            o => Err(unexpected(o)),
         }
-        tx.commit()?;
-        Ok(n)
     }
 
     /// Reverses the sale with this key: sold → voided. Idempotent; a reversal that arrives before its sale is
     /// remembered and the late sale is refused.
     pub fn reverse(&mut self, sale: &SaleContext) -> Result<Reversal, StoreError> {
-        let now = unix_now();
-        let tx = self.immediate()?;
-        let outcome = match find_sale(&tx, sale)? {
-            None => {
-                tx.execute(
-                    "INSERT OR IGNORE INTO reversals (gateway, terminal_id, stan, transmission, pin_id, at)
-                     VALUES (?1, ?2, ?3, ?4, NULL, ?5)",
-                    params![sale.gateway, sale.terminal_id, sale.stan, sale.transmission, now],
-                )?;
-                Reversal::Remembered
-            }
-            Some((pin_id, PinState::Voided)) => Reversal::AlreadyVoided { pin_id },
-            Some((pin_id, _)) => {
-                void(&tx, sale, pin_id, now)?;
-                Reversal::Voided { pin_id }
-            }
-        };
-        tx.commit()?;
-        Ok(outcome)
+        match self.apply_one(Op::Reverse(sale.clone()))? {
+            Outcome::Reversed(r) => Ok(r),
+            o => Err(unexpected(o)),
+        }
     }
 
     /// Available PINs past their expiry date (`YYYYMMDD` before `today`) become expired; returns how many.
@@ -477,19 +410,7 @@ impl SqliteStore {
 
     /// Count of PINs per product, amount and state.
     pub fn stock(&self) -> Result<Vec<StockRow>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT product, amount, state, COUNT(*) FROM pins GROUP BY product, amount, state ORDER BY 1, 2, 3",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            let state: String = r.get(2)?;
-            Ok(StockRow {
-                product: r.get(0)?,
-                amount: r.get(1)?,
-                state: PinState::parse(&state).unwrap_or(PinState::Expired),
-                count: r.get(3)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        stock(&self.conn)
     }
 
     /// The audit trail of one PIN, oldest first.
@@ -656,7 +577,13 @@ fn void(tx: &Connection, sale: &SaleContext, pin_id: i64, now: i64) -> Result<()
     Ok(())
 }
 
-fn sell_one(tx: &Connection, cipher: &PinCipher, req: &SellRequest, now: i64) -> Result<Dispensed, StoreError> {
+fn sell_one(
+    tx: &Connection,
+    cipher: &PinCipher,
+    req: &SellRequest,
+    now: i64,
+    today: &str,
+) -> Result<Dispensed, StoreError> {
     let sale = &req.sale;
     if reversal_pending(tx, sale)? && find_sale(tx, sale)?.is_none() {
         return Err(StoreError::AlreadyReversed { key: sale.key() });
@@ -686,7 +613,7 @@ fn sell_one(tx: &Connection, cipher: &PinCipher, req: &SellRequest, now: i64) ->
                          AND (expiry IS NULL OR expiry >= ?3) ORDER BY id LIMIT 1)
              RETURNING {PIN_COLUMNS}"
         ))?
-        .query_row(params![req.product, req.amount, today()], pin_row)
+        .query_row(params![req.product, req.amount, today], pin_row)
         .optional()?;
     let Some(row) = row else {
         return Err(StoreError::OutOfStock {
@@ -696,4 +623,193 @@ fn sell_one(tx: &Connection, cipher: &PinCipher, req: &SellRequest, now: i64) ->
     };
     insert_sale(tx, sale, row.id, &req.product, req.amount, now)?;
     row.open(cipher)
+}
+
+fn unexpected(o: Outcome) -> StoreError {
+    StoreError::Db(format!("internal: unexpected outcome {o:?}"))
+}
+
+/// One operation inside the batch's transaction.
+fn apply(tx: &Connection, cipher: &PinCipher, op: &Op, now: i64, today: &str) -> Result<Outcome, StoreError> {
+    match op {
+        Op::Sell(req) => sell_one(tx, cipher, req, now, today).map(Outcome::Sold),
+        Op::Reserve {
+            holder,
+            product,
+            amount,
+            count,
+            lease_until,
+        } => reserve(tx, cipher, holder, product, *amount, *count, *lease_until, today).map(Outcome::Reserved),
+        Op::Confirm { holder, pin_id, sale } => confirm(tx, holder, *pin_id, sale, now).map(Outcome::Confirmed),
+        Op::Release { holder, pin_ids } => release(tx, holder, pin_ids).map(|refused| Outcome::Released { refused }),
+        Op::Renew {
+            holder,
+            pin_ids,
+            lease_until,
+        } => renew(tx, holder, pin_ids, *lease_until).map(Outcome::Renewed),
+        Op::Reverse(sale) => reverse(tx, sale, now).map(Outcome::Reversed),
+        Op::Stock => stock(tx).map(Outcome::Stock),
+        Op::Catalog => catalog(tx).map(Outcome::Catalog),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn reserve(
+    tx: &Connection,
+    cipher: &PinCipher,
+    holder: &str,
+    product: &str,
+    amount: i64,
+    n: usize,
+    lease_until: i64,
+    today: &str,
+) -> Result<Vec<Dispensed>, StoreError> {
+    if n == 0 || n > MAX_RESERVE {
+        return Err(StoreError::BadRequest(format!(
+            "reserve 1 to {MAX_RESERVE} PINs, not {n}"
+        )));
+    }
+    check_denomination(tx, product, amount)?;
+    let mut stmt = tx.prepare_cached(&format!(
+        "UPDATE pins SET state = 'reserved', holder = ?1, lease_until = ?2
+         WHERE id IN (SELECT id FROM pins WHERE product = ?3 AND amount = ?4 AND state = 'available'
+                      AND (expiry IS NULL OR expiry >= ?5) ORDER BY id LIMIT ?6)
+         RETURNING {PIN_COLUMNS}"
+    ))?;
+    let rows = stmt.query_map(params![holder, lease_until, product, amount, today, n as i64], pin_row)?;
+    let rows = rows.collect::<Result<Vec<_>, _>>()?;
+    rows.into_iter().map(|r| r.open(cipher)).collect()
+}
+
+fn confirm(
+    tx: &Connection,
+    holder: &str,
+    pin_id: i64,
+    sale: &SaleContext,
+    now: i64,
+) -> Result<Confirmation, StoreError> {
+    if let Some((sold_pin, _)) = find_sale(tx, sale)? {
+        return if sold_pin == pin_id {
+            Ok(Confirmation::AlreadyConfirmed)
+        } else {
+            Err(StoreError::DuplicateMismatch { key: sale.key() })
+        };
+    }
+    let row: Option<(String, i64)> = tx
+        .prepare_cached(
+            "UPDATE pins SET state = 'sold', lease_until = NULL
+             WHERE id = ?1 AND state = 'reserved' AND holder = ?2 RETURNING product, amount",
+        )?
+        .query_row(params![pin_id, holder], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((product, amount)) = row else {
+        return Err(StoreError::NotHolder {
+            holder: holder.to_string(),
+            pin_id,
+        });
+    };
+    insert_sale(tx, sale, pin_id, &product, amount, now)?;
+    if reversal_pending(tx, sale)? {
+        void(tx, sale, pin_id, now)?;
+        Ok(Confirmation::Voided)
+    } else {
+        Ok(Confirmation::Sold)
+    }
+}
+
+fn release(tx: &Connection, holder: &str, pin_ids: &[i64]) -> Result<Vec<i64>, StoreError> {
+    let mut stmt = tx.prepare_cached(
+        "UPDATE pins SET state = 'available', holder = NULL, lease_until = NULL
+         WHERE id = ?1 AND state = 'reserved' AND holder = ?2",
+    )?;
+    let mut refused = Vec::new();
+    for id in pin_ids {
+        if stmt.execute(params![id, holder])? == 0 {
+            refused.push(*id);
+        }
+    }
+    Ok(refused)
+}
+
+fn renew(tx: &Connection, holder: &str, pin_ids: &[i64], lease_until: i64) -> Result<usize, StoreError> {
+    let mut stmt =
+        tx.prepare_cached("UPDATE pins SET lease_until = ?3 WHERE id = ?1 AND state = 'reserved' AND holder = ?2")?;
+    let mut n = 0;
+    for id in pin_ids {
+        n += stmt.execute(params![id, holder, lease_until])?;
+    }
+    Ok(n)
+}
+
+fn reverse(tx: &Connection, sale: &SaleContext, now: i64) -> Result<Reversal, StoreError> {
+    Ok(match find_sale(tx, sale)? {
+        None => {
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO reversals (gateway, terminal_id, stan, transmission, pin_id, at)
+                 VALUES (?1, ?2, ?3, ?4, NULL, ?5)",
+            )?
+            .execute(params![
+                sale.gateway,
+                sale.terminal_id,
+                sale.stan,
+                sale.transmission,
+                now
+            ])?;
+            Reversal::Remembered
+        }
+        Some((pin_id, PinState::Voided)) => Reversal::AlreadyVoided { pin_id },
+        Some((pin_id, _)) => {
+            void(tx, sale, pin_id, now)?;
+            Reversal::Voided { pin_id }
+        }
+    })
+}
+
+fn stock(conn: &Connection) -> Result<Vec<StockRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT product, amount, state, COUNT(*) FROM pins GROUP BY product, amount, state ORDER BY 1, 2, 3",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        let state: String = r.get(2)?;
+        Ok(StockRow {
+            product: r.get(0)?,
+            amount: r.get(1)?,
+            state: PinState::parse(&state).unwrap_or(PinState::Expired),
+            count: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+fn catalog(conn: &Connection) -> Result<Vec<Product>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT p.code, p.name, p.supplier, p.currency, d.amount FROM products p
+         LEFT JOIN denominations d ON d.product = p.code ORDER BY p.code, d.amount",
+    )?;
+    let mut out: Vec<Product> = Vec::new();
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get::<_, Option<i64>>(4)?,
+        ))
+    })?;
+    for row in rows {
+        let (code, name, supplier, currency, amount) = row?;
+        if out.last().is_none_or(|p| p.code != code) {
+            out.push(Product {
+                code,
+                name,
+                supplier,
+                currency,
+                denominations: Vec::new(),
+            });
+        }
+        if let Some(a) = amount {
+            out.last_mut().expect("pushed").denominations.push(a);
+        }
+    }
+    Ok(out)
 }
