@@ -14,6 +14,8 @@
 //! embedded default); PostgreSQL follows.
 
 pub mod crypto;
+pub mod handle;
+pub mod postgres;
 pub mod sqlite;
 
 use crate::sale::Pin;

@@ -429,7 +429,7 @@ impl SqliteStore {
 }
 
 /// `YYYYMMDD` of today (UTC), to compare with PIN expiry dates.
-fn today() -> String {
+pub(crate) fn today() -> String {
     let days = unix_now().div_euclid(86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;

@@ -1,0 +1,179 @@
+//! The async face of the inventory for servers: operations go through a channel to backend workers that take
+//! whatever has queued up (up to a cap) and apply it in one transaction. While one batch commits (a disk sync),
+//! the next one gathers: durable sales share syncs without any waiting on a timer (group commit).
+//!
+//! SQLite: one writer thread (SQLite has one writer anyway). PostgreSQL: a few connections, each a task.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use super::crypto::PinCipher;
+use super::postgres::PgStore;
+use super::sqlite::SqliteStore;
+use super::{Op, Outcome, StoreError};
+
+/// Where the inventory lives: `sqlite:PATH` or `postgres://…` / `postgresql://…`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DbUrl {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl DbUrl {
+    pub fn parse(s: &str) -> Result<DbUrl, StoreError> {
+        if let Some(p) = s.strip_prefix("sqlite://").or_else(|| s.strip_prefix("sqlite:")) {
+            if p.is_empty() {
+                return Err(StoreError::BadRequest(
+                    "sqlite: needs a file path, e.g. sqlite:pins.db".into(),
+                ));
+            }
+            Ok(DbUrl::Sqlite(PathBuf::from(p)))
+        } else if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Ok(DbUrl::Postgres(s.to_string()))
+        } else {
+            Err(StoreError::BadRequest(format!(
+                "database `{s}`: expected sqlite:PATH or postgres://USER@HOST:PORT/DB"
+            )))
+        }
+    }
+}
+
+/// Tuning of the workers.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Most operations in one transaction.
+    pub max_batch: usize,
+    /// PostgreSQL connections (each applies batches independently).
+    pub pg_connections: usize,
+    /// PostgreSQL schema to use (tests); `None` is the connection's default.
+    pub pg_schema: Option<String>,
+    /// Operations waiting for a worker before callers are made to wait.
+    pub queue: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> StoreOptions {
+        StoreOptions {
+            max_batch: 64,
+            pg_connections: 8,
+            pg_schema: None,
+            queue: 4096,
+        }
+    }
+}
+
+struct Job {
+    op: Op,
+    reply: oneshot::Sender<Result<Outcome, StoreError>>,
+}
+
+/// A cloneable handle to the inventory's workers. The workers stop when the last handle is dropped, after
+/// finishing what was queued.
+#[derive(Clone)]
+pub struct StoreHandle {
+    tx: mpsc::Sender<Job>,
+    workers: Arc<std::sync::Mutex<Vec<Worker>>>,
+}
+
+enum Worker {
+    Thread(std::thread::JoinHandle<()>),
+    Task(tokio::task::JoinHandle<()>),
+}
+
+impl StoreHandle {
+    /// Opens the inventory (creating or migrating its schema) and starts the workers. `keys` is the PIN key spec
+    /// (see [`PinCipher::from_spec`]).
+    pub async fn open(url: &DbUrl, keys: &str, opts: &StoreOptions) -> Result<StoreHandle, StoreError> {
+        let (tx, rx) = mpsc::channel::<Job>(opts.queue);
+        let max = opts.max_batch.max(1);
+        let workers = match url {
+            DbUrl::Sqlite(path) => {
+                let store = SqliteStore::open(path, PinCipher::from_spec(keys)?)?;
+                vec![Worker::Thread(std::thread::spawn(move || {
+                    sqlite_worker(store, rx, max)
+                }))]
+            }
+            DbUrl::Postgres(u) => {
+                let rx = Arc::new(Mutex::new(rx));
+                let mut w = Vec::new();
+                for _ in 0..opts.pg_connections.max(1) {
+                    let store = PgStore::connect(u, opts.pg_schema.as_deref(), PinCipher::from_spec(keys)?).await?;
+                    w.push(Worker::Task(tokio::spawn(pg_worker(store, rx.clone(), max))));
+                }
+                w
+            }
+        };
+        Ok(StoreHandle {
+            tx,
+            workers: Arc::new(std::sync::Mutex::new(workers)),
+        })
+    }
+
+    /// Applies one operation (batched with whatever else is queued).
+    pub async fn call(&self, op: Op) -> Result<Outcome, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job { op, reply })
+            .await
+            .map_err(|_| StoreError::Db("store is shut down".into()))?;
+        rx.await.map_err(|_| StoreError::Db("store worker stopped".into()))?
+    }
+
+    /// Drops this handle and waits for the workers to finish (only effective on the last handle).
+    pub async fn close(self) {
+        let workers = std::mem::take(&mut *self.workers.lock().expect("not poisoned"));
+        drop(self.tx);
+        for w in workers {
+            match w {
+                Worker::Thread(t) => {
+                    let _ = tokio::task::spawn_blocking(move || t.join()).await;
+                }
+                Worker::Task(t) => {
+                    let _ = t.await;
+                }
+            }
+        }
+    }
+}
+
+fn sqlite_worker(mut store: SqliteStore, mut rx: mpsc::Receiver<Job>, max: usize) {
+    let mut jobs = Vec::with_capacity(max);
+    while let Some(first) = rx.blocking_recv() {
+        jobs.push(first);
+        while jobs.len() < max {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let (ops, replies): (Vec<Op>, Vec<_>) = jobs.drain(..).map(|j| (j.op, j.reply)).unzip();
+        for (reply, r) in replies.into_iter().zip(store.apply_batch(&ops)) {
+            let _ = reply.send(r);
+        }
+    }
+}
+
+async fn pg_worker(mut store: PgStore, rx: Arc<Mutex<mpsc::Receiver<Job>>>, max: usize) {
+    let mut jobs = Vec::with_capacity(max);
+    loop {
+        {
+            let mut rx = rx.lock().await;
+            match rx.recv().await {
+                Some(j) => jobs.push(j),
+                None => return,
+            }
+            while jobs.len() < max {
+                match rx.try_recv() {
+                    Ok(j) => jobs.push(j),
+                    Err(_) => break,
+                }
+            }
+        }
+        let (ops, replies): (Vec<Op>, Vec<_>) = jobs.drain(..).map(|j| (j.op, j.reply)).unzip();
+        for (reply, r) in replies.into_iter().zip(store.apply_batch(&ops).await) {
+            let _ = reply.send(r);
+        }
+    }
+}

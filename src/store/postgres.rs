@@ -1,0 +1,784 @@
+//! PostgreSQL backend: several PIN server processes share one inventory. Picking PINs uses
+//! `FOR UPDATE SKIP LOCKED` so concurrent transactions take different rows without waiting; the sale key is locked
+//! with a transaction-level advisory lock so a sale, its repeat, its confirm and its reversal are serialised across
+//! servers; `synchronous_commit` stays on (an acknowledged sale is durable). Batches share one commit, as on
+//! SQLite; within a batch, operations run in the order of their key locks so two batches never deadlock.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio_postgres::{Client, GenericClient, NoTls, Row};
+
+use super::crypto::{PinCipher, Sealed};
+use super::{
+    Confirmation, Dispensed, NewPin, Op, Outcome, PinState, Product, Reversal, SaleContext, SellRequest, StockRow,
+    StoreError, MAX_RESERVE,
+};
+
+/// Version of the schema this code writes.
+pub const SCHEMA_VERSION: i32 = 1;
+
+const SCHEMA_V1: &str = r#"
+CREATE TABLE products (
+    code TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    supplier TEXT NOT NULL,
+    currency TEXT NOT NULL
+);
+CREATE TABLE denominations (
+    product TEXT NOT NULL REFERENCES products(code),
+    amount BIGINT NOT NULL CHECK (amount > 0),
+    PRIMARY KEY (product, amount)
+);
+CREATE TABLE pins (
+    id BIGSERIAL PRIMARY KEY,
+    product TEXT NOT NULL,
+    amount BIGINT NOT NULL,
+    serial TEXT NOT NULL UNIQUE,
+    fingerprint BYTEA NOT NULL UNIQUE,
+    key_id INTEGER NOT NULL,
+    nonce BYTEA NOT NULL,
+    ciphertext BYTEA NOT NULL,
+    expiry TEXT,
+    receipt TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('available', 'reserved', 'sold', 'voided', 'expired')),
+    holder TEXT,
+    lease_until BIGINT,
+    FOREIGN KEY (product, amount) REFERENCES denominations(product, amount)
+);
+-- Picking the next available PIN stays O(1) however many are sold: the index holds available PINs only.
+CREATE INDEX pins_available ON pins(product, amount, id) WHERE state = 'available';
+CREATE INDEX pins_reserved ON pins(holder, lease_until) WHERE state = 'reserved';
+CREATE TABLE sales (
+    gateway TEXT NOT NULL,
+    terminal_id TEXT NOT NULL,
+    stan TEXT NOT NULL,
+    transmission TEXT NOT NULL,
+    pin_id BIGINT NOT NULL UNIQUE REFERENCES pins(id),
+    merchant_id TEXT NOT NULL,
+    rrn TEXT NOT NULL,
+    product TEXT NOT NULL,
+    amount BIGINT NOT NULL,
+    sold_at BIGINT NOT NULL,
+    PRIMARY KEY (gateway, terminal_id, stan, transmission)
+);
+CREATE TABLE reversals (
+    gateway TEXT NOT NULL,
+    terminal_id TEXT NOT NULL,
+    stan TEXT NOT NULL,
+    transmission TEXT NOT NULL,
+    pin_id BIGINT,
+    at BIGINT NOT NULL,
+    PRIMARY KEY (gateway, terminal_id, stan, transmission)
+);
+CREATE TABLE audit (
+    seq BIGSERIAL PRIMARY KEY,
+    pin_id BIGINT NOT NULL,
+    from_state TEXT,
+    to_state TEXT NOT NULL,
+    holder TEXT,
+    at BIGINT NOT NULL
+);
+CREATE FUNCTION pingate_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION '%', TG_ARGV[0]; END $$;
+CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE ON audit
+    FOR EACH ROW EXECUTE FUNCTION pingate_refuse('audit is append-only');
+CREATE TRIGGER pins_no_delete BEFORE DELETE ON pins
+    FOR EACH ROW EXECUTE FUNCTION pingate_refuse('PINs are never deleted');
+CREATE FUNCTION pingate_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO audit (pin_id, from_state, to_state, holder, at)
+        VALUES (NEW.id, NULL, NEW.state, NEW.holder, extract(epoch FROM now())::bigint);
+    ELSIF NEW.state <> OLD.state THEN
+        INSERT INTO audit (pin_id, from_state, to_state, holder, at)
+        VALUES (NEW.id, OLD.state, NEW.state, COALESCE(NEW.holder, OLD.holder), extract(epoch FROM now())::bigint);
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER pins_audit AFTER INSERT OR UPDATE OF state ON pins FOR EACH ROW EXECUTE FUNCTION pingate_audit();
+"#;
+
+/// The function refusing state changes outside [`PinState::can_move_to`], generated from it.
+fn edges_trigger() -> String {
+    let mut allowed = Vec::new();
+    for from in PinState::ALL {
+        for to in PinState::ALL {
+            if from.can_move_to(to) {
+                allowed.push(format!(
+                    "(OLD.state = '{}' AND NEW.state = '{}')",
+                    from.as_str(),
+                    to.as_str()
+                ));
+            }
+        }
+    }
+    format!(
+        "CREATE FUNCTION pingate_edges() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.state <> OLD.state AND NOT ({}) THEN
+                 RAISE EXCEPTION 'illegal PIN state change % -> %', OLD.state, NEW.state;
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER pins_state_edges BEFORE UPDATE OF state ON pins
+             FOR EACH ROW EXECUTE FUNCTION pingate_edges();",
+        allowed.join(" OR ")
+    )
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> StoreError {
+        // The server's message, not the driver's generic "db error".
+        match e.as_db_error() {
+            Some(db) => StoreError::Db(format!("{} ({})", db.message(), db.code().code())),
+            None => StoreError::Db(e.to_string()),
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs() as i64
+}
+
+/// One connection to the shared inventory.
+pub struct PgStore {
+    client: Client,
+    cipher: PinCipher,
+}
+
+const PIN_COLUMNS: &str = "id, product, amount, serial, key_id, nonce, ciphertext, expiry, receipt";
+
+impl PgStore {
+    /// Connects (URL or key=value string), creating and migrating the schema as needed. `schema` names a
+    /// PostgreSQL schema to work in (created if missing): tests use one each; production leaves it `None`.
+    pub async fn connect(url: &str, schema: Option<&str>, cipher: PinCipher) -> Result<PgStore, StoreError> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| StoreError::Db(e.to_string()))?;
+        if let Some(s) = schema {
+            if !s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_') {
+                return Err(StoreError::BadRequest(format!(
+                    "schema name `{s}`: letters, digits and _ only"
+                )));
+            }
+            config.options(format!("-c search_path={s}"));
+        }
+        let (client, conn) = config.connect(NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::warn!(error = %e, "PostgreSQL connection closed");
+            }
+        });
+        client.batch_execute("SET synchronous_commit = on").await?;
+        let mut store = PgStore { client, cipher };
+        if let Some(s) = schema {
+            store
+                .client
+                .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {s}"))
+                .await?;
+        }
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&mut self) -> Result<(), StoreError> {
+        let tx = self.client.transaction().await?;
+        // Several servers may start at once: one migrates, the others wait here.
+        tx.batch_execute("SELECT pg_advisory_xact_lock(7318431)").await?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS pingate_schema (version INTEGER NOT NULL)")
+            .await?;
+        let version: i32 = tx
+            .query_opt("SELECT version FROM pingate_schema", &[])
+            .await?
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Db(format!(
+                "database schema is version {version}, newer than this pingate ({SCHEMA_VERSION}): upgrade pingate"
+            )));
+        }
+        if version < 1 {
+            tx.batch_execute(SCHEMA_V1).await?;
+            tx.batch_execute(&edges_trigger()).await?;
+            tx.execute("INSERT INTO pingate_schema (version) VALUES ($1)", &[&SCHEMA_VERSION])
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The schema version in the database.
+    pub async fn schema_version(&self) -> Result<i32, StoreError> {
+        Ok(self
+            .client
+            .query_one("SELECT version FROM pingate_schema", &[])
+            .await?
+            .get(0))
+    }
+
+    /// Adds a product or updates it, and adds its denominations.
+    pub async fn upsert_product(&mut self, p: &Product) -> Result<(), StoreError> {
+        let tx = self.client.transaction().await?;
+        tx.execute(
+            "INSERT INTO products (code, name, supplier, currency) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (code) DO UPDATE SET name = $2, supplier = $3, currency = $4",
+            &[&p.code, &p.name, &p.supplier, &p.currency],
+        )
+        .await?;
+        for a in &p.denominations {
+            tx.execute(
+                "INSERT INTO denominations (product, amount) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&p.code, a],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Loads PINs, all or nothing; an error names the 1-based position of the offending PIN.
+    pub async fn import(&mut self, pins: &[NewPin]) -> Result<usize, StoreError> {
+        let mut sealed = Vec::with_capacity(pins.len());
+        for p in pins {
+            sealed.push((
+                self.cipher.seal(&p.pin, &p.serial)?,
+                self.cipher.fingerprint(&p.product, &p.pin),
+            ));
+        }
+        let tx = self.client.transaction().await?;
+        let denom = tx
+            .prepare("SELECT 1 FROM denominations WHERE product = $1 AND amount = $2")
+            .await?;
+        let insert = tx
+            .prepare(
+                "INSERT INTO pins (product, amount, serial, fingerprint, key_id, nonce, ciphertext, expiry, receipt, state)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'available')",
+            )
+            .await?;
+        for (i, (p, (s, fp))) in pins.iter().zip(&sealed).enumerate() {
+            let row = i + 1;
+            if tx.query_opt(&denom, &[&p.product, &p.amount]).await?.is_none() {
+                return Err(StoreError::BadRequest(format!(
+                    "PIN {row}: product `{}` has no denomination {}",
+                    p.product, p.amount
+                )));
+            }
+            let receipt = serde_json::to_string(&p.receipt).expect("strings serialise");
+            let key_id = s.key_id as i32;
+            let nonce = &s.nonce[..];
+            let r = tx
+                .execute(
+                    &insert,
+                    &[
+                        &p.product,
+                        &p.amount,
+                        &p.serial,
+                        fp,
+                        &key_id,
+                        &nonce,
+                        &s.ciphertext,
+                        &p.expiry,
+                        &receipt,
+                    ],
+                )
+                .await;
+            if let Err(e) = r {
+                let constraint = e.as_db_error().and_then(|d| d.constraint()).unwrap_or("");
+                let what = match constraint {
+                    "pins_serial_key" => format!("duplicate serial `{}`", p.serial),
+                    "pins_fingerprint_key" => "duplicate PIN value (already loaded, or twice in this file)".into(),
+                    _ => StoreError::from(e).to_string(),
+                };
+                return Err(StoreError::BadRequest(format!("PIN {row}: {what}")));
+            }
+        }
+        tx.commit().await?;
+        Ok(pins.len())
+    }
+
+    /// Applies several operations in one transaction (one commit for all), each in a savepoint so that one failing
+    /// operation does not undo the others.
+    pub async fn apply_batch(&mut self, ops: &[Op]) -> Vec<Result<Outcome, StoreError>> {
+        let now = unix_now();
+        let today = super::sqlite::today();
+        // Lock keys in one global order (their text) so concurrent batches cannot deadlock.
+        let mut order: Vec<usize> = (0..ops.len()).collect();
+        order.sort_by_key(|&i| lock_key(&ops[i]));
+        let mut results: Vec<Option<Result<Outcome, StoreError>>> = (0..ops.len()).map(|_| None).collect();
+        let cipher = &self.cipher;
+        let mut tx = match self.client.transaction().await {
+            Ok(t) => t,
+            Err(e) => return ops.iter().map(|_| Err(StoreError::from_pg(&e))).collect(),
+        };
+        for i in order {
+            let r = async {
+                let sp = tx.savepoint("op").await?;
+                match apply(&sp, cipher, &ops[i], now, &today).await {
+                    Ok(o) => {
+                        sp.commit().await?;
+                        Ok(o)
+                    }
+                    Err(e) => {
+                        sp.rollback().await?;
+                        Err(e)
+                    }
+                }
+            }
+            .await;
+            results[i] = Some(r);
+        }
+        if let Err(e) = tx.commit().await {
+            let e = StoreError::from_pg(&e);
+            return ops.iter().map(|_| Err(StoreError::Db(e.to_string()))).collect();
+        }
+        results.into_iter().map(|r| r.expect("every operation ran")).collect()
+    }
+
+    async fn apply_one(&mut self, op: Op) -> Result<Outcome, StoreError> {
+        self.apply_batch(std::slice::from_ref(&op))
+            .await
+            .pop()
+            .expect("one result")
+    }
+
+    pub async fn sell(&mut self, req: &SellRequest) -> Result<Dispensed, StoreError> {
+        match self.apply_one(Op::Sell(req.clone())).await? {
+            Outcome::Sold(d) => Ok(d),
+            o => Err(StoreError::Db(format!("internal: unexpected outcome {o:?}"))),
+        }
+    }
+
+    pub async fn reverse(&mut self, sale: &SaleContext) -> Result<Reversal, StoreError> {
+        match self.apply_one(Op::Reverse(sale.clone())).await? {
+            Outcome::Reversed(r) => Ok(r),
+            o => Err(StoreError::Db(format!("internal: unexpected outcome {o:?}"))),
+        }
+    }
+
+    /// Count of PINs per product, amount and state.
+    pub async fn stock(&self) -> Result<Vec<StockRow>, StoreError> {
+        stock(&self.client).await
+    }
+
+    /// The catalog.
+    pub async fn catalog(&self) -> Result<Vec<Product>, StoreError> {
+        catalog(&self.client).await
+    }
+
+    /// Reservations whose lease ended before `now`, per holder (reported, never freed by themselves).
+    pub async fn expired_leases(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT holder, COUNT(*) FROM pins WHERE state = 'reserved' AND lease_until < $1 GROUP BY holder ORDER BY holder",
+                &[&now],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Operator command: `holder`'s expired reservations go back to stock. Returns how many.
+    pub async fn return_expired(&mut self, holder: &str, now: i64) -> Result<u64, StoreError> {
+        Ok(self
+            .client
+            .execute(
+                "UPDATE pins SET state = 'available', holder = NULL, lease_until = NULL
+                 WHERE state = 'reserved' AND holder = $1 AND lease_until < $2",
+                &[&holder, &now],
+            )
+            .await?)
+    }
+
+    /// Direct access for tests and the audit command.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl StoreError {
+    fn from_pg(e: &tokio_postgres::Error) -> StoreError {
+        match e.as_db_error() {
+            Some(db) => StoreError::Db(format!("{} ({})", db.message(), db.code().code())),
+            None => StoreError::Db(e.to_string()),
+        }
+    }
+}
+
+/// The sale key an operation locks, if any ("" sorts first for operations without one).
+fn lock_key(op: &Op) -> String {
+    match op {
+        Op::Sell(r) => r.sale.key(),
+        Op::Confirm { sale, .. } | Op::Reverse(sale) => sale.key(),
+        _ => String::new(),
+    }
+}
+
+async fn lock(tx: &impl GenericClient, sale: &SaleContext) -> Result<(), StoreError> {
+    tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&sale.key()])
+        .await?;
+    Ok(())
+}
+
+struct PinRow {
+    id: i64,
+    product: String,
+    amount: i64,
+    serial: String,
+    sealed: Sealed,
+    expiry: Option<String>,
+    receipt: String,
+}
+
+fn pin_row(r: &Row) -> PinRow {
+    let nonce: Vec<u8> = r.get(5);
+    let key_id: i32 = r.get(4);
+    PinRow {
+        id: r.get(0),
+        product: r.get(1),
+        amount: r.get(2),
+        serial: r.get(3),
+        sealed: Sealed {
+            key_id: key_id as u32,
+            nonce: nonce.try_into().unwrap_or([0; 12]),
+            ciphertext: r.get(6),
+        },
+        expiry: r.get(7),
+        receipt: r.get(8),
+    }
+}
+
+impl PinRow {
+    fn open(self, cipher: &PinCipher) -> Result<Dispensed, StoreError> {
+        let pin = cipher.open(&self.sealed, &self.serial)?;
+        Ok(Dispensed {
+            pin_id: self.id,
+            product: self.product,
+            amount: self.amount,
+            pin,
+            serial: self.serial,
+            expiry: self.expiry,
+            receipt: serde_json::from_str(&self.receipt).unwrap_or_default(),
+        })
+    }
+}
+
+async fn apply(
+    tx: &impl GenericClient,
+    cipher: &PinCipher,
+    op: &Op,
+    now: i64,
+    today: &str,
+) -> Result<Outcome, StoreError> {
+    match op {
+        Op::Sell(req) => sell_one(tx, cipher, req, now, today).await.map(Outcome::Sold),
+        Op::Reserve {
+            holder,
+            product,
+            amount,
+            count,
+            lease_until,
+        } => {
+            if *count == 0 || *count > MAX_RESERVE {
+                return Err(StoreError::BadRequest(format!(
+                    "reserve 1 to {MAX_RESERVE} PINs, not {count}"
+                )));
+            }
+            check_denomination(tx, product, *amount).await?;
+            let n = *count as i64;
+            let rows = tx
+                .query(
+                    &format!(
+                        "UPDATE pins SET state = 'reserved', holder = $1, lease_until = $2
+                         WHERE id IN (SELECT id FROM pins WHERE product = $3 AND amount = $4 AND state = 'available'
+                                      AND (expiry IS NULL OR expiry >= $5) ORDER BY id LIMIT $6 FOR UPDATE SKIP LOCKED)
+                         RETURNING {PIN_COLUMNS}"
+                    ),
+                    &[holder, lease_until, product, amount, &today, &n],
+                )
+                .await?;
+            let mut out: Vec<Dispensed> = rows.iter().map(|r| pin_row(r).open(cipher)).collect::<Result<_, _>>()?;
+            out.sort_by_key(|d| d.pin_id);
+            Ok(Outcome::Reserved(out))
+        }
+        Op::Confirm { holder, pin_id, sale } => {
+            lock(tx, sale).await?;
+            if let Some((sold_pin, _)) = find_sale(tx, sale).await? {
+                return if sold_pin == *pin_id {
+                    Ok(Outcome::Confirmed(Confirmation::AlreadyConfirmed))
+                } else {
+                    Err(StoreError::DuplicateMismatch { key: sale.key() })
+                };
+            }
+            let row = tx
+                .query_opt(
+                    "UPDATE pins SET state = 'sold', lease_until = NULL
+                     WHERE id = $1 AND state = 'reserved' AND holder = $2 RETURNING product, amount",
+                    &[pin_id, holder],
+                )
+                .await?;
+            let Some(row) = row else {
+                return Err(StoreError::NotHolder {
+                    holder: holder.clone(),
+                    pin_id: *pin_id,
+                });
+            };
+            let (product, amount): (String, i64) = (row.get(0), row.get(1));
+            insert_sale(tx, sale, *pin_id, &product, amount, now).await?;
+            if reversal_pending(tx, sale).await? {
+                void(tx, sale, *pin_id, now).await?;
+                Ok(Outcome::Confirmed(Confirmation::Voided))
+            } else {
+                Ok(Outcome::Confirmed(Confirmation::Sold))
+            }
+        }
+        Op::Release { holder, pin_ids } => {
+            let mut refused = Vec::new();
+            for id in pin_ids {
+                let n = tx
+                    .execute(
+                        "UPDATE pins SET state = 'available', holder = NULL, lease_until = NULL
+                         WHERE id = $1 AND state = 'reserved' AND holder = $2",
+                        &[id, holder],
+                    )
+                    .await?;
+                if n == 0 {
+                    refused.push(*id);
+                }
+            }
+            Ok(Outcome::Released { refused })
+        }
+        Op::Renew {
+            holder,
+            pin_ids,
+            lease_until,
+        } => {
+            let n = tx
+                .execute(
+                    "UPDATE pins SET lease_until = $3 WHERE id = ANY($1) AND state = 'reserved' AND holder = $2",
+                    &[pin_ids, holder, lease_until],
+                )
+                .await?;
+            Ok(Outcome::Renewed(n as usize))
+        }
+        Op::Reverse(sale) => {
+            lock(tx, sale).await?;
+            Ok(Outcome::Reversed(match find_sale(tx, sale).await? {
+                None => {
+                    tx.execute(
+                        "INSERT INTO reversals (gateway, terminal_id, stan, transmission, pin_id, at)
+                         VALUES ($1, $2, $3, $4, NULL, $5) ON CONFLICT DO NOTHING",
+                        &[&sale.gateway, &sale.terminal_id, &sale.stan, &sale.transmission, &now],
+                    )
+                    .await?;
+                    Reversal::Remembered
+                }
+                Some((pin_id, PinState::Voided)) => Reversal::AlreadyVoided { pin_id },
+                Some((pin_id, _)) => {
+                    void(tx, sale, pin_id, now).await?;
+                    Reversal::Voided { pin_id }
+                }
+            }))
+        }
+        Op::Stock => stock(tx).await.map(Outcome::Stock),
+        Op::Catalog => catalog(tx).await.map(Outcome::Catalog),
+    }
+}
+
+async fn check_denomination(tx: &impl GenericClient, product: &str, amount: i64) -> Result<(), StoreError> {
+    let row = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM products WHERE code = $1),
+                    EXISTS (SELECT 1 FROM denominations WHERE product = $1 AND amount = $2)",
+            &[&product, &amount],
+        )
+        .await?;
+    let (known, offered): (bool, bool) = (row.get(0), row.get(1));
+    if !known {
+        return Err(StoreError::UnknownProduct(product.to_string()));
+    }
+    if !offered {
+        return Err(StoreError::UnknownDenomination {
+            product: product.to_string(),
+            amount,
+        });
+    }
+    Ok(())
+}
+
+async fn find_sale(tx: &impl GenericClient, sale: &SaleContext) -> Result<Option<(i64, PinState)>, StoreError> {
+    let row = tx
+        .query_opt(
+            "SELECT s.pin_id, p.state FROM sales s JOIN pins p ON p.id = s.pin_id
+             WHERE s.gateway = $1 AND s.terminal_id = $2 AND s.stan = $3 AND s.transmission = $4",
+            &[&sale.gateway, &sale.terminal_id, &sale.stan, &sale.transmission],
+        )
+        .await?;
+    Ok(row.map(|r| {
+        let s: String = r.get(1);
+        (r.get(0), PinState::parse(&s).unwrap_or(PinState::Sold))
+    }))
+}
+
+async fn reversal_pending(tx: &impl GenericClient, sale: &SaleContext) -> Result<bool, StoreError> {
+    Ok(tx
+        .query_opt(
+            "SELECT 1 FROM reversals WHERE gateway = $1 AND terminal_id = $2 AND stan = $3 AND transmission = $4",
+            &[&sale.gateway, &sale.terminal_id, &sale.stan, &sale.transmission],
+        )
+        .await?
+        .is_some())
+}
+
+async fn insert_sale(
+    tx: &impl GenericClient,
+    sale: &SaleContext,
+    pin_id: i64,
+    product: &str,
+    amount: i64,
+    now: i64,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO sales (gateway, terminal_id, stan, transmission, pin_id, merchant_id, rrn, product, amount, sold_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        &[
+            &sale.gateway,
+            &sale.terminal_id,
+            &sale.stan,
+            &sale.transmission,
+            &pin_id,
+            &sale.merchant_id,
+            &sale.rrn,
+            &product,
+            &amount,
+            &now,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn void(tx: &impl GenericClient, sale: &SaleContext, pin_id: i64, now: i64) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE pins SET state = 'voided' WHERE id = $1 AND state = 'sold'",
+        &[&pin_id],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO reversals (gateway, terminal_id, stan, transmission, pin_id, at) VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (gateway, terminal_id, stan, transmission) DO UPDATE SET pin_id = $5",
+        &[
+            &sale.gateway,
+            &sale.terminal_id,
+            &sale.stan,
+            &sale.transmission,
+            &pin_id,
+            &now,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn sell_one(
+    tx: &impl GenericClient,
+    cipher: &PinCipher,
+    req: &SellRequest,
+    now: i64,
+    today: &str,
+) -> Result<Dispensed, StoreError> {
+    let sale = &req.sale;
+    lock(tx, sale).await?;
+    if let Some((pin_id, _)) = find_sale(tx, sale).await? {
+        let row = tx
+            .query_one(
+                "SELECT product, amount, merchant_id FROM sales WHERE pin_id = $1",
+                &[&pin_id],
+            )
+            .await?;
+        let (product, amount, merchant): (String, i64, String) = (row.get(0), row.get(1), row.get(2));
+        if product != req.product || amount != req.amount || merchant != sale.merchant_id {
+            return Err(StoreError::DuplicateMismatch { key: sale.key() });
+        }
+        let row = tx
+            .query_one(&format!("SELECT {PIN_COLUMNS} FROM pins WHERE id = $1"), &[&pin_id])
+            .await?;
+        return pin_row(&row).open(cipher);
+    }
+    if reversal_pending(tx, sale).await? {
+        return Err(StoreError::AlreadyReversed { key: sale.key() });
+    }
+    check_denomination(tx, &req.product, req.amount).await?;
+    let row = tx
+        .query_opt(
+            &format!(
+                "UPDATE pins SET state = 'sold'
+                 WHERE id = (SELECT id FROM pins WHERE product = $1 AND amount = $2 AND state = 'available'
+                             AND (expiry IS NULL OR expiry >= $3) ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+                 RETURNING {PIN_COLUMNS}"
+            ),
+            &[&req.product, &req.amount, &today],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Err(StoreError::OutOfStock {
+            product: req.product.clone(),
+            amount: req.amount,
+        });
+    };
+    let row = pin_row(&row);
+    // The key lock taken above makes a concurrent sale under the same key impossible; the sales primary key
+    // would refuse it anyway (and the whole operation would roll back, PIN included).
+    insert_sale(tx, sale, row.id, &req.product, req.amount, now).await?;
+    row.open(cipher)
+}
+
+async fn stock(tx: &impl GenericClient) -> Result<Vec<StockRow>, StoreError> {
+    let rows = tx
+        .query(
+            "SELECT product, amount, state, COUNT(*) FROM pins GROUP BY product, amount, state ORDER BY 1, 2, 3",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let state: String = r.get(2);
+            StockRow {
+                product: r.get(0),
+                amount: r.get(1),
+                state: PinState::parse(&state).unwrap_or(PinState::Expired),
+                count: r.get(3),
+            }
+        })
+        .collect())
+}
+
+async fn catalog(tx: &impl GenericClient) -> Result<Vec<Product>, StoreError> {
+    let rows = tx
+        .query(
+            "SELECT p.code, p.name, p.supplier, p.currency, d.amount FROM products p
+             LEFT JOIN denominations d ON d.product = p.code ORDER BY p.code, d.amount",
+            &[],
+        )
+        .await?;
+    let mut out: Vec<Product> = Vec::new();
+    for r in &rows {
+        let code: String = r.get(0);
+        if out.last().is_none_or(|p| p.code != code) {
+            out.push(Product {
+                code,
+                name: r.get(1),
+                supplier: r.get(2),
+                currency: r.get(3),
+                denominations: Vec::new(),
+            });
+        }
+        if let Some(a) = r.get::<_, Option<i64>>(4) {
+            out.last_mut().expect("pushed").denominations.push(a);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,374 @@
+//! The PostgreSQL inventory against the real server at 127.0.0.1:5432 (CI starts it; `PINGATE_TEST_PG` overrides
+//! the URL). Each test works in a schema of its own and drops it after.
+
+use pingate::sale::Pin;
+use pingate::store::crypto::PinCipher;
+use pingate::store::handle::{DbUrl, StoreHandle, StoreOptions};
+use pingate::store::postgres::PgStore;
+use pingate::store::{
+    Confirmation, NewPin, Op, Outcome, PinState, Product, Reversal, SaleContext, SellRequest, StoreError,
+};
+
+fn url() -> String {
+    std::env::var("PINGATE_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+struct Schema {
+    name: String,
+    keys: String,
+}
+
+impl Schema {
+    async fn new(test: &str) -> Schema {
+        let name = format!("t{}_{test}", std::process::id());
+        let s = Schema {
+            name,
+            keys: PinCipher::generate_spec().unwrap(),
+        };
+        let admin = s.admin().await;
+        admin
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", s.name))
+            .await
+            .unwrap();
+        s
+    }
+    async fn admin(&self) -> tokio_postgres::Client {
+        let (c, conn) = tokio_postgres::connect(&url(), tokio_postgres::NoTls)
+            .await
+            .expect("PostgreSQL must run");
+        tokio::spawn(conn);
+        c
+    }
+    async fn open(&self) -> PgStore {
+        PgStore::connect(&url(), Some(&self.name), PinCipher::from_spec(&self.keys).unwrap())
+            .await
+            .unwrap()
+    }
+    async fn stocked(&self, n: usize) -> PgStore {
+        let mut s = self.open().await;
+        s.upsert_product(&Product {
+            code: "TOPUP".into(),
+            name: "Top-up".into(),
+            supplier: "Telco".into(),
+            currency: "978".into(),
+            denominations: vec![1000, 2000],
+        })
+        .await
+        .unwrap();
+        s.import(&pins(0, n)).await.unwrap();
+        s
+    }
+    async fn drop_it(self) {
+        self.admin()
+            .await
+            .batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name))
+            .await
+            .unwrap();
+    }
+}
+
+fn pins(from: usize, n: usize) -> Vec<NewPin> {
+    (from..from + n)
+        .map(|i| NewPin {
+            product: "TOPUP".into(),
+            amount: 1000,
+            pin: Pin::new(format!("77{i:012}")),
+            serial: format!("S{i:08}"),
+            expiry: None,
+            receipt: vec![format!("receipt {i}")],
+        })
+        .collect()
+}
+
+fn ctx(gateway: &str, stan: u32) -> SaleContext {
+    SaleContext {
+        gateway: gateway.into(),
+        terminal_id: "TERM0001".into(),
+        merchant_id: "MERCHANT0000001".into(),
+        stan: format!("{stan:06}"),
+        transmission: "1128173500".into(),
+        rrn: format!("{stan:012}"),
+    }
+}
+
+fn sell(gateway: &str, stan: u32) -> SellRequest {
+    SellRequest {
+        product: "TOPUP".into(),
+        amount: 1000,
+        sale: ctx(gateway, stan),
+    }
+}
+
+async fn count(s: &PgStore, state: PinState) -> i64 {
+    s.stock()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.state == state)
+        .map(|r| r.count)
+        .sum()
+}
+
+#[tokio::test]
+async fn transitions_idempotency_and_refusals() {
+    let schema = Schema::new("transitions").await;
+    let mut s = schema.stocked(6).await;
+    assert_eq!(s.schema_version().await.unwrap(), 1);
+    let a = s.sell(&sell("gw1", 1)).await.unwrap();
+    assert_eq!(s.sell(&sell("gw1", 1)).await.unwrap(), a, "same key, same PIN");
+    let mut other = sell("gw1", 1);
+    other.amount = 2000;
+    assert!(matches!(
+        s.sell(&other).await,
+        Err(StoreError::DuplicateMismatch { .. })
+    ));
+    let mut unknown = sell("gw1", 2);
+    unknown.product = "NOPE".into();
+    assert!(matches!(s.sell(&unknown).await, Err(StoreError::UnknownProduct(_))));
+
+    let results = s
+        .apply_batch(&[
+            Op::Reserve {
+                holder: "gw1".into(),
+                product: "TOPUP".into(),
+                amount: 1000,
+                count: 3,
+                lease_until: 2_000_000_000,
+            },
+            Op::Reserve {
+                holder: "gw1".into(),
+                product: "TOPUP".into(),
+                amount: 1500,
+                count: 1,
+                lease_until: 1,
+            },
+        ])
+        .await;
+    let Ok(Outcome::Reserved(held)) = &results[0] else {
+        panic!("{results:?}")
+    };
+    assert!(matches!(
+        results[1],
+        Err(StoreError::UnknownDenomination { amount: 1500, .. })
+    ));
+    assert_eq!(held.len(), 3);
+    let confirm = |holder: &str, id: i64, stan: u32| Op::Confirm {
+        holder: holder.into(),
+        pin_id: id,
+        sale: ctx(holder, stan),
+    };
+    let r = s
+        .apply_batch(&[
+            confirm("gw2", held[0].pin_id, 5),
+            confirm("gw1", held[0].pin_id, 5),
+            confirm("gw1", held[0].pin_id, 5),
+        ])
+        .await;
+    assert!(matches!(r[0], Err(StoreError::NotHolder { .. })));
+    assert_eq!(r[1].as_ref().unwrap(), &Outcome::Confirmed(Confirmation::Sold));
+    assert_eq!(
+        r[2].as_ref().unwrap(),
+        &Outcome::Confirmed(Confirmation::AlreadyConfirmed)
+    );
+    let r = s
+        .apply_batch(&[Op::Release {
+            holder: "gw1".into(),
+            pin_ids: vec![held[1].pin_id, held[0].pin_id],
+        }])
+        .await;
+    assert_eq!(
+        r[0].as_ref().unwrap(),
+        &Outcome::Released {
+            refused: vec![held[0].pin_id]
+        }
+    );
+
+    assert_eq!(
+        s.reverse(&ctx("gw1", 5)).await.unwrap(),
+        Reversal::Voided { pin_id: held[0].pin_id }
+    );
+    assert_eq!(
+        s.reverse(&ctx("gw1", 5)).await.unwrap(),
+        Reversal::AlreadyVoided { pin_id: held[0].pin_id }
+    );
+    // Reversal before the sale: remembered, the late sale refused.
+    assert_eq!(s.reverse(&ctx("gw1", 9)).await.unwrap(), Reversal::Remembered);
+    assert!(matches!(
+        s.sell(&sell("gw1", 9)).await,
+        Err(StoreError::AlreadyReversed { .. })
+    ));
+    assert_eq!(count(&s, PinState::Voided).await, 1);
+
+    // The database itself refuses what code must never do.
+    let c = s.client();
+    let e = c
+        .execute("UPDATE pins SET state = 'available' WHERE id = $1", &[&a.pin_id])
+        .await
+        .unwrap_err();
+    assert!(format!("{e:?}").contains("illegal PIN state change"), "{e:?}");
+    let e = c.execute("DELETE FROM audit", &[]).await.unwrap_err();
+    assert!(format!("{e:?}").contains("append-only"));
+    let e = c
+        .execute(
+            "INSERT INTO sales VALUES ('gw9', 'T', '1', '1', $1, 'M', 'R', 'TOPUP', 1000, 0)",
+            &[&a.pin_id],
+        )
+        .await
+        .unwrap_err();
+    assert!(format!("{e:?}").contains("sales_pin_id_key"), "{e:?}");
+    let trail: Vec<(Option<String>, String)> = c
+        .query(
+            "SELECT from_state, to_state FROM audit WHERE pin_id = $1 ORDER BY seq",
+            &[&held[0].pin_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        trail,
+        vec![
+            (None, "available".to_string()),
+            (Some("available".into()), "reserved".into()),
+            (Some("reserved".into()), "sold".into()),
+            (Some("sold".into()), "voided".into())
+        ]
+    );
+    // Encrypted at rest.
+    let rows = c.query("SELECT ciphertext FROM pins", &[]).await.unwrap();
+    for r in rows {
+        let ct: Vec<u8> = r.get(0);
+        assert!(!ct.windows(6).any(|w| w == b"770000"), "a PIN in clear");
+    }
+    // Import is all or nothing and names the row.
+    let mut batch = pins(100, 3);
+    batch[2].serial = "S00000001".into();
+    let e = s.import(&batch).await.unwrap_err().to_string();
+    assert_eq!(e, "bad request: PIN 3: duplicate serial `S00000001`");
+    assert_eq!(count(&s, PinState::Available).await, 3);
+    drop(s);
+    schema.drop_it().await;
+}
+
+#[tokio::test]
+async fn many_connections_never_share_a_pin() {
+    let schema = Schema::new("concurrent").await;
+    drop(schema.stocked(1_500).await);
+    // Separate sessions, as several PIN server processes would have.
+    let mut tasks = Vec::new();
+    for t in 0..6 {
+        let store = schema.open().await;
+        tasks.push(tokio::spawn(async move {
+            let mut store = store;
+            let gw = format!("gw{t}");
+            let mut got = Vec::new();
+            for i in 0..50u32 {
+                let ops = vec![
+                    Op::Sell(sell(&gw, i * 2)),
+                    Op::Sell(sell(&gw, i * 2 + 1)),
+                    Op::Reserve {
+                        holder: gw.clone(),
+                        product: "TOPUP".into(),
+                        amount: 1000,
+                        count: 3,
+                        lease_until: 2_000_000_000,
+                    },
+                ];
+                for r in store.apply_batch(&ops).await {
+                    match r.unwrap() {
+                        Outcome::Sold(d) => got.push(d.pin_id),
+                        Outcome::Reserved(v) => got.extend(v.iter().map(|d| d.pin_id)),
+                        o => panic!("{o:?}"),
+                    }
+                }
+                // Every repeat of a sale returns the PIN it got the first time.
+                if i % 10 == 0 {
+                    let again = store
+                        .apply_batch(&[Op::Sell(sell(&gw, i * 2))])
+                        .await
+                        .pop()
+                        .unwrap()
+                        .unwrap();
+                    let Outcome::Sold(d) = again else { panic!() };
+                    assert!(got.contains(&d.pin_id));
+                }
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), n, "a PIN was handed out twice");
+    assert_eq!(n, 1_500);
+    let s = schema.open().await;
+    assert_eq!(count(&s, PinState::Sold).await, 600);
+    assert_eq!(count(&s, PinState::Reserved).await, 900);
+    drop(s);
+    schema.drop_it().await;
+}
+
+#[tokio::test]
+async fn handle_batches_concurrent_callers_for_both_backends() {
+    let schema = Schema::new("handle").await;
+    drop(schema.stocked(400).await);
+    let pg = DbUrl::Postgres(url());
+    let opts = StoreOptions {
+        pg_schema: Some(schema.name.clone()),
+        pg_connections: 4,
+        ..StoreOptions::default()
+    };
+    let dir = std::env::temp_dir().join(format!("pingate-handle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sqlite = DbUrl::parse(&format!("sqlite:{}", dir.join("pins.db").display())).unwrap();
+    {
+        let mut s = pingate::store::sqlite::SqliteStore::open(
+            match &sqlite {
+                DbUrl::Sqlite(p) => p,
+                _ => unreachable!(),
+            },
+            PinCipher::from_spec(&schema.keys).unwrap(),
+        )
+        .unwrap();
+        s.upsert_product(&Product {
+            code: "TOPUP".into(),
+            name: "Top-up".into(),
+            supplier: "Telco".into(),
+            currency: "978".into(),
+            denominations: vec![1000],
+        })
+        .unwrap();
+        s.import(&pins(0, 400)).unwrap();
+    }
+    for url in [pg, sqlite] {
+        let h = StoreHandle::open(&url, &schema.keys, &opts).await.unwrap();
+        let tasks: Vec<_> = (0..400u32)
+            .map(|i| {
+                let h = h.clone();
+                tokio::spawn(async move { h.call(Op::Sell(sell("gwh", i))).await })
+            })
+            .collect();
+        let mut ids = Vec::new();
+        for t in tasks {
+            match t.await.unwrap().unwrap() {
+                Outcome::Sold(d) => ids.push(d.pin_id),
+                o => panic!("{o:?}"),
+            }
+        }
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 400, "{url:?}");
+        assert!(matches!(
+            h.call(Op::Sell(sell("gwh", 9999))).await,
+            Err(StoreError::OutOfStock { .. })
+        ));
+        h.close().await;
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    schema.drop_it().await;
+}
