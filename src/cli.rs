@@ -24,6 +24,120 @@ enum Command {
         #[command(subcommand)]
         command: IsoCommand,
     },
+    /// Run the PIN server: the inventory, served to gateways over mutual TLS.
+    Server(ServerArgs),
+    /// Certificates for mutual TLS.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Manage the PIN inventory: products, imports, stock, leases.
+    Pins {
+        #[command(subcommand)]
+        command: PinsCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// Inventory: sqlite:PATH or postgres://USER@HOST:PORT/DB.
+    #[arg(long)]
+    db: String,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    listen: String,
+    /// Server certificate (PEM, chain).
+    #[arg(long)]
+    cert: PathBuf,
+    /// Server private key (PEM).
+    #[arg(long)]
+    key: PathBuf,
+    /// CA that issues gateway certificates (PEM).
+    #[arg(long)]
+    client_ca: PathBuf,
+    /// Gateway list: `id = "sha256 of its certificate"` per line.
+    #[arg(long)]
+    gateways: PathBuf,
+    #[command(flatten)]
+    keys: KeyArgs,
+    /// Most gateway connections at once.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
+    /// PostgreSQL connections used by this server.
+    #[arg(long, default_value_t = 8)]
+    pg_connections: usize,
+}
+
+#[derive(clap::Args, Clone)]
+pub(crate) struct KeyArgs {
+    /// File with the PIN encryption keys (`id:64-hex` entries); else $PINGATE_PIN_KEYS or $PINGATE_PIN_KEY_FILE.
+    #[arg(long)]
+    pub(crate) pin_keys: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a private CA, a server certificate, gateway certificates, the gateway list and a PIN key file.
+    Init {
+        /// Directory to write into (created; existing CA files are never overwritten).
+        dir: PathBuf,
+        /// Gateway ids to issue client certificates for.
+        #[arg(long = "gateway", default_values_t = vec!["gw1".to_string()])]
+        gateways: Vec<String>,
+        /// Names (DNS or IP) of the server certificate.
+        #[arg(long = "server-name", default_values_t = vec!["localhost".to_string(), "127.0.0.1".to_string()])]
+        server_names: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: i64,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum PinsCommand {
+    /// Add a product (or update it) with its denominations.
+    Product {
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        code: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        supplier: String,
+        /// ISO 4217 numeric currency code.
+        #[arg(long)]
+        currency: String,
+        /// Denominations in minor units, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        amounts: Vec<i64>,
+    },
+    /// Load PINs from CSV (`product,amount,pin,serial,expiry,receipt`, header first; receipt lines separated by
+    /// `|`). All or nothing: any bad row rejects the file, naming its line.
+    Import {
+        #[arg(long)]
+        db: String,
+        #[command(flatten)]
+        keys: KeyArgs,
+        file: PathBuf,
+    },
+    /// Stock per product and denomination, by state.
+    Stock {
+        #[arg(long)]
+        db: String,
+    },
+    /// Reservations whose lease has ended, per gateway (never freed by themselves).
+    Leases {
+        #[arg(long)]
+        db: String,
+    },
+    /// Return a gateway's expired reservations to stock, once its journal is reconciled or it holds none.
+    ReturnExpired {
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        gateway: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -81,6 +195,78 @@ pub fn main() -> ExitCode {
     }
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))
+}
+
+/// The PIN key spec: `--pin-keys FILE`, else `$PINGATE_PIN_KEYS`, else the file named by `$PINGATE_PIN_KEY_FILE`.
+pub(crate) fn key_spec(keys: &KeyArgs) -> Result<String, String> {
+    let file = keys
+        .pin_keys
+        .clone()
+        .or_else(|| std::env::var_os("PINGATE_PIN_KEY_FILE").map(PathBuf::from));
+    match (file, std::env::var("PINGATE_PIN_KEYS")) {
+        (Some(f), _) => std::fs::read_to_string(&f).map_err(|e| format!("{}: {e}", f.display())),
+        (None, Ok(spec)) => Ok(spec),
+        (None, Err(_)) => Err("PIN keys: give --pin-keys FILE, or set PINGATE_PIN_KEYS or PINGATE_PIN_KEY_FILE".into()),
+    }
+}
+
+async fn server(args: ServerArgs) -> Result<String, String> {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+    let keys = key_spec(&args.keys)?;
+    let gateways = crate::tls::GatewayList::load(&args.gateways).map_err(|e| e.to_string())?;
+    let tls = crate::tls::server_config(&args.cert, &args.key, &args.client_ca, gateways.clone())
+        .map_err(|e| e.to_string())?;
+    let url = crate::store::handle::DbUrl::parse(&args.db).map_err(|e| e.to_string())?;
+    let opts = crate::store::handle::StoreOptions {
+        pg_connections: args.pg_connections,
+        ..Default::default()
+    };
+    let store = crate::store::handle::StoreHandle::open(&url, &keys, &opts)
+        .await
+        .map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| format!("{}: {e}", args.listen))?;
+    let server_opts = crate::server::ServerOptions {
+        max_connections: args.max_connections,
+        ..Default::default()
+    };
+    crate::server::run(
+        listener,
+        std::sync::Arc::new(tls),
+        gateways,
+        store.clone(),
+        server_opts,
+        shutdown_signal(),
+    )
+    .await;
+    store.close().await;
+    Ok("PIN server stopped".into())
+}
+
+/// SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
 fn input(arg: Option<String>) -> Result<String, String> {
     match arg.as_deref() {
         None | Some("-") => {
@@ -101,6 +287,36 @@ fn dialect(args: &DialectArgs) -> Result<Dialect, String> {
 
 fn run(cli: Cli) -> Result<String, String> {
     match cli.command {
+        Command::Server(args) => runtime()?.block_on(server(args)),
+        Command::Certs {
+            command:
+                CertsCommand::Init {
+                    dir,
+                    gateways,
+                    server_names,
+                    days,
+                },
+        } => {
+            let out = crate::tls::certs_init(
+                &dir,
+                &crate::tls::CertsInit {
+                    server_names,
+                    gateways: gateways.clone(),
+                    days,
+                },
+            )
+            .map_err(|e| e.to_string())?;
+            Ok(format!(
+                "wrote {}: ca.pem ca.key server.pem server.key {} gateways.toml pin-keys",
+                out.dir.display(),
+                gateways
+                    .iter()
+                    .map(|g| format!("gateway-{g}.pem gateway-{g}.key"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ))
+        }
+        Command::Pins { command } => runtime()?.block_on(crate::admin::pins(command)),
         Command::Iso { command } => match command {
             IsoCommand::Decode {
                 dialect: args,

@@ -11,7 +11,11 @@
 //! - [`cli`] — the `pingate` command line, thin over the library.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cli;
 pub mod iso8583;
+pub mod psp;
 pub mod sale;
+pub mod server;
 pub mod store;
+pub mod tls;

@@ -245,7 +245,7 @@ async fn transitions_idempotency_and_refusals() {
     let mut batch = pins(100, 3);
     batch[2].serial = "S00000001".into();
     let e = s.import(&batch).await.unwrap_err().to_string();
-    assert_eq!(e, "bad request: PIN 3: duplicate serial `S00000001`");
+    assert_eq!(e, "PIN 3: duplicate serial `S00000001`");
     assert_eq!(count(&s, PinState::Available).await, 3);
     drop(s);
     schema.drop_it().await;

@@ -333,12 +333,12 @@ fn import_is_all_or_nothing_and_names_the_row() {
     let mut batch = pins(100, 5, 1000);
     batch[3].serial = "S1000-00000002".into(); // already loaded
     let e = s.import(&batch).unwrap_err().to_string();
-    assert_eq!(e, "bad request: PIN 4: duplicate serial `S1000-00000002`");
+    assert_eq!(e, "PIN 4: duplicate serial `S1000-00000002`");
     let mut batch = pins(100, 5, 1000);
     batch[4].pin = batch[1].pin.clone();
     assert_eq!(
         s.import(&batch).unwrap_err().to_string(),
-        "bad request: PIN 5: duplicate PIN value (already loaded, or twice in this file)"
+        "PIN 5: duplicate PIN value (already loaded, or twice in this file)"
     );
     let mut batch = pins(100, 2, 1000);
     batch[1].amount = 1234;
@@ -346,7 +346,7 @@ fn import_is_all_or_nothing_and_names_the_row() {
         .import(&batch)
         .unwrap_err()
         .to_string()
-        .starts_with("bad request: PIN 2: product `TOPUP` has no"));
+        .starts_with("PIN 2: product `TOPUP` has no"));
     assert_eq!(count(&s, PinState::Available), 5, "failed imports left nothing behind");
     assert_eq!(s.import(&pins(100, 5, 1000)).unwrap(), 5);
     assert_eq!(count(&s, PinState::Available), 10);

@@ -92,6 +92,9 @@ pub enum StoreError {
     /// A request that cannot be valid (e.g. reserve 0 PINs, a malformed import row).
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// A PIN of an import is wrong (1-based position in the import); nothing of the import was kept.
+    #[error("PIN {row}: {reason}")]
+    ImportRow { row: usize, reason: String },
     /// Sealing or opening a PIN failed.
     #[error(transparent)]
     Crypto(#[from] crypto::CryptoError),

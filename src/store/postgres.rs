@@ -241,6 +241,15 @@ impl PgStore {
 
     /// Loads PINs, all or nothing; an error names the 1-based position of the offending PIN.
     pub async fn import(&mut self, pins: &[NewPin]) -> Result<usize, StoreError> {
+        self.import_with_progress(pins, &mut |_| {}).await
+    }
+
+    /// [`PgStore::import`], calling `progress` with the number of PINs written so far every few thousand.
+    pub async fn import_with_progress(
+        &mut self,
+        pins: &[NewPin],
+        progress: &mut (dyn FnMut(usize) + Send),
+    ) -> Result<usize, StoreError> {
         let mut sealed = Vec::with_capacity(pins.len());
         for p in pins {
             sealed.push((
@@ -260,11 +269,14 @@ impl PgStore {
             .await?;
         for (i, (p, (s, fp))) in pins.iter().zip(&sealed).enumerate() {
             let row = i + 1;
+            if row % super::sqlite::IMPORT_PROGRESS_EVERY == 0 {
+                progress(row);
+            }
             if tx.query_opt(&denom, &[&p.product, &p.amount]).await?.is_none() {
-                return Err(StoreError::BadRequest(format!(
-                    "PIN {row}: product `{}` has no denomination {}",
-                    p.product, p.amount
-                )));
+                return Err(StoreError::ImportRow {
+                    row,
+                    reason: format!("product `{}` has no denomination {}", p.product, p.amount),
+                });
             }
             let receipt = serde_json::to_string(&p.receipt).expect("strings serialise");
             let key_id = s.key_id as i32;
@@ -292,7 +304,7 @@ impl PgStore {
                     "pins_fingerprint_key" => "duplicate PIN value (already loaded, or twice in this file)".into(),
                     _ => StoreError::from(e).to_string(),
                 };
-                return Err(StoreError::BadRequest(format!("PIN {row}: {what}")));
+                return Err(StoreError::ImportRow { row, reason: what });
             }
         }
         tx.commit().await?;

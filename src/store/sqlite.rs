@@ -16,6 +16,9 @@ use super::{
 /// One audit row: (from state, to state, holder); `from` is `None` for the row written when the PIN was loaded.
 pub type AuditRow = (Option<String>, String, Option<String>);
 
+/// How often import reports progress.
+pub const IMPORT_PROGRESS_EVERY: usize = 5_000;
+
 /// Version of the schema this code writes; older files are migrated on open.
 pub const SCHEMA_VERSION: i64 = 1;
 
@@ -194,6 +197,15 @@ impl SqliteStore {
 
     /// Loads PINs, all or nothing. An error names the 1-based position of the offending PIN in `pins`.
     pub fn import(&mut self, pins: &[NewPin]) -> Result<usize, StoreError> {
+        self.import_with_progress(pins, &mut |_| {})
+    }
+
+    /// [`SqliteStore::import`], calling `progress` with the number of PINs written so far every few thousand.
+    pub fn import_with_progress(
+        &mut self,
+        pins: &[NewPin],
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<usize, StoreError> {
         let sealed: Vec<(Sealed, Vec<u8>)> = pins
             .iter()
             .map(|p| {
@@ -212,11 +224,14 @@ impl SqliteStore {
             )?;
             for (i, (p, (s, fp))) in pins.iter().zip(&sealed).enumerate() {
                 let row = i + 1;
+                if row % IMPORT_PROGRESS_EVERY == 0 {
+                    progress(row);
+                }
                 if !denom.exists(params![p.product, p.amount])? {
-                    return Err(StoreError::BadRequest(format!(
-                        "PIN {row}: product `{}` has no denomination {}",
-                        p.product, p.amount
-                    )));
+                    return Err(StoreError::ImportRow {
+                        row,
+                        reason: format!("product `{}` has no denomination {}", p.product, p.amount),
+                    });
                 }
                 let receipt = serde_json::to_string(&p.receipt).expect("strings serialise");
                 let r = insert.execute(params![
@@ -239,7 +254,7 @@ impl SqliteStore {
                     } else {
                         msg
                     };
-                    return Err(StoreError::BadRequest(format!("PIN {row}: {what}")));
+                    return Err(StoreError::ImportRow { row, reason: what });
                 }
             }
         }

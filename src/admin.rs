@@ -1,0 +1,305 @@
+//! Operator commands on the inventory (`pingate pins …`), for both backends.
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::cli::{key_spec, PinsCommand};
+use crate::sale::Pin;
+use crate::store::crypto::PinCipher;
+use crate::store::handle::DbUrl;
+use crate::store::postgres::PgStore;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{NewPin, Product, StockRow, StoreError};
+
+/// One inventory, whichever backend holds it.
+pub enum Inventory {
+    Sqlite(SqliteStore),
+    Postgres(PgStore),
+}
+
+impl Inventory {
+    /// Opens `db`. Commands that never open a PIN (stock, leases) pass `None` and get a throwaway key.
+    pub async fn open(db: &str, keys: Option<&str>) -> Result<Inventory, StoreError> {
+        let spec = match keys {
+            Some(k) => k.to_string(),
+            None => PinCipher::generate_spec()?,
+        };
+        let cipher = PinCipher::from_spec(&spec)?;
+        Ok(match DbUrl::parse(db)? {
+            DbUrl::Sqlite(p) => Inventory::Sqlite(SqliteStore::open(&p, cipher)?),
+            DbUrl::Postgres(u) => Inventory::Postgres(PgStore::connect(&u, None, cipher).await?),
+        })
+    }
+
+    pub async fn upsert_product(&mut self, p: &Product) -> Result<(), StoreError> {
+        match self {
+            Inventory::Sqlite(s) => s.upsert_product(p),
+            Inventory::Postgres(s) => s.upsert_product(p).await,
+        }
+    }
+
+    pub async fn import(
+        &mut self,
+        pins: &[NewPin],
+        progress: &mut (dyn FnMut(usize) + Send),
+    ) -> Result<usize, StoreError> {
+        match self {
+            Inventory::Sqlite(s) => s.import_with_progress(pins, progress),
+            Inventory::Postgres(s) => s.import_with_progress(pins, progress).await,
+        }
+    }
+
+    pub async fn stock(&self) -> Result<Vec<StockRow>, StoreError> {
+        match self {
+            Inventory::Sqlite(s) => s.stock(),
+            Inventory::Postgres(s) => s.stock().await,
+        }
+    }
+
+    pub async fn expired_leases(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        match self {
+            Inventory::Sqlite(s) => s.expired_leases(now),
+            Inventory::Postgres(s) => s.expired_leases(now).await,
+        }
+    }
+
+    pub async fn return_expired(&mut self, holder: &str, now: i64) -> Result<u64, StoreError> {
+        match self {
+            Inventory::Sqlite(s) => s.return_expired(holder, now).map(|n| n as u64),
+            Inventory::Postgres(s) => s.return_expired(holder, now).await,
+        }
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Errors of reading an import file; `line` counts from 1 with the header as line 1.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {reason}")]
+pub struct CsvError {
+    pub line: usize,
+    pub reason: String,
+}
+
+const HEADER: [&str; 6] = ["product", "amount", "pin", "serial", "expiry", "receipt"];
+
+/// Splits one CSV line; fields may be quoted with `"` (a doubled `""` inside is one quote).
+fn split_csv(line: &str) -> Result<Vec<String>, String> {
+    let mut fields = Vec::new();
+    let mut cur = String::new();
+    let mut chars = line.chars().peekable();
+    let mut quoted = false;
+    let mut was_quoted = false;
+    while let Some(c) = chars.next() {
+        match (quoted, c) {
+            (false, ',') => {
+                fields.push(std::mem::take(&mut cur));
+                was_quoted = false;
+            }
+            (false, '"') if cur.is_empty() && !was_quoted => {
+                quoted = true;
+                was_quoted = true;
+            }
+            (true, '"') if chars.peek() == Some(&'"') => {
+                chars.next();
+                cur.push('"');
+            }
+            (true, '"') => quoted = false,
+            (_, c) => cur.push(c),
+        }
+    }
+    if quoted {
+        return Err("unterminated quoted field".into());
+    }
+    fields.push(cur);
+    Ok(fields)
+}
+
+/// Reads an import file. Every error names its line; a PIN value never appears in one.
+pub fn read_csv(text: &str) -> Result<Vec<NewPin>, CsvError> {
+    let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l.trim_end_matches('\r')));
+    let Some((_, header)) = lines.next() else {
+        return Err(CsvError {
+            line: 1,
+            reason: "empty file; expected a header line".into(),
+        });
+    };
+    let header = split_csv(header).map_err(|reason| CsvError { line: 1, reason })?;
+    if header.iter().map(|h| h.trim()).ne(HEADER) {
+        return Err(CsvError {
+            line: 1,
+            reason: format!("header must be `{}`", HEADER.join(",")),
+        });
+    }
+    let mut out = Vec::new();
+    for (line, text) in lines {
+        if text.trim().is_empty() {
+            continue;
+        }
+        let bad = |reason: String| CsvError { line, reason };
+        let f = split_csv(text).map_err(bad)?;
+        if f.len() != HEADER.len() {
+            return Err(bad(format!("{} fields, expected {}", f.len(), HEADER.len())));
+        }
+        let amount: i64 = f[1]
+            .trim()
+            .parse()
+            .map_err(|_| bad(format!("amount `{}` is not a whole number of minor units", f[1])))?;
+        if amount <= 0 {
+            return Err(bad("amount must be positive".into()));
+        }
+        let pin = f[2].trim();
+        if pin.len() < 4 || pin.len() > 40 || !pin.bytes().all(|c| c.is_ascii_alphanumeric()) {
+            // The value itself is never echoed.
+            return Err(bad(format!(
+                "pin must be 4 to 40 letters or digits ({} characters given)",
+                pin.len()
+            )));
+        }
+        let serial = f[3].trim();
+        if serial.is_empty() || serial.len() > 40 {
+            return Err(bad("serial must be 1 to 40 characters".into()));
+        }
+        let expiry = f[4].trim();
+        if !expiry.is_empty() && (expiry.len() != 8 || !expiry.bytes().all(|c| c.is_ascii_digit())) {
+            return Err(bad(format!("expiry `{expiry}` is not YYYYMMDD")));
+        }
+        let receipt: Vec<String> = if f[5].is_empty() {
+            Vec::new()
+        } else {
+            f[5].split('|').map(str::to_string).collect()
+        };
+        if let Some(l) = receipt.iter().find(|l| l.len() > 40) {
+            return Err(bad(format!("receipt line longer than 40 characters: `{l}`")));
+        }
+        out.push(NewPin {
+            product: f[0].trim().to_string(),
+            amount,
+            pin: Pin::new(pin),
+            serial: serial.to_string(),
+            expiry: (!expiry.is_empty()).then(|| expiry.to_string()),
+            receipt,
+        });
+    }
+    Ok(out)
+}
+
+fn import_file(path: &Path) -> Result<Vec<NewPin>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    read_csv(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Runs one `pingate pins` command.
+pub(crate) async fn pins(cmd: PinsCommand) -> Result<String, String> {
+    let s = |e: StoreError| e.to_string();
+    match cmd {
+        PinsCommand::Product {
+            db,
+            code,
+            name,
+            supplier,
+            currency,
+            amounts,
+        } => {
+            let mut inv = Inventory::open(&db, None).await.map_err(s)?;
+            inv.upsert_product(&Product {
+                code: code.clone(),
+                name,
+                supplier,
+                currency,
+                denominations: amounts,
+            })
+            .await
+            .map_err(s)?;
+            Ok(format!("product {code} saved"))
+        }
+        PinsCommand::Import { db, keys, file } => {
+            let spec = key_spec(&keys)?;
+            let pins = import_file(&file)?;
+            let total = pins.len();
+            let mut inv = Inventory::open(&db, Some(&spec)).await.map_err(s)?;
+            let mut progress = move |n: usize| {
+                eprint!("\rimporting: {n}/{total} PINs ({}%)", n * 100 / total.max(1));
+                let _ = std::io::stderr().flush();
+            };
+            let n = inv.import(&pins, &mut progress).await.map_err(|e| match e {
+                // Line = position + 1 (the header is line 1).
+                StoreError::ImportRow { row, reason } => format!("{}: line {}: {reason}", file.display(), row + 1),
+                e => e.to_string(),
+            })?;
+            eprintln!();
+            Ok(format!("imported {n} PINs from {}", file.display()))
+        }
+        PinsCommand::Stock { db } => {
+            let inv = Inventory::open(&db, None).await.map_err(s)?;
+            let mut out = format!("{:<20} {:>12} {:<10} {:>10}\n", "product", "amount", "state", "count");
+            for r in inv.stock().await.map_err(s)? {
+                out.push_str(&format!(
+                    "{:<20} {:>12} {:<10} {:>10}\n",
+                    r.product,
+                    r.amount,
+                    r.state.as_str(),
+                    r.count
+                ));
+            }
+            Ok(out.trim_end().to_string())
+        }
+        PinsCommand::Leases { db } => {
+            let inv = Inventory::open(&db, None).await.map_err(s)?;
+            let rows = inv.expired_leases(now()).await.map_err(s)?;
+            if rows.is_empty() {
+                return Ok("no expired reservations".into());
+            }
+            Ok(rows
+                .iter()
+                .map(|(g, n)| format!("{g}: {n} reserved PINs past their lease"))
+                .collect::<Vec<_>>()
+                .join("\n"))
+        }
+        PinsCommand::ReturnExpired { db, gateway } => {
+            let mut inv = Inventory::open(&db, None).await.map_err(s)?;
+            let n = inv.return_expired(&gateway, now()).await.map_err(s)?;
+            Ok(format!("returned {n} expired reservations of {gateway} to stock"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_rows_and_errors() {
+        let ok = "product,amount,pin,serial,expiry,receipt\nTOPUP,1000,123456789012,S1,20271231,\"Dial *100*PIN#, then OK\"|Thanks\nTOPUP,1000,9999,S2,,\n";
+        let pins = read_csv(ok).unwrap();
+        assert_eq!(pins.len(), 2);
+        assert_eq!(
+            pins[0].receipt,
+            vec!["Dial *100*PIN#, then OK".to_string(), "Thanks".to_string()]
+        );
+        assert_eq!(pins[1].expiry, None);
+        let e = read_csv("product,amount,pin,serial,expiry,receipt\nTOPUP,ten,1234,S,,\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "line 2: amount `ten` is not a whole number of minor units"
+        );
+        let e = read_csv("product,amount,pin,serial,expiry,receipt\n\nTOPUP,10,12,S,,\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "line 3: pin must be 4 to 40 letters or digits (2 characters given)"
+        );
+        assert!(!e.to_string().contains("12,"));
+        assert_eq!(read_csv("a,b\n").unwrap_err().line, 1);
+        assert_eq!(
+            read_csv("product,amount,pin,serial,expiry,receipt\nT,1,1234,S,2027,\n")
+                .unwrap_err()
+                .line,
+            2
+        );
+    }
+}

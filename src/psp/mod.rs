@@ -1,0 +1,381 @@
+//! PSP, the PIN server protocol (`protocols/pin-server-protocol.md`): what gateways and PIN servers say to each
+//! other over mutual TLS. Frames are a 4-byte big-endian length and a JSON body; every request carries an id and
+//! responses may come back in any order. This module is the protocol core (messages, strict parsing, framing
+//! limits); [`client`] is the tokio client a gateway uses.
+
+pub mod client;
+
+use serde::{Deserialize, Serialize};
+
+use crate::sale::Pin;
+use crate::store::{Confirmation, Dispensed, Product, Reversal, StockRow, StoreError};
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+
+/// Default cap on one frame's JSON body.
+pub const DEFAULT_MAX_FRAME: usize = 64 * 1024;
+
+/// A request as sent on the wire: `{"id": 7, "op": "sell", …}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestFrame {
+    pub id: u64,
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+/// The sale's identity at the terminal: with the gateway id (from its certificate) it is the idempotency key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Terminal {
+    pub terminal_id: String,
+    pub merchant_id: String,
+    pub stan: String,
+    pub transmission: String,
+    pub rrn: String,
+}
+
+/// Operations. Strict: unknown fields or ops are `bad_request`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Must be first on a connection.
+    Hello {
+        version: u32,
+    },
+    /// One PIN on demand.
+    Sell {
+        product: String,
+        amount: i64,
+        terminal: Terminal,
+    },
+    /// `count` PINs for the gateway's cache, leased for `lease_secs`.
+    Reserve {
+        product: String,
+        amount: i64,
+        count: usize,
+        lease_secs: u64,
+    },
+    /// A cached PIN was sold.
+    Confirm {
+        pin_id: i64,
+        terminal: Terminal,
+    },
+    /// Unsold cached PINs go back.
+    Release {
+        pin_ids: Vec<i64>,
+    },
+    /// Reverse a sale by its key.
+    Reverse {
+        terminal_id: String,
+        stan: String,
+        transmission: String,
+    },
+    /// Extend leases.
+    Renew {
+        pin_ids: Vec<i64>,
+        lease_secs: u64,
+    },
+    Stock,
+    Ping,
+}
+
+/// A PIN as sent to a gateway. `Debug` masks the PIN (it is a [`Pin`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinOut {
+    pub pin_id: i64,
+    pub product: String,
+    pub amount: i64,
+    #[serde(with = "pin_text")]
+    pub pin: Pin,
+    pub serial: String,
+    pub expiry: Option<String>,
+    pub receipt: Vec<String>,
+}
+
+mod pin_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::sale::Pin;
+
+    pub fn serialize<S: Serializer>(p: &Pin, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(p.expose())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Pin, D::Error> {
+        Ok(Pin::new(String::deserialize(d)?))
+    }
+}
+
+impl From<Dispensed> for PinOut {
+    fn from(d: Dispensed) -> PinOut {
+        PinOut {
+            pin_id: d.pin_id,
+            product: d.product,
+            amount: d.amount,
+            pin: d.pin,
+            serial: d.serial,
+            expiry: d.expiry,
+            receipt: d.receipt,
+        }
+    }
+}
+
+/// A product in the welcome's catalog.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogEntry {
+    pub code: String,
+    pub name: String,
+    pub supplier: String,
+    pub currency: String,
+    pub denominations: Vec<i64>,
+}
+
+impl From<Product> for CatalogEntry {
+    fn from(p: Product) -> CatalogEntry {
+        CatalogEntry {
+            code: p.code,
+            name: p.name,
+            supplier: p.supplier,
+            currency: p.currency,
+            denominations: p.denominations,
+        }
+    }
+}
+
+/// One stock line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StockEntry {
+    pub product: String,
+    pub amount: i64,
+    pub state: String,
+    pub count: i64,
+}
+
+impl From<StockRow> for StockEntry {
+    fn from(r: StockRow) -> StockEntry {
+        StockEntry {
+            product: r.product,
+            amount: r.amount,
+            state: r.state.as_str().into(),
+            count: r.count,
+        }
+    }
+}
+
+/// Successful answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Response {
+    Welcome {
+        version: u32,
+        gateway: String,
+        server: String,
+        catalog: Vec<CatalogEntry>,
+    },
+    Sold {
+        pin: PinOut,
+    },
+    Reserved {
+        pins: Vec<PinOut>,
+        lease_until: i64,
+    },
+    /// `outcome`: `sold`, `already_confirmed`, or `voided` (a reversal for this sale arrived first).
+    Confirmed {
+        outcome: String,
+    },
+    /// Ids that were not held by this gateway, left untouched.
+    Released {
+        refused: Vec<i64>,
+    },
+    /// `outcome`: `voided`, `already_voided`, or `remembered` (no sale yet; the late sale will be refused).
+    Reversed {
+        outcome: String,
+        pin_id: Option<i64>,
+    },
+    Renewed {
+        count: usize,
+        lease_until: i64,
+    },
+    Stock {
+        stock: Vec<StockEntry>,
+    },
+    Pong,
+}
+
+impl Confirmation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Confirmation::Sold => "sold",
+            Confirmation::AlreadyConfirmed => "already_confirmed",
+            Confirmation::Voided => "voided",
+        }
+    }
+}
+
+impl From<Reversal> for Response {
+    fn from(r: Reversal) -> Response {
+        let (outcome, pin_id) = match r {
+            Reversal::Voided { pin_id } => ("voided", Some(pin_id)),
+            Reversal::AlreadyVoided { pin_id } => ("already_voided", Some(pin_id)),
+            Reversal::Remembered => ("remembered", None),
+        };
+        Response::Reversed {
+            outcome: outcome.into(),
+            pin_id,
+        }
+    }
+}
+
+/// Error codes on the wire; mapped from store errors in one place ([`ErrorCode::of`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    OutOfStock,
+    UnknownProduct,
+    UnknownDenomination,
+    DuplicateMismatch,
+    AlreadyReversed,
+    NotHolder,
+    BadRequest,
+    /// Too many requests in flight on this connection.
+    Busy,
+    Internal,
+}
+
+impl ErrorCode {
+    /// The wire code of a store error. Internal errors are logged by the server; their text is not sent.
+    pub fn of(e: &StoreError) -> ErrorCode {
+        match e {
+            StoreError::OutOfStock { .. } => ErrorCode::OutOfStock,
+            StoreError::UnknownProduct(_) => ErrorCode::UnknownProduct,
+            StoreError::UnknownDenomination { .. } => ErrorCode::UnknownDenomination,
+            StoreError::DuplicateMismatch { .. } => ErrorCode::DuplicateMismatch,
+            StoreError::AlreadyReversed { .. } => ErrorCode::AlreadyReversed,
+            StoreError::NotHolder { .. } => ErrorCode::NotHolder,
+            StoreError::BadRequest(_) | StoreError::ImportRow { .. } => ErrorCode::BadRequest,
+            StoreError::Crypto(_) | StoreError::Db(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// An error answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// A response as sent on the wire: `{"id": 7, "ok": {...}}` or `{"id": 7, "error": {...}}`. `id` is 0 when the
+/// request was too malformed to have one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResponseFrame {
+    pub id: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ok: Option<Response>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<WireError>,
+}
+
+impl ResponseFrame {
+    pub fn ok(id: u64, r: Response) -> ResponseFrame {
+        ResponseFrame {
+            id,
+            ok: Some(r),
+            error: None,
+        }
+    }
+    pub fn err(id: u64, code: ErrorCode, message: impl Into<String>) -> ResponseFrame {
+        ResponseFrame {
+            id,
+            ok: None,
+            error: Some(WireError {
+                code,
+                message: message.into(),
+            }),
+        }
+    }
+    /// The answer as a `Result`.
+    pub fn into_result(self) -> Result<Response, WireError> {
+        match (self.ok, self.error) {
+            (Some(r), None) => Ok(r),
+            (_, Some(e)) => Err(e),
+            (None, None) => Err(WireError {
+                code: ErrorCode::Internal,
+                message: "response with neither ok nor error".into(),
+            }),
+        }
+    }
+}
+
+/// Parses one request body strictly. On error: the id if one could be read, and a message naming what is wrong.
+pub fn parse_request(body: &[u8]) -> Result<RequestFrame, (u64, String)> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| (0, format!("not JSON: {e}")))?;
+    let id = value.get("id").and_then(serde_json::Value::as_u64).unwrap_or(0);
+    // serde's `flatten` cannot deny unknown fields itself: check the keys against the op's own ones.
+    let frame: RequestFrame = serde_json::from_value(value.clone()).map_err(|e| (id, e.to_string()))?;
+    let expected = serde_json::to_value(&frame).map_err(|e| (id, e.to_string()))?;
+    if let (Some(got), Some(want)) = (value.as_object(), expected.as_object()) {
+        if let Some(k) = got.keys().find(|k| !want.contains_key(*k)) {
+            return Err((id, format!("unknown field `{k}`")));
+        }
+    }
+    Ok(frame)
+}
+
+/// Parses one response body.
+pub fn parse_response(body: &[u8]) -> Result<ResponseFrame, String> {
+    serde_json::from_slice(body).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_strict() {
+        let ok = parse_request(br#"{"id":7,"op":"reserve","product":"P","amount":1000,"count":5,"lease_secs":60}"#);
+        assert_eq!(
+            ok.unwrap(),
+            RequestFrame {
+                id: 7,
+                request: Request::Reserve {
+                    product: "P".into(),
+                    amount: 1000,
+                    count: 5,
+                    lease_secs: 60
+                }
+            }
+        );
+        let e = parse_request(br#"{"id":8,"op":"ping","extra":1}"#).unwrap_err();
+        assert_eq!(e, (8, "unknown field `extra`".to_string()));
+        let e = parse_request(br#"{"id":9,"op":"sell","product":"P","amount":1}"#).unwrap_err();
+        assert_eq!(e.0, 9);
+        assert!(e.1.contains("terminal"), "{}", e.1);
+        let e = parse_request(br#"{"id":10,"op":"sell","product":"P","amount":1,"terminal":{"terminal_id":"T","merchant_id":"M","stan":"1","transmission":"2","rrn":"3","x":1}}"#).unwrap_err();
+        assert!(e.1.contains("unknown field `x`"), "{}", e.1);
+        assert_eq!(parse_request(br#"{"id":11,"op":"steal"}"#).unwrap_err().0, 11);
+        assert_eq!(parse_request(b"\xff").unwrap_err().0, 0);
+        assert_eq!(parse_request(br#"{"op":"ping"}"#).unwrap_err().0, 0);
+    }
+
+    #[test]
+    fn pins_travel_in_clear_but_never_show_in_debug() {
+        let p = PinOut {
+            pin_id: 1,
+            product: "P".into(),
+            amount: 1,
+            pin: Pin::new("5556667778"),
+            serial: "S".into(),
+            expiry: None,
+            receipt: vec![],
+        };
+        let json = serde_json::to_string(&ResponseFrame::ok(3, Response::Sold { pin: p.clone() })).unwrap();
+        assert!(json.contains("\"pin\":\"5556667778\""), "{json}");
+        let back: ResponseFrame = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.clone().into_result().unwrap(), Response::Sold { pin: p });
+        assert!(!format!("{back:?}").contains("5556667778"));
+    }
+}

@@ -1,0 +1,438 @@
+//! The PIN server: accepts gateways over mutual TLS, speaks PSP, and applies their requests to the inventory.
+//!
+//! Shaped like mini-redis: [`run`] takes a bound listener and a shutdown future; one task per connection with a
+//! tracing span (connection id, peer, gateway); a cap on connections; on shutdown it stops accepting, lets every
+//! connection finish the requests it has in flight, then returns (the caller then closes the store).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::psp::{
+    parse_request, CatalogEntry, ErrorCode, PinOut, Request, Response, ResponseFrame, StockEntry, Terminal,
+    DEFAULT_MAX_FRAME, VERSION,
+};
+use crate::store::handle::StoreHandle;
+use crate::store::{Op, Outcome, SaleContext, SellRequest, MAX_RESERVE};
+use crate::tls::GatewayList;
+
+/// Limits of the server. Every one of them protects it from a client it does not trust.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Connections open at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Requests in flight on one connection; more are answered `busy`.
+    pub max_in_flight: usize,
+    /// Largest frame body accepted; a larger one closes the connection.
+    pub max_frame: usize,
+    /// Time allowed for the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// A connection with nothing in flight and no request for this long is closed.
+    pub idle_timeout: Duration,
+    /// Longest lease a gateway may ask for.
+    pub max_lease: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> ServerOptions {
+        ServerOptions {
+            max_connections: 256,
+            max_in_flight: 256,
+            max_frame: DEFAULT_MAX_FRAME,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_lease: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+struct Shared {
+    store: StoreHandle,
+    gateways: GatewayList,
+    opts: ServerOptions,
+}
+
+/// Serves until `shutdown` completes, then drains and returns.
+pub async fn run(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    gateways: GatewayList,
+    store: StoreHandle,
+    opts: ServerOptions,
+    shutdown: impl Future<Output = ()>,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let limit = Arc::new(Semaphore::new(opts.max_connections));
+    let shared = Arc::new(Shared { store, gateways, opts });
+    let stop = CancellationToken::new();
+    let mut conns = JoinSet::new();
+    let ids = AtomicU64::new(1);
+    tokio::pin!(shutdown);
+    info!(addr = ?listener.local_addr().ok(), "PIN server listening");
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait a little instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    warn!(%peer, "connection limit reached, closing new connection");
+                    continue;
+                };
+                let id = ids.fetch_add(1, Ordering::Relaxed);
+                let span = info_span!("psp", conn = id, %peer, gateway = tracing::field::Empty);
+                let (acceptor, shared, stop) = (acceptor.clone(), shared.clone(), stop.clone());
+                conns.spawn(async move {
+                    connection(tcp, peer, acceptor, shared, stop).await;
+                    drop(permit);
+                }.instrument(span));
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    info!(
+        open = conns.len(),
+        "shutting down: no new connections, finishing requests in flight"
+    );
+    stop.cancel();
+    while conns.join_next().await.is_some() {}
+    info!("PIN server stopped");
+}
+
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let _ = tcp.set_nodelay(true);
+    // A client that never finishes its handshake neither holds a slot for long nor delays shutdown.
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(shared.opts.handshake_timeout, acceptor.accept(tcp)) => r,
+        _ = stop.cancelled() => return,
+    };
+    let stream = match handshake {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            warn!(error = %e, "TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            warn!("TLS handshake timed out");
+            return;
+        }
+    };
+    let gateway = {
+        let (_, conn) = stream.get_ref();
+        conn.peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| shared.gateways.gateway_of(c))
+            .map(str::to_string)
+    };
+    let Some(gateway) = gateway else {
+        // The verifier already refuses such certificates; this is a second lock on the same door.
+        warn!("client certificate maps to no gateway");
+        return;
+    };
+    tracing::Span::current().record("gateway", gateway.as_str());
+    info!(%peer, "gateway connected");
+
+    let codec = LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .max_frame_length(shared.opts.max_frame)
+        .new_codec();
+    let (mut sink, mut frames) = Framed::new(stream, codec).split();
+    let (out, mut rx) = mpsc::channel::<Bytes>(shared.opts.max_in_flight + 8);
+    let writer = tokio::spawn(
+        async move {
+            while let Some(frame) = rx.recv().await {
+                if let Err(e) = sink.send(frame).await {
+                    debug!(error = %e, "write failed");
+                    break;
+                }
+            }
+            let _ = sink.close().await;
+        }
+        .in_current_span(),
+    );
+    let send = |out: &mpsc::Sender<Bytes>, frame: ResponseFrame| {
+        let out = out.clone();
+        async move {
+            let body = serde_json::to_vec(&frame).expect("responses serialise");
+            let _ = out.send(Bytes::from(body)).await;
+        }
+    };
+
+    let in_flight = Arc::new(Semaphore::new(shared.opts.max_in_flight));
+    let mut greeted = false;
+    loop {
+        let idle = in_flight.available_permits() == shared.opts.max_in_flight;
+        let next = tokio::select! {
+            _ = stop.cancelled() => break,
+            n = frames.next() => n,
+            _ = tokio::time::sleep(shared.opts.idle_timeout), if idle => {
+                info!("idle timeout");
+                break;
+            }
+        };
+        let body = match next {
+            None => break,
+            Some(Ok(b)) => b,
+            Some(Err(e)) => {
+                // Oversize frame or broken stream: the frame boundary is lost, so the connection ends.
+                warn!(error = %e, "bad frame, closing connection");
+                break;
+            }
+        };
+        let frame = match parse_request(&body) {
+            Ok(f) => f,
+            Err((id, msg)) => {
+                send(&out, ResponseFrame::err(id, ErrorCode::BadRequest, msg)).await;
+                continue;
+            }
+        };
+        let id = frame.id;
+        if !greeted {
+            match frame.request {
+                Request::Hello { version } if version == VERSION => {
+                    let welcome = match shared.store.call(Op::Catalog).await {
+                        Ok(Outcome::Catalog(c)) => ResponseFrame::ok(
+                            id,
+                            Response::Welcome {
+                                version: VERSION,
+                                gateway: gateway.clone(),
+                                server: format!("pingate {}", env!("CARGO_PKG_VERSION")),
+                                catalog: c.into_iter().map(CatalogEntry::from).collect(),
+                            },
+                        ),
+                        other => {
+                            warn!(?other, "catalog unavailable");
+                            ResponseFrame::err(id, ErrorCode::Internal, "catalog unavailable")
+                        }
+                    };
+                    send(&out, welcome).await;
+                    greeted = true;
+                }
+                Request::Hello { version } => {
+                    send(
+                        &out,
+                        ResponseFrame::err(
+                            id,
+                            ErrorCode::BadRequest,
+                            format!("version {version} not supported; this server speaks {VERSION}"),
+                        ),
+                    )
+                    .await;
+                    break;
+                }
+                _ => {
+                    send(
+                        &out,
+                        ResponseFrame::err(id, ErrorCode::BadRequest, "the first request must be hello"),
+                    )
+                    .await;
+                    break;
+                }
+            }
+            continue;
+        }
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            send(
+                &out,
+                ResponseFrame::err(id, ErrorCode::Busy, "too many requests in flight on this connection"),
+            )
+            .await;
+            continue;
+        };
+        let (shared, gateway, out) = (shared.clone(), gateway.clone(), out.clone());
+        tokio::spawn(
+            async move {
+                let answer = handle(&shared, &gateway, id, frame.request).await;
+                send(&out, answer).await;
+                drop(permit);
+            }
+            .in_current_span(),
+        );
+    }
+    // Drain: every request taken is answered before the connection closes.
+    let _ = in_flight.acquire_many(shared.opts.max_in_flight as u32).await;
+    drop(out);
+    let _ = writer.await;
+    info!("gateway disconnected");
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs() as i64
+}
+
+fn sale(gateway: &str, t: Terminal) -> Result<SaleContext, String> {
+    for (name, v, max) in [
+        ("terminal_id", &t.terminal_id, 16),
+        ("merchant_id", &t.merchant_id, 32),
+        ("stan", &t.stan, 12),
+        ("transmission", &t.transmission, 20),
+        ("rrn", &t.rrn, 20),
+    ] {
+        if v.is_empty() && name != "rrn" || v.len() > max || !v.bytes().all(|c| (0x20..=0x7E).contains(&c)) {
+            return Err(format!("terminal.{name}: 1 to {max} printable characters"));
+        }
+    }
+    Ok(SaleContext {
+        gateway: gateway.to_string(),
+        terminal_id: t.terminal_id,
+        merchant_id: t.merchant_id,
+        stan: t.stan,
+        transmission: t.transmission,
+        rrn: t.rrn,
+    })
+}
+
+fn lease_until(shared: &Shared, secs: u64) -> Result<i64, String> {
+    if secs == 0 || secs > shared.opts.max_lease.as_secs() {
+        return Err(format!("lease_secs: 1 to {}", shared.opts.max_lease.as_secs()));
+    }
+    Ok(unix_now() + secs as i64)
+}
+
+/// One request → one store operation → one answer. Errors from the store map to wire codes in one place.
+async fn handle(shared: &Shared, gateway: &str, id: u64, request: Request) -> ResponseFrame {
+    let op = match to_op(shared, gateway, request) {
+        Ok(Ok(op)) => op,
+        Ok(Err(direct)) => return ResponseFrame::ok(id, direct),
+        Err(msg) => return ResponseFrame::err(id, ErrorCode::BadRequest, msg),
+    };
+    let lease = match &op {
+        Op::Reserve { lease_until, .. } | Op::Renew { lease_until, .. } => *lease_until,
+        _ => 0,
+    };
+    match shared.store.call(op).await {
+        Ok(outcome) => ResponseFrame::ok(
+            id,
+            match outcome {
+                Outcome::Sold(d) => Response::Sold { pin: PinOut::from(d) },
+                Outcome::Reserved(v) => Response::Reserved {
+                    pins: v.into_iter().map(PinOut::from).collect(),
+                    lease_until: lease,
+                },
+                Outcome::Confirmed(c) => Response::Confirmed {
+                    outcome: c.as_str().into(),
+                },
+                Outcome::Released { refused } => Response::Released { refused },
+                Outcome::Renewed(count) => Response::Renewed {
+                    count,
+                    lease_until: lease,
+                },
+                Outcome::Reversed(r) => Response::from(r),
+                Outcome::Stock(s) => Response::Stock {
+                    stock: s.into_iter().map(StockEntry::from).collect(),
+                },
+                Outcome::Catalog(_) => Response::Pong,
+            },
+        ),
+        Err(e) => {
+            let code = ErrorCode::of(&e);
+            if code == ErrorCode::Internal {
+                warn!(error = %e, "request failed");
+                ResponseFrame::err(id, code, "internal error")
+            } else {
+                ResponseFrame::err(id, code, e.to_string())
+            }
+        }
+    }
+}
+
+/// The store operation for a request, or an answer needing no store, or a bad-request message.
+fn to_op(shared: &Shared, gateway: &str, request: Request) -> Result<Result<Op, Response>, String> {
+    Ok(Ok(match request {
+        Request::Hello { .. } => return Err("hello was already said".into()),
+        Request::Ping => return Ok(Err(Response::Pong)),
+        Request::Sell {
+            product,
+            amount,
+            terminal,
+        } => Op::Sell(SellRequest {
+            product,
+            amount,
+            sale: sale(gateway, terminal)?,
+        }),
+        Request::Reserve {
+            product,
+            amount,
+            count,
+            lease_secs,
+        } => {
+            if count == 0 || count > MAX_RESERVE {
+                return Err(format!("count: 1 to {MAX_RESERVE}"));
+            }
+            Op::Reserve {
+                holder: gateway.into(),
+                product,
+                amount,
+                count,
+                lease_until: lease_until(shared, lease_secs)?,
+            }
+        }
+        Request::Confirm { pin_id, terminal } => Op::Confirm {
+            holder: gateway.into(),
+            pin_id,
+            sale: sale(gateway, terminal)?,
+        },
+        Request::Release { pin_ids } => {
+            if pin_ids.len() > MAX_RESERVE {
+                return Err(format!("pin_ids: at most {MAX_RESERVE}"));
+            }
+            Op::Release {
+                holder: gateway.into(),
+                pin_ids,
+            }
+        }
+        Request::Renew { pin_ids, lease_secs } => {
+            if pin_ids.len() > MAX_RESERVE {
+                return Err(format!("pin_ids: at most {MAX_RESERVE}"));
+            }
+            Op::Renew {
+                holder: gateway.into(),
+                pin_ids,
+                lease_until: lease_until(shared, lease_secs)?,
+            }
+        }
+        Request::Reverse {
+            terminal_id,
+            stan,
+            transmission,
+        } => Op::Reverse(sale(
+            gateway,
+            Terminal {
+                terminal_id,
+                merchant_id: "-".into(),
+                stan,
+                transmission,
+                rrn: String::new(),
+            },
+        )?),
+        Request::Stock => Op::Stock,
+    }))
+}

@@ -1,0 +1,411 @@
+//! Mutual TLS between gateways and PIN servers: TLS 1.3 only, ring crypto. The server requires a client
+//! certificate that chains to its CA **and** is on its gateway list (SHA-256 fingerprint → gateway id): anything
+//! else is refused during the handshake. Gateways verify the server's name. `certs init` makes a private CA, a
+//! server certificate and gateway certificates for a quick start.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::{ring as ring_provider, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+
+/// Errors setting up TLS.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    /// A PEM file holds no certificate or key of the kind expected.
+    #[error("{path}: {what}")]
+    Pem { path: String, what: String },
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Config(String),
+    /// Certificate generation failed.
+    #[error("certificate generation: {0}")]
+    Generate(String),
+    /// The gateway list is malformed.
+    #[error("{path}: {what}")]
+    GatewayList { path: String, what: String },
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(ring_provider::default_provider())
+}
+
+/// Certificates from a PEM file (leaf first).
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::Pem {
+            path: path.display().to_string(),
+            what: format!("bad PEM: {e:?}"),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            path: path.display().to_string(),
+            what: "no certificate in file".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// A private key from a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read(path)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Pem {
+        path: path.display().to_string(),
+        what: format!("no private key: {e:?}"),
+    })
+}
+
+/// SHA-256 of a certificate's DER, as lowercase hex: how the gateway list names certificates.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    crate::iso8583::to_hex(ring::digest::digest(&ring::digest::SHA256, cert.as_ref()).as_ref()).to_lowercase()
+}
+
+/// Which client certificate is which gateway: `gateways.toml`, one line per gateway, `ID = "sha256-hex"`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GatewayList {
+    by_fingerprint: BTreeMap<String, String>,
+}
+
+impl GatewayList {
+    pub fn load(path: &Path) -> Result<GatewayList, TlsError> {
+        let text = String::from_utf8(read(path)?).map_err(|_| TlsError::GatewayList {
+            path: path.display().to_string(),
+            what: "not UTF-8".into(),
+        })?;
+        let table: BTreeMap<String, String> = toml::from_str(&text).map_err(|e| TlsError::GatewayList {
+            path: path.display().to_string(),
+            what: e.to_string(),
+        })?;
+        let mut list = GatewayList::default();
+        for (id, fp) in table {
+            let fp = fp.to_lowercase();
+            if fp.len() != 64 || !fp.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return Err(TlsError::GatewayList {
+                    path: path.display().to_string(),
+                    what: format!("gateway `{id}`: fingerprint must be 64 hex characters (SHA-256)"),
+                });
+            }
+            list.by_fingerprint.insert(fp, id);
+        }
+        Ok(list)
+    }
+
+    pub fn insert(&mut self, id: &str, fingerprint: &str) {
+        self.by_fingerprint.insert(fingerprint.to_lowercase(), id.to_string());
+    }
+
+    /// The gateway a certificate belongs to.
+    pub fn gateway_of(&self, cert: &CertificateDer<'_>) -> Option<&str> {
+        self.by_fingerprint.get(&fingerprint(cert)).map(String::as_str)
+    }
+
+    /// The file form.
+    pub fn to_toml(&self) -> String {
+        let mut out = String::from("# gateway id = SHA-256 fingerprint of its client certificate (DER)\n");
+        let by_id: BTreeMap<&String, &String> = self.by_fingerprint.iter().map(|(f, id)| (id, f)).collect();
+        for (id, fp) in by_id {
+            out.push_str(&format!("\"{id}\" = \"{fp}\"\n"));
+        }
+        out
+    }
+}
+
+/// Chain check by webpki, then the gateway list.
+struct AllowListVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    gateways: GatewayList,
+}
+
+impl fmt::Debug for AllowListVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AllowListVerifier({} gateways)", self.gateways.by_fingerprint.len())
+    }
+}
+
+impl ClientCertVerifier for AllowListVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        if self.gateways.gateway_of(end_entity).is_none() {
+            tracing::warn!(fingerprint = %fingerprint(end_entity), "client certificate not on the gateway list");
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(verified)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+fn roots(ca: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in load_certs(ca)? {
+        roots
+            .add(c)
+            .map_err(|e| TlsError::Config(format!("{}: {e}", ca.display())))?;
+    }
+    Ok(roots)
+}
+
+/// Server side: TLS 1.3 only, client certificate required, chained to `client_ca` and on `gateways`.
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: &Path,
+    gateways: GatewayList,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(client_ca)?), provider())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let verifier = Arc::new(AllowListVerifier { inner, gateways });
+    rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|e| TlsError::Config(e.to_string()))
+}
+
+/// Gateway side: TLS 1.3 only, the server checked against `server_ca` (and its name at connect time), our
+/// certificate presented.
+pub fn client_config(cert: &Path, key: &Path, server_ca: &Path) -> Result<rustls::ClientConfig, TlsError> {
+    rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots(server_ca)?)
+        .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|e| TlsError::Config(e.to_string()))
+}
+
+/// What `certs init` wrote.
+#[derive(Clone, Debug)]
+pub struct CertsDir {
+    pub dir: PathBuf,
+}
+
+impl CertsDir {
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.join("server.pem")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.join("server.key")
+    }
+    pub fn gateway_cert(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("gateway-{id}.pem"))
+    }
+    pub fn gateway_key(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("gateway-{id}.key"))
+    }
+    pub fn gateways(&self) -> PathBuf {
+        self.dir.join("gateways.toml")
+    }
+    pub fn pin_keys(&self) -> PathBuf {
+        self.dir.join("pin-keys")
+    }
+}
+
+fn write_secret(path: &Path, data: &str) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| TlsError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(data.as_bytes()).map_err(io)
+}
+
+fn write_public(path: &Path, data: &str) -> Result<(), TlsError> {
+    std::fs::write(path, data).map_err(|source| TlsError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Options of `certs init`.
+#[derive(Clone, Debug)]
+pub struct CertsInit {
+    /// Names (DNS or IP) the server certificate is valid for.
+    pub server_names: Vec<String>,
+    /// Gateway ids to issue client certificates for.
+    pub gateways: Vec<String>,
+    /// Validity in days.
+    pub days: i64,
+}
+
+impl Default for CertsInit {
+    fn default() -> CertsInit {
+        CertsInit {
+            server_names: vec!["localhost".into(), "127.0.0.1".into()],
+            gateways: vec!["gw1".into()],
+            days: 825,
+        }
+    }
+}
+
+fn gen_err(e: rcgen::Error) -> TlsError {
+    TlsError::Generate(e.to_string())
+}
+
+/// The private CA, kept in memory by whoever created it (tests issue more certificates with it).
+pub struct Ca {
+    pub cert: rcgen::Certificate,
+    pub key: rcgen::KeyPair,
+}
+
+/// Creates a private CA (`ca.pem`, `ca.key`), a server certificate, one client certificate per gateway, the
+/// gateway list and a PIN encryption key file in `dir`. Private keys are written mode 0600. Existing files are
+/// never overwritten.
+pub fn certs_init(dir: &Path, opts: &CertsInit) -> Result<CertsDir, TlsError> {
+    certs_init_with_ca(dir, opts).map(|(d, _)| d)
+}
+
+/// [`certs_init`], also returning the CA.
+pub fn certs_init_with_ca(dir: &Path, opts: &CertsInit) -> Result<(CertsDir, Ca), TlsError> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
+    let out = CertsDir { dir: dir.to_path_buf() };
+    std::fs::create_dir_all(dir).map_err(|source| TlsError::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    if out.ca().exists() {
+        return Err(TlsError::Generate(format!(
+            "{} exists: refusing to overwrite a CA",
+            out.ca().display()
+        )));
+    }
+    let now = time_now();
+    let until = now + time_days(opts.days);
+
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "pingate private CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca.not_before = now;
+    ca.not_after = until;
+    let ca_key = KeyPair::generate().map_err(gen_err)?;
+    let ca_cert = ca.self_signed(&ca_key).map_err(gen_err)?;
+    write_public(&out.ca(), &ca_cert.pem())?;
+    write_secret(&dir.join("ca.key"), &ca_key.serialize_pem())?;
+
+    let mut server = CertificateParams::new(opts.server_names.clone()).map_err(gen_err)?;
+    server.distinguished_name.push(DnType::CommonName, "pingate PIN server");
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    server.not_before = now;
+    server.not_after = until;
+    let server_key = KeyPair::generate().map_err(gen_err)?;
+    let server_cert = server.signed_by(&server_key, &ca_cert, &ca_key).map_err(gen_err)?;
+    write_public(&out.server_cert(), &server_cert.pem())?;
+    write_secret(&out.server_key(), &server_key.serialize_pem())?;
+
+    let mut list = GatewayList::default();
+    for id in &opts.gateways {
+        let (cert, key) = issue_gateway_cert(&ca_cert, &ca_key, id, now, until)?;
+        write_public(&out.gateway_cert(id), &cert.pem())?;
+        write_secret(&out.gateway_key(id), &key.serialize_pem())?;
+        list.insert(id, &fingerprint(cert.der()));
+    }
+    write_public(&out.gateways(), &list.to_toml())?;
+    let keys = crate::store::crypto::PinCipher::generate_spec().map_err(|e| TlsError::Generate(e.to_string()))?;
+    write_secret(&out.pin_keys(), &format!("{keys}\n"))?;
+    Ok((
+        out,
+        Ca {
+            cert: ca_cert,
+            key: ca_key,
+        },
+    ))
+}
+
+/// A client certificate for gateway `id`, signed by the CA, valid from `from` to `until`.
+pub fn issue_gateway_cert(
+    ca_cert: &rcgen::Certificate,
+    ca_key: &rcgen::KeyPair,
+    id: &str,
+    from: time::OffsetDateTime,
+    until: time::OffsetDateTime,
+) -> Result<(rcgen::Certificate, rcgen::KeyPair), TlsError> {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
+    p.distinguished_name
+        .push(DnType::CommonName, format!("pingate gateway {id}"));
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.not_before = from;
+    p.not_after = until;
+    let key = KeyPair::generate().map_err(gen_err)?;
+    let cert = p.signed_by(&key, ca_cert, ca_key).map_err(gen_err)?;
+    Ok((cert, key))
+}
+
+/// Now, as the certificate library wants it.
+pub fn time_now() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+}
+
+/// A number of days, as the certificate library wants it.
+pub fn time_days(days: i64) -> time::Duration {
+    time::Duration::days(days)
+}

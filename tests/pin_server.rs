@@ -1,0 +1,549 @@
+//! The PIN server end to end: real certificates, real TLS 1.3 handshakes, real sockets, a real SQLite file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use pingate::psp::client::{ClientError, PspClient};
+use pingate::psp::{parse_response, ErrorCode, Request, Response, ResponseFrame, Terminal};
+use pingate::sale::Pin;
+use pingate::server::{run, ServerOptions};
+use pingate::store::crypto::PinCipher;
+use pingate::store::handle::{DbUrl, StoreHandle, StoreOptions};
+use pingate::store::sqlite::SqliteStore;
+use pingate::store::{NewPin, Product};
+use pingate::tls::{
+    certs_init_with_ca, client_config, issue_gateway_cert, time_days, time_now, CertsDir, CertsInit, GatewayList,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+struct Fixture {
+    dir: PathBuf,
+    certs: CertsDir,
+    ca: pingate::tls::Ca,
+    keys: String,
+}
+
+impl Fixture {
+    fn new(name: &str, pins: usize) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("pingate-server-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (certs, ca) = certs_init_with_ca(
+            &dir.join("certs"),
+            &CertsInit {
+                gateways: vec!["gw1".into(), "gw2".into()],
+                ..CertsInit::default()
+            },
+        )
+        .unwrap();
+        let keys = std::fs::read_to_string(certs.pin_keys()).unwrap();
+        let mut s = SqliteStore::open(&dir.join("pins.db"), PinCipher::from_spec(&keys).unwrap()).unwrap();
+        s.upsert_product(&Product {
+            code: "TOPUP".into(),
+            name: "Top-up 10".into(),
+            supplier: "Telco".into(),
+            currency: "978".into(),
+            denominations: vec![1000],
+        })
+        .unwrap();
+        let new: Vec<NewPin> = (0..pins)
+            .map(|i| NewPin {
+                product: "TOPUP".into(),
+                amount: 1000,
+                pin: Pin::new(format!("55{i:010}")),
+                serial: format!("S{i:08}"),
+                expiry: None,
+                receipt: vec!["Dial *100*PIN#".into()],
+            })
+            .collect();
+        s.import(&new).unwrap();
+        Fixture { dir, certs, ca, keys }
+    }
+
+    fn client_tls(&self, gw: &str) -> Arc<rustls::ClientConfig> {
+        Arc::new(
+            client_config(
+                &self.certs.gateway_cert(gw),
+                &self.certs.gateway_key(gw),
+                &self.certs.ca(),
+            )
+            .unwrap(),
+        )
+    }
+
+    /// Starts a server; returns its address, a trigger to shut it down and the task to await.
+    async fn start(&self, opts: ServerOptions) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+        let gateways = GatewayList::load(&self.certs.gateways()).unwrap();
+        let tls = pingate::tls::server_config(
+            &self.certs.server_cert(),
+            &self.certs.server_key(),
+            &self.certs.ca(),
+            gateways.clone(),
+        )
+        .unwrap();
+        let store = StoreHandle::open(
+            &DbUrl::Sqlite(self.dir.join("pins.db")),
+            &self.keys,
+            &StoreOptions::default(),
+        )
+        .await
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            run(listener, Arc::new(tls), gateways, store.clone(), opts, async {
+                let _ = rx.await;
+            })
+            .await;
+            store.close().await;
+        });
+        (addr, tx, task)
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn terminal(stan: u32) -> Terminal {
+    Terminal {
+        terminal_id: "TERM0001".into(),
+        merchant_id: "MERCHANT0000001".into(),
+        stan: format!("{stan:06}"),
+        transmission: "1128173500".into(),
+        rrn: format!("{stan:012}"),
+    }
+}
+
+fn sell(stan: u32) -> Request {
+    Request::Sell {
+        product: "TOPUP".into(),
+        amount: 1000,
+        terminal: terminal(stan),
+    }
+}
+
+#[tokio::test]
+async fn gateway_sells_reserves_confirms_and_reverses_over_mutual_tls() {
+    let f = Fixture::new("ops", 300);
+    let (addr, stop, task) = f.start(ServerOptions::default()).await;
+    let (c, welcome) = PspClient::connect(addr, "localhost", f.client_tls("gw1"))
+        .await
+        .unwrap();
+    assert_eq!(welcome.gateway, "gw1", "the gateway id comes from the certificate");
+    assert_eq!(welcome.catalog[0].code, "TOPUP");
+    assert_eq!(welcome.catalog[0].denominations, vec![1000]);
+
+    let Response::Sold { pin: a } = c.call(sell(1)).await.unwrap() else {
+        panic!()
+    };
+    let Response::Sold { pin: again } = c.call(sell(1)).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(a, again, "a repeated sale returns the same PIN");
+    assert!(!format!("{a:?}").contains(a.pin.expose()), "Debug masks the PIN");
+
+    // Another gateway with the same terminal key is another sale (the key includes the gateway).
+    let (c2, _) = PspClient::connect(addr, "127.0.0.1", f.client_tls("gw2"))
+        .await
+        .unwrap();
+    let Response::Sold { pin: other } = c2.call(sell(1)).await.unwrap() else {
+        panic!()
+    };
+    assert_ne!(other.pin_id, a.pin_id);
+
+    let Response::Reserved { pins, lease_until } = c
+        .call(Request::Reserve {
+            product: "TOPUP".into(),
+            amount: 1000,
+            count: 5,
+            lease_secs: 600,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(pins.len(), 5);
+    assert!(lease_until > 0);
+    // gw2 cannot confirm gw1's PIN.
+    let e = c2
+        .call(Request::Confirm {
+            pin_id: pins[0].pin_id,
+            terminal: terminal(50),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, ClientError::Server(ref w) if w.code == ErrorCode::NotHolder),
+        "{e}"
+    );
+    let r = c
+        .call(Request::Confirm {
+            pin_id: pins[0].pin_id,
+            terminal: terminal(50),
+        })
+        .await
+        .unwrap();
+    assert_eq!(r, Response::Confirmed { outcome: "sold".into() });
+    let r = c
+        .call(Request::Confirm {
+            pin_id: pins[0].pin_id,
+            terminal: terminal(50),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        Response::Confirmed {
+            outcome: "already_confirmed".into()
+        }
+    );
+    let r = c
+        .call(Request::Release {
+            pin_ids: pins.iter().map(|p| p.pin_id).collect(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        Response::Released {
+            refused: vec![pins[0].pin_id]
+        }
+    );
+    let r = c
+        .call(Request::Renew {
+            pin_ids: vec![pins[1].pin_id],
+            lease_secs: 60,
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(r, Response::Renewed { count: 0, .. }),
+        "released PINs are no longer ours to renew"
+    );
+
+    let rev = |stan: u32| Request::Reverse {
+        terminal_id: "TERM0001".into(),
+        stan: format!("{stan:06}"),
+        transmission: "1128173500".into(),
+    };
+    assert_eq!(
+        c.call(rev(1)).await.unwrap(),
+        Response::Reversed {
+            outcome: "voided".into(),
+            pin_id: Some(a.pin_id)
+        }
+    );
+    assert_eq!(
+        c.call(rev(1)).await.unwrap(),
+        Response::Reversed {
+            outcome: "already_voided".into(),
+            pin_id: Some(a.pin_id)
+        }
+    );
+    assert_eq!(
+        c.call(rev(2)).await.unwrap(),
+        Response::Reversed {
+            outcome: "remembered".into(),
+            pin_id: None
+        }
+    );
+    let e = c.call(sell(2)).await.unwrap_err();
+    assert!(
+        matches!(e, ClientError::Server(ref w) if w.code == ErrorCode::AlreadyReversed),
+        "{e}"
+    );
+    let e = c
+        .call(Request::Sell {
+            product: "NOPE".into(),
+            amount: 1000,
+            terminal: terminal(3),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClientError::Server(ref w) if w.code == ErrorCode::UnknownProduct));
+    let e = c
+        .call(Request::Sell {
+            product: "TOPUP".into(),
+            amount: 5,
+            terminal: terminal(3),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClientError::Server(ref w) if w.code == ErrorCode::UnknownDenomination));
+    let e = c
+        .call(Request::Sell {
+            product: "TOPUP".into(),
+            amount: 2000,
+            terminal: terminal(1),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, ClientError::Server(ref w) if w.code == ErrorCode::UnknownDenomination || w.code == ErrorCode::DuplicateMismatch)
+    );
+    let e = c
+        .call(Request::Reserve {
+            product: "TOPUP".into(),
+            amount: 1000,
+            count: 5,
+            lease_secs: 10_000_000,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, ClientError::Server(ref w) if w.code == ErrorCode::BadRequest),
+        "{e}"
+    );
+    assert_eq!(c.call(Request::Ping).await.unwrap(), Response::Pong);
+
+    // Many requests in flight on one connection, answered out of order: every sale gets its own PIN.
+    let c = Arc::new(c);
+    let calls: Vec<_> = (1000..1200u32)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move { c.call(sell(i)).await })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for t in calls {
+        let Response::Sold { pin } = t.await.unwrap().unwrap() else {
+            panic!()
+        };
+        ids.push(pin.pin_id);
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 200);
+    let Response::Stock { stock } = c.call(Request::Stock).await.unwrap() else {
+        panic!()
+    };
+    let sold: i64 = stock.iter().filter(|s| s.state == "sold").map(|s| s.count).sum();
+    assert_eq!(
+        sold,
+        1 + 1 + 200,
+        "gw2's sale, the confirmed cached PIN, the 200 (gw1's first sale is voided)"
+    );
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+
+async fn refused(addr: SocketAddr, tls: Arc<rustls::ClientConfig>, name: &str) -> ClientError {
+    match PspClient::connect(addr, name, tls).await {
+        Ok(_) => panic!("connection should have been refused"),
+        Err(e) => e,
+    }
+}
+
+#[tokio::test]
+async fn tls_refuses_missing_foreign_expired_and_unlisted_certificates() {
+    let f = Fixture::new("refusals", 5);
+    let (addr, stop, task) = f.start(ServerOptions::default()).await;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in pingate::tls::load_certs(&f.certs.ca()).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let builder = || {
+        rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots.clone())
+    };
+    // No client certificate.
+    refused(addr, Arc::new(builder().with_no_client_auth()), "localhost").await;
+    // A certificate from another CA.
+    let other = Fixture::new("other-ca", 0);
+    let foreign = client_config(
+        &other.certs.gateway_cert("gw1"),
+        &other.certs.gateway_key("gw1"),
+        &f.certs.ca(),
+    )
+    .unwrap();
+    refused(addr, Arc::new(foreign), "localhost").await;
+    // Our CA, but expired.
+    let write = |name: &str, cert: &rcgen::Certificate, key: &rcgen::KeyPair| {
+        let (c, k) = (f.dir.join(format!("{name}.pem")), f.dir.join(format!("{name}.key")));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        Arc::new(client_config(&c, &k, &f.certs.ca()).unwrap())
+    };
+    let (cert, key) = issue_gateway_cert(
+        &f.ca.cert,
+        &f.ca.key,
+        "gw1",
+        time_now() - time_days(30),
+        time_now() - time_days(1),
+    )
+    .unwrap();
+    refused(addr, write("expired", &cert, &key), "localhost").await;
+    // Our CA, valid, but not on the gateway list.
+    let (cert, key) = issue_gateway_cert(
+        &f.ca.cert,
+        &f.ca.key,
+        "gw9",
+        time_now() - time_days(1),
+        time_now() + time_days(30),
+    )
+    .unwrap();
+    refused(addr, write("unlisted", &cert, &key), "localhost").await;
+    // The gateway checks the server's name.
+    let e = refused(addr, f.client_tls("gw1"), "pins.example.com").await;
+    assert!(
+        e.to_string().contains("certificate") || e.to_string().contains("Name"),
+        "{e}"
+    );
+    // And a proper gateway still gets in.
+    assert!(PspClient::connect(addr, "localhost", f.client_tls("gw1")).await.is_ok());
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+
+type Raw = Framed<tokio_rustls::client::TlsStream<TcpStream>, LengthDelimitedCodec>;
+
+async fn raw(f: &Fixture, addr: SocketAddr) -> Raw {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(f.client_tls("gw1"))
+        .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    Framed::new(tls, LengthDelimitedCodec::builder().length_field_length(4).new_codec())
+}
+
+async fn ask(conn: &mut Raw, body: &str) -> Option<ResponseFrame> {
+    conn.send(Bytes::from(body.to_string())).await.ok()?;
+    let frame = tokio::time::timeout(Duration::from_secs(5), conn.next())
+        .await
+        .expect("answer in time")?;
+    Some(parse_response(&frame.ok()?).unwrap())
+}
+
+#[tokio::test]
+async fn malformed_requests_get_bad_request_and_oversize_frames_close_the_connection() {
+    let f = Fixture::new("malformed", 5);
+    let opts = ServerOptions {
+        max_frame: 1024,
+        ..ServerOptions::default()
+    };
+    let (addr, stop, task) = f.start(opts).await;
+
+    let mut c = raw(&f, addr).await;
+    let r = ask(&mut c, r#"{"id":1,"op":"ping"}"#).await.unwrap();
+    assert_eq!(r.error.unwrap().message, "the first request must be hello");
+    assert!(c.next().await.is_none(), "closed after a request before hello");
+
+    let mut c = raw(&f, addr).await;
+    assert!(ask(&mut c, r#"{"id":1,"op":"hello","version":1}"#)
+        .await
+        .unwrap()
+        .ok
+        .is_some());
+    let r = ask(&mut c, r#"{"id":2,"op":"ping","colour":"red"}"#).await.unwrap();
+    assert_eq!(
+        (r.id, r.error.unwrap().message),
+        (2, "unknown field `colour`".to_string())
+    );
+    let r = ask(&mut c, "{not json").await.unwrap();
+    assert_eq!(r.id, 0);
+    assert_eq!(r.error.unwrap().code, ErrorCode::BadRequest);
+    let r = ask(&mut c, r#"{"id":3,"op":"sell","product":"TOPUP","amount":1000,"terminal":{"terminal_id":"","merchant_id":"M","stan":"1","transmission":"1","rrn":""}}"#).await.unwrap();
+    assert_eq!(
+        r.error.unwrap().message,
+        "terminal.terminal_id: 1 to 16 printable characters"
+    );
+    // Still usable after bad requests.
+    assert_eq!(
+        ask(&mut c, r#"{"id":4,"op":"ping"}"#).await.unwrap().ok,
+        Some(Response::Pong)
+    );
+    // A frame over the cap ends the connection (its boundary cannot be trusted).
+    let big = format!(r#"{{"id":5,"op":"ping","pad":"{}"}}"#, "x".repeat(2000));
+    assert!(ask(&mut c, &big).await.is_none());
+
+    // A client that connects and never handshakes is cut off; others are unaffected meanwhile.
+    let _silent = TcpStream::connect(addr).await.unwrap();
+    let (ok, _) = PspClient::connect(addr, "localhost", f.client_tls("gw1"))
+        .await
+        .unwrap();
+    assert_eq!(ok.call(Request::Ping).await.unwrap(), Response::Pong);
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_answers_every_request_in_flight_and_every_acknowledged_sale_is_durable() {
+    let f = Fixture::new("drain", 2_000);
+    let (addr, stop, task) = f.start(ServerOptions::default()).await;
+    let (c, _) = PspClient::connect(addr, "localhost", f.client_tls("gw1"))
+        .await
+        .unwrap();
+    let c = Arc::new(c);
+    let calls: Vec<_> = (0..1_000u32)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move { c.call(sell(i)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    stop.send(()).unwrap();
+    let mut acknowledged = Vec::new();
+    for t in calls {
+        if let Ok(Response::Sold { pin }) = t.await.unwrap() {
+            acknowledged.push(pin.pin_id);
+        }
+    }
+    task.await.unwrap();
+    // The server is gone and its store closed: read the file as a restarted server would.
+    let s = SqliteStore::open(&f.dir.join("pins.db"), PinCipher::from_spec(&f.keys).unwrap()).unwrap();
+    let sold: i64 = s
+        .connection()
+        .query_row("SELECT COUNT(*) FROM pins WHERE state = 'sold'", [], |r| r.get(0))
+        .unwrap();
+    assert!(!acknowledged.is_empty());
+    assert_eq!(
+        sold as usize,
+        acknowledged.len(),
+        "sold in the database = acknowledged to the gateway"
+    );
+    for id in acknowledged {
+        let st: String = s
+            .connection()
+            .query_row("SELECT state FROM pins WHERE id = ?1", [id], |r| r.get(0))
+            .unwrap();
+        assert_eq!(st, "sold");
+    }
+}
+
+/// A client that opens TCP and never handshakes is cut off after the handshake timeout (virtual time: the test
+/// does not wait 10 real seconds).
+#[tokio::test(start_paused = true)]
+async fn a_silent_client_is_cut_off_after_the_handshake_timeout() {
+    use tokio::io::AsyncReadExt;
+    let f = Fixture::new("silent", 1);
+    let opts = ServerOptions {
+        handshake_timeout: Duration::from_secs(10),
+        ..ServerOptions::default()
+    };
+    let (addr, stop, task) = f.start(opts).await;
+    let start = tokio::time::Instant::now();
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = silent.read(&mut buf).await.unwrap_or(0);
+    assert_eq!(n, 0, "the server closes the connection");
+    assert!(
+        start.elapsed() >= Duration::from_secs(10),
+        "not before the timeout: {:?}",
+        start.elapsed()
+    );
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
