@@ -216,8 +216,11 @@ pub(crate) fn key_spec(keys: &KeyArgs) -> Result<String, String> {
 }
 
 async fn server(args: ServerArgs) -> Result<String, String> {
+    // Colours only for a person at a terminal; logs going to files or other programs stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .with_target(false)
         .try_init();
     let keys = key_spec(&args.keys)?;

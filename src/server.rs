@@ -433,6 +433,10 @@ fn to_op(shared: &Shared, gateway: &str, request: Request) -> Result<Result<Op, 
                 rrn: String::new(),
             },
         )?),
+        Request::ReversePin { pin_id } => Op::ReversePin {
+            gateway: gateway.into(),
+            pin_id,
+        },
         Request::Stock => Op::Stock,
     }))
 }

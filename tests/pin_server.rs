@@ -257,6 +257,31 @@ async fn gateway_sells_reserves_confirms_and_reverses_over_mutual_tls() {
             pin_id: None
         }
     );
+    // By PIN id: only the gateway that sold it.
+    let Response::Sold { pin: b } = c.call(sell(4)).await.unwrap() else {
+        panic!()
+    };
+    let e = c2.call(Request::ReversePin { pin_id: b.pin_id }).await.unwrap_err();
+    assert!(
+        matches!(e, ClientError::Server(ref w) if w.code == ErrorCode::NotHolder),
+        "{e}"
+    );
+    let r = c.call(Request::ReversePin { pin_id: b.pin_id }).await.unwrap();
+    assert_eq!(
+        r,
+        Response::Reversed {
+            outcome: "voided".into(),
+            pin_id: Some(b.pin_id)
+        }
+    );
+    let r = c.call(Request::ReversePin { pin_id: b.pin_id }).await.unwrap();
+    assert_eq!(
+        r,
+        Response::Reversed {
+            outcome: "already_voided".into(),
+            pin_id: Some(b.pin_id)
+        }
+    );
     let e = c.call(sell(2)).await.unwrap_err();
     assert!(
         matches!(e, ClientError::Server(ref w) if w.code == ErrorCode::AlreadyReversed),

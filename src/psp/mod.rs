@@ -71,6 +71,10 @@ pub enum Request {
         stan: String,
         transmission: String,
     },
+    /// Reverse the sale of one PIN this gateway sold, by its id.
+    ReversePin {
+        pin_id: i64,
+    },
     /// Extend leases.
     Renew {
         pin_ids: Vec<i64>,

@@ -225,6 +225,11 @@ pub enum Op {
         lease_until: i64,
     },
     Reverse(SaleContext),
+    /// Reverse the sale of one PIN, by id; only the gateway that sold it may.
+    ReversePin {
+        gateway: String,
+        pin_id: i64,
+    },
     Stock,
     Catalog,
 }

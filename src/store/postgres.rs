@@ -594,6 +594,30 @@ async fn apply(
                 }
             }))
         }
+        Op::ReversePin { gateway, pin_id } => {
+            let row = tx
+                .query_opt(
+                    "SELECT gateway, terminal_id, stan, transmission, merchant_id, rrn FROM sales
+                     WHERE pin_id = $1 AND gateway = $2",
+                    &[pin_id, gateway],
+                )
+                .await?;
+            let Some(r) = row else {
+                return Err(StoreError::NotHolder {
+                    holder: gateway.clone(),
+                    pin_id: *pin_id,
+                });
+            };
+            let sale = SaleContext {
+                gateway: r.get(0),
+                terminal_id: r.get(1),
+                stan: r.get(2),
+                transmission: r.get(3),
+                merchant_id: r.get(4),
+                rrn: r.get(5),
+            };
+            Box::pin(apply(tx, cipher, &Op::Reverse(sale), now, today)).await
+        }
         Op::Stock => stock(tx).await.map(Outcome::Stock),
         Op::Catalog => catalog(tx).await.map(Outcome::Catalog),
     }

@@ -663,6 +663,31 @@ fn apply(tx: &Connection, cipher: &PinCipher, op: &Op, now: i64, today: &str) ->
             lease_until,
         } => renew(tx, holder, pin_ids, *lease_until).map(Outcome::Renewed),
         Op::Reverse(sale) => reverse(tx, sale, now).map(Outcome::Reversed),
+        Op::ReversePin { gateway, pin_id } => {
+            let sale = tx
+                .prepare_cached(
+                    "SELECT gateway, terminal_id, stan, transmission, merchant_id, rrn FROM sales
+                     WHERE pin_id = ?1 AND gateway = ?2",
+                )?
+                .query_row(params![pin_id, gateway], |r| {
+                    Ok(SaleContext {
+                        gateway: r.get(0)?,
+                        terminal_id: r.get(1)?,
+                        stan: r.get(2)?,
+                        transmission: r.get(3)?,
+                        merchant_id: r.get(4)?,
+                        rrn: r.get(5)?,
+                    })
+                })
+                .optional()?;
+            match sale {
+                Some(sale) => reverse(tx, &sale, now).map(Outcome::Reversed),
+                None => Err(StoreError::NotHolder {
+                    holder: gateway.clone(),
+                    pin_id: *pin_id,
+                }),
+            }
+        }
         Op::Stock => stock(tx).map(Outcome::Stock),
         Op::Catalog => catalog(tx).map(Outcome::Catalog),
     }

@@ -1,0 +1,357 @@
+//! The `pingate` binary as an operator runs it: certs init, product, CSV import, stock, then real server processes
+//! — killed with SIGKILL mid-load and restarted (nothing acknowledged is lost), stopped with SIGTERM (drains), and
+//! two of them sharing one PostgreSQL inventory (no PIN handed out twice).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use pingate::psp::client::PspClient;
+use pingate::psp::{Request, Response, Terminal};
+use pingate::tls::{client_config, CertsDir};
+
+/// The count in `pingate pins stock` output for TOPUP 1000 in `state`.
+fn stock_count(out: &str, state: &str) -> i64 {
+    out.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|t| t.len() == 4 && t[0] == "TOPUP" && t[1] == "1000" && t[2] == state)
+        .map(|t| t[3].parse().unwrap())
+        .unwrap_or(0)
+}
+
+fn pingate(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pingate")).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn ok(args: &[&str]) -> String {
+    let (success, out, err) = pingate(args);
+    assert!(success, "pingate {args:?} failed: {err}");
+    out
+}
+
+struct Dir(PathBuf);
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn setup(name: &str, db: &str, pins: usize) -> (Dir, CertsDir) {
+    let dir = std::env::temp_dir().join(format!("pingate-proc-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let certs = dir.join("certs");
+    let out = ok(&[
+        "certs",
+        "init",
+        certs.to_str().unwrap(),
+        "--gateway",
+        "gw1",
+        "--gateway",
+        "gw2",
+    ]);
+    assert!(out.contains("gateway-gw2.pem"), "{out}");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(certs.join("server.key")).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "private keys are not readable by others");
+    let (again, _, err) = pingate(&["certs", "init", certs.to_str().unwrap()]);
+    assert!(!again && err.contains("refusing to overwrite"), "{err}");
+    ok(&[
+        "pins",
+        "product",
+        "--db",
+        db,
+        "--code",
+        "TOPUP",
+        "--name",
+        "Top-up",
+        "--supplier",
+        "Telco",
+        "--currency",
+        "978",
+        "--amounts",
+        "1000,2000",
+    ]);
+    let mut csv = String::from("product,amount,pin,serial,expiry,receipt\n");
+    for i in 0..pins {
+        csv.push_str(&format!(
+            "TOPUP,1000,{:012},SER{i:07},20991231,Dial *100*PIN#|Thank you\n",
+            700_000_000_000u64 + i as u64
+        ));
+    }
+    let file = dir.join("pins.csv");
+    std::fs::write(&file, &csv).unwrap();
+    let keys = certs.join("pin-keys");
+    let (success, out, err) = pingate(&[
+        "pins",
+        "import",
+        "--db",
+        db,
+        "--pin-keys",
+        keys.to_str().unwrap(),
+        file.to_str().unwrap(),
+    ]);
+    assert!(success, "{err}");
+    assert!(out.contains(&format!("imported {pins} PINs")), "{out}");
+    // A second import of a file with one bad row is rejected whole, naming the line; the stock is unchanged.
+    let mut bad = String::from("product,amount,pin,serial,expiry,receipt\n");
+    bad.push_str("TOPUP,1000,123412341234,NEW0001,,\n");
+    bad.push_str(&format!("TOPUP,1000,999912341234,SER{:07},,\n", 0));
+    std::fs::write(dir.join("bad.csv"), bad).unwrap();
+    let (success, _, err) = pingate(&[
+        "pins",
+        "import",
+        "--db",
+        db,
+        "--pin-keys",
+        keys.to_str().unwrap(),
+        dir.join("bad.csv").to_str().unwrap(),
+    ]);
+    assert!(!success);
+    assert!(err.contains("line 3: duplicate serial `SER0000000`"), "{err}");
+    let stock = ok(&["pins", "stock", "--db", db]);
+    assert_eq!(stock_count(&stock, "available"), pins as i64, "{stock}");
+    (Dir(dir), CertsDir { dir: certs })
+}
+
+/// A server process, killed if the test ends early (a failed assertion must not leave it running).
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `pingate server` on a free port and returns it with its address (read from its log).
+fn start_server(db: &str, certs: &CertsDir) -> (Server, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pingate"))
+        .args(["server", "--db", db, "--listen", "127.0.0.1:0"])
+        .args([
+            "--cert",
+            certs.server_cert().to_str().unwrap(),
+            "--key",
+            certs.server_key().to_str().unwrap(),
+        ])
+        .args([
+            "--client-ca",
+            certs.ca().to_str().unwrap(),
+            "--gateways",
+            certs.gateways().to_str().unwrap(),
+        ])
+        .args([
+            "--pin-keys",
+            certs.pin_keys().to_str().unwrap(),
+            "--pg-connections",
+            "4",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = match lines.next() {
+            Some(Ok(l)) => l,
+            _ => panic!("server exited before listening"),
+        };
+        if let Some(i) = line.find("addr=Some(") {
+            let rest = &line[i + "addr=Some(".len()..];
+            break rest[..rest.find(')').unwrap()].parse().unwrap();
+        }
+    };
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (Server(child), addr)
+}
+
+fn tls(certs: &CertsDir, gw: &str) -> Arc<rustls::ClientConfig> {
+    Arc::new(client_config(&certs.gateway_cert(gw), &certs.gateway_key(gw), &certs.ca()).unwrap())
+}
+
+fn terminal(stan: u32) -> Terminal {
+    Terminal {
+        terminal_id: "TERM0001".into(),
+        merchant_id: "MERCHANT0000001".into(),
+        stan: format!("{stan:06}"),
+        transmission: "1128173500".into(),
+        rrn: format!("{stan:012}"),
+    }
+}
+
+fn sell(stan: u32) -> Request {
+    Request::Sell {
+        product: "TOPUP".into(),
+        amount: 1000,
+        terminal: terminal(stan),
+    }
+}
+
+fn signal(server: &Server, sig: &str) {
+    assert!(Command::new("kill")
+        .args([sig, &server.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_server_killed_mid_load_loses_no_acknowledged_sale() {
+    let dir_name = format!(
+        "{}/pingate-proc-{}-kill/pins.db",
+        std::env::temp_dir().display(),
+        std::process::id()
+    );
+    let db = format!("sqlite:{dir_name}");
+    let (_dir, certs) = setup("kill", &db, 3_000);
+    let (mut server, addr) = start_server(&db, &certs);
+    let (client, w) = PspClient::connect(addr, "localhost", tls(&certs, "gw1")).await.unwrap();
+    assert_eq!(w.gateway, "gw1");
+    let client = Arc::new(client);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let load: Vec<_> = (0..16u32)
+        .map(|t| {
+            let (c, tx) = (client.clone(), tx.clone());
+            tokio::spawn(async move {
+                for i in 0..1_000u32 {
+                    let stan = t * 1_000 + i;
+                    match c.call(sell(stan)).await {
+                        Ok(Response::Sold { pin }) => tx.send((stan, pin.pin_id)).unwrap(),
+                        _ => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(tx);
+    // Let some sales through, then kill -9 while requests are in flight.
+    let mut acknowledged = Vec::new();
+    while acknowledged.len() < 500 {
+        acknowledged.push(rx.recv().await.unwrap());
+    }
+    signal(&server, "-KILL");
+    server.0.wait().unwrap();
+    for t in load {
+        let _ = t.await;
+    }
+    while let Ok(a) = rx.try_recv() {
+        acknowledged.push(a);
+    }
+
+    let (mut server, addr) = start_server(&db, &certs);
+    let (client, _) = PspClient::connect(addr, "localhost", tls(&certs, "gw1")).await.unwrap();
+    // Every acknowledged sale survived: repeating it returns the same PIN, and takes no new one.
+    for (stan, pin_id) in &acknowledged {
+        let Response::Sold { pin } = client.call(sell(*stan)).await.unwrap() else {
+            panic!()
+        };
+        assert_eq!(pin.pin_id, *pin_id, "sale {stan} came back with another PIN");
+    }
+    let Response::Stock { stock } = client.call(Request::Stock).await.unwrap() else {
+        panic!()
+    };
+    let sold: i64 = stock.iter().filter(|s| s.state == "sold").map(|s| s.count).sum();
+    let available: i64 = stock.iter().filter(|s| s.state == "available").map(|s| s.count).sum();
+    assert!(
+        sold as usize >= acknowledged.len(),
+        "{sold} sold < {} acknowledged",
+        acknowledged.len()
+    );
+    assert_eq!(sold + available, 3_000, "every PIN is accounted for");
+
+    // SIGTERM: the server drains and exits cleanly.
+    signal(&server, "-TERM");
+    let status = tokio::task::spawn_blocking(move || server.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+fn pg_base() -> String {
+    std::env::var("PINGATE_TEST_PG_SERVER").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_server_processes_share_one_postgresql_inventory_without_duplicates() {
+    let dbname = format!("pingate_proc_{}", std::process::id());
+    let (admin, conn) = tokio_postgres::connect(&format!("{}/postgres", pg_base()), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {dbname} WITH (FORCE)"))
+        .await
+        .unwrap();
+    admin.batch_execute(&format!("CREATE DATABASE {dbname}")).await.unwrap();
+    let db = format!("{}/{dbname}", pg_base());
+    let (_dir, certs) = setup("pg", &db, 2_400);
+    let (mut a, addr_a) = start_server(&db, &certs);
+    let (mut b, addr_b) = start_server(&db, &certs);
+    let mut tasks = Vec::new();
+    for (i, (addr, gw)) in [(addr_a, "gw1"), (addr_b, "gw2"), (addr_a, "gw2"), (addr_b, "gw1")]
+        .into_iter()
+        .enumerate()
+    {
+        let (c, _) = PspClient::connect(addr, "localhost", tls(&certs, gw)).await.unwrap();
+        let c = Arc::new(c);
+        for t in 0..4u32 {
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                for j in 0..50u32 {
+                    // Distinct keys per client (the key includes the gateway; two clients share each gateway).
+                    let stan = (i as u32) * 100_000 + t * 1_000 + j;
+                    let Response::Sold { pin } = c.call(sell(stan)).await.unwrap() else {
+                        panic!()
+                    };
+                    got.push(pin.pin_id);
+                    let Response::Reserved { pins, .. } = c
+                        .call(Request::Reserve {
+                            product: "TOPUP".into(),
+                            amount: 1000,
+                            count: 2,
+                            lease_secs: 600,
+                        })
+                        .await
+                        .unwrap()
+                    else {
+                        panic!()
+                    };
+                    got.extend(pins.iter().map(|p| p.pin_id));
+                }
+                got
+            }));
+        }
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(n, 16 * 50 * 3);
+    assert_eq!(all.len(), n, "a PIN was handed out twice across two servers");
+    signal(&a, "-TERM");
+    signal(&b, "-TERM");
+    assert!(a.0.wait().unwrap().success() && b.0.wait().unwrap().success());
+    let stock = ok(&["pins", "stock", "--db", &db]);
+    assert_eq!(
+        (stock_count(&stock, "sold"), stock_count(&stock, "reserved")),
+        (800, 1600),
+        "{stock}"
+    );
+    admin
+        .batch_execute(&format!("DROP DATABASE {dbname} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
