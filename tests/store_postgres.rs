@@ -246,7 +246,20 @@ async fn transitions_idempotency_and_refusals() {
     batch[2].serial = "S00000001".into();
     let e = s.import(&batch).await.unwrap_err().to_string();
     assert_eq!(e, "PIN 3: duplicate serial `S00000001`");
-    assert_eq!(count(&s, PinState::Available).await, 3);
+    let mut batch = pins(200, 3);
+    batch[2].pin = batch[0].pin.clone();
+    let e = s.import(&batch).await.unwrap_err().to_string();
+    assert_eq!(e, "PIN 3: duplicate PIN value (already loaded, or twice in this file)");
+    let mut batch = pins(300, 1_500);
+    batch[1_200].pin = pins(4, 1)[0].pin.clone(); // loaded before, in another chunk than the first
+    let e = s.import(&batch).await.unwrap_err().to_string();
+    assert_eq!(e, "PIN 1201: duplicate PIN value (already loaded, or twice in this file)");
+    let mut batch = pins(300, 2);
+    batch[1].amount = 1234;
+    assert!(s.import(&batch).await.unwrap_err().to_string().starts_with("PIN 2: product `TOPUP` has no denomination"));
+    assert_eq!(count(&s, PinState::Available).await, 3, "failed imports left nothing behind");
+    assert_eq!(s.import(&pins(300, 2_500)).await.unwrap(), 2_500);
+    assert_eq!(count(&s, PinState::Available).await, 2_503);
     drop(s);
     schema.drop_it().await;
 }

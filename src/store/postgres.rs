@@ -14,6 +14,8 @@ use super::{
     StoreError, MAX_RESERVE,
 };
 
+const DUPLICATE_PIN: &str = "duplicate PIN value (already loaded, or twice in this file)";
+
 /// Version of the schema this code writes.
 pub const SCHEMA_VERSION: i32 = 1;
 
@@ -257,54 +259,75 @@ impl PgStore {
                 self.cipher.fingerprint(&p.product, &p.pin),
             ));
         }
+        // Checks that name the row come first (denomination, duplicates within the file, duplicates of what is
+        // loaded already); the rows then go in by chunks of 1,000 per statement.
         let tx = self.client.transaction().await?;
-        let denom = tx
-            .prepare("SELECT 1 FROM denominations WHERE product = $1 AND amount = $2")
-            .await?;
-        let insert = tx
-            .prepare(
-                "INSERT INTO pins (product, amount, serial, fingerprint, key_id, nonce, ciphertext, expiry, receipt, state)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'available')",
-            )
-            .await?;
-        for (i, (p, (s, fp))) in pins.iter().zip(&sealed).enumerate() {
+        let offered: std::collections::HashSet<(String, i64)> = tx
+            .query("SELECT product, amount FROM denominations", &[])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let mut serials = std::collections::HashSet::new();
+        let mut prints = std::collections::HashSet::new();
+        for (i, (p, (_, fp))) in pins.iter().zip(&sealed).enumerate() {
             let row = i + 1;
-            if row % super::sqlite::IMPORT_PROGRESS_EVERY == 0 {
-                progress(row);
-            }
-            if tx.query_opt(&denom, &[&p.product, &p.amount]).await?.is_none() {
+            if !offered.contains(&(p.product.clone(), p.amount)) {
                 return Err(StoreError::ImportRow {
                     row,
                     reason: format!("product `{}` has no denomination {}", p.product, p.amount),
                 });
             }
-            let receipt = serde_json::to_string(&p.receipt).expect("strings serialise");
-            let key_id = s.key_id as i32;
-            let nonce = &s.nonce[..];
-            let r = tx
-                .execute(
-                    &insert,
-                    &[
-                        &p.product,
-                        &p.amount,
-                        &p.serial,
-                        fp,
-                        &key_id,
-                        &nonce,
-                        &s.ciphertext,
-                        &p.expiry,
-                        &receipt,
-                    ],
+            if !serials.insert(p.serial.as_str()) {
+                return Err(StoreError::ImportRow { row, reason: format!("duplicate serial `{}`", p.serial) });
+            }
+            if !prints.insert(fp.as_slice()) {
+                return Err(StoreError::ImportRow { row, reason: DUPLICATE_PIN.into() });
+            }
+        }
+        const CHUNK: usize = 1_000;
+        for (c, chunk) in pins.chunks(CHUNK).enumerate() {
+            let seals = &sealed[c * CHUNK..c * CHUNK + chunk.len()];
+            let serial: Vec<&str> = chunk.iter().map(|p| p.serial.as_str()).collect();
+            let fingerprint: Vec<&[u8]> = seals.iter().map(|(_, f)| f.as_slice()).collect();
+            let existing = tx
+                .query(
+                    "SELECT serial, NULL::bytea FROM pins WHERE serial = ANY($1)
+                     UNION ALL SELECT NULL, fingerprint FROM pins WHERE fingerprint = ANY($2)",
+                    &[&serial, &fingerprint],
                 )
-                .await;
-            if let Err(e) = r {
-                let constraint = e.as_db_error().and_then(|d| d.constraint()).unwrap_or("");
-                let what = match constraint {
-                    "pins_serial_key" => format!("duplicate serial `{}`", p.serial),
-                    "pins_fingerprint_key" => "duplicate PIN value (already loaded, or twice in this file)".into(),
-                    _ => StoreError::from(e).to_string(),
+                .await?;
+            if let Some(r) = existing.first() {
+                let (dup_serial, dup_print): (Option<String>, Option<Vec<u8>>) = (r.get(0), r.get(1));
+                let at = chunk
+                    .iter()
+                    .zip(seals)
+                    .position(|(p, (_, f))| Some(&p.serial) == dup_serial.as_ref() || Some(f) == dup_print.as_ref())
+                    .unwrap_or(0);
+                let reason = match dup_serial {
+                    Some(s) => format!("duplicate serial `{s}`"),
+                    None => DUPLICATE_PIN.into(),
                 };
-                return Err(StoreError::ImportRow { row, reason: what });
+                return Err(StoreError::ImportRow { row: c * CHUNK + at + 1, reason });
+            }
+            let product: Vec<&str> = chunk.iter().map(|p| p.product.as_str()).collect();
+            let amount: Vec<i64> = chunk.iter().map(|p| p.amount).collect();
+            let key_id: Vec<i32> = seals.iter().map(|(s, _)| s.key_id as i32).collect();
+            let nonce: Vec<&[u8]> = seals.iter().map(|(s, _)| &s.nonce[..]).collect();
+            let ciphertext: Vec<&[u8]> = seals.iter().map(|(s, _)| s.ciphertext.as_slice()).collect();
+            let expiry: Vec<Option<&str>> = chunk.iter().map(|p| p.expiry.as_deref()).collect();
+            let receipt: Vec<String> =
+                chunk.iter().map(|p| serde_json::to_string(&p.receipt).expect("strings serialise")).collect();
+            tx.execute(
+                "INSERT INTO pins (product, amount, serial, fingerprint, key_id, nonce, ciphertext, expiry, receipt, state)
+                 SELECT *, 'available' FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bytea[], $5::int[],
+                                                   $6::bytea[], $7::bytea[], $8::text[], $9::text[])",
+                &[&product, &amount, &serial, &fingerprint, &key_id, &nonce, &ciphertext, &expiry, &receipt],
+            )
+            .await?;
+            let done = c * CHUNK + chunk.len();
+            if done / super::sqlite::IMPORT_PROGRESS_EVERY != (done - chunk.len()) / super::sqlite::IMPORT_PROGRESS_EVERY {
+                progress(done);
             }
         }
         tx.commit().await?;
