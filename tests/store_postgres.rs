@@ -199,6 +199,28 @@ async fn transitions_idempotency_and_refusals() {
     ));
     assert_eq!(count(&s, PinState::Voided).await, 1);
 
+    // One batch: sales are applied together; repeats inside the batch get the same PIN, refusals stay per request.
+    let mut twin = sell("gw3", 1);
+    twin.amount = 2000;
+    let mut unknown = sell("gw3", 2);
+    unknown.product = "NOPE".into();
+    let r = s
+        .apply_batch(&[
+            Op::Sell(sell("gw3", 1)),
+            Op::Sell(sell("gw3", 1)),
+            Op::Sell(twin),
+            Op::Sell(unknown),
+            Op::Sell(sell("gw1", 1)),
+            Op::Reverse(ctx("gw3", 3)),
+        ])
+        .await;
+    let (Ok(Outcome::Sold(x)), Ok(Outcome::Sold(y))) = (&r[0], &r[1]) else { panic!("{r:?}") };
+    assert_eq!(x, y);
+    assert!(matches!(r[2], Err(StoreError::DuplicateMismatch { .. })));
+    assert!(matches!(r[3], Err(StoreError::UnknownProduct(_))));
+    assert_eq!(r[4].as_ref().unwrap(), &Outcome::Sold(a.clone()), "a repeat of an earlier batch's sale");
+    assert_eq!(r[5].as_ref().unwrap(), &Outcome::Reversed(Reversal::Remembered));
+
     // The database itself refuses what code must never do.
     let c = s.client();
     let e = c
@@ -257,9 +279,9 @@ async fn transitions_idempotency_and_refusals() {
     let mut batch = pins(300, 2);
     batch[1].amount = 1234;
     assert!(s.import(&batch).await.unwrap_err().to_string().starts_with("PIN 2: product `TOPUP` has no denomination"));
-    assert_eq!(count(&s, PinState::Available).await, 3, "failed imports left nothing behind");
+    assert_eq!(count(&s, PinState::Available).await, 2, "failed imports left nothing behind");
     assert_eq!(s.import(&pins(300, 2_500)).await.unwrap(), 2_500);
-    assert_eq!(count(&s, PinState::Available).await, 2_503);
+    assert_eq!(count(&s, PinState::Available).await, 2_502);
     drop(s);
     schema.drop_it().await;
 }

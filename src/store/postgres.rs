@@ -334,40 +334,82 @@ impl PgStore {
         Ok(pins.len())
     }
 
-    /// Applies several operations in one transaction (one commit for all), each in a savepoint so that one failing
-    /// operation does not undo the others.
+    /// Applies several operations in one transaction (one commit for all).
+    ///
+    /// Every refusal an operation can meet (out of stock, not the holder, a mismatched repeat…) is found by
+    /// reading before it writes anything, so refusals need no savepoint and never undo the rest of the batch
+    /// (savepoints cost round trips, and more than 64 per transaction overflow PostgreSQL's subtransaction cache).
+    /// A database error aborts the transaction: then every operation of the batch fails and none is kept.
+    ///
+    /// All sale keys of the batch are locked first, in one global order, so concurrent batches never deadlock on
+    /// them. On-demand sales are applied together: a few statements for the whole batch instead of several each.
     pub async fn apply_batch(&mut self, ops: &[Op]) -> Vec<Result<Outcome, StoreError>> {
         let now = unix_now();
         let today = super::sqlite::today();
-        // Lock keys in one global order (their text) so concurrent batches cannot deadlock.
-        let mut order: Vec<usize> = (0..ops.len()).collect();
-        order.sort_by_key(|&i| lock_key(&ops[i]));
-        let mut results: Vec<Option<Result<Outcome, StoreError>>> = (0..ops.len()).map(|_| None).collect();
         let cipher = &self.cipher;
-        let mut tx = match self.client.transaction().await {
-            Ok(t) => t,
-            Err(e) => return ops.iter().map(|_| Err(StoreError::from_pg(&e))).collect(),
+        let fail_all = |e: StoreError| -> Vec<Result<Outcome, StoreError>> {
+            let msg = e.to_string();
+            ops.iter().map(|_| Err(StoreError::Db(msg.clone()))).collect()
         };
-        for i in order {
-            let r = async {
-                let sp = tx.savepoint("op").await?;
-                match apply(&sp, cipher, &ops[i], now, &today).await {
-                    Ok(o) => {
-                        sp.commit().await?;
-                        Ok(o)
-                    }
-                    Err(e) => {
-                        sp.rollback().await?;
-                        Err(e)
+        let tx = match self.client.transaction().await {
+            Ok(t) => t,
+            Err(e) => return fail_all(StoreError::from_pg(&e)),
+        };
+        let mut keys: Vec<String> = ops.iter().map(lock_key).filter(|k| !k.is_empty()).collect();
+        keys.sort();
+        keys.dedup();
+        if !keys.is_empty() {
+            if let Err(e) = tx
+                .execute("SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM unnest($1::text[]) AS k", &[&keys])
+                .await
+            {
+                return fail_all(e.into());
+            }
+        }
+        let mut results: Vec<Option<Result<Outcome, StoreError>>> = (0..ops.len()).map(|_| None).collect();
+        let sells: Vec<(usize, &SellRequest)> = ops
+            .iter()
+            .enumerate()
+            .filter_map(|(i, op)| match op {
+                Op::Sell(r) => Some((i, r)),
+                _ => None,
+            })
+            .collect();
+        if !sells.is_empty() {
+            let reqs: Vec<&SellRequest> = sells.iter().map(|(_, r)| *r).collect();
+            match sell_many(&tx, cipher, &reqs, now, &today).await {
+                Ok(rs) => {
+                    for ((i, _), r) in sells.iter().zip(rs) {
+                        results[*i] = Some(r.map(Outcome::Sold));
                     }
                 }
+                Err(e) => return fail_all(e),
             }
-            .await;
-            results[i] = Some(r);
+        }
+        let reserves: Vec<usize> =
+            ops.iter().enumerate().filter(|(_, op)| matches!(op, Op::Reserve { .. })).map(|(i, _)| i).collect();
+        if !reserves.is_empty() {
+            let batch: Vec<&Op> = reserves.iter().map(|&i| &ops[i]).collect();
+            match reserve_many(&tx, cipher, &batch, &today).await {
+                Ok(rs) => {
+                    for (i, r) in reserves.iter().zip(rs) {
+                        results[*i] = Some(r.map(Outcome::Reserved));
+                    }
+                }
+                Err(e) => return fail_all(e),
+            }
+        }
+        for (i, op) in ops.iter().enumerate() {
+            if results[i].is_some() {
+                continue;
+            }
+            match apply(&tx, cipher, op, now, &today).await {
+                Err(StoreError::Db(m)) => return fail_all(StoreError::Db(m)),
+                r => results[i] = Some(r),
+            }
         }
         if let Err(e) = tx.commit().await {
-            let e = StoreError::from_pg(&e);
-            return ops.iter().map(|_| Err(StoreError::Db(e.to_string()))).collect();
+            return fail_all(StoreError::from_pg(&e));
         }
         results.into_iter().map(|r| r.expect("every operation ran")).collect()
     }
@@ -487,16 +529,7 @@ fn pin_row(r: &Row) -> PinRow {
 
 impl PinRow {
     fn open(self, cipher: &PinCipher) -> Result<Dispensed, StoreError> {
-        let pin = cipher.open(&self.sealed, &self.serial)?;
-        Ok(Dispensed {
-            pin_id: self.id,
-            product: self.product,
-            amount: self.amount,
-            pin,
-            serial: self.serial,
-            expiry: self.expiry,
-            receipt: serde_json::from_str(&self.receipt).unwrap_or_default(),
-        })
+        self.open_ref(cipher)
     }
 }
 
@@ -508,7 +541,9 @@ async fn apply(
     today: &str,
 ) -> Result<Outcome, StoreError> {
     match op {
-        Op::Sell(req) => sell_one(tx, cipher, req, now, today).await.map(Outcome::Sold),
+        Op::Sell(req) => {
+            sell_many(tx, cipher, &[req], now, today).await?.pop().expect("one result per request").map(Outcome::Sold)
+        }
         Op::Reserve {
             holder,
             product,
@@ -741,59 +776,6 @@ async fn void(tx: &impl GenericClient, sale: &SaleContext, pin_id: i64, now: i64
     Ok(())
 }
 
-async fn sell_one(
-    tx: &impl GenericClient,
-    cipher: &PinCipher,
-    req: &SellRequest,
-    now: i64,
-    today: &str,
-) -> Result<Dispensed, StoreError> {
-    let sale = &req.sale;
-    lock(tx, sale).await?;
-    if let Some((pin_id, _)) = find_sale(tx, sale).await? {
-        let row = tx
-            .query_one(
-                "SELECT product, amount, merchant_id FROM sales WHERE pin_id = $1",
-                &[&pin_id],
-            )
-            .await?;
-        let (product, amount, merchant): (String, i64, String) = (row.get(0), row.get(1), row.get(2));
-        if product != req.product || amount != req.amount || merchant != sale.merchant_id {
-            return Err(StoreError::DuplicateMismatch { key: sale.key() });
-        }
-        let row = tx
-            .query_one(&format!("SELECT {PIN_COLUMNS} FROM pins WHERE id = $1"), &[&pin_id])
-            .await?;
-        return pin_row(&row).open(cipher);
-    }
-    if reversal_pending(tx, sale).await? {
-        return Err(StoreError::AlreadyReversed { key: sale.key() });
-    }
-    check_denomination(tx, &req.product, req.amount).await?;
-    let row = tx
-        .query_opt(
-            &format!(
-                "UPDATE pins SET state = 'sold'
-                 WHERE id = (SELECT id FROM pins WHERE product = $1 AND amount = $2 AND state = 'available'
-                             AND (expiry IS NULL OR expiry >= $3) ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
-                 RETURNING {PIN_COLUMNS}"
-            ),
-            &[&req.product, &req.amount, &today],
-        )
-        .await?;
-    let Some(row) = row else {
-        return Err(StoreError::OutOfStock {
-            product: req.product.clone(),
-            amount: req.amount,
-        });
-    };
-    let row = pin_row(&row);
-    // The key lock taken above makes a concurrent sale under the same key impossible; the sales primary key
-    // would refuse it anyway (and the whole operation would roll back, PIN included).
-    insert_sale(tx, sale, row.id, &req.product, req.amount, now).await?;
-    row.open(cipher)
-}
-
 async fn stock(tx: &impl GenericClient) -> Result<Vec<StockRow>, StoreError> {
     let rows = tx
         .query(
@@ -840,4 +822,291 @@ async fn catalog(tx: &impl GenericClient) -> Result<Vec<Product>, StoreError> {
         }
     }
     Ok(out)
+}
+
+/// On-demand sales of one batch in a handful of statements: existing sales and reversals for all keys at once,
+/// one pick per product and amount (`LIMIT n … SKIP LOCKED`), one insert of all new sales. The keys are locked.
+async fn sell_many(
+    tx: &impl GenericClient,
+    cipher: &PinCipher,
+    reqs: &[&SellRequest],
+    now: i64,
+    today: &str,
+) -> Result<Vec<Result<Dispensed, StoreError>>, StoreError> {
+    use std::collections::HashMap;
+    let col = |f: fn(&SaleContext) -> &str| reqs.iter().map(|r| f(&r.sale)).collect::<Vec<&str>>();
+    let (gw, term, stan, trans) =
+        (col(|s| &s.gateway), col(|s| &s.terminal_id), col(|s| &s.stan), col(|s| &s.transmission));
+    let key_of = |g: &str, t: &str, s: &str, x: &str| format!("{g}/{t}/{s}/{x}");
+
+    // Sales already made under these keys: (product, amount, merchant, the PIN).
+    let rows = tx
+        .query(
+            &format!(
+                "SELECT s.gateway, s.terminal_id, s.stan, s.transmission, s.product, s.amount, s.merchant_id,
+                        {cols}
+                 FROM sales s JOIN pins p ON p.id = s.pin_id
+                 WHERE (s.gateway, s.terminal_id, s.stan, s.transmission) IN
+                       (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]))",
+                cols = PIN_COLUMNS.split(", ").map(|c| format!("p.{c}")).collect::<Vec<_>>().join(", ")
+            ),
+            &[&gw, &term, &stan, &trans],
+        )
+        .await?;
+    let mut existing: HashMap<String, (String, i64, String, PinRow)> = HashMap::new();
+    for r in &rows {
+        let key = key_of(r.get(0), r.get(1), r.get(2), r.get(3));
+        let pin = PinRow {
+            id: r.get(7),
+            product: r.get(8),
+            amount: r.get(9),
+            serial: r.get(10),
+            sealed: Sealed {
+                key_id: r.get::<_, i32>(11) as u32,
+                nonce: r.get::<_, Vec<u8>>(12).try_into().unwrap_or([0; 12]),
+                ciphertext: r.get(13),
+            },
+            expiry: r.get(14),
+            receipt: r.get(15),
+        };
+        existing.insert(key, (r.get(4), r.get(5), r.get(6), pin));
+    }
+    let reversed: std::collections::HashSet<String> = tx
+        .query(
+            "SELECT gateway, terminal_id, stan, transmission FROM reversals
+             WHERE (gateway, terminal_id, stan, transmission) IN
+                   (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]))",
+            &[&gw, &term, &stan, &trans],
+        )
+        .await?
+        .iter()
+        .map(|r| key_of(r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let offered: std::collections::HashSet<(String, i64)> = tx
+        .query("SELECT product, amount FROM denominations", &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let products: std::collections::HashSet<String> = offered.iter().map(|(p, _)| p.clone()).collect();
+
+    // Decide each request; new sales wait for a PIN. A key repeated inside the batch follows its first request.
+    enum Plan {
+        Done(Result<Dispensed, StoreError>),
+        Existing,
+        New,
+        SameAsEarlier(usize),
+    }
+    let mut first_new: HashMap<String, usize> = HashMap::new();
+    let mut plans = Vec::with_capacity(reqs.len());
+    let mut wanted: HashMap<(String, i64), Vec<usize>> = HashMap::new();
+    for (i, r) in reqs.iter().enumerate() {
+        let key = r.sale.key();
+        let plan = if let Some((product, amount, merchant, _)) = existing.get(&key) {
+            if *product != r.product || *amount != r.amount || *merchant != r.sale.merchant_id {
+                Plan::Done(Err(StoreError::DuplicateMismatch { key }))
+            } else {
+                Plan::Existing
+            }
+        } else if reversed.contains(&key) {
+            Plan::Done(Err(StoreError::AlreadyReversed { key }))
+        } else if !products.contains(&r.product) {
+            Plan::Done(Err(StoreError::UnknownProduct(r.product.clone())))
+        } else if !offered.contains(&(r.product.clone(), r.amount)) {
+            Plan::Done(Err(StoreError::UnknownDenomination { product: r.product.clone(), amount: r.amount }))
+        } else if let Some(&j) = first_new.get(&key) {
+            Plan::SameAsEarlier(j)
+        } else {
+            first_new.insert(key, i);
+            wanted.entry((r.product.clone(), r.amount)).or_default().push(i);
+            Plan::New
+        };
+        plans.push(plan);
+    }
+
+    // One pick per product and amount.
+    let mut picked: HashMap<usize, PinRow> = HashMap::new();
+    for ((product, amount), who) in &wanted {
+        let n = who.len() as i64;
+        let rows = tx
+            .query(
+                &format!(
+                    "UPDATE pins SET state = 'sold'
+                     WHERE id IN (SELECT id FROM pins WHERE product = $1 AND amount = $2 AND state = 'available'
+                                  AND (expiry IS NULL OR expiry >= $3) ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)
+                     RETURNING {PIN_COLUMNS}"
+                ),
+                &[product, amount, &today, &n],
+            )
+            .await?;
+        let mut got: Vec<PinRow> = rows.iter().map(pin_row).collect();
+        got.sort_by_key(|p| p.id);
+        for (i, pin) in who.iter().zip(got) {
+            picked.insert(*i, pin);
+        }
+    }
+    // Record the new sales in one statement.
+    let new: Vec<usize> = picked.keys().copied().collect();
+    if !new.is_empty() {
+        let f = |g: fn(&SellRequest) -> &str| new.iter().map(|&i| g(reqs[i])).collect::<Vec<&str>>();
+        let ids: Vec<i64> = new.iter().map(|i| picked[i].id).collect();
+        let amounts: Vec<i64> = new.iter().map(|&i| reqs[i].amount).collect();
+        tx.execute(
+            "INSERT INTO sales (gateway, terminal_id, stan, transmission, pin_id, merchant_id, rrn, product, amount, sold_at)
+             SELECT g, t, s, x, p, m, r, pr, a, $10
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[],
+                         $8::text[], $9::bigint[]) AS u(g, t, s, x, p, m, r, pr, a)",
+            &[
+                &f(|r| &r.sale.gateway),
+                &f(|r| &r.sale.terminal_id),
+                &f(|r| &r.sale.stan),
+                &f(|r| &r.sale.transmission),
+                &ids,
+                &f(|r| &r.sale.merchant_id),
+                &f(|r| &r.sale.rrn),
+                &f(|r| &r.product),
+                &amounts,
+                &now,
+            ],
+        )
+        .await?;
+    }
+
+    let mut out: Vec<Option<Result<Dispensed, StoreError>>> = Vec::with_capacity(reqs.len());
+    let mut repeats = Vec::new();
+    for (i, plan) in plans.into_iter().enumerate() {
+        out.push(match plan {
+            Plan::Done(r) => Some(r),
+            Plan::Existing => Some(existing[&reqs[i].sale.key()].3.open_ref(cipher)),
+            Plan::New => Some(match picked.remove(&i) {
+                Some(pin) => pin.open(cipher),
+                None => Err(StoreError::OutOfStock { product: reqs[i].product.clone(), amount: reqs[i].amount }),
+            }),
+            Plan::SameAsEarlier(j) => {
+                repeats.push((i, j));
+                None
+            }
+        });
+    }
+    // Repeats inside the batch answer like their first request: the same PIN, or a refusal.
+    for (i, j) in repeats {
+        let (first, r) = (reqs[j], reqs[i]);
+        out[i] = Some(
+            if first.product != r.product || first.amount != r.amount || first.sale.merchant_id != r.sale.merchant_id {
+                Err(StoreError::DuplicateMismatch { key: r.sale.key() })
+            } else {
+                match out[j].as_ref().expect("first requests are decided") {
+                    Ok(d) => Ok(d.clone()),
+                    Err(_) => Err(StoreError::OutOfStock { product: r.product.clone(), amount: r.amount }),
+                }
+            },
+        );
+    }
+    Ok(out.into_iter().map(|r| r.expect("set")).collect())
+}
+
+impl PinRow {
+    fn open_ref(&self, cipher: &PinCipher) -> Result<Dispensed, StoreError> {
+        let pin = cipher.open(&self.sealed, &self.serial)?;
+        Ok(Dispensed {
+            pin_id: self.id,
+            product: self.product.clone(),
+            amount: self.amount,
+            pin,
+            serial: self.serial.clone(),
+            expiry: self.expiry.clone(),
+            receipt: serde_json::from_str(&self.receipt).unwrap_or_default(),
+        })
+    }
+}
+
+/// Reservations of one batch: one pick per product and amount for all of them, then one update that gives each
+/// PIN its holder and lease. Competing servers skip each other's locked rows once per batch, not once per request.
+async fn reserve_many(
+    tx: &impl GenericClient,
+    cipher: &PinCipher,
+    ops: &[&Op],
+    today: &str,
+) -> Result<Vec<Result<Vec<Dispensed>, StoreError>>, StoreError> {
+    use std::collections::HashMap;
+    let offered: std::collections::HashSet<(String, i64)> = tx
+        .query("SELECT product, amount FROM denominations", &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut out: Vec<Option<Result<Vec<Dispensed>, StoreError>>> = (0..ops.len()).map(|_| None).collect();
+    let mut groups: HashMap<(String, i64), Vec<usize>> = HashMap::new();
+    for (i, op) in ops.iter().enumerate() {
+        let Op::Reserve { product, amount, count, .. } = op else { unreachable!("only reserves are passed") };
+        if *count == 0 || *count > MAX_RESERVE {
+            out[i] = Some(Err(StoreError::BadRequest(format!("reserve 1 to {MAX_RESERVE} PINs, not {count}"))));
+        } else if !offered.iter().any(|(p, _)| p == product) {
+            out[i] = Some(Err(StoreError::UnknownProduct(product.clone())));
+        } else if !offered.contains(&(product.clone(), *amount)) {
+            out[i] = Some(Err(StoreError::UnknownDenomination { product: product.clone(), amount: *amount }));
+        } else {
+            groups.entry((product.clone(), *amount)).or_default().push(i);
+        }
+    }
+    for ((product, amount), who) in groups {
+        let total: i64 = who
+            .iter()
+            .map(|&i| match ops[i] {
+                Op::Reserve { count, .. } => *count as i64,
+                _ => 0,
+            })
+            .sum();
+        let mut ids: Vec<i64> = tx
+            .query(
+                "SELECT id FROM pins WHERE product = $1 AND amount = $2 AND state = 'available'
+                 AND (expiry IS NULL OR expiry >= $3) ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED",
+                &[&product, &amount, &today, &total],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        ids.reverse();
+        let (mut pin_ids, mut holders, mut leases, mut owner) = (Vec::new(), Vec::new(), Vec::new(), HashMap::new());
+        for &i in &who {
+            let Op::Reserve { holder, count, lease_until, .. } = ops[i] else { unreachable!() };
+            for _ in 0..*count {
+                let Some(id) = ids.pop() else { break };
+                pin_ids.push(id);
+                holders.push(holder.as_str());
+                leases.push(*lease_until);
+                owner.insert(id, i);
+            }
+            out[i] = Some(Ok(Vec::new()));
+        }
+        let rows = tx
+            .query(
+                &format!(
+                    "UPDATE pins SET state = 'reserved', holder = u.h, lease_until = u.l
+                     FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS u(id, h, l)
+                     WHERE pins.id = u.id RETURNING {}",
+                    PIN_COLUMNS.split(", ").map(|c| format!("pins.{c}")).collect::<Vec<_>>().join(", ")
+                ),
+                &[&pin_ids, &holders, &leases],
+            )
+            .await?;
+        for r in &rows {
+            let pin = pin_row(r);
+            let i = owner[&pin.id];
+            if let Some(Ok(v)) = out[i].as_mut() {
+                v.push(pin.open(cipher)?);
+            }
+        }
+    }
+    Ok(out
+        .into_iter()
+        .map(|r| {
+            let mut r = r.expect("every reserve decided");
+            if let Ok(v) = r.as_mut() {
+                v.sort_by_key(|d| d.pin_id);
+            }
+            r
+        })
+        .collect())
 }

@@ -1,0 +1,234 @@
+//! Throughput and latency of the real PIN server (TLS 1.3 + PSP + store) on this machine, for each backend:
+//! `ping` (TLS and protocol only: the ceiling measured in the same run), on-demand `sell`, and `reserve` of 10.
+//!
+//! `cargo bench --bench pin_server [-- sqlite|postgres] [--seconds N] [--connections N] [--in-flight N]`
+//! PostgreSQL at `$PINGATE_BENCH_PG` (default postgres://postgres@127.0.0.1:5432/test, in a scratch schema).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pingate::psp::client::PspClient;
+use pingate::psp::{Request, Response, Terminal};
+use pingate::sale::Pin;
+use pingate::server::{run, ServerOptions};
+use pingate::store::crypto::PinCipher;
+use pingate::store::handle::{DbUrl, StoreHandle, StoreOptions};
+use pingate::store::postgres::PgStore;
+use pingate::store::sqlite::SqliteStore;
+use pingate::store::{NewPin, Product};
+use pingate::tls::{certs_init, client_config, server_config, CertsInit, GatewayList};
+
+struct Args {
+    backends: Vec<String>,
+    seconds: u64,
+    connections: usize,
+    in_flight: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args { backends: vec![], seconds: 5, connections: 8, in_flight: 32 };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--seconds" => a.seconds = it.next().unwrap().parse().unwrap(),
+            "--connections" => a.connections = it.next().unwrap().parse().unwrap(),
+            "--in-flight" => a.in_flight = it.next().unwrap().parse().unwrap(),
+            "sqlite" | "postgres" => a.backends.push(x),
+            _ => {} // cargo's own flags (--bench)
+        }
+    }
+    if a.backends.is_empty() {
+        a.backends = vec!["sqlite".into(), "postgres".into()];
+    }
+    a
+}
+
+fn pins(n: usize) -> Vec<NewPin> {
+    (0..n)
+        .map(|i| NewPin {
+            product: "TOPUP".into(),
+            amount: 1000,
+            pin: Pin::new(format!("8{i:011}")),
+            serial: format!("B{i:09}"),
+            expiry: None,
+            receipt: vec!["Dial *100*PIN#".into()],
+        })
+        .collect()
+}
+
+fn product() -> Product {
+    Product {
+        code: "TOPUP".into(),
+        name: "Top-up".into(),
+        supplier: "Telco".into(),
+        currency: "978".into(),
+        denominations: vec![1000],
+    }
+}
+
+struct Stats {
+    ok: u64,
+    items: u64,
+    errors: u64,
+    latencies_us: Vec<u32>,
+    elapsed: Duration,
+}
+
+fn pct(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
+}
+
+async fn load(clients: &[Arc<PspClient>], in_flight: usize, secs: u64, op: &'static str) -> Stats {
+    let stop = Arc::new(AtomicBool::new(false));
+    let counter = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for (ci, c) in clients.iter().enumerate() {
+        for t in 0..in_flight {
+            let (c, stop, counter) = (c.clone(), stop.clone(), counter.clone());
+            tasks.push(tokio::spawn(async move {
+                let (mut ok, mut items, mut errors, mut lat) = (0u64, 0u64, 0u64, Vec::with_capacity(100_000));
+                while !stop.load(Ordering::Relaxed) {
+                    let n = counter.fetch_add(1, Ordering::Relaxed);
+                    let req = match op {
+                        "ping" => Request::Ping,
+                        "sell" => Request::Sell {
+                            product: "TOPUP".into(),
+                            amount: 1000,
+                            terminal: Terminal {
+                                terminal_id: format!("T{ci:03}{t:04}"),
+                                merchant_id: "MERCHANT0000001".into(),
+                                stan: format!("{n:09}"),
+                                transmission: "1128173500".into(),
+                                rrn: format!("{n:012}"),
+                            },
+                        },
+                        _ => Request::Reserve { product: "TOPUP".into(), amount: 1000, count: 10, lease_secs: 600 },
+                    };
+                    let start = Instant::now();
+                    match c.call(req).await {
+                        Ok(Response::Reserved { pins, .. }) if !pins.is_empty() => {
+                            ok += 1;
+                            items += pins.len() as u64;
+                        }
+                        Ok(Response::Reserved { .. }) => break, // stock ran out
+                        Ok(_) => {
+                            ok += 1;
+                            items += 1;
+                        }
+                        Err(_) => {
+                            errors += 1;
+                            break;
+                        }
+                    }
+                    lat.push(start.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                }
+                (ok, items, errors, lat)
+            }));
+        }
+    }
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut s = Stats { ok: 0, items: 0, errors: 0, latencies_us: Vec::new(), elapsed: Duration::ZERO };
+    for t in tasks {
+        let (ok, items, errors, lat) = t.await.unwrap();
+        s.ok += ok;
+        s.items += items;
+        s.errors += errors;
+        s.latencies_us.extend(lat);
+    }
+    s.elapsed = start.elapsed();
+    s.latencies_us.sort_unstable();
+    s
+}
+
+fn report(backend: &str, op: &str, s: &Stats) {
+    let secs = s.elapsed.as_secs_f64();
+    let l = &s.latencies_us;
+    println!(
+        "{backend:<9} {op:<12} {:>9.0} req/s {:>9.0} PINs/s  p50 {:>6.2} ms  p90 {:>6.2}  p99 {:>6.2}  p99.9 {:>6.2}  max {:>7.2}  errors {}",
+        s.ok as f64 / secs,
+        if op == "ping" { 0.0 } else { s.items as f64 / secs },
+        pct(l, 0.5),
+        pct(l, 0.9),
+        pct(l, 0.99),
+        pct(l, 0.999),
+        pct(l, 1.0),
+        s.errors
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let a = args();
+    let dir = std::env::temp_dir().join(format!("pingate-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let certs = certs_init(&dir.join("certs"), &CertsInit::default()).unwrap();
+    let keys = std::fs::read_to_string(certs.pin_keys()).unwrap();
+    let gateways = GatewayList::load(&certs.gateways()).unwrap();
+    let tls = Arc::new(server_config(&certs.server_cert(), &certs.server_key(), &certs.ca(), gateways.clone()).unwrap());
+    let ctls = Arc::new(client_config(&certs.gateway_cert("gw1"), &certs.gateway_key("gw1"), &certs.ca()).unwrap());
+    println!(
+        "PIN server benchmark: {} connections x {} in flight, {} s per measurement, {} cores",
+        a.connections,
+        a.in_flight,
+        a.seconds,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+    for backend in &a.backends {
+        let stock = if backend == "sqlite" { 400_000 } else { 250_000 };
+        let schema = format!("bench{}", std::process::id());
+        let pg = std::env::var("PINGATE_BENCH_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let t = Instant::now();
+        let (url, opts) = if backend == "sqlite" {
+            let path = dir.join("pins.db");
+            let mut s = SqliteStore::open(&path, PinCipher::from_spec(&keys).unwrap()).unwrap();
+            s.upsert_product(&product()).unwrap();
+            s.import(&pins(stock)).unwrap();
+            (DbUrl::Sqlite(path), StoreOptions::default())
+        } else {
+            let mut s = PgStore::connect(&pg, Some(&schema), PinCipher::from_spec(&keys).unwrap()).await.unwrap();
+            s.upsert_product(&product()).await.unwrap();
+            s.import(&pins(stock)).await.unwrap();
+            let pg_connections =
+                std::env::var("PINGATE_BENCH_PG_CONNECTIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+            (DbUrl::Postgres(pg.clone()), StoreOptions { pg_schema: Some(schema.clone()), pg_connections, ..StoreOptions::default() })
+        };
+        println!("{backend:<9} import       {:>9.0} PINs/s ({stock} PINs, encrypted, one transaction)", stock as f64 / t.elapsed().as_secs_f64());
+        let store = StoreHandle::open(&url, &keys, &opts).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn({
+            let (tls, gateways, store) = (tls.clone(), gateways.clone(), store.clone());
+            async move {
+                run(listener, tls, gateways, store, ServerOptions::default(), async {
+                    let _ = stop_rx.await;
+                })
+                .await
+            }
+        });
+        let mut clients = Vec::new();
+        for _ in 0..a.connections {
+            clients.push(Arc::new(PspClient::connect(addr, "localhost", ctls.clone()).await.unwrap().0));
+        }
+        for op in ["ping", "sell", "reserve x10"] {
+            let s = load(&clients, a.in_flight, a.seconds, op).await;
+            report(backend, op, &s);
+        }
+        drop(clients);
+        stop_tx.send(()).unwrap();
+        server.await.unwrap();
+        store.close().await;
+        if backend == "postgres" {
+            let (c, conn) = tokio_postgres::connect(&pg, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            c.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
