@@ -27,7 +27,12 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args { backends: vec![], seconds: 5, connections: 8, in_flight: 32 };
+    let mut a = Args {
+        backends: vec![],
+        seconds: 5,
+        connections: 8,
+        in_flight: 32,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
         match x.as_str() {
@@ -106,7 +111,12 @@ async fn load(clients: &[Arc<PspClient>], in_flight: usize, secs: u64, op: &'sta
                                 rrn: format!("{n:012}"),
                             },
                         },
-                        _ => Request::Reserve { product: "TOPUP".into(), amount: 1000, count: 10, lease_secs: 600 },
+                        _ => Request::Reserve {
+                            product: "TOPUP".into(),
+                            amount: 1000,
+                            count: 10,
+                            lease_secs: 600,
+                        },
                     };
                     let start = Instant::now();
                     match c.call(req).await {
@@ -133,7 +143,13 @@ async fn load(clients: &[Arc<PspClient>], in_flight: usize, secs: u64, op: &'sta
     let start = Instant::now();
     tokio::time::sleep(Duration::from_secs(secs)).await;
     stop.store(true, Ordering::Relaxed);
-    let mut s = Stats { ok: 0, items: 0, errors: 0, latencies_us: Vec::new(), elapsed: Duration::ZERO };
+    let mut s = Stats {
+        ok: 0,
+        items: 0,
+        errors: 0,
+        latencies_us: Vec::new(),
+        elapsed: Duration::ZERO,
+    };
     for t in tasks {
         let (ok, items, errors, lat) = t.await.unwrap();
         s.ok += ok;
@@ -170,7 +186,8 @@ async fn main() {
     let certs = certs_init(&dir.join("certs"), &CertsInit::default()).unwrap();
     let keys = std::fs::read_to_string(certs.pin_keys()).unwrap();
     let gateways = GatewayList::load(&certs.gateways()).unwrap();
-    let tls = Arc::new(server_config(&certs.server_cert(), &certs.server_key(), &certs.ca(), gateways.clone()).unwrap());
+    let tls =
+        Arc::new(server_config(&certs.server_cert(), &certs.server_key(), &certs.ca(), gateways.clone()).unwrap());
     let ctls = Arc::new(client_config(&certs.gateway_cert("gw1"), &certs.gateway_key("gw1"), &certs.ca()).unwrap());
     println!(
         "PIN server benchmark: {} connections x {} in flight, {} s per measurement, {} cores",
@@ -191,14 +208,28 @@ async fn main() {
             s.import(&pins(stock)).unwrap();
             (DbUrl::Sqlite(path), StoreOptions::default())
         } else {
-            let mut s = PgStore::connect(&pg, Some(&schema), PinCipher::from_spec(&keys).unwrap()).await.unwrap();
+            let mut s = PgStore::connect(&pg, Some(&schema), PinCipher::from_spec(&keys).unwrap())
+                .await
+                .unwrap();
             s.upsert_product(&product()).await.unwrap();
             s.import(&pins(stock)).await.unwrap();
-            let pg_connections =
-                std::env::var("PINGATE_BENCH_PG_CONNECTIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
-            (DbUrl::Postgres(pg.clone()), StoreOptions { pg_schema: Some(schema.clone()), pg_connections, ..StoreOptions::default() })
+            let pg_connections = std::env::var("PINGATE_BENCH_PG_CONNECTIONS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(StoreOptions::default().pg_connections);
+            (
+                DbUrl::Postgres(pg.clone()),
+                StoreOptions {
+                    pg_schema: Some(schema.clone()),
+                    pg_connections,
+                    ..StoreOptions::default()
+                },
+            )
         };
-        println!("{backend:<9} import       {:>9.0} PINs/s ({stock} PINs, encrypted, one transaction)", stock as f64 / t.elapsed().as_secs_f64());
+        println!(
+            "{backend:<9} import       {:>9.0} PINs/s ({stock} PINs, encrypted, one transaction)",
+            stock as f64 / t.elapsed().as_secs_f64()
+        );
         let store = StoreHandle::open(&url, &keys, &opts).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -214,7 +245,9 @@ async fn main() {
         });
         let mut clients = Vec::new();
         for _ in 0..a.connections {
-            clients.push(Arc::new(PspClient::connect(addr, "localhost", ctls.clone()).await.unwrap().0));
+            clients.push(Arc::new(
+                PspClient::connect(addr, "localhost", ctls.clone()).await.unwrap().0,
+            ));
         }
         for op in ["ping", "sell", "reserve x10"] {
             let s = load(&clients, a.in_flight, a.seconds, op).await;

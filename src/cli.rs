@@ -63,8 +63,8 @@ struct ServerArgs {
     /// Most gateway connections at once.
     #[arg(long, default_value_t = 256)]
     max_connections: usize,
-    /// PostgreSQL connections used by this server.
-    #[arg(long, default_value_t = 8)]
+    /// PostgreSQL connections used by this server (each commits batches of requests; on 2 cores, 2 is best).
+    #[arg(long, default_value_t = 2)]
     pg_connections: usize,
 }
 

@@ -214,11 +214,17 @@ async fn transitions_idempotency_and_refusals() {
             Op::Reverse(ctx("gw3", 3)),
         ])
         .await;
-    let (Ok(Outcome::Sold(x)), Ok(Outcome::Sold(y))) = (&r[0], &r[1]) else { panic!("{r:?}") };
+    let (Ok(Outcome::Sold(x)), Ok(Outcome::Sold(y))) = (&r[0], &r[1]) else {
+        panic!("{r:?}")
+    };
     assert_eq!(x, y);
     assert!(matches!(r[2], Err(StoreError::DuplicateMismatch { .. })));
     assert!(matches!(r[3], Err(StoreError::UnknownProduct(_))));
-    assert_eq!(r[4].as_ref().unwrap(), &Outcome::Sold(a.clone()), "a repeat of an earlier batch's sale");
+    assert_eq!(
+        r[4].as_ref().unwrap(),
+        &Outcome::Sold(a.clone()),
+        "a repeat of an earlier batch's sale"
+    );
     assert_eq!(r[5].as_ref().unwrap(), &Outcome::Reversed(Reversal::Remembered));
 
     // The database itself refuses what code must never do.
@@ -275,11 +281,23 @@ async fn transitions_idempotency_and_refusals() {
     let mut batch = pins(300, 1_500);
     batch[1_200].pin = pins(4, 1)[0].pin.clone(); // loaded before, in another chunk than the first
     let e = s.import(&batch).await.unwrap_err().to_string();
-    assert_eq!(e, "PIN 1201: duplicate PIN value (already loaded, or twice in this file)");
+    assert_eq!(
+        e,
+        "PIN 1201: duplicate PIN value (already loaded, or twice in this file)"
+    );
     let mut batch = pins(300, 2);
     batch[1].amount = 1234;
-    assert!(s.import(&batch).await.unwrap_err().to_string().starts_with("PIN 2: product `TOPUP` has no denomination"));
-    assert_eq!(count(&s, PinState::Available).await, 2, "failed imports left nothing behind");
+    assert!(s
+        .import(&batch)
+        .await
+        .unwrap_err()
+        .to_string()
+        .starts_with("PIN 2: product `TOPUP` has no denomination"));
+    assert_eq!(
+        count(&s, PinState::Available).await,
+        2,
+        "failed imports left nothing behind"
+    );
     assert_eq!(s.import(&pins(300, 2_500)).await.unwrap(), 2_500);
     assert_eq!(count(&s, PinState::Available).await, 2_502);
     drop(s);

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio_postgres::{Client, GenericClient, NoTls, Row};
+use tokio_postgres::{Client, GenericClient, NoTls, Row, Statement};
 
 use super::crypto::{PinCipher, Sealed};
 use super::{
@@ -149,6 +149,84 @@ fn unix_now() -> i64 {
 pub struct PgStore {
     client: Client,
     cipher: PinCipher,
+    prepared: Prepared,
+}
+
+/// The hot statements, prepared once per connection (an unprepared statement costs an extra round trip).
+struct Prepared {
+    lock_keys: Statement,
+    sales_for_keys: Statement,
+    reversals_for_keys: Statement,
+    denominations: Statement,
+    sell_pick: Statement,
+    insert_sales: Statement,
+    reserve_pick: Statement,
+    reserve_update: Statement,
+}
+
+impl Prepared {
+    async fn new(c: &Client) -> Result<Prepared, StoreError> {
+        let cols = |t: &str| {
+            PIN_COLUMNS
+                .split(", ")
+                .map(|c| format!("{t}.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        Ok(Prepared {
+            lock_keys: c
+                .prepare("SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM unnest($1::text[]) AS k")
+                .await?,
+            sales_for_keys: c
+                .prepare(&format!(
+                    "SELECT s.gateway, s.terminal_id, s.stan, s.transmission, s.product, s.amount, s.merchant_id, {}
+                     FROM sales s JOIN pins p ON p.id = s.pin_id
+                     WHERE (s.gateway, s.terminal_id, s.stan, s.transmission) IN
+                           (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]))",
+                    cols("p")
+                ))
+                .await?,
+            reversals_for_keys: c
+                .prepare(
+                    "SELECT gateway, terminal_id, stan, transmission FROM reversals
+                     WHERE (gateway, terminal_id, stan, transmission) IN
+                           (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]))",
+                )
+                .await?,
+            denominations: c.prepare("SELECT product, amount FROM denominations").await?,
+            sell_pick: c
+                .prepare(&format!(
+                    "UPDATE pins SET state = 'sold'
+                     WHERE id IN (SELECT id FROM pins WHERE product = $1 AND amount = $2 AND state = 'available'
+                                  AND (expiry IS NULL OR expiry >= $3) ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)
+                     RETURNING {PIN_COLUMNS}"
+                ))
+                .await?,
+            insert_sales: c
+                .prepare(
+                    "INSERT INTO sales (gateway, terminal_id, stan, transmission, pin_id, merchant_id, rrn, product,
+                                        amount, sold_at)
+                     SELECT g, t, s, x, p, m, r, pr, a, $10
+                     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[],
+                                 $7::text[], $8::text[], $9::bigint[]) AS u(g, t, s, x, p, m, r, pr, a)",
+                )
+                .await?,
+            reserve_pick: c
+                .prepare(
+                    "SELECT id FROM pins WHERE product = $1 AND amount = $2 AND state = 'available'
+                     AND (expiry IS NULL OR expiry >= $3) ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED",
+                )
+                .await?,
+            reserve_update: c
+                .prepare(&format!(
+                    "UPDATE pins SET state = 'reserved', holder = u.h, lease_until = u.l
+                     FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS u(id, h, l)
+                     WHERE pins.id = u.id RETURNING {}",
+                    cols("pins")
+                ))
+                .await?,
+        })
+    }
 }
 
 const PIN_COLUMNS: &str = "id, product, amount, serial, key_id, nonce, ciphertext, expiry, receipt";
@@ -175,19 +253,25 @@ impl PgStore {
             }
         });
         client.batch_execute("SET synchronous_commit = on").await?;
-        let mut store = PgStore { client, cipher };
+        let mut client = client;
         if let Some(s) = schema {
-            store
-                .client
+            client
                 .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {s}"))
                 .await?;
         }
-        store.migrate().await?;
-        Ok(store)
+        migrate(&mut client).await?;
+        let prepared = Prepared::new(&client).await?;
+        Ok(PgStore {
+            client,
+            cipher,
+            prepared,
+        })
     }
+}
 
-    async fn migrate(&mut self) -> Result<(), StoreError> {
-        let tx = self.client.transaction().await?;
+async fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    {
+        let tx = client.transaction().await?;
         // Several servers may start at once: one migrates, the others wait here.
         tx.batch_execute("SELECT pg_advisory_xact_lock(7318431)").await?;
         tx.batch_execute("CREATE TABLE IF NOT EXISTS pingate_schema (version INTEGER NOT NULL)")
@@ -209,9 +293,11 @@ impl PgStore {
                 .await?;
         }
         tx.commit().await?;
-        Ok(())
     }
+    Ok(())
+}
 
+impl PgStore {
     /// The schema version in the database.
     pub async fn schema_version(&self) -> Result<i32, StoreError> {
         Ok(self
@@ -263,7 +349,7 @@ impl PgStore {
         // loaded already); the rows then go in by chunks of 1,000 per statement.
         let tx = self.client.transaction().await?;
         let offered: std::collections::HashSet<(String, i64)> = tx
-            .query("SELECT product, amount FROM denominations", &[])
+            .query(&self.prepared.denominations, &[])
             .await?
             .iter()
             .map(|r| (r.get(0), r.get(1)))
@@ -279,10 +365,16 @@ impl PgStore {
                 });
             }
             if !serials.insert(p.serial.as_str()) {
-                return Err(StoreError::ImportRow { row, reason: format!("duplicate serial `{}`", p.serial) });
+                return Err(StoreError::ImportRow {
+                    row,
+                    reason: format!("duplicate serial `{}`", p.serial),
+                });
             }
             if !prints.insert(fp.as_slice()) {
-                return Err(StoreError::ImportRow { row, reason: DUPLICATE_PIN.into() });
+                return Err(StoreError::ImportRow {
+                    row,
+                    reason: DUPLICATE_PIN.into(),
+                });
             }
         }
         const CHUNK: usize = 1_000;
@@ -308,7 +400,10 @@ impl PgStore {
                     Some(s) => format!("duplicate serial `{s}`"),
                     None => DUPLICATE_PIN.into(),
                 };
-                return Err(StoreError::ImportRow { row: c * CHUNK + at + 1, reason });
+                return Err(StoreError::ImportRow {
+                    row: c * CHUNK + at + 1,
+                    reason,
+                });
             }
             let product: Vec<&str> = chunk.iter().map(|p| p.product.as_str()).collect();
             let amount: Vec<i64> = chunk.iter().map(|p| p.amount).collect();
@@ -316,8 +411,10 @@ impl PgStore {
             let nonce: Vec<&[u8]> = seals.iter().map(|(s, _)| &s.nonce[..]).collect();
             let ciphertext: Vec<&[u8]> = seals.iter().map(|(s, _)| s.ciphertext.as_slice()).collect();
             let expiry: Vec<Option<&str>> = chunk.iter().map(|p| p.expiry.as_deref()).collect();
-            let receipt: Vec<String> =
-                chunk.iter().map(|p| serde_json::to_string(&p.receipt).expect("strings serialise")).collect();
+            let receipt: Vec<String> = chunk
+                .iter()
+                .map(|p| serde_json::to_string(&p.receipt).expect("strings serialise"))
+                .collect();
             tx.execute(
                 "INSERT INTO pins (product, amount, serial, fingerprint, key_id, nonce, ciphertext, expiry, receipt, state)
                  SELECT *, 'available' FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bytea[], $5::int[],
@@ -326,7 +423,9 @@ impl PgStore {
             )
             .await?;
             let done = c * CHUNK + chunk.len();
-            if done / super::sqlite::IMPORT_PROGRESS_EVERY != (done - chunk.len()) / super::sqlite::IMPORT_PROGRESS_EVERY {
+            if done / super::sqlite::IMPORT_PROGRESS_EVERY
+                != (done - chunk.len()) / super::sqlite::IMPORT_PROGRESS_EVERY
+            {
                 progress(done);
             }
         }
@@ -346,7 +445,7 @@ impl PgStore {
     pub async fn apply_batch(&mut self, ops: &[Op]) -> Vec<Result<Outcome, StoreError>> {
         let now = unix_now();
         let today = super::sqlite::today();
-        let cipher = &self.cipher;
+        let (cipher, st) = (&self.cipher, &self.prepared);
         let fail_all = |e: StoreError| -> Vec<Result<Outcome, StoreError>> {
             let msg = e.to_string();
             ops.iter().map(|_| Err(StoreError::Db(msg.clone()))).collect()
@@ -359,10 +458,7 @@ impl PgStore {
         keys.sort();
         keys.dedup();
         if !keys.is_empty() {
-            if let Err(e) = tx
-                .execute("SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM unnest($1::text[]) AS k", &[&keys])
-                .await
-            {
+            if let Err(e) = tx.execute(&st.lock_keys, &[&keys]).await {
                 return fail_all(e.into());
             }
         }
@@ -377,7 +473,7 @@ impl PgStore {
             .collect();
         if !sells.is_empty() {
             let reqs: Vec<&SellRequest> = sells.iter().map(|(_, r)| *r).collect();
-            match sell_many(&tx, cipher, &reqs, now, &today).await {
+            match sell_many(&tx, st, cipher, &reqs, now, &today).await {
                 Ok(rs) => {
                     for ((i, _), r) in sells.iter().zip(rs) {
                         results[*i] = Some(r.map(Outcome::Sold));
@@ -386,11 +482,15 @@ impl PgStore {
                 Err(e) => return fail_all(e),
             }
         }
-        let reserves: Vec<usize> =
-            ops.iter().enumerate().filter(|(_, op)| matches!(op, Op::Reserve { .. })).map(|(i, _)| i).collect();
+        let reserves: Vec<usize> = ops
+            .iter()
+            .enumerate()
+            .filter(|(_, op)| matches!(op, Op::Reserve { .. }))
+            .map(|(i, _)| i)
+            .collect();
         if !reserves.is_empty() {
             let batch: Vec<&Op> = reserves.iter().map(|&i| &ops[i]).collect();
-            match reserve_many(&tx, cipher, &batch, &today).await {
+            match reserve_many(&tx, st, cipher, &batch, &today).await {
                 Ok(rs) => {
                     for (i, r) in reserves.iter().zip(rs) {
                         results[*i] = Some(r.map(Outcome::Reserved));
@@ -403,7 +503,7 @@ impl PgStore {
             if results[i].is_some() {
                 continue;
             }
-            match apply(&tx, cipher, op, now, &today).await {
+            match apply(&tx, st, cipher, op, now, &today).await {
                 Err(StoreError::Db(m)) => return fail_all(StoreError::Db(m)),
                 r => results[i] = Some(r),
             }
@@ -535,15 +635,18 @@ impl PinRow {
 
 async fn apply(
     tx: &impl GenericClient,
+    st: &Prepared,
     cipher: &PinCipher,
     op: &Op,
     now: i64,
     today: &str,
 ) -> Result<Outcome, StoreError> {
     match op {
-        Op::Sell(req) => {
-            sell_many(tx, cipher, &[req], now, today).await?.pop().expect("one result per request").map(Outcome::Sold)
-        }
+        Op::Sell(req) => sell_many(tx, st, cipher, &[req], now, today)
+            .await?
+            .pop()
+            .expect("one result per request")
+            .map(Outcome::Sold),
         Op::Reserve {
             holder,
             product,
@@ -674,7 +777,7 @@ async fn apply(
                 merchant_id: r.get(4),
                 rrn: r.get(5),
             };
-            Box::pin(apply(tx, cipher, &Op::Reverse(sale), now, today)).await
+            Box::pin(apply(tx, st, cipher, &Op::Reverse(sale), now, today)).await
         }
         Op::Stock => stock(tx).await.map(Outcome::Stock),
         Op::Catalog => catalog(tx).await.map(Outcome::Catalog),
@@ -828,6 +931,7 @@ async fn catalog(tx: &impl GenericClient) -> Result<Vec<Product>, StoreError> {
 /// one pick per product and amount (`LIMIT n … SKIP LOCKED`), one insert of all new sales. The keys are locked.
 async fn sell_many(
     tx: &impl GenericClient,
+    st: &Prepared,
     cipher: &PinCipher,
     reqs: &[&SellRequest],
     now: i64,
@@ -835,24 +939,22 @@ async fn sell_many(
 ) -> Result<Vec<Result<Dispensed, StoreError>>, StoreError> {
     use std::collections::HashMap;
     let col = |f: fn(&SaleContext) -> &str| reqs.iter().map(|r| f(&r.sale)).collect::<Vec<&str>>();
-    let (gw, term, stan, trans) =
-        (col(|s| &s.gateway), col(|s| &s.terminal_id), col(|s| &s.stan), col(|s| &s.transmission));
+    let (gw, term, stan, trans) = (
+        col(|s| &s.gateway),
+        col(|s| &s.terminal_id),
+        col(|s| &s.stan),
+        col(|s| &s.transmission),
+    );
     let key_of = |g: &str, t: &str, s: &str, x: &str| format!("{g}/{t}/{s}/{x}");
 
-    // Sales already made under these keys: (product, amount, merchant, the PIN).
-    let rows = tx
-        .query(
-            &format!(
-                "SELECT s.gateway, s.terminal_id, s.stan, s.transmission, s.product, s.amount, s.merchant_id,
-                        {cols}
-                 FROM sales s JOIN pins p ON p.id = s.pin_id
-                 WHERE (s.gateway, s.terminal_id, s.stan, s.transmission) IN
-                       (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]))",
-                cols = PIN_COLUMNS.split(", ").map(|c| format!("p.{c}")).collect::<Vec<_>>().join(", ")
-            ),
-            &[&gw, &term, &stan, &trans],
-        )
-        .await?;
+    // Three reads, pipelined on the connection: sales already made under these keys, reversals already
+    // recorded for them, and the denominations on offer.
+    let keys: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&gw, &term, &stan, &trans];
+    let (rows, reversal_rows, denomination_rows) = tokio::try_join!(
+        tx.query(&st.sales_for_keys, &keys),
+        tx.query(&st.reversals_for_keys, &keys),
+        tx.query(&st.denominations, &[]),
+    )?;
     let mut existing: HashMap<String, (String, i64, String, PinRow)> = HashMap::new();
     for r in &rows {
         let key = key_of(r.get(0), r.get(1), r.get(2), r.get(3));
@@ -871,23 +973,12 @@ async fn sell_many(
         };
         existing.insert(key, (r.get(4), r.get(5), r.get(6), pin));
     }
-    let reversed: std::collections::HashSet<String> = tx
-        .query(
-            "SELECT gateway, terminal_id, stan, transmission FROM reversals
-             WHERE (gateway, terminal_id, stan, transmission) IN
-                   (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]))",
-            &[&gw, &term, &stan, &trans],
-        )
-        .await?
+    let reversed: std::collections::HashSet<String> = reversal_rows
         .iter()
         .map(|r| key_of(r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect();
-    let offered: std::collections::HashSet<(String, i64)> = tx
-        .query("SELECT product, amount FROM denominations", &[])
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let offered: std::collections::HashSet<(String, i64)> =
+        denomination_rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     let products: std::collections::HashSet<String> = offered.iter().map(|(p, _)| p.clone()).collect();
 
     // Decide each request; new sales wait for a PIN. A key repeated inside the batch follows its first request.
@@ -913,7 +1004,10 @@ async fn sell_many(
         } else if !products.contains(&r.product) {
             Plan::Done(Err(StoreError::UnknownProduct(r.product.clone())))
         } else if !offered.contains(&(r.product.clone(), r.amount)) {
-            Plan::Done(Err(StoreError::UnknownDenomination { product: r.product.clone(), amount: r.amount }))
+            Plan::Done(Err(StoreError::UnknownDenomination {
+                product: r.product.clone(),
+                amount: r.amount,
+            }))
         } else if let Some(&j) = first_new.get(&key) {
             Plan::SameAsEarlier(j)
         } else {
@@ -928,17 +1022,7 @@ async fn sell_many(
     let mut picked: HashMap<usize, PinRow> = HashMap::new();
     for ((product, amount), who) in &wanted {
         let n = who.len() as i64;
-        let rows = tx
-            .query(
-                &format!(
-                    "UPDATE pins SET state = 'sold'
-                     WHERE id IN (SELECT id FROM pins WHERE product = $1 AND amount = $2 AND state = 'available'
-                                  AND (expiry IS NULL OR expiry >= $3) ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)
-                     RETURNING {PIN_COLUMNS}"
-                ),
-                &[product, amount, &today, &n],
-            )
-            .await?;
+        let rows = tx.query(&st.sell_pick, &[product, amount, &today, &n]).await?;
         let mut got: Vec<PinRow> = rows.iter().map(pin_row).collect();
         got.sort_by_key(|p| p.id);
         for (i, pin) in who.iter().zip(got) {
@@ -952,10 +1036,7 @@ async fn sell_many(
         let ids: Vec<i64> = new.iter().map(|i| picked[i].id).collect();
         let amounts: Vec<i64> = new.iter().map(|&i| reqs[i].amount).collect();
         tx.execute(
-            "INSERT INTO sales (gateway, terminal_id, stan, transmission, pin_id, merchant_id, rrn, product, amount, sold_at)
-             SELECT g, t, s, x, p, m, r, pr, a, $10
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[],
-                         $8::text[], $9::bigint[]) AS u(g, t, s, x, p, m, r, pr, a)",
+            &st.insert_sales,
             &[
                 &f(|r| &r.sale.gateway),
                 &f(|r| &r.sale.terminal_id),
@@ -980,7 +1061,10 @@ async fn sell_many(
             Plan::Existing => Some(existing[&reqs[i].sale.key()].3.open_ref(cipher)),
             Plan::New => Some(match picked.remove(&i) {
                 Some(pin) => pin.open(cipher),
-                None => Err(StoreError::OutOfStock { product: reqs[i].product.clone(), amount: reqs[i].amount }),
+                None => Err(StoreError::OutOfStock {
+                    product: reqs[i].product.clone(),
+                    amount: reqs[i].amount,
+                }),
             }),
             Plan::SameAsEarlier(j) => {
                 repeats.push((i, j));
@@ -997,7 +1081,10 @@ async fn sell_many(
             } else {
                 match out[j].as_ref().expect("first requests are decided") {
                     Ok(d) => Ok(d.clone()),
-                    Err(_) => Err(StoreError::OutOfStock { product: r.product.clone(), amount: r.amount }),
+                    Err(_) => Err(StoreError::OutOfStock {
+                        product: r.product.clone(),
+                        amount: r.amount,
+                    }),
                 }
             },
         );
@@ -1024,13 +1111,14 @@ impl PinRow {
 /// PIN its holder and lease. Competing servers skip each other's locked rows once per batch, not once per request.
 async fn reserve_many(
     tx: &impl GenericClient,
+    st: &Prepared,
     cipher: &PinCipher,
     ops: &[&Op],
     today: &str,
 ) -> Result<Vec<Result<Vec<Dispensed>, StoreError>>, StoreError> {
     use std::collections::HashMap;
     let offered: std::collections::HashSet<(String, i64)> = tx
-        .query("SELECT product, amount FROM denominations", &[])
+        .query(&st.denominations, &[])
         .await?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
@@ -1038,13 +1126,23 @@ async fn reserve_many(
     let mut out: Vec<Option<Result<Vec<Dispensed>, StoreError>>> = (0..ops.len()).map(|_| None).collect();
     let mut groups: HashMap<(String, i64), Vec<usize>> = HashMap::new();
     for (i, op) in ops.iter().enumerate() {
-        let Op::Reserve { product, amount, count, .. } = op else { unreachable!("only reserves are passed") };
+        let Op::Reserve {
+            product, amount, count, ..
+        } = op
+        else {
+            unreachable!("only reserves are passed")
+        };
         if *count == 0 || *count > MAX_RESERVE {
-            out[i] = Some(Err(StoreError::BadRequest(format!("reserve 1 to {MAX_RESERVE} PINs, not {count}"))));
+            out[i] = Some(Err(StoreError::BadRequest(format!(
+                "reserve 1 to {MAX_RESERVE} PINs, not {count}"
+            ))));
         } else if !offered.iter().any(|(p, _)| p == product) {
             out[i] = Some(Err(StoreError::UnknownProduct(product.clone())));
         } else if !offered.contains(&(product.clone(), *amount)) {
-            out[i] = Some(Err(StoreError::UnknownDenomination { product: product.clone(), amount: *amount }));
+            out[i] = Some(Err(StoreError::UnknownDenomination {
+                product: product.clone(),
+                amount: *amount,
+            }));
         } else {
             groups.entry((product.clone(), *amount)).or_default().push(i);
         }
@@ -1058,11 +1156,7 @@ async fn reserve_many(
             })
             .sum();
         let mut ids: Vec<i64> = tx
-            .query(
-                "SELECT id FROM pins WHERE product = $1 AND amount = $2 AND state = 'available'
-                 AND (expiry IS NULL OR expiry >= $3) ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED",
-                &[&product, &amount, &today, &total],
-            )
+            .query(&st.reserve_pick, &[&product, &amount, &today, &total])
             .await?
             .iter()
             .map(|r| r.get(0))
@@ -1070,7 +1164,15 @@ async fn reserve_many(
         ids.reverse();
         let (mut pin_ids, mut holders, mut leases, mut owner) = (Vec::new(), Vec::new(), Vec::new(), HashMap::new());
         for &i in &who {
-            let Op::Reserve { holder, count, lease_until, .. } = ops[i] else { unreachable!() };
+            let Op::Reserve {
+                holder,
+                count,
+                lease_until,
+                ..
+            } = ops[i]
+            else {
+                unreachable!()
+            };
             for _ in 0..*count {
                 let Some(id) = ids.pop() else { break };
                 pin_ids.push(id);
@@ -1080,17 +1182,7 @@ async fn reserve_many(
             }
             out[i] = Some(Ok(Vec::new()));
         }
-        let rows = tx
-            .query(
-                &format!(
-                    "UPDATE pins SET state = 'reserved', holder = u.h, lease_until = u.l
-                     FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS u(id, h, l)
-                     WHERE pins.id = u.id RETURNING {}",
-                    PIN_COLUMNS.split(", ").map(|c| format!("pins.{c}")).collect::<Vec<_>>().join(", ")
-                ),
-                &[&pin_ids, &holders, &leases],
-            )
-            .await?;
+        let rows = tx.query(&st.reserve_update, &[&pin_ids, &holders, &leases]).await?;
         for r in &rows {
             let pin = pin_row(r);
             let i = owner[&pin.id];
