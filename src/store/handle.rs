@@ -57,7 +57,7 @@ impl Default for StoreOptions {
     fn default() -> StoreOptions {
         StoreOptions {
             max_batch: 64,
-            pg_connections: 8,
+            pg_connections: 2,
             pg_schema: None,
             queue: 4096,
         }
