@@ -9,67 +9,7 @@ use crate::store::crypto::PinCipher;
 use crate::store::handle::DbUrl;
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{NewPin, Product, StockRow, StoreError};
-
-/// One inventory, whichever backend holds it.
-pub enum Inventory {
-    Sqlite(SqliteStore),
-    Postgres(PgStore),
-}
-
-impl Inventory {
-    /// Opens `db`. Commands that never open a PIN (stock, leases) pass `None` and get a throwaway key.
-    pub async fn open(db: &str, keys: Option<&str>) -> Result<Inventory, StoreError> {
-        let spec = match keys {
-            Some(k) => k.to_string(),
-            None => PinCipher::generate_spec()?,
-        };
-        let cipher = PinCipher::from_spec(&spec)?;
-        Ok(match DbUrl::parse(db)? {
-            DbUrl::Sqlite(p) => Inventory::Sqlite(SqliteStore::open(&p, cipher)?),
-            DbUrl::Postgres(u) => Inventory::Postgres(PgStore::connect(&u, None, cipher).await?),
-        })
-    }
-
-    pub async fn upsert_product(&mut self, p: &Product) -> Result<(), StoreError> {
-        match self {
-            Inventory::Sqlite(s) => s.upsert_product(p),
-            Inventory::Postgres(s) => s.upsert_product(p).await,
-        }
-    }
-
-    pub async fn import(
-        &mut self,
-        pins: &[NewPin],
-        progress: &mut (dyn FnMut(usize) + Send),
-    ) -> Result<usize, StoreError> {
-        match self {
-            Inventory::Sqlite(s) => s.import_with_progress(pins, progress),
-            Inventory::Postgres(s) => s.import_with_progress(pins, progress).await,
-        }
-    }
-
-    pub async fn stock(&self) -> Result<Vec<StockRow>, StoreError> {
-        match self {
-            Inventory::Sqlite(s) => s.stock(),
-            Inventory::Postgres(s) => s.stock().await,
-        }
-    }
-
-    pub async fn expired_leases(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError> {
-        match self {
-            Inventory::Sqlite(s) => s.expired_leases(now),
-            Inventory::Postgres(s) => s.expired_leases(now).await,
-        }
-    }
-
-    pub async fn return_expired(&mut self, holder: &str, now: i64) -> Result<u64, StoreError> {
-        match self {
-            Inventory::Sqlite(s) => s.return_expired(holder, now).map(|n| n as u64),
-            Inventory::Postgres(s) => s.return_expired(holder, now).await,
-        }
-    }
-}
+use crate::store::{NewPin, PinStore, Product, StoreError};
 
 fn now() -> i64 {
     std::time::SystemTime::now()
@@ -194,19 +134,44 @@ fn import_file(path: &Path) -> Result<Vec<NewPin>, String> {
     read_csv(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Runs one `pingate pins` command.
+/// Runs one `pingate pins` command, on whichever backend `--db` names.
 pub(crate) async fn pins(cmd: PinsCommand) -> Result<String, String> {
+    let (db, keys) = match &cmd {
+        PinsCommand::Import { db, keys, .. } => (db.clone(), Some(key_spec(keys)?)),
+        PinsCommand::Product { db, .. }
+        | PinsCommand::Stock { db }
+        | PinsCommand::Leases { db }
+        | PinsCommand::ReturnExpired { db, .. } => (db.clone(), None),
+    };
+    // Commands that never open a PIN get a throwaway key.
+    let spec = match keys {
+        Some(k) => k,
+        None => PinCipher::generate_spec().map_err(|e| e.to_string())?,
+    };
+    let cipher = PinCipher::from_spec(&spec).map_err(|e| e.to_string())?;
+    match DbUrl::parse(&db).map_err(|e| e.to_string())? {
+        DbUrl::Sqlite(p) => run(SqliteStore::open(&p, cipher).map_err(|e| e.to_string())?, cmd).await,
+        DbUrl::Postgres(u) => {
+            run(
+                PgStore::connect(&u, None, cipher).await.map_err(|e| e.to_string())?,
+                cmd,
+            )
+            .await
+        }
+    }
+}
+
+async fn run(mut inv: impl PinStore, cmd: PinsCommand) -> Result<String, String> {
     let s = |e: StoreError| e.to_string();
     match cmd {
         PinsCommand::Product {
-            db,
             code,
             name,
             supplier,
             currency,
             amounts,
+            ..
         } => {
-            let mut inv = Inventory::open(&db, None).await.map_err(s)?;
             inv.upsert_product(&Product {
                 code: code.clone(),
                 name,
@@ -218,25 +183,25 @@ pub(crate) async fn pins(cmd: PinsCommand) -> Result<String, String> {
             .map_err(s)?;
             Ok(format!("product {code} saved"))
         }
-        PinsCommand::Import { db, keys, file } => {
-            let spec = key_spec(&keys)?;
+        PinsCommand::Import { file, .. } => {
             let pins = import_file(&file)?;
             let total = pins.len();
-            let mut inv = Inventory::open(&db, Some(&spec)).await.map_err(s)?;
             let mut progress = move |n: usize| {
                 eprint!("\rimporting: {n}/{total} PINs ({}%)", n * 100 / total.max(1));
                 let _ = std::io::stderr().flush();
             };
-            let n = inv.import(&pins, &mut progress).await.map_err(|e| match e {
-                // Line = position + 1 (the header is line 1).
-                StoreError::ImportRow { row, reason } => format!("{}: line {}: {reason}", file.display(), row + 1),
-                e => e.to_string(),
-            })?;
+            let n = inv
+                .import_with_progress(&pins, &mut progress)
+                .await
+                .map_err(|e| match e {
+                    // Line = position + 1 (the header is line 1).
+                    StoreError::ImportRow { row, reason } => format!("{}: line {}: {reason}", file.display(), row + 1),
+                    e => e.to_string(),
+                })?;
             eprintln!();
             Ok(format!("imported {n} PINs from {}", file.display()))
         }
-        PinsCommand::Stock { db } => {
-            let inv = Inventory::open(&db, None).await.map_err(s)?;
+        PinsCommand::Stock { .. } => {
             let mut out = format!("{:<20} {:>12} {:<10} {:>10}\n", "product", "amount", "state", "count");
             for r in inv.stock().await.map_err(s)? {
                 out.push_str(&format!(
@@ -249,8 +214,7 @@ pub(crate) async fn pins(cmd: PinsCommand) -> Result<String, String> {
             }
             Ok(out.trim_end().to_string())
         }
-        PinsCommand::Leases { db } => {
-            let inv = Inventory::open(&db, None).await.map_err(s)?;
+        PinsCommand::Leases { .. } => {
             let rows = inv.expired_leases(now()).await.map_err(s)?;
             if rows.is_empty() {
                 return Ok("no expired reservations".into());
@@ -261,8 +225,7 @@ pub(crate) async fn pins(cmd: PinsCommand) -> Result<String, String> {
                 .collect::<Vec<_>>()
                 .join("\n"))
         }
-        PinsCommand::ReturnExpired { db, gateway } => {
-            let mut inv = Inventory::open(&db, None).await.map_err(s)?;
+        PinsCommand::ReturnExpired { gateway, .. } => {
             let n = inv.return_expired(&gateway, now()).await.map_err(s)?;
             Ok(format!("returned {n} expired reservations of {gateway} to stock"))
         }

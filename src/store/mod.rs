@@ -195,6 +195,42 @@ pub enum Confirmation {
     Voided,
 }
 
+/// The inventory, whichever database holds it: [`sqlite::SqliteStore`] (embedded, one file) or
+/// [`postgres::PgStore`] (shared by several PIN servers). Code written against this trait — the operator commands,
+/// the conformance tests — runs on both. The server reaches a store through [`handle::StoreHandle`], whose workers
+/// call [`PinStore::apply_batch`].
+#[allow(async_fn_in_trait)] // used with static dispatch only
+pub trait PinStore {
+    /// Applies operations in one transaction (group commit); one result per operation, in order.
+    async fn apply_batch(&mut self, ops: &[Op]) -> Vec<Result<Outcome, StoreError>>;
+    /// Adds a product or updates it, with its denominations.
+    async fn upsert_product(&mut self, p: &Product) -> Result<(), StoreError>;
+    /// Loads PINs, all or nothing; `progress` hears how many are written every few thousand.
+    async fn import_with_progress(
+        &mut self,
+        pins: &[NewPin],
+        progress: &mut (dyn FnMut(usize) + Send),
+    ) -> Result<usize, StoreError>;
+    /// Count of PINs per product, amount and state.
+    async fn stock(&self) -> Result<Vec<StockRow>, StoreError>;
+    /// The catalog.
+    async fn catalog(&self) -> Result<Vec<Product>, StoreError>;
+    /// Available PINs whose expiry (`YYYYMMDD`) is before `today` become expired; returns how many.
+    async fn expire(&mut self, today: &str) -> Result<u64, StoreError>;
+    /// Reservations whose lease ended before `now`, per holder (reported, never freed by themselves).
+    async fn expired_leases(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError>;
+    /// Operator command: `holder`'s expired reservations go back to stock; returns how many.
+    async fn return_expired(&mut self, holder: &str, now: i64) -> Result<u64, StoreError>;
+
+    /// One operation in its own transaction.
+    async fn apply(&mut self, op: Op) -> Result<Outcome, StoreError> {
+        self.apply_batch(std::slice::from_ref(&op))
+            .await
+            .pop()
+            .expect("one result per operation")
+    }
+}
+
 /// Most PINs one `reserve` hands out.
 pub const MAX_RESERVE: usize = 1_000;
 

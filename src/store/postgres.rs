@@ -545,6 +545,17 @@ impl PgStore {
         catalog(&self.client).await
     }
 
+    /// Available PINs past their expiry date become expired; returns how many.
+    pub async fn expire(&mut self, today: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .client
+            .execute(
+                "UPDATE pins SET state = 'expired' WHERE state = 'available' AND expiry IS NOT NULL AND expiry < $1",
+                &[&today],
+            )
+            .await?)
+    }
+
     /// Reservations whose lease ended before `now`, per holder (reported, never freed by themselves).
     pub async fn expired_leases(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError> {
         let rows = self
@@ -1201,4 +1212,35 @@ async fn reserve_many(
             r
         })
         .collect())
+}
+
+impl super::PinStore for PgStore {
+    async fn apply_batch(&mut self, ops: &[Op]) -> Vec<Result<Outcome, StoreError>> {
+        PgStore::apply_batch(self, ops).await
+    }
+    async fn upsert_product(&mut self, p: &Product) -> Result<(), StoreError> {
+        PgStore::upsert_product(self, p).await
+    }
+    async fn import_with_progress(
+        &mut self,
+        pins: &[NewPin],
+        progress: &mut (dyn FnMut(usize) + Send),
+    ) -> Result<usize, StoreError> {
+        PgStore::import_with_progress(self, pins, progress).await
+    }
+    async fn stock(&self) -> Result<Vec<StockRow>, StoreError> {
+        PgStore::stock(self).await
+    }
+    async fn catalog(&self) -> Result<Vec<Product>, StoreError> {
+        PgStore::catalog(self).await
+    }
+    async fn expire(&mut self, today: &str) -> Result<u64, StoreError> {
+        PgStore::expire(self, today).await
+    }
+    async fn expired_leases(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        PgStore::expired_leases(self, now).await
+    }
+    async fn return_expired(&mut self, holder: &str, now: i64) -> Result<u64, StoreError> {
+        PgStore::return_expired(self, holder, now).await
+    }
 }

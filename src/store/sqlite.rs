@@ -204,7 +204,7 @@ impl SqliteStore {
     pub fn import_with_progress(
         &mut self,
         pins: &[NewPin],
-        progress: &mut dyn FnMut(usize),
+        progress: &mut (dyn FnMut(usize) + Send),
     ) -> Result<usize, StoreError> {
         let sealed: Vec<(Sealed, Vec<u8>)> = pins
             .iter()
@@ -852,4 +852,35 @@ fn catalog(conn: &Connection) -> Result<Vec<Product>, StoreError> {
         }
     }
     Ok(out)
+}
+
+impl super::PinStore for SqliteStore {
+    async fn apply_batch(&mut self, ops: &[Op]) -> Vec<Result<Outcome, StoreError>> {
+        SqliteStore::apply_batch(self, ops)
+    }
+    async fn upsert_product(&mut self, p: &Product) -> Result<(), StoreError> {
+        SqliteStore::upsert_product(self, p)
+    }
+    async fn import_with_progress(
+        &mut self,
+        pins: &[NewPin],
+        progress: &mut (dyn FnMut(usize) + Send),
+    ) -> Result<usize, StoreError> {
+        SqliteStore::import_with_progress(self, pins, progress)
+    }
+    async fn stock(&self) -> Result<Vec<StockRow>, StoreError> {
+        SqliteStore::stock(self)
+    }
+    async fn catalog(&self) -> Result<Vec<Product>, StoreError> {
+        SqliteStore::catalog(self)
+    }
+    async fn expire(&mut self, today: &str) -> Result<u64, StoreError> {
+        SqliteStore::expire(self, today).map(|n| n as u64)
+    }
+    async fn expired_leases(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        SqliteStore::expired_leases(self, now)
+    }
+    async fn return_expired(&mut self, holder: &str, now: i64) -> Result<u64, StoreError> {
+        SqliteStore::return_expired(self, holder, now).map(|n| n as u64)
+    }
 }

@@ -1,0 +1,197 @@
+//! One scenario, written once against the `PinStore` trait, run on both backends: whatever the database, the
+//! inventory behaves the same. Also key rotation: PINs sealed under an old key still open after a new key is added.
+
+use pingate::sale::Pin;
+use pingate::store::crypto::PinCipher;
+use pingate::store::postgres::PgStore;
+use pingate::store::sqlite::SqliteStore;
+use pingate::store::{
+    Confirmation, NewPin, Op, Outcome, PinState, PinStore, Product, Reversal, SaleContext, SellRequest, StoreError,
+};
+
+fn pins(from: usize, n: usize, expiry: Option<&str>) -> Vec<NewPin> {
+    (from..from + n)
+        .map(|i| NewPin {
+            product: "GIFT".into(),
+            amount: 2500,
+            pin: Pin::new(format!("GIFT{i:08}")),
+            serial: format!("G{i:07}"),
+            expiry: expiry.map(str::to_string),
+            receipt: vec![format!("Gift card {i}")],
+        })
+        .collect()
+}
+
+fn ctx(gw: &str, stan: u32) -> SaleContext {
+    SaleContext {
+        gateway: gw.into(),
+        terminal_id: "T1".into(),
+        merchant_id: "M1".into(),
+        stan: format!("{stan:06}"),
+        transmission: "0101000000".into(),
+        rrn: "R".into(),
+    }
+}
+
+fn sell(gw: &str, stan: u32) -> Op {
+    Op::Sell(SellRequest {
+        product: "GIFT".into(),
+        amount: 2500,
+        sale: ctx(gw, stan),
+    })
+}
+
+async fn count(s: &impl PinStore, state: PinState) -> i64 {
+    s.stock()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.state == state)
+        .map(|r| r.count)
+        .sum()
+}
+
+/// The behaviour every backend must have.
+async fn scenario(s: &mut impl PinStore) {
+    s.upsert_product(&Product {
+        code: "GIFT".into(),
+        name: "Gift card".into(),
+        supplier: "Shop".into(),
+        currency: "840".into(),
+        denominations: vec![2500],
+    })
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut progress = |n: usize| seen.push(n);
+    assert_eq!(
+        s.import_with_progress(&pins(0, 10_000, None), &mut progress)
+            .await
+            .unwrap(),
+        10_000
+    );
+    assert_eq!(seen, vec![5_000, 10_000], "import reports progress");
+    s.import_with_progress(&pins(20_000, 2, Some("20000101")), &mut |_| {})
+        .await
+        .unwrap();
+    assert_eq!(s.catalog().await.unwrap()[0].denominations, vec![2500]);
+
+    let Outcome::Sold(a) = s.apply(sell("g", 1)).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(s.apply(sell("g", 1)).await.unwrap(), Outcome::Sold(a.clone()));
+    let Outcome::Reserved(held) = s
+        .apply(Op::Reserve {
+            holder: "g".into(),
+            product: "GIFT".into(),
+            amount: 2500,
+            count: 3,
+            lease_until: 100,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(held.len(), 3);
+    assert!(held.iter().all(|d| d.pin_id != a.pin_id));
+    let confirm = Op::Confirm {
+        holder: "g".into(),
+        pin_id: held[0].pin_id,
+        sale: ctx("g", 2),
+    };
+    assert_eq!(
+        s.apply(confirm.clone()).await.unwrap(),
+        Outcome::Confirmed(Confirmation::Sold)
+    );
+    assert_eq!(
+        s.apply(confirm).await.unwrap(),
+        Outcome::Confirmed(Confirmation::AlreadyConfirmed)
+    );
+    assert_eq!(
+        s.apply(Op::Release {
+            holder: "g".into(),
+            pin_ids: vec![held[1].pin_id]
+        })
+        .await
+        .unwrap(),
+        Outcome::Released { refused: vec![] }
+    );
+    assert_eq!(
+        s.apply(Op::Reverse(ctx("g", 2))).await.unwrap(),
+        Outcome::Reversed(Reversal::Voided { pin_id: held[0].pin_id })
+    );
+    assert_eq!(
+        s.apply(Op::Reverse(ctx("g", 3))).await.unwrap(),
+        Outcome::Reversed(Reversal::Remembered)
+    );
+    assert!(matches!(
+        s.apply(sell("g", 3)).await,
+        Err(StoreError::AlreadyReversed { .. })
+    ));
+    assert!(matches!(
+        s.apply(Op::ReversePin {
+            gateway: "other".into(),
+            pin_id: a.pin_id
+        })
+        .await,
+        Err(StoreError::NotHolder { .. })
+    ));
+    // The expired PINs are never sold, and `expire` moves them.
+    assert_eq!(s.expire("20261128").await.unwrap(), 2);
+    assert_eq!(count(s, PinState::Expired).await, 2);
+    assert_eq!(s.expired_leases(1_000).await.unwrap(), vec![("g".to_string(), 1)]);
+    assert_eq!(s.return_expired("g", 1_000).await.unwrap(), 1);
+    assert_eq!(count(s, PinState::Sold).await, 1);
+    assert_eq!(count(s, PinState::Voided).await, 1);
+    assert_eq!(count(s, PinState::Available).await, 10_000 - 2);
+}
+
+#[tokio::test]
+async fn sqlite_conforms() {
+    let dir = std::env::temp_dir().join(format!("pingate-conf-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = PinCipher::generate_spec().unwrap();
+    let mut s = SqliteStore::open(&dir.join("pins.db"), PinCipher::from_spec(&keys).unwrap()).unwrap();
+    scenario(&mut s).await;
+
+    // Rotation: add key 2; old PINs still open, new ones are sealed under key 2.
+    drop(s);
+    let k2 = PinCipher::generate_spec().unwrap().replacen("1:", "2:", 1);
+    let mut s = SqliteStore::open(
+        &dir.join("pins.db"),
+        PinCipher::from_spec(&format!("{keys},{k2}")).unwrap(),
+    )
+    .unwrap();
+    let Outcome::Sold(old) = s.apply(sell("g", 10)).await.unwrap() else {
+        panic!()
+    };
+    assert!(old.pin.expose().starts_with("GIFT"));
+    s.import_with_progress(&pins(30_000, 1, None), &mut |_| {}).unwrap();
+    let key_ids: Vec<i64> = s
+        .connection()
+        .prepare("SELECT DISTINCT key_id FROM pins ORDER BY 1")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(key_ids, vec![1, 2]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn postgres_conforms() {
+    let url = std::env::var("PINGATE_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let schema = format!("conf{}", std::process::id());
+    let keys = PinCipher::generate_spec().unwrap();
+    let mut s = PgStore::connect(&url, Some(&schema), PinCipher::from_spec(&keys).unwrap())
+        .await
+        .unwrap();
+    scenario(&mut s).await;
+    s.client()
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}
