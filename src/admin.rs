@@ -9,14 +9,7 @@ use crate::store::crypto::PinCipher;
 use crate::store::handle::DbUrl;
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{NewPin, PinStore, Product, StoreError};
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+use crate::store::{unix_now, NewPin, PinStore, Product, StoreError};
 
 /// Errors of reading an import file; `line` counts from 1 with the header as line 1.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -215,7 +208,7 @@ async fn run(mut inv: impl PinStore, cmd: PinsCommand) -> Result<String, String>
             Ok(out.trim_end().to_string())
         }
         PinsCommand::Leases { .. } => {
-            let rows = inv.expired_leases(now()).await.map_err(s)?;
+            let rows = inv.expired_leases(unix_now()).await.map_err(s)?;
             if rows.is_empty() {
                 return Ok("no expired reservations".into());
             }
@@ -226,7 +219,7 @@ async fn run(mut inv: impl PinStore, cmd: PinsCommand) -> Result<String, String>
                 .join("\n"))
         }
         PinsCommand::ReturnExpired { gateway, .. } => {
-            let n = inv.return_expired(&gateway, now()).await.map_err(s)?;
+            let n = inv.return_expired(&gateway, unix_now()).await.map_err(s)?;
             Ok(format!("returned {n} expired reservations of {gateway} to stock"))
         }
     }

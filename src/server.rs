@@ -8,7 +8,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -25,8 +25,11 @@ use crate::psp::{
     DEFAULT_MAX_FRAME, VERSION,
 };
 use crate::store::handle::StoreHandle;
-use crate::store::{Op, Outcome, SaleContext, SellRequest, MAX_RESERVE};
+use crate::store::{unix_now, Op, Outcome, SaleContext, SellRequest, MAX_RESERVE};
 use crate::tls::GatewayList;
+
+/// How long a closing connection keeps reading what the gateway still sends (see the end of `connection`).
+const LINGER: Duration = Duration::from_millis(500);
 
 /// Limits of the server. Every one of them protects it from a client it does not trust.
 #[derive(Clone, Debug)]
@@ -278,14 +281,12 @@ async fn connection(
     let _ = in_flight.acquire_many(shared.opts.max_in_flight as u32).await;
     drop(out);
     let _ = writer.await;
+    // Lingering close: the answers are sent and our side is shut; now read (and drop, untaken) whatever the
+    // gateway still sends, for a moment. Closing a socket with unread bytes resets the connection, and a reset
+    // destroys answers the gateway has not read yet — answers to sales that are committed.
+    let linger = async { while let Some(Ok(_)) = frames.next().await {} };
+    let _ = tokio::time::timeout(LINGER, linger).await;
     info!("gateway disconnected");
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs() as i64
 }
 
 fn sale(gateway: &str, t: Terminal) -> Result<SaleContext, String> {

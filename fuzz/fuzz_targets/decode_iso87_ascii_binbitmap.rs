@@ -1,26 +1,5 @@
-//! Decoder of the `iso87-ascii-binbitmap` dialect: never panics; whatever decodes re-encodes and decodes to the same message;
-//! streaming decode agrees with whole decode.
+//! Fuzz target: the `iso87-ascii-binbitmap` decoder (see decode_common.rs).
 #![no_main]
 
-use bytes::Bytes;
-use libfuzzer_sys::fuzz_target;
-use std::sync::OnceLock;
-
-use pingate::iso8583::{Dialect, Dialects};
-
-static DIALECT: OnceLock<Dialect> = OnceLock::new();
-
-fuzz_target!(|data: &[u8]| {
-    let d = DIALECT.get_or_init(|| Dialects::builtin().get("iso87-ascii-binbitmap").unwrap().clone());
-    let buf = Bytes::copy_from_slice(data);
-    let whole = d.decode(&buf);
-    if let Ok(Some((m, used))) = d.decode_streaming(&buf) {
-        if used == data.len() {
-            assert_eq!(whole.as_ref().ok(), Some(&m));
-        }
-    }
-    if let Ok(m) = whole {
-        let again = d.encode(&m).expect("a decoded message re-encodes");
-        assert_eq!(d.decode(&again.freeze()).expect("re-encoded message decodes"), m);
-    }
-});
+include!("decode_common.rs");
+decode_target!("iso87-ascii-binbitmap");

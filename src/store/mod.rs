@@ -20,6 +20,14 @@ pub mod sqlite;
 
 use crate::sale::Pin;
 
+/// Seconds since the Unix epoch: sale times and leases.
+pub(crate) fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 /// States of a PIN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PinState {
@@ -51,6 +59,24 @@ impl PinState {
 
     pub fn parse(s: &str) -> Option<PinState> {
         PinState::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
+    /// The allowed edges as an SQL condition on `OLD.state` and `NEW.state`, for the database triggers that
+    /// refuse any other change (both backends generate theirs from this).
+    pub fn allowed_edges_sql() -> String {
+        let mut allowed = Vec::new();
+        for from in PinState::ALL {
+            for to in PinState::ALL {
+                if from.can_move_to(to) {
+                    allowed.push(format!(
+                        "(OLD.state = '{}' AND NEW.state = '{}')",
+                        from.as_str(),
+                        to.as_str()
+                    ));
+                }
+            }
+        }
+        allowed.join(" OR ")
     }
 
     /// The allowed edges, the single source of truth (the database trigger is generated from it).

@@ -4,14 +4,12 @@
 //! servers; `synchronous_commit` stays on (an acknowledged sale is durable). Batches share one commit, as on
 //! SQLite; within a batch, operations run in the order of their key locks so two batches never deadlock.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
 use tokio_postgres::{Client, GenericClient, NoTls, Row, Statement};
 
 use super::crypto::{PinCipher, Sealed};
 use super::{
-    Confirmation, Dispensed, NewPin, Op, Outcome, PinState, Product, Reversal, SaleContext, SellRequest, StockRow,
-    StoreError, MAX_RESERVE,
+    unix_now, Confirmation, Dispensed, NewPin, Op, Outcome, PinState, Product, Reversal, SaleContext, SellRequest,
+    StockRow, StoreError, MAX_RESERVE,
 };
 
 const DUPLICATE_PIN: &str = "duplicate PIN value (already loaded, or twice in this file)";
@@ -102,18 +100,6 @@ CREATE TRIGGER pins_audit AFTER INSERT OR UPDATE OF state ON pins FOR EACH ROW E
 
 /// The function refusing state changes outside [`PinState::can_move_to`], generated from it.
 fn edges_trigger() -> String {
-    let mut allowed = Vec::new();
-    for from in PinState::ALL {
-        for to in PinState::ALL {
-            if from.can_move_to(to) {
-                allowed.push(format!(
-                    "(OLD.state = '{}' AND NEW.state = '{}')",
-                    from.as_str(),
-                    to.as_str()
-                ));
-            }
-        }
-    }
     format!(
         "CREATE FUNCTION pingate_edges() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
@@ -124,7 +110,7 @@ fn edges_trigger() -> String {
          END $$;
          CREATE TRIGGER pins_state_edges BEFORE UPDATE OF state ON pins
              FOR EACH ROW EXECUTE FUNCTION pingate_edges();",
-        allowed.join(" OR ")
+        PinState::allowed_edges_sql()
     )
 }
 
@@ -136,13 +122,6 @@ impl From<tokio_postgres::Error> for StoreError {
             None => StoreError::Db(e.to_string()),
         }
     }
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs() as i64
 }
 
 /// One connection to the shared inventory.

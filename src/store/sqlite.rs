@@ -3,14 +3,14 @@
 //! share one transaction ([`SqliteStore::sell_batch`]): that is how durable sales share a disk sync.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
 use super::crypto::{PinCipher, Sealed};
 use super::{
-    Confirmation, Dispensed, NewPin, Op, Outcome, PinState, Product, Reversal, SaleContext, SellRequest, StockRow,
-    StoreError, MAX_RESERVE,
+    unix_now, Confirmation, Dispensed, NewPin, Op, Outcome, PinState, Product, Reversal, SaleContext, SellRequest,
+    StockRow, StoreError, MAX_RESERVE,
 };
 
 /// One audit row: (from state, to state, holder); `from` is `None` for the row written when the PIN was loaded.
@@ -98,30 +98,11 @@ CREATE TRIGGER pins_no_delete BEFORE DELETE ON pins BEGIN SELECT RAISE(ABORT, 'P
 
 /// The trigger that refuses any state change outside [`PinState::can_move_to`], generated from it.
 fn edges_trigger() -> String {
-    let mut allowed = Vec::new();
-    for from in PinState::ALL {
-        for to in PinState::ALL {
-            if from.can_move_to(to) {
-                allowed.push(format!(
-                    "(OLD.state = '{}' AND NEW.state = '{}')",
-                    from.as_str(),
-                    to.as_str()
-                ));
-            }
-        }
-    }
     format!(
         "CREATE TRIGGER pins_state_edges BEFORE UPDATE OF state ON pins WHEN NEW.state <> OLD.state AND NOT ({}) \
          BEGIN SELECT RAISE(ABORT, 'illegal PIN state change'); END;",
-        allowed.join(" OR ")
+        PinState::allowed_edges_sql()
     )
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs() as i64
 }
 
 /// The inventory in one SQLite file. One `SqliteStore` is one connection; several (threads or processes) may
