@@ -4,16 +4,20 @@
 //!
 //! - [`iso8583`] — protocol core, no I/O: ISO 8583 dialects loaded from `protocols/iso8583/*.toml`, a nom decoder,
 //!   a `BytesMut` encoder, the [`iso8583::Message`] value type with masking, and the JSON form.
+//! - [`link`] — protocol core, no I/O: terminal-side length framings and TPDU as tokio-util codecs.
 //! - [`sale`] — the PIN sale contract spoken with terminals (`protocols/pin-sale-messages.md`): response codes,
 //!   the field 63 TLV that carries the PIN, and the keys that match repeats and reversals to sales.
-//! - [`store`] — the PIN inventory (`PinStore` backends: SQLite now, PostgreSQL next): states and their allowed
-//!   edges, audit rows, idempotent sales, reversals, PIN encryption at rest.
-//! - [`cli`] — the `pingate` command line, thin over the library.
+//! - [`store`] — the PIN inventory: the `PinStore` trait with SQLite and PostgreSQL backends, states and their
+//!   allowed edges, audit rows, idempotent sales, reversals, PIN encryption at rest, group-commit workers.
+//! - [`psp`] — the PIN server protocol: messages, strict parsing, and the gateway's TLS client.
+//! - [`server`], [`tls`] — the PIN server (mini-redis shaped `run(listener, …, shutdown)`) and mutual TLS.
+//! - [`admin`], [`cli`] — the `pingate` command line, thin over the library.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod cli;
 pub mod iso8583;
+pub mod link;
 pub mod psp;
 pub mod sale;
 pub mod server;
