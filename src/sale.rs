@@ -315,6 +315,205 @@ impl OriginalData {
     }
 }
 
+/// What a terminal asked for, read from its message and checked against the contract.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TerminalRequest {
+    /// 0200, or 0201 (`repeat`): buy one PIN.
+    Sale(SaleRequest),
+    /// 0400/0401 or 0420/0421 (`advice`): reverse the sale `sale`.
+    Reversal(ReversalRequest),
+    /// 0800: echo, sign-on or sign-off.
+    Network(NetworkCode),
+}
+
+/// A PIN purchase.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SaleRequest {
+    pub key: SaleKey,
+    pub merchant_id: String,
+    pub product: String,
+    /// Minor units.
+    pub amount: u64,
+    pub currency: String,
+    pub repeat: bool,
+}
+
+/// A reversal of an earlier sale.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReversalRequest {
+    /// The sale being reversed (from field 90 when present).
+    pub sale: SaleKey,
+    pub merchant_id: String,
+    pub product: String,
+    pub amount: u64,
+    pub currency: String,
+    /// 0420/0421 rather than 0400/0401.
+    pub advice: bool,
+}
+
+/// Field 70 values we serve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetworkCode {
+    SignOn,
+    SignOff,
+    Echo,
+}
+
+/// Why a request cannot be served, and what the terminal is told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: ResponseCode,
+    pub reason: String,
+}
+
+fn refuse(code: ResponseCode, reason: impl Into<String>) -> Refusal {
+    Refusal {
+        code,
+        reason: reason.into(),
+    }
+}
+
+/// The processing code of a PIN purchase.
+pub const PROCESSING_PIN_PURCHASE: &str = "000000";
+
+fn product_code(msg: &Message) -> Result<String, Refusal> {
+    let p = msg
+        .private_data()
+        .ok_or_else(|| refuse(ResponseCode::FormatError, "field 48 (product code) is missing"))?;
+    if p.is_empty() || p.len() > 20 || !p.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c)) {
+        return Err(refuse(
+            ResponseCode::FormatError,
+            "field 48: product code is 1-20 of A-Z a-z 0-9 - _ .",
+        ));
+    }
+    Ok(p.to_string())
+}
+
+fn amount_and_currency(msg: &Message) -> Result<(u64, String), Refusal> {
+    let amount = msg
+        .amount()
+        .ok_or_else(|| refuse(ResponseCode::FormatError, "field 4 (amount) is missing"))?;
+    if amount == 0 {
+        return Err(refuse(ResponseCode::InvalidAmount, "field 4: amount is zero"));
+    }
+    let currency = msg
+        .currency()
+        .ok_or_else(|| refuse(ResponseCode::FormatError, "field 49 (currency) is missing"))?;
+    Ok((amount, currency.to_string()))
+}
+
+fn merchant(msg: &Message) -> Result<String, Refusal> {
+    msg.merchant_id()
+        .map(str::to_string)
+        .ok_or_else(|| refuse(ResponseCode::FormatError, "field 42 (merchant id) is missing"))
+}
+
+fn key_error(e: SaleError) -> Refusal {
+    refuse(ResponseCode::FormatError, e.to_string())
+}
+
+impl TerminalRequest {
+    /// Reads a decoded request. A refusal carries the response code the contract gives it.
+    pub fn parse(msg: &Message) -> Result<TerminalRequest, Refusal> {
+        let mti = msg.mti();
+        match mti.as_str() {
+            "0200" | "0201" => {
+                if msg.processing_code() != Some(PROCESSING_PIN_PURCHASE) {
+                    return Err(refuse(
+                        ResponseCode::InvalidTransaction,
+                        "field 3: only 000000 (buy a PIN) is served",
+                    ));
+                }
+                let key = SaleKey::of(msg).map_err(key_error)?;
+                let (amount, currency) = amount_and_currency(msg)?;
+                Ok(TerminalRequest::Sale(SaleRequest {
+                    key,
+                    merchant_id: merchant(msg)?,
+                    product: product_code(msg)?,
+                    amount,
+                    currency,
+                    repeat: mti.is_repeat(),
+                }))
+            }
+            "0400" | "0401" | "0420" | "0421" => {
+                let sale = SaleKey::reversed_by(msg).map_err(key_error)?;
+                let (amount, currency) = amount_and_currency(msg)?;
+                Ok(TerminalRequest::Reversal(ReversalRequest {
+                    sale,
+                    merchant_id: merchant(msg)?,
+                    product: product_code(msg)?,
+                    amount,
+                    currency,
+                    advice: mti.function() == 2,
+                }))
+            }
+            "0800" => {
+                SaleKey::of(msg).map_err(key_error)?;
+                match msg.network_code() {
+                    Some("001") => Ok(TerminalRequest::Network(NetworkCode::SignOn)),
+                    Some("002") => Ok(TerminalRequest::Network(NetworkCode::SignOff)),
+                    Some("301") => Ok(TerminalRequest::Network(NetworkCode::Echo)),
+                    Some(_) => Err(refuse(
+                        ResponseCode::InvalidTransaction,
+                        "field 70: 001, 002 or 301 are served",
+                    )),
+                    None => Err(refuse(ResponseCode::FormatError, "field 70 (network code) is missing")),
+                }
+            }
+            other => Err(refuse(
+                ResponseCode::InvalidTransaction,
+                format!("MTI {other} is not served"),
+            )),
+        }
+    }
+}
+
+/// Fields an answer echoes from its request, per message class (see the contract).
+const ECHO_SALE: &[u8] = &[3, 4, 7, 11, 12, 13, 41, 42, 48, 49];
+const ECHO_REVERSAL: &[u8] = &[3, 4, 7, 11, 41, 42, 48, 49, 90];
+const ECHO_NETWORK: &[u8] = &[7, 11, 41, 42, 70];
+
+/// The answer to `request`: its response MTI, the echoed fields, and field 39. The caller adds what else the
+/// outcome carries ([`sale_answer`] for a sale).
+pub fn answer(request: &Message, code: ResponseCode) -> Message {
+    let mti = request.mti();
+    let echo = match mti.class() {
+        2 => ECHO_SALE,
+        4 => ECHO_REVERSAL,
+        _ => ECHO_NETWORK,
+    };
+    let mut out = Message::new(mti.response());
+    for &n in echo {
+        if let Some(v) = request.get(n) {
+            out.set(n, v.clone());
+        }
+    }
+    out.set(39, code.code());
+    out
+}
+
+/// The 0210 of a sale, approved or declined; `rrn` is the gateway's retrieval reference for it.
+pub fn sale_answer(
+    request: &Message,
+    rrn: &str,
+    outcome: Result<(&str, &PinReceipt), ResponseCode>,
+) -> Result<Message, SaleError> {
+    match outcome {
+        Ok((auth_id, receipt)) => {
+            let mut m = answer(request, ResponseCode::Approved);
+            m.set(37, rrn.to_string())
+                .set(38, auth_id.to_string())
+                .set(63, receipt.to_tlv()?);
+            Ok(m)
+        }
+        Err(code) => {
+            let mut m = answer(request, code);
+            m.set(37, rrn.to_string());
+            Ok(m)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
