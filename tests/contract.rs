@@ -92,7 +92,8 @@ fn every_scenario_in_every_dialect() {
 fn refusals_carry_the_contract_code() {
     let d = Dialects::builtin().get("iso87-ascii").unwrap().clone();
     let (base, _) = fixture(&d, "sale-request-0200");
-    let cases: Vec<(&str, Box<dyn Fn(&mut Message)>, ResponseCode)> = vec![
+    type Change = Box<dyn Fn(&mut Message)>;
+    let cases: Vec<(&str, Change, ResponseCode)> = vec![
         (
             "other processing code",
             Box::new(|m| {
