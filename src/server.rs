@@ -16,9 +16,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 
 use crate::psp::{
     parse_request, CatalogEntry, ErrorCode, PinOut, Request, Response, ResponseFrame, StockEntry, Terminal,
@@ -27,6 +27,12 @@ use crate::psp::{
 use crate::store::handle::StoreHandle;
 use crate::store::{unix_now, Op, Outcome, SaleContext, SellRequest, MAX_RESERVE};
 use crate::tls::GatewayList;
+
+/// Largest answer frame (a reserve of 1,000 PINs is about 150 KB of JSON).
+const MAX_ANSWER: usize = 4 * 1024 * 1024;
+
+/// How long one answer may take to write before the gateway is deemed not to read, and the connection ends.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a closing connection keeps reading what the gateway still sends (see the end of `connection`).
 const LINGER: Duration = Duration::from_millis(500);
@@ -160,24 +166,47 @@ async fn connection(
     tracing::Span::current().record("gateway", gateway.as_str());
     info!(%peer, "gateway connected");
 
-    let codec = LengthDelimitedCodec::builder()
-        .length_field_length(4)
-        .max_frame_length(shared.opts.max_frame)
-        .new_codec();
-    let (mut sink, mut frames) = Framed::new(stream, codec).split();
+    // Requests are capped at `max_frame`; answers have their own, larger cap (a reserve of 1,000 PINs is ~150 KB).
+    let (rd, wr) = tokio::io::split(stream);
+    let mut frames = FramedRead::new(
+        rd,
+        LengthDelimitedCodec::builder()
+            .length_field_length(4)
+            .max_frame_length(shared.opts.max_frame)
+            .new_codec(),
+    );
+    let mut sink = FramedWrite::new(
+        wr,
+        LengthDelimitedCodec::builder()
+            .length_field_length(4)
+            .max_frame_length(MAX_ANSWER)
+            .new_codec(),
+    );
+    // Ends this connection: shutdown, or a writer that can no longer deliver answers.
+    let done = stop.child_token();
     let (out, mut rx) = mpsc::channel::<Bytes>(shared.opts.max_in_flight + 8);
-    let writer = tokio::spawn(
+    let writer = tokio::spawn({
+        let done = done.clone();
         async move {
             while let Some(frame) = rx.recv().await {
-                if let Err(e) = sink.send(frame).await {
-                    debug!(error = %e, "write failed");
-                    break;
+                match tokio::time::timeout(WRITE_TIMEOUT, sink.send(frame)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "write failed, closing connection");
+                        done.cancel();
+                        break;
+                    }
+                    Err(_) => {
+                        warn!("gateway does not read its answers, closing connection");
+                        done.cancel();
+                        break;
+                    }
                 }
             }
-            let _ = sink.close().await;
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, SinkExt::<Bytes>::close(&mut sink)).await;
         }
-        .in_current_span(),
-    );
+        .in_current_span()
+    });
     let send = |out: &mpsc::Sender<Bytes>, frame: ResponseFrame| {
         let out = out.clone();
         async move {
@@ -188,16 +217,22 @@ async fn connection(
 
     let in_flight = Arc::new(Semaphore::new(shared.opts.max_in_flight));
     let mut greeted = false;
+    let mut last_request = tokio::time::Instant::now();
     loop {
-        let idle = in_flight.available_permits() == shared.opts.max_in_flight;
         let next = tokio::select! {
-            _ = stop.cancelled() => break,
+            _ = done.cancelled() => break,
             n = frames.next() => n,
-            _ = tokio::time::sleep(shared.opts.idle_timeout), if idle => {
+            _ = tokio::time::sleep_until(last_request + shared.opts.idle_timeout) => {
+                if in_flight.available_permits() < shared.opts.max_in_flight {
+                    // Still answering: not idle yet.
+                    last_request = tokio::time::Instant::now();
+                    continue;
+                }
                 info!("idle timeout");
                 break;
             }
         };
+        last_request = tokio::time::Instant::now();
         let body = match next {
             None => break,
             Some(Ok(b)) => b,
@@ -211,6 +246,10 @@ async fn connection(
             Ok(f) => f,
             Err((id, msg)) => {
                 send(&out, ResponseFrame::err(id, ErrorCode::BadRequest, msg)).await;
+                if !greeted {
+                    // Nothing but a well-formed hello opens a session.
+                    break;
+                }
                 continue;
             }
         };

@@ -466,6 +466,12 @@ async fn malformed_requests_get_bad_request_and_oversize_frames_close_the_connec
     assert_eq!(r.error.unwrap().message, "the first request must be hello");
     assert!(c.next().await.is_none(), "closed after a request before hello");
 
+    // A malformed first frame is answered and ends the connection too.
+    let mut c = raw(&f, addr).await;
+    let r = ask(&mut c, "{not json").await.unwrap();
+    assert_eq!(r.error.unwrap().code, ErrorCode::BadRequest);
+    assert!(c.next().await.is_none(), "closed after a malformed first frame");
+
     let mut c = raw(&f, addr).await;
     assert!(ask(&mut c, r#"{"id":1,"op":"hello","version":1}"#)
         .await
@@ -549,6 +555,12 @@ async fn shutdown_answers_every_request_in_flight_and_every_acknowledged_sale_is
         acknowledged.len(),
         "sold in the database = acknowledged to the gateway"
     );
+    // The client knows its connection is gone: a call now fails at once instead of waiting forever.
+    let late = tokio::time::timeout(Duration::from_secs(5), c.call(Request::Ping))
+        .await
+        .expect("no hang");
+    assert!(matches!(late, Err(ClientError::Closed)), "{late:?}");
+    assert!(c.is_closed());
     for id in acknowledged {
         let st: String = s
             .connection()
@@ -579,6 +591,30 @@ async fn a_silent_client_is_cut_off_after_the_handshake_timeout() {
         "not before the timeout: {:?}",
         start.elapsed()
     );
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+
+/// An answer far larger than the request cap (a reserve of 1,000 PINs) is delivered, and the connection goes on.
+#[tokio::test]
+async fn large_answers_are_delivered() {
+    let f = Fixture::new("large", 1_200);
+    let (addr, stop, task) = f.start(ServerOptions::default()).await;
+    let (c, _) = PspClient::connect(addr, "localhost", f.client_tls("gw1"))
+        .await
+        .unwrap();
+    let r = c
+        .call(Request::Reserve {
+            product: "TOPUP".into(),
+            amount: 1000,
+            count: 1_000,
+            lease_secs: 600,
+        })
+        .await
+        .unwrap();
+    let Response::Reserved { pins, .. } = r else { panic!() };
+    assert_eq!(pins.len(), 1_000);
+    assert_eq!(c.call(Request::Ping).await.unwrap(), Response::Pong);
     stop.send(()).unwrap();
     task.await.unwrap();
 }

@@ -137,14 +137,44 @@ async fn scenario(s: &mut impl PinStore) {
         .await,
         Err(StoreError::NotHolder { .. })
     ));
+    // A repeat of a reversed sale never gets the voided PIN back.
+    let Outcome::Sold(_) = s.apply(sell("g", 20)).await.unwrap() else {
+        panic!()
+    };
+    s.apply(Op::Reverse(ctx("g", 20))).await.unwrap();
+    assert!(matches!(
+        s.apply(sell("g", 20)).await,
+        Err(StoreError::AlreadyReversed { .. })
+    ));
+    // Keys whose parts would run together as text stay different sales, in one batch or in two.
+    let odd = |terminal: &str, stan: &str| {
+        let mut c = ctx("g", 0);
+        c.terminal_id = terminal.into();
+        c.stan = stan.into();
+        Op::Sell(SellRequest {
+            product: "GIFT".into(),
+            amount: 2500,
+            sale: c,
+        })
+    };
+    let r = s.apply_batch(&[odd("T/1", "5"), odd("T", "1/5")]).await;
+    let (Ok(Outcome::Sold(x)), Ok(Outcome::Sold(y))) = (&r[0], &r[1]) else {
+        panic!("{r:?}")
+    };
+    assert_ne!(x.pin_id, y.pin_id, "two sales, two PINs");
+    let Outcome::Sold(again) = s.apply(odd("T", "1/5")).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(again.pin_id, y.pin_id);
+
     // The expired PINs are never sold, and `expire` moves them.
     assert_eq!(s.expire("20261128").await.unwrap(), 2);
     assert_eq!(count(s, PinState::Expired).await, 2);
     assert_eq!(s.expired_leases(1_000).await.unwrap(), vec![("g".to_string(), 1)]);
     assert_eq!(s.return_expired("g", 1_000).await.unwrap(), 1);
-    assert_eq!(count(s, PinState::Sold).await, 1);
-    assert_eq!(count(s, PinState::Voided).await, 1);
-    assert_eq!(count(s, PinState::Available).await, 10_000 - 2);
+    assert_eq!(count(s, PinState::Sold).await, 1 + 2);
+    assert_eq!(count(s, PinState::Voided).await, 2);
+    assert_eq!(count(s, PinState::Available).await, 10_000 - 5);
 }
 
 #[tokio::test]

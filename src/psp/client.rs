@@ -36,7 +36,8 @@ pub enum ClientError {
     Protocol(String),
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Response, ClientError>>>>>;
+/// Requests waiting for their answers; `None` once the connection is gone (no new request may wait then).
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Result<Response, ClientError>>>>>>;
 
 /// What the server said in its welcome.
 #[derive(Clone, Debug)]
@@ -77,7 +78,7 @@ impl PspClient {
             .new_codec();
         let (mut sink, mut stream) = Framed::new(stream, codec).split();
         let (out, mut rx) = mpsc::channel::<Bytes>(1024);
-        let pending: Pending = Arc::default();
+        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         tokio::spawn(async move {
             while let Some(frame) = rx.recv().await {
                 if sink.send(frame).await.is_err() {
@@ -90,12 +91,18 @@ impl PspClient {
         tokio::spawn(async move {
             while let Some(Ok(frame)) = stream.next().await {
                 let Ok(resp) = parse_response(&frame) else { break };
-                if let Some(tx) = p.lock().expect("not poisoned").remove(&resp.id) {
+                let waiting = p
+                    .lock()
+                    .expect("not poisoned")
+                    .as_mut()
+                    .and_then(|m| m.remove(&resp.id));
+                if let Some(tx) = waiting {
                     let _ = tx.send(resp.into_result().map_err(ClientError::Server));
                 }
             }
-            // Whatever is still waiting will never be answered on this connection.
-            for (_, tx) in p.lock().expect("not poisoned").drain() {
+            // Whatever is still waiting will never be answered on this connection, and nothing new may wait.
+            let waiting = p.lock().expect("not poisoned").take();
+            for (_, tx) in waiting.into_iter().flatten() {
                 let _ = tx.send(Err(ClientError::Closed));
             }
         });
@@ -124,15 +131,25 @@ impl PspClient {
         }
     }
 
+    /// Whether the connection is gone (every later call fails at once with `Closed`).
+    pub fn is_closed(&self) -> bool {
+        self.pending.lock().expect("not poisoned").is_none()
+    }
+
     /// Sends one request and waits for its answer.
     pub async fn call(&self, request: Request) -> Result<Response, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body =
             serde_json::to_vec(&RequestFrame { id, request }).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().expect("not poisoned").insert(id, tx);
+        match self.pending.lock().expect("not poisoned").as_mut() {
+            Some(m) => m.insert(id, tx),
+            None => return Err(ClientError::Closed),
+        };
         if self.out.send(Bytes::from(body)).await.is_err() {
-            self.pending.lock().expect("not poisoned").remove(&id);
+            if let Some(m) = self.pending.lock().expect("not poisoned").as_mut() {
+                m.remove(&id);
+            }
             return Err(ClientError::Closed);
         }
         rx.await.map_err(|_| ClientError::Closed)?

@@ -177,6 +177,23 @@ impl SaleContext {
             self.gateway, self.terminal_id, self.stan, self.transmission
         )
     }
+
+    /// The key as one unambiguous text (each part length-prefixed: `T/1`+`5` and `T`+`1/5` differ), for maps and
+    /// locks. Never compare [`SaleContext::key`] texts: they are for people.
+    pub fn key_id(&self) -> String {
+        key_id(&self.gateway, &self.terminal_id, &self.stan, &self.transmission)
+    }
+}
+
+/// See [`SaleContext::key_id`].
+pub(crate) fn key_id(gateway: &str, terminal: &str, stan: &str, transmission: &str) -> String {
+    format!(
+        "{}:{gateway}{}:{terminal}{}:{stan}{}:{transmission}",
+        gateway.len(),
+        terminal.len(),
+        stan.len(),
+        transmission.len()
+    )
 }
 
 /// An on-demand sale request.

@@ -158,7 +158,8 @@ impl Prepared {
                 .await?,
             sales_for_keys: c
                 .prepare(&format!(
-                    "SELECT s.gateway, s.terminal_id, s.stan, s.transmission, s.product, s.amount, s.merchant_id, {}
+                    "SELECT s.gateway, s.terminal_id, s.stan, s.transmission, s.product, s.amount, s.merchant_id, {},
+                            p.state
                      FROM sales s JOIN pins p ON p.id = s.pin_id
                      WHERE (s.gateway, s.terminal_id, s.stan, s.transmission) IN
                            (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]))",
@@ -453,6 +454,10 @@ impl PgStore {
         if !sells.is_empty() {
             let reqs: Vec<&SellRequest> = sells.iter().map(|(_, r)| *r).collect();
             match sell_many(&tx, st, cipher, &reqs, now, &today).await {
+                // A PIN that does not decrypt was already recorded as sold: nothing of the batch may commit.
+                Ok(rs) if rs.iter().any(|r| matches!(r, Err(StoreError::Crypto(_)))) => {
+                    return fail_all(StoreError::Db("a PIN of this batch does not decrypt".into()));
+                }
                 Ok(rs) => {
                     for ((i, _), r) in sells.iter().zip(rs) {
                         results[*i] = Some(r.map(Outcome::Sold));
@@ -484,6 +489,7 @@ impl PgStore {
             }
             match apply(&tx, st, cipher, op, now, &today).await {
                 Err(StoreError::Db(m)) => return fail_all(StoreError::Db(m)),
+                Err(StoreError::Crypto(e)) => return fail_all(StoreError::Db(e.to_string())),
                 r => results[i] = Some(r),
             }
         }
@@ -577,15 +583,18 @@ impl StoreError {
 /// The sale key an operation locks, if any ("" sorts first for operations without one).
 fn lock_key(op: &Op) -> String {
     match op {
-        Op::Sell(r) => r.sale.key(),
-        Op::Confirm { sale, .. } | Op::Reverse(sale) => sale.key(),
+        Op::Sell(r) => r.sale.key_id(),
+        Op::Confirm { sale, .. } | Op::Reverse(sale) => sale.key_id(),
         _ => String::new(),
     }
 }
 
 async fn lock(tx: &impl GenericClient, sale: &SaleContext) -> Result<(), StoreError> {
-    tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&sale.key()])
-        .await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+        &[&sale.key_id()],
+    )
+    .await?;
     Ok(())
 }
 
@@ -935,7 +944,7 @@ async fn sell_many(
         col(|s| &s.stan),
         col(|s| &s.transmission),
     );
-    let key_of = |g: &str, t: &str, s: &str, x: &str| format!("{g}/{t}/{s}/{x}");
+    let key_of = super::key_id;
 
     // Three reads, pipelined on the connection: sales already made under these keys, reversals already
     // recorded for them, and the denominations on offer.
@@ -945,7 +954,7 @@ async fn sell_many(
         tx.query(&st.reversals_for_keys, &keys),
         tx.query(&st.denominations, &[]),
     )?;
-    let mut existing: HashMap<String, (String, i64, String, PinRow)> = HashMap::new();
+    let mut existing: HashMap<String, (String, i64, String, PinRow, bool)> = HashMap::new();
     for r in &rows {
         let key = key_of(r.get(0), r.get(1), r.get(2), r.get(3));
         let pin = PinRow {
@@ -961,7 +970,8 @@ async fn sell_many(
             expiry: r.get(14),
             receipt: r.get(15),
         };
-        existing.insert(key, (r.get(4), r.get(5), r.get(6), pin));
+        let voided = r.get::<_, String>(16) == PinState::Voided.as_str();
+        existing.insert(key, (r.get(4), r.get(5), r.get(6), pin, voided));
     }
     let reversed: std::collections::HashSet<String> = reversal_rows
         .iter()
@@ -982,15 +992,19 @@ async fn sell_many(
     let mut plans = Vec::with_capacity(reqs.len());
     let mut wanted: HashMap<(String, i64), Vec<usize>> = HashMap::new();
     for (i, r) in reqs.iter().enumerate() {
-        let key = r.sale.key();
-        let plan = if let Some((product, amount, merchant, _)) = existing.get(&key) {
+        let key = r.sale.key_id();
+        let shown = r.sale.key();
+        let plan = if let Some((product, amount, merchant, _, voided)) = existing.get(&key) {
             if *product != r.product || *amount != r.amount || *merchant != r.sale.merchant_id {
-                Plan::Done(Err(StoreError::DuplicateMismatch { key }))
+                Plan::Done(Err(StoreError::DuplicateMismatch { key: shown }))
+            } else if *voided {
+                // A repeat of a reversed sale never hands out the voided PIN.
+                Plan::Done(Err(StoreError::AlreadyReversed { key: shown }))
             } else {
                 Plan::Existing
             }
         } else if reversed.contains(&key) {
-            Plan::Done(Err(StoreError::AlreadyReversed { key }))
+            Plan::Done(Err(StoreError::AlreadyReversed { key: shown }))
         } else if !products.contains(&r.product) {
             Plan::Done(Err(StoreError::UnknownProduct(r.product.clone())))
         } else if !offered.contains(&(r.product.clone(), r.amount)) {
@@ -1048,7 +1062,7 @@ async fn sell_many(
     for (i, plan) in plans.into_iter().enumerate() {
         out.push(match plan {
             Plan::Done(r) => Some(r),
-            Plan::Existing => Some(existing[&reqs[i].sale.key()].3.open_ref(cipher)),
+            Plan::Existing => Some(existing[&reqs[i].sale.key_id()].3.open_ref(cipher)),
             Plan::New => Some(match picked.remove(&i) {
                 Some(pin) => pin.open(cipher),
                 None => Err(StoreError::OutOfStock {

@@ -262,6 +262,20 @@ impl SqliteStore {
                 sp.commit()?;
                 Ok(r)
             })();
+            // A database error fails the whole batch: SQLite may already have rolled the transaction back by
+            // itself (disk full, I/O error), and what follows must not be committed on its own.
+            if let Err(StoreError::Db(msg)) = &r {
+                let msg = msg.clone();
+                drop(tx);
+                return ops.iter().map(|_| Err(StoreError::Db(msg.clone()))).collect();
+            }
+            if tx.is_autocommit() {
+                drop(tx);
+                return ops
+                    .iter()
+                    .map(|_| Err(StoreError::Db("transaction rolled back by SQLite".into())))
+                    .collect();
+            }
             results.push(r);
         }
         if let Err(e) = tx.commit() {
@@ -584,8 +598,8 @@ fn sell_one(
     if reversal_pending(tx, sale)? && find_sale(tx, sale)?.is_none() {
         return Err(StoreError::AlreadyReversed { key: sale.key() });
     }
-    if let Some((pin_id, _)) = find_sale(tx, sale)? {
-        // The same key again: the same PIN, if the request is the same.
+    if let Some((pin_id, state)) = find_sale(tx, sale)? {
+        // The same key again: the same PIN, if the request is the same and was not reversed.
         let (product, amount, merchant): (String, i64, String) = tx.query_row(
             "SELECT product, amount, merchant_id FROM sales WHERE pin_id = ?1",
             params![pin_id],
@@ -593,6 +607,10 @@ fn sell_one(
         )?;
         if product != req.product || amount != req.amount || merchant != sale.merchant_id {
             return Err(StoreError::DuplicateMismatch { key: sale.key() });
+        }
+        if state == PinState::Voided {
+            // A repeat of a reversed sale never hands out the voided PIN.
+            return Err(StoreError::AlreadyReversed { key: sale.key() });
         }
         let row = tx.query_row(
             &format!("SELECT {PIN_COLUMNS} FROM pins WHERE id = ?1"),
