@@ -435,6 +435,23 @@ impl PgStore {
             Err(e) => return fail_all(StoreError::from_pg(&e)),
         };
         let mut keys: Vec<String> = ops.iter().map(lock_key).filter(|k| !k.is_empty()).collect();
+        // A reversal by PIN id locks the key of that PIN's sale, with the others (a sale row never changes once
+        // written, so reading it before the lock is safe).
+        for op in ops {
+            if let Op::ReversePin { gateway, pin_id } = op {
+                match tx
+                    .query_opt(
+                        "SELECT gateway, terminal_id, stan, transmission FROM sales WHERE pin_id = $1 AND gateway = $2",
+                        &[pin_id, gateway],
+                    )
+                    .await
+                {
+                    Ok(Some(r)) => keys.push(super::key_id(r.get(0), r.get(1), r.get(2), r.get(3))),
+                    Ok(None) => {}
+                    Err(e) => return fail_all(e.into()),
+                }
+            }
+        }
         keys.sort();
         keys.dedup();
         if !keys.is_empty() {
