@@ -425,3 +425,42 @@ async fn handle_batches_concurrent_callers_for_both_backends() {
     std::fs::remove_dir_all(&dir).unwrap();
     schema.drop_it().await;
 }
+
+#[tokio::test]
+async fn workers_reconnect_after_postgresql_drops_their_connection() {
+    let schema = Schema::new("reconnect").await;
+    drop(schema.stocked(50).await);
+    let opts = StoreOptions {
+        pg_schema: Some(schema.name.clone()),
+        pg_connections: 1,
+        ..StoreOptions::default()
+    };
+    let h = StoreHandle::open(&DbUrl::Postgres(url()), &schema.keys, &opts)
+        .await
+        .unwrap();
+    assert!(matches!(
+        h.call(Op::Sell(sell("gwr", 1))).await.unwrap(),
+        Outcome::Sold(_)
+    ));
+    // PostgreSQL ends the worker's session (as a restart or failover would).
+    let admin = schema.admin().await;
+    let killed: i64 = admin
+        .query_one(
+            "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1) t",
+            &[&format!("pingate/{}", schema.name)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1);
+    // The next requests succeed on a new connection (at most one batch fails while the loss is noticed).
+    let mut sold = 0;
+    for i in 2..10u32 {
+        if let Ok(Outcome::Sold(_)) = h.call(Op::Sell(sell("gwr", i))).await {
+            sold += 1;
+        }
+    }
+    assert!(sold >= 7, "only {sold} of 8 sales went through after the reconnect");
+    h.close().await;
+    schema.drop_it().await;
+}

@@ -100,7 +100,12 @@ impl StoreHandle {
                 let mut w = Vec::new();
                 for _ in 0..opts.pg_connections.max(1) {
                     let store = PgStore::connect(u, opts.pg_schema.as_deref(), PinCipher::from_spec(keys)?).await?;
-                    w.push(Worker::Task(tokio::spawn(pg_worker(store, rx.clone(), max))));
+                    let again = Reconnect {
+                        url: u.clone(),
+                        schema: opts.pg_schema.clone(),
+                        keys: keys.to_string(),
+                    };
+                    w.push(Worker::Task(tokio::spawn(pg_worker(store, again, rx.clone(), max))));
                 }
                 w
             }
@@ -155,7 +160,14 @@ fn sqlite_worker(mut store: SqliteStore, mut rx: mpsc::Receiver<Job>, max: usize
     }
 }
 
-async fn pg_worker(mut store: PgStore, rx: Arc<Mutex<mpsc::Receiver<Job>>>, max: usize) {
+/// What a PostgreSQL worker needs to open its connection again.
+struct Reconnect {
+    url: String,
+    schema: Option<String>,
+    keys: String,
+}
+
+async fn pg_worker(mut store: PgStore, again: Reconnect, rx: Arc<Mutex<mpsc::Receiver<Job>>>, max: usize) {
     let mut jobs = Vec::with_capacity(max);
     loop {
         {
@@ -171,9 +183,34 @@ async fn pg_worker(mut store: PgStore, rx: Arc<Mutex<mpsc::Receiver<Job>>>, max:
                 }
             }
         }
+        // A connection PostgreSQL closed (restart, failover, terminated backend) is opened again before the batch;
+        // if that fails, the batch fails (its callers retry) and the next batch tries again.
+        if store.client().is_closed() {
+            match reconnect(&again).await {
+                Ok(s) => {
+                    tracing::info!("PostgreSQL connection reopened");
+                    store = s;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "PostgreSQL unreachable");
+                    for j in jobs.drain(..) {
+                        let _ = j
+                            .reply
+                            .send(Err(StoreError::Db(format!("PostgreSQL unreachable: {e}"))));
+                    }
+                    // Do not spin on a database that is down.
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    continue;
+                }
+            }
+        }
         let (ops, replies): (Vec<Op>, Vec<_>) = jobs.drain(..).map(|j| (j.op, j.reply)).unzip();
         for (reply, r) in replies.into_iter().zip(store.apply_batch(&ops).await) {
             let _ = reply.send(r);
         }
     }
+}
+
+async fn reconnect(again: &Reconnect) -> Result<PgStore, StoreError> {
+    PgStore::connect(&again.url, again.schema.as_deref(), PinCipher::from_spec(&again.keys)?).await
 }

@@ -218,6 +218,11 @@ impl PgStore {
         let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e: tokio_postgres::Error| StoreError::Db(e.to_string()))?;
+        // Operators see who is connected in pg_stat_activity.
+        config.application_name(format!(
+            "pingate{}",
+            schema.map(|s| format!("/{s}")).unwrap_or_default()
+        ));
         if let Some(s) = schema {
             if !s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_') {
                 return Err(StoreError::BadRequest(format!(
