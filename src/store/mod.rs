@@ -109,8 +109,9 @@ pub enum StoreError {
     /// The idempotency key was used before with different content.
     #[error("idempotency key {key} was used with different content")]
     DuplicateMismatch { key: String },
-    /// The sale's key was reversed before the sale arrived: the sale is refused.
-    #[error("sale {key} was reversed before it arrived")]
+    /// The sale's key was reversed (before the sale arrived, or after it): the sale is refused, and a voided PIN
+    /// is never handed out again.
+    #[error("sale {key} was reversed")]
     AlreadyReversed { key: String },
     /// The caller does not hold the PIN it names (or the PIN is not reserved).
     #[error("gateway `{holder}` does not hold PIN {pin_id}")]
