@@ -1,5 +1,8 @@
 //! The PIN server end to end: real certificates, real TLS 1.3 handshakes, real sockets, a real SQLite file.
 
+mod common;
+use common::*;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use pingate::psp::client::{ClientError, PspClient};
-use pingate::psp::{parse_response, ErrorCode, Request, Response, ResponseFrame, Terminal};
+use pingate::psp::{parse_response, ErrorCode, Request, Response, ResponseFrame};
 use pingate::sale::Pin;
 use pingate::server::{run, ServerOptions};
 use pingate::store::crypto::PinCipher;
@@ -110,24 +113,6 @@ impl Fixture {
 impl Drop for Fixture {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn terminal(stan: u32) -> Terminal {
-    Terminal {
-        terminal_id: "TERM0001".into(),
-        merchant_id: "MERCHANT0000001".into(),
-        stan: format!("{stan:06}"),
-        transmission: "1128173500".into(),
-        rrn: format!("{stan:012}"),
-    }
-}
-
-fn sell(stan: u32) -> Request {
-    Request::Sell {
-        product: "TOPUP".into(),
-        amount: 1000,
-        terminal: terminal(stan),
     }
 }
 

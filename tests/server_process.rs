@@ -2,6 +2,9 @@
 //! — killed with SIGKILL mid-load and restarted (nothing acknowledged is lost), stopped with SIGTERM (drains), and
 //! two of them sharing one PostgreSQL inventory (no PIN handed out twice).
 
+mod common;
+use common::*;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 use pingate::psp::client::PspClient;
-use pingate::psp::{Request, Response, Terminal};
+use pingate::psp::{Request, Response};
 use pingate::tls::{client_config, CertsDir};
 
 /// The count in `pingate pins stock` output for TOPUP 1000 in `state`.
@@ -175,24 +178,6 @@ fn start_server(db: &str, certs: &CertsDir) -> (Server, SocketAddr) {
 
 fn tls(certs: &CertsDir, gw: &str) -> Arc<rustls::ClientConfig> {
     Arc::new(client_config(&certs.gateway_cert(gw), &certs.gateway_key(gw), &certs.ca()).unwrap())
-}
-
-fn terminal(stan: u32) -> Terminal {
-    Terminal {
-        terminal_id: "TERM0001".into(),
-        merchant_id: "MERCHANT0000001".into(),
-        stan: format!("{stan:06}"),
-        transmission: "1128173500".into(),
-        rrn: format!("{stan:012}"),
-    }
-}
-
-fn sell(stan: u32) -> Request {
-    Request::Sell {
-        product: "TOPUP".into(),
-        amount: 1000,
-        terminal: terminal(stan),
-    }
 }
 
 fn signal(server: &Server, sig: &str) {

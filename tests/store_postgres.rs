@@ -1,13 +1,14 @@
 //! The PostgreSQL inventory against the real server at 127.0.0.1:5432 (CI starts it; `PINGATE_TEST_PG` overrides
 //! the URL). Each test works in a schema of its own and drops it after.
 
+mod common;
+use common::*;
+
 use pingate::sale::Pin;
 use pingate::store::crypto::PinCipher;
 use pingate::store::handle::{DbUrl, StoreHandle, StoreOptions};
 use pingate::store::postgres::PgStore;
-use pingate::store::{
-    Confirmation, NewPin, Op, Outcome, PinState, Product, Reversal, SaleContext, SellRequest, StoreError,
-};
+use pingate::store::{Confirmation, NewPin, Op, Outcome, PinState, Reversal, SellRequest, StoreError};
 
 fn url() -> String {
     std::env::var("PINGATE_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
@@ -46,15 +47,7 @@ impl Schema {
     }
     async fn stocked(&self, n: usize) -> PgStore {
         let mut s = self.open().await;
-        s.upsert_product(&Product {
-            code: "TOPUP".into(),
-            name: "Top-up".into(),
-            supplier: "Telco".into(),
-            currency: "978".into(),
-            denominations: vec![1000, 2000],
-        })
-        .await
-        .unwrap();
+        s.upsert_product(&topup(&[1000, 2000])).await.unwrap();
         s.import(&pins(0, n)).await.unwrap();
         s
     }
@@ -78,17 +71,6 @@ fn pins(from: usize, n: usize) -> Vec<NewPin> {
             receipt: vec![format!("receipt {i}")],
         })
         .collect()
-}
-
-fn ctx(gateway: &str, stan: u32) -> SaleContext {
-    SaleContext {
-        gateway: gateway.into(),
-        terminal_id: "TERM0001".into(),
-        merchant_id: "MERCHANT0000001".into(),
-        stan: format!("{stan:06}"),
-        transmission: "1128173500".into(),
-        rrn: format!("{stan:012}"),
-    }
 }
 
 fn sell(gateway: &str, stan: u32) -> SellRequest {
@@ -388,14 +370,7 @@ async fn handle_batches_concurrent_callers_for_both_backends() {
             PinCipher::from_spec(&schema.keys).unwrap(),
         )
         .unwrap();
-        s.upsert_product(&Product {
-            code: "TOPUP".into(),
-            name: "Top-up".into(),
-            supplier: "Telco".into(),
-            currency: "978".into(),
-            denominations: vec![1000],
-        })
-        .unwrap();
+        s.upsert_product(&topup(&[1000])).unwrap();
         s.import(&pins(0, 400)).unwrap();
     }
     for url in [pg, sqlite] {

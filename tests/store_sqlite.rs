@@ -1,12 +1,15 @@
 //! The SQLite inventory on a real database file: every state transition and refusal, idempotency, reversals before
 //! sales, what the database itself refuses, encryption at rest, all-or-nothing import, and concurrent writers.
 
+mod common;
+use common::*;
+
 use std::path::PathBuf;
 
 use pingate::sale::Pin;
 use pingate::store::crypto::PinCipher;
 use pingate::store::sqlite::SqliteStore;
-use pingate::store::{Confirmation, NewPin, PinState, Product, Reversal, SaleContext, SellRequest, StoreError};
+use pingate::store::{Confirmation, NewPin, PinState, Reversal, SellRequest, StoreError};
 
 struct TempDb {
     dir: PathBuf,
@@ -32,14 +35,7 @@ impl TempDb {
     /// A store with product TOPUP in 1000 and 2000, and `n` PINs of 1000.
     fn stocked(&self, n: usize) -> SqliteStore {
         let mut s = self.open();
-        s.upsert_product(&Product {
-            code: "TOPUP".into(),
-            name: "Top-up".into(),
-            supplier: "Telco".into(),
-            currency: "978".into(),
-            denominations: vec![1000, 2000],
-        })
-        .unwrap();
+        s.upsert_product(&topup(&[1000, 2000])).unwrap();
         s.import(&pins(0, n, 1000)).unwrap();
         s
     }
@@ -62,17 +58,6 @@ fn pins(from: usize, n: usize, amount: i64) -> Vec<NewPin> {
             receipt: vec![format!("receipt {i}")],
         })
         .collect()
-}
-
-fn ctx(gateway: &str, stan: u32) -> SaleContext {
-    SaleContext {
-        gateway: gateway.into(),
-        terminal_id: "TERM0001".into(),
-        merchant_id: "MERCHANT0000001".into(),
-        stan: format!("{stan:06}"),
-        transmission: "1128173500".into(),
-        rrn: format!("{stan:012}"),
-    }
 }
 
 fn sell(stan: u32) -> SellRequest {
