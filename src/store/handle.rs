@@ -169,6 +169,8 @@ struct Reconnect {
 
 async fn pg_worker(mut store: PgStore, again: Reconnect, rx: Arc<Mutex<mpsc::Receiver<Job>>>, max: usize) {
     let mut jobs = Vec::with_capacity(max);
+    // Set when a batch failed with a database error: the connection may be dying without knowing it yet.
+    let mut suspect = false;
     loop {
         {
             let mut rx = rx.lock().await;
@@ -185,7 +187,9 @@ async fn pg_worker(mut store: PgStore, again: Reconnect, rx: Arc<Mutex<mpsc::Rec
         }
         // A connection PostgreSQL closed (restart, failover, terminated backend) is opened again before the batch;
         // if that fails, the batch fails (its callers retry) and the next batch tries again.
-        if store.client().is_closed() {
+        let lost = store.client().is_closed() || (suspect && store.client().batch_execute("SELECT 1").await.is_err());
+        suspect = false;
+        if lost {
             match reconnect(&again).await {
                 Ok(s) => {
                     tracing::info!("PostgreSQL connection reopened");
@@ -205,7 +209,9 @@ async fn pg_worker(mut store: PgStore, again: Reconnect, rx: Arc<Mutex<mpsc::Rec
             }
         }
         let (ops, replies): (Vec<Op>, Vec<_>) = jobs.drain(..).map(|j| (j.op, j.reply)).unzip();
-        for (reply, r) in replies.into_iter().zip(store.apply_batch(&ops).await) {
+        let results = store.apply_batch(&ops).await;
+        suspect = results.iter().all(|r| matches!(r, Err(StoreError::Db(_))));
+        for (reply, r) in replies.into_iter().zip(results) {
             let _ = reply.send(r);
         }
     }
