@@ -217,6 +217,33 @@ pub struct Dispensed {
     pub receipt: Vec<String>,
 }
 
+/// A PIN row as either backend reads it: still sealed until [`PinRow::open`] decrypts it for sending.
+pub(crate) struct PinRow {
+    pub(crate) id: i64,
+    pub(crate) product: String,
+    pub(crate) amount: i64,
+    pub(crate) serial: String,
+    pub(crate) sealed: crypto::Sealed,
+    pub(crate) expiry: Option<String>,
+    /// Receipt lines as a JSON array.
+    pub(crate) receipt: String,
+}
+
+impl PinRow {
+    pub(crate) fn open(&self, cipher: &crypto::PinCipher) -> Result<Dispensed, StoreError> {
+        let pin = cipher.open(&self.sealed, &self.serial)?;
+        Ok(Dispensed {
+            pin_id: self.id,
+            product: self.product.clone(),
+            amount: self.amount,
+            pin,
+            serial: self.serial.clone(),
+            expiry: self.expiry.clone(),
+            receipt: serde_json::from_str(&self.receipt).unwrap_or_default(),
+        })
+    }
+}
+
 /// What a reversal did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reversal {

@@ -8,8 +8,8 @@ use tokio_postgres::{Client, GenericClient, NoTls, Row, Statement};
 
 use super::crypto::{PinCipher, Sealed};
 use super::{
-    unix_now, Confirmation, Dispensed, NewPin, Op, Outcome, PinState, Product, Reversal, SaleContext, SellRequest,
-    StockRow, StoreError, MAX_RESERVE,
+    unix_now, Confirmation, Dispensed, NewPin, Op, Outcome, PinRow, PinState, Product, Reversal, SaleContext,
+    SellRequest, StockRow, StoreError, MAX_RESERVE,
 };
 
 const DUPLICATE_PIN: &str = "duplicate PIN value (already loaded, or twice in this file)";
@@ -620,37 +620,26 @@ async fn lock(tx: &impl GenericClient, sale: &SaleContext) -> Result<(), StoreEr
     Ok(())
 }
 
-struct PinRow {
-    id: i64,
-    product: String,
-    amount: i64,
-    serial: String,
-    sealed: Sealed,
-    expiry: Option<String>,
-    receipt: String,
+fn pin_row(r: &Row) -> PinRow {
+    pin_row_at(r, 0)
 }
 
-fn pin_row(r: &Row) -> PinRow {
-    let nonce: Vec<u8> = r.get(5);
-    let key_id: i32 = r.get(4);
+/// The PIN columns ([`PIN_COLUMNS`]) of a row, starting at column `at`.
+fn pin_row_at(r: &Row, at: usize) -> PinRow {
+    let nonce: Vec<u8> = r.get(at + 5);
+    let key_id: i32 = r.get(at + 4);
     PinRow {
-        id: r.get(0),
-        product: r.get(1),
-        amount: r.get(2),
-        serial: r.get(3),
+        id: r.get(at),
+        product: r.get(at + 1),
+        amount: r.get(at + 2),
+        serial: r.get(at + 3),
         sealed: Sealed {
             key_id: key_id as u32,
             nonce: nonce.try_into().unwrap_or([0; 12]),
-            ciphertext: r.get(6),
+            ciphertext: r.get(at + 6),
         },
-        expiry: r.get(7),
-        receipt: r.get(8),
-    }
-}
-
-impl PinRow {
-    fn open(self, cipher: &PinCipher) -> Result<Dispensed, StoreError> {
-        self.open_ref(cipher)
+        expiry: r.get(at + 7),
+        receipt: r.get(at + 8),
     }
 }
 
@@ -668,35 +657,12 @@ async fn apply(
             .pop()
             .expect("one result per request")
             .map(Outcome::Sold),
-        Op::Reserve {
-            holder,
-            product,
-            amount,
-            count,
-            lease_until,
-        } => {
-            if *count == 0 || *count > MAX_RESERVE {
-                return Err(StoreError::BadRequest(format!(
-                    "reserve 1 to {MAX_RESERVE} PINs, not {count}"
-                )));
-            }
-            check_denomination(tx, product, *amount).await?;
-            let n = *count as i64;
-            let rows = tx
-                .query(
-                    &format!(
-                        "UPDATE pins SET state = 'reserved', holder = $1, lease_until = $2
-                         WHERE id IN (SELECT id FROM pins WHERE product = $3 AND amount = $4 AND state = 'available'
-                                      AND (expiry IS NULL OR expiry >= $5) ORDER BY id LIMIT $6 FOR UPDATE SKIP LOCKED)
-                         RETURNING {PIN_COLUMNS}"
-                    ),
-                    &[holder, lease_until, product, amount, &today, &n],
-                )
-                .await?;
-            let mut out: Vec<Dispensed> = rows.iter().map(|r| pin_row(r).open(cipher)).collect::<Result<_, _>>()?;
-            out.sort_by_key(|d| d.pin_id);
-            Ok(Outcome::Reserved(out))
-        }
+        // apply_batch gives every reservation to reserve_many; one alone takes the same path.
+        Op::Reserve { .. } => reserve_many(tx, st, cipher, &[op], today)
+            .await?
+            .pop()
+            .expect("one result per reservation")
+            .map(Outcome::Reserved),
         Op::Confirm { holder, pin_id, sale } => {
             lock(tx, sale).await?;
             if let Some((sold_pin, _)) = find_sale(tx, sale).await? {
@@ -803,27 +769,6 @@ async fn apply(
         Op::Stock => stock(tx).await.map(Outcome::Stock),
         Op::Catalog => catalog(tx).await.map(Outcome::Catalog),
     }
-}
-
-async fn check_denomination(tx: &impl GenericClient, product: &str, amount: i64) -> Result<(), StoreError> {
-    let row = tx
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM products WHERE code = $1),
-                    EXISTS (SELECT 1 FROM denominations WHERE product = $1 AND amount = $2)",
-            &[&product, &amount],
-        )
-        .await?;
-    let (known, offered): (bool, bool) = (row.get(0), row.get(1));
-    if !known {
-        return Err(StoreError::UnknownProduct(product.to_string()));
-    }
-    if !offered {
-        return Err(StoreError::UnknownDenomination {
-            product: product.to_string(),
-            amount,
-        });
-    }
-    Ok(())
 }
 
 async fn find_sale(tx: &impl GenericClient, sale: &SaleContext) -> Result<Option<(i64, PinState)>, StoreError> {
@@ -979,19 +924,7 @@ async fn sell_many(
     let mut existing: HashMap<String, (String, i64, String, PinRow, bool)> = HashMap::new();
     for r in &rows {
         let key = key_of(r.get(0), r.get(1), r.get(2), r.get(3));
-        let pin = PinRow {
-            id: r.get(7),
-            product: r.get(8),
-            amount: r.get(9),
-            serial: r.get(10),
-            sealed: Sealed {
-                key_id: r.get::<_, i32>(11) as u32,
-                nonce: r.get::<_, Vec<u8>>(12).try_into().unwrap_or([0; 12]),
-                ciphertext: r.get(13),
-            },
-            expiry: r.get(14),
-            receipt: r.get(15),
-        };
+        let pin = pin_row_at(r, 7);
         let voided = r.get::<_, String>(16) == PinState::Voided.as_str();
         existing.insert(key, (r.get(4), r.get(5), r.get(6), pin, voided));
     }
@@ -1084,7 +1017,7 @@ async fn sell_many(
     for (i, plan) in plans.into_iter().enumerate() {
         out.push(match plan {
             Plan::Done(r) => Some(r),
-            Plan::Existing => Some(existing[&reqs[i].sale.key_id()].3.open_ref(cipher)),
+            Plan::Existing => Some(existing[&reqs[i].sale.key_id()].3.open(cipher)),
             Plan::New => Some(match picked.remove(&i) {
                 Some(pin) => pin.open(cipher),
                 None => Err(StoreError::OutOfStock {
@@ -1116,21 +1049,6 @@ async fn sell_many(
         );
     }
     Ok(out.into_iter().map(|r| r.expect("set")).collect())
-}
-
-impl PinRow {
-    fn open_ref(&self, cipher: &PinCipher) -> Result<Dispensed, StoreError> {
-        let pin = cipher.open(&self.sealed, &self.serial)?;
-        Ok(Dispensed {
-            pin_id: self.id,
-            product: self.product.clone(),
-            amount: self.amount,
-            pin,
-            serial: self.serial.clone(),
-            expiry: self.expiry.clone(),
-            receipt: serde_json::from_str(&self.receipt).unwrap_or_default(),
-        })
-    }
 }
 
 /// Reservations of one batch: one pick per product and amount for all of them, then one update that gives each

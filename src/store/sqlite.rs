@@ -9,8 +9,8 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBe
 
 use super::crypto::{PinCipher, Sealed};
 use super::{
-    unix_now, Confirmation, Dispensed, NewPin, Op, Outcome, PinState, Product, Reversal, SaleContext, SellRequest,
-    StockRow, StoreError, MAX_RESERVE,
+    unix_now, Confirmation, Dispensed, NewPin, Op, Outcome, PinRow, PinState, Product, Reversal, SaleContext,
+    SellRequest, StockRow, StoreError, MAX_RESERVE,
 };
 
 /// One audit row: (from state, to state, holder); `from` is `None` for the row written when the PIN was loaded.
@@ -454,16 +454,6 @@ pub(crate) fn today() -> String {
     format!("{y:04}{m:02}{d:02}")
 }
 
-struct PinRow {
-    id: i64,
-    product: String,
-    amount: i64,
-    serial: String,
-    sealed: Sealed,
-    expiry: Option<String>,
-    receipt: String,
-}
-
 fn pin_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PinRow> {
     let nonce: Vec<u8> = r.get(5)?;
     Ok(PinRow {
@@ -479,21 +469,6 @@ fn pin_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PinRow> {
         expiry: r.get(7)?,
         receipt: r.get(8)?,
     })
-}
-
-impl PinRow {
-    fn open(self, cipher: &PinCipher) -> Result<Dispensed, StoreError> {
-        let pin = cipher.open(&self.sealed, &self.serial)?;
-        Ok(Dispensed {
-            pin_id: self.id,
-            product: self.product,
-            amount: self.amount,
-            pin,
-            serial: self.serial,
-            expiry: self.expiry,
-            receipt: serde_json::from_str(&self.receipt).unwrap_or_default(),
-        })
-    }
 }
 
 fn check_denomination(tx: &Connection, product: &str, amount: i64) -> Result<(), StoreError> {
