@@ -143,17 +143,27 @@ impl StoreHandle {
     }
 }
 
+/// Adds to `jobs` whatever is already queued, up to `max` in all: the batch that shares one commit.
+fn gather(jobs: &mut Vec<Job>, rx: &mut mpsc::Receiver<Job>, max: usize) {
+    while jobs.len() < max {
+        match rx.try_recv() {
+            Ok(j) => jobs.push(j),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Splits a batch into its operations and the callers waiting for their results.
+fn split(jobs: &mut Vec<Job>) -> (Vec<Op>, Vec<oneshot::Sender<Result<Outcome, StoreError>>>) {
+    jobs.drain(..).map(|j| (j.op, j.reply)).unzip()
+}
+
 fn sqlite_worker(mut store: SqliteStore, mut rx: mpsc::Receiver<Job>, max: usize) {
     let mut jobs = Vec::with_capacity(max);
     while let Some(first) = rx.blocking_recv() {
         jobs.push(first);
-        while jobs.len() < max {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
-            }
-        }
-        let (ops, replies): (Vec<Op>, Vec<_>) = jobs.drain(..).map(|j| (j.op, j.reply)).unzip();
+        gather(&mut jobs, &mut rx, max);
+        let (ops, replies) = split(&mut jobs);
         for (reply, r) in replies.into_iter().zip(store.apply_batch(&ops)) {
             let _ = reply.send(r);
         }
@@ -178,12 +188,7 @@ async fn pg_worker(mut store: PgStore, again: Reconnect, rx: Arc<Mutex<mpsc::Rec
                 Some(j) => jobs.push(j),
                 None => return,
             }
-            while jobs.len() < max {
-                match rx.try_recv() {
-                    Ok(j) => jobs.push(j),
-                    Err(_) => break,
-                }
-            }
+            gather(&mut jobs, &mut rx, max);
         }
         // A connection PostgreSQL closed (restart, failover, terminated backend) is opened again before the batch;
         // if that fails, the batch fails (its callers retry) and the next batch tries again.
@@ -208,7 +213,7 @@ async fn pg_worker(mut store: PgStore, again: Reconnect, rx: Arc<Mutex<mpsc::Rec
                 }
             }
         }
-        let (ops, replies): (Vec<Op>, Vec<_>) = jobs.drain(..).map(|j| (j.op, j.reply)).unzip();
+        let (ops, replies) = split(&mut jobs);
         let results = store.apply_batch(&ops).await;
         suspect = results.iter().all(|r| matches!(r, Err(StoreError::Db(_))));
         for (reply, r) in replies.into_iter().zip(results) {
