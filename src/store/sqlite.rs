@@ -570,10 +570,11 @@ fn sell_one(
     today: &str,
 ) -> Result<Dispensed, StoreError> {
     let sale = &req.sale;
-    if reversal_pending(tx, sale)? && find_sale(tx, sale)?.is_none() {
+    let earlier = find_sale(tx, sale)?;
+    if earlier.is_none() && reversal_pending(tx, sale)? {
         return Err(StoreError::AlreadyReversed { key: sale.key() });
     }
-    if let Some((pin_id, state)) = find_sale(tx, sale)? {
+    if let Some((pin_id, state)) = earlier {
         // The same key again: the same PIN, if the request is the same and was not reversed.
         let (product, amount, merchant): (String, i64, String) = tx.query_row(
             "SELECT product, amount, merchant_id FROM sales WHERE pin_id = ?1",
