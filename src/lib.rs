@@ -10,12 +10,15 @@
 //! - [`store`] — the PIN inventory: the `PinStore` trait with SQLite and PostgreSQL backends, states and their
 //!   allowed edges, audit rows, idempotent sales, reversals, PIN encryption at rest, group-commit workers.
 //! - [`psp`] — the PIN server protocol: messages, strict parsing, and the gateway's TLS client.
+//! - [`gateway`] — the host connection manager: terminal listeners, the controller (sale, repeat, reversal,
+//!   network), the prefetch cache, the crash-safe journal, store-and-forward, and the PIN server pool.
 //! - [`server`], [`tls`] — the PIN server (mini-redis shaped `run(listener, …, shutdown)`) and mutual TLS.
 //! - [`admin`], [`cli`] — the `pingate` command line, thin over the library.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod cli;
+pub mod gateway;
 pub mod iso8583;
 pub mod link;
 pub mod psp;

@@ -87,6 +87,12 @@ impl Dialect {
         }
     }
 
+    /// The MTI at the start of a message that may not decode as a whole: enough to answer a broken request with a
+    /// format error.
+    pub fn peek_mti(&self, buf: &[u8]) -> Option<Mti> {
+        parse_mti(self.mti, buf).ok().map(|(_, m)| m)
+    }
+
     fn decode_inner(&self, buf: &Bytes) -> Result<Step, CodecError> {
         let cur = Cursor { whole: buf };
         let mut rest: &[u8] = buf;

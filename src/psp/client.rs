@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsConnector;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
 
 use super::{parse_response, CatalogEntry, Request, RequestFrame, Response, WireError, DEFAULT_MAX_FRAME, VERSION};
 
@@ -52,6 +53,7 @@ pub struct PspClient {
     out: mpsc::Sender<Bytes>,
     pending: Pending,
     next_id: AtomicU64,
+    closed: CancellationToken,
 }
 
 impl PspClient {
@@ -88,6 +90,8 @@ impl PspClient {
             let _ = sink.close().await;
         });
         let p = pending.clone();
+        let closed = CancellationToken::new();
+        let closing = closed.clone();
         tokio::spawn(async move {
             while let Some(Ok(frame)) = stream.next().await {
                 let Ok(resp) = parse_response(&frame) else { break };
@@ -105,11 +109,13 @@ impl PspClient {
             for (_, tx) in waiting.into_iter().flatten() {
                 let _ = tx.send(Err(ClientError::Closed));
             }
+            closing.cancel();
         });
         let client = PspClient {
             out,
             pending,
             next_id: AtomicU64::new(1),
+            closed,
         };
         match client.call(Request::Hello { version: VERSION }).await {
             Ok(Response::Welcome {
@@ -134,6 +140,11 @@ impl PspClient {
     /// Whether the connection is gone (every later call fails at once with `Closed`).
     pub fn is_closed(&self) -> bool {
         self.pending.lock().expect("not poisoned").is_none()
+    }
+
+    /// Resolves when the connection is gone.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
     }
 
     /// Sends one request and waits for its answer.

@@ -1,0 +1,349 @@
+//! The prefetch cache: PINs reserved in advance, per product and amount. No I/O and no clock of its own: the caller
+//! passes the time, takes PINs, puts reserved ones in, and asks what to reserve next.
+//!
+//! Refill adapts to the sale rate (an exponentially weighted rate over one-second windows): a refill is due when
+//! the stock falls under `max(low, rate × lead)` — enough to last while a refill travels — and fills up to
+//! `clamp(rate × cover, low, high)`. A hot product holds up to `high`; a cold one sinks to `low`, because every
+//! reserved PIN is money at risk at the gateway.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::journal::CachedPin;
+use crate::store::MAX_RESERVE;
+
+/// How a product and amount is served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Every sale is a `sell` at the PIN server.
+    OnDemand,
+    /// Sales come from PINs reserved in advance; `low` and `high` bound the stock held.
+    Prefetch { low: usize, high: usize },
+}
+
+/// The outcome of taking a PIN.
+#[derive(Debug)]
+pub enum Take {
+    Hit(Box<CachedPin>),
+    /// Prefetch product with an empty cache: sell on demand (and a refill is due).
+    Miss,
+    /// Not a prefetch product.
+    OnDemand,
+}
+
+const WINDOW: Duration = Duration::from_secs(1);
+/// Weight of the newest window in the rate.
+const ALPHA: f64 = 0.3;
+
+#[derive(Debug)]
+struct Slot {
+    low: usize,
+    high: usize,
+    pins: VecDeque<CachedPin>,
+    /// Sales per second, smoothed.
+    rate: f64,
+    window_start: Instant,
+    window_sales: u64,
+    refilling: bool,
+    hits: u64,
+    misses: u64,
+}
+
+impl Slot {
+    fn roll(&mut self, now: Instant) {
+        while now.duration_since(self.window_start) >= WINDOW {
+            let r = self.window_sales as f64 / WINDOW.as_secs_f64();
+            self.rate = ALPHA * r + (1.0 - ALPHA) * self.rate;
+            self.window_sales = 0;
+            self.window_start += WINDOW;
+            if self.rate < 0.01 && now.duration_since(self.window_start) > WINDOW * 60 {
+                // Long quiet: skip the empty windows at once.
+                self.rate = 0.0;
+                self.window_start = now;
+            }
+        }
+    }
+
+    fn due_under(&self, lead: Duration) -> usize {
+        self.low.max((self.rate * lead.as_secs_f64()).ceil() as usize)
+    }
+
+    fn target(&self, cover: Duration) -> usize {
+        ((self.rate * cover.as_secs_f64()).ceil() as usize).clamp(self.low, self.high)
+    }
+}
+
+/// Stock and demand of one product and amount, for `gateway stock`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Level {
+    pub product: String,
+    pub amount: i64,
+    pub cached: usize,
+    pub low: usize,
+    pub high: usize,
+    pub target: usize,
+    pub rate_per_sec: f64,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+/// The cache of every prefetch product.
+#[derive(Debug)]
+pub struct PinCache {
+    slots: HashMap<(String, i64), Slot>,
+    cover: Duration,
+    lead: Duration,
+}
+
+impl PinCache {
+    /// A cache for the prefetch products among `products`.
+    pub fn new(
+        products: impl IntoIterator<Item = (String, i64, Mode)>,
+        cover: Duration,
+        lead: Duration,
+        now: Instant,
+    ) -> PinCache {
+        let slots = products
+            .into_iter()
+            .filter_map(|(code, amount, mode)| match mode {
+                Mode::Prefetch { low, high } => Some((
+                    (code, amount),
+                    Slot {
+                        low,
+                        high,
+                        pins: VecDeque::new(),
+                        rate: 0.0,
+                        window_start: now,
+                        window_sales: 0,
+                        refilling: false,
+                        hits: 0,
+                        misses: 0,
+                    },
+                )),
+                Mode::OnDemand => None,
+            })
+            .collect();
+        PinCache { slots, cover, lead }
+    }
+
+    /// Takes the oldest PIN of `product`/`amount`.
+    pub fn take(&mut self, product: &str, amount: i64, now: Instant) -> Take {
+        let Some(slot) = self.slots.get_mut(&(product.to_string(), amount)) else {
+            return Take::OnDemand;
+        };
+        slot.roll(now);
+        slot.window_sales += 1;
+        match slot.pins.pop_front() {
+            Some(p) => {
+                slot.hits += 1;
+                Take::Hit(Box::new(p))
+            }
+            None => {
+                slot.misses += 1;
+                Take::Miss
+            }
+        }
+    }
+
+    /// Puts PINs in (reserved by a refill, or recovered from the journal). PINs of products no longer configured
+    /// for prefetch are handed back, for release.
+    pub fn put(&mut self, pins: Vec<CachedPin>) -> Vec<CachedPin> {
+        let mut back = Vec::new();
+        for p in pins {
+            match self.slots.get_mut(&(p.pin.product.clone(), p.pin.amount)) {
+                Some(s) => s.pins.push_back(p),
+                None => back.push(p),
+            }
+        }
+        back
+    }
+
+    /// The refills due now, as (product, amount, count); each is marked in progress until [`PinCache::refilled`].
+    pub fn due(&mut self, now: Instant) -> Vec<(String, i64, usize)> {
+        let (cover, lead) = (self.cover, self.lead);
+        let mut out = Vec::new();
+        for ((code, amount), s) in self.slots.iter_mut() {
+            s.roll(now);
+            if s.refilling || s.pins.len() >= s.due_under(lead) {
+                continue;
+            }
+            let want = s.target(cover).saturating_sub(s.pins.len()).min(MAX_RESERVE);
+            if want > 0 {
+                s.refilling = true;
+                out.push((code.clone(), *amount, want));
+            }
+        }
+        out
+    }
+
+    /// A refill of `product`/`amount` ended (with or without PINs).
+    pub fn refilled(&mut self, product: &str, amount: i64) {
+        if let Some(s) = self.slots.get_mut(&(product.to_string(), amount)) {
+            s.refilling = false;
+        }
+    }
+
+    /// PIN ids whose lease ends before `before` (unix seconds), to renew.
+    pub fn expiring(&self, before: i64) -> Vec<i64> {
+        self.slots
+            .values()
+            .flat_map(|s| s.pins.iter())
+            .filter(|p| p.lease_until < before)
+            .map(|p| p.pin.pin_id)
+            .collect()
+    }
+
+    /// Records renewed leases.
+    pub fn renewed(&mut self, ids: &[i64], lease_until: i64) {
+        let ids: std::collections::HashSet<i64> = ids.iter().copied().collect();
+        for p in self.slots.values_mut().flat_map(|s| s.pins.iter_mut()) {
+            if ids.contains(&p.pin.pin_id) {
+                p.lease_until = lease_until;
+            }
+        }
+    }
+
+    /// Empties the cache (for release at shutdown).
+    pub fn drain(&mut self) -> Vec<CachedPin> {
+        self.slots.values_mut().flat_map(|s| s.pins.drain(..)).collect()
+    }
+
+    pub fn levels(&mut self, now: Instant) -> Vec<Level> {
+        let cover = self.cover;
+        let mut v: Vec<Level> = self
+            .slots
+            .iter_mut()
+            .map(|((code, amount), s)| {
+                s.roll(now);
+                Level {
+                    product: code.clone(),
+                    amount: *amount,
+                    cached: s.pins.len(),
+                    low: s.low,
+                    high: s.high,
+                    target: s.target(cover),
+                    rate_per_sec: (s.rate * 10.0).round() / 10.0,
+                    hits: s.hits,
+                    misses: s.misses,
+                }
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.product, a.amount).cmp(&(&b.product, b.amount)));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::psp::PinOut;
+    use crate::sale::Pin;
+
+    fn pins(product: &str, amount: i64, ids: std::ops::Range<i64>) -> Vec<CachedPin> {
+        ids.map(|id| CachedPin {
+            pin: PinOut {
+                pin_id: id,
+                product: product.into(),
+                amount,
+                pin: Pin::new(format!("{id:016}")),
+                serial: format!("S{id}"),
+                expiry: None,
+                receipt: vec![],
+            },
+            lease_until: 1000 + id,
+        })
+        .collect()
+    }
+
+    fn cache(now: Instant) -> PinCache {
+        PinCache::new(
+            [
+                ("HOT".to_string(), 100, Mode::Prefetch { low: 10, high: 2000 }),
+                ("COLD".to_string(), 100, Mode::Prefetch { low: 5, high: 2000 }),
+                ("OD".to_string(), 100, Mode::OnDemand),
+            ],
+            Duration::from_secs(30),
+            Duration::from_secs(2),
+            now,
+        )
+    }
+
+    #[test]
+    fn takes_in_order_misses_when_empty_and_knows_on_demand_products() {
+        let t = Instant::now();
+        let mut c = cache(t);
+        assert!(c.put(pins("HOT", 100, 1..3)).is_empty());
+        assert_eq!(
+            c.put(pins("GONE", 100, 9..10)).len(),
+            1,
+            "not a prefetch product: handed back"
+        );
+        assert!(matches!(c.take("HOT", 100, t), Take::Hit(p) if p.pin.pin_id == 1));
+        assert!(matches!(c.take("HOT", 100, t), Take::Hit(p) if p.pin.pin_id == 2));
+        assert!(matches!(c.take("HOT", 100, t), Take::Miss));
+        assert!(matches!(c.take("OD", 100, t), Take::OnDemand));
+        assert!(matches!(c.take("HOT", 500, t), Take::OnDemand));
+        let l = c.levels(t);
+        let hot = l.iter().find(|l| l.product == "HOT").unwrap();
+        assert_eq!((hot.hits, hot.misses, hot.cached), (2, 1, 0));
+    }
+
+    #[test]
+    fn refill_is_due_under_low_once_at_a_time_and_fills_to_low_when_cold() {
+        let t = Instant::now();
+        let mut c = cache(t);
+        let mut due = c.due(t);
+        due.sort();
+        assert_eq!(due, vec![("COLD".into(), 100, 5), ("HOT".into(), 100, 10)]);
+        assert!(c.due(t).is_empty(), "refills in progress are not asked twice");
+        c.put(pins("HOT", 100, 0..10));
+        c.refilled("HOT", 100);
+        assert!(c.due(t).is_empty(), "at low: nothing due");
+        c.take("HOT", 100, t);
+        assert_eq!(c.due(t), vec![("HOT".into(), 100, 1)]);
+    }
+
+    #[test]
+    fn a_hot_product_holds_more_and_cools_down_to_low() {
+        let mut t = Instant::now();
+        let mut c = cache(t);
+        c.put(pins("HOT", 100, 0..100_000));
+        // 200 sales a second for 20 seconds.
+        for _ in 0..20 {
+            for i in 0..200 {
+                c.take("HOT", 100, t + Duration::from_millis(i * 5));
+            }
+            t += Duration::from_secs(1);
+        }
+        let l = c.levels(t);
+        let hot = l.iter().find(|l| l.product == "HOT").unwrap();
+        assert!(hot.rate_per_sec > 190.0, "{hot:?}");
+        assert_eq!(hot.target, 2000, "rate × 30 s, capped at high");
+        let cold = l.iter().find(|l| l.product == "COLD").unwrap();
+        assert_eq!(cold.target, 5);
+        // Empty the hot slot but for 300: under rate × lead (400), so due, up to the target.
+        c.drain();
+        c.put(pins("HOT", 100, 0..300));
+        assert!(c
+            .due(t)
+            .iter()
+            .any(|(p, _, n)| p == "HOT" && *n == 1000.min(2000 - 300)));
+        c.refilled("HOT", 100);
+        // Quiet for two minutes: the rate decays, the target falls back to low.
+        t += Duration::from_secs(120);
+        let l = c.levels(t);
+        assert_eq!(l.iter().find(|l| l.product == "HOT").unwrap().target, 10);
+    }
+
+    #[test]
+    fn leases_close_to_their_end_are_listed_and_renewed() {
+        let t = Instant::now();
+        let mut c = cache(t);
+        c.put(pins("HOT", 100, 0..5));
+        assert_eq!(c.expiring(1003), vec![0, 1, 2]);
+        c.renewed(&[0, 1], 5000);
+        assert_eq!(c.expiring(1003), vec![2]);
+    }
+}

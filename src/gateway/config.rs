@@ -1,0 +1,455 @@
+//! The gateway's configuration file (TOML), validated at load into typed values; nothing reads configuration deeper
+//! in. `protocols/gateway.example.toml` is the annotated example.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::cache::Mode;
+use super::upstream::{ServerAddr, UpstreamOptions};
+use crate::link::framing::Framing;
+
+/// Errors of the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// The file is not valid TOML for a gateway configuration (unknown keys included).
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A value is out of range or contradicts another; `at` names the key.
+    #[error("{path}: {at}: {reason}")]
+    Invalid { path: PathBuf, at: String, reason: String },
+}
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    gateway: GatewaySection,
+    upstream: UpstreamSection,
+    #[serde(default, rename = "listener")]
+    listeners: Vec<ListenerSection>,
+    #[serde(default, rename = "terminal")]
+    terminals: Vec<TerminalSection>,
+    #[serde(default, rename = "product")]
+    products: Vec<ProductSection>,
+}
+
+fn d_deadline() -> u64 {
+    15_000
+}
+fn d_window() -> u64 {
+    900
+}
+fn d_repeat_max() -> usize {
+    200_000
+}
+fn d_lease() -> u64 {
+    3_600
+}
+fn d_cover() -> u64 {
+    30
+}
+fn d_lead() -> u64 {
+    2
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GatewaySection {
+    journal: PathBuf,
+    /// Keys sealing cached PINs in the journal: a file holding `id:hex` entries.
+    journal_keys_file: Option<PathBuf>,
+    #[serde(default = "d_deadline")]
+    response_deadline_ms: u64,
+    #[serde(default)]
+    keep_cache_on_shutdown: bool,
+    admin: Option<SocketAddr>,
+    #[serde(default = "d_window")]
+    repeat_window_secs: u64,
+    #[serde(default = "d_repeat_max")]
+    repeat_max: usize,
+    #[serde(default = "d_lease")]
+    lease_secs: u64,
+    #[serde(default = "d_cover")]
+    refill_cover_secs: u64,
+    #[serde(default = "d_lead")]
+    refill_lead_secs: u64,
+    protocols: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerSection {
+    addr: SocketAddr,
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamSection {
+    servers: Vec<ServerSection>,
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+    connections: Option<usize>,
+    connect_timeout_ms: Option<u64>,
+    ping_every_ms: Option<u64>,
+    breaker_failures: Option<u32>,
+    breaker_cooldown_ms: Option<u64>,
+}
+
+fn d_max_frame() -> usize {
+    4096
+}
+fn d_max_conn() -> usize {
+    20_000
+}
+fn d_per_source() -> usize {
+    20_000
+}
+fn d_idle() -> u64 {
+    300_000
+}
+fn d_frame_timeout() -> u64 {
+    5_000
+}
+fn d_in_flight() -> usize {
+    32
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenerSection {
+    name: String,
+    bind: SocketAddr,
+    framing: Framing,
+    #[serde(default)]
+    tpdu: bool,
+    dialect: String,
+    #[serde(default = "d_max_frame")]
+    max_frame: usize,
+    #[serde(default = "d_max_conn")]
+    max_connections: usize,
+    #[serde(default = "d_per_source")]
+    max_per_source: usize,
+    #[serde(default = "d_idle")]
+    idle_timeout_ms: u64,
+    #[serde(default = "d_frame_timeout")]
+    frame_timeout_ms: u64,
+    #[serde(default = "d_in_flight")]
+    max_in_flight: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TerminalSection {
+    id: String,
+    merchant: String,
+    #[serde(default = "all_products")]
+    products: Vec<String>,
+}
+
+fn all_products() -> Vec<String> {
+    vec!["*".into()]
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProductSection {
+    code: String,
+    amount: i64,
+    mode: String,
+    #[serde(default)]
+    low: usize,
+    #[serde(default)]
+    high: usize,
+}
+
+/// One terminal listener.
+#[derive(Clone, Debug)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub framing: Framing,
+    pub tpdu: bool,
+    pub dialect: String,
+    /// Largest frame (TPDU included); a larger announced length closes the connection.
+    pub max_frame: usize,
+    pub max_connections: usize,
+    pub max_per_source: usize,
+    /// A connection with nothing in flight and no byte for this long is closed.
+    pub idle_timeout: Duration,
+    /// A frame, once its first byte came, must be complete within this (slow senders are cut off).
+    pub frame_timeout: Duration,
+    /// Requests answered concurrently per connection; further frames wait to be read.
+    pub max_in_flight: usize,
+}
+
+impl ListenerConfig {
+    /// A listener with the defaults, for tests and the demo.
+    pub fn new(name: &str, bind: SocketAddr, framing: Framing, tpdu: bool, dialect: &str) -> ListenerConfig {
+        ListenerConfig {
+            name: name.into(),
+            bind,
+            framing,
+            tpdu,
+            dialect: dialect.into(),
+            max_frame: d_max_frame(),
+            max_connections: d_max_conn(),
+            max_per_source: d_per_source(),
+            idle_timeout: ms(d_idle()),
+            frame_timeout: ms(d_frame_timeout()),
+            max_in_flight: d_in_flight(),
+        }
+    }
+}
+
+/// A terminal allowed to buy, and what.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TerminalEntry {
+    pub merchant: String,
+    /// `None`: every product.
+    pub products: Option<HashSet<String>>,
+}
+
+/// Known terminals.
+#[derive(Clone, Debug, Default)]
+pub struct TerminalRegistry {
+    pub terminals: HashMap<String, TerminalEntry>,
+}
+
+impl TerminalRegistry {
+    /// Whether `terminal` of `merchant` may buy `product` (`None` for network messages: only the terminal).
+    pub fn permits(&self, terminal: &str, merchant: Option<&str>, product: Option<&str>) -> bool {
+        let Some(t) = self.terminals.get(terminal) else {
+            return false;
+        };
+        if merchant.is_some_and(|m| m != t.merchant) {
+            return false;
+        }
+        match (product, &t.products) {
+            (Some(p), Some(set)) => set.contains(p),
+            _ => true,
+        }
+    }
+
+    pub fn add(&mut self, id: &str, merchant: &str, products: Option<&[&str]>) {
+        self.terminals.insert(
+            id.into(),
+            TerminalEntry {
+                merchant: merchant.into(),
+                products: products.map(|p| p.iter().map(|s| s.to_string()).collect()),
+            },
+        );
+    }
+}
+
+/// How one product and amount is served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProductConfig {
+    pub code: String,
+    pub amount: i64,
+    pub mode: Mode,
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    pub journal: PathBuf,
+    /// `id:hex` key entries for the journal (from the keys file or `$PINGATE_JOURNAL_KEYS`).
+    pub journal_keys: Option<String>,
+    pub response_deadline: Duration,
+    pub keep_cache_on_shutdown: bool,
+    pub admin: Option<SocketAddr>,
+    pub repeat_window: Duration,
+    pub repeat_max: usize,
+    pub lease: Duration,
+    pub refill_cover: Duration,
+    pub refill_lead: Duration,
+    pub protocols: Option<PathBuf>,
+    pub servers: Vec<ServerAddr>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    pub upstream: UpstreamOptions,
+    pub listeners: Vec<ListenerConfig>,
+    pub terminals: TerminalRegistry,
+    /// Products and amounts not listed are sold on demand.
+    pub products: Vec<ProductConfig>,
+}
+
+impl GatewayConfig {
+    /// Reads and checks a configuration file; relative paths in it are relative to the file.
+    pub fn load(path: &Path) -> Result<GatewayConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        GatewayConfig::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<GatewayConfig, ConfigError> {
+        let f: File = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let invalid = |at: &str, reason: &str| ConfigError::Invalid {
+            path: path.into(),
+            at: at.into(),
+            reason: reason.into(),
+        };
+        let g = f.gateway;
+        if g.response_deadline_ms < 100 || g.response_deadline_ms > 120_000 {
+            return Err(invalid("gateway.response_deadline_ms", "must be 100 to 120000"));
+        }
+        if f.upstream.servers.is_empty() {
+            return Err(invalid("upstream.servers", "at least one PIN server is needed"));
+        }
+        let journal_keys = match &g.journal_keys_file {
+            Some(p) => Some(
+                std::fs::read_to_string(rel(p.clone()))
+                    .map_err(|source| ConfigError::Read {
+                        path: rel(p.clone()),
+                        source,
+                    })?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let mut upstream = UpstreamOptions::default();
+        let u = &f.upstream;
+        if let Some(c) = u.connections {
+            if c == 0 || c > 64 {
+                return Err(invalid("upstream.connections", "must be 1 to 64"));
+            }
+            upstream.connections = c;
+        }
+        if let Some(v) = u.connect_timeout_ms {
+            upstream.connect_timeout = ms(v);
+        }
+        if let Some(v) = u.ping_every_ms {
+            upstream.ping_every = ms(v.max(100));
+        }
+        if let Some(v) = u.breaker_failures {
+            upstream.breaker_failures = v.max(1);
+        }
+        if let Some(v) = u.breaker_cooldown_ms {
+            upstream.breaker_cooldown = ms(v);
+        }
+        let mut names = HashSet::new();
+        let mut listeners = Vec::new();
+        for (i, l) in f.listeners.into_iter().enumerate() {
+            let at = format!("listener[{i}]");
+            if !names.insert(l.name.clone()) {
+                return Err(invalid(&at, "listener names must be unique"));
+            }
+            if l.max_frame < 16 {
+                return Err(invalid(&format!("{at}.max_frame"), "must be at least 16"));
+            }
+            if l.max_in_flight == 0 || l.max_connections == 0 || l.max_per_source == 0 {
+                return Err(invalid(
+                    &at,
+                    "max_in_flight, max_connections and max_per_source must be at least 1",
+                ));
+            }
+            listeners.push(ListenerConfig {
+                name: l.name,
+                bind: l.bind,
+                framing: l.framing,
+                tpdu: l.tpdu,
+                dialect: l.dialect,
+                max_frame: l.max_frame,
+                max_connections: l.max_connections,
+                max_per_source: l.max_per_source,
+                idle_timeout: ms(l.idle_timeout_ms),
+                frame_timeout: ms(l.frame_timeout_ms),
+                max_in_flight: l.max_in_flight,
+            });
+        }
+        let mut terminals = TerminalRegistry::default();
+        for (i, t) in f.terminals.into_iter().enumerate() {
+            if terminals.terminals.contains_key(&t.id) {
+                return Err(invalid(&format!("terminal[{i}].id"), "terminal listed twice"));
+            }
+            let products = if t.products.iter().any(|p| p == "*") {
+                None
+            } else {
+                Some(t.products.into_iter().collect())
+            };
+            terminals.terminals.insert(
+                t.id,
+                TerminalEntry {
+                    merchant: t.merchant,
+                    products,
+                },
+            );
+        }
+        let mut products = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, p) in f.products.into_iter().enumerate() {
+            let at = format!("product[{i}]");
+            if !seen.insert((p.code.clone(), p.amount)) {
+                return Err(invalid(&at, "product and amount listed twice"));
+            }
+            let mode = match p.mode.as_str() {
+                "on_demand" | "on-demand" => Mode::OnDemand,
+                "prefetch" => {
+                    if p.low == 0 || p.high < p.low || p.high > 1_000_000 {
+                        return Err(invalid(&at, "prefetch needs 1 <= low <= high <= 1000000"));
+                    }
+                    Mode::Prefetch {
+                        low: p.low,
+                        high: p.high,
+                    }
+                }
+                _ => return Err(invalid(&format!("{at}.mode"), "`prefetch` or `on_demand`")),
+            };
+            products.push(ProductConfig {
+                code: p.code,
+                amount: p.amount,
+                mode,
+            });
+        }
+        Ok(GatewayConfig {
+            journal: rel(g.journal),
+            journal_keys,
+            response_deadline: ms(g.response_deadline_ms),
+            keep_cache_on_shutdown: g.keep_cache_on_shutdown,
+            admin: g.admin,
+            repeat_window: Duration::from_secs(g.repeat_window_secs),
+            repeat_max: g.repeat_max,
+            lease: Duration::from_secs(g.lease_secs.max(60)),
+            refill_cover: Duration::from_secs(g.refill_cover_secs.max(1)),
+            refill_lead: Duration::from_secs(g.refill_lead_secs.max(1)),
+            protocols: g.protocols.map(rel),
+            servers: f
+                .upstream
+                .servers
+                .into_iter()
+                .map(|s| ServerAddr {
+                    addr: s.addr,
+                    name: s.name,
+                })
+                .collect(),
+            cert: rel(f.upstream.cert),
+            key: rel(f.upstream.key),
+            ca: rel(f.upstream.ca),
+            upstream,
+            listeners,
+            terminals,
+            products,
+        })
+    }
+}

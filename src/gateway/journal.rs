@@ -1,0 +1,902 @@
+//! The gateway's journal: every PIN the gateway holds and every sale it has not finished with, in one append-only
+//! file, fsync'd in groups (one sync covers every record that arrived while the previous sync ran).
+//!
+//! File: the magic `PGJ1`, then frames `len: u32 LE | crc32: u32 LE | JSON record`. A crash can leave a torn last
+//! frame: it is cut off at recovery and its bytes kept beside the journal (`<name>.tail-<unix time>`), so nothing is
+//! dropped silently. PIN values are sealed with the gateway's own key (ChaCha20-Poly1305, the PIN server's format).
+//!
+//! The writer thread keeps the live state (what recovery would rebuild) with the encoded frame of each live record;
+//! when the file has grown well past what is live, it writes the live frames to a new file, syncs it and renames it
+//! over the journal (compaction), so the journal stays the size of the cache plus the unfinished work.
+//!
+//! What each record means, and what recovery does with it:
+//! | record | written | left at recovery |
+//! |---|---|---|
+//! | `cached` | after `reserve`, before the PIN may be sold | in the cache again |
+//! | `cache_sold` | before the 0210 with a cached PIN leaves | a confirm to send |
+//! | `confirmed` | the server acknowledged the confirm | nothing |
+//! | `releasing` | before `release` (the PINs leave the cache first) | a release to send |
+//! | `released` | the server acknowledged the release | nothing |
+//! | `asked` | before an on-demand `sell` leaves | a reversal to send (the terminal may never have had the PIN) |
+//! | `resolved` | the on-demand outcome is known, before the 0210 leaves | nothing |
+//! | `reverse` | a reversal to forward (terminal's 0400/0420, or an undelivered sale) | a reversal to send |
+//! | `reversed` | the server acknowledged the reversal | nothing |
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::iso8583::{from_hex, to_hex};
+use crate::psp::PinOut;
+use crate::sale::SaleKey;
+use crate::store::crypto::{PinCipher, Sealed};
+
+const MAGIC: &[u8; 4] = b"PGJ1";
+/// Largest record accepted at recovery: a frame claiming more is torn or corrupt.
+const MAX_RECORD: usize = 1 << 20;
+/// Records written per sync at most (bounds the latency of the first in a group).
+const MAX_GROUP: usize = 4096;
+
+/// Errors of the journal.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// The journal file could not be read, written or synced.
+    #[error("journal {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// The file is not a pingate journal (wrong magic).
+    #[error("journal {path}: not a pingate journal (bad magic)")]
+    NotAJournal { path: PathBuf },
+    /// A record passed its checksum but does not parse, or names a PIN that cannot be opened: written by another
+    /// version or with other keys. Nothing is guessed: the gateway does not start.
+    #[error("journal {path}: record at byte {offset}: {reason}")]
+    BadRecord { path: PathBuf, offset: u64, reason: String },
+    /// An earlier write or sync failed; the journal takes no more records (what it holds stays valid).
+    #[error("journal is failed: {0}")]
+    Failed(String),
+}
+
+/// The sale as the terminal identified it, and what it bought.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaleRecord {
+    pub terminal_id: String,
+    pub merchant_id: String,
+    pub stan: String,
+    pub transmission: String,
+    pub rrn: String,
+    pub product: String,
+    pub amount: i64,
+    pub currency: String,
+}
+
+impl SaleRecord {
+    pub fn key(&self) -> SaleKey {
+        SaleKey {
+            terminal_id: self.terminal_id.clone(),
+            stan: self.stan.clone(),
+            transmission: self.transmission.clone(),
+        }
+    }
+
+    pub fn terminal(&self) -> crate::psp::Terminal {
+        crate::psp::Terminal {
+            terminal_id: self.terminal_id.clone(),
+            merchant_id: self.merchant_id.clone(),
+            stan: self.stan.clone(),
+            transmission: self.transmission.clone(),
+            rrn: self.rrn.clone(),
+        }
+    }
+}
+
+/// A sale key as written in the journal.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub terminal_id: String,
+    pub stan: String,
+    pub transmission: String,
+}
+
+impl From<&SaleKey> for KeyRecord {
+    fn from(k: &SaleKey) -> KeyRecord {
+        KeyRecord {
+            terminal_id: k.terminal_id.clone(),
+            stan: k.stan.clone(),
+            transmission: k.transmission.clone(),
+        }
+    }
+}
+
+impl KeyRecord {
+    pub fn key(&self) -> SaleKey {
+        SaleKey {
+            terminal_id: self.terminal_id.clone(),
+            stan: self.stan.clone(),
+            transmission: self.transmission.clone(),
+        }
+    }
+}
+
+/// A PIN held in the cache: what the server reserved, and until when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CachedPin {
+    pub pin: PinOut,
+    pub lease_until: i64,
+}
+
+/// One journal record (see the module table).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    Cached(CachedPin),
+    CacheSold { pin_id: i64, sale: SaleRecord },
+    Confirmed { pin_id: i64 },
+    Releasing { pin_ids: Vec<i64> },
+    Released { pin_ids: Vec<i64> },
+    Asked { sale: SaleRecord },
+    Resolved { key: KeyRecord },
+    Reverse { key: KeyRecord },
+    Reversed { key: KeyRecord },
+}
+
+/// The on-disk form: the PIN sealed, everything else as is.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case", deny_unknown_fields)]
+enum Wire {
+    Cached {
+        pin_id: i64,
+        product: String,
+        amount: i64,
+        serial: String,
+        expiry: Option<String>,
+        receipt: Vec<String>,
+        lease_until: i64,
+        key_id: u32,
+        nonce: String,
+        sealed: String,
+    },
+    CacheSold {
+        pin_id: i64,
+        sale: SaleRecord,
+    },
+    Confirmed {
+        pin_id: i64,
+    },
+    Releasing {
+        pin_ids: Vec<i64>,
+    },
+    Released {
+        pin_ids: Vec<i64>,
+    },
+    Asked {
+        sale: SaleRecord,
+    },
+    Resolved {
+        key: KeyRecord,
+    },
+    Reverse {
+        key: KeyRecord,
+    },
+    Reversed {
+        key: KeyRecord,
+    },
+}
+
+fn to_wire(r: &Record, cipher: &PinCipher) -> Result<Wire, String> {
+    Ok(match r.clone() {
+        Record::Cached(c) => {
+            let sealed = cipher.seal(&c.pin.pin, &c.pin.serial).map_err(|e| e.to_string())?;
+            Wire::Cached {
+                pin_id: c.pin.pin_id,
+                product: c.pin.product,
+                amount: c.pin.amount,
+                serial: c.pin.serial,
+                expiry: c.pin.expiry,
+                receipt: c.pin.receipt,
+                lease_until: c.lease_until,
+                key_id: sealed.key_id,
+                nonce: to_hex(&sealed.nonce),
+                sealed: to_hex(&sealed.ciphertext),
+            }
+        }
+        Record::CacheSold { pin_id, sale } => Wire::CacheSold { pin_id, sale },
+        Record::Confirmed { pin_id } => Wire::Confirmed { pin_id },
+        Record::Releasing { pin_ids } => Wire::Releasing { pin_ids },
+        Record::Released { pin_ids } => Wire::Released { pin_ids },
+        Record::Asked { sale } => Wire::Asked { sale },
+        Record::Resolved { key } => Wire::Resolved { key },
+        Record::Reverse { key } => Wire::Reverse { key },
+        Record::Reversed { key } => Wire::Reversed { key },
+    })
+}
+
+fn from_wire(w: Wire, cipher: &PinCipher) -> Result<Record, String> {
+    Ok(match w {
+        Wire::Cached {
+            pin_id,
+            product,
+            amount,
+            serial,
+            expiry,
+            receipt,
+            lease_until,
+            key_id,
+            nonce,
+            sealed,
+        } => {
+            let nonce: [u8; 12] = from_hex(&nonce)
+                .ok()
+                .and_then(|n| n.try_into().ok())
+                .ok_or("nonce is not 12 hex bytes")?;
+            let ciphertext = from_hex(&sealed).map_err(|at| format!("sealed PIN: bad hex at {at}"))?;
+            let pin = cipher
+                .open(
+                    &Sealed {
+                        key_id,
+                        nonce,
+                        ciphertext,
+                    },
+                    &serial,
+                )
+                .map_err(|e| e.to_string())?;
+            Record::Cached(CachedPin {
+                pin: PinOut {
+                    pin_id,
+                    product,
+                    amount,
+                    pin,
+                    serial,
+                    expiry,
+                    receipt,
+                },
+                lease_until,
+            })
+        }
+        Wire::CacheSold { pin_id, sale } => Record::CacheSold { pin_id, sale },
+        Wire::Confirmed { pin_id } => Record::Confirmed { pin_id },
+        Wire::Releasing { pin_ids } => Record::Releasing { pin_ids },
+        Wire::Released { pin_ids } => Record::Released { pin_ids },
+        Wire::Asked { sale } => Record::Asked { sale },
+        Wire::Resolved { key } => Record::Resolved { key },
+        Wire::Reverse { key } => Record::Reverse { key },
+        Wire::Reversed { key } => Record::Reversed { key },
+    })
+}
+
+/// CRC-32 (IEEE), table built at compile time: catches torn and flipped bytes, not an adversary.
+const CRC_TABLE: [u32; 256] = {
+    let mut t = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            k += 1;
+        }
+        t[i] = c;
+        i += 1;
+    }
+    t
+};
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in data {
+        c = CRC_TABLE[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8);
+    }
+    !c
+}
+
+fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(8 + payload.len());
+    f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    f.extend_from_slice(&crc32(payload).to_le_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// What the journal holds that is still live, each with the frame that says so (for compaction).
+#[derive(Default)]
+struct Live {
+    cached: HashMap<i64, Vec<u8>>,
+    /// A cache sale not yet confirmed: the PIN's `cached` frame and the `cache_sold` frame.
+    sold: HashMap<i64, (Vec<u8>, Vec<u8>)>,
+    releasing: HashMap<i64, Vec<u8>>,
+    asked: HashMap<KeyRecord, Vec<u8>>,
+    reverse: HashMap<KeyRecord, Vec<u8>>,
+    bytes: u64,
+}
+
+impl Live {
+    fn apply(&mut self, r: &Record, frame: Vec<u8>) {
+        match r {
+            Record::Cached(c) => {
+                self.cached.insert(c.pin.pin_id, frame);
+            }
+            Record::CacheSold { pin_id, .. } => {
+                if let Some(c) = self.cached.remove(pin_id) {
+                    self.sold.insert(*pin_id, (c, frame));
+                }
+            }
+            Record::Confirmed { pin_id } => {
+                self.sold.remove(pin_id);
+            }
+            Record::Releasing { pin_ids } => {
+                // The frame names all the ids; it stays live while any of them is unreleased.
+                for id in pin_ids {
+                    self.cached.remove(id);
+                    self.releasing.insert(*id, frame.clone());
+                }
+            }
+            Record::Released { pin_ids } => {
+                for id in pin_ids {
+                    self.releasing.remove(id);
+                }
+            }
+            Record::Asked { sale } => {
+                self.asked.insert(KeyRecord::from(&sale.key()), frame);
+            }
+            Record::Resolved { key } => {
+                self.asked.remove(key);
+            }
+            Record::Reverse { key } => {
+                self.reverse.insert(key.clone(), frame);
+            }
+            Record::Reversed { key } => {
+                self.reverse.remove(key);
+            }
+        }
+    }
+
+    /// The frames that rebuild this state, each once.
+    fn frames(&self) -> Vec<&[u8]> {
+        let mut out: Vec<&[u8]> = Vec::new();
+        out.extend(self.cached.values().map(Vec::as_slice));
+        for (c, s) in self.sold.values() {
+            out.push(c);
+            out.push(s);
+        }
+        // One `releasing` frame names several ids: write it once.
+        let mut seen = std::collections::HashSet::new();
+        for f in self.releasing.values() {
+            if seen.insert(f.as_slice()) {
+                out.push(f);
+            }
+        }
+        out.extend(self.asked.values().map(Vec::as_slice));
+        out.extend(self.reverse.values().map(Vec::as_slice));
+        out
+    }
+
+    fn live_bytes(&self) -> u64 {
+        self.frames().iter().map(|f| f.len() as u64).sum()
+    }
+}
+
+/// What the journal says the gateway holds and owes, after a restart.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// PINs in the cache, unsold.
+    pub cached: Vec<CachedPin>,
+    /// Cache sales the server has not acknowledged: confirm them. The PIN is there to answer a repeat.
+    pub unconfirmed: Vec<(CachedPin, SaleRecord)>,
+    /// PINs on their way back to the server: release them.
+    pub releasing: Vec<i64>,
+    /// On-demand sales asked for with no known outcome, and reversals not yet acknowledged: reverse them all.
+    pub reverse: Vec<KeyRecord>,
+    /// Bytes of a torn last record that were cut off (and kept beside the journal).
+    pub torn_bytes: u64,
+}
+
+struct Append {
+    records: Vec<Record>,
+    done: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+/// Tuning of the journal.
+#[derive(Clone, Debug)]
+pub struct JournalOptions {
+    /// Compact when the file is larger than this and more than four times what is live.
+    pub compact_above: u64,
+    /// Sync to disk (`fdatasync`) before acknowledging. Only tests of other parts turn this off.
+    pub sync: bool,
+}
+
+impl Default for JournalOptions {
+    fn default() -> JournalOptions {
+        JournalOptions {
+            compact_above: 64 << 20,
+            sync: true,
+        }
+    }
+}
+
+/// Handle to the journal's writer thread. Cheap to clone.
+#[derive(Clone)]
+pub struct Journal {
+    tx: mpsc::UnboundedSender<Append>,
+    path: Arc<PathBuf>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Journal({})", self.path.display())
+    }
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> JournalError + '_ {
+    move |source| JournalError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Reads a journal: the records, and the offset where valid frames end.
+fn read_records(path: &Path, cipher: &PinCipher) -> Result<(Vec<(Record, Vec<u8>)>, u64, u64), JournalError> {
+    let mut data = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut data))
+        .map_err(io(path))?;
+    if data.len() < MAGIC.len() {
+        // A crash while creating the file: nothing was ever acknowledged from it.
+        return Ok((Vec::new(), 0, data.len() as u64));
+    }
+    if &data[..4] != MAGIC {
+        return Err(JournalError::NotAJournal { path: path.into() });
+    }
+    let mut at = 4usize;
+    let mut records = Vec::new();
+    while data.len() - at >= 8 {
+        let len = u32::from_le_bytes(data[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(data[at + 4..at + 8].try_into().expect("4 bytes"));
+        if len > MAX_RECORD || data.len() - at - 8 < len {
+            break;
+        }
+        let payload = &data[at + 8..at + 8 + len];
+        if crc32(payload) != crc {
+            break;
+        }
+        let bad = |reason: String| JournalError::BadRecord {
+            path: path.into(),
+            offset: at as u64,
+            reason,
+        };
+        let wire: Wire = serde_json::from_slice(payload).map_err(|e| bad(e.to_string()))?;
+        let record = from_wire(wire, cipher).map_err(bad)?;
+        records.push((record, data[at..at + 8 + len].to_vec()));
+        at += 8 + len;
+    }
+    let torn = (data.len() - at) as u64;
+    if torn > 0 {
+        let aside = path.with_extension(format!("tail-{}", crate::store::unix_now()));
+        std::fs::write(&aside, &data[at..]).map_err(io(&aside))?;
+    }
+    Ok((records, at as u64, torn))
+}
+
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => File::open(dir)?.sync_all(),
+        _ => File::open(".")?.sync_all(),
+    }
+}
+
+/// Writes `frames` as a fresh journal at `path` (through a temporary file and a rename), and opens it for append.
+fn rewrite(path: &Path, frames: &[&[u8]]) -> std::io::Result<File> {
+    let tmp = path.with_extension("compact");
+    {
+        let mut f = File::create(&tmp)?;
+        let mut buf = Vec::with_capacity(4 + frames.iter().map(|f| f.len()).sum::<usize>());
+        buf.extend_from_slice(MAGIC);
+        for fr in frames {
+            buf.extend_from_slice(fr);
+        }
+        f.write_all(&buf)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    sync_dir(path)?;
+    let mut f = OpenOptions::new().read(true).write(true).open(path)?;
+    f.seek(SeekFrom::End(0))?;
+    Ok(f)
+}
+
+impl Journal {
+    /// Opens (or creates) the journal at `path`, recovers what it holds, compacts it, and starts the writer thread.
+    pub fn open(
+        path: &Path,
+        cipher: Arc<PinCipher>,
+        opts: JournalOptions,
+    ) -> Result<(Journal, Recovered), JournalError> {
+        let (records, _end, torn_bytes) = if path.exists() {
+            read_records(path, &cipher)?
+        } else {
+            (Vec::new(), 0, 0)
+        };
+        let mut live = Live::default();
+        let mut pins: HashMap<i64, CachedPin> = HashMap::new();
+        let mut sales: HashMap<i64, SaleRecord> = HashMap::new();
+        for (r, f) in records {
+            match &r {
+                Record::Cached(c) => {
+                    pins.insert(c.pin.pin_id, c.clone());
+                }
+                Record::CacheSold { pin_id, sale } => {
+                    sales.insert(*pin_id, sale.clone());
+                }
+                _ => {}
+            }
+            live.apply(&r, f);
+        }
+        let mut recovered = Recovered {
+            torn_bytes,
+            ..Recovered::default()
+        };
+        for id in live.cached.keys() {
+            recovered.cached.push(pins[id].clone());
+        }
+        for id in live.sold.keys() {
+            recovered.unconfirmed.push((pins[id].clone(), sales[id].clone()));
+        }
+        recovered.releasing.extend(live.releasing.keys().copied());
+        // An on-demand sale with no known outcome is reversed; so is every reversal not yet acknowledged. The
+        // `asked` frames stay live until the reversal is acknowledged: they are turned into `reverse` frames here.
+        let mut reverse: Vec<KeyRecord> = live.reverse.keys().cloned().collect();
+        let asked: Vec<KeyRecord> = live.asked.keys().cloned().collect();
+        for k in asked {
+            live.asked.remove(&k);
+            if !live.reverse.contains_key(&k) {
+                let payload = serde_json::to_vec(&Wire::Reverse { key: k.clone() }).expect("serialisable");
+                live.reverse.insert(k.clone(), frame(&payload));
+                reverse.push(k);
+            }
+        }
+        recovered.reverse = reverse;
+        recovered.cached.sort_by_key(|c| c.pin.pin_id);
+        recovered.unconfirmed.sort_by_key(|(c, _)| c.pin.pin_id);
+        recovered.releasing.sort_unstable();
+
+        let file = rewrite(path, &live.frames()).map_err(io(path))?;
+        live.bytes = live.live_bytes();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let p = path.to_path_buf();
+        std::thread::Builder::new()
+            .name("pingate-journal".into())
+            .spawn(move || writer(p, file, live, cipher, opts, rx))
+            .map_err(io(path))?;
+        Ok((
+            Journal {
+                tx,
+                path: Arc::new(path.to_path_buf()),
+            },
+            recovered,
+        ))
+    }
+
+    /// Appends records and waits until they are on disk.
+    pub async fn append(&self, records: Vec<Record>) -> Result<(), JournalError> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Append {
+                records,
+                done: Some(done),
+            })
+            .map_err(|_| JournalError::Failed("writer stopped".into()))?;
+        rx.await
+            .map_err(|_| JournalError::Failed("writer stopped".into()))?
+            .map_err(JournalError::Failed)
+    }
+
+    /// Appends records without waiting: they go to disk with the next group, in order with every other append.
+    /// For acknowledgements whose loss only means doing an idempotent step again after a crash.
+    pub fn append_lazy(&self, records: Vec<Record>) {
+        let _ = self.tx.send(Append { records, done: None });
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn writer(
+    path: PathBuf,
+    mut file: File,
+    mut live: Live,
+    cipher: Arc<PinCipher>,
+    opts: JournalOptions,
+    mut rx: mpsc::UnboundedReceiver<Append>,
+) {
+    let mut failed: Option<String> = None;
+    let mut size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut buf = Vec::with_capacity(1 << 16);
+    while let Some(first) = rx.blocking_recv() {
+        let mut group = vec![first];
+        let mut n = group[0].records.len();
+        while n < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(a) => {
+                    n += a.records.len();
+                    group.push(a);
+                }
+                Err(_) => break,
+            }
+        }
+        if let Some(why) = &failed {
+            for a in group {
+                if let Some(d) = a.done {
+                    let _ = d.send(Err(why.clone()));
+                }
+            }
+            continue;
+        }
+        buf.clear();
+        let mut results: Vec<Result<(), String>> = Vec::with_capacity(group.len());
+        let mut applied = Vec::new();
+        for a in &group {
+            let mut encoded = Vec::with_capacity(a.records.len());
+            let r = a.records.iter().try_for_each(|r| {
+                let w = to_wire(r, &cipher)?;
+                let f = frame(&serde_json::to_vec(&w).map_err(|e| e.to_string())?);
+                encoded.push((r, f));
+                Ok::<(), String>(())
+            });
+            match r {
+                Ok(()) => {
+                    for (r, f) in encoded {
+                        buf.extend_from_slice(&f);
+                        applied.push((r, f));
+                    }
+                    results.push(Ok(()));
+                }
+                // A record that cannot be encoded (sealing failed) fails its own append only.
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        let written = file
+            .write_all(&buf)
+            .and_then(|()| if opts.sync { file.sync_data() } else { Ok(()) });
+        if let Err(e) = written {
+            let why = format!("write {}: {e}", path.display());
+            tracing::error!(journal = %path.display(), error = %e, "journal write failed; no more records are taken");
+            failed = Some(why.clone());
+            for a in group {
+                if let Some(d) = a.done {
+                    let _ = d.send(Err(why.clone()));
+                }
+            }
+            continue;
+        }
+        size += buf.len() as u64;
+        for (r, f) in applied {
+            live.apply(r, f);
+        }
+        for (a, r) in group.into_iter().zip(results) {
+            if let Some(d) = a.done {
+                let _ = d.send(r);
+            }
+        }
+        if size > opts.compact_above {
+            let live_bytes = live.live_bytes();
+            if live_bytes * 4 < size {
+                match rewrite(&path, &live.frames()) {
+                    Ok(f) => {
+                        tracing::debug!(journal = %path.display(), from = size, to = live_bytes + 4, "journal compacted");
+                        file = f;
+                        size = live_bytes + 4;
+                    }
+                    Err(e) => {
+                        // The old file is still whole (the rename is what switches): keep appending to it.
+                        tracing::warn!(journal = %path.display(), error = %e, "journal compaction failed");
+                        if let Ok(f) = OpenOptions::new().append(true).open(&path) {
+                            file = f;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sale::Pin;
+
+    fn cipher() -> Arc<PinCipher> {
+        Arc::new(PinCipher::from_spec(&format!("1:{}", "ab".repeat(32))).unwrap())
+    }
+
+    fn pin(id: i64) -> CachedPin {
+        CachedPin {
+            pin: PinOut {
+                pin_id: id,
+                product: "TOPUP".into(),
+                amount: 1000,
+                pin: Pin::new(format!("98765432{id:08}")),
+                serial: format!("S{id}"),
+                expiry: None,
+                receipt: vec!["line".into()],
+            },
+            lease_until: 1_900_000_000,
+        }
+    }
+
+    fn sale(stan: &str) -> SaleRecord {
+        SaleRecord {
+            terminal_id: "T1".into(),
+            merchant_id: "M1".into(),
+            stan: stan.into(),
+            transmission: "1128120000".into(),
+            rrn: "000000000001".into(),
+            product: "TOPUP".into(),
+            amount: 1000,
+            currency: "978".into(),
+        }
+    }
+
+    fn key(stan: &str) -> KeyRecord {
+        KeyRecord::from(&sale(stan).key())
+    }
+
+    #[test]
+    fn crc_matches_the_ieee_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[tokio::test]
+    async fn recovery_rebuilds_exactly_what_is_live() {
+        let dir = tempdir();
+        let path = dir.join("gw.journal");
+        let (j, r) = Journal::open(&path, cipher(), JournalOptions::default()).unwrap();
+        assert!(r.cached.is_empty() && r.reverse.is_empty());
+        j.append((1..=5).map(|i| Record::Cached(pin(i))).collect())
+            .await
+            .unwrap();
+        j.append(vec![Record::CacheSold {
+            pin_id: 1,
+            sale: sale("000001"),
+        }])
+        .await
+        .unwrap();
+        j.append(vec![Record::CacheSold {
+            pin_id: 2,
+            sale: sale("000002"),
+        }])
+        .await
+        .unwrap();
+        j.append(vec![Record::Confirmed { pin_id: 2 }]).await.unwrap();
+        j.append(vec![Record::Releasing { pin_ids: vec![4, 5] }]).await.unwrap();
+        j.append(vec![Record::Released { pin_ids: vec![5] }]).await.unwrap();
+        j.append(vec![Record::Asked { sale: sale("000010") }]).await.unwrap();
+        j.append(vec![Record::Asked { sale: sale("000011") }]).await.unwrap();
+        j.append(vec![Record::Resolved { key: key("000011") }]).await.unwrap();
+        j.append(vec![Record::Reverse { key: key("000020") }]).await.unwrap();
+        j.append(vec![Record::Reverse { key: key("000021") }]).await.unwrap();
+        j.append(vec![Record::Reversed { key: key("000021") }]).await.unwrap();
+        drop(j);
+        // The writer thread ends when the last handle goes; the data was synced before each append returned.
+        let (j, r) = Journal::open(&path, cipher(), JournalOptions::default()).unwrap();
+        assert_eq!(r.cached.iter().map(|c| c.pin.pin_id).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(r.cached[0], pin(3), "the PIN comes back whole");
+        assert_eq!(r.unconfirmed.len(), 1);
+        assert_eq!(r.unconfirmed[0].0.pin.pin_id, 1);
+        assert_eq!(r.unconfirmed[0].1, sale("000001"));
+        assert_eq!(r.releasing, vec![4]);
+        let mut rev = r.reverse.clone();
+        rev.sort_by(|a, b| a.stan.cmp(&b.stan));
+        assert_eq!(rev, vec![key("000010"), key("000020")]);
+        // Acknowledging the reversal that recovery made of the unanswered `asked` retires it.
+        j.append(vec![Record::Reversed { key: key("000010") }]).await.unwrap();
+        drop(j);
+        let (_j, r) = Journal::open(&path, cipher(), JournalOptions::default()).unwrap();
+        assert_eq!(r.reverse, vec![key("000020")]);
+    }
+
+    #[tokio::test]
+    async fn a_torn_tail_is_cut_and_kept_aside_and_nothing_acknowledged_is_lost() {
+        let dir = tempdir();
+        let path = dir.join("gw.journal");
+        let (j, _) = Journal::open(&path, cipher(), JournalOptions::default()).unwrap();
+        j.append(vec![Record::Cached(pin(7))]).await.unwrap();
+        drop(j);
+        // Half of a frame, as a kill during a write leaves it.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, b'{']).unwrap();
+        drop(f);
+        let (_j, r) = Journal::open(&path, cipher(), JournalOptions::default()).unwrap();
+        assert_eq!(r.torn_bytes, 9);
+        assert_eq!(r.cached, vec![pin(7)]);
+        let aside: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains("tail-"))
+            .collect();
+        assert_eq!(aside.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_flipped_byte_stops_recovery_there() {
+        let dir = tempdir();
+        let path = dir.join("gw.journal");
+        let (j, _) = Journal::open(&path, cipher(), JournalOptions::default()).unwrap();
+        j.append(vec![Record::Cached(pin(1))]).await.unwrap();
+        j.append(vec![Record::Cached(pin(2))]).await.unwrap();
+        drop(j);
+        let mut data = std::fs::read(&path).unwrap();
+        let last = data.len() - 3;
+        data[last] ^= 0x40;
+        std::fs::write(&path, data).unwrap();
+        let (_j, r) = Journal::open(&path, cipher(), JournalOptions::default()).unwrap();
+        assert_eq!(r.cached.len(), 1);
+        assert!(r.torn_bytes > 0);
+    }
+
+    #[test]
+    fn wrong_keys_and_foreign_files_are_refused_not_guessed() {
+        let dir = tempdir();
+        let path = dir.join("gw.journal");
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async {
+            let (j, _) = Journal::open(&path, cipher(), JournalOptions::default()).unwrap();
+            j.append(vec![Record::Cached(pin(1))]).await.unwrap();
+        });
+        let other = Arc::new(PinCipher::from_spec(&format!("1:{}", "cd".repeat(32))).unwrap());
+        let e = Journal::open(&path, other, JournalOptions::default()).unwrap_err();
+        assert!(matches!(e, JournalError::BadRecord { offset: 4, .. }), "{e}");
+        assert!(!e.to_string().contains("9876543200000001"));
+        let foreign = dir.join("x.journal");
+        std::fs::write(&foreign, b"hello world").unwrap();
+        assert!(matches!(
+            Journal::open(&foreign, cipher(), JournalOptions::default()),
+            Err(JournalError::NotAJournal { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn compaction_keeps_only_what_is_live() {
+        let dir = tempdir();
+        let path = dir.join("gw.journal");
+        let opts = JournalOptions {
+            compact_above: 16 << 10,
+            sync: false,
+        };
+        let (j, _) = Journal::open(&path, cipher(), opts.clone()).unwrap();
+        for i in 0..400 {
+            j.append(vec![Record::Cached(pin(i))]).await.unwrap();
+            j.append(vec![Record::CacheSold {
+                pin_id: i,
+                sale: sale(&format!("{i:06}")),
+            }])
+            .await
+            .unwrap();
+            if i != 123 {
+                j.append(vec![Record::Confirmed { pin_id: i }]).await.unwrap();
+            }
+        }
+        j.append(vec![Record::Cached(pin(1000))]).await.unwrap();
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(size < 16 << 10, "compacted to {size} bytes");
+        drop(j);
+        let (_j, r) = Journal::open(&path, cipher(), opts).unwrap();
+        assert_eq!(r.cached, vec![pin(1000)]);
+        assert_eq!(r.unconfirmed.len(), 1);
+        assert_eq!(r.unconfirmed[0].0.pin.pin_id, 123);
+    }
+
+    fn tempdir() -> PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "pingate-journal-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}

@@ -1,0 +1,909 @@
+//! The gateway (host connection manager): terminals on one side ([`terminal`]), PIN servers on the other
+//! ([`upstream`]), and between them the controller (this module), the prefetch [`cache`], the [`journal`] that makes
+//! every PIN the gateway holds and every unfinished sale survive a crash, and the store-and-forward queue of
+//! confirms, reversals and releases. `protocols/gateway.md` says, step by step, what a crash leaves behind.
+
+pub mod cache;
+pub mod config;
+pub mod journal;
+pub mod terminal;
+pub mod upstream;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::iso8583::Message;
+use crate::psp::{ErrorCode, Request, Response};
+use crate::sale::{
+    answer, sale_answer, PinReceipt, ResponseCode, ReversalRequest, SaleKey, SaleRequest, TerminalRequest,
+};
+use crate::store::crypto::PinCipher;
+use cache::{Level, PinCache, Take};
+use config::GatewayConfig;
+use journal::{CachedPin, Journal, JournalOptions, KeyRecord, Record, SaleRecord};
+use upstream::{ServerHealth, Upstream, UpstreamError};
+
+/// Errors starting the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The configuration file is wrong.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The journal could not be opened or recovered.
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
+    /// Certificates or keys for the PIN server connection could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// The journal key is missing or malformed.
+    #[error("journal key: {0}")]
+    Keys(String),
+    /// A dialect named by a listener is unknown, or `protocols/` has a bad dialect file.
+    #[error(transparent)]
+    Dialect(#[from] crate::iso8583::DialectError),
+    /// A listening socket could not be opened.
+    #[error("listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// What a sale came to; kept for repeats while the sale is in the repeat window.
+#[derive(Debug)]
+enum Outcome {
+    Approved { pin_id: i64, receipt: PinReceipt },
+    Declined(ResponseCode),
+}
+
+/// What identifies a sale's content: a repeat with other content is a `94`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Content {
+    merchant: String,
+    product: String,
+    amount: u64,
+    currency: String,
+}
+
+struct Entry {
+    content: Content,
+    outcome: watch::Sender<Option<Arc<Outcome>>>,
+}
+
+/// Sales of the repeat window, by key.
+struct Recent {
+    map: HashMap<SaleKey, Arc<Entry>>,
+    order: VecDeque<(Instant, SaleKey)>,
+    window: Duration,
+    max: usize,
+}
+
+enum Begin {
+    New(Arc<Entry>),
+    Existing(Arc<Entry>),
+}
+
+impl Recent {
+    fn begin(&mut self, key: &SaleKey, content: Content, now: Instant) -> Begin {
+        while let Some((t, k)) = self.order.front() {
+            if now.duration_since(*t) > self.window || self.map.len() > self.max {
+                self.map.remove(k);
+                self.order.pop_front();
+            } else {
+                break;
+            }
+        }
+        if let Some(e) = self.map.get(key) {
+            return Begin::Existing(e.clone());
+        }
+        let e = Arc::new(Entry {
+            content,
+            outcome: watch::channel(None).0,
+        });
+        self.map.insert(key.clone(), e.clone());
+        self.order.push_back((now, key.clone()));
+        Begin::New(e)
+    }
+
+    fn get(&self, key: &SaleKey) -> Option<Arc<Entry>> {
+        self.map.get(key).cloned()
+    }
+}
+
+/// Work the server must acknowledge, retried until it does (store-and-forward).
+#[derive(Clone, Debug)]
+enum Job {
+    Confirm { pin_id: i64, sale: SaleRecord },
+    Reverse { key: KeyRecord },
+    Release { pin_ids: Vec<i64> },
+}
+
+struct Queued {
+    job: Job,
+    attempts: u32,
+    not_before: Instant,
+}
+
+#[derive(Default)]
+struct Forward {
+    queue: VecDeque<Queued>,
+    in_flight: usize,
+    confirms: usize,
+    reversals: usize,
+    releases: usize,
+}
+
+/// Counters since start.
+#[derive(Default, Debug, Serialize)]
+pub struct Stats {
+    pub sales_from_cache: AtomicU64,
+    pub sales_on_demand: AtomicU64,
+    pub declined: AtomicU64,
+    pub repeats: AtomicU64,
+    pub reversals: AtomicU64,
+    pub undelivered: AtomicU64,
+    pub confirms_done: AtomicU64,
+    pub forward_failures: AtomicU64,
+}
+
+/// `gateway stock`: what the gateway holds and owes.
+#[derive(Debug, Serialize)]
+pub struct StockReport {
+    pub cache: Vec<Level>,
+    pub pending_confirms: usize,
+    pub pending_reversals: usize,
+    pub pending_releases: usize,
+    pub servers: Vec<ServerHealth>,
+    pub stats: serde_json::Value,
+}
+
+/// An answer for the terminal, and the sale to reverse if it cannot be delivered.
+#[derive(Debug)]
+pub struct Reply {
+    pub message: Message,
+    pub reverse_if_undelivered: Option<SaleKey>,
+}
+
+impl Reply {
+    fn plain(message: Message) -> Reply {
+        Reply {
+            message,
+            reverse_if_undelivered: None,
+        }
+    }
+}
+
+/// The gateway's shared state. Start with [`Gateway::start`]; serve terminals with [`terminal::run`].
+pub struct Gateway {
+    cfg: GatewayConfig,
+    journal: Journal,
+    upstream: Upstream,
+    cache: Mutex<PinCache>,
+    refill_wake: Notify,
+    recent: Mutex<Recent>,
+    forward: Mutex<Forward>,
+    forward_wake: Notify,
+    pub stats: Stats,
+    /// Stops refills and renewals (shutdown begins).
+    stop: CancellationToken,
+    /// Stops store-and-forward (shutdown ended, or the gateway is abandoned).
+    halt: CancellationToken,
+}
+
+/// The retrieval reference of a sale, derived from its key: the same for every repeat, known before the server
+/// is asked, and the same in the server's records.
+pub fn rrn_of(key: &SaleKey) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [&key.terminal_id, &key.stan, &key.transmission] {
+        ctx.update(&(part.len() as u32).to_be_bytes());
+        ctx.update(part.as_bytes());
+    }
+    let d = ctx.finish();
+    let n = u64::from_be_bytes(d.as_ref()[..8].try_into().expect("8 bytes"));
+    format!("{:012}", n % 1_000_000_000_000)
+}
+
+/// The response code a PIN server error means to a terminal (the one place this is decided).
+pub fn code_for(e: &UpstreamError) -> ResponseCode {
+    match e {
+        UpstreamError::Unavailable | UpstreamError::Timeout => ResponseCode::ServerUnavailable,
+        UpstreamError::Server(w) => match w.code {
+            ErrorCode::OutOfStock => ResponseCode::OutOfStock,
+            ErrorCode::UnknownProduct => ResponseCode::UnknownProduct,
+            ErrorCode::UnknownDenomination => ResponseCode::InvalidAmount,
+            ErrorCode::DuplicateMismatch => ResponseCode::DuplicateMismatch,
+            ErrorCode::AlreadyReversed => ResponseCode::InvalidTransaction,
+            ErrorCode::Busy => ResponseCode::ServerUnavailable,
+            ErrorCode::NotHolder | ErrorCode::BadRequest | ErrorCode::Internal => ResponseCode::SystemError,
+        },
+    }
+}
+
+fn receipt_of(p: &crate::psp::PinOut) -> PinReceipt {
+    PinReceipt {
+        pin: p.pin.clone(),
+        serial: p.serial.clone(),
+        expiry: p.expiry.clone(),
+        lines: p.receipt.clone(),
+    }
+}
+
+/// Options the configuration file does not carry (tests and benchmarks).
+#[derive(Clone, Debug, Default)]
+pub struct StartOptions {
+    /// Do not fsync the journal (only for tests of other parts; never in production).
+    pub journal_no_sync: bool,
+}
+
+impl Gateway {
+    /// Opens the journal and recovers from it, starts the PIN server connections and the background work
+    /// (refills, lease renewals, confirms, reversals, releases).
+    pub async fn start(cfg: GatewayConfig, opts: StartOptions) -> Result<Arc<Gateway>, GatewayError> {
+        let spec = match &cfg.journal_keys {
+            Some(s) => s.clone(),
+            None => std::env::var("PINGATE_JOURNAL_KEYS")
+                .map_err(|_| GatewayError::Keys("set gateway.journal_keys_file or $PINGATE_JOURNAL_KEYS".into()))?,
+        };
+        let cipher = Arc::new(PinCipher::from_spec(&spec).map_err(|e| GatewayError::Keys(e.to_string()))?);
+        let jopts = JournalOptions {
+            sync: !opts.journal_no_sync,
+            ..JournalOptions::default()
+        };
+        let (journal, recovered) = Journal::open(&cfg.journal, cipher, jopts)?;
+        if recovered.torn_bytes > 0 {
+            tracing::warn!(
+                bytes = recovered.torn_bytes,
+                "journal had a torn last record (kept aside)"
+            );
+        }
+        let tls = Arc::new(crate::tls::client_config(&cfg.cert, &cfg.key, &cfg.ca)?);
+        let upstream = Upstream::start(cfg.servers.clone(), tls, cfg.upstream.clone());
+        let now = Instant::now();
+        let cache = PinCache::new(
+            cfg.products.iter().map(|p| (p.code.clone(), p.amount, p.mode)),
+            cfg.refill_cover,
+            cfg.refill_lead,
+            now,
+        );
+        let gw = Arc::new(Gateway {
+            recent: Mutex::new(Recent {
+                map: HashMap::new(),
+                order: VecDeque::new(),
+                window: cfg.repeat_window,
+                max: cfg.repeat_max,
+            }),
+            cfg,
+            journal,
+            upstream,
+            cache: Mutex::new(cache),
+            refill_wake: Notify::new(),
+            forward: Mutex::new(Forward::default()),
+            forward_wake: Notify::new(),
+            stats: Stats::default(),
+            stop: CancellationToken::new(),
+            halt: CancellationToken::new(),
+        });
+        tracing::info!(
+            cached = recovered.cached.len(),
+            unconfirmed = recovered.unconfirmed.len(),
+            releasing = recovered.releasing.len(),
+            reversals = recovered.reverse.len(),
+            "journal recovered"
+        );
+        let stray = gw.cache.lock().expect("not poisoned").put(recovered.cached);
+        if !stray.is_empty() {
+            // Cached for a product no longer configured for prefetch: back to the server.
+            let ids: Vec<i64> = stray.iter().map(|p| p.pin.pin_id).collect();
+            gw.journal
+                .append(vec![Record::Releasing { pin_ids: ids.clone() }])
+                .await?;
+            gw.enqueue(Job::Release { pin_ids: ids });
+        }
+        for (pin, sale) in recovered.unconfirmed {
+            let key = sale.key();
+            let content = Content {
+                merchant: sale.merchant_id.clone(),
+                product: sale.product.clone(),
+                amount: sale.amount as u64,
+                currency: sale.currency.clone(),
+            };
+            if let Begin::New(e) = gw.recent.lock().expect("not poisoned").begin(&key, content, now) {
+                e.outcome.send_replace(Some(Arc::new(Outcome::Approved {
+                    pin_id: pin.pin.pin_id,
+                    receipt: receipt_of(&pin.pin),
+                })));
+            }
+            gw.enqueue(Job::Confirm {
+                pin_id: pin.pin.pin_id,
+                sale,
+            });
+        }
+        if !recovered.releasing.is_empty() {
+            gw.enqueue(Job::Release {
+                pin_ids: recovered.releasing,
+            });
+        }
+        for key in recovered.reverse {
+            gw.enqueue(Job::Reverse { key });
+        }
+        tokio::spawn(gw.clone().forward_loop());
+        tokio::spawn(gw.clone().refill_loop());
+        tokio::spawn(gw.clone().renew_loop());
+        Ok(gw)
+    }
+
+    pub fn config(&self) -> &GatewayConfig {
+        &self.cfg
+    }
+
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    /// Answers one decoded terminal request. Never fails: every outcome is an answer.
+    pub async fn handle(&self, msg: &Message, received: Instant) -> Reply {
+        let deadline = received + self.cfg.response_deadline;
+        match TerminalRequest::parse(msg) {
+            Err(refusal) => {
+                tracing::debug!(code = refusal.code.code(), reason = %refusal.reason, "request refused");
+                Reply::plain(answer(msg, refusal.code))
+            }
+            Ok(TerminalRequest::Network(_)) => {
+                let terminal = msg.terminal_id().unwrap_or_default();
+                let ok = self.cfg.terminals.permits(terminal, msg.merchant_id(), None);
+                if !ok {
+                    tracing::info!(terminal, "network request from an unknown terminal");
+                }
+                Reply::plain(answer(
+                    msg,
+                    if ok {
+                        ResponseCode::Approved
+                    } else {
+                        ResponseCode::NotPermitted
+                    },
+                ))
+            }
+            Ok(TerminalRequest::Sale(s)) => self.sale(msg, s, deadline).await,
+            Ok(TerminalRequest::Reversal(r)) => Reply::plain(self.reversal(msg, r).await),
+        }
+    }
+
+    fn declined(&self, msg: &Message, key: &SaleKey, code: ResponseCode) -> Reply {
+        self.stats.declined.fetch_add(1, Ordering::Relaxed);
+        let m = sale_answer(msg, &rrn_of(key), Err(code)).unwrap_or_else(|_| answer(msg, code));
+        Reply::plain(m)
+    }
+
+    fn reply_of(&self, msg: &Message, key: &SaleKey, outcome: &Outcome) -> Reply {
+        match outcome {
+            Outcome::Approved { pin_id, receipt } => {
+                let auth = format!("{:06}", pin_id % 1_000_000);
+                match sale_answer(msg, &rrn_of(key), Ok((&auth, receipt))) {
+                    Ok(m) => Reply {
+                        message: m,
+                        reverse_if_undelivered: Some(key.clone()),
+                    },
+                    Err(e) => {
+                        // A receipt too long for field 63: the PIN cannot reach the terminal.
+                        tracing::error!(pin_id, error = %e, "receipt does not fit field 63; the sale is reversed");
+                        self.undelivered(key);
+                        self.declined(msg, key, ResponseCode::SystemError)
+                    }
+                }
+            }
+            Outcome::Declined(code) => self.declined(msg, key, *code),
+        }
+    }
+
+    async fn sale(&self, msg: &Message, s: SaleRequest, deadline: Instant) -> Reply {
+        let key = s.key.clone();
+        if !self
+            .cfg
+            .terminals
+            .permits(&key.terminal_id, Some(&s.merchant_id), Some(&s.product))
+        {
+            return self.declined(msg, &key, ResponseCode::NotPermitted);
+        }
+        if let Some(code) = self.check_catalog(&s) {
+            return self.declined(msg, &key, code);
+        }
+        let content = Content {
+            merchant: s.merchant_id.clone(),
+            product: s.product.clone(),
+            amount: s.amount,
+            currency: s.currency.clone(),
+        };
+        let begun = self
+            .recent
+            .lock()
+            .expect("not poisoned")
+            .begin(&key, content.clone(), Instant::now());
+        let entry = match begun {
+            Begin::Existing(e) => {
+                self.stats.repeats.fetch_add(1, Ordering::Relaxed);
+                if e.content != content {
+                    return self.declined(msg, &key, ResponseCode::DuplicateMismatch);
+                }
+                let mut rx = e.outcome.subscribe();
+                return match tokio::time::timeout_at(deadline, rx.wait_for(|o| o.is_some())).await {
+                    Ok(Ok(o)) => {
+                        let o = o.clone().expect("waited for Some");
+                        self.reply_of(msg, &key, &o)
+                    }
+                    _ => self.declined(msg, &key, ResponseCode::ServerUnavailable),
+                };
+            }
+            Begin::New(e) => e,
+        };
+        if s.repeat {
+            self.stats.repeats.fetch_add(1, Ordering::Relaxed);
+        }
+        let outcome = Arc::new(self.sell(&s, deadline).await);
+        entry.outcome.send_replace(Some(outcome.clone()));
+        self.reply_of(msg, &key, &outcome)
+    }
+
+    /// Product, amount and currency against the server's catalog (when one was received).
+    fn check_catalog(&self, s: &SaleRequest) -> Option<ResponseCode> {
+        let (_, catalog) = self.upstream.catalog()?;
+        let Some(p) = catalog.iter().find(|p| p.code == s.product) else {
+            return Some(ResponseCode::UnknownProduct);
+        };
+        if p.currency != s.currency || !p.denominations.contains(&(s.amount as i64)) {
+            return Some(ResponseCode::InvalidAmount);
+        }
+        None
+    }
+
+    fn sale_record(&self, s: &SaleRequest) -> SaleRecord {
+        SaleRecord {
+            terminal_id: s.key.terminal_id.clone(),
+            merchant_id: s.merchant_id.clone(),
+            stan: s.key.stan.clone(),
+            transmission: s.key.transmission.clone(),
+            rrn: rrn_of(&s.key),
+            product: s.product.clone(),
+            amount: s.amount as i64,
+            currency: s.currency.clone(),
+        }
+    }
+
+    /// One PIN for a new sale: from the cache, else from the server.
+    async fn sell(&self, s: &SaleRequest, deadline: Instant) -> Outcome {
+        let record = self.sale_record(s);
+        let amount = s.amount as i64;
+        // A repeat (0201) of a sale this gateway no longer remembers goes to the server, which knows every key it
+        // sold or had confirmed: the original PIN comes back, never a second one.
+        let take = if s.repeat {
+            Take::OnDemand
+        } else {
+            self.cache
+                .lock()
+                .expect("not poisoned")
+                .take(&s.product, amount, Instant::now())
+        };
+        match take {
+            Take::Hit(pin) => {
+                self.refill_wake.notify_one();
+                let pin_id = pin.pin.pin_id;
+                let sold = Record::CacheSold {
+                    pin_id,
+                    sale: record.clone(),
+                };
+                if let Err(e) = self.journal.append(vec![sold]).await {
+                    // Not journaled, so not sold: the PIN is not handed out. The journal takes nothing more, so
+                    // the PIN stays out of the cache too; it is still reserved at the server (leases report it).
+                    tracing::error!(error = %e, pin_id, "journal failed; cache sale refused");
+                    return Outcome::Declined(ResponseCode::SystemError);
+                }
+                self.stats.sales_from_cache.fetch_add(1, Ordering::Relaxed);
+                let receipt = receipt_of(&pin.pin);
+                self.enqueue(Job::Confirm { pin_id, sale: record });
+                Outcome::Approved { pin_id, receipt }
+            }
+            Take::Miss | Take::OnDemand => {
+                if matches!(take, Take::Miss) {
+                    self.refill_wake.notify_one();
+                }
+                self.sell_on_demand(s, record, deadline).await
+            }
+        }
+    }
+
+    async fn sell_on_demand(&self, s: &SaleRequest, record: SaleRecord, deadline: Instant) -> Outcome {
+        let key = KeyRecord::from(&s.key);
+        if let Err(e) = self.journal.append(vec![Record::Asked { sale: record.clone() }]).await {
+            tracing::error!(error = %e, "journal failed; on-demand sale refused");
+            return Outcome::Declined(ResponseCode::SystemError);
+        }
+        // Leave time to journal the outcome and write the answer before the terminal's deadline.
+        let margin = (self.cfg.response_deadline / 20).min(Duration::from_millis(500));
+        let request = Request::Sell {
+            product: s.product.clone(),
+            amount: s.amount as i64,
+            terminal: record.terminal(),
+        };
+        match self.upstream.call(request, deadline - margin).await {
+            Ok(Response::Sold { pin }) => {
+                if let Err(e) = self.journal.append(vec![Record::Resolved { key: key.clone() }]).await {
+                    tracing::error!(error = %e, "journal failed after a sale; the sale is reversed");
+                    self.undelivered(&s.key);
+                    return Outcome::Declined(ResponseCode::SystemError);
+                }
+                self.stats.sales_on_demand.fetch_add(1, Ordering::Relaxed);
+                Outcome::Approved {
+                    pin_id: pin.pin_id,
+                    receipt: receipt_of(&pin),
+                }
+            }
+            Ok(other) => {
+                tracing::error!(answer = ?other, "PIN server answered sell with something else");
+                self.reverse_unanswered(key);
+                Outcome::Declined(ResponseCode::SystemError)
+            }
+            Err(e @ UpstreamError::Server(_)) => {
+                // The server refused: nothing was sold.
+                self.journal.append_lazy(vec![Record::Resolved { key }]);
+                Outcome::Declined(code_for(&e))
+            }
+            Err(e) => {
+                // Timed out or cut off: the server may have sold. Reverse (remembered if it had not).
+                tracing::warn!(error = %e, "sale not answered by the PIN server; reversing it");
+                self.reverse_unanswered(key);
+                Outcome::Declined(code_for(&e))
+            }
+        }
+    }
+
+    /// The `asked` sale becomes a reversal: `reverse` is written before `resolved`, so a torn write can only keep
+    /// the reversal.
+    fn reverse_unanswered(&self, key: KeyRecord) {
+        self.journal.append_lazy(vec![
+            Record::Reverse { key: key.clone() },
+            Record::Resolved { key: key.clone() },
+        ]);
+        self.enqueue(Job::Reverse { key });
+    }
+
+    /// An approved answer could not be written to the terminal: reverse the sale, and answer repeats with `91`.
+    pub fn undelivered(&self, key: &SaleKey) {
+        self.stats.undelivered.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(terminal = %key.terminal_id, stan = %key.stan, "answer not delivered; the sale is reversed");
+        if let Some(e) = self.recent.lock().expect("not poisoned").get(key) {
+            e.outcome
+                .send_replace(Some(Arc::new(Outcome::Declined(ResponseCode::ServerUnavailable))));
+        }
+        let key = KeyRecord::from(key);
+        self.journal.append_lazy(vec![Record::Reverse { key: key.clone() }]);
+        self.enqueue(Job::Reverse { key });
+    }
+
+    async fn reversal(&self, msg: &Message, r: ReversalRequest) -> Message {
+        if !self
+            .cfg
+            .terminals
+            .permits(&r.sale.terminal_id, Some(&r.merchant_id), Some(&r.product))
+        {
+            return answer(msg, ResponseCode::NotPermitted);
+        }
+        let known = self.recent.lock().expect("not poisoned").get(&r.sale);
+        if let Some(e) = &known {
+            if e.content.product != r.product || e.content.amount != r.amount || e.content.currency != r.currency {
+                return answer(msg, ResponseCode::InvalidAmount);
+            }
+        }
+        let key = KeyRecord::from(&r.sale);
+        if let Err(e) = self.journal.append(vec![Record::Reverse { key: key.clone() }]).await {
+            tracing::error!(error = %e, "journal failed; reversal not recorded");
+            return answer(msg, ResponseCode::ServerUnavailable);
+        }
+        self.stats.reversals.fetch_add(1, Ordering::Relaxed);
+        if let Some(e) = known {
+            // Repeats of a reversed sale never get its PIN again.
+            e.outcome
+                .send_replace(Some(Arc::new(Outcome::Declined(ResponseCode::InvalidTransaction))));
+        }
+        self.enqueue(Job::Reverse { key });
+        answer(msg, ResponseCode::Approved)
+    }
+
+    fn enqueue(&self, job: Job) {
+        let mut f = self.forward.lock().expect("not poisoned");
+        match &job {
+            Job::Confirm { .. } => f.confirms += 1,
+            Job::Reverse { .. } => f.reversals += 1,
+            Job::Release { pin_ids } => f.releases += pin_ids.len(),
+        }
+        f.queue.push_back(Queued {
+            job,
+            attempts: 0,
+            not_before: Instant::now(),
+        });
+        drop(f);
+        self.forward_wake.notify_one();
+    }
+
+    /// Sends queued confirms, reversals and releases, many at once, retrying each with backoff until the server
+    /// acknowledges it. An acknowledgement is journaled lazily: losing it in a crash only repeats an idempotent step.
+    async fn forward_loop(self: Arc<Self>) {
+        const MAX_IN_FLIGHT: usize = 256;
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(Queued, bool)>();
+        loop {
+            let now = Instant::now();
+            let mut next_wake = now + Duration::from_millis(500);
+            let mut ready = Vec::new();
+            {
+                let mut f = self.forward.lock().expect("not poisoned");
+                let mut i = 0;
+                while i < f.queue.len() && f.in_flight + ready.len() < MAX_IN_FLIGHT {
+                    if f.queue[i].not_before <= now {
+                        ready.push(f.queue.remove(i).expect("in range"));
+                    } else {
+                        next_wake = next_wake.min(f.queue[i].not_before);
+                        i += 1;
+                    }
+                }
+                f.in_flight += ready.len();
+            }
+            for q in ready {
+                let gw = self.clone();
+                let tx = done_tx.clone();
+                tokio::spawn(async move {
+                    let ok = gw.send_job(&q).await;
+                    let _ = tx.send((q, ok));
+                });
+            }
+            tokio::select! {
+                _ = self.halt.cancelled() => return,
+                _ = self.forward_wake.notified() => {}
+                _ = tokio::time::sleep_until(next_wake) => {}
+                Some((mut q, ok)) = done_rx.recv() => {
+                    let mut f = self.forward.lock().expect("not poisoned");
+                    f.in_flight -= 1;
+                    if ok {
+                        match &q.job {
+                            Job::Confirm { .. } => f.confirms -= 1,
+                            Job::Reverse { .. } => f.reversals -= 1,
+                            Job::Release { pin_ids } => f.releases -= pin_ids.len(),
+                        }
+                    } else {
+                        q.attempts += 1;
+                        let wait = upstream::backoff(
+                            &upstream::UpstreamOptions {
+                                backoff_min: Duration::from_millis(200),
+                                backoff_max: Duration::from_secs(60),
+                                ..upstream::UpstreamOptions::default()
+                            },
+                            q.attempts,
+                        );
+                        q.not_before = Instant::now() + wait;
+                        f.queue.push_back(q);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends one job; true when the server acknowledged it (the acknowledgement is journaled).
+    async fn send_job(&self, q: &Queued) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (request, ack) = match &q.job {
+            Job::Confirm { pin_id, sale } => (
+                Request::Confirm {
+                    pin_id: *pin_id,
+                    terminal: sale.terminal(),
+                },
+                Record::Confirmed { pin_id: *pin_id },
+            ),
+            Job::Reverse { key } => (
+                Request::Reverse {
+                    terminal_id: key.terminal_id.clone(),
+                    stan: key.stan.clone(),
+                    transmission: key.transmission.clone(),
+                },
+                Record::Reversed { key: key.clone() },
+            ),
+            Job::Release { pin_ids } => (
+                Request::Release {
+                    pin_ids: pin_ids.clone(),
+                },
+                Record::Released {
+                    pin_ids: pin_ids.clone(),
+                },
+            ),
+        };
+        match self.upstream.call(request, deadline).await {
+            Ok(r) => {
+                if let (Job::Confirm { .. }, Response::Confirmed { outcome }) = (&q.job, &r) {
+                    self.stats.confirms_done.fetch_add(1, Ordering::Relaxed);
+                    if outcome == "voided" {
+                        tracing::info!("a cache sale was reversed before its confirm; the PIN is voided");
+                    }
+                }
+                if let (Job::Release { .. }, Response::Released { refused }) = (&q.job, &r) {
+                    if !refused.is_empty() {
+                        tracing::warn!(?refused, "the server refused to take back PINs it says we do not hold");
+                    }
+                }
+                self.journal.append_lazy(vec![ack]);
+                true
+            }
+            Err(e) => {
+                self.stats.forward_failures.fetch_add(1, Ordering::Relaxed);
+                // A refusal will not change by retrying, but dropping it could lose money: it stays queued (at
+                // the longest backoff) and visible in `gateway stock` until an operator reconciles it.
+                if matches!(e, UpstreamError::Server(_)) {
+                    tracing::error!(job = ?q.job, error = %e, "PIN server refused a store-and-forward step; needs an operator");
+                } else {
+                    tracing::debug!(error = %e, attempts = q.attempts, "store-and-forward step not acknowledged yet");
+                }
+                false
+            }
+        }
+    }
+
+    /// Reserves PINs for prefetch products as the cache asks, journals them, then lets them be sold.
+    async fn refill_loop(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = self.refill_wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+            let due = self.cache.lock().expect("not poisoned").due(Instant::now());
+            for (product, amount, count) in due {
+                let gw = self.clone();
+                tokio::spawn(async move {
+                    gw.refill(&product, amount, count).await;
+                    gw.cache.lock().expect("not poisoned").refilled(&product, amount);
+                });
+            }
+        }
+    }
+
+    async fn refill(&self, product: &str, amount: i64, count: usize) {
+        let request = Request::Reserve {
+            product: product.into(),
+            amount,
+            count,
+            lease_secs: self.cfg.lease.as_secs(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        match self.upstream.call(request, deadline).await {
+            Ok(Response::Reserved { pins, lease_until }) => {
+                if pins.is_empty() {
+                    return;
+                }
+                let cached: Vec<CachedPin> = pins.into_iter().map(|pin| CachedPin { pin, lease_until }).collect();
+                let records = cached.iter().cloned().map(Record::Cached).collect();
+                // Journaled before they can be sold; if the journal fails they stay reserved at the server (the
+                // lease report shows them) and are never sold here.
+                match self.journal.append(records).await {
+                    Ok(()) => {
+                        let stray = self.cache.lock().expect("not poisoned").put(cached);
+                        debug_assert!(stray.is_empty());
+                    }
+                    Err(e) => tracing::error!(error = %e, "journal failed; reserved PINs not cached"),
+                }
+            }
+            Ok(other) => tracing::error!(answer = ?other, "PIN server answered reserve with something else"),
+            Err(e) => tracing::debug!(product, amount, error = %e, "refill failed"),
+        }
+    }
+
+    /// Renews the leases of cached PINs before they end.
+    async fn renew_loop(self: Arc<Self>) {
+        let lease = self.cfg.lease.as_secs() as i64;
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            }
+            let ids = self
+                .cache
+                .lock()
+                .expect("not poisoned")
+                .expiring(crate::store::unix_now() + lease / 2);
+            for chunk in ids.chunks(1000) {
+                let request = Request::Renew {
+                    pin_ids: chunk.to_vec(),
+                    lease_secs: lease as u64,
+                };
+                if let Ok(Response::Renewed { lease_until, .. }) = self
+                    .upstream
+                    .call(request, Instant::now() + Duration::from_secs(10))
+                    .await
+                {
+                    self.cache.lock().expect("not poisoned").renewed(chunk, lease_until);
+                }
+            }
+        }
+    }
+
+    /// What the gateway holds and owes now.
+    pub fn stock(&self) -> StockReport {
+        let cache = self.cache.lock().expect("not poisoned").levels(Instant::now());
+        let f = self.forward.lock().expect("not poisoned");
+        StockReport {
+            cache,
+            pending_confirms: f.confirms,
+            pending_reversals: f.reversals,
+            pending_releases: f.releases,
+            servers: self.upstream.health(),
+            stats: serde_json::to_value(&self.stats).unwrap_or_default(),
+        }
+    }
+
+    /// Waits until every queued confirm, reversal and release is acknowledged, or `timeout` passes. Returns
+    /// whether the queue is empty.
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let f = self.forward.lock().expect("not poisoned");
+                if f.queue.is_empty() && f.in_flight == 0 {
+                    return true;
+                }
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Clean shutdown, once the terminals are drained: cached PINs go back to the server (unless configured to be
+    /// kept), queued work is given `timeout` to finish, and the connections close. What is not acknowledged stays
+    /// in the journal for the next start.
+    pub async fn shutdown(&self, timeout: Duration) {
+        self.stop.cancel();
+        if !self.cfg.keep_cache_on_shutdown {
+            let pins = self.cache.lock().expect("not poisoned").drain();
+            if !pins.is_empty() {
+                let ids: Vec<i64> = pins.iter().map(|p| p.pin.pin_id).collect();
+                match self
+                    .journal
+                    .append(vec![Record::Releasing { pin_ids: ids.clone() }])
+                    .await
+                {
+                    Ok(()) => {
+                        for chunk in ids.chunks(1000) {
+                            self.enqueue(Job::Release {
+                                pin_ids: chunk.to_vec(),
+                            });
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "journal failed; cached PINs kept for the next start"),
+                }
+            }
+        }
+        if !self.flush(timeout).await {
+            let f = self.forward.lock().expect("not poisoned");
+            tracing::warn!(
+                confirms = f.confirms,
+                reversals = f.reversals,
+                releases = f.releases,
+                "shutting down with work not acknowledged; it is in the journal for the next start"
+            );
+        }
+        // Let the last lazy acknowledgements reach the disk.
+        let _ = self.journal.append(Vec::new()).await;
+        self.halt.cancel();
+        self.upstream.stop();
+    }
+
+    /// Stops every background task and connection at once, releasing nothing: what a crash does, minus the lost
+    /// process (the journal has everything acknowledged). For tests of recovery within one process.
+    pub fn abandon(&self) {
+        self.stop.cancel();
+        self.halt.cancel();
+        self.upstream.stop();
+    }
+}

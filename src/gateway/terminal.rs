@@ -1,0 +1,316 @@
+//! Terminal connections over TCP: one listener per configured framing and dialect, one task per connection with
+//! its own tracing span, several requests in flight per connection (answered as they complete), caps on
+//! connections (in all and per source address), an idle timeout, and slow-sender protection (a frame, once
+//! started, must be complete within `frame_timeout`).
+//!
+//! The reading side is a plain loop over [`FrameCodec`] (no I/O in the codec): bytes in, frames out, and the
+//! deadline that applies next (frame or idle). Answers go through a writer task; an approved sale whose answer
+//! cannot be written is reversed.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::codec::{Decoder, Encoder};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::config::ListenerConfig;
+use super::Gateway;
+use crate::iso8583::{Dialect, Message};
+use crate::link::framing::{Frame, FrameCodec};
+use crate::sale::{answer, ResponseCode, SaleKey};
+
+/// Time allowed to write one answer; a terminal that does not read is cut off.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time in-flight requests get to finish once shutdown starts.
+const DRAIN: Duration = Duration::from_secs(30);
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+/// Open connections per source address.
+#[derive(Default)]
+struct PerSource(Mutex<HashMap<IpAddr, usize>>);
+
+struct SourceGuard<'a>(&'a PerSource, IpAddr);
+
+impl Drop for SourceGuard<'_> {
+    fn drop(&mut self) {
+        let mut m = self.0 .0.lock().expect("not poisoned");
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// Serves terminals on `listener` until `shutdown` resolves, then stops accepting, lets open connections finish
+/// what they have in flight, and returns.
+pub async fn run(
+    listener: TcpListener,
+    cfg: ListenerConfig,
+    dialect: Arc<Dialect>,
+    gateway: Arc<Gateway>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let cfg = Arc::new(cfg);
+    let limit = Arc::new(Semaphore::new(cfg.max_connections));
+    let per_source = Arc::new(PerSource::default());
+    let stop = CancellationToken::new();
+    let mut conns = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(listener = %cfg.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(listener = %cfg.name, %peer, "connection cap reached; closed");
+            drop(stream);
+            continue;
+        };
+        {
+            let mut m = per_source.0.lock().expect("not poisoned");
+            let n = m.entry(peer.ip()).or_insert(0);
+            if *n >= cfg.max_per_source {
+                tracing::warn!(listener = %cfg.name, %peer, "per-source connection cap reached; closed");
+                drop(stream);
+                continue;
+            }
+            *n += 1;
+        }
+        let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+        let span =
+            tracing::info_span!("terminal", listener = %cfg.name, %peer, conn = id, terminal = tracing::field::Empty);
+        let (cfg, dialect, gw, stop, ps) = (
+            cfg.clone(),
+            dialect.clone(),
+            gateway.clone(),
+            stop.clone(),
+            per_source.clone(),
+        );
+        conns.spawn(
+            async move {
+                let _permit = permit;
+                let _source = SourceGuard(&ps, peer.ip());
+                if let Err(e) = connection(stream, peer, &cfg, dialect, gw, stop).await {
+                    tracing::debug!(error = %e, "connection ended");
+                }
+            }
+            .instrument(span),
+        );
+    }
+    stop.cancel();
+    let drained = tokio::time::timeout(DRAIN, async { while conns.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        conns.abort_all();
+    }
+}
+
+/// What goes to the writer: an encoded frame, and the sale to reverse if it cannot be written.
+type Outgoing = (Frame, Option<SaleKey>);
+
+async fn connection(
+    stream: TcpStream,
+    _peer: SocketAddr,
+    cfg: &ListenerConfig,
+    dialect: Arc<Dialect>,
+    gw: Arc<Gateway>,
+    stop: CancellationToken,
+) -> Result<(), String> {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let mut codec = FrameCodec::new(cfg.framing, cfg.tpdu, cfg.max_frame);
+    let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(cfg.max_in_flight * 2);
+    let writer_gw = gw.clone();
+    let mut enc = codec.clone();
+    let writer = tokio::spawn(
+        async move {
+            let mut buf = BytesMut::new();
+            let mut failed = false;
+            while let Some((frame, sale)) = out_rx.recv().await {
+                if !failed {
+                    buf.clear();
+                    let ok = match enc.encode(frame, &mut buf) {
+                        Ok(()) => tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&buf))
+                            .await
+                            .is_ok_and(|r| r.is_ok()),
+                        Err(e) => {
+                            tracing::error!(error = %e, "answer cannot be framed");
+                            false
+                        }
+                    };
+                    if ok {
+                        continue;
+                    }
+                    failed = true;
+                }
+                if let Some(key) = sale {
+                    writer_gw.undelivered(&key);
+                }
+            }
+            let _ = wr.shutdown().await;
+        }
+        .in_current_span(),
+    );
+
+    let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
+    let mut buf = BytesMut::with_capacity(0);
+    let mut frame_started: Option<Instant> = None;
+    let mut last_activity = Instant::now();
+    let result = loop {
+        // Every complete frame in the buffer first.
+        loop {
+            match codec.decode(&mut buf) {
+                Ok(Some(frame)) => {
+                    last_activity = Instant::now();
+                    let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                        break;
+                    };
+                    on_frame(frame, &dialect, &gw, &out_tx, permit);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "framing error; closing the connection");
+                    drop(out_tx);
+                    let _ = writer.await;
+                    return Err(e.to_string());
+                }
+            }
+        }
+        frame_started = match (buf.is_empty(), frame_started) {
+            (true, _) => None,
+            (false, None) => Some(Instant::now()),
+            (false, s) => s,
+        };
+        let busy = in_flight.available_permits() < cfg.max_in_flight;
+        let deadline = match frame_started {
+            Some(t) => t + cfg.frame_timeout,
+            None if busy => Instant::now() + cfg.idle_timeout,
+            None => last_activity + cfg.idle_timeout,
+        };
+        tokio::select! {
+            _ = stop.cancelled() => break Ok(()),
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) => break Ok(()),
+                Ok(_) => last_activity = Instant::now(),
+                Err(e) => break Err(e.to_string()),
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                if frame_started.is_some() {
+                    tracing::info!(bytes = buf.len(), "frame not completed in time (slow sender); closing");
+                    break Err("slow sender".into());
+                }
+                if in_flight.available_permits() == cfg.max_in_flight {
+                    tracing::debug!("idle; closing");
+                    break Ok(());
+                }
+            }
+        }
+    };
+    // Let what is in flight be answered, then close.
+    let _ = in_flight.acquire_many(cfg.max_in_flight as u32).await;
+    drop(out_tx);
+    let _ = writer.await;
+    result
+}
+
+fn on_frame(
+    frame: Frame,
+    dialect: &Arc<Dialect>,
+    gw: &Arc<Gateway>,
+    out: &mpsc::Sender<Outgoing>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let reply_tpdu = frame.tpdu.map(|t| t.reply());
+    if frame.message.is_empty() {
+        // Keep-alive: echoed as it came.
+        let _ = out.try_send((
+            Frame {
+                tpdu: reply_tpdu,
+                message: Bytes::new(),
+            },
+            None,
+        ));
+        return;
+    }
+    let received = Instant::now();
+    let msg = match dialect.decode(&frame.message) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::info!(error = %e, "request does not decode");
+            // With a readable MTI the terminal gets a format error; without one there is nothing to answer.
+            if let Some(mti) = dialect.peek_mti(&frame.message) {
+                if mti.function() % 2 == 0 && mti.class() <= 8 {
+                    let mut req = Message::new(mti);
+                    // Minimal answer: the response MTI and field 39.
+                    req = answer(&req, ResponseCode::FormatError).clone();
+                    if let Ok(bytes) = dialect.encode(&req) {
+                        let _ = out.try_send((
+                            Frame {
+                                tpdu: reply_tpdu,
+                                message: bytes.freeze(),
+                            },
+                            None,
+                        ));
+                    }
+                }
+            }
+            return;
+        }
+    };
+    if let Some(t) = msg.terminal_id() {
+        tracing::Span::current().record("terminal", t);
+    }
+    let (gw, dialect, out) = (gw.clone(), dialect.clone(), out.clone());
+    tokio::spawn(
+        async move {
+            let _permit = permit;
+            let reply = gw.handle(&msg, received).await;
+            let bytes = match dialect.encode(&reply.message) {
+                Ok(b) => b.freeze(),
+                Err(e) => {
+                    tracing::error!(error = %e, "answer does not encode");
+                    if let Some(k) = &reply.reverse_if_undelivered {
+                        gw.undelivered(k);
+                    }
+                    return;
+                }
+            };
+            let sale = reply.reverse_if_undelivered.clone();
+            if let Err(mpsc::error::SendError((_, Some(key)))) = out
+                .send((
+                    Frame {
+                        tpdu: reply_tpdu,
+                        message: bytes,
+                    },
+                    sale,
+                ))
+                .await
+            {
+                gw.undelivered(&key);
+            }
+        }
+        .in_current_span(),
+    );
+}
