@@ -36,6 +36,41 @@ enum Command {
         #[command(subcommand)]
         command: PinsCommand,
     },
+    /// Run the gateway (`pingate gateway --config gateway.toml`), or ask a running one (`pingate gateway stock`).
+    #[command(args_conflicts_with_subcommands = true)]
+    Gateway {
+        /// Configuration file (see protocols/gateway.example.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: Option<GatewayCommand>,
+    },
+    /// Everything in one process with no setup: certificates, a SQLite inventory, a PIN server, a gateway, and
+    /// simulated terminals buying PINs; prints a report.
+    Demo {
+        /// Sales to make.
+        #[arg(long, default_value_t = 400)]
+        sales: usize,
+        /// Simulated terminals (each sells in turn; all at once).
+        #[arg(long, default_value_t = 8)]
+        terminals: usize,
+        /// Folder to work in (default: a new temporary folder).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Leave the PIN server and gateway running for your own terminal, until Ctrl-C.
+        #[arg(long)]
+        keep_running: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum GatewayCommand {
+    /// Cache levels, confirms and reversals waiting for the server, and server health of a running gateway.
+    Stock {
+        /// The gateway's admin address (`admin` in its configuration).
+        #[arg(long, default_value = "127.0.0.1:9583")]
+        admin: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -255,6 +290,18 @@ async fn server(args: ServerArgs) -> Result<String, String> {
     Ok("PIN server stopped".into())
 }
 
+async fn gateway(config: PathBuf) -> Result<String, String> {
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .with_target(false)
+        .try_init();
+    let cfg = crate::gateway::config::GatewayConfig::load(&config).map_err(|e| e.to_string())?;
+    crate::gateway::run(cfg, shutdown_signal()).await.map_err(|e| e.to_string())?;
+    Ok("gateway stopped".into())
+}
+
 /// SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -320,6 +367,33 @@ fn run(cli: Cli) -> Result<String, String> {
             ))
         }
         Command::Pins { command } => runtime()?.block_on(crate::admin::pins(command)),
+        Command::Gateway {
+            command: Some(GatewayCommand::Stock { admin }),
+            ..
+        } => runtime()?.block_on(crate::gateway::ask_admin(&admin, "stock")),
+        Command::Gateway {
+            config: Some(config),
+            command: None,
+        } => runtime()?.block_on(gateway(config)),
+        Command::Gateway { .. } => Err("give --config FILE to run a gateway, or a subcommand (stock)".into()),
+        Command::Demo {
+            sales,
+            terminals,
+            dir,
+            keep_running,
+        } => {
+            let dir = dir.unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("pingate-demo-{}-{}", std::process::id(), crate::store::unix_now()))
+            });
+            eprintln!("pingate demo: working in {}", dir.display());
+            let report = runtime()?.block_on(crate::demo::run(crate::demo::DemoOptions {
+                dir,
+                sales,
+                terminals,
+                keep_running,
+            }))?;
+            Ok(report.to_string().trim_end().to_string())
+        }
         Command::Iso { command } => match command {
             IsoCommand::Decode {
                 dialect: args,

@@ -13,16 +13,20 @@
 //! - [`gateway`] — the host connection manager: terminal listeners, the controller (sale, repeat, reversal,
 //!   network), the prefetch cache, the crash-safe journal, store-and-forward, and the PIN server pool.
 //! - [`server`], [`tls`] — the PIN server (mini-redis shaped `run(listener, …, shutdown)`) and mutual TLS.
+//! - [`sim`] — a simulated TCP terminal (requests of the contract, framed); [`demo`] — `pingate demo` and the
+//!   building blocks the end-to-end tests share.
 //! - [`admin`], [`cli`] — the `pingate` command line, thin over the library.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod cli;
+pub mod demo;
 pub mod gateway;
 pub mod iso8583;
 pub mod link;
 pub mod psp;
 pub mod sale;
 pub mod server;
+pub mod sim;
 pub mod store;
 pub mod tls;

@@ -907,3 +907,88 @@ impl Gateway {
         self.upstream.stop();
     }
 }
+
+/// Runs a gateway from its configuration until `shutdown`: every listener, the admin socket, then a clean
+/// shutdown (terminals drained, cached PINs released unless kept, queued work flushed).
+pub async fn run(cfg: GatewayConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), GatewayError> {
+    let dialects = match &cfg.protocols {
+        Some(dir) => crate::iso8583::Dialects::load(dir)?,
+        None => crate::iso8583::Dialects::builtin(),
+    };
+    let mut listeners = Vec::new();
+    for lc in &cfg.listeners {
+        let dialect = Arc::new(dialects.get(&lc.dialect)?.clone());
+        let l = tokio::net::TcpListener::bind(lc.bind)
+            .await
+            .map_err(|source| GatewayError::Bind { addr: lc.bind, source })?;
+        listeners.push((l, lc.clone(), dialect));
+    }
+    let admin = match cfg.admin {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| GatewayError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    let gw = Gateway::start(cfg, StartOptions::default()).await?;
+    let stop = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (l, lc, dialect) in listeners {
+        tracing::info!(listener = %lc.name, addr = %lc.bind, framing = ?lc.framing, dialect = %lc.dialect, "listening for terminals");
+        let (gw, stop) = (gw.clone(), stop.clone());
+        tasks.spawn(async move { terminal::run(l, lc, dialect, gw, stop.cancelled_owned()).await });
+    }
+    if let Some(l) = admin {
+        let (gw, stop) = (gw.clone(), stop.clone());
+        tasks.spawn(async move { serve_admin(l, gw, stop).await });
+    }
+    shutdown.await;
+    tracing::info!("shutting down: draining terminals");
+    stop.cancel();
+    while tasks.join_next().await.is_some() {}
+    gw.shutdown(Duration::from_secs(30)).await;
+    Ok(())
+}
+
+/// The admin socket (bind it to loopback): a client writes one command line (`stock`) and reads one JSON answer.
+pub async fn serve_admin(listener: tokio::net::TcpListener, gw: Arc<Gateway>, stop: CancellationToken) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+        };
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = stream.into_split();
+            let mut line = String::new();
+            let mut rd = BufReader::new(rd.take(256));
+            let read = tokio::time::timeout(Duration::from_secs(5), rd.read_line(&mut line)).await;
+            let answer = match (read, line.trim()) {
+                (Ok(Ok(_)), "stock") => serde_json::to_string_pretty(&gw.stock()).unwrap_or_default(),
+                (Ok(Ok(_)), other) => format!("{{\"error\": \"unknown command `{}`; try `stock`\"}}", other.escape_default()),
+                _ => return,
+            };
+            let _ = wr.write_all(answer.as_bytes()).await;
+            let _ = wr.write_all(b"\n").await;
+        });
+    }
+}
+
+/// Sends one admin command to a running gateway and returns its answer.
+pub async fn ask_admin(addr: &str, command: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("gateway admin at {addr}: {e}"))?;
+    s.write_all(format!("{command}\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+        .await
+        .map_err(|_| format!("gateway admin at {addr}: no answer"))?
+        .map_err(|e| e.to_string())?;
+    Ok(out.trim_end().to_string())
+}

@@ -1,0 +1,166 @@
+//! A simulated TCP terminal: builds the contract's requests and speaks them over a framed connection. Used by the
+//! demo, the end-to-end tests and the load generator.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+use crate::iso8583::{Dialect, Message, Mti};
+use crate::link::framing::{Frame, FrameCodec, Framing, Tpdu};
+use crate::sale::{OriginalData, PROCESSING_PIN_PURCHASE};
+
+/// Errors of the simulated terminal.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("framing: {0}")]
+    Framing(#[from] crate::link::framing::FramingError),
+    #[error("codec: {0}")]
+    Codec(#[from] crate::iso8583::CodecError),
+    #[error("connection closed by the gateway")]
+    Closed,
+}
+
+/// Who the terminal is.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub terminal_id: String,
+    pub merchant_id: String,
+}
+
+/// A sale's identity and content as the terminal sends it.
+#[derive(Clone, Debug)]
+pub struct SaleSpec {
+    pub stan: u32,
+    /// MMDDhhmmss.
+    pub transmission: String,
+    pub product: String,
+    pub amount: u64,
+    pub currency: String,
+}
+
+impl Identity {
+    /// A 0200 (or a 0201 with `repeat`).
+    pub fn sale(&self, s: &SaleSpec, repeat: bool) -> Message {
+        let mut m = Message::new(if repeat { Mti::SALE_REPEAT } else { Mti::SALE });
+        m.set(3, PROCESSING_PIN_PURCHASE)
+            .set(4, format!("{:012}", s.amount))
+            .set(7, s.transmission.clone())
+            .set(11, format!("{:06}", s.stan))
+            .set(12, s.transmission[4..].to_string())
+            .set(13, s.transmission[..4].to_string())
+            .set(41, self.terminal_id.clone())
+            .set(42, self.merchant_id.clone())
+            .set(48, s.product.clone())
+            .set(49, s.currency.clone());
+        m
+    }
+
+    /// A 0400 (or 0420 with `advice`) reversing sale `s`, with field 90 naming it; `stan` is the reversal's own.
+    pub fn reversal(&self, s: &SaleSpec, stan: u32, advice: bool) -> Message {
+        let mut m = Message::new(if advice { Mti::REVERSAL_ADVICE } else { Mti::REVERSAL });
+        let original = OriginalData {
+            mti: "0200".into(),
+            stan: format!("{:06}", s.stan),
+            transmission: s.transmission.clone(),
+            acquirer: "0".into(),
+            forwarder: "0".into(),
+        };
+        m.set(3, PROCESSING_PIN_PURCHASE)
+            .set(4, format!("{:012}", s.amount))
+            .set(7, s.transmission.clone())
+            .set(11, format!("{stan:06}"))
+            .set(41, self.terminal_id.clone())
+            .set(42, self.merchant_id.clone())
+            .set(48, s.product.clone())
+            .set(49, s.currency.clone())
+            .set(90, original.format());
+        m
+    }
+
+    /// A 0800 with network code `code` (`301` echo, `001` sign-on, `002` sign-off).
+    pub fn network(&self, stan: u32, transmission: &str, code: &str) -> Message {
+        let mut m = Message::new(Mti::NETWORK);
+        m.set(7, transmission.to_string())
+            .set(11, format!("{stan:06}"))
+            .set(41, self.terminal_id.clone())
+            .set(42, self.merchant_id.clone())
+            .set(70, code.to_string());
+        m
+    }
+}
+
+/// One terminal connection.
+pub struct TerminalClient {
+    framed: Framed<TcpStream, FrameCodec>,
+    dialect: Arc<Dialect>,
+    tpdu: Option<Tpdu>,
+}
+
+impl TerminalClient {
+    /// Connects with the listener's framing; `tpdu` is sent with every message when the line carries one.
+    pub async fn connect(
+        addr: SocketAddr,
+        framing: Framing,
+        tpdu: Option<Tpdu>,
+        dialect: Arc<Dialect>,
+    ) -> Result<TerminalClient, SimError> {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        Ok(TerminalClient {
+            framed: Framed::new(s, FrameCodec::new(framing, tpdu.is_some(), 0xFFFF)),
+            dialect,
+            tpdu,
+        })
+    }
+
+    pub async fn send(&mut self, msg: &Message) -> Result<(), SimError> {
+        let body = self.dialect.encode(msg)?.freeze();
+        self.send_raw(body).await
+    }
+
+    /// Sends any bytes as one frame (for malformed-message tests).
+    pub async fn send_raw(&mut self, body: bytes::Bytes) -> Result<(), SimError> {
+        self.framed
+            .send(Frame {
+                tpdu: self.tpdu,
+                message: body,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The next frame from the gateway (`None` when it closed the connection).
+    pub async fn recv_frame(&mut self) -> Result<Option<Frame>, SimError> {
+        match self.framed.next().await {
+            None => Ok(None),
+            Some(r) => Ok(Some(r?)),
+        }
+    }
+
+    /// The next message from the gateway.
+    pub async fn recv(&mut self) -> Result<Message, SimError> {
+        loop {
+            let f = self.recv_frame().await?.ok_or(SimError::Closed)?;
+            if f.message.is_empty() {
+                continue;
+            }
+            return Ok(self.dialect.decode(&f.message)?);
+        }
+    }
+
+    /// Sends and waits for the answer.
+    pub async fn call(&mut self, msg: &Message) -> Result<Message, SimError> {
+        self.send(msg).await?;
+        self.recv().await
+    }
+
+    /// The raw stream, for tests that write byte by byte.
+    pub fn stream_mut(&mut self) -> &mut TcpStream {
+        self.framed.get_mut()
+    }
+}
