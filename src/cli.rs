@@ -298,7 +298,9 @@ async fn gateway(config: PathBuf) -> Result<String, String> {
         .with_target(false)
         .try_init();
     let cfg = crate::gateway::config::GatewayConfig::load(&config).map_err(|e| e.to_string())?;
-    crate::gateway::run(cfg, shutdown_signal()).await.map_err(|e| e.to_string())?;
+    crate::gateway::run(cfg, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())?;
     Ok("gateway stopped".into())
 }
 
@@ -383,7 +385,11 @@ fn run(cli: Cli) -> Result<String, String> {
             keep_running,
         } => {
             let dir = dir.unwrap_or_else(|| {
-                std::env::temp_dir().join(format!("pingate-demo-{}-{}", std::process::id(), crate::store::unix_now()))
+                std::env::temp_dir().join(format!(
+                    "pingate-demo-{}-{}",
+                    std::process::id(),
+                    crate::store::unix_now()
+                ))
             });
             eprintln!("pingate demo: working in {}", dir.display());
             let report = runtime()?.block_on(crate::demo::run(crate::demo::DemoOptions {

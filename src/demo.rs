@@ -195,7 +195,8 @@ pub struct ProductMode {
 
 impl GatewayFiles {
     /// Writes `gateway-<id>.toml` (and its journal key) for gateway `id`, talking to `servers`, listening on
-    /// `listen`, with terminals `DEMO0001`… of merchant [`MERCHANT`]. `extra` is appended to the `[gateway]` table.
+    /// `listen`, with terminals `DEMO0001`… of merchant [`MERCHANT`]. `extra.0` is added to the `[gateway]` table,
+    /// `extra.1` to the listener.
     pub fn write(
         inv: &Inventory,
         id: &str,
@@ -203,7 +204,7 @@ impl GatewayFiles {
         listen: SocketAddr,
         terminals: usize,
         products: &[ProductMode],
-        extra: &str,
+        extra: (&str, &str),
     ) -> Result<GatewayFiles, String> {
         let keys = inv.dir.join(format!("journal-{id}.keys"));
         if !keys.exists() {
@@ -215,8 +216,11 @@ impl GatewayFiles {
             t,
             "# Written by pingate demo: gateway `{id}`. See protocols/gateway.example.toml for every key.\n"
         );
-        let _ = writeln!(t, "[gateway]\njournal = \"gateway-{id}.journal\"\njournal_keys_file = \"journal-{id}.keys\"");
-        let _ = writeln!(t, "{extra}");
+        let _ = writeln!(
+            t,
+            "[gateway]\njournal = \"gateway-{id}.journal\"\njournal_keys_file = \"journal-{id}.keys\""
+        );
+        let _ = writeln!(t, "{}", extra.0);
         let _ = writeln!(t, "[upstream]");
         let list: Vec<String> = servers
             .iter()
@@ -229,7 +233,8 @@ impl GatewayFiles {
         );
         let _ = writeln!(
             t,
-            "[[listener]]\nname = \"tcp\"\nbind = \"{listen}\"\nframing = \"binary2\"\ndialect = \"{DIALECT}\"\n"
+            "[[listener]]\nname = \"tcp\"\nbind = \"{listen}\"\nframing = \"binary2\"\ndialect = \"{DIALECT}\"\n{}\n",
+            extra.1
         );
         for i in 1..=terminals {
             let _ = writeln!(t, "[[terminal]]\nid = \"DEMO{i:04}\"\nmerchant = \"{MERCHANT}\"\n");
@@ -275,10 +280,16 @@ impl GatewayHandle {
             Some(dir) => Dialects::load(dir).map_err(|e| e.to_string())?,
             None => Dialects::builtin(),
         };
-        let lc = cfg.listeners.first().cloned().ok_or("the configuration has no listener")?;
+        let lc = cfg
+            .listeners
+            .first()
+            .cloned()
+            .ok_or("the configuration has no listener")?;
         let dialect = Arc::new(dialects.get(&lc.dialect).map_err(|e| e.to_string())?.clone());
         let gateway = Gateway::start(cfg, opts).await.map_err(|e| e.to_string())?;
-        let listener = TcpListener::bind(lc.bind).await.map_err(|e| format!("{}: {e}", lc.bind))?;
+        let listener = TcpListener::bind(lc.bind)
+            .await
+            .map_err(|e| format!("{}: {e}", lc.bind))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let (tx, rx) = oneshot::channel::<()>();
         let (gw, d) = (gateway.clone(), dialect.clone());
@@ -396,7 +407,13 @@ pub async fn run(opts: DemoOptions) -> Result<Report, String> {
     let started = Instant::now();
     // A fresh start in a folder used before.
     let _ = std::fs::remove_dir_all(opts.dir.join("certs"));
-    for f in ["pins.db", "pins.db-wal", "pins.db-shm", "gateway-demo-gw.journal", "journal-demo-gw.keys"] {
+    for f in [
+        "pins.db",
+        "pins.db-wal",
+        "pins.db-shm",
+        "gateway-demo-gw.journal",
+        "journal-demo-gw.keys",
+    ] {
         let _ = std::fs::remove_file(opts.dir.join(f));
     }
     let products = sample_products(opts.sales + 500);
@@ -421,7 +438,7 @@ pub async fn run(opts: DemoOptions) -> Result<Report, String> {
         "127.0.0.1:0".parse().expect("address"),
         opts.terminals.max(1),
         &modes,
-        "",
+        ("", ""),
     )?;
     let gw = GatewayHandle::start(&files.config, StartOptions::default()).await?;
     if !gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await {

@@ -323,13 +323,11 @@ mod tests {
         assert_eq!(hot.target, 2000, "rate × 30 s, capped at high");
         let cold = l.iter().find(|l| l.product == "COLD").unwrap();
         assert_eq!(cold.target, 5);
-        // Empty the hot slot but for 300: under rate × lead (400), so due, up to the target.
+        // Empty the hot slot but for 300: under rate × lead (400), so due; the target wants 1700 more, one
+        // reserve brings at most MAX_RESERVE.
         c.drain();
         c.put(pins("HOT", 100, 0..300));
-        assert!(c
-            .due(t)
-            .iter()
-            .any(|(p, _, n)| p == "HOT" && *n == 1000.min(2000 - 300)));
+        assert!(c.due(t).iter().any(|(p, _, n)| p == "HOT" && *n == MAX_RESERVE));
         c.refilled("HOT", 100);
         // Quiet for two minutes: the rate decays, the target falls back to low.
         t += Duration::from_secs(120);

@@ -435,8 +435,11 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> JournalError + '_ {
     }
 }
 
-/// Reads a journal: the records, and the offset where valid frames end.
-fn read_records(path: &Path, cipher: &PinCipher) -> Result<(Vec<(Record, Vec<u8>)>, u64, u64), JournalError> {
+/// Records read back, each with its frame.
+type Framed = Vec<(Record, Vec<u8>)>;
+
+/// Reads a journal: the records, the offset where valid frames end, and the bytes after it (a torn tail).
+fn read_records(path: &Path, cipher: &PinCipher) -> Result<(Framed, u64, u64), JournalError> {
     let mut data = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut data))

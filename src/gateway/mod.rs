@@ -195,6 +195,8 @@ pub struct Gateway {
     stop: CancellationToken,
     /// Stops store-and-forward (shutdown ended, or the gateway is abandoned).
     halt: CancellationToken,
+    /// Refills sent and not yet cached (shutdown waits for them, so that no reserved PIN is left unjournaled).
+    refills: AtomicU64,
 }
 
 /// The retrieval reference of a sale, derived from its key: the same for every repeat, known before the server
@@ -289,6 +291,7 @@ impl Gateway {
             stats: Stats::default(),
             stop: CancellationToken::new(),
             halt: CancellationToken::new(),
+            refills: AtomicU64::new(0),
         });
         tracing::info!(
             cached = recovered.cached.len(),
@@ -411,15 +414,21 @@ impl Gateway {
         {
             return self.declined(msg, &key, ResponseCode::NotPermitted);
         }
-        if let Some(code) = self.check_catalog(&s) {
-            return self.declined(msg, &key, code);
-        }
         let content = Content {
             merchant: s.merchant_id.clone(),
             product: s.product.clone(),
             amount: s.amount,
             currency: s.currency.clone(),
         };
+        // Same key, other content: 94, whatever else is wrong with the content.
+        let known = self.recent.lock().expect("not poisoned").get(&key);
+        if known.is_some_and(|e| e.content != content) {
+            self.stats.repeats.fetch_add(1, Ordering::Relaxed);
+            return self.declined(msg, &key, ResponseCode::DuplicateMismatch);
+        }
+        if let Some(code) = self.check_catalog(&s) {
+            return self.declined(msg, &key, code);
+        }
         let begun = self
             .recent
             .lock()
@@ -760,9 +769,11 @@ impl Gateway {
             let due = self.cache.lock().expect("not poisoned").due(Instant::now());
             for (product, amount, count) in due {
                 let gw = self.clone();
+                gw.refills.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     gw.refill(&product, amount, count).await;
                     gw.cache.lock().expect("not poisoned").refilled(&product, amount);
+                    gw.refills.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         }
@@ -787,8 +798,24 @@ impl Gateway {
                 // lease report shows them) and are never sold here.
                 match self.journal.append(records).await {
                     Ok(()) => {
-                        let stray = self.cache.lock().expect("not poisoned").put(cached);
-                        debug_assert!(stray.is_empty());
+                        let mut cache = self.cache.lock().expect("not poisoned");
+                        // Checked under the cache lock that shutdown drains under: a refill landing after the
+                        // drain goes straight back.
+                        if self.stop.is_cancelled() {
+                            drop(cache);
+                            let ids: Vec<i64> = cached.iter().map(|p| p.pin.pin_id).collect();
+                            if self
+                                .journal
+                                .append(vec![Record::Releasing { pin_ids: ids.clone() }])
+                                .await
+                                .is_ok()
+                            {
+                                self.enqueue(Job::Release { pin_ids: ids });
+                            }
+                        } else {
+                            let stray = cache.put(cached);
+                            debug_assert!(stray.is_empty());
+                        }
                     }
                     Err(e) => tracing::error!(error = %e, "journal failed; reserved PINs not cached"),
                 }
@@ -864,6 +891,10 @@ impl Gateway {
     /// in the journal for the next start.
     pub async fn shutdown(&self, timeout: Duration) {
         self.stop.cancel();
+        // Refills on their way: their PINs are journaled and released (each is bounded by its own deadline).
+        while self.refills.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         if !self.cfg.keep_cache_on_shutdown {
             let pins = self.cache.lock().expect("not poisoned").drain();
             if !pins.is_empty() {
@@ -967,7 +998,10 @@ pub async fn serve_admin(listener: tokio::net::TcpListener, gw: Arc<Gateway>, st
             let read = tokio::time::timeout(Duration::from_secs(5), rd.read_line(&mut line)).await;
             let answer = match (read, line.trim()) {
                 (Ok(Ok(_)), "stock") => serde_json::to_string_pretty(&gw.stock()).unwrap_or_default(),
-                (Ok(Ok(_)), other) => format!("{{\"error\": \"unknown command `{}`; try `stock`\"}}", other.escape_default()),
+                (Ok(Ok(_)), other) => format!(
+                    "{{\"error\": \"unknown command `{}`; try `stock`\"}}",
+                    other.escape_default()
+                ),
                 _ => return,
             };
             let _ = wr.write_all(answer.as_bytes()).await;

@@ -56,6 +56,8 @@ pub struct UpstreamOptions {
     pub breaker_failures: u32,
     /// How long an open circuit refuses calls before one probe is let through.
     pub breaker_cooldown: Duration,
+    /// Requests in flight per connection; more wait here (the server answers `busy` past its own cap, 256).
+    pub max_in_flight: usize,
 }
 
 impl Default for UpstreamOptions {
@@ -68,6 +70,7 @@ impl Default for UpstreamOptions {
             ping_every: Duration::from_secs(10),
             breaker_failures: 3,
             breaker_cooldown: Duration::from_secs(5),
+            max_in_flight: 200,
         }
     }
 }
@@ -119,6 +122,8 @@ struct Slot {
     conns: Vec<Mutex<Option<Arc<PspClient>>>>,
     breaker: Mutex<Breaker>,
     next: AtomicUsize,
+    /// Requests in flight on this server's connections.
+    permits: tokio::sync::Semaphore,
 }
 
 impl Slot {
@@ -140,13 +145,16 @@ pub struct ServerHealth {
     pub circuit_open: bool,
 }
 
+/// The gateway id and catalog a server's welcome gave.
+pub type Catalog = (String, Vec<CatalogEntry>);
+
 /// The pool. Cheap to clone.
 #[derive(Clone)]
 pub struct Upstream {
     slots: Arc<Vec<Slot>>,
     opts: Arc<UpstreamOptions>,
     next: Arc<AtomicUsize>,
-    catalog: Arc<RwLock<Option<(String, Vec<CatalogEntry>)>>>,
+    catalog: Arc<RwLock<Option<Catalog>>>,
     connected: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
 }
@@ -161,6 +169,7 @@ impl Upstream {
                 conns: (0..opts.connections.max(1)).map(|_| Mutex::new(None)).collect(),
                 breaker: Mutex::new(Breaker::Closed { failures: 0 }),
                 next: AtomicUsize::new(0),
+                permits: tokio::sync::Semaphore::new(opts.connections.max(1) * opts.max_in_flight.max(1)),
             })
             .collect();
         let up = Upstream {
@@ -258,7 +267,7 @@ impl Upstream {
     }
 
     /// The gateway id and catalog of the last welcome.
-    pub fn catalog(&self) -> Option<(String, Vec<CatalogEntry>)> {
+    pub fn catalog(&self) -> Option<Catalog> {
         self.catalog.read().expect("not poisoned").clone()
     }
 
@@ -287,6 +296,10 @@ impl Upstream {
             if !slot.breaker.lock().expect("not poisoned").allow(Instant::now()) {
                 continue;
             }
+            // Waiting for room is bounded by the deadline; nothing was sent if it runs out.
+            let Ok(Ok(_permit)) = tokio::time::timeout_at(deadline, slot.permits.acquire()).await else {
+                return Err(UpstreamError::Unavailable);
+            };
             let Some(conn) = slot.pick() else {
                 // Not connected: a probe let through must not keep the circuit half-open forever.
                 let mut b = slot.breaker.lock().expect("not poisoned");

@@ -1,0 +1,591 @@
+//! The gateway end to end: simulated terminals over real TCP, the gateway, real TLS 1.3 with real certificates to
+//! a PIN server on a real SQLite file. Crash tests run the gateway as its own process and kill it with SIGKILL.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pingate::demo::{start_server, GatewayFiles, GatewayHandle, Inventory, ProductMode, SampleProduct, ServerHandle};
+use pingate::gateway::StartOptions;
+use pingate::iso8583::Message;
+use pingate::psp::client::PspClient;
+use pingate::psp::{Request, Response};
+use pingate::sale::PinReceipt;
+use pingate::sim::{Identity, SaleSpec, TerminalClient};
+use tokio::io::AsyncWriteExt;
+
+const PREFETCH: &str = "TOPUP-EU-10";
+const ON_DEMAND: &str = "GIFT-25";
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pingate-gw-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn products(pins: usize) -> Vec<SampleProduct> {
+    vec![
+        SampleProduct {
+            code: PREFETCH,
+            name: "Top-up",
+            amounts: vec![1000],
+            pins,
+        },
+        SampleProduct {
+            code: ON_DEMAND,
+            name: "Gift",
+            amounts: vec![2500],
+            pins,
+        },
+    ]
+}
+
+fn modes(low: usize, high: usize) -> Vec<ProductMode> {
+    vec![
+        ProductMode {
+            code: PREFETCH.into(),
+            amount: 1000,
+            prefetch: Some((low, high)),
+        },
+        ProductMode {
+            code: ON_DEMAND.into(),
+            amount: 2500,
+            prefetch: None,
+        },
+    ]
+}
+
+fn term(n: usize) -> Identity {
+    Identity {
+        terminal_id: format!("DEMO{n:04}"),
+        merchant_id: pingate::demo::MERCHANT.into(),
+    }
+}
+
+fn spec(stan: u32, product: &str) -> SaleSpec {
+    SaleSpec {
+        stan,
+        transmission: "1128120000".into(),
+        product: product.into(),
+        amount: if product == PREFETCH { 1000 } else { 2500 },
+        currency: "978".into(),
+    }
+}
+
+fn code(m: &Message) -> &str {
+    m.get_str(39).unwrap_or("??")
+}
+
+fn receipt(m: &Message) -> Option<PinReceipt> {
+    m.get(63).and_then(|b| PinReceipt::from_tlv(b).ok())
+}
+
+/// Server-side counts by (product, state), asked over PSP with the observer's certificate.
+async fn stock(inv: &Inventory, server: SocketAddr) -> HashMap<(String, String), i64> {
+    let tls = Arc::new(
+        pingate::tls::client_config(
+            &inv.certs.gateway_cert("obs"),
+            &inv.certs.gateway_key("obs"),
+            &inv.certs.ca(),
+        )
+        .unwrap(),
+    );
+    let (c, _) = PspClient::connect(server, "localhost", tls).await.unwrap();
+    let Response::Stock { stock } = c.call(Request::Stock).await.unwrap() else {
+        panic!("stock")
+    };
+    stock.into_iter().map(|s| ((s.product, s.state), s.count)).collect()
+}
+
+fn count(s: &HashMap<(String, String), i64>, product: &str, state: &str) -> i64 {
+    s.get(&(product.to_string(), state.to_string())).copied().unwrap_or(0)
+}
+
+async fn setup(
+    name: &str,
+    pins: usize,
+    low: usize,
+    high: usize,
+    extra: (&str, &str),
+) -> (Inventory, ServerHandle, GatewayHandle) {
+    let inv = Inventory::create(&dir(name), &["gw1", "gw2", "obs"], &products(pins)).unwrap();
+    let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let files = GatewayFiles::write(
+        &inv,
+        "gw1",
+        &[server.addr],
+        "127.0.0.1:0".parse().unwrap(),
+        8,
+        &modes(low, high),
+        extra,
+    )
+    .unwrap();
+    let gw = GatewayHandle::start(&files.config, StartOptions::default())
+        .await
+        .unwrap();
+    assert!(gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await);
+    (inv, server, gw)
+}
+
+/// Waits (polling, bounded) until the gateway's cache holds at least `n` PINs of the prefetch product.
+async fn cached_at_least(gw: &GatewayHandle, n: usize) {
+    for _ in 0..500 {
+        if gw
+            .gateway
+            .stock()
+            .cache
+            .iter()
+            .any(|l| l.product == PREFETCH && l.cached >= n)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("cache never reached {n}: {:?}", gw.gateway.stock());
+}
+
+#[tokio::test]
+async fn sales_repeats_duplicates_reversals_and_refusals() {
+    let (inv, server, gw) = setup("contract", 200, 5, 20, ("", "")).await;
+    cached_at_least(&gw, 5).await;
+    let mut t = gw.terminal().await.unwrap();
+    let me = term(1);
+
+    // Prefetch and on-demand sales.
+    let a = t.call(&me.sale(&spec(1, PREFETCH), false)).await.unwrap();
+    assert_eq!(code(&a), "00", "{a:?}");
+    assert_eq!(a.mti().as_str(), "0210");
+    let pin_a = receipt(&a).expect("PIN in field 63");
+    let b = t.call(&me.sale(&spec(2, ON_DEMAND), false)).await.unwrap();
+    assert_eq!(code(&b), "00");
+    let pin_b = receipt(&b).unwrap();
+    assert_ne!(pin_a.pin, pin_b.pin);
+    assert_eq!(a.get_str(37).unwrap().len(), 12, "RRN");
+
+    // 0201 repeats and duplicate 0200s get the same PIN and RRN.
+    for (s, pin, rrn) in [
+        (spec(1, PREFETCH), &pin_a, a.get_str(37)),
+        (spec(2, ON_DEMAND), &pin_b, b.get_str(37)),
+    ] {
+        for repeat in [true, false] {
+            let r = t.call(&me.sale(&s, repeat)).await.unwrap();
+            assert_eq!(code(&r), "00");
+            assert_eq!(receipt(&r).as_ref(), Some(pin), "repeat {repeat}");
+            assert_eq!(r.get_str(37), rrn);
+        }
+    }
+    // The same key with other content: 94.
+    let mut other = spec(1, PREFETCH);
+    other.amount = 2000;
+    assert_eq!(code(&t.call(&me.sale(&other, false)).await.unwrap()), "94");
+
+    // Reversal of a cache sale: 00, and its repeat no longer hands out the PIN.
+    let r = t.call(&me.reversal(&spec(1, PREFETCH), 101, false)).await.unwrap();
+    assert_eq!((r.mti().as_str(), code(&r)), ("0410", "00"));
+    assert_eq!(code(&t.call(&me.sale(&spec(1, PREFETCH), true)).await.unwrap()), "12");
+    // A reversal advice of an on-demand sale, twice (idempotent).
+    for _ in 0..2 {
+        let r = t.call(&me.reversal(&spec(2, ON_DEMAND), 102, true)).await.unwrap();
+        assert_eq!((r.mti().as_str(), code(&r)), ("0430", "00"));
+    }
+    // A reversal with another amount than the sale: 13.
+    let s3 = spec(3, ON_DEMAND);
+    assert_eq!(code(&t.call(&me.sale(&s3, false)).await.unwrap()), "00");
+    let mut wrong = s3.clone();
+    wrong.amount = 999;
+    assert_eq!(code(&t.call(&me.reversal(&wrong, 103, false)).await.unwrap()), "13");
+    // A reversal that comes before its sale is remembered; the late sale is refused with 12.
+    assert_eq!(
+        code(&t.call(&me.reversal(&spec(4, ON_DEMAND), 104, false)).await.unwrap()),
+        "00"
+    );
+    gw.gateway.flush(Duration::from_secs(10)).await;
+    assert_eq!(code(&t.call(&me.sale(&spec(4, ON_DEMAND), false)).await.unwrap()), "12");
+
+    // Refusals.
+    let stranger = Identity {
+        terminal_id: "NOBODY01".into(),
+        merchant_id: pingate::demo::MERCHANT.into(),
+    };
+    assert_eq!(
+        code(&t.call(&stranger.sale(&spec(5, PREFETCH), false)).await.unwrap()),
+        "58"
+    );
+    let wrong_merchant = Identity {
+        terminal_id: "DEMO0001".into(),
+        merchant_id: "SOMEONEELSE0001".into(),
+    };
+    assert_eq!(
+        code(&t.call(&wrong_merchant.sale(&spec(6, PREFETCH), false)).await.unwrap()),
+        "58"
+    );
+    assert_eq!(code(&t.call(&me.sale(&spec(7, "NOSUCH"), false)).await.unwrap()), "15");
+    let mut odd = spec(8, ON_DEMAND);
+    odd.amount = 1234;
+    assert_eq!(code(&t.call(&me.sale(&odd, false)).await.unwrap()), "13");
+    let mut no48 = me.sale(&spec(9, PREFETCH), false);
+    no48.remove(48);
+    assert_eq!(code(&t.call(&no48).await.unwrap()), "30");
+    // Network management.
+    let e = t.call(&me.network(10, "1128120000", "301")).await.unwrap();
+    assert_eq!((e.mti().as_str(), code(&e)), ("0810", "00"));
+    assert_eq!(
+        code(&t.call(&stranger.network(11, "1128120000", "001")).await.unwrap()),
+        "58"
+    );
+
+    // The server's books, once the gateway has forwarded everything: the cache sale was confirmed then voided,
+    // the on-demand sale 2 voided, sale 3 sold.
+    assert!(gw.gateway.flush(Duration::from_secs(10)).await);
+    let s = stock(&inv, server.addr).await;
+    assert_eq!(count(&s, PREFETCH, "voided"), 1);
+    assert_eq!(count(&s, ON_DEMAND, "voided"), 1);
+    assert_eq!(count(&s, ON_DEMAND, "sold"), 1);
+    assert_eq!(count(&s, PREFETCH, "sold"), 0);
+    // Clean shutdown gives the cached PINs back.
+    gw.stop().await;
+    let s = stock(&inv, server.addr).await;
+    assert_eq!(count(&s, PREFETCH, "reserved"), 0);
+    assert_eq!(count(&s, PREFETCH, "available"), 199);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn several_requests_in_flight_on_one_connection_are_all_answered() {
+    let (_inv, server, gw) = setup("pipelined", 500, 50, 200, ("", "")).await;
+    let mut t = gw.terminal().await.unwrap();
+    let me = term(2);
+    for i in 1..=40u32 {
+        let p = if i % 2 == 0 { PREFETCH } else { ON_DEMAND };
+        t.send(&me.sale(&spec(i, p), false)).await.unwrap();
+    }
+    let mut stans = HashSet::new();
+    let mut pins = HashSet::new();
+    for _ in 0..40 {
+        let a = t.recv().await.unwrap();
+        assert_eq!(code(&a), "00");
+        stans.insert(a.get_str(11).unwrap().to_string());
+        pins.insert(receipt(&a).unwrap().pin.expose().to_string());
+    }
+    assert_eq!(stans.len(), 40);
+    assert_eq!(pins.len(), 40, "no PIN twice");
+    gw.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn server_down_gets_91_cache_keeps_selling_and_nothing_is_lost() {
+    let (inv, server, gw) = setup("server-down", 300, 10, 10, ("response_deadline_ms = 1500", "")).await;
+    cached_at_least(&gw, 10).await;
+    let addr = server.addr;
+    server.stop().await;
+    let mut t = gw.terminal().await.unwrap();
+    let me = term(3);
+    // On demand: the server is gone, the terminal hears 91 (well within its own timeout).
+    let a = t.call(&me.sale(&spec(1, ON_DEMAND), false)).await.unwrap();
+    assert_eq!(code(&a), "91");
+    // From the cache: sales go on without the server; the confirms wait.
+    let mut sold = Vec::new();
+    for i in 2..8 {
+        let a = t.call(&me.sale(&spec(i, PREFETCH), false)).await.unwrap();
+        assert_eq!(code(&a), "00");
+        sold.push(receipt(&a).unwrap());
+    }
+    assert_eq!(gw.gateway.stock().pending_confirms, 6);
+    // The server comes back on the same address: confirms and the reversal of sale 1 go through.
+    let server = start_server(&inv, addr).await.unwrap();
+    assert!(gw.gateway.upstream().wait_connected(Duration::from_secs(30)).await);
+    assert!(
+        gw.gateway.flush(Duration::from_secs(30)).await,
+        "{:?}",
+        gw.gateway.stock()
+    );
+    let a = t.call(&me.sale(&spec(20, ON_DEMAND), false)).await.unwrap();
+    assert_eq!(code(&a), "00");
+    gw.stop().await;
+    let s = stock(&inv, server.addr).await;
+    assert_eq!(count(&s, PREFETCH, "sold"), 6);
+    assert_eq!(count(&s, PREFETCH, "reserved"), 0);
+    assert_eq!(count(&s, PREFETCH, "available"), 294);
+    assert_eq!(count(&s, ON_DEMAND, "sold"), 1);
+    assert_eq!(count(&s, ON_DEMAND, "available"), 299);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn server_restarted_mid_load_every_approved_pin_is_sold_once() {
+    let (inv, server, gw) = setup("restart", 2000, 20, 100, ("response_deadline_ms = 2000", "")).await;
+    let addr = server.addr;
+    let gw = Arc::new(gw);
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 1..=4usize {
+        let mut t = gw.terminal().await.unwrap();
+        tasks.spawn(async move {
+            let me = term(n);
+            let mut out = Vec::new();
+            for i in 1..=150u32 {
+                let p = if i % 3 == 0 { ON_DEMAND } else { PREFETCH };
+                let a = t.call(&me.sale(&spec(i, p), false)).await.unwrap();
+                out.push((p, code(&a).to_string(), receipt(&a)));
+            }
+            out
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.stop().await;
+    let server = start_server(&inv, addr).await.unwrap();
+    let mut approved: HashMap<&str, usize> = HashMap::new();
+    let mut pins = HashSet::new();
+    while let Some(r) = tasks.join_next().await {
+        for (p, c, r) in r.unwrap() {
+            assert!(c == "00" || c == "91", "{c}");
+            if c == "00" {
+                *approved.entry(p).or_default() += 1;
+                assert!(pins.insert(r.unwrap().pin.expose().to_string()), "a PIN sold twice");
+            }
+        }
+    }
+    assert!(gw.gateway.upstream().wait_connected(Duration::from_secs(30)).await);
+    assert!(gw.gateway.flush(Duration::from_secs(30)).await);
+    let gw = Arc::try_unwrap(gw).ok().expect("one owner");
+    gw.stop().await;
+    let s = stock(&inv, server.addr).await;
+    for p in [PREFETCH, ON_DEMAND] {
+        let a = approved.get(p).copied().unwrap_or(0) as i64;
+        assert_eq!(
+            count(&s, p, "sold"),
+            a,
+            "{p}: every approved PIN is sold at the server, once"
+        );
+        assert_eq!(count(&s, p, "reserved"), 0, "{p}");
+        assert_eq!(
+            count(&s, p, "available") + count(&s, p, "sold") + count(&s, p, "voided"),
+            2000,
+            "{p}: every PIN accounted for"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_truncated_oversize_and_garbage_frames_do_not_disturb_other_terminals() {
+    let (_inv, server, gw) = setup("garbage", 200, 5, 20, ("", "frame_timeout_ms = 300\nmax_frame = 1024")).await;
+    let me = term(4);
+    let mut good = gw.terminal().await.unwrap();
+    // A readable MTI with a broken rest: a 0210 with 30, and the connection stays usable.
+    let mut t = gw.terminal().await.unwrap();
+    t.send_raw(Bytes::from_static(b"0200\xff\xff")).await.unwrap();
+    let a = t.recv().await.unwrap();
+    assert_eq!((a.mti().as_str(), code(&a)), ("0210", "30"));
+    assert_eq!(code(&t.call(&me.sale(&spec(1, PREFETCH), false)).await.unwrap()), "00");
+    // No MTI at all: nothing to answer in ISO 8583; the connection stays usable.
+    t.send_raw(Bytes::from_static(b"\x00\x01garbage")).await.unwrap();
+    assert_eq!(code(&t.call(&me.network(2, "1128120000", "301")).await.unwrap()), "00");
+    // A keep-alive (empty frame) is echoed.
+    t.send_raw(Bytes::new()).await.unwrap();
+    let f = t.recv_frame().await.unwrap().unwrap();
+    assert!(f.message.is_empty());
+    // Oversize: the length header announces more than the cap; the connection is closed.
+    let mut big = gw.terminal().await.unwrap();
+    big.stream_mut().write_all(&[0xFF, 0xF0]).await.unwrap();
+    assert!(big.recv_frame().await.map(|f| f.is_none()).unwrap_or(true));
+    // Truncated: a frame that never completes is cut off after the frame deadline.
+    let mut slow = gw.terminal().await.unwrap();
+    slow.stream_mut().write_all(&[0x00, 0x40, b'0', b'2']).await.unwrap();
+    assert!(slow.recv_frame().await.map(|f| f.is_none()).unwrap_or(true));
+    // The well-behaved terminal never noticed.
+    assert_eq!(
+        code(&good.call(&me.sale(&spec(3, ON_DEMAND), false)).await.unwrap()),
+        "00"
+    );
+    gw.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_terminal_connections() {
+    let (_inv, server, gw) = setup("thousand", 2000, 100, 1000, ("", "")).await;
+    let gw = Arc::new(gw);
+    let mut conns = Vec::new();
+    for _ in 0..1000 {
+        conns.push(gw.terminal().await.unwrap());
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, mut t) in conns.into_iter().enumerate() {
+        tasks.spawn(async move {
+            let me = term(1 + i % 8);
+            let s = spec(1000 + i as u32, if i % 2 == 0 { PREFETCH } else { ON_DEMAND });
+            let a = t.call(&me.sale(&s, false)).await.unwrap();
+            (code(&a).to_string(), receipt(&a).map(|r| r.pin.expose().to_string()))
+        });
+    }
+    let mut pins = HashSet::new();
+    while let Some(r) = tasks.join_next().await {
+        let (c, p) = r.unwrap();
+        assert_eq!(c, "00");
+        assert!(pins.insert(p.unwrap()));
+    }
+    assert_eq!(pins.len(), 1000);
+    let gw = Arc::try_unwrap(gw).ok().expect("one owner");
+    gw.stop().await;
+    server.stop().await;
+}
+
+// ---- crash: the gateway as its own process, killed with SIGKILL ----
+
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+struct GatewayProcess(Child);
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_gateway(config: &Path, log: &Path) -> GatewayProcess {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    GatewayProcess(
+        Command::new(env!("CARGO_BIN_EXE_pingate"))
+            .args(["gateway", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+async fn connect(addr: SocketAddr) -> TerminalClient {
+    let dialect = Arc::new(
+        pingate::iso8583::Dialects::builtin()
+            .get(pingate::demo::DIALECT)
+            .unwrap()
+            .clone(),
+    );
+    for _ in 0..500 {
+        if let Ok(t) = TerminalClient::connect(addr, pingate::demo::FRAMING, None, dialect.clone()).await {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("gateway at {addr} never came up");
+}
+
+async fn admin_stock(admin: SocketAddr) -> serde_json::Value {
+    let text = pingate::gateway::ask_admin(&admin.to_string(), "stock").await.unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[tokio::test]
+async fn gateway_kill_9_with_a_full_cache_and_unconfirmed_sales_loses_nothing() {
+    let inv = Inventory::create(&dir("kill9"), &["gw1", "obs"], &products(100)).unwrap();
+    let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let server_addr = server.addr;
+    let listen = free_port();
+    let admin = free_port();
+    let files = GatewayFiles::write(
+        &inv,
+        "gw1",
+        &[server_addr],
+        listen,
+        2,
+        &modes(30, 30),
+        (&format!("admin = \"{admin}\""), ""),
+    )
+    .unwrap();
+    let log = inv.dir.join("gateway.log");
+    let gw = spawn_gateway(&files.config, &log);
+    let mut t = connect(listen).await;
+    let me = term(1);
+    // Wait for a full cache.
+    for _ in 0..500 {
+        if admin_stock(admin).await["cache"][0]["cached"].as_u64() == Some(30) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(admin_stock(admin).await["cache"][0]["cached"].as_u64(), Some(30));
+    // One on-demand sale while the server is up.
+    assert_eq!(code(&t.call(&me.sale(&spec(1, ON_DEMAND), false)).await.unwrap()), "00");
+    // The server goes away; ten sales from the cache, whose confirms cannot be sent.
+    server.stop().await;
+    let mut sold = HashSet::new();
+    for i in 2..12 {
+        let a = t.call(&me.sale(&spec(i, PREFETCH), false)).await.unwrap();
+        assert_eq!(code(&a), "00");
+        sold.insert(receipt(&a).unwrap().pin.expose().to_string());
+    }
+    assert_eq!(admin_stock(admin).await["pending_confirms"].as_u64(), Some(10));
+    // kill -9.
+    drop(gw);
+    drop(t);
+    let server = start_server(&inv, server_addr).await.unwrap();
+    let gw = spawn_gateway(&files.config, &log);
+    let mut t = connect(listen).await;
+    // A repeat of a sale made before the crash gets the same PIN (from the journal).
+    let r = t.call(&me.sale(&spec(5, PREFETCH), true)).await.unwrap();
+    assert_eq!(code(&r), "00");
+    assert!(sold.contains(receipt(&r).unwrap().pin.expose()));
+    // Every unconfirmed sale gets confirmed, and what the server says the gateway holds is what its cache holds.
+    let mut settled = false;
+    for _ in 0..500 {
+        let g = admin_stock(admin).await;
+        let s = stock(&inv, server.addr).await;
+        let cached = g["cache"][0]["cached"].as_i64().unwrap();
+        if g["pending_confirms"].as_u64() == Some(0)
+            && count(&s, PREFETCH, "sold") == 10
+            && count(&s, PREFETCH, "reserved") == cached
+        {
+            assert_eq!(
+                count(&s, PREFETCH, "available") + cached + 10,
+                100,
+                "every PIN accounted for"
+            );
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        settled,
+        "{:?} {:?}",
+        admin_stock(admin).await,
+        stock(&inv, server.addr).await
+    );
+    // More sales from the recovered cache never repeat a PIN.
+    for i in 20..30 {
+        let a = t.call(&me.sale(&spec(i, PREFETCH), false)).await.unwrap();
+        assert_eq!(code(&a), "00");
+        assert!(
+            sold.insert(receipt(&a).unwrap().pin.expose().to_string()),
+            "a PIN sold twice"
+        );
+    }
+    // SIGTERM: a clean shutdown confirms what is pending and gives the cache back.
+    let pid = gw.0.id();
+    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    let mut gw = gw;
+    for _ in 0..1000 {
+        if gw.0.try_wait().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(gw.0.try_wait().unwrap().is_some(), "gateway did not stop on SIGTERM");
+    let s = stock(&inv, server.addr).await;
+    assert_eq!(count(&s, PREFETCH, "sold"), 20);
+    assert_eq!(count(&s, PREFETCH, "reserved"), 0);
+    assert_eq!(count(&s, PREFETCH, "available"), 80);
+    assert_eq!(count(&s, ON_DEMAND, "sold"), 1);
+    server.stop().await;
+}
