@@ -589,3 +589,47 @@ async fn gateway_kill_9_with_a_full_cache_and_unconfirmed_sales_loses_nothing() 
     assert_eq!(count(&s, ON_DEMAND, "sold"), 1);
     server.stop().await;
 }
+
+#[test]
+fn the_example_configuration_loads_and_mistakes_are_named() {
+    use pingate::gateway::cache::Mode;
+    use pingate::gateway::config::{ConfigError, GatewayConfig};
+    let d = dir("config");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("journal.keys"), format!("1:{}", "ab".repeat(32))).unwrap();
+    let text = std::fs::read_to_string("protocols/gateway.example.toml").unwrap();
+    let path = d.join("gateway.toml");
+    let c = GatewayConfig::parse(&text, &path).unwrap();
+    assert_eq!(c.journal, d.join("gateway.journal"));
+    assert_eq!(c.response_deadline, Duration::from_secs(15));
+    assert_eq!(c.listeners.len(), 1);
+    assert!(c.listeners[0].tpdu);
+    assert!(c
+        .terminals
+        .permits("TERM0002", Some("MERCHANT0000001"), Some("TOPUP-EU-10")));
+    assert!(!c
+        .terminals
+        .permits("TERM0002", Some("MERCHANT0000001"), Some("GIFT-25")));
+    assert!(!c.terminals.permits("TERM0001", Some("OTHER"), None));
+    assert_eq!(c.products[0].mode, Mode::Prefetch { low: 50, high: 2000 });
+
+    let typo = text.replace("keep_cache_on_shutdown", "keep_cache_on_shutdwn");
+    let e = GatewayConfig::parse(&typo, &path).unwrap_err();
+    assert!(
+        matches!(e, ConfigError::Parse { .. }) && e.to_string().contains("keep_cache_on_shutdwn"),
+        "{e}"
+    );
+    let bad = text.replace("mode = \"on_demand\"", "mode = \"sometimes\"");
+    let e = GatewayConfig::parse(&bad, &path).unwrap_err();
+    assert!(e.to_string().contains("product[1].mode"), "{e}");
+    let bad = text.replace("low = 50", "low = 5000");
+    assert!(GatewayConfig::parse(&bad, &path)
+        .unwrap_err()
+        .to_string()
+        .contains("product[0]"));
+    let bad = text.replace("response_deadline_ms = 15000", "response_deadline_ms = 5");
+    assert!(GatewayConfig::parse(&bad, &path)
+        .unwrap_err()
+        .to_string()
+        .contains("gateway.response_deadline_ms"));
+}
