@@ -15,6 +15,8 @@
 //! - [`server`], [`tls`] — the PIN server (mini-redis shaped `run(listener, …, shutdown)`) and mutual TLS.
 //! - [`sim`] — a simulated TCP terminal (requests of the contract, framed); [`demo`] — `pingate demo` and the
 //!   building blocks the end-to-end tests share.
+//! - [`load`] — the load generator (terminal connections, closed or open loop), its echo-server ceiling, and a
+//!   delaying TCP proxy.
 //! - [`admin`], [`cli`] — the `pingate` command line, thin over the library.
 #![forbid(unsafe_code)]
 
@@ -24,6 +26,7 @@ pub mod demo;
 pub mod gateway;
 pub mod iso8583;
 pub mod link;
+pub mod load;
 pub mod psp;
 pub mod sale;
 pub mod server;

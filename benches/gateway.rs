@@ -1,0 +1,292 @@
+//! Load benchmark: simulated terminals → gateway → PIN server, beside a bare echo server with the same framing
+//! measured in the same run (the ceiling). Everything on loopback in this process except where said.
+//!
+//! `cargo bench --bench gateway [-- SCENARIO…] [--connections N] [--in-flight N] [--seconds N]`
+//! Scenarios: `echo`, `prefetch`, `on-demand`, `slow-link` (50 ms each way between gateway and server, a steady
+//! 500 sales/s), `idle` (10,000 idle terminal connections to a gateway process; its memory). Default: all.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingate::demo::{start_server, GatewayFiles, GatewayHandle, Inventory, ProductMode, SampleProduct, DIALECT, FRAMING};
+use pingate::gateway::StartOptions;
+use pingate::iso8583::{Dialect, Dialects};
+use pingate::load::{echo_server, run, LoadReport, LoadSpec};
+use tokio::net::TcpListener;
+
+struct Args {
+    scenarios: Vec<String>,
+    connections: usize,
+    in_flight: usize,
+    seconds: u64,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        scenarios: Vec::new(),
+        connections: 64,
+        in_flight: 4,
+        seconds: 5,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--connections" => a.connections = it.next().and_then(|v| v.parse().ok()).expect("--connections N"),
+            "--in-flight" => a.in_flight = it.next().and_then(|v| v.parse().ok()).expect("--in-flight N"),
+            "--seconds" => a.seconds = it.next().and_then(|v| v.parse().ok()).expect("--seconds N"),
+            "--bench" => {}
+            s if !s.starts_with('-') => a.scenarios.push(s.to_string()),
+            _ => {}
+        }
+    }
+    if a.scenarios.is_empty() {
+        a.scenarios = ["echo", "prefetch", "on-demand", "slow-link", "idle"]
+            .map(String::from)
+            .to_vec();
+    }
+    a
+}
+
+fn dialect() -> Arc<Dialect> {
+    Arc::new(Dialects::builtin().get(DIALECT).unwrap().clone())
+}
+
+fn spec(addr: SocketAddr, a: &Args, product: &str, amount: u64, tag: &str) -> LoadSpec {
+    LoadSpec {
+        addr,
+        framing: FRAMING,
+        connections: a.connections,
+        in_flight: a.in_flight,
+        rate: None,
+        duration: Duration::from_secs(a.seconds),
+        terminal_prefix: "DEMO".into(),
+        merchant: pingate::demo::MERCHANT.into(),
+        product: product.into(),
+        amount,
+        transmission: tag.into(),
+    }
+}
+
+fn line(name: &str, mut r: LoadReport) {
+    let codes: Vec<String> = r.codes.iter().map(|(c, n)| format!("{c}:{n}")).collect();
+    println!(
+        "{name:<34} {:>9.0}/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} sent; {})",
+        r.rate(),
+        r.quantile_ms(0.5),
+        r.quantile_ms(0.99),
+        r.sent,
+        codes.join(" ")
+    );
+}
+
+fn workdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pingate-bench-gw-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn products(pins: usize) -> Vec<SampleProduct> {
+    vec![
+        SampleProduct {
+            code: "TOPUP-EU-10",
+            name: "Top-up",
+            amounts: vec![1000],
+            pins,
+        },
+        SampleProduct {
+            code: "GIFT-25",
+            name: "Gift",
+            amounts: vec![2500],
+            pins,
+        },
+    ]
+}
+
+fn modes(low: usize, high: usize) -> Vec<ProductMode> {
+    vec![
+        ProductMode {
+            code: "TOPUP-EU-10".into(),
+            amount: 1000,
+            prefetch: Some((low, high)),
+        },
+        ProductMode {
+            code: "GIFT-25".into(),
+            amount: 2500,
+            prefetch: None,
+        },
+    ]
+}
+
+async fn wait_cached(gw: &GatewayHandle, n: usize) {
+    for _ in 0..3000 {
+        if gw.gateway.stock().cache.iter().any(|l| l.cached >= n) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!("cache did not reach {n}: {:?}", gw.gateway.stock().cache);
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let a = args();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async move {
+        println!(
+            "{} connections, {} in flight each (closed loop), {} s per line, framing binary2, dialect {DIALECT}",
+            a.connections, a.in_flight, a.seconds
+        );
+        let d = dialect();
+        if a.scenarios.iter().any(|s| s == "echo") {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            tokio::spawn(echo_server(l, FRAMING, std::future::pending::<()>()));
+            let r = run(spec(addr, &a, "TOPUP-EU-10", 1000, "1128000001"), d.clone()).await.unwrap();
+            line("echo server (ceiling)", r);
+        }
+        let need = |s: &str| a.scenarios.iter().any(|x| x == s);
+        if need("prefetch") || need("on-demand") {
+            let pins = 120_000 * a.seconds as usize;
+            let inv = Inventory::create(&workdir("load"), &["gw1"], &products(pins)).unwrap();
+            let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+            let files = GatewayFiles::write(
+                &inv,
+                "gw1",
+                &[server.addr],
+                "127.0.0.1:0".parse().unwrap(),
+                a.connections,
+                &modes(50_000, 200_000),
+                ("", "max_in_flight = 64"),
+            )
+            .unwrap();
+            let gw = GatewayHandle::start(&files.config, StartOptions::default()).await.unwrap();
+            gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await;
+            if need("prefetch") {
+                wait_cached(&gw, 50_000).await;
+                let r = run(spec(gw.addr, &a, "TOPUP-EU-10", 1000, "1128000002"), d.clone())
+                    .await
+                    .unwrap();
+                let stock = gw.gateway.stock();
+                line("prefetch (journal fsync'd)", r);
+                println!(
+                    "  cache hits {} misses {}; confirms still queued {}",
+                    stock.cache[0].hits, stock.cache[0].misses, stock.pending_confirms
+                );
+                gw.gateway.flush(Duration::from_secs(120)).await;
+            }
+            if need("on-demand") {
+                let r = run(spec(gw.addr, &a, "GIFT-25", 2500, "1128000003"), d.clone()).await.unwrap();
+                line("on demand (SQLite server)", r);
+            }
+            gw.stop().await;
+            server.stop().await;
+        }
+        if need("slow-link") {
+            let inv = Inventory::create(&workdir("slow"), &["gw1"], &products(20_000)).unwrap();
+            let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let proxy = l.local_addr().unwrap();
+            tokio::spawn(pingate::load::delay_proxy(l, server.addr, Duration::from_millis(50)));
+            let files = GatewayFiles::write(
+                &inv,
+                "gw1",
+                &[proxy],
+                "127.0.0.1:0".parse().unwrap(),
+                a.connections,
+                &modes(200, 5_000),
+                ("", ""),
+            )
+            .unwrap();
+            let gw = GatewayHandle::start(&files.config, StartOptions::default()).await.unwrap();
+            gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await;
+            wait_cached(&gw, 200).await;
+            let mut s = spec(gw.addr, &a, "TOPUP-EU-10", 1000, "1128000004");
+            s.rate = Some(500.0);
+            s.duration = Duration::from_secs(a.seconds.max(10));
+            let r = run(s, d.clone()).await.unwrap();
+            let stock = gw.gateway.stock();
+            let (h, m) = (stock.cache[0].hits, stock.cache[0].misses);
+            line("slow link, 500/s open loop", r);
+            println!(
+                "  cache hit rate {:.2}% ({h} hits, {m} misses)",
+                100.0 * h as f64 / (h + m).max(1) as f64
+            );
+            gw.stop().await;
+            server.stop().await;
+        }
+        if need("idle") {
+            idle(&d).await;
+        }
+    });
+}
+
+/// 10,000 idle terminal connections to a gateway running as its own process: its resident memory before and after.
+async fn idle(d: &Arc<Dialect>) {
+    let inv = Inventory::create(&workdir("idle"), &["gw1"], &products(100)).unwrap();
+    let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let listen = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let files = GatewayFiles::write(&inv, "gw1", &[server.addr], listen, 1, &modes(10, 10), ("", "")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pingate"))
+        .args(["gateway", "--config"])
+        .arg(&files.config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut first = None;
+    for _ in 0..500 {
+        if let Ok(t) = pingate::sim::TerminalClient::connect(listen, FRAMING, None, d.clone()).await {
+            first = Some(t);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut t = first.expect("gateway up");
+    let id = pingate::sim::Identity {
+        terminal_id: "DEMO0001".into(),
+        merchant_id: pingate::demo::MERCHANT.into(),
+    };
+    let _ = t.call(&id.network(1, "1128000005", "301")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(pid);
+    let mut conns = Vec::new();
+    for _ in 0..10_000 {
+        match tokio::net::TcpStream::connect(listen).await {
+            Ok(s) => conns.push(s),
+            Err(e) => {
+                eprintln!("connect: {e}");
+                break;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Still served with all of them open.
+    let ok = t.call(&id.network(2, "1128000005", "301")).await.is_ok();
+    let after = rss_kib(pid);
+    println!(
+        "idle connections: {} open; gateway RSS {:.1} MiB before, {:.1} MiB after ({:.1} KiB per connection); still answering: {ok}",
+        conns.len(),
+        before as f64 / 1024.0,
+        after as f64 / 1024.0,
+        (after.saturating_sub(before)) as f64 / conns.len().max(1) as f64
+    );
+    drop(conns);
+    let _ = child.kill();
+    let _ = child.wait();
+    server.stop().await;
+}
