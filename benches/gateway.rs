@@ -11,7 +11,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pingate::demo::{start_server, GatewayFiles, GatewayHandle, Inventory, ProductMode, SampleProduct, DIALECT, FRAMING};
+use pingate::demo::{
+    start_server, GatewayFiles, GatewayHandle, Inventory, ProductMode, SampleProduct, DIALECT, FRAMING,
+};
 use pingate::gateway::StartOptions;
 use pingate::iso8583::{Dialect, Dialects};
 use pingate::load::{echo_server, run, LoadReport, LoadSpec};
@@ -141,7 +143,10 @@ fn rss_kib(pid: u32) -> u64 {
 
 fn main() {
     let a = args();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         println!(
             "{} connections, {} in flight each (closed loop), {} s per line, framing binary2, dialect {DIALECT}",
@@ -152,7 +157,9 @@ fn main() {
             let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = l.local_addr().unwrap();
             tokio::spawn(echo_server(l, FRAMING, std::future::pending::<()>()));
-            let r = run(spec(addr, &a, "TOPUP-EU-10", 1000, "1128000001"), d.clone()).await.unwrap();
+            let r = run(spec(addr, &a, "TOPUP-EU-10", 1000, "1128000001"), d.clone())
+                .await
+                .unwrap();
             line("echo server (ceiling)", r);
         }
         let need = |s: &str| a.scenarios.iter().any(|x| x == s);
@@ -170,7 +177,9 @@ fn main() {
                 ("", "max_in_flight = 64"),
             )
             .unwrap();
-            let gw = GatewayHandle::start(&files.config, StartOptions::default()).await.unwrap();
+            let gw = GatewayHandle::start(&files.config, StartOptions::default())
+                .await
+                .unwrap();
             gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await;
             if need("prefetch") {
                 wait_cached(&gw, 50_000).await;
@@ -186,7 +195,9 @@ fn main() {
                 gw.gateway.flush(Duration::from_secs(120)).await;
             }
             if need("on-demand") {
-                let r = run(spec(gw.addr, &a, "GIFT-25", 2500, "1128000003"), d.clone()).await.unwrap();
+                let r = run(spec(gw.addr, &a, "GIFT-25", 2500, "1128000003"), d.clone())
+                    .await
+                    .unwrap();
                 line("on demand (SQLite server)", r);
             }
             gw.stop().await;
@@ -208,7 +219,9 @@ fn main() {
                 ("", ""),
             )
             .unwrap();
-            let gw = GatewayHandle::start(&files.config, StartOptions::default()).await.unwrap();
+            let gw = GatewayHandle::start(&files.config, StartOptions::default())
+                .await
+                .unwrap();
             gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await;
             wait_cached(&gw, 200).await;
             let mut s = spec(gw.addr, &a, "TOPUP-EU-10", 1000, "1128000004");
@@ -239,7 +252,16 @@ async fn idle(d: &Arc<Dialect>) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let files = GatewayFiles::write(&inv, "gw1", &[server.addr], listen, 1, &modes(10, 10), ("", "")).unwrap();
+    let files = GatewayFiles::write(
+        &inv,
+        "gw1",
+        &[server.addr],
+        listen,
+        1,
+        &modes(10, 10),
+        ("", "max_per_source = 20000"),
+    )
+    .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_pingate"))
         .args(["gateway", "--config"])
         .arg(&files.config)

@@ -107,7 +107,9 @@ impl LoadReport {
 pub async fn run(spec: LoadSpec, dialect: Arc<Dialect>) -> Result<LoadReport, String> {
     let mut conns = Vec::new();
     for _ in 0..spec.connections {
-        let s = TcpStream::connect(spec.addr).await.map_err(|e| format!("{}: {e}", spec.addr))?;
+        let s = TcpStream::connect(spec.addr)
+            .await
+            .map_err(|e| format!("{}: {e}", spec.addr))?;
         s.set_nodelay(true).map_err(|e| e.to_string())?;
         conns.push(s);
     }
@@ -151,7 +153,10 @@ async fn connection(
     let interval = spec
         .rate
         .map(|r| Duration::from_secs_f64(spec.connections as f64 / r.max(0.001)));
-    let mut next_send = start + interval.map(|i| i.mul_f64(n as f64 / spec.connections as f64)).unwrap_or_default();
+    let mut next_send = start
+        + interval
+            .map(|i| i.mul_f64(n as f64 / spec.connections as f64))
+            .unwrap_or_default();
     let send = |stan: u32| {
         let s = SaleSpec {
             stan,

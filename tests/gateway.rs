@@ -633,3 +633,36 @@ fn the_example_configuration_loads_and_mistakes_are_named() {
         .to_string()
         .contains("gateway.response_deadline_ms"));
 }
+
+#[tokio::test]
+async fn a_late_repeat_of_an_unconfirmed_cache_sale_gets_the_same_pin_never_a_second_one() {
+    // A repeat window of zero: the gateway forgets answered sales at once, except those the server does not
+    // know yet (confirm pending).
+    let (inv, server, gw) = setup("late-repeat", 100, 5, 5, ("repeat_window_secs = 0", "")).await;
+    cached_at_least(&gw, 5).await;
+    let addr = server.addr;
+    server.stop().await;
+    let mut t = gw.terminal().await.unwrap();
+    let me = term(5);
+    let a = t.call(&me.sale(&spec(1, PREFETCH), false)).await.unwrap();
+    assert_eq!(code(&a), "00");
+    let pin = receipt(&a).unwrap();
+    // Other sales push the first out of the window.
+    assert_eq!(code(&t.call(&me.sale(&spec(2, PREFETCH), false)).await.unwrap()), "00");
+    for repeat in [true, false] {
+        let r = t.call(&me.sale(&spec(1, PREFETCH), repeat)).await.unwrap();
+        assert_eq!(code(&r), "00");
+        assert_eq!(receipt(&r).as_ref(), Some(&pin), "repeat {repeat}: the same PIN");
+    }
+    // Once confirmed, the server answers a late 0201 itself: still the same PIN.
+    let server = start_server(&inv, addr).await.unwrap();
+    assert!(gw.gateway.upstream().wait_connected(Duration::from_secs(30)).await);
+    assert!(gw.gateway.flush(Duration::from_secs(30)).await);
+    let r = t.call(&me.sale(&spec(1, PREFETCH), true)).await.unwrap();
+    assert_eq!(code(&r), "00");
+    assert_eq!(receipt(&r).as_ref(), Some(&pin));
+    gw.stop().await;
+    let s = stock(&inv, server.addr).await;
+    assert_eq!(count(&s, PREFETCH, "sold"), 2);
+    server.stop().await;
+}

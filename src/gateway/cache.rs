@@ -95,6 +95,7 @@ pub struct PinCache {
     slots: HashMap<(String, i64), Slot>,
     cover: Duration,
     lead: Duration,
+    stale: Vec<CachedPin>,
 }
 
 impl PinCache {
@@ -125,16 +126,30 @@ impl PinCache {
                 Mode::OnDemand => None,
             })
             .collect();
-        PinCache { slots, cover, lead }
+        PinCache {
+            slots,
+            cover,
+            lead,
+            stale: Vec::new(),
+        }
+    }
+
+    /// PINs set aside by [`PinCache::take`] because their lease was ending: to release.
+    pub fn take_stale(&mut self) -> Vec<CachedPin> {
+        std::mem::take(&mut self.stale)
     }
 
     /// Takes the oldest PIN of `product`/`amount`.
-    pub fn take(&mut self, product: &str, amount: i64, now: Instant) -> Take {
+    /// PINs whose lease ends before `min_lease` (unix seconds) are set aside, never sold ([`PinCache::take_stale`]).
+    pub fn take(&mut self, product: &str, amount: i64, now: Instant, min_lease: i64) -> Take {
         let Some(slot) = self.slots.get_mut(&(product.to_string(), amount)) else {
             return Take::OnDemand;
         };
         slot.roll(now);
         slot.window_sales += 1;
+        while slot.pins.front().is_some_and(|p| p.lease_until < min_lease) {
+            self.stale.extend(slot.pins.pop_front());
+        }
         match slot.pins.pop_front() {
             Some(p) => {
                 slot.hits += 1;
@@ -280,11 +295,11 @@ mod tests {
             1,
             "not a prefetch product: handed back"
         );
-        assert!(matches!(c.take("HOT", 100, t), Take::Hit(p) if p.pin.pin_id == 1));
-        assert!(matches!(c.take("HOT", 100, t), Take::Hit(p) if p.pin.pin_id == 2));
-        assert!(matches!(c.take("HOT", 100, t), Take::Miss));
-        assert!(matches!(c.take("OD", 100, t), Take::OnDemand));
-        assert!(matches!(c.take("HOT", 500, t), Take::OnDemand));
+        assert!(matches!(c.take("HOT", 100, t, 0), Take::Hit(p) if p.pin.pin_id == 1));
+        assert!(matches!(c.take("HOT", 100, t, 0), Take::Hit(p) if p.pin.pin_id == 2));
+        assert!(matches!(c.take("HOT", 100, t, 0), Take::Miss));
+        assert!(matches!(c.take("OD", 100, t, 0), Take::OnDemand));
+        assert!(matches!(c.take("HOT", 500, t, 0), Take::OnDemand));
         let l = c.levels(t);
         let hot = l.iter().find(|l| l.product == "HOT").unwrap();
         assert_eq!((hot.hits, hot.misses, hot.cached), (2, 1, 0));
@@ -301,7 +316,7 @@ mod tests {
         c.put(pins("HOT", 100, 0..10));
         c.refilled("HOT", 100);
         assert!(c.due(t).is_empty(), "at low: nothing due");
-        c.take("HOT", 100, t);
+        c.take("HOT", 100, t, 0);
         assert_eq!(c.due(t), vec![("HOT".into(), 100, 1)]);
     }
 
@@ -313,7 +328,7 @@ mod tests {
         // 200 sales a second for 20 seconds.
         for _ in 0..20 {
             for i in 0..200 {
-                c.take("HOT", 100, t + Duration::from_millis(i * 5));
+                c.take("HOT", 100, t + Duration::from_millis(i * 5), 0);
             }
             t += Duration::from_secs(1);
         }
@@ -333,6 +348,19 @@ mod tests {
         t += Duration::from_secs(120);
         let l = c.levels(t);
         assert_eq!(l.iter().find(|l| l.product == "HOT").unwrap().target, 10);
+    }
+
+    #[test]
+    fn pins_whose_lease_is_ending_are_set_aside_not_sold() {
+        let t = Instant::now();
+        let mut c = cache(t);
+        c.put(pins("HOT", 100, 0..5)); // leases end at 1000..1004
+        assert!(matches!(c.take("HOT", 100, t, 1003), Take::Hit(p) if p.pin.pin_id == 3));
+        assert_eq!(
+            c.take_stale().iter().map(|p| p.pin.pin_id).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+        assert!(c.take_stale().is_empty());
     }
 
     #[test]

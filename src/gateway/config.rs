@@ -114,7 +114,7 @@ fn d_max_conn() -> usize {
     20_000
 }
 fn d_per_source() -> usize {
-    20_000
+    2_000
 }
 fn d_idle() -> u64 {
     300_000
@@ -337,6 +337,9 @@ impl GatewayConfig {
             upstream.connections = c;
         }
         if let Some(v) = u.connect_timeout_ms {
+            if v < 100 {
+                return Err(invalid("upstream.connect_timeout_ms", "must be at least 100"));
+            }
             upstream.connect_timeout = ms(v);
         }
         if let Some(v) = u.ping_every_ms {
@@ -429,7 +432,7 @@ impl GatewayConfig {
             keep_cache_on_shutdown: g.keep_cache_on_shutdown,
             admin: g.admin,
             repeat_window: Duration::from_secs(g.repeat_window_secs),
-            repeat_max: g.repeat_max,
+            repeat_max: g.repeat_max.max(1000),
             lease: Duration::from_secs(g.lease_secs.max(60)),
             refill_cover: Duration::from_secs(g.refill_cover_secs.max(1)),
             refill_lead: Duration::from_secs(g.refill_lead_secs.max(1)),

@@ -39,6 +39,8 @@ use crate::store::crypto::{PinCipher, Sealed};
 const MAGIC: &[u8; 4] = b"PGJ1";
 /// Largest record accepted at recovery: a frame claiming more is torn or corrupt.
 const MAX_RECORD: usize = 1 << 20;
+/// Most ids in one `releasing` record (and one `release` request: the server's cap).
+pub const RELEASE_CHUNK: usize = 1000;
 /// Records written per sync at most (bounds the latency of the first in a group).
 const MAX_GROUP: usize = 4096;
 
@@ -305,7 +307,8 @@ struct Live {
     cached: HashMap<i64, Vec<u8>>,
     /// A cache sale not yet confirmed: the PIN's `cached` frame and the `cache_sold` frame.
     sold: HashMap<i64, (Vec<u8>, Vec<u8>)>,
-    releasing: HashMap<i64, Vec<u8>>,
+    /// Ids on their way back to the server; their frames are written anew at compaction (naming only these).
+    releasing: std::collections::BTreeSet<i64>,
     asked: HashMap<KeyRecord, Vec<u8>>,
     reverse: HashMap<KeyRecord, Vec<u8>>,
     bytes: u64,
@@ -315,6 +318,8 @@ impl Live {
     fn apply(&mut self, r: &Record, frame: Vec<u8>) {
         match r {
             Record::Cached(c) => {
+                // Reserved again: whatever release of this id was pending is over (the server gave it back to us).
+                self.releasing.remove(&c.pin.pin_id);
                 self.cached.insert(c.pin.pin_id, frame);
             }
             Record::CacheSold { pin_id, .. } => {
@@ -326,10 +331,9 @@ impl Live {
                 self.sold.remove(pin_id);
             }
             Record::Releasing { pin_ids } => {
-                // The frame names all the ids; it stays live while any of them is unreleased.
                 for id in pin_ids {
                     self.cached.remove(id);
-                    self.releasing.insert(*id, frame.clone());
+                    self.releasing.insert(*id);
                 }
             }
             Record::Released { pin_ids } => {
@@ -353,22 +357,24 @@ impl Live {
     }
 
     /// The frames that rebuild this state, each once.
-    fn frames(&self) -> Vec<&[u8]> {
-        let mut out: Vec<&[u8]> = Vec::new();
-        out.extend(self.cached.values().map(Vec::as_slice));
+    fn frames(&self) -> Vec<std::borrow::Cow<'_, [u8]>> {
+        use std::borrow::Cow;
+        let mut out: Vec<Cow<'_, [u8]>> = Vec::new();
+        out.extend(self.cached.values().map(|f| Cow::Borrowed(f.as_slice())));
         for (c, s) in self.sold.values() {
-            out.push(c);
-            out.push(s);
+            out.push(Cow::Borrowed(c));
+            out.push(Cow::Borrowed(s));
         }
-        // One `releasing` frame names several ids: write it once.
-        let mut seen = std::collections::HashSet::new();
-        for f in self.releasing.values() {
-            if seen.insert(f.as_slice()) {
-                out.push(f);
-            }
+        // Releases still pending, named anew (an old frame may name ids released or reserved again since).
+        let ids: Vec<i64> = self.releasing.iter().copied().collect();
+        for chunk in ids.chunks(RELEASE_CHUNK) {
+            let w = Wire::Releasing {
+                pin_ids: chunk.to_vec(),
+            };
+            out.push(Cow::Owned(frame(&serde_json::to_vec(&w).expect("serialisable"))));
         }
-        out.extend(self.asked.values().map(Vec::as_slice));
-        out.extend(self.reverse.values().map(Vec::as_slice));
+        out.extend(self.asked.values().map(|f| Cow::Borrowed(f.as_slice())));
+        out.extend(self.reverse.values().map(|f| Cow::Borrowed(f.as_slice())));
         out
     }
 
@@ -474,11 +480,30 @@ fn read_records(path: &Path, cipher: &PinCipher) -> Result<(Framed, u64, u64), J
         at += 8 + len;
     }
     let torn = (data.len() - at) as u64;
+    if torn > 0 && valid_frame_after(&data, at + 1) {
+        // Not a torn last write: damage inside the journal, with records after it. Nothing is guessed.
+        return Err(JournalError::BadRecord {
+            path: path.into(),
+            offset: at as u64,
+            reason: "damaged record with valid records after it (not a torn tail); restore the file or \
+                     reconcile this gateway by hand"
+                .into(),
+        });
+    }
     if torn > 0 {
         let aside = path.with_extension(format!("tail-{}", crate::store::unix_now()));
         std::fs::write(&aside, &data[at..]).map_err(io(&aside))?;
     }
     Ok((records, at as u64, torn))
+}
+
+/// Whether a whole frame with a valid checksum starts anywhere at or after `from`.
+fn valid_frame_after(data: &[u8], from: usize) -> bool {
+    (from..data.len().saturating_sub(8)).any(|i| {
+        let len = u32::from_le_bytes(data[i..i + 4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(data[i + 4..i + 8].try_into().expect("4 bytes"));
+        len > 0 && len <= MAX_RECORD && data.len() - i - 8 >= len && crc32(&data[i + 8..i + 8 + len]) == crc
+    })
 }
 
 fn sync_dir(path: &Path) -> std::io::Result<()> {
@@ -489,7 +514,7 @@ fn sync_dir(path: &Path) -> std::io::Result<()> {
 }
 
 /// Writes `frames` as a fresh journal at `path` (through a temporary file and a rename), and opens it for append.
-fn rewrite(path: &Path, frames: &[&[u8]]) -> std::io::Result<File> {
+fn rewrite(path: &Path, frames: &[std::borrow::Cow<'_, [u8]>]) -> std::io::Result<File> {
     let tmp = path.with_extension("compact");
     {
         let mut f = File::create(&tmp)?;
@@ -545,7 +570,7 @@ impl Journal {
         for id in live.sold.keys() {
             recovered.unconfirmed.push((pins[id].clone(), sales[id].clone()));
         }
-        recovered.releasing.extend(live.releasing.keys().copied());
+        recovered.releasing.extend(live.releasing.iter().copied());
         // An on-demand sale with no known outcome is reversed; so is every reversal not yet acknowledged. The
         // `asked` frames stay live until the reversal is acknowledged: they are turned into `reverse` frames here.
         let mut reverse: Vec<KeyRecord> = live.reverse.keys().cloned().collect();
@@ -643,7 +668,12 @@ fn writer(
             let mut encoded = Vec::with_capacity(a.records.len());
             let r = a.records.iter().try_for_each(|r| {
                 let w = to_wire(r, &cipher)?;
-                let f = frame(&serde_json::to_vec(&w).map_err(|e| e.to_string())?);
+                let payload = serde_json::to_vec(&w).map_err(|e| e.to_string())?;
+                if payload.len() > MAX_RECORD {
+                    // Recovery would take it for a torn tail: never write one.
+                    return Err(format!("record of {} bytes, the cap is {MAX_RECORD}", payload.len()));
+                }
+                let f = frame(&payload);
                 encoded.push((r, f));
                 Ok::<(), String>(())
             });
@@ -836,6 +866,70 @@ mod tests {
         let (_j, r) = Journal::open(&path, cipher(), JournalOptions::default()).unwrap();
         assert_eq!(r.cached.len(), 1);
         assert!(r.torn_bytes > 0);
+    }
+
+    #[tokio::test]
+    async fn damage_with_valid_records_after_it_is_refused_not_cut() {
+        let dir = tempdir();
+        let path = dir.join("gw.journal");
+        let (j, _) = Journal::open(&path, cipher(), JournalOptions::default()).unwrap();
+        j.append(vec![Record::Cached(pin(1))]).await.unwrap();
+        j.append(vec![Record::CacheSold {
+            pin_id: 1,
+            sale: sale("000001"),
+        }])
+        .await
+        .unwrap();
+        drop(j);
+        let mut data = std::fs::read(&path).unwrap();
+        data[20] ^= 0x01; // inside the first record; the `cache_sold` after it is whole
+        std::fs::write(&path, &data).unwrap();
+        let e = Journal::open(&path, cipher(), JournalOptions::default()).unwrap_err();
+        assert!(matches!(e, JournalError::BadRecord { offset: 4, .. }), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), data, "the file is left as it was");
+    }
+
+    #[tokio::test]
+    async fn a_release_is_forgotten_once_acknowledged_or_reserved_again_also_across_compaction() {
+        let dir = tempdir();
+        let path = dir.join("gw.journal");
+        let (j, _) = Journal::open(&path, cipher(), JournalOptions::default()).unwrap();
+        j.append((1..=4).map(|i| Record::Cached(pin(i))).collect())
+            .await
+            .unwrap();
+        j.append(vec![Record::Releasing {
+            pin_ids: vec![1, 2, 3, 4],
+        }])
+        .await
+        .unwrap();
+        j.append(vec![Record::Released { pin_ids: vec![1] }]).await.unwrap();
+        drop(j);
+        // Recovery compacts: the pending release must name 2, 3 and 4 only.
+        let (j, r) = Journal::open(&path, cipher(), JournalOptions::default()).unwrap();
+        assert_eq!(r.releasing, vec![2, 3, 4]);
+        // PIN 1 reserved again by a refill, then PIN 2 too (its release was done but the ack was lost).
+        j.append(vec![Record::Cached(pin(1)), Record::Cached(pin(2))])
+            .await
+            .unwrap();
+        drop(j);
+        let (_j, r) = Journal::open(&path, cipher(), JournalOptions::default()).unwrap();
+        assert_eq!(r.releasing, vec![3, 4]);
+        assert_eq!(r.cached.iter().map(|c| c.pin.pin_id).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_record_over_the_cap_is_refused_at_write() {
+        let dir = tempdir();
+        let path = dir.join("gw.journal");
+        let (j, _) = Journal::open(&path, cipher(), JournalOptions::default()).unwrap();
+        let e = j
+            .append(vec![Record::Releasing {
+                pin_ids: (0..200_000).collect(),
+            }])
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("cap"), "{e}");
+        j.append(vec![Record::Cached(pin(1))]).await.unwrap();
     }
 
     #[test]

@@ -73,14 +73,48 @@ struct Content {
 }
 
 struct Entry {
-    content: Content,
+    /// `None` for a reversal of a sale this gateway never saw: it matches any content.
+    content: Option<Content>,
     outcome: watch::Sender<Option<Arc<Outcome>>>,
 }
 
-/// Sales of the repeat window, by key.
+impl Entry {
+    fn new(content: Option<Content>, outcome: Option<Outcome>) -> Arc<Entry> {
+        Arc::new(Entry {
+            content,
+            outcome: watch::channel(outcome.map(Arc::new)).0,
+        })
+    }
+
+    fn matches(&self, c: &Content) -> bool {
+        self.content.as_ref().is_none_or(|mine| mine == c)
+    }
+
+    /// Sets the outcome unless one was set meanwhile (a reversal that came while the sale was in progress wins).
+    fn settle(&self, outcome: Arc<Outcome>) {
+        self.outcome.send_if_modified(|o| {
+            if o.is_none() {
+                *o = Some(outcome);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Replaces the outcome: the sale is being reversed, repeats must not get its PIN.
+    fn overrule(&self, code: ResponseCode) {
+        self.outcome.send_replace(Some(Arc::new(Outcome::Declined(code))));
+    }
+}
+
+/// Sales of the repeat window, by key; and, beyond the window, every sale with a confirm or reversal the server
+/// has not acknowledged yet (until then the server cannot answer a repeat of it correctly).
 struct Recent {
     map: HashMap<SaleKey, Arc<Entry>>,
     order: VecDeque<(Instant, SaleKey)>,
+    /// Held by pending confirms and reversals (with how many hold each).
+    held: HashMap<SaleKey, (Arc<Entry>, u32)>,
     window: Duration,
     max: usize,
 }
@@ -93,27 +127,48 @@ enum Begin {
 impl Recent {
     fn begin(&mut self, key: &SaleKey, content: Content, now: Instant) -> Begin {
         while let Some((t, k)) = self.order.front() {
-            if now.duration_since(*t) > self.window || self.map.len() > self.max {
-                self.map.remove(k);
-                self.order.pop_front();
-            } else {
+            if now.duration_since(*t) <= self.window && self.map.len() <= self.max {
                 break;
             }
+            let (t, k) = (*t, k.clone());
+            self.order.pop_front();
+            match self.map.get(&k) {
+                // A sale still in progress stays (its duplicates must wait for it, not start another).
+                Some(e) if e.outcome.borrow().is_none() && now.duration_since(t) <= self.window * 2 => {
+                    self.order.push_back((now, k));
+                }
+                _ => {
+                    self.map.remove(&k);
+                }
+            }
         }
-        if let Some(e) = self.map.get(key) {
-            return Begin::Existing(e.clone());
+        if let Some(e) = self.get(key) {
+            return Begin::Existing(e);
         }
-        let e = Arc::new(Entry {
-            content,
-            outcome: watch::channel(None).0,
-        });
+        let e = Entry::new(Some(content), None);
         self.map.insert(key.clone(), e.clone());
         self.order.push_back((now, key.clone()));
         Begin::New(e)
     }
 
     fn get(&self, key: &SaleKey) -> Option<Arc<Entry>> {
-        self.map.get(key).cloned()
+        self.held
+            .get(key)
+            .map(|(e, _)| e.clone())
+            .or_else(|| self.map.get(key).cloned())
+    }
+
+    fn hold(&mut self, key: &SaleKey, entry: Arc<Entry>) {
+        self.held.entry(key.clone()).or_insert((entry, 0)).1 += 1;
+    }
+
+    fn unhold(&mut self, key: &SaleKey) {
+        if let Some((_, n)) = self.held.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                self.held.remove(key);
+            }
+        }
     }
 }
 
@@ -125,19 +180,67 @@ enum Job {
     Release { pin_ids: Vec<i64> },
 }
 
+impl Job {
+    /// The sale the job is about.
+    fn key(&self) -> Option<SaleKey> {
+        match self {
+            Job::Confirm { sale, .. } => Some(sale.key()),
+            Job::Reverse { key } => Some(key.key()),
+            Job::Release { .. } => None,
+        }
+    }
+}
+
+/// How a store-and-forward step went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sent {
+    Acknowledged,
+    /// No answer (server down, timeout): retried with backoff.
+    Failed,
+    /// The server said no: retried at the longest backoff, and an operator is told.
+    Refused,
+}
+
 struct Queued {
     job: Job,
     attempts: u32,
-    not_before: Instant,
 }
 
+/// The store-and-forward queue: jobs ready to go, and jobs waiting out their backoff (by time, then arrival).
 #[derive(Default)]
 struct Forward {
-    queue: VecDeque<Queued>,
+    ready: VecDeque<Queued>,
+    delayed: std::collections::BTreeMap<(Instant, u64), Queued>,
+    seq: u64,
     in_flight: usize,
     confirms: usize,
     reversals: usize,
     releases: usize,
+}
+
+impl Forward {
+    fn is_empty(&self) -> bool {
+        self.ready.is_empty() && self.delayed.is_empty() && self.in_flight == 0
+    }
+
+    fn later(&mut self, q: Queued, at: Instant) {
+        self.seq += 1;
+        self.delayed.insert((at, self.seq), q);
+    }
+
+    /// Up to `max` jobs due at `now`, and when the next delayed one is due.
+    fn due(&mut self, now: Instant, max: usize) -> (Vec<Queued>, Option<Instant>) {
+        while let Some(entry) = self.delayed.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            self.ready.push_back(entry.remove());
+        }
+        let n = max.min(self.ready.len());
+        let out: Vec<Queued> = self.ready.drain(..n).collect();
+        self.in_flight += out.len();
+        (out, self.delayed.keys().next().map(|k| k.0))
+    }
 }
 
 /// Counters since start.
@@ -278,6 +381,7 @@ impl Gateway {
             recent: Mutex::new(Recent {
                 map: HashMap::new(),
                 order: VecDeque::new(),
+                held: HashMap::new(),
                 window: cfg.repeat_window,
                 max: cfg.repeat_max,
             }),
@@ -304,10 +408,7 @@ impl Gateway {
         if !stray.is_empty() {
             // Cached for a product no longer configured for prefetch: back to the server.
             let ids: Vec<i64> = stray.iter().map(|p| p.pin.pin_id).collect();
-            gw.journal
-                .append(vec![Record::Releasing { pin_ids: ids.clone() }])
-                .await?;
-            gw.enqueue(Job::Release { pin_ids: ids });
+            gw.release(&ids).await?;
         }
         for (pin, sale) in recovered.unconfirmed {
             let key = sale.key();
@@ -328,12 +429,16 @@ impl Gateway {
                 sale,
             });
         }
-        if !recovered.releasing.is_empty() {
+        for chunk in recovered.releasing.chunks(journal::RELEASE_CHUNK) {
             gw.enqueue(Job::Release {
-                pin_ids: recovered.releasing,
+                pin_ids: chunk.to_vec(),
             });
         }
         for key in recovered.reverse {
+            // A sale being reversed never hands out its PIN again, even to a repeat of a sale recovered above.
+            if let Some(e) = gw.recent.lock().expect("not poisoned").get(&key.key()) {
+                e.overrule(ResponseCode::InvalidTransaction);
+            }
             gw.enqueue(Job::Reverse { key });
         }
         tokio::spawn(gw.clone().forward_loop());
@@ -384,7 +489,7 @@ impl Gateway {
         Reply::plain(m)
     }
 
-    fn reply_of(&self, msg: &Message, key: &SaleKey, outcome: &Outcome) -> Reply {
+    async fn reply_of(&self, msg: &Message, key: &SaleKey, outcome: &Outcome) -> Reply {
         match outcome {
             Outcome::Approved { pin_id, receipt } => {
                 let auth = format!("{:06}", pin_id % 1_000_000);
@@ -396,7 +501,7 @@ impl Gateway {
                     Err(e) => {
                         // A receipt too long for field 63: the PIN cannot reach the terminal.
                         tracing::error!(pin_id, error = %e, "receipt does not fit field 63; the sale is reversed");
-                        self.undelivered(key);
+                        self.undelivered(key).await;
                         self.declined(msg, key, ResponseCode::SystemError)
                     }
                 }
@@ -422,7 +527,7 @@ impl Gateway {
         };
         // Same key, other content: 94, whatever else is wrong with the content.
         let known = self.recent.lock().expect("not poisoned").get(&key);
-        if known.is_some_and(|e| e.content != content) {
+        if known.is_some_and(|e| !e.matches(&content)) {
             self.stats.repeats.fetch_add(1, Ordering::Relaxed);
             return self.declined(msg, &key, ResponseCode::DuplicateMismatch);
         }
@@ -437,16 +542,17 @@ impl Gateway {
         let entry = match begun {
             Begin::Existing(e) => {
                 self.stats.repeats.fetch_add(1, Ordering::Relaxed);
-                if e.content != content {
+                if !e.matches(&content) {
                     return self.declined(msg, &key, ResponseCode::DuplicateMismatch);
                 }
                 let mut rx = e.outcome.subscribe();
-                return match tokio::time::timeout_at(deadline, rx.wait_for(|o| o.is_some())).await {
-                    Ok(Ok(o)) => {
-                        let o = o.clone().expect("waited for Some");
-                        self.reply_of(msg, &key, &o)
-                    }
-                    _ => self.declined(msg, &key, ResponseCode::ServerUnavailable),
+                let waited = match tokio::time::timeout_at(deadline, rx.wait_for(|o| o.is_some())).await {
+                    Ok(Ok(o)) => o.clone(),
+                    _ => None,
+                };
+                return match waited {
+                    Some(o) => self.reply_of(msg, &key, &o).await,
+                    None => self.declined(msg, &key, ResponseCode::ServerUnavailable),
                 };
             }
             Begin::New(e) => e,
@@ -454,9 +560,9 @@ impl Gateway {
         if s.repeat {
             self.stats.repeats.fetch_add(1, Ordering::Relaxed);
         }
-        let outcome = Arc::new(self.sell(&s, deadline).await);
-        entry.outcome.send_replace(Some(outcome.clone()));
-        self.reply_of(msg, &key, &outcome)
+        let outcome = Arc::new(self.sell(&s, &entry, deadline).await);
+        entry.settle(outcome.clone());
+        self.reply_of(msg, &key, &outcome).await
     }
 
     /// Product, amount and currency against the server's catalog (when one was received).
@@ -484,8 +590,23 @@ impl Gateway {
         }
     }
 
+    /// Cached PINs whose lease is about to end were set aside by the cache: they go back, never sold.
+    async fn release_stale(&self) {
+        let stale = self.cache.lock().expect("not poisoned").take_stale();
+        if !stale.is_empty() {
+            tracing::warn!(
+                count = stale.len(),
+                "cached PINs with an ending lease are released, not sold"
+            );
+            let ids: Vec<i64> = stale.iter().map(|p| p.pin.pin_id).collect();
+            if let Err(e) = self.release(&ids).await {
+                tracing::error!(error = %e, "journal failed; stale PINs stay journaled as cached");
+            }
+        }
+    }
+
     /// One PIN for a new sale: from the cache, else from the server.
-    async fn sell(&self, s: &SaleRequest, deadline: Instant) -> Outcome {
+    async fn sell(&self, s: &SaleRequest, entry: &Arc<Entry>, deadline: Instant) -> Outcome {
         let record = self.sale_record(s);
         let amount = s.amount as i64;
         // A repeat (0201) of a sale this gateway no longer remembers goes to the server, which knows every key it
@@ -493,10 +614,12 @@ impl Gateway {
         let take = if s.repeat {
             Take::OnDemand
         } else {
+            // A PIN is sold only with a minute of its lease left (the server keeps it ours till then).
+            let min_lease = crate::store::unix_now() + 60;
             self.cache
                 .lock()
                 .expect("not poisoned")
-                .take(&s.product, amount, Instant::now())
+                .take(&s.product, amount, Instant::now(), min_lease)
         };
         match take {
             Take::Hit(pin) => {
@@ -507,19 +630,29 @@ impl Gateway {
                     sale: record.clone(),
                 };
                 if let Err(e) = self.journal.append(vec![sold]).await {
-                    // Not journaled, so not sold: the PIN is not handed out. The journal takes nothing more, so
-                    // the PIN stays out of the cache too; it is still reserved at the server (leases report it).
+                    // Not acknowledged, so not handed out. The record may still have reached the disk (a failed
+                    // sync): a reversal of the key, queued in memory, voids it should a confirm follow a restart.
+                    // The journal takes nothing more; the PIN stays reserved at the server (leases report it).
                     tracing::error!(error = %e, pin_id, "journal failed; cache sale refused");
+                    self.enqueue(Job::Reverse {
+                        key: KeyRecord::from(&s.key),
+                    });
                     return Outcome::Declined(ResponseCode::SystemError);
                 }
                 self.stats.sales_from_cache.fetch_add(1, Ordering::Relaxed);
                 let receipt = receipt_of(&pin.pin);
+                let outcome = Outcome::Approved { pin_id, receipt };
+                // Until the confirm is acknowledged only this gateway knows the sale: the queue holds its entry
+                // (see `enqueue`) so a repeat, however late, gets this PIN and never a second one.
+                let _ = entry;
                 self.enqueue(Job::Confirm { pin_id, sale: record });
-                Outcome::Approved { pin_id, receipt }
+                self.release_stale().await;
+                outcome
             }
             Take::Miss | Take::OnDemand => {
                 if matches!(take, Take::Miss) {
                     self.refill_wake.notify_one();
+                    self.release_stale().await;
                 }
                 self.sell_on_demand(s, record, deadline).await
             }
@@ -543,7 +676,7 @@ impl Gateway {
             Ok(Response::Sold { pin }) => {
                 if let Err(e) = self.journal.append(vec![Record::Resolved { key: key.clone() }]).await {
                     tracing::error!(error = %e, "journal failed after a sale; the sale is reversed");
-                    self.undelivered(&s.key);
+                    self.reverse_unanswered(key);
                     return Outcome::Declined(ResponseCode::SystemError);
                 }
                 self.stats.sales_on_demand.fetch_add(1, Ordering::Relaxed);
@@ -558,7 +691,7 @@ impl Gateway {
                 Outcome::Declined(ResponseCode::SystemError)
             }
             Err(e @ UpstreamError::Server(_)) => {
-                // The server refused: nothing was sold.
+                // The server refused (and no earlier attempt may have been done: the pool says so): nothing sold.
                 self.journal.append_lazy(vec![Record::Resolved { key }]);
                 Outcome::Declined(code_for(&e))
             }
@@ -572,7 +705,7 @@ impl Gateway {
     }
 
     /// The `asked` sale becomes a reversal: `reverse` is written before `resolved`, so a torn write can only keep
-    /// the reversal.
+    /// the reversal (and the `asked` record alone means a reversal at recovery too).
     fn reverse_unanswered(&self, key: KeyRecord) {
         self.journal.append_lazy(vec![
             Record::Reverse { key: key.clone() },
@@ -581,16 +714,18 @@ impl Gateway {
         self.enqueue(Job::Reverse { key });
     }
 
-    /// An approved answer could not be written to the terminal: reverse the sale, and answer repeats with `91`.
-    pub fn undelivered(&self, key: &SaleKey) {
+    /// An approved answer could not be written to the terminal: reverse the sale (the reversal is on disk before
+    /// this returns), and answer repeats with `91`.
+    pub async fn undelivered(&self, key: &SaleKey) {
         self.stats.undelivered.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(terminal = %key.terminal_id, stan = %key.stan, "answer not delivered; the sale is reversed");
         if let Some(e) = self.recent.lock().expect("not poisoned").get(key) {
-            e.outcome
-                .send_replace(Some(Arc::new(Outcome::Declined(ResponseCode::ServerUnavailable))));
+            e.overrule(ResponseCode::ServerUnavailable);
         }
         let key = KeyRecord::from(key);
-        self.journal.append_lazy(vec![Record::Reverse { key: key.clone() }]);
+        if let Err(e) = self.journal.append(vec![Record::Reverse { key: key.clone() }]).await {
+            tracing::error!(error = %e, "journal failed; the reversal of an undelivered sale is in memory only");
+        }
         self.enqueue(Job::Reverse { key });
     }
 
@@ -603,8 +738,8 @@ impl Gateway {
             return answer(msg, ResponseCode::NotPermitted);
         }
         let known = self.recent.lock().expect("not poisoned").get(&r.sale);
-        if let Some(e) = &known {
-            if e.content.product != r.product || e.content.amount != r.amount || e.content.currency != r.currency {
+        if let Some(c) = known.as_ref().and_then(|e| e.content.as_ref()) {
+            if c.product != r.product || c.amount != r.amount || c.currency != r.currency {
                 return answer(msg, ResponseCode::InvalidAmount);
             }
         }
@@ -616,92 +751,111 @@ impl Gateway {
         self.stats.reversals.fetch_add(1, Ordering::Relaxed);
         if let Some(e) = known {
             // Repeats of a reversed sale never get its PIN again.
-            e.outcome
-                .send_replace(Some(Arc::new(Outcome::Declined(ResponseCode::InvalidTransaction))));
+            e.overrule(ResponseCode::InvalidTransaction);
         }
         self.enqueue(Job::Reverse { key });
         answer(msg, ResponseCode::Approved)
     }
 
     fn enqueue(&self, job: Job) {
+        if let Some(key) = job.key() {
+            // The server cannot answer a repeat of this sale correctly until the job is acknowledged: keep its
+            // entry until then. A reversal of a sale never seen here is remembered as such (a late sale: 12).
+            let mut r = self.recent.lock().expect("not poisoned");
+            let e = r
+                .get(&key)
+                .unwrap_or_else(|| Entry::new(None, Some(Outcome::Declined(ResponseCode::InvalidTransaction))));
+            r.hold(&key, e);
+        }
         let mut f = self.forward.lock().expect("not poisoned");
         match &job {
             Job::Confirm { .. } => f.confirms += 1,
             Job::Reverse { .. } => f.reversals += 1,
             Job::Release { pin_ids } => f.releases += pin_ids.len(),
         }
-        f.queue.push_back(Queued {
-            job,
-            attempts: 0,
-            not_before: Instant::now(),
-        });
+        f.ready.push_back(Queued { job, attempts: 0 });
         drop(f);
         self.forward_wake.notify_one();
+    }
+
+    /// Journals `releasing` and queues the release, in chunks the server takes.
+    async fn release(&self, ids: &[i64]) -> Result<(), journal::JournalError> {
+        for chunk in ids.chunks(journal::RELEASE_CHUNK) {
+            self.journal
+                .append(vec![Record::Releasing {
+                    pin_ids: chunk.to_vec(),
+                }])
+                .await?;
+            self.enqueue(Job::Release {
+                pin_ids: chunk.to_vec(),
+            });
+        }
+        Ok(())
     }
 
     /// Sends queued confirms, reversals and releases, many at once, retrying each with backoff until the server
     /// acknowledges it. An acknowledgement is journaled lazily: losing it in a crash only repeats an idempotent step.
     async fn forward_loop(self: Arc<Self>) {
         const MAX_IN_FLIGHT: usize = 256;
-        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(Queued, bool)>();
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(Queued, Sent)>();
         loop {
             let now = Instant::now();
-            let mut next_wake = now + Duration::from_millis(500);
-            let mut ready = Vec::new();
-            {
+            let (ready, next) = {
                 let mut f = self.forward.lock().expect("not poisoned");
-                let mut i = 0;
-                while i < f.queue.len() && f.in_flight + ready.len() < MAX_IN_FLIGHT {
-                    if f.queue[i].not_before <= now {
-                        ready.push(f.queue.remove(i).expect("in range"));
-                    } else {
-                        next_wake = next_wake.min(f.queue[i].not_before);
-                        i += 1;
-                    }
-                }
-                f.in_flight += ready.len();
-            }
+                let room = MAX_IN_FLIGHT.saturating_sub(f.in_flight);
+                f.due(now, room)
+            };
             for q in ready {
                 let gw = self.clone();
                 let tx = done_tx.clone();
                 tokio::spawn(async move {
-                    let ok = gw.send_job(&q).await;
-                    let _ = tx.send((q, ok));
+                    let sent = gw.send_job(&q).await;
+                    let _ = tx.send((q, sent));
                 });
             }
+            let next_wake = next
+                .unwrap_or(now + Duration::from_secs(1))
+                .min(now + Duration::from_secs(1));
             tokio::select! {
                 _ = self.halt.cancelled() => return,
                 _ = self.forward_wake.notified() => {}
                 _ = tokio::time::sleep_until(next_wake) => {}
-                Some((mut q, ok)) = done_rx.recv() => {
+                Some((mut q, sent)) = done_rx.recv() => {
                     let mut f = self.forward.lock().expect("not poisoned");
                     f.in_flight -= 1;
-                    if ok {
-                        match &q.job {
-                            Job::Confirm { .. } => f.confirms -= 1,
-                            Job::Reverse { .. } => f.reversals -= 1,
-                            Job::Release { pin_ids } => f.releases -= pin_ids.len(),
+                    match sent {
+                        Sent::Acknowledged => {
+                            match &q.job {
+                                Job::Confirm { .. } => f.confirms -= 1,
+                                Job::Reverse { .. } => f.reversals -= 1,
+                                Job::Release { pin_ids } => f.releases -= pin_ids.len(),
+                            }
+                            drop(f);
+                            if let Some(key) = q.job.key() {
+                                self.recent.lock().expect("not poisoned").unhold(&key);
+                            }
                         }
-                    } else {
-                        q.attempts += 1;
-                        let wait = upstream::backoff(
-                            &upstream::UpstreamOptions {
-                                backoff_min: Duration::from_millis(200),
-                                backoff_max: Duration::from_secs(60),
-                                ..upstream::UpstreamOptions::default()
-                            },
-                            q.attempts,
-                        );
-                        q.not_before = Instant::now() + wait;
-                        f.queue.push_back(q);
+                        Sent::Failed | Sent::Refused => {
+                            // A refusal will not change by retrying soon: it waits the longest backoff.
+                            q.attempts = if sent == Sent::Refused { 30 } else { q.attempts + 1 };
+                            let wait = upstream::backoff(
+                                &upstream::UpstreamOptions {
+                                    backoff_min: Duration::from_millis(200),
+                                    backoff_max: Duration::from_secs(60),
+                                    ..upstream::UpstreamOptions::default()
+                                },
+                                q.attempts,
+                            );
+                            f.later(q, Instant::now() + wait);
+                        }
                     }
                 }
             }
         }
     }
 
-    /// Sends one job; true when the server acknowledged it (the acknowledgement is journaled).
-    async fn send_job(&self, q: &Queued) -> bool {
+    /// Sends one job. On acknowledgement, the acknowledgement is journaled (lazily).
+    async fn send_job(&self, q: &Queued) -> Sent {
         let deadline = Instant::now() + Duration::from_secs(10);
         let (request, ack) = match &q.job {
             Job::Confirm { pin_id, sale } => (
@@ -742,7 +896,7 @@ impl Gateway {
                     }
                 }
                 self.journal.append_lazy(vec![ack]);
-                true
+                Sent::Acknowledged
             }
             Err(e) => {
                 self.stats.forward_failures.fetch_add(1, Ordering::Relaxed);
@@ -750,10 +904,11 @@ impl Gateway {
                 // the longest backoff) and visible in `gateway stock` until an operator reconciles it.
                 if matches!(e, UpstreamError::Server(_)) {
                     tracing::error!(job = ?q.job, error = %e, "PIN server refused a store-and-forward step; needs an operator");
+                    Sent::Refused
                 } else {
                     tracing::debug!(error = %e, attempts = q.attempts, "store-and-forward step not acknowledged yet");
+                    Sent::Failed
                 }
-                false
             }
         }
     }
@@ -766,10 +921,24 @@ impl Gateway {
                 _ = self.refill_wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
-            let due = self.cache.lock().expect("not poisoned").due(Instant::now());
+            // Releases still pending (from a restart) first: a release whose acknowledgement was lost would
+            // otherwise free PINs a new refill had reserved again.
+            if self.forward.lock().expect("not poisoned").releases > 0 {
+                continue;
+            }
+            let due = {
+                // Under the cache lock, like shutdown's barrier: either shutdown sees this refill counted, or this
+                // loop sees shutdown begun.
+                let mut cache = self.cache.lock().expect("not poisoned");
+                if self.stop.is_cancelled() {
+                    return;
+                }
+                let due = cache.due(Instant::now());
+                self.refills.fetch_add(due.len() as u64, Ordering::SeqCst);
+                due
+            };
             for (product, amount, count) in due {
                 let gw = self.clone();
-                gw.refills.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     gw.refill(&product, amount, count).await;
                     gw.cache.lock().expect("not poisoned").refilled(&product, amount);
@@ -787,7 +956,8 @@ impl Gateway {
             lease_secs: self.cfg.lease.as_secs(),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        match self.upstream.call(request, deadline).await {
+        // Not failed over: a reserve cut off may have been done, and asking another server would reserve twice.
+        match self.upstream.call_once(request, deadline).await {
             Ok(Response::Reserved { pins, lease_until }) => {
                 if pins.is_empty() {
                     return;
@@ -843,12 +1013,24 @@ impl Gateway {
                     pin_ids: chunk.to_vec(),
                     lease_secs: lease as u64,
                 };
-                if let Ok(Response::Renewed { lease_until, .. }) = self
+                match self
                     .upstream
                     .call(request, Instant::now() + Duration::from_secs(10))
                     .await
                 {
-                    self.cache.lock().expect("not poisoned").renewed(chunk, lease_until);
+                    Ok(Response::Renewed { count, lease_until }) if count == chunk.len() => {
+                        self.cache.lock().expect("not poisoned").renewed(chunk, lease_until);
+                    }
+                    // Some of these are no longer ours at the server: none is marked renewed, so each is set
+                    // aside (released, never sold) when its lease is about to end.
+                    Ok(Response::Renewed { count, .. }) => {
+                        tracing::error!(
+                            asked = chunk.len(),
+                            renewed = count,
+                            "the server renewed fewer leases than asked"
+                        )
+                    }
+                    _ => {}
                 }
             }
         }
@@ -874,8 +1056,7 @@ impl Gateway {
         let deadline = Instant::now() + timeout;
         loop {
             {
-                let f = self.forward.lock().expect("not poisoned");
-                if f.queue.is_empty() && f.in_flight == 0 {
+                if self.forward.lock().expect("not poisoned").is_empty() {
                     return true;
                 }
             }
@@ -891,7 +1072,9 @@ impl Gateway {
     /// in the journal for the next start.
     pub async fn shutdown(&self, timeout: Duration) {
         self.stop.cancel();
-        // Refills on their way: their PINs are journaled and released (each is bounded by its own deadline).
+        // A barrier with the refill loop (which counts refills under this lock), then the refills on their way:
+        // their PINs are journaled and released (each is bounded by its own deadline).
+        drop(self.cache.lock().expect("not poisoned"));
         while self.refills.load(Ordering::SeqCst) > 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -899,19 +1082,8 @@ impl Gateway {
             let pins = self.cache.lock().expect("not poisoned").drain();
             if !pins.is_empty() {
                 let ids: Vec<i64> = pins.iter().map(|p| p.pin.pin_id).collect();
-                match self
-                    .journal
-                    .append(vec![Record::Releasing { pin_ids: ids.clone() }])
-                    .await
-                {
-                    Ok(()) => {
-                        for chunk in ids.chunks(1000) {
-                            self.enqueue(Job::Release {
-                                pin_ids: chunk.to_vec(),
-                            });
-                        }
-                    }
-                    Err(e) => tracing::error!(error = %e, "journal failed; cached PINs kept for the next start"),
+                if let Err(e) = self.release(&ids).await {
+                    tracing::error!(error = %e, "journal failed; cached PINs kept for the next start");
                 }
             }
         }

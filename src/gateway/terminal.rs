@@ -166,7 +166,7 @@ async fn connection(
                     failed = true;
                 }
                 if let Some(key) = sale {
-                    writer_gw.undelivered(&key);
+                    writer_gw.undelivered(&key).await;
                 }
             }
             let _ = wr.shutdown().await;
@@ -183,6 +183,9 @@ async fn connection(
         loop {
             match codec.decode(&mut buf) {
                 Ok(Some(frame)) => {
+                    // The frame is complete: whatever follows in the buffer is a new frame, timed from now (also
+                    // after waiting for room below, which is our backpressure, not the terminal's slowness).
+                    frame_started = None;
                     last_activity = Instant::now();
                     let Ok(permit) = in_flight.clone().acquire_owned().await else {
                         break;
@@ -292,7 +295,7 @@ fn on_frame(
                 Err(e) => {
                     tracing::error!(error = %e, "answer does not encode");
                     if let Some(k) = &reply.reverse_if_undelivered {
-                        gw.undelivered(k);
+                        gw.undelivered(k).await;
                     }
                     return;
                 }
@@ -308,7 +311,7 @@ fn on_frame(
                 ))
                 .await
             {
-                gw.undelivered(&key);
+                gw.undelivered(&key).await;
             }
         }
         .in_current_span(),

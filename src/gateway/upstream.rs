@@ -287,27 +287,55 @@ impl Upstream {
     }
 
     /// Sends `request` to a server that can take it, failing over to the next on a dropped connection; gives up at
-    /// `deadline`.
+    /// `deadline`. Once an attempt may have reached a server, a later failure anywhere is reported as
+    /// [`UpstreamError::Timeout`] ("may have been done"), never as a refusal: the caller must not conclude that
+    /// nothing happened.
     pub async fn call(&self, request: Request, deadline: Instant) -> Result<Response, UpstreamError> {
+        self.call_with(request, deadline, true).await
+    }
+
+    /// [`Upstream::call`] without failover: for requests that are not idempotent (`reserve`), which must not be
+    /// asked twice.
+    pub async fn call_once(&self, request: Request, deadline: Instant) -> Result<Response, UpstreamError> {
+        self.call_with(request, deadline, false).await
+    }
+
+    async fn call_with(&self, request: Request, deadline: Instant, failover: bool) -> Result<Response, UpstreamError> {
         let n = self.slots.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut maybe_sent = false;
+        let uncertain = |e: UpstreamError, maybe_sent: bool| if maybe_sent { UpstreamError::Timeout } else { e };
         for i in 0..n {
             let slot = &self.slots[(start + i) % n];
-            if !slot.breaker.lock().expect("not poisoned").allow(Instant::now()) {
-                continue;
-            }
+            let probe = {
+                let mut b = slot.breaker.lock().expect("not poisoned");
+                if !b.allow(Instant::now()) {
+                    continue;
+                }
+                *b == Breaker::HalfOpen
+            };
+            // A probe that ends without an answer must not leave the circuit half-open for ever.
+            let fail_probe = || {
+                if probe {
+                    slot.breaker.lock().expect("not poisoned").failure(
+                        Instant::now(),
+                        self.opts.breaker_failures,
+                        self.opts.breaker_cooldown,
+                    );
+                }
+            };
             // Waiting for room is bounded by the deadline; nothing was sent if it runs out.
             let Ok(Ok(_permit)) = tokio::time::timeout_at(deadline, slot.permits.acquire()).await else {
-                return Err(UpstreamError::Unavailable);
+                fail_probe();
+                return Err(uncertain(UpstreamError::Unavailable, maybe_sent));
             };
             let Some(conn) = slot.pick() else {
-                // Not connected: a probe let through must not keep the circuit half-open forever.
-                let mut b = slot.breaker.lock().expect("not poisoned");
-                if *b == Breaker::HalfOpen {
-                    b.failure(Instant::now(), self.opts.breaker_failures, self.opts.breaker_cooldown);
-                }
+                fail_probe();
                 continue;
             };
+            let given = deadline.saturating_duration_since(Instant::now());
+            let sent_before = maybe_sent;
+            maybe_sent = true;
             match tokio::time::timeout_at(deadline, conn.call(request.clone())).await {
                 Ok(Ok(r)) => {
                     slot.breaker.lock().expect("not poisoned").success();
@@ -315,7 +343,8 @@ impl Upstream {
                 }
                 Ok(Err(ClientError::Server(e))) => {
                     slot.breaker.lock().expect("not poisoned").success();
-                    return Err(UpstreamError::Server(e));
+                    // A refusal after an earlier attempt was cut off says nothing about that attempt.
+                    return Err(uncertain(UpstreamError::Server(e), sent_before));
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(server = %slot.server.addr, error = %e, "call failed; trying the next server");
@@ -324,18 +353,24 @@ impl Upstream {
                         self.opts.breaker_failures,
                         self.opts.breaker_cooldown,
                     );
+                    if !failover {
+                        return Err(UpstreamError::Timeout);
+                    }
                 }
                 Err(_) => {
-                    slot.breaker.lock().expect("not poisoned").failure(
-                        Instant::now(),
-                        self.opts.breaker_failures,
-                        self.opts.breaker_cooldown,
-                    );
+                    // A caller that gave the server almost no time says nothing about the server's health.
+                    if given >= Duration::from_millis(500) || probe {
+                        slot.breaker.lock().expect("not poisoned").failure(
+                            Instant::now(),
+                            self.opts.breaker_failures,
+                            self.opts.breaker_cooldown,
+                        );
+                    }
                     return Err(UpstreamError::Timeout);
                 }
             }
         }
-        Err(UpstreamError::Unavailable)
+        Err(uncertain(UpstreamError::Unavailable, maybe_sent))
     }
 
     /// Stops reconnecting and drops every connection.
