@@ -311,7 +311,6 @@ struct Live {
     releasing: std::collections::BTreeSet<i64>,
     asked: HashMap<KeyRecord, Vec<u8>>,
     reverse: HashMap<KeyRecord, Vec<u8>>,
-    bytes: u64,
 }
 
 impl Live {
@@ -398,9 +397,26 @@ pub struct Recovered {
     pub torn_bytes: u64,
 }
 
+/// Records with their frames (encoded, PINs sealed, by the caller: the writer thread only writes), or why they
+/// could not be encoded.
 struct Append {
-    records: Vec<Record>,
+    encoded: Result<Vec<(Record, Vec<u8>)>, String>,
     done: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+fn encode(records: Vec<Record>, cipher: &PinCipher) -> Result<Vec<(Record, Vec<u8>)>, String> {
+    records
+        .into_iter()
+        .map(|r| {
+            let payload = serde_json::to_vec(&to_wire(&r, cipher)?).map_err(|e| e.to_string())?;
+            if payload.len() > MAX_RECORD {
+                // Recovery would take it for a torn tail: never write one.
+                return Err(format!("record of {} bytes, the cap is {MAX_RECORD}", payload.len()));
+            }
+            let f = frame(&payload);
+            Ok((r, f))
+        })
+        .collect()
 }
 
 /// Tuning of the journal.
@@ -426,6 +442,7 @@ impl Default for JournalOptions {
 pub struct Journal {
     tx: mpsc::UnboundedSender<Append>,
     path: Arc<PathBuf>,
+    cipher: Arc<PinCipher>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -589,17 +606,17 @@ impl Journal {
         recovered.releasing.sort_unstable();
 
         let file = rewrite(path, &live.frames()).map_err(io(path))?;
-        live.bytes = live.live_bytes();
         let (tx, rx) = mpsc::unbounded_channel();
         let p = path.to_path_buf();
         std::thread::Builder::new()
             .name("pingate-journal".into())
-            .spawn(move || writer(p, file, live, cipher, opts, rx))
+            .spawn(move || writer(p, file, live, opts, rx))
             .map_err(io(path))?;
         Ok((
             Journal {
                 tx,
                 path: Arc::new(path.to_path_buf()),
+                cipher,
             },
             recovered,
         ))
@@ -610,7 +627,7 @@ impl Journal {
         let (done, rx) = oneshot::channel();
         self.tx
             .send(Append {
-                records,
+                encoded: encode(records, &self.cipher),
                 done: Some(done),
             })
             .map_err(|_| JournalError::Failed("writer stopped".into()))?;
@@ -622,7 +639,10 @@ impl Journal {
     /// Appends records without waiting: they go to disk with the next group, in order with every other append.
     /// For acknowledgements whose loss only means doing an idempotent step again after a crash.
     pub fn append_lazy(&self, records: Vec<Record>) {
-        let _ = self.tx.send(Append { records, done: None });
+        let _ = self.tx.send(Append {
+            encoded: encode(records, &self.cipher),
+            done: None,
+        });
     }
 
     pub fn path(&self) -> &Path {
@@ -634,20 +654,21 @@ fn writer(
     path: PathBuf,
     mut file: File,
     mut live: Live,
-    cipher: Arc<PinCipher>,
     opts: JournalOptions,
     mut rx: mpsc::UnboundedReceiver<Append>,
 ) {
     let mut failed: Option<String> = None;
     let mut size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut next_check = opts.compact_above.max(size + size / 2);
     let mut buf = Vec::with_capacity(1 << 16);
     while let Some(first) = rx.blocking_recv() {
         let mut group = vec![first];
-        let mut n = group[0].records.len();
+        let count = |a: &Append| a.encoded.as_ref().map_or(0, Vec::len);
+        let mut n = count(&group[0]);
         while n < MAX_GROUP {
             match rx.try_recv() {
                 Ok(a) => {
-                    n += a.records.len();
+                    n += count(&a);
                     group.push(a);
                 }
                 Err(_) => break,
@@ -664,30 +685,20 @@ fn writer(
         buf.clear();
         let mut results: Vec<Result<(), String>> = Vec::with_capacity(group.len());
         let mut applied = Vec::new();
-        for a in &group {
-            let mut encoded = Vec::with_capacity(a.records.len());
-            let r = a.records.iter().try_for_each(|r| {
-                let w = to_wire(r, &cipher)?;
-                let payload = serde_json::to_vec(&w).map_err(|e| e.to_string())?;
-                if payload.len() > MAX_RECORD {
-                    // Recovery would take it for a torn tail: never write one.
-                    return Err(format!("record of {} bytes, the cap is {MAX_RECORD}", payload.len()));
-                }
-                let f = frame(&payload);
-                encoded.push((r, f));
-                Ok::<(), String>(())
-            });
-            match r {
-                Ok(()) => {
+        let mut dones = Vec::with_capacity(group.len());
+        for a in group {
+            match a.encoded {
+                Ok(encoded) => {
                     for (r, f) in encoded {
                         buf.extend_from_slice(&f);
                         applied.push((r, f));
                     }
                     results.push(Ok(()));
                 }
-                // A record that cannot be encoded (sealing failed) fails its own append only.
+                // A record that cannot be encoded (sealing failed, too large) fails its own append only.
                 Err(e) => results.push(Err(e)),
             }
+            dones.push(a.done);
         }
         let written = file
             .write_all(&buf)
@@ -696,23 +707,23 @@ fn writer(
             let why = format!("write {}: {e}", path.display());
             tracing::error!(journal = %path.display(), error = %e, "journal write failed; no more records are taken");
             failed = Some(why.clone());
-            for a in group {
-                if let Some(d) = a.done {
-                    let _ = d.send(Err(why.clone()));
-                }
+            for d in dones.into_iter().flatten() {
+                let _ = d.send(Err(why.clone()));
             }
             continue;
         }
         size += buf.len() as u64;
         for (r, f) in applied {
-            live.apply(r, f);
+            live.apply(&r, f);
         }
-        for (a, r) in group.into_iter().zip(results) {
-            if let Some(d) = a.done {
+        for (d, r) in dones.into_iter().zip(results) {
+            if let Some(d) = d {
                 let _ = d.send(r);
             }
         }
-        if size > opts.compact_above {
+        // Measuring what is live walks every live record: done only when the file has grown by half since the
+        // last look (amortised O(1) per record), not on every group.
+        if size > next_check {
             let live_bytes = live.live_bytes();
             if live_bytes * 4 < size {
                 match rewrite(&path, &live.frames()) {
@@ -730,6 +741,7 @@ fn writer(
                     }
                 }
             }
+            next_check = opts.compact_above.max(size + size / 2);
         }
     }
 }

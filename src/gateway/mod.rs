@@ -963,31 +963,27 @@ impl Gateway {
                     return;
                 }
                 let cached: Vec<CachedPin> = pins.into_iter().map(|pin| CachedPin { pin, lease_until }).collect();
-                let records = cached.iter().cloned().map(Record::Cached).collect();
-                // Journaled before they can be sold; if the journal fails they stay reserved at the server (the
-                // lease report shows them) and are never sold here.
-                match self.journal.append(records).await {
-                    Ok(()) => {
-                        let mut cache = self.cache.lock().expect("not poisoned");
-                        // Checked under the cache lock that shutdown drains under: a refill landing after the
-                        // drain goes straight back.
-                        if self.stop.is_cancelled() {
-                            drop(cache);
-                            let ids: Vec<i64> = cached.iter().map(|p| p.pin.pin_id).collect();
-                            if self
-                                .journal
-                                .append(vec![Record::Releasing { pin_ids: ids.clone() }])
-                                .await
-                                .is_ok()
-                            {
-                                self.enqueue(Job::Release { pin_ids: ids });
-                            }
-                        } else {
-                            let stray = cache.put(cached);
-                            debug_assert!(stray.is_empty());
-                        }
+                // Journaled before they can be sold, a hundred at a time (no sale waits behind one big write); if
+                // the journal fails they stay reserved at the server (the lease report shows them), never sold.
+                for chunk in cached.chunks(100) {
+                    let records = chunk.iter().cloned().map(Record::Cached).collect();
+                    if let Err(e) = self.journal.append(records).await {
+                        tracing::error!(error = %e, "journal failed; reserved PINs not cached");
+                        return;
                     }
-                    Err(e) => tracing::error!(error = %e, "journal failed; reserved PINs not cached"),
+                    let mut cache = self.cache.lock().expect("not poisoned");
+                    // Checked under the cache lock that shutdown drains under: a refill landing after the drain
+                    // goes straight back.
+                    if self.stop.is_cancelled() {
+                        drop(cache);
+                        let ids: Vec<i64> = chunk.iter().map(|p| p.pin.pin_id).collect();
+                        if let Err(e) = self.release(&ids).await {
+                            tracing::error!(error = %e, "journal failed; reserved PINs not released");
+                        }
+                    } else {
+                        let stray = cache.put(chunk.to_vec());
+                        debug_assert!(stray.is_empty());
+                    }
                 }
             }
             Ok(other) => tracing::error!(answer = ?other, "PIN server answered reserve with something else"),
