@@ -60,6 +60,10 @@ pub enum JournalError {
     /// An earlier write or sync failed; the journal takes no more records (what it holds stays valid).
     #[error("journal is failed: {0}")]
     Failed(String),
+    /// The write was not confirmed before the caller's deadline (a stalled disk). It is still queued and will be
+    /// written in order: the caller must treat it as maybe written.
+    #[error("journal write not confirmed before the response deadline")]
+    Late,
 }
 
 /// The sale as the terminal identified it, and what it bought.
@@ -624,6 +628,13 @@ impl Journal {
 
     /// Appends records and waits until they are on disk.
     pub async fn append(&self, records: Vec<Record>) -> Result<(), JournalError> {
+        self.send(records)?
+            .await
+            .map_err(|_| JournalError::Failed("writer stopped".into()))?
+            .map_err(JournalError::Failed)
+    }
+
+    fn send(&self, records: Vec<Record>) -> Result<oneshot::Receiver<Result<(), String>>, JournalError> {
         let (done, rx) = oneshot::channel();
         self.tx
             .send(Append {
@@ -631,9 +642,22 @@ impl Journal {
                 done: Some(done),
             })
             .map_err(|_| JournalError::Failed("writer stopped".into()))?;
-        rx.await
-            .map_err(|_| JournalError::Failed("writer stopped".into()))?
-            .map_err(JournalError::Failed)
+        Ok(rx)
+    }
+
+    /// [`Journal::append`], giving up waiting at `deadline` ([`JournalError::Late`]; at once if it has passed).
+    /// The records are queued either way.
+    pub async fn append_by(&self, records: Vec<Record>, deadline: tokio::time::Instant) -> Result<(), JournalError> {
+        let rx = self.send(records)?;
+        if tokio::time::Instant::now() >= deadline {
+            return Err(JournalError::Late);
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Err(_) => Err(JournalError::Late),
+            Ok(r) => r
+                .map_err(|_| JournalError::Failed("writer stopped".into()))?
+                .map_err(JournalError::Failed),
+        }
     }
 
     /// Appends records without waiting: they go to disk with the next group, in order with every other append.
@@ -927,6 +951,20 @@ mod tests {
         let (_j, r) = Journal::open(&path, cipher(), JournalOptions::default()).unwrap();
         assert_eq!(r.releasing, vec![3, 4]);
         assert_eq!(r.cached.iter().map(|c| c.pin.pin_id).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_write_past_its_deadline_is_late_but_still_lands_in_order() {
+        let dir = tempdir();
+        let path = dir.join("gw.journal");
+        let (j, _) = Journal::open(&path, cipher(), JournalOptions::default()).unwrap();
+        let past = tokio::time::Instant::now() - std::time::Duration::from_secs(1);
+        let e = j.append_by(vec![Record::Cached(pin(9))], past).await.unwrap_err();
+        assert!(matches!(e, JournalError::Late), "{e}");
+        j.append(vec![Record::Cached(pin(10))]).await.unwrap();
+        drop(j);
+        let (_j, r) = Journal::open(&path, cipher(), JournalOptions::default()).unwrap();
+        assert_eq!(r.cached.iter().map(|c| c.pin.pin_id).collect::<Vec<_>>(), vec![9, 10]);
     }
 
     #[tokio::test]

@@ -479,7 +479,7 @@ impl Gateway {
                 ))
             }
             Ok(TerminalRequest::Sale(s)) => self.sale(msg, s, deadline).await,
-            Ok(TerminalRequest::Reversal(r)) => Reply::plain(self.reversal(msg, r).await),
+            Ok(TerminalRequest::Reversal(r)) => Reply::plain(self.reversal(msg, r, deadline).await),
         }
     }
 
@@ -629,15 +629,19 @@ impl Gateway {
                     pin_id,
                     sale: record.clone(),
                 };
-                if let Err(e) = self.journal.append(vec![sold]).await {
-                    // Not acknowledged, so not handed out. The record may still have reached the disk (a failed
-                    // sync): a reversal of the key, queued in memory, voids it should a confirm follow a restart.
-                    // The journal takes nothing more; the PIN stays reserved at the server (leases report it).
-                    tracing::error!(error = %e, pin_id, "journal failed; cache sale refused");
-                    self.enqueue(Job::Reverse {
-                        key: KeyRecord::from(&s.key),
+                if let Err(e) = self.journal.append_by(vec![sold], deadline).await {
+                    // Not acknowledged in time, so not handed out; but the record may be (or get) on disk. The
+                    // PIN is confirmed and reversed at once (voided: accounted for, never sold twice), and the
+                    // reversal is journaled behind the sale record.
+                    tracing::error!(error = %e, pin_id, "journal did not take a cache sale; the PIN is voided");
+                    let key = KeyRecord::from(&s.key);
+                    self.journal.append_lazy(vec![Record::Reverse { key: key.clone() }]);
+                    self.enqueue(Job::Confirm { pin_id, sale: record });
+                    self.enqueue(Job::Reverse { key });
+                    return Outcome::Declined(match e {
+                        journal::JournalError::Late => ResponseCode::ServerUnavailable,
+                        _ => ResponseCode::SystemError,
                     });
-                    return Outcome::Declined(ResponseCode::SystemError);
                 }
                 self.stats.sales_from_cache.fetch_add(1, Ordering::Relaxed);
                 let receipt = receipt_of(&pin.pin);
@@ -661,9 +665,17 @@ impl Gateway {
 
     async fn sell_on_demand(&self, s: &SaleRequest, record: SaleRecord, deadline: Instant) -> Outcome {
         let key = KeyRecord::from(&s.key);
-        if let Err(e) = self.journal.append(vec![Record::Asked { sale: record.clone() }]).await {
-            tracing::error!(error = %e, "journal failed; on-demand sale refused");
-            return Outcome::Declined(ResponseCode::SystemError);
+        if let Err(e) = self
+            .journal
+            .append_by(vec![Record::Asked { sale: record.clone() }], deadline)
+            .await
+        {
+            // Nothing was asked of the server (a late `asked` only causes a harmless remembered reversal).
+            tracing::error!(error = %e, "journal did not take an on-demand sale; refused");
+            return Outcome::Declined(match e {
+                journal::JournalError::Late => ResponseCode::ServerUnavailable,
+                _ => ResponseCode::SystemError,
+            });
         }
         // Leave time to journal the outcome and write the answer before the terminal's deadline.
         let margin = (self.cfg.response_deadline / 20).min(Duration::from_millis(500));
@@ -674,7 +686,11 @@ impl Gateway {
         };
         match self.upstream.call(request, deadline - margin).await {
             Ok(Response::Sold { pin }) => {
-                if let Err(e) = self.journal.append(vec![Record::Resolved { key: key.clone() }]).await {
+                if let Err(e) = self
+                    .journal
+                    .append_by(vec![Record::Resolved { key: key.clone() }], deadline)
+                    .await
+                {
                     tracing::error!(error = %e, "journal failed after a sale; the sale is reversed");
                     self.reverse_unanswered(key);
                     return Outcome::Declined(ResponseCode::SystemError);
@@ -729,7 +745,7 @@ impl Gateway {
         self.enqueue(Job::Reverse { key });
     }
 
-    async fn reversal(&self, msg: &Message, r: ReversalRequest) -> Message {
+    async fn reversal(&self, msg: &Message, r: ReversalRequest, deadline: Instant) -> Message {
         if !self
             .cfg
             .terminals
@@ -744,8 +760,14 @@ impl Gateway {
             }
         }
         let key = KeyRecord::from(&r.sale);
-        if let Err(e) = self.journal.append(vec![Record::Reverse { key: key.clone() }]).await {
-            tracing::error!(error = %e, "journal failed; reversal not recorded");
+        if let Err(e) = self
+            .journal
+            .append_by(vec![Record::Reverse { key: key.clone() }], deadline)
+            .await
+        {
+            // The terminal is told to repeat it; the reversal is still sent (repeats are idempotent).
+            tracing::error!(error = %e, "journal did not record a reversal in time");
+            self.enqueue(Job::Reverse { key });
             return answer(msg, ResponseCode::ServerUnavailable);
         }
         self.stats.reversals.fetch_add(1, Ordering::Relaxed);
