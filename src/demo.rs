@@ -142,8 +142,14 @@ impl ServerHandle {
     }
 }
 
-/// Starts a PIN server on `bind` (port 0 for any) over the inventory.
+/// Starts a PIN server on `bind` (port 0 for any) over the inventory's SQLite file.
 pub async fn start_server(inv: &Inventory, bind: SocketAddr) -> Result<ServerHandle, String> {
+    start_server_on(inv, &DbUrl::Sqlite(inv.db.clone()), bind).await
+}
+
+/// Starts a PIN server on `bind` with the inventory's certificates and keys, over the database `db` (e.g. a
+/// PostgreSQL shared by several servers).
+pub async fn start_server_on(inv: &Inventory, db: &DbUrl, bind: SocketAddr) -> Result<ServerHandle, String> {
     let gateways = GatewayList::load(&inv.certs.gateways()).map_err(|e| e.to_string())?;
     let tls = crate::tls::server_config(
         &inv.certs.server_cert(),
@@ -152,7 +158,7 @@ pub async fn start_server(inv: &Inventory, bind: SocketAddr) -> Result<ServerHan
         gateways.clone(),
     )
     .map_err(|e| e.to_string())?;
-    let store = StoreHandle::open(&DbUrl::Sqlite(inv.db.clone()), &inv.pin_keys, &StoreOptions::default())
+    let store = StoreHandle::open(db, &inv.pin_keys, &StoreOptions::default())
         .await
         .map_err(|e| e.to_string())?;
     let listener = TcpListener::bind(bind).await.map_err(|e| format!("{bind}: {e}"))?;

@@ -666,3 +666,155 @@ async fn a_late_repeat_of_an_unconfirmed_cache_sale_gets_the_same_pin_never_a_se
     assert_eq!(count(&s, PREFETCH, "sold"), 2);
     server.stop().await;
 }
+
+// ---- several gateways, several PIN servers on one PostgreSQL ----
+
+fn pg_base() -> String {
+    std::env::var("PINGATE_TEST_PG_SERVER").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_two_servers_one_postgresql_with_failover_sell_each_pin_once() {
+    use pingate::store::crypto::PinCipher;
+    use pingate::store::handle::DbUrl;
+    use pingate::store::postgres::PgStore;
+    use pingate::store::{NewPin, Product};
+
+    let dbname = format!("pingate_gw_{}", std::process::id());
+    let (admin, conn) = tokio_postgres::connect(&format!("{}/postgres", pg_base()), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {dbname} WITH (FORCE)"))
+        .await
+        .unwrap();
+    admin.batch_execute(&format!("CREATE DATABASE {dbname}")).await.unwrap();
+    let url = format!("{}/{dbname}", pg_base());
+
+    // Certificates for two gateways (and the observer); the inventory in PostgreSQL.
+    let inv = Inventory::create(&dir("pg-two"), &["gw1", "gw2", "obs"], &[]).unwrap();
+    let mut pg = PgStore::connect(&url, None, PinCipher::from_spec(&inv.pin_keys).unwrap())
+        .await
+        .unwrap();
+    for (code, amount) in [(PREFETCH, 1000), (ON_DEMAND, 2500)] {
+        pg.upsert_product(&Product {
+            code: code.into(),
+            name: code.into(),
+            supplier: "Telco".into(),
+            currency: "978".into(),
+            denominations: vec![amount],
+        })
+        .await
+        .unwrap();
+        let pins: Vec<NewPin> = (0..600)
+            .map(|i| NewPin {
+                product: code.into(),
+                amount,
+                pin: pingate::sale::Pin::new(format!("{amount}{i:012}")),
+                serial: format!("{code}-{i:06}"),
+                expiry: None,
+                receipt: vec![],
+            })
+            .collect();
+        pg.import_with_progress(&pins, &mut |_| {}).await.unwrap();
+    }
+    drop(pg);
+    let db = DbUrl::parse(&url).unwrap();
+    let a = pingate::demo::start_server_on(&inv, &db, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let b = pingate::demo::start_server_on(&inv, &db, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let (addr_a, addr_b) = (a.addr, b.addr);
+    let mut gateways = Vec::new();
+    for (id, servers) in [("gw1", [addr_a, addr_b]), ("gw2", [addr_b, addr_a])] {
+        let files = GatewayFiles::write(
+            &inv,
+            id,
+            &servers,
+            "127.0.0.1:0".parse().unwrap(),
+            4,
+            &modes(10, 40),
+            ("response_deadline_ms = 5000", ""),
+        )
+        .unwrap();
+        let gw = GatewayHandle::start(&files.config, StartOptions::default())
+            .await
+            .unwrap();
+        assert!(gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await);
+        gateways.push(Arc::new(gw));
+    }
+    let run = |gw: Arc<GatewayHandle>, n: usize, from: u32| async move {
+        let mut t = gw.terminal().await.unwrap();
+        let me = term(n);
+        let mut out = Vec::new();
+        for i in from..from + 60 {
+            let p = if i % 2 == 0 { PREFETCH } else { ON_DEMAND };
+            let a = t.call(&me.sale(&spec(i, p), false)).await.unwrap();
+            out.push((code(&a).to_string(), receipt(&a).map(|r| r.pin.expose().to_string())));
+        }
+        out
+    };
+    let mut pins = HashSet::new();
+    let mut approved = 0;
+    let mut collect = |out: Vec<(String, Option<String>)>| {
+        for (c, p) in out {
+            assert!(c == "00" || c == "91", "{c}");
+            if c == "00" {
+                approved += 1;
+                assert!(pins.insert(p.unwrap()), "a PIN sold twice");
+            }
+        }
+    };
+    // Both gateways sell through both servers at once.
+    let mut tasks = tokio::task::JoinSet::new();
+    for (g, gw) in gateways.iter().enumerate() {
+        for n in 1..=2 {
+            tasks.spawn(run(gw.clone(), n + 2 * g, 1));
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        collect(r.unwrap());
+    }
+    // Server A goes away: both gateways go on through B.
+    a.stop().await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (g, gw) in gateways.iter().enumerate() {
+        tasks.spawn(run(gw.clone(), 1 + 2 * g, 1000));
+    }
+    let mut after = 0;
+    while let Some(r) = tasks.join_next().await {
+        let out = r.unwrap();
+        after += out.iter().filter(|(c, _)| c == "00").count();
+        collect(out);
+    }
+    assert!(
+        after >= 100,
+        "failover: {after} of 120 sales approved with one server gone"
+    );
+    for gw in &gateways {
+        assert!(gw.gateway.flush(Duration::from_secs(30)).await);
+    }
+    for gw in gateways {
+        Arc::try_unwrap(gw).ok().expect("one owner").stop().await;
+    }
+    // The shared inventory: every approved PIN sold once, nothing left reserved.
+    let s = stock(&inv, addr_b).await;
+    let sold = count(&s, PREFETCH, "sold") + count(&s, ON_DEMAND, "sold");
+    assert_eq!(sold, approved as i64);
+    assert_eq!(count(&s, PREFETCH, "reserved"), 0);
+    for p in [PREFETCH, ON_DEMAND] {
+        assert_eq!(
+            count(&s, p, "available") + count(&s, p, "sold") + count(&s, p, "voided"),
+            600,
+            "{p}"
+        );
+    }
+    b.stop().await;
+    admin
+        .batch_execute(&format!("DROP DATABASE {dbname} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
