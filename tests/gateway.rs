@@ -818,3 +818,117 @@ async fn two_gateways_two_servers_one_postgresql_with_failover_sell_each_pin_onc
         .await
         .unwrap();
 }
+
+/// A TCP relay that can be switched into a black hole: bytes are read and dropped both ways (a server that hangs
+/// without closing anything).
+async fn relay(target: SocketAddr, hole: Arc<std::sync::atomic::AtomicBool>) -> SocketAddr {
+    use std::sync::atomic::Ordering;
+    use tokio::io::AsyncReadExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = l.accept().await {
+            let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                continue;
+            };
+            let (ri, wi) = inbound.into_split();
+            let (ro, wo) = outbound.into_split();
+            for (mut r, mut w) in [(ri, wo), (ro, wi)] {
+                let hole = hole.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16384];
+                    while let Ok(n) = r.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if !hole.load(Ordering::SeqCst) && w.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_hung_server_costs_a_terminal_the_deadline_then_nothing_and_no_pin_is_lost() {
+    use std::sync::atomic::Ordering;
+    let inv = Inventory::create(&dir("hung"), &["gw1", "obs"], &products(100)).unwrap();
+    let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let hole = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let via = relay(server.addr, hole.clone()).await;
+    let files = GatewayFiles::write(
+        &inv,
+        "gw1",
+        &[via],
+        "127.0.0.1:0".parse().unwrap(),
+        2,
+        &modes(5, 5),
+        ("response_deadline_ms = 1000", ""),
+    )
+    .unwrap();
+    let gw = GatewayHandle::start(&files.config, StartOptions::default())
+        .await
+        .unwrap();
+    assert!(gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await);
+    let mut t = gw.terminal().await.unwrap();
+    let me = term(1);
+    assert_eq!(code(&t.call(&me.sale(&spec(1, ON_DEMAND), false)).await.unwrap()), "00");
+    hole.store(true, Ordering::SeqCst);
+    // Each on-demand sale is answered 91 by the deadline (the test's own timeout is the check), and after a few
+    // the circuit opens and the answer comes at once.
+    for i in 2..7 {
+        let a = tokio::time::timeout(Duration::from_secs(3), t.call(&me.sale(&spec(i, ON_DEMAND), false)))
+            .await
+            .expect("answered within the deadline")
+            .unwrap();
+        assert_eq!(code(&a), "91");
+    }
+    assert!(gw.gateway.upstream().health()[0].circuit_open);
+    hole.store(false, Ordering::SeqCst);
+    // The hung connections are dropped by their pings/timeouts and replaced; the queued reversals go through.
+    assert!(
+        gw.gateway.flush(Duration::from_secs(60)).await,
+        "{:?}",
+        gw.gateway.stock()
+    );
+    gw.stop().await;
+    let s = stock(&inv, server.addr).await;
+    assert_eq!(count(&s, ON_DEMAND, "sold"), 1);
+    assert_eq!(
+        count(&s, ON_DEMAND, "available"),
+        99,
+        "the unanswered sales sold nothing (or were voided)"
+    );
+    assert_eq!(count(&s, PREFETCH, "reserved"), 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn keep_cache_on_shutdown_keeps_the_pins_for_the_next_start() {
+    let (inv, server, gw) = setup("keep", 100, 8, 8, ("keep_cache_on_shutdown = true", "")).await;
+    cached_at_least(&gw, 8).await;
+    let config = inv.dir.join("gateway-gw1.toml");
+    gw.stop().await;
+    let s = stock(&inv, server.addr).await;
+    assert_eq!(count(&s, PREFETCH, "reserved"), 8, "kept, not released");
+    let gw = GatewayHandle::start(&config, StartOptions::default()).await.unwrap();
+    assert_eq!(gw.gateway.stock().cache[0].cached, 8, "the same PINs, from the journal");
+    assert!(gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await);
+    let mut t = gw.terminal().await.unwrap();
+    assert_eq!(
+        code(&t.call(&term(1).sale(&spec(1, PREFETCH), false)).await.unwrap()),
+        "00"
+    );
+    assert!(gw.gateway.flush(Duration::from_secs(10)).await);
+    gw.stop().await;
+    let s = stock(&inv, server.addr).await;
+    assert_eq!(count(&s, PREFETCH, "sold"), 1);
+    // 7 kept again, plus the refill after the sale if it landed before the stop.
+    let reserved = count(&s, PREFETCH, "reserved");
+    assert!(reserved == 7 || reserved == 8, "{reserved}");
+    assert_eq!(count(&s, PREFETCH, "available") + reserved + 1, 100);
+    server.stop().await;
+}
