@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::psp::{
-    parse_request, CatalogEntry, ErrorCode, PinOut, Request, Response, ResponseFrame, StockEntry, Terminal,
-    DEFAULT_MAX_FRAME, VERSION,
+    parse_request, BatchResult, CatalogEntry, ConfirmItem, ErrorCode, PinOut, Request, Response, ResponseFrame,
+    StockEntry, Terminal, WireError, DEFAULT_MAX_FRAME, VERSION,
 };
 use crate::store::handle::StoreHandle;
 use crate::store::{unix_now, Op, Outcome, SaleContext, SellRequest, MAX_RESERVE};
@@ -357,8 +357,67 @@ fn lease_until(shared: &Shared, secs: u64) -> Result<i64, String> {
     Ok(unix_now() + secs as i64)
 }
 
+/// A batch of confirms: one store operation each, all submitted at once (the store commits them in a few
+/// transactions), one result each.
+async fn confirm_batch(shared: &Shared, gateway: &str, id: u64, confirms: Vec<ConfirmItem>) -> ResponseFrame {
+    if confirms.is_empty() || confirms.len() > MAX_RESERVE {
+        return ResponseFrame::err(id, ErrorCode::BadRequest, format!("confirms: 1 to {MAX_RESERVE}"));
+    }
+    let calls = confirms.into_iter().map(|c| async move {
+        let sale = match sale(gateway, c.terminal) {
+            Ok(s) => s,
+            Err(msg) => {
+                return BatchResult {
+                    outcome: None,
+                    error: Some(WireError {
+                        code: ErrorCode::BadRequest,
+                        message: msg,
+                    }),
+                }
+            }
+        };
+        let op = Op::Confirm {
+            holder: gateway.into(),
+            pin_id: c.pin_id,
+            sale,
+        };
+        match shared.store.call(op).await {
+            Ok(Outcome::Confirmed(c)) => BatchResult {
+                outcome: Some(c.as_str().into()),
+                error: None,
+            },
+            Ok(_) => BatchResult {
+                outcome: None,
+                error: Some(WireError {
+                    code: ErrorCode::Internal,
+                    message: "internal error".into(),
+                }),
+            },
+            Err(e) => {
+                let code = ErrorCode::of(&e);
+                let message = if code == ErrorCode::Internal {
+                    warn!(error = %e, "confirm failed");
+                    "internal error".into()
+                } else {
+                    e.to_string()
+                };
+                BatchResult {
+                    outcome: None,
+                    error: Some(WireError { code, message }),
+                }
+            }
+        }
+    });
+    let results = futures_util::future::join_all(calls).await;
+    ResponseFrame::ok(id, Response::ConfirmedBatch { results })
+}
+
 /// One request → one store operation → one answer. Errors from the store map to wire codes in one place.
 async fn handle(shared: &Shared, gateway: &str, id: u64, request: Request) -> ResponseFrame {
+    let request = match request {
+        Request::ConfirmBatch { confirms } => return confirm_batch(shared, gateway, id, confirms).await,
+        r => r,
+    };
     let op = match to_op(shared, gateway, request) {
         Ok(Ok(op)) => op,
         Ok(Err(direct)) => return ResponseFrame::ok(id, direct),
@@ -435,6 +494,7 @@ fn to_op(shared: &Shared, gateway: &str, request: Request) -> Result<Result<Op, 
                 lease_until: lease_until(shared, lease_secs)?,
             }
         }
+        Request::ConfirmBatch { .. } => return Err("confirm_batch is handled on its own".into()),
         Request::Confirm { pin_id, terminal } => Op::Confirm {
             holder: gateway.into(),
             pin_id,

@@ -603,3 +603,65 @@ async fn large_answers_are_delivered() {
     stop.send(()).unwrap();
     task.await.unwrap();
 }
+
+#[tokio::test]
+async fn confirm_batch_answers_each_confirm_in_order() {
+    use pingate::psp::ConfirmItem;
+    let f = Fixture::new("confirm-batch", 50);
+    let (addr, stop, task) = f.start(ServerOptions::default()).await;
+    let (c, _) = PspClient::connect(addr, "localhost", f.client_tls("gw1"))
+        .await
+        .unwrap();
+    let (c2, _) = PspClient::connect(addr, "localhost", f.client_tls("gw2"))
+        .await
+        .unwrap();
+    let reserve = Request::Reserve {
+        product: "TOPUP".into(),
+        amount: 1000,
+        count: 3,
+        lease_secs: 600,
+    };
+    let Response::Reserved { pins, .. } = c.call(reserve.clone()).await.unwrap() else {
+        panic!()
+    };
+    let Response::Reserved { pins: theirs, .. } = c2.call(reserve).await.unwrap() else {
+        panic!()
+    };
+    let item = |pin_id, stan| ConfirmItem {
+        pin_id,
+        terminal: terminal(stan),
+    };
+    let batch = Request::ConfirmBatch {
+        confirms: vec![
+            item(pins[0].pin_id, 1),
+            item(pins[1].pin_id, 2),
+            item(theirs[0].pin_id, 3), // another gateway's PIN
+            item(pins[2].pin_id, 1),   // a key already used for another PIN
+            item(pins[0].pin_id, 1),   // a repeat
+        ],
+    };
+    let Response::ConfirmedBatch { results } = c.call(batch).await.unwrap() else {
+        panic!()
+    };
+    let got: Vec<_> = results
+        .iter()
+        .map(|r| (r.outcome.clone(), r.error.as_ref().map(|e| e.code)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (Some("sold".to_string()), None),
+            (Some("sold".to_string()), None),
+            (None, Some(ErrorCode::NotHolder)),
+            (None, Some(ErrorCode::DuplicateMismatch)),
+            (Some("already_confirmed".to_string()), None),
+        ]
+    );
+    let e = c.call(Request::ConfirmBatch { confirms: vec![] }).await.unwrap_err();
+    assert!(
+        matches!(e, ClientError::Server(ref w) if w.code == ErrorCode::BadRequest),
+        "{e}"
+    );
+    let _ = stop.send(());
+    task.await.unwrap();
+}

@@ -818,7 +818,9 @@ impl Gateway {
     /// Sends queued confirms, reversals and releases, many at once, retrying each with backoff until the server
     /// acknowledges it. An acknowledgement is journaled lazily: losing it in a crash only repeats an idempotent step.
     async fn forward_loop(self: Arc<Self>) {
-        const MAX_IN_FLIGHT: usize = 256;
+        // Jobs in flight (a batch of confirms counts each confirm).
+        const MAX_IN_FLIGHT: usize = 1024;
+        const CONFIRM_BATCH: usize = 256;
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(Queued, Sent)>();
         loop {
             let now = Instant::now();
@@ -827,7 +829,21 @@ impl Gateway {
                 let room = MAX_IN_FLIGHT.saturating_sub(f.in_flight);
                 f.due(now, room)
             };
-            for q in ready {
+            let (confirms, others): (Vec<Queued>, Vec<Queued>) =
+                ready.into_iter().partition(|q| matches!(q.job, Job::Confirm { .. }));
+            let mut confirms = confirms.into_iter().peekable();
+            while confirms.peek().is_some() {
+                let batch: Vec<Queued> = confirms.by_ref().take(CONFIRM_BATCH).collect();
+                let gw = self.clone();
+                let tx = done_tx.clone();
+                tokio::spawn(async move {
+                    let sent = gw.send_confirms(&batch).await;
+                    for (q, s) in batch.into_iter().zip(sent) {
+                        let _ = tx.send((q, s));
+                    }
+                });
+            }
+            for q in others {
                 let gw = self.clone();
                 let tx = done_tx.clone();
                 tokio::spawn(async move {
@@ -872,6 +888,64 @@ impl Gateway {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Sends confirms in one `confirm_batch`; one result each. Acknowledged ones are journaled (lazily).
+    async fn send_confirms(&self, batch: &[Queued]) -> Vec<Sent> {
+        if batch.len() == 1 {
+            return vec![self.send_job(&batch[0]).await];
+        }
+        let confirms: Vec<crate::psp::ConfirmItem> = batch
+            .iter()
+            .filter_map(|q| match &q.job {
+                Job::Confirm { pin_id, sale } => Some(crate::psp::ConfirmItem {
+                    pin_id: *pin_id,
+                    terminal: sale.terminal(),
+                }),
+                _ => None,
+            })
+            .collect();
+        debug_assert_eq!(confirms.len(), batch.len());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        match self.upstream.call(Request::ConfirmBatch { confirms }, deadline).await {
+            Ok(Response::ConfirmedBatch { results }) if results.len() == batch.len() => {
+                let mut acks = Vec::new();
+                let sent = batch
+                    .iter()
+                    .zip(results)
+                    .map(|(q, r)| match (&q.job, r.outcome) {
+                        (Job::Confirm { pin_id, .. }, Some(outcome)) => {
+                            self.stats.confirms_done.fetch_add(1, Ordering::Relaxed);
+                            if outcome == "voided" {
+                                tracing::info!("a cache sale was reversed before its confirm; the PIN is voided");
+                            }
+                            acks.push(Record::Confirmed { pin_id: *pin_id });
+                            Sent::Acknowledged
+                        }
+                        _ => {
+                            self.stats.forward_failures.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(job = ?q.job, error = ?r.error, "PIN server refused a confirm; needs an operator");
+                            Sent::Refused
+                        }
+                    })
+                    .collect();
+                self.journal.append_lazy(acks);
+                sent
+            }
+            Ok(other) => {
+                tracing::error!(answer = ?other, "PIN server answered confirm_batch with something else");
+                vec![Sent::Failed; batch.len()]
+            }
+            Err(e) => {
+                self.stats
+                    .forward_failures
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                tracing::debug!(error = %e, "confirms not acknowledged yet");
+                // A refusal of the whole batch (e.g. an older server without the op) is retried later like a
+                // lost one; each confirm is idempotent.
+                vec![Sent::Failed; batch.len()]
             }
         }
     }

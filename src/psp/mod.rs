@@ -61,6 +61,10 @@ pub enum Request {
         pin_id: i64,
         terminal: Terminal,
     },
+    /// Several `confirm`s in one request (at most 1,000), answered one result each, in order.
+    ConfirmBatch {
+        confirms: Vec<ConfirmItem>,
+    },
     /// Unsold cached PINs go back.
     Release {
         pin_ids: Vec<i64>,
@@ -82,6 +86,24 @@ pub enum Request {
     },
     Stock,
     Ping,
+}
+
+/// One confirm of a `confirm_batch`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfirmItem {
+    pub pin_id: i64,
+    pub terminal: Terminal,
+}
+
+/// One result of a `confirm_batch`: the confirm's `outcome`, or its error.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchResult {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<WireError>,
 }
 
 /// A PIN as sent to a gateway. `Debug` masks the PIN (it is a [`Pin`]).
@@ -187,6 +209,10 @@ pub enum Response {
     /// `outcome`: `sold`, `already_confirmed`, or `voided` (a reversal for this sale arrived first).
     Confirmed {
         outcome: String,
+    },
+    /// One result per confirm of a `confirm_batch`, in order.
+    ConfirmedBatch {
+        results: Vec<BatchResult>,
     },
     /// Ids that were not held by this gateway, left untouched.
     Released {
@@ -323,6 +349,7 @@ impl Request {
             Request::Sell { .. } => &["product", "amount", "terminal"],
             Request::Reserve { .. } => &["product", "amount", "count", "lease_secs"],
             Request::Confirm { .. } => &["pin_id", "terminal"],
+            Request::ConfirmBatch { .. } => &["confirms"],
             Request::Release { .. } => &["pin_ids"],
             Request::Renew { .. } => &["pin_ids", "lease_secs"],
             Request::Reverse { .. } => &["terminal_id", "stan", "transmission"],
@@ -387,6 +414,12 @@ mod tests {
             Request::Confirm {
                 pin_id: 1,
                 terminal: t.clone(),
+            },
+            Request::ConfirmBatch {
+                confirms: vec![ConfirmItem {
+                    pin_id: 1,
+                    terminal: t.clone(),
+                }],
             },
             Request::Release { pin_ids: vec![1] },
             Request::Reverse {
