@@ -66,12 +66,23 @@ impl Slot {
         }
     }
 
-    fn due_under(&self, lead: Duration) -> usize {
-        self.low.max((self.rate * lead.as_secs_f64()).ceil() as usize)
+    /// The smoothed rate, or the rate of the window in progress when that is higher (a burst is seen within the
+    /// window, not a second later).
+    fn rate_now(&self, now: Instant) -> f64 {
+        let in_window = now.duration_since(self.window_start).as_secs_f64();
+        if in_window >= 0.05 {
+            self.rate.max(self.window_sales as f64 / in_window)
+        } else {
+            self.rate
+        }
     }
 
-    fn target(&self, cover: Duration) -> usize {
-        ((self.rate * cover.as_secs_f64()).ceil() as usize).clamp(self.low, self.high)
+    fn due_under(&self, lead: Duration, now: Instant) -> usize {
+        self.low.max((self.rate_now(now) * lead.as_secs_f64()).ceil() as usize)
+    }
+
+    fn target(&self, cover: Duration, now: Instant) -> usize {
+        ((self.rate_now(now) * cover.as_secs_f64()).ceil() as usize).clamp(self.low, self.high)
     }
 }
 
@@ -181,10 +192,10 @@ impl PinCache {
         let mut out = Vec::new();
         for ((code, amount), s) in self.slots.iter_mut() {
             s.roll(now);
-            if s.refilling || s.pins.len() >= s.due_under(lead) {
+            if s.refilling || s.pins.len() >= s.due_under(lead, now) {
                 continue;
             }
-            let want = s.target(cover).saturating_sub(s.pins.len()).min(MAX_RESERVE);
+            let want = s.target(cover, now).saturating_sub(s.pins.len()).min(MAX_RESERVE);
             if want > 0 {
                 s.refilling = true;
                 out.push((code.clone(), *amount, want));
@@ -238,8 +249,8 @@ impl PinCache {
                     cached: s.pins.len(),
                     low: s.low,
                     high: s.high,
-                    target: s.target(cover),
-                    rate_per_sec: (s.rate * 10.0).round() / 10.0,
+                    target: s.target(cover, now),
+                    rate_per_sec: (s.rate_now(now) * 10.0).round() / 10.0,
                     hits: s.hits,
                     misses: s.misses,
                 }
@@ -348,6 +359,19 @@ mod tests {
         t += Duration::from_secs(120);
         let l = c.levels(t);
         assert_eq!(l.iter().find(|l| l.product == "HOT").unwrap().target, 10);
+    }
+
+    #[test]
+    fn a_burst_is_seen_within_its_first_second() {
+        let t = Instant::now();
+        let mut c = cache(t);
+        c.put(pins("HOT", 100, 0..150));
+        for i in 0..100 {
+            c.take("HOT", 100, t + Duration::from_millis(i), 0);
+        }
+        // 100 sales in 0.1 s: 1,000/s now, though the smoothed rate has not seen a whole window yet.
+        let due = c.due(t + Duration::from_millis(100));
+        assert!(due.iter().any(|(p, _, n)| p == "HOT" && *n == MAX_RESERVE), "{due:?}");
     }
 
     #[test]
