@@ -66,12 +66,12 @@ impl Slot {
         }
     }
 
-    /// The smoothed rate, or the rate of the window in progress when that is higher (a burst is seen within the
-    /// window, not a second later).
-    fn rate_now(&self, now: Instant) -> f64 {
-        let in_window = now.duration_since(self.window_start).as_secs_f64();
-        if in_window >= 0.05 {
-            self.rate.max(self.window_sales as f64 / in_window)
+    /// The smoothed rate, or the sales of the window in progress when they are a burst (at least the low mark
+    /// already): a burst is seen within its window, not a second later, while a few sales of a quiet product do
+    /// not make it look hot.
+    fn rate_now(&self, _now: Instant) -> f64 {
+        if self.window_sales as usize >= self.low.max(5) {
+            self.rate.max(self.window_sales as f64 / WINDOW.as_secs_f64())
         } else {
             self.rate
         }

@@ -126,10 +126,14 @@ enum Begin {
 
 impl Recent {
     fn begin(&mut self, key: &SaleKey, content: Content, now: Instant) -> Begin {
+        // Each entry is looked at once at most: with more sales in progress than `max`, the map stays over it for
+        // a while rather than dropping one (or spinning).
+        let mut budget = self.order.len();
         while let Some((t, k)) = self.order.front() {
-            if now.duration_since(*t) <= self.window && self.map.len() <= self.max {
+            if budget == 0 || now.duration_since(*t) <= self.window && self.map.len() <= self.max {
                 break;
             }
+            budget -= 1;
             let (t, k) = (*t, k.clone());
             self.order.pop_front();
             match self.map.get(&k) {
@@ -216,6 +220,8 @@ struct Forward {
     confirms: usize,
     reversals: usize,
     releases: usize,
+    /// Ids named by releases not yet acknowledged (queued or in flight), with how many name each.
+    releasing: HashMap<i64, u32>,
 }
 
 impl Forward {
@@ -562,6 +568,9 @@ impl Gateway {
         }
         let outcome = Arc::new(self.sell(&s, &entry, deadline).await);
         entry.settle(outcome.clone());
+        // A reversal that came meanwhile overruled the sale: the original request is answered as the sale now
+        // stands, never with a PIN being voided.
+        let outcome = entry.outcome.borrow().clone().unwrap_or(outcome);
         self.reply_of(msg, &key, &outcome).await
     }
 
@@ -590,7 +599,8 @@ impl Gateway {
         }
     }
 
-    /// Cached PINs whose lease is about to end were set aside by the cache: they go back, never sold.
+    /// Cached PINs whose lease is about to end were set aside by the cache: they go back, never sold. Called by the
+    /// refill loop (no sale waits for it).
     async fn release_stale(&self) {
         let stale = self.cache.lock().expect("not poisoned").take_stale();
         if !stale.is_empty() {
@@ -650,13 +660,11 @@ impl Gateway {
                 // (see `enqueue`) so a repeat, however late, gets this PIN and never a second one.
                 let _ = entry;
                 self.enqueue(Job::Confirm { pin_id, sale: record });
-                self.release_stale().await;
                 outcome
             }
             Take::Miss | Take::OnDemand => {
                 if matches!(take, Take::Miss) {
                     self.refill_wake.notify_one();
-                    self.release_stale().await;
                 }
                 self.sell_on_demand(s, record, deadline).await
             }
@@ -771,12 +779,20 @@ impl Gateway {
             return answer(msg, ResponseCode::ServerUnavailable);
         }
         self.stats.reversals.fetch_add(1, Ordering::Relaxed);
-        if let Some(e) = known {
-            // Repeats of a reversed sale never get its PIN again.
-            e.overrule(ResponseCode::InvalidTransaction);
-        }
         self.enqueue(Job::Reverse { key });
+        self.overrule_reversed(&r.sale);
         answer(msg, ResponseCode::Approved)
+    }
+
+    /// A terminal reversed `key`: whatever entry the sale has now (even one begun while the reversal was being
+    /// written) never hands out its PIN again; a `91` given for an undelivered answer stays.
+    fn overrule_reversed(&self, key: &SaleKey) {
+        if let Some(e) = self.recent.lock().expect("not poisoned").get(key) {
+            let approved_or_open = matches!(e.outcome.borrow().as_deref(), None | Some(Outcome::Approved { .. }));
+            if approved_or_open {
+                e.overrule(ResponseCode::InvalidTransaction);
+            }
+        }
     }
 
     fn enqueue(&self, job: Job) {
@@ -793,7 +809,12 @@ impl Gateway {
         match &job {
             Job::Confirm { .. } => f.confirms += 1,
             Job::Reverse { .. } => f.reversals += 1,
-            Job::Release { pin_ids } => f.releases += pin_ids.len(),
+            Job::Release { pin_ids } => {
+                f.releases += pin_ids.len();
+                for id in pin_ids {
+                    *f.releasing.entry(*id).or_default() += 1;
+                }
+            }
         }
         f.ready.push_back(Queued { job, attempts: 0 });
         drop(f);
@@ -866,7 +887,17 @@ impl Gateway {
                             match &q.job {
                                 Job::Confirm { .. } => f.confirms -= 1,
                                 Job::Reverse { .. } => f.reversals -= 1,
-                                Job::Release { pin_ids } => f.releases -= pin_ids.len(),
+                                Job::Release { pin_ids } => {
+                                    f.releases -= pin_ids.len();
+                                    for id in pin_ids {
+                                        if let Some(n) = f.releasing.get_mut(id) {
+                                            *n -= 1;
+                                            if *n == 0 {
+                                                f.releasing.remove(id);
+                                            }
+                                        }
+                                    }
+                                }
                             }
                             drop(f);
                             if let Some(key) = q.job.key() {
@@ -926,8 +957,16 @@ impl Gateway {
                         }
                         _ => {
                             self.stats.forward_failures.fetch_add(1, Ordering::Relaxed);
-                            tracing::error!(job = ?q.job, error = ?r.error, "PIN server refused a confirm; needs an operator");
-                            Sent::Refused
+                            let transient = r
+                                .error
+                                .as_ref()
+                                .is_some_and(|e| matches!(e.code, ErrorCode::Busy | ErrorCode::Internal));
+                            if transient {
+                                Sent::Failed
+                            } else {
+                                tracing::error!(job = ?q.job, error = ?r.error, "PIN server refused a confirm; needs an operator");
+                                Sent::Refused
+                            }
                         }
                     })
                     .collect();
@@ -1017,6 +1056,7 @@ impl Gateway {
                 _ = self.refill_wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
+            self.release_stale().await;
             // Releases still pending (from a restart) first: a release whose acknowledgement was lost would
             // otherwise free PINs a new refill had reserved again.
             if self.forward.lock().expect("not poisoned").releases > 0 {
@@ -1067,18 +1107,37 @@ impl Gateway {
                         tracing::error!(error = %e, "journal failed; reserved PINs not cached");
                         return;
                     }
-                    let mut cache = self.cache.lock().expect("not poisoned");
-                    // Checked under the cache lock that shutdown drains under: a refill landing after the drain
-                    // goes straight back.
-                    if self.stop.is_cancelled() {
-                        drop(cache);
-                        let ids: Vec<i64> = chunk.iter().map(|p| p.pin.pin_id).collect();
-                        if let Err(e) = self.release(&ids).await {
+                    // Decided under the cache lock that shutdown drains under: a refill landing after the drain goes
+                    // straight back. And a PIN named by a release not yet acknowledged may be freed by it (a retry
+                    // of a release whose first answer was lost) after this reserve gave it to us: never sold, it
+                    // goes back too.
+                    let back: Vec<i64> = {
+                        let mut cache = self.cache.lock().expect("not poisoned");
+                        if self.stop.is_cancelled() {
+                            chunk.iter().map(|p| p.pin.pin_id).collect()
+                        } else {
+                            let (unsafe_, safe): (Vec<CachedPin>, Vec<CachedPin>) = {
+                                let f = self.forward.lock().expect("not poisoned");
+                                chunk
+                                    .iter()
+                                    .cloned()
+                                    .partition(|p| f.releasing.contains_key(&p.pin.pin_id))
+                            };
+                            let stray = cache.put(safe);
+                            debug_assert!(stray.is_empty());
+                            if !unsafe_.is_empty() {
+                                tracing::warn!(
+                                    count = unsafe_.len(),
+                                    "reserved PINs named by a pending release go back"
+                                );
+                            }
+                            unsafe_.iter().map(|p| p.pin.pin_id).collect()
+                        }
+                    };
+                    if !back.is_empty() {
+                        if let Err(e) = self.release(&back).await {
                             tracing::error!(error = %e, "journal failed; reserved PINs not released");
                         }
-                    } else {
-                        let stray = cache.put(chunk.to_vec());
-                        debug_assert!(stray.is_empty());
                     }
                 }
             }
@@ -1289,4 +1348,72 @@ pub async fn ask_admin(addr: &str, command: &str) -> Result<String, String> {
         .map_err(|_| format!("gateway admin at {addr}: no answer"))?
         .map_err(|e| e.to_string())?;
     Ok(out.trim_end().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(stan: u32) -> SaleKey {
+        SaleKey {
+            terminal_id: "T1".into(),
+            stan: format!("{stan:06}"),
+            transmission: "1128120000".into(),
+        }
+    }
+
+    fn content() -> Content {
+        Content {
+            merchant: "M".into(),
+            product: "P".into(),
+            amount: 100,
+            currency: "978".into(),
+        }
+    }
+
+    #[test]
+    fn more_sales_in_progress_than_the_cap_neither_spin_nor_drop_one() {
+        let mut r = Recent {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            held: HashMap::new(),
+            window: Duration::from_secs(900),
+            max: 2,
+        };
+        let t = Instant::now();
+        for i in 0..5 {
+            assert!(matches!(r.begin(&key(i), content(), t), Begin::New(_)));
+        }
+        // All five still in progress: each is still found (a duplicate waits for it).
+        for i in 0..5 {
+            assert!(matches!(r.begin(&key(i), content(), t), Begin::Existing(_)));
+        }
+        // Once answered, the oldest go as new sales come.
+        for i in 0..5 {
+            r.get(&key(i))
+                .unwrap()
+                .settle(Arc::new(Outcome::Declined(ResponseCode::OutOfStock)));
+        }
+        r.begin(&key(99), content(), t);
+        assert!(r.map.len() <= 3, "{}", r.map.len());
+    }
+
+    #[test]
+    fn a_reversal_overrules_an_approval_but_not_a_91() {
+        let e = Entry::new(Some(content()), None);
+        e.overrule(ResponseCode::InvalidTransaction);
+        e.settle(Arc::new(Outcome::Declined(ResponseCode::OutOfStock)));
+        assert!(matches!(
+            e.outcome.borrow().as_deref(),
+            Some(Outcome::Declined(ResponseCode::InvalidTransaction))
+        ));
+    }
+
+    #[test]
+    fn rrn_is_twelve_digits_and_stable_per_key() {
+        assert_eq!(rrn_of(&key(1)), rrn_of(&key(1)));
+        assert_ne!(rrn_of(&key(1)), rrn_of(&key(2)));
+        assert_eq!(rrn_of(&key(1)).len(), 12);
+        assert!(rrn_of(&key(1)).bytes().all(|c| c.is_ascii_digit()));
+    }
 }
