@@ -1,4 +1,4 @@
-//! The `pingate iso` commands as a user runs them: the real binary, stdin, stdout, stderr and exit codes.
+//! The `pingate` commands as a user runs them: the real binary, stdin, stdout, stderr and exit codes.
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
@@ -127,5 +127,50 @@ fn pretty_shows_field_names() {
     assert!(
         s.contains("Systems trace audit number (STAN)") && s.contains("000123"),
         "{s}"
+    );
+}
+
+#[test]
+fn demo_runs_with_no_setup_and_reports() {
+    let dir = std::env::temp_dir().join(format!("pingate-cli-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = pingate(
+        &[
+            "demo",
+            "--sales",
+            "60",
+            "--terminals",
+            "3",
+            "--dir",
+            dir.to_str().unwrap(),
+        ],
+        None,
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains("sales approved: 60"), "{stdout}");
+    assert!(stdout.contains("repeat (0201) got the same PIN: yes"), "{stdout}");
+    assert!(stdout.contains("reversal (0400) answered: 00"), "{stdout}");
+    assert!(stdout.contains("latency prefetch: p50"), "{stdout}");
+    assert!(
+        stdout.contains("stock left at the PIN server: TOPUP-EU-10 1000:"),
+        "{stdout}"
+    );
+    // The demo never prints a PIN: every PIN it sold is in the journal only sealed, and not in its output.
+    assert!(!stdout.contains("PN0"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn gateway_without_config_or_command_says_what_to_give() {
+    let out = pingate(&["gateway"], None);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--config"), "{}", text(&out.stderr));
+    let out = pingate(&["gateway", "stock", "--admin", "127.0.0.1:1"], None);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("gateway admin at 127.0.0.1:1"),
+        "{}",
+        text(&out.stderr)
     );
 }

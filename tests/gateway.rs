@@ -526,6 +526,15 @@ async fn gateway_kill_9_with_a_full_cache_and_unconfirmed_sales_loses_nothing() 
         sold.insert(receipt(&a).unwrap().pin.expose().to_string());
     }
     assert_eq!(admin_stock(admin).await["pending_confirms"].as_u64(), Some(10));
+    // The operator's view, through the command line.
+    let out = Command::new(env!("CARGO_BIN_EXE_pingate"))
+        .args(["gateway", "stock", "--admin", &admin.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["pending_confirms"].as_u64(), Some(10));
+    assert_eq!(shown["cache"][0]["product"], PREFETCH);
     // kill -9.
     drop(gw);
     drop(t);
