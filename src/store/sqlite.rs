@@ -250,17 +250,27 @@ impl SqliteStore {
         let now = unix_now();
         let today = today();
         let cipher = &self.cipher;
-        let mut tx = match self.conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        let tx = match self.conn.transaction_with_behavior(TransactionBehavior::Immediate) {
             Ok(t) => t,
             Err(e) => return ops.iter().map(|_| Err(StoreError::Db(e.to_string()))).collect(),
         };
         let mut results = Vec::with_capacity(ops.len());
         for op in ops {
+            // One savepoint per operation, so a refused operation leaves no trace; with cached statements (the
+            // savepoint API would parse its SQL again for every operation).
             let r = (|| {
-                let sp = tx.savepoint()?;
-                let r = apply(&sp, cipher, op, now, &today)?;
-                sp.commit()?;
-                Ok(r)
+                tx.prepare_cached("SAVEPOINT op")?.execute([])?;
+                match apply(&tx, cipher, op, now, &today) {
+                    Ok(r) => {
+                        tx.prepare_cached("RELEASE op")?.execute([])?;
+                        Ok(r)
+                    }
+                    Err(e) => {
+                        tx.prepare_cached("ROLLBACK TO op")?.execute([])?;
+                        tx.prepare_cached("RELEASE op")?.execute([])?;
+                        Err(e)
+                    }
+                }
             })();
             // A database error fails the whole batch: SQLite may already have rolled the transaction back by
             // itself (disk full, I/O error), and what follows must not be committed on its own.
