@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -56,7 +57,8 @@ pub struct UpstreamOptions {
     pub breaker_failures: u32,
     /// How long an open circuit refuses calls before one probe is let through.
     pub breaker_cooldown: Duration,
-    /// Requests in flight per connection; more wait here (the server answers `busy` past its own cap, 256).
+    /// Requests in flight per connection; more wait here for room on a connection (the server answers `busy`
+    /// past its own cap, 256, per connection).
     pub max_in_flight: usize,
 }
 
@@ -117,23 +119,49 @@ impl Breaker {
     }
 }
 
+/// A live connection and its room for requests in flight.
+type Conn = (Arc<PspClient>, Arc<Semaphore>);
+
 struct Slot {
     server: ServerAddr,
-    conns: Vec<Mutex<Option<Arc<PspClient>>>>,
+    conns: Vec<Mutex<Option<Conn>>>,
     breaker: Mutex<Breaker>,
     next: AtomicUsize,
-    /// Requests in flight on this server's connections.
-    permits: tokio::sync::Semaphore,
+}
+
+/// A connection to send on.
+enum Pick {
+    /// With room: the permit is held for the call.
+    Ready(Arc<PspClient>, OwnedSemaphorePermit),
+    /// Every live connection is full: wait for room on this one.
+    Full(Arc<PspClient>, Arc<Semaphore>),
+    None,
 }
 
 impl Slot {
-    fn pick(&self) -> Option<Arc<PspClient>> {
+    fn live(&self) -> Vec<Conn> {
         let n = self.conns.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n).find_map(|i| {
-            let c = self.conns[(start + i) % n].lock().expect("not poisoned").clone()?;
-            (!c.is_closed()).then_some(c)
-        })
+        (0..n)
+            .filter_map(|i| {
+                let c = self.conns[(start + i) % n].lock().expect("not poisoned").clone()?;
+                (!c.0.is_closed()).then_some(c)
+            })
+            .collect()
+    }
+
+    /// A live connection with room (round robin), or one to wait for room on.
+    fn pick(&self) -> Pick {
+        let live = self.live();
+        for (c, room) in &live {
+            if let Ok(p) = room.clone().try_acquire_owned() {
+                return Pick::Ready(c.clone(), p);
+            }
+        }
+        match live.into_iter().next() {
+            Some((c, room)) => Pick::Full(c, room),
+            None => Pick::None,
+        }
     }
 }
 
@@ -169,7 +197,6 @@ impl Upstream {
                 conns: (0..opts.connections.max(1)).map(|_| Mutex::new(None)).collect(),
                 breaker: Mutex::new(Breaker::Closed { failures: 0 }),
                 next: AtomicUsize::new(0),
-                permits: tokio::sync::Semaphore::new(opts.connections.max(1) * opts.max_in_flight.max(1)),
             })
             .collect();
         let up = Upstream {
@@ -204,7 +231,8 @@ impl Upstream {
                     tracing::info!(server = %slot.server.addr, conn = c, gateway = %welcome.gateway, "connected to PIN server");
                     *self.catalog.write().expect("not poisoned") = Some((welcome.gateway, welcome.catalog));
                     let client = Arc::new(client);
-                    *slot.conns[c].lock().expect("not poisoned") = Some(client.clone());
+                    let room = Arc::new(Semaphore::new(self.opts.max_in_flight.max(1)));
+                    *slot.conns[c].lock().expect("not poisoned") = Some((client.clone(), room));
                     self.connected.notify_waiters();
                     self.watch(s, &client).await;
                     *slot.conns[c].lock().expect("not poisoned") = None;
@@ -257,7 +285,7 @@ impl Upstream {
         let deadline = Instant::now() + timeout;
         loop {
             let notified = self.connected.notified();
-            if self.slots.iter().any(|s| s.pick().is_some()) {
+            if self.slots.iter().any(|s| !s.live().is_empty()) {
                 return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -279,7 +307,12 @@ impl Upstream {
                 connected: s
                     .conns
                     .iter()
-                    .filter(|c| c.lock().expect("not poisoned").as_ref().is_some_and(|c| !c.is_closed()))
+                    .filter(|c| {
+                        c.lock()
+                            .expect("not poisoned")
+                            .as_ref()
+                            .is_some_and(|c| !c.0.is_closed())
+                    })
                     .count(),
                 circuit_open: s.breaker.lock().expect("not poisoned").is_open(),
             })
@@ -325,13 +358,19 @@ impl Upstream {
                 }
             };
             // Waiting for room is bounded by the deadline; nothing was sent if it runs out.
-            let Ok(Ok(_permit)) = tokio::time::timeout_at(deadline, slot.permits.acquire()).await else {
-                fail_probe();
-                return Err(uncertain(UpstreamError::Unavailable, maybe_sent));
-            };
-            let Some(conn) = slot.pick() else {
-                fail_probe();
-                continue;
+            let (conn, _permit) = match slot.pick() {
+                Pick::Ready(c, p) => (c, p),
+                Pick::Full(c, room) => match tokio::time::timeout_at(deadline, room.acquire_owned()).await {
+                    Ok(Ok(p)) => (c, p),
+                    _ => {
+                        fail_probe();
+                        return Err(uncertain(UpstreamError::Unavailable, maybe_sent));
+                    }
+                },
+                Pick::None => {
+                    fail_probe();
+                    continue;
+                }
             };
             let given = deadline.saturating_duration_since(Instant::now());
             let sent_before = maybe_sent;
