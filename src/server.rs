@@ -449,6 +449,7 @@ async fn handle(shared: &Shared, gateway: &str, id: u64, request: Request) -> Re
                     stock: s.into_iter().map(StockEntry::from).collect(),
                 },
                 Outcome::Catalog(_) => Response::Pong,
+                Outcome::Held(pin_ids) => Response::Held { pin_ids },
             },
         ),
         Err(e) => {
@@ -538,5 +539,6 @@ fn to_op(shared: &Shared, gateway: &str, request: Request) -> Result<Result<Op, 
             pin_id,
         },
         Request::Stock => Op::Stock,
+        Request::Held => Op::Held { holder: gateway.into() },
     }))
 }

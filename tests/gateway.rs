@@ -941,3 +941,54 @@ async fn keep_cache_on_shutdown_keeps_the_pins_for_the_next_start() {
     assert_eq!(count(&s, PREFETCH, "available") + reserved + 1, 100);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn reservations_the_journal_never_saw_are_released_at_start() {
+    let inv = Inventory::create(&dir("reconcile"), &["gw1", "obs"], &products(100)).unwrap();
+    let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    // A reserve whose answer never reached the journal (cut off, or a crash right after): made here directly
+    // with the gateway's own certificate.
+    let tls = Arc::new(
+        pingate::tls::client_config(
+            &inv.certs.gateway_cert("gw1"),
+            &inv.certs.gateway_key("gw1"),
+            &inv.certs.ca(),
+        )
+        .unwrap(),
+    );
+    let (c, _) = PspClient::connect(server.addr, "localhost", tls).await.unwrap();
+    let Response::Reserved { pins: lost, .. } = c
+        .call(Request::Reserve {
+            product: PREFETCH.into(),
+            amount: 1000,
+            count: 7,
+            lease_secs: 600,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(lost.len(), 7);
+    let files = GatewayFiles::write(
+        &inv,
+        "gw1",
+        &[server.addr],
+        "127.0.0.1:0".parse().unwrap(),
+        1,
+        &modes(5, 5),
+        ("", ""),
+    )
+    .unwrap();
+    let gw = GatewayHandle::start(&files.config, StartOptions::default())
+        .await
+        .unwrap();
+    cached_at_least(&gw, 5).await;
+    assert!(gw.gateway.flush(Duration::from_secs(10)).await);
+    // What the server says the gateway holds is exactly its cache: the 7 strays went back.
+    let s = stock(&inv, server.addr).await;
+    assert_eq!(count(&s, PREFETCH, "reserved"), 5);
+    assert_eq!(count(&s, PREFETCH, "available"), 95);
+    gw.stop().await;
+    server.stop().await;
+}

@@ -306,6 +306,10 @@ pub struct Gateway {
     halt: CancellationToken,
     /// Refills sent and not yet cached (shutdown waits for them, so that no reserved PIN is left unjournaled).
     refills: AtomicU64,
+    /// Until the first reconciliation with the server: the PINs the journal says this gateway holds. Any other PIN
+    /// the server has reserved to it was reserved and never journaled (a reserve cut off, a crash between the
+    /// answer and the journal): it goes back. No refill runs before this is done.
+    unreconciled: Mutex<Option<std::collections::HashSet<i64>>>,
 }
 
 /// The retrieval reference of a sale, derived from its key: the same for every repeat, known before the server
@@ -402,6 +406,7 @@ impl Gateway {
             stop: CancellationToken::new(),
             halt: CancellationToken::new(),
             refills: AtomicU64::new(0),
+            unreconciled: Mutex::new(None),
         });
         tracing::info!(
             cached = recovered.cached.len(),
@@ -410,6 +415,14 @@ impl Gateway {
             reversals = recovered.reverse.len(),
             "journal recovered"
         );
+        let known: std::collections::HashSet<i64> = recovered
+            .cached
+            .iter()
+            .map(|c| c.pin.pin_id)
+            .chain(recovered.unconfirmed.iter().map(|(c, _)| c.pin.pin_id))
+            .chain(recovered.releasing.iter().copied())
+            .collect();
+        *gw.unreconciled.lock().expect("not poisoned") = Some(known);
         let stray = gw.cache.lock().expect("not poisoned").put(recovered.cached);
         if !stray.is_empty() {
             // Cached for a product no longer configured for prefetch: back to the server.
@@ -596,6 +609,48 @@ impl Gateway {
             product: s.product.clone(),
             amount: s.amount as i64,
             currency: s.currency.clone(),
+        }
+    }
+
+    /// The first reconciliation with the server (see `unreconciled`); true once it is done.
+    async fn reconcile(&self) -> bool {
+        let Some(known) = self.unreconciled.lock().expect("not poisoned").clone() else {
+            return true;
+        };
+        match self
+            .upstream
+            .call(Request::Held, Instant::now() + Duration::from_secs(10))
+            .await
+        {
+            Ok(Response::Held { pin_ids }) => {
+                let strays: Vec<i64> = pin_ids.into_iter().filter(|id| !known.contains(id)).collect();
+                if !strays.is_empty() {
+                    tracing::warn!(
+                        count = strays.len(),
+                        "the PIN server holds PINs for this gateway that its journal does not know; releasing them"
+                    );
+                    if let Err(e) = self.release(&strays).await {
+                        tracing::error!(error = %e, "journal failed; unjournaled reservations not released");
+                        return false;
+                    }
+                }
+                *self.unreconciled.lock().expect("not poisoned") = None;
+                true
+            }
+            Ok(other) => {
+                tracing::error!(answer = ?other, "PIN server answered held with something else");
+                false
+            }
+            Err(UpstreamError::Server(e)) => {
+                // A server without `held`: nothing to reconcile with; the lease report remains the safety net.
+                tracing::warn!(error = ?e, "the PIN server cannot list held PINs; reconciliation skipped");
+                *self.unreconciled.lock().expect("not poisoned") = None;
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "reconciliation with the PIN server not done yet");
+                false
+            }
         }
     }
 
@@ -1055,6 +1110,9 @@ impl Gateway {
                 _ = self.stop.cancelled() => return,
                 _ = self.refill_wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+            if !self.reconcile().await {
+                continue;
             }
             self.release_stale().await;
             // Releases still pending (from a restart) first: a release whose acknowledgement was lost would

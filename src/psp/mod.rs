@@ -85,6 +85,8 @@ pub enum Request {
         lease_secs: u64,
     },
     Stock,
+    /// The ids of the PINs reserved to this gateway (it releases those its journal does not know).
+    Held,
     Ping,
 }
 
@@ -230,6 +232,9 @@ pub enum Response {
     Stock {
         stock: Vec<StockEntry>,
     },
+    Held {
+        pin_ids: Vec<i64>,
+    },
     Pong,
 }
 
@@ -354,7 +359,7 @@ impl Request {
             Request::Renew { .. } => &["pin_ids", "lease_secs"],
             Request::Reverse { .. } => &["terminal_id", "stan", "transmission"],
             Request::ReversePin { .. } => &["pin_id"],
-            Request::Stock | Request::Ping => &[],
+            Request::Stock | Request::Held | Request::Ping => &[],
         }
     }
 }
@@ -433,6 +438,7 @@ mod tests {
                 lease_secs: 2,
             },
             Request::Stock,
+            Request::Held,
             Request::Ping,
         ];
         for request in all {

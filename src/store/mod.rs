@@ -339,6 +339,10 @@ pub enum Op {
     },
     Stock,
     Catalog,
+    /// The ids of the PINs reserved to `holder` (for a gateway to reconcile its journal at start).
+    Held {
+        holder: String,
+    },
 }
 
 /// The result of an [`Op`].
@@ -355,6 +359,7 @@ pub enum Outcome {
     Reversed(Reversal),
     Stock(Vec<StockRow>),
     Catalog(Vec<Product>),
+    Held(Vec<i64>),
 }
 
 /// Count of PINs of one product, amount and state.

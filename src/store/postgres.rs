@@ -768,6 +768,15 @@ async fn apply(
         }
         Op::Stock => stock(tx).await.map(Outcome::Stock),
         Op::Catalog => catalog(tx).await.map(Outcome::Catalog),
+        Op::Held { holder } => {
+            let rows = tx
+                .query(
+                    "SELECT id FROM pins WHERE state = 'reserved' AND holder = $1 ORDER BY id",
+                    &[holder],
+                )
+                .await?;
+            Ok(Outcome::Held(rows.iter().map(|r| r.get(0)).collect()))
+        }
     }
 }
 

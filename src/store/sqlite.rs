@@ -675,6 +675,12 @@ fn apply(tx: &Connection, cipher: &PinCipher, op: &Op, now: i64, today: &str) ->
         }
         Op::Stock => stock(tx).map(Outcome::Stock),
         Op::Catalog => catalog(tx).map(Outcome::Catalog),
+        Op::Held { holder } => {
+            let mut st =
+                tx.prepare_cached("SELECT id FROM pins WHERE state = 'reserved' AND holder = ?1 ORDER BY id")?;
+            let ids = st.query_map(params![holder], |r| r.get(0))?;
+            Ok(Outcome::Held(ids.collect::<Result<Vec<i64>, _>>()?))
+        }
     }
 }
 
