@@ -126,6 +126,11 @@ enum CertsCommand {
         #[arg(long, default_value_t = 825)]
         days: i64,
     },
+    /// Write a new encryption key file (`1:64-hex`, mode 0600; never overwrites): e.g. a gateway's journal key.
+    Key {
+        /// The file to create.
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -340,6 +345,12 @@ fn dialect(args: &DialectArgs) -> Result<Dialect, String> {
 fn run(cli: Cli) -> Result<String, String> {
     match cli.command {
         Command::Server(args) => runtime()?.block_on(server(args)),
+        Command::Certs {
+            command: CertsCommand::Key { file },
+        } => {
+            crate::tls::write_new_key(&file).map_err(|e| e.to_string())?;
+            Ok(format!("wrote a new key to {}", file.display()))
+        }
         Command::Certs {
             command:
                 CertsCommand::Init {

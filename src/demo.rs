@@ -214,8 +214,7 @@ impl GatewayFiles {
     ) -> Result<GatewayFiles, String> {
         let keys = inv.dir.join(format!("journal-{id}.keys"));
         if !keys.exists() {
-            let spec = PinCipher::generate_spec().map_err(|e| e.to_string())?;
-            std::fs::write(&keys, spec).map_err(|e| e.to_string())?;
+            crate::tls::write_new_key(&keys).map_err(|e| e.to_string())?;
         }
         let mut t = String::new();
         let _ = writeln!(

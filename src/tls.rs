@@ -274,6 +274,25 @@ fn write_secret(path: &Path, data: &str) -> Result<(), TlsError> {
     f.write_all(data.as_bytes()).map_err(io)
 }
 
+/// Writes a new encryption key spec (`1:64-hex`) to `path`, readable by its owner only. Never overwrites: a key
+/// file replaced is every PIN sealed under it lost.
+pub fn write_new_key(path: &Path) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| TlsError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let spec = crate::store::crypto::PinCipher::generate_spec().map_err(|e| TlsError::Generate(e.to_string()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(spec.as_bytes()).map_err(io)
+}
+
 fn write_public(path: &Path, data: &str) -> Result<(), TlsError> {
     std::fs::write(path, data).map_err(|source| TlsError::Io {
         path: path.display().to_string(),

@@ -174,3 +174,21 @@ fn gateway_without_config_or_command_says_what_to_give() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn certs_key_writes_a_private_key_file_and_never_overwrites_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("pingate-cli-key-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("journal.keys");
+    let out = pingate(&["certs", "key", file.to_str().unwrap()], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let spec = std::fs::read_to_string(&file).unwrap();
+    assert!(pingate::store::crypto::PinCipher::from_spec(&spec).is_ok(), "{spec}");
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    let again = pingate(&["certs", "key", file.to_str().unwrap()], None);
+    assert!(!again.status.success());
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), spec, "the key is untouched");
+    let _ = std::fs::remove_dir_all(&dir);
+}
