@@ -992,3 +992,22 @@ async fn reservations_the_journal_never_saw_are_released_at_start() {
     gw.stop().await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn an_idle_terminal_connection_is_closed() {
+    let (_inv, server, gw) = setup("idle", 50, 5, 5, ("", "idle_timeout_ms = 1000")).await;
+    let mut idle = gw.terminal().await.unwrap();
+    // Nothing sent: closed after the idle timeout (the test's own timeout bounds the wait).
+    let closed = tokio::time::timeout(Duration::from_secs(10), idle.recv_frame())
+        .await
+        .expect("closed in time");
+    assert!(matches!(closed, Ok(None) | Err(_)));
+    // Other terminals are served meanwhile.
+    let mut other = gw.terminal().await.unwrap();
+    assert_eq!(
+        code(&other.call(&term(1).sale(&spec(1, ON_DEMAND), false)).await.unwrap()),
+        "00"
+    );
+    gw.stop().await;
+    server.stop().await;
+}
