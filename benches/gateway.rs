@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pingate::demo::{
-    start_server, GatewayFiles, GatewayHandle, Inventory, ProductMode, SampleProduct, DIALECT, FRAMING,
+    sample_modes, sample_products, start_server, GatewayFiles, GatewayHandle, Inventory, DIALECT, FRAMING,
 };
 use pingate::gateway::StartOptions;
 use pingate::iso8583::{Dialect, Dialects};
@@ -90,38 +90,6 @@ fn workdir(name: &str) -> PathBuf {
     d
 }
 
-fn products(pins: usize) -> Vec<SampleProduct> {
-    vec![
-        SampleProduct {
-            code: "TOPUP-EU-10",
-            name: "Top-up",
-            amounts: vec![1000],
-            pins,
-        },
-        SampleProduct {
-            code: "GIFT-25",
-            name: "Gift",
-            amounts: vec![2500],
-            pins,
-        },
-    ]
-}
-
-fn modes(low: usize, high: usize) -> Vec<ProductMode> {
-    vec![
-        ProductMode {
-            code: "TOPUP-EU-10".into(),
-            amount: 1000,
-            prefetch: Some((low, high)),
-        },
-        ProductMode {
-            code: "GIFT-25".into(),
-            amount: 2500,
-            prefetch: None,
-        },
-    ]
-}
-
 async fn wait_cached(gw: &GatewayHandle, n: usize) {
     for _ in 0..3000 {
         if gw.gateway.stock().cache.iter().any(|l| l.cached >= n) {
@@ -165,7 +133,7 @@ fn main() {
         let need = |s: &str| a.scenarios.iter().any(|x| x == s);
         if need("prefetch") || need("on-demand") {
             let pins = 120_000 * a.seconds as usize;
-            let inv = Inventory::create(&workdir("load"), &["gw1"], &products(pins)).unwrap();
+            let inv = Inventory::create(&workdir("load"), &["gw1"], &sample_products(pins)).unwrap();
             let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
             let files = GatewayFiles::write(
                 &inv,
@@ -173,7 +141,7 @@ fn main() {
                 &[server.addr],
                 "127.0.0.1:0".parse().unwrap(),
                 a.connections,
-                &modes(50_000, 200_000),
+                &sample_modes(50_000, 200_000),
                 ("", "max_in_flight = 64"),
             )
             .unwrap();
@@ -204,7 +172,7 @@ fn main() {
             server.stop().await;
         }
         if need("slow-link") {
-            let inv = Inventory::create(&workdir("slow"), &["gw1"], &products(20_000)).unwrap();
+            let inv = Inventory::create(&workdir("slow"), &["gw1"], &sample_products(20_000)).unwrap();
             let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
             let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let proxy = l.local_addr().unwrap();
@@ -215,7 +183,7 @@ fn main() {
                 &[proxy],
                 "127.0.0.1:0".parse().unwrap(),
                 a.connections,
-                &modes(200, 5_000),
+                &sample_modes(200, 5_000),
                 ("", ""),
             )
             .unwrap();
@@ -246,7 +214,7 @@ fn main() {
 
 /// 10,000 idle terminal connections to a gateway running as its own process: its resident memory before and after.
 async fn idle(d: &Arc<Dialect>) {
-    let inv = Inventory::create(&workdir("idle"), &["gw1"], &products(100)).unwrap();
+    let inv = Inventory::create(&workdir("idle"), &["gw1"], &sample_products(100)).unwrap();
     let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let listen = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -258,7 +226,7 @@ async fn idle(d: &Arc<Dialect>) {
         &[server.addr],
         listen,
         1,
-        &modes(10, 10),
+        &sample_modes(10, 10),
         ("", "max_per_source = 20000"),
     )
     .unwrap();

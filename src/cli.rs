@@ -255,7 +255,8 @@ pub(crate) fn key_spec(keys: &KeyArgs) -> Result<String, String> {
     }
 }
 
-async fn server(args: ServerArgs) -> Result<String, String> {
+/// Logs of the long-running commands, on stderr.
+fn init_logging() {
     // Colours only for a person at a terminal; logs going to files or other programs stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
@@ -263,6 +264,10 @@ async fn server(args: ServerArgs) -> Result<String, String> {
         .with_ansi(ansi)
         .with_target(false)
         .try_init();
+}
+
+async fn server(args: ServerArgs) -> Result<String, String> {
+    init_logging();
     let keys = key_spec(&args.keys)?;
     let gateways = crate::tls::GatewayList::load(&args.gateways).map_err(|e| e.to_string())?;
     let tls = crate::tls::server_config(&args.cert, &args.key, &args.client_ca, gateways.clone())
@@ -296,12 +301,7 @@ async fn server(args: ServerArgs) -> Result<String, String> {
 }
 
 async fn gateway(config: PathBuf) -> Result<String, String> {
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .with_target(false)
-        .try_init();
+    init_logging();
     let cfg = crate::gateway::config::GatewayConfig::load(&config).map_err(|e| e.to_string())?;
     crate::gateway::run(cfg, shutdown_signal())
         .await

@@ -58,6 +58,23 @@ pub fn sample_products(pins: usize) -> Vec<SampleProduct> {
     ]
 }
 
+/// How the demo gateway sells the sample products: the top-up from the prefetch cache (`low`, `high`), the gift
+/// card on demand.
+pub fn sample_modes(low: usize, high: usize) -> Vec<ProductMode> {
+    vec![
+        ProductMode {
+            code: "TOPUP-EU-10".into(),
+            amount: 1000,
+            prefetch: Some((low, high)),
+        },
+        ProductMode {
+            code: "GIFT-25".into(),
+            amount: 2500,
+            prefetch: None,
+        },
+    ]
+}
+
 /// Certificates and a SQLite inventory in `dir`.
 pub struct Inventory {
     pub dir: PathBuf,
@@ -364,12 +381,7 @@ pub struct Report {
 }
 
 fn percentiles(v: &mut [Duration]) -> [f64; 3] {
-    if v.is_empty() {
-        return [0.0; 3];
-    }
-    v.sort();
-    let at = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1].as_secs_f64() * 1e3;
-    [at(0.5), at(0.95), at(0.99)]
+    [0.5, 0.95, 0.99].map(|q| crate::load::quantile_ms(v, q))
 }
 
 impl std::fmt::Display for Report {
@@ -424,18 +436,7 @@ pub async fn run(opts: DemoOptions) -> Result<Report, String> {
     let products = sample_products(opts.sales + 500);
     let inv = Inventory::create(&opts.dir, &["demo-gw"], &products)?;
     let server = start_server(&inv, "127.0.0.1:0".parse().expect("address")).await?;
-    let modes = vec![
-        ProductMode {
-            code: "TOPUP-EU-10".into(),
-            amount: 1000,
-            prefetch: Some((20, 200)),
-        },
-        ProductMode {
-            code: "GIFT-25".into(),
-            amount: 2500,
-            prefetch: None,
-        },
-    ];
+    let modes = sample_modes(20, 200);
     let files = GatewayFiles::write(
         &inv,
         "demo-gw",

@@ -94,13 +94,18 @@ impl LoadReport {
 
     /// Latency at quantile `q` (0..1), in milliseconds.
     pub fn quantile_ms(&mut self, q: f64) -> f64 {
-        if self.latencies.is_empty() {
-            return 0.0;
-        }
-        self.latencies.sort_unstable();
-        let i = ((self.latencies.len() as f64 * q).ceil() as usize).clamp(1, self.latencies.len()) - 1;
-        self.latencies[i].as_secs_f64() * 1e3
+        quantile_ms(&mut self.latencies, q)
     }
+}
+
+/// The latency at quantile `q` (0..1) of `v`, in milliseconds (0 for none); sorts `v`.
+pub fn quantile_ms(v: &mut [Duration], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_unstable();
+    let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i].as_secs_f64() * 1e3
 }
 
 /// Runs the load and reports. Errors of single connections end those connections only.

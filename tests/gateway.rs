@@ -1,6 +1,8 @@
 //! The gateway end to end: simulated terminals over real TCP, the gateway, real TLS 1.3 with real certificates to
 //! a PIN server on a real SQLite file. Crash tests run the gateway as its own process and kill it with SIGKILL.
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use pingate::demo::{start_server, GatewayFiles, GatewayHandle, Inventory, ProductMode, SampleProduct, ServerHandle};
+use pingate::demo::{
+    sample_modes, sample_products, start_server, GatewayFiles, GatewayHandle, Inventory, ServerHandle,
+};
 use pingate::gateway::StartOptions;
 use pingate::iso8583::Message;
 use pingate::psp::client::PspClient;
@@ -25,38 +29,6 @@ fn dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("pingate-gw-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d
-}
-
-fn products(pins: usize) -> Vec<SampleProduct> {
-    vec![
-        SampleProduct {
-            code: PREFETCH,
-            name: "Top-up",
-            amounts: vec![1000],
-            pins,
-        },
-        SampleProduct {
-            code: ON_DEMAND,
-            name: "Gift",
-            amounts: vec![2500],
-            pins,
-        },
-    ]
-}
-
-fn modes(low: usize, high: usize) -> Vec<ProductMode> {
-    vec![
-        ProductMode {
-            code: PREFETCH.into(),
-            amount: 1000,
-            prefetch: Some((low, high)),
-        },
-        ProductMode {
-            code: ON_DEMAND.into(),
-            amount: 2500,
-            prefetch: None,
-        },
-    ]
 }
 
 fn term(n: usize) -> Identity {
@@ -112,7 +84,7 @@ async fn setup(
     high: usize,
     extra: (&str, &str),
 ) -> (Inventory, ServerHandle, GatewayHandle) {
-    let inv = Inventory::create(&dir(name), &["gw1", "gw2", "obs"], &products(pins)).unwrap();
+    let inv = Inventory::create(&dir(name), &["gw1", "gw2", "obs"], &sample_products(pins)).unwrap();
     let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let files = GatewayFiles::write(
         &inv,
@@ -120,7 +92,7 @@ async fn setup(
         &[server.addr],
         "127.0.0.1:0".parse().unwrap(),
         8,
-        &modes(low, high),
+        &sample_modes(low, high),
         extra,
     )
     .unwrap();
@@ -488,7 +460,7 @@ async fn admin_stock(admin: SocketAddr) -> serde_json::Value {
 
 #[tokio::test]
 async fn gateway_kill_9_with_a_full_cache_and_unconfirmed_sales_loses_nothing() {
-    let inv = Inventory::create(&dir("kill9"), &["gw1", "obs"], &products(100)).unwrap();
+    let inv = Inventory::create(&dir("kill9"), &["gw1", "obs"], &sample_products(100)).unwrap();
     let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let server_addr = server.addr;
     let listen = free_port();
@@ -499,7 +471,7 @@ async fn gateway_kill_9_with_a_full_cache_and_unconfirmed_sales_loses_nothing() 
         &[server_addr],
         listen,
         2,
-        &modes(30, 30),
+        &sample_modes(30, 30),
         (&format!("admin = \"{admin}\""), ""),
     )
     .unwrap();
@@ -678,10 +650,6 @@ async fn a_late_repeat_of_an_unconfirmed_cache_sale_gets_the_same_pin_never_a_se
 
 // ---- several gateways, several PIN servers on one PostgreSQL ----
 
-fn pg_base() -> String {
-    std::env::var("PINGATE_TEST_PG_SERVER").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_two_servers_one_postgresql_with_failover_sell_each_pin_once() {
     use pingate::store::crypto::PinCipher;
@@ -690,16 +658,7 @@ async fn two_gateways_two_servers_one_postgresql_with_failover_sell_each_pin_onc
     use pingate::store::{NewPin, Product};
 
     let dbname = format!("pingate_gw_{}", std::process::id());
-    let (admin, conn) = tokio_postgres::connect(&format!("{}/postgres", pg_base()), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {dbname} WITH (FORCE)"))
-        .await
-        .unwrap();
-    admin.batch_execute(&format!("CREATE DATABASE {dbname}")).await.unwrap();
-    let url = format!("{}/{dbname}", pg_base());
+    let (admin, url) = common::fresh_database(&dbname).await;
 
     // Certificates for two gateways (and the observer); the inventory in PostgreSQL.
     let inv = Inventory::create(&dir("pg-two"), &["gw1", "gw2", "obs"], &[]).unwrap();
@@ -745,7 +704,7 @@ async fn two_gateways_two_servers_one_postgresql_with_failover_sell_each_pin_onc
             &servers,
             "127.0.0.1:0".parse().unwrap(),
             4,
-            &modes(10, 40),
+            &sample_modes(10, 40),
             ("response_deadline_ms = 5000", ""),
         )
         .unwrap();
@@ -822,10 +781,7 @@ async fn two_gateways_two_servers_one_postgresql_with_failover_sell_each_pin_onc
         );
     }
     b.stop().await;
-    admin
-        .batch_execute(&format!("DROP DATABASE {dbname} WITH (FORCE)"))
-        .await
-        .unwrap();
+    common::drop_database(&admin, &dbname).await;
 }
 
 /// A TCP relay that can be switched into a black hole: bytes are read and dropped both ways (a server that hangs
@@ -864,7 +820,7 @@ async fn relay(target: SocketAddr, hole: Arc<std::sync::atomic::AtomicBool>) -> 
 #[tokio::test]
 async fn a_hung_server_costs_a_terminal_the_deadline_then_nothing_and_no_pin_is_lost() {
     use std::sync::atomic::Ordering;
-    let inv = Inventory::create(&dir("hung"), &["gw1", "obs"], &products(100)).unwrap();
+    let inv = Inventory::create(&dir("hung"), &["gw1", "obs"], &sample_products(100)).unwrap();
     let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let hole = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let via = relay(server.addr, hole.clone()).await;
@@ -874,7 +830,7 @@ async fn a_hung_server_costs_a_terminal_the_deadline_then_nothing_and_no_pin_is_
         &[via],
         "127.0.0.1:0".parse().unwrap(),
         2,
-        &modes(5, 5),
+        &sample_modes(5, 5),
         ("response_deadline_ms = 1000", ""),
     )
     .unwrap();
@@ -944,7 +900,7 @@ async fn keep_cache_on_shutdown_keeps_the_pins_for_the_next_start() {
 
 #[tokio::test]
 async fn reservations_the_journal_never_saw_are_released_at_start() {
-    let inv = Inventory::create(&dir("reconcile"), &["gw1", "obs"], &products(100)).unwrap();
+    let inv = Inventory::create(&dir("reconcile"), &["gw1", "obs"], &sample_products(100)).unwrap();
     let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     // A reserve whose answer never reached the journal (cut off, or a crash right after): made here directly
     // with the gateway's own certificate.
@@ -976,7 +932,7 @@ async fn reservations_the_journal_never_saw_are_released_at_start() {
         &[server.addr],
         "127.0.0.1:0".parse().unwrap(),
         1,
-        &modes(5, 5),
+        &sample_modes(5, 5),
         ("", ""),
     )
     .unwrap();

@@ -261,23 +261,10 @@ async fn sqlite_server_killed_mid_load_loses_no_acknowledged_sale() {
     assert!(status.success(), "{status}");
 }
 
-fn pg_base() -> String {
-    std::env::var("PINGATE_TEST_PG_SERVER").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_server_processes_share_one_postgresql_inventory_without_duplicates() {
     let dbname = format!("pingate_proc_{}", std::process::id());
-    let (admin, conn) = tokio_postgres::connect(&format!("{}/postgres", pg_base()), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {dbname} WITH (FORCE)"))
-        .await
-        .unwrap();
-    admin.batch_execute(&format!("CREATE DATABASE {dbname}")).await.unwrap();
-    let db = format!("{}/{dbname}", pg_base());
+    let (admin, db) = fresh_database(&dbname).await;
     let (_dir, certs) = setup("pg", &db, 2_400);
     let (mut a, addr_a) = start_server(&db, &certs);
     let (mut b, addr_b) = start_server(&db, &certs);
@@ -335,8 +322,5 @@ async fn two_server_processes_share_one_postgresql_inventory_without_duplicates(
         (800, 1600),
         "{stock}"
     );
-    admin
-        .batch_execute(&format!("DROP DATABASE {dbname} WITH (FORCE)"))
-        .await
-        .unwrap();
+    drop_database(&admin, &dbname).await;
 }

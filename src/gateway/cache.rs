@@ -69,7 +69,7 @@ impl Slot {
     /// The smoothed rate, or the sales of the window in progress when they are a burst (at least the low mark
     /// already): a burst is seen within its window, not a second later, while a few sales of a quiet product do
     /// not make it look hot.
-    fn rate_now(&self, _now: Instant) -> f64 {
+    fn rate_now(&self) -> f64 {
         if self.window_sales as usize >= self.low.max(5) {
             self.rate.max(self.window_sales as f64 / WINDOW.as_secs_f64())
         } else {
@@ -77,12 +77,12 @@ impl Slot {
         }
     }
 
-    fn due_under(&self, lead: Duration, now: Instant) -> usize {
-        self.low.max((self.rate_now(now) * lead.as_secs_f64()).ceil() as usize)
+    fn due_under(&self, lead: Duration) -> usize {
+        self.low.max((self.rate_now() * lead.as_secs_f64()).ceil() as usize)
     }
 
-    fn target(&self, cover: Duration, now: Instant) -> usize {
-        ((self.rate_now(now) * cover.as_secs_f64()).ceil() as usize).clamp(self.low, self.high)
+    fn target(&self, cover: Duration) -> usize {
+        ((self.rate_now() * cover.as_secs_f64()).ceil() as usize).clamp(self.low, self.high)
     }
 }
 
@@ -192,10 +192,10 @@ impl PinCache {
         let mut out = Vec::new();
         for ((code, amount), s) in self.slots.iter_mut() {
             s.roll(now);
-            if s.refilling || s.pins.len() >= s.due_under(lead, now) {
+            if s.refilling || s.pins.len() >= s.due_under(lead) {
                 continue;
             }
-            let want = s.target(cover, now).saturating_sub(s.pins.len()).min(MAX_RESERVE);
+            let want = s.target(cover).saturating_sub(s.pins.len()).min(MAX_RESERVE);
             if want > 0 {
                 s.refilling = true;
                 out.push((code.clone(), *amount, want));
@@ -249,8 +249,8 @@ impl PinCache {
                     cached: s.pins.len(),
                     low: s.low,
                     high: s.high,
-                    target: s.target(cover, now),
-                    rate_per_sec: (s.rate_now(now) * 10.0).round() / 10.0,
+                    target: s.target(cover),
+                    rate_per_sec: (s.rate_now() * 10.0).round() / 10.0,
                     hits: s.hits,
                     misses: s.misses,
                 }

@@ -465,15 +465,15 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> JournalError + '_ {
 /// Records read back, each with its frame.
 type Framed = Vec<(Record, Vec<u8>)>;
 
-/// Reads a journal: the records, the offset where valid frames end, and the bytes after it (a torn tail).
-fn read_records(path: &Path, cipher: &PinCipher) -> Result<(Framed, u64, u64), JournalError> {
+/// Reads a journal: the records, and how many bytes followed the last valid one (a torn tail, cut off).
+fn read_records(path: &Path, cipher: &PinCipher) -> Result<(Framed, u64), JournalError> {
     let mut data = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut data))
         .map_err(io(path))?;
     if data.len() < MAGIC.len() {
         // A crash while creating the file: nothing was ever acknowledged from it.
-        return Ok((Vec::new(), 0, data.len() as u64));
+        return Ok((Vec::new(), data.len() as u64));
     }
     if &data[..4] != MAGIC {
         return Err(JournalError::NotAJournal { path: path.into() });
@@ -515,7 +515,7 @@ fn read_records(path: &Path, cipher: &PinCipher) -> Result<(Framed, u64, u64), J
         let aside = path.with_extension(format!("tail-{}", crate::store::unix_now()));
         std::fs::write(&aside, &data[at..]).map_err(io(&aside))?;
     }
-    Ok((records, at as u64, torn))
+    Ok((records, torn))
 }
 
 /// Whether a whole frame with a valid checksum starts anywhere at or after `from`.
@@ -561,10 +561,10 @@ impl Journal {
         cipher: Arc<PinCipher>,
         opts: JournalOptions,
     ) -> Result<(Journal, Recovered), JournalError> {
-        let (records, _end, torn_bytes) = if path.exists() {
+        let (records, torn_bytes) = if path.exists() {
             read_records(path, &cipher)?
         } else {
-            (Vec::new(), 0, 0)
+            (Vec::new(), 0)
         };
         let mut live = Live::default();
         let mut pins: HashMap<i64, CachedPin> = HashMap::new();

@@ -341,6 +341,15 @@ pub fn code_for(e: &UpstreamError) -> ResponseCode {
     }
 }
 
+/// The response code for a sale the journal did not take: late (a stalled disk) is "try again", failed is a
+/// system error. Beside [`code_for`]: the two places the terminal's code is decided.
+fn code_for_journal(e: &journal::JournalError) -> ResponseCode {
+    match e {
+        journal::JournalError::Late => ResponseCode::ServerUnavailable,
+        _ => ResponseCode::SystemError,
+    }
+}
+
 fn receipt_of(p: &crate::psp::PinOut) -> PinReceipt {
     PinReceipt {
         pin: p.pin.clone(),
@@ -579,7 +588,7 @@ impl Gateway {
         if s.repeat {
             self.stats.repeats.fetch_add(1, Ordering::Relaxed);
         }
-        let outcome = Arc::new(self.sell(&s, &entry, deadline).await);
+        let outcome = Arc::new(self.sell(&s, deadline).await);
         entry.settle(outcome.clone());
         // A reversal that came meanwhile overruled the sale: the original request is answered as the sale now
         // stands, never with a PIN being voided.
@@ -671,7 +680,7 @@ impl Gateway {
     }
 
     /// One PIN for a new sale: from the cache, else from the server.
-    async fn sell(&self, s: &SaleRequest, entry: &Arc<Entry>, deadline: Instant) -> Outcome {
+    async fn sell(&self, s: &SaleRequest, deadline: Instant) -> Outcome {
         let record = self.sale_record(s);
         let amount = s.amount as i64;
         // A repeat (0201) of a sale this gateway no longer remembers goes to the server, which knows every key it
@@ -703,17 +712,13 @@ impl Gateway {
                     self.journal.append_lazy(vec![Record::Reverse { key: key.clone() }]);
                     self.enqueue(Job::Confirm { pin_id, sale: record });
                     self.enqueue(Job::Reverse { key });
-                    return Outcome::Declined(match e {
-                        journal::JournalError::Late => ResponseCode::ServerUnavailable,
-                        _ => ResponseCode::SystemError,
-                    });
+                    return Outcome::Declined(code_for_journal(&e));
                 }
                 self.stats.sales_from_cache.fetch_add(1, Ordering::Relaxed);
                 let receipt = receipt_of(&pin.pin);
                 let outcome = Outcome::Approved { pin_id, receipt };
                 // Until the confirm is acknowledged only this gateway knows the sale: the queue holds its entry
                 // (see `enqueue`) so a repeat, however late, gets this PIN and never a second one.
-                let _ = entry;
                 self.enqueue(Job::Confirm { pin_id, sale: record });
                 outcome
             }
@@ -735,10 +740,7 @@ impl Gateway {
         {
             // Nothing was asked of the server (a late `asked` only causes a harmless remembered reversal).
             tracing::error!(error = %e, "journal did not take an on-demand sale; refused");
-            return Outcome::Declined(match e {
-                journal::JournalError::Late => ResponseCode::ServerUnavailable,
-                _ => ResponseCode::SystemError,
-            });
+            return Outcome::Declined(code_for_journal(&e));
         }
         // Leave time to journal the outcome and write the answer before the terminal's deadline.
         let margin = (self.cfg.response_deadline / 20).min(Duration::from_millis(500));
@@ -962,14 +964,8 @@ impl Gateway {
                         Sent::Failed | Sent::Refused => {
                             // A refusal will not change by retrying soon: it waits the longest backoff.
                             q.attempts = if sent == Sent::Refused { 30 } else { q.attempts + 1 };
-                            let wait = upstream::backoff(
-                                &upstream::UpstreamOptions {
-                                    backoff_min: Duration::from_millis(200),
-                                    backoff_max: Duration::from_secs(60),
-                                    ..upstream::UpstreamOptions::default()
-                                },
-                                q.attempts,
-                            );
+                            let wait =
+                                upstream::backoff(Duration::from_millis(200), Duration::from_secs(60), q.attempts);
                             f.later(q, Instant::now() + wait);
                         }
                     }

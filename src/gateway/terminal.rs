@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -113,7 +113,7 @@ pub async fn run(
             async move {
                 let _permit = permit;
                 let _source = SourceGuard(&ps, peer.ip());
-                if let Err(e) = connection(stream, peer, &cfg, dialect, gw, stop).await {
+                if let Err(e) = connection(stream, &cfg, dialect, gw, stop).await {
                     tracing::debug!(error = %e, "connection ended");
                 }
             }
@@ -132,7 +132,6 @@ type Outgoing = (Frame, Option<SaleKey>);
 
 async fn connection(
     stream: TcpStream,
-    _peer: SocketAddr,
     cfg: &ListenerConfig,
     dialect: Arc<Dialect>,
     gw: Arc<Gateway>,

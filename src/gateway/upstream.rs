@@ -246,7 +246,7 @@ impl Upstream {
                 }
                 Err(_) => tracing::warn!(server = %slot.server.addr, conn = c, "connect to PIN server timed out"),
             }
-            let wait = backoff(&self.opts, attempt);
+            let wait = backoff(self.opts.backoff_min, self.opts.backoff_max, attempt);
             attempt = attempt.saturating_add(1);
             tokio::select! {
                 _ = self.stop.cancelled() => return,
@@ -423,13 +423,10 @@ impl Upstream {
     }
 }
 
-/// The wait before reconnect attempt `attempt`: exponential from `backoff_min`, capped at `backoff_max`, then a
-/// random half to the whole of it (so that gateways cut off together do not come back together).
-pub fn backoff(opts: &UpstreamOptions, attempt: u32) -> Duration {
-    let base = opts
-        .backoff_min
-        .saturating_mul(1u32 << attempt.min(16))
-        .min(opts.backoff_max);
+/// The wait before retry `attempt`: exponential from `min`, capped at `max`, then a random half to the whole of it
+/// (so that gateways cut off together do not come back together).
+pub fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
+    let base = min.saturating_mul(1u32 << attempt.min(16)).min(max);
     let mut r = [0u8; 4];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r);
     let frac = 0.5 + (u32::from_le_bytes(r) as f64 / u32::MAX as f64) / 2.0;
@@ -465,10 +462,10 @@ mod tests {
         let o = UpstreamOptions::default();
         for a in 0..30 {
             let exp = o.backoff_min.saturating_mul(1u32 << a.min(16)).min(o.backoff_max);
-            let w = backoff(&o, a);
+            let w = backoff(o.backoff_min, o.backoff_max, a);
             assert!(w <= exp && w >= exp / 2, "attempt {a}: {w:?} vs {exp:?}");
         }
-        let waits: std::collections::HashSet<_> = (0..20).map(|_| backoff(&o, 5)).collect();
+        let waits: std::collections::HashSet<_> = (0..20).map(|_| backoff(o.backoff_min, o.backoff_max, 5)).collect();
         assert!(waits.len() > 1, "jitter");
     }
 }

@@ -50,3 +50,30 @@ pub fn topup(amounts: &[i64]) -> Product {
         denominations: amounts.to_vec(),
     }
 }
+
+/// The PostgreSQL server the tests use (`PINGATE_TEST_PG_SERVER` overrides), without a database name.
+pub fn pg_base() -> String {
+    std::env::var("PINGATE_TEST_PG_SERVER").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// A PostgreSQL database of the test's own, created empty (dropped first if a failed run left it behind): a client
+/// on the `postgres` database to drop it with ([`drop_database`]), and the new database's URL.
+pub async fn fresh_database(name: &str) -> (tokio_postgres::Client, String) {
+    let (admin, conn) = tokio_postgres::connect(&format!("{}/postgres", pg_base()), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .unwrap();
+    admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+    (admin, format!("{}/{name}", pg_base()))
+}
+
+pub async fn drop_database(admin: &tokio_postgres::Client, name: &str) {
+    admin
+        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
