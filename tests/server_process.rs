@@ -7,7 +7,7 @@ use common::*;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
@@ -92,15 +92,18 @@ fn setup(name: &str, db: &str, pins: usize) -> (Dir, CertsDir) {
     let file = dir.join("pins.csv");
     std::fs::write(&file, &csv).unwrap();
     let keys = certs.join("pin-keys");
-    let (success, out, err) = pingate(&[
-        "pins",
-        "import",
-        "--db",
-        db,
-        "--pin-keys",
-        keys.to_str().unwrap(),
-        file.to_str().unwrap(),
-    ]);
+    let import = |file: &Path| {
+        pingate(&[
+            "pins",
+            "import",
+            "--db",
+            db,
+            "--pin-keys",
+            keys.to_str().unwrap(),
+            file.to_str().unwrap(),
+        ])
+    };
+    let (success, out, err) = import(&file);
     assert!(success, "{err}");
     assert!(out.contains(&format!("imported {pins} PINs")), "{out}");
     // A second import of a file with one bad row is rejected whole, naming the line; the stock is unchanged.
@@ -108,15 +111,7 @@ fn setup(name: &str, db: &str, pins: usize) -> (Dir, CertsDir) {
     bad.push_str("TOPUP,1000,123412341234,NEW0001,,\n");
     bad.push_str(&format!("TOPUP,1000,999912341234,SER{:07},,\n", 0));
     std::fs::write(dir.join("bad.csv"), bad).unwrap();
-    let (success, _, err) = pingate(&[
-        "pins",
-        "import",
-        "--db",
-        db,
-        "--pin-keys",
-        keys.to_str().unwrap(),
-        dir.join("bad.csv").to_str().unwrap(),
-    ]);
+    let (success, _, err) = import(&dir.join("bad.csv"));
     assert!(!success);
     assert!(err.contains("line 3: duplicate serial `SER0000000`"), "{err}");
     let stock = ok(&["pins", "stock", "--db", db]);
@@ -308,11 +303,7 @@ async fn two_server_processes_share_one_postgresql_inventory_without_duplicates(
     for t in tasks {
         all.extend(t.await.unwrap());
     }
-    let n = all.len();
-    all.sort();
-    all.dedup();
-    assert_eq!(n, 16 * 50 * 3);
-    assert_eq!(all.len(), n, "a PIN was handed out twice across two servers");
+    assert_eq!(assert_each_pin_once(all, "across two servers"), 16 * 50 * 3);
     signal(&a, "-TERM");
     signal(&b, "-TERM");
     assert!(a.0.wait().unwrap().success() && b.0.wait().unwrap().success());

@@ -336,11 +336,7 @@ async fn many_connections_never_share_a_pin() {
     for t in tasks {
         all.extend(t.await.unwrap());
     }
-    let n = all.len();
-    all.sort();
-    all.dedup();
-    assert_eq!(all.len(), n, "a PIN was handed out twice");
-    assert_eq!(n, 1_500);
+    assert_eq!(assert_each_pin_once(all, "by concurrent sessions"), 1_500);
     let s = schema.open().await;
     assert_eq!(count(&s, PinState::Sold).await, 600);
     assert_eq!(count(&s, PinState::Reserved).await, 900);

@@ -77,3 +77,12 @@ pub async fn drop_database(admin: &tokio_postgres::Client, name: &str) {
         .await
         .unwrap();
 }
+
+/// Asserts no PIN id is in `ids` twice (`what` says where they came from); returns how many there are.
+pub fn assert_each_pin_once(mut ids: Vec<i64>, what: &str) -> usize {
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "a PIN was handed out twice {what}");
+    n
+}
