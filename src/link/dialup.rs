@@ -1,0 +1,780 @@
+//! The dial-up link, host side: the half-duplex `STX data ETX LRC` protocol of modem-attached terminals (Visa-1
+//! style), as a state machine without I/O. Bytes from the line and the current time go in; bytes to send, events and
+//! the next deadline come out. `protocols/dialup-link.md` describes it byte by byte.
+//!
+//! A call, as the host sees it: after the modem connects, the host sends ENQ (every `enq_interval`, at most
+//! `enq_max` times) until the terminal sends a frame. A good frame is ACKed and handed up as a [`LinkEvent::Request`];
+//! a bad one (LRC, parity, too long, not finished in time) is NAKed, and after `max_naks` bad frames in a row the host
+//! sends EOT and ends the call. The answer goes back the same way, sent again on NAK or when no ACK comes within the
+//! ACK timeout (counted from when the last byte is on the wire at the line's speed), at most `max_sends` times. After
+//! an ACKed answer the terminal either sends EOT (the call is over) or another frame (a second message in the call).
+//!
+//! What "delivered" means matters for money: an answer carrying a PIN counts as delivered only when the terminal ACKs
+//! it ([`LinkEvent::Delivered`]). Every other ending ([`LinkEvent::Undelivered`], or the call ending while the answer
+//! is still being built) leaves the sale to be reversed by the caller.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Start of text: opens a frame.
+pub const STX: u8 = 0x02;
+/// End of text: closes a frame's data; the LRC follows.
+pub const ETX: u8 = 0x03;
+/// End of transmission: the call is over.
+pub const EOT: u8 = 0x04;
+/// Enquiry: the host asks the terminal to send.
+pub const ENQ: u8 = 0x05;
+/// Positive acknowledgement of a frame.
+pub const ACK: u8 = 0x06;
+/// Negative acknowledgement: send the frame again.
+pub const NAK: u8 = 0x15;
+
+/// The longitudinal redundancy check: XOR of every byte after STX up to and including ETX.
+pub fn lrc(data: &[u8]) -> u8 {
+    data.iter().fold(ETX, |acc, b| acc ^ b)
+}
+
+/// `STX data ETX LRC`.
+pub fn frame(data: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(data.len() + 3);
+    b.put_u8(STX);
+    b.put_slice(data);
+    b.put_u8(ETX);
+    b.put_u8(lrc(data));
+    b.freeze()
+}
+
+/// Timers and limits of the link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkConfig {
+    /// The host sends ENQ to start (modem lines). When false (terminals wired directly), the host waits for STX.
+    pub send_enq: bool,
+    /// From the start of the call to the first ENQ.
+    pub enq_delay: Duration,
+    /// Between ENQs.
+    pub enq_interval: Duration,
+    /// ENQs sent without a frame coming back before the host gives up (EOT).
+    pub enq_max: u32,
+    /// A frame, once STX came, must be complete (LRC included) within this, and after a NAK the next frame must start
+    /// within it.
+    pub frame_timeout: Duration,
+    /// How long the host waits for ACK or NAK after the last byte of its answer is on the wire.
+    pub ack_timeout: Duration,
+    /// Bad frames in a row before the host sends EOT.
+    pub max_naks: u32,
+    /// Times the host sends its answer before it gives up.
+    pub max_sends: u32,
+    /// After an ACKed answer, how long the host waits for EOT or another frame before it ends the call.
+    pub idle_timeout: Duration,
+    /// Largest frame data (TPDU and message) accepted; a longer frame is NAKed.
+    pub max_frame: usize,
+    /// Line speed in bits per second, to know when an answer has left (10 bits per byte: 8N1 or 7E1).
+    pub baud: u32,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            send_enq: true,
+            enq_delay: Duration::ZERO,
+            enq_interval: Duration::from_secs(1),
+            enq_max: 10,
+            frame_timeout: Duration::from_secs(10),
+            ack_timeout: Duration::from_secs(1),
+            max_naks: 3,
+            max_sends: 3,
+            idle_timeout: Duration::from_secs(15),
+            max_frame: 2048,
+            baud: 2400,
+        }
+    }
+}
+
+impl LinkConfig {
+    /// Time `n` bytes take on the wire.
+    pub fn wire_time(&self, n: usize) -> Duration {
+        Duration::from_micros(n as u64 * 10 * 1_000_000 / u64::from(self.baud.max(1)))
+    }
+}
+
+/// Why a frame was refused with NAK.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FrameFault {
+    /// The LRC byte does not match the data.
+    #[error("LRC is 0x{found:02X}, the data gives 0x{expected:02X}")]
+    BadLrc { expected: u8, found: u8 },
+    /// A byte of the frame had the wrong parity (lines with software parity).
+    #[error("parity error at byte {offset} of the frame")]
+    Parity { offset: usize },
+    /// More data than `max_frame` before ETX.
+    #[error("frame longer than {max} bytes")]
+    TooLong { max: usize },
+    /// STX came but the frame was not complete within the frame timeout.
+    #[error("frame not complete in time ({received} bytes received)")]
+    Timeout { received: usize },
+    /// A frame with nothing between STX and ETX.
+    #[error("empty frame")]
+    Empty,
+}
+
+/// Why a call ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndReason {
+    /// The terminal sent EOT.
+    Eot,
+    /// No frame came: ENQs unanswered, or no frame after a NAK within the frame timeout.
+    NoRequest,
+    /// `max_naks` bad frames in a row; the host sent EOT.
+    TooManyNaks,
+    /// The answer was not ACKed after `max_sends` tries; the host sent EOT.
+    NotAcknowledged,
+    /// Nothing came within the idle timeout after an ACKed answer; the host sent EOT.
+    Idle,
+    /// The carrier went (told by the caller).
+    CarrierLost,
+}
+
+/// What the link tells its caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// A good frame's data (TPDU and message), already ACKed. Answer it with [`DialupLink::respond`].
+    Request(Bytes),
+    /// A bad frame was NAKed.
+    Rejected(FrameFault),
+    /// The terminal ACKed the answer.
+    Delivered,
+    /// The answer was given to the link but the terminal never ACKed it (sends exhausted, EOT or carrier lost).
+    Undelivered,
+    /// The call is over; hang up.
+    Ended(EndReason),
+}
+
+/// Reads one frame after STX.
+#[derive(Debug)]
+struct FrameReader {
+    buf: Vec<u8>,
+    deadline: Instant,
+    /// ETX seen; the next byte is the LRC.
+    want_lrc: bool,
+    overflow: bool,
+    parity: Option<usize>,
+}
+
+enum Read {
+    More,
+    Good(Vec<u8>),
+    Bad(FrameFault),
+}
+
+impl FrameReader {
+    fn feed(&mut self, b: u8, max: usize) -> Read {
+        if self.want_lrc {
+            let data = std::mem::take(&mut self.buf);
+            if self.overflow {
+                return Read::Bad(FrameFault::TooLong { max });
+            }
+            if let Some(offset) = self.parity {
+                return Read::Bad(FrameFault::Parity { offset });
+            }
+            let expected = lrc(&data);
+            if expected != b {
+                return Read::Bad(FrameFault::BadLrc { expected, found: b });
+            }
+            if data.is_empty() {
+                return Read::Bad(FrameFault::Empty);
+            }
+            return Read::Good(data);
+        }
+        if b == ETX {
+            self.want_lrc = true;
+        } else if self.buf.len() < max {
+            self.buf.push(b);
+        } else {
+            // Keep reading to ETX so that the NAK comes after the frame, but store nothing more.
+            self.overflow = true;
+        }
+        Read::More
+    }
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Sending ENQs until a frame starts.
+    Enquiring { next: Instant, sent: u32 },
+    /// Waiting for a frame (direct lines: without a deadline).
+    Waiting { deadline: Option<Instant> },
+    /// A request was handed up; waiting for [`DialupLink::respond`].
+    Processing,
+    /// The answer is out; waiting for ACK or NAK.
+    Sending { frame: Bytes, sends: u32, deadline: Instant },
+    /// The answer was ACKed; waiting for EOT or another frame.
+    After { deadline: Instant },
+    Ended(EndReason),
+}
+
+/// The host side of one call on a dial-up (or directly wired STX/ETX) line.
+#[derive(Debug)]
+pub struct DialupLink {
+    cfg: LinkConfig,
+    phase: Phase,
+    reader: Option<FrameReader>,
+    naks: u32,
+    last_request: Option<Vec<u8>>,
+    out: BytesMut,
+    events: VecDeque<LinkEvent>,
+}
+
+impl DialupLink {
+    /// A call that starts now (the modem just connected, or a direct line was opened).
+    pub fn new(cfg: LinkConfig, now: Instant) -> DialupLink {
+        let phase = if cfg.send_enq {
+            Phase::Enquiring {
+                next: now + cfg.enq_delay,
+                sent: 0,
+            }
+        } else {
+            Phase::Waiting { deadline: None }
+        };
+        DialupLink {
+            cfg,
+            phase,
+            reader: None,
+            naks: 0,
+            last_request: None,
+            out: BytesMut::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Bytes received from the line (parity already stripped).
+    pub fn handle_input(&mut self, bytes: &[u8], now: Instant) {
+        for &b in bytes {
+            if matches!(self.phase, Phase::Ended(_)) {
+                return;
+            }
+            self.byte(b, now);
+        }
+    }
+
+    /// The last byte given to [`handle_input`](Self::handle_input) had a parity error: the frame it belongs to is
+    /// refused when it ends.
+    pub fn parity_error(&mut self) {
+        if let Some(r) = &mut self.reader {
+            let offset = r.buf.len().saturating_sub(1);
+            r.parity.get_or_insert(offset);
+        }
+    }
+
+    /// Timers: call at (or after) [`poll_timeout`](Self::poll_timeout).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(r) = &self.reader {
+            if now >= r.deadline {
+                let received = r.buf.len();
+                self.reader = None;
+                self.bad_frame(FrameFault::Timeout { received }, now);
+                return;
+            }
+        }
+        match &mut self.phase {
+            Phase::Enquiring { next, sent } if self.reader.is_none() && now >= *next => {
+                if *sent >= self.cfg.enq_max {
+                    self.end_with_eot(EndReason::NoRequest);
+                } else {
+                    *sent += 1;
+                    *next = now + self.cfg.enq_interval;
+                    self.out.put_u8(ENQ);
+                }
+            }
+            Phase::Waiting { deadline: Some(d) } if self.reader.is_none() && now >= *d => {
+                self.end_with_eot(EndReason::NoRequest)
+            }
+            Phase::Sending { deadline, .. } if now >= *deadline => self.resend(now),
+            Phase::After { deadline } if self.reader.is_none() && now >= *deadline => {
+                self.end_with_eot(EndReason::Idle)
+            }
+            _ => {}
+        }
+    }
+
+    /// The answer to the last [`LinkEvent::Request`]; `data` is TPDU and message. Returns false (and sends
+    /// nothing) when the link is not waiting for an answer: the call ended meanwhile, and the answer is undelivered.
+    pub fn respond(&mut self, data: &[u8], now: Instant) -> bool {
+        if !matches!(self.phase, Phase::Processing) {
+            return false;
+        }
+        let f = frame(data);
+        self.out.put_slice(&f);
+        let deadline = now + self.cfg.wire_time(f.len()) + self.cfg.ack_timeout;
+        self.phase = Phase::Sending {
+            frame: f,
+            sends: 1,
+            deadline,
+        };
+        true
+    }
+
+    /// The carrier went: the call ends without a word on the line.
+    pub fn carrier_lost(&mut self) {
+        if !matches!(self.phase, Phase::Ended(_)) {
+            self.end(EndReason::CarrierLost);
+        }
+    }
+
+    /// Bytes to write to the line, if any.
+    pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        (!self.out.is_empty()).then(|| self.out.split().freeze())
+    }
+
+    pub fn poll_event(&mut self) -> Option<LinkEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let phase = match &self.phase {
+            Phase::Enquiring { next, .. } if self.reader.is_none() => Some(*next),
+            Phase::Waiting { deadline } if self.reader.is_none() => *deadline,
+            Phase::Sending { deadline, .. } => Some(*deadline),
+            Phase::After { deadline } if self.reader.is_none() => Some(*deadline),
+            _ => None,
+        };
+        let frame = self.reader.as_ref().map(|r| r.deadline);
+        match (phase, frame) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Why the call ended, once it has.
+    pub fn ended(&self) -> Option<EndReason> {
+        match self.phase {
+            Phase::Ended(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// A request was handed up and its answer has not been given yet.
+    pub fn awaiting_answer(&self) -> bool {
+        matches!(self.phase, Phase::Processing)
+    }
+
+    fn byte(&mut self, b: u8, now: Instant) {
+        if let Some(r) = &mut self.reader {
+            match r.feed(b, self.cfg.max_frame) {
+                Read::More => {}
+                Read::Good(data) => {
+                    self.reader = None;
+                    self.good_frame(data);
+                }
+                Read::Bad(fault) => {
+                    self.reader = None;
+                    self.bad_frame(fault, now);
+                }
+            }
+            return;
+        }
+        match (b, &self.phase) {
+            (STX, Phase::Sending { .. }) => {} // the terminal talks over our answer: wait for its ACK or NAK
+            (STX, _) => {
+                self.reader = Some(FrameReader {
+                    buf: Vec::new(),
+                    deadline: now + self.cfg.frame_timeout,
+                    want_lrc: false,
+                    overflow: false,
+                    parity: None,
+                })
+            }
+            (EOT, _) => self.end(EndReason::Eot),
+            (ACK, Phase::Sending { .. }) => {
+                self.events.push_back(LinkEvent::Delivered);
+                self.phase = Phase::After {
+                    deadline: now + self.cfg.idle_timeout,
+                };
+            }
+            (NAK, Phase::Sending { .. }) => self.resend(now),
+            // Line noise, modem chatter, a terminal's own ENQ: nothing to answer.
+            _ => {}
+        }
+    }
+
+    fn good_frame(&mut self, data: Vec<u8>) {
+        match self.phase {
+            Phase::Processing => {
+                // The terminal did not hear our ACK and sent the request again: ACK it again, do not hand it up twice.
+                if self.last_request.as_deref() == Some(&data[..]) {
+                    self.out.put_u8(ACK);
+                }
+            }
+            Phase::Sending { .. } | Phase::Ended(_) => {}
+            _ => {
+                self.naks = 0;
+                self.out.put_u8(ACK);
+                let bytes = Bytes::copy_from_slice(&data);
+                self.last_request = Some(data);
+                self.events.push_back(LinkEvent::Request(bytes));
+                self.phase = Phase::Processing;
+            }
+        }
+    }
+
+    fn bad_frame(&mut self, fault: FrameFault, now: Instant) {
+        if matches!(self.phase, Phase::Processing | Phase::Sending { .. } | Phase::Ended(_)) {
+            return;
+        }
+        self.events.push_back(LinkEvent::Rejected(fault));
+        self.naks += 1;
+        if self.naks >= self.cfg.max_naks {
+            self.end_with_eot(EndReason::TooManyNaks);
+            return;
+        }
+        self.out.put_u8(NAK);
+        self.phase = Phase::Waiting {
+            deadline: Some(now + self.cfg.frame_timeout),
+        };
+    }
+
+    fn resend(&mut self, now: Instant) {
+        let Phase::Sending { frame, sends, deadline } = &mut self.phase else {
+            return;
+        };
+        if *sends >= self.cfg.max_sends {
+            self.end_with_eot(EndReason::NotAcknowledged);
+            return;
+        }
+        *sends += 1;
+        *deadline = now + self.cfg.wire_time(frame.len()) + self.cfg.ack_timeout;
+        let f = frame.clone();
+        self.out.put_slice(&f);
+    }
+
+    fn end_with_eot(&mut self, reason: EndReason) {
+        self.out.put_u8(EOT);
+        self.end(reason);
+    }
+
+    fn end(&mut self, reason: EndReason) {
+        if matches!(self.phase, Phase::Sending { .. }) {
+            self.events.push_back(LinkEvent::Undelivered);
+        }
+        self.reader = None;
+        self.phase = Phase::Ended(reason);
+        self.events.push_back(LinkEvent::Ended(reason));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    struct T {
+        link: DialupLink,
+        now: Instant,
+    }
+
+    impl T {
+        fn new(cfg: LinkConfig) -> T {
+            let now = Instant::now();
+            T {
+                link: DialupLink::new(cfg, now),
+                now,
+            }
+        }
+        fn at(&mut self, after: Duration) -> &mut Self {
+            self.now += after;
+            self.link.handle_timeout(self.now);
+            self
+        }
+        fn send(&mut self, bytes: &[u8]) -> &mut Self {
+            self.link.handle_input(bytes, self.now);
+            self
+        }
+        fn out(&mut self) -> Vec<u8> {
+            self.link.poll_transmit().map(|b| b.to_vec()).unwrap_or_default()
+        }
+        fn events(&mut self) -> Vec<LinkEvent> {
+            std::iter::from_fn(|| self.link.poll_event()).collect()
+        }
+    }
+
+    #[test]
+    fn lrc_matches_the_reference_example() {
+        // STX "02001234" ETX -> 0x05 (the reference's check value; STX is not included).
+        assert_eq!(lrc(b"02001234"), 0x05);
+        assert_eq!(&frame(b"02001234")[..], b"\x0202001234\x03\x05");
+    }
+
+    #[test]
+    fn a_whole_call() {
+        let mut t = T::new(LinkConfig::default());
+        assert_eq!(t.link.poll_timeout(), Some(t.now));
+        t.at(ms(0));
+        assert_eq!(t.out(), [ENQ]);
+        t.at(ms(1000));
+        assert_eq!(t.out(), [ENQ], "ENQ repeats every second");
+        t.send(&frame(b"REQ"));
+        assert_eq!(t.out(), [ACK]);
+        assert_eq!(t.events(), [LinkEvent::Request(Bytes::from_static(b"REQ"))]);
+        assert_eq!(t.link.poll_timeout(), None, "the answer's time is the caller's deadline");
+        assert!(t.link.respond(b"ANSWER", t.now));
+        assert_eq!(t.out(), frame(b"ANSWER").to_vec());
+        t.send(&[ACK]);
+        assert_eq!(t.events(), [LinkEvent::Delivered]);
+        t.send(&[EOT]);
+        assert_eq!(t.events(), [LinkEvent::Ended(EndReason::Eot)]);
+        assert_eq!(t.link.ended(), Some(EndReason::Eot));
+        assert_eq!(t.out(), Vec::<u8>::new(), "the host says nothing after the terminal's EOT");
+    }
+
+    #[test]
+    fn a_frame_split_across_reads_with_noise_before_it() {
+        let mut t = T::new(LinkConfig::default());
+        t.at(ms(0));
+        t.out();
+        let f = frame(b"0200ABC");
+        t.send(b"\r\nxx");
+        t.send(&f[..3]);
+        assert!(t.events().is_empty());
+        t.send(&f[3..]);
+        assert_eq!(t.events(), [LinkEvent::Request(Bytes::from_static(b"0200ABC"))]);
+        assert_eq!(t.out(), [ACK]);
+    }
+
+    #[test]
+    fn bad_lrc_is_nakked_and_a_good_retry_is_accepted() {
+        let mut t = T::new(LinkConfig::default());
+        t.at(ms(0));
+        t.out();
+        let mut bad = frame(b"REQ").to_vec();
+        *bad.last_mut().unwrap() ^= 0xFF;
+        t.send(&bad);
+        assert_eq!(t.out(), [NAK]);
+        assert_eq!(
+            t.events(),
+            [LinkEvent::Rejected(FrameFault::BadLrc {
+                expected: lrc(b"REQ"),
+                found: lrc(b"REQ") ^ 0xFF
+            })]
+        );
+        t.at(ms(1500));
+        assert_eq!(t.out(), Vec::<u8>::new(), "no ENQ after a NAK: the terminal resends");
+        t.send(&frame(b"REQ"));
+        assert_eq!(t.out(), [ACK]);
+        assert_eq!(t.events(), [LinkEvent::Request(Bytes::from_static(b"REQ"))]);
+    }
+
+    #[test]
+    fn three_bad_frames_end_the_call_with_eot() {
+        let mut t = T::new(LinkConfig::default());
+        t.at(ms(0));
+        t.out();
+        let mut bad = frame(b"REQ").to_vec();
+        *bad.last_mut().unwrap() ^= 1;
+        t.send(&bad).send(&bad);
+        assert_eq!(t.out(), [NAK, NAK]);
+        t.send(&bad);
+        assert_eq!(t.out(), [EOT], "the third bad frame gets EOT, not a NAK");
+        let ev = t.events();
+        assert_eq!(ev.last(), Some(&LinkEvent::Ended(EndReason::TooManyNaks)));
+        assert_eq!(ev.len(), 4);
+        t.send(&frame(b"REQ"));
+        assert!(t.out().is_empty() && t.events().is_empty(), "nothing after the end");
+    }
+
+    #[test]
+    fn a_good_frame_resets_the_nak_count() {
+        let mut t = T::new(LinkConfig::default());
+        t.at(ms(0));
+        t.out();
+        let mut bad = frame(b"A").to_vec();
+        *bad.last_mut().unwrap() ^= 1;
+        t.send(&bad).send(&bad).send(&frame(b"A"));
+        t.link.respond(b"R", t.now);
+        t.send(&[ACK]);
+        t.send(&bad).send(&bad);
+        assert_eq!(t.out(), [&[NAK, NAK, ACK][..], &frame(b"R"), &[NAK, NAK]].concat());
+        assert!(t.link.ended().is_none());
+    }
+
+    #[test]
+    fn enq_gives_up_after_enq_max() {
+        let cfg = LinkConfig {
+            enq_max: 3,
+            enq_delay: ms(200),
+            ..LinkConfig::default()
+        };
+        let mut t = T::new(cfg);
+        t.at(ms(199));
+        assert!(t.out().is_empty(), "ENQ waits for enq_delay");
+        t.at(ms(1));
+        t.at(ms(1000)).at(ms(1000));
+        assert_eq!(t.out(), [ENQ, ENQ, ENQ]);
+        t.at(ms(999));
+        assert!(t.out().is_empty());
+        t.at(ms(1));
+        assert_eq!(t.out(), [EOT]);
+        assert_eq!(t.events(), [LinkEvent::Ended(EndReason::NoRequest)]);
+    }
+
+    #[test]
+    fn a_frame_not_finished_in_time_is_nakked() {
+        let mut t = T::new(LinkConfig::default());
+        t.at(ms(0));
+        t.out();
+        t.send(b"\x02half");
+        assert_eq!(t.link.poll_timeout(), Some(t.now + Duration::from_secs(10)));
+        t.at(ms(9_999));
+        assert!(t.out().is_empty(), "no ENQ while a frame is coming in");
+        t.at(ms(1));
+        assert_eq!(t.out(), [NAK]);
+        assert_eq!(t.events(), [LinkEvent::Rejected(FrameFault::Timeout { received: 4 })]);
+        t.at(ms(10_000));
+        assert_eq!(t.out(), [EOT], "nothing after the NAK within the frame timeout");
+        assert_eq!(t.events(), [LinkEvent::Ended(EndReason::NoRequest)]);
+    }
+
+    #[test]
+    fn an_oversize_frame_is_read_to_its_end_and_nakked() {
+        let cfg = LinkConfig {
+            max_frame: 4,
+            ..LinkConfig::default()
+        };
+        let mut t = T::new(cfg);
+        t.at(ms(0));
+        t.out();
+        t.send(&frame(b"0123456789"));
+        assert_eq!(t.out(), [NAK]);
+        assert_eq!(t.events(), [LinkEvent::Rejected(FrameFault::TooLong { max: 4 })]);
+        t.send(&frame(b"0123"));
+        assert_eq!(t.out(), [ACK]);
+    }
+
+    #[test]
+    fn parity_errors_and_empty_frames_are_nakked() {
+        let mut t = T::new(LinkConfig::default());
+        t.at(ms(0));
+        t.out();
+        let f = frame(b"ABCD");
+        t.send(&f[..3]);
+        t.link.parity_error();
+        t.send(&f[3..]);
+        assert_eq!(t.out(), [NAK]);
+        assert_eq!(t.events(), [LinkEvent::Rejected(FrameFault::Parity { offset: 1 })]);
+        t.send(&frame(b""));
+        assert_eq!(t.events(), [LinkEvent::Rejected(FrameFault::Empty)]);
+    }
+
+    #[test]
+    fn the_answer_is_resent_on_nak_and_on_ack_timeout_then_given_up() {
+        let cfg = LinkConfig {
+            baud: 1200,
+            ..LinkConfig::default()
+        };
+        let mut t = T::new(cfg);
+        t.at(ms(0));
+        t.out();
+        t.send(&frame(b"REQ"));
+        t.out();
+        t.events();
+        let answer = [b'X'; 117]; // 120 bytes framed: 1 s on the wire at 1200 baud
+        t.link.respond(&answer, t.now);
+        let f = frame(&answer).to_vec();
+        assert_eq!(t.out(), f);
+        assert_eq!(t.link.poll_timeout(), Some(t.now + ms(2000)), "wire time plus the ACK timeout");
+        t.send(&[NAK]);
+        assert_eq!(t.out(), f, "sent again on NAK");
+        t.at(ms(1999));
+        assert!(t.out().is_empty());
+        t.at(ms(1));
+        assert_eq!(t.out(), f, "sent again when no ACK came");
+        t.at(ms(2000));
+        assert_eq!(t.out(), [EOT], "three sends, then EOT");
+        assert_eq!(
+            t.events(),
+            [LinkEvent::Undelivered, LinkEvent::Ended(EndReason::NotAcknowledged)]
+        );
+    }
+
+    #[test]
+    fn carrier_lost_or_eot_before_the_ack_is_undelivered() {
+        for lose in [true, false] {
+            let mut t = T::new(LinkConfig::default());
+            t.at(ms(0));
+            t.send(&frame(b"REQ"));
+            t.link.respond(b"PIN", t.now);
+            t.events();
+            if lose {
+                t.link.carrier_lost();
+            } else {
+                t.send(&[EOT]);
+            }
+            let reason = if lose { EndReason::CarrierLost } else { EndReason::Eot };
+            assert_eq!(t.events(), [LinkEvent::Undelivered, LinkEvent::Ended(reason)]);
+        }
+    }
+
+    #[test]
+    fn the_call_ending_while_the_answer_is_built_refuses_the_answer() {
+        let mut t = T::new(LinkConfig::default());
+        t.at(ms(0));
+        t.send(&frame(b"REQ"));
+        t.out();
+        t.events();
+        assert!(t.link.awaiting_answer());
+        t.link.carrier_lost();
+        assert_eq!(t.events(), [LinkEvent::Ended(EndReason::CarrierLost)]);
+        assert!(!t.link.respond(b"PIN", t.now), "the caller must treat the answer as undelivered");
+        assert!(t.out().is_empty());
+    }
+
+    #[test]
+    fn a_repeated_request_while_processing_is_acked_again_not_handed_up() {
+        let mut t = T::new(LinkConfig::default());
+        t.at(ms(0));
+        t.out();
+        t.send(&frame(b"REQ"));
+        t.events();
+        t.send(&frame(b"REQ"));
+        assert_eq!(t.out(), [ACK, ACK]);
+        assert!(t.events().is_empty());
+    }
+
+    #[test]
+    fn a_second_message_in_the_same_call_and_idle_end() {
+        let mut t = T::new(LinkConfig::default());
+        t.at(ms(0));
+        t.send(&frame(b"ONE"));
+        t.link.respond(b"R1", t.now);
+        t.send(&[ACK]);
+        t.send(&frame(b"TWO"));
+        t.link.respond(b"R2", t.now);
+        t.send(&[ACK]);
+        let ev = t.events();
+        assert_eq!(ev.iter().filter(|e| matches!(e, LinkEvent::Request(_))).count(), 2);
+        t.out();
+        t.at(ms(14_999));
+        assert!(t.link.ended().is_none());
+        t.at(ms(1));
+        assert_eq!(t.out(), [EOT]);
+        assert_eq!(t.link.ended(), Some(EndReason::Idle));
+    }
+
+    #[test]
+    fn a_direct_line_waits_for_the_terminal_without_enq() {
+        let cfg = LinkConfig {
+            send_enq: false,
+            ..LinkConfig::default()
+        };
+        let mut t = T::new(cfg);
+        assert_eq!(t.link.poll_timeout(), None);
+        t.at(Duration::from_secs(3600));
+        assert!(t.out().is_empty() && t.link.ended().is_none());
+        t.send(&frame(b"REQ"));
+        assert_eq!(t.out(), [ACK]);
+    }
+}
