@@ -10,7 +10,10 @@ use serde::Deserialize;
 
 use super::cache::Mode;
 use super::upstream::{ServerAddr, UpstreamOptions};
+use crate::link::dialup::LinkConfig;
 use crate::link::framing::Framing;
+use crate::link::modem::{AnswerMode, ModemConfig};
+use crate::link::parity::Parity;
 
 /// Errors of the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +44,8 @@ struct File {
     terminals: Vec<TerminalSection>,
     #[serde(default, rename = "product")]
     products: Vec<ProductSection>,
+    #[serde(default, rename = "serial")]
+    serial: Vec<SerialSection>,
 }
 
 fn d_deadline() -> u64 {
@@ -147,6 +152,208 @@ struct ListenerSection {
     frame_timeout_ms: u64,
     #[serde(default = "d_in_flight")]
     max_in_flight: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SerialSection {
+    name: String,
+    device: PathBuf,
+    baud: Option<u32>,
+    data_bits: Option<u8>,
+    parity: Option<Parity>,
+    stop_bits: Option<u8>,
+    flow_control: Option<FlowControl>,
+    #[serde(default)]
+    software_parity: bool,
+    dialect: String,
+    #[serde(default)]
+    tpdu: bool,
+    link: Option<String>,
+    #[serde(default)]
+    modem: bool,
+    modem_init: Option<Vec<String>>,
+    answer: Option<String>,
+    rings: Option<u32>,
+    command_timeout_ms: Option<u64>,
+    init_attempts: Option<u32>,
+    modem_retry_secs: Option<u64>,
+    connect_timeout_ms: Option<u64>,
+    guard_time_ms: Option<u64>,
+    dtr_drop_ms: Option<u64>,
+    reinit_every_secs: Option<u64>,
+    send_enq: Option<bool>,
+    enq_delay_ms: Option<u64>,
+    enq_interval_ms: Option<u64>,
+    enq_max: Option<u32>,
+    frame_timeout_ms: Option<u64>,
+    ack_timeout_ms: Option<u64>,
+    max_naks: Option<u32>,
+    max_sends: Option<u32>,
+    idle_timeout_ms: Option<u64>,
+    max_frame: Option<usize>,
+}
+
+/// Flow control of a serial line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlowControl {
+    None,
+    /// RTS/CTS.
+    Hardware,
+    /// XON/XOFF.
+    Software,
+}
+
+/// What carries the messages on a serial line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LineLink {
+    /// `STX data ETX LRC` with ENQ/ACK/NAK/EOT (dial-up terminals).
+    StxEtx(LinkConfig),
+    /// A length header, as on TCP.
+    Framed(Framing),
+}
+
+/// One serial line: a modem of a modem bank, or a terminal wired directly.
+#[derive(Clone, Debug)]
+pub struct SerialLineConfig {
+    pub name: String,
+    pub device: PathBuf,
+    pub baud: u32,
+    pub data_bits: u8,
+    pub parity: Parity,
+    pub stop_bits: u8,
+    pub flow_control: FlowControl,
+    /// The port runs 8N1 and the parity bit is added and checked here (ptys, adapters that ignore parity).
+    pub software_parity: bool,
+    pub dialect: String,
+    /// A 5-byte TPDU comes before each message (addresses swapped in the answer).
+    pub tpdu: bool,
+    pub link: LineLink,
+    /// `None`: the terminal is wired directly.
+    pub modem: Option<ModemConfig>,
+    /// A call that carries no frame for this long ends (and a modem hangs up).
+    pub idle_timeout: Duration,
+    pub max_frame: usize,
+}
+
+impl SerialLineConfig {
+    /// A dial-up line with every default: STX/ETX link, 2400 baud 8N1, a Hayes modem answered by the host.
+    pub fn dialup(name: &str, device: &Path, dialect: &str) -> SerialLineConfig {
+        SerialLineConfig {
+            name: name.into(),
+            device: device.into(),
+            baud: 2400,
+            data_bits: 8,
+            parity: Parity::None,
+            stop_bits: 1,
+            flow_control: FlowControl::None,
+            software_parity: false,
+            dialect: dialect.into(),
+            tpdu: false,
+            link: LineLink::StxEtx(LinkConfig::default()),
+            modem: Some(ModemConfig::default()),
+            idle_timeout: LinkConfig::default().idle_timeout,
+            max_frame: LinkConfig::default().max_frame,
+        }
+    }
+}
+
+fn serial_line(l: SerialSection, at: &str, invalid: &dyn Fn(&str, &str) -> ConfigError) -> Result<SerialLineConfig, ConfigError> {
+    let field = |k: &str| format!("{at}.{k}");
+    let baud = l.baud.unwrap_or(2400);
+    if !(50..=1_000_000).contains(&baud) {
+        return Err(invalid(&field("baud"), "must be 50 to 1000000"));
+    }
+    let data_bits = l.data_bits.unwrap_or(8);
+    if data_bits != 7 && data_bits != 8 {
+        return Err(invalid(&field("data_bits"), "must be 7 or 8"));
+    }
+    let stop_bits = l.stop_bits.unwrap_or(1);
+    if stop_bits != 1 && stop_bits != 2 {
+        return Err(invalid(&field("stop_bits"), "must be 1 or 2"));
+    }
+    let parity = l.parity.unwrap_or(Parity::None);
+    if l.software_parity && (data_bits != 7 || parity == Parity::None) {
+        return Err(invalid(
+            &field("software_parity"),
+            "needs data_bits = 7 and parity `even` or `odd`",
+        ));
+    }
+    let max_frame = l.max_frame.unwrap_or(2048);
+    if !(16..=65_535).contains(&max_frame) {
+        return Err(invalid(&field("max_frame"), "must be 16 to 65535"));
+    }
+    let d = LinkConfig::default();
+    let idle_timeout = l.idle_timeout_ms.map(ms).unwrap_or(d.idle_timeout);
+    let link = match l.link.as_deref().unwrap_or("stx-etx") {
+        "stx-etx" => {
+            let c = LinkConfig {
+                send_enq: l.send_enq.unwrap_or(l.modem),
+                enq_delay: l.enq_delay_ms.map(ms).unwrap_or(d.enq_delay),
+                enq_interval: l.enq_interval_ms.map(ms).unwrap_or(d.enq_interval),
+                enq_max: l.enq_max.unwrap_or(d.enq_max),
+                frame_timeout: l.frame_timeout_ms.map(ms).unwrap_or(d.frame_timeout),
+                ack_timeout: l.ack_timeout_ms.map(ms).unwrap_or(d.ack_timeout),
+                max_naks: l.max_naks.unwrap_or(d.max_naks),
+                max_sends: l.max_sends.unwrap_or(d.max_sends),
+                idle_timeout,
+                max_frame,
+                baud,
+            };
+            if c.max_naks == 0 || c.max_sends == 0 || c.enq_max == 0 {
+                return Err(invalid(at, "max_naks, max_sends and enq_max must be at least 1"));
+            }
+            LineLink::StxEtx(c)
+        }
+        other => LineLink::Framed(
+            Framing::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(other))
+                .map_err(|_| invalid(&field("link"), "`stx-etx` or a framing: binary2, binary2-inclusive, ascii4, bcd2"))?,
+        ),
+    };
+    let modem = if l.modem {
+        let d = ModemConfig::default();
+        let answer = match l.answer.as_deref().unwrap_or("host") {
+            "host" => AnswerMode::Host {
+                rings: l.rings.unwrap_or(1).max(1),
+            },
+            "auto" => AnswerMode::Auto,
+            _ => return Err(invalid(&field("answer"), "`host` (ATA on RING) or `auto` (S0=n)")),
+        };
+        let init = l.modem_init.unwrap_or(d.init);
+        if init.iter().any(|c| c.is_empty() || c.contains(['\r', '\n'])) {
+            return Err(invalid(&field("modem_init"), "commands must be non-empty single lines"));
+        }
+        Some(ModemConfig {
+            init,
+            answer,
+            command_timeout: l.command_timeout_ms.map(ms).unwrap_or(d.command_timeout),
+            init_attempts: l.init_attempts.unwrap_or(d.init_attempts).max(1),
+            retry_after: l.modem_retry_secs.map(Duration::from_secs).unwrap_or(d.retry_after),
+            connect_timeout: l.connect_timeout_ms.map(ms).unwrap_or(d.connect_timeout),
+            guard_time: l.guard_time_ms.map(ms).unwrap_or(d.guard_time),
+            dtr_drop: l.dtr_drop_ms.map(ms).unwrap_or(d.dtr_drop),
+            reinit_every: l.reinit_every_secs.map(Duration::from_secs).unwrap_or(d.reinit_every),
+        })
+    } else {
+        None
+    };
+    Ok(SerialLineConfig {
+        name: l.name,
+        device: l.device,
+        baud,
+        data_bits,
+        parity,
+        stop_bits,
+        flow_control: l.flow_control.unwrap_or(FlowControl::None),
+        software_parity: l.software_parity,
+        dialect: l.dialect,
+        tpdu: l.tpdu,
+        link,
+        modem,
+        idle_timeout,
+        max_frame,
+    })
 }
 
 #[derive(Deserialize)]
@@ -282,6 +489,8 @@ pub struct GatewayConfig {
     pub ca: PathBuf,
     pub upstream: UpstreamOptions,
     pub listeners: Vec<ListenerConfig>,
+    /// Serial lines: modems and directly wired terminals.
+    pub serial: Vec<SerialLineConfig>,
     pub terminals: TerminalRegistry,
     /// Products and amounts not listed are sold on demand.
     pub products: Vec<ProductConfig>,
@@ -381,6 +590,17 @@ impl GatewayConfig {
                 max_in_flight: l.max_in_flight,
             });
         }
+        let mut serial = Vec::new();
+        let mut lines = HashSet::new();
+        for (i, l) in f.serial.into_iter().enumerate() {
+            let at = format!("serial[{i}]");
+            if !lines.insert(l.name.clone()) {
+                return Err(invalid(&format!("{at}.name"), "serial line names must be unique"));
+            }
+            let mut line = serial_line(l, &at, &invalid)?;
+            line.device = rel(line.device);
+            serial.push(line);
+        }
         let mut terminals = TerminalRegistry::default();
         for (i, t) in f.terminals.into_iter().enumerate() {
             if terminals.terminals.contains_key(&t.id) {
@@ -451,6 +671,7 @@ impl GatewayConfig {
             ca: rel(f.upstream.ca),
             upstream,
             listeners,
+            serial,
             terminals,
             products,
         })

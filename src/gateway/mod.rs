@@ -6,6 +6,7 @@
 pub mod cache;
 pub mod config;
 pub mod journal;
+pub mod serial;
 pub mod terminal;
 pub mod upstream;
 
@@ -310,6 +311,8 @@ pub struct Gateway {
     /// the server has reserved to it was reserved and never journaled (a reserve cut off, a crash between the
     /// answer and the journal): it goes back. No refill runs before this is done.
     unreconciled: Mutex<Option<std::collections::HashSet<i64>>>,
+    /// The serial lines' status, for the operator and for tests that wait on a line.
+    lines: watch::Sender<serial::LineBoard>,
 }
 
 /// The retrieval reference of a sale, derived from its key: the same for every repeat, known before the server
@@ -416,6 +419,7 @@ impl Gateway {
             halt: CancellationToken::new(),
             refills: AtomicU64::new(0),
             unreconciled: Mutex::new(None),
+            lines: watch::Sender::new(serial::LineBoard::new()),
         });
         tracing::info!(
             cached = recovered.cached.len(),
@@ -1242,6 +1246,15 @@ impl Gateway {
     }
 
     /// What the gateway holds and owes now.
+    /// The serial lines' status; the receiver also says when it changes.
+    pub fn lines(&self) -> watch::Receiver<serial::LineBoard> {
+        self.lines.subscribe()
+    }
+
+    pub(crate) fn set_line(&self, name: &str, f: impl FnOnce(&mut serial::LineStatus)) {
+        self.lines.send_modify(|board| f(board.entry(name.to_string()).or_default()));
+    }
+
     pub fn stock(&self) -> StockReport {
         let cache = self.cache.lock().expect("not poisoned").levels(Instant::now());
         let f = self.forward.lock().expect("not poisoned");
@@ -1331,6 +1344,10 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl std::future::Future<Output =
             .map_err(|source| GatewayError::Bind { addr: lc.bind, source })?;
         listeners.push((l, lc.clone(), dialect));
     }
+    let mut lines = Vec::new();
+    for sc in &cfg.serial {
+        lines.push((sc.clone(), Arc::new(dialects.get(&sc.dialect)?.clone())));
+    }
     let admin = match cfg.admin {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -1346,6 +1363,11 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl std::future::Future<Output =
         tracing::info!(listener = %lc.name, addr = %lc.bind, framing = ?lc.framing, dialect = %lc.dialect, "listening for terminals");
         let (gw, stop) = (gw.clone(), stop.clone());
         tasks.spawn(async move { terminal::run(l, lc, dialect, gw, stop.cancelled_owned()).await });
+    }
+    for (sc, dialect) in lines {
+        tracing::info!(line = %sc.name, device = %sc.device.display(), baud = sc.baud, modem = sc.modem.is_some(), "serving a serial line");
+        let (gw, stop) = (gw.clone(), stop.clone());
+        tasks.spawn(async move { serial::run_line(sc, dialect, gw, stop).await });
     }
     if let Some(l) = admin {
         let (gw, stop) = (gw.clone(), stop.clone());

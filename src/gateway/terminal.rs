@@ -237,6 +237,27 @@ async fn connection(
     result
 }
 
+/// Decodes a terminal's request. When it does not decode, the error is logged and the answer is a format error if
+/// the MTI can be read (a request class that expects an answer), else nothing.
+pub(super) fn decode_request(dialect: &Dialect, bytes: &Bytes) -> Result<Message, Option<Bytes>> {
+    match dialect.decode(bytes) {
+        Ok(m) => Ok(m),
+        Err(e) => {
+            tracing::info!(error = %e, "request does not decode");
+            let Some(mti) = dialect.peek_mti(bytes) else {
+                return Err(None);
+            };
+            if mti.function() % 2 != 0 || mti.class() > 8 {
+                return Err(None);
+            }
+            // Minimal answer: the response MTI and field 39.
+            let req = Message::new(mti);
+            let ans = answer(&req, ResponseCode::FormatError);
+            Err(dialect.encode(&ans).ok().map(|b| b.freeze()))
+        }
+    }
+}
+
 fn on_frame(
     frame: Frame,
     dialect: &Arc<Dialect>,
@@ -257,26 +278,17 @@ fn on_frame(
         return;
     }
     let received = Instant::now();
-    let msg = match dialect.decode(&frame.message) {
+    let msg = match decode_request(dialect, &frame.message) {
         Ok(m) => m,
-        Err(e) => {
-            tracing::info!(error = %e, "request does not decode");
-            // With a readable MTI the terminal gets a format error; without one there is nothing to answer.
-            if let Some(mti) = dialect.peek_mti(&frame.message) {
-                if mti.function() % 2 == 0 && mti.class() <= 8 {
-                    let mut req = Message::new(mti);
-                    // Minimal answer: the response MTI and field 39.
-                    req = answer(&req, ResponseCode::FormatError).clone();
-                    if let Ok(bytes) = dialect.encode(&req) {
-                        let _ = out.try_send((
-                            Frame {
-                                tpdu: reply_tpdu,
-                                message: bytes.freeze(),
-                            },
-                            None,
-                        ));
-                    }
-                }
+        Err(answer) => {
+            if let Some(bytes) = answer {
+                let _ = out.try_send((
+                    Frame {
+                        tpdu: reply_tpdu,
+                        message: bytes,
+                    },
+                    None,
+                ));
             }
             return;
         }

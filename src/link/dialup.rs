@@ -95,8 +95,13 @@ impl Default for LinkConfig {
 impl LinkConfig {
     /// Time `n` bytes take on the wire.
     pub fn wire_time(&self, n: usize) -> Duration {
-        Duration::from_micros(n as u64 * 10 * 1_000_000 / u64::from(self.baud.max(1)))
+        wire_time(self.baud, n)
     }
+}
+
+/// Time `n` bytes take on a line of `baud` bits per second (10 bits a byte: 8N1 or 7E1).
+pub fn wire_time(baud: u32, n: usize) -> Duration {
+    Duration::from_micros(n as u64 * 10 * 1_000_000 / u64::from(baud.max(1)))
 }
 
 /// Why a frame was refused with NAK.
@@ -313,6 +318,16 @@ impl DialupLink {
             deadline,
         };
         true
+    }
+
+    /// No answer will come for the last request (it could not be read, or the answer cannot be sent): the host waits
+    /// for the terminal's next move (another frame or EOT) as after an answer.
+    pub fn decline(&mut self, now: Instant) {
+        if matches!(self.phase, Phase::Processing) {
+            self.phase = Phase::After {
+                deadline: now + self.cfg.idle_timeout,
+            };
+        }
     }
 
     /// The carrier went: the call ends without a word on the line.

@@ -1,0 +1,685 @@
+//! Serial lines: modems of a modem bank and terminals wired directly, one task per line through `tokio-serial`.
+//!
+//! The task is a thin loop around the cores in [`crate::link`]: bytes from the port go through software parity (when
+//! configured) to the [`ModemController`] (modem lines), whose data goes to the call's link ([`DialupLink`] for
+//! `STX data ETX LRC`, or a length framing); requests go to the same [`Gateway`] controller as TCP terminals.
+//!
+//! Money on a dropped line: an approved sale counts as delivered only when the terminal ACKs the answer frame (on a
+//! length-framed line: when the answer is written). If the call ends first (carrier lost, EOT, no ACK after the
+//! retries), or ends while the answer is still being built, the sale is reversed through [`Gateway::undelivered`]
+//! (journaled, then forwarded to the server): the PIN is voided, never sold to anyone else.
+//!
+//! A line that fails (device gone, an I/O error, reads returning end of file) is reported on the line board and
+//! reopened with backoff; other lines and TCP terminals do not notice.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_serial::{SerialPort, SerialPortBuilderExt, SerialStream};
+use tokio_util::codec::{Decoder, Encoder};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::config::{FlowControl, LineLink, SerialLineConfig};
+use super::terminal::decode_request;
+use super::upstream::backoff;
+use super::Gateway;
+use crate::iso8583::Dialect;
+use crate::link::dialup::{wire_time, DialupLink, EndReason, LinkEvent};
+use crate::link::framing::{Frame, FrameCodec, Tpdu};
+use crate::link::modem::{ModemController, ModemEvent};
+use crate::link::parity::{self, Parity};
+use crate::sale::SaleKey;
+
+/// What the operator sees of one line (`gateway lines` on the admin socket).
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct LineStatus {
+    /// `opening`, `down`, `initialising`, `ready`, `not answering`, `online`, `hanging up`, `open` (direct lines).
+    pub state: String,
+    /// Calls connected since the gateway started (direct lines: link sessions).
+    pub calls: u64,
+    /// Requests answered and acknowledged by the terminal.
+    pub delivered: u64,
+    /// Sales reversed because their answer did not reach the terminal.
+    pub reversed: u64,
+    /// Speed of the current or last call.
+    pub speed: Option<u32>,
+    /// The last problem, for the operator.
+    pub last_error: Option<String>,
+    /// Times the port was (re)opened.
+    pub opens: u64,
+}
+
+/// Every serial line's status, by name.
+pub type LineBoard = BTreeMap<String, LineStatus>;
+
+/// Errors that take a line down (it is reopened with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum LineError {
+    /// The device could not be opened or configured.
+    #[error("cannot open {device}: {source}")]
+    Open {
+        device: String,
+        source: tokio_serial::Error,
+    },
+    /// A read or write failed (EIO after the device went, and the like).
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// Reads return end of file: the device is gone (an unplugged USB adapter does this forever).
+    #[error("the device returned end of file")]
+    Eof,
+    /// A write did not complete in time (flow control stuck, or the device hangs).
+    #[error("a write of {0} bytes did not complete in time")]
+    WriteStalled(usize),
+}
+
+/// After this long up, a line that fails is retried at once again (its backoff starts over).
+const STABLE: Duration = Duration::from_secs(60);
+/// DCD is read this often while online, where the port has it.
+const DCD_POLL: Duration = Duration::from_millis(250);
+/// DCD is not trusted this soon after CONNECT (it may still be settling).
+const DCD_SETTLE: Duration = Duration::from_millis(500);
+
+/// Runs one serial line until `stop` is cancelled, reopening it with backoff whenever it fails.
+pub async fn run_line(cfg: SerialLineConfig, dialect: Arc<Dialect>, gw: Arc<Gateway>, stop: CancellationToken) {
+    let span = tracing::info_span!("serial", line = %cfg.name, device = %cfg.device.display());
+    async move {
+        let mut attempt = 0u32;
+        loop {
+            gw.set_line(&cfg.name, |s| s.state = "opening".into());
+            let opened = Instant::now();
+            let result = match open(&cfg) {
+                Ok(port) => {
+                    gw.set_line(&cfg.name, |s| s.opens += 1);
+                    Line::new(&cfg, dialect.clone(), gw.clone()).serve(port, &stop).await
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => {
+                    gw.set_line(&cfg.name, |s| s.state = "stopped".into());
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "serial line down; reopening with backoff");
+                    gw.set_line(&cfg.name, |s| {
+                        s.state = "down".into();
+                        s.last_error = Some(e.to_string());
+                    });
+                }
+            }
+            attempt = if opened.elapsed() > STABLE { 0 } else { attempt + 1 };
+            let wait = backoff(Duration::from_millis(200), Duration::from_secs(30), attempt);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+fn open(cfg: &SerialLineConfig) -> Result<SerialStream, LineError> {
+    use tokio_serial::{DataBits, FlowControl as Fc, Parity as P, StopBits};
+    let (data_bits, parity) = if cfg.software_parity {
+        (DataBits::Eight, P::None)
+    } else {
+        (
+            if cfg.data_bits == 7 { DataBits::Seven } else { DataBits::Eight },
+            match cfg.parity {
+                Parity::None => P::None,
+                Parity::Even => P::Even,
+                Parity::Odd => P::Odd,
+            },
+        )
+    };
+    tokio_serial::new(cfg.device.to_string_lossy(), cfg.baud)
+        .data_bits(data_bits)
+        .parity(parity)
+        .stop_bits(if cfg.stop_bits == 2 { StopBits::Two } else { StopBits::One })
+        .flow_control(match cfg.flow_control {
+            FlowControl::None => Fc::None,
+            FlowControl::Hardware => Fc::Hardware,
+            FlowControl::Software => Fc::Software,
+        })
+        .open_native_async()
+        .map_err(|source| LineError::Open {
+            device: cfg.device.display().to_string(),
+            source,
+        })
+}
+
+/// A call in progress: a dial-up link, or a length-framed session.
+enum Call {
+    Dialup(DialupLink),
+    Framed {
+        codec: FrameCodec,
+        buf: BytesMut,
+        /// The call ends when nothing comes before this.
+        idle_at: Instant,
+    },
+}
+
+/// An answer coming back from the controller for call `call`.
+struct Answer {
+    call: u64,
+    tpdu: Option<Tpdu>,
+    message: Bytes,
+    sale: Option<SaleKey>,
+}
+
+struct Line<'a> {
+    cfg: &'a SerialLineConfig,
+    dialect: Arc<Dialect>,
+    gw: Arc<Gateway>,
+    modem: Option<ModemController>,
+    call: Option<Call>,
+    /// Numbers calls, so that an answer for a call that is over is known as undelivered.
+    call_id: u64,
+    /// The sale whose answer the link is carrying, until the terminal ACKs it.
+    carrying: Option<SaleKey>,
+    answers_tx: mpsc::Sender<Answer>,
+    answers_rx: mpsc::Receiver<Answer>,
+    /// Whether DCD can be read (ports with modem-control lines; not ptys).
+    dcd: bool,
+    connected_at: Option<Instant>,
+    dcd_low: u8,
+    out: Vec<Bytes>,
+}
+
+impl<'a> Line<'a> {
+    fn new(cfg: &'a SerialLineConfig, dialect: Arc<Dialect>, gw: Arc<Gateway>) -> Line<'a> {
+        let (answers_tx, answers_rx) = mpsc::channel(8);
+        Line {
+            cfg,
+            dialect,
+            gw,
+            modem: None,
+            call: None,
+            call_id: 0,
+            carrying: None,
+            answers_tx,
+            answers_rx,
+            dcd: false,
+            connected_at: None,
+            dcd_low: 0,
+            out: Vec::new(),
+        }
+    }
+
+    fn software_parity(&self) -> Parity {
+        if self.cfg.software_parity {
+            self.cfg.parity
+        } else {
+            Parity::None
+        }
+    }
+
+    async fn serve(mut self, mut port: SerialStream, stop: &CancellationToken) -> Result<(), LineError> {
+        let now = Instant::now();
+        if let Some(m) = &self.cfg.modem {
+            // Ptys and some adapters have no modem-control lines: hang up with +++/ATH0 there.
+            let dtr = port.write_data_terminal_ready(true).is_ok();
+            self.dcd = dtr && port.read_carrier_detect().is_ok();
+            tracing::info!(dtr, dcd = self.dcd, "modem line open");
+            self.modem = Some(ModemController::new(m.clone(), dtr, now.into_std()));
+            self.status(|s| s.state = "initialising".into());
+        } else {
+            tracing::info!("direct line open");
+            self.start_call(now);
+        }
+        let mut rbuf = vec![0u8; 1024];
+        let result = loop {
+            if let Err(e) = self.pump(&mut port).await {
+                break Err(e);
+            }
+            let deadline = self.next_deadline();
+            tokio::select! {
+                _ = stop.cancelled() => break Ok(()),
+                r = port.read(&mut rbuf) => match r {
+                    Ok(0) => break Err(LineError::Eof),
+                    Ok(n) => self.input(&mut rbuf[..n], Instant::now()),
+                    Err(e) => break Err(e.into()),
+                },
+                Some(a) = self.answers_rx.recv() => self.answer(a, &mut port).await,
+                _ = sleep_until(deadline) => self.timeout(&mut port, Instant::now()),
+            }
+        };
+        // The line is going away: whatever the terminal has not acknowledged is undelivered.
+        self.end_call_silently();
+        let _ = self.pump(&mut port).await;
+        result
+    }
+
+    fn status(&self, f: impl FnOnce(&mut LineStatus)) {
+        self.gw.set_line(&self.cfg.name, f);
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let modem = self.modem.as_ref().and_then(|m| m.poll_timeout()).map(Instant::from_std);
+        let call = match &self.call {
+            Some(Call::Dialup(l)) => l.poll_timeout().map(Instant::from_std),
+            Some(Call::Framed { idle_at, .. }) => Some(*idle_at),
+            None => None,
+        };
+        let dcd = (self.dcd && self.modem.as_ref().is_some_and(|m| m.is_online())).then(|| Instant::now() + DCD_POLL);
+        [modem, call, dcd].into_iter().flatten().min()
+    }
+
+    /// Writes what the cores want written and acts on their events, until they are quiet.
+    async fn pump(&mut self, port: &mut SerialStream) -> Result<(), LineError> {
+        loop {
+            let now = Instant::now();
+            let mut events = false;
+            if let Some(m) = &mut self.modem {
+                while let Some(level) = m.poll_dtr() {
+                    if let Err(e) = port.write_data_terminal_ready(level) {
+                        tracing::warn!(error = %e, level, "cannot set DTR");
+                    }
+                }
+                if let Some(b) = m.poll_transmit() {
+                    self.out.push(b);
+                }
+                let mut evs = Vec::new();
+                while let Some(ev) = m.poll_event() {
+                    evs.push(ev);
+                }
+                if let Some(data) = m.poll_data() {
+                    self.call_input(&data, &[], now);
+                }
+                for ev in evs {
+                    events = true;
+                    self.on_modem_event(ev, now);
+                }
+            }
+            if let Some(Call::Dialup(link)) = &mut self.call {
+                if let Some(b) = link.poll_transmit() {
+                    self.out.push(b);
+                }
+                let mut evs = Vec::new();
+                while let Some(ev) = link.poll_event() {
+                    evs.push(ev);
+                }
+                for ev in evs {
+                    events = true;
+                    self.on_link_event(ev, now);
+                }
+            }
+            for b in std::mem::take(&mut self.out) {
+                self.write(port, b).await?;
+            }
+            if !events {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn write(&self, port: &mut SerialStream, bytes: Bytes) -> Result<(), LineError> {
+        let mut b = bytes.to_vec();
+        if let Err(e) = parity::add(&mut b, self.software_parity()) {
+            // Checked before answers are handed to the link; this would be a bug.
+            tracing::error!(error = %e, "eight-bit data on a seven-bit line; not sent");
+            return Ok(());
+        }
+        let limit = Duration::from_secs(10) + wire_time(self.cfg.baud, b.len());
+        match tokio::time::timeout(limit, port.write_all(&b)).await {
+            Ok(r) => r.map_err(LineError::from),
+            Err(_) => Err(LineError::WriteStalled(b.len())),
+        }
+    }
+
+    fn input(&mut self, bytes: &mut [u8], now: Instant) {
+        let bad = parity::strip(bytes, self.software_parity());
+        match &mut self.modem {
+            Some(m) => {
+                m.handle_input(bytes, now.into_std());
+                // Online, the modem passes a tail of what it got straight through: map parity errors onto it.
+                if let Some(data) = m.poll_data() {
+                    let skip = bytes.len() - data.len();
+                    let bad: Vec<usize> = bad.iter().filter(|&&o| o >= skip).map(|o| o - skip).collect();
+                    self.call_input(&data, &bad, now);
+                }
+            }
+            None => self.call_input(bytes, &bad, now),
+        }
+    }
+
+    /// The terminal's bytes; `bad` are offsets of bytes with parity errors.
+    fn call_input(&mut self, data: &[u8], bad: &[usize], now: Instant) {
+        let mut requests = Vec::new();
+        let mut end = false;
+        match &mut self.call {
+            None => {}
+            Some(Call::Dialup(link)) => {
+                let mut from = 0;
+                for &o in bad {
+                    link.handle_input(&data[from..=o], now.into_std());
+                    link.parity_error();
+                    from = o + 1;
+                }
+                link.handle_input(&data[from..], now.into_std());
+            }
+            Some(Call::Framed { codec, buf, idle_at }) => {
+                if !bad.is_empty() {
+                    tracing::info!(offset = bad[0], "parity error on a length-framed line; the call ends");
+                    end = true;
+                } else {
+                    buf.extend_from_slice(data);
+                    *idle_at = now + self.cfg.idle_timeout;
+                    loop {
+                        match codec.decode(buf) {
+                            Ok(Some(frame)) => requests.push(frame),
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::info!(error = %e, "framing error; the call ends");
+                                end = true;
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for f in requests {
+            if f.message.is_empty() {
+                continue; // keep-alive
+            }
+            self.dispatch(f.tpdu, f.message, now);
+        }
+        if end {
+            self.end_framed_call(now);
+        }
+    }
+
+    fn on_modem_event(&mut self, ev: ModemEvent, now: Instant) {
+        match ev {
+            ModemEvent::Ready => {
+                tracing::debug!("modem ready");
+                self.status(|s| s.state = "ready".into());
+            }
+            ModemEvent::InitFailed {
+                command,
+                reply,
+                attempt,
+            } => {
+                let reply = reply.unwrap_or_else(|| "no answer".into());
+                tracing::warn!(%command, %reply, attempt, "modem refused its init string");
+                self.status(|s| s.last_error = Some(format!("init `{command}`: {reply}")));
+            }
+            ModemEvent::NotAnswering => {
+                tracing::error!("the modem does not accept its init string; trying again later");
+                self.status(|s| s.state = "not answering".into());
+            }
+            ModemEvent::Ring => tracing::debug!("RING"),
+            ModemEvent::Connected { speed, protocol } => {
+                tracing::info!(?speed, ?protocol, "call connected");
+                self.status(|s| {
+                    s.state = "online".into();
+                    s.speed = speed;
+                });
+                self.start_call(now);
+            }
+            ModemEvent::CallFailed { reply } => tracing::info!(?reply, "incoming call did not connect"),
+            ModemEvent::CarrierLost => {
+                tracing::info!("carrier lost");
+                match &mut self.call {
+                    Some(Call::Dialup(link)) => link.carrier_lost(),
+                    Some(Call::Framed { .. }) => self.end_framed_call(now),
+                    None => {}
+                }
+                self.status(|s| s.state = "initialising".into());
+            }
+            ModemEvent::HungUp => {
+                tracing::debug!("hung up");
+                self.status(|s| s.state = "initialising".into());
+            }
+        }
+    }
+
+    fn on_link_event(&mut self, ev: LinkEvent, now: Instant) {
+        match ev {
+            LinkEvent::Request(data) => {
+                let (tpdu, message) = match split_tpdu(data, self.cfg.tpdu) {
+                    Some(x) => x,
+                    None => {
+                        tracing::info!("frame too short for its TPDU; not answered");
+                        if let Some(Call::Dialup(l)) = &mut self.call {
+                            l.decline(now.into_std());
+                        }
+                        return;
+                    }
+                };
+                self.dispatch(tpdu, message, now);
+            }
+            LinkEvent::Rejected(fault) => tracing::info!(%fault, "frame refused (NAK)"),
+            LinkEvent::Delivered => {
+                self.carrying = None;
+                self.status(|s| s.delivered += 1);
+            }
+            LinkEvent::Undelivered => self.undelivered("the terminal did not acknowledge the answer"),
+            LinkEvent::Ended(reason) => {
+                tracing::info!(?reason, "call ended");
+                if reason == EndReason::CarrierLost {
+                    self.undelivered("carrier lost before the terminal acknowledged the answer");
+                } else {
+                    self.undelivered("the call ended before the terminal acknowledged the answer");
+                }
+                self.call = None;
+                match &mut self.modem {
+                    Some(m) => {
+                        m.hang_up(now.into_std());
+                        let state = m.state_name();
+                        self.status(|s| s.state = state.into());
+                    }
+                    None => self.start_call(now),
+                }
+            }
+        }
+    }
+
+    fn undelivered(&mut self, why: &str) {
+        if let Some(key) = self.carrying.take() {
+            tracing::warn!(terminal = %key.terminal_id, stan = %key.stan, why, "PIN not delivered; reversing the sale");
+            self.status(|s| s.reversed += 1);
+            let gw = self.gw.clone();
+            tokio::spawn(async move { gw.undelivered(&key).await }.in_current_span());
+        }
+    }
+
+    fn start_call(&mut self, now: Instant) {
+        self.call_id += 1;
+        self.carrying = None;
+        self.connected_at = Some(now);
+        self.dcd_low = 0;
+        self.call = Some(match &self.cfg.link {
+            LineLink::StxEtx(c) => Call::Dialup(DialupLink::new(c.clone(), now.into_std())),
+            LineLink::Framed(framing) => Call::Framed {
+                codec: FrameCodec::new(*framing, self.cfg.tpdu, self.cfg.max_frame),
+                buf: BytesMut::new(),
+                idle_at: now + self.cfg.idle_timeout,
+            },
+        });
+        self.status(|s| {
+            s.calls += 1;
+            if self.modem.is_none() {
+                s.state = "open".into();
+            }
+        });
+    }
+
+    fn end_framed_call(&mut self, now: Instant) {
+        self.call = None;
+        match &mut self.modem {
+            Some(m) => m.hang_up(now.into_std()),
+            None => self.start_call(now),
+        }
+    }
+
+    /// The line is closing under a call: what was not acknowledged is undelivered.
+    fn end_call_silently(&mut self) {
+        if let Some(Call::Dialup(link)) = &mut self.call {
+            link.carrier_lost();
+            while link.poll_event().is_some() {}
+        }
+        self.call = None;
+        self.call_id += 1;
+        self.undelivered("the line closed before the terminal acknowledged the answer");
+    }
+
+    fn dispatch(&mut self, tpdu: Option<Tpdu>, message: Bytes, now: Instant) {
+        let reply_tpdu = tpdu.map(|t| t.reply());
+        let msg = match decode_request(&self.dialect, &message) {
+            Ok(m) => m,
+            Err(answer) => {
+                let call = self.call_id;
+                match answer {
+                    Some(bytes) => {
+                        let _ = self.answers_tx.try_send(Answer {
+                            call,
+                            tpdu: reply_tpdu,
+                            message: bytes,
+                            sale: None,
+                        });
+                    }
+                    None => {
+                        if let Some(Call::Dialup(l)) = &mut self.call {
+                            l.decline(now.into_std());
+                        }
+                    }
+                }
+                return;
+            }
+        };
+        let (gw, dialect, tx, call) = (
+            self.gw.clone(),
+            self.dialect.clone(),
+            self.answers_tx.clone(),
+            self.call_id,
+        );
+        let span = tracing::info_span!("request", terminal = msg.terminal_id().unwrap_or("?"), call);
+        tokio::spawn(
+            async move {
+                let reply = gw.handle(&msg, now).await;
+                let sale = reply.reverse_if_undelivered;
+                let message = match dialect.encode(&reply.message) {
+                    Ok(b) => b.freeze(),
+                    Err(e) => {
+                        tracing::error!(error = %e, "answer does not encode");
+                        if let Some(k) = sale {
+                            gw.undelivered(&k).await;
+                        }
+                        return;
+                    }
+                };
+                let a = Answer {
+                    call,
+                    tpdu: reply_tpdu,
+                    message,
+                    sale,
+                };
+                if let Err(mpsc::error::SendError(a)) = tx.send(a).await {
+                    // The line is gone.
+                    if let Some(k) = a.sale {
+                        gw.undelivered(&k).await;
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn answer(&mut self, a: Answer, port: &mut SerialStream) {
+        let now = Instant::now();
+        let seven_bit = self.cfg.data_bits == 7;
+        let mut data = BytesMut::new();
+        if let Some(t) = a.tpdu {
+            data.extend_from_slice(&t.bytes());
+        }
+        data.extend_from_slice(&a.message);
+        let live = a.call == self.call_id;
+        match &mut self.call {
+            Some(Call::Dialup(link)) if live => {
+                if seven_bit && data.iter().any(|&b| b > 0x7F) {
+                    tracing::error!("the answer has eight-bit bytes and the line has seven data bits: use a text dialect");
+                    link.decline(now.into_std());
+                } else if link.respond(&data, now.into_std()) {
+                    self.carrying = a.sale;
+                    return;
+                }
+            }
+            Some(Call::Framed { codec, .. }) if live => {
+                let mut buf = BytesMut::new();
+                let framed = codec.encode(
+                    Frame {
+                        tpdu: a.tpdu,
+                        message: a.message.clone(),
+                    },
+                    &mut buf,
+                );
+                if framed.is_ok() && self.write(port, buf.freeze()).await.is_ok() {
+                    self.status(|s| s.delivered += 1);
+                    return;
+                }
+            }
+            _ => {}
+        }
+        // The call this answer belongs to is over (or the answer could not go out).
+        if let Some(key) = a.sale {
+            self.carrying = Some(key);
+            self.undelivered("the call ended before the answer was ready");
+        }
+    }
+
+    fn timeout(&mut self, port: &mut SerialStream, now: Instant) {
+        if let Some(m) = &mut self.modem {
+            m.handle_timeout(now.into_std());
+            if self.dcd && m.is_online() && self.connected_at.is_some_and(|t| now >= t + DCD_SETTLE) {
+                // Two low readings in a row: a glitch is not a hang-up.
+                match port.read_carrier_detect() {
+                    Ok(false) => {
+                        self.dcd_low += 1;
+                        if self.dcd_low >= 2 {
+                            m.carrier_lost(now.into_std());
+                        }
+                    }
+                    _ => self.dcd_low = 0,
+                }
+            }
+        }
+        let mut end_framed = false;
+        match &mut self.call {
+            Some(Call::Dialup(link)) => link.handle_timeout(now.into_std()),
+            Some(Call::Framed { idle_at, .. }) if now >= *idle_at => end_framed = true,
+            _ => {}
+        }
+        if end_framed {
+            tracing::info!("no frame within the idle timeout; the call ends");
+            self.end_framed_call(now);
+        }
+    }
+}
+
+fn split_tpdu(data: Bytes, tpdu: bool) -> Option<(Option<Tpdu>, Bytes)> {
+    if !tpdu {
+        return Some((None, data));
+    }
+    if data.len() < 5 {
+        return None;
+    }
+    let t = Tpdu::parse(data[..5].try_into().expect("5 bytes"));
+    Some((Some(t), data.slice(5..)))
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
