@@ -292,10 +292,12 @@ pub struct GatewayHandle {
     pub dialect: Arc<Dialect>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
+    lines_stop: tokio_util::sync::CancellationToken,
+    lines: tokio::task::JoinSet<()>,
 }
 
 impl GatewayHandle {
-    /// Starts the gateway of `config` and its first listener.
+    /// Starts the gateway of `config`, its first listener and its serial lines.
     pub async fn start(config: &Path, opts: StartOptions) -> Result<GatewayHandle, String> {
         let cfg = GatewayConfig::load(config).map_err(|e| e.to_string())?;
         let dialects = match &cfg.protocols {
@@ -308,7 +310,20 @@ impl GatewayHandle {
             .cloned()
             .ok_or("the configuration has no listener")?;
         let dialect = Arc::new(dialects.get(&lc.dialect).map_err(|e| e.to_string())?.clone());
+        let mut serial = Vec::new();
+        for sc in &cfg.serial {
+            serial.push((
+                sc.clone(),
+                Arc::new(dialects.get(&sc.dialect).map_err(|e| e.to_string())?.clone()),
+            ));
+        }
         let gateway = Gateway::start(cfg, opts).await.map_err(|e| e.to_string())?;
+        let lines_stop = tokio_util::sync::CancellationToken::new();
+        let mut lines = tokio::task::JoinSet::new();
+        for (sc, d) in serial {
+            let (gw, stop) = (gateway.clone(), lines_stop.clone());
+            lines.spawn(crate::gateway::serial::run_line(sc, d, gw, stop));
+        }
         let listener = TcpListener::bind(lc.bind)
             .await
             .map_err(|e| format!("{}: {e}", lc.bind))?;
@@ -327,6 +342,8 @@ impl GatewayHandle {
             dialect,
             stop: Some(tx),
             task,
+            lines_stop,
+            lines,
         })
     }
 
@@ -343,6 +360,8 @@ impl GatewayHandle {
             let _ = s.send(());
         }
         let _ = self.task.await;
+        self.lines_stop.cancel();
+        while self.lines.join_next().await.is_some() {}
         self.gateway.shutdown(Duration::from_secs(10)).await;
     }
 
@@ -354,6 +373,8 @@ impl GatewayHandle {
         }
         self.task.abort();
         let _ = self.task.await;
+        self.lines.abort_all();
+        while self.lines.join_next().await.is_some() {}
     }
 }
 

@@ -4,15 +4,17 @@
 //!
 //! - [`iso8583`] — protocol core, no I/O: ISO 8583 dialects loaded from `protocols/iso8583/*.toml`, a nom decoder,
 //!   a `BytesMut` encoder, the [`iso8583::Message`] value type with masking, and the JSON form.
-//! - [`link`] — protocol core, no I/O: terminal-side length framings and TPDU as tokio-util codecs.
+//! - [`link`] — protocol cores, no I/O: terminal-side length framings and TPDU as tokio-util codecs, the dial-up
+//!   `STX data ETX LRC` link, the Hayes modem controller, and software parity for 7-bit lines.
 //! - [`sale`] — the PIN sale contract spoken with terminals (`protocols/pin-sale-messages.md`): response codes,
 //!   the field 63 TLV that carries the PIN, and the keys that match repeats and reversals to sales.
 //! - [`store`] — the PIN inventory: the `PinStore` trait with SQLite and PostgreSQL backends, states and their
 //!   allowed edges, audit rows, idempotent sales, reversals, PIN encryption at rest, group-commit workers.
 //! - [`psp`] — the PIN server protocol: messages, strict parsing, and the gateway's TLS client.
-//! - [`gateway`] — the host connection manager: terminal listeners, the controller (sale, repeat, reversal,
+//! - [`gateway`] — the host connection manager: terminal listeners and serial lines, the controller (sale, repeat, reversal,
 //!   network), the prefetch cache, the crash-safe journal, store-and-forward, and the PIN server pool.
 //! - [`server`], [`tls`] — the PIN server (mini-redis shaped `run(listener, …, shutdown)`) and mutual TLS.
+//! - [`dialsim`] — a Hayes modem emulator on a pseudo-terminal and a dial-up terminal that calls through it.
 //! - [`sim`] — a simulated TCP terminal (requests of the contract, framed); [`demo`] — `pingate demo` and the
 //!   building blocks the end-to-end tests share.
 //! - [`load`] — the load generator (terminal connections, closed or open loop), its echo-server ceiling, and a
@@ -23,6 +25,7 @@
 pub mod admin;
 pub mod cli;
 pub mod demo;
+pub mod dialsim;
 pub mod gateway;
 pub mod iso8583;
 pub mod link;

@@ -192,6 +192,8 @@ struct SerialSection {
     max_sends: Option<u32>,
     idle_timeout_ms: Option<u64>,
     max_frame: Option<usize>,
+    binary: Option<bool>,
+    inter_char_ms: Option<u64>,
 }
 
 /// Flow control of a serial line.
@@ -259,7 +261,11 @@ impl SerialLineConfig {
     }
 }
 
-fn serial_line(l: SerialSection, at: &str, invalid: &dyn Fn(&str, &str) -> ConfigError) -> Result<SerialLineConfig, ConfigError> {
+fn serial_line(
+    l: SerialSection,
+    at: &str,
+    invalid: &dyn Fn(&str, &str) -> ConfigError,
+) -> Result<SerialLineConfig, ConfigError> {
     let field = |k: &str| format!("{at}.{k}");
     let baud = l.baud.unwrap_or(2400);
     if !(50..=1_000_000).contains(&baud) {
@@ -300,6 +306,13 @@ fn serial_line(l: SerialSection, at: &str, invalid: &dyn Fn(&str, &str) -> Confi
                 idle_timeout,
                 max_frame,
                 baud,
+                // Binary messages (8 data bits) may hold ETX: the frame ends at `ETX LRC` then silence, by default
+                // 20 character times and at least 50 ms.
+                inter_char: l.binary.unwrap_or(data_bits == 8).then(|| {
+                    l.inter_char_ms
+                        .map(ms)
+                        .unwrap_or_else(|| crate::link::dialup::wire_time(baud, 20).max(ms(50)))
+                }),
             };
             if c.max_naks == 0 || c.max_sends == 0 || c.enq_max == 0 {
                 return Err(invalid(at, "max_naks, max_sends and enq_max must be at least 1"));
@@ -307,8 +320,14 @@ fn serial_line(l: SerialSection, at: &str, invalid: &dyn Fn(&str, &str) -> Confi
             LineLink::StxEtx(c)
         }
         other => LineLink::Framed(
-            Framing::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(other))
-                .map_err(|_| invalid(&field("link"), "`stx-etx` or a framing: binary2, binary2-inclusive, ascii4, bcd2"))?,
+            Framing::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(other)).map_err(
+                |_| {
+                    invalid(
+                        &field("link"),
+                        "`stx-etx` or a framing: binary2, binary2-inclusive, ascii4, bcd2",
+                    )
+                },
+            )?,
         ),
     };
     let modem = if l.modem {

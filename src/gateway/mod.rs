@@ -1252,7 +1252,8 @@ impl Gateway {
     }
 
     pub(crate) fn set_line(&self, name: &str, f: impl FnOnce(&mut serial::LineStatus)) {
-        self.lines.send_modify(|board| f(board.entry(name.to_string()).or_default()));
+        self.lines
+            .send_modify(|board| f(board.entry(name.to_string()).or_default()));
     }
 
     pub fn stock(&self) -> StockReport {

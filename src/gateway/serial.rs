@@ -132,7 +132,11 @@ fn open(cfg: &SerialLineConfig) -> Result<SerialStream, LineError> {
         (DataBits::Eight, P::None)
     } else {
         (
-            if cfg.data_bits == 7 { DataBits::Seven } else { DataBits::Eight },
+            if cfg.data_bits == 7 {
+                DataBits::Seven
+            } else {
+                DataBits::Eight
+            },
             match cfg.parity {
                 Parity::None => P::None,
                 Parity::Even => P::Even,
@@ -143,7 +147,11 @@ fn open(cfg: &SerialLineConfig) -> Result<SerialStream, LineError> {
     tokio_serial::new(cfg.device.to_string_lossy(), cfg.baud)
         .data_bits(data_bits)
         .parity(parity)
-        .stop_bits(if cfg.stop_bits == 2 { StopBits::Two } else { StopBits::One })
+        .stop_bits(if cfg.stop_bits == 2 {
+            StopBits::Two
+        } else {
+            StopBits::One
+        })
         .flow_control(match cfg.flow_control {
             FlowControl::None => Fc::None,
             FlowControl::Hardware => Fc::Hardware,
@@ -158,7 +166,7 @@ fn open(cfg: &SerialLineConfig) -> Result<SerialStream, LineError> {
 
 /// A call in progress: a dial-up link, or a length-framed session.
 enum Call {
-    Dialup(DialupLink),
+    Dialup(Box<DialupLink>),
     Framed {
         codec: FrameCodec,
         buf: BytesMut,
@@ -263,7 +271,11 @@ impl<'a> Line<'a> {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let modem = self.modem.as_ref().and_then(|m| m.poll_timeout()).map(Instant::from_std);
+        let modem = self
+            .modem
+            .as_ref()
+            .and_then(|m| m.poll_timeout())
+            .map(Instant::from_std);
         let call = match &self.call {
             Some(Call::Dialup(l)) => l.poll_timeout().map(Instant::from_std),
             Some(Call::Framed { idle_at, .. }) => Some(*idle_at),
@@ -499,7 +511,7 @@ impl<'a> Line<'a> {
         self.connected_at = Some(now);
         self.dcd_low = 0;
         self.call = Some(match &self.cfg.link {
-            LineLink::StxEtx(c) => Call::Dialup(DialupLink::new(c.clone(), now.into_std())),
+            LineLink::StxEtx(c) => Call::Dialup(Box::new(DialupLink::new(c.clone(), now.into_std()))),
             LineLink::Framed(framing) => Call::Framed {
                 codec: FrameCodec::new(*framing, self.cfg.tpdu, self.cfg.max_frame),
                 buf: BytesMut::new(),
@@ -607,7 +619,9 @@ impl<'a> Line<'a> {
         match &mut self.call {
             Some(Call::Dialup(link)) if live => {
                 if seven_bit && data.iter().any(|&b| b > 0x7F) {
-                    tracing::error!("the answer has eight-bit bytes and the line has seven data bits: use a text dialect");
+                    tracing::error!(
+                        "the answer has eight-bit bytes and the line has seven data bits: use a text dialect"
+                    );
                     link.decline(now.into_std());
                 } else if link.respond(&data, now.into_std()) {
                     self.carrying = a.sale;

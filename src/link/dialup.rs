@@ -72,6 +72,10 @@ pub struct LinkConfig {
     pub max_frame: usize,
     /// Line speed in bits per second, to know when an answer has left (10 bits per byte: 8N1 or 7E1).
     pub baud: u32,
+    /// Transparent (binary) mode: `None` for text data, where the first ETX ends the frame. With binary data (BCD
+    /// messages hold 0x03 bytes) a frame ends at `ETX x` followed by this much silence, and `x` is its LRC; the
+    /// terminal, half duplex, sends nothing after its frame until the host answers.
+    pub inter_char: Option<Duration>,
 }
 
 impl Default for LinkConfig {
@@ -88,6 +92,7 @@ impl Default for LinkConfig {
             idle_timeout: Duration::from_secs(15),
             max_frame: 2048,
             baud: 2400,
+            inter_char: None,
         }
     }
 }
@@ -159,10 +164,13 @@ pub enum LinkEvent {
 /// Reads one frame after STX.
 #[derive(Debug)]
 struct FrameReader {
+    /// Text mode: the data so far. Transparent mode: every byte after STX (the last two may be ETX and the LRC).
     buf: Vec<u8>,
     deadline: Instant,
-    /// ETX seen; the next byte is the LRC.
+    /// Text mode: ETX seen; the next byte is the LRC.
     want_lrc: bool,
+    /// Transparent mode: the bytes end in `ETX x`; if the line stays quiet until then, that was the end.
+    quiet_at: Option<Instant>,
     overflow: bool,
     parity: Option<usize>,
 }
@@ -174,23 +182,35 @@ enum Read {
 }
 
 impl FrameReader {
-    fn feed(&mut self, b: u8, max: usize) -> Read {
+    fn new(deadline: Instant) -> FrameReader {
+        FrameReader {
+            buf: Vec::new(),
+            deadline,
+            want_lrc: false,
+            quiet_at: None,
+            overflow: false,
+            parity: None,
+        }
+    }
+
+    fn feed(&mut self, b: u8, cfg: &LinkConfig, now: Instant) -> Read {
+        let max = cfg.max_frame;
+        if let Some(quiet) = cfg.inter_char {
+            // Binary data may hold ETX: the frame ends at an ETX and one more byte followed by silence.
+            if self.buf.len() < max + 2 {
+                self.buf.push(b);
+            } else {
+                self.overflow = true;
+                self.buf.copy_within(1.., 0);
+                *self.buf.last_mut().expect("not empty") = b;
+            }
+            let n = self.buf.len();
+            self.quiet_at = (n >= 2 && self.buf[n - 2] == ETX).then(|| now + quiet);
+            return Read::More;
+        }
         if self.want_lrc {
             let data = std::mem::take(&mut self.buf);
-            if self.overflow {
-                return Read::Bad(FrameFault::TooLong { max });
-            }
-            if let Some(offset) = self.parity {
-                return Read::Bad(FrameFault::Parity { offset });
-            }
-            let expected = lrc(&data);
-            if expected != b {
-                return Read::Bad(FrameFault::BadLrc { expected, found: b });
-            }
-            if data.is_empty() {
-                return Read::Bad(FrameFault::Empty);
-            }
-            return Read::Good(data);
+            return self.judge(data, b, max);
         }
         if b == ETX {
             self.want_lrc = true;
@@ -202,20 +222,56 @@ impl FrameReader {
         }
         Read::More
     }
+
+    /// Transparent mode: the line was quiet after `ETX x`.
+    fn finish(&mut self, max: usize) -> Read {
+        let mut data = std::mem::take(&mut self.buf);
+        let lrc_byte = data.pop().expect("ETX and LRC");
+        data.pop();
+        self.judge(data, lrc_byte, max)
+    }
+
+    fn judge(&self, data: Vec<u8>, found: u8, max: usize) -> Read {
+        if self.overflow {
+            return Read::Bad(FrameFault::TooLong { max });
+        }
+        if let Some(offset) = self.parity {
+            return Read::Bad(FrameFault::Parity { offset });
+        }
+        let expected = lrc(&data);
+        if expected != found {
+            return Read::Bad(FrameFault::BadLrc { expected, found });
+        }
+        if data.is_empty() {
+            return Read::Bad(FrameFault::Empty);
+        }
+        Read::Good(data)
+    }
 }
 
 #[derive(Debug)]
 enum Phase {
     /// Sending ENQs until a frame starts.
-    Enquiring { next: Instant, sent: u32 },
+    Enquiring {
+        next: Instant,
+        sent: u32,
+    },
     /// Waiting for a frame (direct lines: without a deadline).
-    Waiting { deadline: Option<Instant> },
+    Waiting {
+        deadline: Option<Instant>,
+    },
     /// A request was handed up; waiting for [`DialupLink::respond`].
     Processing,
     /// The answer is out; waiting for ACK or NAK.
-    Sending { frame: Bytes, sends: u32, deadline: Instant },
+    Sending {
+        frame: Bytes,
+        sends: u32,
+        deadline: Instant,
+    },
     /// The answer was ACKed; waiting for EOT or another frame.
-    After { deadline: Instant },
+    After {
+        deadline: Instant,
+    },
     Ended(EndReason),
 }
 
@@ -274,7 +330,17 @@ impl DialupLink {
 
     /// Timers: call at (or after) [`poll_timeout`](Self::poll_timeout).
     pub fn handle_timeout(&mut self, now: Instant) {
-        if let Some(r) = &self.reader {
+        if let Some(r) = &mut self.reader {
+            if r.quiet_at.is_some_and(|q| now >= q) {
+                let read = r.finish(self.cfg.max_frame);
+                self.reader = None;
+                match read {
+                    Read::Good(data) => self.good_frame(data),
+                    Read::Bad(fault) => self.bad_frame(fault, now),
+                    Read::More => {}
+                }
+                return;
+            }
             if now >= r.deadline {
                 let received = r.buf.len();
                 self.reader = None;
@@ -355,7 +421,10 @@ impl DialupLink {
             Phase::After { deadline } if self.reader.is_none() => Some(*deadline),
             _ => None,
         };
-        let frame = self.reader.as_ref().map(|r| r.deadline);
+        let frame = self
+            .reader
+            .as_ref()
+            .map(|r| r.quiet_at.map_or(r.deadline, |q| q.min(r.deadline)));
         match (phase, frame) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -377,7 +446,7 @@ impl DialupLink {
 
     fn byte(&mut self, b: u8, now: Instant) {
         if let Some(r) = &mut self.reader {
-            match r.feed(b, self.cfg.max_frame) {
+            match r.feed(b, &self.cfg, now) {
                 Read::More => {}
                 Read::Good(data) => {
                     self.reader = None;
@@ -392,15 +461,7 @@ impl DialupLink {
         }
         match (b, &self.phase) {
             (STX, Phase::Sending { .. }) => {} // the terminal talks over our answer: wait for its ACK or NAK
-            (STX, _) => {
-                self.reader = Some(FrameReader {
-                    buf: Vec::new(),
-                    deadline: now + self.cfg.frame_timeout,
-                    want_lrc: false,
-                    overflow: false,
-                    parity: None,
-                })
-            }
+            (STX, _) => self.reader = Some(FrameReader::new(now + self.cfg.frame_timeout)),
             (EOT, _) => self.end(EndReason::Eot),
             (ACK, Phase::Sending { .. }) => {
                 self.events.push_back(LinkEvent::Delivered);
@@ -535,7 +596,11 @@ mod tests {
         t.send(&frame(b"REQ"));
         assert_eq!(t.out(), [ACK]);
         assert_eq!(t.events(), [LinkEvent::Request(Bytes::from_static(b"REQ"))]);
-        assert_eq!(t.link.poll_timeout(), None, "the answer's time is the caller's deadline");
+        assert_eq!(
+            t.link.poll_timeout(),
+            None,
+            "the answer's time is the caller's deadline"
+        );
         assert!(t.link.respond(b"ANSWER", t.now));
         assert_eq!(t.out(), frame(b"ANSWER").to_vec());
         t.send(&[ACK]);
@@ -543,7 +608,11 @@ mod tests {
         t.send(&[EOT]);
         assert_eq!(t.events(), [LinkEvent::Ended(EndReason::Eot)]);
         assert_eq!(t.link.ended(), Some(EndReason::Eot));
-        assert_eq!(t.out(), Vec::<u8>::new(), "the host says nothing after the terminal's EOT");
+        assert_eq!(
+            t.out(),
+            Vec::<u8>::new(),
+            "the host says nothing after the terminal's EOT"
+        );
     }
 
     #[test]
@@ -700,7 +769,11 @@ mod tests {
         t.link.respond(&answer, t.now);
         let f = frame(&answer).to_vec();
         assert_eq!(t.out(), f);
-        assert_eq!(t.link.poll_timeout(), Some(t.now + ms(2000)), "wire time plus the ACK timeout");
+        assert_eq!(
+            t.link.poll_timeout(),
+            Some(t.now + ms(2000)),
+            "wire time plus the ACK timeout"
+        );
         t.send(&[NAK]);
         assert_eq!(t.out(), f, "sent again on NAK");
         t.at(ms(1999));
@@ -743,7 +816,10 @@ mod tests {
         assert!(t.link.awaiting_answer());
         t.link.carrier_lost();
         assert_eq!(t.events(), [LinkEvent::Ended(EndReason::CarrierLost)]);
-        assert!(!t.link.respond(b"PIN", t.now), "the caller must treat the answer as undelivered");
+        assert!(
+            !t.link.respond(b"PIN", t.now),
+            "the caller must treat the answer as undelivered"
+        );
         assert!(t.out().is_empty());
     }
 
@@ -790,6 +866,73 @@ mod tests {
         t.at(Duration::from_secs(3600));
         assert!(t.out().is_empty() && t.link.ended().is_none());
         t.send(&frame(b"REQ"));
+        assert_eq!(t.out(), [ACK]);
+    }
+
+    fn transparent() -> LinkConfig {
+        LinkConfig {
+            inter_char: Some(ms(50)),
+            ..LinkConfig::default()
+        }
+    }
+
+    #[test]
+    fn binary_data_holding_etx_is_read_whole_in_transparent_mode() {
+        let mut t = T::new(transparent());
+        t.at(ms(0));
+        t.out();
+        // ETX (0x03) and STX inside the data, even an ETX followed by a byte, then more data.
+        let data = [0x02, 0x00, 0x03, 0x41, 0x03, 0x03, 0x10, 0x99];
+        t.send(&frame(&data));
+        assert!(t.events().is_empty(), "not before the line is quiet");
+        assert_eq!(t.link.poll_timeout(), Some(t.now + ms(50)));
+        t.at(ms(49));
+        assert!(t.events().is_empty());
+        t.at(ms(1));
+        assert_eq!(t.out(), [ACK]);
+        assert_eq!(t.events(), [LinkEvent::Request(Bytes::copy_from_slice(&data))]);
+    }
+
+    #[test]
+    fn transparent_mode_a_pause_inside_the_data_is_not_an_end() {
+        let mut t = T::new(transparent());
+        t.at(ms(0));
+        t.out();
+        let data = [0x30, 0x03, 0x31, 0x32];
+        let f = frame(&data);
+        t.send(&f[..3]); // STX 0x30 ETX
+        t.at(ms(100));
+        t.send(&f[3..4]); // ETX then one byte, then a pause: a candidate end whose LRC is wrong
+        t.at(ms(100));
+        assert_eq!(t.out(), [NAK], "a wrong LRC after silence is a bad frame");
+        // The terminal sends the frame again in one piece.
+        t.send(&f);
+        t.at(ms(50));
+        assert_eq!(t.out(), [ACK]);
+        assert_eq!(
+            t.events().last(),
+            Some(&LinkEvent::Request(Bytes::copy_from_slice(&data)))
+        );
+    }
+
+    #[test]
+    fn transparent_mode_bad_lrc_and_oversize() {
+        let mut t = T::new(LinkConfig {
+            max_frame: 4,
+            ..transparent()
+        });
+        t.at(ms(0));
+        t.out();
+        let mut bad = frame(b"AB").to_vec();
+        *bad.last_mut().unwrap() ^= 1;
+        t.send(&bad).at(ms(50));
+        assert_eq!(t.out(), [NAK]);
+        t.send(&frame(b"0123456789")).at(ms(50));
+        assert_eq!(t.out(), [NAK]);
+        let ev = t.events();
+        assert!(matches!(ev[0], LinkEvent::Rejected(FrameFault::BadLrc { .. })));
+        assert_eq!(ev[1], LinkEvent::Rejected(FrameFault::TooLong { max: 4 }));
+        t.send(&frame(b"0123")).at(ms(50));
         assert_eq!(t.out(), [ACK]);
     }
 }

@@ -126,7 +126,11 @@ impl ResultCode {
                     Some((s, p)) => (s, Some(p.to_string())),
                     None => (rest, None),
                 };
-                let speed = if speed.is_empty() { None } else { Some(speed.parse().ok()?) };
+                let speed = if speed.is_empty() {
+                    None
+                } else {
+                    Some(speed.parse().ok()?)
+                };
                 ResultCode::Connect {
                     speed,
                     protocol: protocol.filter(|p| !p.is_empty()),
@@ -156,7 +160,9 @@ pub enum ModemEvent {
         protocol: Option<String>,
     },
     /// A call did not come up (a result code other than CONNECT, or none in time).
-    CallFailed { reply: Option<ResultCode> },
+    CallFailed {
+        reply: Option<ResultCode>,
+    },
     /// The carrier went during the call.
     CarrierLost,
     /// The hang-up finished (or was given up on); the line is being re-armed.
@@ -184,9 +190,17 @@ enum State {
         deadline: Instant,
     },
     /// Between two tries of the init string, or after giving up (`retry_after`).
-    Pause { until: Instant, attempt: u32 },
-    Ready { reinit_at: Instant, rings: u32 },
-    Answering { deadline: Instant },
+    Pause {
+        until: Instant,
+        attempt: u32,
+    },
+    Ready {
+        reinit_at: Instant,
+        rings: u32,
+    },
+    Answering {
+        deadline: Instant,
+    },
     Online,
     HangingUp(Hangup),
 }
@@ -564,7 +578,10 @@ mod tests {
         assert_eq!(ResultCode::parse("OK"), Some(ResultCode::Ok));
         assert_eq!(ResultCode::parse("CONNECT"), c(None, None));
         assert_eq!(ResultCode::parse("CONNECT 1200"), c(Some(1200), None));
-        assert_eq!(ResultCode::parse("CONNECT 2400/ARQ/V42BIS"), c(Some(2400), Some("ARQ/V42BIS")));
+        assert_eq!(
+            ResultCode::parse("CONNECT 2400/ARQ/V42BIS"),
+            c(Some(2400), Some("ARQ/V42BIS"))
+        );
         assert_eq!(
             ResultCode::parse("CONNECT 28800/ARQ/V34/LAPM/V42BIS"),
             c(Some(28800), Some("ARQ/V34/LAPM/V42BIS"))
@@ -803,7 +820,11 @@ mod tests {
         t.hear("RING\r");
         t.out();
         t.at(ms(60_000));
-        assert_eq!(t.out(), "\rATZ\r", "a byte aborts the answer, then the line is re-armed");
+        assert_eq!(
+            t.out(),
+            "\rATZ\r",
+            "a byte aborts the answer, then the line is re-armed"
+        );
         assert_eq!(t.events().last(), Some(&ModemEvent::CallFailed { reply: None }));
     }
 }

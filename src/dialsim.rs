@@ -1,0 +1,622 @@
+//! A Hayes modem emulator on one side of a pseudo-terminal, and a dial-up terminal that calls through it: what the
+//! gateway's serial lines are tested with, and what `pingate-dialup` runs by hand.
+//!
+//! The emulator plays the host's modem: the gateway opens the pty's other side as its serial device and talks AT
+//! commands to it. The "phone" side of the emulator is in-process: a [`DialupTerminal`] rings the modem, and once the
+//! gateway answers, its bytes and the gateway's pass through. The emulator can drop the carrier on command, answer
+//! `ERROR` to everything, or stay silent, and it records every byte with its time (a session transcript).
+//!
+//! Guard times are real time here (this drives real ptys); keep them short in tests.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_serial::{SerialPort, SerialStream};
+
+use crate::link::dialup::{frame, lrc, ACK, ENQ, EOT, ETX, NAK, STX};
+
+/// How the emulated modem answers commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommandReply {
+    /// `OK` to every command (the normal modem).
+    Ok,
+    /// `ERROR` to every command (a broken or wrongly configured modem).
+    Error,
+    /// Nothing at all (a modem that is off).
+    Silent,
+}
+
+/// Settings of the emulated modem.
+#[derive(Clone, Debug)]
+pub struct ModemOptions {
+    /// The result line when a call connects.
+    pub connect: String,
+    pub replies: CommandReply,
+    /// Escape guard time (S12): `+++` counts only with this much silence before and after it.
+    pub guard: Duration,
+}
+
+impl Default for ModemOptions {
+    fn default() -> Self {
+        ModemOptions {
+            connect: "CONNECT 2400/ARQ".into(),
+            replies: CommandReply::Ok,
+            guard: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Who sent a byte of the transcript.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// The gateway (host) to its modem and, online, to the terminal.
+    Host,
+    /// The modem or the terminal to the gateway.
+    Line,
+}
+
+/// One chunk of the transcript: when (since the emulator started), who, what.
+#[derive(Clone, Debug)]
+pub struct Chunk {
+    pub at: Duration,
+    pub dir: Dir,
+    pub bytes: Bytes,
+}
+
+/// What the phone side hears.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PhoneSignal {
+    /// The host's modem answered: the result line it got.
+    Connected(String),
+    /// Bytes from the host.
+    Data(Bytes),
+    /// The host hung up (or the carrier was dropped).
+    Hangup,
+}
+
+enum Control {
+    Ring,
+    DropCarrier,
+    PhoneData(Bytes),
+    PhoneHangup,
+    Replies(CommandReply),
+}
+
+/// Drives an emulated modem. Dropping every handle stops it and closes the pty (the line "is removed").
+#[derive(Clone)]
+pub struct ModemHandle {
+    control: mpsc::UnboundedSender<Control>,
+    transcript: Arc<Mutex<Vec<Chunk>>>,
+    commands: Arc<Mutex<Vec<String>>>,
+    phone: Arc<Mutex<Option<mpsc::UnboundedSender<PhoneSignal>>>>,
+    state: watch::Receiver<&'static str>,
+    stop: Arc<tokio_util::sync::CancellationToken>,
+    /// The pty's other side, for the gateway.
+    pub device: String,
+}
+
+impl ModemHandle {
+    /// The AT commands the host sent, in order.
+    pub fn commands(&self) -> Vec<String> {
+        self.commands.lock().expect("not poisoned").clone()
+    }
+
+    /// Every byte each way, with times.
+    pub fn transcript(&self) -> Vec<Chunk> {
+        self.transcript.lock().expect("not poisoned").clone()
+    }
+
+    /// `command` or `online`.
+    pub fn state(&self) -> watch::Receiver<&'static str> {
+        self.state.clone()
+    }
+
+    /// Drops the carrier: `NO CARRIER` to the host, hang-up to the phone.
+    pub fn drop_carrier(&self) {
+        let _ = self.control.send(Control::DropCarrier);
+    }
+
+    /// From now on, answer every command this way.
+    pub fn set_replies(&self, r: CommandReply) {
+        let _ = self.control.send(Control::Replies(r));
+    }
+
+    /// Removes the line: the emulator stops and its side of the pty closes.
+    pub fn remove(&self) {
+        self.stop.cancel();
+    }
+
+    /// Rings the modem for a new call; the phone hears what happens on the returned receiver.
+    pub fn dial(&self) -> Phone {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.phone.lock().expect("not poisoned") = Some(tx);
+        let _ = self.control.send(Control::Ring);
+        Phone {
+            rx,
+            control: self.control.clone(),
+        }
+    }
+}
+
+/// The phone end of a call.
+pub struct Phone {
+    rx: mpsc::UnboundedReceiver<PhoneSignal>,
+    control: mpsc::UnboundedSender<Control>,
+}
+
+impl Phone {
+    pub fn send(&self, bytes: &[u8]) {
+        let _ = self.control.send(Control::PhoneData(Bytes::copy_from_slice(bytes)));
+    }
+
+    pub async fn recv(&mut self) -> Option<PhoneSignal> {
+        self.rx.recv().await
+    }
+
+    /// The terminal hangs up.
+    pub fn hang_up(&self) {
+        let _ = self.control.send(Control::PhoneHangup);
+    }
+}
+
+/// A pty pair with an emulated modem on one side; the gateway opens [`ModemHandle::device`].
+pub fn start_modem(opts: ModemOptions) -> std::io::Result<ModemHandle> {
+    let (master, slave) = SerialStream::pair().map_err(std::io::Error::other)?;
+    let device = slave
+        .name()
+        .ok_or_else(|| std::io::Error::other("the pty has no name"))?;
+    let (control, control_rx) = mpsc::unbounded_channel();
+    let (state_tx, state) = watch::channel("command");
+    let h = ModemHandle {
+        control,
+        transcript: Arc::default(),
+        commands: Arc::default(),
+        phone: Arc::default(),
+        state,
+        stop: Arc::default(),
+        device,
+    };
+    let emu = Emulator {
+        opts,
+        h: h.clone(),
+        state_tx,
+        echo: true,
+        verbose: true,
+        auto_rings: 0,
+        online: false,
+        ringing: false,
+        rings: 0,
+        line: Vec::new(),
+        started: Instant::now(),
+        last_host: Instant::now(),
+        escape_at: None,
+    };
+    // The slave stays open in the task so that the master reads nothing but EIO-free silence until the gateway opens
+    // the device; both close when the emulator stops.
+    tokio::spawn(emu.run(master, slave, control_rx));
+    Ok(h)
+}
+
+struct Emulator {
+    opts: ModemOptions,
+    h: ModemHandle,
+    state_tx: watch::Sender<&'static str>,
+    echo: bool,
+    verbose: bool,
+    /// S0: rings before the modem answers by itself (0: the host answers with ATA).
+    auto_rings: u32,
+    online: bool,
+    ringing: bool,
+    /// Rings of the current call so far.
+    rings: u32,
+    line: Vec<u8>,
+    started: Instant,
+    last_host: Instant,
+    /// `+++` seen after a guard time: escape when the host stays silent until then.
+    escape_at: Option<Instant>,
+}
+
+impl Emulator {
+    async fn run(
+        mut self,
+        mut master: SerialStream,
+        slave: SerialStream,
+        mut control: mpsc::UnboundedReceiver<Control>,
+    ) {
+        let _slave = slave;
+        let mut buf = vec![0u8; 1024];
+        let stop = self.h.stop.clone();
+        let mut ring_timer: Option<Instant> = None;
+        loop {
+            let deadline = [self.escape_at, ring_timer].into_iter().flatten().min();
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = master.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        let bytes = Bytes::copy_from_slice(&buf[..n]);
+                        self.record(Dir::Host, bytes.clone());
+                        let out = self.host_bytes(&bytes);
+                        if !out.is_empty() && self.write(&mut master, &out).await.is_err() {
+                            return;
+                        }
+                    }
+                },
+                c = control.recv() => {
+                    let Some(c) = c else { return };
+                    let out = match c {
+                        Control::Ring => {
+                            self.ringing = true;
+                            self.rings = 0;
+                            ring_timer = Some(Instant::now());
+                            Vec::new()
+                        }
+                        Control::DropCarrier | Control::PhoneHangup => self.carrier_gone(),
+                        Control::PhoneData(b) => if self.online { b.to_vec() } else { Vec::new() },
+                        Control::Replies(r) => { self.opts.replies = r; Vec::new() }
+                    };
+                    if !out.is_empty() && self.write(&mut master, &out).await.is_err() {
+                        return;
+                    }
+                },
+                _ = sleep_until(deadline) => {
+                    let now = Instant::now();
+                    let mut out = Vec::new();
+                    if self.escape_at.is_some_and(|t| now >= t) {
+                        self.escape_at = None;
+                        self.set_online(false);
+                        out.extend_from_slice(&self.result("OK", 0));
+                    }
+                    if ring_timer.is_some_and(|t| now >= t) {
+                        ring_timer = None;
+                        if self.ringing && !self.online {
+                            out.extend_from_slice(&self.result("RING", 2));
+                            self.auto_ring_count_down(&mut out);
+                            if self.ringing && !self.online {
+                                ring_timer = Some(now + Duration::from_millis(500));
+                            }
+                        }
+                    }
+                    if !out.is_empty() && self.write(&mut master, &out).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn auto_ring_count_down(&mut self, out: &mut Vec<u8>) {
+        self.rings += 1;
+        if self.auto_rings > 0 && self.rings >= self.auto_rings {
+            out.extend_from_slice(&self.connect());
+        }
+    }
+
+    async fn write(&mut self, master: &mut SerialStream, out: &[u8]) -> std::io::Result<()> {
+        self.record(Dir::Line, Bytes::copy_from_slice(out));
+        master.write_all(out).await
+    }
+
+    fn record(&self, dir: Dir, bytes: Bytes) {
+        self.h.transcript.lock().expect("not poisoned").push(Chunk {
+            at: self.started.elapsed(),
+            dir,
+            bytes,
+        });
+    }
+
+    fn set_online(&mut self, on: bool) {
+        self.online = on;
+        let _ = self.state_tx.send(if on { "online" } else { "command" });
+    }
+
+    fn to_phone(&self, s: PhoneSignal) {
+        if let Some(p) = &*self.h.phone.lock().expect("not poisoned") {
+            let _ = p.send(s);
+        }
+    }
+
+    fn result(&self, text: &str, code: u8) -> Vec<u8> {
+        if self.verbose {
+            format!("\r\n{text}\r\n").into_bytes()
+        } else {
+            format!("{code}\r").into_bytes()
+        }
+    }
+
+    fn connect(&mut self) -> Vec<u8> {
+        self.ringing = false;
+        self.set_online(true);
+        self.to_phone(PhoneSignal::Connected(self.opts.connect.clone()));
+        self.result(&self.opts.connect.clone(), 1)
+    }
+
+    /// The call is over from the line's side.
+    fn carrier_gone(&mut self) -> Vec<u8> {
+        self.ringing = false;
+        self.escape_at = None;
+        self.to_phone(PhoneSignal::Hangup);
+        *self.h.phone.lock().expect("not poisoned") = None;
+        if self.online {
+            self.set_online(false);
+            return self.result("NO CARRIER", 3);
+        }
+        Vec::new()
+    }
+
+    fn host_bytes(&mut self, bytes: &[u8]) -> Vec<u8> {
+        let now = Instant::now();
+        let quiet_before = now.duration_since(self.last_host) >= self.opts.guard;
+        self.last_host = now;
+        if self.online {
+            if bytes == b"+++" && quiet_before {
+                self.escape_at = Some(now + self.opts.guard);
+                return Vec::new();
+            }
+            self.escape_at = None;
+            self.to_phone(PhoneSignal::Data(Bytes::copy_from_slice(bytes)));
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for &b in bytes {
+            if self.echo {
+                out.push(b);
+            }
+            if b == b'\r' {
+                let line = String::from_utf8_lossy(&std::mem::take(&mut self.line))
+                    .trim()
+                    .to_string();
+                if !line.is_empty() {
+                    out.extend(self.command(&line));
+                }
+            } else if b != b'\n' && self.line.len() < 256 {
+                self.line.push(b);
+            }
+        }
+        out
+    }
+
+    fn command(&mut self, line: &str) -> Vec<u8> {
+        self.h.commands.lock().expect("not poisoned").push(line.to_string());
+        match self.opts.replies {
+            CommandReply::Silent => return Vec::new(),
+            CommandReply::Error => return self.result("ERROR", 4),
+            CommandReply::Ok => {}
+        }
+        let upper = line.to_ascii_uppercase();
+        let Some(body) = upper.strip_prefix("AT") else {
+            return self.result("ERROR", 4);
+        };
+        if body.starts_with('Z') {
+            self.echo = true;
+            self.verbose = true;
+            self.auto_rings = 0;
+        }
+        if body.contains("E0") {
+            self.echo = false;
+        }
+        if body.contains("E1") {
+            self.echo = true;
+        }
+        if body.contains("V0") {
+            self.verbose = false;
+        }
+        if body.contains("V1") {
+            self.verbose = true;
+        }
+        if let Some(i) = body.find("S0=") {
+            self.auto_rings = body[i + 3..]
+                .chars()
+                .take_while(|c| c.is_ascii_digit())
+                .collect::<String>()
+                .parse()
+                .unwrap_or(0);
+        }
+        if body == "A" {
+            return if self.ringing {
+                self.connect()
+            } else {
+                self.result("NO CARRIER", 3)
+            };
+        }
+        if body.starts_with('H') {
+            // On hook: a call still up (after +++) ends for the phone too.
+            self.ringing = false;
+            self.to_phone(PhoneSignal::Hangup);
+            *self.h.phone.lock().expect("not poisoned") = None;
+        }
+        self.result("OK", 0)
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How a simulated dial-up terminal behaves in a call.
+#[derive(Clone, Debug)]
+pub struct CallScript {
+    /// Frames sent with a wrong LRC before the good one.
+    pub bad_frames: u32,
+    /// Whether the terminal ACKs the answer. When false it drops the line instead (carrier lost before the ACK).
+    pub ack_answer: bool,
+    /// Time allowed for each step (connect, ENQ, ACK, answer).
+    pub step_timeout: Duration,
+    /// Silence after `ETX x` that ends the host's frame.
+    pub quiet: Duration,
+}
+
+impl Default for CallScript {
+    fn default() -> Self {
+        CallScript {
+            bad_frames: 0,
+            ack_answer: true,
+            step_timeout: Duration::from_secs(10),
+            quiet: Duration::from_millis(100),
+        }
+    }
+}
+
+/// What happened in a call.
+#[derive(Clone, Debug, Default)]
+pub struct CallOutcome {
+    /// The connect line the terminal's modem reported.
+    pub connect: Option<String>,
+    /// NAKs the host sent.
+    pub naks: u32,
+    /// The host ended the call with EOT before answering (e.g. after too many bad frames).
+    pub host_eot: bool,
+    /// The answer's data (TPDU and message), when one came with a good LRC.
+    pub answer: Option<Bytes>,
+    /// Frames the host sent (first answer and retransmissions).
+    pub answer_frames: u32,
+    /// The host hung up at the end.
+    pub hung_up: bool,
+}
+
+/// A dial-up terminal calling through an emulated modem.
+pub struct DialupTerminal;
+
+/// Errors of a simulated call.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// A step did not happen in time.
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    /// The host hung up before the step.
+    #[error("the host hung up while waiting for {0}")]
+    HungUp(&'static str),
+}
+
+impl DialupTerminal {
+    /// One call: dial, wait for ENQ, send `request` (TPDU and message) framed, ACK the answer, send EOT.
+    pub async fn call(modem: &ModemHandle, request: &[u8], script: &CallScript) -> Result<CallOutcome, CallError> {
+        let mut phone = modem.dial();
+        let mut out = CallOutcome::default();
+        let mut bytes: Vec<u8> = Vec::new();
+        let t = script.step_timeout;
+        // Connected.
+        match next(&mut phone, t, "CONNECT").await? {
+            PhoneSignal::Connected(c) => out.connect = Some(c),
+            PhoneSignal::Hangup => return Err(CallError::HungUp("CONNECT")),
+            PhoneSignal::Data(b) => bytes.extend_from_slice(&b),
+        }
+        // ENQ.
+        wait_byte(&mut phone, &mut bytes, t, "ENQ", |b| b == ENQ).await?;
+        let good = frame(request);
+        let mut bad = good.to_vec();
+        *bad.last_mut().expect("framed") ^= 0x55;
+        for _ in 0..script.bad_frames {
+            phone.send(&bad);
+            match wait_byte(&mut phone, &mut bytes, t, "ACK/NAK", |b| {
+                b == ACK || b == NAK || b == EOT
+            })
+            .await?
+            {
+                NAK => out.naks += 1,
+                EOT => {
+                    out.host_eot = true;
+                    out.hung_up = wait_hangup(&mut phone, t).await;
+                    return Ok(out);
+                }
+                _ => {}
+            }
+        }
+        phone.send(&good);
+        loop {
+            match wait_byte(&mut phone, &mut bytes, t, "ACK", |b| b == ACK || b == NAK || b == EOT).await? {
+                ACK => break,
+                NAK => {
+                    out.naks += 1;
+                    phone.send(&good);
+                }
+                _ => {
+                    out.host_eot = true;
+                    out.hung_up = wait_hangup(&mut phone, t).await;
+                    return Ok(out);
+                }
+            }
+        }
+        // The answer: STX, then bytes until `ETX x` and a quiet line (binary data may hold ETX; x is the LRC).
+        wait_byte(&mut phone, &mut bytes, t, "STX", |b| b == STX).await?;
+        loop {
+            let n = bytes.len();
+            let candidate = n >= 2 && bytes[n - 2] == ETX;
+            let wait = if candidate { script.quiet } else { t };
+            match tokio::time::timeout(wait, phone.recv()).await {
+                Ok(Some(PhoneSignal::Data(b))) => bytes.extend_from_slice(&b),
+                Ok(Some(PhoneSignal::Connected(_))) => {}
+                Ok(_) => return Err(CallError::HungUp("the answer")),
+                Err(_) if candidate => {
+                    let data = bytes[..n - 2].to_vec();
+                    let got = bytes[n - 1];
+                    bytes.clear();
+                    out.answer_frames += 1;
+                    if got == lrc(&data) {
+                        out.answer = Some(Bytes::from(data));
+                        break;
+                    }
+                    phone.send(&[NAK]);
+                    wait_byte(&mut phone, &mut bytes, t, "STX", |b| b == STX).await?;
+                }
+                Err(_) => return Err(CallError::Timeout("the answer")),
+            }
+        }
+        if !script.ack_answer {
+            phone.hang_up();
+            return Ok(out);
+        }
+        phone.send(&[ACK]);
+        phone.send(&[EOT]);
+        out.hung_up = wait_hangup(&mut phone, t).await;
+        Ok(out)
+    }
+}
+
+async fn next(phone: &mut Phone, t: Duration, what: &'static str) -> Result<PhoneSignal, CallError> {
+    match tokio::time::timeout(t, phone.recv()).await {
+        Ok(Some(s)) => Ok(s),
+        Ok(None) => Err(CallError::HungUp(what)),
+        Err(_) => Err(CallError::Timeout(what)),
+    }
+}
+
+/// Reads until a byte `want` accepts; bytes before it are dropped, bytes after it stay in `buf`.
+async fn wait_byte(
+    phone: &mut Phone,
+    buf: &mut Vec<u8>,
+    t: Duration,
+    what: &'static str,
+    want: impl Fn(u8) -> bool,
+) -> Result<u8, CallError> {
+    loop {
+        if let Some(i) = buf.iter().position(|&b| want(b)) {
+            let b = buf[i];
+            buf.drain(..=i);
+            return Ok(b);
+        }
+        buf.clear();
+        match next(phone, t, what).await? {
+            PhoneSignal::Data(b) => buf.extend_from_slice(&b),
+            PhoneSignal::Hangup => return Err(CallError::HungUp(what)),
+            PhoneSignal::Connected(_) => {}
+        }
+    }
+}
+
+async fn wait_hangup(phone: &mut Phone, t: Duration) -> bool {
+    loop {
+        match tokio::time::timeout(t, phone.recv()).await {
+            Ok(Some(PhoneSignal::Hangup)) | Ok(None) => return true,
+            Ok(Some(_)) => {}
+            Err(_) => return false,
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! Dial-up terminals end to end on real pseudo-terminals: an emulated Hayes modem on one side of each pty, the
+//! gateway's serial line on the other, a real PIN server behind it over mutual TLS on a real SQLite file.
+//!
+//! The emulator's guard times and the line's timers are short here; waits are bounded, and every wait is for an
+//! event (a line state, a byte), never a sleep standing in for one.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pingate::demo::{
+    sample_modes, sample_products, start_server, GatewayFiles, GatewayHandle, Inventory, ServerHandle,
+};
+use pingate::dialsim::{start_modem, CallScript, CommandReply, DialupTerminal, ModemHandle, ModemOptions};
+use pingate::gateway::serial::{LineBoard, LineStatus};
+use pingate::gateway::StartOptions;
+use pingate::iso8583::{Dialect, Dialects, Message};
+use pingate::psp::client::PspClient;
+use pingate::psp::{Request, Response};
+use pingate::sale::PinReceipt;
+use pingate::sim::{Identity, SaleSpec};
+
+const ON_DEMAND: &str = "GIFT-25";
+const PREFETCH: &str = "TOPUP-EU-10";
+const TPDU: [u8; 5] = [0x60, 0x00, 0x03, 0x00, 0x01];
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pingate-dial-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn bcd() -> Arc<Dialect> {
+    Arc::new(Dialects::builtin().get("iso87-bcd").unwrap().clone())
+}
+
+/// A `[[serial]]` table for a modem line on `device`, with short timers; `extra` adds keys.
+fn line(name: &str, device: &str, extra: &str) -> String {
+    format!(
+        "\n[[serial]]\nname = \"{name}\"\ndevice = \"{device}\"\ndialect = \"iso87-bcd\"\ntpdu = true\nmodem = true\n\
+         guard_time_ms = 60\ncommand_timeout_ms = 1000\nenq_interval_ms = 200\nack_timeout_ms = 500\n\
+         frame_timeout_ms = 2000\nidle_timeout_ms = 2000\ndtr_drop_ms = 100\n{extra}\n"
+    )
+}
+
+struct Rig {
+    inv: Inventory,
+    server: ServerHandle,
+    gw: GatewayHandle,
+}
+
+async fn rig(name: &str, lines: &str) -> Rig {
+    let inv = Inventory::create(&dir(name), &["gw1", "obs"], &sample_products(50)).unwrap();
+    let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    // The serial tables go after the listener's keys (the listener table ends where they start).
+    let files = GatewayFiles::write(
+        &inv,
+        "gw1",
+        &[server.addr],
+        "127.0.0.1:0".parse().unwrap(),
+        8,
+        &sample_modes(2, 4),
+        ("", lines),
+    )
+    .unwrap();
+    let gw = GatewayHandle::start(&files.config, StartOptions::default())
+        .await
+        .unwrap();
+    assert!(gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await);
+    Rig { inv, server, gw }
+}
+
+/// Waits (bounded) until `pred` holds for the board.
+async fn board_until(gw: &GatewayHandle, what: &str, pred: impl Fn(&LineBoard) -> bool) -> LineBoard {
+    let mut rx = gw.gateway.lines();
+    let r = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            {
+                let b = rx.borrow_and_update();
+                if pred(&b) {
+                    return b.clone();
+                }
+            }
+            if rx.changed().await.is_err() {
+                panic!("the gateway went away");
+            }
+        }
+    })
+    .await;
+    match r {
+        Ok(b) => b,
+        Err(_) => panic!(
+            "timed out waiting for {what}: {:?}",
+            gw.gateway.lines().borrow().clone()
+        ),
+    }
+}
+
+fn state<'a>(b: &'a LineBoard, line: &str) -> Option<&'a LineStatus> {
+    b.get(line)
+}
+
+fn ready(b: &LineBoard, line: &str) -> bool {
+    state(b, line).is_some_and(|s| s.state == "ready")
+}
+
+/// A framed request: TPDU and a 0200 in the BCD dialect.
+fn sale_request(terminal: usize, stan: u32, product: &str) -> Vec<u8> {
+    let id = Identity {
+        terminal_id: format!("DEMO{terminal:04}"),
+        merchant_id: pingate::demo::MERCHANT.into(),
+    };
+    let spec = SaleSpec {
+        stan,
+        transmission: "1129120000".into(),
+        product: product.into(),
+        amount: if product == PREFETCH { 1000 } else { 2500 },
+        currency: "978".into(),
+    };
+    let msg = bcd().encode(&id.sale(&spec, false)).unwrap();
+    [&TPDU[..], &msg[..]].concat()
+}
+
+/// The answer's TPDU must be the request's with addresses swapped; returns the decoded message.
+fn decode_answer(data: &Bytes) -> Message {
+    assert_eq!(&data[..5], &[0x60, 0x00, 0x01, 0x00, 0x03], "TPDU addresses swapped");
+    bcd().decode(&data.slice(5..)).unwrap()
+}
+
+fn pin_of(m: &Message) -> String {
+    let r = PinReceipt::from_tlv(m.get(63).expect("field 63")).unwrap();
+    r.pin.expose().to_string()
+}
+
+/// Server-side counts by (product, state).
+async fn stock(inv: &Inventory, server: SocketAddr) -> HashMap<(String, String), i64> {
+    let tls = Arc::new(
+        pingate::tls::client_config(
+            &inv.certs.gateway_cert("obs"),
+            &inv.certs.gateway_key("obs"),
+            &inv.certs.ca(),
+        )
+        .unwrap(),
+    );
+    let (c, _) = PspClient::connect(server, "localhost", tls).await.unwrap();
+    let Response::Stock { stock } = c.call(Request::Stock).await.unwrap() else {
+        panic!("stock")
+    };
+    stock.into_iter().map(|s| ((s.product, s.state), s.count)).collect()
+}
+
+fn count(s: &HashMap<(String, String), i64>, product: &str, state: &str) -> i64 {
+    s.get(&(product.to_string(), state.to_string())).copied().unwrap_or(0)
+}
+
+fn script() -> CallScript {
+    CallScript {
+        step_timeout: Duration::from_secs(10),
+        ..CallScript::default()
+    }
+}
+
+async fn modem() -> ModemHandle {
+    start_modem(ModemOptions::default()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dialup_sale_end_to_end() {
+    let m = modem().await;
+    let rig = rig("sale", &line("m1", &m.device, "")).await;
+    board_until(&rig.gw, "the modem ready", |b| ready(b, "m1")).await;
+    let cmds = m.commands();
+    assert_eq!(
+        cmds[..4],
+        ["ATZ", "ATE0V1Q0", "AT&C1&D2", "ATS0=0"],
+        "init string, each answered OK"
+    );
+
+    let out = DialupTerminal::call(&m, &sale_request(1, 1, ON_DEMAND), &script())
+        .await
+        .unwrap();
+    assert_eq!(out.connect.as_deref(), Some("CONNECT 2400/ARQ"));
+    assert_eq!(out.naks, 0);
+    let answer = decode_answer(out.answer.as_ref().expect("an answer"));
+    assert_eq!(answer.mti().to_string(), "0210");
+    assert_eq!(answer.get_str(39), Some("00"));
+    assert!(!pin_of(&answer).is_empty());
+    assert!(out.hung_up, "the host hangs up after EOT");
+    let b = board_until(&rig.gw, "the line re-armed", |b| {
+        ready(b, "m1") && b["m1"].delivered == 1
+    })
+    .await;
+    assert_eq!(b["m1"].calls, 1);
+    assert_eq!(b["m1"].speed, Some(2400));
+    assert_eq!(b["m1"].reversed, 0);
+    let cmds = m.commands();
+    assert!(
+        cmds.contains(&"ATA".to_string()),
+        "the host answered the RING: {cmds:?}"
+    );
+    let ath = cmds
+        .iter()
+        .position(|c| c == "ATH0")
+        .expect("hung up with ATH0 (no DTR on a pty)");
+    assert_eq!(cmds[ath + 1], "ATZ", "then re-initialised: {cmds:?}");
+    let s = stock(&rig.inv, rig.server.addr).await;
+    assert_eq!(count(&s, ON_DEMAND, "sold"), 1);
+
+    // A second call on the same line works the same way.
+    let out = DialupTerminal::call(&m, &sale_request(1, 2, ON_DEMAND), &script())
+        .await
+        .unwrap();
+    assert_eq!(decode_answer(out.answer.as_ref().unwrap()).get_str(39), Some("00"));
+    rig.gw.stop().await;
+    rig.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_lrc_is_nakked_and_the_good_retry_sells() {
+    let m = modem().await;
+    let rig = rig("nak", &line("m1", &m.device, "")).await;
+    board_until(&rig.gw, "the modem ready", |b| ready(b, "m1")).await;
+    let s = CallScript {
+        bad_frames: 1,
+        ..script()
+    };
+    let out = DialupTerminal::call(&m, &sale_request(2, 10, PREFETCH), &s)
+        .await
+        .unwrap();
+    assert_eq!(out.naks, 1);
+    assert!(!out.host_eot);
+    assert_eq!(decode_answer(out.answer.as_ref().unwrap()).get_str(39), Some("00"));
+    rig.gw.stop().await;
+    rig.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_bad_frames_get_eot_and_a_hang_up() {
+    let m = modem().await;
+    let rig = rig("eot", &line("m1", &m.device, "")).await;
+    board_until(&rig.gw, "the modem ready", |b| ready(b, "m1")).await;
+    let s = CallScript {
+        bad_frames: 3,
+        ..script()
+    };
+    let out = DialupTerminal::call(&m, &sale_request(3, 20, ON_DEMAND), &s)
+        .await
+        .unwrap();
+    assert_eq!(out.naks, 2, "two NAKs, then EOT instead of the third");
+    assert!(out.host_eot);
+    assert!(out.answer.is_none());
+    assert!(out.hung_up, "the host hung up");
+    board_until(&rig.gw, "the line re-armed", |b| ready(b, "m1")).await;
+    assert!(m.commands().contains(&"ATH0".to_string()));
+    let s = stock(&rig.inv, rig.server.addr).await;
+    assert_eq!(count(&s, ON_DEMAND, "sold"), 0, "nothing was sold");
+    rig.gw.stop().await;
+    rig.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn carrier_lost_before_the_ack_reverses_the_sale() {
+    let m = modem().await;
+    let rig = rig("carrier", &line("m1", &m.device, "")).await;
+    board_until(&rig.gw, "the modem ready", |b| ready(b, "m1")).await;
+    let s = CallScript {
+        ack_answer: false,
+        ..script()
+    };
+    // The terminal gets the PIN but drops the line before its ACK: the modem tells the host NO CARRIER.
+    let out = DialupTerminal::call(&m, &sale_request(4, 30, ON_DEMAND), &s)
+        .await
+        .unwrap();
+    let lost_pin = pin_of(&decode_answer(out.answer.as_ref().unwrap()));
+    board_until(&rig.gw, "the sale reversed", |b| b["m1"].reversed == 1).await;
+    // The reversal reaches the server: the PIN is voided, never sold again.
+    let mut voided = false;
+    for _ in 0..200 {
+        let s = stock(&rig.inv, rig.server.addr).await;
+        if count(&s, ON_DEMAND, "voided") == 1 {
+            assert_eq!(count(&s, ON_DEMAND, "sold"), 0);
+            voided = true;
+            break;
+        }
+        rig.gw.gateway.flush(Duration::from_millis(200)).await;
+    }
+    assert!(voided, "the undelivered sale was reversed at the server");
+    board_until(&rig.gw, "the line re-armed", |b| ready(b, "m1")).await;
+    let out = DialupTerminal::call(&m, &sale_request(4, 31, ON_DEMAND), &script())
+        .await
+        .unwrap();
+    let next_pin = pin_of(&decode_answer(out.answer.as_ref().unwrap()));
+    assert_ne!(next_pin, lost_pin, "the reversed PIN is not handed out again");
+    let s = stock(&rig.inv, rig.server.addr).await;
+    assert_eq!((count(&s, ON_DEMAND, "sold"), count(&s, ON_DEMAND, "voided")), (1, 1));
+    rig.gw.stop().await;
+    rig.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_modem_answering_error_to_init_is_reported_and_retried() {
+    let m = start_modem(ModemOptions {
+        replies: CommandReply::Error,
+        ..ModemOptions::default()
+    })
+    .unwrap();
+    let rig = rig(
+        "error",
+        &line("m1", &m.device, "init_attempts = 2\nmodem_retry_secs = 1"),
+    )
+    .await;
+    let b = board_until(&rig.gw, "the modem reported", |b| {
+        state(b, "m1").is_some_and(|s| s.state == "not answering")
+    })
+    .await;
+    assert_eq!(b["m1"].last_error.as_deref(), Some("init `ATZ`: ERROR"));
+    assert!(m.commands().iter().filter(|c| *c == "ATZ").count() >= 2, "tried twice");
+    // TCP terminals are not affected.
+    let id = Identity {
+        terminal_id: "DEMO0001".into(),
+        merchant_id: pingate::demo::MERCHANT.into(),
+    };
+    let mut t = rig.gw.terminal().await.unwrap();
+    let spec = SaleSpec {
+        stan: 40,
+        transmission: "1129120000".into(),
+        product: ON_DEMAND.into(),
+        amount: 2500,
+        currency: "978".into(),
+    };
+    assert_eq!(t.call(&id.sale(&spec, false)).await.unwrap().get_str(39), Some("00"));
+    // Fixed: the line comes up on the next try.
+    m.set_replies(CommandReply::Ok);
+    board_until(&rig.gw, "the modem ready after the fix", |b| ready(b, "m1")).await;
+    rig.gw.stop().await;
+    rig.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_lines_at_once_one_removed() {
+    let mut modems = Vec::new();
+    let mut lines = String::new();
+    for i in 0..8 {
+        let m = modem().await;
+        lines.push_str(&line(&format!("m{i}"), &m.device, ""));
+        modems.push(m);
+    }
+    let rig = rig("eight", &lines).await;
+    board_until(&rig.gw, "eight modems ready", |b| {
+        (0..8).all(|i| ready(b, &format!("m{i}")))
+    })
+    .await;
+    modems[3].remove();
+    let b = board_until(&rig.gw, "line m3 down", |b| {
+        state(b, "m3").is_some_and(|s| s.state == "down" || s.last_error.is_some())
+    })
+    .await;
+    assert!(
+        b["m3"].last_error.is_some(),
+        "the removed line is reported: {:?}",
+        b["m3"]
+    );
+    let calls = modems.iter().enumerate().filter(|(i, _)| *i != 3).map(|(i, m)| {
+        let m = m.clone();
+        async move {
+            let req = sale_request(i + 1, 50 + i as u32, if i % 2 == 0 { ON_DEMAND } else { PREFETCH });
+            DialupTerminal::call(&m, &req, &script()).await
+        }
+    });
+    let outs = futures_util::future::join_all(calls).await;
+    let mut pins = Vec::new();
+    for out in outs {
+        let out = out.unwrap();
+        let a = decode_answer(out.answer.as_ref().unwrap());
+        assert_eq!(a.get_str(39), Some("00"));
+        pins.push(pin_of(&a));
+    }
+    pins.sort();
+    pins.dedup();
+    assert_eq!(pins.len(), 7, "seven sales on seven lines, seven different PINs");
+    let b = rig.gw.gateway.lines().borrow().clone();
+    assert!(b["m3"].state != "ready" && b["m3"].state != "online", "{:?}", b["m3"]);
+    assert!(b["m3"].opens >= 1);
+    rig.gw.stop().await;
+    rig.server.stop().await;
+}
