@@ -389,3 +389,26 @@ async fn eight_lines_at_once_one_removed() {
     rig.gw.stop().await;
     rig.server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dialup_tool_calls_through_a_real_gateway() {
+    let d = dir("tool-link");
+    std::fs::create_dir_all(&d).unwrap();
+    let link = d.join("ttyPOS1");
+    // The gateway starts first: its line is down (no device yet) and retried until the tool creates the link.
+    let rig = rig("tool", &line("pos1", link.to_str().unwrap(), "")).await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pingate-dialup"))
+        .args(["call", "--link", link.to_str().unwrap(), "--guard-ms", "50", "--count", "2"])
+        .args(["--terminal", "DEMO0005", "--product", ON_DEMAND, "--amount", "2500", "--stan", "70"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.matches("code 00").count(), 2, "{stdout}");
+    assert!(stdout.contains("PIN Pin([masked"), "PINs masked without --reveal: {stdout}");
+    let s = stock(&rig.inv, rig.server.addr).await;
+    assert_eq!(count(&s, ON_DEMAND, "sold"), 2);
+    rig.gw.stop().await;
+    rig.server.stop().await;
+}
