@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tokio_serial::{SerialPort, SerialStream};
 
 use crate::link::dialup::{frame, lrc, ACK, ENQ, EOT, ETX, NAK, STX};
+use crate::link::parity::{self, Parity};
 
 /// How the emulated modem answers commands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +39,8 @@ pub struct ModemOptions {
     pub replies: CommandReply,
     /// Escape guard time (S12): `+++` counts only with this much silence before and after it.
     pub guard: Duration,
+    /// The line's parity (7-bit lines): commands are read without it, result codes are sent with it.
+    pub parity: Parity,
 }
 
 impl Default for ModemOptions {
@@ -46,6 +49,7 @@ impl Default for ModemOptions {
             connect: "CONNECT 2400/ARQ".into(),
             replies: CommandReply::Ok,
             guard: Duration::from_millis(50),
+            parity: Parity::None,
         }
     }
 }
@@ -138,6 +142,8 @@ impl ModemHandle {
         Phone {
             rx,
             control: self.control.clone(),
+            parity: Parity::None,
+            parity_errors: 0,
         }
     }
 }
@@ -146,15 +152,31 @@ impl ModemHandle {
 pub struct Phone {
     rx: mpsc::UnboundedReceiver<PhoneSignal>,
     control: mpsc::UnboundedSender<Control>,
+    /// The terminal's parity on a 7-bit line.
+    pub parity: Parity,
+    /// Bytes received with a parity error.
+    pub parity_errors: usize,
 }
 
 impl Phone {
     pub fn send(&self, bytes: &[u8]) {
-        let _ = self.control.send(Control::PhoneData(Bytes::copy_from_slice(bytes)));
+        let mut b = bytes.to_vec();
+        if parity::add(&mut b, self.parity).is_err() {
+            // Eight-bit data on a seven-bit line goes out as it is (and the host will refuse it).
+            b = bytes.to_vec();
+        }
+        let _ = self.control.send(Control::PhoneData(Bytes::from(b)));
     }
 
     pub async fn recv(&mut self) -> Option<PhoneSignal> {
-        self.rx.recv().await
+        match self.rx.recv().await {
+            Some(PhoneSignal::Data(b)) if self.parity != Parity::None => {
+                let mut b = b.to_vec();
+                self.parity_errors += parity::strip(&mut b, self.parity).len();
+                Some(PhoneSignal::Data(Bytes::from(b)))
+            }
+            other => other,
+        }
     }
 
     /// The terminal hangs up.
@@ -241,6 +263,7 @@ impl Emulator {
                         let bytes = Bytes::copy_from_slice(&buf[..n]);
                         self.record(Dir::Host, bytes.clone());
                         let out = self.host_bytes(&bytes);
+                        let out = self.with_parity(out);
                         if !out.is_empty() && self.write(&mut master, &out).await.is_err() {
                             return;
                         }
@@ -255,7 +278,10 @@ impl Emulator {
                             ring_timer = Some(Instant::now());
                             Vec::new()
                         }
-                        Control::DropCarrier | Control::PhoneHangup => self.carrier_gone(),
+                        Control::DropCarrier | Control::PhoneHangup => {
+                            let out = self.carrier_gone();
+                            self.with_parity(out)
+                        }
                         Control::PhoneData(b) => if self.online { b.to_vec() } else { Vec::new() },
                         Control::Replies(r) => { self.opts.replies = r; Vec::new() }
                     };
@@ -281,12 +307,21 @@ impl Emulator {
                             }
                         }
                     }
+                    let out = self.with_parity(out);
                     if !out.is_empty() && self.write(&mut master, &out).await.is_err() {
                         return;
                     }
                 }
             }
         }
+    }
+
+    /// The modem's own words on a 7-bit line carry its parity.
+    fn with_parity(&self, mut out: Vec<u8>) -> Vec<u8> {
+        if parity::add(&mut out, self.opts.parity).is_err() {
+            // Online data from the host is passed on as it came; only text reaches here.
+        }
+        out
     }
 
     fn auto_ring_count_down(&mut self, out: &mut Vec<u8>) {
@@ -361,8 +396,10 @@ impl Emulator {
             self.to_phone(PhoneSignal::Data(Bytes::copy_from_slice(bytes)));
             return Vec::new();
         }
+        let mut bytes = bytes.to_vec();
+        parity::strip(&mut bytes, self.opts.parity);
         let mut out = Vec::new();
-        for &b in bytes {
+        for &b in &bytes {
             if self.echo {
                 out.push(b);
             }
@@ -451,6 +488,8 @@ pub struct CallScript {
     pub step_timeout: Duration,
     /// Silence after `ETX x` that ends the host's frame.
     pub quiet: Duration,
+    /// The line's parity (7-bit lines): added to what the terminal sends, checked and stripped from what it gets.
+    pub parity: Parity,
 }
 
 impl Default for CallScript {
@@ -460,6 +499,7 @@ impl Default for CallScript {
             ack_answer: true,
             step_timeout: Duration::from_secs(10),
             quiet: Duration::from_millis(100),
+            parity: Parity::None,
         }
     }
 }
@@ -499,6 +539,7 @@ impl DialupTerminal {
     /// One call: dial, wait for ENQ, send `request` (TPDU and message) framed, ACK the answer, send EOT.
     pub async fn call(modem: &ModemHandle, request: &[u8], script: &CallScript) -> Result<CallOutcome, CallError> {
         let mut phone = modem.dial();
+        phone.parity = script.parity;
         let mut out = CallOutcome::default();
         let mut bytes: Vec<u8> = Vec::new();
         let t = script.step_timeout;

@@ -398,17 +398,144 @@ async fn the_dialup_tool_calls_through_a_real_gateway() {
     // The gateway starts first: its line is down (no device yet) and retried until the tool creates the link.
     let rig = rig("tool", &line("pos1", link.to_str().unwrap(), "")).await;
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pingate-dialup"))
-        .args(["call", "--link", link.to_str().unwrap(), "--guard-ms", "50", "--count", "2"])
-        .args(["--terminal", "DEMO0005", "--product", ON_DEMAND, "--amount", "2500", "--stan", "70"])
+        .args([
+            "call",
+            "--link",
+            link.to_str().unwrap(),
+            "--guard-ms",
+            "50",
+            "--count",
+            "2",
+        ])
+        .args([
+            "--terminal",
+            "DEMO0005",
+            "--product",
+            ON_DEMAND,
+            "--amount",
+            "2500",
+            "--stan",
+            "70",
+        ])
         .output()
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(stdout.matches("code 00").count(), 2, "{stdout}");
-    assert!(stdout.contains("PIN Pin([masked"), "PINs masked without --reveal: {stdout}");
+    assert!(
+        stdout.contains("PIN Pin([masked"),
+        "PINs masked without --reveal: {stdout}"
+    );
     let s = stock(&rig.inv, rig.server.addr).await;
     assert_eq!(count(&s, ON_DEMAND, "sold"), 2);
+    rig.gw.stop().await;
+    rig.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_7e1_line_with_software_parity_and_a_text_dialect() {
+    use pingate::link::parity::Parity;
+    let m = start_modem(ModemOptions {
+        parity: Parity::Even,
+        ..ModemOptions::default()
+    })
+    .unwrap();
+    // A pty forces 8N1: the gateway adds and strips the parity bit itself.
+    let cfg = line(
+        "m7",
+        &m.device,
+        "data_bits = 7\nparity = \"even\"\nsoftware_parity = true",
+    )
+    .replace("iso87-bcd", "iso87-ascii")
+    .replace("tpdu = true", "tpdu = false");
+    let rig = rig("7e1", &cfg).await;
+    board_until(&rig.gw, "the modem ready", |b| ready(b, "m7")).await;
+    let ascii = Dialects::builtin().get("iso87-ascii").unwrap().clone();
+    let id = Identity {
+        terminal_id: "DEMO0006".into(),
+        merchant_id: pingate::demo::MERCHANT.into(),
+    };
+    let spec = SaleSpec {
+        stan: 80,
+        transmission: "1129120000".into(),
+        product: ON_DEMAND.into(),
+        amount: 2500,
+        currency: "978".into(),
+    };
+    let req = ascii.encode(&id.sale(&spec, false)).unwrap();
+    let script = CallScript {
+        parity: Parity::Even,
+        ..script()
+    };
+    let out = DialupTerminal::call(&m, &req, &script).await.unwrap();
+    let answer = ascii.decode(out.answer.as_ref().unwrap()).unwrap();
+    assert_eq!(answer.get_str(39), Some("00"));
+    // Every byte the gateway sent on the line carried even parity.
+    let host: Vec<u8> = m
+        .transcript()
+        .iter()
+        .filter(|c| c.dir == pingate::dialsim::Dir::Host)
+        .flat_map(|c| c.bytes.to_vec())
+        .collect();
+    assert!(host.iter().any(|b| b & 0x80 != 0), "some bytes need the parity bit set");
+    assert!(
+        host.iter().all(|b| b.count_ones() % 2 == 0),
+        "even parity on every byte"
+    );
+    rig.gw.stop().await;
+    rig.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directly_wired_terminal_with_length_framing() {
+    use pingate::link::framing::{Frame, FrameCodec, Framing, Tpdu};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_util::codec::{Decoder, Encoder};
+    // No modem: the test holds the pty's other side and is the terminal.
+    let (mut term, dev) = tokio_serial::SerialStream::pair().unwrap();
+    use tokio_serial::SerialPort;
+    let path = dev.name().unwrap();
+    let cfg = format!(
+        "\n[[serial]]\nname = \"d1\"\ndevice = \"{path}\"\ndialect = \"iso87-bcd\"\ntpdu = true\nlink = \"binary2\"\nbaud = 9600\n"
+    );
+    let rig = rig("direct", &cfg).await;
+    board_until(&rig.gw, "the line open", |b| {
+        state(b, "d1").is_some_and(|s| s.state == "open")
+    })
+    .await;
+    let mut codec = FrameCodec::new(Framing::Binary2, true, 4096);
+    let mut buf = bytes::BytesMut::new();
+    let req = sale_request(7, 90, PREFETCH);
+    codec
+        .encode(
+            Frame {
+                tpdu: Some(Tpdu::parse(req[..5].try_into().unwrap())),
+                message: Bytes::copy_from_slice(&req[5..]),
+            },
+            &mut buf,
+        )
+        .unwrap();
+    term.write_all(&buf).await.unwrap();
+    let mut rbuf = bytes::BytesMut::new();
+    let frame = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(f) = codec.decode(&mut rbuf).unwrap() {
+                return f;
+            }
+            term.read_buf(&mut rbuf).await.unwrap();
+        }
+    })
+    .await
+    .expect("an answer");
+    assert_eq!(frame.tpdu.unwrap().bytes(), [0x60, 0x00, 0x01, 0x00, 0x03]);
+    let answer = bcd().decode(&frame.message).unwrap();
+    assert_eq!(answer.get_str(39), Some("00"));
+    drop(dev);
     rig.gw.stop().await;
     rig.server.stop().await;
 }

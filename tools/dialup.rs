@@ -22,7 +22,10 @@ use pingate::sim::{Identity, SaleSpec};
 use tokio::io::AsyncBufReadExt;
 
 #[derive(Parser)]
-#[command(name = "pingate-dialup", about = "Hayes modem emulator and dial-up terminal on a pseudo-terminal")]
+#[command(
+    name = "pingate-dialup",
+    about = "Hayes modem emulator and dial-up terminal on a pseudo-terminal"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -206,7 +209,10 @@ async fn call(
     }
     let m = start(&args)?;
     if !host_ready(&m, wait).await {
-        return Err(format!("the host did not initialise the modem within {}s", wait.as_secs()));
+        return Err(format!(
+            "the host did not initialise the modem within {}s",
+            wait.as_secs()
+        ));
     }
     let mut all_ok = true;
     for i in 0..count {
@@ -256,7 +262,11 @@ async fn call(
                             out.connect.unwrap_or_default(),
                             a.mti(),
                             pin.unwrap_or_default(),
-                            if script.ack_answer { "ACKed" } else { "line dropped before ACK" },
+                            if script.ack_answer {
+                                "ACKed"
+                            } else {
+                                "line dropped before ACK"
+                            },
                             out.naks
                         );
                         all_ok &= code == "00";
@@ -315,7 +325,18 @@ fn main() -> ExitCode {
                     ack_answer: !no_ack,
                     ..CallScript::default()
                 };
-                call(m, id, spec, count, dialect, tpdu, script, reveal, Duration::from_secs(wait_secs)).await
+                call(
+                    m,
+                    id,
+                    spec,
+                    count,
+                    dialect,
+                    tpdu,
+                    script,
+                    reveal,
+                    Duration::from_secs(wait_secs),
+                )
+                .await
             }
         }
     });
