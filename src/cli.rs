@@ -71,6 +71,12 @@ enum GatewayCommand {
         #[arg(long, default_value = "127.0.0.1:9583")]
         admin: String,
     },
+    /// Serial lines of a running gateway: state, calls, answers delivered, sales reversed, last error.
+    Lines {
+        /// The gateway's admin address (`admin` in its configuration).
+        #[arg(long, default_value = "127.0.0.1:9583")]
+        admin: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -385,10 +391,14 @@ fn run(cli: Cli) -> Result<String, String> {
             ..
         } => runtime()?.block_on(crate::gateway::ask_admin(&admin, "stock")),
         Command::Gateway {
+            command: Some(GatewayCommand::Lines { admin }),
+            ..
+        } => runtime()?.block_on(crate::gateway::ask_admin(&admin, "lines")),
+        Command::Gateway {
             config: Some(config),
             command: None,
         } => runtime()?.block_on(gateway(config)),
-        Command::Gateway { .. } => Err("give --config FILE to run a gateway, or a subcommand (stock)".into()),
+        Command::Gateway { .. } => Err("give --config FILE to run a gateway, or a subcommand (stock, lines)".into()),
         Command::Demo {
             sales,
             terminals,

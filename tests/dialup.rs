@@ -210,6 +210,21 @@ async fn a_dialup_sale_end_to_end() {
     assert_eq!(cmds[ath + 1], "ATZ", "then re-initialised: {cmds:?}");
     let s = stock(&rig.inv, rig.server.addr).await;
     assert_eq!(count(&s, ON_DEMAND, "sold"), 1);
+    // The operator's view of the line, over the admin socket.
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = admin.local_addr().unwrap().to_string();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(pingate::gateway::serve_admin(
+        admin,
+        rig.gw.gateway.clone(),
+        stop.clone(),
+    ));
+    let lines: serde_json::Value =
+        serde_json::from_str(&pingate::gateway::ask_admin(&addr, "lines").await.unwrap()).unwrap();
+    assert_eq!(lines["m1"]["state"], "ready");
+    assert_eq!(lines["m1"]["delivered"], 1);
+    assert_eq!(lines["m1"]["speed"], 2400);
+    stop.cancel();
 
     // A second call on the same line works the same way.
     let out = DialupTerminal::call(&m, &sale_request(1, 2, ON_DEMAND), &script())
@@ -296,6 +311,25 @@ async fn carrier_lost_before_the_ack_reverses_the_sale() {
         .unwrap();
     let next_pin = pin_of(&decode_answer(out.answer.as_ref().unwrap()));
     assert_ne!(next_pin, lost_pin, "the reversed PIN is not handed out again");
+    let s = stock(&rig.inv, rig.server.addr).await;
+    assert_eq!((count(&s, ON_DEMAND, "sold"), count(&s, ON_DEMAND, "voided")), (1, 1));
+    // The terminal, which never completed the exchange, reverses the sale on its next call: answered 00, and the
+    // PIN stays voided.
+    let id = Identity {
+        terminal_id: "DEMO0004".into(),
+        merchant_id: pingate::demo::MERCHANT.into(),
+    };
+    let spec = SaleSpec {
+        stan: 30,
+        transmission: "1129120000".into(),
+        product: ON_DEMAND.into(),
+        amount: 2500,
+        currency: "978".into(),
+    };
+    let rev = [&TPDU[..], &bcd().encode(&id.reversal(&spec, 32, false)).unwrap()[..]].concat();
+    let out = DialupTerminal::call(&m, &rev, &script()).await.unwrap();
+    let a = decode_answer(out.answer.as_ref().unwrap());
+    assert_eq!((a.mti().to_string().as_str(), a.get_str(39)), ("0410", Some("00")));
     let s = stock(&rig.inv, rig.server.addr).await;
     assert_eq!((count(&s, ON_DEMAND, "sold"), count(&s, ON_DEMAND, "voided")), (1, 1));
     rig.gw.stop().await;

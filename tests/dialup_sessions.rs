@@ -101,7 +101,11 @@ fn load(path: &Path) -> Fixture {
             continue;
         }
         let mut parts = t.splitn(3, ' ');
-        let ms: u64 = parts.next().unwrap().parse().unwrap_or_else(|_| panic!("{at}: time in ms first"));
+        let ms: u64 = parts
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|_| panic!("{at}: time in ms first"));
         let dir = parts.next().unwrap_or_else(|| panic!("{at}: direction"));
         let rest = parts.next().unwrap_or("");
         if dir == "<" {

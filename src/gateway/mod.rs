@@ -1398,8 +1398,9 @@ pub async fn serve_admin(listener: tokio::net::TcpListener, gw: Arc<Gateway>, st
             let read = tokio::time::timeout(Duration::from_secs(5), rd.read_line(&mut line)).await;
             let answer = match (read, line.trim()) {
                 (Ok(Ok(_)), "stock") => serde_json::to_string_pretty(&gw.stock()).unwrap_or_default(),
+                (Ok(Ok(_)), "lines") => serde_json::to_string_pretty(&*gw.lines().borrow()).unwrap_or_default(),
                 (Ok(Ok(_)), other) => format!(
-                    "{{\"error\": \"unknown command `{}`; try `stock`\"}}",
+                    "{{\"error\": \"unknown command `{}`; try `stock` or `lines`\"}}",
                     other.escape_default()
                 ),
                 _ => return,
