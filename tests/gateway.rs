@@ -593,6 +593,18 @@ fn the_example_configuration_loads_and_mistakes_are_named() {
         .permits("TERM0002", Some("MERCHANT0000001"), Some("GIFT-25")));
     assert!(!c.terminals.permits("TERM0001", Some("OTHER"), None));
     assert_eq!(c.products[0].mode, Mode::Prefetch { low: 50, high: 2000 });
+    assert_eq!(c.serial.len(), 2);
+    let modem = c.serial[0].modem.as_ref().expect("a modem line");
+    assert_eq!(modem.init, ["ATZ", "ATE0V1Q0", "AT&C1&D2", "ATS0=0"]);
+    let pingate::gateway::config::LineLink::StxEtx(link) = &c.serial[0].link else {
+        panic!("stx-etx")
+    };
+    assert!(link.send_enq && link.inter_char.is_some(), "modem lines ENQ; 8-bit lines are binary");
+    let pingate::gateway::config::LineLink::StxEtx(direct) = &c.serial[1].link else {
+        panic!("stx-etx")
+    };
+    assert!(c.serial[1].modem.is_none() && !direct.send_enq && direct.inter_char.is_none());
+    assert_eq!(c.serial[1].data_bits, 7);
 
     let typo = text.replace("keep_cache_on_shutdown", "keep_cache_on_shutdwn");
     let e = GatewayConfig::parse(&typo, &path).unwrap_err();
@@ -608,6 +620,19 @@ fn the_example_configuration_loads_and_mistakes_are_named() {
         .unwrap_err()
         .to_string()
         .contains("product[0]"));
+    for (from, to, named) in [
+        ("data_bits = 7", "data_bits = 6", "serial[1].data_bits"),
+        ("link = \"stx-etx\"", "link = \"smoke-signals\"", "serial[0].link"),
+        ("answer = \"host\"", "answer = \"maybe\"", "serial[0].answer"),
+        ("software_parity = false", "software_parity = true", "serial[0].software_parity"),
+        ("name = \"counter-1\"", "name = \"modem-1\"", "serial[1].name"),
+        ("max_naks = 3", "max_naks = 0", "serial[0]"),
+    ] {
+        let bad = text.replace(from, to);
+        assert_ne!(bad, text, "{from}");
+        let e = GatewayConfig::parse(&bad, &path).unwrap_err().to_string();
+        assert!(e.contains(named), "{from} -> {e}");
+    }
     let bad = text.replace("response_deadline_ms = 15000", "response_deadline_ms = 5");
     assert!(GatewayConfig::parse(&bad, &path)
         .unwrap_err()
