@@ -200,6 +200,9 @@ struct Line<'a> {
     connected_at: Option<Instant>,
     dcd_low: u8,
     out: Vec<Bytes>,
+    /// Requests at the controller and reversals of undelivered answers: the line waits for them before it
+    /// closes, so that a shutdown never drops a reversal that was not journaled yet.
+    work: tokio::task::JoinSet<()>,
 }
 
 impl<'a> Line<'a> {
@@ -219,6 +222,7 @@ impl<'a> Line<'a> {
             connected_at: None,
             dcd_low: 0,
             out: Vec::new(),
+            work: tokio::task::JoinSet::new(),
         }
     }
 
@@ -257,12 +261,16 @@ impl<'a> Line<'a> {
                     Err(e) => break Err(e.into()),
                 },
                 Some(a) = self.answers_rx.recv() => self.answer(a, &mut port).await,
+                Some(_) = self.work.join_next(), if !self.work.is_empty() => {}
                 _ = sleep_until(deadline) => self.timeout(&mut port, Instant::now()),
             }
         };
         // The line is going away: whatever the terminal has not acknowledged is undelivered.
         self.end_call_silently();
         let _ = self.pump(&mut port).await;
+        // Answers still being built find the line gone and reverse themselves; wait for them and for reversals.
+        drop(self.answers_rx);
+        while self.work.join_next().await.is_some() {}
         result
     }
 
@@ -501,7 +509,7 @@ impl<'a> Line<'a> {
             tracing::warn!(terminal = %key.terminal_id, stan = %key.stan, why, "PIN not delivered; reversing the sale");
             self.status(|s| s.reversed += 1);
             let gw = self.gw.clone();
-            tokio::spawn(async move { gw.undelivered(&key).await }.in_current_span());
+            self.work.spawn(async move { gw.undelivered(&key).await }.in_current_span());
         }
     }
 
@@ -576,7 +584,7 @@ impl<'a> Line<'a> {
             self.call_id,
         );
         let span = tracing::info_span!("request", terminal = msg.terminal_id().unwrap_or("?"), call);
-        tokio::spawn(
+        self.work.spawn(
             async move {
                 let reply = gw.handle(&msg, now).await;
                 let sale = reply.reverse_if_undelivered;
