@@ -63,12 +63,23 @@ pub enum Dir {
     Line,
 }
 
-/// One chunk of the transcript: when (since the emulator started), who, what.
-#[derive(Clone, Debug)]
+/// One chunk of the transcript: when (since the emulator started), who, what. Its `Debug` leaves the bytes out
+/// (answers carry PINs).
+#[derive(Clone)]
 pub struct Chunk {
     pub at: Duration,
     pub dir: Dir,
     pub bytes: Bytes,
+}
+
+impl std::fmt::Debug for Chunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chunk")
+            .field("at", &self.at)
+            .field("dir", &self.dir)
+            .field("bytes", &self.bytes.len())
+            .finish()
+    }
 }
 
 /// What the phone side hears.

@@ -599,7 +599,10 @@ fn the_example_configuration_loads_and_mistakes_are_named() {
     let pingate::gateway::config::LineLink::StxEtx(link) = &c.serial[0].link else {
         panic!("stx-etx")
     };
-    assert!(link.send_enq && link.inter_char.is_some(), "modem lines ENQ; 8-bit lines are binary");
+    assert!(
+        link.send_enq && link.inter_char.is_some(),
+        "modem lines ENQ; 8-bit lines are binary"
+    );
     let pingate::gateway::config::LineLink::StxEtx(direct) = &c.serial[1].link else {
         panic!("stx-etx")
     };
@@ -624,9 +627,29 @@ fn the_example_configuration_loads_and_mistakes_are_named() {
         ("data_bits = 7", "data_bits = 6", "serial[1].data_bits"),
         ("link = \"stx-etx\"", "link = \"smoke-signals\"", "serial[0].link"),
         ("answer = \"host\"", "answer = \"maybe\"", "serial[0].answer"),
-        ("software_parity = false", "software_parity = true", "serial[0].software_parity"),
+        (
+            "software_parity = false",
+            "software_parity = true",
+            "serial[0].software_parity",
+        ),
         ("name = \"counter-1\"", "name = \"modem-1\"", "serial[1].name"),
         ("max_naks = 3", "max_naks = 0", "serial[0]"),
+        (
+            "ack_timeout_ms = 1000",
+            "ack_timeout_ms = 0",
+            "serial[0].ack_timeout_ms",
+        ),
+        ("answer = \"host\"", "answer = \"auto\"", "serial[0].answer"),
+        (
+            "parity = \"even\"",
+            "parity = \"even\"\nlink = \"binary2\"",
+            "serial[1].link",
+        ),
+        (
+            "parity = \"even\"",
+            "parity = \"even\"\nbinary = true",
+            "serial[1].binary",
+        ),
     ] {
         let bad = text.replace(from, to);
         assert_ne!(bad, text, "{from}");

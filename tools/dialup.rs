@@ -50,6 +50,9 @@ enum Cmd {
     Modem {
         #[command(flatten)]
         modem: ModemArgs,
+        /// Print what the host sends the phone in hex (answers carry PINs: off by default, lengths only).
+        #[arg(long)]
+        reveal: bool,
     },
     /// Emulate a modem and place dial-up sale calls through it.
     Call {
@@ -142,7 +145,7 @@ async fn host_ready(m: &ModemHandle, wait: Duration) -> bool {
     false
 }
 
-async fn modem(args: ModemArgs) -> Result<(), String> {
+async fn modem(args: ModemArgs, reveal: bool) -> Result<(), String> {
     let m = start(&args)?;
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut phone: Option<pingate::dialsim::Phone> = None;
@@ -176,7 +179,8 @@ async fn modem(args: ModemArgs) -> Result<(), String> {
             }
             s = signal => match s {
                 Some(PhoneSignal::Connected(c)) => println!("phone: {c}"),
-                Some(PhoneSignal::Data(b)) => println!("phone <- {}", hex(&b)),
+                Some(PhoneSignal::Data(b)) if reveal => println!("phone <- {}", hex(&b)),
+                Some(PhoneSignal::Data(b)) => println!("phone <- {} bytes (--reveal shows them)", b.len()),
                 Some(PhoneSignal::Hangup) | None => { println!("phone: hung up"); phone = None; }
             },
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
@@ -292,7 +296,7 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.cmd {
-            Cmd::Modem { modem: m } => modem(m).await.map(|_| true),
+            Cmd::Modem { modem: m, reveal } => modem(m, reveal).await.map(|_| true),
             Cmd::Call {
                 modem: m,
                 terminal,

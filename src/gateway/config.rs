@@ -194,6 +194,7 @@ struct SerialSection {
     max_frame: Option<usize>,
     binary: Option<bool>,
     inter_char_ms: Option<u64>,
+    hangup: Option<Hangup>,
 }
 
 /// Flow control of a serial line.
@@ -205,6 +206,16 @@ pub enum FlowControl {
     Hardware,
     /// XON/XOFF.
     Software,
+}
+
+/// How a modem line hangs up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Hangup {
+    /// Drop DTR where the port has it (the modem needs `&D2`), else escape.
+    Dtr,
+    /// `+++` between guard times, then `ATH0` (three-wire cables, ports without DTR).
+    Escape,
 }
 
 /// What carries the messages on a serial line.
@@ -237,9 +248,15 @@ pub struct SerialLineConfig {
     /// A call that carries no frame for this long ends (and a modem hangs up).
     pub idle_timeout: Duration,
     pub max_frame: usize,
+    pub hangup: Hangup,
 }
 
 impl SerialLineConfig {
+    /// Bits a character takes on the wire: start, data, parity, stop.
+    pub fn bits_per_char(&self) -> u32 {
+        1 + u32::from(self.data_bits) + u32::from(self.parity != Parity::None) + u32::from(self.stop_bits)
+    }
+
     /// A dial-up line with every default: STX/ETX link, 2400 baud 8N1, a Hayes modem answered by the host.
     pub fn dialup(name: &str, device: &Path, dialect: &str) -> SerialLineConfig {
         SerialLineConfig {
@@ -257,6 +274,7 @@ impl SerialLineConfig {
             modem: Some(ModemConfig::default()),
             idle_timeout: LinkConfig::default().idle_timeout,
             max_frame: LinkConfig::default().max_frame,
+            hangup: Hangup::Dtr,
         }
     }
 }
@@ -264,6 +282,7 @@ impl SerialLineConfig {
 fn serial_line(
     l: SerialSection,
     at: &str,
+    response_deadline: Duration,
     invalid: &dyn Fn(&str, &str) -> ConfigError,
 ) -> Result<SerialLineConfig, ConfigError> {
     let field = |k: &str| format!("{at}.{k}");
@@ -290,15 +309,41 @@ fn serial_line(
     if !(16..=65_535).contains(&max_frame) {
         return Err(invalid(&field("max_frame"), "must be 16 to 65535"));
     }
+    // Timers: zero or tiny values would spin a line or cut every frame.
+    for (key, v, min) in [
+        ("idle_timeout_ms", l.idle_timeout_ms, 100),
+        ("frame_timeout_ms", l.frame_timeout_ms, 100),
+        ("ack_timeout_ms", l.ack_timeout_ms, 50),
+        ("enq_interval_ms", l.enq_interval_ms, 50),
+        ("inter_char_ms", l.inter_char_ms, 5),
+        ("command_timeout_ms", l.command_timeout_ms, 100),
+        ("connect_timeout_ms", l.connect_timeout_ms, 1000),
+        ("guard_time_ms", l.guard_time_ms, 20),
+        ("dtr_drop_ms", l.dtr_drop_ms, 50),
+        ("reinit_every_secs", l.reinit_every_secs, 10),
+        ("modem_retry_secs", l.modem_retry_secs, 1),
+    ] {
+        if v.is_some_and(|v| v < min) {
+            return Err(invalid(&field(key), &format!("must be at least {min}")));
+        }
+    }
+    let binary = l.binary.unwrap_or(data_bits == 8);
+    if binary && data_bits == 7 {
+        return Err(invalid(&field("binary"), "binary frames need 8 data bits"));
+    }
     let d = LinkConfig::default();
     let idle_timeout = l.idle_timeout_ms.map(ms).unwrap_or(d.idle_timeout);
+    let bits_per_char = 1 + u32::from(data_bits) + u32::from(parity != Parity::None) + u32::from(stop_bits);
     let link = match l.link.as_deref().unwrap_or("stx-etx") {
         "stx-etx" => {
+            let send_enq = l.send_enq.unwrap_or(l.modem);
+            let enq_interval = l.enq_interval_ms.map(ms).unwrap_or(d.enq_interval);
+            let enq_max = l.enq_max.unwrap_or(d.enq_max);
             let c = LinkConfig {
-                send_enq: l.send_enq.unwrap_or(l.modem),
+                send_enq,
                 enq_delay: l.enq_delay_ms.map(ms).unwrap_or(d.enq_delay),
-                enq_interval: l.enq_interval_ms.map(ms).unwrap_or(d.enq_interval),
-                enq_max: l.enq_max.unwrap_or(d.enq_max),
+                enq_interval,
+                enq_max,
                 frame_timeout: l.frame_timeout_ms.map(ms).unwrap_or(d.frame_timeout),
                 ack_timeout: l.ack_timeout_ms.map(ms).unwrap_or(d.ack_timeout),
                 max_naks: l.max_naks.unwrap_or(d.max_naks),
@@ -306,18 +351,29 @@ fn serial_line(
                 idle_timeout,
                 max_frame,
                 baud,
+                bits_per_char,
+                // A call on a modem line must not wait for ever for a terminal that says nothing.
+                first_frame: (l.modem && !send_enq).then(|| enq_interval * enq_max.max(1)),
+                // The controller answers within its deadline; a margin for the line, then the link stops waiting.
+                answer_timeout: response_deadline + Duration::from_secs(5),
                 // Binary messages (8 data bits) may hold ETX: the frame ends at `ETX LRC` then silence, by default
                 // 20 character times and at least 50 ms.
-                inter_char: l.binary.unwrap_or(data_bits == 8).then(|| {
+                inter_char: binary.then(|| {
                     l.inter_char_ms
                         .map(ms)
-                        .unwrap_or_else(|| crate::link::dialup::wire_time(baud, 20).max(ms(50)))
+                        .unwrap_or_else(|| crate::link::dialup::wire_time(baud, bits_per_char, 20).max(ms(50)))
                 }),
             };
             if c.max_naks == 0 || c.max_sends == 0 || c.enq_max == 0 {
                 return Err(invalid(at, "max_naks, max_sends and enq_max must be at least 1"));
             }
             LineLink::StxEtx(c)
+        }
+        other if data_bits == 7 && other != "ascii4" => {
+            return Err(invalid(
+                &field("link"),
+                "a binary length header cannot go on a 7-bit line: use `stx-etx` or `ascii4`",
+            ))
         }
         other => LineLink::Framed(
             Framing::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(other)).map_err(
@@ -342,6 +398,17 @@ fn serial_line(
         let init = l.modem_init.unwrap_or(d.init);
         if init.iter().any(|c| c.is_empty() || c.contains(['\r', '\n'])) {
             return Err(invalid(&field("modem_init"), "commands must be non-empty single lines"));
+        }
+        let auto_answers = init.iter().any(|c| {
+            let c = c.to_ascii_uppercase();
+            c.find("S0=")
+                .is_some_and(|i| c[i + 3..].starts_with(|ch: char| ch.is_ascii_digit() && ch != '0'))
+        });
+        if answer == AnswerMode::Auto && !auto_answers {
+            return Err(invalid(
+                &field("answer"),
+                "`auto` needs S0=n (n > 0) in modem_init, or the modem never answers",
+            ));
         }
         Some(ModemConfig {
             init,
@@ -372,6 +439,7 @@ fn serial_line(
         modem,
         idle_timeout,
         max_frame,
+        hangup: l.hangup.unwrap_or(Hangup::Dtr),
     })
 }
 
@@ -616,7 +684,7 @@ impl GatewayConfig {
             if !lines.insert(l.name.clone()) {
                 return Err(invalid(&format!("{at}.name"), "serial line names must be unique"));
             }
-            let mut line = serial_line(l, &at, &invalid)?;
+            let mut line = serial_line(l, &at, ms(g.response_deadline_ms), &invalid)?;
             line.device = rel(line.device);
             serial.push(line);
         }

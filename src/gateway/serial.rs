@@ -26,7 +26,7 @@ use tokio_util::codec::{Decoder, Encoder};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::config::{FlowControl, LineLink, SerialLineConfig};
+use super::config::{FlowControl, Hangup, LineLink, SerialLineConfig};
 use super::terminal::decode_request;
 use super::upstream::backoff;
 use super::Gateway;
@@ -77,6 +77,9 @@ pub enum LineError {
     /// A write did not complete in time (flow control stuck, or the device hangs).
     #[error("a write of {0} bytes did not complete in time")]
     WriteStalled(usize),
+    /// Eight-bit data for a seven-bit line (a bug: answers are checked before they are handed over).
+    #[error("{0}")]
+    EightBit(parity::EightBitByte),
 }
 
 /// After this long up, a line that fails is retried at once again (its backoff starts over).
@@ -170,12 +173,15 @@ enum Call {
     Framed {
         codec: FrameCodec,
         buf: BytesMut,
-        /// The call ends when nothing comes before this.
+        /// The call ends when no frame comes before this (and nothing is in flight).
         idle_at: Instant,
+        /// Requests at the controller.
+        in_flight: usize,
     },
 }
 
-/// An answer coming back from the controller for call `call`.
+/// An answer coming back from the controller for call `call`. `message` empty: there is no answer (the request
+/// could not be read, or the answer could not be encoded); the link stops waiting for one.
 struct Answer {
     call: u64,
     tpdu: Option<Tpdu>,
@@ -197,6 +203,8 @@ struct Line<'a> {
     answers_rx: mpsc::Receiver<Answer>,
     /// Whether DCD can be read (ports with modem-control lines; not ptys).
     dcd: bool,
+    /// DCD was seen high in this call: only then does it going low mean anything (a three-wire cable reads low).
+    dcd_seen: bool,
     connected_at: Option<Instant>,
     dcd_low: u8,
     out: Vec<Bytes>,
@@ -219,6 +227,7 @@ impl<'a> Line<'a> {
             answers_tx,
             answers_rx,
             dcd: false,
+            dcd_seen: false,
             connected_at: None,
             dcd_low: 0,
             out: Vec::new(),
@@ -237,9 +246,11 @@ impl<'a> Line<'a> {
     async fn serve(mut self, mut port: SerialStream, stop: &CancellationToken) -> Result<(), LineError> {
         let now = Instant::now();
         if let Some(m) = &self.cfg.modem {
-            // Ptys and some adapters have no modem-control lines: hang up with +++/ATH0 there.
-            let dtr = port.write_data_terminal_ready(true).is_ok();
-            self.dcd = dtr && port.read_carrier_detect().is_ok();
+            // Ptys and some adapters have no modem-control lines: hang up with +++/ATH0 there, and on three-wire
+            // cables where the operator said so (`hangup = "escape"`).
+            let dtr_works = port.write_data_terminal_ready(true).is_ok();
+            let dtr = dtr_works && self.cfg.hangup != Hangup::Escape;
+            self.dcd = dtr_works && port.read_carrier_detect().is_ok();
             tracing::info!(dtr, dcd = self.dcd, "modem line open");
             self.modem = Some(ModemController::new(m.clone(), dtr, now.into_std()));
             self.status(|s| s.state = "initialising".into());
@@ -260,16 +271,26 @@ impl<'a> Line<'a> {
                     Ok(n) => self.input(&mut rbuf[..n], Instant::now()),
                     Err(e) => break Err(e.into()),
                 },
-                Some(a) = self.answers_rx.recv() => self.answer(a, &mut port).await,
+                Some(a) = self.answers_rx.recv() => {
+                    if let Err(e) = self.answer(a, &mut port).await {
+                        break Err(e);
+                    }
+                }
                 Some(_) = self.work.join_next(), if !self.work.is_empty() => {}
                 _ = sleep_until(deadline) => self.timeout(&mut port, Instant::now()),
             }
         };
-        // The line is going away: whatever the terminal has not acknowledged is undelivered.
+        // The line is going away: whatever the terminal has not acknowledged is undelivered, and so is every
+        // answer still queued or still being built.
         self.end_call_silently();
         let _ = self.pump(&mut port).await;
-        // Answers still being built find the line gone and reverse themselves; wait for them and for reversals.
-        drop(self.answers_rx);
+        self.answers_rx.close();
+        while let Some(a) = self.answers_rx.recv().await {
+            if let Some(key) = a.sale {
+                self.reverse(key, "the line closed before the answer was sent");
+            }
+        }
+        // Requests still at the controller find the queue closed and reverse their own sales.
         while self.work.join_next().await.is_some() {}
         result
     }
@@ -286,8 +307,8 @@ impl<'a> Line<'a> {
             .map(Instant::from_std);
         let call = match &self.call {
             Some(Call::Dialup(l)) => l.poll_timeout().map(Instant::from_std),
-            Some(Call::Framed { idle_at, .. }) => Some(*idle_at),
-            None => None,
+            Some(Call::Framed { idle_at, in_flight, .. }) if *in_flight == 0 => Some(*idle_at),
+            _ => None,
         };
         let dcd = (self.dcd && self.modem.as_ref().is_some_and(|m| m.is_online())).then(|| Instant::now() + DCD_POLL);
         [modem, call, dcd].into_iter().flatten().min()
@@ -307,17 +328,7 @@ impl<'a> Line<'a> {
                 if let Some(b) = m.poll_transmit() {
                     self.out.push(b);
                 }
-                let mut evs = Vec::new();
-                while let Some(ev) = m.poll_event() {
-                    evs.push(ev);
-                }
-                if let Some(data) = m.poll_data() {
-                    self.call_input(&data, &[], now);
-                }
-                for ev in evs {
-                    events = true;
-                    self.on_modem_event(ev, now);
-                }
+                events |= self.modem_events(&[], now);
             }
             if let Some(Call::Dialup(link)) = &mut self.call {
                 if let Some(b) = link.poll_transmit() {
@@ -341,14 +352,48 @@ impl<'a> Line<'a> {
         }
     }
 
+    /// Acts on the modem's events and hands its data to the call, in the order they happened: data that came with
+    /// CONNECT goes to the new call, data that came before NO CARRIER goes to the call that is ending. `bad`: offsets
+    /// of parity errors in that data. Returns whether there were events.
+    fn modem_events(&mut self, bad: &[usize], now: Instant) -> bool {
+        let Some(m) = &mut self.modem else { return false };
+        let mut data = m.poll_data();
+        let mut evs = Vec::new();
+        while let Some(ev) = m.poll_event() {
+            evs.push(ev);
+        }
+        let any = !evs.is_empty();
+        for ev in evs {
+            match ev {
+                ModemEvent::Connected { .. } => {
+                    self.on_modem_event(ev, now);
+                    if let Some(d) = data.take() {
+                        self.call_input(&d, bad, now);
+                    }
+                }
+                ModemEvent::CarrierLost => {
+                    if let Some(d) = data.take() {
+                        self.call_input(&d, bad, now);
+                    }
+                    self.on_modem_event(ev, now);
+                }
+                _ => self.on_modem_event(ev, now),
+            }
+        }
+        if let Some(d) = data {
+            self.call_input(&d, bad, now);
+        }
+        any
+    }
+
     async fn write(&self, port: &mut SerialStream, bytes: Bytes) -> Result<(), LineError> {
         let mut b = bytes.to_vec();
         if let Err(e) = parity::add(&mut b, self.software_parity()) {
-            // Checked before answers are handed to the link; this would be a bug.
+            // Answers are checked before they are handed over; this is a bug, and nothing is sent.
             tracing::error!(error = %e, "eight-bit data on a seven-bit line; not sent");
-            return Ok(());
+            return Err(LineError::EightBit(e));
         }
-        let limit = Duration::from_secs(10) + wire_time(self.cfg.baud, b.len());
+        let limit = Duration::from_secs(10) + wire_time(self.cfg.baud, self.cfg.bits_per_char(), b.len());
         match tokio::time::timeout(limit, port.write_all(&b)).await {
             Ok(r) => r.map_err(LineError::from),
             Err(_) => Err(LineError::WriteStalled(b.len())),
@@ -361,11 +406,9 @@ impl<'a> Line<'a> {
             Some(m) => {
                 m.handle_input(bytes, now.into_std());
                 // Online, the modem passes a tail of what it got straight through: map parity errors onto it.
-                if let Some(data) = m.poll_data() {
-                    let skip = bytes.len() - data.len();
-                    let bad: Vec<usize> = bad.iter().filter(|&&o| o >= skip).map(|o| o - skip).collect();
-                    self.call_input(&data, &bad, now);
-                }
+                let skip = bytes.len().saturating_sub(m.pending_data());
+                let bad: Vec<usize> = bad.iter().filter(|&&o| o >= skip).map(|o| o - skip).collect();
+                self.modem_events(&bad, now);
             }
             None => self.call_input(bytes, &bad, now),
         }
@@ -377,25 +420,21 @@ impl<'a> Line<'a> {
         let mut end = false;
         match &mut self.call {
             None => {}
-            Some(Call::Dialup(link)) => {
-                let mut from = 0;
-                for &o in bad {
-                    link.handle_input(&data[from..=o], now.into_std());
-                    link.parity_error();
-                    from = o + 1;
-                }
-                link.handle_input(&data[from..], now.into_std());
-            }
-            Some(Call::Framed { codec, buf, idle_at }) => {
+            Some(Call::Dialup(link)) => link.handle_input_checked(data, bad, now.into_std()),
+            Some(Call::Framed {
+                codec, buf, idle_at, ..
+            }) => {
                 if !bad.is_empty() {
                     tracing::info!(offset = bad[0], "parity error on a length-framed line; the call ends");
                     end = true;
                 } else {
                     buf.extend_from_slice(data);
-                    *idle_at = now + self.cfg.idle_timeout;
                     loop {
                         match codec.decode(buf) {
-                            Ok(Some(frame)) => requests.push(frame),
+                            Ok(Some(frame)) => {
+                                *idle_at = now + self.cfg.idle_timeout;
+                                requests.push(frame);
+                            }
                             Ok(None) => break,
                             Err(e) => {
                                 tracing::info!(error = %e, "framing error; the call ends");
@@ -504,13 +543,20 @@ impl<'a> Line<'a> {
         }
     }
 
+    /// The answer the link was carrying did not reach the terminal.
     fn undelivered(&mut self, why: &str) {
         if let Some(key) = self.carrying.take() {
-            tracing::warn!(terminal = %key.terminal_id, stan = %key.stan, why, "PIN not delivered; reversing the sale");
-            self.status(|s| s.reversed += 1);
-            let gw = self.gw.clone();
-            self.work.spawn(async move { gw.undelivered(&key).await }.in_current_span());
+            self.reverse(key, why);
         }
+    }
+
+    /// Reverses sale `key` (journaled, then forwarded to the server by the controller).
+    fn reverse(&mut self, key: SaleKey, why: &str) {
+        tracing::warn!(terminal = %key.terminal_id, stan = %key.stan, why, "PIN not delivered; reversing the sale");
+        self.status(|s| s.reversed += 1);
+        let gw = self.gw.clone();
+        self.work
+            .spawn(async move { gw.undelivered(&key).await }.in_current_span());
     }
 
     fn start_call(&mut self, now: Instant) {
@@ -518,12 +564,21 @@ impl<'a> Line<'a> {
         self.carrying = None;
         self.connected_at = Some(now);
         self.dcd_low = 0;
+        self.dcd_seen = false;
         self.call = Some(match &self.cfg.link {
-            LineLink::StxEtx(c) => Call::Dialup(Box::new(DialupLink::new(c.clone(), now.into_std()))),
+            LineLink::StxEtx(c) => {
+                // The ACK timeout runs at the call's speed, which may be below the port's.
+                let mut c = c.clone();
+                if let Some(speed) = self.modem.as_ref().and_then(|m| m.speed()) {
+                    c.baud = c.baud.min(speed.max(1));
+                }
+                Call::Dialup(Box::new(DialupLink::new(c, now.into_std())))
+            }
             LineLink::Framed(framing) => Call::Framed {
                 codec: FrameCodec::new(*framing, self.cfg.tpdu, self.cfg.max_frame),
                 buf: BytesMut::new(),
                 idle_at: now + self.cfg.idle_timeout,
+                in_flight: 0,
             },
         });
         self.status(|s| {
@@ -555,54 +610,47 @@ impl<'a> Line<'a> {
 
     fn dispatch(&mut self, tpdu: Option<Tpdu>, message: Bytes, now: Instant) {
         let reply_tpdu = tpdu.map(|t| t.reply());
-        let msg = match decode_request(&self.dialect, &message) {
+        let call = self.call_id;
+        if let Some(Call::Framed { in_flight, .. }) = &mut self.call {
+            *in_flight += 1;
+        }
+        let (gw, dialect, tx) = (self.gw.clone(), self.dialect.clone(), self.answers_tx.clone());
+        let msg = match decode_request(&dialect, &message) {
             Ok(m) => m,
             Err(answer) => {
-                let call = self.call_id;
-                match answer {
-                    Some(bytes) => {
-                        let _ = self.answers_tx.try_send(Answer {
-                            call,
-                            tpdu: reply_tpdu,
-                            message: bytes,
-                            sale: None,
-                        });
-                    }
-                    None => {
-                        if let Some(Call::Dialup(l)) = &mut self.call {
-                            l.decline(now.into_std());
-                        }
-                    }
-                }
+                // A format error answer, or none: either way through the queue, so that the link stops waiting.
+                let a = Answer {
+                    call,
+                    tpdu: reply_tpdu,
+                    message: answer.unwrap_or_default(),
+                    sale: None,
+                };
+                self.work.spawn(async move {
+                    let _ = tx.send(a).await;
+                });
                 return;
             }
         };
-        let (gw, dialect, tx, call) = (
-            self.gw.clone(),
-            self.dialect.clone(),
-            self.answers_tx.clone(),
-            self.call_id,
-        );
         let span = tracing::info_span!("request", terminal = msg.terminal_id().unwrap_or("?"), call);
         self.work.spawn(
             async move {
                 let reply = gw.handle(&msg, now).await;
-                let sale = reply.reverse_if_undelivered;
+                let mut sale = reply.reverse_if_undelivered;
                 let message = match dialect.encode(&reply.message) {
                     Ok(b) => b.freeze(),
                     Err(e) => {
                         tracing::error!(error = %e, "answer does not encode");
-                        if let Some(k) = sale {
+                        if let Some(k) = sale.take() {
                             gw.undelivered(&k).await;
                         }
-                        return;
+                        Bytes::new()
                     }
                 };
                 let a = Answer {
                     call,
                     tpdu: reply_tpdu,
-                    message,
                     sale,
+                    message,
                 };
                 if let Err(mpsc::error::SendError(a)) = tx.send(a).await {
                     // The line is gone.
@@ -615,28 +663,33 @@ impl<'a> Line<'a> {
         );
     }
 
-    async fn answer(&mut self, a: Answer, port: &mut SerialStream) {
+    async fn answer(&mut self, a: Answer, port: &mut SerialStream) -> Result<(), LineError> {
         let now = Instant::now();
         let seven_bit = self.cfg.data_bits == 7;
+        let live = a.call == self.call_id;
+        if let (true, Some(Call::Framed { in_flight, .. })) = (live, &mut self.call) {
+            *in_flight = in_flight.saturating_sub(1);
+        }
         let mut data = BytesMut::new();
         if let Some(t) = a.tpdu {
             data.extend_from_slice(&t.bytes());
         }
         data.extend_from_slice(&a.message);
-        let live = a.call == self.call_id;
+        let eight_bit = seven_bit && data.iter().any(|&b| b > 0x7F);
+        if eight_bit {
+            tracing::error!("the answer has eight-bit bytes and the line has seven data bits: use a text dialect");
+        }
         match &mut self.call {
             Some(Call::Dialup(link)) if live => {
-                if seven_bit && data.iter().any(|&b| b > 0x7F) {
-                    tracing::error!(
-                        "the answer has eight-bit bytes and the line has seven data bits: use a text dialect"
-                    );
+                if a.message.is_empty() || eight_bit {
                     link.decline(now.into_std());
                 } else if link.respond(&data, now.into_std()) {
                     self.carrying = a.sale;
-                    return;
+                    return Ok(());
                 }
             }
-            Some(Call::Framed { codec, .. }) if live => {
+            Some(Call::Framed { codec, idle_at, .. }) if live && !a.message.is_empty() && !eight_bit => {
+                *idle_at = now + self.cfg.idle_timeout;
                 let mut buf = BytesMut::new();
                 let framed = codec.encode(
                     Frame {
@@ -645,40 +698,58 @@ impl<'a> Line<'a> {
                     },
                     &mut buf,
                 );
-                if framed.is_ok() && self.write(port, buf.freeze()).await.is_ok() {
-                    self.status(|s| s.delivered += 1);
-                    return;
+                let framed_ok = framed.is_ok() && !(seven_bit && buf.iter().any(|&b| b > 0x7F));
+                if framed_ok {
+                    match self.write(port, buf.freeze()).await {
+                        Ok(()) => {
+                            self.status(|s| s.delivered += 1);
+                            return Ok(());
+                        }
+                        Err(e) => {
+                            if let Some(key) = a.sale {
+                                self.reverse(key, "the answer could not be written");
+                            }
+                            return Err(e);
+                        }
+                    }
                 }
+                tracing::error!("the answer cannot be framed for this line");
             }
             _ => {}
         }
-        // The call this answer belongs to is over (or the answer could not go out).
+        // The call this answer belongs to is over, or the answer could not go out. The sale the current call may
+        // be carrying is not touched.
         if let Some(key) = a.sale {
-            self.carrying = Some(key);
-            self.undelivered("the call ended before the answer was ready");
+            self.reverse(key, "the call ended before the answer was ready");
         }
+        Ok(())
     }
 
     fn timeout(&mut self, port: &mut SerialStream, now: Instant) {
         if let Some(m) = &mut self.modem {
             m.handle_timeout(now.into_std());
             if self.dcd && m.is_online() && self.connected_at.is_some_and(|t| now >= t + DCD_SETTLE) {
-                // Two low readings in a row: a glitch is not a hang-up.
+                // Only a DCD seen high can drop (a three-wire cable reads low for ever), and two low readings in a
+                // row: a glitch is not a hang-up.
                 match port.read_carrier_detect() {
-                    Ok(false) => {
+                    Ok(true) => {
+                        self.dcd_seen = true;
+                        self.dcd_low = 0;
+                    }
+                    Ok(false) if self.dcd_seen => {
                         self.dcd_low += 1;
                         if self.dcd_low >= 2 {
                             m.carrier_lost(now.into_std());
                         }
                     }
-                    _ => self.dcd_low = 0,
+                    _ => {}
                 }
             }
         }
         let mut end_framed = false;
         match &mut self.call {
             Some(Call::Dialup(link)) => link.handle_timeout(now.into_std()),
-            Some(Call::Framed { idle_at, .. }) if now >= *idle_at => end_framed = true,
+            Some(Call::Framed { idle_at, in_flight, .. }) if *in_flight == 0 && now >= *idle_at => end_framed = true,
             _ => {}
         }
         if end_framed {

@@ -70,8 +70,16 @@ pub struct LinkConfig {
     pub idle_timeout: Duration,
     /// Largest frame data (TPDU and message) accepted; a longer frame is NAKed.
     pub max_frame: usize,
-    /// Line speed in bits per second, to know when an answer has left (10 bits per byte: 8N1 or 7E1).
+    /// Line speed in bits per second, to know when an answer has left. On a modem line, the call's speed.
     pub baud: u32,
+    /// Bits a character takes on the wire: start, data, parity and stop bits (10 for 8N1 and 7E1, 11 for 8E1).
+    pub bits_per_char: u32,
+    /// Without ENQ (`send_enq = false`): how long the first frame may take to start. `None` waits for ever (a
+    /// terminal wired directly, which calls when it has something to say).
+    pub first_frame: Option<Duration>,
+    /// How long a request may wait for its answer before the host stops waiting (the controller's own deadline
+    /// plus a margin); an answer that comes later is undelivered.
+    pub answer_timeout: Duration,
     /// Transparent (binary) mode: `None` for text data, where the first ETX ends the frame. With binary data (BCD
     /// messages hold 0x03 bytes) a frame ends at `ETX x` followed by this much silence, and `x` is its LRC; the
     /// terminal, half duplex, sends nothing after its frame until the host answers.
@@ -92,6 +100,9 @@ impl Default for LinkConfig {
             idle_timeout: Duration::from_secs(15),
             max_frame: 2048,
             baud: 2400,
+            bits_per_char: 10,
+            first_frame: None,
+            answer_timeout: Duration::from_secs(20),
             inter_char: None,
         }
     }
@@ -100,13 +111,19 @@ impl Default for LinkConfig {
 impl LinkConfig {
     /// Time `n` bytes take on the wire.
     pub fn wire_time(&self, n: usize) -> Duration {
-        wire_time(self.baud, n)
+        wire_time(self.baud, self.bits_per_char, n)
+    }
+
+    /// A frame being read is dropped without a word after this much silence in its middle (line noise that looked
+    /// like STX must not swallow the terminal's next ACK or EOT).
+    fn abandon_after(&self) -> Duration {
+        self.inter_char.map_or(self.frame_timeout, |q| q * 4)
     }
 }
 
-/// Time `n` bytes take on a line of `baud` bits per second (10 bits a byte: 8N1 or 7E1).
-pub fn wire_time(baud: u32, n: usize) -> Duration {
-    Duration::from_micros(n as u64 * 10 * 1_000_000 / u64::from(baud.max(1)))
+/// Time `n` characters of `bits` bits each take on a line of `baud` bits per second.
+pub fn wire_time(baud: u32, bits: u32, n: usize) -> Duration {
+    Duration::from_micros(n as u64 * u64::from(bits) * 1_000_000 / u64::from(baud.max(1)))
 }
 
 /// Why a frame was refused with NAK.
@@ -162,7 +179,6 @@ pub enum LinkEvent {
 }
 
 /// Reads one frame after STX.
-#[derive(Debug)]
 struct FrameReader {
     /// Text mode: the data so far. Transparent mode: every byte after STX (the last two may be ETX and the LRC).
     buf: Vec<u8>,
@@ -171,6 +187,8 @@ struct FrameReader {
     want_lrc: bool,
     /// Transparent mode: the bytes end in `ETX x`; if the line stays quiet until then, that was the end.
     quiet_at: Option<Instant>,
+    /// The last byte's time: a frame gone quiet in its middle is abandoned.
+    last: Instant,
     overflow: bool,
     parity: Option<usize>,
 }
@@ -182,12 +200,13 @@ enum Read {
 }
 
 impl FrameReader {
-    fn new(deadline: Instant) -> FrameReader {
+    fn new(deadline: Instant, now: Instant) -> FrameReader {
         FrameReader {
             buf: Vec::new(),
             deadline,
             want_lrc: false,
             quiet_at: None,
+            last: now,
             overflow: false,
             parity: None,
         }
@@ -195,6 +214,7 @@ impl FrameReader {
 
     fn feed(&mut self, b: u8, cfg: &LinkConfig, now: Instant) -> Read {
         let max = cfg.max_frame;
+        self.last = now;
         if let Some(quiet) = cfg.inter_char {
             // Binary data may hold ETX: the frame ends at an ETX and one more byte followed by silence.
             if self.buf.len() < max + 2 {
@@ -249,7 +269,6 @@ impl FrameReader {
     }
 }
 
-#[derive(Debug)]
 enum Phase {
     /// Sending ENQs until a frame starts.
     Enquiring {
@@ -260,8 +279,10 @@ enum Phase {
     Waiting {
         deadline: Option<Instant>,
     },
-    /// A request was handed up; waiting for [`DialupLink::respond`].
-    Processing,
+    /// A request was handed up; waiting for [`DialupLink::respond`] until `deadline`.
+    Processing {
+        deadline: Instant,
+    },
     /// The answer is out; waiting for ACK or NAK.
     Sending {
         frame: Bytes,
@@ -275,8 +296,8 @@ enum Phase {
     Ended(EndReason),
 }
 
-/// The host side of one call on a dial-up (or directly wired STX/ETX) line.
-#[derive(Debug)]
+/// The host side of one call on a dial-up (or directly wired STX/ETX) line. Its `Debug` shows the state only: the
+/// bytes it holds may carry a PIN.
 pub struct DialupLink {
     cfg: LinkConfig,
     phase: Phase,
@@ -285,6 +306,24 @@ pub struct DialupLink {
     last_request: Option<Vec<u8>>,
     out: BytesMut,
     events: VecDeque<LinkEvent>,
+}
+
+impl std::fmt::Debug for DialupLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let phase = match &self.phase {
+            Phase::Enquiring { sent, .. } => format!("Enquiring({sent} ENQ)"),
+            Phase::Waiting { .. } => "Waiting".into(),
+            Phase::Processing { .. } => "Processing".into(),
+            Phase::Sending { sends, frame, .. } => format!("Sending({sends}x, {} bytes)", frame.len()),
+            Phase::After { .. } => "After".into(),
+            Phase::Ended(r) => format!("Ended({r:?})"),
+        };
+        f.debug_struct("DialupLink")
+            .field("phase", &phase)
+            .field("reading", &self.reader.as_ref().map(|r| r.buf.len()))
+            .field("naks", &self.naks)
+            .finish_non_exhaustive()
+    }
 }
 
 impl DialupLink {
@@ -296,7 +335,9 @@ impl DialupLink {
                 sent: 0,
             }
         } else {
-            Phase::Waiting { deadline: None }
+            Phase::Waiting {
+                deadline: cfg.first_frame.map(|d| now + d),
+            }
         };
         DialupLink {
             cfg,
@@ -311,20 +352,27 @@ impl DialupLink {
 
     /// Bytes received from the line (parity already stripped).
     pub fn handle_input(&mut self, bytes: &[u8], now: Instant) {
-        for &b in bytes {
+        self.handle_input_checked(bytes, &[], now);
+    }
+
+    /// Bytes received from a line with software parity; `bad` are the offsets (ascending) of bytes whose parity was
+    /// wrong. Such a byte spoils the frame it is in (NAK at its end) and is never read as a control byte.
+    pub fn handle_input_checked(&mut self, bytes: &[u8], bad: &[usize], now: Instant) {
+        let mut bad = bad.iter().peekable();
+        for (i, &b) in bytes.iter().enumerate() {
             if matches!(self.phase, Phase::Ended(_)) {
                 return;
             }
+            let spoiled = bad.next_if(|&&o| o == i).is_some();
+            if spoiled {
+                if let Some(r) = &mut self.reader {
+                    let offset = r.buf.len();
+                    r.parity.get_or_insert(offset);
+                    self.byte(b, now);
+                }
+                continue;
+            }
             self.byte(b, now);
-        }
-    }
-
-    /// The last byte given to [`handle_input`](Self::handle_input) had a parity error: the frame it belongs to is
-    /// refused when it ends.
-    pub fn parity_error(&mut self) {
-        if let Some(r) = &mut self.reader {
-            let offset = r.buf.len().saturating_sub(1);
-            r.parity.get_or_insert(offset);
         }
     }
 
@@ -335,7 +383,7 @@ impl DialupLink {
                 let read = r.finish(self.cfg.max_frame);
                 self.reader = None;
                 match read {
-                    Read::Good(data) => self.good_frame(data),
+                    Read::Good(data) => self.good_frame(data, now),
                     Read::Bad(fault) => self.bad_frame(fault, now),
                     Read::More => {}
                 }
@@ -346,6 +394,10 @@ impl DialupLink {
                 self.reader = None;
                 self.bad_frame(FrameFault::Timeout { received }, now);
                 return;
+            }
+            if r.quiet_at.is_none() && now >= r.last + self.cfg.abandon_after() && self.cfg.inter_char.is_some() {
+                // Gone quiet in its middle: noise that looked like STX, dropped without a word.
+                self.reader = None;
             }
         }
         match &mut self.phase {
@@ -362,6 +414,12 @@ impl DialupLink {
                 self.end_with_eot(EndReason::NoRequest)
             }
             Phase::Sending { deadline, .. } if now >= *deadline => self.resend(now),
+            Phase::Processing { deadline } if now >= *deadline => {
+                // No answer came in time: the host stops waiting (a late answer is undelivered).
+                self.phase = Phase::After {
+                    deadline: now + self.cfg.idle_timeout,
+                };
+            }
             Phase::After { deadline } if self.reader.is_none() && now >= *deadline => {
                 self.end_with_eot(EndReason::Idle)
             }
@@ -372,9 +430,11 @@ impl DialupLink {
     /// The answer to the last [`LinkEvent::Request`]; `data` is TPDU and message. Returns false (and sends
     /// nothing) when the link is not waiting for an answer: the call ended meanwhile, and the answer is undelivered.
     pub fn respond(&mut self, data: &[u8], now: Instant) -> bool {
-        if !matches!(self.phase, Phase::Processing) {
+        if !matches!(self.phase, Phase::Processing { .. }) {
             return false;
         }
+        // Whatever half frame came in meanwhile is not the terminal's answer to this.
+        self.reader = None;
         let f = frame(data);
         self.out.put_slice(&f);
         let deadline = now + self.cfg.wire_time(f.len()) + self.cfg.ack_timeout;
@@ -389,7 +449,7 @@ impl DialupLink {
     /// No answer will come for the last request (it could not be read, or the answer cannot be sent): the host waits
     /// for the terminal's next move (another frame or EOT) as after an answer.
     pub fn decline(&mut self, now: Instant) {
-        if matches!(self.phase, Phase::Processing) {
+        if matches!(self.phase, Phase::Processing { .. }) {
             self.phase = Phase::After {
                 deadline: now + self.cfg.idle_timeout,
             };
@@ -417,14 +477,18 @@ impl DialupLink {
         let phase = match &self.phase {
             Phase::Enquiring { next, .. } if self.reader.is_none() => Some(*next),
             Phase::Waiting { deadline } if self.reader.is_none() => *deadline,
-            Phase::Sending { deadline, .. } => Some(*deadline),
+            Phase::Sending { deadline, .. } | Phase::Processing { deadline } => Some(*deadline),
             Phase::After { deadline } if self.reader.is_none() => Some(*deadline),
             _ => None,
         };
-        let frame = self
-            .reader
-            .as_ref()
-            .map(|r| r.quiet_at.map_or(r.deadline, |q| q.min(r.deadline)));
+        let abandon = self.cfg.abandon_after();
+        let frame = self.reader.as_ref().map(|r| {
+            let t = r.quiet_at.map_or(r.deadline, |q| q.min(r.deadline));
+            match (self.cfg.inter_char, r.quiet_at) {
+                (Some(_), None) => t.min(r.last + abandon),
+                _ => t,
+            }
+        });
         match (phase, frame) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -441,16 +505,24 @@ impl DialupLink {
 
     /// A request was handed up and its answer has not been given yet.
     pub fn awaiting_answer(&self) -> bool {
-        matches!(self.phase, Phase::Processing)
+        matches!(self.phase, Phase::Processing { .. })
     }
 
     fn byte(&mut self, b: u8, now: Instant) {
         if let Some(r) = &mut self.reader {
+            let text = self.cfg.inter_char.is_none();
+            let stale = !text && r.quiet_at.is_none() && now >= r.last + self.cfg.abandon_after();
+            if stale || (text && !r.want_lrc && matches!(b, STX | EOT | ENQ | ACK | NAK)) {
+                // Text never holds control bytes, and a frame does not pause in its middle: what was read was noise.
+                // The byte is read afresh (STX starts a new frame).
+                self.reader = None;
+                return self.byte(b, now);
+            }
             match r.feed(b, &self.cfg, now) {
                 Read::More => {}
                 Read::Good(data) => {
                     self.reader = None;
-                    self.good_frame(data);
+                    self.good_frame(data, now);
                 }
                 Read::Bad(fault) => {
                     self.reader = None;
@@ -460,8 +532,9 @@ impl DialupLink {
             return;
         }
         match (b, &self.phase) {
-            (STX, Phase::Sending { .. }) => {} // the terminal talks over our answer: wait for its ACK or NAK
-            (STX, _) => self.reader = Some(FrameReader::new(now + self.cfg.frame_timeout)),
+            // Also while our answer is out: a frame then is read whole (its bytes are not ACK or NAK) and counts
+            // as a NAK.
+            (STX, _) => self.reader = Some(FrameReader::new(now + self.cfg.frame_timeout, now)),
             (EOT, _) => self.end(EndReason::Eot),
             (ACK, Phase::Sending { .. }) => {
                 self.events.push_back(LinkEvent::Delivered);
@@ -475,28 +548,35 @@ impl DialupLink {
         }
     }
 
-    fn good_frame(&mut self, data: Vec<u8>) {
+    fn good_frame(&mut self, data: Vec<u8>, now: Instant) {
         match self.phase {
-            Phase::Processing => {
+            Phase::Processing { .. } => {
                 // The terminal did not hear our ACK and sent the request again: ACK it again, do not hand it up twice.
                 if self.last_request.as_deref() == Some(&data[..]) {
                     self.out.put_u8(ACK);
                 }
             }
-            Phase::Sending { .. } | Phase::Ended(_) => {}
+            // The terminal did not take our answer and sent its request again: send the answer again.
+            Phase::Sending { .. } => self.resend(now),
+            Phase::Ended(_) => {}
             _ => {
                 self.naks = 0;
                 self.out.put_u8(ACK);
                 let bytes = Bytes::copy_from_slice(&data);
                 self.last_request = Some(data);
                 self.events.push_back(LinkEvent::Request(bytes));
-                self.phase = Phase::Processing;
+                self.phase = Phase::Processing {
+                    deadline: now + self.cfg.answer_timeout,
+                };
             }
         }
     }
 
     fn bad_frame(&mut self, fault: FrameFault, now: Instant) {
-        if matches!(self.phase, Phase::Processing | Phase::Sending { .. } | Phase::Ended(_)) {
+        if matches!(self.phase, Phase::Sending { .. }) {
+            return self.resend(now);
+        }
+        if matches!(self.phase, Phase::Processing { .. } | Phase::Ended(_)) {
             return;
         }
         self.events.push_back(LinkEvent::Rejected(fault));
@@ -598,8 +678,8 @@ mod tests {
         assert_eq!(t.events(), [LinkEvent::Request(Bytes::from_static(b"REQ"))]);
         assert_eq!(
             t.link.poll_timeout(),
-            None,
-            "the answer's time is the caller's deadline"
+            Some(t.now + Duration::from_secs(20)),
+            "the answer may take the controller's deadline and a margin"
         );
         assert!(t.link.respond(b"ANSWER", t.now));
         assert_eq!(t.out(), frame(b"ANSWER").to_vec());
@@ -744,9 +824,7 @@ mod tests {
         t.at(ms(0));
         t.out();
         let f = frame(b"ABCD");
-        t.send(&f[..3]);
-        t.link.parity_error();
-        t.send(&f[3..]);
+        t.link.handle_input_checked(&f, &[2], t.now);
         assert_eq!(t.out(), [NAK]);
         assert_eq!(t.events(), [LinkEvent::Rejected(FrameFault::Parity { offset: 1 })]);
         t.send(&frame(b""));
@@ -934,5 +1012,101 @@ mod tests {
         assert_eq!(ev[1], LinkEvent::Rejected(FrameFault::TooLong { max: 4 }));
         t.send(&frame(b"0123")).at(ms(50));
         assert_eq!(t.out(), [ACK]);
+    }
+
+    /// A call with the request answered: the answer is out, waiting for ACK.
+    fn answered(cfg: LinkConfig) -> T {
+        let mut t = T::new(cfg);
+        t.at(ms(0));
+        t.send(&frame(b"REQ"));
+        if t.link.cfg.inter_char.is_some() {
+            t.at(ms(50));
+        }
+        assert!(t.link.respond(b"PIN", t.now));
+        t.out();
+        t.events();
+        t
+    }
+
+    #[test]
+    fn noise_that_looks_like_stx_does_not_swallow_the_ack() {
+        // Text mode: a control byte cannot be inside a frame.
+        let mut t = answered(LinkConfig::default());
+        t.send(&[STX, b'x', ACK]);
+        assert_eq!(t.events(), [LinkEvent::Delivered]);
+        // Transparent mode: the half frame is dropped once the line has been quiet in its middle.
+        let mut t = answered(transparent());
+        t.send(&[STX, 0x41]);
+        t.at(ms(200));
+        t.send(&[ACK]);
+        assert_eq!(t.events(), [LinkEvent::Delivered]);
+    }
+
+    #[test]
+    fn a_frame_while_the_answer_is_out_counts_as_a_nak() {
+        let mut t = answered(LinkConfig::default());
+        // The request again, whose LRC happens to be ACK or whose bytes hold EOT, must not end or deliver anything.
+        t.send(&frame(b"REQ"));
+        assert_eq!(t.out(), frame(b"PIN").to_vec(), "the answer is sent again");
+        assert!(t.events().is_empty());
+        let data = [0x41, 0x42, 0x44]; // LRC = 0x03 ^ 0x41 ^ 0x42 ^ 0x44 = 0x46; and an EOT inside in binary mode
+        let mut t = answered(transparent());
+        t.send(&frame(&[0x04, 0x06, data[0]]));
+        t.at(ms(50));
+        assert_eq!(t.out(), frame(b"PIN").to_vec());
+        assert!(
+            t.events().is_empty(),
+            "neither EOT nor ACK was read from inside a frame"
+        );
+    }
+
+    #[test]
+    fn a_byte_with_a_parity_error_is_never_a_control_byte() {
+        let mut t = answered(LinkConfig::default());
+        t.link.handle_input_checked(&[ACK, EOT], &[0, 1], t.now);
+        assert!(t.events().is_empty() && t.link.ended().is_none());
+        t.link.handle_input_checked(&[ACK], &[], t.now);
+        assert_eq!(t.events(), [LinkEvent::Delivered]);
+    }
+
+    #[test]
+    fn an_answer_that_never_comes_ends_the_wait_and_is_refused_later() {
+        let mut t = T::new(LinkConfig {
+            answer_timeout: ms(5000),
+            ..LinkConfig::default()
+        });
+        t.at(ms(0));
+        t.send(&frame(b"REQ"));
+        assert_eq!(t.link.poll_timeout(), Some(t.now + ms(5000)));
+        t.at(ms(5000));
+        assert!(!t.link.awaiting_answer());
+        assert!(!t.link.respond(b"PIN", t.now), "too late: the caller reverses it");
+        t.at(ms(15_000));
+        assert_eq!(t.link.ended(), Some(EndReason::Idle));
+    }
+
+    #[test]
+    fn without_enq_the_first_frame_has_a_deadline_when_configured() {
+        let mut t = T::new(LinkConfig {
+            send_enq: false,
+            first_frame: Some(ms(3000)),
+            ..LinkConfig::default()
+        });
+        t.at(ms(3000));
+        assert_eq!(t.out(), [EOT]);
+        assert_eq!(t.link.ended(), Some(EndReason::NoRequest));
+    }
+
+    #[test]
+    fn wire_time_counts_every_bit_of_a_character() {
+        assert_eq!(wire_time(1200, 10, 120), Duration::from_secs(1));
+        assert_eq!(wire_time(1200, 11, 120), Duration::from_millis(1100));
+    }
+
+    #[test]
+    fn debug_output_holds_no_frame_bytes() {
+        let t = answered(LinkConfig::default());
+        let d = format!("{:?}", t.link);
+        assert!(!d.contains("PIN") && d.contains("Sending"), "{d}");
     }
 }

@@ -121,19 +121,15 @@ impl ResultCode {
                 if !(rest.is_empty() || rest.starts_with(' ') || rest.starts_with('/')) {
                     return None;
                 }
+                // `CONNECT 2400/ARQ/V42BIS`, `CONNECT 9600 V42BIS`, `CONNECT/ARQ`: digits are the speed, the rest
+                // (without its separator) the protocol.
                 let rest = rest.trim_start();
-                let (speed, protocol) = match rest.split_once('/') {
-                    Some((s, p)) => (s, Some(p.to_string())),
-                    None => (rest, None),
-                };
-                let speed = if speed.is_empty() {
-                    None
-                } else {
-                    Some(speed.parse().ok()?)
-                };
+                let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+                let speed = if digits == 0 { None } else { rest[..digits].parse().ok() };
+                let protocol = rest[digits..].trim_start_matches(['/', ' ']).trim();
                 ResultCode::Connect {
                     speed,
-                    protocol: protocol.filter(|p| !p.is_empty()),
+                    protocol: (!protocol.is_empty()).then(|| protocol.to_string()),
                 }
             }
         })
@@ -194,9 +190,11 @@ enum State {
         until: Instant,
         attempt: u32,
     },
+    /// `rings` RINGs of the current call so far, the last at `last_ring`.
     Ready {
         reinit_at: Instant,
         rings: u32,
+        last_ring: Option<Instant>,
     },
     Answering {
         deadline: Instant,
@@ -204,6 +202,9 @@ enum State {
     Online,
     HangingUp(Hangup),
 }
+
+/// Longest silence between two RINGs of one call.
+const RING_GAP: Duration = Duration::from_secs(10);
 
 /// `CR LF NO CARRIER CR LF`: how a modem in data mode reports that the carrier went (verbose codes, `V1`).
 const NO_CARRIER: &[u8] = b"\r\nNO CARRIER\r\n";
@@ -339,6 +340,11 @@ impl ModemController {
         self.dtr_out.pop_front()
     }
 
+    /// How many of the terminal's bytes wait in [`poll_data`](Self::poll_data).
+    pub fn pending_data(&self) -> usize {
+        self.data.len()
+    }
+
     /// The terminal's bytes received while online, for the link.
     pub fn poll_data(&mut self) -> Option<Bytes> {
         (!self.data.is_empty()).then(|| self.data.split().freeze())
@@ -414,6 +420,7 @@ impl ModemController {
                     self.state = State::Ready {
                         reinit_at: now + self.cfg.reinit_every,
                         rings: 0,
+                        last_ring: None,
                     };
                 } else {
                     self.send_init(step, attempt, now);
@@ -423,8 +430,12 @@ impl ModemController {
                 let (step, attempt) = (*step, *attempt);
                 self.init_failed(step, attempt, Some(line.trim().to_string()), now)
             }
-            (State::Ready { rings, .. }, Some(ResultCode::Ring)) => {
-                let rings = rings + 1;
+            (State::Ready { rings, last_ring, .. }, Some(ResultCode::Ring)) => {
+                // Rings come every 6 s or so; after a longer silence the caller gave up and this is a new call.
+                let rings = match last_ring {
+                    Some(t) if now.duration_since(*t) < RING_GAP => rings + 1,
+                    _ => 1,
+                };
                 self.events.push_back(ModemEvent::Ring);
                 match self.cfg.answer {
                     AnswerMode::Host { rings: n } if rings >= n => {
@@ -433,10 +444,17 @@ impl ModemController {
                             deadline: now + self.cfg.connect_timeout,
                         };
                     }
-                    _ => {
+                    // The modem answers by itself: CONNECT must follow within the connect timeout.
+                    AnswerMode::Auto => {
+                        self.state = State::Answering {
+                            deadline: now + self.cfg.connect_timeout,
+                        }
+                    }
+                    AnswerMode::Host { .. } => {
                         self.state = State::Ready {
                             reinit_at: now + self.cfg.reinit_every,
                             rings,
+                            last_ring: Some(now),
                         }
                     }
                 }
@@ -482,6 +500,7 @@ impl ModemController {
             self.state = State::Ready {
                 reinit_at: now + self.cfg.reinit_every,
                 rings: 0,
+                last_ring: None,
             };
             return;
         }
@@ -596,7 +615,13 @@ mod tests {
         assert_eq!(ResultCode::parse("3"), Some(ResultCode::NoCarrier));
         assert_eq!(ResultCode::parse("5"), c(Some(1200), None));
         assert_eq!(ResultCode::parse("10"), c(Some(2400), None));
-        for not in ["", "ATZ", "CONNECTED", "CONNECT fast", "12", "OK then"] {
+        assert_eq!(ResultCode::parse("CONNECT 9600 V42BIS"), c(Some(9600), Some("V42BIS")));
+        assert_eq!(
+            ResultCode::parse("CONNECT 2400 LAPM/V42BIS"),
+            c(Some(2400), Some("LAPM/V42BIS"))
+        );
+        assert_eq!(ResultCode::parse("CONNECT/ARQ"), c(None, Some("ARQ")));
+        for not in ["", "ATZ", "CONNECTED", "12", "OK then"] {
             assert_eq!(ResultCode::parse(not), None, "{not:?}");
         }
     }
@@ -660,6 +685,38 @@ mod tests {
         t.hear("\r\nRING\r\n\r\nCONNECT 1200\r\n");
         assert_eq!(t.out(), "");
         assert!(t.m.is_online());
+    }
+
+    #[test]
+    fn auto_answer_without_connect_gives_up_after_the_connect_timeout() {
+        let cfg = ModemConfig {
+            answer: AnswerMode::Auto,
+            init: vec!["ATS0=1".into()],
+            ..ModemConfig::default()
+        };
+        let mut t = T::new(cfg, false);
+        t.out();
+        t.hear("OK\r");
+        t.hear("RING\r");
+        t.at(ms(60_000));
+        assert_eq!(t.events().last(), Some(&ModemEvent::CallFailed { reply: None }));
+    }
+
+    #[test]
+    fn rings_of_an_abandoned_call_do_not_count_for_the_next() {
+        let cfg = ModemConfig {
+            answer: AnswerMode::Host { rings: 2 },
+            ..ModemConfig::default()
+        };
+        let mut t = T::new(cfg, false);
+        t.init_ok();
+        t.hear("RING\r");
+        t.at(ms(30_000));
+        t.hear("RING\r");
+        assert_eq!(t.out(), "", "a new call: one ring so far");
+        t.at(ms(6_000));
+        t.hear("RING\r");
+        assert_eq!(t.out(), "ATA\r");
     }
 
     #[test]
