@@ -15,6 +15,7 @@
 //!   network), the prefetch cache, the crash-safe journal, store-and-forward, and the PIN server pool.
 //! - [`server`], [`tls`] — the PIN server (mini-redis shaped `run(listener, …, shutdown)`) and mutual TLS.
 //! - [`dialsim`] — a Hayes modem emulator on a pseudo-terminal and a dial-up terminal that calls through it.
+//! - [`scenario`] — scenario files for the terminal simulator: messages to send, codes to expect.
 //! - [`sim`] — a simulated TCP terminal (requests of the contract, framed); [`demo`] — `pingate demo` and the
 //!   building blocks the end-to-end tests share.
 //! - [`load`] — the load generator (terminal connections, closed or open loop), its echo-server ceiling, and a
@@ -32,6 +33,7 @@ pub mod link;
 pub mod load;
 pub mod psp;
 pub mod sale;
+pub mod scenario;
 pub mod server;
 pub mod sim;
 pub mod store;

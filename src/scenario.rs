@@ -16,8 +16,8 @@
 //! same_pin = true
 //!
 //! [[step]]
-//! send = "reversal"      # a 0400 of the sale with STAN 1, sent with its own STAN 2
-//! of = 1
+//! send = "reversal"      # a 0400 of the sale with STAN 1, sent with its own STAN 2 (a sale from before this
+//! of = 1                 # scenario: give its product and amount)
 //! stan = 2
 //! delay_ms = 100
 //! expect = "00"
@@ -146,11 +146,24 @@ impl Scenario {
         for (i, s) in self.steps.iter().enumerate() {
             let step = i + 1;
             stan = s.stan.unwrap_or(stan + 1);
-            let original = |of: u32| {
-                sales.get(&of).cloned().ok_or_else(|| ScenarioError::Step {
+            // The sale a repeat or reversal refers to: an earlier step, or (a sale made before this run) the step's
+            // own product and amount.
+            let original = |of: u32| match (sales.get(&of), &s.product, s.amount) {
+                (Some(x), _, _) => Ok(x.clone()),
+                (None, Some(product), Some(amount)) => Ok((
+                    SaleSpec {
+                        stan: of,
+                        transmission: transmission.into(),
+                        product: product.clone(),
+                        amount,
+                        currency: s.currency.clone(),
+                    },
+                    None,
+                )),
+                _ => Err(ScenarioError::Step {
                     step,
-                    reason: format!("no earlier sale with STAN {of}"),
-                })
+                    reason: format!("no earlier sale with STAN {of}, and no product and amount to describe it"),
+                }),
             };
             let msg = match s.send {
                 Send::Sale => {
@@ -208,7 +221,8 @@ impl Scenario {
                         Send::Repeat if s.same_pin => {
                             let first = sales.get(&s.of.unwrap_or_default()).and_then(|e| e.1.clone());
                             if first.is_none() || first != pin {
-                                r.problem.get_or_insert_with(|| "the repeat did not carry the sale's PIN".into());
+                                r.problem
+                                    .get_or_insert_with(|| "the repeat did not carry the sale's PIN".into());
                             }
                         }
                         _ => {}

@@ -1,0 +1,169 @@
+//! The traffic tools as a user runs them: the binaries in `tools/` against a real gateway and PIN server.
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+use pingate::demo::{
+    sample_modes, sample_products, start_server, GatewayFiles, GatewayHandle, Inventory, ServerHandle,
+};
+use pingate::gateway::StartOptions;
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pingate-tools-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+async fn rig(name: &str) -> (Inventory, ServerHandle, GatewayHandle) {
+    let inv = Inventory::create(&dir(name), &["gw1", "obs"], &sample_products(100)).unwrap();
+    let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let files = GatewayFiles::write(
+        &inv,
+        "gw1",
+        &[server.addr],
+        "127.0.0.1:0".parse().unwrap(),
+        8,
+        &sample_modes(5, 10),
+        ("", ""),
+    )
+    .unwrap();
+    let gw = GatewayHandle::start(&files.config, StartOptions::default())
+        .await
+        .unwrap();
+    assert!(gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await);
+    (inv, server, gw)
+}
+
+async fn terminal(args: &[&str]) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_pingate-terminal"))
+        .args(args)
+        .output()
+        .await
+        .unwrap()
+}
+
+fn lines(o: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_terminal_simulator_against_a_real_gateway() {
+    let (_inv, server, gw) = rig("terminal").await;
+    let addr = gw.addr.to_string();
+
+    // One sale: one JSON line, approved, the PIN masked.
+    let o = terminal(&["--gateway", &addr, "sale", "--product", "GIFT-25", "--amount", "2500"]).await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let l = lines(&o);
+    assert_eq!(l.len(), 1);
+    assert_eq!(l[0]["answer"]["mti"], "0210");
+    assert_eq!(l[0]["answer"]["fields"]["39"], "00");
+    let f63 = l[0]["answer"]["fields"]["63"].as_str().unwrap();
+    assert!(f63.starts_with("[masked"), "PIN masked: {f63}");
+
+    // --reveal shows it.
+    let o = terminal(&[
+        "--gateway",
+        &addr,
+        "--reveal",
+        "--terminal",
+        "DEMO0002",
+        "sale",
+        "--product",
+        "GIFT-25",
+        "--amount",
+        "2500",
+    ])
+    .await;
+    let l = lines(&o);
+    let f63 = l[0]["answer"]["fields"]["63"].as_str().unwrap();
+    assert!(f63.starts_with("PN"), "{f63}");
+    assert!(!f63.contains('*'), "{f63}");
+
+    // Many terminals at once.
+    let o = terminal(&[
+        "--gateway",
+        &addr,
+        "--terminal",
+        "DEMO0003",
+        "--count",
+        "3",
+        "sale",
+        "--product",
+        "TOPUP-EU-10",
+        "--amount",
+        "1000",
+    ])
+    .await;
+    assert!(o.status.success());
+    let mut ids: Vec<String> = lines(&o)
+        .iter()
+        .map(|l| l["terminal"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["DEMO0003", "DEMO0004", "DEMO0005"]);
+
+    // The contract's scenario: every step gets the code it expects.
+    let o = terminal(&[
+        "--gateway",
+        &addr,
+        "--terminal",
+        "DEMO0006",
+        "scenario",
+        "fixtures/scenarios/contract.toml",
+    ])
+    .await;
+    let l = lines(&o);
+    assert!(o.status.success(), "{l:#?}");
+    assert_eq!(l.len(), 11);
+    assert!(l.iter().all(|x| x["ok"] == true));
+
+    // A step whose answer differs from what it expects fails the run (exit 1) and says why.
+    let f = dir("scenario-bad");
+    std::fs::create_dir_all(&f).unwrap();
+    let bad = f.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[step]]\nsend = \"sale\"\nproduct = \"GIFT-25\"\namount = 2500\nexpect = \"25\"\n",
+    )
+    .unwrap();
+    let o = terminal(&[
+        "--gateway",
+        &addr,
+        "--terminal",
+        "DEMO0007",
+        "scenario",
+        bad.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(lines(&o)[0]["problem"], "response code \"00\", expected \"25\"");
+
+    // An answer that never comes: exit 1, named. (A listener that accepts and says nothing.)
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let o = terminal(&["--gateway", &silent_addr, "--timeout-ms", "300", "echo"]).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(lines(&o)[0]["problem"]
+        .as_str()
+        .unwrap()
+        .contains("no answer within 300 ms"));
+    hold.abort();
+
+    // Bad arguments: exit 2.
+    let o = terminal(&["--gateway", &addr, "--framing", "smoke", "echo"]).await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown framing `smoke`"));
+    gw.stop().await;
+    server.stop().await;
+}

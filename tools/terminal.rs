@@ -1,0 +1,243 @@
+//! `pingate-terminal`: one or many simulated terminals over TCP, speaking the PIN sale contract to a gateway.
+//!
+//! ```sh
+//! pingate-terminal --gateway 127.0.0.1:9000 sale --product GIFT-25 --amount 2500
+//! pingate-terminal --gateway 127.0.0.1:9000 --count 8 sale --product TOPUP-EU-10 --amount 1000
+//! pingate-terminal --gateway 127.0.0.1:9000 repeat --of 1
+//! pingate-terminal --gateway 127.0.0.1:9000 reversal --of 1 --stan 2
+//! pingate-terminal --gateway 127.0.0.1:9000 echo
+//! pingate-terminal --gateway 127.0.0.1:9000 scenario fixtures/scenarios/sale-repeat-reversal.toml
+//! ```
+//!
+//! Each answer is printed as one JSON line (the PIN masked unless `--reveal`). The exit status is 1 when an answer
+//! is missing or malformed or carries another code than the scenario expects, 2 on bad arguments.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use pingate::iso8583::Dialects;
+use pingate::link::framing::{Framing, Tpdu};
+use pingate::scenario::{result_json, Scenario};
+use pingate::sim::{Identity, TerminalClient};
+
+#[derive(Parser)]
+#[command(name = "pingate-terminal", about = "Simulated POS terminals over TCP")]
+struct Cli {
+    /// The gateway's terminal listener.
+    #[arg(long)]
+    gateway: SocketAddr,
+    /// Length framing: binary2, binary2-inclusive, ascii4, bcd2.
+    #[arg(long, default_value = "binary2")]
+    framing: String,
+    #[arg(long, default_value = "iso87-ascii-binbitmap")]
+    dialect: String,
+    /// TPDU in hex (10 digits) before each message, when the listener expects one.
+    #[arg(long)]
+    tpdu: Option<String>,
+    /// Terminal id (field 41). With --count, the number at its end counts up: DEMO0001, DEMO0002, ...
+    #[arg(long, default_value = "DEMO0001")]
+    terminal: String,
+    #[arg(long, default_value = pingate::demo::MERCHANT)]
+    merchant: String,
+    /// Terminals, each on its own connection, all at once.
+    #[arg(long, default_value_t = 1)]
+    count: usize,
+    /// Transmission date and time (MMDDhhmmss, field 7); default: now (UTC).
+    #[arg(long)]
+    transmission: Option<String>,
+    /// Time allowed for each answer, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    timeout_ms: u64,
+    /// Print PINs in clear.
+    #[arg(long)]
+    reveal: bool,
+    #[command(subcommand)]
+    action: Action,
+}
+
+#[derive(Subcommand, Clone)]
+enum Action {
+    /// A 0200 PIN sale.
+    Sale {
+        #[arg(long)]
+        product: String,
+        /// Amount in minor units.
+        #[arg(long)]
+        amount: u64,
+        #[arg(long, default_value_t = 1)]
+        stan: u32,
+        #[arg(long, default_value = "978")]
+        currency: String,
+    },
+    /// A 0201 repeat of the sale with STAN `of` (same transmission time).
+    Repeat {
+        #[arg(long)]
+        of: u32,
+        #[arg(long)]
+        product: String,
+        #[arg(long)]
+        amount: u64,
+    },
+    /// A 0400 reversal of the sale with STAN `of`.
+    Reversal {
+        #[arg(long)]
+        of: u32,
+        #[arg(long)]
+        stan: u32,
+        #[arg(long)]
+        product: String,
+        #[arg(long)]
+        amount: u64,
+        /// Send a 0420 advice instead of a 0400.
+        #[arg(long)]
+        advice: bool,
+    },
+    /// A 0800 echo test.
+    Echo {
+        #[arg(long, default_value_t = 1)]
+        stan: u32,
+    },
+    /// The steps of a scenario file.
+    Scenario { file: std::path::PathBuf },
+}
+
+/// `DEMO0001` + 2 → `DEMO0003` (the digits at the end count up, keeping their width).
+fn nth_terminal(first: &str, n: usize) -> String {
+    let digits = first.chars().rev().take_while(|c| c.is_ascii_digit()).count();
+    let (head, tail) = first.split_at(first.len() - digits);
+    let start: usize = tail.parse().unwrap_or(0);
+    format!("{head}{:0width$}", start + n, width = digits)
+}
+
+fn now_transmission() -> String {
+    let t = time::OffsetDateTime::now_utc();
+    format!(
+        "{:02}{:02}{:02}{:02}{:02}",
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+/// The action as a one-or-more-step scenario.
+fn scenario_of(action: &Action) -> Result<Scenario, String> {
+    let text = match action {
+        Action::Scenario { file } => {
+            return std::fs::read_to_string(file)
+                .map_err(|e| format!("{}: {e}", file.display()))
+                .and_then(|t| Scenario::parse(&t).map_err(|e| format!("{}: {e}", file.display())))
+        }
+        Action::Sale {
+            product,
+            amount,
+            stan,
+            currency,
+        } => format!(
+            "[[step]]\nsend = \"sale\"\nproduct = {product:?}\namount = {amount}\nstan = {stan}\ncurrency = {currency:?}\n"
+        ),
+        // A repeat or reversal names its sale; the sale itself is not sent again, only described.
+        Action::Repeat { of, product, amount } => {
+            format!("[[step]]\nsend = \"repeat\"\nof = {of}\nproduct = {product:?}\namount = {amount}\n")
+        }
+        Action::Reversal {
+            of,
+            stan,
+            product,
+            amount,
+            advice,
+        } => format!(
+            "[[step]]\nsend = \"{}\"\nof = {of}\nstan = {stan}\nproduct = {product:?}\namount = {amount}\n",
+            if *advice { "advice" } else { "reversal" }
+        ),
+        Action::Echo { stan } => format!("[[step]]\nsend = \"echo\"\nstan = {stan}\n"),
+    };
+    Scenario::parse(&text).map_err(|e| e.to_string())
+}
+
+async fn run(cli: Cli) -> Result<bool, String> {
+    let framing: Framing = serde_json::from_value(serde_json::Value::String(cli.framing.clone()))
+        .map_err(|_| format!("unknown framing `{}`", cli.framing))?;
+    let dialect = Arc::new(
+        Dialects::builtin()
+            .get(&cli.dialect)
+            .map_err(|e| e.to_string())?
+            .clone(),
+    );
+    let tpdu = match &cli.tpdu {
+        None => None,
+        Some(h) => {
+            let b: Vec<u8> = (0..h.len())
+                .step_by(2)
+                .map(|i| h.get(i..i + 2).and_then(|x| u8::from_str_radix(x, 16).ok()))
+                .collect::<Option<_>>()
+                .ok_or_else(|| format!("--tpdu `{h}` is not hex"))?;
+            let b: [u8; 5] = b.try_into().map_err(|_| "--tpdu must be 5 bytes".to_string())?;
+            Some(Tpdu::parse(b))
+        }
+    };
+    let scenario = scenario_of(&cli.action)?;
+    let transmission = cli.transmission.clone().unwrap_or_else(now_transmission);
+    let timeout = Duration::from_millis(cli.timeout_ms);
+    let mut tasks = Vec::new();
+    for n in 0..cli.count {
+        let id = Identity {
+            terminal_id: nth_terminal(&cli.terminal, n),
+            merchant_id: cli.merchant.clone(),
+        };
+        let (scenario, dialect, transmission) = (scenario.clone(), dialect.clone(), transmission.clone());
+        let (addr, reveal) = (cli.gateway, cli.reveal);
+        tasks.push(tokio::spawn(async move {
+            let mut client = match TerminalClient::connect(addr, framing, tpdu, dialect.clone()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    println!("{}", serde_json::json!({"terminal": id.terminal_id, "ok": false, "problem": format!("connect {addr}: {e}")}));
+                    return false;
+                }
+            };
+            match scenario.run(&mut client, &id, &transmission, timeout).await {
+                Err(e) => {
+                    println!("{}", serde_json::json!({"terminal": id.terminal_id, "ok": false, "problem": e.to_string()}));
+                    false
+                }
+                Ok(results) => {
+                    let mut ok = true;
+                    for r in &results {
+                        ok &= r.problem.is_none();
+                        println!("{}", result_json(r, &id.terminal_id, &dialect, reveal));
+                    }
+                    ok
+                }
+            }
+        }));
+    }
+    let mut all = true;
+    for t in tasks {
+        all &= t.await.unwrap_or(false);
+    }
+    Ok(all)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pingate-terminal: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("pingate-terminal: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
