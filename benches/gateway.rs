@@ -60,19 +60,24 @@ fn spec(addr: SocketAddr, a: &Args, product: &str, amount: u64, tag: &str) -> Lo
     LoadSpec {
         addr,
         framing: FRAMING,
+        tpdu: None,
         connections: a.connections,
         in_flight: a.in_flight,
         rate: None,
         duration: Duration::from_secs(a.seconds),
         terminal_prefix: "DEMO".into(),
         merchant: pingate::demo::MERCHANT.into(),
-        product: product.into(),
-        amount,
+        mix: vec![pingate::load::MixItem {
+            product: product.into(),
+            amount,
+            weight: 1,
+        }],
         transmission: tag.into(),
+        progress: None,
     }
 }
 
-fn line(name: &str, mut r: LoadReport) {
+fn line(name: &str, r: LoadReport) {
     let codes: Vec<String> = r.codes.iter().map(|(c, n)| format!("{c}:{n}")).collect();
     println!(
         "{name:<34} {:>9.0}/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} sent; {})",

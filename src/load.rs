@@ -6,8 +6,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use hdrhistogram::Histogram;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -15,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::codec::Framed;
 
 use crate::iso8583::Dialect;
-use crate::link::framing::{FrameCodec, Framing};
+use crate::link::framing::{FrameCodec, Framing, Tpdu};
 use crate::sim::{Identity, SaleSpec};
 
 /// Serves frames back as they came until `shutdown`.
@@ -47,11 +50,57 @@ pub async fn echo_server(listener: TcpListener, framing: Framing, shutdown: impl
     }
 }
 
+/// One product of the mix, sent `weight` times in every `sum of weights` requests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MixItem {
+    pub product: String,
+    pub amount: u64,
+    pub weight: u32,
+}
+
+impl MixItem {
+    /// `PRODUCT:AMOUNT[:WEIGHT]`, e.g. `TOPUP-EU-10:1000:3`.
+    pub fn parse(s: &str) -> Result<MixItem, String> {
+        let mut p = s.split(':');
+        let (Some(product), Some(amount)) = (p.next(), p.next()) else {
+            return Err(format!("`{s}`: PRODUCT:AMOUNT[:WEIGHT]"));
+        };
+        let amount = amount
+            .parse()
+            .map_err(|_| format!("`{s}`: the amount is not a number"))?;
+        let weight = match p.next() {
+            Some(w) => w
+                .parse()
+                .ok()
+                .filter(|&w| w > 0)
+                .ok_or_else(|| format!("`{s}`: weight 1 or more"))?,
+            None => 1,
+        };
+        if p.next().is_some() || product.is_empty() {
+            return Err(format!("`{s}`: PRODUCT:AMOUNT[:WEIGHT]"));
+        }
+        Ok(MixItem {
+            product: product.into(),
+            amount,
+            weight,
+        })
+    }
+}
+
+/// Counters a progress line reads while the load runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub sent: AtomicU64,
+    pub answered: AtomicU64,
+    pub approved: AtomicU64,
+}
+
 /// What to send.
 #[derive(Clone, Debug)]
 pub struct LoadSpec {
     pub addr: SocketAddr,
     pub framing: Framing,
+    pub tpdu: Option<Tpdu>,
     pub connections: usize,
     /// Requests kept in flight per connection (closed loop).
     pub in_flight: usize,
@@ -61,21 +110,62 @@ pub struct LoadSpec {
     /// Terminal `n` (1-based connection number) is `{terminal_prefix}{n:04}`.
     pub terminal_prefix: String,
     pub merchant: String,
-    pub product: String,
-    pub amount: u64,
+    /// Products and amounts, by weight (request `stan` of every connection takes its turn in the mix).
+    pub mix: Vec<MixItem>,
     /// Distinguishes runs against the same gateway (the sale keys must be new).
     pub transmission: String,
+    pub progress: Option<Arc<Progress>>,
+}
+
+impl LoadSpec {
+    fn item(&self, stan: u32) -> &MixItem {
+        let total: u32 = self.mix.iter().map(|m| m.weight).sum();
+        let mut k = stan % total.max(1);
+        for m in &self.mix {
+            if k < m.weight {
+                return m;
+            }
+            k -= m.weight;
+        }
+        &self.mix[0]
+    }
+}
+
+/// Latencies in microseconds, 1 µs to 10 minutes, 3 significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")
+}
+
+/// One second of the run.
+#[derive(Debug, Clone)]
+pub struct Second {
+    pub answered: u64,
+    pub latency: Histogram<u64>,
 }
 
 /// What came back.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LoadReport {
     pub sent: u64,
-    /// Answers by field 39.
+    /// Answers by field 39 (`echo` for an echo server's answers).
     pub codes: BTreeMap<String, u64>,
-    /// Latencies of answers with code `00`.
-    pub latencies: Vec<Duration>,
+    /// Latencies of approved (or echoed) answers, in microseconds.
+    pub latency: Histogram<u64>,
+    /// The run second by second (by when the answer came).
+    pub seconds: Vec<Second>,
     pub elapsed: Duration,
+}
+
+impl Default for LoadReport {
+    fn default() -> Self {
+        LoadReport {
+            sent: 0,
+            codes: BTreeMap::new(),
+            latency: histogram(),
+            seconds: Vec::new(),
+            elapsed: Duration::ZERO,
+        }
+    }
 }
 
 impl LoadReport {
@@ -89,12 +179,51 @@ impl LoadReport {
 
     /// Answers per second.
     pub fn rate(&self) -> f64 {
-        self.answered() as f64 / self.elapsed.as_secs_f64()
+        self.answered() as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
     /// Latency at quantile `q` (0..1), in milliseconds.
-    pub fn quantile_ms(&mut self, q: f64) -> f64 {
-        quantile_ms(&mut self.latencies, q)
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        if self.latency.is_empty() {
+            return 0.0;
+        }
+        self.latency.value_at_quantile(q) as f64 / 1e3
+    }
+
+    pub fn max_ms(&self) -> f64 {
+        self.latency.max() as f64 / 1e3
+    }
+
+    fn record(&mut self, at: Duration, latency: Duration) {
+        let us = (latency.as_micros() as u64).clamp(1, 600_000_000);
+        let _ = self.latency.record(us);
+        let sec = at.as_secs() as usize;
+        while self.seconds.len() <= sec {
+            self.seconds.push(Second {
+                answered: 0,
+                latency: histogram(),
+            });
+        }
+        self.seconds[sec].answered += 1;
+        let _ = self.seconds[sec].latency.record(us);
+    }
+
+    fn merge(&mut self, other: LoadReport) {
+        self.sent += other.sent;
+        for (c, n) in other.codes {
+            *self.codes.entry(c).or_default() += n;
+        }
+        let _ = self.latency.add(&other.latency);
+        for (i, s) in other.seconds.into_iter().enumerate() {
+            while self.seconds.len() <= i {
+                self.seconds.push(Second {
+                    answered: 0,
+                    latency: histogram(),
+                });
+            }
+            self.seconds[i].answered += s.answered;
+            let _ = self.seconds[i].latency.add(&s.latency);
+        }
     }
 }
 
@@ -110,6 +239,9 @@ pub fn quantile_ms(v: &mut [Duration], q: f64) -> f64 {
 
 /// Runs the load and reports. Errors of single connections end those connections only.
 pub async fn run(spec: LoadSpec, dialect: Arc<Dialect>) -> Result<LoadReport, String> {
+    if spec.mix.is_empty() {
+        return Err("the product mix is empty".into());
+    }
     let mut conns = Vec::new();
     for _ in 0..spec.connections {
         let s = TcpStream::connect(spec.addr)
@@ -127,12 +259,7 @@ pub async fn run(spec: LoadSpec, dialect: Arc<Dialect>) -> Result<LoadReport, St
     }
     let mut report = LoadReport::default();
     while let Some(r) = tasks.join_next().await {
-        let r = r.map_err(|e| e.to_string())?;
-        report.sent += r.sent;
-        for (c, n) in r.codes {
-            *report.codes.entry(c).or_default() += n;
-        }
-        report.latencies.extend(r.latencies);
+        report.merge(r.map_err(|e| e.to_string())?);
     }
     report.elapsed = start.elapsed();
     Ok(report)
@@ -150,10 +277,12 @@ async fn connection(
         terminal_id: format!("{}{n:04}", spec.terminal_prefix),
         merchant_id: spec.merchant.clone(),
     };
-    let (mut sink, mut src) = Framed::new(stream, FrameCodec::new(spec.framing, false, 0xFFFF)).split();
+    let codec = FrameCodec::new(spec.framing, spec.tpdu.is_some(), 0xFFFF);
+    let (mut sink, mut src) = Framed::new(stream, codec).split();
     let mut pending: HashMap<String, Instant> = HashMap::new();
     let mut report = LoadReport::default();
     let mut stan = 0u32;
+    let progress = spec.progress.clone().unwrap_or_default();
     // Open loop: this connection's share of the rate, with its first send offset so connections interleave.
     let interval = spec
         .rate
@@ -163,11 +292,12 @@ async fn connection(
             .map(|i| i.mul_f64(n as f64 / spec.connections as f64))
             .unwrap_or_default();
     let send = |stan: u32| {
+        let item = spec.item(stan);
         let s = SaleSpec {
             stan,
             transmission: spec.transmission.clone(),
-            product: spec.product.clone(),
-            amount: spec.amount,
+            product: item.product.clone(),
+            amount: item.amount,
             currency: "978".into(),
         };
         dialect.encode(&id.sale(&s, false)).map(|b| b.freeze())
@@ -183,7 +313,7 @@ async fn connection(
             stan += 1;
             let Ok(body) = send(stan) else { break };
             let frame = crate::link::framing::Frame {
-                tpdu: None,
+                tpdu: spec.tpdu,
                 message: body,
             };
             if sink.send(frame).await.is_err() {
@@ -191,6 +321,7 @@ async fn connection(
             }
             pending.insert(format!("{stan:06}"), Instant::now());
             report.sent += 1;
+            progress.sent.fetch_add(1, Ordering::Relaxed);
             if let Some(i) = interval {
                 next_send += i;
             }
@@ -208,9 +339,12 @@ async fn connection(
                 Some(Ok(f)) => {
                     if let Ok(m) = dialect.decode(&f.message) {
                         if let Some(t0) = m.get_str(11).and_then(|s| pending.remove(s)) {
+                            let now = Instant::now();
                             let code = m.get_str(39).unwrap_or("echo").to_string();
+                            progress.answered.fetch_add(1, Ordering::Relaxed);
                             if code == "00" || code == "echo" {
-                                report.latencies.push(t0.elapsed());
+                                progress.approved.fetch_add(1, Ordering::Relaxed);
+                                report.record(now.duration_since(start), now.duration_since(t0));
                             }
                             *report.codes.entry(code).or_default() += 1;
                         }

@@ -6,8 +6,8 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use common::{count, stock};
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,8 +20,6 @@ use pingate::dialsim::{start_modem, CallScript, CommandReply, DialupTerminal, Mo
 use pingate::gateway::serial::{LineBoard, LineStatus};
 use pingate::gateway::StartOptions;
 use pingate::iso8583::{Dialect, Dialects, Message};
-use pingate::psp::client::PspClient;
-use pingate::psp::{Request, Response};
 use pingate::sale::PinReceipt;
 use pingate::sim::{Identity, SaleSpec};
 
@@ -135,27 +133,6 @@ fn decode_answer(data: &Bytes) -> Message {
 fn pin_of(m: &Message) -> String {
     let r = PinReceipt::from_tlv(m.get(63).expect("field 63")).unwrap();
     r.pin.expose().to_string()
-}
-
-/// Server-side counts by (product, state).
-async fn stock(inv: &Inventory, server: SocketAddr) -> HashMap<(String, String), i64> {
-    let tls = Arc::new(
-        pingate::tls::client_config(
-            &inv.certs.gateway_cert("obs"),
-            &inv.certs.gateway_key("obs"),
-            &inv.certs.ca(),
-        )
-        .unwrap(),
-    );
-    let (c, _) = PspClient::connect(server, "localhost", tls).await.unwrap();
-    let Response::Stock { stock } = c.call(Request::Stock).await.unwrap() else {
-        panic!("stock")
-    };
-    stock.into_iter().map(|s| ((s.product, s.state), s.count)).collect()
-}
-
-fn count(s: &HashMap<(String, String), i64>, product: &str, state: &str) -> i64 {
-    s.get(&(product.to_string(), state.to_string())).copied().unwrap_or(0)
 }
 
 fn script() -> CallScript {

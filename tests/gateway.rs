@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::{count, stock};
+
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -54,27 +56,6 @@ fn code(m: &Message) -> &str {
 
 fn receipt(m: &Message) -> Option<PinReceipt> {
     m.get(63).and_then(|b| PinReceipt::from_tlv(b).ok())
-}
-
-/// Server-side counts by (product, state), asked over PSP with the observer's certificate.
-async fn stock(inv: &Inventory, server: SocketAddr) -> HashMap<(String, String), i64> {
-    let tls = Arc::new(
-        pingate::tls::client_config(
-            &inv.certs.gateway_cert("obs"),
-            &inv.certs.gateway_key("obs"),
-            &inv.certs.ca(),
-        )
-        .unwrap(),
-    );
-    let (c, _) = PspClient::connect(server, "localhost", tls).await.unwrap();
-    let Response::Stock { stock } = c.call(Request::Stock).await.unwrap() else {
-        panic!("stock")
-    };
-    stock.into_iter().map(|s| ((s.product, s.state), s.count)).collect()
-}
-
-fn count(s: &HashMap<(String, String), i64>, product: &str, state: &str) -> i64 {
-    s.get(&(product.to_string(), state.to_string())).copied().unwrap_or(0)
 }
 
 async fn setup(

@@ -1,5 +1,7 @@
 //! The traffic tools as a user runs them: the binaries in `tools/` against a real gateway and PIN server.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
@@ -16,7 +18,7 @@ fn dir(name: &str) -> PathBuf {
 }
 
 async fn rig(name: &str) -> (Inventory, ServerHandle, GatewayHandle) {
-    let inv = Inventory::create(&dir(name), &["gw1", "obs"], &sample_products(100)).unwrap();
+    let inv = Inventory::create(&dir(name), &["gw1", "obs"], &sample_products(1000)).unwrap();
     let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let files = GatewayFiles::write(
         &inv,
@@ -164,6 +166,67 @@ async fn the_terminal_simulator_against_a_real_gateway() {
     let o = terminal(&["--gateway", &addr, "--framing", "smoke", "echo"]).await;
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown framing `smoke`"));
+    gw.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_generator_counts_match_the_pin_server() {
+    let (inv, server, gw) = rig("load").await;
+    let d = dir("load-out");
+    std::fs::create_dir_all(&d).unwrap();
+    let (json, svg) = (d.join("load.json"), d.join("load.svg"));
+    let o = tokio::process::Command::new(env!("CARGO_BIN_EXE_pingate-load"))
+        .args([
+            "run",
+            "--gateway",
+            &gw.addr.to_string(),
+            "--connections",
+            "4",
+            "--rate",
+            "200",
+            "--duration",
+            "2",
+        ])
+        .args([
+            "--mix",
+            "TOPUP-EU-10:1000:3",
+            "--mix",
+            "GIFT-25:2500:1",
+            "--echo-ceiling",
+            "--quiet",
+        ])
+        .args(["--json", json.to_str().unwrap(), "--svg", svg.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        stdout.contains("echo ceiling:") && stdout.contains("gateway / echo ceiling:"),
+        "{stdout}"
+    );
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let g = &j["gateway"];
+    let approved = g["approved"].as_u64().unwrap();
+    assert!(approved > 300, "about 400 requests at 200/s for 2 s: {g}");
+    assert_eq!(g["answered"], g["sent"]);
+    for p in ["p50", "p90", "p99", "p99.9", "max"] {
+        assert!(g["latency_ms"][p].as_f64().unwrap() > 0.0, "{p}");
+    }
+    assert!(j["echo_ceiling"]["answered"].as_u64().unwrap() > 300);
+    assert!(j["ratio_to_echo"].as_f64().unwrap() > 0.0);
+    assert!(!g["per_second"].as_array().unwrap().is_empty());
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.starts_with("<svg") && plot.contains("polyline"));
+    // Every approved answer is one PIN sold at the server, no more, no less (cache sales once confirmed).
+    assert!(gw.gateway.flush(Duration::from_secs(10)).await);
+    let s = common::stock(&inv, server.addr).await;
+    let sold = common::count(&s, "TOPUP-EU-10", "sold") + common::count(&s, "GIFT-25", "sold");
+    assert_eq!(sold as u64, approved);
+    // The mix: three top-ups for each gift card.
+    let topups = common::count(&s, "TOPUP-EU-10", "sold");
+    assert!(topups as u64 > approved / 2, "{topups} of {approved}");
     gw.stop().await;
     server.stop().await;
 }

@@ -86,3 +86,30 @@ pub fn assert_each_pin_once(mut ids: Vec<i64>, what: &str) -> usize {
     assert_eq!(ids.len(), n, "a PIN was handed out twice {what}");
     n
 }
+
+/// Server-side counts by (product, state), asked over PSP with gateway `obs`'s certificate.
+pub async fn stock(
+    inv: &pingate::demo::Inventory,
+    server: std::net::SocketAddr,
+) -> std::collections::HashMap<(String, String), i64> {
+    use pingate::psp::client::PspClient;
+    use pingate::psp::Response;
+    let tls = std::sync::Arc::new(
+        pingate::tls::client_config(
+            &inv.certs.gateway_cert("obs"),
+            &inv.certs.gateway_key("obs"),
+            &inv.certs.ca(),
+        )
+        .unwrap(),
+    );
+    let (c, _) = PspClient::connect(server, "localhost", tls).await.unwrap();
+    let Response::Stock { stock } = c.call(Request::Stock).await.unwrap() else {
+        panic!("stock")
+    };
+    stock.into_iter().map(|s| ((s.product, s.state), s.count)).collect()
+}
+
+/// One count of [`stock`]'s answer.
+pub fn count(s: &std::collections::HashMap<(String, String), i64>, product: &str, state: &str) -> i64 {
+    s.get(&(product.to_string(), state.to_string())).copied().unwrap_or(0)
+}

@@ -1,0 +1,433 @@
+//! `pingate-load`: the load generator. N terminal connections against a gateway's listener, closed loop (requests
+//! in flight per connection) or open loop (a target rate), a product mix, a duration. Reports throughput and latency
+//! percentiles from an HDR histogram, answers by response code, a progress line while it runs; writes a JSON result
+//! and an SVG plot of latency and throughput over time. `--echo-ceiling` first runs the same load against a bare
+//! echo server of the same framing in this process: the machine's own limit, reported beside the gateway as a ratio.
+//!
+//! ```sh
+//! pingate-load run --gateway 127.0.0.1:9000 --connections 50 --in-flight 4 --duration 10 \
+//!     --mix TOPUP-EU-10:1000:3 --mix GIFT-25:2500:1 --echo-ceiling --json load.json --svg load.svg
+//! pingate-load echo --listen 127.0.0.1:9999
+//! ```
+#![forbid(unsafe_code)]
+
+use std::fmt::Write as _;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use pingate::iso8583::Dialects;
+use pingate::link::framing::{Framing, Tpdu};
+use pingate::load::{echo_server, run, LoadReport, LoadSpec, MixItem, Progress};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "pingate-load", about = "Load generator for pingate gateways")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The gateway's terminal listener.
+    #[arg(long)]
+    gateway: SocketAddr,
+    /// binary2, binary2-inclusive, ascii4, bcd2.
+    #[arg(long, default_value = "binary2")]
+    framing: String,
+    #[arg(long, default_value = "iso87-ascii-binbitmap")]
+    dialect: String,
+    /// TPDU in hex (10 digits), when the listener expects one.
+    #[arg(long)]
+    tpdu: Option<String>,
+    #[arg(long, default_value_t = 10)]
+    connections: usize,
+    /// Requests kept in flight per connection (closed loop).
+    #[arg(long, default_value_t = 1)]
+    in_flight: usize,
+    /// Requests per second in all (open loop) instead of --in-flight.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seconds.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// PRODUCT:AMOUNT[:WEIGHT], repeated for a mix.
+    #[arg(long, required = true)]
+    mix: Vec<String>,
+    /// Terminal ids are PREFIX0001, PREFIX0002, ... (one per connection; they must be registered at the gateway).
+    #[arg(long, default_value = "DEMO")]
+    terminal_prefix: String,
+    #[arg(long, default_value = pingate::demo::MERCHANT)]
+    merchant: String,
+    /// Transmission date-time of every sale (MMDDhhmmss); give a new one per run against the same gateway.
+    #[arg(long)]
+    transmission: Option<String>,
+    /// Run the same load against an in-process echo server first: the machine's ceiling, and the ratio.
+    #[arg(long)]
+    echo_ceiling: bool,
+    /// Write the result as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write latency and throughput over time as SVG.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load a gateway.
+    Run(RunArgs),
+    /// Serve a bare echo of a framing (the ceiling a gateway is measured against).
+    Echo {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, default_value = "binary2")]
+        framing: String,
+    },
+}
+
+fn framing(s: &str) -> Result<Framing, String> {
+    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| format!("unknown framing `{s}`"))
+}
+
+fn now_transmission() -> String {
+    let t = time::OffsetDateTime::now_utc();
+    format!(
+        "{:02}{:02}{:02}{:02}{:02}",
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+fn summary(r: &LoadReport) -> serde_json::Value {
+    let q = |x: f64| (r.quantile_ms(x) * 1000.0).round() / 1000.0;
+    json!({
+        "sent": r.sent,
+        "answered": r.answered(),
+        "approved": r.approved(),
+        "codes": r.codes,
+        "elapsed_s": r.elapsed.as_secs_f64(),
+        "rate_per_s": (r.rate() * 10.0).round() / 10.0,
+        "latency_ms": {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p99.9": q(0.999), "max": r.max_ms()},
+        "per_second": r.seconds.iter().enumerate().map(|(i, s)| json!({
+            "t": i,
+            "answered": s.answered,
+            "p50_ms": if s.latency.is_empty() { 0.0 } else { s.latency.value_at_quantile(0.5) as f64 / 1e3 },
+            "p99_ms": if s.latency.is_empty() { 0.0 } else { s.latency.value_at_quantile(0.99) as f64 / 1e3 },
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_line(name: &str, r: &LoadReport) {
+    let codes: Vec<String> = r.codes.iter().map(|(c, n)| format!("{c}:{n}")).collect();
+    println!(
+        "{name}: {:.0}/s ({} answered of {} sent in {:.1} s); latency p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2} ms; codes {}",
+        r.rate(),
+        r.answered(),
+        r.sent,
+        r.elapsed.as_secs_f64(),
+        r.quantile_ms(0.5),
+        r.quantile_ms(0.9),
+        r.quantile_ms(0.99),
+        r.quantile_ms(0.999),
+        r.max_ms(),
+        codes.join(" ")
+    );
+}
+
+/// Latency (p50, p99) and throughput per second, as an SVG a browser opens.
+fn svg(title: &str, r: &LoadReport) -> String {
+    let (w, h, left, right, top, bottom) = (900.0, 420.0, 70.0, 70.0, 40.0, 50.0);
+    let n = r.seconds.len().max(1);
+    let pct = |s: &pingate::load::Second, q: f64| {
+        if s.latency.is_empty() {
+            0.0
+        } else {
+            s.latency.value_at_quantile(q) as f64 / 1e3
+        }
+    };
+    let max_lat = r.seconds.iter().map(|s| pct(s, 0.99)).fold(0.1, f64::max) * 1.1;
+    let max_rate = r.seconds.iter().map(|s| s.answered as f64).fold(1.0, f64::max) * 1.1;
+    let x = |i: usize| left + (w - left - right) * (i as f64 + 0.5) / n as f64;
+    let y_lat = |v: f64| top + (h - top - bottom) * (1.0 - v / max_lat);
+    let y_rate = |v: f64| top + (h - top - bottom) * (1.0 - v / max_rate);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+    let _ = writeln!(s, r#"<text x="{left}" y="22" font-size="15">{title}</text>"#);
+    // Throughput bars (right axis).
+    let bw = ((w - left - right) / n as f64 * 0.8).max(1.0);
+    for (i, sec) in r.seconds.iter().enumerate() {
+        let y = y_rate(sec.answered as f64);
+        let _ = writeln!(
+            s,
+            r##"<rect x="{:.1}" y="{y:.1}" width="{bw:.1}" height="{:.1}" fill="#dde8f4"/>"##,
+            x(i) - bw / 2.0,
+            h - bottom - y
+        );
+    }
+    for (q, colour, name) in [(0.5, "#2a7", "p50"), (0.99, "#c33", "p99")] {
+        let pts: Vec<String> = r
+            .seconds
+            .iter()
+            .enumerate()
+            .map(|(i, sec)| format!("{:.1},{:.1}", x(i), y_lat(pct(sec, q))))
+            .collect();
+        let _ = writeln!(
+            s,
+            r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
+            pts.join(" ")
+        );
+        let ly = if q < 0.9 { 40.0 } else { 56.0 };
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{ly}" fill="{colour}">{name} latency</text>"#,
+            w - right - 90.0
+        );
+    }
+    let _ = writeln!(
+        s,
+        r##"<text x="{}" y="72" fill="#7a9cc0">answers per second</text>"##,
+        w - right - 90.0
+    );
+    // Axes and ticks.
+    let _ = writeln!(
+        s,
+        r#"<line x1="{left}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#,
+        h - bottom,
+        w - right,
+        h - bottom
+    );
+    let _ = writeln!(
+        s,
+        r#"<line x1="{left}" y1="{top}" x2="{left}" y2="{}" stroke="black"/>"#,
+        h - bottom
+    );
+    for k in 0..=4 {
+        let v = max_lat * k as f64 / 4.0;
+        let r8 = max_rate * k as f64 / 4.0;
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{:.1}" text-anchor="end">{v:.1} ms</text>"#,
+            left - 6.0,
+            y_lat(v) + 4.0
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{:.1}">{r8:.0}/s</text>"#,
+            w - right + 6.0,
+            y_rate(r8) + 4.0
+        );
+    }
+    let step = (n / 10).max(1);
+    for i in (0..n).step_by(step) {
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{i}s</text>"#,
+            x(i),
+            h - bottom + 18.0
+        );
+    }
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">seconds into the run</text>"#,
+        (left + w - right) / 2.0,
+        h - 10.0
+    );
+    s.push_str("</svg>\n");
+    s
+}
+
+async fn load(
+    spec: LoadSpec,
+    dialect: Arc<pingate::iso8583::Dialect>,
+    name: &str,
+    quiet: bool,
+) -> Result<LoadReport, String> {
+    let progress = Arc::new(Progress::default());
+    let spec = LoadSpec {
+        progress: Some(progress.clone()),
+        ..spec
+    };
+    let tty = std::io::stderr().is_terminal();
+    let ticker = (!quiet).then(|| {
+        let (p, name) = (progress.clone(), name.to_string());
+        tokio::spawn(async move {
+            let mut last = 0;
+            for t in 1.. {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let a = p.answered.load(Ordering::Relaxed);
+                let line = format!(
+                    "[{name} {t:>4}s] sent {} answered {a} approved {} ({}/s)",
+                    p.sent.load(Ordering::Relaxed),
+                    p.approved.load(Ordering::Relaxed),
+                    a - last
+                );
+                last = a;
+                if tty {
+                    eprint!("\r{line}   ");
+                } else {
+                    eprintln!("{line}");
+                }
+            }
+        })
+    });
+    let r = run(spec, dialect).await;
+    if let Some(t) = ticker {
+        t.abort();
+        if tty {
+            eprintln!();
+        }
+    }
+    r
+}
+
+async fn run_cmd(a: RunArgs) -> Result<bool, String> {
+    let framing = framing(&a.framing)?;
+    let dialect = Arc::new(Dialects::builtin().get(&a.dialect).map_err(|e| e.to_string())?.clone());
+    let mix = a.mix.iter().map(|m| MixItem::parse(m)).collect::<Result<Vec<_>, _>>()?;
+    let tpdu = match &a.tpdu {
+        None => None,
+        Some(h) => {
+            let b: Vec<u8> = (0..h.len())
+                .step_by(2)
+                .map(|i| h.get(i..i + 2).and_then(|x| u8::from_str_radix(x, 16).ok()))
+                .collect::<Option<_>>()
+                .ok_or_else(|| format!("--tpdu `{h}` is not hex"))?;
+            Some(Tpdu::parse(
+                b.try_into().map_err(|_| "--tpdu must be 5 bytes".to_string())?,
+            ))
+        }
+    };
+    if a.duration <= 0.0 || a.connections == 0 || a.in_flight == 0 {
+        return Err("--duration, --connections and --in-flight must be positive".into());
+    }
+    let spec = LoadSpec {
+        addr: a.gateway,
+        framing,
+        tpdu,
+        connections: a.connections,
+        in_flight: a.in_flight,
+        rate: a.rate,
+        duration: Duration::from_secs_f64(a.duration),
+        terminal_prefix: a.terminal_prefix.clone(),
+        merchant: a.merchant.clone(),
+        mix,
+        transmission: a.transmission.clone().unwrap_or_else(now_transmission),
+        progress: None,
+    };
+    let echo = if a.echo_ceiling {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| e.to_string())?;
+        let addr = l.local_addr().map_err(|e| e.to_string())?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(echo_server(l, framing, async {
+            let _ = rx.await;
+        }));
+        let r = load(LoadSpec { addr, ..spec.clone() }, dialect.clone(), "echo", a.quiet).await?;
+        let _ = tx.send(());
+        print_line("echo ceiling", &r);
+        Some(r)
+    } else {
+        None
+    };
+    let r = load(spec.clone(), dialect, "gateway", a.quiet).await?;
+    print_line(&format!("gateway {}", a.gateway), &r);
+    let ratio = echo.as_ref().map(|e| r.rate() / e.rate().max(1e-9));
+    if let Some(x) = ratio {
+        println!("gateway / echo ceiling: {:.1} %", x * 100.0);
+    }
+    if let Some(path) = &a.json {
+        let j = json!({
+            "tool": "pingate-load",
+            "started_utc": time::OffsetDateTime::now_utc().unix_timestamp(),
+            "machine": {
+                "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+                "os": std::env::consts::OS,
+                "arch": std::env::consts::ARCH,
+            },
+            "spec": {
+                "gateway": a.gateway.to_string(),
+                "framing": a.framing,
+                "dialect": a.dialect,
+                "connections": a.connections,
+                "in_flight": a.in_flight,
+                "rate": a.rate,
+                "duration_s": a.duration,
+                "mix": a.mix,
+                "transmission": spec.transmission,
+            },
+            "gateway": summary(&r),
+            "echo_ceiling": echo.as_ref().map(summary),
+            "ratio_to_echo": ratio,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&j).unwrap_or_default())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if let Some(path) = &a.svg {
+        let title = format!(
+            "pingate-load: {} connections, {:.0}/s, p99 {:.2} ms",
+            a.connections,
+            r.rate(),
+            r.quantile_ms(0.99)
+        );
+        std::fs::write(path, svg(&title, &r)).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    // Every request must have been answered.
+    Ok(r.answered() == r.sent)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pingate-load: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Run(a) => run_cmd(a).await,
+            Cmd::Echo { listen, framing: f } => {
+                let f = framing(&f)?;
+                let l = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .map_err(|e| format!("{listen}: {e}"))?;
+                println!("echoing {f:?} frames on {listen}");
+                echo_server(l, f, async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await;
+                Ok(true)
+            }
+        }
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("pingate-load: some requests were not answered");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("pingate-load: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
