@@ -85,7 +85,7 @@ struct RunArgs {
 #[derive(Subcommand)]
 enum Cmd {
     /// Load a gateway.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Serve a bare echo of a framing (the ceiling a gateway is measured against).
     Echo {
         #[arg(long)]
@@ -404,7 +404,7 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.cmd {
-            Cmd::Run(a) => run_cmd(a).await,
+            Cmd::Run(a) => run_cmd(*a).await,
             Cmd::Echo { listen, framing: f } => {
                 let f = framing(&f)?;
                 let l = tokio::net::TcpListener::bind(listen)
