@@ -19,6 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Replay a capture file against a gateway (answers compared field by field), or offline against the codec.
+    Replay(crate::replay::ReplayArgs),
     /// Decode, encode and list ISO 8583 dialects.
     Iso {
         #[command(subcommand)]
@@ -226,9 +228,20 @@ enum IsoCommand {
     },
 }
 
-/// Runs the CLI and maps every failure to exit code 2 with its message on stderr.
+/// Runs the CLI and maps every failure to exit code 2 with its message on stderr (a replay that found differences
+/// exits 1).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Replay(args) = cli.command {
+        return match runtime().and_then(|rt| rt.block_on(crate::replay::run_cli(args))) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match run(cli) {
         Ok(out) => {
             println!("{out}");
@@ -399,6 +412,11 @@ fn run(cli: Cli) -> Result<String, String> {
             command: None,
         } => runtime()?.block_on(gateway(config)),
         Command::Gateway { .. } => Err("give --config FILE to run a gateway, or a subcommand (stock, lines)".into()),
+        Command::Replay(args) => match runtime()?.block_on(crate::replay::run_cli(args)) {
+            Ok(true) => Ok(String::new()),
+            Ok(false) => Err("the replay found differences".into()),
+            Err(e) => Err(e),
+        },
         Command::Demo {
             sales,
             terminals,

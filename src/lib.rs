@@ -20,10 +20,14 @@
 //!   building blocks the end-to-end tests share.
 //! - [`load`] — the load generator (terminal connections, closed or open loop), its echo-server ceiling, and a
 //!   delaying TCP proxy.
+//! - [`capture`] — capture files of terminal traffic (text, one frame per line), written by the gateway and read by
+//!   the replay.
+//! - [`replay`] — replays a capture against a gateway (answers compared field by field) or the codec alone.
 //! - [`admin`], [`cli`] — the `pingate` command line, thin over the library.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod capture;
 pub mod cli;
 pub mod demo;
 pub mod dialsim;
@@ -32,6 +36,7 @@ pub mod iso8583;
 pub mod link;
 pub mod load;
 pub mod psp;
+pub mod replay;
 pub mod sale;
 pub mod scenario;
 pub mod server;

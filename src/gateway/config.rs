@@ -152,6 +152,8 @@ struct ListenerSection {
     frame_timeout_ms: u64,
     #[serde(default = "d_in_flight")]
     max_in_flight: usize,
+    capture: Option<PathBuf>,
+    capture_pins: Option<crate::capture::PinPolicy>,
 }
 
 #[derive(Deserialize)]
@@ -486,6 +488,10 @@ pub struct ListenerConfig {
     pub frame_timeout: Duration,
     /// Requests answered concurrently per connection; further frames wait to be read.
     pub max_in_flight: usize,
+    /// Every frame each way is appended to this capture file (`src/capture.rs`); off when `None`.
+    pub capture: Option<PathBuf>,
+    /// What happens to PIN values in captured answers.
+    pub capture_pins: crate::capture::PinPolicy,
 }
 
 impl ListenerConfig {
@@ -503,6 +509,8 @@ impl ListenerConfig {
             idle_timeout: ms(d_idle()),
             frame_timeout: ms(d_frame_timeout()),
             max_in_flight: d_in_flight(),
+            capture: None,
+            capture_pins: crate::capture::PinPolicy::Masked,
         }
     }
 }
@@ -675,6 +683,8 @@ impl GatewayConfig {
                 idle_timeout: ms(l.idle_timeout_ms),
                 frame_timeout: ms(l.frame_timeout_ms),
                 max_in_flight: l.max_in_flight,
+                capture: l.capture.map(&rel),
+                capture_pins: l.capture_pins.unwrap_or(crate::capture::PinPolicy::Masked),
             });
         }
         let mut serial = Vec::new();

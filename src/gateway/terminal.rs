@@ -26,6 +26,7 @@ use tracing::Instrument;
 
 use super::config::ListenerConfig;
 use super::Gateway;
+use crate::capture::{protect_pins, Capture, CaptureSink, Direction};
 use crate::iso8583::{Dialect, Message};
 use crate::link::framing::{Frame, FrameCodec};
 use crate::sale::{answer, ResponseCode, SaleKey};
@@ -65,6 +66,19 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let cfg = Arc::new(cfg);
+    let capture = cfg.capture.as_ref().and_then(|path| {
+        let header = Capture::new(cfg.framing, cfg.tpdu, &cfg.dialect, cfg.capture_pins);
+        match CaptureSink::open(path, &header) {
+            Ok(sink) => {
+                tracing::info!(listener = %cfg.name, path = %path.display(), pins = ?cfg.capture_pins, "capturing terminal traffic");
+                Some(sink)
+            }
+            Err(e) => {
+                tracing::error!(listener = %cfg.name, path = %path.display(), error = %e, "cannot open the capture file; not capturing");
+                None
+            }
+        }
+    });
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
     let per_source = Arc::new(PerSource::default());
     let stop = CancellationToken::new();
@@ -102,18 +116,19 @@ pub async fn run(
         let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
         let span =
             tracing::info_span!("terminal", listener = %cfg.name, %peer, conn = id, terminal = tracing::field::Empty);
-        let (cfg, dialect, gw, stop, ps) = (
+        let (cfg, dialect, gw, stop, ps, capture) = (
             cfg.clone(),
             dialect.clone(),
             gateway.clone(),
             stop.clone(),
             per_source.clone(),
+            capture.clone(),
         );
         conns.spawn(
             async move {
                 let _permit = permit;
                 let _source = SourceGuard(&ps, peer.ip());
-                if let Err(e) = connection(stream, &cfg, dialect, gw, stop).await {
+                if let Err(e) = connection(stream, &cfg, dialect, gw, stop, capture.map(|c| (c, id))).await {
                     tracing::debug!(error = %e, "connection ended");
                 }
             }
@@ -130,12 +145,21 @@ pub async fn run(
 /// What goes to the writer: an encoded frame, and the sale to reverse if it cannot be written.
 type Outgoing = (Frame, Option<SaleKey>);
 
+/// Frame content as a capture records it: TPDU, then the message.
+fn captured(frame: &Frame) -> Bytes {
+    match frame.tpdu {
+        None => frame.message.clone(),
+        Some(t) => [&t.bytes()[..], &frame.message[..]].concat().into(),
+    }
+}
+
 async fn connection(
     stream: TcpStream,
     cfg: &ListenerConfig,
     dialect: Arc<Dialect>,
     gw: Arc<Gateway>,
     stop: CancellationToken,
+    capture: Option<(CaptureSink, u64)>,
 ) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
@@ -143,11 +167,18 @@ async fn connection(
     let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(cfg.max_in_flight * 2);
     let writer_gw = gw.clone();
     let mut enc = codec.clone();
+    let (writer_capture, writer_dialect, pins, tpdu) = (capture.clone(), dialect.clone(), cfg.capture_pins, cfg.tpdu);
     let writer = tokio::spawn(
         async move {
             let mut buf = BytesMut::new();
             let mut failed = false;
             while let Some((frame, sale)) = out_rx.recv().await {
+                if let Some((sink, conn)) = &writer_capture {
+                    // PINs are masked (or left out) before the frame reaches the file.
+                    if let Some(data) = protect_pins(&writer_dialect, &captured(&frame), tpdu, pins) {
+                        sink.record(*conn, Direction::Host, data);
+                    }
+                }
                 if !failed {
                     buf.clear();
                     let ok = match enc.encode(frame, &mut buf) {
@@ -182,6 +213,9 @@ async fn connection(
         loop {
             match codec.decode(&mut buf) {
                 Ok(Some(frame)) => {
+                    if let Some((sink, conn)) = &capture {
+                        sink.record(*conn, Direction::Terminal, captured(&frame));
+                    }
                     // The frame is complete: whatever follows in the buffer is a new frame, timed from now (also
                     // after waiting for room below, which is our backpressure, not the terminal's slowness).
                     frame_started = None;

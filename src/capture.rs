@@ -1,0 +1,397 @@
+//! Capture files: terminal-side traffic as a line-oriented text file a person can read and edit. Written by the
+//! gateway (opt-in per listener), by `pingate-replay import` from pcap files, and read by `pingate replay`.
+//!
+//! ```text
+//! # pingate capture: one frame per line, `seconds connection direction hex`
+//! #! framing=binary2 tpdu=false dialect=iso87-ascii-binbitmap pins=masked
+//! 0.000000 1 T 02003020...
+//! 0.001873 1 H 02103020...
+//! ```
+//!
+//! - `#!` lines carry settings (`key=value`, space separated): `framing` and `tpdu` (how the frames were carried),
+//!   `dialect`, `pins` (`masked`: PIN values replaced by `*`, `omitted`: field 63 left out, `clear`: as sent). Other
+//!   `#` lines are comments.
+//! - Each frame: seconds since the capture started (decimal), the connection number, `T` (from the terminal) or `H`
+//!   (from the host, i.e. the gateway), and the frame's content in hex: the TPDU if any, then the message, without
+//!   the length header (the framing is a setting, so a capture can be replayed on any framing). An empty frame (a
+//!   keep-alive) is `-`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::iso8583::{Dialect, Message};
+use crate::link::framing::Framing;
+use crate::sale::PinReceipt;
+
+/// Errors reading a capture file.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// A line that is not a frame, a setting or a comment; `line` counts from 1.
+    #[error("capture line {line}: {reason}")]
+    Line { line: usize, reason: String },
+    /// A setting that is missing or wrong.
+    #[error("capture setting `{key}`: {reason}")]
+    Setting { key: String, reason: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Who sent a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// The terminal (a request).
+    Terminal,
+    /// The host: the gateway (an answer).
+    Host,
+}
+
+/// What happened to PIN values in the captured answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PinPolicy {
+    /// Each PIN's characters replaced by `*` (the message keeps its length and layout).
+    Masked,
+    /// Field 63 left out of the answer.
+    Omitted,
+    /// As sent (only for test traffic).
+    Clear,
+}
+
+impl PinPolicy {
+    fn name(self) -> &'static str {
+        match self {
+            PinPolicy::Masked => "masked",
+            PinPolicy::Omitted => "omitted",
+            PinPolicy::Clear => "clear",
+        }
+    }
+}
+
+/// One captured frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub at: Duration,
+    pub conn: u64,
+    pub dir: Direction,
+    /// TPDU (if the capture has one) and message.
+    pub data: Bytes,
+    /// The line in the file (1-based), for messages.
+    pub line: usize,
+}
+
+/// A whole capture.
+#[derive(Clone, Debug)]
+pub struct Capture {
+    pub framing: Framing,
+    pub tpdu: bool,
+    pub dialect: String,
+    pub pins: PinPolicy,
+    /// Settings this version does not use, kept.
+    pub other: BTreeMap<String, String>,
+    pub records: Vec<Record>,
+}
+
+fn hex(b: &[u8]) -> String {
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        let _ = write!(s, "{x:02X}");
+    }
+    s
+}
+
+fn unhex(s: &str) -> Result<Vec<u8>, String> {
+    if s.len() % 2 != 0 {
+        return Err("odd number of hex digits".into());
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(&s[i..i + 2], 16)
+                .map_err(|_| format!("`{}` at column {} is not hex", &s[i..i + 2], i + 1))
+        })
+        .collect()
+}
+
+fn framing_name(f: Framing) -> &'static str {
+    match f {
+        Framing::Binary2 => "binary2",
+        Framing::Binary2Inclusive => "binary2-inclusive",
+        Framing::Ascii4 => "ascii4",
+        Framing::Bcd2 => "bcd2",
+    }
+}
+
+impl Capture {
+    pub fn new(framing: Framing, tpdu: bool, dialect: &str, pins: PinPolicy) -> Capture {
+        Capture {
+            framing,
+            tpdu,
+            dialect: dialect.into(),
+            pins,
+            other: BTreeMap::new(),
+            records: Vec::new(),
+        }
+    }
+
+    /// The settings line.
+    pub fn settings_line(&self) -> String {
+        let mut s = format!(
+            "#! framing={} tpdu={} dialect={} pins={}",
+            framing_name(self.framing),
+            self.tpdu,
+            self.dialect,
+            self.pins.name()
+        );
+        for (k, v) in &self.other {
+            let _ = write!(s, " {k}={v}");
+        }
+        s
+    }
+
+    pub fn load(path: &Path) -> Result<Capture, CaptureError> {
+        Capture::parse(&std::fs::read_to_string(path)?)
+    }
+
+    pub fn parse(text: &str) -> Result<Capture, CaptureError> {
+        let mut settings: BTreeMap<String, String> = BTreeMap::new();
+        let mut records = Vec::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = i + 1;
+            let l = raw.trim();
+            let bad = |reason: String| CaptureError::Line { line, reason };
+            if let Some(rest) = l.strip_prefix("#!") {
+                for kv in rest.split_whitespace() {
+                    let (k, v) = kv
+                        .split_once('=')
+                        .ok_or_else(|| bad(format!("setting `{kv}` is not key=value")))?;
+                    settings.insert(k.into(), v.into());
+                }
+                continue;
+            }
+            if l.is_empty() || l.starts_with('#') {
+                continue;
+            }
+            let parts: Vec<&str> = l.split_whitespace().collect();
+            if parts.len() != 4 {
+                return Err(bad(format!(
+                    "expected `seconds connection T|H hex`, found {} words",
+                    parts.len()
+                )));
+            }
+            let secs: f64 = parts[0]
+                .parse()
+                .ok()
+                .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                .ok_or_else(|| bad(format!("time `{}` is not a number of seconds", parts[0])))?;
+            let conn: u64 = parts[1]
+                .parse()
+                .map_err(|_| bad(format!("connection `{}` is not a number", parts[1])))?;
+            let dir = match parts[2] {
+                "T" => Direction::Terminal,
+                "H" => Direction::Host,
+                d => return Err(bad(format!("direction `{d}` is neither T nor H"))),
+            };
+            let data = if parts[3] == "-" {
+                Vec::new()
+            } else {
+                unhex(parts[3]).map_err(bad)?
+            };
+            records.push(Record {
+                at: Duration::from_secs_f64(secs),
+                conn,
+                dir,
+                data: Bytes::from(data),
+                line,
+            });
+        }
+        let take = |settings: &mut BTreeMap<String, String>, key: &str| {
+            settings.remove(key).ok_or_else(|| CaptureError::Setting {
+                key: key.into(),
+                reason: "missing (a `#!` line names it)".into(),
+            })
+        };
+        let framing_s = take(&mut settings, "framing")?;
+        let framing = serde_json::from_value(serde_json::Value::String(framing_s.clone())).map_err(|_| {
+            CaptureError::Setting {
+                key: "framing".into(),
+                reason: format!("unknown framing `{framing_s}`"),
+            }
+        })?;
+        let tpdu = match settings.remove("tpdu").as_deref() {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(v) => {
+                return Err(CaptureError::Setting {
+                    key: "tpdu".into(),
+                    reason: format!("`{v}` is neither true nor false"),
+                })
+            }
+        };
+        let dialect = take(&mut settings, "dialect")?;
+        let pins = match settings.remove("pins").as_deref() {
+            None | Some("masked") => PinPolicy::Masked,
+            Some("omitted") => PinPolicy::Omitted,
+            Some("clear") => PinPolicy::Clear,
+            Some(v) => {
+                return Err(CaptureError::Setting {
+                    key: "pins".into(),
+                    reason: format!("`{v}`: masked, omitted or clear"),
+                })
+            }
+        };
+        Ok(Capture {
+            framing,
+            tpdu,
+            dialect,
+            pins,
+            other: settings,
+            records,
+        })
+    }
+
+    /// The file's text.
+    pub fn to_text(&self) -> String {
+        let mut s = String::from(
+            "# pingate capture: one frame per line, `seconds connection T|H hex` (T: terminal, H: host)\n",
+        );
+        s.push_str(&self.settings_line());
+        s.push('\n');
+        for r in &self.records {
+            s.push_str(&record_line(r.at, r.conn, r.dir, &r.data));
+        }
+        s
+    }
+}
+
+fn record_line(at: Duration, conn: u64, dir: Direction, data: &[u8]) -> String {
+    format!(
+        "{:.6} {conn} {} {}\n",
+        at.as_secs_f64(),
+        if dir == Direction::Terminal { "T" } else { "H" },
+        if data.is_empty() { "-".to_string() } else { hex(data) }
+    )
+}
+
+/// An answer's bytes with its PIN values treated by `policy`; `tpdu` bytes come first and are kept. A message that
+/// does not decode is left out entirely (`None`): it cannot be checked for PINs.
+pub fn protect_pins(dialect: &Dialect, data: &[u8], tpdu: bool, policy: PinPolicy) -> Option<Bytes> {
+    if policy == PinPolicy::Clear {
+        return Some(Bytes::copy_from_slice(data));
+    }
+    let head = if tpdu { 5.min(data.len()) } else { 0 };
+    let body = Bytes::copy_from_slice(&data[head..]);
+    if body.is_empty() {
+        return Some(Bytes::copy_from_slice(data));
+    }
+    let mut msg: Message = dialect.decode(&body).ok()?;
+    if let Some(f) = msg.get(63).cloned() {
+        match policy {
+            PinPolicy::Omitted => {
+                msg.remove(63);
+            }
+            _ => {
+                let mut r = PinReceipt::from_tlv(&f).ok()?;
+                let stars = "*".repeat(r.pin.expose().len());
+                r.pin = crate::sale::Pin::new(stars);
+                let tlv = r.to_tlv().ok()?;
+                msg.set(63, tlv.into_bytes());
+            }
+        }
+    }
+    let enc = dialect.encode(&msg).ok()?;
+    let mut out = data[..head].to_vec();
+    out.extend_from_slice(&enc);
+    Some(Bytes::from(out))
+}
+
+/// Appends a listener's traffic to a capture file from a thread of its own (terminal tasks never wait on disk).
+#[derive(Clone)]
+pub struct CaptureSink {
+    tx: mpsc::Sender<(Duration, u64, Direction, Bytes)>,
+    start: Instant,
+}
+
+impl CaptureSink {
+    /// Creates (or appends to) `path`, writing the header first when the file is new.
+    pub fn open(path: &Path, header: &Capture) -> std::io::Result<CaptureSink> {
+        let new = !path.exists() || std::fs::metadata(path)?.len() == 0;
+        let mut f = std::io::BufWriter::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?);
+        if new {
+            f.write_all(header.to_text().as_bytes())?;
+        } else {
+            // A new start in the same file: times restart at 0, and the settings are repeated.
+            writeln!(f, "# restarted\n{}", header.settings_line())?;
+        }
+        f.flush()?;
+        let (tx, rx) = mpsc::channel::<(Duration, u64, Direction, Bytes)>();
+        std::thread::Builder::new()
+            .name("pingate-capture".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    batch.extend(rx.try_iter());
+                    for (at, conn, dir, data) in batch {
+                        if f.write_all(record_line(at, conn, dir, &data).as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                    if f.flush().is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(CaptureSink {
+            tx,
+            start: Instant::now(),
+        })
+    }
+
+    /// Records a frame (already protected: see [`protect_pins`]).
+    pub fn record(&self, conn: u64, dir: Direction, data: Bytes) {
+        let _ = self.tx.send((self.start.elapsed(), conn, dir, data));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capture_round_trips_and_mistakes_name_their_line() {
+        let text = "# a comment\n#! framing=ascii4 tpdu=true dialect=iso87-bcd pins=omitted source=test\n\
+                    0.5 3 T 6000030001AB\n0.75 3 H -\n";
+        let c = Capture::parse(text).unwrap();
+        assert_eq!((c.framing, c.tpdu, c.pins), (Framing::Ascii4, true, PinPolicy::Omitted));
+        assert_eq!(c.other.get("source").map(String::as_str), Some("test"));
+        assert_eq!(c.records.len(), 2);
+        assert_eq!(c.records[0].data.as_ref(), &[0x60, 0, 3, 0, 1, 0xAB]);
+        assert_eq!(c.records[1].line, 4);
+        assert!(c.records[1].data.is_empty());
+        let again = Capture::parse(&c.to_text()).unwrap();
+        assert_eq!(
+            again
+                .records
+                .iter()
+                .map(|r| (&r.data, r.dir, r.conn))
+                .collect::<Vec<_>>(),
+            c.records.iter().map(|r| (&r.data, r.dir, r.conn)).collect::<Vec<_>>()
+        );
+        let e = Capture::parse("#! framing=binary2 dialect=x\n0.1 1 X 00\n").unwrap_err();
+        assert_eq!(e.to_string(), "capture line 2: direction `X` is neither T nor H");
+        let e = Capture::parse("#! framing=binary2 dialect=x\n0.1 1 T 0G\n").unwrap_err();
+        assert!(
+            e.to_string().contains("line 2") && e.to_string().contains("`0G`"),
+            "{e}"
+        );
+        let e = Capture::parse("#! dialect=x\n").unwrap_err();
+        assert!(e.to_string().contains("`framing`"), "{e}");
+        let e = Capture::parse("#! framing=binary2 dialect=x\n1 2 T\n").unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
+    }
+}

@@ -1,0 +1,440 @@
+//! Replay of capture files: against a gateway (requests sent again, in order per connection, with the original
+//! pacing or as fast as possible; each answer compared field by field with the captured one) or offline against
+//! the codec alone (every frame decoded and re-encoded).
+//!
+//! Comparison rules: by default every field must be equal except those that differ by nature from one run to the
+//! next, which must only be present in both or absent in both: 38 (authorisation id) and 63 (PIN data). Options
+//! change both lists.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::codec::Framed;
+
+use crate::capture::{Capture, Direction, Record};
+use crate::iso8583::{Dialect, Message};
+use crate::link::framing::{Frame, FrameCodec, Tpdu};
+
+/// How a replay runs.
+#[derive(Clone, Debug)]
+pub struct ReplayOptions {
+    pub addr: SocketAddr,
+    /// Keep the captured time between requests (else as fast as answers come).
+    pub original_pacing: bool,
+    /// Fields compared for presence only.
+    pub may_differ: BTreeSet<u8>,
+    /// Fields not compared at all.
+    pub ignore: BTreeSet<u8>,
+    /// Time allowed for each answer.
+    pub timeout: Duration,
+}
+
+impl ReplayOptions {
+    pub fn new(addr: SocketAddr) -> ReplayOptions {
+        ReplayOptions {
+            addr,
+            original_pacing: false,
+            may_differ: [38, 63].into(),
+            ignore: BTreeSet::new(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One difference, or one missing answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    pub conn: u64,
+    /// Line of the request in the capture file.
+    pub line: usize,
+    /// `0200 STAN 000002`, for a person.
+    pub request: String,
+    pub what: String,
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "line {} (connection {}, {}): {}",
+            self.line, self.conn, self.request, self.what
+        )
+    }
+}
+
+/// What a replay found.
+#[derive(Clone, Debug, Default)]
+pub struct ReplayReport {
+    pub requests: usize,
+    pub matched: usize,
+    pub mismatches: Vec<Finding>,
+    pub missing: Vec<Finding>,
+}
+
+impl ReplayReport {
+    pub fn ok(&self) -> bool {
+        self.mismatches.is_empty() && self.missing.is_empty()
+    }
+}
+
+fn split(data: &Bytes, tpdu: bool) -> (Option<Tpdu>, Bytes) {
+    if tpdu && data.len() >= 5 {
+        (
+            Some(Tpdu::parse(data[..5].try_into().expect("5 bytes"))),
+            data.slice(5..),
+        )
+    } else {
+        (None, data.clone())
+    }
+}
+
+fn describe(dialect: &Dialect, msg: &Bytes) -> String {
+    match dialect.decode(msg) {
+        Ok(m) => format!("{} STAN {}", m.mti(), m.get_str(11).unwrap_or("?")),
+        Err(_) => "undecodable".into(),
+    }
+}
+
+fn show(dialect: &Dialect, n: u8, v: &[u8]) -> String {
+    let binary = dialect
+        .field(n)
+        .is_some_and(|s| s.class == crate::iso8583::spec::Class::Binary);
+    if binary || std::str::from_utf8(v).is_err() {
+        v.iter().map(|b| format!("{b:02X}")).collect()
+    } else {
+        format!("{:?}", String::from_utf8_lossy(v))
+    }
+}
+
+/// The differences between a captured and a replayed answer under the rules.
+pub fn compare(dialect: &Dialect, captured: &Message, got: &Message, opts: &ReplayOptions) -> Vec<String> {
+    let mut out = Vec::new();
+    if captured.mti() != got.mti() {
+        out.push(format!("MTI: captured {}, replayed {}", captured.mti(), got.mti()));
+    }
+    let fields: BTreeSet<u8> = captured
+        .fields()
+        .map(|(n, _)| n)
+        .chain(got.fields().map(|(n, _)| n))
+        .collect();
+    for n in fields {
+        if opts.ignore.contains(&n) {
+            continue;
+        }
+        let (a, b) = (captured.get(n), got.get(n));
+        match (a, b) {
+            (Some(_), None) => out.push(format!("field {n}: captured, missing in the replay")),
+            (None, Some(v)) => out.push(format!(
+                "field {n}: not captured, replayed {}",
+                if opts.may_differ.contains(&n) {
+                    "(present)".into()
+                } else {
+                    show(dialect, n, v)
+                }
+            )),
+            (Some(x), Some(y)) if x != y && !opts.may_differ.contains(&n) => out.push(format!(
+                "field {n}: captured {}, replayed {}",
+                show(dialect, n, x),
+                show(dialect, n, y)
+            )),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Replays `capture` against a gateway; connections run side by side, each in its captured order.
+pub async fn replay(capture: &Capture, dialect: Arc<Dialect>, opts: &ReplayOptions) -> ReplayReport {
+    let mut by_conn: HashMap<u64, Vec<Record>> = HashMap::new();
+    for r in &capture.records {
+        by_conn.entry(r.conn).or_default().push(r.clone());
+    }
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (conn, records) in by_conn {
+        let (dialect, opts, capture) = (dialect.clone(), opts.clone(), capture.clone());
+        tasks.spawn(async move { one_connection(conn, records, &capture, dialect, &opts, start).await });
+    }
+    let mut report = ReplayReport::default();
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(r) = r {
+            report.requests += r.requests;
+            report.matched += r.matched;
+            report.mismatches.extend(r.mismatches);
+            report.missing.extend(r.missing);
+        }
+    }
+    report.mismatches.sort_by_key(|f| f.line);
+    report.missing.sort_by_key(|f| f.line);
+    report
+}
+
+/// The captured answer to the request at `i`: the next host frame with the same STAN, else the next host frame.
+fn expected<'a>(records: &'a [Record], i: usize, dialect: &Dialect, tpdu: bool) -> Option<&'a Record> {
+    let stan = |r: &Record| {
+        dialect
+            .decode(&split(&r.data, tpdu).1)
+            .ok()
+            .and_then(|m| m.get_str(11).map(String::from))
+    };
+    let want = stan(&records[i]);
+    let later = records[i + 1..].iter().filter(|r| r.dir == Direction::Host);
+    let mut first = None;
+    for r in later {
+        first.get_or_insert(r);
+        if want.is_some() && stan(r) == want {
+            return Some(r);
+        }
+    }
+    first
+}
+
+async fn one_connection(
+    conn: u64,
+    records: Vec<Record>,
+    capture: &Capture,
+    dialect: Arc<Dialect>,
+    opts: &ReplayOptions,
+    start: Instant,
+) -> ReplayReport {
+    let mut report = ReplayReport::default();
+    let finding = |r: &Record, what: String| Finding {
+        conn,
+        line: r.line,
+        request: describe(&dialect, &split(&r.data, capture.tpdu).1),
+        what,
+    };
+    let stream = match TcpStream::connect(opts.addr).await {
+        Ok(s) => s,
+        Err(e) => {
+            for r in records.iter().filter(|r| r.dir == Direction::Terminal) {
+                report.requests += 1;
+                report
+                    .missing
+                    .push(finding(r, format!("cannot connect to {}: {e}", opts.addr)));
+            }
+            return report;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let mut framed = Framed::new(stream, FrameCodec::new(capture.framing, capture.tpdu, 0xFFFF));
+    for (i, r) in records.iter().enumerate() {
+        if r.dir != Direction::Terminal {
+            continue;
+        }
+        report.requests += 1;
+        if opts.original_pacing {
+            tokio::time::sleep_until(start + r.at).await;
+        }
+        let (tpdu, message) = split(&r.data, capture.tpdu);
+        let keepalive = message.is_empty();
+        let want_stan = dialect
+            .decode(&message)
+            .ok()
+            .and_then(|m| m.get_str(11).map(String::from));
+        if let Err(e) = framed.send(Frame { tpdu, message }).await {
+            report.missing.push(finding(r, format!("send failed: {e}")));
+            continue;
+        }
+        let expected = expected(&records, i, &dialect, capture.tpdu);
+        // The answer: the next frame with the request's STAN (answers to other requests are not expected, since
+        // requests go one at a time).
+        let got = tokio::time::timeout(opts.timeout, async {
+            loop {
+                match framed.next().await {
+                    Some(Ok(f)) => {
+                        if keepalive {
+                            return Ok(f);
+                        }
+                        if f.message.is_empty() {
+                            continue;
+                        }
+                        let stan = dialect
+                            .decode(&f.message)
+                            .ok()
+                            .and_then(|m| m.get_str(11).map(String::from));
+                        if want_stan.is_none() || stan == want_stan {
+                            return Ok(f);
+                        }
+                    }
+                    Some(Err(e)) => return Err(format!("framing: {e}")),
+                    None => return Err("the gateway closed the connection".to_string()),
+                }
+            }
+        })
+        .await;
+        let got = match got {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => {
+                report.missing.push(finding(r, format!("no answer: {e}")));
+                continue;
+            }
+            Err(_) => {
+                report
+                    .missing
+                    .push(finding(r, format!("no answer within {} ms", opts.timeout.as_millis())));
+                continue;
+            }
+        };
+        let Some(exp) = expected else {
+            // Nothing was captured in answer: a replayed answer is a difference.
+            report
+                .mismatches
+                .push(finding(r, "answered, but no answer was captured".into()));
+            continue;
+        };
+        let (exp_tpdu, exp_msg) = split(&exp.data, capture.tpdu);
+        let mut diffs = Vec::new();
+        if exp_tpdu.map(|t| t.bytes()) != got.tpdu.map(|t| t.bytes()) {
+            diffs.push("TPDU differs".to_string());
+        }
+        if keepalive || exp_msg.is_empty() {
+            if exp_msg.len() != got.message.len() {
+                diffs.push("keep-alive answered with a message, or the other way round".into());
+            }
+        } else {
+            match (dialect.decode(&exp_msg), dialect.decode(&got.message)) {
+                (Ok(a), Ok(b)) => diffs.extend(compare(&dialect, &a, &b, opts)),
+                (Err(e), _) => diffs.push(format!("the captured answer (line {}) does not decode: {e}", exp.line)),
+                (_, Err(e)) => diffs.push(format!("the replayed answer does not decode: {e}")),
+            }
+        }
+        if diffs.is_empty() {
+            report.matched += 1;
+        } else {
+            for d in diffs {
+                report.mismatches.push(finding(r, d));
+            }
+        }
+    }
+    report
+}
+
+/// What the offline replay found.
+#[derive(Clone, Debug, Default)]
+pub struct OfflineReport {
+    pub frames: usize,
+    pub ok: usize,
+    /// (line, problem)
+    pub failures: Vec<(usize, String)>,
+}
+
+/// Decodes and re-encodes every frame of `capture` with `dialect`: every frame must decode, and re-encode to the
+/// same bytes.
+pub fn replay_offline(capture: &Capture, dialect: &Dialect) -> OfflineReport {
+    let mut report = OfflineReport::default();
+    for r in &capture.records {
+        let (_, msg) = split(&r.data, capture.tpdu);
+        if msg.is_empty() {
+            continue;
+        }
+        report.frames += 1;
+        match dialect.decode(&msg) {
+            Err(e) => report.failures.push((r.line, format!("does not decode: {e}"))),
+            Ok(m) => match dialect.encode(&m) {
+                Err(e) => report
+                    .failures
+                    .push((r.line, format!("decodes but does not encode again: {e}"))),
+                Ok(b) if b[..] != msg[..] => {
+                    let at = b
+                        .iter()
+                        .zip(msg.iter())
+                        .position(|(x, y)| x != y)
+                        .unwrap_or(b.len().min(msg.len()));
+                    report
+                        .failures
+                        .push((r.line, format!("re-encodes differently from byte {at}")));
+                }
+                Ok(_) => report.ok += 1,
+            },
+        }
+    }
+    report
+}
+
+/// `pingate replay` (and `pingate-replay replay`): the command line.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReplayArgs {
+    /// The capture file.
+    pub capture: std::path::PathBuf,
+    /// The gateway's terminal listener (framing and TPDU as the capture says).
+    #[arg(long, required_unless_present = "offline")]
+    pub gateway: Option<SocketAddr>,
+    /// Against the codec alone: decode and re-encode every frame.
+    #[arg(long)]
+    pub offline: bool,
+    /// `original`: keep the captured time between requests; `fast`: as fast as answers come.
+    #[arg(long, default_value = "fast", value_parser = ["original", "fast"])]
+    pub pace: String,
+    /// Fields that must only be present in both answers or absent in both (comma separated).
+    #[arg(long, default_value = "38,63")]
+    pub may_differ: String,
+    /// Fields not compared at all (comma separated).
+    #[arg(long, default_value = "")]
+    pub ignore: String,
+    /// Time allowed for each answer, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    pub timeout_ms: u64,
+}
+
+fn field_list(s: &str, what: &str) -> Result<BTreeSet<u8>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(|x| {
+            x.parse::<u8>()
+                .ok()
+                .filter(|n| (2..=128).contains(n))
+                .ok_or_else(|| format!("--{what}: `{x}` is not a field number (2-128)"))
+        })
+        .collect()
+}
+
+/// Runs the command; prints one line per difference and a summary. `Ok(false)`: differences or missing answers.
+pub async fn run_cli(args: ReplayArgs) -> Result<bool, String> {
+    let capture = Capture::load(&args.capture).map_err(|e| format!("{}: {e}", args.capture.display()))?;
+    let dialects = crate::iso8583::Dialects::builtin();
+    let dialect = Arc::new(dialects.get(&capture.dialect).map_err(|e| e.to_string())?.clone());
+    if args.offline {
+        let r = replay_offline(&capture, &dialect);
+        for (line, problem) in &r.failures {
+            println!("line {line}: {problem}");
+        }
+        println!(
+            "{} frames: {} decode and re-encode byte for byte, {} fail",
+            r.frames,
+            r.ok,
+            r.failures.len()
+        );
+        return Ok(r.failures.is_empty());
+    }
+    let addr = args.gateway.ok_or("--gateway is needed (or --offline)")?;
+    let opts = ReplayOptions {
+        addr,
+        original_pacing: args.pace == "original",
+        may_differ: field_list(&args.may_differ, "may-differ")?,
+        ignore: field_list(&args.ignore, "ignore")?,
+        timeout: Duration::from_millis(args.timeout_ms),
+    };
+    let r = replay(&capture, dialect, &opts).await;
+    for f in &r.mismatches {
+        println!("differs: {f}");
+    }
+    for f in &r.missing {
+        println!("missing: {f}");
+    }
+    println!(
+        "{} requests replayed: {} answers match, {} differences, {} missing",
+        r.requests,
+        r.matched,
+        r.mismatches.len(),
+        r.missing.len()
+    );
+    Ok(r.ok())
+}
