@@ -358,3 +358,83 @@ async fn capture_then_replay_against_a_fresh_gateway() {
         "{out}"
     );
 }
+
+async fn replay_tool(args: &[&str]) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_pingate-replay"))
+        .args(args)
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tshark_captures_import_and_replay_against_a_real_gateway() {
+    let d = dir("pcap");
+    std::fs::create_dir_all(&d).unwrap();
+    let mut captures = Vec::new();
+    for f in ["contract.pcapng", "contract.pcap"] {
+        let out = d.join(format!("{f}.capture"));
+        let o = replay_tool(&[
+            "import",
+            &format!("fixtures/pcap/{f}"),
+            "--port",
+            "32785",
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .await;
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{f}: {stdout}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            stdout.contains("1 connections: 13 frames from terminals, 13 from the host"),
+            "{stdout}"
+        );
+        assert!(
+            o.stderr.is_empty(),
+            "no warnings: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        captures.push(pingate::capture::Capture::load(&out).unwrap());
+    }
+    // Both formats give the same frames, and the answers' PINs are masked.
+    let frames = |c: &pingate::capture::Capture| c.records.iter().map(|r| (r.dir, r.data.clone())).collect::<Vec<_>>();
+    assert_eq!(frames(&captures[0]), frames(&captures[1]));
+    let dialect = pingate::iso8583::Dialects::builtin()
+        .get("iso87-ascii-binbitmap")
+        .unwrap()
+        .clone();
+    let mut masked = 0;
+    for r in &captures[0].records {
+        if let Some(f63) = dialect.decode(&r.data).unwrap().get(63) {
+            let receipt = pingate::sale::PinReceipt::from_tlv(f63).unwrap();
+            assert!(receipt.pin.expose().chars().all(|c| c == '*'));
+            masked += 1;
+        }
+    }
+    assert_eq!(masked, 4, "four answers carried a PIN");
+    // The imported capture replays against a fresh gateway and PIN server with every answer matching.
+    let (_inv, server, gw) = rig("pcap-replay").await;
+    let file = d.join("contract.pcapng.capture");
+    let o = replay_tool(&["replay", file.to_str().unwrap(), "--gateway", &gw.addr.to_string()]).await;
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("13 requests replayed: 13 answers match"), "{out}");
+    gw.stop().await;
+    server.stop().await;
+    // A file that is not a capture is named.
+    let o = replay_tool(&[
+        "import",
+        "Cargo.toml",
+        "--port",
+        "1",
+        "-o",
+        d.join("x").to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a pcap or pcapng file"));
+}
