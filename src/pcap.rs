@@ -222,10 +222,16 @@ fn pcapng(file: &[u8]) -> Result<Vec<Packet<'_>>, PcapError> {
     Ok(out)
 }
 
+/// An address and port.
+type Endpoint = (IpAddr, u16);
+
+/// A frame found in a stream: when, connection, direction, content.
+type Found = (Duration, u64, Direction, Bytes);
+
 /// A TCP segment: endpoints, sequence, flags, payload.
 struct Segment<'a> {
-    src: (IpAddr, u16),
-    dst: (IpAddr, u16),
+    src: Endpoint,
+    dst: Endpoint,
     seq: u32,
     syn: bool,
     fin_or_rst: bool,
@@ -314,14 +320,7 @@ struct Stream {
 }
 
 impl Stream {
-    fn push(
-        &mut self,
-        seq: u32,
-        payload: &[u8],
-        at: Duration,
-        out: &mut Vec<(Duration, u64, Direction, Bytes)>,
-        report: &mut ImportReport,
-    ) {
+    fn push(&mut self, seq: u32, payload: &[u8], at: Duration, out: &mut Vec<Found>, report: &mut ImportReport) {
         let isn = *self.isn.get_or_insert(seq);
         let rel = seq.wrapping_sub(isn);
         let end = rel.wrapping_add(payload.len() as u32);
@@ -347,13 +346,7 @@ impl Stream {
         }
     }
 
-    fn deliver(
-        &mut self,
-        bytes: &[u8],
-        at: Duration,
-        out: &mut Vec<(Duration, u64, Direction, Bytes)>,
-        report: &mut ImportReport,
-    ) {
+    fn deliver(&mut self, bytes: &[u8], at: Duration, out: &mut Vec<Found>, report: &mut ImportReport) {
         self.delivered = self.delivered.wrapping_add(bytes.len() as u32);
         if self.broken {
             return;
@@ -414,7 +407,8 @@ pub fn import(
     };
     let first = pkts.iter().map(|p| p.at).min().unwrap_or_default();
     // Connections by (terminal endpoint, host endpoint); a SYN on a finished tuple starts a new one.
-    let mut conns: HashMap<((IpAddr, u16), (IpAddr, u16)), (u64, bool)> = HashMap::new();
+    // (connection number, FIN or RST seen) by (terminal endpoint, host endpoint).
+    let mut conns: HashMap<(Endpoint, Endpoint), (u64, bool)> = HashMap::new();
     let mut streams: HashMap<(u64, bool), Stream> = HashMap::new();
     let mut next_conn = 0u64;
     let mut frames = Vec::new();
