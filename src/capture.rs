@@ -184,10 +184,10 @@ impl Capture {
                     parts.len()
                 )));
             }
-            let secs: f64 = parts[0]
-                .parse()
+            let at = parts[0]
+                .parse::<f64>()
                 .ok()
-                .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
                 .ok_or_else(|| bad(format!("time `{}` is not a number of seconds", parts[0])))?;
             let conn: u64 = parts[1]
                 .parse()
@@ -203,7 +203,7 @@ impl Capture {
                 unhex(parts[3]).map_err(bad)?
             };
             records.push(Record {
-                at: Duration::from_secs_f64(secs),
+                at,
                 conn,
                 dir,
                 data: Bytes::from(data),
@@ -391,6 +391,10 @@ mod tests {
         );
         let e = Capture::parse("#! dialect=x\n").unwrap_err();
         assert!(e.to_string().contains("`framing`"), "{e}");
+        let e = Capture::parse("#! framing=binary2 dialect=x\n1e300 1 T 00\n").unwrap_err();
+        assert!(e.to_string().contains("time `1e300`"), "{e}");
+        let e = Capture::parse("#! framing=binary2 dialect=x\n-1 1 T 00\n").unwrap_err();
+        assert!(e.to_string().contains("time `-1`"), "{e}");
         let e = Capture::parse("#! framing=binary2 dialect=x\n1 2 T\n").unwrap_err();
         assert!(e.to_string().contains("line 2"), "{e}");
     }
