@@ -18,12 +18,22 @@ fn dir(name: &str) -> PathBuf {
 }
 
 async fn rig(name: &str) -> (Inventory, ServerHandle, GatewayHandle) {
-    rig_with(name, "").await
+    rig_full(name, 1000, "", "").await
 }
 
 /// A rig whose listener table gets `listener_extra` (e.g. a capture file).
 async fn rig_with(name: &str, listener_extra: &str) -> (Inventory, ServerHandle, GatewayHandle) {
-    let inv = Inventory::create(&dir(name), &["gw1", "obs"], &sample_products(1000)).unwrap();
+    rig_full(name, 1000, "", listener_extra).await
+}
+
+/// `pins` per product; `gateway_extra` goes to the `[gateway]` table, `listener_extra` to the listener.
+async fn rig_full(
+    name: &str,
+    pins: usize,
+    gateway_extra: &str,
+    listener_extra: &str,
+) -> (Inventory, ServerHandle, GatewayHandle) {
+    let inv = Inventory::create(&dir(name), &["gw1", "obs"], &sample_products(pins)).unwrap();
     let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let files = GatewayFiles::write(
         &inv,
@@ -32,7 +42,7 @@ async fn rig_with(name: &str, listener_extra: &str) -> (Inventory, ServerHandle,
         "127.0.0.1:0".parse().unwrap(),
         8,
         &sample_modes(5, 10),
-        ("", listener_extra),
+        (gateway_extra, listener_extra),
     )
     .unwrap();
     let gw = GatewayHandle::start(&files.config, StartOptions::default())
@@ -437,4 +447,124 @@ async fn tshark_captures_import_and_replay_against_a_real_gateway() {
     .await;
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not a pcap or pcapng file"));
+}
+
+/// The demo's framing and dialect, for raw requests.
+async fn client(gw: &GatewayHandle) -> pingate::sim::TerminalClient {
+    gw.terminal().await.unwrap()
+}
+
+fn identity(t: &str) -> pingate::sim::Identity {
+    pingate::sim::Identity {
+        terminal_id: t.into(),
+        merchant_id: pingate::demo::MERCHANT.into(),
+    }
+}
+
+fn sale(stan: u32, product: &str, amount: u64) -> pingate::sim::SaleSpec {
+    pingate::sim::SaleSpec {
+        stan,
+        transmission: "1129150000".into(),
+        product: product.into(),
+        amount,
+        currency: "978".into(),
+    }
+}
+
+/// A short response deadline: a gateway without its server answers 91 sooner.
+const FAST_DEADLINE: &str = "response_deadline_ms = 1000";
+
+/// Golden captures of the error answers: each made against a gateway in the condition that causes it, and replayed
+/// against a fresh one in the same condition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_captures_of_the_error_answers() {
+    let bless = std::env::var_os("PINGATE_BLESS").is_some();
+    let d = dir("error-captures");
+    std::fs::create_dir_all(&d).unwrap();
+    let cap = |name: &str| d.join(format!("{name}.capture"));
+    let listener = |name: &str| format!("capture = \"{}\"", cap(name).display());
+
+    // 58, 30, 12: a normal gateway.
+    let (_i, server, gw) = rig_with("errors", &listener("errors")).await;
+    let mut t = client(&gw).await;
+    let a = t
+        .call(&identity("NOSUCH01").sale(&sale(1, "GIFT-25", 2500), false))
+        .await
+        .unwrap();
+    assert_eq!(a.get_str(39), Some("58"));
+    let mut no_product = identity("DEMO0001").sale(&sale(2, "GIFT-25", 2500), false);
+    no_product.remove(48);
+    assert_eq!(t.call(&no_product).await.unwrap().get_str(39), Some("30"));
+    let a = t
+        .call(&identity("DEMO0001").network(3, "1129150000", "999"))
+        .await
+        .unwrap();
+    assert_eq!(a.get_str(39), Some("12"));
+    drop(t);
+    gw.stop().await;
+    server.stop().await;
+
+    // 25: nothing in stock.
+    let (_i, server, gw) = rig_full("stockless", 0, "", &listener("out-of-stock")).await;
+    let mut t = client(&gw).await;
+    for (stan, p, amount) in [(1, "GIFT-25", 2500), (2, "TOPUP-EU-10", 1000)] {
+        let a = t
+            .call(&identity("DEMO0002").sale(&sale(stan, p, amount), false))
+            .await
+            .unwrap();
+        assert_eq!(a.get_str(39), Some("25"), "{p}");
+    }
+    drop(t);
+    gw.stop().await;
+    server.stop().await;
+
+    // 91: the PIN server is down (an on-demand sale; a cached one would still be sold).
+    let (_i, server, gw) = rig_full("serverless", 1000, FAST_DEADLINE, &listener("server-down")).await;
+    server.stop().await;
+    let mut t = client(&gw).await;
+    let a = t
+        .call(&identity("DEMO0003").sale(&sale(1, "GIFT-25", 2500), false))
+        .await
+        .unwrap();
+    assert_eq!(a.get_str(39), Some("91"));
+    drop(t);
+    // Without its server a clean stop would wait to release the cached PINs: stop as after a crash instead.
+    gw.crash().await;
+
+    for name in ["errors", "out-of-stock", "server-down"] {
+        let text = std::fs::read_to_string(cap(name)).unwrap();
+        if bless {
+            std::fs::write(format!("fixtures/captures/{name}.capture"), text).unwrap();
+        }
+    }
+    // Replays of the golden captures, each against a fresh gateway in its condition.
+    for (name, kind) in [("errors", 0), ("out-of-stock", 1), ("server-down", 2)] {
+        let (_i, server, gw) = match kind {
+            1 => rig_full(&format!("replay-{name}"), 0, "", "").await,
+            2 => rig_full(&format!("replay-{name}"), 1000, FAST_DEADLINE, "").await,
+            _ => rig(&format!("replay-{name}")).await,
+        };
+        let server = if kind == 2 {
+            server.stop().await;
+            None
+        } else {
+            Some(server)
+        };
+        let file = format!("fixtures/captures/{name}.capture");
+        let o = pingate(&["replay", &file, "--gateway", &gw.addr.to_string()]).await;
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{name}: {out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(out.contains("0 differences, 0 missing"), "{out}");
+        match server {
+            Some(s) => {
+                gw.stop().await;
+                s.stop().await;
+            }
+            None => gw.crash().await,
+        }
+    }
 }
