@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_serial::{SerialPort, SerialStream};
@@ -670,5 +671,181 @@ async fn wait_hangup(phone: &mut Phone, t: Duration) -> bool {
             Ok(Some(_)) => {}
             Err(_) => return false,
         }
+    }
+}
+
+/// How a terminal wired to a serial line frames its messages.
+#[derive(Clone, Debug)]
+pub enum LineMode {
+    /// `STX data ETX LRC`, ACK/NAK, EOT at the end; the host's frames end at `ETX x` and `quiet` of silence.
+    StxEtx { quiet: Duration },
+    /// A length header, as on TCP.
+    Framed(crate::link::framing::Framing),
+}
+
+/// A terminal wired to a serial line (no modem), over any byte stream: a serial port, or one side of a pty.
+pub struct LineTerminal<S> {
+    stream: S,
+    mode: LineMode,
+    parity: Parity,
+    /// Time allowed for each step (ACK, answer).
+    timeout: Duration,
+    buf: Vec<u8>,
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> LineTerminal<S> {
+    pub fn new(stream: S, mode: LineMode, parity: Parity, timeout: Duration) -> LineTerminal<S> {
+        LineTerminal {
+            stream,
+            mode,
+            parity,
+            timeout,
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), CallError> {
+        let mut b = bytes.to_vec();
+        if parity::add(&mut b, self.parity).is_err() {
+            b = bytes.to_vec();
+        }
+        self.stream
+            .write_all(&b)
+            .await
+            .map_err(|_| CallError::HungUp("a write"))
+    }
+
+    /// Reads more bytes (parity stripped); `Ok(false)` when nothing came within `wait`.
+    async fn more(&mut self, wait: Duration, what: &'static str) -> Result<bool, CallError> {
+        let mut b = [0u8; 512];
+        match tokio::time::timeout(wait, self.stream.read(&mut b)).await {
+            Err(_) => Ok(false),
+            Ok(Ok(0)) | Ok(Err(_)) => Err(CallError::HungUp(what)),
+            Ok(Ok(n)) => {
+                let mut got = b[..n].to_vec();
+                parity::strip(&mut got, self.parity);
+                self.buf.extend_from_slice(&got);
+                Ok(true)
+            }
+        }
+    }
+
+    /// Sends a request (TPDU and message) and returns the answer (TPDU and message).
+    pub async fn exchange(&mut self, data: &[u8]) -> Result<Bytes, CallError> {
+        match self.mode.clone() {
+            LineMode::Framed(framing) => {
+                use tokio_util::codec::{Decoder, Encoder};
+                let mut codec = crate::link::framing::FrameCodec::new(framing, false, 0xFFFF);
+                let mut out = bytes::BytesMut::new();
+                codec
+                    .encode(
+                        crate::link::framing::Frame {
+                            tpdu: None,
+                            message: Bytes::copy_from_slice(data),
+                        },
+                        &mut out,
+                    )
+                    .map_err(|_| CallError::HungUp("framing the request"))?;
+                self.send(&out).await?;
+                loop {
+                    let mut b = bytes::BytesMut::from(&self.buf[..]);
+                    if let Ok(Some(f)) = codec.decode(&mut b) {
+                        self.buf = b.to_vec();
+                        if f.message.is_empty() {
+                            continue;
+                        }
+                        return Ok(f.message);
+                    }
+                    if !self.more(self.timeout, "the answer").await? {
+                        return Err(CallError::Timeout("the answer"));
+                    }
+                }
+            }
+            LineMode::StxEtx { quiet } => {
+                let f = frame(data);
+                let mut sends = 0;
+                // The request, until ACKed.
+                loop {
+                    sends += 1;
+                    self.buf.clear();
+                    self.send(&f).await?;
+                    let got = loop {
+                        if let Some(i) = self.buf.iter().position(|&b| matches!(b, ACK | NAK | EOT)) {
+                            let b = self.buf[i];
+                            self.buf.drain(..=i);
+                            break Some(b);
+                        }
+                        self.buf.clear();
+                        if !self.more(self.timeout, "ACK").await? {
+                            break None;
+                        }
+                    };
+                    match got {
+                        Some(ACK) => break,
+                        Some(EOT) => return Err(CallError::HungUp("ACK")),
+                        _ if sends >= 3 => return Err(CallError::Timeout("ACK")),
+                        _ => {}
+                    }
+                }
+                // The answer: STX, then up to `ETX x` and a quiet line.
+                loop {
+                    while !self.buf.contains(&STX) {
+                        self.buf.clear();
+                        if !self.more(self.timeout, "STX").await? {
+                            return Err(CallError::Timeout("the answer"));
+                        }
+                    }
+                    let i = self.buf.iter().position(|&b| b == STX).expect("present");
+                    self.buf.drain(..=i);
+                    loop {
+                        let n = self.buf.len();
+                        let candidate = n >= 2 && self.buf[n - 2] == ETX;
+                        let wait = if candidate { quiet } else { self.timeout };
+                        if !self.more(wait, "the answer").await? {
+                            if !candidate {
+                                return Err(CallError::Timeout("the answer"));
+                            }
+                            let data = self.buf[..n - 2].to_vec();
+                            let ok = self.buf[n - 1] == lrc(&data);
+                            self.buf.clear();
+                            if ok {
+                                self.send(&[ACK]).await?;
+                                return Ok(Bytes::from(data));
+                            }
+                            self.send(&[NAK]).await?;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends the session (EOT on STX/ETX lines).
+    pub async fn end(&mut self) {
+        if matches!(self.mode, LineMode::StxEtx { .. }) {
+            let _ = self.send(&[EOT]).await;
+        }
+    }
+}
+
+/// A [`LineTerminal`] that speaks messages of a dialect, behind a TPDU if the line carries one.
+pub struct LineClient<S> {
+    pub line: LineTerminal<S>,
+    pub dialect: std::sync::Arc<crate::iso8583::Dialect>,
+    pub tpdu: Option<crate::link::framing::Tpdu>,
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> crate::scenario::Exchange for LineClient<S> {
+    async fn exchange(&mut self, msg: &crate::iso8583::Message) -> Result<crate::iso8583::Message, String> {
+        let body = self.dialect.encode(msg).map_err(|e| e.to_string())?;
+        let mut data = Vec::new();
+        if let Some(t) = self.tpdu {
+            data.extend_from_slice(&t.bytes());
+        }
+        data.extend_from_slice(&body);
+        let answer = self.line.exchange(&data).await.map_err(|e| e.to_string())?;
+        let skip = if self.tpdu.is_some() { 5.min(answer.len()) } else { 0 };
+        self.dialect.decode(&answer.slice(skip..)).map_err(|e| e.to_string())
     }
 }

@@ -32,6 +32,21 @@ use crate::iso8583::{Dialect, Message};
 use crate::sale::PinReceipt;
 use crate::sim::{Identity, SaleSpec, TerminalClient};
 
+/// A terminal's way of sending a request and getting its answer: a TCP connection ([`TerminalClient`]) or a serial
+/// line ([`crate::dialsim::LineClient`]).
+pub trait Exchange {
+    fn exchange(
+        &mut self,
+        msg: &Message,
+    ) -> impl std::future::Future<Output = Result<Message, String>> + std::marker::Send;
+}
+
+impl Exchange for TerminalClient {
+    async fn exchange(&mut self, msg: &Message) -> Result<Message, String> {
+        self.call(msg).await.map_err(|e| e.to_string())
+    }
+}
+
 /// Errors of a scenario file.
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
@@ -135,7 +150,7 @@ impl Scenario {
     /// Runs the steps on one connection as terminal `id`; `transmission` (MMDDhhmmss) dates every message.
     pub async fn run(
         &self,
-        client: &mut TerminalClient,
+        client: &mut impl Exchange,
         id: &Identity,
         transmission: &str,
         timeout: Duration,
@@ -188,7 +203,7 @@ impl Scenario {
             if s.delay_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(s.delay_ms)).await;
             }
-            let answer = match tokio::time::timeout(timeout, client.call(&msg)).await {
+            let answer = match tokio::time::timeout(timeout, client.exchange(&msg)).await {
                 Ok(Ok(a)) => Ok(a),
                 Ok(Err(e)) => Err(format!("no answer: {e}")),
                 Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),

@@ -550,3 +550,52 @@ async fn a_directly_wired_terminal_with_length_framing() {
     rig.gw.stop().await;
     rig.server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directly_wired_stx_etx_terminal_runs_the_whole_contract() {
+    use pingate::dialsim::{LineClient, LineMode, LineTerminal};
+    use pingate::link::parity::Parity;
+    use pingate::scenario::Scenario;
+    use tokio_serial::SerialPort;
+    let (term, dev) = tokio_serial::SerialStream::pair().unwrap();
+    let path = dev.name().unwrap();
+    let cfg = format!(
+        "\n[[serial]]\nname = \"w1\"\ndevice = \"{path}\"\ndialect = \"iso87-bcd\"\ntpdu = true\nbaud = 9600\n"
+    );
+    let rig = rig("wired", &cfg).await;
+    board_until(&rig.gw, "the line open", |b| {
+        state(b, "w1").is_some_and(|s| s.state == "open")
+    })
+    .await;
+    let mut client = LineClient {
+        line: LineTerminal::new(
+            term,
+            LineMode::StxEtx {
+                quiet: Duration::from_millis(100),
+            },
+            Parity::None,
+            Duration::from_secs(10),
+        ),
+        dialect: bcd(),
+        tpdu: Some(pingate::link::framing::Tpdu::parse(TPDU)),
+    };
+    let scenario = Scenario::parse(&std::fs::read_to_string("fixtures/scenarios/contract.toml").unwrap()).unwrap();
+    let id = Identity {
+        terminal_id: "DEMO0007".into(),
+        merchant_id: pingate::demo::MERCHANT.into(),
+    };
+    let results = scenario
+        .run(&mut client, &id, "1129160000", Duration::from_secs(10))
+        .await
+        .unwrap();
+    for r in &results {
+        assert!(r.problem.is_none(), "step {}: {:?}", r.step, r.problem);
+    }
+    assert_eq!(results.len(), 13);
+    client.line.end().await;
+    let b = board_until(&rig.gw, "every answer acknowledged", |b| b["w1"].delivered == 13).await;
+    assert_eq!(b["w1"].reversed, 0);
+    drop(dev);
+    rig.gw.stop().await;
+    rig.server.stop().await;
+}

@@ -568,3 +568,54 @@ async fn golden_captures_of_the_error_answers() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_terminal_simulator_on_a_serial_line() {
+    // Two linked pseudo-terminals with paths (socat): the gateway's serial line on one, the simulator on the other.
+    let d = dir("serial-ptys");
+    std::fs::create_dir_all(&d).unwrap();
+    let (a, b) = (d.join("ttyGW"), d.join("ttyPOS"));
+    let mut socat = tokio::process::Command::new("socat")
+        .arg(format!("PTY,raw,echo=0,link={}", a.display()))
+        .arg(format!("PTY,raw,echo=0,link={}", b.display()))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("socat (.ci/run installs it)");
+    for _ in 0..500 {
+        if a.exists() && b.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(a.exists() && b.exists(), "socat made its ptys");
+    let gw_extra = "";
+    let line = format!(
+        "\n[[serial]]\nname = \"pos\"\ndevice = \"{}\"\ndialect = \"iso87-bcd\"\ntpdu = true\nbaud = 9600\n",
+        a.display()
+    );
+    let (inv, server, gw) = rig_full("serial", 1000, gw_extra, &line).await;
+    let o = terminal(&[
+        "--serial",
+        b.to_str().unwrap(),
+        "--dialect",
+        "iso87-bcd",
+        "--tpdu",
+        "6000030001",
+        "--terminal",
+        "DEMO0004",
+        "sale",
+        "--product",
+        "GIFT-25",
+        "--amount",
+        "2500",
+    ])
+    .await;
+    let l = lines(&o);
+    assert!(o.status.success(), "{l:?} {}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(l[0]["answer"]["fields"]["39"], "00");
+    let s = common::stock(&inv, server.addr).await;
+    assert_eq!(common::count(&s, "GIFT-25", "sold"), 1);
+    gw.stop().await;
+    server.stop().await;
+    let _ = socat.kill().await;
+}

@@ -6,8 +6,13 @@
 //! pingate-terminal --gateway 127.0.0.1:9000 repeat --of 1
 //! pingate-terminal --gateway 127.0.0.1:9000 reversal --of 1 --stan 2
 //! pingate-terminal --gateway 127.0.0.1:9000 echo
-//! pingate-terminal --gateway 127.0.0.1:9000 scenario fixtures/scenarios/sale-repeat-reversal.toml
+//! pingate-terminal --gateway 127.0.0.1:9000 scenario fixtures/scenarios/contract.toml
+//! pingate-terminal --serial /dev/ttyUSB0 --baud 9600 --dialect iso87-bcd --tpdu 6000030001 sale --product GIFT-25 --amount 2500
 //! ```
+//!
+//! `--serial` speaks as a terminal wired to a gateway's serial line (no modem): `STX data ETX LRC` with ACK/NAK and a
+//! closing EOT, or a length framing (`--line binary2`); `--data-bits 7 --parity even --software-parity` for 7E1 lines
+//! on devices that cannot set parity. Dial-up terminals behind a modem: `pingate-dialup`.
 //!
 //! Each answer is printed as one JSON line (the PIN masked unless `--reveal`). The exit status is 1 when an answer
 //! is missing or malformed or carries another code than the scenario expects, 2 on bad arguments.
@@ -28,8 +33,24 @@ use pingate::sim::{Identity, TerminalClient};
 #[command(name = "pingate-terminal", about = "Simulated POS terminals over TCP")]
 struct Cli {
     /// The gateway's terminal listener.
+    #[arg(long, required_unless_present = "serial")]
+    gateway: Option<SocketAddr>,
+    /// A serial device wired to one of the gateway's serial lines, instead of TCP.
+    #[arg(long, conflicts_with = "gateway")]
+    serial: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 9600)]
+    baud: u32,
+    /// Serial line protocol: stx-etx, or a length framing (binary2, binary2-inclusive, ascii4, bcd2).
+    #[arg(long, default_value = "stx-etx")]
+    line: String,
+    #[arg(long, default_value_t = 8)]
+    data_bits: u8,
+    /// none, even or odd.
+    #[arg(long, default_value = "none")]
+    parity: String,
+    /// Compute and check the parity bit here (the port runs 8N1).
     #[arg(long)]
-    gateway: SocketAddr,
+    software_parity: bool,
     /// Length framing: binary2, binary2-inclusive, ascii4, bcd2.
     #[arg(long, default_value = "binary2")]
     framing: String,
@@ -160,6 +181,75 @@ fn scenario_of(action: &Action) -> Result<Scenario, String> {
     Scenario::parse(&text).map_err(|e| e.to_string())
 }
 
+/// One terminal on a serial line.
+async fn run_serial(
+    cli: &Cli,
+    path: &std::path::Path,
+    scenario: Scenario,
+    dialect: Arc<pingate::iso8583::Dialect>,
+    tpdu: Option<Tpdu>,
+) -> Result<bool, String> {
+    use pingate::dialsim::{LineClient, LineMode, LineTerminal};
+    use pingate::link::parity::Parity;
+    use tokio_serial::SerialPortBuilderExt;
+    if cli.count != 1 {
+        return Err("--serial is one terminal: --count must be 1".into());
+    }
+    let parity: Parity = serde_json::from_value(serde_json::Value::String(cli.parity.clone()))
+        .map_err(|_| format!("--parity `{}`: none, even or odd", cli.parity))?;
+    let (bits, hw_parity) = match (cli.software_parity, cli.data_bits, parity) {
+        (true, _, _) => (tokio_serial::DataBits::Eight, tokio_serial::Parity::None),
+        (false, 7, p) => (
+            tokio_serial::DataBits::Seven,
+            match p {
+                Parity::Even => tokio_serial::Parity::Even,
+                Parity::Odd => tokio_serial::Parity::Odd,
+                Parity::None => tokio_serial::Parity::None,
+            },
+        ),
+        (false, 8, Parity::None) => (tokio_serial::DataBits::Eight, tokio_serial::Parity::None),
+        _ => return Err("--data-bits 7 or 8 (parity with 8 bits: not supported)".into()),
+    };
+    let port = tokio_serial::new(path.to_string_lossy(), cli.baud)
+        .data_bits(bits)
+        .parity(hw_parity)
+        .open_native_async()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mode = if cli.line == "stx-etx" {
+        LineMode::StxEtx {
+            quiet: Duration::from_millis(100),
+        }
+    } else {
+        LineMode::Framed(
+            serde_json::from_value(serde_json::Value::String(cli.line.clone()))
+                .map_err(|_| format!("--line `{}`: stx-etx or a framing", cli.line))?,
+        )
+    };
+    let soft = if cli.software_parity { parity } else { Parity::None };
+    let timeout = Duration::from_millis(cli.timeout_ms);
+    let mut client = LineClient {
+        line: LineTerminal::new(port, mode, soft, timeout),
+        dialect: dialect.clone(),
+        tpdu,
+    };
+    let id = Identity {
+        terminal_id: cli.terminal.clone(),
+        merchant_id: cli.merchant.clone(),
+    };
+    let transmission = cli.transmission.clone().unwrap_or_else(now_transmission);
+    let results = scenario
+        .run(&mut client, &id, &transmission, timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    client.line.end().await;
+    let mut ok = true;
+    for r in &results {
+        ok &= r.problem.is_none();
+        println!("{}", result_json(r, &id.terminal_id, &dialect, cli.reveal));
+    }
+    Ok(ok)
+}
+
 async fn run(cli: Cli) -> Result<bool, String> {
     let framing: Framing = serde_json::from_value(serde_json::Value::String(cli.framing.clone()))
         .map_err(|_| format!("unknown framing `{}`", cli.framing))?;
@@ -182,6 +272,10 @@ async fn run(cli: Cli) -> Result<bool, String> {
         }
     };
     let scenario = scenario_of(&cli.action)?;
+    if let Some(path) = cli.serial.clone() {
+        return run_serial(&cli, &path, scenario, dialect, tpdu).await;
+    }
+    let gateway = cli.gateway.ok_or("--gateway or --serial")?;
     let transmission = cli.transmission.clone().unwrap_or_else(now_transmission);
     let timeout = Duration::from_millis(cli.timeout_ms);
     let mut tasks = Vec::new();
@@ -191,7 +285,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
             merchant_id: cli.merchant.clone(),
         };
         let (scenario, dialect, transmission) = (scenario.clone(), dialect.clone(), transmission.clone());
-        let (addr, reveal) = (cli.gateway, cli.reveal);
+        let (addr, reveal) = (gateway, cli.reveal);
         tasks.push(tokio::spawn(async move {
             let mut client = match TerminalClient::connect(addr, framing, tpdu, dialect.clone()).await {
                 Ok(c) => c,
