@@ -13,9 +13,20 @@ use crate::iso8583::{from_hex, to_hex, Dialect, Dialects, Message, DEFAULT_DIALE
 #[derive(Parser)]
 #[command(name = "pingate", version, about = "Sells prepaid PINs to point-of-sale terminals")]
 struct Cli {
+    /// Log format of the long-running commands (server, gateway): `text` for people, `json` (one object per line)
+    /// for log collectors.
+    #[arg(long, global = true, env = "PINGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    /// Log levels, e.g. `info` or `warn,pingate::gateway=debug` (default: `$RUST_LOG`, else the gateway
+    /// configuration's `log`, else `info`).
+    #[arg(long, global = true)]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
+
+/// How the long-running commands log (set once from the command line).
+static LOGGING: std::sync::OnceLock<(bool, Option<String>)> = std::sync::OnceLock::new();
 
 #[derive(Subcommand)]
 enum Command {
@@ -232,6 +243,7 @@ enum IsoCommand {
 /// exits 1).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let _ = LOGGING.set((cli.log_format == "json", cli.log_level.clone()));
     if let Command::Replay(args) = cli.command {
         return match runtime().and_then(|rt| rt.block_on(crate::replay::run_cli(args))) {
             Ok(true) => ExitCode::SUCCESS,
@@ -274,19 +286,47 @@ pub(crate) fn key_spec(keys: &KeyArgs) -> Result<String, String> {
     }
 }
 
-/// Logs of the long-running commands, on stderr.
-fn init_logging() {
+/// Logs of the long-running commands, on stderr: text or JSON (`--log-format`), levels from `--log-level`, else
+/// `$RUST_LOG`, else `configured` (the gateway configuration's `log`), else `info`.
+fn init_logging(configured: Option<&str>) -> Result<(), String> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (json, flag) = LOGGING.get().cloned().unwrap_or((false, None));
+    let spec = flag
+        .or_else(|| std::env::var("RUST_LOG").ok().filter(|s| !s.trim().is_empty()))
+        .or_else(|| configured.map(String::from))
+        .unwrap_or_else(|| "info".into());
+    let filter: tracing_subscriber::filter::Targets = spec
+        .parse()
+        .map_err(|e| format!("log levels `{spec}`: {e} (e.g. `info` or `warn,pingate::gateway=debug`)"))?;
     // Colours only for a person at a terminal; logs going to files or other programs stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .with_target(false)
-        .try_init();
+    let registry = tracing_subscriber::registry().with(filter);
+    let _ = if json {
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(true)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init()
+    } else {
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(ansi)
+                    .with_target(false),
+            )
+            .try_init()
+    };
+    Ok(())
 }
 
 async fn server(args: ServerArgs) -> Result<String, String> {
-    init_logging();
+    init_logging(None)?;
     let keys = key_spec(&args.keys)?;
     let gateways = crate::tls::GatewayList::load(&args.gateways).map_err(|e| e.to_string())?;
     let tls = crate::tls::server_config(&args.cert, &args.key, &args.client_ca, gateways.clone())
@@ -320,8 +360,8 @@ async fn server(args: ServerArgs) -> Result<String, String> {
 }
 
 async fn gateway(config: PathBuf) -> Result<String, String> {
-    init_logging();
     let cfg = crate::gateway::config::GatewayConfig::load(&config).map_err(|e| e.to_string())?;
+    init_logging(cfg.log.as_deref())?;
     crate::gateway::run(cfg, shutdown_signal())
         .await
         .map_err(|e| e.to_string())?;

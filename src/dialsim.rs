@@ -367,6 +367,14 @@ impl Emulator {
         }
     }
 
+    /// Tells the phone of the current call that it is over, and forgets it, in one step (a new call may be dialled
+    /// at once, from another thread).
+    fn hang_up_phone(&self) {
+        if let Some(p) = self.h.phone.lock().expect("not poisoned").take() {
+            let _ = p.send(PhoneSignal::Hangup);
+        }
+    }
+
     fn result(&self, text: &str, code: u8) -> Vec<u8> {
         if self.verbose {
             format!("\r\n{text}\r\n").into_bytes()
@@ -386,8 +394,7 @@ impl Emulator {
     fn carrier_gone(&mut self) -> Vec<u8> {
         self.ringing = false;
         self.escape_at = None;
-        self.to_phone(PhoneSignal::Hangup);
-        *self.h.phone.lock().expect("not poisoned") = None;
+        self.hang_up_phone();
         if self.online {
             self.set_online(false);
             return self.result("NO CARRIER", 3);
@@ -475,8 +482,7 @@ impl Emulator {
         if body.starts_with('H') {
             // On hook: a call still up (after +++) ends for the phone too.
             self.ringing = false;
-            self.to_phone(PhoneSignal::Hangup);
-            *self.h.phone.lock().expect("not poisoned") = None;
+            self.hang_up_phone();
         }
         self.result("OK", 0)
     }

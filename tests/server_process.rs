@@ -315,3 +315,87 @@ async fn two_server_processes_share_one_postgresql_inventory_without_duplicates(
     );
     drop_database(&admin, &dbname).await;
 }
+
+#[test]
+fn logs_as_json_lines_and_log_levels_are_checked() {
+    let d = std::env::temp_dir().join(format!("pingate-json-log-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let db = format!("sqlite:{}", d.join("pins.db").display());
+    let (_dir, certs) = setup("json-log", &db, 10);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pingate"))
+        .args([
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",
+            "server",
+            "--db",
+            &db,
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--cert",
+            certs.server_cert().to_str().unwrap(),
+            "--key",
+            certs.server_key().to_str().unwrap(),
+        ])
+        .args([
+            "--client-ca",
+            certs.ca().to_str().unwrap(),
+            "--gateways",
+            certs.gateways().to_str().unwrap(),
+        ])
+        .args(["--pin-keys", certs.pin_keys().to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut found = None;
+    for line in lines.by_ref().take(50) {
+        let line = line.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
+        assert!(v["timestamp"].is_string() && v["level"].is_string(), "{line}");
+        if v["fields"]["addr"].is_string() {
+            found = Some(v);
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let v = found.expect("the listening line");
+    assert_eq!(v["level"], "INFO");
+    // A level specification that does not parse is refused with what was wrong.
+    let o = Command::new(env!("CARGO_BIN_EXE_pingate"))
+        .args([
+            "--log-level",
+            "pingate=loud",
+            "server",
+            "--db",
+            &db,
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--cert",
+            "x",
+            "--key",
+            "x",
+            "--client-ca",
+            "x",
+            "--gateways",
+            "x",
+            "--pin-keys",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("log levels `pingate=loud`"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

@@ -89,6 +89,7 @@ struct GatewaySection {
     #[serde(default = "d_lead")]
     refill_lead_secs: u64,
     protocols: Option<PathBuf>,
+    log: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -578,6 +579,8 @@ pub struct GatewayConfig {
     pub refill_cover: Duration,
     pub refill_lead: Duration,
     pub protocols: Option<PathBuf>,
+    /// Log levels (`info`, `warn,pingate::gateway=debug`); `--log-level` and `$RUST_LOG` win.
+    pub log: Option<String>,
     pub servers: Vec<ServerAddr>,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -754,6 +757,7 @@ impl GatewayConfig {
             refill_cover: Duration::from_secs(g.refill_cover_secs.max(1)),
             refill_lead: Duration::from_secs(g.refill_lead_secs.max(1)),
             protocols: g.protocols.map(rel),
+            log: g.log,
             servers: f
                 .upstream
                 .servers
