@@ -30,6 +30,11 @@ static LOGGING: std::sync::OnceLock<(bool, Option<String>)> = std::sync::OnceLoc
 
 #[derive(Subcommand)]
 enum Command {
+    /// Check a gateway configuration (or a PIN server's gateway list) and print every problem with its location.
+    CheckConfig {
+        /// The file: a gateway's TOML configuration, or a PIN server's `gateways.toml`.
+        file: PathBuf,
+    },
     /// Replay a capture file against a gateway (answers compared field by field), or offline against the codec.
     Replay(crate::replay::ReplayArgs),
     /// Decode, encode and list ISO 8583 dialects.
@@ -120,6 +125,9 @@ struct ServerArgs {
     /// PostgreSQL connections used by this server (each commits batches of requests; on 2 cores, 2 is best).
     #[arg(long, default_value_t = 2)]
     pg_connections: usize,
+    /// Serve Prometheus metrics, /healthz and /readyz over HTTP here (e.g. 127.0.0.1:9585); off by default.
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(clap::Args, Clone)]
@@ -286,6 +294,118 @@ pub(crate) fn key_spec(keys: &KeyArgs) -> Result<String, String> {
     }
 }
 
+/// `pingate check-config FILE`: every problem of a gateway configuration (keys, values, files it names, dialects),
+/// or of a PIN server's gateway list.
+fn check_config(file: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let looks_like_gateway = text.lines().any(|l| l.trim() == "[gateway]");
+    if !looks_like_gateway {
+        let list = crate::tls::GatewayList::load(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        return Ok(format!(
+            "{}: a PIN server's gateway list, {} gateways: OK",
+            file.display(),
+            list.len()
+        ));
+    }
+    let mut problems: Vec<String> = Vec::new();
+    let cfg = match crate::gateway::config::GatewayConfig::check(&text, file) {
+        Ok(c) => Some(c),
+        Err(all) => {
+            problems.extend(all.iter().map(|e| e.to_string()));
+            None
+        }
+    };
+    let at = |key: &str, what: String| format!("{}: {key}: {what}", file.display());
+    // The files it names, read from the text itself (so that they are checked even when other keys are wrong).
+    if let Ok(raw) = text.parse::<toml::Table>() {
+        let base = file.parent().unwrap_or(std::path::Path::new("."));
+        let path_of = |table: &str, key: &str| {
+            raw.get(table)
+                .and_then(|t| t.get(key))
+                .and_then(|v| v.as_str())
+                .map(|p| base.join(p))
+        };
+        for key in ["cert", "key", "ca"] {
+            if let Some(p) = path_of("upstream", key) {
+                if let Err(e) = std::fs::metadata(&p) {
+                    problems.push(at(&format!("upstream.{key}"), format!("{}: {e}", p.display())));
+                }
+            }
+        }
+        if let Some(dir) = path_of("gateway", "journal").and_then(|j| j.parent().map(|d| d.to_path_buf())) {
+            if !dir.is_dir() {
+                problems.push(at(
+                    "gateway.journal",
+                    format!("folder {} does not exist", dir.display()),
+                ));
+            }
+        }
+    }
+    if let Some(c) = &cfg {
+        if c.journal_keys.is_none() && std::env::var_os("PINGATE_JOURNAL_KEYS").is_none() {
+            problems.push(at(
+                "gateway.journal_keys_file",
+                "no key for the journal (give the file, or set PINGATE_JOURNAL_KEYS)".into(),
+            ));
+        }
+        let dialects = match &c.protocols {
+            Some(dir) => crate::iso8583::Dialects::load(dir).map_err(|e| at("gateway.protocols", e.to_string())),
+            None => Ok(crate::iso8583::Dialects::builtin()),
+        };
+        match dialects {
+            Err(p) => problems.push(p),
+            Ok(d) => {
+                for (i, l) in c.listeners.iter().enumerate() {
+                    if d.get(&l.dialect).is_err() {
+                        problems.push(at(
+                            &format!("listener[{i}].dialect"),
+                            format!("no dialect `{}`", l.dialect),
+                        ));
+                    }
+                }
+                for (i, l) in c.serial.iter().enumerate() {
+                    if d.get(&l.dialect).is_err() {
+                        problems.push(at(
+                            &format!("serial[{i}].dialect"),
+                            format!("no dialect `{}`", l.dialect),
+                        ));
+                    }
+                }
+            }
+        }
+        if c.listeners.is_empty() && c.serial.is_empty() {
+            problems.push(at(
+                "listener",
+                "no [[listener]] and no [[serial]] line: no terminal can reach it".into(),
+            ));
+        }
+        if c.terminals.terminals.is_empty() {
+            problems.push(at(
+                "terminal",
+                "no [[terminal]]: every request will be refused (58)".into(),
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(format!(
+            "{} problem{} in {}:\n  {}",
+            problems.len(),
+            if problems.len() == 1 { "" } else { "s" },
+            file.display(),
+            problems.join("\n  ")
+        ));
+    }
+    let c = cfg.expect("checked");
+    Ok(format!(
+        "{}: a gateway configuration: {} listeners, {} serial lines, {} terminals, {} products listed: OK",
+        file.display(),
+        c.listeners.len(),
+        c.serial.len(),
+        c.terminals.terminals.len(),
+        c.products.len()
+    ))
+}
+
 /// Logs of the long-running commands, on stderr: text or JSON (`--log-format`), levels from `--log-level`, else
 /// `$RUST_LOG`, else `configured` (the gateway configuration's `log`), else `info`.
 fn init_logging(configured: Option<&str>) -> Result<(), String> {
@@ -344,6 +464,7 @@ async fn server(args: ServerArgs) -> Result<String, String> {
         .map_err(|e| format!("{}: {e}", args.listen))?;
     let server_opts = crate::server::ServerOptions {
         max_connections: args.max_connections,
+        metrics: args.metrics,
         ..Default::default()
     };
     crate::server::run(
@@ -452,6 +573,7 @@ fn run(cli: Cli) -> Result<String, String> {
             command: None,
         } => runtime()?.block_on(gateway(config)),
         Command::Gateway { .. } => Err("give --config FILE to run a gateway, or a subcommand (stock, lines)".into()),
+        Command::CheckConfig { file } => check_config(&file),
         Command::Replay(args) => match runtime()?.block_on(crate::replay::run_cli(args)) {
             Ok(true) => Ok(String::new()),
             Ok(false) => Err("the replay found differences".into()),

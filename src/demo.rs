@@ -167,6 +167,16 @@ pub async fn start_server(inv: &Inventory, bind: SocketAddr) -> Result<ServerHan
 /// Starts a PIN server on `bind` with the inventory's certificates and keys, over the database `db` (e.g. a
 /// PostgreSQL shared by several servers).
 pub async fn start_server_on(inv: &Inventory, db: &DbUrl, bind: SocketAddr) -> Result<ServerHandle, String> {
+    start_server_with(inv, db, bind, ServerOptions::default()).await
+}
+
+/// [`start_server_on`] with server options (limits, a metrics address).
+pub async fn start_server_with(
+    inv: &Inventory,
+    db: &DbUrl,
+    bind: SocketAddr,
+    opts: ServerOptions,
+) -> Result<ServerHandle, String> {
     let gateways = GatewayList::load(&inv.certs.gateways()).map_err(|e| e.to_string())?;
     let tls = crate::tls::server_config(
         &inv.certs.server_cert(),
@@ -182,16 +192,9 @@ pub async fn start_server_on(inv: &Inventory, db: &DbUrl, bind: SocketAddr) -> R
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        crate::server::run(
-            listener,
-            Arc::new(tls),
-            gateways,
-            store.clone(),
-            ServerOptions::default(),
-            async {
-                let _ = rx.await;
-            },
-        )
+        crate::server::run(listener, Arc::new(tls), gateways, store.clone(), opts, async {
+            let _ = rx.await;
+        })
         .await;
         store.close().await;
     });

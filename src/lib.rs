@@ -22,6 +22,7 @@
 //!   delaying TCP proxy.
 //! - [`capture`] — capture files of terminal traffic (text, one frame per line), written by the gateway and read by
 //!   the replay.
+//! - [`metrics`] — Prometheus exposition and the HTTP endpoint for metrics, health and readiness.
 //! - [`pcap`] — import of pcap and pcapng files: TCP streams of a port reassembled and cut into frames.
 //! - [`replay`] — replays a capture against a gateway (answers compared field by field) or the codec alone.
 //! - [`admin`], [`cli`] — the `pingate` command line, thin over the library.
@@ -36,6 +37,7 @@ pub mod gateway;
 pub mod iso8583;
 pub mod link;
 pub mod load;
+pub mod metrics;
 pub mod pcap;
 pub mod psp;
 pub mod replay;

@@ -52,6 +52,8 @@ pub struct ServerOptions {
     pub idle_timeout: Duration,
     /// Longest lease a gateway may ask for.
     pub max_lease: Duration,
+    /// Prometheus metrics, health and readiness over HTTP (off when `None`; keep it on loopback).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Default for ServerOptions {
@@ -63,6 +65,7 @@ impl Default for ServerOptions {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             max_lease: Duration::from_secs(24 * 3600),
+            metrics: None,
         }
     }
 }
@@ -71,6 +74,79 @@ struct Shared {
     store: StoreHandle,
     gateways: GatewayList,
     opts: ServerOptions,
+    metrics: ServerMetrics,
+}
+
+/// What the metrics endpoint shows.
+struct ServerMetrics {
+    /// By operation and result (`ok` or the error code).
+    requests: crate::metrics::LabelledCounter,
+    latency: crate::metrics::Histogram,
+    connections: AtomicU64,
+    /// Stock by product, amount and state, refreshed in the background (a scrape never queries the database), and
+    /// when it was last read successfully.
+    stock: std::sync::Mutex<(Vec<StockEntry>, Option<std::time::Instant>)>,
+    /// A scrape that finds the stock older than a second asks for a new reading (and shows the last one).
+    refresh: tokio::sync::Notify,
+}
+
+/// How often the stock shown in the metrics is read again; readiness fails when it could not be read for 3 times
+/// as long.
+const STOCK_EVERY: Duration = Duration::from_secs(10);
+
+struct MetricsSource(Arc<Shared>);
+
+impl crate::metrics::Source for MetricsSource {
+    fn metrics(&self) -> String {
+        let m = &self.0.metrics;
+        if m.stock
+            .lock()
+            .expect("not poisoned")
+            .1
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
+        {
+            m.refresh.notify_one();
+        }
+        let mut e = crate::metrics::Exposition::default();
+        m.requests.render(
+            &mut e,
+            "pingate_server_requests_total",
+            "PSP requests by operation and result.",
+        );
+        m.latency.render(
+            &mut e,
+            "pingate_server_request_duration_seconds",
+            "Time to answer a PSP request.",
+        );
+        e.single(
+            "pingate_server_connections",
+            "gauge",
+            "Open gateway connections.",
+            m.connections.load(Ordering::Relaxed) as f64,
+        );
+        e.family(
+            "pingate_server_stock_pins",
+            "gauge",
+            "PINs by product, amount and state.",
+        );
+        for s in &m.stock.lock().expect("not poisoned").0 {
+            let amount = s.amount.to_string();
+            e.sample(
+                "pingate_server_stock_pins",
+                &[("product", &s.product), ("amount", &amount), ("state", &s.state)],
+                s.count as f64,
+            );
+        }
+        e.finish()
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        match self.0.metrics.stock.lock().expect("not poisoned").1 {
+            Some(t) if t.elapsed() < STOCK_EVERY * 3 => Ok(()),
+            Some(_) => Err("the inventory database has not answered lately".into()),
+            None => Err("the inventory database has not answered yet".into()),
+        }
+    }
 }
 
 /// Serves until `shutdown` completes, then drains and returns.
@@ -84,8 +160,45 @@ pub async fn run(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let limit = Arc::new(Semaphore::new(opts.max_connections));
-    let shared = Arc::new(Shared { store, gateways, opts });
+    let metrics_addr = opts.metrics;
+    let shared = Arc::new(Shared {
+        store,
+        gateways,
+        opts,
+        metrics: ServerMetrics {
+            requests: Default::default(),
+            latency: crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS),
+            connections: AtomicU64::new(0),
+            stock: std::sync::Mutex::new((Vec::new(), None)),
+            refresh: tokio::sync::Notify::new(),
+        },
+    });
     let stop = CancellationToken::new();
+    if let Some(addr) = metrics_addr {
+        match TcpListener::bind(addr).await {
+            Ok(l) => {
+                info!(addr = ?l.local_addr().ok(), "metrics, health and readiness over HTTP");
+                let source: Arc<dyn crate::metrics::Source> = Arc::new(MetricsSource(shared.clone()));
+                tokio::spawn(crate::metrics::serve(l, source, stop.clone()));
+                let (shared, stop) = (shared.clone(), stop.clone());
+                tokio::spawn(async move {
+                    loop {
+                        if let Ok(Outcome::Stock(rows)) = shared.store.call(Op::Stock).await {
+                            let rows = rows.into_iter().map(StockEntry::from).collect();
+                            *shared.metrics.stock.lock().expect("not poisoned") =
+                                (rows, Some(std::time::Instant::now()));
+                        }
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(STOCK_EVERY) => {}
+                            _ = shared.metrics.refresh.notified() => {}
+                        }
+                    }
+                });
+            }
+            Err(e) => warn!(%addr, error = %e, "cannot serve metrics"),
+        }
+    }
     let mut conns = JoinSet::new();
     let ids = AtomicU64::new(1);
     tokio::pin!(shutdown);
@@ -111,7 +224,9 @@ pub async fn run(
                 let span = info_span!("psp", conn = id, %peer, gateway = tracing::field::Empty);
                 let (acceptor, shared, stop) = (acceptor.clone(), shared.clone(), stop.clone());
                 conns.spawn(async move {
-                    connection(tcp, peer, acceptor, shared, stop).await;
+                    shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
+                    connection(tcp, peer, acceptor, shared.clone(), stop).await;
+                    shared.metrics.connections.fetch_sub(1, Ordering::Relaxed);
                     drop(permit);
                 }.instrument(span));
             }
@@ -412,8 +527,19 @@ async fn confirm_batch(shared: &Shared, gateway: &str, id: u64, confirms: Vec<Co
     ResponseFrame::ok(id, Response::ConfirmedBatch { results })
 }
 
-/// One request → one store operation → one answer. Errors from the store map to wire codes in one place.
+/// One request → one store operation → one answer, counted and timed for the metrics.
 async fn handle(shared: &Shared, gateway: &str, id: u64, request: Request) -> ResponseFrame {
+    let started = std::time::Instant::now();
+    let op = request.op_name();
+    let frame = handle_request(shared, gateway, id, request).await;
+    let result = frame.error.as_ref().map_or("ok", |e| e.code.as_str());
+    shared.metrics.requests.inc(&[("op", op), ("result", result)]);
+    shared.metrics.latency.observe(started.elapsed());
+    frame
+}
+
+/// Errors from the store map to wire codes in one place.
+async fn handle_request(shared: &Shared, gateway: &str, id: u64, request: Request) -> ResponseFrame {
     let request = match request {
         Request::ConfirmBatch { confirms } => return confirm_batch(shared, gateway, id, confirms).await,
         r => r,

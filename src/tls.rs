@@ -86,6 +86,15 @@ pub struct GatewayList {
 }
 
 impl GatewayList {
+    /// Gateways listed.
+    pub fn len(&self) -> usize {
+        self.by_fingerprint.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_fingerprint.is_empty()
+    }
+
     pub fn load(path: &Path) -> Result<GatewayList, TlsError> {
         let text = String::from_utf8(read(path)?).map_err(|_| TlsError::GatewayList {
             path: path.display().to_string(),

@@ -192,3 +192,77 @@ fn certs_key_writes_a_private_key_file_and_never_overwrites_one() {
     assert_eq!(std::fs::read_to_string(&file).unwrap(), spec, "the key is untouched");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn check_config_lists_every_problem_with_its_key() {
+    let d = std::env::temp_dir().join(format!("pingate-check-config-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(d.join("certs")).unwrap();
+    let example = std::fs::read_to_string("protocols/gateway.example.toml").unwrap();
+    let cfg = d.join("gateway.toml");
+    std::fs::write(&cfg, &example).unwrap();
+    // The files it names are missing: each is named.
+    let o = pingate(&["check-config", cfg.to_str().unwrap()], None);
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    for key in [
+        "gateway.journal_keys_file",
+        "upstream.cert",
+        "upstream.key",
+        "upstream.ca",
+    ] {
+        assert!(err.contains(key), "{key} in {err}");
+    }
+    // With them present, the example is fine.
+    std::fs::write(d.join("journal.keys"), format!("1:{}", "ab".repeat(32))).unwrap();
+    for f in ["certs/gateway-gw1.pem", "certs/gateway-gw1.key", "certs/ca.pem"] {
+        std::fs::write(d.join(f), "x").unwrap();
+    }
+    let o = pingate(&["check-config", cfg.to_str().unwrap()], None);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("1 listeners, 2 serial lines, 2 terminals, 2 products listed: OK"),
+        "{}",
+        text(&o.stdout)
+    );
+    // Three mistakes at once: all three are reported, each with its key.
+    let bad = example
+        .replace("response_deadline_ms = 15000", "response_deadline_ms = 5")
+        .replace("mode = \"on_demand\"", "mode = \"sometimes\"")
+        .replace("data_bits = 7", "data_bits = 9")
+        .replace("dialect = \"iso87-ascii\"", "dialect = \"iso87-klingon\"");
+    std::fs::write(&cfg, bad).unwrap();
+    let o = pingate(&["check-config", cfg.to_str().unwrap()], None);
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(err.contains("3 problems"), "{err}");
+    for key in ["gateway.response_deadline_ms", "product[1].mode", "serial[1].data_bits"] {
+        assert!(err.contains(key), "{key} in {err}");
+    }
+    // An unknown key is named with its place in the file.
+    std::fs::write(&cfg, example.replace("keep_cache_on_shutdown", "keep_cache_on_shutdwn")).unwrap();
+    let o = pingate(&["check-config", cfg.to_str().unwrap()], None);
+    assert!(text(&o.stderr).contains("keep_cache_on_shutdwn"));
+    // A PIN server's gateway list.
+    let certs = d.join("c2");
+    let o = pingate(
+        &[
+            "certs",
+            "init",
+            certs.to_str().unwrap(),
+            "--gateway",
+            "gw1",
+            "--gateway",
+            "gw2",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = pingate(&["check-config", certs.join("gateways.toml").to_str().unwrap()], None);
+    assert!(
+        text(&o.stdout).contains("gateway list, 2 gateways: OK"),
+        "{}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+}

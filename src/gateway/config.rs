@@ -90,6 +90,7 @@ struct GatewaySection {
     refill_lead_secs: u64,
     protocols: Option<PathBuf>,
     log: Option<String>,
+    metrics: Option<SocketAddr>,
 }
 
 #[derive(Deserialize)]
@@ -581,6 +582,8 @@ pub struct GatewayConfig {
     pub protocols: Option<PathBuf>,
     /// Log levels (`info`, `warn,pingate::gateway=debug`); `--log-level` and `$RUST_LOG` win.
     pub log: Option<String>,
+    /// Prometheus metrics, health and readiness over HTTP (off when `None`; keep it on loopback).
+    pub metrics: Option<SocketAddr>,
     pub servers: Vec<ServerAddr>,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -604,11 +607,21 @@ impl GatewayConfig {
         GatewayConfig::parse(&text, path)
     }
 
+    /// Checks a configuration's text; the first problem found is the error (see [`check`](Self::check) for all).
     pub fn parse(text: &str, path: &Path) -> Result<GatewayConfig, ConfigError> {
-        let f: File = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.into(),
-            message: e.to_string(),
+        GatewayConfig::check(text, path).map_err(|mut all| all.remove(0))
+    }
+
+    /// Checks a configuration's text and returns every problem found, each naming its key (`pingate check-config`).
+    /// A file that is not valid TOML, or has an unknown key, stops at that one problem.
+    pub fn check(text: &str, path: &Path) -> Result<GatewayConfig, Vec<ConfigError>> {
+        let f: File = toml::from_str(text).map_err(|e| {
+            vec![ConfigError::Parse {
+                path: path.into(),
+                message: e.to_string(),
+            }]
         })?;
+        let mut problems: Vec<ConfigError> = Vec::new();
         let base = path.parent().unwrap_or(Path::new("."));
         let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let invalid = |at: &str, reason: &str| ConfigError::Invalid {
@@ -618,34 +631,35 @@ impl GatewayConfig {
         };
         let g = f.gateway;
         if g.response_deadline_ms < 100 || g.response_deadline_ms > 120_000 {
-            return Err(invalid("gateway.response_deadline_ms", "must be 100 to 120000"));
+            problems.push(invalid("gateway.response_deadline_ms", "must be 100 to 120000"));
         }
         if f.upstream.servers.is_empty() {
-            return Err(invalid("upstream.servers", "at least one PIN server is needed"));
+            problems.push(invalid("upstream.servers", "at least one PIN server is needed"));
         }
         let journal_keys = match &g.journal_keys_file {
-            Some(p) => Some(
-                std::fs::read_to_string(rel(p.clone()))
-                    .map_err(|source| ConfigError::Read {
-                        path: rel(p.clone()),
-                        source,
-                    })?
-                    .trim()
-                    .to_string(),
-            ),
+            Some(p) => match std::fs::read_to_string(rel(p.clone())) {
+                Ok(t) => Some(t.trim().to_string()),
+                Err(e) => {
+                    problems.push(invalid(
+                        "gateway.journal_keys_file",
+                        &format!("{}: {e}", rel(p.clone()).display()),
+                    ));
+                    None
+                }
+            },
             None => None,
         };
         let mut upstream = UpstreamOptions::default();
         let u = &f.upstream;
         if let Some(c) = u.connections {
             if c == 0 || c > 64 {
-                return Err(invalid("upstream.connections", "must be 1 to 64"));
+                problems.push(invalid("upstream.connections", "must be 1 to 64"));
             }
             upstream.connections = c;
         }
         if let Some(v) = u.connect_timeout_ms {
             if v < 100 {
-                return Err(invalid("upstream.connect_timeout_ms", "must be at least 100"));
+                problems.push(invalid("upstream.connect_timeout_ms", "must be at least 100"));
             }
             upstream.connect_timeout = ms(v);
         }
@@ -663,16 +677,25 @@ impl GatewayConfig {
         for (i, l) in f.listeners.into_iter().enumerate() {
             let at = format!("listener[{i}]");
             if !names.insert(l.name.clone()) {
-                return Err(invalid(&at, "listener names must be unique"));
+                {
+                    problems.push(invalid(&at, "listener names must be unique"));
+                    continue;
+                }
             }
             if l.max_frame < 16 {
-                return Err(invalid(&format!("{at}.max_frame"), "must be at least 16"));
+                {
+                    problems.push(invalid(&format!("{at}.max_frame"), "must be at least 16"));
+                    continue;
+                }
             }
             if l.max_in_flight == 0 || l.max_connections == 0 || l.max_per_source == 0 {
-                return Err(invalid(
-                    &at,
-                    "max_in_flight, max_connections and max_per_source must be at least 1",
-                ));
+                {
+                    problems.push(invalid(
+                        &at,
+                        "max_in_flight, max_connections and max_per_source must be at least 1",
+                    ));
+                    continue;
+                }
             }
             listeners.push(ListenerConfig {
                 name: l.name,
@@ -695,16 +718,28 @@ impl GatewayConfig {
         for (i, l) in f.serial.into_iter().enumerate() {
             let at = format!("serial[{i}]");
             if !lines.insert(l.name.clone()) {
-                return Err(invalid(&format!("{at}.name"), "serial line names must be unique"));
+                {
+                    problems.push(invalid(&format!("{at}.name"), "serial line names must be unique"));
+                    continue;
+                }
             }
-            let mut line = serial_line(l, &at, ms(g.response_deadline_ms), &invalid)?;
+            let mut line = match serial_line(l, &at, ms(g.response_deadline_ms), &invalid) {
+                Ok(line) => line,
+                Err(e) => {
+                    problems.push(e);
+                    continue;
+                }
+            };
             line.device = rel(line.device);
             serial.push(line);
         }
         let mut terminals = TerminalRegistry::default();
         for (i, t) in f.terminals.into_iter().enumerate() {
             if terminals.terminals.contains_key(&t.id) {
-                return Err(invalid(&format!("terminal[{i}].id"), "terminal listed twice"));
+                {
+                    problems.push(invalid(&format!("terminal[{i}].id"), "terminal listed twice"));
+                    continue;
+                }
             }
             let products = if t.products.iter().any(|p| p == "*") {
                 None
@@ -724,26 +759,38 @@ impl GatewayConfig {
         for (i, p) in f.products.into_iter().enumerate() {
             let at = format!("product[{i}]");
             if !seen.insert((p.code.clone(), p.amount)) {
-                return Err(invalid(&at, "product and amount listed twice"));
+                {
+                    problems.push(invalid(&at, "product and amount listed twice"));
+                    continue;
+                }
             }
             let mode = match p.mode.as_str() {
                 "on_demand" | "on-demand" => Mode::OnDemand,
                 "prefetch" => {
                     if p.low == 0 || p.high < p.low || p.high > 1_000_000 {
-                        return Err(invalid(&at, "prefetch needs 1 <= low <= high <= 1000000"));
+                        {
+                            problems.push(invalid(&at, "prefetch needs 1 <= low <= high <= 1000000"));
+                            continue;
+                        }
                     }
                     Mode::Prefetch {
                         low: p.low,
                         high: p.high,
                     }
                 }
-                _ => return Err(invalid(&format!("{at}.mode"), "`prefetch` or `on_demand`")),
+                _ => {
+                    problems.push(invalid(&format!("{at}.mode"), "`prefetch` or `on_demand`"));
+                    continue;
+                }
             };
             products.push(ProductConfig {
                 code: p.code,
                 amount: p.amount,
                 mode,
             });
+        }
+        if !problems.is_empty() {
+            return Err(problems);
         }
         Ok(GatewayConfig {
             journal: rel(g.journal),
@@ -758,6 +805,7 @@ impl GatewayConfig {
             refill_lead: Duration::from_secs(g.refill_lead_secs.max(1)),
             protocols: g.protocols.map(rel),
             log: g.log,
+            metrics: g.metrics,
             servers: f
                 .upstream
                 .servers

@@ -313,6 +313,14 @@ pub struct Gateway {
     unreconciled: Mutex<Option<std::collections::HashSet<i64>>>,
     /// The serial lines' status, for the operator and for tests that wait on a line.
     lines: watch::Sender<serial::LineBoard>,
+    metrics: GatewayMetrics,
+}
+
+/// Counters and timings the metrics endpoint shows beside [`Stats`] and [`StockReport`].
+struct GatewayMetrics {
+    /// By message type and response code.
+    requests: crate::metrics::LabelledCounter,
+    latency: crate::metrics::Histogram,
 }
 
 /// The retrieval reference of a sale, derived from its key: the same for every repeat, known before the server
@@ -420,6 +428,10 @@ impl Gateway {
             refills: AtomicU64::new(0),
             unreconciled: Mutex::new(None),
             lines: watch::Sender::new(serial::LineBoard::new()),
+            metrics: GatewayMetrics {
+                requests: Default::default(),
+                latency: crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS),
+            },
         });
         tracing::info!(
             cached = recovered.cached.len(),
@@ -488,7 +500,25 @@ impl Gateway {
     }
 
     /// Answers one decoded terminal request. Never fails: every outcome is an answer.
+    /// Answers one terminal request, in a span of its own (terminal, STAN, message type), counted and timed for
+    /// the metrics.
     pub async fn handle(&self, msg: &Message, received: Instant) -> Reply {
+        use tracing::Instrument;
+        let mti = msg.mti().to_string();
+        let span = tracing::info_span!(
+            "transaction",
+            mti = %mti,
+            terminal = msg.terminal_id().unwrap_or(""),
+            stan = msg.get_str(11).unwrap_or(""),
+        );
+        let reply = self.handle_request(msg, received).instrument(span).await;
+        let code = reply.message.get_str(39).unwrap_or("none");
+        self.metrics.requests.inc(&[("mti", &mti), ("code", code)]);
+        self.metrics.latency.observe(received.elapsed());
+        reply
+    }
+
+    async fn handle_request(&self, msg: &Message, received: Instant) -> Reply {
         let deadline = received + self.cfg.response_deadline;
         match TerminalRequest::parse(msg) {
             Err(refusal) => {
@@ -1246,6 +1276,209 @@ impl Gateway {
     }
 
     /// What the gateway holds and owes now.
+    /// The metrics endpoint's text (Prometheus exposition format).
+    pub fn metrics_text(&self) -> String {
+        use crate::metrics::Exposition;
+        let mut e = Exposition::default();
+        self.metrics.requests.render(
+            &mut e,
+            "pingate_gateway_requests_total",
+            "Terminal requests by message type and response code.",
+        );
+        self.metrics.latency.render(
+            &mut e,
+            "pingate_gateway_request_duration_seconds",
+            "Time from a request's arrival to its answer.",
+        );
+        let st = &self.stats;
+        let c = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        e.family(
+            "pingate_gateway_sales_total",
+            "counter",
+            "Approved sales by where the PIN came from.",
+        )
+        .sample(
+            "pingate_gateway_sales_total",
+            &[("source", "cache")],
+            c(&st.sales_from_cache),
+        )
+        .sample(
+            "pingate_gateway_sales_total",
+            &[("source", "on_demand")],
+            c(&st.sales_on_demand),
+        );
+        for (name, help, v) in [
+            ("pingate_gateway_declined_total", "Sales declined.", &st.declined),
+            (
+                "pingate_gateway_repeats_total",
+                "Repeats and duplicates answered from memory.",
+                &st.repeats,
+            ),
+            (
+                "pingate_gateway_reversals_total",
+                "Reversals taken from terminals.",
+                &st.reversals,
+            ),
+            (
+                "pingate_gateway_undelivered_total",
+                "Approved answers that did not reach the terminal (the sale is reversed).",
+                &st.undelivered,
+            ),
+            (
+                "pingate_gateway_confirms_total",
+                "Cache sales confirmed to the PIN server.",
+                &st.confirms_done,
+            ),
+            (
+                "pingate_gateway_forward_failures_total",
+                "Store-and-forward attempts that failed (retried).",
+                &st.forward_failures,
+            ),
+        ] {
+            e.single(name, "counter", help, c(v));
+        }
+        let stock = self.stock();
+        e.family(
+            "pingate_gateway_cache_pins",
+            "gauge",
+            "PINs held in the prefetch cache.",
+        );
+        for l in &stock.cache {
+            let amount = l.amount.to_string();
+            e.sample(
+                "pingate_gateway_cache_pins",
+                &[("product", &l.product), ("amount", &amount)],
+                l.cached as f64,
+            );
+        }
+        e.family(
+            "pingate_gateway_cache_target",
+            "gauge",
+            "What the cache refills towards (adapts to the sale rate).",
+        );
+        for l in &stock.cache {
+            let amount = l.amount.to_string();
+            e.sample(
+                "pingate_gateway_cache_target",
+                &[("product", &l.product), ("amount", &amount)],
+                l.target as f64,
+            );
+        }
+        e.family(
+            "pingate_gateway_cache_lookups_total",
+            "counter",
+            "Cache lookups by result (a miss is sold on demand).",
+        );
+        for l in &stock.cache {
+            let amount = l.amount.to_string();
+            let p = [("product", l.product.as_str()), ("amount", amount.as_str())];
+            e.sample(
+                "pingate_gateway_cache_lookups_total",
+                &[p[0], p[1], ("result", "hit")],
+                l.hits as f64,
+            );
+            e.sample(
+                "pingate_gateway_cache_lookups_total",
+                &[p[0], p[1], ("result", "miss")],
+                l.misses as f64,
+            );
+        }
+        e.family(
+            "pingate_gateway_pending",
+            "gauge",
+            "Store-and-forward work waiting for the PIN server.",
+        )
+        .sample(
+            "pingate_gateway_pending",
+            &[("kind", "confirm")],
+            stock.pending_confirms as f64,
+        )
+        .sample(
+            "pingate_gateway_pending",
+            &[("kind", "reversal")],
+            stock.pending_reversals as f64,
+        )
+        .sample(
+            "pingate_gateway_pending",
+            &[("kind", "release")],
+            stock.pending_releases as f64,
+        );
+        e.family(
+            "pingate_gateway_server_connections",
+            "gauge",
+            "Open TLS connections per PIN server.",
+        );
+        for s in &stock.servers {
+            e.sample(
+                "pingate_gateway_server_connections",
+                &[("server", &s.server)],
+                s.connected as f64,
+            );
+        }
+        e.family(
+            "pingate_gateway_server_circuit_open",
+            "gauge",
+            "1 while a PIN server's circuit breaker is open.",
+        );
+        for s in &stock.servers {
+            let open = if s.circuit_open { 1.0 } else { 0.0 };
+            e.sample("pingate_gateway_server_circuit_open", &[("server", &s.server)], open);
+        }
+        let board = self.lines.borrow().clone();
+        e.family(
+            "pingate_gateway_serial_line_state",
+            "gauge",
+            "1 for each serial line's current state.",
+        );
+        for (name, l) in &board {
+            e.sample(
+                "pingate_gateway_serial_line_state",
+                &[("line", name), ("state", &l.state)],
+                1.0,
+            );
+        }
+        for (metric, help, f) in [
+            (
+                "pingate_gateway_serial_calls_total",
+                "Calls connected per serial line.",
+                0,
+            ),
+            (
+                "pingate_gateway_serial_delivered_total",
+                "Answers acknowledged per serial line.",
+                1,
+            ),
+            (
+                "pingate_gateway_serial_reversed_total",
+                "Sales reversed for undelivered answers per line.",
+                2,
+            ),
+            (
+                "pingate_gateway_serial_opens_total",
+                "Times each serial device was opened.",
+                3,
+            ),
+        ] {
+            e.family(metric, "counter", help);
+            for (name, l) in &board {
+                let v = [l.calls, l.delivered, l.reversed, l.opens][f];
+                e.sample(metric, &[("line", name)], v as f64);
+            }
+        }
+        e.finish()
+    }
+
+    /// Ready: at least one PIN server connected (sales from the cache would still work without, but on-demand sales
+    /// and confirmations would not).
+    pub fn readiness(&self) -> Result<(), String> {
+        let servers = self.upstream.health();
+        if servers.iter().any(|s| s.connected > 0) {
+            Ok(())
+        } else {
+            Err("no PIN server connected".into())
+        }
+    }
+
     /// The serial lines' status; the receiver also says when it changes.
     pub fn lines(&self) -> watch::Receiver<serial::LineBoard> {
         self.lines.subscribe()
@@ -1349,6 +1582,14 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl std::future::Future<Output =
     for sc in &cfg.serial {
         lines.push((sc.clone(), Arc::new(dialects.get(&sc.dialect)?.clone())));
     }
+    let metrics = match cfg.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| GatewayError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
     let admin = match cfg.admin {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -1374,12 +1615,29 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl std::future::Future<Output =
         let (gw, stop) = (gw.clone(), stop.clone());
         tasks.spawn(async move { serve_admin(l, gw, stop).await });
     }
+    if let Some(l) = metrics {
+        tracing::info!(addr = ?l.local_addr().ok(), "metrics, health and readiness over HTTP");
+        let source: Arc<dyn crate::metrics::Source> = Arc::new(MetricsSource(gw.clone()));
+        tasks.spawn(crate::metrics::serve(l, source, stop.clone()));
+    }
     shutdown.await;
     tracing::info!("shutting down: draining terminals");
     stop.cancel();
     while tasks.join_next().await.is_some() {}
     gw.shutdown(Duration::from_secs(30)).await;
     Ok(())
+}
+
+/// The gateway as the metrics endpoint sees it.
+pub struct MetricsSource(pub Arc<Gateway>);
+
+impl crate::metrics::Source for MetricsSource {
+    fn metrics(&self) -> String {
+        self.0.metrics_text()
+    }
+    fn ready(&self) -> Result<(), String> {
+        self.0.readiness()
+    }
 }
 
 /// The admin socket (bind it to loopback): a client writes one command line (`stock`) and reads one JSON answer.

@@ -90,6 +90,26 @@ pub enum Request {
     Ping,
 }
 
+impl Request {
+    /// The operation's wire name (`sell`, `confirm_batch`, ...), for metrics and logs.
+    pub fn op_name(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "hello",
+            Request::Sell { .. } => "sell",
+            Request::Reserve { .. } => "reserve",
+            Request::Confirm { .. } => "confirm",
+            Request::ConfirmBatch { .. } => "confirm_batch",
+            Request::Release { .. } => "release",
+            Request::Reverse { .. } => "reverse",
+            Request::ReversePin { .. } => "reverse_pin",
+            Request::Renew { .. } => "renew",
+            Request::Stock => "stock",
+            Request::Held => "held",
+            Request::Ping => "ping",
+        }
+    }
+}
+
 /// One confirm of a `confirm_batch`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -279,6 +299,21 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// The code as it is written on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::OutOfStock => "out_of_stock",
+            ErrorCode::UnknownProduct => "unknown_product",
+            ErrorCode::UnknownDenomination => "unknown_denomination",
+            ErrorCode::DuplicateMismatch => "duplicate_mismatch",
+            ErrorCode::AlreadyReversed => "already_reversed",
+            ErrorCode::NotHolder => "not_holder",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Busy => "busy",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
     /// The wire code of a store error. Internal errors are logged by the server; their text is not sent.
     pub fn of(e: &StoreError) -> ErrorCode {
         match e {
@@ -393,6 +428,23 @@ pub fn parse_response(body: &[u8]) -> Result<ResponseFrame, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_code_names_are_the_wire_names() {
+        for c in [
+            ErrorCode::OutOfStock,
+            ErrorCode::UnknownProduct,
+            ErrorCode::UnknownDenomination,
+            ErrorCode::DuplicateMismatch,
+            ErrorCode::AlreadyReversed,
+            ErrorCode::NotHolder,
+            ErrorCode::BadRequest,
+            ErrorCode::Busy,
+            ErrorCode::Internal,
+        ] {
+            assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());
+        }
+    }
 
     #[test]
     fn every_op_as_serialised_is_accepted_and_each_field_is_needed() {

@@ -1,0 +1,168 @@
+//! Operations: metrics, health and readiness of the gateway and the PIN server.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingate::demo::{sample_modes, sample_products, start_server_with, GatewayFiles, GatewayHandle, Inventory};
+use pingate::gateway::StartOptions;
+use pingate::metrics::get;
+use pingate::server::ServerOptions;
+use pingate::sim::{Identity, SaleSpec};
+use pingate::store::handle::DbUrl;
+
+fn dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("pingate-ops-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// The value of one sample line (`name{labels} value`) in an exposition.
+fn sample(text: &str, line_start: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_health_and_readiness_of_gateway_and_server() {
+    let inv = Inventory::create(&dir("metrics"), &["gw1", "obs"], &sample_products(50)).unwrap();
+    let server_metrics = free_addr();
+    let opts = ServerOptions {
+        metrics: Some(server_metrics),
+        ..ServerOptions::default()
+    };
+    let db = DbUrl::Sqlite(inv.db.clone());
+    let server = start_server_with(&inv, &db, "127.0.0.1:0".parse().unwrap(), opts.clone())
+        .await
+        .unwrap();
+    let files = GatewayFiles::write(
+        &inv,
+        "gw1",
+        &[server.addr],
+        "127.0.0.1:0".parse().unwrap(),
+        8,
+        &sample_modes(3, 6),
+        ("", ""),
+    )
+    .unwrap();
+    let gw = GatewayHandle::start(&files.config, StartOptions::default())
+        .await
+        .unwrap();
+    assert!(gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gw_metrics = l.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(pingate::metrics::serve(
+        l,
+        Arc::new(pingate::gateway::MetricsSource(gw.gateway.clone())),
+        stop.clone(),
+    ));
+
+    let me = Identity {
+        terminal_id: "DEMO0001".into(),
+        merchant_id: pingate::demo::MERCHANT.into(),
+    };
+    let mut t = gw.terminal().await.unwrap();
+    for stan in 1..=3 {
+        let s = SaleSpec {
+            stan,
+            transmission: "1129180000".into(),
+            product: "GIFT-25".into(),
+            amount: 2500,
+            currency: "978".into(),
+        };
+        assert_eq!(t.call(&me.sale(&s, false)).await.unwrap().get_str(39), Some("00"));
+    }
+    let bad = SaleSpec {
+        stan: 9,
+        transmission: "1129180000".into(),
+        product: "NOPE".into(),
+        amount: 1,
+        currency: "978".into(),
+    };
+    assert_eq!(t.call(&me.sale(&bad, false)).await.unwrap().get_str(39), Some("15"));
+
+    // The gateway.
+    let (code, text) = get(gw_metrics, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(
+        sample(&text, "pingate_gateway_requests_total{mti=\"0200\",code=\"00\"}"),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "pingate_gateway_requests_total{mti=\"0200\",code=\"15\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "pingate_gateway_request_duration_seconds_count"),
+        Some(4.0)
+    );
+    assert_eq!(
+        sample(&text, "pingate_gateway_sales_total{source=\"on_demand\"}"),
+        Some(3.0)
+    );
+    assert!(sample(
+        &text,
+        "pingate_gateway_cache_pins{product=\"TOPUP-EU-10\",amount=\"1000\"}"
+    )
+    .is_some());
+    assert_eq!(
+        sample(&text, "pingate_gateway_server_connections{").map(|v| v > 0.0),
+        Some(true),
+        "{text}"
+    );
+    assert!(text.contains("# TYPE pingate_gateway_request_duration_seconds histogram"));
+    assert_eq!(get(gw_metrics, "/healthz").await.unwrap().0, 200);
+    assert_eq!(get(gw_metrics, "/readyz").await.unwrap(), (200, "ready\n".into()));
+    assert_eq!(get(gw_metrics, "/nope").await.unwrap().0, 404);
+
+    // The server: requests by operation, stock by state (read in the background), ready once it was read.
+    let mut text = String::new();
+    for _ in 0..200 {
+        text = get(server_metrics, "/metrics").await.unwrap().1;
+        if text.contains("pingate_server_stock_pins{product=\"GIFT-25\",amount=\"2500\",state=\"sold\"} 3") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        sample(&text, "pingate_server_requests_total{op=\"sell\",result=\"ok\"}"),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "pingate_server_stock_pins{product=\"GIFT-25\",amount=\"2500\",state=\"sold\"}"
+        ),
+        Some(3.0),
+        "{text}"
+    );
+    assert!(sample(&text, "pingate_server_connections").unwrap() >= 1.0);
+    assert_eq!(get(server_metrics, "/readyz").await.unwrap().0, 200);
+
+    // Without its PIN server the gateway is alive but not ready.
+    server.stop().await;
+    let mut ready = 200;
+    for _ in 0..300 {
+        ready = get(gw_metrics, "/readyz").await.unwrap().0;
+        if ready == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ready, 503);
+    assert_eq!(get(gw_metrics, "/healthz").await.unwrap().0, 200);
+    stop.cancel();
+    gw.crash().await;
+}
