@@ -266,3 +266,33 @@ fn check_config_lists_every_problem_with_its_key() {
         text(&o.stderr)
     );
 }
+
+#[test]
+fn the_systemd_units_verify() {
+    // systemd-analyze is on the machine image; without it there is nothing to verify the units with.
+    if Command::new("systemd-analyze").arg("--version").output().is_err() {
+        eprintln!("systemd-analyze not installed: units not verified");
+        return;
+    }
+    let d = std::env::temp_dir().join(format!("pingate-units-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    for unit in ["pingate-server.service", "pingate-gateway.service"] {
+        let text = std::fs::read_to_string(format!("deploy/{unit}"))
+            .unwrap()
+            .replace("/usr/local/bin/pingate", env!("CARGO_BIN_EXE_pingate"));
+        let path = d.join(unit);
+        std::fs::write(&path, text).unwrap();
+        let o = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let out = format!("{}{}", text_of(&o.stdout), text_of(&o.stderr));
+        assert!(o.status.success() && out.trim().is_empty(), "{unit}: {out}");
+    }
+}
+
+fn text_of(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
