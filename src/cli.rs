@@ -30,6 +30,22 @@ static LOGGING: std::sync::OnceLock<(bool, Option<String>)> = std::sync::OnceLoc
 
 #[derive(Subcommand)]
 enum Command {
+    /// Check the inventory's invariants, reconcile gateways' journals with it, report a day's sales.
+    Audit {
+        /// Inventory: sqlite:PATH or postgres://USER@HOST:PORT/DB (opened read-only).
+        #[arg(long)]
+        db: String,
+        /// A gateway journal to reconcile: `ID,PATH,KEYFILE` (its gateway id, the journal, its journal key file);
+        /// repeat for each gateway.
+        #[arg(long = "journal")]
+        journals: Vec<String>,
+        /// Report this day's sales and reversals (`YYYY-MM-DD`, UTC).
+        #[arg(long)]
+        day: Option<String>,
+        /// Also write the report as CSV.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+    },
     /// Check a gateway configuration (or a PIN server's gateway list) and print every problem with its location.
     CheckConfig {
         /// The file: a gateway's TOML configuration, or a PIN server's `gateways.toml`.
@@ -252,6 +268,16 @@ enum IsoCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = LOGGING.set((cli.log_format == "json", cli.log_level.clone()));
+    if let Command::Audit { db, journals, day, csv } = &cli.command {
+        return match runtime().and_then(|rt| rt.block_on(audit(db, journals, day.as_deref(), csv.as_deref()))) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     if let Command::Replay(args) = cli.command {
         return match runtime().and_then(|rt| rt.block_on(crate::replay::run_cli(args))) {
             Ok(true) => ExitCode::SUCCESS,
@@ -292,6 +318,35 @@ pub(crate) fn key_spec(keys: &KeyArgs) -> Result<String, String> {
         (None, Ok(spec)) => Ok(spec),
         (None, Err(_)) => Err("PIN keys: give --pin-keys FILE, or set PINGATE_PIN_KEYS or PINGATE_PIN_KEY_FILE".into()),
     }
+}
+
+/// `pingate audit`: prints the report (and writes the CSV); `Ok(false)` when an invariant is broken.
+async fn audit(
+    db: &str,
+    journals: &[String],
+    day: Option<&str>,
+    csv: Option<&std::path::Path>,
+) -> Result<bool, String> {
+    let url = crate::store::handle::DbUrl::parse(db).map_err(|e| e.to_string())?;
+    let mut inputs = Vec::new();
+    for j in journals {
+        let parts: Vec<&str> = j.splitn(3, ',').collect();
+        let [id, path, keys] = parts[..] else {
+            return Err(format!("--journal `{j}`: ID,PATH,KEYFILE"));
+        };
+        let keys = std::fs::read_to_string(keys).map_err(|e| format!("{keys}: {e}"))?;
+        inputs.push(crate::audit::JournalInput {
+            path: path.into(),
+            keys: keys.trim().to_string(),
+            gateway: id.into(),
+        });
+    }
+    let report = crate::audit::run(&url, &inputs, day).await.map_err(|e| e.to_string())?;
+    print!("{}", report.text());
+    if let Some(path) = csv {
+        std::fs::write(path, report.csv()).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(report.ok())
 }
 
 /// `pingate check-config FILE`: every problem of a gateway configuration (keys, values, files it names, dialects),
@@ -574,6 +629,7 @@ fn run(cli: Cli) -> Result<String, String> {
         } => runtime()?.block_on(gateway(config)),
         Command::Gateway { .. } => Err("give --config FILE to run a gateway, or a subcommand (stock, lines)".into()),
         Command::CheckConfig { file } => check_config(&file),
+        Command::Audit { .. } => unreachable!("handled in main"),
         Command::Replay(args) => match runtime()?.block_on(crate::replay::run_cli(args)) {
             Ok(true) => Ok(String::new()),
             Ok(false) => Err("the replay found differences".into()),

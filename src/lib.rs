@@ -25,10 +25,12 @@
 //! - [`metrics`] — Prometheus exposition and the HTTP endpoint for metrics, health and readiness.
 //! - [`pcap`] — import of pcap and pcapng files: TCP streams of a port reassembled and cut into frames.
 //! - [`replay`] — replays a capture against a gateway (answers compared field by field) or the codec alone.
+//! - [`audit`] — `pingate audit`: the inventory's invariants, gateways' journals reconciled, a day's report.
 //! - [`admin`], [`cli`] — the `pingate` command line, thin over the library.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod audit;
 pub mod capture;
 pub mod cli;
 pub mod demo;

@@ -210,6 +210,7 @@ async fn a_dialup_sale_end_to_end() {
     assert_eq!(decode_answer(out.answer.as_ref().unwrap()).get_str(39), Some("00"));
     rig.gw.stop().await;
     rig.server.stop().await;
+    common::audit_ok(&rig.inv).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,6 +230,7 @@ async fn a_bad_lrc_is_nakked_and_the_good_retry_sells() {
     assert_eq!(decode_answer(out.answer.as_ref().unwrap()).get_str(39), Some("00"));
     rig.gw.stop().await;
     rig.server.stop().await;
+    common::audit_ok(&rig.inv).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,6 +255,7 @@ async fn three_bad_frames_get_eot_and_a_hang_up() {
     assert_eq!(count(&s, ON_DEMAND, "sold"), 0, "nothing was sold");
     rig.gw.stop().await;
     rig.server.stop().await;
+    common::audit_ok(&rig.inv).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,6 +314,7 @@ async fn carrier_lost_before_the_ack_reverses_the_sale() {
     assert_eq!((count(&s, ON_DEMAND, "sold"), count(&s, ON_DEMAND, "voided")), (1, 1));
     rig.gw.stop().await;
     rig.server.stop().await;
+    common::audit_ok(&rig.inv).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,6 +354,7 @@ async fn a_modem_answering_error_to_init_is_reported_and_retried() {
     board_until(&rig.gw, "the modem ready after the fix", |b| ready(b, "m1")).await;
     rig.gw.stop().await;
     rig.server.stop().await;
+    common::audit_ok(&rig.inv).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -399,6 +404,7 @@ async fn eight_lines_at_once_one_removed() {
     assert!(b["m3"].opens >= 1);
     rig.gw.stop().await;
     rig.server.stop().await;
+    common::audit_ok(&rig.inv).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -446,6 +452,7 @@ async fn the_dialup_tool_calls_through_a_real_gateway() {
     assert_eq!(count(&s, ON_DEMAND, "sold"), 2);
     rig.gw.stop().await;
     rig.server.stop().await;
+    common::audit_ok(&rig.inv).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,6 +507,7 @@ async fn a_7e1_line_with_software_parity_and_a_text_dialect() {
     );
     rig.gw.stop().await;
     rig.server.stop().await;
+    common::audit_ok(&rig.inv).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -549,6 +557,7 @@ async fn a_directly_wired_terminal_with_length_framing() {
     drop(dev);
     rig.gw.stop().await;
     rig.server.stop().await;
+    common::audit_ok(&rig.inv).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -598,4 +607,5 @@ async fn a_directly_wired_stx_etx_terminal_runs_the_whole_contract() {
     drop(dev);
     rig.gw.stop().await;
     rig.server.stop().await;
+    common::audit_ok(&rig.inv).await;
 }

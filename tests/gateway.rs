@@ -205,11 +205,12 @@ async fn sales_repeats_duplicates_reversals_and_refusals() {
     assert_eq!(count(&s, PREFETCH, "reserved"), 0);
     assert_eq!(count(&s, PREFETCH, "available"), 199);
     server.stop().await;
+    common::audit_ok(&inv).await;
 }
 
 #[tokio::test]
 async fn several_requests_in_flight_on_one_connection_are_all_answered() {
-    let (_inv, server, gw) = setup("pipelined", 500, 50, 200, ("", "")).await;
+    let (inv, server, gw) = setup("pipelined", 500, 50, 200, ("", "")).await;
     let mut t = gw.terminal().await.unwrap();
     let me = term(2);
     for i in 1..=40u32 {
@@ -228,6 +229,7 @@ async fn several_requests_in_flight_on_one_connection_are_all_answered() {
     assert_eq!(pins.len(), 40, "no PIN twice");
     gw.stop().await;
     server.stop().await;
+    common::audit_ok(&inv).await;
 }
 
 #[tokio::test]
@@ -267,6 +269,7 @@ async fn server_down_gets_91_cache_keeps_selling_and_nothing_is_lost() {
     assert_eq!(count(&s, ON_DEMAND, "sold"), 1);
     assert_eq!(count(&s, ON_DEMAND, "available"), 299);
     server.stop().await;
+    common::audit_ok(&inv).await;
 }
 
 #[tokio::test]
@@ -322,11 +325,12 @@ async fn server_restarted_mid_load_every_approved_pin_is_sold_once() {
         );
     }
     server.stop().await;
+    common::audit_ok(&inv).await;
 }
 
 #[tokio::test]
 async fn malformed_truncated_oversize_and_garbage_frames_do_not_disturb_other_terminals() {
-    let (_inv, server, gw) = setup("garbage", 200, 5, 20, ("", "frame_timeout_ms = 300\nmax_frame = 1024")).await;
+    let (inv, server, gw) = setup("garbage", 200, 5, 20, ("", "frame_timeout_ms = 300\nmax_frame = 1024")).await;
     let me = term(4);
     let mut good = gw.terminal().await.unwrap();
     // A readable MTI with a broken rest: a 0210 with 30, and the connection stays usable.
@@ -357,11 +361,12 @@ async fn malformed_truncated_oversize_and_garbage_frames_do_not_disturb_other_te
     );
     gw.stop().await;
     server.stop().await;
+    common::audit_ok(&inv).await;
 }
 
 #[tokio::test]
 async fn a_thousand_concurrent_terminal_connections() {
-    let (_inv, server, gw) = setup("thousand", 2000, 100, 1000, ("", "")).await;
+    let (inv, server, gw) = setup("thousand", 2000, 100, 1000, ("", "")).await;
     let gw = Arc::new(gw);
     let mut conns = Vec::new();
     for _ in 0..1000 {
@@ -386,6 +391,7 @@ async fn a_thousand_concurrent_terminal_connections() {
     let gw = Arc::try_unwrap(gw).ok().expect("one owner");
     gw.stop().await;
     server.stop().await;
+    common::audit_ok(&inv).await;
 }
 
 // ---- crash: the gateway as its own process, killed with SIGKILL ----
@@ -550,6 +556,7 @@ async fn gateway_kill_9_with_a_full_cache_and_unconfirmed_sales_loses_nothing() 
     assert_eq!(count(&s, PREFETCH, "available"), 80);
     assert_eq!(count(&s, ON_DEMAND, "sold"), 1);
     server.stop().await;
+    common::audit_ok(&inv).await;
 }
 
 #[test]
@@ -675,6 +682,7 @@ async fn a_late_repeat_of_an_unconfirmed_cache_sale_gets_the_same_pin_never_a_se
     let s = stock(&inv, server.addr).await;
     assert_eq!(count(&s, PREFETCH, "sold"), 2);
     server.stop().await;
+    common::audit_ok(&inv).await;
 }
 
 // ---- several gateways, several PIN servers on one PostgreSQL ----
@@ -810,6 +818,7 @@ async fn two_gateways_two_servers_one_postgresql_with_failover_sell_each_pin_onc
         );
     }
     b.stop().await;
+    common::audit_url_ok(&pingate::store::handle::DbUrl::Postgres(url.clone())).await;
     common::drop_database(&admin, &dbname).await;
 }
 
@@ -898,6 +907,7 @@ async fn a_hung_server_costs_a_terminal_the_deadline_then_nothing_and_no_pin_is_
     );
     assert_eq!(count(&s, PREFETCH, "reserved"), 0);
     server.stop().await;
+    common::audit_ok(&inv).await;
 }
 
 #[tokio::test]
@@ -925,6 +935,7 @@ async fn keep_cache_on_shutdown_keeps_the_pins_for_the_next_start() {
     assert!(reserved == 7 || reserved == 8, "{reserved}");
     assert_eq!(count(&s, PREFETCH, "available") + reserved + 1, 100);
     server.stop().await;
+    common::audit_ok(&inv).await;
 }
 
 #[tokio::test]
@@ -976,11 +987,12 @@ async fn reservations_the_journal_never_saw_are_released_at_start() {
     assert_eq!(count(&s, PREFETCH, "available"), 95);
     gw.stop().await;
     server.stop().await;
+    common::audit_ok(&inv).await;
 }
 
 #[tokio::test]
 async fn an_idle_terminal_connection_is_closed() {
-    let (_inv, server, gw) = setup("idle", 50, 5, 5, ("", "idle_timeout_ms = 1000")).await;
+    let (inv, server, gw) = setup("idle", 50, 5, 5, ("", "idle_timeout_ms = 1000")).await;
     let mut idle = gw.terminal().await.unwrap();
     // Nothing sent: closed after the idle timeout (the test's own timeout bounds the wait).
     let closed = tokio::time::timeout(Duration::from_secs(10), idle.recv_frame())
@@ -995,4 +1007,5 @@ async fn an_idle_terminal_connection_is_closed() {
     );
     gw.stop().await;
     server.stop().await;
+    common::audit_ok(&inv).await;
 }

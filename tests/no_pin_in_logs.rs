@@ -197,6 +197,7 @@ async fn no_pin_reaches_a_log_line() {
     gw.stop().await;
     server.stop().await;
 
+    common::audit_ok(&inv).await;
     let logs = String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned();
     assert!(
         logs.lines().count() > 40,

@@ -166,3 +166,123 @@ async fn metrics_health_and_readiness_of_gateway_and_server() {
     stop.cancel();
     gw.crash().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_reconciles_a_day_and_names_every_broken_invariant() {
+    let inv = Inventory::create(&dir("audit"), &["gw1", "obs"], &sample_products(40)).unwrap();
+    let db = DbUrl::Sqlite(inv.db.clone());
+    let server = start_server_with(&inv, &db, "127.0.0.1:0".parse().unwrap(), ServerOptions::default())
+        .await
+        .unwrap();
+    let files = GatewayFiles::write(
+        &inv,
+        "gw1",
+        &[server.addr],
+        "127.0.0.1:0".parse().unwrap(),
+        8,
+        &sample_modes(3, 6),
+        ("", ""),
+    )
+    .unwrap();
+    let gw = GatewayHandle::start(&files.config, StartOptions::default())
+        .await
+        .unwrap();
+    assert!(gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await);
+    let scenario =
+        pingate::scenario::Scenario::parse(&std::fs::read_to_string("fixtures/scenarios/contract.toml").unwrap())
+            .unwrap();
+    let mut t = gw.terminal().await.unwrap();
+    let me = Identity {
+        terminal_id: "DEMO0005".into(),
+        merchant_id: pingate::demo::MERCHANT.into(),
+    };
+    let results = scenario
+        .run(&mut t, &me, "1129190000", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(results.iter().all(|r| r.problem.is_none()));
+    assert!(gw.gateway.flush(Duration::from_secs(10)).await);
+
+    // While the gateway runs: its journal (cache) agrees with the server, the day's sales are reported.
+    let today = {
+        let t = time::OffsetDateTime::now_utc();
+        format!("{:04}-{:02}-{:02}", t.year(), u8::from(t.month()), t.day())
+    };
+    let journal = inv.dir.join("gateway-gw1.journal");
+    let keys = inv.dir.join("journal-gw1.keys");
+    let csv = inv.dir.join("audit.csv");
+    let run = |args: Vec<String>| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pingate"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let db_arg = format!("sqlite:{}", inv.db.display());
+    let o = run(vec![
+        "audit".into(),
+        "--db".into(),
+        db_arg.clone(),
+        "--day".into(),
+        today.clone(),
+        "--journal".into(),
+        format!("gw1,{},{}", journal.display(), keys.display()),
+        "--csv".into(),
+        csv.display().to_string(),
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("every invariant holds"), "{out}");
+    // The scenario sold a top-up and a gift card (reversed later): two sales on the day, one reversal.
+    assert!(out.contains("DEMO0005 GIFT-25 2500: 1 sales"), "{out}");
+    assert!(out.contains("DEMO0005 TOPUP-EU-10 1000: 1 sales"), "{out}");
+    assert!(out.contains("reversals on") && out.contains("DEMO0005: 1"), "{out}");
+    assert!(
+        out.contains("gateway gw1") && out.contains("cache sales to confirm"),
+        "{out}"
+    );
+    let csv_text = std::fs::read_to_string(&csv).unwrap();
+    assert!(csv_text.starts_with("section,a,b,c,value\n") && csv_text.contains("sales,DEMO0005,GIFT-25,2500,1"));
+    drop(t);
+    gw.stop().await;
+    server.stop().await;
+    common::audit_ok(&inv).await;
+
+    // Broken on purpose, behind the server's back: each break is named, and the audit exits non-zero.
+    let c = rusqlite::Connection::open(&inv.db).unwrap();
+    let free: i64 = c
+        .query_row("SELECT id FROM pins WHERE state = 'available' LIMIT 1", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    c.execute(
+        "INSERT INTO sales (gateway, terminal_id, stan, transmission, pin_id, merchant_id, rrn, product, amount, sold_at)
+         SELECT 'gw9', 'X', '000001', '1129190000', id, 'M', 'R', product, amount, 0 FROM pins WHERE id = ?1",
+        [free],
+    )
+    .unwrap();
+    let other: i64 = c
+        .query_row(
+            "SELECT id FROM pins WHERE state = 'available' AND id <> ?1 LIMIT 1",
+            [free],
+            |r| r.get(0),
+        )
+        .unwrap();
+    c.execute(
+        "UPDATE pins SET state = 'reserved', holder = 'gw9', lease_until = 1 WHERE id = ?1",
+        [other],
+    )
+    .unwrap();
+    let o = run(vec!["audit".into(), "--db".into(), db_arg]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains(&format!(
+            "sale-of-unsold-pin: a sale of a PIN that is neither sold nor voided: {free} (available)"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("reservation-expired") && out.contains(&format!("{other} held by gw9")),
+        "{out}"
+    );
+}

@@ -69,7 +69,7 @@ fn lines(o: &Output) -> Vec<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_terminal_simulator_against_a_real_gateway() {
-    let (_inv, server, gw) = rig("terminal").await;
+    let (inv, server, gw) = rig("terminal").await;
     let addr = gw.addr.to_string();
 
     // One sale: one JSON line, approved, the PIN masked.
@@ -183,6 +183,7 @@ async fn the_terminal_simulator_against_a_real_gateway() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown framing `smoke`"));
     gw.stop().await;
     server.stop().await;
+    common::audit_ok(&inv).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,6 +245,7 @@ async fn the_load_generator_counts_match_the_pin_server() {
     assert!(topups as u64 > approved / 2, "{topups} of {approved}");
     gw.stop().await;
     server.stop().await;
+    common::audit_ok(&inv).await;
 }
 
 async fn pingate(args: &[&str]) -> Output {
@@ -262,7 +264,7 @@ async fn capture_then_replay_against_a_fresh_gateway() {
     let d = dir("capture-out");
     std::fs::create_dir_all(&d).unwrap();
     let cap = d.join("contract.capture");
-    let (_inv, server, gw) = rig_with("capture", &format!("capture = \"{}\"", cap.display())).await;
+    let (inv, server, gw) = rig_with("capture", &format!("capture = \"{}\"", cap.display())).await;
     let addr = gw.addr.to_string();
     let o = terminal(&[
         "--gateway",
@@ -279,6 +281,7 @@ async fn capture_then_replay_against_a_fresh_gateway() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
     gw.stop().await;
     server.stop().await;
+    common::audit_ok(&inv).await;
     let text = std::fs::read_to_string(&cap).unwrap();
     let capture = pingate::capture::Capture::parse(&text).unwrap();
     assert_eq!(capture.records.len(), 26, "13 requests and 13 answers");
@@ -298,7 +301,7 @@ async fn capture_then_replay_against_a_fresh_gateway() {
     // The golden capture, and this one, each replayed against a fresh gateway and PIN server: every answer matches.
     // (Against the same gateway twice, the second pass would differ, rightly: its sale with STAN 5 was reversed.)
     for (i, file) in [cap.to_str().unwrap(), GOLDEN].into_iter().enumerate() {
-        let (_inv, server, gw) = rig(&format!("replay-{i}")).await;
+        let (inv, server, gw) = rig(&format!("replay-{i}")).await;
         let o = pingate(&["replay", file, "--gateway", &gw.addr.to_string()]).await;
         let out = String::from_utf8_lossy(&o.stdout);
         assert!(
@@ -427,7 +430,7 @@ async fn tshark_captures_import_and_replay_against_a_real_gateway() {
     }
     assert_eq!(masked, 4, "four answers carried a PIN");
     // The imported capture replays against a fresh gateway and PIN server with every answer matching.
-    let (_inv, server, gw) = rig("pcap-replay").await;
+    let (inv, server, gw) = rig("pcap-replay").await;
     let file = d.join("contract.pcapng.capture");
     let o = replay_tool(&["replay", file.to_str().unwrap(), "--gateway", &gw.addr.to_string()]).await;
     let out = String::from_utf8_lossy(&o.stdout);
@@ -435,6 +438,7 @@ async fn tshark_captures_import_and_replay_against_a_real_gateway() {
     assert!(out.contains("13 requests replayed: 13 answers match"), "{out}");
     gw.stop().await;
     server.stop().await;
+    common::audit_ok(&inv).await;
     // A file that is not a capture is named.
     let o = replay_tool(&[
         "import",

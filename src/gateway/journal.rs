@@ -386,6 +386,37 @@ impl Live {
     }
 }
 
+/// What a journal holds and owes, read without writing anything (`pingate audit`; the gateway may be running).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Holdings {
+    /// Ids of PINs cached, unsold.
+    pub cached: Vec<i64>,
+    /// Ids of PINs sold from the cache and not yet confirmed to the server.
+    pub unconfirmed: Vec<i64>,
+    /// Ids of PINs on their way back to the server.
+    pub releasing: Vec<i64>,
+    /// Reversals (and on-demand sales of unknown outcome, which are reversed) not yet acknowledged.
+    pub reverse: usize,
+}
+
+/// Reads the journal at `path` without writing to it: what it holds and owes.
+pub fn inspect(path: &Path, cipher: &PinCipher) -> Result<Holdings, JournalError> {
+    let (records, _) = read_records_as(path, cipher, false)?;
+    let mut live = Live::default();
+    for (r, f) in records {
+        live.apply(&r, f);
+    }
+    let mut h = Holdings {
+        cached: live.cached.keys().copied().collect(),
+        unconfirmed: live.sold.keys().copied().collect(),
+        releasing: live.releasing.iter().copied().collect(),
+        reverse: live.asked.len() + live.reverse.len(),
+    };
+    h.cached.sort_unstable();
+    h.unconfirmed.sort_unstable();
+    Ok(h)
+}
+
 /// What the journal says the gateway holds and owes, after a restart.
 #[derive(Debug, Default)]
 pub struct Recovered {
@@ -467,6 +498,11 @@ type Framed = Vec<(Record, Vec<u8>)>;
 
 /// Reads a journal: the records, and how many bytes followed the last valid one (a torn tail, cut off).
 fn read_records(path: &Path, cipher: &PinCipher) -> Result<(Framed, u64), JournalError> {
+    read_records_as(path, cipher, true)
+}
+
+/// [`read_records`]; a torn tail is kept aside only when `aside` (never by a reader that must not write).
+fn read_records_as(path: &Path, cipher: &PinCipher, aside: bool) -> Result<(Framed, u64), JournalError> {
     let mut data = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut data))
@@ -511,7 +547,7 @@ fn read_records(path: &Path, cipher: &PinCipher) -> Result<(Framed, u64), Journa
                 .into(),
         });
     }
-    if torn > 0 {
+    if torn > 0 && aside {
         let aside = path.with_extension(format!("tail-{}", crate::store::unix_now()));
         std::fs::write(&aside, &data[at..]).map_err(io(&aside))?;
     }

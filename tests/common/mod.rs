@@ -113,3 +113,14 @@ pub async fn stock(
 pub fn count(s: &std::collections::HashMap<(String, String), i64>, product: &str, state: &str) -> i64 {
     s.get(&(product.to_string(), state.to_string())).copied().unwrap_or(0)
 }
+
+/// `pingate audit` of an inventory (SQLite): every invariant must hold.
+pub async fn audit_ok(inv: &pingate::demo::Inventory) {
+    audit_url_ok(&pingate::store::handle::DbUrl::Sqlite(inv.db.clone())).await
+}
+
+/// `pingate audit` of any inventory: every invariant must hold.
+pub async fn audit_url_ok(db: &pingate::store::handle::DbUrl) {
+    let r = pingate::audit::run(db, &[], None).await.unwrap();
+    assert!(r.ok(), "audit:\n{}", r.text());
+}

@@ -1,0 +1,431 @@
+//! `pingate audit`: checks the inventory's invariants, reconciles gateways' journals with it, and reports a day.
+//!
+//! Invariants, each a query (the same SQL on SQLite and PostgreSQL, read-only):
+//! - every sold or voided PIN has exactly one sale, and every sale's PIN is sold or voided;
+//! - every voided PIN was reversed (a reversal names it);
+//! - every reserved PIN has a holder and a lease, and the lease has not ended (a reservation whose holder is not
+//!   alive must be reconciled: `pingate pins leases`, `pingate pins return-expired`);
+//! - no available or expired PIN has a sale;
+//! - the audit trail agrees with the states: each PIN's last audit row is its state, each row starts where the
+//!   previous one ended, and every step is an allowed edge.
+//!
+//! A gateway journal given with `--gateway-journal` is read (never written) and checked against the server: every PIN
+//! it caches is reserved to it, every cache sale it has not had confirmed is reserved to it or sold. Its open
+//! store-and-forward items are reported.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use crate::store::handle::DbUrl;
+use crate::store::PinState;
+
+/// Errors that stop an audit (violations are not errors: they are its findings).
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("database: {0}")]
+    Db(String),
+    #[error("journal {path}: {reason}")]
+    Journal { path: PathBuf, reason: String },
+    /// `--day` is not `YYYY-MM-DD`.
+    #[error("day `{0}`: expected YYYY-MM-DD")]
+    Day(String),
+}
+
+/// One broken invariant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// Which check (`sold-without-sale`, ...).
+    pub check: &'static str,
+    /// What and where (PIN ids, gateway).
+    pub detail: String,
+}
+
+/// A gateway journal's part of the reconciliation.
+#[derive(Clone, Debug, Default)]
+pub struct JournalPart {
+    pub path: PathBuf,
+    pub gateway: String,
+    pub cached: usize,
+    pub unconfirmed: usize,
+    pub releasing: usize,
+    pub reversals: usize,
+}
+
+/// What an audit found.
+#[derive(Clone, Debug, Default)]
+pub struct AuditReport {
+    pub violations: Vec<Violation>,
+    /// (product, amount, state, count)
+    pub stock: Vec<(String, String, String, i64)>,
+    /// The day reported (`YYYY-MM-DD`, UTC) and its sales: (terminal, product, amount, sales, total).
+    pub day: Option<String>,
+    pub sales: Vec<(String, String, String, i64, i64)>,
+    /// Reversals of the day: (terminal, count).
+    pub reversals: Vec<(String, i64)>,
+    pub journals: Vec<JournalPart>,
+}
+
+impl AuditReport {
+    pub fn ok(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    /// The report for a person.
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "stock by product, amount and state:");
+        for (p, a, st, n) in &self.stock {
+            let _ = writeln!(s, "  {p} {a} {st}: {n}");
+        }
+        if let Some(day) = &self.day {
+            let _ = writeln!(s, "sales on {day} (UTC), by terminal, product and amount:");
+            for (t, p, a, n, total) in &self.sales {
+                let _ = writeln!(s, "  {t} {p} {a}: {n} sales, {total} in all");
+            }
+            let n: i64 = self.sales.iter().map(|x| x.3).sum();
+            let _ = writeln!(s, "  total: {n} sales");
+            let _ = writeln!(s, "reversals on {day}:");
+            for (t, n) in &self.reversals {
+                let _ = writeln!(s, "  {t}: {n}");
+            }
+        }
+        for j in &self.journals {
+            let _ = writeln!(
+                s,
+                "gateway {} ({}): {} PINs cached, {} cache sales to confirm, {} releases and {} reversals to forward",
+                j.gateway,
+                j.path.display(),
+                j.cached,
+                j.unconfirmed,
+                j.releasing,
+                j.reversals
+            );
+        }
+        if self.violations.is_empty() {
+            let _ = writeln!(s, "every invariant holds");
+        } else {
+            let _ = writeln!(s, "{} violations:", self.violations.len());
+            for v in &self.violations {
+                let _ = writeln!(s, "  {}: {}", v.check, v.detail);
+            }
+        }
+        s
+    }
+
+    /// The report as CSV: `section,key1,key2,key3,value` rows.
+    pub fn csv(&self) -> String {
+        let mut s = String::from("section,a,b,c,value\n");
+        let q = |v: &str| {
+            if v.contains([',', '"', '\n']) {
+                format!("\"{}\"", v.replace('"', "\"\""))
+            } else {
+                v.to_string()
+            }
+        };
+        for (p, a, st, n) in &self.stock {
+            let _ = writeln!(s, "stock,{},{},{},{n}", q(p), q(a), q(st));
+        }
+        for (t, p, a, n, total) in &self.sales {
+            let _ = writeln!(s, "sales,{},{},{},{n}", q(t), q(p), q(a));
+            let _ = writeln!(s, "sales_total,{},{},{},{total}", q(t), q(p), q(a));
+        }
+        for (t, n) in &self.reversals {
+            let _ = writeln!(s, "reversals,{},,,{n}", q(t));
+        }
+        for j in &self.journals {
+            let g = q(&j.gateway);
+            let _ = writeln!(s, "open_confirms,{g},,,{}", j.unconfirmed);
+            let _ = writeln!(s, "open_reversals,{g},,,{}", j.reversals);
+            let _ = writeln!(s, "open_releases,{g},,,{}", j.releasing);
+        }
+        for v in &self.violations {
+            let _ = writeln!(s, "violation,{},{},,1", v.check, q(&v.detail));
+        }
+        s
+    }
+}
+
+/// A read-only connection to either backend; every query returns text columns.
+enum Db {
+    Sqlite(rusqlite::Connection),
+    Pg(tokio_postgres::Client),
+}
+
+impl Db {
+    async fn open(url: &DbUrl) -> Result<Db, AuditError> {
+        match url {
+            DbUrl::Sqlite(p) => rusqlite::Connection::open_with_flags(p, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .map(Db::Sqlite)
+                .map_err(|e| AuditError::Db(format!("{}: {e}", p.display()))),
+            DbUrl::Postgres(u) => {
+                let (client, conn) = tokio_postgres::connect(u, tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| AuditError::Db(e.to_string()))?;
+                tokio::spawn(conn);
+                Ok(Db::Pg(client))
+            }
+        }
+    }
+
+    async fn rows(&self, sql: &str) -> Result<Vec<Vec<String>>, AuditError> {
+        let err = |e: String| {
+            AuditError::Db(format!(
+                "{e} in `{}`",
+                sql.split_whitespace().collect::<Vec<_>>().join(" ")
+            ))
+        };
+        match self {
+            Db::Sqlite(c) => {
+                let mut st = c.prepare(sql).map_err(|e| err(e.to_string()))?;
+                let n = st.column_count();
+                let rows = st
+                    .query_map([], |r| {
+                        (0..n)
+                            .map(|i| r.get::<_, Option<String>>(i).map(Option::unwrap_or_default))
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                    .map_err(|e| err(e.to_string()))?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(|e| err(e.to_string()))
+            }
+            Db::Pg(c) => {
+                let rows = c.query(sql, &[]).await.map_err(|e| err(e.to_string()))?;
+                Ok(rows
+                    .iter()
+                    .map(|r| {
+                        (0..r.len())
+                            .map(|i| r.get::<_, Option<String>>(i).unwrap_or_default())
+                            .collect()
+                    })
+                    .collect())
+            }
+        }
+    }
+}
+
+/// The invariants: (check name, what a row means, SQL returning one text column per finding).
+fn checks(now: i64) -> Vec<(&'static str, &'static str, String)> {
+    let allowed: Vec<String> = PinState::ALL
+        .iter()
+        .flat_map(|a| PinState::ALL.iter().map(move |b| (*a, *b)))
+        .filter(|(a, b)| a.can_move_to(*b))
+        .map(|(a, b)| format!("'{}>{}'", a.as_str(), b.as_str()))
+        .collect();
+    vec![
+        (
+            "sold-without-sale",
+            "PIN sold or voided with no sale",
+            "SELECT CAST(id AS TEXT) FROM pins p WHERE state IN ('sold', 'voided') \
+             AND NOT EXISTS (SELECT 1 FROM sales s WHERE s.pin_id = p.id)"
+                .into(),
+        ),
+        (
+            "sale-of-unsold-pin",
+            "a sale of a PIN that is neither sold nor voided",
+            "SELECT CAST(s.pin_id AS TEXT) || ' (' || p.state || ')' FROM sales s JOIN pins p ON p.id = s.pin_id \
+             WHERE p.state NOT IN ('sold', 'voided')"
+                .into(),
+        ),
+        (
+            "sold-twice",
+            "a PIN with more than one sale",
+            "SELECT CAST(pin_id AS TEXT) FROM sales GROUP BY pin_id HAVING COUNT(*) > 1".into(),
+        ),
+        (
+            "voided-without-reversal",
+            "a voided PIN that no reversal names",
+            "SELECT CAST(id AS TEXT) FROM pins p WHERE state = 'voided' \
+             AND NOT EXISTS (SELECT 1 FROM reversals r WHERE r.pin_id = p.id)"
+                .into(),
+        ),
+        (
+            "reservation-without-holder",
+            "a reserved PIN with no holder or no lease",
+            "SELECT CAST(id AS TEXT) FROM pins WHERE state = 'reserved' AND (holder IS NULL OR lease_until IS NULL)"
+                .into(),
+        ),
+        (
+            "reservation-expired",
+            "a reservation whose lease ended: its holder must be reconciled (pins leases, pins return-expired)",
+            format!(
+                "SELECT CAST(id AS TEXT) || ' held by ' || holder FROM pins \
+                 WHERE state = 'reserved' AND lease_until < {now}"
+            ),
+        ),
+        (
+            "trail-disagrees",
+            "a PIN whose last audit row is not its state",
+            "SELECT CAST(p.id AS TEXT) || ' is ' || p.state FROM pins p WHERE p.state <> \
+             (SELECT a.to_state FROM audit a WHERE a.pin_id = p.id ORDER BY a.seq DESC LIMIT 1) \
+             OR NOT EXISTS (SELECT 1 FROM audit a WHERE a.pin_id = p.id)"
+                .into(),
+        ),
+        (
+            "trail-broken",
+            "an audit row that does not start where the PIN's previous row ended",
+            "SELECT CAST(pin_id AS TEXT) || ' row ' || CAST(seq AS TEXT) FROM \
+             (SELECT pin_id, seq, from_state, LAG(to_state) OVER (PARTITION BY pin_id ORDER BY seq) AS prev \
+              FROM audit) t \
+             WHERE COALESCE(from_state, '-') <> COALESCE(prev, '-')"
+                .into(),
+        ),
+        (
+            "trail-edge-not-allowed",
+            "an audit row moving a PIN along an edge that is not allowed",
+            format!(
+                "SELECT CAST(pin_id AS TEXT) || ' ' || from_state || ' -> ' || to_state FROM audit \
+                 WHERE from_state IS NOT NULL AND from_state || '>' || to_state NOT IN ({})",
+                allowed.join(", ")
+            ),
+        ),
+    ]
+}
+
+/// `YYYY-MM-DD` → the day's first second and the next day's (UTC).
+fn day_bounds(day: &str) -> Result<(i64, i64), AuditError> {
+    let bad = || AuditError::Day(day.into());
+    let mut parts = day.split('-');
+    let (Some(y), Some(m), Some(d), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    if y.len() != 4 || m.len() != 2 || d.len() != 2 {
+        return Err(bad());
+    }
+    let y: i32 = y.parse().map_err(|_| bad())?;
+    let m: u8 = m.parse().map_err(|_| bad())?;
+    let d: u8 = d.parse().map_err(|_| bad())?;
+    let month = time::Month::try_from(m).map_err(|_| bad())?;
+    let d = time::Date::from_calendar_date(y, month, d).map_err(|_| bad())?;
+    let start = d.midnight().assume_utc().unix_timestamp();
+    Ok((start, start + 86_400))
+}
+
+/// A gateway journal to reconcile, with the keys that open it.
+#[derive(Clone, Debug)]
+pub struct JournalInput {
+    pub path: PathBuf,
+    pub keys: String,
+    /// The gateway's id at the PIN server (the holder of its reservations).
+    pub gateway: String,
+}
+
+/// Runs every check, reads the journals, and reports `day` (UTC) if given.
+pub async fn run(db: &DbUrl, journals: &[JournalInput], day: Option<&str>) -> Result<AuditReport, AuditError> {
+    let conn = Db::open(db).await?;
+    let mut report = AuditReport::default();
+    for (check, meaning, sql) in checks(crate::store::unix_now()) {
+        let rows = conn.rows(&sql).await?;
+        if !rows.is_empty() {
+            let ids: Vec<String> = rows.iter().take(20).map(|r| r[0].clone()).collect();
+            let more = if rows.len() > 20 {
+                format!(" and {} more", rows.len() - 20)
+            } else {
+                String::new()
+            };
+            report.violations.push(Violation {
+                check,
+                detail: format!("{meaning}: {}{more}", ids.join(", ")),
+            });
+        }
+    }
+    for r in conn
+        .rows(
+            "SELECT product, CAST(amount AS TEXT), state, CAST(COUNT(*) AS TEXT) FROM pins \
+             GROUP BY product, amount, state ORDER BY product, amount, state",
+        )
+        .await?
+    {
+        report
+            .stock
+            .push((r[0].clone(), r[1].clone(), r[2].clone(), r[3].parse().unwrap_or(0)));
+    }
+    if let Some(day) = day {
+        let (from, to) = day_bounds(day)?;
+        report.day = Some(day.into());
+        for r in conn
+            .rows(&format!(
+                "SELECT terminal_id, product, CAST(amount AS TEXT), CAST(COUNT(*) AS TEXT), \
+                 CAST(SUM(amount) AS TEXT) FROM sales WHERE sold_at >= {from} AND sold_at < {to} \
+                 GROUP BY terminal_id, product, amount ORDER BY terminal_id, product, amount"
+            ))
+            .await?
+        {
+            report.sales.push((
+                r[0].clone(),
+                r[1].clone(),
+                r[2].clone(),
+                r[3].parse().unwrap_or(0),
+                r[4].parse().unwrap_or(0),
+            ));
+        }
+        for r in conn
+            .rows(&format!(
+                "SELECT terminal_id, CAST(COUNT(*) AS TEXT) FROM reversals WHERE at >= {from} AND at < {to} \
+                 GROUP BY terminal_id ORDER BY terminal_id"
+            ))
+            .await?
+        {
+            report.reversals.push((r[0].clone(), r[1].parse().unwrap_or(0)));
+        }
+    }
+    for j in journals {
+        let cipher = crate::store::crypto::PinCipher::from_spec(&j.keys).map_err(|e| AuditError::Journal {
+            path: j.path.clone(),
+            reason: e.to_string(),
+        })?;
+        let held = crate::gateway::journal::inspect(&j.path, &cipher).map_err(|e| AuditError::Journal {
+            path: j.path.clone(),
+            reason: e.to_string(),
+        })?;
+        // Each PIN the journal holds: its state and holder at the server.
+        let mut ids: Vec<i64> = held.cached.clone();
+        ids.extend(held.unconfirmed.iter().copied());
+        let mut states = std::collections::HashMap::new();
+        for chunk in ids.chunks(500) {
+            let list: Vec<String> = chunk.iter().map(|i| i.to_string()).collect();
+            for r in conn
+                .rows(&format!(
+                    "SELECT CAST(id AS TEXT), state, COALESCE(holder, '') FROM pins WHERE id IN ({})",
+                    list.join(",")
+                ))
+                .await?
+            {
+                states.insert(r[0].parse::<i64>().unwrap_or(-1), (r[1].clone(), r[2].clone()));
+            }
+        }
+        for id in &held.cached {
+            match states.get(id) {
+                Some((s, h)) if s == "reserved" && *h == j.gateway => {}
+                other => report.violations.push(Violation {
+                    check: "journal-cache-not-reserved",
+                    detail: format!(
+                        "{} caches PIN {id}, which the server has as {}",
+                        j.gateway,
+                        other.map_or("missing".to_string(), |(s, h)| format!("{s} (holder {h})"))
+                    ),
+                }),
+            }
+        }
+        for id in &held.unconfirmed {
+            match states.get(id) {
+                Some((s, h)) if (s == "reserved" && *h == j.gateway) || s == "sold" || s == "voided" => {}
+                other => report.violations.push(Violation {
+                    check: "journal-sale-unknown",
+                    detail: format!(
+                        "{} sold PIN {id} from its cache, which the server has as {}",
+                        j.gateway,
+                        other.map_or("missing".to_string(), |(s, h)| format!("{s} (holder {h})"))
+                    ),
+                }),
+            }
+        }
+        report.journals.push(JournalPart {
+            path: j.path.clone(),
+            gateway: j.gateway.clone(),
+            cached: held.cached.len(),
+            unconfirmed: held.unconfirmed.len(),
+            releasing: held.releasing.len(),
+            reversals: held.reverse,
+        });
+    }
+    Ok(report)
+}
