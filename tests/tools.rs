@@ -315,6 +315,7 @@ async fn capture_then_replay_against_a_fresh_gateway() {
         );
         gw.stop().await;
         server.stop().await;
+        common::audit_ok(&inv).await;
     }
     let (_inv2, server2, gw2) = rig("replay-changed").await;
     let addr2 = gw2.addr.to_string();
