@@ -538,7 +538,7 @@ async fn server(args: ServerArgs) -> Result<String, String> {
 async fn gateway(config: PathBuf) -> Result<String, String> {
     let cfg = crate::gateway::config::GatewayConfig::load(&config).map_err(|e| e.to_string())?;
     init_logging(cfg.log.as_deref())?;
-    crate::gateway::run(cfg, shutdown_signal())
+    crate::gateway::run(cfg, Some(config), shutdown_signal())
         .await
         .map_err(|e| e.to_string())?;
     Ok("gateway stopped".into())

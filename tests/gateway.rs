@@ -1009,3 +1009,128 @@ async fn an_idle_terminal_connection_is_closed() {
     server.stop().await;
     common::audit_ok(&inv).await;
 }
+
+#[tokio::test]
+async fn a_reload_applies_the_registry_and_watermarks_and_names_what_needs_a_restart() {
+    let (inv, server, gw) = setup("reload", 200, 5, 10, ("", "")).await;
+    cached_at_least(&gw, 5).await;
+    let mut t = gw.terminal().await.unwrap();
+    let newcomer = Identity {
+        terminal_id: "NEWTERM1".into(),
+        merchant_id: pingate::demo::MERCHANT.into(),
+    };
+    assert_eq!(
+        code(&t.call(&newcomer.sale(&spec(1, ON_DEMAND), false)).await.unwrap()),
+        "58"
+    );
+    // The file changes: a new terminal, new watermarks, and a listener setting (which needs a restart).
+    let path = inv.dir.join("gateway-gw1.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text.replace("low = 5\nhigh = 10", "low = 20\nhigh = 40").replace(
+        "[[terminal]]\nid = \"DEMO0001\"",
+        "[[terminal]]\nid = \"NEWTERM1\"\nmerchant = \"DEMOMERCHANT001\"\n\n[[terminal]]\nid = \"DEMO0001\"",
+    ) + "";
+    let text = text.replacen(
+        "dialect = \"iso87-ascii-binbitmap\"",
+        "dialect = \"iso87-ascii-binbitmap\"\nmax_frame = 2048",
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    let new = pingate::gateway::config::GatewayConfig::load(&path).unwrap();
+    let r = gw.gateway.reload(&new);
+    assert_eq!(r.applied.len(), 2, "{r:?}");
+    assert!(
+        r.applied[0].starts_with("terminal registry: 9 terminals (1 added"),
+        "{r:?}"
+    );
+    assert!(r.applied[1].contains("modes and watermarks"), "{r:?}");
+    assert_eq!(r.needs_restart, ["listener"]);
+    assert_eq!(
+        code(&t.call(&newcomer.sale(&spec(2, ON_DEMAND), false)).await.unwrap()),
+        "00"
+    );
+    let level = gw
+        .gateway
+        .stock()
+        .cache
+        .into_iter()
+        .find(|l| l.product == PREFETCH)
+        .unwrap();
+    assert_eq!((level.low, level.high), (20, 40));
+    cached_at_least(&gw, 20).await;
+    // Prefetch turned off: the cached PINs go back to the server.
+    let off = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("mode = \"prefetch\"\nlow = 20\nhigh = 40", "mode = \"on_demand\"");
+    std::fs::write(&path, off).unwrap();
+    let r = gw
+        .gateway
+        .reload(&pingate::gateway::config::GatewayConfig::load(&path).unwrap());
+    assert_eq!(r.applied.len(), 1, "{r:?}");
+    assert!(gw.gateway.stock().cache.iter().all(|l| l.product != PREFETCH));
+    let mut back = false;
+    for _ in 0..300 {
+        let s = stock(&inv, server.addr).await;
+        if count(&s, PREFETCH, "reserved") == 0 {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(back, "the cached PINs were released");
+    assert_eq!(
+        code(&t.call(&term(1).sale(&spec(3, PREFETCH), false)).await.unwrap()),
+        "00"
+    );
+    drop(t);
+    gw.stop().await;
+    server.stop().await;
+    common::audit_ok(&inv).await;
+}
+
+#[tokio::test]
+async fn sighup_reloads_a_running_gateway_process() {
+    let inv = Inventory::create(&dir("sighup"), &["gw1", "obs"], &sample_products(50)).unwrap();
+    let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let listen = free_port();
+    let files = GatewayFiles::write(&inv, "gw1", &[server.addr], listen, 2, &sample_modes(3, 6), ("", "")).unwrap();
+    let log = inv.dir.join("gateway.log");
+    let gw = spawn_gateway(&files.config, &log);
+    let mut t = connect(listen).await;
+    let newcomer = Identity {
+        terminal_id: "NEWTERM2".into(),
+        merchant_id: pingate::demo::MERCHANT.into(),
+    };
+    assert_eq!(
+        code(&t.call(&newcomer.sale(&spec(1, ON_DEMAND), false)).await.unwrap()),
+        "58"
+    );
+    let text = std::fs::read_to_string(&files.config).unwrap();
+    std::fs::write(
+        &files.config,
+        format!("{text}\n[[terminal]]\nid = \"NEWTERM2\"\nmerchant = \"DEMOMERCHANT001\"\n"),
+    )
+    .unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &gw.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let mut approved = false;
+    for stan in 2..200 {
+        if code(&t.call(&newcomer.sale(&spec(stan, ON_DEMAND), false)).await.unwrap()) == "00" {
+            approved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(approved, "the new terminal was admitted after SIGHUP");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("SIGHUP: applied") && logged.contains("terminal registry"),
+        "{logged}"
+    );
+    drop(t);
+    drop(gw);
+    server.stop().await;
+}

@@ -145,6 +145,37 @@ impl PinCache {
         }
     }
 
+    /// New modes and watermarks (a reload): prefetch products keep their PINs with the new marks, new ones start
+    /// empty, and the PINs of products no longer prefetched are set aside to go back to the server
+    /// ([`PinCache::take_stale`]).
+    pub fn set_modes(&mut self, products: impl IntoIterator<Item = (String, i64, Mode)>, now: Instant) {
+        let mut keep = std::collections::HashSet::new();
+        for (code, amount, mode) in products {
+            if let Mode::Prefetch { low, high } = mode {
+                keep.insert((code.clone(), amount));
+                let slot = self.slots.entry((code, amount)).or_insert_with(|| Slot {
+                    low,
+                    high,
+                    pins: VecDeque::new(),
+                    rate: 0.0,
+                    window_start: now,
+                    window_sales: 0,
+                    refilling: false,
+                    hits: 0,
+                    misses: 0,
+                });
+                slot.low = low;
+                slot.high = high;
+            }
+        }
+        let gone: Vec<(String, i64)> = self.slots.keys().filter(|k| !keep.contains(*k)).cloned().collect();
+        for k in gone {
+            if let Some(slot) = self.slots.remove(&k) {
+                self.stale.extend(slot.pins);
+            }
+        }
+    }
+
     /// PINs set aside by [`PinCache::take`] because their lease was ending: to release.
     pub fn take_stale(&mut self) -> Vec<CachedPin> {
         std::mem::take(&mut self.stale)

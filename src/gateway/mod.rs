@@ -314,6 +314,19 @@ pub struct Gateway {
     /// The serial lines' status, for the operator and for tests that wait on a line.
     lines: watch::Sender<serial::LineBoard>,
     metrics: GatewayMetrics,
+    /// The terminal registry, replaced whole on a reload (SIGHUP).
+    terminals: std::sync::RwLock<Arc<config::TerminalRegistry>>,
+    /// Products and amounts with their modes, as last loaded (a reload compares against these).
+    products: Mutex<Vec<config::ProductConfig>>,
+}
+
+/// What a reload did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// What changed and was applied.
+    pub applied: Vec<String>,
+    /// What changed and needs a restart (keys as in the configuration file).
+    pub needs_restart: Vec<String>,
 }
 
 /// Counters and timings the metrics endpoint shows beside [`Stats`] and [`StockReport`].
@@ -401,6 +414,7 @@ impl Gateway {
         let tls = Arc::new(crate::tls::client_config(&cfg.cert, &cfg.key, &cfg.ca)?);
         let upstream = Upstream::start(cfg.servers.clone(), tls, cfg.upstream.clone());
         let now = Instant::now();
+        let (cfg_terminals, cfg_products) = (cfg.terminals.clone(), cfg.products.clone());
         let cache = PinCache::new(
             cfg.products.iter().map(|p| (p.code.clone(), p.amount, p.mode)),
             cfg.refill_cover,
@@ -432,6 +446,8 @@ impl Gateway {
                 requests: Default::default(),
                 latency: crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS),
             },
+            terminals: std::sync::RwLock::new(Arc::new(cfg_terminals)),
+            products: Mutex::new(cfg_products),
         });
         tracing::info!(
             cached = recovered.cached.len(),
@@ -527,7 +543,7 @@ impl Gateway {
             }
             Ok(TerminalRequest::Network(_)) => {
                 let terminal = msg.terminal_id().unwrap_or_default();
-                let ok = self.cfg.terminals.permits(terminal, msg.merchant_id(), None);
+                let ok = self.registry().permits(terminal, msg.merchant_id(), None);
                 if !ok {
                     tracing::info!(terminal, "network request from an unknown terminal");
                 }
@@ -575,8 +591,7 @@ impl Gateway {
     async fn sale(&self, msg: &Message, s: SaleRequest, deadline: Instant) -> Reply {
         let key = s.key.clone();
         if !self
-            .cfg
-            .terminals
+            .registry()
             .permits(&key.terminal_id, Some(&s.merchant_id), Some(&s.product))
         {
             return self.declined(msg, &key, ResponseCode::NotPermitted);
@@ -846,8 +861,7 @@ impl Gateway {
 
     async fn reversal(&self, msg: &Message, r: ReversalRequest, deadline: Instant) -> Message {
         if !self
-            .cfg
-            .terminals
+            .registry()
             .permits(&r.sale.terminal_id, Some(&r.merchant_id), Some(&r.product))
         {
             return answer(msg, ResponseCode::NotPermitted);
@@ -1276,6 +1290,94 @@ impl Gateway {
     }
 
     /// What the gateway holds and owes now.
+    /// The terminal registry in force.
+    fn registry(&self) -> Arc<config::TerminalRegistry> {
+        self.terminals.read().expect("not poisoned").clone()
+    }
+
+    /// Applies what can change without a restart (the terminal registry, products' modes and watermarks) from
+    /// `new`, and says what else changed and needs a restart. PINs of a product no longer prefetched go back to the
+    /// PIN server.
+    pub fn reload(&self, new: &GatewayConfig) -> ReloadReport {
+        let mut r = ReloadReport::default();
+        let old_terminals = self.registry();
+        if old_terminals.terminals != new.terminals.terminals {
+            let added = new
+                .terminals
+                .terminals
+                .keys()
+                .filter(|k| !old_terminals.terminals.contains_key(*k))
+                .count();
+            let removed = old_terminals
+                .terminals
+                .keys()
+                .filter(|k| !new.terminals.terminals.contains_key(*k))
+                .count();
+            *self.terminals.write().expect("not poisoned") = Arc::new(new.terminals.clone());
+            r.applied.push(format!(
+                "terminal registry: {} terminals ({added} added, {removed} removed, others may have changed)",
+                new.terminals.terminals.len()
+            ));
+        }
+        {
+            let mut products = self.products.lock().expect("not poisoned");
+            if *products != new.products {
+                self.cache.lock().expect("not poisoned").set_modes(
+                    new.products.iter().map(|p| (p.code.clone(), p.amount, p.mode)),
+                    Instant::now(),
+                );
+                *products = new.products.clone();
+                r.applied.push(format!(
+                    "products: {} listed, modes and watermarks applied",
+                    new.products.len()
+                ));
+                self.refill_wake.notify_one();
+            }
+        }
+        let c = &self.cfg;
+        let mut restart = |key: &str, changed: bool| {
+            if changed {
+                r.needs_restart.push(key.to_string());
+            }
+        };
+        restart("gateway.journal", c.journal != new.journal);
+        restart("gateway.journal_keys_file", c.journal_keys != new.journal_keys);
+        restart(
+            "gateway.response_deadline_ms",
+            c.response_deadline != new.response_deadline,
+        );
+        restart(
+            "gateway.keep_cache_on_shutdown",
+            c.keep_cache_on_shutdown != new.keep_cache_on_shutdown,
+        );
+        restart("gateway.admin", c.admin != new.admin);
+        restart("gateway.metrics", c.metrics != new.metrics);
+        restart("gateway.repeat_window_secs", c.repeat_window != new.repeat_window);
+        restart("gateway.repeat_max", c.repeat_max != new.repeat_max);
+        restart("gateway.lease_secs", c.lease != new.lease);
+        restart("gateway.refill_cover_secs", c.refill_cover != new.refill_cover);
+        restart("gateway.refill_lead_secs", c.refill_lead != new.refill_lead);
+        restart("gateway.protocols", c.protocols != new.protocols);
+        restart("gateway.log", c.log != new.log);
+        restart(
+            "upstream",
+            c.servers
+                .iter()
+                .map(|s| (s.addr, &s.name))
+                .ne(new.servers.iter().map(|s| (s.addr, &s.name)))
+                || c.cert != new.cert
+                || c.key != new.key
+                || c.ca != new.ca
+                || format!("{:?}", c.upstream) != format!("{:?}", new.upstream),
+        );
+        restart(
+            "listener",
+            format!("{:?}", c.listeners) != format!("{:?}", new.listeners),
+        );
+        restart("serial", format!("{:?}", c.serial) != format!("{:?}", new.serial));
+        r
+    }
+
     /// The metrics endpoint's text (Prometheus exposition format).
     pub fn metrics_text(&self) -> String {
         use crate::metrics::Exposition;
@@ -1565,7 +1667,13 @@ impl Gateway {
 
 /// Runs a gateway from its configuration until `shutdown`: every listener, the admin socket, then a clean
 /// shutdown (terminals drained, cached PINs released unless kept, queued work flushed).
-pub async fn run(cfg: GatewayConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), GatewayError> {
+/// Runs the gateway of `cfg` until `shutdown`. With `reload_from`, SIGHUP reads that file again and applies what can
+/// change without a restart ([`Gateway::reload`]); a file with problems changes nothing and its problems are logged.
+pub async fn run(
+    cfg: GatewayConfig,
+    reload_from: Option<std::path::PathBuf>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), GatewayError> {
     let dialects = match &cfg.protocols {
         Some(dir) => crate::iso8583::Dialects::load(dir)?,
         None => crate::iso8583::Dialects::builtin(),
@@ -1620,7 +1728,36 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl std::future::Future<Output =
         let source: Arc<dyn crate::metrics::Source> = Arc::new(MetricsSource(gw.clone()));
         tasks.spawn(crate::metrics::serve(l, source, stop.clone()));
     }
-    shutdown.await;
+    let reloads = async {
+        let Some(path) = reload_from else {
+            return std::future::pending().await;
+        };
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; configuration reloads are off");
+            return std::future::pending().await;
+        };
+        while hup.recv().await.is_some() {
+            match GatewayConfig::load(&path) {
+                Err(e) => tracing::error!(error = %e, "SIGHUP: the configuration has a problem; nothing changed"),
+                Ok(new) => {
+                    let r = gw.reload(&new);
+                    if r.applied.is_empty() && r.needs_restart.is_empty() {
+                        tracing::info!("SIGHUP: configuration reloaded, nothing changed");
+                    }
+                    for a in &r.applied {
+                        tracing::info!(change = %a, "SIGHUP: applied");
+                    }
+                    if !r.needs_restart.is_empty() {
+                        tracing::warn!(keys = %r.needs_restart.join(", "), "SIGHUP: these changed and need a restart; not applied");
+                    }
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = shutdown => {}
+        _ = reloads => {}
+    }
     tracing::info!("shutting down: draining terminals");
     stop.cancel();
     while tasks.join_next().await.is_some() {}
