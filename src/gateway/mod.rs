@@ -253,6 +253,8 @@ impl Forward {
 /// Counters since start.
 #[derive(Default, Debug, Serialize)]
 pub struct Stats {
+    /// Refills asked of the PIN server (each a `reserve` of up to a product's target).
+    pub refills_started: AtomicU64,
     pub sales_from_cache: AtomicU64,
     pub sales_on_demand: AtomicU64,
     pub declined: AtomicU64,
@@ -521,11 +523,21 @@ impl Gateway {
     pub async fn handle(&self, msg: &Message, received: Instant) -> Reply {
         use tracing::Instrument;
         let mti = msg.mti().to_string();
+        // The RRN the sale has (or would have): derived from its key, so it can be logged before anything is asked.
+        let rrn = match (msg.terminal_id(), msg.get_str(11), msg.get_str(7)) {
+            (Some(t), Some(stan), Some(tx)) if mti.starts_with("02") => rrn_of(&SaleKey {
+                terminal_id: t.into(),
+                stan: stan.into(),
+                transmission: tx.into(),
+            }),
+            _ => String::new(),
+        };
         let span = tracing::info_span!(
             "transaction",
             mti = %mti,
             terminal = msg.terminal_id().unwrap_or(""),
             stan = msg.get_str(11).unwrap_or(""),
+            rrn = %rrn,
         );
         let reply = self.handle_request(msg, received).instrument(span).await;
         let code = reply.message.get_str(39).unwrap_or("none");
@@ -1173,6 +1185,9 @@ impl Gateway {
                 }
                 let due = cache.due(Instant::now());
                 self.refills.fetch_add(due.len() as u64, Ordering::SeqCst);
+                self.stats
+                    .refills_started
+                    .fetch_add(due.len() as u64, Ordering::Relaxed);
                 due
             };
             for (product, amount, count) in due {
@@ -1411,6 +1426,11 @@ impl Gateway {
         );
         for (name, help, v) in [
             ("pingate_gateway_declined_total", "Sales declined.", &st.declined),
+            (
+                "pingate_gateway_refills_total",
+                "Cache refills asked of the PIN server.",
+                &st.refills_started,
+            ),
             (
                 "pingate_gateway_repeats_total",
                 "Repeats and duplicates answered from memory.",
