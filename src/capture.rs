@@ -73,8 +73,8 @@ impl PinPolicy {
     }
 }
 
-/// One captured frame.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One captured frame. Its `Debug` shows the length of the data, not the data (a `clear` capture holds PINs).
+#[derive(Clone, PartialEq, Eq)]
 pub struct Record {
     pub at: Duration,
     pub conn: u64,
@@ -83,6 +83,18 @@ pub struct Record {
     pub data: Bytes,
     /// The line in the file (1-based), for messages.
     pub line: usize,
+}
+
+impl std::fmt::Debug for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Record")
+            .field("at", &self.at)
+            .field("conn", &self.conn)
+            .field("dir", &self.dir)
+            .field("bytes", &self.data.len())
+            .field("line", &self.line)
+            .finish()
+    }
 }
 
 /// A whole capture.
@@ -106,6 +118,9 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Result<Vec<u8>, String> {
+    if let Some(i) = s.find(|c: char| !c.is_ascii_hexdigit()) {
+        return Err(format!("column {} is not a hex digit", i + 1));
+    }
     if s.len() % 2 != 0 {
         return Err("odd number of hex digits".into());
     }
@@ -116,15 +131,6 @@ fn unhex(s: &str) -> Result<Vec<u8>, String> {
                 .map_err(|_| format!("`{}` at column {} is not hex", &s[i..i + 2], i + 1))
         })
         .collect()
-}
-
-fn framing_name(f: Framing) -> &'static str {
-    match f {
-        Framing::Binary2 => "binary2",
-        Framing::Binary2Inclusive => "binary2-inclusive",
-        Framing::Ascii4 => "ascii4",
-        Framing::Bcd2 => "bcd2",
-    }
 }
 
 impl Capture {
@@ -143,7 +149,7 @@ impl Capture {
     pub fn settings_line(&self) -> String {
         let mut s = format!(
             "#! framing={} tpdu={} dialect={} pins={}",
-            framing_name(self.framing),
+            self.framing.name(),
             self.tpdu,
             self.dialect,
             self.pins.name()
@@ -160,17 +166,33 @@ impl Capture {
 
     pub fn parse(text: &str) -> Result<Capture, CaptureError> {
         let mut settings: BTreeMap<String, String> = BTreeMap::new();
-        let mut records = Vec::new();
+        let mut records: Vec<Record> = Vec::new();
+        // After a `#! restart` (the gateway started again, appending): connection numbers and times continue from
+        // where the previous session ended, and the settings must be the same.
+        let (mut conn_offset, mut time_offset) = (0u64, Duration::ZERO);
+        let mut restarted = false;
         for (i, raw) in text.lines().enumerate() {
             let line = i + 1;
             let l = raw.trim();
             let bad = |reason: String| CaptureError::Line { line, reason };
             if let Some(rest) = l.strip_prefix("#!") {
+                if rest.trim() == "restart" {
+                    conn_offset = records.iter().map(|r| r.conn).max().unwrap_or(0);
+                    time_offset = records.last().map_or(Duration::ZERO, |r| r.at);
+                    restarted = true;
+                    continue;
+                }
                 for kv in rest.split_whitespace() {
                     let (k, v) = kv
                         .split_once('=')
                         .ok_or_else(|| bad(format!("setting `{kv}` is not key=value")))?;
-                    settings.insert(k.into(), v.into());
+                    if let Some(old) = settings.insert(k.into(), v.into()) {
+                        if old != v && restarted {
+                            return Err(bad(format!(
+                                "setting `{k}` changes from `{old}` to `{v}` at a restart: split the file there"
+                            )));
+                        }
+                    }
                 }
                 continue;
             }
@@ -184,9 +206,11 @@ impl Capture {
                     parts.len()
                 )));
             }
+            // At most a year into a capture: anything later is a mistake, and keeps time arithmetic safe.
             let at = parts[0]
                 .parse::<f64>()
                 .ok()
+                .filter(|s| *s <= 366.0 * 86_400.0)
                 .and_then(|s| Duration::try_from_secs_f64(s).ok())
                 .ok_or_else(|| bad(format!("time `{}` is not a number of seconds", parts[0])))?;
             let conn: u64 = parts[1]
@@ -203,8 +227,8 @@ impl Capture {
                 unhex(parts[3]).map_err(bad)?
             };
             records.push(Record {
-                at,
-                conn,
+                at: time_offset.saturating_add(at),
+                conn: conn.saturating_add(conn_offset),
                 dir,
                 data: Bytes::from(data),
                 line,
@@ -217,11 +241,9 @@ impl Capture {
             })
         };
         let framing_s = take(&mut settings, "framing")?;
-        let framing = serde_json::from_value(serde_json::Value::String(framing_s.clone())).map_err(|_| {
-            CaptureError::Setting {
-                key: "framing".into(),
-                reason: format!("unknown framing `{framing_s}`"),
-            }
+        let framing = framing_s.parse::<Framing>().map_err(|reason| CaptureError::Setting {
+            key: "framing".into(),
+            reason,
         })?;
         let tpdu = match settings.remove("tpdu").as_deref() {
             None | Some("false") => false,
@@ -290,58 +312,86 @@ pub fn protect_pins(dialect: &Dialect, data: &[u8], tpdu: bool, policy: PinPolic
         return Some(Bytes::copy_from_slice(data));
     }
     let mut msg: Message = dialect.decode(&body).ok()?;
+    let mut pin = None;
     if let Some(f) = msg.get(63).cloned() {
+        // Field 63 that is not a readable receipt cannot be checked for a PIN: the frame is left out.
+        let mut r = PinReceipt::from_tlv(&f).ok()?;
+        let value = r.pin.expose().to_string();
         match policy {
             PinPolicy::Omitted => {
                 msg.remove(63);
             }
             _ => {
-                let mut r = PinReceipt::from_tlv(&f).ok()?;
-                let stars = "*".repeat(r.pin.expose().len());
+                // The PIN may also be printed in a receipt line ("dial *100*PIN#") or a serial: masked everywhere.
+                let stars = "*".repeat(value.len());
+                if !value.is_empty() {
+                    r.serial = r.serial.replace(&value, &stars);
+                    r.lines = r.lines.iter().map(|l| l.replace(&value, &stars)).collect();
+                }
                 r.pin = crate::sale::Pin::new(stars);
-                let tlv = r.to_tlv().ok()?;
-                msg.set(63, tlv.into_bytes());
+                msg.set(63, r.to_tlv().ok()?.into_bytes());
             }
         }
+        pin = Some(value);
     }
     let enc = dialect.encode(&msg).ok()?;
     let mut out = data[..head].to_vec();
     out.extend_from_slice(&enc);
+    // The last word: if the PIN is still in there, in any field, nothing is written.
+    if let Some(p) = pin.filter(|p| p.len() >= 4) {
+        if out.windows(p.len()).any(|w| w == p.as_bytes()) {
+            return None;
+        }
+    }
     Some(Bytes::from(out))
 }
+
+/// Frames waiting for the writer thread at most; beyond, frames are dropped (and counted) rather than held in
+/// memory while a disk stalls.
+const SINK_QUEUE: usize = 65_536;
 
 /// Appends a listener's traffic to a capture file from a thread of its own (terminal tasks never wait on disk).
 #[derive(Clone)]
 pub struct CaptureSink {
-    tx: mpsc::Sender<(Duration, u64, Direction, Bytes)>,
+    tx: mpsc::SyncSender<(Duration, u64, Direction, Bytes)>,
     start: Instant,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl CaptureSink {
-    /// Creates (or appends to) `path`, writing the header first when the file is new.
+    /// Creates (or appends to) `path` (mode 0600: it holds terminal traffic), writing the header first when the file
+    /// is new, and a restart marker when it is not (the reader then keeps the sessions apart).
     pub fn open(path: &Path, header: &Capture) -> std::io::Result<CaptureSink> {
+        use std::os::unix::fs::OpenOptionsExt;
         let new = !path.exists() || std::fs::metadata(path)?.len() == 0;
-        let mut f = std::io::BufWriter::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?);
+        let mut f = std::io::BufWriter::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)?,
+        );
         if new {
             f.write_all(header.to_text().as_bytes())?;
         } else {
-            // A new start in the same file: times restart at 0, and the settings are repeated.
-            writeln!(f, "# restarted\n{}", header.settings_line())?;
+            // A new start in the same file: times and connection numbers start again; the reader offsets them.
+            writeln!(f, "#! restart\n{}", header.settings_line())?;
         }
         f.flush()?;
-        let (tx, rx) = mpsc::channel::<(Duration, u64, Direction, Bytes)>();
+        let (tx, rx) = mpsc::sync_channel::<(Duration, u64, Direction, Bytes)>(SINK_QUEUE);
+        let where_ = path.display().to_string();
         std::thread::Builder::new()
             .name("pingate-capture".into())
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
                     let mut batch = vec![first];
                     batch.extend(rx.try_iter());
+                    let mut ok = true;
                     for (at, conn, dir, data) in batch {
-                        if f.write_all(record_line(at, conn, dir, &data).as_bytes()).is_err() {
-                            return;
-                        }
+                        ok &= f.write_all(record_line(at, conn, dir, &data).as_bytes()).is_ok();
                     }
-                    if f.flush().is_err() {
+                    if !ok || f.flush().is_err() {
+                        tracing::error!(path = %where_, "the capture file cannot be written; capture stops");
                         return;
                     }
                 }
@@ -349,12 +399,19 @@ impl CaptureSink {
         Ok(CaptureSink {
             tx,
             start: Instant::now(),
+            dropped: Default::default(),
         })
     }
 
-    /// Records a frame (already protected: see [`protect_pins`]).
+    /// Records a frame (already protected: see [`protect_pins`]). Never waits: when the writer is behind by
+    /// [`SINK_QUEUE`] frames, the frame is dropped and counted.
     pub fn record(&self, conn: u64, dir: Direction, data: Bytes) {
-        let _ = self.tx.send((self.start.elapsed(), conn, dir, data));
+        if self.tx.try_send((self.start.elapsed(), conn, dir, data)).is_err() {
+            let n = self.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n.is_power_of_two() {
+                tracing::warn!(dropped = n + 1, "capture falls behind; frames dropped from the capture");
+            }
+        }
     }
 }
 
@@ -386,16 +443,48 @@ mod tests {
         assert_eq!(e.to_string(), "capture line 2: direction `X` is neither T nor H");
         let e = Capture::parse("#! framing=binary2 dialect=x\n0.1 1 T 0G\n").unwrap_err();
         assert!(
-            e.to_string().contains("line 2") && e.to_string().contains("`0G`"),
+            e.to_string().contains("line 2") && e.to_string().contains("column 2 is not a hex digit"),
             "{e}"
         );
         let e = Capture::parse("#! dialect=x\n").unwrap_err();
         assert!(e.to_string().contains("`framing`"), "{e}");
+        let e = Capture::parse("#! framing=binary2 dialect=x\n0.1 1 T 0\u{e9}0\n").unwrap_err();
+        assert!(e.to_string().contains("column 2 is not a hex digit"), "{e}");
         let e = Capture::parse("#! framing=binary2 dialect=x\n1e300 1 T 00\n").unwrap_err();
         assert!(e.to_string().contains("time `1e300`"), "{e}");
         let e = Capture::parse("#! framing=binary2 dialect=x\n-1 1 T 00\n").unwrap_err();
         assert!(e.to_string().contains("time `-1`"), "{e}");
         let e = Capture::parse("#! framing=binary2 dialect=x\n1 2 T\n").unwrap_err();
         assert!(e.to_string().contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn pins_are_masked_wherever_they_are_printed_or_the_frame_is_left_out() {
+        use crate::sale::{Pin, PinReceipt};
+        let d = crate::iso8583::Dialects::builtin();
+        let dialect = d.get("iso87-ascii").unwrap();
+        let mut m = Message::new(crate::iso8583::Mti::SALE_RESPONSE);
+        m.set(11, "000001").set(39, "00");
+        let r = PinReceipt {
+            pin: Pin::new("5551234567"),
+            serial: "SN1".into(),
+            expiry: None,
+            lines: vec!["Dial *100*5551234567# to top up".into()],
+        };
+        m.set(63, r.to_tlv().unwrap().into_bytes());
+        let raw = dialect.encode(&m).unwrap();
+        let masked = protect_pins(dialect, &raw, false, PinPolicy::Masked).unwrap();
+        assert!(!masked.windows(10).any(|w| w == b"5551234567"), "the PIN is nowhere");
+        let back = PinReceipt::from_tlv(dialect.decode(&masked).unwrap().get(63).unwrap()).unwrap();
+        assert_eq!(back.pin.expose(), "**********");
+        assert_eq!(back.lines, ["Dial *100***********# to top up"]);
+        let omitted = protect_pins(dialect, &raw, false, PinPolicy::Omitted).unwrap();
+        assert!(dialect.decode(&omitted).unwrap().get(63).is_none());
+        assert_eq!(
+            protect_pins(dialect, &raw, false, PinPolicy::Clear).unwrap(),
+            raw.freeze()
+        );
+        // A frame that does not decode cannot be checked: left out.
+        assert_eq!(protect_pins(dialect, b"0210garbage", false, PinPolicy::Masked), None);
     }
 }

@@ -330,8 +330,10 @@ async fn connection(
         if now >= end && pending.is_empty() {
             break;
         }
+        // STANs run out at 999999: then this connection only waits for its answers.
+        let exhausted = stan >= 999_999;
         let wake = match interval {
-            Some(_) if now < end => next_send.min(end),
+            Some(_) if now < end && !exhausted => next_send.min(end),
             _ => end.max(now) + Duration::from_secs(30),
         };
         tokio::select! {

@@ -132,8 +132,12 @@ pub trait Source: Send + Sync + 'static {
     fn ready(&self) -> Result<(), String>;
 }
 
+/// Requests served at once at most; more connections are closed at once (a scraper needs one or two).
+const MAX_CONNECTIONS: usize = 16;
+
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `stop`.
 pub async fn serve(listener: TcpListener, source: Arc<dyn Source>, stop: CancellationToken) {
+    let room = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (mut stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -145,8 +149,13 @@ pub async fn serve(listener: TcpListener, source: Arc<dyn Source>, stop: Cancell
                 }
             },
         };
+        let Ok(permit) = room.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         let source = source.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut buf = Vec::with_capacity(512);
             let read = tokio::time::timeout(Duration::from_secs(5), async {
                 let mut chunk = [0u8; 512];
@@ -182,9 +191,13 @@ pub async fn serve(listener: TcpListener, source: Arc<dyn Source>, stop: Cancell
                 "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
             );
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(body.as_bytes()).await;
-            let _ = stream.shutdown().await;
+            // A reader that does not read is cut off.
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                stream.write_all(head.as_bytes()).await?;
+                stream.write_all(body.as_bytes()).await?;
+                stream.shutdown().await
+            })
+            .await;
         });
     }
 }

@@ -197,7 +197,8 @@ fn pcapng(file: &[u8]) -> Result<Vec<Packet<'_>>, PcapError> {
                     });
                 }
                 if let Some(&(linktype, res)) = ifaces.get(iface) {
-                    let at = Duration::from_secs(ts / res) + Duration::from_nanos((ts % res) * 1_000_000_000 / res);
+                    let nanos = (u128::from(ts % res) * 1_000_000_000 / u128::from(res)) as u64;
+                    let at = Duration::from_secs(ts / res) + Duration::from_nanos(nanos);
                     out.push(Packet {
                         at,
                         linktype,

@@ -135,18 +135,30 @@ pub fn compare(dialect: &Dialect, captured: &Message, got: &Message, opts: &Repl
                 if opts.may_differ.contains(&n) {
                     "(present)".into()
                 } else {
-                    show(dialect, n, v)
+                    got.masked(n).unwrap_or_else(|| show(dialect, n, v))
                 }
             )),
+            // Sensitive fields (the PIN in 63) are shown masked, never as they are.
             (Some(x), Some(y)) if x != y && !opts.may_differ.contains(&n) => out.push(format!(
                 "field {n}: captured {}, replayed {}",
-                show(dialect, n, x),
-                show(dialect, n, y)
+                captured.masked(n).unwrap_or_else(|| show(dialect, n, x)),
+                got.masked(n).unwrap_or_else(|| show(dialect, n, y))
             )),
             _ => {}
         }
     }
     out
+}
+
+/// Connections replayed at once at most.
+const MAX_CONNECTIONS: usize = 256;
+
+/// How the captured frames were carried: framing, TPDU, and what was done to PINs.
+#[derive(Clone, Copy)]
+struct Carried {
+    framing: crate::link::framing::Framing,
+    tpdu: bool,
+    pins: crate::capture::PinPolicy,
 }
 
 /// Replays `capture` against a gateway; connections run side by side, each in its captured order.
@@ -157,9 +169,19 @@ pub async fn replay(capture: &Capture, dialect: Arc<Dialect>, opts: &ReplayOptio
     }
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
+    // Connections side by side, but not more at once than a gateway's per-source cap would take.
+    let room = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let carried = Carried {
+        framing: capture.framing,
+        tpdu: capture.tpdu,
+        pins: capture.pins,
+    };
     for (conn, records) in by_conn {
-        let (dialect, opts, capture) = (dialect.clone(), opts.clone(), capture.clone());
-        tasks.spawn(async move { one_connection(conn, records, &capture, dialect, &opts, start).await });
+        let (dialect, opts, room) = (dialect.clone(), opts.clone(), room.clone());
+        tasks.spawn(async move {
+            let _slot = room.acquire_owned().await;
+            one_connection(conn, records, carried, dialect, &opts, start).await
+        });
     }
     let mut report = ReplayReport::default();
     while let Some(r) = tasks.join_next().await {
@@ -198,7 +220,7 @@ fn expected<'a>(records: &'a [Record], i: usize, dialect: &Dialect, tpdu: bool) 
 async fn one_connection(
     conn: u64,
     records: Vec<Record>,
-    capture: &Capture,
+    capture: Carried,
     dialect: Arc<Dialect>,
     opts: &ReplayOptions,
     start: Instant,
@@ -230,7 +252,9 @@ async fn one_connection(
         }
         report.requests += 1;
         if opts.original_pacing {
-            tokio::time::sleep_until(start + r.at).await;
+            if let Some(t) = start.checked_add(r.at) {
+                tokio::time::sleep_until(t).await;
+            }
         }
         let (tpdu, message) = split(&r.data, capture.tpdu);
         let keepalive = message.is_empty();
@@ -288,6 +312,13 @@ async fn one_connection(
                 .mismatches
                 .push(finding(r, "answered, but no answer was captured".into()));
             continue;
+        };
+        // The replayed answer is treated as the captured ones were (PINs masked or left out), so that like is
+        // compared with like and no live PIN is ever printed.
+        let got = crate::link::framing::Frame {
+            message: crate::capture::protect_pins(&dialect, &got.message, false, capture.pins)
+                .unwrap_or_else(|| Bytes::from_static(b"")),
+            ..got
         };
         let (exp_tpdu, exp_msg) = split(&exp.data, capture.tpdu);
         let mut diffs = Vec::new();

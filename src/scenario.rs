@@ -160,7 +160,13 @@ impl Scenario {
         let mut results = Vec::new();
         for (i, s) in self.steps.iter().enumerate() {
             let step = i + 1;
-            stan = s.stan.unwrap_or(stan + 1);
+            stan = s.stan.unwrap_or(stan.saturating_add(1));
+            if !(1..=999_999).contains(&stan) {
+                return Err(ScenarioError::Step {
+                    step,
+                    reason: format!("STAN {stan}: 1 to 999999"),
+                });
+            }
             // The sale a repeat or reversal refers to: an earlier step, or (a sale made before this run) the step's
             // own product and amount.
             let original = |of: u32| match (sales.get(&of), &s.product, s.amount) {

@@ -94,6 +94,10 @@ struct ServerMetrics {
 /// as long.
 const STOCK_EVERY: Duration = Duration::from_secs(10);
 
+/// A scrape finding the stock older than this asks for a new reading (the database is read for scrapes at most
+/// this often).
+const STOCK_FRESH: Duration = Duration::from_secs(2);
+
 struct MetricsSource(Arc<Shared>);
 
 impl crate::metrics::Source for MetricsSource {
@@ -103,7 +107,7 @@ impl crate::metrics::Source for MetricsSource {
             .lock()
             .expect("not poisoned")
             .1
-            .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
+            .is_none_or(|t| t.elapsed() > STOCK_FRESH)
         {
             m.refresh.notify_one();
         }

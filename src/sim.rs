@@ -25,6 +25,19 @@ pub enum SimError {
     Closed,
 }
 
+/// The transmission date and time of now (UTC), as terminals write it in field 7: `MMDDhhmmss`.
+pub fn now_transmission() -> String {
+    let t = time::OffsetDateTime::now_utc();
+    format!(
+        "{:02}{:02}{:02}{:02}{:02}",
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
 /// Who the terminal is.
 #[derive(Clone, Debug)]
 pub struct Identity {
@@ -153,10 +166,17 @@ impl TerminalClient {
         }
     }
 
-    /// Sends and waits for the answer.
+    /// Sends and waits for the answer: the next message with the request's STAN (a late answer to an earlier
+    /// request that timed out is passed over).
     pub async fn call(&mut self, msg: &Message) -> Result<Message, SimError> {
         self.send(msg).await?;
-        self.recv().await
+        let stan = msg.get_str(11).map(String::from);
+        loop {
+            let a = self.recv().await?;
+            if stan.is_none() || a.get_str(11).map(String::from) == stan {
+                return Ok(a);
+            }
+        }
     }
 
     /// The raw stream, for tests that write byte by byte.

@@ -13,12 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use pingate::demo::{
-    sample_modes, sample_products, start_server, GatewayFiles, GatewayHandle, Inventory, ServerHandle,
-};
+use pingate::demo::{GatewayHandle, Inventory, ServerHandle};
 use pingate::dialsim::{start_modem, CallScript, CommandReply, DialupTerminal, ModemHandle, ModemOptions};
 use pingate::gateway::serial::{LineBoard, LineStatus};
-use pingate::gateway::StartOptions;
 use pingate::iso8583::{Dialect, Dialects, Message};
 use pingate::sale::PinReceipt;
 use pingate::sim::{Identity, SaleSpec};
@@ -53,23 +50,8 @@ struct Rig {
 }
 
 async fn rig(name: &str, lines: &str) -> Rig {
-    let inv = Inventory::create(&dir(name), &["gw1", "obs"], &sample_products(50)).unwrap();
-    let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     // The serial tables go after the listener's keys (the listener table ends where they start).
-    let files = GatewayFiles::write(
-        &inv,
-        "gw1",
-        &[server.addr],
-        "127.0.0.1:0".parse().unwrap(),
-        8,
-        &sample_modes(2, 4),
-        ("", lines),
-    )
-    .unwrap();
-    let gw = GatewayHandle::start(&files.config, StartOptions::default())
-        .await
-        .unwrap();
-    assert!(gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await);
+    let (inv, server, gw) = common::rig(&dir(name), 50, 2, 4, ("", lines)).await;
     Rig { inv, server, gw }
 }
 

@@ -65,23 +65,7 @@ async fn setup(
     high: usize,
     extra: (&str, &str),
 ) -> (Inventory, ServerHandle, GatewayHandle) {
-    let inv = Inventory::create(&dir(name), &["gw1", "gw2", "obs"], &sample_products(pins)).unwrap();
-    let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let files = GatewayFiles::write(
-        &inv,
-        "gw1",
-        &[server.addr],
-        "127.0.0.1:0".parse().unwrap(),
-        8,
-        &sample_modes(low, high),
-        extra,
-    )
-    .unwrap();
-    let gw = GatewayHandle::start(&files.config, StartOptions::default())
-        .await
-        .unwrap();
-    assert!(gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await);
-    (inv, server, gw)
+    common::rig(&dir(name), pins, low, high, extra).await
 }
 
 /// Waits (polling, bounded) until the gateway's cache holds at least `n` PINs of the prefetch product.

@@ -169,25 +169,7 @@ async fn metrics_health_and_readiness_of_gateway_and_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_reconciles_a_day_and_names_every_broken_invariant() {
-    let inv = Inventory::create(&dir("audit"), &["gw1", "obs"], &sample_products(40)).unwrap();
-    let db = DbUrl::Sqlite(inv.db.clone());
-    let server = start_server_with(&inv, &db, "127.0.0.1:0".parse().unwrap(), ServerOptions::default())
-        .await
-        .unwrap();
-    let files = GatewayFiles::write(
-        &inv,
-        "gw1",
-        &[server.addr],
-        "127.0.0.1:0".parse().unwrap(),
-        8,
-        &sample_modes(3, 6),
-        ("", ""),
-    )
-    .unwrap();
-    let gw = GatewayHandle::start(&files.config, StartOptions::default())
-        .await
-        .unwrap();
-    assert!(gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await);
+    let (inv, server, gw) = common::rig(&dir("audit"), 40, 3, 6, ("", "")).await;
     let scenario =
         pingate::scenario::Scenario::parse(&std::fs::read_to_string("fixtures/scenarios/contract.toml").unwrap())
             .unwrap();

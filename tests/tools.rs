@@ -6,10 +6,7 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
-use pingate::demo::{
-    sample_modes, sample_products, start_server, GatewayFiles, GatewayHandle, Inventory, ServerHandle,
-};
-use pingate::gateway::StartOptions;
+use pingate::demo::{GatewayHandle, Inventory, ServerHandle};
 
 fn dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("pingate-tools-{}-{name}", std::process::id()));
@@ -33,23 +30,7 @@ async fn rig_full(
     gateway_extra: &str,
     listener_extra: &str,
 ) -> (Inventory, ServerHandle, GatewayHandle) {
-    let inv = Inventory::create(&dir(name), &["gw1", "obs"], &sample_products(pins)).unwrap();
-    let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let files = GatewayFiles::write(
-        &inv,
-        "gw1",
-        &[server.addr],
-        "127.0.0.1:0".parse().unwrap(),
-        8,
-        &sample_modes(5, 10),
-        (gateway_extra, listener_extra),
-    )
-    .unwrap();
-    let gw = GatewayHandle::start(&files.config, StartOptions::default())
-        .await
-        .unwrap();
-    assert!(gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await);
-    (inv, server, gw)
+    common::rig(&dir(name), pins, 5, 10, (gateway_extra, listener_extra)).await
 }
 
 async fn terminal(args: &[&str]) -> Output {
@@ -258,6 +239,19 @@ async fn pingate(args: &[&str]) -> Output {
 
 const GOLDEN: &str = "fixtures/captures/contract.capture";
 
+/// `pingate replay FILE --gateway ADDR` must find every answer matching; returns what it printed.
+async fn replay_matches(file: &str, gateway: std::net::SocketAddr) -> String {
+    let o = pingate(&["replay", file, "--gateway", &gateway.to_string()]).await;
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{file}: {out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains(" 0 differences, 0 missing"), "{file}: {out}");
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_then_replay_against_a_fresh_gateway() {
     // A gateway that captures its terminal traffic; the contract's scenario runs through it.
@@ -302,17 +296,8 @@ async fn capture_then_replay_against_a_fresh_gateway() {
     // (Against the same gateway twice, the second pass would differ, rightly: its sale with STAN 5 was reversed.)
     for (i, file) in [cap.to_str().unwrap(), GOLDEN].into_iter().enumerate() {
         let (inv, server, gw) = rig(&format!("replay-{i}")).await;
-        let o = pingate(&["replay", file, "--gateway", &gw.addr.to_string()]).await;
-        let out = String::from_utf8_lossy(&o.stdout);
-        assert!(
-            o.status.success(),
-            "{file}: {out}{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        assert!(
-            out.contains("13 requests replayed: 13 answers match, 0 differences, 0 missing"),
-            "{out}"
-        );
+        let out = replay_matches(file, gw.addr).await;
+        assert!(out.contains("13 requests replayed: 13 answers match"), "{out}");
         gw.stop().await;
         server.stop().await;
         common::audit_ok(&inv).await;
@@ -555,15 +540,7 @@ async fn golden_captures_of_the_error_answers() {
         } else {
             Some(server)
         };
-        let file = format!("fixtures/captures/{name}.capture");
-        let o = pingate(&["replay", &file, "--gateway", &gw.addr.to_string()]).await;
-        let out = String::from_utf8_lossy(&o.stdout);
-        assert!(
-            o.status.success(),
-            "{name}: {out}{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        assert!(out.contains("0 differences, 0 missing"), "{out}");
+        replay_matches(&format!("fixtures/captures/{name}.capture"), gw.addr).await;
         match server {
             Some(s) => {
                 gw.stop().await;

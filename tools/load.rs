@@ -96,19 +96,7 @@ enum Cmd {
 }
 
 fn framing(s: &str) -> Result<Framing, String> {
-    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| format!("unknown framing `{s}`"))
-}
-
-fn now_transmission() -> String {
-    let t = time::OffsetDateTime::now_utc();
-    format!(
-        "{:02}{:02}{:02}{:02}{:02}",
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
+    s.parse()
 }
 
 fn summary(r: &LoadReport) -> serde_json::Value {
@@ -314,8 +302,14 @@ async fn run_cmd(a: RunArgs) -> Result<bool, String> {
             ))
         }
     };
-    if a.duration <= 0.0 || a.connections == 0 || a.in_flight == 0 {
-        return Err("--duration, --connections and --in-flight must be positive".into());
+    if !(a.duration.is_finite() && a.duration > 0.0 && a.duration <= 86_400.0) {
+        return Err("--duration: seconds, more than 0 and at most 86400".into());
+    }
+    if a.rate.is_some_and(|r| !(r.is_finite() && r > 0.0 && r <= 10_000_000.0)) {
+        return Err("--rate: requests per second, more than 0 and at most 10000000".into());
+    }
+    if a.connections == 0 || a.in_flight == 0 {
+        return Err("--connections and --in-flight must be at least 1".into());
     }
     let spec = LoadSpec {
         addr: a.gateway,
@@ -328,7 +322,7 @@ async fn run_cmd(a: RunArgs) -> Result<bool, String> {
         terminal_prefix: a.terminal_prefix.clone(),
         merchant: a.merchant.clone(),
         mix,
-        transmission: a.transmission.clone().unwrap_or_else(now_transmission),
+        transmission: a.transmission.clone().unwrap_or_else(pingate::sim::now_transmission),
         progress: None,
     };
     let echo = if a.echo_ceiling {

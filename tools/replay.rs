@@ -68,8 +68,7 @@ fn main() -> ExitCode {
             max_frame,
             output,
         } => (|| {
-            let framing = serde_json::from_value(serde_json::Value::String(framing.clone()))
-                .map_err(|_| format!("unknown framing `{framing}`"))?;
+            let framing = framing.parse()?;
             let pins: PinPolicy = serde_json::from_value(serde_json::Value::String(pins.clone()))
                 .map_err(|_| format!("--pins `{pins}`: masked, omitted or clear"))?;
             let dialects = Dialects::builtin();

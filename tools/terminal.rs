@@ -134,18 +134,6 @@ fn nth_terminal(first: &str, n: usize) -> String {
     format!("{head}{:0width$}", start + n, width = digits)
 }
 
-fn now_transmission() -> String {
-    let t = time::OffsetDateTime::now_utc();
-    format!(
-        "{:02}{:02}{:02}{:02}{:02}",
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
-}
-
 /// The action as a one-or-more-step scenario.
 fn scenario_of(action: &Action) -> Result<Scenario, String> {
     let text = match action {
@@ -220,10 +208,7 @@ async fn run_serial(
             quiet: Duration::from_millis(100),
         }
     } else {
-        LineMode::Framed(
-            serde_json::from_value(serde_json::Value::String(cli.line.clone()))
-                .map_err(|_| format!("--line `{}`: stx-etx or a framing", cli.line))?,
-        )
+        LineMode::Framed(cli.line.parse().map_err(|e| format!("--line: {e}, or stx-etx"))?)
     };
     let soft = if cli.software_parity { parity } else { Parity::None };
     let timeout = Duration::from_millis(cli.timeout_ms);
@@ -236,7 +221,7 @@ async fn run_serial(
         terminal_id: cli.terminal.clone(),
         merchant_id: cli.merchant.clone(),
     };
-    let transmission = cli.transmission.clone().unwrap_or_else(now_transmission);
+    let transmission = cli.transmission.clone().unwrap_or_else(pingate::sim::now_transmission);
     let results = scenario
         .run(&mut client, &id, &transmission, timeout)
         .await
@@ -251,32 +236,20 @@ async fn run_serial(
 }
 
 async fn run(cli: Cli) -> Result<bool, String> {
-    let framing: Framing = serde_json::from_value(serde_json::Value::String(cli.framing.clone()))
-        .map_err(|_| format!("unknown framing `{}`", cli.framing))?;
+    let framing: Framing = cli.framing.parse()?;
     let dialect = Arc::new(
         Dialects::builtin()
             .get(&cli.dialect)
             .map_err(|e| e.to_string())?
             .clone(),
     );
-    let tpdu = match &cli.tpdu {
-        None => None,
-        Some(h) => {
-            let b: Vec<u8> = (0..h.len())
-                .step_by(2)
-                .map(|i| h.get(i..i + 2).and_then(|x| u8::from_str_radix(x, 16).ok()))
-                .collect::<Option<_>>()
-                .ok_or_else(|| format!("--tpdu `{h}` is not hex"))?;
-            let b: [u8; 5] = b.try_into().map_err(|_| "--tpdu must be 5 bytes".to_string())?;
-            Some(Tpdu::parse(b))
-        }
-    };
+    let tpdu = cli.tpdu.as_deref().map(Tpdu::from_hex).transpose()?;
     let scenario = scenario_of(&cli.action)?;
     if let Some(path) = cli.serial.clone() {
         return run_serial(&cli, &path, scenario, dialect, tpdu).await;
     }
     let gateway = cli.gateway.ok_or("--gateway or --serial")?;
-    let transmission = cli.transmission.clone().unwrap_or_else(now_transmission);
+    let transmission = cli.transmission.clone().unwrap_or_else(pingate::sim::now_transmission);
     let timeout = Duration::from_millis(cli.timeout_ms);
     let mut tasks = Vec::new();
     for n in 0..cli.count {

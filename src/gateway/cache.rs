@@ -52,6 +52,20 @@ struct Slot {
 }
 
 impl Slot {
+    fn new(low: usize, high: usize, now: Instant) -> Slot {
+        Slot {
+            low,
+            high,
+            pins: VecDeque::new(),
+            rate: 0.0,
+            window_start: now,
+            window_sales: 0,
+            refilling: false,
+            hits: 0,
+            misses: 0,
+        }
+    }
+
     fn roll(&mut self, now: Instant) {
         while now.duration_since(self.window_start) >= WINDOW {
             let r = self.window_sales as f64 / WINDOW.as_secs_f64();
@@ -120,20 +134,7 @@ impl PinCache {
         let slots = products
             .into_iter()
             .filter_map(|(code, amount, mode)| match mode {
-                Mode::Prefetch { low, high } => Some((
-                    (code, amount),
-                    Slot {
-                        low,
-                        high,
-                        pins: VecDeque::new(),
-                        rate: 0.0,
-                        window_start: now,
-                        window_sales: 0,
-                        refilling: false,
-                        hits: 0,
-                        misses: 0,
-                    },
-                )),
+                Mode::Prefetch { low, high } => Some(((code, amount), Slot::new(low, high, now))),
                 Mode::OnDemand => None,
             })
             .collect();
@@ -153,17 +154,10 @@ impl PinCache {
         for (code, amount, mode) in products {
             if let Mode::Prefetch { low, high } = mode {
                 keep.insert((code.clone(), amount));
-                let slot = self.slots.entry((code, amount)).or_insert_with(|| Slot {
-                    low,
-                    high,
-                    pins: VecDeque::new(),
-                    rate: 0.0,
-                    window_start: now,
-                    window_sales: 0,
-                    refilling: false,
-                    hits: 0,
-                    misses: 0,
-                });
+                let slot = self
+                    .slots
+                    .entry((code, amount))
+                    .or_insert_with(|| Slot::new(low, high, now));
                 slot.low = low;
                 slot.high = high;
             }

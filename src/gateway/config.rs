@@ -380,14 +380,9 @@ fn serial_line(
             ))
         }
         other => LineLink::Framed(
-            Framing::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(other)).map_err(
-                |_| {
-                    invalid(
-                        &field("link"),
-                        "`stx-etx` or a framing: binary2, binary2-inclusive, ascii4, bcd2",
-                    )
-                },
-            )?,
+            other
+                .parse()
+                .map_err(|e: String| invalid(&field("link"), &format!("{e}, or `stx-etx`")))?,
         ),
     };
     let modem = if l.modem {

@@ -1193,9 +1193,18 @@ impl Gateway {
             for (product, amount, count) in due {
                 let gw = self.clone();
                 tokio::spawn(async move {
+                    // Whatever happens to the refill (even a panic), it ends here: shutdown waits on the count.
+                    struct Done<'a>(&'a Gateway, &'a str, i64);
+                    impl Drop for Done<'_> {
+                        fn drop(&mut self) {
+                            if let Ok(mut c) = self.0.cache.lock() {
+                                c.refilled(self.1, self.2);
+                            }
+                            self.0.refills.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    }
+                    let _done = Done(&gw, &product, amount);
                     gw.refill(&product, amount, count).await;
-                    gw.cache.lock().expect("not poisoned").refilled(&product, amount);
-                    gw.refills.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         }
@@ -1240,15 +1249,17 @@ impl Gateway {
                                     .cloned()
                                     .partition(|p| f.releasing.contains_key(&p.pin.pin_id))
                             };
+                            // PINs of a product no longer prefetched (a reload while this refill was out) have no
+                            // slot: they go back too.
                             let stray = cache.put(safe);
-                            debug_assert!(stray.is_empty());
-                            if !unsafe_.is_empty() {
+                            if !unsafe_.is_empty() || !stray.is_empty() {
                                 tracing::warn!(
-                                    count = unsafe_.len(),
-                                    "reserved PINs named by a pending release go back"
+                                    named_by_release = unsafe_.len(),
+                                    no_longer_prefetched = stray.len(),
+                                    "reserved PINs go back"
                                 );
                             }
-                            unsafe_.iter().map(|p| p.pin.pin_id).collect()
+                            unsafe_.iter().chain(&stray).map(|p| p.pin.pin_id).collect()
                         }
                     };
                     if !back.is_empty() {

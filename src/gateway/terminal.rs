@@ -71,6 +71,9 @@ pub async fn run(
         match CaptureSink::open(path, &header) {
             Ok(sink) => {
                 tracing::info!(listener = %cfg.name, path = %path.display(), pins = ?cfg.capture_pins, "capturing terminal traffic");
+                if cfg.capture_pins == crate::capture::PinPolicy::Clear {
+                    tracing::warn!(listener = %cfg.name, "capture_pins = \"clear\": PIN values are written to the capture file (test traffic only)");
+                }
                 Some(sink)
             }
             Err(e) => {
@@ -214,7 +217,11 @@ async fn connection(
             match codec.decode(&mut buf) {
                 Ok(Some(frame)) => {
                     if let Some((sink, conn)) = &capture {
-                        sink.record(*conn, Direction::Terminal, captured(&frame));
+                        // Terminals send no PINs, but one that echoes field 63 must not put it in the file either;
+                        // a request that does not decode is kept as it came (it is what a replay must send again).
+                        let raw = captured(&frame);
+                        let data = protect_pins(&dialect, &raw, cfg.tpdu, cfg.capture_pins).unwrap_or(raw);
+                        sink.record(*conn, Direction::Terminal, data);
                     }
                     // The frame is complete: whatever follows in the buffer is a new frame, timed from now (also
                     // after waiting for room below, which is our backpressure, not the terminal's slowness).

@@ -23,7 +23,36 @@ pub enum Framing {
     Bcd2,
 }
 
+impl std::str::FromStr for Framing {
+    type Err = String;
+
+    /// The names used in configuration files and on command lines.
+    fn from_str(s: &str) -> Result<Framing, String> {
+        Ok(match s {
+            "binary2" => Framing::Binary2,
+            "binary2-inclusive" => Framing::Binary2Inclusive,
+            "ascii4" => Framing::Ascii4,
+            "bcd2" => Framing::Bcd2,
+            _ => {
+                return Err(format!(
+                    "unknown framing `{s}` (binary2, binary2-inclusive, ascii4, bcd2)"
+                ))
+            }
+        })
+    }
+}
+
 impl Framing {
+    /// The name [`FromStr`](std::str::FromStr) reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            Framing::Binary2 => "binary2",
+            Framing::Binary2Inclusive => "binary2-inclusive",
+            Framing::Ascii4 => "ascii4",
+            Framing::Bcd2 => "bcd2",
+        }
+    }
+
     /// Bytes of the header.
     pub fn header_len(self) -> usize {
         match self {
@@ -82,6 +111,19 @@ pub struct Tpdu {
 }
 
 impl Tpdu {
+    /// A TPDU written as 10 hex digits (`6000030001`).
+    pub fn from_hex(h: &str) -> Result<Tpdu, String> {
+        let b: Vec<u8> = (0..h.len())
+            .step_by(2)
+            .map(|i| h.get(i..i + 2).and_then(|x| u8::from_str_radix(x, 16).ok()))
+            .collect::<Option<_>>()
+            .ok_or_else(|| format!("TPDU `{h}` is not hex"))?;
+        let b: [u8; 5] = b
+            .try_into()
+            .map_err(|_| format!("TPDU `{h}`: 5 bytes (10 hex digits)"))?;
+        Ok(Tpdu::parse(b))
+    }
+
     pub fn parse(b: [u8; 5]) -> Tpdu {
         Tpdu {
             id: b[0],

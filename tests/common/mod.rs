@@ -124,3 +124,44 @@ pub async fn audit_url_ok(db: &pingate::store::handle::DbUrl) {
     let r = pingate::audit::run(db, &[], None).await.unwrap();
     assert!(r.ok(), "audit:\n{}", r.text());
 }
+
+/// A PIN server on a fresh SQLite inventory in `dir` (gateways `gw1`, `gw2` and the observer `obs`, `pins` of each
+/// sample product) and gateway `gw1` in this process, connected: prefetch `low`..`high` for the top-up, on demand
+/// for the gift card, 8 terminals. `extra.0` goes to the `[gateway]` table, `extra.1` to the listener (and may add
+/// `[[serial]]` tables after it).
+pub async fn rig(
+    dir: &std::path::Path,
+    pins: usize,
+    low: usize,
+    high: usize,
+    extra: (&str, &str),
+) -> (
+    pingate::demo::Inventory,
+    pingate::demo::ServerHandle,
+    pingate::demo::GatewayHandle,
+) {
+    use pingate::demo::{sample_modes, sample_products, start_server, GatewayFiles, GatewayHandle, Inventory};
+    let _ = std::fs::remove_dir_all(dir);
+    let inv = Inventory::create(dir, &["gw1", "gw2", "obs"], &sample_products(pins)).unwrap();
+    let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let files = GatewayFiles::write(
+        &inv,
+        "gw1",
+        &[server.addr],
+        "127.0.0.1:0".parse().unwrap(),
+        8,
+        &sample_modes(low, high),
+        extra,
+    )
+    .unwrap();
+    let gw = GatewayHandle::start(&files.config, pingate::gateway::StartOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        gw.gateway
+            .upstream()
+            .wait_connected(std::time::Duration::from_secs(10))
+            .await
+    );
+    (inv, server, gw)
+}
