@@ -91,8 +91,17 @@ async fn metrics_health_and_readiness_of_gateway_and_server() {
     };
     assert_eq!(t.call(&me.sale(&bad, false)).await.unwrap().get_str(39), Some("15"));
 
+    // A frame that does not decode is counted too (answered 30).
+    t.send_raw(bytes::Bytes::from_static(b"0200")).await.unwrap();
+    assert_eq!(t.recv().await.unwrap().get_str(39), Some("30"));
+
     // The gateway.
     let (code, text) = get(gw_metrics, "/metrics").await.unwrap();
+    assert_eq!(
+        sample(&text, "pingate_gateway_requests_total{mti=\"unreadable\",code=\"30\"}"),
+        Some(1.0),
+        "{text}"
+    );
     assert_eq!(code, 200);
     assert_eq!(
         sample(&text, "pingate_gateway_requests_total{mti=\"0200\",code=\"00\"}"),

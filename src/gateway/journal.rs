@@ -480,6 +480,13 @@ pub struct Journal {
     cipher: Arc<PinCipher>,
 }
 
+impl Journal {
+    /// Whether the writer thread is still taking records (it stops for good after a write it cannot make).
+    pub fn is_writing(&self) -> bool {
+        !self.tx.is_closed()
+    }
+}
+
 impl std::fmt::Debug for Journal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Journal({})", self.path.display())

@@ -541,7 +541,17 @@ impl Gateway {
         );
         let reply = self.handle_request(msg, received).instrument(span).await;
         let code = reply.message.get_str(39).unwrap_or("none");
-        self.metrics.requests.inc(&[("mti", &mti), ("code", code)]);
+        // Label values from the contract only: a terminal sending made-up MTIs must not grow the metrics.
+        let label = match mti.as_str() {
+            "0200" | "0201" | "0400" | "0401" | "0420" | "0421" | "0800" => mti.as_str(),
+            _ => "other",
+        };
+        let code = if code.len() == 2 && code.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            code
+        } else {
+            "other"
+        };
+        self.metrics.requests.inc(&[("mti", label), ("code", code)]);
         self.metrics.latency.observe(received.elapsed());
         reply
     }
@@ -1604,12 +1614,21 @@ impl Gateway {
     /// Ready: at least one PIN server connected (sales from the cache would still work without, but on-demand sales
     /// and confirmations would not).
     pub fn readiness(&self) -> Result<(), String> {
+        if !self.journal.is_writing() {
+            return Err("the journal cannot be written (every sale is refused)".into());
+        }
         let servers = self.upstream.health();
         if servers.iter().any(|s| s.connected > 0) {
             Ok(())
         } else {
             Err("no PIN server connected".into())
         }
+    }
+
+    /// A frame that did not decode (`answered`: with a format error): counted beside the requests.
+    pub fn note_unreadable(&self, answered: bool) {
+        let code = if answered { "30" } else { "none" };
+        self.metrics.requests.inc(&[("mti", "unreadable"), ("code", code)]);
     }
 
     /// The serial lines' status; the receiver also says when it changes.

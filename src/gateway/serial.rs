@@ -618,6 +618,7 @@ impl<'a> Line<'a> {
         let msg = match decode_request(&dialect, &message) {
             Ok(m) => m,
             Err(answer) => {
+                gw.note_unreadable(answer.is_some());
                 // A format error answer, or none: either way through the queue, so that the link stops waiting.
                 let a = Answer {
                     call,

@@ -322,6 +322,7 @@ fn on_frame(
     let msg = match decode_request(dialect, &frame.message) {
         Ok(m) => m,
         Err(answer) => {
+            gw.note_unreadable(answer.is_some());
             if let Some(bytes) = answer {
                 let _ = out.try_send((
                     Frame {
