@@ -197,24 +197,56 @@ pub async fn replay(capture: &Capture, dialect: Arc<Dialect>, opts: &ReplayOptio
     report
 }
 
-/// The captured answer to the request at `i`: the next host frame with the same STAN, else the next host frame.
-fn expected<'a>(records: &'a [Record], i: usize, dialect: &Dialect, tpdu: bool) -> Option<&'a Record> {
-    let stan = |r: &Record| {
-        dialect
-            .decode(&split(&r.data, tpdu).1)
-            .ok()
-            .and_then(|m| m.get_str(11).map(String::from))
-    };
-    let want = stan(&records[i]);
-    let later = records[i + 1..].iter().filter(|r| r.dir == Direction::Host);
-    let mut first = None;
-    for r in later {
-        first.get_or_insert(r);
-        if want.is_some() && stan(r) == want {
-            return Some(r);
-        }
+/// The MTI that answers `request` (`0200` → `0210`, `0420` → `0430`).
+fn response_mti(request: &str) -> Option<String> {
+    let b = request.as_bytes();
+    if b.len() != 4 || !b.iter().all(u8::is_ascii_digit) {
+        return None;
     }
-    first
+    Some(format!(
+        "{}{}{}0",
+        b[0] as char,
+        b[1] as char,
+        (b'0' + (b[2] - b'0' + 1) % 10) as char
+    ))
+}
+
+/// STAN and MTI of a frame's message.
+fn stan_mti(dialect: &Dialect, data: &Bytes, tpdu: bool) -> (Option<String>, Option<String>) {
+    match dialect.decode(&split(data, tpdu).1) {
+        Ok(m) => (m.get_str(11).map(String::from), Some(m.mti().to_string())),
+        Err(_) => (None, None),
+    }
+}
+
+/// The captured answer to the request at `i`: the first host frame after it, not yet taken by an earlier request,
+/// with the request's STAN and the response MTI; a keep-alive's is the next keep-alive. A request the capture shows
+/// no answer to gets `None`.
+fn expected(records: &[Record], i: usize, dialect: &Dialect, tpdu: bool, used: &mut Vec<bool>) -> Option<usize> {
+    let req = &records[i];
+    let keepalive = split(&req.data, tpdu).1.is_empty();
+    let (stan, mti) = stan_mti(dialect, &req.data, tpdu);
+    let want_mti = mti.as_deref().and_then(response_mti);
+    let found = (i + 1..records.len()).find(|&j| {
+        let r = &records[j];
+        if r.dir != Direction::Host || used[j] {
+            return false;
+        }
+        let empty = split(&r.data, tpdu).1.is_empty();
+        if keepalive || empty {
+            return keepalive && empty;
+        }
+        let (s, m) = stan_mti(dialect, &r.data, tpdu);
+        match (&stan, &want_mti) {
+            (Some(_), Some(_)) => s == stan && m == want_mti,
+            // A request that does not decode: its answer is the next host frame (a format error, if any).
+            _ => true,
+        }
+    });
+    if let Some(j) = found {
+        used[j] = true;
+    }
+    found
 }
 
 async fn one_connection(
@@ -246,6 +278,8 @@ async fn one_connection(
     };
     let _ = stream.set_nodelay(true);
     let mut framed = Framed::new(stream, FrameCodec::new(capture.framing, capture.tpdu, 0xFFFF));
+    // Host frames already matched to a request.
+    let mut used = vec![false; records.len()];
     for (i, r) in records.iter().enumerate() {
         if r.dir != Direction::Terminal {
             continue;
@@ -258,15 +292,16 @@ async fn one_connection(
         }
         let (tpdu, message) = split(&r.data, capture.tpdu);
         let keepalive = message.is_empty();
-        let want_stan = dialect
-            .decode(&message)
-            .ok()
-            .and_then(|m| m.get_str(11).map(String::from));
+        let (want_stan, request_mti) = match dialect.decode(&message) {
+            Ok(m) => (m.get_str(11).map(String::from), Some(m.mti().to_string())),
+            Err(_) => (None, None),
+        };
+        let want_mti = request_mti.as_deref().and_then(response_mti);
         if let Err(e) = framed.send(Frame { tpdu, message }).await {
             report.missing.push(finding(r, format!("send failed: {e}")));
             continue;
         }
-        let expected = expected(&records, i, &dialect, capture.tpdu);
+        let expected = expected(&records, i, &dialect, capture.tpdu, &mut used).map(|j| &records[j]);
         // The answer: the next frame with the request's STAN (answers to other requests are not expected, since
         // requests go one at a time).
         let got = tokio::time::timeout(opts.timeout, async {
@@ -283,7 +318,8 @@ async fn one_connection(
                             .decode(&f.message)
                             .ok()
                             .and_then(|m| m.get_str(11).map(String::from));
-                        if want_stan.is_none() || stan == want_stan {
+                        let mti = dialect.decode(&f.message).ok().map(|m| m.mti().to_string());
+                        if want_stan.is_none() || (stan == want_stan && (want_mti.is_none() || mti == want_mti)) {
                             return Ok(f);
                         }
                     }
@@ -390,6 +426,17 @@ pub fn replay_offline(capture: &Capture, dialect: &Dialect) -> OfflineReport {
 }
 
 /// `pingate replay` (and `pingate-replay replay`): the command line.
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn response_mtis() {
+        for (req, resp) in [("0200", "0210"), ("0201", "0210"), ("0420", "0430"), ("0800", "0810")] {
+            assert_eq!(super::response_mti(req).as_deref(), Some(resp));
+        }
+        assert_eq!(super::response_mti("02x0"), None);
+    }
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct ReplayArgs {
     /// The capture file.
