@@ -222,7 +222,7 @@ fn stan_mti(dialect: &Dialect, data: &Bytes, tpdu: bool) -> (Option<String>, Opt
 /// The captured answer to the request at `i`: the first host frame after it, not yet taken by an earlier request,
 /// with the request's STAN and the response MTI; a keep-alive's is the next keep-alive. A request the capture shows
 /// no answer to gets `None`.
-fn expected(records: &[Record], i: usize, dialect: &Dialect, tpdu: bool, used: &mut Vec<bool>) -> Option<usize> {
+fn expected(records: &[Record], i: usize, dialect: &Dialect, tpdu: bool, used: &mut [bool]) -> Option<usize> {
     let req = &records[i];
     let keepalive = split(&req.data, tpdu).1.is_empty();
     let (stan, mti) = stan_mti(dialect, &req.data, tpdu);
