@@ -40,6 +40,20 @@ pub struct Violation {
     pub detail: String,
 }
 
+/// A day's sales of one terminal, product and amount (dated when the PIN server recorded them: a cache sale when
+/// it was confirmed).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DaySales {
+    pub terminal: String,
+    pub product: String,
+    pub amount: String,
+    pub sales: i64,
+    /// Sum of the amounts, in minor units.
+    pub total: i64,
+    /// Of these sales, how many were reversed since (their PINs voided).
+    pub voided: i64,
+}
+
 /// A gateway journal's part of the reconciliation.
 #[derive(Clone, Debug, Default)]
 pub struct JournalPart {
@@ -57,9 +71,9 @@ pub struct AuditReport {
     pub violations: Vec<Violation>,
     /// (product, amount, state, count)
     pub stock: Vec<(String, String, String, i64)>,
-    /// The day reported (`YYYY-MM-DD`, UTC) and its sales: (terminal, product, amount, sales, total).
+    /// The day reported (`YYYY-MM-DD`, UTC) and its sales by terminal, product and amount.
     pub day: Option<String>,
-    pub sales: Vec<(String, String, String, i64, i64)>,
+    pub sales: Vec<DaySales>,
     /// Reversals of the day: (terminal, count).
     pub reversals: Vec<(String, i64)>,
     pub journals: Vec<JournalPart>,
@@ -79,11 +93,16 @@ impl AuditReport {
         }
         if let Some(day) = &self.day {
             let _ = writeln!(s, "sales on {day} (UTC), by terminal, product and amount:");
-            for (t, p, a, n, total) in &self.sales {
-                let _ = writeln!(s, "  {t} {p} {a}: {n} sales, {total} in all");
+            for d in &self.sales {
+                let _ = writeln!(
+                    s,
+                    "  {} {} {}: {} sales, {} in all, {} reversed since",
+                    d.terminal, d.product, d.amount, d.sales, d.total, d.voided
+                );
             }
-            let n: i64 = self.sales.iter().map(|x| x.3).sum();
-            let _ = writeln!(s, "  total: {n} sales");
+            let n: i64 = self.sales.iter().map(|x| x.sales).sum();
+            let v: i64 = self.sales.iter().map(|x| x.voided).sum();
+            let _ = writeln!(s, "  total: {n} sales, {v} reversed since, {} standing", n - v);
             let _ = writeln!(s, "reversals on {day}:");
             for (t, n) in &self.reversals {
                 let _ = writeln!(s, "  {t}: {n}");
@@ -125,9 +144,11 @@ impl AuditReport {
         for (p, a, st, n) in &self.stock {
             let _ = writeln!(s, "stock,{},{},{},{n}", q(p), q(a), q(st));
         }
-        for (t, p, a, n, total) in &self.sales {
-            let _ = writeln!(s, "sales,{},{},{},{n}", q(t), q(p), q(a));
-            let _ = writeln!(s, "sales_total,{},{},{},{total}", q(t), q(p), q(a));
+        for d in &self.sales {
+            let (t, p, a) = (q(&d.terminal), q(&d.product), q(&d.amount));
+            let _ = writeln!(s, "sales,{t},{p},{a},{}", d.sales);
+            let _ = writeln!(s, "sales_total,{t},{p},{a},{}", d.total);
+            let _ = writeln!(s, "sales_voided,{t},{p},{a},{}", d.voided);
         }
         for (t, n) in &self.reversals {
             let _ = writeln!(s, "reversals,{},,,{n}", q(t));
@@ -345,19 +366,22 @@ pub async fn run(db: &DbUrl, journals: &[JournalInput], day: Option<&str>) -> Re
         report.day = Some(day.into());
         for r in conn
             .rows(&format!(
-                "SELECT terminal_id, product, CAST(amount AS TEXT), CAST(COUNT(*) AS TEXT), \
-                 CAST(SUM(amount) AS TEXT) FROM sales WHERE sold_at >= {from} AND sold_at < {to} \
-                 GROUP BY terminal_id, product, amount ORDER BY terminal_id, product, amount"
+                "SELECT s.terminal_id, s.product, CAST(s.amount AS TEXT), CAST(COUNT(*) AS TEXT), \
+                 CAST(SUM(s.amount) AS TEXT), \
+                 CAST(SUM(CASE WHEN p.state = 'voided' THEN 1 ELSE 0 END) AS TEXT) \
+                 FROM sales s JOIN pins p ON p.id = s.pin_id WHERE s.sold_at >= {from} AND s.sold_at < {to} \
+                 GROUP BY s.terminal_id, s.product, s.amount ORDER BY s.terminal_id, s.product, s.amount"
             ))
             .await?
         {
-            report.sales.push((
-                r[0].clone(),
-                r[1].clone(),
-                r[2].clone(),
-                r[3].parse().unwrap_or(0),
-                r[4].parse().unwrap_or(0),
-            ));
+            report.sales.push(DaySales {
+                terminal: r[0].clone(),
+                product: r[1].clone(),
+                amount: r[2].clone(),
+                sales: r[3].parse().unwrap_or(0),
+                total: r[4].parse().unwrap_or(0),
+                voided: r[5].parse().unwrap_or(0),
+            });
         }
         for r in conn
             .rows(&format!(

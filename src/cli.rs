@@ -434,6 +434,17 @@ fn check_config(file: &std::path::Path) -> Result<String, String> {
                 "no [[listener]] and no [[serial]] line: no terminal can reach it".into(),
             ));
         }
+        let mut captures = std::collections::HashSet::new();
+        for (i, l) in c.listeners.iter().enumerate() {
+            if let Some(p) = &l.capture {
+                if !captures.insert(p.clone()) {
+                    problems.push(at(
+                        &format!("listener[{i}].capture"),
+                        format!("{} is another listener's capture file too", p.display()),
+                    ));
+                }
+            }
+        }
         if c.terminals.terminals.is_empty() {
             problems.push(at(
                 "terminal",

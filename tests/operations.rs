@@ -224,8 +224,15 @@ async fn audit_reconciles_a_day_and_names_every_broken_invariant() {
     assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("every invariant holds"), "{out}");
     // The scenario sold a top-up and a gift card (reversed later): two sales on the day, one reversal.
-    assert!(out.contains("DEMO0005 GIFT-25 2500: 1 sales"), "{out}");
-    assert!(out.contains("DEMO0005 TOPUP-EU-10 1000: 1 sales"), "{out}");
+    assert!(
+        out.contains("DEMO0005 GIFT-25 2500: 1 sales, 2500 in all, 1 reversed since"),
+        "{out}"
+    );
+    assert!(
+        out.contains("DEMO0005 TOPUP-EU-10 1000: 1 sales, 1000 in all, 0 reversed since"),
+        "{out}"
+    );
+    assert!(out.contains("total: 2 sales, 1 reversed since, 1 standing"), "{out}");
     assert!(out.contains("reversals on") && out.contains("DEMO0005: 1"), "{out}");
     assert!(
         out.contains("gateway gw1") && out.contains("cache sales to confirm"),
