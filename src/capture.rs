@@ -338,7 +338,7 @@ pub fn protect_pins(dialect: &Dialect, data: &[u8], tpdu: bool, policy: PinPolic
     let mut out = data[..head].to_vec();
     out.extend_from_slice(&enc);
     // The last word: if the PIN is still in there, in any field, nothing is written.
-    if let Some(p) = pin.filter(|p| p.len() >= 4) {
+    if let Some(p) = pin.filter(|p| p.len() >= 8) {
         if out.windows(p.len()).any(|w| w == p.as_bytes()) {
             return None;
         }

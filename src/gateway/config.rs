@@ -360,6 +360,7 @@ fn serial_line(
                 first_frame: (l.modem && !send_enq).then(|| enq_interval * enq_max.max(1)),
                 // The controller answers within its deadline; a margin for the line, then the link stops waiting.
                 answer_timeout: response_deadline + Duration::from_secs(5),
+                tpdu: l.tpdu,
                 // Binary messages (8 data bits) may hold ETX: the frame ends at `ETX LRC` then silence, by default
                 // 20 character times and at least 50 ms.
                 inter_char: binary.then(|| {

@@ -476,6 +476,8 @@ impl Default for JournalOptions {
 #[derive(Clone)]
 pub struct Journal {
     tx: mpsc::UnboundedSender<Append>,
+    /// Set by the writer when a write failed (it takes no more records from then on).
+    broken: Arc<std::sync::atomic::AtomicBool>,
     path: Arc<PathBuf>,
     cipher: Arc<PinCipher>,
 }
@@ -483,7 +485,7 @@ pub struct Journal {
 impl Journal {
     /// Whether the writer thread is still taking records (it stops for good after a write it cannot make).
     pub fn is_writing(&self) -> bool {
-        !self.tx.is_closed()
+        !self.tx.is_closed() && !self.broken.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -655,13 +657,16 @@ impl Journal {
         let file = rewrite(path, &live.frames()).map_err(io(path))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let p = path.to_path_buf();
+        let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let b = broken.clone();
         std::thread::Builder::new()
             .name("pingate-journal".into())
-            .spawn(move || writer(p, file, live, opts, rx))
+            .spawn(move || writer(p, file, live, opts, rx, b))
             .map_err(io(path))?;
         Ok((
             Journal {
                 tx,
+                broken,
                 path: Arc::new(path.to_path_buf()),
                 cipher,
             },
@@ -723,6 +728,7 @@ fn writer(
     mut live: Live,
     opts: JournalOptions,
     mut rx: mpsc::UnboundedReceiver<Append>,
+    broken: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut failed: Option<String> = None;
     let mut size = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -774,6 +780,7 @@ fn writer(
             let why = format!("write {}: {e}", path.display());
             tracing::error!(journal = %path.display(), error = %e, "journal write failed; no more records are taken");
             failed = Some(why.clone());
+            broken.store(true, std::sync::atomic::Ordering::Relaxed);
             for d in dones.into_iter().flatten() {
                 let _ = d.send(Err(why.clone()));
             }

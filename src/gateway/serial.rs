@@ -184,6 +184,8 @@ enum Call {
 /// could not be read, or the answer could not be encoded); the link stops waiting for one.
 struct Answer {
     call: u64,
+    /// The request's number on the line: a dial-up link waits for the answer to its latest request only.
+    seq: u64,
     tpdu: Option<Tpdu>,
     message: Bytes,
     sale: Option<SaleKey>,
@@ -197,6 +199,11 @@ struct Line<'a> {
     call: Option<Call>,
     /// Numbers calls, so that an answer for a call that is over is known as undelivered.
     call_id: u64,
+    /// Numbers requests on the line.
+    seq: u64,
+    /// Requests at the controller: (call, seq) → the sale key they are about (sales and repeats), so that a late
+    /// answer whose sale a newer request carries again (a repeat) is not reversed under it.
+    in_flight: std::collections::HashMap<(u64, u64), Option<SaleKey>>,
     /// The sale whose answer the link is carrying, until the terminal ACKs it.
     carrying: Option<SaleKey>,
     answers_tx: mpsc::Sender<Answer>,
@@ -223,6 +230,8 @@ impl<'a> Line<'a> {
             modem: None,
             call: None,
             call_id: 0,
+            seq: 0,
+            in_flight: std::collections::HashMap::new(),
             carrying: None,
             answers_tx,
             answers_rx,
@@ -429,10 +438,11 @@ impl<'a> Line<'a> {
                     end = true;
                 } else {
                     buf.extend_from_slice(data);
+                    // Any byte keeps the call alive (a long frame at a low speed is not idleness).
+                    *idle_at = now + self.cfg.idle_timeout;
                     loop {
                         match codec.decode(buf) {
                             Ok(Some(frame)) => {
-                                *idle_at = now + self.cfg.idle_timeout;
                                 requests.push(frame);
                             }
                             Ok(None) => break,
@@ -611,6 +621,8 @@ impl<'a> Line<'a> {
     fn dispatch(&mut self, tpdu: Option<Tpdu>, message: Bytes, now: Instant) {
         let reply_tpdu = tpdu.map(|t| t.reply());
         let call = self.call_id;
+        self.seq += 1;
+        let seq = self.seq;
         if let Some(Call::Framed { in_flight, .. }) = &mut self.call {
             *in_flight += 1;
         }
@@ -622,16 +634,33 @@ impl<'a> Line<'a> {
                 // A format error answer, or none: either way through the queue, so that the link stops waiting.
                 let a = Answer {
                     call,
+                    seq,
                     tpdu: reply_tpdu,
                     message: answer.unwrap_or_default(),
                     sale: None,
                 };
+                self.in_flight.insert((call, seq), None);
                 self.work.spawn(async move {
                     let _ = tx.send(a).await;
                 });
                 return;
             }
         };
+        // The sale a request is about (a 0200 or 0201): its key, as the controller makes it.
+        let key = match (
+            msg.mti().to_string().starts_with("02"),
+            msg.terminal_id(),
+            msg.get_str(11),
+            msg.get_str(7),
+        ) {
+            (true, Some(t), Some(stan), Some(tx)) => Some(SaleKey {
+                terminal_id: t.into(),
+                stan: stan.into(),
+                transmission: tx.into(),
+            }),
+            _ => None,
+        };
+        self.in_flight.insert((call, seq), key);
         let span = tracing::info_span!("request", terminal = msg.terminal_id().unwrap_or("?"), call);
         self.work.spawn(
             async move {
@@ -649,6 +678,7 @@ impl<'a> Line<'a> {
                 };
                 let a = Answer {
                     call,
+                    seq,
                     tpdu: reply_tpdu,
                     sale,
                     message,
@@ -667,9 +697,16 @@ impl<'a> Line<'a> {
     async fn answer(&mut self, a: Answer, port: &mut SerialStream) -> Result<(), LineError> {
         let now = Instant::now();
         let seven_bit = self.cfg.data_bits == 7;
-        let live = a.call == self.call_id;
-        if let (true, Some(Call::Framed { in_flight, .. })) = (live, &mut self.call) {
+        self.in_flight.remove(&(a.call, a.seq));
+        // A dial-up link answers its latest request only; a length-framed call answers every request.
+        let live = a.call == self.call_id
+            && match &self.call {
+                Some(Call::Dialup(_)) => a.seq == self.seq,
+                _ => true,
+            };
+        if let (true, Some(Call::Framed { in_flight, idle_at, .. })) = (live, &mut self.call) {
             *in_flight = in_flight.saturating_sub(1);
+            *idle_at = now + self.cfg.idle_timeout;
         }
         let mut data = BytesMut::new();
         if let Some(t) = a.tpdu {
@@ -718,10 +755,17 @@ impl<'a> Line<'a> {
             }
             _ => {}
         }
-        // The call this answer belongs to is over, or the answer could not go out. The sale the current call may
-        // be carrying is not touched.
+        // The call this answer belongs to is over, or a newer request replaced it, or it could not go out. The
+        // sale the current call may be carrying is not touched; nor is a sale a newer request is about (a repeat:
+        // its answer carries the same PIN, and is reversed itself if it is not delivered).
         if let Some(key) = a.sale {
-            self.reverse(key, "the call ended before the answer was ready");
+            let carried_again =
+                self.carrying.as_ref() == Some(&key) || self.in_flight.values().any(|k| k.as_ref() == Some(&key));
+            if carried_again {
+                tracing::info!(terminal = %key.terminal_id, stan = %key.stan, "a late answer; a newer request carries the same sale");
+            } else {
+                self.reverse(key, "the call ended (or moved on) before the answer was ready");
+            }
         }
         Ok(())
     }

@@ -220,8 +220,15 @@ async fn connection(
                         // Terminals send no PINs, but one that echoes field 63 must not put it in the file either;
                         // a request that does not decode is kept as it came (it is what a replay must send again).
                         let raw = captured(&frame);
-                        let data = protect_pins(&dialect, &raw, cfg.tpdu, cfg.capture_pins).unwrap_or(raw);
-                        sink.record(*conn, Direction::Terminal, data);
+                        let undecodable = dialect.decode(&frame.message).is_err();
+                        let data = if undecodable {
+                            Some(raw)
+                        } else {
+                            protect_pins(&dialect, &raw, cfg.tpdu, cfg.capture_pins)
+                        };
+                        if let Some(data) = data {
+                            sink.record(*conn, Direction::Terminal, data);
+                        }
                     }
                     // The frame is complete: whatever follows in the buffer is a new frame, timed from now (also
                     // after waiting for room below, which is our backpressure, not the terminal's slowness).

@@ -80,6 +80,8 @@ pub struct LinkConfig {
     /// How long a request may wait for its answer before the host stops waiting (the controller's own deadline
     /// plus a margin); an answer that comes later is undelivered.
     pub answer_timeout: Duration,
+    /// Frames start with a 5-byte TPDU (whose bytes may look like control bytes even on a text line).
+    pub tpdu: bool,
     /// Transparent (binary) mode: `None` for text data, where the first ETX ends the frame. With binary data (BCD
     /// messages hold 0x03 bytes) a frame ends at `ETX x` followed by this much silence, and `x` is its LRC; the
     /// terminal, half duplex, sends nothing after its frame until the host answers.
@@ -103,6 +105,7 @@ impl Default for LinkConfig {
             bits_per_char: 10,
             first_frame: None,
             answer_timeout: Duration::from_secs(20),
+            tpdu: false,
             inter_char: None,
         }
     }
@@ -117,7 +120,9 @@ impl LinkConfig {
     /// A frame being read is dropped without a word after this much silence in its middle (line noise that looked
     /// like STX must not swallow the terminal's next ACK or EOT).
     fn abandon_after(&self) -> Duration {
-        self.inter_char.map_or(self.frame_timeout, |q| q * 4)
+        // Error-correcting modems pause inside frames; a pause of a second is not one of those.
+        self.inter_char
+            .map_or(self.frame_timeout, |q| (q * 4).max(Duration::from_secs(1)))
     }
 }
 
@@ -365,10 +370,19 @@ impl DialupLink {
             }
             let spoiled = bad.next_if(|&&o| o == i).is_some();
             if spoiled {
-                if let Some(r) = &mut self.reader {
-                    let offset = r.buf.len();
-                    r.parity.get_or_insert(offset);
-                    self.byte(b, now);
+                // Never a control byte: inside a frame it spoils the frame (NAK at its end); outside one it starts a
+                // spoiled frame (an STX, or a garbled ACK), so that what follows is not read as control bytes either.
+                match &mut self.reader {
+                    Some(r) => {
+                        let offset = r.buf.len();
+                        r.parity.get_or_insert(offset);
+                        self.feed_reader(b, now);
+                    }
+                    None => {
+                        let mut r = FrameReader::new(now + self.cfg.frame_timeout, now);
+                        r.parity = Some(0);
+                        self.reader = Some(r);
+                    }
                 }
                 continue;
             }
@@ -433,8 +447,8 @@ impl DialupLink {
         if !matches!(self.phase, Phase::Processing { .. }) {
             return false;
         }
-        // Whatever half frame came in meanwhile is not the terminal's answer to this.
-        self.reader = None;
+        // A frame coming in meanwhile is read to its end (the terminal sending its request again: it then counts as
+        // a NAK); its bytes are never taken for ACK or NAK.
         let f = frame(data);
         self.out.put_slice(&f);
         let deadline = now + self.cfg.wire_time(f.len()) + self.cfg.ack_timeout;
@@ -509,26 +523,24 @@ impl DialupLink {
     }
 
     fn byte(&mut self, b: u8, now: Instant) {
-        if let Some(r) = &mut self.reader {
+        if let Some(r) = &self.reader {
             let text = self.cfg.inter_char.is_none();
             let stale = !text && r.quiet_at.is_none() && now >= r.last + self.cfg.abandon_after();
-            if stale || (text && !r.want_lrc && matches!(b, STX | EOT | ENQ | ACK | NAK)) {
-                // Text never holds control bytes, and a frame does not pause in its middle: what was read was noise.
-                // The byte is read afresh (STX starts a new frame).
+            // The TPDU (5 bytes) may hold any byte, even on a text line.
+            let in_tpdu = self.cfg.tpdu && r.buf.len() < 5;
+            let control_in_text = text && !r.want_lrc && !in_tpdu && matches!(b, STX | EOT | ENQ | ACK | NAK);
+            // While our answer is out, STX then at once ACK or NAK is noise before the terminal's word (no frame of
+            // ours starts with those bytes: a TPDU starts 0x60, a BCD MTI 0x01-0x09 but not 0x06).
+            let noise_then_ack = matches!(self.phase, Phase::Sending { .. })
+                && r.buf.is_empty()
+                && !r.want_lrc
+                && matches!(b, ACK | NAK);
+            if stale || control_in_text || noise_then_ack {
+                // What was read was noise. The byte is read afresh (STX starts a new frame).
                 self.reader = None;
                 return self.byte(b, now);
             }
-            match r.feed(b, &self.cfg, now) {
-                Read::More => {}
-                Read::Good(data) => {
-                    self.reader = None;
-                    self.good_frame(data, now);
-                }
-                Read::Bad(fault) => {
-                    self.reader = None;
-                    self.bad_frame(fault, now);
-                }
-            }
+            self.feed_reader(b, now);
             return;
         }
         match (b, &self.phase) {
@@ -545,6 +557,21 @@ impl DialupLink {
             (NAK, Phase::Sending { .. }) => self.resend(now),
             // Line noise, modem chatter, a terminal's own ENQ: nothing to answer.
             _ => {}
+        }
+    }
+
+    fn feed_reader(&mut self, b: u8, now: Instant) {
+        let Some(r) = &mut self.reader else { return };
+        match r.feed(b, &self.cfg, now) {
+            Read::More => {}
+            Read::Good(data) => {
+                self.reader = None;
+                self.good_frame(data, now);
+            }
+            Read::Bad(fault) => {
+                self.reader = None;
+                self.bad_frame(fault, now);
+            }
         }
     }
 
@@ -1037,9 +1064,43 @@ mod tests {
         // Transparent mode: the half frame is dropped once the line has been quiet in its middle.
         let mut t = answered(transparent());
         t.send(&[STX, 0x41]);
-        t.at(ms(200));
+        t.at(ms(1000));
         t.send(&[ACK]);
         assert_eq!(t.events(), [LinkEvent::Delivered]);
+        // A lone STX right before the ACK (noise, then the terminal's word).
+        let mut t = answered(transparent());
+        t.send(&[STX, ACK]);
+        assert_eq!(t.events(), [LinkEvent::Delivered]);
+    }
+
+    #[test]
+    fn a_garbled_ack_is_no_ack_and_what_follows_a_bad_byte_is_not_read_as_control() {
+        let mut t = answered(LinkConfig::default());
+        // A parity error on what would have been ACK, then EOT and ACK as part of the spoiled frame's tail... in
+        // text mode a real control byte ends the spoiled frame and is read: the second ACK counts.
+        t.link.handle_input_checked(&[ACK], &[0], t.now);
+        assert!(t.events().is_empty(), "a garbled ACK is no ACK");
+        t.link.handle_input_checked(&[ACK], &[], t.now);
+        assert_eq!(t.events(), [LinkEvent::Delivered]);
+        // In a frame, a bad byte that strips to a control byte is data, not a control byte.
+        let mut t = answered(LinkConfig::default());
+        t.send(&[STX, b'A']);
+        t.link.handle_input_checked(&[ACK], &[0], t.now);
+        assert!(t.events().is_empty());
+    }
+
+    #[test]
+    fn a_tpdu_on_a_text_line_may_hold_control_bytes() {
+        let mut t = T::new(LinkConfig {
+            tpdu: true,
+            ..LinkConfig::default()
+        });
+        t.at(ms(0));
+        t.out();
+        let data = [0x60, 0x00, 0x05, 0x00, 0x06, b'0', b'2', b'0', b'0'];
+        t.send(&frame(&data));
+        assert_eq!(t.out(), [ACK]);
+        assert_eq!(t.events(), [LinkEvent::Request(Bytes::copy_from_slice(&data))]);
     }
 
     #[test]
