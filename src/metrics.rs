@@ -2,7 +2,6 @@
 //! readiness: `GET /metrics`, `GET /healthz` (the process answers), `GET /readyz` (it can do its work: 200, else 503).
 //! Off unless an address is configured; bind it to loopback (or a management network), it has no authentication.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -57,21 +56,33 @@ impl Exposition {
     }
 }
 
-/// A counter with labels, e.g. requests by message type and response code.
+/// A counter with labels, e.g. requests by message type and response code. Label sets are few (tens): counting
+/// looks its set up without allocating, and allocates only the first time a set is seen.
 #[derive(Default)]
 pub struct LabelledCounter {
-    values: Mutex<BTreeMap<Vec<(String, String)>, u64>>,
+    values: Mutex<Vec<(LabelSet, u64)>>,
 }
+
+/// Label names and values.
+type LabelSet = Vec<(String, String)>;
 
 impl LabelledCounter {
     pub fn inc(&self, labels: &[(&str, &str)]) {
-        let key = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        *self.values.lock().expect("not poisoned").entry(key).or_default() += 1;
+        let mut values = self.values.lock().expect("not poisoned");
+        let same = |set: &[(String, String)]| {
+            set.len() == labels.len() && set.iter().zip(labels).all(|((k, v), (k2, v2))| k == k2 && v == v2)
+        };
+        match values.iter_mut().find(|(set, _)| same(set)) {
+            Some((_, n)) => *n += 1,
+            None => values.push((labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), 1)),
+        }
     }
 
     pub fn render(&self, e: &mut Exposition, name: &str, help: &str) {
         e.family(name, "counter", help);
-        for (labels, v) in self.values.lock().expect("not poisoned").iter() {
+        let mut values = self.values.lock().expect("not poisoned").clone();
+        values.sort();
+        for (labels, v) in &values {
             let l: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             e.sample(name, &l, *v as f64);
         }
