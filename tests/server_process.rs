@@ -129,9 +129,10 @@ impl Drop for Server {
     }
 }
 
-/// Starts `pingate server` on a free port and returns it with its address (read from its log).
-fn start_server(db: &str, certs: &CertsDir) -> (Server, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pingate"))
+/// `pingate [global...] server` on a free port over `db`, with the certificates and keys of `certs`.
+fn server_command(db: &str, certs: &CertsDir, global: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pingate"));
+    c.args(global)
         .args(["server", "--db", db, "--listen", "127.0.0.1:0"])
         .args([
             "--cert",
@@ -145,12 +146,14 @@ fn start_server(db: &str, certs: &CertsDir) -> (Server, SocketAddr) {
             "--gateways",
             certs.gateways().to_str().unwrap(),
         ])
-        .args([
-            "--pin-keys",
-            certs.pin_keys().to_str().unwrap(),
-            "--pg-connections",
-            "4",
-        ])
+        .args(["--pin-keys", certs.pin_keys().to_str().unwrap()]);
+    c
+}
+
+/// Starts `pingate server` on a free port and returns it with its address (read from its log).
+fn start_server(db: &str, certs: &CertsDir) -> (Server, SocketAddr) {
+    let mut child = server_command(db, certs, &[])
+        .args(["--pg-connections", "4"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -323,31 +326,7 @@ fn logs_as_json_lines_and_log_levels_are_checked() {
     std::fs::create_dir_all(&d).unwrap();
     let db = format!("sqlite:{}", d.join("pins.db").display());
     let (_dir, certs) = setup("json-log", &db, 10);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pingate"))
-        .args([
-            "--log-format",
-            "json",
-            "--log-level",
-            "debug",
-            "server",
-            "--db",
-            &db,
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .args([
-            "--cert",
-            certs.server_cert().to_str().unwrap(),
-            "--key",
-            certs.server_key().to_str().unwrap(),
-        ])
-        .args([
-            "--client-ca",
-            certs.ca().to_str().unwrap(),
-            "--gateways",
-            certs.gateways().to_str().unwrap(),
-        ])
-        .args(["--pin-keys", certs.pin_keys().to_str().unwrap()])
+    let mut child = server_command(&db, &certs, &["--log-format", "json", "--log-level", "debug"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
