@@ -802,7 +802,24 @@ async fn two_gateways_two_servers_one_postgresql_with_failover_sell_each_pin_onc
         );
     }
     b.stop().await;
-    common::audit_url_ok(&pingate::store::handle::DbUrl::Postgres(url.clone())).await;
+    let db = pingate::store::handle::DbUrl::Postgres(url.clone());
+    common::audit_url_ok(&db).await;
+    // The audit's checks find what they look for on PostgreSQL too: a forged trail row (sold back to available,
+    // which no edge allows), written behind the server's back.
+    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    c.batch_execute(
+        "INSERT INTO audit (pin_id, from_state, to_state, holder, at) \
+         SELECT id, 'sold', 'available', NULL, 0 FROM pins WHERE state = 'sold' LIMIT 1",
+    )
+    .await
+    .unwrap();
+    let r = pingate::audit::run(&db, &[], None).await.unwrap();
+    let checks: Vec<&str> = r.violations.iter().map(|v| v.check).collect();
+    for want in ["trail-disagrees", "trail-edge-not-allowed"] {
+        assert!(checks.contains(&want), "{want}: {}", r.text());
+    }
+    drop(c);
     common::drop_database(&admin, &dbname).await;
 }
 

@@ -270,9 +270,21 @@ async fn audit_reconciles_a_day_and_names_every_broken_invariant() {
         [other],
     )
     .unwrap();
+    // A forged trail row: a sold PIN "back to available", which no edge allows.
+    let sold: i64 = c
+        .query_row("SELECT id FROM pins WHERE state = 'sold' LIMIT 1", [], |r| r.get(0))
+        .unwrap();
+    c.execute(
+        "INSERT INTO audit (pin_id, from_state, to_state, holder, at) VALUES (?1, 'sold', 'available', NULL, 0)",
+        [sold],
+    )
+    .unwrap();
     let o = run(vec!["audit".into(), "--db".into(), db_arg]);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert_eq!(o.status.code(), Some(1), "{out}");
+    for check in ["trail-disagrees", "trail-edge-not-allowed", "sold-without-sale"] {
+        assert!(out.contains(check) == (check != "sold-without-sale"), "{check}: {out}");
+    }
     assert!(
         out.contains(&format!(
             "sale-of-unsold-pin: a sale of a PIN that is neither sold nor voided: {free} (available)"

@@ -322,6 +322,33 @@ mod tests {
     }
 
     #[test]
+    fn new_modes_keep_pins_move_marks_and_set_aside_what_is_no_longer_prefetched() {
+        let t = Instant::now();
+        let mut c = cache(t);
+        assert!(c.put(pins("HOT", 100, 1..4)).is_empty());
+        assert!(c.put(pins("COLD", 100, 10..12)).is_empty());
+        c.set_modes(
+            [
+                ("HOT".to_string(), 100, Mode::Prefetch { low: 20, high: 40 }),
+                ("COLD".to_string(), 100, Mode::OnDemand),
+                ("NEW".to_string(), 500, Mode::Prefetch { low: 1, high: 2 }),
+            ],
+            t,
+        );
+        let levels = c.levels(t);
+        let hot = levels.iter().find(|l| l.product == "HOT").unwrap();
+        assert_eq!((hot.cached, hot.low, hot.high), (3, 20, 40), "PINs kept, marks moved");
+        assert!(levels.iter().any(|l| l.product == "NEW" && l.cached == 0));
+        assert!(levels.iter().all(|l| l.product != "COLD"));
+        let mut back: Vec<i64> = c.take_stale().iter().map(|p| p.pin.pin_id).collect();
+        back.sort();
+        assert_eq!(back, [10, 11], "the PINs of a product no longer prefetched go back");
+        // A refill that was out for the removed product lands: its PINs have no slot and come back to the caller.
+        assert_eq!(c.put(pins("COLD", 100, 20..22)).len(), 2);
+        assert!(matches!(c.take("COLD", 100, t, 0), Take::OnDemand));
+    }
+
+    #[test]
     fn takes_in_order_misses_when_empty_and_knows_on_demand_products() {
         let t = Instant::now();
         let mut c = cache(t);
