@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::iso8583::{Dialect, Message};
+use crate::iso8583::{from_hex, to_hex, Dialect, Message};
 use crate::link::framing::Framing;
 use crate::sale::PinReceipt;
 
@@ -109,28 +109,15 @@ pub struct Capture {
     pub records: Vec<Record>,
 }
 
-fn hex(b: &[u8]) -> String {
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        let _ = write!(s, "{x:02X}");
-    }
-    s
-}
-
+/// Capture hex: the codec's, with the column of a bad digit for the person editing the file.
 fn unhex(s: &str) -> Result<Vec<u8>, String> {
-    if let Some(i) = s.find(|c: char| !c.is_ascii_hexdigit()) {
-        return Err(format!("column {} is not a hex digit", i + 1));
-    }
-    if s.len() % 2 != 0 {
-        return Err("odd number of hex digits".into());
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&s[i..i + 2], 16)
-                .map_err(|_| format!("`{}` at column {} is not hex", &s[i..i + 2], i + 1))
-        })
-        .collect()
+    from_hex(s).map_err(|i| {
+        if i >= s.len() {
+            "odd number of hex digits".to_string()
+        } else {
+            format!("column {} is not a hex digit", i + 1)
+        }
+    })
 }
 
 impl Capture {
@@ -296,7 +283,7 @@ fn record_line(at: Duration, conn: u64, dir: Direction, data: &[u8]) -> String {
         "{:.6} {conn} {} {}\n",
         at.as_secs_f64(),
         if dir == Direction::Terminal { "T" } else { "H" },
-        if data.is_empty() { "-".to_string() } else { hex(data) }
+        if data.is_empty() { "-".to_string() } else { to_hex(data) }
     )
 }
 

@@ -95,19 +95,8 @@ enum Cmd {
     },
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02X}")).collect()
-}
-
 fn unhex(s: &str) -> Result<Vec<u8>, String> {
-    let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
-    if s.len() % 2 != 0 {
-        return Err(format!("`{s}`: odd number of hex digits"));
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| format!("`{}` is not hex", &s[i..i + 2])))
-        .collect()
+    pingate::iso8583::from_hex(s).map_err(|i| format!("`{s}`: not hex at character {}", i + 1))
 }
 
 fn start(args: &ModemArgs) -> Result<ModemHandle, String> {
@@ -179,7 +168,7 @@ async fn modem(args: ModemArgs, reveal: bool) -> Result<(), String> {
             }
             s = signal => match s {
                 Some(PhoneSignal::Connected(c)) => println!("phone: {c}"),
-                Some(PhoneSignal::Data(b)) if reveal => println!("phone <- {}", hex(&b)),
+                Some(PhoneSignal::Data(b)) if reveal => println!("phone <- {}", pingate::iso8583::to_hex(&b)),
                 Some(PhoneSignal::Data(b)) => println!("phone <- {} bytes (--reveal shows them)", b.len()),
                 Some(PhoneSignal::Hangup) | None => { println!("phone: hung up"); phone = None; }
             },

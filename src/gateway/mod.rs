@@ -524,12 +524,8 @@ impl Gateway {
         use tracing::Instrument;
         let mti = msg.mti().to_string();
         // The RRN the sale has (or would have): derived from its key, so it can be logged before anything is asked.
-        let rrn = match (msg.terminal_id(), msg.get_str(11), msg.get_str(7)) {
-            (Some(t), Some(stan), Some(tx)) if mti.starts_with("02") => rrn_of(&SaleKey {
-                terminal_id: t.into(),
-                stan: stan.into(),
-                transmission: tx.into(),
-            }),
+        let rrn = match SaleKey::of(msg) {
+            Ok(key) if mti.starts_with("02") => rrn_of(&key),
             _ => String::new(),
         };
         let span = tracing::info_span!(

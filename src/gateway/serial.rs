@@ -647,19 +647,9 @@ impl<'a> Line<'a> {
             }
         };
         // The sale a request is about (a 0200 or 0201): its key, as the controller makes it.
-        let key = match (
-            msg.mti().to_string().starts_with("02"),
-            msg.terminal_id(),
-            msg.get_str(11),
-            msg.get_str(7),
-        ) {
-            (true, Some(t), Some(stan), Some(tx)) => Some(SaleKey {
-                terminal_id: t.into(),
-                stan: stan.into(),
-                transmission: tx.into(),
-            }),
-            _ => None,
-        };
+        let key = SaleKey::of(&msg)
+            .ok()
+            .filter(|_| msg.mti().to_string().starts_with("02"));
         self.in_flight.insert((call, seq), key);
         let span = tracing::info_span!("request", terminal = msg.terminal_id().unwrap_or("?"), call);
         self.work.spawn(

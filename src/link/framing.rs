@@ -113,11 +113,7 @@ pub struct Tpdu {
 impl Tpdu {
     /// A TPDU written as 10 hex digits (`6000030001`).
     pub fn from_hex(h: &str) -> Result<Tpdu, String> {
-        let b: Vec<u8> = (0..h.len())
-            .step_by(2)
-            .map(|i| h.get(i..i + 2).and_then(|x| u8::from_str_radix(x, 16).ok()))
-            .collect::<Option<_>>()
-            .ok_or_else(|| format!("TPDU `{h}` is not hex"))?;
+        let b = crate::iso8583::from_hex(h).map_err(|_| format!("TPDU `{h}` is not hex"))?;
         let b: [u8; 5] = b
             .try_into()
             .map_err(|_| format!("TPDU `{h}`: 5 bytes (10 hex digits)"))?;
