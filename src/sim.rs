@@ -38,6 +38,19 @@ pub fn now_transmission() -> String {
     )
 }
 
+/// How terminal messages are carried to a listener, as the tools take it on their command lines.
+#[derive(clap::Args, Clone, Debug)]
+pub struct WireArgs {
+    /// Length framing: binary2, binary2-inclusive, ascii4, bcd2.
+    #[arg(long, default_value = "binary2")]
+    pub framing: Framing,
+    #[arg(long, default_value = crate::demo::DIALECT)]
+    pub dialect: String,
+    /// TPDU in hex (10 digits) before each message, when the listener expects one.
+    #[arg(long)]
+    pub tpdu: Option<Tpdu>,
+}
+
 /// Who the terminal is.
 #[derive(Clone, Debug)]
 pub struct Identity {

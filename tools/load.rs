@@ -22,8 +22,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use pingate::iso8583::Dialects;
-use pingate::link::framing::{Framing, Tpdu};
+use pingate::link::framing::Framing;
 use pingate::load::{echo_server, run, LoadReport, LoadSpec, MixItem, Progress};
+use pingate::sim::WireArgs;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -38,14 +39,8 @@ struct RunArgs {
     /// The gateway's terminal listener.
     #[arg(long)]
     gateway: SocketAddr,
-    /// binary2, binary2-inclusive, ascii4, bcd2.
-    #[arg(long, default_value = "binary2")]
-    framing: String,
-    #[arg(long, default_value = "iso87-ascii-binbitmap")]
-    dialect: String,
-    /// TPDU in hex (10 digits), when the listener expects one.
-    #[arg(long)]
-    tpdu: Option<String>,
+    #[command(flatten)]
+    wire: WireArgs,
     #[arg(long, default_value_t = 10)]
     connections: usize,
     /// Requests kept in flight per connection (closed loop).
@@ -91,12 +86,8 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
         #[arg(long, default_value = "binary2")]
-        framing: String,
+        framing: Framing,
     },
-}
-
-fn framing(s: &str) -> Result<Framing, String> {
-    s.parse()
 }
 
 fn summary(r: &LoadReport) -> serde_json::Value {
@@ -286,22 +277,14 @@ async fn load(
 }
 
 async fn run_cmd(a: RunArgs) -> Result<bool, String> {
-    let framing = framing(&a.framing)?;
-    let dialect = Arc::new(Dialects::builtin().get(&a.dialect).map_err(|e| e.to_string())?.clone());
+    let (framing, tpdu) = (a.wire.framing, a.wire.tpdu);
+    let dialect = Arc::new(
+        Dialects::builtin()
+            .get(&a.wire.dialect)
+            .map_err(|e| e.to_string())?
+            .clone(),
+    );
     let mix = a.mix.iter().map(|m| MixItem::parse(m)).collect::<Result<Vec<_>, _>>()?;
-    let tpdu = match &a.tpdu {
-        None => None,
-        Some(h) => {
-            let b: Vec<u8> = (0..h.len())
-                .step_by(2)
-                .map(|i| h.get(i..i + 2).and_then(|x| u8::from_str_radix(x, 16).ok()))
-                .collect::<Option<_>>()
-                .ok_or_else(|| format!("--tpdu `{h}` is not hex"))?;
-            Some(Tpdu::parse(
-                b.try_into().map_err(|_| "--tpdu must be 5 bytes".to_string())?,
-            ))
-        }
-    };
     if !(a.duration.is_finite() && a.duration > 0.0 && a.duration <= 86_400.0) {
         return Err("--duration: seconds, more than 0 and at most 86400".into());
     }
@@ -358,8 +341,8 @@ async fn run_cmd(a: RunArgs) -> Result<bool, String> {
             },
             "spec": {
                 "gateway": a.gateway.to_string(),
-                "framing": a.framing,
-                "dialect": a.dialect,
+                "framing": framing.name(),
+                "dialect": a.wire.dialect,
                 "connections": a.connections,
                 "in_flight": a.in_flight,
                 "rate": a.rate,
@@ -400,7 +383,6 @@ fn main() -> ExitCode {
         match cli.cmd {
             Cmd::Run(a) => run_cmd(*a).await,
             Cmd::Echo { listen, framing: f } => {
-                let f = framing(&f)?;
                 let l = tokio::net::TcpListener::bind(listen)
                     .await
                     .map_err(|e| format!("{listen}: {e}"))?;

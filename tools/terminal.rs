@@ -25,9 +25,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use pingate::iso8583::Dialects;
-use pingate::link::framing::{Framing, Tpdu};
+use pingate::link::framing::Tpdu;
 use pingate::scenario::{result_json, Scenario};
-use pingate::sim::{Identity, TerminalClient};
+use pingate::sim::{Identity, TerminalClient, WireArgs};
 
 #[derive(Parser)]
 #[command(name = "pingate-terminal", about = "Simulated POS terminals over TCP")]
@@ -51,14 +51,8 @@ struct Cli {
     /// Compute and check the parity bit here (the port runs 8N1).
     #[arg(long)]
     software_parity: bool,
-    /// Length framing: binary2, binary2-inclusive, ascii4, bcd2.
-    #[arg(long, default_value = "binary2")]
-    framing: String,
-    #[arg(long, default_value = "iso87-ascii-binbitmap")]
-    dialect: String,
-    /// TPDU in hex (10 digits) before each message, when the listener expects one.
-    #[arg(long)]
-    tpdu: Option<String>,
+    #[command(flatten)]
+    wire: WireArgs,
     /// Terminal id (field 41). With --count, the number at its end counts up: DEMO0001, DEMO0002, ...
     #[arg(long, default_value = "DEMO0001")]
     terminal: String,
@@ -236,14 +230,13 @@ async fn run_serial(
 }
 
 async fn run(cli: Cli) -> Result<bool, String> {
-    let framing: Framing = cli.framing.parse()?;
+    let (framing, tpdu) = (cli.wire.framing, cli.wire.tpdu);
     let dialect = Arc::new(
         Dialects::builtin()
-            .get(&cli.dialect)
+            .get(&cli.wire.dialect)
             .map_err(|e| e.to_string())?
             .clone(),
     );
-    let tpdu = cli.tpdu.as_deref().map(Tpdu::from_hex).transpose()?;
     let scenario = scenario_of(&cli.action)?;
     if let Some(path) = cli.serial.clone() {
         return run_serial(&cli, &path, scenario, dialect, tpdu).await;

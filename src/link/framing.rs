@@ -110,6 +110,15 @@ pub struct Tpdu {
     pub source: [u8; 2],
 }
 
+impl std::str::FromStr for Tpdu {
+    type Err = String;
+
+    /// 10 hex digits (`6000030001`).
+    fn from_str(h: &str) -> Result<Tpdu, String> {
+        Tpdu::from_hex(h)
+    }
+}
+
 impl Tpdu {
     /// A TPDU written as 10 hex digits (`6000030001`).
     pub fn from_hex(h: &str) -> Result<Tpdu, String> {
