@@ -322,6 +322,11 @@ fn day_bounds(day: &str) -> Result<(i64, i64), AuditError> {
     Ok((start, start + 86_400))
 }
 
+/// How the server has a PIN a journal names: its state and holder (or seller), or missing.
+fn server_view(found: Option<&(String, String)>) -> String {
+    found.map_or("missing".to_string(), |(s, h)| format!("{s} (holder {h})"))
+}
+
 /// A gateway journal to reconcile, with the keys that open it.
 #[derive(Clone, Debug)]
 pub struct JournalInput {
@@ -429,7 +434,7 @@ pub async fn run(db: &DbUrl, journals: &[JournalInput], day: Option<&str>) -> Re
                     detail: format!(
                         "{} caches PIN {id}, which the server has as {}",
                         j.gateway,
-                        other.map_or("missing".to_string(), |(s, h)| format!("{s} (holder {h})"))
+                        server_view(other)
                     ),
                 }),
             }
@@ -444,7 +449,7 @@ pub async fn run(db: &DbUrl, journals: &[JournalInput], day: Option<&str>) -> Re
                     detail: format!(
                         "{} sold PIN {id} from its cache, which the server has as {}",
                         j.gateway,
-                        other.map_or("missing".to_string(), |(s, h)| format!("{s} (holder {h})"))
+                        server_view(other)
                     ),
                 }),
             }

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_serial::{SerialPort, SerialStream};
 
+use crate::gateway::serial::sleep_until;
 use crate::link::dialup::{frame, lrc, ACK, ENQ, EOT, ETX, NAK, STX};
 use crate::link::parity::{self, Parity};
 
@@ -485,13 +486,6 @@ impl Emulator {
             self.hang_up_phone();
         }
         self.result("OK", 0)
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -805,7 +805,8 @@ fn split_tpdu(data: Bytes, tpdu: bool) -> Option<(Option<Tpdu>, Bytes)> {
     Some((Some(t), data.slice(5..)))
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
+/// Sleeps until `deadline`, or for ever when there is none (a `select!` arm for the next timer of a core).
+pub(crate) async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
