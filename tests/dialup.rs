@@ -18,7 +18,7 @@ use pingate::dialsim::{start_modem, CallScript, CommandReply, DialupTerminal, Mo
 use pingate::gateway::serial::{LineBoard, LineStatus};
 use pingate::iso8583::{Dialect, Dialects, Message};
 use pingate::sale::PinReceipt;
-use pingate::sim::{Identity, SaleSpec};
+use pingate::sim::SaleSpec;
 
 const ON_DEMAND: &str = "GIFT-25";
 const PREFETCH: &str = "TOPUP-EU-10";
@@ -91,10 +91,7 @@ fn ready(b: &LineBoard, line: &str) -> bool {
 
 /// A framed request: TPDU and a 0200 in the BCD dialect.
 fn sale_request(terminal: usize, stan: u32, product: &str) -> Vec<u8> {
-    let id = Identity {
-        terminal_id: format!("DEMO{terminal:04}"),
-        merchant_id: pingate::demo::MERCHANT.into(),
-    };
+    let id = common::demo_terminal(&format!("DEMO{terminal:04}"));
     let spec = SaleSpec {
         stan,
         transmission: "1129120000".into(),
@@ -277,17 +274,8 @@ async fn carrier_lost_before_the_ack_reverses_the_sale() {
     assert_eq!((count(&s, ON_DEMAND, "sold"), count(&s, ON_DEMAND, "voided")), (1, 1));
     // The terminal, which never completed the exchange, reverses the sale on its next call: answered 00, and the
     // PIN stays voided.
-    let id = Identity {
-        terminal_id: "DEMO0004".into(),
-        merchant_id: pingate::demo::MERCHANT.into(),
-    };
-    let spec = SaleSpec {
-        stan: 30,
-        transmission: "1129120000".into(),
-        product: ON_DEMAND.into(),
-        amount: 2500,
-        currency: "978".into(),
-    };
+    let id = common::demo_terminal("DEMO0004");
+    let spec = common::demo_sale(30, "1129120000", ON_DEMAND, 2500);
     let rev = [&TPDU[..], &bcd().encode(&id.reversal(&spec, 32, false)).unwrap()[..]].concat();
     let out = DialupTerminal::call(&m, &rev, &script()).await.unwrap();
     let a = decode_answer(out.answer.as_ref().unwrap());
@@ -318,18 +306,9 @@ async fn a_modem_answering_error_to_init_is_reported_and_retried() {
     assert_eq!(b["m1"].last_error.as_deref(), Some("init `ATZ`: ERROR"));
     assert!(m.commands().iter().filter(|c| *c == "ATZ").count() >= 2, "tried twice");
     // TCP terminals are not affected.
-    let id = Identity {
-        terminal_id: "DEMO0001".into(),
-        merchant_id: pingate::demo::MERCHANT.into(),
-    };
+    let id = common::demo_terminal("DEMO0001");
     let mut t = rig.gw.terminal().await.unwrap();
-    let spec = SaleSpec {
-        stan: 40,
-        transmission: "1129120000".into(),
-        product: ON_DEMAND.into(),
-        amount: 2500,
-        currency: "978".into(),
-    };
+    let spec = common::demo_sale(40, "1129120000", ON_DEMAND, 2500);
     assert_eq!(t.call(&id.sale(&spec, false)).await.unwrap().get_str(39), Some("00"));
     // Fixed: the line comes up on the next try.
     m.set_replies(CommandReply::Ok);
@@ -456,17 +435,8 @@ async fn a_7e1_line_with_software_parity_and_a_text_dialect() {
     let rig = rig("7e1", &cfg).await;
     board_until(&rig.gw, "the modem ready", |b| ready(b, "m7")).await;
     let ascii = Dialects::builtin().get("iso87-ascii").unwrap().clone();
-    let id = Identity {
-        terminal_id: "DEMO0006".into(),
-        merchant_id: pingate::demo::MERCHANT.into(),
-    };
-    let spec = SaleSpec {
-        stan: 80,
-        transmission: "1129120000".into(),
-        product: ON_DEMAND.into(),
-        amount: 2500,
-        currency: "978".into(),
-    };
+    let id = common::demo_terminal("DEMO0006");
+    let spec = common::demo_sale(80, "1129120000", ON_DEMAND, 2500);
     let req = ascii.encode(&id.sale(&spec, false)).unwrap();
     let script = CallScript {
         parity: Parity::Even,
@@ -571,10 +541,7 @@ async fn a_directly_wired_stx_etx_terminal_runs_the_whole_contract() {
         tpdu: Some(pingate::link::framing::Tpdu::parse(TPDU)),
     };
     let scenario = Scenario::parse(&std::fs::read_to_string("fixtures/scenarios/contract.toml").unwrap()).unwrap();
-    let id = Identity {
-        terminal_id: "DEMO0007".into(),
-        merchant_id: pingate::demo::MERCHANT.into(),
-    };
+    let id = common::demo_terminal("DEMO0007");
     let results = scenario
         .run(&mut client, &id, "1129160000", Duration::from_secs(10))
         .await

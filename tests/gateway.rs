@@ -34,20 +34,16 @@ fn dir(name: &str) -> PathBuf {
 }
 
 fn term(n: usize) -> Identity {
-    Identity {
-        terminal_id: format!("DEMO{n:04}"),
-        merchant_id: pingate::demo::MERCHANT.into(),
-    }
+    common::demo_terminal(&format!("DEMO{n:04}"))
 }
 
 fn spec(stan: u32, product: &str) -> SaleSpec {
-    SaleSpec {
+    common::demo_sale(
         stan,
-        transmission: "1128120000".into(),
-        product: product.into(),
-        amount: if product == PREFETCH { 1000 } else { 2500 },
-        currency: "978".into(),
-    }
+        "1128120000",
+        product,
+        if product == PREFETCH { 1000 } else { 2500 },
+    )
 }
 
 fn code(m: &Message) -> &str {
@@ -144,10 +140,7 @@ async fn sales_repeats_duplicates_reversals_and_refusals() {
     assert_eq!(code(&t.call(&me.sale(&spec(4, ON_DEMAND), false)).await.unwrap()), "12");
 
     // Refusals.
-    let stranger = Identity {
-        terminal_id: "NOBODY01".into(),
-        merchant_id: pingate::demo::MERCHANT.into(),
-    };
+    let stranger = common::demo_terminal("NOBODY01");
     assert_eq!(
         code(&t.call(&stranger.sale(&spec(5, PREFETCH), false)).await.unwrap()),
         "58"
@@ -1016,10 +1009,7 @@ async fn a_reload_applies_the_registry_and_watermarks_and_names_what_needs_a_res
     let (inv, server, gw) = setup("reload", 200, 5, 10, ("", "")).await;
     cached_at_least(&gw, 5).await;
     let mut t = gw.terminal().await.unwrap();
-    let newcomer = Identity {
-        terminal_id: "NEWTERM1".into(),
-        merchant_id: pingate::demo::MERCHANT.into(),
-    };
+    let newcomer = common::demo_terminal("NEWTERM1");
     assert_eq!(
         code(&t.call(&newcomer.sale(&spec(1, ON_DEMAND), false)).await.unwrap()),
         "58"
@@ -1098,10 +1088,7 @@ async fn sighup_reloads_a_running_gateway_process() {
     let log = inv.dir.join("gateway.log");
     let gw = spawn_gateway(&files.config, &log);
     let mut t = connect(listen).await;
-    let newcomer = Identity {
-        terminal_id: "NEWTERM2".into(),
-        merchant_id: pingate::demo::MERCHANT.into(),
-    };
+    let newcomer = common::demo_terminal("NEWTERM2");
     assert_eq!(
         code(&t.call(&newcomer.sale(&spec(1, ON_DEMAND), false)).await.unwrap()),
         "58"

@@ -35,20 +35,11 @@ impl Write for Sink {
 }
 
 fn id(t: &str) -> Identity {
-    Identity {
-        terminal_id: t.into(),
-        merchant_id: pingate::demo::MERCHANT.into(),
-    }
+    common::demo_terminal(t)
 }
 
 fn spec(stan: u32, product: &str, amount: u64) -> SaleSpec {
-    SaleSpec {
-        stan,
-        transmission: "1129170000".into(),
-        product: product.into(),
-        amount,
-        currency: "978".into(),
-    }
+    common::demo_sale(stan, "1129170000", product, amount)
 }
 
 /// Every PIN in the inventory, decrypted.

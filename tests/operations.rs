@@ -10,7 +10,6 @@ use pingate::demo::{sample_modes, sample_products, start_server_with, GatewayFil
 use pingate::gateway::StartOptions;
 use pingate::metrics::get;
 use pingate::server::ServerOptions;
-use pingate::sim::{Identity, SaleSpec};
 use pingate::store::handle::DbUrl;
 
 fn dir(name: &str) -> std::path::PathBuf {
@@ -67,28 +66,13 @@ async fn metrics_health_and_readiness_of_gateway_and_server() {
         stop.clone(),
     ));
 
-    let me = Identity {
-        terminal_id: "DEMO0001".into(),
-        merchant_id: pingate::demo::MERCHANT.into(),
-    };
+    let me = common::demo_terminal("DEMO0001");
     let mut t = gw.terminal().await.unwrap();
     for stan in 1..=3 {
-        let s = SaleSpec {
-            stan,
-            transmission: "1129180000".into(),
-            product: "GIFT-25".into(),
-            amount: 2500,
-            currency: "978".into(),
-        };
+        let s = common::demo_sale(stan, "1129180000", "GIFT-25", 2500);
         assert_eq!(t.call(&me.sale(&s, false)).await.unwrap().get_str(39), Some("00"));
     }
-    let bad = SaleSpec {
-        stan: 9,
-        transmission: "1129180000".into(),
-        product: "NOPE".into(),
-        amount: 1,
-        currency: "978".into(),
-    };
+    let bad = common::demo_sale(9, "1129180000", "NOPE", 1);
     assert_eq!(t.call(&me.sale(&bad, false)).await.unwrap().get_str(39), Some("15"));
 
     // A frame that does not decode is counted too (answered 30).
@@ -183,10 +167,7 @@ async fn audit_reconciles_a_day_and_names_every_broken_invariant() {
         pingate::scenario::Scenario::parse(&std::fs::read_to_string("fixtures/scenarios/contract.toml").unwrap())
             .unwrap();
     let mut t = gw.terminal().await.unwrap();
-    let me = Identity {
-        terminal_id: "DEMO0005".into(),
-        merchant_id: pingate::demo::MERCHANT.into(),
-    };
+    let me = common::demo_terminal("DEMO0005");
     let results = scenario
         .run(&mut t, &me, "1129190000", Duration::from_secs(10))
         .await

@@ -445,20 +445,11 @@ async fn client(gw: &GatewayHandle) -> pingate::sim::TerminalClient {
 }
 
 fn identity(t: &str) -> pingate::sim::Identity {
-    pingate::sim::Identity {
-        terminal_id: t.into(),
-        merchant_id: pingate::demo::MERCHANT.into(),
-    }
+    common::demo_terminal(t)
 }
 
 fn sale(stan: u32, product: &str, amount: u64) -> pingate::sim::SaleSpec {
-    pingate::sim::SaleSpec {
-        stan,
-        transmission: "1129150000".into(),
-        product: product.into(),
-        amount,
-        currency: "978".into(),
-    }
+    common::demo_sale(stan, "1129150000", product, amount)
 }
 
 /// A short response deadline: a gateway without its server answers 91 sooner.

@@ -165,3 +165,22 @@ pub async fn rig(
     );
     (inv, server, gw)
 }
+
+/// Demo terminal `id` (registered by the demo set-up, merchant [`pingate::demo::MERCHANT`]).
+pub fn demo_terminal(id: &str) -> pingate::sim::Identity {
+    pingate::sim::Identity {
+        terminal_id: id.into(),
+        merchant_id: pingate::demo::MERCHANT.into(),
+    }
+}
+
+/// A sale of `product` at `amount` (EUR), STAN `stan`, sent at `transmission` (MMDDhhmmss).
+pub fn demo_sale(stan: u32, transmission: &str, product: &str, amount: u64) -> pingate::sim::SaleSpec {
+    pingate::sim::SaleSpec {
+        stan,
+        transmission: transmission.into(),
+        product: product.into(),
+        amount,
+        currency: "978".into(),
+    }
+}
