@@ -175,6 +175,72 @@ async fn scenario(s: &mut impl PinStore) {
     assert_eq!(count(s, PinState::Sold).await, 1 + 2);
     assert_eq!(count(s, PinState::Voided).await, 2);
     assert_eq!(count(s, PinState::Available).await, 10_000 - 5);
+
+    // A batch of sales alone (PostgreSQL's one-statement path) answers each request as it would answer it alone.
+    s.upsert_product(&Product {
+        code: "TINY".into(),
+        name: "Two PINs".into(),
+        supplier: "Shop".into(),
+        currency: "840".into(),
+        denominations: vec![100],
+    })
+    .await
+    .unwrap();
+    let mut two = pins(40_000, 2, None);
+    for p in &mut two {
+        (p.product, p.amount) = ("TINY".into(), 100);
+    }
+    s.import_with_progress(&two, &mut |_| {}).await.unwrap();
+    let Outcome::Sold(earlier) = s.apply(sell("b", 1)).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        s.apply(Op::Reverse(ctx("b", 9))).await.unwrap(),
+        Outcome::Reversed(Reversal::Remembered)
+    );
+    let with = |stan: u32, product: &str, amount: i64, merchant: &str| {
+        let mut sale = ctx("b", stan);
+        sale.merchant_id = merchant.into();
+        Op::Sell(SellRequest {
+            product: product.into(),
+            amount,
+            sale,
+        })
+    };
+    let tiny = |stan: u32| with(stan, "TINY", 100, "M1");
+    let r = s
+        .apply_batch(&[
+            sell("b", 1),
+            tiny(10),
+            tiny(10),
+            with(10, "GIFT", 2500, "M1"),
+            tiny(11),
+            tiny(12),
+            tiny(12),
+            sell("b", 9),
+            with(13, "NOPE", 100, "M1"),
+            with(14, "GIFT", 777, "M1"),
+            with(1, "GIFT", 2500, "M2"),
+        ])
+        .await;
+    assert_eq!(
+        r[0].as_ref().ok(),
+        Some(&Outcome::Sold(earlier)),
+        "a repeat of an earlier sale"
+    );
+    let (Ok(Outcome::Sold(x)), Ok(Outcome::Sold(y)), Ok(Outcome::Sold(z))) = (&r[1], &r[2], &r[4]) else {
+        panic!("{r:?}")
+    };
+    assert_eq!(x, y, "a repeat inside the batch gets the same PIN");
+    assert_ne!(x.pin_id, z.pin_id);
+    assert!(matches!(r[3], Err(StoreError::DuplicateMismatch { .. })), "{r:?}");
+    assert!(matches!(r[5], Err(StoreError::OutOfStock { .. })), "{r:?}");
+    assert!(matches!(r[6], Err(StoreError::OutOfStock { .. })), "{r:?}");
+    assert!(matches!(r[7], Err(StoreError::AlreadyReversed { .. })), "{r:?}");
+    assert!(matches!(r[8], Err(StoreError::UnknownProduct(_))), "{r:?}");
+    assert!(matches!(r[9], Err(StoreError::UnknownDenomination { .. })), "{r:?}");
+    assert!(matches!(r[10], Err(StoreError::DuplicateMismatch { .. })), "{r:?}");
+    assert_eq!(count(s, PinState::Sold).await, 1 + 2 + 1 + 2);
 }
 
 #[tokio::test]

@@ -95,7 +95,7 @@ async fn count(s: &PgStore, state: PinState) -> i64 {
 async fn transitions_idempotency_and_refusals() {
     let schema = Schema::new("transitions").await;
     let mut s = schema.stocked(6).await;
-    assert_eq!(s.schema_version().await.unwrap(), 1);
+    assert_eq!(s.schema_version().await.unwrap(), 2);
     let a = s.sell(&sell("gw1", 1)).await.unwrap();
     assert_eq!(s.sell(&sell("gw1", 1)).await.unwrap(), a, "same key, same PIN");
     let mut other = sell("gw1", 1);
@@ -283,6 +283,40 @@ async fn transitions_idempotency_and_refusals() {
     assert_eq!(s.import(&pins(300, 2_500)).await.unwrap(), 2_500);
     assert_eq!(count(&s, PinState::Available).await, 2_502);
     drop(s);
+    schema.drop_it().await;
+}
+
+#[tokio::test]
+async fn a_version_1_database_is_migrated_and_sells() {
+    let schema = Schema::new("migrate").await;
+    let mut s = schema.stocked(3).await;
+    let a = s.sell(&sell("gw1", 1)).await.unwrap();
+    // What a database written by the first release looks like: no batch function, version 1.
+    s.client()
+        .batch_execute("DROP FUNCTION pingate_sell_batch; UPDATE pingate_schema SET version = 1")
+        .await
+        .unwrap();
+    drop(s);
+    let mut s = schema.open().await;
+    assert_eq!(s.schema_version().await.unwrap(), 2);
+    assert_eq!(
+        s.sell(&sell("gw1", 1)).await.unwrap(),
+        a,
+        "sales made before the upgrade are kept"
+    );
+    let b = s.sell(&sell("gw1", 2)).await.unwrap();
+    assert_ne!(a.pin_id, b.pin_id);
+    // A database from a newer pingate is refused, not written to.
+    s.client()
+        .batch_execute("UPDATE pingate_schema SET version = 99")
+        .await
+        .unwrap();
+    drop(s);
+    let e = PgStore::connect(&url(), Some(&schema.name), PinCipher::from_spec(&schema.keys).unwrap())
+        .await
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("newer than this pingate"), "{e}");
     schema.drop_it().await;
 }
 
