@@ -1,5 +1,6 @@
 //! Throughput and latency of the real PIN server (TLS 1.3 + PSP + store) on this machine, for each backend:
-//! `ping` (TLS and protocol only: the ceiling measured in the same run), on-demand `sell`, and `reserve` of 10.
+//! `ping` (TLS and protocol only: the ceiling measured in the same run), on-demand `sell`, `reserve` of 10, and
+//! `cache x10` (reserve 10, then confirm the 10 as sold in one `confirm_batch`: a prefetching gateway's load).
 //!
 //! `cargo bench --bench pin_server [-- sqlite|postgres] [--seconds N] [--connections N] [--in-flight N]`
 //! PostgreSQL at `$PINGATE_BENCH_PG` (default postgres://postgres@127.0.0.1:5432/test, in a scratch schema).
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pingate::psp::client::PspClient;
-use pingate::psp::{Request, Response, Terminal};
+use pingate::psp::{ConfirmItem, Request, Response, Terminal};
 use pingate::sale::Pin;
 use pingate::server::{run, ServerOptions};
 use pingate::store::crypto::PinCipher;
@@ -119,6 +120,44 @@ async fn load(clients: &[Arc<PspClient>], in_flight: usize, secs: u64, op: &'sta
                         },
                     };
                     let start = Instant::now();
+                    if op == "cache x10" {
+                        // The prefetch workload as the server sees it: reserve 10, then confirm them as sold in one
+                        // confirm_batch. Counted as 10 PINs sold.
+                        let pins = match c.call(req).await {
+                            Ok(Response::Reserved { pins, .. }) if !pins.is_empty() => pins,
+                            Ok(_) => break,
+                            Err(_) => {
+                                errors += 1;
+                                break;
+                            }
+                        };
+                        let confirms = pins
+                            .iter()
+                            .enumerate()
+                            .map(|(k, p)| ConfirmItem {
+                                pin_id: p.pin_id,
+                                terminal: Terminal {
+                                    terminal_id: format!("T{ci:03}{t:04}"),
+                                    merchant_id: "MERCHANT0000001".into(),
+                                    stan: format!("{n:09}{k:02}"),
+                                    transmission: "1128173500".into(),
+                                    rrn: format!("{n:012}"),
+                                },
+                            })
+                            .collect();
+                        match c.call(Request::ConfirmBatch { confirms }).await {
+                            Ok(Response::ConfirmedBatch { results }) => {
+                                ok += 1;
+                                items += results.iter().filter(|r| r.error.is_none()).count() as u64;
+                            }
+                            _ => {
+                                errors += 1;
+                                break;
+                            }
+                        }
+                        lat.push(start.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                        continue;
+                    }
                     match c.call(req).await {
                         Ok(Response::Reserved { pins, .. }) if !pins.is_empty() => {
                             ok += 1;
@@ -197,7 +236,7 @@ async fn main() {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
     for backend in &a.backends {
-        let stock = if backend == "sqlite" { 400_000 } else { 250_000 };
+        let stock = if backend == "sqlite" { 600_000 } else { 400_000 };
         let schema = format!("bench{}", std::process::id());
         let pg = std::env::var("PINGATE_BENCH_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
         let t = Instant::now();
@@ -249,7 +288,7 @@ async fn main() {
                 PspClient::connect(addr, "localhost", ctls.clone()).await.unwrap().0,
             ));
         }
-        for op in ["ping", "sell", "reserve x10"] {
+        for op in ["ping", "sell", "reserve x10", "cache x10"] {
             let s = load(&clients, a.in_flight, a.seconds, op).await;
             report(backend, op, &s);
         }

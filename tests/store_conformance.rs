@@ -241,6 +241,68 @@ async fn scenario(s: &mut impl PinStore) {
     assert!(matches!(r[9], Err(StoreError::UnknownDenomination { .. })), "{r:?}");
     assert!(matches!(r[10], Err(StoreError::DuplicateMismatch { .. })), "{r:?}");
     assert_eq!(count(s, PinState::Sold).await, 1 + 2 + 1 + 2);
+
+    // A batch of confirms (PostgreSQL's one-statement path) answers each as it would answer it alone.
+    let Outcome::Reserved(h) = s
+        .apply(Op::Reserve {
+            holder: "c".into(),
+            product: "GIFT".into(),
+            amount: 2500,
+            count: 4,
+            lease_until: 4_000_000_000,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let confirm = |pin_id: i64, stan: u32| Op::Confirm {
+        holder: "c".into(),
+        pin_id,
+        sale: ctx("c", stan),
+    };
+    assert_eq!(
+        s.apply(confirm(h[0].pin_id, 1)).await.unwrap(),
+        Outcome::Confirmed(Confirmation::Sold)
+    );
+    assert_eq!(
+        s.apply(Op::Reverse(ctx("c", 4))).await.unwrap(),
+        Outcome::Reversed(Reversal::Remembered)
+    );
+    let r = s
+        .apply_batch(&[
+            confirm(h[0].pin_id, 1),
+            confirm(h[1].pin_id, 1),
+            confirm(h[1].pin_id, 2),
+            confirm(h[2].pin_id, 4),
+            confirm(h[1].pin_id, 2),
+            Op::Confirm {
+                holder: "other".into(),
+                pin_id: h[3].pin_id,
+                sale: ctx("c", 5),
+            },
+            confirm(a.pin_id, 6),
+        ])
+        .await;
+    let ok = |c: Confirmation| Some(Outcome::Confirmed(c));
+    assert_eq!(r[0].as_ref().ok().cloned(), ok(Confirmation::AlreadyConfirmed), "{r:?}");
+    assert!(matches!(r[1], Err(StoreError::DuplicateMismatch { .. })), "{r:?}");
+    assert_eq!(r[2].as_ref().ok().cloned(), ok(Confirmation::Sold), "{r:?}");
+    assert_eq!(r[3].as_ref().ok().cloned(), ok(Confirmation::Voided), "{r:?}");
+    assert_eq!(r[4].as_ref().ok().cloned(), ok(Confirmation::AlreadyConfirmed), "{r:?}");
+    assert!(matches!(r[5], Err(StoreError::NotHolder { .. })), "{r:?}");
+    assert!(matches!(r[6], Err(StoreError::NotHolder { .. })), "{r:?}");
+    assert_eq!(
+        s.apply(Op::Reverse(ctx("c", 4))).await.unwrap(),
+        Outcome::Reversed(Reversal::AlreadyVoided { pin_id: h[2].pin_id }),
+        "the sale a remembered reversal met is voided"
+    );
+    assert_eq!(count(s, PinState::Sold).await, 1 + 2 + 1 + 2 + 2);
+    assert_eq!(
+        count(s, PinState::Reserved).await,
+        1,
+        "the PIN another holder asked for is still held"
+    );
 }
 
 #[tokio::test]

@@ -179,6 +179,56 @@ BEGIN
             FROM sold;
     END LOOP;
 END $$;
+-- Confirms of cached sales, a batch in one statement: keys already sold answer as repeats (the same PIN) or
+-- mismatches; the others move the holder's reserved PIN to sold and record the sale; a sale whose reversal arrived
+-- first is voided at once. Each key and each PIN appears once (the caller sends repeats inside a batch apart).
+CREATE FUNCTION pingate_confirm_batch(a_keys text[], a_gw text[], a_term text[], a_stan text[], a_trans text[],
+    a_merchant text[], a_rrn text[], a_holder text[], a_pin bigint[], a_now bigint)
+RETURNS TABLE (o_i integer, o_kind text, o_pin bigint)
+LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM pg_advisory_xact_lock(h)
+    FROM (SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest(a_keys) AS k ORDER BY 1) AS l;
+    RETURN QUERY
+        SELECT r.i::integer, CASE WHEN s.pin_id = r.pin THEN 'already' ELSE 'mismatch' END, s.pin_id
+        FROM unnest(a_gw, a_term, a_stan, a_trans, a_pin) WITH ORDINALITY AS r(g, t, s, x, pin, i)
+        JOIN sales s ON s.gateway = r.g AND s.terminal_id = r.t AND s.stan = r.s AND s.transmission = r.x;
+    RETURN QUERY
+        WITH todo AS (
+            SELECT r.*
+            FROM unnest(a_gw, a_term, a_stan, a_trans, a_merchant, a_rrn, a_holder, a_pin)
+                 WITH ORDINALITY AS r(g, t, s, x, m, rr, h, pin, i)
+            WHERE NOT EXISTS (SELECT 1 FROM sales s WHERE s.gateway = r.g AND s.terminal_id = r.t AND s.stan = r.s
+                                                     AND s.transmission = r.x)
+        ), sold AS (
+            UPDATE pins SET state = 'sold', lease_until = NULL FROM todo
+            WHERE pins.id = todo.pin AND pins.state = 'reserved' AND pins.holder = todo.h
+            RETURNING todo.i, todo.g, todo.t, todo.s, todo.x, todo.m, todo.rr, pins.id, pins.product, pins.amount
+        ), recorded AS (
+            INSERT INTO sales (gateway, terminal_id, stan, transmission, pin_id, merchant_id, rrn, product, amount,
+                               sold_at)
+            SELECT g, t, s, x, id, m, rr, product, amount, a_now FROM sold
+        )
+        SELECT sold.i::integer, CASE WHEN v.stan IS NULL THEN 'sold' ELSE 'voided' END, sold.id
+        FROM sold
+        LEFT JOIN reversals v
+               ON v.gateway = sold.g AND v.terminal_id = sold.t AND v.stan = sold.s AND v.transmission = sold.x;
+    -- The statement above cannot change rows it inserted: the reversed ones are voided here.
+    UPDATE pins SET state = 'voided'
+    FROM unnest(a_gw, a_term, a_stan, a_trans, a_pin) AS r(g, t, s, x, pin)
+    JOIN reversals v ON v.gateway = r.g AND v.terminal_id = r.t AND v.stan = r.s AND v.transmission = r.x
+    WHERE pins.id = r.pin AND pins.state = 'sold'
+      AND EXISTS (SELECT 1 FROM sales s WHERE s.pin_id = r.pin AND s.gateway = r.g AND s.terminal_id = r.t
+                                           AND s.stan = r.s AND s.transmission = r.x);
+    UPDATE reversals v SET pin_id = r.pin
+    FROM unnest(a_gw, a_term, a_stan, a_trans, a_pin) AS r(g, t, s, x, pin)
+    WHERE v.gateway = r.g AND v.terminal_id = r.t AND v.stan = r.s AND v.transmission = r.x AND v.pin_id IS NULL
+      AND EXISTS (SELECT 1 FROM sales s WHERE s.pin_id = r.pin AND s.gateway = r.g AND s.terminal_id = r.t
+                                           AND s.stan = r.s AND s.transmission = r.x);
+END $$;
 "#;
 
 /// The function refusing state changes outside [`PinState::can_move_to`], generated from it.
@@ -218,6 +268,7 @@ pub struct PgStore {
 struct Prepared {
     lock_keys: Statement,
     sell_batch: Statement,
+    confirm_batch: Statement,
     denominations: Statement,
     reserve_pick: Statement,
     reserve_update: Statement,
@@ -245,6 +296,12 @@ impl Prepared {
                 .prepare(
                     "SELECT * FROM pingate_sell_batch($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                                                       $6::text[], $7::text[], $8::text[], $9::bigint[], $10, $11)",
+                )
+                .await?,
+            confirm_batch: c
+                .prepare(
+                    "SELECT * FROM pingate_confirm_batch($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                                         $6::text[], $7::text[], $8::text[], $9::bigint[], $10)",
                 )
                 .await?,
             denominations: c.prepare("SELECT product, amount FROM denominations").await?,
@@ -572,6 +629,28 @@ impl PgStore {
                 Ok(rs) => {
                     for (i, r) in reserves.iter().zip(rs) {
                         results[*i] = Some(r.map(Outcome::Reserved));
+                    }
+                }
+                Err(e) => return fail_all(e),
+            }
+        }
+        // Confirms in one statement, each key and PIN once; a repeat inside the batch runs after, on its own.
+        let (mut seen_keys, mut seen_pins) = (std::collections::HashSet::new(), std::collections::HashSet::new());
+        let confirms: Vec<usize> = ops
+            .iter()
+            .enumerate()
+            .filter(|(_, op)| match op {
+                Op::Confirm { pin_id, sale, .. } => seen_keys.insert(sale.key_id()) & seen_pins.insert(*pin_id),
+                _ => false,
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if !confirms.is_empty() {
+            let batch: Vec<&Op> = confirms.iter().map(|&i| &ops[i]).collect();
+            match confirm_many(&tx, st, &batch, now).await {
+                Ok(rs) => {
+                    for (i, r) in confirms.iter().zip(rs) {
+                        results[*i] = Some(r.map(Outcome::Confirmed));
                     }
                 }
                 Err(e) => return fail_all(e),
@@ -1128,6 +1207,77 @@ async fn sell_many(
         });
     }
     Ok(out)
+}
+
+/// Confirms of one batch in one statement (`pingate_confirm_batch`); every key and PIN appears once.
+async fn confirm_many(
+    tx: &impl GenericClient,
+    st: &Prepared,
+    ops: &[&Op],
+    now: i64,
+) -> Result<Vec<Result<Confirmation, StoreError>>, StoreError> {
+    let items: Vec<(&str, i64, &SaleContext)> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Confirm { holder, pin_id, sale } => Some((holder.as_str(), *pin_id, sale)),
+            _ => None,
+        })
+        .collect();
+    let col = |f: fn(&SaleContext) -> &str| items.iter().map(|(_, _, s)| f(s)).collect::<Vec<&str>>();
+    let keys: Vec<String> = items.iter().map(|(_, _, s)| s.key_id()).collect();
+    let holders: Vec<&str> = items.iter().map(|(h, _, _)| *h).collect();
+    let pins: Vec<i64> = items.iter().map(|(_, p, _)| *p).collect();
+    let rows = tx
+        .query(
+            &st.confirm_batch,
+            &[
+                &keys,
+                &col(|s| &s.gateway),
+                &col(|s| &s.terminal_id),
+                &col(|s| &s.stan),
+                &col(|s| &s.transmission),
+                &col(|s| &s.merchant_id),
+                &col(|s| &s.rrn),
+                &holders,
+                &pins,
+                &now,
+            ],
+        )
+        .await?;
+    let mut out: Vec<Option<Result<Confirmation, StoreError>>> = (0..items.len()).map(|_| None).collect();
+    for r in &rows {
+        let i: i32 = r.get(0);
+        let Some(slot) = usize::try_from(i - 1).ok().and_then(|i| out.get_mut(i)) else {
+            return Err(StoreError::Db(format!(
+                "internal: pingate_confirm_batch answered request {i}"
+            )));
+        };
+        let sale = items[(i - 1) as usize].2;
+        *slot = Some(match r.get::<_, &str>(1) {
+            "already" => Ok(Confirmation::AlreadyConfirmed),
+            "mismatch" => Err(StoreError::DuplicateMismatch { key: sale.key() }),
+            "sold" => Ok(Confirmation::Sold),
+            "voided" => Ok(Confirmation::Voided),
+            other => {
+                return Err(StoreError::Db(format!(
+                    "internal: pingate_confirm_batch answered `{other}`"
+                )))
+            }
+        });
+    }
+    Ok(out
+        .into_iter()
+        .zip(&items)
+        .map(|(r, (holder, pin_id, _))| {
+            // Neither sold before nor moved now: the PIN is not this holder's reserved one.
+            r.unwrap_or_else(|| {
+                Err(StoreError::NotHolder {
+                    holder: holder.to_string(),
+                    pin_id: *pin_id,
+                })
+            })
+        })
+        .collect())
 }
 
 /// Reservations of one batch: one pick per product and amount for all of them, then one update that gives each
