@@ -293,7 +293,9 @@ async fn a_version_1_database_is_migrated_and_sells() {
     let a = s.sell(&sell("gw1", 1)).await.unwrap();
     // What a database written by the first release looks like: no batch function, version 1.
     s.client()
-        .batch_execute("DROP FUNCTION pingate_sell_batch; UPDATE pingate_schema SET version = 1")
+        .batch_execute(
+            "DROP FUNCTION pingate_sell_batch; DROP FUNCTION pingate_confirm_batch; UPDATE pingate_schema SET version = 1",
+        )
         .await
         .unwrap();
     drop(s);

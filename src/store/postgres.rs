@@ -109,7 +109,7 @@ CREATE TRIGGER pins_audit AFTER INSERT OR UPDATE OF state ON pins FOR EACH ROW E
 /// say most PINs are available (any fresh import) it walks the primary key past every PIN already sold, a cost
 /// that grows with each sale (measured: 18 ms per pick after 38,000 sales, 0.3 ms through the partial index).
 const SCHEMA_V2: &str = r#"
-CREATE FUNCTION pingate_sell_batch(a_keys text[], a_gw text[], a_term text[], a_stan text[], a_trans text[],
+CREATE OR REPLACE FUNCTION pingate_sell_batch(a_keys text[], a_gw text[], a_term text[], a_stan text[], a_trans text[],
     a_merchant text[], a_rrn text[], a_product text[], a_amount bigint[], a_now bigint, a_today text)
 RETURNS TABLE (o_i integer, o_kind text, o_id bigint, o_product text, o_amount bigint, o_serial text, o_key_id integer,
     o_nonce bytea, o_ciphertext bytea, o_expiry text, o_receipt text, o_state text, o_sale_product text,
@@ -182,7 +182,7 @@ END $$;
 -- Confirms of cached sales, a batch in one statement: keys already sold answer as repeats (the same PIN) or
 -- mismatches; the others move the holder's reserved PIN to sold and record the sale; a sale whose reversal arrived
 -- first is voided at once. Each key and each PIN appears once (the caller sends repeats inside a batch apart).
-CREATE FUNCTION pingate_confirm_batch(a_keys text[], a_gw text[], a_term text[], a_stan text[], a_trans text[],
+CREATE OR REPLACE FUNCTION pingate_confirm_batch(a_keys text[], a_gw text[], a_term text[], a_stan text[], a_trans text[],
     a_merchant text[], a_rrn text[], a_holder text[], a_pin bigint[], a_now bigint)
 RETURNS TABLE (o_i integer, o_kind text, o_pin bigint)
 LANGUAGE plpgsql
