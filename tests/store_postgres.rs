@@ -323,6 +323,37 @@ async fn a_version_1_database_is_migrated_and_sells() {
 }
 
 #[tokio::test]
+async fn a_pin_that_does_not_decrypt_sells_nothing_of_its_batch() {
+    let schema = Schema::new("wrongkey").await;
+    let s = schema.stocked(3).await;
+    drop(s);
+    // A server started with the wrong PIN key: the sale cannot be delivered, so nothing of its batch is kept.
+    let mut wrong = PgStore::connect(
+        &url(),
+        Some(&schema.name),
+        PinCipher::from_spec(&PinCipher::generate_spec().unwrap()).unwrap(),
+    )
+    .await
+    .unwrap();
+    let r = wrong
+        .apply_batch(&[Op::Sell(sell("gw1", 1)), Op::Sell(sell("gw1", 2))])
+        .await;
+    assert!(
+        r.iter()
+            .all(|r| matches!(r, Err(StoreError::Db(m)) if m.contains("does not decrypt"))),
+        "{r:?}"
+    );
+    assert_eq!(count(&wrong, PinState::Sold).await, 0, "rolled back");
+    assert_eq!(count(&wrong, PinState::Available).await, 3);
+    drop(wrong);
+    // With the right key the same sale goes through, and the connection was left clean.
+    let mut s = schema.open().await;
+    assert!(s.sell(&sell("gw1", 1)).await.is_ok());
+    drop(s);
+    schema.drop_it().await;
+}
+
+#[tokio::test]
 async fn many_connections_never_share_a_pin() {
     let schema = Schema::new("concurrent").await;
     drop(schema.stocked(1_500).await);
