@@ -303,6 +303,19 @@ async fn scenario(s: &mut impl PinStore) {
         1,
         "the PIN another holder asked for is still held"
     );
+    // Release: the holder's reserved PIN goes back once (its repeat, a sold PIN and an unknown id are refused).
+    assert_eq!(
+        s.apply(Op::Release {
+            holder: "c".into(),
+            pin_ids: vec![h[3].pin_id, h[3].pin_id, h[2].pin_id, 99_999_999],
+        })
+        .await
+        .unwrap(),
+        Outcome::Released {
+            refused: vec![h[3].pin_id, h[2].pin_id, 99_999_999]
+        }
+    );
+    assert_eq!(count(s, PinState::Reserved).await, 0);
 }
 
 #[tokio::test]

@@ -883,19 +883,24 @@ async fn apply(
             }
         }
         Op::Release { holder, pin_ids } => {
-            let mut refused = Vec::new();
-            for id in pin_ids {
-                let n = tx
-                    .execute(
-                        "UPDATE pins SET state = 'available', holder = NULL, lease_until = NULL
-                         WHERE id = $1 AND state = 'reserved' AND holder = $2",
-                        &[id, holder],
-                    )
-                    .await?;
-                if n == 0 {
-                    refused.push(*id);
-                }
-            }
+            // One statement for all (a gateway shutting down returns its whole cache).
+            let released: std::collections::HashSet<i64> = tx
+                .query(
+                    "UPDATE pins SET state = 'available', holder = NULL, lease_until = NULL
+                     WHERE id = ANY($1) AND state = 'reserved' AND holder = $2 RETURNING id",
+                    &[pin_ids, holder],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            // An id given twice is released once: its repeat is refused, as when released one by one.
+            let mut once = std::collections::HashSet::new();
+            let refused = pin_ids
+                .iter()
+                .copied()
+                .filter(|id| !(released.contains(id) && once.insert(*id)))
+                .collect();
             Ok(Outcome::Released { refused })
         }
         Op::Renew {
