@@ -241,6 +241,12 @@ async fn scenario(s: &mut impl PinStore) {
     assert!(matches!(r[9], Err(StoreError::UnknownDenomination { .. })), "{r:?}");
     assert!(matches!(r[10], Err(StoreError::DuplicateMismatch { .. })), "{r:?}");
     assert_eq!(count(s, PinState::Sold).await, 1 + 2 + 1 + 2);
+    // A key whose first request is refused for its product still sells to its next one.
+    let r = s
+        .apply_batch(&[with(20, "NOPE", 100, "M1"), with(20, "GIFT", 2500, "M1")])
+        .await;
+    assert!(matches!(r[0], Err(StoreError::UnknownProduct(_))), "{r:?}");
+    assert!(matches!(r[1], Ok(Outcome::Sold(_))), "{r:?}");
 
     // A batch of confirms (PostgreSQL's one-statement path) answers each as it would answer it alone.
     let Outcome::Reserved(h) = s
@@ -297,7 +303,7 @@ async fn scenario(s: &mut impl PinStore) {
         Outcome::Reversed(Reversal::AlreadyVoided { pin_id: h[2].pin_id }),
         "the sale a remembered reversal met is voided"
     );
-    assert_eq!(count(s, PinState::Sold).await, 1 + 2 + 1 + 2 + 2);
+    assert_eq!(count(s, PinState::Sold).await, 1 + 2 + 1 + 2 + 1 + 2);
     assert_eq!(
         count(s, PinState::Reserved).await,
         1,

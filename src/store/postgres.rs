@@ -146,15 +146,17 @@ BEGIN
         WHERE NOT EXISTS (SELECT 1 FROM denominations d WHERE d.product = u.p AND d.amount = u.a);
     FOR g IN
         SELECT r.p, r.a, array_agg(r.i ORDER BY r.i) AS idx
+        -- The first request of each key among those whose product and amount are on offer: a refused request
+        -- does not take the key from a later one.
         FROM (SELECT DISTINCT ON (u.k) u.*
               FROM unnest(a_keys, a_gw, a_term, a_stan, a_trans, a_product, a_amount)
                    WITH ORDINALITY AS u(k, g, t, s, x, p, a, i)
+              WHERE EXISTS (SELECT 1 FROM denominations d WHERE d.product = u.p AND d.amount = u.a)
               ORDER BY u.k, u.i) AS r
         WHERE NOT EXISTS (SELECT 1 FROM sales s
                           WHERE s.gateway = r.g AND s.terminal_id = r.t AND s.stan = r.s AND s.transmission = r.x)
           AND NOT EXISTS (SELECT 1 FROM reversals v
                           WHERE v.gateway = r.g AND v.terminal_id = r.t AND v.stan = r.s AND v.transmission = r.x)
-          AND EXISTS (SELECT 1 FROM denominations d WHERE d.product = r.p AND d.amount = r.a)
         GROUP BY r.p, r.a
     LOOP
         RETURN QUERY
@@ -205,7 +207,10 @@ BEGIN
                                                      AND s.transmission = r.x)
         ), sold AS (
             UPDATE pins SET state = 'sold', lease_until = NULL FROM todo
-            WHERE pins.id = todo.pin AND pins.state = 'reserved' AND pins.holder = todo.h
+            -- `state || ''`: a plain `state = 'reserved'` lets the planner, on statistics taken while few PINs
+            -- were reserved, scan every reserved PIN of every holder per request (measured: 85 ms for 2 confirms
+            -- with 60,000 PINs reserved); this way each PIN is found by its id and the state checked after.
+            WHERE pins.id = todo.pin AND (pins.state || '') = 'reserved' AND pins.holder = todo.h
             RETURNING todo.i, todo.g, todo.t, todo.s, todo.x, todo.m, todo.rr, pins.id, pins.product, pins.amount
         ), recorded AS (
             INSERT INTO sales (gateway, terminal_id, stan, transmission, pin_id, merchant_id, rrn, product, amount,
@@ -1168,8 +1173,13 @@ async fn sell_many(
     let mut first: HashMap<&str, usize> = HashMap::new();
     let mut out: Vec<Result<Dispensed, StoreError>> = Vec::with_capacity(reqs.len());
     for (i, (r, f)) in reqs.iter().zip(found).enumerate() {
-        let earlier = *first.entry(keys[i].as_str()).or_insert(i);
         let shown = || r.sale.key();
+        // The first request of a key that is not refused for its product or amount (as the database decided).
+        let earlier = if f.unknown_product || f.unknown_denomination {
+            i
+        } else {
+            *first.entry(keys[i].as_str()).or_insert(i)
+        };
         out.push(if let Some((product, amount, merchant, pin, voided)) = f.existing {
             if product != r.product || amount != r.amount || merchant != r.sale.merchant_id {
                 Err(StoreError::DuplicateMismatch { key: shown() })
