@@ -322,6 +322,32 @@ async fn scenario(s: &mut impl PinStore) {
         }
     );
     assert_eq!(count(s, PinState::Reserved).await, 0);
+
+    // A product known but offered in no amount: the amount is what is unknown, on both backends.
+    s.upsert_product(&Product {
+        code: "SOON".into(),
+        name: "Not on sale yet".into(),
+        supplier: "Shop".into(),
+        currency: "840".into(),
+        denominations: vec![],
+    })
+    .await
+    .unwrap();
+    let soon = with(30, "SOON", 100, "M1");
+    assert!(
+        matches!(s.apply(soon).await, Err(StoreError::UnknownDenomination { .. })),
+        "sell"
+    );
+    let r = s
+        .apply(Op::Reserve {
+            holder: "c".into(),
+            product: "SOON".into(),
+            amount: 100,
+            count: 1,
+            lease_until: 4_000_000_000,
+        })
+        .await;
+    assert!(matches!(r, Err(StoreError::UnknownDenomination { .. })), "{r:?}");
 }
 
 #[tokio::test]

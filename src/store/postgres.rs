@@ -138,7 +138,7 @@ BEGIN
         JOIN reversals v ON v.gateway = r.g AND v.terminal_id = r.t AND v.stan = r.s AND v.transmission = r.x;
     RETURN QUERY
         SELECT u.i::integer,
-               CASE WHEN EXISTS (SELECT 1 FROM denominations d WHERE d.product = u.p)
+               CASE WHEN EXISTS (SELECT 1 FROM products pr WHERE pr.code = u.p)
                     THEN 'unknown_denomination' ELSE 'unknown_product' END,
                NULL::bigint, NULL, NULL::bigint, NULL, NULL::integer, NULL::bytea,
                NULL::bytea, NULL, NULL, NULL, NULL, NULL::bigint, NULL
@@ -275,6 +275,7 @@ struct Prepared {
     sell_batch: Statement,
     confirm_batch: Statement,
     denominations: Statement,
+    products: Statement,
     reserve_pick: Statement,
     reserve_update: Statement,
 }
@@ -310,6 +311,7 @@ impl Prepared {
                 )
                 .await?,
             denominations: c.prepare("SELECT product, amount FROM denominations").await?,
+            products: c.prepare("SELECT code FROM products").await?,
             // Ranges and the full index order: see SCHEMA_V2 for why.
             reserve_pick: c
                 .prepare(
@@ -1311,6 +1313,8 @@ async fn reserve_many(
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
+    let products: std::collections::HashSet<String> =
+        tx.query(&st.products, &[]).await?.iter().map(|r| r.get(0)).collect();
     let mut out: Vec<Option<Result<Vec<Dispensed>, StoreError>>> = (0..ops.len()).map(|_| None).collect();
     let mut groups: HashMap<(String, i64), Vec<usize>> = HashMap::new();
     for (i, op) in ops.iter().enumerate() {
@@ -1324,7 +1328,7 @@ async fn reserve_many(
             out[i] = Some(Err(StoreError::BadRequest(format!(
                 "reserve 1 to {MAX_RESERVE} PINs, not {count}"
             ))));
-        } else if !offered.iter().any(|(p, _)| p == product) {
+        } else if !products.contains(product) {
             out[i] = Some(Err(StoreError::UnknownProduct(product.clone())));
         } else if !offered.contains(&(product.clone(), *amount)) {
             out[i] = Some(Err(StoreError::UnknownDenomination {
