@@ -93,6 +93,18 @@ struct ServerMetrics {
 /// How often the stock shown in the metrics is read again; readiness fails when it could not be read for 3 times
 /// as long.
 const STOCK_EVERY: Duration = Duration::from_secs(10);
+/// How often available PINs past their expiry date are moved to `expired`.
+const EXPIRE_EVERY: Duration = Duration::from_secs(3600);
+
+async fn expire_pins(shared: &Shared) {
+    let today = crate::store::sqlite::today();
+    match shared.store.call(Op::Expire { today }).await {
+        Ok(Outcome::Expired(0)) => {}
+        Ok(Outcome::Expired(n)) => info!(pins = n, "PINs past their expiry date moved to expired"),
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "expiring PINs failed (tried again within the hour)"),
+    }
+}
 
 /// A scrape finding the stock older than this asks for a new reading (the database is read for scrapes at most
 /// this often).
@@ -203,6 +215,21 @@ pub async fn run(
             Err(e) => warn!(%addr, error = %e, "cannot serve metrics"),
         }
     }
+    // PINs past their expiry date leave stock before the first sale, then every hour: they are never sold (the
+    // picks check the date too), but left `available` they would be counted as stock and stepped over by every
+    // pick of their product.
+    expire_pins(&shared).await;
+    tokio::spawn({
+        let (shared, stop) = (shared.clone(), stop.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(EXPIRE_EVERY) => expire_pins(&shared).await,
+                }
+            }
+        }
+    });
     let mut conns = JoinSet::new();
     let ids = AtomicU64::new(1);
     tokio::pin!(shutdown);
@@ -578,7 +605,8 @@ async fn handle_request(shared: &Shared, gateway: &str, id: u64, request: Reques
                 Outcome::Stock(s) => Response::Stock {
                     stock: s.into_iter().map(StockEntry::from).collect(),
                 },
-                Outcome::Catalog(_) => Response::Pong,
+                // Not operations a gateway can ask for (see `to_op`).
+                Outcome::Catalog(_) | Outcome::Expired(_) => Response::Pong,
                 Outcome::Held(pin_ids) => Response::Held { pin_ids },
             },
         ),

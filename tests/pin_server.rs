@@ -665,3 +665,32 @@ async fn confirm_batch_answers_each_confirm_in_order() {
     let _ = stop.send(());
     task.await.unwrap();
 }
+
+#[tokio::test]
+async fn pins_past_their_expiry_date_leave_stock_when_the_server_starts() {
+    let f = Fixture::new("expiry", 3);
+    let mut s = SqliteStore::open(&f.dir.join("pins.db"), PinCipher::from_spec(&f.keys).unwrap()).unwrap();
+    let dated = |i: usize, expiry: &str| NewPin {
+        product: "TOPUP".into(),
+        amount: 1000,
+        pin: Pin::new(format!("66{i:010}")),
+        serial: format!("E{i:08}"),
+        expiry: Some(expiry.into()),
+        receipt: vec![],
+    };
+    s.import(&[dated(0, "20000101"), dated(1, "20000102"), dated(2, "29991231")])
+        .unwrap();
+    drop(s);
+    let (addr, stop, task) = f.start(ServerOptions::default()).await;
+    let (c, _) = PspClient::connect(addr, "localhost", f.client_tls("gw1"))
+        .await
+        .unwrap();
+    let Response::Stock { stock } = c.call(Request::Stock).await.unwrap() else {
+        panic!()
+    };
+    let count = |state: &str| -> i64 { stock.iter().filter(|s| s.state == state).map(|s| s.count).sum() };
+    assert_eq!(count("expired"), 2, "{stock:?}");
+    assert_eq!(count("available"), 3 + 1, "{stock:?}");
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}

@@ -343,6 +343,10 @@ pub enum Op {
     Held {
         holder: String,
     },
+    /// Available PINs whose expiry date (`YYYYMMDD`) is before `today` become expired.
+    Expire {
+        today: String,
+    },
 }
 
 /// The result of an [`Op`].
@@ -360,6 +364,8 @@ pub enum Outcome {
     Stock(Vec<StockRow>),
     Catalog(Vec<Product>),
     Held(Vec<i64>),
+    /// How many PINs expired.
+    Expired(u64),
 }
 
 /// Count of PINs of one product, amount and state.

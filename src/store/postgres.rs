@@ -749,13 +749,7 @@ impl PgStore {
 
     /// Available PINs past their expiry date become expired; returns how many.
     pub async fn expire(&mut self, today: &str) -> Result<u64, StoreError> {
-        Ok(self
-            .client
-            .execute(
-                "UPDATE pins SET state = 'expired' WHERE state = 'available' AND expiry IS NOT NULL AND expiry < $1",
-                &[&today],
-            )
-            .await?)
+        expire_available(&self.client, today).await
     }
 
     /// Reservations whose lease ended before `now`, per holder (reported, never freed by themselves).
@@ -967,6 +961,7 @@ async fn apply(
             Box::pin(apply(tx, st, cipher, &Op::Reverse(sale), now, today)).await
         }
         Op::Stock => stock(tx).await.map(Outcome::Stock),
+        Op::Expire { today } => expire_available(tx, today).await.map(Outcome::Expired),
         Op::Catalog => catalog(tx).await.map(Outcome::Catalog),
         Op::Held { holder } => {
             let rows = tx
@@ -1052,6 +1047,16 @@ async fn void(tx: &impl GenericClient, sale: &SaleContext, pin_id: i64, now: i64
     )
     .await?;
     Ok(())
+}
+
+/// Available PINs past their expiry date become expired; returns how many.
+async fn expire_available(tx: &impl GenericClient, today: &str) -> Result<u64, StoreError> {
+    Ok(tx
+        .execute(
+            "UPDATE pins SET state = 'expired' WHERE state = 'available' AND expiry IS NOT NULL AND expiry < $1",
+            &[&today],
+        )
+        .await?)
 }
 
 async fn stock(tx: &impl GenericClient) -> Result<Vec<StockRow>, StoreError> {

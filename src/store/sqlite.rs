@@ -393,10 +393,7 @@ impl SqliteStore {
     /// Available PINs past their expiry date (`YYYYMMDD` before `today`) become expired; returns how many.
     pub fn expire(&mut self, today: &str) -> Result<usize, StoreError> {
         let tx = self.immediate()?;
-        let n = tx.execute(
-            "UPDATE pins SET state = 'expired' WHERE state = 'available' AND expiry IS NOT NULL AND expiry < ?1",
-            params![today],
-        )?;
+        let n = expire_available(&tx, today)?;
         tx.commit()?;
         Ok(n)
     }
@@ -498,6 +495,15 @@ fn check_denomination(tx: &Connection, product: &str, amount: i64) -> Result<(),
         });
     }
     Ok(())
+}
+
+/// Available PINs past their expiry date become expired; returns how many.
+fn expire_available(tx: &Connection, today: &str) -> Result<usize, StoreError> {
+    Ok(tx
+        .prepare_cached(
+            "UPDATE pins SET state = 'expired' WHERE state = 'available' AND expiry IS NOT NULL AND expiry < ?1",
+        )?
+        .execute(params![today])?)
 }
 
 /// The PIN sold under this key, and its state.
@@ -674,6 +680,7 @@ fn apply(tx: &Connection, cipher: &PinCipher, op: &Op, now: i64, today: &str) ->
             }
         }
         Op::Stock => stock(tx).map(Outcome::Stock),
+        Op::Expire { today } => expire_available(tx, today).map(|n| Outcome::Expired(n as u64)),
         Op::Catalog => catalog(tx).map(Outcome::Catalog),
         Op::Held { holder } => {
             let mut st =
