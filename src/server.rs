@@ -190,6 +190,9 @@ pub async fn run(
         },
     });
     let stop = CancellationToken::new();
+    // The background tasks below hold the store; should this future be dropped before its end (a caller's timeout
+    // or select!), they must still stop, or the store's close would wait for them forever.
+    let _stop_on_drop = stop.clone().drop_guard();
     if let Some(addr) = metrics_addr {
         match TcpListener::bind(addr).await {
             Ok(l) => {

@@ -291,10 +291,11 @@ async fn a_version_1_database_is_migrated_and_sells() {
     let schema = Schema::new("migrate").await;
     let mut s = schema.stocked(3).await;
     let a = s.sell(&sell("gw1", 1)).await.unwrap();
-    // What a database written by the first release looks like: no batch function, version 1.
+    // What a database written by the first release looks like: no batch functions, no expiry index, version 1.
     s.client()
         .batch_execute(
-            "DROP FUNCTION pingate_sell_batch; DROP FUNCTION pingate_confirm_batch; UPDATE pingate_schema SET version = 1",
+            "DROP FUNCTION pingate_sell_batch; DROP FUNCTION pingate_confirm_batch; DROP INDEX pins_expiring;
+             UPDATE pingate_schema SET version = 1",
         )
         .await
         .unwrap();
@@ -308,6 +309,27 @@ async fn a_version_1_database_is_migrated_and_sells() {
     );
     let b = s.sell(&sell("gw1", 2)).await.unwrap();
     assert_ne!(a.pin_id, b.pin_id);
+    // A body left by another build (here: one that sells nothing) is replaced by this build's at the next start.
+    s.client()
+        .batch_execute(
+            "CREATE OR REPLACE FUNCTION pingate_sell_batch(a_keys text[], a_gw text[], a_term text[], a_stan text[],
+                 a_trans text[], a_merchant text[], a_rrn text[], a_product text[], a_amount bigint[], a_now bigint,
+                 a_today text)
+             RETURNS TABLE (o_i integer, o_kind text, o_id bigint, o_product text, o_amount bigint, o_serial text,
+                 o_key_id integer, o_nonce bytea, o_ciphertext bytea, o_expiry text, o_receipt text, o_state text,
+                 o_sale_product text, o_sale_amount bigint, o_sale_merchant text)
+             LANGUAGE sql AS $$ SELECT NULL::integer, NULL, NULL::bigint, NULL, NULL::bigint, NULL, NULL::integer,
+                 NULL::bytea, NULL::bytea, NULL, NULL, NULL, NULL, NULL::bigint, NULL WHERE false $$",
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.sell(&sell("gw1", 3)).await,
+        Err(StoreError::OutOfStock { .. })
+    ));
+    drop(s);
+    let mut s = schema.open().await;
+    assert!(s.sell(&sell("gw1", 3)).await.is_ok(), "this build's function is back");
     // A database from a newer pingate is refused, not written to.
     s.client()
         .batch_execute("UPDATE pingate_schema SET version = 99")

@@ -386,5 +386,35 @@ fn concurrent_writers_on_one_file_never_share_a_pin_and_survive_reopen() {
     let s = db.open();
     assert_eq!(count(&s, PinState::Sold), 400);
     assert_eq!(count(&s, PinState::Reserved), 800);
-    assert_eq!(s.schema_version().unwrap(), 1);
+    assert_eq!(s.schema_version().unwrap(), 2);
+}
+
+#[test]
+fn a_version_1_file_is_migrated_and_a_newer_one_refused() {
+    let db = TempDb::new("migrate");
+    let mut s = db.stocked(2);
+    let a = s.sell(&sell(1)).unwrap();
+    // What a file written by the first release looks like: no expiry index, version 1.
+    s.connection()
+        .execute_batch("DROP INDEX pins_expiring; PRAGMA user_version = 1;")
+        .unwrap();
+    drop(s);
+    let mut s = db.open();
+    assert_eq!(s.schema_version().unwrap(), 2);
+    let indexes: i64 = s
+        .connection()
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'pins_expiring'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(indexes, 1);
+    assert_eq!(s.sell(&sell(1)).unwrap(), a, "sales made before the upgrade are kept");
+    s.connection().execute_batch("PRAGMA user_version = 99;").unwrap();
+    drop(s);
+    let e = SqliteStore::open(&db.path(), PinCipher::from_spec(&db.keys).unwrap())
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("newer than this pingate"), "{e}");
 }

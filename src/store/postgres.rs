@@ -98,7 +98,15 @@ END $$;
 CREATE TRIGGER pins_audit AFTER INSERT OR UPDATE OF state ON pins FOR EACH ROW EXECUTE FUNCTION pingate_audit();
 "#;
 
-/// Version 2: on-demand sales of a whole batch in one statement (one round trip instead of six), see
+/// Version 2: an index of the available PINs that carry an expiry date, so that moving those past their date to
+/// `expired` (at every server start and every hour) reads only them; and the batch functions of
+/// [`BATCH_FUNCTIONS`].
+const SCHEMA_V2: &str = "CREATE INDEX pins_expiring ON pins(expiry) WHERE state = 'available' AND expiry IS NOT NULL";
+
+/// The batch functions, installed (`CREATE OR REPLACE`) by every server when it starts, so that the database runs
+/// the bodies this build was written against; first installed with version 2.
+///
+/// On-demand sales of a whole batch in one statement (one round trip instead of six), see
 /// [`sell_many`]. The function locks every sale key (in the order of the lock numbers, like [`Prepared::lock_keys`],
 /// so batches never deadlock), then, each statement with a fresh snapshot taken after the locks: sales already made
 /// under these keys, reversals remembered for them, requests for a product or amount not on offer, and one pick per
@@ -108,7 +116,7 @@ CREATE TRIGGER pins_audit AFTER INSERT OR UPDATE OF state ON pins FOR EACH ROW E
 /// `pins_available`: with plain equalities PostgreSQL reduces the order to `id`, and while its statistics still
 /// say most PINs are available (any fresh import) it walks the primary key past every PIN already sold, a cost
 /// that grows with each sale (measured: 18 ms per pick after 38,000 sales, 0.3 ms through the partial index).
-const SCHEMA_V2: &str = r#"
+const BATCH_FUNCTIONS: &str = r#"
 CREATE OR REPLACE FUNCTION pingate_sell_batch(a_keys text[], a_gw text[], a_term text[], a_stan text[], a_trans text[],
     a_merchant text[], a_rrn text[], a_product text[], a_amount bigint[], a_now bigint, a_today text)
 RETURNS TABLE (o_i integer, o_kind text, o_id bigint, o_product text, o_amount bigint, o_serial text, o_key_id integer,
@@ -312,7 +320,7 @@ impl Prepared {
                 .await?,
             denominations: c.prepare("SELECT product, amount FROM denominations").await?,
             products: c.prepare("SELECT code FROM products").await?,
-            // Ranges and the full index order: see SCHEMA_V2 for why.
+            // Ranges and the full index order: see BATCH_FUNCTIONS for why.
             reserve_pick: c
                 .prepare(
                     "SELECT id FROM pins WHERE product >= $1 AND product <= $1 AND amount >= $2 AND amount <= $2
@@ -403,6 +411,7 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
         if version < 2 {
             tx.batch_execute(SCHEMA_V2).await?;
         }
+        tx.batch_execute(BATCH_FUNCTIONS).await?;
         if version < SCHEMA_VERSION {
             tx.execute("UPDATE pingate_schema SET version = $1", &[&SCHEMA_VERSION])
                 .await?;
@@ -1107,7 +1116,7 @@ async fn catalog(tx: &impl GenericClient) -> Result<Vec<Product>, StoreError> {
     Ok(out)
 }
 
-/// On-demand sales of one batch in one statement (`pingate_sell_batch`, see [`SCHEMA_V2`]): the database locks
+/// On-demand sales of one batch in one statement (`pingate_sell_batch`, see [`BATCH_FUNCTIONS`]): the database locks
 /// the keys, finds earlier sales and reversals, picks and records; this decides each request's answer from what it
 /// returns.
 async fn sell_many(

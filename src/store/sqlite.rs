@@ -20,7 +20,7 @@ pub type AuditRow = (Option<String>, String, Option<String>);
 pub const IMPORT_PROGRESS_EVERY: usize = 5_000;
 
 /// Version of the schema this code writes; older files are migrated on open.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE products (
@@ -138,6 +138,13 @@ impl SqliteStore {
         if version < 1 {
             tx.execute_batch(SCHEMA_V1)?;
             tx.execute_batch(&edges_trigger())?;
+        }
+        if version < 2 {
+            // The available PINs that carry an expiry date, so that moving those past their date to `expired` (at
+            // every server start and every hour) reads only them.
+            tx.execute_batch(
+                "CREATE INDEX pins_expiring ON pins(expiry) WHERE state = 'available' AND expiry IS NOT NULL",
+            )?;
         }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
