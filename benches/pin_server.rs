@@ -97,6 +97,14 @@ async fn load(clients: &[Arc<PspClient>], in_flight: usize, secs: u64, op: &'sta
             let (c, stop, counter) = (c.clone(), stop.clone(), counter.clone());
             tasks.push(tokio::spawn(async move {
                 let (mut ok, mut items, mut errors, mut lat) = (0u64, 0u64, 0u64, Vec::with_capacity(100_000));
+                // This task's terminal, for the sale with this STAN.
+                let terminal = |stan: String, rrn: String| Terminal {
+                    terminal_id: format!("T{ci:03}{t:04}"),
+                    merchant_id: "MERCHANT0000001".into(),
+                    stan,
+                    transmission: "1128173500".into(),
+                    rrn,
+                };
                 while !stop.load(Ordering::Relaxed) {
                     let n = counter.fetch_add(1, Ordering::Relaxed);
                     let req = match op {
@@ -104,13 +112,7 @@ async fn load(clients: &[Arc<PspClient>], in_flight: usize, secs: u64, op: &'sta
                         "sell" => Request::Sell {
                             product: "TOPUP".into(),
                             amount: 1000,
-                            terminal: Terminal {
-                                terminal_id: format!("T{ci:03}{t:04}"),
-                                merchant_id: "MERCHANT0000001".into(),
-                                stan: format!("{n:09}"),
-                                transmission: "1128173500".into(),
-                                rrn: format!("{n:012}"),
-                            },
+                            terminal: terminal(format!("{n:09}"), format!("{n:012}")),
                         },
                         _ => Request::Reserve {
                             product: "TOPUP".into(),
@@ -136,13 +138,7 @@ async fn load(clients: &[Arc<PspClient>], in_flight: usize, secs: u64, op: &'sta
                             .enumerate()
                             .map(|(k, p)| ConfirmItem {
                                 pin_id: p.pin_id,
-                                terminal: Terminal {
-                                    terminal_id: format!("T{ci:03}{t:04}"),
-                                    merchant_id: "MERCHANT0000001".into(),
-                                    stan: format!("{n:09}{k:02}"),
-                                    transmission: "1128173500".into(),
-                                    rrn: format!("{n:012}"),
-                                },
+                                terminal: terminal(format!("{n:09}{k:02}"), format!("{n:012}")),
                             })
                             .collect();
                         match c.call(Request::ConfirmBatch { confirms }).await {

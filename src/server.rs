@@ -97,8 +97,7 @@ const STOCK_EVERY: Duration = Duration::from_secs(10);
 const EXPIRE_EVERY: Duration = Duration::from_secs(3600);
 
 async fn expire_pins(shared: &Shared) {
-    let today = crate::store::sqlite::today();
-    match shared.store.call(Op::Expire { today }).await {
+    match shared.store.call(Op::Expire).await {
         Ok(Outcome::Expired(0)) => {}
         Ok(Outcome::Expired(n)) => info!(pins = n, "PINs past their expiry date moved to expired"),
         Ok(_) => {}

@@ -343,10 +343,8 @@ pub enum Op {
     Held {
         holder: String,
     },
-    /// Available PINs whose expiry date (`YYYYMMDD`) is before `today` become expired.
-    Expire {
-        today: String,
-    },
+    /// Available PINs whose expiry date (`YYYYMMDD`) is before the batch's day become expired.
+    Expire,
 }
 
 /// The result of an [`Op`].
@@ -366,6 +364,11 @@ pub enum Outcome {
     Held(Vec<i64>),
     /// How many PINs expired.
     Expired(u64),
+}
+
+/// The answer to every operation of a batch that failed as a whole (a database error: nothing of it was kept).
+pub(crate) fn failed_batch(n: usize, msg: &str) -> Vec<Result<Outcome, StoreError>> {
+    (0..n).map(|_| Err(StoreError::Db(msg.to_string()))).collect()
 }
 
 /// Count of PINs of one product, amount and state.

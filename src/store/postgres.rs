@@ -4,6 +4,8 @@
 //! servers; `synchronous_commit` stays on (an acknowledged sale is durable). Batches share one commit, as on
 //! SQLite; within a batch, operations run in the order of their key locks so two batches never deadlock.
 
+use std::collections::HashSet;
+
 use tokio_postgres::{Client, GenericClient, NoTls, Row, Statement};
 
 use super::crypto::{PinCipher, Sealed};
@@ -106,17 +108,24 @@ const SCHEMA_V2: &str = "CREATE INDEX pins_expiring ON pins(expiry) WHERE state 
 /// The batch functions, installed (`CREATE OR REPLACE`) by every server when it starts, so that the database runs
 /// the bodies this build was written against; first installed with version 2.
 ///
-/// On-demand sales of a whole batch in one statement (one round trip instead of six), see
-/// [`sell_many`]. The function locks every sale key (in the order of the lock numbers, like [`Prepared::lock_keys`],
-/// so batches never deadlock), then, each statement with a fresh snapshot taken after the locks: sales already made
-/// under these keys, reversals remembered for them, requests for a product or amount not on offer, and one pick per
-/// product and amount that marks the PINs sold and records the sales. Requests are numbered from 1 (`o_i`).
+/// On-demand sales of a whole batch in one statement (one round trip instead of six), see [`sell_many`]. The
+/// function locks every sale key (`pingate_lock_keys`), then, each statement with a fresh snapshot taken after the
+/// locks: sales already made under these keys, reversals remembered for them, requests for a product or amount not
+/// on offer, and one pick per product and amount that marks the PINs sold and records the sales. Requests are
+/// numbered from 1 (`o_i`).
 ///
 /// The pick states its product and amount as ranges (`>= x AND <= x`) and orders by all three columns of
 /// `pins_available`: with plain equalities PostgreSQL reduces the order to `id`, and while its statistics still
 /// say most PINs are available (any fresh import) it walks the primary key past every PIN already sold, a cost
 /// that grows with each sale (measured: 18 ms per pick after 38,000 sales, 0.3 ms through the partial index).
 const BATCH_FUNCTIONS: &str = r#"
+-- The one place the sale keys' lock order is written: by lock number, so batches locking several keys never wait
+-- on each other in a circle. Used by the batch functions, by `lock_keys` and by `lock` (one key).
+CREATE OR REPLACE FUNCTION pingate_lock_keys(a_keys text[]) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(h)
+    FROM (SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest(a_keys) AS k ORDER BY 1) AS l;
+END $$;
 CREATE OR REPLACE FUNCTION pingate_sell_batch(a_keys text[], a_gw text[], a_term text[], a_stan text[], a_trans text[],
     a_merchant text[], a_rrn text[], a_product text[], a_amount bigint[], a_now bigint, a_today text)
 RETURNS TABLE (o_i integer, o_kind text, o_id bigint, o_product text, o_amount bigint, o_serial text, o_key_id integer,
@@ -131,8 +140,7 @@ AS $$
 DECLARE
     g record;
 BEGIN
-    PERFORM pg_advisory_xact_lock(h)
-    FROM (SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest(a_keys) AS k ORDER BY 1) AS l;
+    PERFORM pingate_lock_keys(a_keys);
     RETURN QUERY
         SELECT r.i::integer, 'existing', p.id, p.product, p.amount, p.serial, p.key_id, p.nonce, p.ciphertext,
                p.expiry, p.receipt, p.state, s.product, s.amount, s.merchant_id
@@ -200,8 +208,7 @@ SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
 #variable_conflict use_column
 BEGIN
-    PERFORM pg_advisory_xact_lock(h)
-    FROM (SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest(a_keys) AS k ORDER BY 1) AS l;
+    PERFORM pingate_lock_keys(a_keys);
     RETURN QUERY
         SELECT r.i::integer, CASE WHEN s.pin_id = r.pin THEN 'already' ELSE 'mismatch' END, s.pin_id
         FROM unnest(a_gw, a_term, a_stan, a_trans, a_pin) WITH ORDINALITY AS r(g, t, s, x, pin, i)
@@ -282,8 +289,7 @@ struct Prepared {
     lock_keys: Statement,
     sell_batch: Statement,
     confirm_batch: Statement,
-    denominations: Statement,
-    products: Statement,
+    offer: Statement,
     reserve_pick: Statement,
     reserve_update: Statement,
 }
@@ -298,14 +304,7 @@ impl Prepared {
                 .join(", ")
         };
         Ok(Prepared {
-            // In the order of the lock numbers, as pingate_sell_batch does: batches never wait on each other in a
-            // circle, whatever their keys.
-            lock_keys: c
-                .prepare(
-                    "SELECT pg_advisory_xact_lock(h)
-                     FROM (SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest($1::text[]) AS k ORDER BY 1) AS l",
-                )
-                .await?,
+            lock_keys: c.prepare("SELECT pingate_lock_keys($1::text[])").await?,
             sell_batch: c
                 .prepare(
                     "SELECT * FROM pingate_sell_batch($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
@@ -318,8 +317,10 @@ impl Prepared {
                                                          $6::text[], $7::text[], $8::text[], $9::bigint[], $10)",
                 )
                 .await?,
-            denominations: c.prepare("SELECT product, amount FROM denominations").await?,
-            products: c.prepare("SELECT code FROM products").await?,
+            // Every product, with each amount it is offered in (none: NULL).
+            offer: c
+                .prepare("SELECT p.code, d.amount FROM products p LEFT JOIN denominations d ON d.product = p.code")
+                .await?,
             // Ranges and the full index order: see BATCH_FUNCTIONS for why.
             reserve_pick: c
                 .prepare(
@@ -475,14 +476,9 @@ impl PgStore {
         // The duplicate checks look PINs up by index; the statistics do not know of the rows this import adds, and
         // without this PostgreSQL reads the whole table for every chunk (the import slowed down as it went).
         tx.batch_execute("SET LOCAL enable_seqscan = off").await?;
-        let offered: std::collections::HashSet<(String, i64)> = tx
-            .query(&self.prepared.denominations, &[])
-            .await?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
-        let mut serials = std::collections::HashSet::new();
-        let mut prints = std::collections::HashSet::new();
+        let (_, offered) = offer(&tx, &self.prepared).await?;
+        let mut serials = HashSet::new();
+        let mut prints = HashSet::new();
         for (i, (p, (_, fp))) in pins.iter().zip(&sealed).enumerate() {
             let row = i + 1;
             if !offered.contains(&(p.product.clone(), p.amount)) {
@@ -573,10 +569,7 @@ impl PgStore {
         let now = unix_now();
         let today = super::sqlite::today();
         let (cipher, st) = (&self.cipher, &self.prepared);
-        let fail_all = |e: StoreError| -> Vec<Result<Outcome, StoreError>> {
-            let msg = e.to_string();
-            ops.iter().map(|_| Err(StoreError::Db(msg.clone()))).collect()
-        };
+        let fail_all = |e: StoreError| super::failed_batch(ops.len(), &e.to_string());
         if ops.iter().all(|op| matches!(op, Op::Sell(_))) {
             return self.sell_batch(ops, now, &today).await;
         }
@@ -651,7 +644,7 @@ impl PgStore {
             }
         }
         // Confirms in one statement, each key and PIN once; a repeat inside the batch runs after, on its own.
-        let (mut seen_keys, mut seen_pins) = (std::collections::HashSet::new(), std::collections::HashSet::new());
+        let (mut seen_keys, mut seen_pins) = (HashSet::new(), HashSet::new());
         let confirms: Vec<usize> = ops
             .iter()
             .enumerate()
@@ -699,9 +692,6 @@ impl PgStore {
                 _ => None,
             })
             .collect();
-        let fail_all = |msg: String| -> Vec<Result<Outcome, StoreError>> {
-            ops.iter().map(|_| Err(StoreError::Db(msg.clone()))).collect()
-        };
         let (client, st, cipher) = (&self.client, &self.prepared, &self.cipher);
         // Polled in this order, BEGIN is written before the call (tokio-postgres sends on first poll).
         let (begun, sold) = tokio::join!(
@@ -712,15 +702,16 @@ impl PgStore {
             (Ok(()), Ok(rs)) if !rs.iter().any(|r| matches!(r, Err(StoreError::Crypto(_)))) => rs,
             (begun, sold) => {
                 let _ = client.batch_execute("ROLLBACK").await;
-                return fail_all(match (begun, sold) {
+                let msg = match (begun, sold) {
                     (Err(e), _) => StoreError::from_pg(&e).to_string(),
                     (_, Err(e)) => e.to_string(),
                     _ => "a PIN of this batch does not decrypt".into(),
-                });
+                };
+                return super::failed_batch(ops.len(), &msg);
             }
         };
         if let Err(e) = client.batch_execute("COMMIT").await {
-            return fail_all(StoreError::from_pg(&e).to_string());
+            return super::failed_batch(ops.len(), &StoreError::from_pg(&e).to_string());
         }
         results.into_iter().map(|r| r.map(Outcome::Sold)).collect()
     }
@@ -810,11 +801,8 @@ fn lock_key(op: &Op) -> String {
 }
 
 async fn lock(tx: &impl GenericClient, sale: &SaleContext) -> Result<(), StoreError> {
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-        &[&sale.key_id()],
-    )
-    .await?;
+    tx.execute("SELECT pingate_lock_keys(ARRAY[$1::text])", &[&sale.key_id()])
+        .await?;
     Ok(())
 }
 
@@ -894,7 +882,7 @@ async fn apply(
         }
         Op::Release { holder, pin_ids } => {
             // One statement for all (a gateway shutting down returns its whole cache).
-            let released: std::collections::HashSet<i64> = tx
+            let released: HashSet<i64> = tx
                 .query(
                     "UPDATE pins SET state = 'available', holder = NULL, lease_until = NULL
                      WHERE id = ANY($1) AND state = 'reserved' AND holder = $2 RETURNING id",
@@ -905,7 +893,7 @@ async fn apply(
                 .map(|r| r.get(0))
                 .collect();
             // An id given twice is released once: its repeat is refused, as when released one by one.
-            let mut once = std::collections::HashSet::new();
+            let mut once = HashSet::new();
             let refused = pin_ids
                 .iter()
                 .copied()
@@ -970,7 +958,7 @@ async fn apply(
             Box::pin(apply(tx, st, cipher, &Op::Reverse(sale), now, today)).await
         }
         Op::Stock => stock(tx).await.map(Outcome::Stock),
-        Op::Expire { today } => expire_available(tx, today).await.map(Outcome::Expired),
+        Op::Expire => expire_available(tx, today).await.map(Outcome::Expired),
         Op::Catalog => catalog(tx).await.map(Outcome::Catalog),
         Op::Held { holder } => {
             let rows = tx
@@ -1162,12 +1150,7 @@ async fn sell_many(
     }
     let mut found: Vec<Found> = (0..reqs.len()).map(|_| Found::default()).collect();
     for r in &rows {
-        let i: i32 = r.get(0);
-        let Some(f) = usize::try_from(i - 1).ok().and_then(|i| found.get_mut(i)) else {
-            return Err(StoreError::Db(format!(
-                "internal: pingate_sell_batch answered request {i}"
-            )));
-        };
+        let f = &mut found[request_of(r, reqs.len(), "pingate_sell_batch")?];
         match r.get::<_, &str>(1) {
             "existing" => {
                 let voided = r.get::<_, &str>(11) == PinState::Voided.as_str();
@@ -1240,6 +1223,15 @@ async fn sell_many(
     Ok(out)
 }
 
+/// The request (from 0) a row of a batch function answers: its first column, `o_i`, numbers requests from 1.
+fn request_of(r: &Row, n: usize, function: &str) -> Result<usize, StoreError> {
+    let i: i32 = r.get(0);
+    usize::try_from(i - 1)
+        .ok()
+        .filter(|&i| i < n)
+        .ok_or_else(|| StoreError::Db(format!("internal: {function} answered request {i}")))
+}
+
 /// Confirms of one batch in one statement (`pingate_confirm_batch`); every key and PIN appears once.
 async fn confirm_many(
     tx: &impl GenericClient,
@@ -1277,14 +1269,9 @@ async fn confirm_many(
         .await?;
     let mut out: Vec<Option<Result<Confirmation, StoreError>>> = (0..items.len()).map(|_| None).collect();
     for r in &rows {
-        let i: i32 = r.get(0);
-        let Some(slot) = usize::try_from(i - 1).ok().and_then(|i| out.get_mut(i)) else {
-            return Err(StoreError::Db(format!(
-                "internal: pingate_confirm_batch answered request {i}"
-            )));
-        };
-        let sale = items[(i - 1) as usize].2;
-        *slot = Some(match r.get::<_, &str>(1) {
+        let i = request_of(r, items.len(), "pingate_confirm_batch")?;
+        let sale = items[i].2;
+        out[i] = Some(match r.get::<_, &str>(1) {
             "already" => Ok(Confirmation::AlreadyConfirmed),
             "mismatch" => Err(StoreError::DuplicateMismatch { key: sale.key() }),
             "sold" => Ok(Confirmation::Sold),
@@ -1311,6 +1298,22 @@ async fn confirm_many(
         .collect())
 }
 
+/// The products known, and the (product, amount) pairs on offer, in one read.
+async fn offer(
+    tx: &impl GenericClient,
+    st: &Prepared,
+) -> Result<(HashSet<String>, HashSet<(String, i64)>), StoreError> {
+    let (mut products, mut offered) = (HashSet::new(), HashSet::new());
+    for r in tx.query(&st.offer, &[]).await? {
+        let code: String = r.get(0);
+        if let Some(amount) = r.get::<_, Option<i64>>(1) {
+            offered.insert((code.clone(), amount));
+        }
+        products.insert(code);
+    }
+    Ok((products, offered))
+}
+
 /// Reservations of one batch: one pick per product and amount for all of them, then one update that gives each
 /// PIN its holder and lease. Competing servers skip each other's locked rows once per batch, not once per request.
 async fn reserve_many(
@@ -1321,14 +1324,7 @@ async fn reserve_many(
     today: &str,
 ) -> Result<Vec<Result<Vec<Dispensed>, StoreError>>, StoreError> {
     use std::collections::HashMap;
-    let offered: std::collections::HashSet<(String, i64)> = tx
-        .query(&st.denominations, &[])
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    let products: std::collections::HashSet<String> =
-        tx.query(&st.products, &[]).await?.iter().map(|r| r.get(0)).collect();
+    let (products, offered) = offer(tx, st).await?;
     let mut out: Vec<Option<Result<Vec<Dispensed>, StoreError>>> = (0..ops.len()).map(|_| None).collect();
     let mut groups: HashMap<(String, i64), Vec<usize>> = HashMap::new();
     for (i, op) in ops.iter().enumerate() {

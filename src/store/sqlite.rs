@@ -259,7 +259,7 @@ impl SqliteStore {
         let cipher = &self.cipher;
         let tx = match self.conn.transaction_with_behavior(TransactionBehavior::Immediate) {
             Ok(t) => t,
-            Err(e) => return ops.iter().map(|_| Err(StoreError::Db(e.to_string()))).collect(),
+            Err(e) => return super::failed_batch(ops.len(), &e.to_string()),
         };
         let mut results = Vec::with_capacity(ops.len());
         for op in ops {
@@ -284,20 +284,16 @@ impl SqliteStore {
             if let Err(StoreError::Db(msg)) = &r {
                 let msg = msg.clone();
                 drop(tx);
-                return ops.iter().map(|_| Err(StoreError::Db(msg.clone()))).collect();
+                return super::failed_batch(ops.len(), &msg);
             }
             if tx.is_autocommit() {
                 drop(tx);
-                return ops
-                    .iter()
-                    .map(|_| Err(StoreError::Db("transaction rolled back by SQLite".into())))
-                    .collect();
+                return super::failed_batch(ops.len(), "transaction rolled back by SQLite");
             }
             results.push(r);
         }
         if let Err(e) = tx.commit() {
-            let msg = e.to_string();
-            return ops.iter().map(|_| Err(StoreError::Db(msg.clone()))).collect();
+            return super::failed_batch(ops.len(), &e.to_string());
         }
         results
     }
@@ -687,7 +683,7 @@ fn apply(tx: &Connection, cipher: &PinCipher, op: &Op, now: i64, today: &str) ->
             }
         }
         Op::Stock => stock(tx).map(Outcome::Stock),
-        Op::Expire { today } => expire_available(tx, today).map(|n| Outcome::Expired(n as u64)),
+        Op::Expire => expire_available(tx, today).map(|n| Outcome::Expired(n as u64)),
         Op::Catalog => catalog(tx).map(Outcome::Catalog),
         Op::Held { holder } => {
             let mut st =
