@@ -524,9 +524,11 @@ impl Gateway {
         use tracing::Instrument;
         let mti = msg.mti().to_string();
         // The RRN the sale has (or would have): derived from its key, so it can be logged before anything is asked.
-        let rrn = match SaleKey::of(msg) {
-            Ok(key) if mti.starts_with("02") => rrn_of(&key),
-            _ => String::new(),
+        // Only sales have one: reversals and network messages skip building the key.
+        let rrn = if mti.starts_with("02") {
+            SaleKey::of(msg).map(|key| rrn_of(&key)).unwrap_or_default()
+        } else {
+            String::new()
         };
         let span = tracing::info_span!(
             "transaction",
@@ -1477,31 +1479,23 @@ impl Gateway {
             e.single(name, "counter", help, c(v));
         }
         let stock = self.stock();
-        e.family(
-            "pingate_gateway_cache_pins",
-            "gauge",
-            "PINs held in the prefetch cache.",
-        );
-        for l in &stock.cache {
-            let amount = l.amount.to_string();
-            e.sample(
-                "pingate_gateway_cache_pins",
-                &[("product", &l.product), ("amount", &amount)],
-                l.cached as f64,
-            );
-        }
-        e.family(
-            "pingate_gateway_cache_target",
-            "gauge",
-            "What the cache refills towards (adapts to the sale rate).",
-        );
-        for l in &stock.cache {
-            let amount = l.amount.to_string();
-            e.sample(
+        type Reading = fn(&Level) -> f64;
+        let gauges: [(&str, &str, Reading); 2] = [
+            ("pingate_gateway_cache_pins", "PINs held in the prefetch cache.", |l| {
+                l.cached as f64
+            }),
+            (
                 "pingate_gateway_cache_target",
-                &[("product", &l.product), ("amount", &amount)],
-                l.target as f64,
-            );
+                "What the cache refills towards (adapts to the sale rate).",
+                |l| l.target as f64,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            e.family(name, "gauge", help);
+            for l in &stock.cache {
+                let amount = l.amount.to_string();
+                e.sample(name, &[("product", &l.product), ("amount", &amount)], value(l));
+            }
         }
         e.family(
             "pingate_gateway_cache_lookups_total",
