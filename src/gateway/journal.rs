@@ -676,10 +676,19 @@ impl Journal {
 
     /// Appends records and waits until they are on disk.
     pub async fn append(&self, records: Vec<Record>) -> Result<(), JournalError> {
-        self.send(records)?
-            .await
-            .map_err(|_| JournalError::Failed("writer stopped".into()))?
-            .map_err(JournalError::Failed)
+        self.queue(records).await
+    }
+
+    /// Queues the records for writing now, and gives what waits for them to be durable: appends queued one after
+    /// another are written in that order, and share syncs, while their caller waits once for all of them.
+    pub fn queue(&self, records: Vec<Record>) -> impl std::future::Future<Output = Result<(), JournalError>> {
+        let sent = self.send(records);
+        async move {
+            sent?
+                .await
+                .map_err(|_| JournalError::Failed("writer stopped".into()))?
+                .map_err(JournalError::Failed)
+        }
     }
 
     fn send(&self, records: Vec<Record>) -> Result<oneshot::Receiver<Result<(), String>>, JournalError> {

@@ -1233,13 +1233,18 @@ impl Gateway {
                     return;
                 }
                 let cached: Vec<CachedPin> = pins.into_iter().map(|pin| CachedPin { pin, lease_until }).collect();
-                // Journaled before they can be sold, a hundred at a time (no sale waits behind one big write); if
-                // the journal fails they stay reserved at the server (the lease report shows them), never sold.
-                for chunk in cached.chunks(100) {
-                    let records = chunk.iter().cloned().map(Record::Cached).collect();
-                    if let Err(e) = self.journal.append(records).await {
+                // Journaled before they can be sold, a hundred at a time (no sale waits behind one big write), all
+                // queued at once (each hundred is sellable as soon as its sync is done, without waiting for the
+                // next to be queued); if the journal fails they stay reserved at the server (the lease report shows
+                // them), never sold.
+                let written: Vec<_> = cached
+                    .chunks(100)
+                    .map(|chunk| self.journal.queue(chunk.iter().cloned().map(Record::Cached).collect()))
+                    .collect();
+                for (chunk, written) in cached.chunks(100).zip(written) {
+                    if let Err(e) = written.await {
                         tracing::error!(error = %e, "journal failed; reserved PINs not cached");
-                        return;
+                        continue;
                     }
                     // Decided under the cache lock that shutdown drains under: a refill landing after the drain goes
                     // straight back. And a PIN named by a release not yet acknowledged may be freed by it (a retry
