@@ -1237,11 +1237,16 @@ impl Gateway {
                 // queued at once (each hundred is sellable as soon as its sync is done, without waiting for the
                 // next to be queued); if the journal fails they stay reserved at the server (the lease report shows
                 // them), never sold.
-                let written: Vec<_> = cached
+                let queued: Vec<_> = cached
                     .chunks(100)
-                    .map(|chunk| self.journal.queue(chunk.iter().cloned().map(Record::Cached).collect()))
+                    .map(|chunk| {
+                        (
+                            chunk,
+                            self.journal.queue(chunk.iter().cloned().map(Record::Cached).collect()),
+                        )
+                    })
                     .collect();
-                for (chunk, written) in cached.chunks(100).zip(written) {
+                for (chunk, written) in queued {
                     if let Err(e) = written.await {
                         tracing::error!(error = %e, "journal failed; reserved PINs not cached");
                         continue;
