@@ -33,6 +33,8 @@ use crate::sale::{answer, ResponseCode, SaleKey};
 
 /// Time allowed to write one answer; a terminal that does not read is cut off.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this many answers are framed into one write.
+const WRITE_BATCH: usize = 32;
 /// Time in-flight requests get to finish once shutdown starts.
 const DRAIN: Duration = Duration::from_secs(30);
 
@@ -175,31 +177,46 @@ async fn connection(
         async move {
             let mut buf = BytesMut::new();
             let mut failed = false;
-            while let Some((frame, sale)) = out_rx.recv().await {
-                if let Some((sink, conn)) = &writer_capture {
-                    // PINs are masked (or left out) before the frame reaches the file.
-                    if let Some(data) = protect_pins(&writer_dialect, &captured(&frame), tpdu, pins) {
-                        sink.record(*conn, Direction::Host, data);
-                    }
-                }
-                if !failed {
-                    buf.clear();
-                    let ok = match enc.encode(frame, &mut buf) {
-                        Ok(()) => tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&buf))
-                            .await
-                            .is_ok_and(|r| r.is_ok()),
-                        Err(e) => {
-                            tracing::error!(error = %e, "answer cannot be framed");
-                            false
+            // Answers that are ready together (a journal sync releases many at once) go out in one write: one
+            // system call on each side instead of one per answer.
+            let mut batch: Vec<Outgoing> = Vec::with_capacity(WRITE_BATCH);
+            while out_rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+                buf.clear();
+                let mut sales = Vec::new();
+                for (frame, sale) in batch.drain(..) {
+                    if let Some((sink, conn)) = &writer_capture {
+                        // PINs are masked (or left out) before the frame reaches the file.
+                        if let Some(data) = protect_pins(&writer_dialect, &captured(&frame), tpdu, pins) {
+                            sink.record(*conn, Direction::Host, data);
                         }
-                    };
-                    if ok {
+                    }
+                    if failed {
+                        sales.extend(sale);
                         continue;
                     }
-                    failed = true;
+                    let before = buf.len();
+                    if let Err(e) = enc.encode(frame, &mut buf) {
+                        // This answer is not sent (the terminal times out and reverses); the others still are.
+                        tracing::error!(error = %e, "answer cannot be framed");
+                        buf.truncate(before);
+                        if let Some(key) = sale {
+                            writer_gw.undelivered(&key).await;
+                        }
+                        continue;
+                    }
+                    sales.extend(sale);
                 }
-                if let Some(key) = sale {
-                    writer_gw.undelivered(&key).await;
+                if !failed && !buf.is_empty() {
+                    failed = !tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&buf))
+                        .await
+                        .is_ok_and(|r| r.is_ok());
+                }
+                if failed {
+                    // Some of these may have reached the terminal before the write failed; a terminal that did
+                    // get its answer and then sees the sale reversed is the safe side (the PIN is voided, not lost).
+                    for key in &sales {
+                        writer_gw.undelivered(key).await;
+                    }
                 }
             }
             let _ = wr.shutdown().await;
