@@ -517,6 +517,19 @@ fn expire_available(tx: &Connection, today: &str) -> Result<usize, StoreError> {
 }
 
 /// The PIN sold under this key, and its state.
+/// The PIN sold under a sale key, without its state (one primary-key lookup: what a confirm needs).
+fn sold_pin(tx: &Connection, sale: &SaleContext) -> Result<Option<i64>, StoreError> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT pin_id FROM sales WHERE gateway = ?1 AND terminal_id = ?2 AND stan = ?3 AND transmission = ?4",
+        )?
+        .query_row(
+            params![sale.gateway, sale.terminal_id, sale.stan, sale.transmission],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
 fn find_sale(tx: &Connection, sale: &SaleContext) -> Result<Option<(i64, PinState)>, StoreError> {
     Ok(tx
         .prepare_cached(
@@ -736,8 +749,8 @@ fn confirm(
     sale: &SaleContext,
     now: i64,
 ) -> Result<Confirmation, StoreError> {
-    if let Some((sold_pin, _)) = find_sale(tx, sale)? {
-        return if sold_pin == pin_id {
+    if let Some(sold) = sold_pin(tx, sale)? {
+        return if sold == pin_id {
             Ok(Confirmation::AlreadyConfirmed)
         } else {
             Err(StoreError::DuplicateMismatch { key: sale.key() })
