@@ -516,7 +516,6 @@ fn expire_available(tx: &Connection, today: &str) -> Result<usize, StoreError> {
         .execute(params![today])?)
 }
 
-/// The PIN sold under this key, and its state.
 /// The PIN sold under a sale key, without its state (one primary-key lookup: what a confirm needs).
 fn sold_pin(tx: &Connection, sale: &SaleContext) -> Result<Option<i64>, StoreError> {
     Ok(tx
@@ -530,6 +529,7 @@ fn sold_pin(tx: &Connection, sale: &SaleContext) -> Result<Option<i64>, StoreErr
         .optional()?)
 }
 
+/// The PIN sold under this key, and its state.
 fn find_sale(tx: &Connection, sale: &SaleContext) -> Result<Option<(i64, PinState)>, StoreError> {
     Ok(tx
         .prepare_cached(
