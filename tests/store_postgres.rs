@@ -486,6 +486,52 @@ async fn handle_batches_concurrent_callers_for_both_backends() {
     schema.drop_it().await;
 }
 
+/// A key dropped from the keyring while unsold PINs still need it: both backends refuse to open, naming the key and
+/// how many PINs it sealed; with the key back (beside a new one) they open; once nothing unsold needs it, it may go.
+#[tokio::test]
+async fn a_store_missing_a_key_that_unsold_pins_need_is_refused_at_open() {
+    let schema = Schema::new("keys").await;
+    let old = schema.keys.clone();
+    let new = PinCipher::generate_spec().unwrap().replacen("1:", "2:", 1);
+    let both = format!("{old},{new}");
+    let opts = StoreOptions {
+        pg_schema: Some(schema.name.clone()),
+        ..StoreOptions::default()
+    };
+    let dir = std::env::temp_dir().join(format!("pingate-keys-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("pins.db");
+    {
+        let mut s = pingate::store::sqlite::SqliteStore::open(&file, PinCipher::from_spec(&old).unwrap()).unwrap();
+        s.upsert_product(&topup(&[1000])).unwrap();
+        s.import(&pins(0, 3)).unwrap();
+    }
+    schema.stocked(3).await;
+    for url in [DbUrl::Postgres(url()), DbUrl::Sqlite(file.clone())] {
+        match StoreHandle::open(&url, &new, &opts).await {
+            Err(e) => assert_eq!(
+                e.to_string(),
+                "unsold PINs are sealed under keys that are not loaded (key 1: 3 PINs): add those keys to the PIN keys",
+                "{url:?}"
+            ),
+            Ok(_) => panic!("{url:?}: opened without the key its PINs need"),
+        }
+        let h = StoreHandle::open(&url, &both, &opts).await.unwrap();
+        for i in 0..3 {
+            assert!(
+                matches!(h.call(Op::Sell(sell("gwk", i))).await, Ok(Outcome::Sold(_))),
+                "{url:?}"
+            );
+        }
+        h.close().await;
+        // Every PIN under key 1 is sold: the key is no longer needed to serve.
+        StoreHandle::open(&url, &new, &opts).await.unwrap().close().await;
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    schema.drop_it().await;
+}
+
 #[tokio::test]
 async fn workers_reconnect_after_postgresql_drops_their_connection() {
     let schema = Schema::new("reconnect").await;

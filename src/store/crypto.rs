@@ -21,6 +21,10 @@ pub enum CryptoError {
     /// A row was sealed under a key id this process was not given.
     #[error("no key with id {id} is loaded (rows sealed under it cannot be opened)")]
     UnknownKey { id: u32 },
+    /// Unsold PINs (available or reserved) are sealed under keys this process was not given: they could never be
+    /// sold, and each would be refused at its turn. Found when a store is opened to serve.
+    #[error("unsold PINs are sealed under keys that are not loaded ({missing}): add those keys to the PIN keys")]
+    KeysMissing { missing: String },
     /// The ciphertext does not open: wrong key, or the row was tampered with.
     #[error("PIN of serial {serial} does not decrypt: wrong key or tampered row")]
     Open { serial: String },
@@ -121,6 +125,22 @@ impl PinCipher {
         let mut k = [0u8; 32];
         SystemRandom::new().fill(&mut k).map_err(|_| CryptoError::Random)?;
         Ok(format!("1:{}", crate::iso8583::to_hex(&k)))
+    }
+
+    /// Refuses when any of `(key id, unsold PINs)` names a key this cipher does not hold.
+    pub fn check_holds(&self, in_use: &[(u32, i64)]) -> Result<(), CryptoError> {
+        let missing: Vec<String> = in_use
+            .iter()
+            .filter(|(id, _)| !self.keys.contains_key(id))
+            .map(|(id, n)| format!("key {id}: {n} PINs"))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(CryptoError::KeysMissing {
+                missing: missing.join(", "),
+            })
+        }
     }
 
     /// The id new PINs are sealed under.

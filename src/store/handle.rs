@@ -84,13 +84,16 @@ enum Worker {
 
 impl StoreHandle {
     /// Opens the inventory (creating or migrating its schema) and starts the workers. `keys` is the PIN key spec
-    /// (see [`PinCipher::from_spec`]).
+    /// (see [`PinCipher::from_spec`]); it must hold every key that sealed an unsold PIN, or the open is refused.
     pub async fn open(url: &DbUrl, keys: &str, opts: &StoreOptions) -> Result<StoreHandle, StoreError> {
         let (tx, rx) = mpsc::channel::<Job>(opts.queue);
         let max = opts.max_batch.max(1);
         let workers = match url {
             DbUrl::Sqlite(path) => {
                 let store = SqliteStore::open(path, PinCipher::from_spec(keys)?)?;
+                // A key dropped from the keyring while PINs still need it is an operator's mistake: refused at
+                // start, by name, rather than found one sale at a time.
+                PinCipher::from_spec(keys)?.check_holds(&store.unsold_key_ids()?)?;
                 vec![Worker::Thread(std::thread::spawn(move || {
                     sqlite_worker(store, rx, max)
                 }))]
@@ -98,8 +101,11 @@ impl StoreHandle {
             DbUrl::Postgres(u) => {
                 let rx = Arc::new(Mutex::new(rx));
                 let mut w = Vec::new();
-                for _ in 0..opts.pg_connections.max(1) {
+                for i in 0..opts.pg_connections.max(1) {
                     let store = PgStore::connect(u, opts.pg_schema.as_deref(), PinCipher::from_spec(keys)?).await?;
+                    if i == 0 {
+                        PinCipher::from_spec(keys)?.check_holds(&store.unsold_key_ids().await?)?;
+                    }
                     let again = Reconnect {
                         url: u.clone(),
                         schema: opts.pg_schema.clone(),
