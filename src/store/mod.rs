@@ -302,6 +302,10 @@ pub trait PinStore {
     }
 }
 
+/// Both backends: the keys that unsold PINs need (a scan of the PIN table, once per start).
+pub(crate) const UNSOLD_KEY_IDS: &str =
+    "SELECT key_id, COUNT(*) FROM pins WHERE state IN ('available', 'reserved') GROUP BY key_id ORDER BY key_id";
+
 /// Most PINs one `reserve` hands out.
 pub const MAX_RESERVE: usize = 1_000;
 

@@ -389,7 +389,7 @@ impl PgStore {
 impl PgStore {
     /// Each key id that sealed unsold (available or reserved) PINs, with how many.
     pub async fn unsold_key_ids(&self) -> Result<Vec<(u32, i64)>, StoreError> {
-        let rows = self.client.query(super::sqlite::UNSOLD_KEY_IDS, &[]).await?;
+        let rows = self.client.query(super::UNSOLD_KEY_IDS, &[]).await?;
         Ok(rows
             .iter()
             .map(|r| (r.get::<_, i32>(0) as u32, r.get::<_, i64>(1)))

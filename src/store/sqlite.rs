@@ -112,10 +112,6 @@ pub struct SqliteStore {
     cipher: PinCipher,
 }
 
-/// Both backends: the keys that unsold PINs need (a scan of the PIN table, once per start).
-pub(crate) const UNSOLD_KEY_IDS: &str =
-    "SELECT key_id, COUNT(*) FROM pins WHERE state IN ('available', 'reserved') GROUP BY key_id ORDER BY key_id";
-
 const PIN_COLUMNS: &str = "id, product, amount, serial, key_id, nonce, ciphertext, expiry, receipt";
 
 impl SqliteStore {
@@ -157,7 +153,7 @@ impl SqliteStore {
 
     /// Each key id that sealed unsold (available or reserved) PINs, with how many.
     pub fn unsold_key_ids(&self) -> Result<Vec<(u32, i64)>, StoreError> {
-        let mut stmt = self.conn.prepare(UNSOLD_KEY_IDS)?;
+        let mut stmt = self.conn.prepare(super::UNSOLD_KEY_IDS)?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u32, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
