@@ -229,10 +229,18 @@ impl PinCache {
         out
     }
 
-    /// A refill of `product`/`amount` ended (with or without PINs).
-    pub fn refilled(&mut self, product: &str, amount: i64) {
-        if let Some(s) = self.slots.get_mut(&(product.to_string(), amount)) {
-            s.refilling = false;
+    /// A refill of `product`/`amount` ended (with or without PINs; `full` when it got every PIN it asked for).
+    /// True when the slot is still under its refill mark after a full refill: a cold cache (one refill at a time,
+    /// each at most `MAX_RESERVE`) goes on filling at once instead of at the next tick. Never after a failed or
+    /// partial refill, so a server that is out of stock or failing is not asked in a loop.
+    pub fn refilled(&mut self, product: &str, amount: i64, full: bool) -> bool {
+        let lead = self.lead;
+        match self.slots.get_mut(&(product.to_string(), amount)) {
+            Some(s) => {
+                s.refilling = false;
+                full && s.pins.len() < s.due_under(lead)
+            }
+            None => false,
         }
     }
 
@@ -377,10 +385,31 @@ mod tests {
         assert_eq!(due, vec![("COLD".into(), 100, 5), ("HOT".into(), 100, 10)]);
         assert!(c.due(t).is_empty(), "refills in progress are not asked twice");
         c.put(pins("HOT", 100, 0..10));
-        c.refilled("HOT", 100);
+        assert!(!c.refilled("HOT", 100, true), "at low: no refill again");
         assert!(c.due(t).is_empty(), "at low: nothing due");
         c.take("HOT", 100, t, 0);
         assert_eq!(c.due(t), vec![("HOT".into(), 100, 1)]);
+    }
+
+    #[test]
+    fn a_full_refill_still_under_the_mark_asks_again_at_once_a_partial_or_failed_one_does_not() {
+        let t = Instant::now();
+        let mut c = cache(t);
+        let _ = c.due(t);
+        // COLD asked for 5 and got 3 (the server ran low): not again at once, even though still under its mark.
+        c.put(pins("COLD", 100, 0..3));
+        assert!(!c.refilled("COLD", 100, false));
+        // HOT got everything it asked for but is still under its mark (the mark grew while it was out): again.
+        c.put(pins("HOT", 100, 0..4));
+        assert!(c.refilled("HOT", 100, true));
+        // The next refill of HOT is due now; COLD's too, but its loop waits for the next tick to ask.
+        let mut due = c.due(t);
+        due.sort();
+        assert_eq!(due, vec![("COLD".into(), 100, 2), ("HOT".into(), 100, 6)]);
+        // A failed refill (nothing came) never asks again at once.
+        assert!(!c.refilled("HOT", 100, false));
+        // Unknown slots (a reload removed it while the refill was out): nothing to do.
+        assert!(!c.refilled("GONE", 100, true));
     }
 
     #[test]
@@ -406,7 +435,7 @@ mod tests {
         c.drain();
         c.put(pins("HOT", 100, 0..300));
         assert!(c.due(t).iter().any(|(p, _, n)| p == "HOT" && *n == MAX_RESERVE));
-        c.refilled("HOT", 100);
+        c.refilled("HOT", 100, true);
         // Quiet for two minutes: the rate decays, the target falls back to low.
         t += Duration::from_secs(120);
         let l = c.levels(t);

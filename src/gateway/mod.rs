@@ -1202,23 +1202,29 @@ impl Gateway {
                 let gw = self.clone();
                 tokio::spawn(async move {
                     // Whatever happens to the refill (even a panic), it ends here: shutdown waits on the count.
-                    struct Done<'a>(&'a Gateway, &'a str, i64);
+                    struct Done<'a>(&'a Gateway, &'a str, i64, bool);
                     impl Drop for Done<'_> {
                         fn drop(&mut self) {
-                            if let Ok(mut c) = self.0.cache.lock() {
-                                c.refilled(self.1, self.2);
-                            }
+                            let again = self
+                                .0
+                                .cache
+                                .lock()
+                                .is_ok_and(|mut c| c.refilled(self.1, self.2, self.3));
                             self.0.refills.fetch_sub(1, Ordering::SeqCst);
+                            if again {
+                                self.0.refill_wake.notify_one();
+                            }
                         }
                     }
-                    let _done = Done(&gw, &product, amount);
-                    gw.refill(&product, amount, count).await;
+                    let mut done = Done(&gw, &product, amount, false);
+                    done.3 = gw.refill(&product, amount, count).await;
                 });
             }
         }
     }
 
-    async fn refill(&self, product: &str, amount: i64, count: usize) {
+    /// Reserves up to `count` PINs and caches them; true when every one asked for was reserved and cached.
+    async fn refill(&self, product: &str, amount: i64, count: usize) -> bool {
         let request = Request::Reserve {
             product: product.into(),
             amount,
@@ -1230,8 +1236,9 @@ impl Gateway {
         match self.upstream.call_once(request, deadline).await {
             Ok(Response::Reserved { pins, lease_until }) => {
                 if pins.is_empty() {
-                    return;
+                    return false;
                 }
+                let full = pins.len() == count;
                 let cached: Vec<CachedPin> = pins.into_iter().map(|pin| CachedPin { pin, lease_until }).collect();
                 // Journaled before they can be sold, a hundred at a time (no sale waits behind one big write), all
                 // queued at once (each hundred is sellable as soon as its sync is done, without waiting for the
@@ -1246,9 +1253,11 @@ impl Gateway {
                         )
                     })
                     .collect();
+                let mut all_cached = true;
                 for (chunk, written) in queued {
                     if let Err(e) = written.await {
                         tracing::error!(error = %e, "journal failed; reserved PINs not cached");
+                        all_cached = false;
                         continue;
                     }
                     // Decided under the cache lock that shutdown drains under: a refill landing after the drain goes
@@ -1286,10 +1295,12 @@ impl Gateway {
                         }
                     }
                 }
+                return full && all_cached;
             }
             Ok(other) => tracing::error!(answer = ?other, "PIN server answered reserve with something else"),
             Err(e) => tracing::debug!(product, amount, error = %e, "refill failed"),
         }
+        false
     }
 
     /// Renews the leases of cached PINs before they end.
