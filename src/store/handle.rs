@@ -93,7 +93,7 @@ impl StoreHandle {
                 let store = SqliteStore::open(path, PinCipher::from_spec(keys)?)?;
                 // A key dropped from the keyring while PINs still need it is an operator's mistake: refused at
                 // start, by name, rather than found one sale at a time.
-                PinCipher::from_spec(keys)?.check_holds(&store.unsold_key_ids()?)?;
+                store.check_keys()?;
                 vec![Worker::Thread(std::thread::spawn(move || {
                     sqlite_worker(store, rx, max)
                 }))]
@@ -104,7 +104,7 @@ impl StoreHandle {
                 for i in 0..opts.pg_connections.max(1) {
                     let store = PgStore::connect(u, opts.pg_schema.as_deref(), PinCipher::from_spec(keys)?).await?;
                     if i == 0 {
-                        PinCipher::from_spec(keys)?.check_holds(&store.unsold_key_ids().await?)?;
+                        store.check_keys().await?;
                     }
                     let again = Reconnect {
                         url: u.clone(),

@@ -384,16 +384,15 @@ impl PgStore {
             prepared,
         })
     }
-}
 
-impl PgStore {
-    /// Each key id that sealed unsold (available or reserved) PINs, with how many.
-    pub async fn unsold_key_ids(&self) -> Result<Vec<(u32, i64)>, StoreError> {
+    /// Refuses when unsold (available or reserved) PINs are sealed under a key this store was not given.
+    pub async fn check_keys(&self) -> Result<(), StoreError> {
         let rows = self.client.query(super::UNSOLD_KEY_IDS, &[]).await?;
-        Ok(rows
+        let in_use: Vec<(u32, i64)> = rows
             .iter()
             .map(|r| (r.get::<_, i32>(0) as u32, r.get::<_, i64>(1)))
-            .collect())
+            .collect();
+        Ok(self.cipher.check_holds(&in_use)?)
     }
 }
 

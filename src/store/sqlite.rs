@@ -151,11 +151,13 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Each key id that sealed unsold (available or reserved) PINs, with how many.
-    pub fn unsold_key_ids(&self) -> Result<Vec<(u32, i64)>, StoreError> {
+    /// Refuses when unsold (available or reserved) PINs are sealed under a key this store was not given.
+    pub fn check_keys(&self) -> Result<(), StoreError> {
         let mut stmt = self.conn.prepare(super::UNSOLD_KEY_IDS)?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u32, r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let in_use = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)? as u32, r.get(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(self.cipher.check_holds(&in_use)?)
     }
 
     /// The schema version of the open file.
