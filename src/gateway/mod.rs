@@ -1223,7 +1223,8 @@ impl Gateway {
         }
     }
 
-    /// Reserves up to `count` PINs and caches them; true when every one asked for was reserved and cached.
+    /// Reserves up to `count` PINs and caches them; true when every one asked for was reserved and every chunk
+    /// journaled (PINs that then go straight back, at shutdown or named by a pending release, still count).
     async fn refill(&self, product: &str, amount: i64, count: usize) -> bool {
         let request = Request::Reserve {
             product: product.into(),
