@@ -398,3 +398,152 @@ async fn postgres_conforms() {
         .await
         .unwrap();
 }
+
+/// Stocks GIFT 2500 with 20 PINs (ids 1 to 20) and spoils the rows of PINs 1, 3 and 7: their serial (the
+/// associated data of the seal) no longer matches, so they do not open, while every other row of their key does.
+const SPOILED: [i64; 3] = [1, 3, 7];
+const SPOIL_SQL: &str = "UPDATE pins SET serial = serial || 'X' WHERE id IN (1, 3, 7)";
+
+async fn stock_twenty(s: &mut impl PinStore) {
+    s.upsert_product(&Product {
+        code: "GIFT".into(),
+        name: "Gift card".into(),
+        supplier: "Shop".into(),
+        currency: "840".into(),
+        denominations: vec![2500],
+    })
+    .await
+    .unwrap();
+    s.import_with_progress(&pins(0, 20, None), &mut |_| {}).await.unwrap();
+}
+
+/// After [`SPOIL_SQL`]: each spoiled PIN is quarantined the first time a sale or reservation picks it, and that
+/// operation goes on with the next PIN; nothing else of its batch is affected.
+async fn spoiled_rows_are_quarantined(s: &mut impl PinStore) {
+    let Outcome::Sold(d) = s.apply(sell("g", 1)).await.unwrap() else {
+        panic!("a sale")
+    };
+    assert_eq!(d.pin_id, 2, "PIN 1 does not open: the sale takes the next one");
+    assert_eq!(d.pin.expose(), "GIFT00000001");
+    assert_eq!(count(s, PinState::Quarantined).await, 1);
+    let reserve = Op::Reserve {
+        holder: "g".into(),
+        product: "GIFT".into(),
+        amount: 2500,
+        count: 3,
+        lease_until: i64::MAX / 2,
+    };
+    let Outcome::Reserved(got) = s.apply(reserve).await.unwrap() else {
+        panic!("a reservation")
+    };
+    assert_eq!(got.iter().map(|d| d.pin_id).collect::<Vec<_>>(), vec![4, 5, 6]);
+    assert_eq!(count(s, PinState::Quarantined).await, 2);
+    // A batch of two sales meets PIN 7: both still sell, neither gets it.
+    let r = s.apply_batch(&[sell("g", 2), sell("g", 3)]).await;
+    let ids: Vec<i64> = r
+        .iter()
+        .map(|r| match r {
+            Ok(Outcome::Sold(d)) => d.pin_id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(ids, vec![8, 9]);
+    assert_eq!(count(s, PinState::Quarantined).await, 3);
+    // A repeat of a sale gets its PIN again, not a quarantined one.
+    let Outcome::Sold(again) = s.apply(sell("g", 1)).await.unwrap() else {
+        panic!("a repeat")
+    };
+    assert_eq!(again.pin_id, 2);
+    assert_eq!(count(s, PinState::Sold).await, 3);
+    assert_eq!(count(s, PinState::Reserved).await, 3);
+    assert_eq!(count(s, PinState::Available).await, 20 - 3 - 3 - 3);
+}
+
+/// With a wrong key (same key id, other bytes) no row opens: nothing is quarantined and the sale fails, as
+/// before quarantine existed; the right key then sells.
+async fn a_wrong_key_quarantines_nothing(wrong: &mut impl PinStore) {
+    let before = count(wrong, PinState::Available).await;
+    let r = wrong.apply(sell("g", 50)).await;
+    assert!(
+        r.as_ref().is_err_and(|e| e.to_string().contains("does not decrypt")),
+        "{r:?}"
+    );
+    assert_eq!(
+        count(wrong, PinState::Quarantined).await,
+        3,
+        "only the three spoiled rows"
+    );
+    assert_eq!(count(wrong, PinState::Available).await, before);
+}
+
+#[tokio::test]
+async fn sqlite_quarantines_a_row_that_does_not_open() {
+    let dir = std::env::temp_dir().join(format!("pingate-quarantine-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = PinCipher::generate_spec().unwrap();
+    let mut s = SqliteStore::open(&dir.join("pins.db"), PinCipher::from_spec(&keys).unwrap()).unwrap();
+    stock_twenty(&mut s).await;
+    s.connection().execute_batch(SPOIL_SQL).unwrap();
+    spoiled_rows_are_quarantined(&mut s).await;
+    // Audited like every other move.
+    let audited: Vec<i64> = s
+        .connection()
+        .prepare("SELECT pin_id FROM audit WHERE from_state = 'available' AND to_state = 'quarantined' ORDER BY 1")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(audited, SPOILED);
+    // The state machine still refuses a quarantined PIN going anywhere.
+    let e = s
+        .connection()
+        .execute_batch("UPDATE pins SET state = 'available' WHERE id = 1")
+        .unwrap_err();
+    assert!(e.to_string().contains("illegal PIN state change"), "{e}");
+    drop(s);
+    let wrong = PinCipher::from_spec(&PinCipher::generate_spec().unwrap()).unwrap();
+    let mut w = SqliteStore::open(&dir.join("pins.db"), wrong).unwrap();
+    a_wrong_key_quarantines_nothing(&mut w).await;
+    drop(w);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn postgres_quarantines_a_row_that_does_not_open() {
+    let url = std::env::var("PINGATE_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let schema = format!("quar{}", std::process::id());
+    let keys = PinCipher::generate_spec().unwrap();
+    let mut s = PgStore::connect(&url, Some(&schema), PinCipher::from_spec(&keys).unwrap())
+        .await
+        .unwrap();
+    stock_twenty(&mut s).await;
+    s.client().batch_execute(SPOIL_SQL).await.unwrap();
+    spoiled_rows_are_quarantined(&mut s).await;
+    let audited: Vec<i64> = s
+        .client()
+        .query(
+            "SELECT pin_id FROM audit WHERE from_state = 'available' AND to_state = 'quarantined' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(audited, SPOILED);
+    let e = s
+        .client()
+        .batch_execute("UPDATE pins SET state = 'available' WHERE id = 1")
+        .await
+        .unwrap_err();
+    assert!(format!("{e:?}").contains("illegal PIN state change"), "{e:?}");
+    let wrong = PinCipher::from_spec(&PinCipher::generate_spec().unwrap()).unwrap();
+    let mut w = PgStore::connect(&url, Some(&schema), wrong).await.unwrap();
+    a_wrong_key_quarantines_nothing(&mut w).await;
+    s.client()
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}

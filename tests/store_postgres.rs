@@ -95,7 +95,7 @@ async fn count(s: &PgStore, state: PinState) -> i64 {
 async fn transitions_idempotency_and_refusals() {
     let schema = Schema::new("transitions").await;
     let mut s = schema.stocked(6).await;
-    assert_eq!(s.schema_version().await.unwrap(), 2);
+    assert_eq!(s.schema_version().await.unwrap(), 3);
     let a = s.sell(&sell("gw1", 1)).await.unwrap();
     assert_eq!(s.sell(&sell("gw1", 1)).await.unwrap(), a, "same key, same PIN");
     let mut other = sell("gw1", 1);
@@ -289,19 +289,34 @@ async fn transitions_idempotency_and_refusals() {
 #[tokio::test]
 async fn a_version_1_database_is_migrated_and_sells() {
     let schema = Schema::new("migrate").await;
-    let mut s = schema.stocked(3).await;
+    let mut s = schema.stocked(4).await;
     let a = s.sell(&sell("gw1", 1)).await.unwrap();
-    // What a database written by the first release looks like: no batch functions, no expiry index, version 1.
+    // What a database written by the first release looks like: no batch functions, no expiry index, no
+    // `quarantined` state (neither in the CHECK nor in the edges function), version 1.
     s.client()
         .batch_execute(
             "DROP FUNCTION pingate_sell_batch; DROP FUNCTION pingate_confirm_batch; DROP INDEX pins_expiring;
+             ALTER TABLE pins DROP CONSTRAINT pins_state_check, ADD CONSTRAINT pins_state_check
+                 CHECK (state IN ('available', 'reserved', 'sold', 'voided', 'expired'));
+             CREATE OR REPLACE FUNCTION pingate_edges() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.state <> OLD.state AND NEW.state = 'quarantined' THEN
+                     RAISE EXCEPTION 'illegal PIN state change % -> %', OLD.state, NEW.state;
+                 END IF;
+                 RETURN NEW;
+             END $$;
              UPDATE pingate_schema SET version = 1",
         )
         .await
         .unwrap();
     drop(s);
     let mut s = schema.open().await;
-    assert_eq!(s.schema_version().await.unwrap(), 2);
+    assert_eq!(s.schema_version().await.unwrap(), 3);
+    // Migration 3 let available PINs become quarantined (the CHECK and the edges function both take it).
+    s.client()
+        .batch_execute("UPDATE pins SET state = 'quarantined' WHERE id = 3")
+        .await
+        .unwrap();
     assert_eq!(
         s.sell(&sell("gw1", 1)).await.unwrap(),
         a,

@@ -308,7 +308,10 @@ fn pins_are_encrypted_at_rest() {
         PinCipher::from_spec(&PinCipher::generate_spec().unwrap()).unwrap(),
     )
     .unwrap();
-    assert!(matches!(other.sell(&sell(1)), Err(StoreError::Crypto(_))));
+    // (and nothing is quarantined: no row of that key opens, so the key is what is wrong, not the rows).
+    let r = other.sell(&sell(1));
+    assert!(matches!(r, Err(StoreError::Unreadable { pin_id: 1, .. })), "{r:?}");
+    assert_eq!(count(&other, PinState::Quarantined), 0);
 }
 
 #[test]
@@ -386,7 +389,7 @@ fn concurrent_writers_on_one_file_never_share_a_pin_and_survive_reopen() {
     let s = db.open();
     assert_eq!(count(&s, PinState::Sold), 400);
     assert_eq!(count(&s, PinState::Reserved), 800);
-    assert_eq!(s.schema_version().unwrap(), 2);
+    assert_eq!(s.schema_version().unwrap(), 3);
 }
 
 #[test]
@@ -394,13 +397,18 @@ fn a_version_1_file_is_migrated_and_a_newer_one_refused() {
     let db = TempDb::new("migrate");
     let mut s = db.stocked(2);
     let a = s.sell(&sell(1)).unwrap();
-    // What a file written by the first release looks like: no expiry index, version 1.
+    // What a file written by the first release looks like: no expiry index, no `quarantined` state, version 1.
+    undo_migration_3(s.connection());
     s.connection()
         .execute_batch("DROP INDEX pins_expiring; PRAGMA user_version = 1;")
         .unwrap();
     drop(s);
     let mut s = db.open();
-    assert_eq!(s.schema_version().unwrap(), 2);
+    assert_eq!(s.schema_version().unwrap(), 3);
+    // Migration 3 let available PINs become quarantined (the CHECK and the edges trigger both take it).
+    s.connection()
+        .execute_batch("UPDATE pins SET state = 'quarantined' WHERE id = 2")
+        .unwrap();
     let indexes: i64 = s
         .connection()
         .query_row(
@@ -417,4 +425,34 @@ fn a_version_1_file_is_migrated_and_a_newer_one_refused() {
         .err()
         .expect("refused");
     assert!(e.to_string().contains("newer than this pingate"), "{e}");
+}
+
+/// Undoes what migration 3 changed, as a file of versions 1 and 2 has it: the state CHECK without `quarantined`,
+/// the edges trigger without its edge. Checked: a PIN can then not be quarantined.
+fn undo_migration_3(c: &rusqlite::Connection) {
+    let sql_of = |name: &str| -> String {
+        c.query_row("SELECT sql FROM sqlite_schema WHERE name = ?1", [name], |r| r.get(0))
+            .unwrap()
+    };
+    let (table, trigger) = (sql_of("pins"), sql_of("pins_state_edges"));
+    let old_table = table.replace(", 'quarantined')", ")");
+    let old_trigger = trigger.replace(" OR (OLD.state = 'available' AND NEW.state = 'quarantined')", "");
+    assert!(old_table != table && old_trigger != trigger, "{table}\n{trigger}");
+    let cookie: i64 = c.query_row("PRAGMA schema_version", [], |r| r.get(0)).unwrap();
+    c.execute_batch(&format!(
+        "BEGIN; DROP TRIGGER pins_state_edges; {old_trigger}; PRAGMA writable_schema = ON;"
+    ))
+    .unwrap();
+    c.execute("UPDATE sqlite_schema SET sql = ?1 WHERE name = 'pins'", [old_table])
+        .unwrap();
+    c.execute_batch(&format!(
+        "PRAGMA schema_version = {}; PRAGMA writable_schema = OFF; COMMIT;",
+        cookie + 1
+    ))
+    .unwrap();
+    // Refused (by the trigger, which runs before the CHECK).
+    let e = c
+        .execute_batch("UPDATE pins SET state = 'quarantined' WHERE id = (SELECT MAX(id) FROM pins)")
+        .unwrap_err();
+    assert!(e.to_string().contains("illegal PIN state change"), "{e}");
 }

@@ -324,7 +324,7 @@ impl ErrorCode {
             StoreError::AlreadyReversed { .. } => ErrorCode::AlreadyReversed,
             StoreError::NotHolder { .. } => ErrorCode::NotHolder,
             StoreError::BadRequest(_) | StoreError::ImportRow { .. } => ErrorCode::BadRequest,
-            StoreError::Crypto(_) | StoreError::Db(_) => ErrorCode::Internal,
+            StoreError::Crypto(_) | StoreError::Unreadable { .. } | StoreError::Db(_) => ErrorCode::Internal,
         }
     }
 }

@@ -6,8 +6,14 @@
 //!     │  ▲                  │
 //!     │  └────release───────┘      (only the holder releases; an expired lease never frees a PIN by itself)
 //!     ├──sell (on demand)──────────► sold
-//!     └──expire────────────────────► expired
+//!     ├──expire────────────────────► expired
+//!     └──quarantine────────────────► quarantined   (its row does not decrypt, while its key opens others)
 //! ```
+//!
+//! A PIN whose row does not decrypt (tampered, or damaged on disk) is taken out of sale the first time a sale or
+//! reservation picks it, and the operation goes on with the next PIN: one bad row never blocks its product. It
+//! is quarantined only when its key is shown right, by opening other PINs sealed under the same key id; a wrong key
+//! (every row of it failing) quarantines nothing and fails the operation, as before.
 //!
 //! The database enforces the edges too (a trigger refuses any other state change) and a unique index on the
 //! sale's PIN makes a double sale impossible even if code is wrong. Backends: [`sqlite::SqliteStore`] (the
@@ -36,15 +42,19 @@ pub enum PinState {
     Sold,
     Voided,
     Expired,
+    /// Its row does not decrypt while its key opens other rows (tampered or damaged): never sold, kept for the
+    /// operator to look into.
+    Quarantined,
 }
 
 impl PinState {
-    pub const ALL: [PinState; 5] = [
+    pub const ALL: [PinState; 6] = [
         PinState::Available,
         PinState::Reserved,
         PinState::Sold,
         PinState::Voided,
         PinState::Expired,
+        PinState::Quarantined,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +64,7 @@ impl PinState {
             PinState::Sold => "sold",
             PinState::Voided => "voided",
             PinState::Expired => "expired",
+            PinState::Quarantined => "quarantined",
         }
     }
 
@@ -87,6 +98,7 @@ impl PinState {
             (Available, Reserved)
                 | (Available, Sold)
                 | (Available, Expired)
+                | (Available, Quarantined)
                 | (Reserved, Sold)
                 | (Reserved, Available)
                 | (Sold, Voided)
@@ -125,6 +137,10 @@ pub enum StoreError {
     /// Sealing or opening a PIN failed.
     #[error(transparent)]
     Crypto(#[from] crypto::CryptoError),
+    /// The PIN with this id was picked but its row does not open (the serial names the row; the PIN is never
+    /// shown). The store quarantines it and goes on when its key is shown right; otherwise this fails the operation.
+    #[error("PIN {pin_id}: {source}")]
+    Unreadable { pin_id: i64, source: crypto::CryptoError },
     /// The database failed (I/O, corruption, a constraint the code should have prevented).
     #[error("database: {0}")]
     Db(String),
@@ -231,7 +247,12 @@ pub(crate) struct PinRow {
 
 impl PinRow {
     pub(crate) fn open(&self, cipher: &crypto::PinCipher) -> Result<Dispensed, StoreError> {
-        let pin = cipher.open(&self.sealed, &self.serial)?;
+        let pin = cipher
+            .open(&self.sealed, &self.serial)
+            .map_err(|source| StoreError::Unreadable {
+                pin_id: self.id,
+                source,
+            })?;
         Ok(Dispensed {
             pin_id: self.id,
             product: self.product.clone(),
@@ -305,6 +326,22 @@ pub trait PinStore {
 /// Both backends: the keys that unsold PINs need (a scan of the PIN table, once per start).
 pub(crate) const UNSOLD_KEY_IDS: &str =
     "SELECT key_id, COUNT(*) FROM pins WHERE state IN ('available', 'reserved') GROUP BY key_id ORDER BY key_id";
+
+/// Other PINs sealed under the key of a row that did not open, `$1` its key id and `$2` its id: if one of
+/// them opens, the key is right and the row is bad (see [`key_is_shown_right`]). Failure path only.
+pub(crate) const SAME_KEY_SAMPLE: &str =
+    "SELECT id, product, amount, serial, key_id, nonce, ciphertext, expiry, receipt \
+     FROM pins WHERE key_id = $1 AND id <> $2 ORDER BY id LIMIT 8";
+
+/// Whether any of `others` (rows sealed under the same key id as one that did not open) opens: then that key is
+/// the right one, and the row that did not open is itself bad. None to try means not shown.
+pub(crate) fn key_is_shown_right(others: &[PinRow], cipher: &crypto::PinCipher) -> bool {
+    others.iter().any(|r| cipher.open(&r.sealed, &r.serial).is_ok())
+}
+
+/// Most rows one operation may quarantine before it gives up (a batch of bad rows is a damaged database, not a
+/// tampered PIN: the operation then fails, and the operator looks).
+pub(crate) const MAX_QUARANTINE_PER_OP: usize = 8;
 
 /// Most PINs one `reserve` hands out.
 pub const MAX_RESERVE: usize = 1_000;

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 
 use tokio_postgres::{Client, GenericClient, NoTls, Row, Statement};
 
-use super::crypto::{PinCipher, Sealed};
+use super::crypto::{CryptoError, PinCipher, Sealed};
 use super::{
     unix_now, Confirmation, Dispensed, NewPin, Op, Outcome, PinRow, PinState, Product, Reversal, SaleContext,
     SellRequest, StockRow, StoreError, MAX_RESERVE,
@@ -17,7 +17,7 @@ use super::{
 const DUPLICATE_PIN: &str = "duplicate PIN value (already loaded, or twice in this file)";
 
 /// Version of the schema this code writes.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE products (
@@ -251,18 +251,26 @@ BEGIN
 END $$;
 "#;
 
+/// The trigger refusing state changes outside [`PinState::can_move_to`] (its function: [`edges_function`]).
+const EDGES_TRIGGER: &str =
+    "CREATE TRIGGER pins_state_edges BEFORE UPDATE OF state ON pins FOR EACH ROW EXECUTE FUNCTION pingate_edges()";
+
+/// The state CHECK of the current schema (migration 3 added `quarantined`): every [`PinState`].
+fn states_check() -> String {
+    let states: Vec<String> = PinState::ALL.iter().map(|s| format!("'{}'", s.as_str())).collect();
+    format!("CHECK (state IN ({}))", states.join(", "))
+}
+
 /// The function refusing state changes outside [`PinState::can_move_to`], generated from it.
-fn edges_trigger() -> String {
+fn edges_function() -> String {
     format!(
-        "CREATE FUNCTION pingate_edges() RETURNS trigger LANGUAGE plpgsql AS $$
+        "CREATE OR REPLACE FUNCTION pingate_edges() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
              IF NEW.state <> OLD.state AND NOT ({}) THEN
                  RAISE EXCEPTION 'illegal PIN state change % -> %', OLD.state, NEW.state;
              END IF;
              RETURN NEW;
-         END $$;
-         CREATE TRIGGER pins_state_edges BEFORE UPDATE OF state ON pins
-             FOR EACH ROW EXECUTE FUNCTION pingate_edges();",
+         END $$;",
         PinState::allowed_edges_sql()
     )
 }
@@ -415,12 +423,23 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
         }
         if version < 1 {
             tx.batch_execute(SCHEMA_V1).await?;
-            tx.batch_execute(&edges_trigger()).await?;
+            tx.batch_execute(&edges_function()).await?;
+            tx.batch_execute(EDGES_TRIGGER).await?;
             tx.execute("INSERT INTO pingate_schema (version) VALUES (1)", &[])
                 .await?;
         }
         if version < 2 {
             tx.batch_execute(SCHEMA_V2).await?;
+        }
+        if version < 3 {
+            // The `quarantined` state: a CHECK that takes it (checking the rows again: each already holds), and
+            // the function behind the edges trigger made again from `PinState` with its new edge.
+            tx.batch_execute(&format!(
+                "ALTER TABLE pins DROP CONSTRAINT pins_state_check, ADD CONSTRAINT pins_state_check {}",
+                states_check()
+            ))
+            .await?;
+            tx.batch_execute(&edges_function()).await?;
         }
         tx.batch_execute(BATCH_FUNCTIONS).await?;
         if version < SCHEMA_VERSION {
@@ -576,10 +595,78 @@ impl PgStore {
     /// All sale keys of the batch are locked first, in one global order, so concurrent batches never deadlock on
     /// them. On-demand sales are applied together: a few statements for the whole batch instead of several each.
     pub async fn apply_batch(&mut self, ops: &[Op]) -> Vec<Result<Outcome, StoreError>> {
+        let mut quarantined = 0;
+        loop {
+            match self.apply_batch_once(ops).await {
+                Ok(results) => return results,
+                // The batch was rolled back whole: the PIN is available again. Quarantined (when its key is shown
+                // right), the batch runs again and picks the next PIN.
+                Err((pin_id, source)) => {
+                    let e = StoreError::Unreadable { pin_id, source };
+                    if quarantined < super::MAX_QUARANTINE_PER_OP {
+                        match self.quarantine(pin_id).await {
+                            Ok(true) => {
+                                quarantined += 1;
+                                continue;
+                            }
+                            Ok(false) => {}
+                            Err(q) => tracing::error!(pin_id, error = %q, "quarantine failed"),
+                        }
+                    }
+                    return super::failed_batch(ops.len(), &format!("a PIN of this batch does not decrypt: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Takes the available PIN `pin_id`, whose row did not open, out of sale if its key is shown right (another
+    /// PIN sealed under the same key id opens); true if it was quarantined. A wrong key quarantines nothing.
+    async fn quarantine(&mut self, pin_id: i64) -> Result<bool, StoreError> {
+        let tx = self.client.transaction().await?;
+        let Some(row) = tx
+            .query_opt(
+                "SELECT key_id, serial FROM pins WHERE id = $1 AND state = 'available' FOR UPDATE",
+                &[&pin_id],
+            )
+            .await?
+        else {
+            return Ok(false);
+        };
+        let (key_id, serial): (i32, String) = (row.get(0), row.get(1));
+        let others: Vec<PinRow> = tx
+            .query(super::SAME_KEY_SAMPLE, &[&key_id, &pin_id])
+            .await?
+            .iter()
+            .map(pin_row)
+            .collect();
+        if !super::key_is_shown_right(&others, &self.cipher) {
+            tracing::error!(
+                pin_id,
+                key_id,
+                "PIN does not open, nor do other PINs of its key: wrong key? not quarantined"
+            );
+            return Ok(false);
+        }
+        let n = tx
+            .execute(
+                "UPDATE pins SET state = 'quarantined' WHERE id = $1 AND state = 'available'",
+                &[&pin_id],
+            )
+            .await?;
+        tx.commit().await?;
+        tracing::error!(pin_id, %serial, "PIN does not open though its key opens others (tampered or damaged row): quarantined");
+        Ok(n == 1)
+    }
+
+    /// One try at [`PgStore::apply_batch`]; `Err` when a PIN it picked does not open (nothing of it was kept).
+    async fn apply_batch_once(&mut self, ops: &[Op]) -> Result<Vec<Result<Outcome, StoreError>>, (i64, CryptoError)> {
         let now = unix_now();
         let today = super::sqlite::today();
         let (cipher, st) = (&self.cipher, &self.prepared);
-        let fail_all = |e: StoreError| super::failed_batch(ops.len(), &e.to_string());
+        let fail_all = |e: StoreError| match e {
+            StoreError::Unreadable { pin_id, source } => Err((pin_id, source)),
+            e => Ok(super::failed_batch(ops.len(), &e.to_string())),
+        };
         if ops.iter().all(|op| matches!(op, Op::Sell(_))) {
             return self.sell_batch(ops, now, &today).await;
         }
@@ -625,8 +712,12 @@ impl PgStore {
             let reqs: Vec<&SellRequest> = sells.iter().map(|(_, r)| *r).collect();
             match sell_many(&tx, st, cipher, &reqs, now, &today).await {
                 // A PIN that does not decrypt was already recorded as sold: nothing of the batch may commit.
-                Ok(rs) if rs.iter().any(|r| matches!(r, Err(StoreError::Crypto(_)))) => {
-                    return fail_all(StoreError::Db("a PIN of this batch does not decrypt".into()));
+                Ok(mut rs) if rs.iter().any(|r| matches!(r, Err(StoreError::Unreadable { .. }))) => {
+                    let i = rs
+                        .iter()
+                        .position(|r| matches!(r, Err(StoreError::Unreadable { .. })))
+                        .expect("found");
+                    return fail_all(rs.swap_remove(i).expect_err("an error"));
                 }
                 Ok(rs) => {
                     for ((i, _), r) in sells.iter().zip(rs) {
@@ -681,6 +772,7 @@ impl PgStore {
             }
             match apply(&tx, st, cipher, op, now, &today).await {
                 Err(StoreError::Db(m)) => return fail_all(StoreError::Db(m)),
+                Err(e @ StoreError::Unreadable { .. }) => return fail_all(e),
                 Err(StoreError::Crypto(e)) => return fail_all(StoreError::Db(e.to_string())),
                 r => results[i] = Some(r),
             }
@@ -688,13 +780,18 @@ impl PgStore {
         if let Err(e) = tx.commit().await {
             return fail_all(StoreError::from_pg(&e));
         }
-        results.into_iter().map(|r| r.expect("every operation ran")).collect()
+        Ok(results.into_iter().map(|r| r.expect("every operation ran")).collect())
     }
 
     /// A batch of on-demand sales only (the common case under load): `BEGIN` and `pingate_sell_batch` go out
     /// together, so the batch costs two round trips, the second being the commit. The transaction is explicit,
     /// not the statement's own, so that a PIN that does not decrypt rolls the whole batch back.
-    async fn sell_batch(&mut self, ops: &[Op], now: i64, today: &str) -> Vec<Result<Outcome, StoreError>> {
+    async fn sell_batch(
+        &mut self,
+        ops: &[Op],
+        now: i64,
+        today: &str,
+    ) -> Result<Vec<Result<Outcome, StoreError>>, (i64, CryptoError)> {
         let reqs: Vec<&SellRequest> = ops
             .iter()
             .filter_map(|op| match op {
@@ -709,21 +806,30 @@ impl PgStore {
             sell_many(client, st, cipher, &reqs, now, today)
         );
         let results = match (begun, sold) {
-            (Ok(()), Ok(rs)) if !rs.iter().any(|r| matches!(r, Err(StoreError::Crypto(_)))) => rs,
+            (Ok(()), Ok(rs)) if !rs.iter().any(|r| matches!(r, Err(StoreError::Unreadable { .. }))) => rs,
             (begun, sold) => {
                 let _ = client.batch_execute("ROLLBACK").await;
                 let msg = match (begun, sold) {
                     (Err(e), _) => StoreError::from_pg(&e).to_string(),
+                    (_, Err(StoreError::Unreadable { pin_id, source })) => return Err((pin_id, source)),
                     (_, Err(e)) => e.to_string(),
-                    _ => "a PIN of this batch does not decrypt".into(),
+                    (_, Ok(rs)) => {
+                        return Err(rs
+                            .into_iter()
+                            .find_map(|r| match r {
+                                Err(StoreError::Unreadable { pin_id, source }) => Some((pin_id, source)),
+                                _ => None,
+                            })
+                            .expect("an unreadable PIN"))
+                    }
                 };
-                return super::failed_batch(ops.len(), &msg);
+                return Ok(super::failed_batch(ops.len(), &msg));
             }
         };
         if let Err(e) = client.batch_execute("COMMIT").await {
-            return super::failed_batch(ops.len(), &StoreError::from_pg(&e).to_string());
+            return Ok(super::failed_batch(ops.len(), &StoreError::from_pg(&e).to_string()));
         }
-        results.into_iter().map(|r| r.map(Outcome::Sold)).collect()
+        Ok(results.into_iter().map(|r| r.map(Outcome::Sold)).collect())
     }
 
     async fn apply_one(&mut self, op: Op) -> Result<Outcome, StoreError> {

@@ -10,7 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBe
 use super::crypto::{PinCipher, Sealed};
 use super::{
     unix_now, Confirmation, Dispensed, NewPin, Op, Outcome, PinRow, PinState, Product, Reversal, SaleContext,
-    SellRequest, StockRow, StoreError, MAX_RESERVE,
+    SellRequest, StockRow, StoreError, MAX_QUARANTINE_PER_OP, MAX_RESERVE,
 };
 
 /// One audit row: (from state, to state, holder); `from` is `None` for the row written when the PIN was loaded.
@@ -20,7 +20,7 @@ pub type AuditRow = (Option<String>, String, Option<String>);
 pub const IMPORT_PROGRESS_EVERY: usize = 5_000;
 
 /// Version of the schema this code writes; older files are migrated on open.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE products (
@@ -96,6 +96,15 @@ END;
 CREATE TRIGGER pins_no_delete BEFORE DELETE ON pins BEGIN SELECT RAISE(ABORT, 'PINs are never deleted'); END;
 ";
 
+/// The state CHECK of schema versions 1 and 2 (migration 3 widens it to [`states_check`]).
+const STATES_V1: &str = "CHECK (state IN ('available', 'reserved', 'sold', 'voided', 'expired'))";
+
+/// The state CHECK of the current schema: every [`PinState`].
+fn states_check() -> String {
+    let states: Vec<String> = PinState::ALL.iter().map(|s| format!("'{}'", s.as_str())).collect();
+    format!("CHECK (state IN ({}))", states.join(", "))
+}
+
 /// The trigger that refuses any state change outside [`PinState::can_move_to`], generated from it.
 fn edges_trigger() -> String {
     format!(
@@ -145,6 +154,32 @@ impl SqliteStore {
             tx.execute_batch(
                 "CREATE INDEX pins_expiring ON pins(expiry) WHERE state = 'available' AND expiry IS NOT NULL",
             )?;
+        }
+        if version < 3 {
+            // The `quarantined` state: a new edge (the trigger is made again from `PinState`), and a CHECK that
+            // takes the new state. SQLite cannot alter a CHECK; a CHECK that only admits more values does not change
+            // what is on disk, so the table's recorded SQL is edited in place (SQLite's documented procedure for
+            // such changes: `writable_schema`, then a new schema version), instead of copying every PIN.
+            tx.execute_batch(&format!("DROP TRIGGER pins_state_edges; {}", edges_trigger()))?;
+            let sql: String = tx.query_row(
+                "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'pins'",
+                [],
+                |r| r.get(0),
+            )?;
+            let new = sql.replace(STATES_V1, &states_check());
+            if new == sql {
+                return Err(StoreError::Db(
+                    "schema migration 3: the pins table's state CHECK is not the one expected".into(),
+                ));
+            }
+            let cookie: i64 = tx.pragma_query_value(None, "schema_version", |r| r.get(0))?;
+            tx.pragma_update(None, "writable_schema", true)?;
+            tx.execute(
+                "UPDATE sqlite_schema SET sql = ?1 WHERE type = 'table' AND name = 'pins'",
+                params![new],
+            )?;
+            tx.pragma_update(None, "schema_version", cookie + 1)?;
+            tx.pragma_update(None, "writable_schema", false)?;
         }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
@@ -278,7 +313,7 @@ impl SqliteStore {
             // with a database error, which fails the whole batch: they need none (three statements fewer per
             // confirm, the prefetch path's commonest operation).
             let r = if matches!(op, Op::Sell(_) | Op::Reserve { .. }) {
-                (|| {
+                let in_savepoint = || {
                     tx.prepare_cached("SAVEPOINT op")?.execute([])?;
                     match apply(&tx, cipher, op, now, &today) {
                         Ok(r) => {
@@ -291,7 +326,22 @@ impl SqliteStore {
                             Err(e)
                         }
                     }
-                })()
+                };
+                // A picked PIN that does not open is quarantined (when its key is shown right) and the operation
+                // runs again: it picks the next PIN.
+                let mut quarantined = 0;
+                loop {
+                    match in_savepoint() {
+                        Err(StoreError::Unreadable { pin_id, source }) if quarantined < MAX_QUARANTINE_PER_OP => {
+                            match quarantine(&tx, cipher, pin_id) {
+                                Ok(true) => quarantined += 1,
+                                Ok(false) => break Err(StoreError::Unreadable { pin_id, source }),
+                                Err(e) => break Err(e),
+                            }
+                        }
+                        r => break r,
+                    }
+                }
             } else {
                 apply(&tx, cipher, op, now, &today)
             };
@@ -785,6 +835,35 @@ fn confirm(
     } else {
         Ok(Confirmation::Sold)
     }
+}
+
+/// Takes the available PIN `pin_id`, whose row did not open, out of sale if its key is shown right (another PIN
+/// sealed under the same key id opens); true if it was quarantined. A wrong key quarantines nothing.
+fn quarantine(tx: &Connection, cipher: &PinCipher, pin_id: i64) -> Result<bool, StoreError> {
+    let Some((key_id, serial)) = tx
+        .prepare_cached("SELECT key_id, serial FROM pins WHERE id = ?1 AND state = 'available'")?
+        .query_row(params![pin_id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+        .optional()?
+    else {
+        return Ok(false);
+    };
+    let others = tx
+        .prepare_cached(super::SAME_KEY_SAMPLE)?
+        .query_map(params![key_id, pin_id], pin_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    if !super::key_is_shown_right(&others, cipher) {
+        tracing::error!(
+            pin_id,
+            key_id,
+            "PIN does not open, nor do other PINs of its key: wrong key? not quarantined"
+        );
+        return Ok(false);
+    }
+    let n = tx
+        .prepare_cached("UPDATE pins SET state = 'quarantined' WHERE id = ?1 AND state = 'available'")?
+        .execute(params![pin_id])?;
+    tracing::error!(pin_id, %serial, "PIN does not open though its key opens others (tampered or damaged row): quarantined");
+    Ok(n == 1)
 }
 
 fn release(tx: &Connection, holder: &str, pin_ids: &[i64]) -> Result<Vec<i64>, StoreError> {
