@@ -185,6 +185,60 @@ async fn sales_repeats_duplicates_reversals_and_refusals() {
     common::audit_ok(&inv).await;
 }
 
+/// A PIN row spoiled behind the server's back (its serial, the seal's associated data, changed) in each mode: the
+/// terminals still get PINs, the spoiled rows are quarantined, never sold, and the audit holds.
+#[tokio::test]
+async fn a_spoiled_pin_row_is_quarantined_and_terminals_still_get_pins() {
+    let (inv, server, gw) = setup("quarantine", 40, 5, 10, ("", "")).await;
+    cached_at_least(&gw, 5).await;
+    let c = rusqlite::Connection::open(&inv.db).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    let mut spoiled = Vec::new();
+    for product in [PREFETCH, ON_DEMAND] {
+        // The next PIN the server will pick for this product: the lowest available.
+        let id: i64 = c
+            .query_row(
+                "SELECT MIN(id) FROM pins WHERE product = ?1 AND state = 'available'",
+                [product],
+                |r| r.get(0),
+            )
+            .unwrap();
+        c.execute("UPDATE pins SET serial = serial || 'X' WHERE id = ?1", [id])
+            .unwrap();
+        spoiled.push(id);
+    }
+    let mut t = gw.terminal().await.unwrap();
+    let me = term(2);
+    // More top-ups than the cache holds: refills (or misses) must pick the spoiled one.
+    for stan in 1..=20 {
+        let a = t.call(&me.sale(&spec(stan, PREFETCH), false)).await.unwrap();
+        assert_eq!(code(&a), "00", "top-up {stan}: {a:?}");
+    }
+    for stan in 21..=23 {
+        let a = t.call(&me.sale(&spec(stan, ON_DEMAND), false)).await.unwrap();
+        assert_eq!(code(&a), "00", "gift card {stan}: {a:?}");
+    }
+    assert!(gw.gateway.flush(Duration::from_secs(30)).await);
+    gw.stop().await;
+    let s = stock(&inv, server.addr).await;
+    assert_eq!(count(&s, PREFETCH, "quarantined"), 1);
+    assert_eq!(count(&s, ON_DEMAND, "quarantined"), 1);
+    assert_eq!(count(&s, PREFETCH, "sold"), 20);
+    assert_eq!(count(&s, ON_DEMAND, "sold"), 3);
+    for id in &spoiled {
+        let (state, sales): (String, i64) = c
+            .query_row(
+                "SELECT state, (SELECT COUNT(*) FROM sales WHERE pin_id = ?1) FROM pins WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((state.as_str(), sales), ("quarantined", 0), "PIN {id}");
+    }
+    server.stop().await;
+    common::audit_ok(&inv).await;
+}
+
 #[tokio::test]
 async fn several_requests_in_flight_on_one_connection_are_all_answered() {
     let (inv, server, gw) = setup("pipelined", 500, 50, 200, ("", "")).await;
