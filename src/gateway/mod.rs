@@ -214,10 +214,15 @@ struct Queued {
 /// The store-and-forward queue: jobs ready to go, and jobs waiting out their backoff (by time, then arrival).
 #[derive(Default)]
 struct Forward {
+    /// Ready reversals and releases.
     ready: VecDeque<Queued>,
+    /// Ready confirms: they go in batches (see [`Forward::due`]).
+    ready_confirms: VecDeque<Queued>,
     delayed: std::collections::BTreeMap<(Instant, u64), Queued>,
     seq: u64,
     in_flight: usize,
+    /// Of `in_flight`, the confirms.
+    confirms_in_flight: usize,
     confirms: usize,
     reversals: usize,
     releases: usize,
@@ -227,7 +232,15 @@ struct Forward {
 
 impl Forward {
     fn is_empty(&self) -> bool {
-        self.ready.is_empty() && self.delayed.is_empty() && self.in_flight == 0
+        self.ready.is_empty() && self.ready_confirms.is_empty() && self.delayed.is_empty() && self.in_flight == 0
+    }
+
+    fn push_ready(&mut self, q: Queued) {
+        if matches!(q.job, Job::Confirm { .. }) {
+            self.ready_confirms.push_back(q);
+        } else {
+            self.ready.push_back(q);
+        }
     }
 
     fn later(&mut self, q: Queued, at: Instant) {
@@ -235,17 +248,29 @@ impl Forward {
         self.delayed.insert((at, self.seq), q);
     }
 
-    /// Up to `max` jobs due at `now`, and when the next delayed one is due.
-    fn due(&mut self, now: Instant, max: usize) -> (Vec<Queued>, Option<Instant>) {
+    /// Up to `max` jobs due at `now`, and when the next delayed one is due. Confirms go by whole batches of
+    /// `batch`, and a partial batch only when no confirm is in flight: under load they gather while the batches
+    /// before them are answered (group commit, as the journal does), and when idle each goes at once. Without this
+    /// the loop, woken by every sale and by every answer, sent confirms by ones and twos.
+    fn due(&mut self, now: Instant, max: usize, batch: usize) -> (Vec<Queued>, Option<Instant>) {
         while let Some(entry) = self.delayed.first_entry() {
             if entry.key().0 > now {
                 break;
             }
-            self.ready.push_back(entry.remove());
+            let q = entry.remove();
+            self.push_ready(q);
         }
         let n = max.min(self.ready.len());
-        let out: Vec<Queued> = self.ready.drain(..n).collect();
+        let mut out: Vec<Queued> = self.ready.drain(..n).collect();
+        let room = max - n;
+        let confirms = if self.confirms_in_flight == 0 {
+            self.ready_confirms.len().min(room)
+        } else {
+            self.ready_confirms.len().min(room) / batch * batch
+        };
+        out.extend(self.ready_confirms.drain(..confirms));
         self.in_flight += out.len();
+        self.confirms_in_flight += confirms;
         (out, self.delayed.keys().next().map(|k| k.0))
     }
 }
@@ -667,8 +692,8 @@ impl Gateway {
 
     /// Product, amount and currency against the server's catalog (when one was received).
     fn check_catalog(&self, s: &SaleRequest) -> Option<ResponseCode> {
-        let (_, catalog) = self.upstream.catalog()?;
-        let Some(p) = catalog.iter().find(|p| p.code == s.product) else {
+        let catalog = self.upstream.catalog()?;
+        let Some(p) = catalog.1.iter().find(|p| p.code == s.product) else {
             return Some(ResponseCode::UnknownProduct);
         };
         if p.currency != s.currency || !p.denominations.contains(&(s.amount as i64)) {
@@ -941,7 +966,7 @@ impl Gateway {
                 }
             }
         }
-        f.ready.push_back(Queued { job, attempts: 0 });
+        f.push_ready(Queued { job, attempts: 0 });
         drop(f);
         self.forward_wake.notify_one();
     }
@@ -973,7 +998,7 @@ impl Gateway {
             let (ready, next) = {
                 let mut f = self.forward.lock().expect("not poisoned");
                 let room = MAX_IN_FLIGHT.saturating_sub(f.in_flight);
-                f.due(now, room)
+                f.due(now, room, CONFIRM_BATCH)
             };
             let (confirms, others): (Vec<Queued>, Vec<Queued>) =
                 ready.into_iter().partition(|q| matches!(q.job, Job::Confirm { .. }));
@@ -1004,40 +1029,54 @@ impl Gateway {
                 _ = self.halt.cancelled() => return,
                 _ = self.forward_wake.notified() => {}
                 _ = tokio::time::sleep_until(next_wake) => {}
-                Some((mut q, sent)) = done_rx.recv() => {
-                    let mut f = self.forward.lock().expect("not poisoned");
-                    f.in_flight -= 1;
-                    match sent {
-                        Sent::Acknowledged => {
-                            match &q.job {
-                                Job::Confirm { .. } => f.confirms -= 1,
-                                Job::Reverse { .. } => f.reversals -= 1,
-                                Job::Release { pin_ids } => {
-                                    f.releases -= pin_ids.len();
-                                    for id in pin_ids {
-                                        if let Some(n) = f.releasing.get_mut(id) {
-                                            *n -= 1;
-                                            if *n == 0 {
-                                                f.releasing.remove(id);
-                                            }
-                                        }
-                                    }
+                Some(first) = done_rx.recv() => {
+                    // Every answer already in, before the next dispatch (a batch's answers arrive together).
+                    let mut done = vec![first];
+                    while let Ok(d) = done_rx.try_recv() {
+                        done.push(d);
+                    }
+                    for (q, sent) in done {
+                        self.settle_job(q, sent);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A store-and-forward job came back from the server: done, or queued again after its backoff.
+    fn settle_job(&self, mut q: Queued, sent: Sent) {
+        let mut f = self.forward.lock().expect("not poisoned");
+        f.in_flight -= 1;
+        if matches!(q.job, Job::Confirm { .. }) {
+            f.confirms_in_flight -= 1;
+        }
+        match sent {
+            Sent::Acknowledged => {
+                match &q.job {
+                    Job::Confirm { .. } => f.confirms -= 1,
+                    Job::Reverse { .. } => f.reversals -= 1,
+                    Job::Release { pin_ids } => {
+                        f.releases -= pin_ids.len();
+                        for id in pin_ids {
+                            if let Some(n) = f.releasing.get_mut(id) {
+                                *n -= 1;
+                                if *n == 0 {
+                                    f.releasing.remove(id);
                                 }
                             }
-                            drop(f);
-                            if let Some(key) = q.job.key() {
-                                self.recent.lock().expect("not poisoned").unhold(&key);
-                            }
-                        }
-                        Sent::Failed | Sent::Refused => {
-                            // A refusal will not change by retrying soon: it waits the longest backoff.
-                            q.attempts = if sent == Sent::Refused { 30 } else { q.attempts + 1 };
-                            let wait =
-                                upstream::backoff(Duration::from_millis(200), Duration::from_secs(60), q.attempts);
-                            f.later(q, Instant::now() + wait);
                         }
                     }
                 }
+                drop(f);
+                if let Some(key) = q.job.key() {
+                    self.recent.lock().expect("not poisoned").unhold(&key);
+                }
+            }
+            Sent::Failed | Sent::Refused => {
+                // A refusal will not change by retrying soon: it waits the longest backoff.
+                q.attempts = if sent == Sent::Refused { 30 } else { q.attempts + 1 };
+                let wait = upstream::backoff(Duration::from_millis(200), Duration::from_secs(60), q.attempts);
+                f.later(q, Instant::now() + wait);
             }
         }
     }
@@ -1904,6 +1943,62 @@ mod tests {
             amount: 100,
             currency: "978".into(),
         }
+    }
+
+    fn confirm(pin_id: i64) -> Queued {
+        let sale = SaleRecord {
+            terminal_id: "T".into(),
+            merchant_id: "M".into(),
+            stan: format!("{pin_id:06}"),
+            transmission: "1128120000".into(),
+            rrn: "R".into(),
+            product: "P".into(),
+            amount: 100,
+            currency: "978".into(),
+        };
+        Queued {
+            job: Job::Confirm { pin_id, sale },
+            attempts: 0,
+        }
+    }
+
+    #[test]
+    fn confirms_go_by_whole_batches_while_others_are_in_flight() {
+        let mut f = Forward::default();
+        let t = Instant::now();
+        let ids = |v: &[Queued]| -> Vec<i64> {
+            v.iter()
+                .map(|q| match q.job {
+                    Job::Confirm { pin_id, .. } => pin_id,
+                    _ => -1,
+                })
+                .collect()
+        };
+        // Idle: what is there goes at once, however few.
+        for i in 0..3 {
+            f.push_ready(confirm(i));
+        }
+        let (out, _) = f.due(t, 1024, 4);
+        assert_eq!(ids(&out), vec![0, 1, 2]);
+        // Three in flight: the next ones wait for a whole batch, in order; a reversal does not wait.
+        for i in 3..13 {
+            f.push_ready(confirm(i));
+        }
+        f.push_ready(Queued {
+            job: Job::Release { pin_ids: vec![99] },
+            attempts: 0,
+        });
+        let (out, _) = f.due(t, 1024, 4);
+        assert_eq!(ids(&out), vec![-1, 3, 4, 5, 6, 7, 8, 9, 10]);
+        // Room for less than a batch: none go.
+        let (out, _) = f.due(t, 3, 4);
+        assert!(out.is_empty());
+        assert_eq!(f.in_flight, 3 + 9);
+        assert_eq!(f.confirms_in_flight, 3 + 8);
+        // Once every confirm is answered, the partial batch goes.
+        f.confirms_in_flight = 0;
+        let (out, _) = f.due(t, 1024, 4);
+        assert_eq!(ids(&out), vec![11, 12]);
     }
 
     #[test]

@@ -182,7 +182,7 @@ pub struct Upstream {
     slots: Arc<Vec<Slot>>,
     opts: Arc<UpstreamOptions>,
     next: Arc<AtomicUsize>,
-    catalog: Arc<RwLock<Option<Catalog>>>,
+    catalog: Arc<RwLock<Option<Arc<Catalog>>>>,
     connected: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
 }
@@ -229,7 +229,7 @@ impl Upstream {
                 Ok(Ok((client, welcome))) => {
                     attempt = 0;
                     tracing::info!(server = %slot.server.addr, conn = c, gateway = %welcome.gateway, "connected to PIN server");
-                    *self.catalog.write().expect("not poisoned") = Some((welcome.gateway, welcome.catalog));
+                    *self.catalog.write().expect("not poisoned") = Some(Arc::new((welcome.gateway, welcome.catalog)));
                     let client = Arc::new(client);
                     let room = Arc::new(Semaphore::new(self.opts.max_in_flight.max(1)));
                     *slot.conns[c].lock().expect("not poisoned") = Some((client.clone(), room));
@@ -294,8 +294,8 @@ impl Upstream {
         }
     }
 
-    /// The gateway id and catalog of the last welcome.
-    pub fn catalog(&self) -> Option<Catalog> {
+    /// The gateway id and catalog of the last welcome (shared: every sale checks it).
+    pub fn catalog(&self) -> Option<Arc<Catalog>> {
         self.catalog.read().expect("not poisoned").clone()
     }
 
