@@ -29,11 +29,6 @@
 //! - [`admin`], [`cli`] — the `pingate` command line, thin over the library.
 #![forbid(unsafe_code)]
 
-/// mimalloc for every binary, test and bench of the crate: a gateway allocates per request (tasks, messages, journal
-/// records), and under load glibc's allocator took about 15% of the CPU of a prefetch sale (perf, 2026-12-06).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 pub mod admin;
 pub mod audit;
 pub mod capture;
