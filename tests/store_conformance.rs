@@ -384,10 +384,15 @@ async fn sqlite_conforms() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The test PostgreSQL (`PINGATE_TEST_PG`, else the local server) and a schema of this test run.
+fn pg(prefix: &str) -> (String, String) {
+    let url = std::env::var("PINGATE_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    (url, format!("{prefix}{}", std::process::id()))
+}
+
 #[tokio::test]
 async fn postgres_conforms() {
-    let url = std::env::var("PINGATE_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let schema = format!("conf{}", std::process::id());
+    let (url, schema) = pg("conf");
     let keys = PinCipher::generate_spec().unwrap();
     let mut s = PgStore::connect(&url, Some(&schema), PinCipher::from_spec(&keys).unwrap())
         .await
@@ -512,8 +517,7 @@ async fn sqlite_quarantines_a_row_that_does_not_open() {
 
 #[tokio::test]
 async fn postgres_quarantines_a_row_that_does_not_open() {
-    let url = std::env::var("PINGATE_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let schema = format!("quar{}", std::process::id());
+    let (url, schema) = pg("quar");
     let keys = PinCipher::generate_spec().unwrap();
     let mut s = PgStore::connect(&url, Some(&schema), PinCipher::from_spec(&keys).unwrap())
         .await

@@ -333,10 +333,28 @@ pub(crate) const SAME_KEY_SAMPLE: &str =
     "SELECT id, product, amount, serial, key_id, nonce, ciphertext, expiry, receipt \
      FROM pins WHERE key_id = $1 AND id <> $2 ORDER BY id LIMIT 8";
 
-/// Whether any of `others` (rows sealed under the same key id as one that did not open) opens: then that key is
-/// the right one, and the row that did not open is itself bad. None to try means not shown.
-pub(crate) fn key_is_shown_right(others: &[PinRow], cipher: &crypto::PinCipher) -> bool {
-    others.iter().any(|r| cipher.open(&r.sealed, &r.serial).is_ok())
+/// Whether any of `others` (rows sealed under key `key_id`, like PIN `pin_id` that did not open) opens: then that
+/// key is the right one, and the row that did not open is itself bad. None to try means not shown (logged: the key
+/// is then the suspect).
+pub(crate) fn key_is_shown_right(others: &[PinRow], cipher: &crypto::PinCipher, pin_id: i64, key_id: i64) -> bool {
+    let shown = others.iter().any(|r| cipher.open(&r.sealed, &r.serial).is_ok());
+    if !shown {
+        tracing::error!(
+            pin_id,
+            key_id,
+            "PIN does not open, nor do other PINs of its key: wrong key? not quarantined"
+        );
+    }
+    shown
+}
+
+/// Logs a quarantine (the serial names the row; the PIN is never shown).
+pub(crate) fn log_quarantined(pin_id: i64, serial: &str) {
+    tracing::error!(
+        pin_id,
+        serial,
+        "PIN does not open though its key opens others (tampered or damaged row): quarantined"
+    );
 }
 
 /// Most rows one operation may quarantine before it gives up (a batch of bad rows is a damaged database, not a

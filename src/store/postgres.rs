@@ -639,12 +639,7 @@ impl PgStore {
             .iter()
             .map(pin_row)
             .collect();
-        if !super::key_is_shown_right(&others, &self.cipher) {
-            tracing::error!(
-                pin_id,
-                key_id,
-                "PIN does not open, nor do other PINs of its key: wrong key? not quarantined"
-            );
+        if !super::key_is_shown_right(&others, &self.cipher, pin_id, key_id.into()) {
             return Ok(false);
         }
         let n = tx
@@ -654,7 +649,7 @@ impl PgStore {
             )
             .await?;
         tx.commit().await?;
-        tracing::error!(pin_id, %serial, "PIN does not open though its key opens others (tampered or damaged row): quarantined");
+        super::log_quarantined(pin_id, &serial);
         Ok(n == 1)
     }
 

@@ -851,18 +851,13 @@ fn quarantine(tx: &Connection, cipher: &PinCipher, pin_id: i64) -> Result<bool, 
         .prepare_cached(super::SAME_KEY_SAMPLE)?
         .query_map(params![key_id, pin_id], pin_row)?
         .collect::<Result<Vec<_>, _>>()?;
-    if !super::key_is_shown_right(&others, cipher) {
-        tracing::error!(
-            pin_id,
-            key_id,
-            "PIN does not open, nor do other PINs of its key: wrong key? not quarantined"
-        );
+    if !super::key_is_shown_right(&others, cipher, pin_id, key_id) {
         return Ok(false);
     }
     let n = tx
         .prepare_cached("UPDATE pins SET state = 'quarantined' WHERE id = ?1 AND state = 'available'")?
         .execute(params![pin_id])?;
-    tracing::error!(pin_id, %serial, "PIN does not open though its key opens others (tampered or damaged row): quarantined");
+    super::log_quarantined(pin_id, &serial);
     Ok(n == 1)
 }
 
