@@ -51,17 +51,20 @@ async fn count(s: &impl PinStore, state: PinState) -> i64 {
         .sum()
 }
 
-/// The behaviour every backend must have.
-async fn scenario(s: &mut impl PinStore) {
-    s.upsert_product(&Product {
+/// The product the scenarios sell: a gift card of 25.00.
+fn gift() -> Product {
+    Product {
         code: "GIFT".into(),
         name: "Gift card".into(),
         supplier: "Shop".into(),
         currency: "840".into(),
         denominations: vec![2500],
-    })
-    .await
-    .unwrap();
+    }
+}
+
+/// The behaviour every backend must have.
+async fn scenario(s: &mut impl PinStore) {
+    s.upsert_product(&gift()).await.unwrap();
     let mut seen = Vec::new();
     let mut progress = |n: usize| seen.push(n);
     assert_eq!(
@@ -410,15 +413,7 @@ const SPOILED: [i64; 3] = [1, 3, 7];
 const SPOIL_SQL: &str = "UPDATE pins SET serial = serial || 'X' WHERE id IN (1, 3, 7)";
 
 async fn stock_twenty(s: &mut impl PinStore) {
-    s.upsert_product(&Product {
-        code: "GIFT".into(),
-        name: "Gift card".into(),
-        supplier: "Shop".into(),
-        currency: "840".into(),
-        denominations: vec![2500],
-    })
-    .await
-    .unwrap();
+    s.upsert_product(&gift()).await.unwrap();
     s.import_with_progress(&pins(0, 20, None), &mut |_| {}).await.unwrap();
 }
 
