@@ -1980,7 +1980,7 @@ mod tests {
         }
         let (out, _) = f.due(t, 1024, 4);
         assert_eq!(ids(&out), vec![0, 1, 2]);
-        // Three in flight: the next ones wait for a whole batch, in order; a reversal does not wait.
+        // Three in flight: the next ones wait for a whole batch, in order; a release does not wait.
         for i in 3..13 {
             f.push_ready(confirm(i));
         }

@@ -357,8 +357,9 @@ pub(crate) fn log_quarantined(pin_id: i64, serial: &str) {
     );
 }
 
-/// Most rows one operation may quarantine before it gives up (a batch of bad rows is a damaged database, not a
-/// tampered PIN: the operation then fails, and the operator looks).
+/// Most rows one operation may quarantine before it gives up (many bad rows at once is a damaged database, not a
+/// tampered PIN: the operation then fails, and the operator looks). PostgreSQL runs a batch again whole after each
+/// quarantine, so there the cap is per batch; the next batch goes on from where this one stopped.
 pub(crate) const MAX_QUARANTINE_PER_OP: usize = 8;
 
 /// Most PINs one `reserve` hands out.
