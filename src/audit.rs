@@ -77,6 +77,9 @@ pub struct AuditReport {
     /// Reversals of the day: (terminal, count).
     pub reversals: Vec<(String, i64)>,
     pub journals: Vec<JournalPart>,
+    /// PINs taken out of sale because their row does not decrypt (tampered or damaged): (id, product, amount,
+    /// serial), for the operator to look into. Not a violation: each is accounted for, and never sold.
+    pub quarantined: Vec<(i64, String, String, String)>,
 }
 
 impl AuditReport {
@@ -120,6 +123,16 @@ impl AuditReport {
                 j.reversals
             );
         }
+        if !self.quarantined.is_empty() {
+            let _ = writeln!(
+                s,
+                "quarantined PINs (their rows do not decrypt; never sold; see the server's log): {}",
+                self.quarantined.len()
+            );
+            for (id, p, a, serial) in &self.quarantined {
+                let _ = writeln!(s, "  PIN {id}: {p} {a}, serial {serial}");
+            }
+        }
         if self.violations.is_empty() {
             let _ = writeln!(s, "every invariant holds");
         } else {
@@ -158,6 +171,9 @@ impl AuditReport {
             let _ = writeln!(s, "open_confirms,{g},,,{}", j.unconfirmed);
             let _ = writeln!(s, "open_reversals,{g},,,{}", j.reversals);
             let _ = writeln!(s, "open_releases,{g},,,{}", j.releasing);
+        }
+        for (id, p, a, serial) in &self.quarantined {
+            let _ = writeln!(s, "quarantined,{},{},{},{id}", q(p), q(a), q(serial));
         }
         for v in &self.violations {
             let _ = writeln!(s, "violation,{},{},,1", v.check, q(&v.detail));
@@ -365,6 +381,17 @@ pub async fn run(db: &DbUrl, journals: &[JournalInput], day: Option<&str>) -> Re
         report
             .stock
             .push((r[0].clone(), r[1].clone(), r[2].clone(), r[3].parse().unwrap_or(0)));
+    }
+    for r in conn
+        .rows(
+            "SELECT CAST(id AS TEXT), product, CAST(amount AS TEXT), serial FROM pins WHERE state = 'quarantined' \
+             ORDER BY id",
+        )
+        .await?
+    {
+        report
+            .quarantined
+            .push((r[0].parse().unwrap_or(-1), r[1].clone(), r[2].clone(), r[3].clone()));
     }
     if let Some(day) = day {
         let (from, to) = day_bounds(day)?;

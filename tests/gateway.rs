@@ -237,6 +237,15 @@ async fn a_spoiled_pin_row_is_quarantined_and_terminals_still_get_pins() {
     }
     server.stop().await;
     common::audit_ok(&inv).await;
+    // The audit lists them for the operator (not as violations).
+    let r = pingate::audit::run(&pingate::store::handle::DbUrl::Sqlite(inv.db.clone()), &[], None)
+        .await
+        .unwrap();
+    assert_eq!(r.quarantined.iter().map(|q| q.0).collect::<Vec<_>>(), spoiled);
+    assert!(r
+        .text()
+        .contains("quarantined PINs (their rows do not decrypt; never sold; see the server's log): 2"));
+    assert!(r.csv().contains(&format!("quarantined,{ON_DEMAND},2500,")));
 }
 
 #[tokio::test]
