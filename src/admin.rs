@@ -130,7 +130,9 @@ fn import_file(path: &Path) -> Result<Vec<NewPin>, String> {
 /// Runs one `pingate pins` command, on whichever backend `--db` names.
 pub(crate) async fn pins(cmd: PinsCommand) -> Result<String, String> {
     let (db, keys) = match &cmd {
-        PinsCommand::Import { db, keys, .. } => (db.clone(), Some(key_spec(keys)?)),
+        PinsCommand::Import { db, keys, .. } | PinsCommand::ReturnQuarantined { db, keys, .. } => {
+            (db.clone(), Some(key_spec(keys)?))
+        }
         PinsCommand::Product { db, .. }
         | PinsCommand::Stock { db }
         | PinsCommand::Leases { db }
@@ -221,6 +223,10 @@ async fn run(mut inv: impl PinStore, cmd: PinsCommand) -> Result<String, String>
         PinsCommand::ReturnExpired { gateway, .. } => {
             let n = inv.return_expired(&gateway, unix_now()).await.map_err(s)?;
             Ok(format!("returned {n} expired reservations of {gateway} to stock"))
+        }
+        PinsCommand::ReturnQuarantined { id, .. } => {
+            inv.return_quarantined(id).await.map_err(s)?;
+            Ok(format!("PIN {id} opens again and is back in stock"))
         }
     }
 }

@@ -221,6 +221,17 @@ pub(crate) enum PinsCommand {
         #[arg(long)]
         gateway: String,
     },
+    /// Return a quarantined PIN (its row did not decrypt) to stock once its row is repaired: refused unless it now
+    /// opens with the PIN keys.
+    ReturnQuarantined {
+        #[arg(long)]
+        db: String,
+        #[command(flatten)]
+        keys: KeyArgs,
+        /// The PIN's id (`pingate audit` lists the quarantined ones).
+        #[arg(long)]
+        id: i64,
+    },
 }
 
 #[derive(clap::Args)]

@@ -378,3 +378,48 @@ fn logs_as_json_lines_and_log_levels_are_checked() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// `pingate pins return-quarantined`: a quarantined PIN whose row opens goes back to stock; one that is not
+/// quarantined, or whose row still does not open, is refused with the reason and a failing exit status.
+#[test]
+fn an_operator_returns_a_repaired_quarantined_pin_to_stock() {
+    let d = std::env::temp_dir().join(format!("pingate-return-q-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let path = d.join("pins.db");
+    let db = format!("sqlite:{}", path.display());
+    let (_dir, certs) = setup("return-q", &db, 3);
+    let keys = certs.dir.join("pin-keys");
+    // PIN 1 was quarantined while its row was damaged, and has been repaired since; PIN 2 was quarantined and
+    // is still damaged (its serial, the seal's associated data, changed).
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch(
+        "UPDATE pins SET state = 'quarantined' WHERE id IN (1, 2);
+         UPDATE pins SET serial = serial || 'X' WHERE id = 2;",
+    )
+    .unwrap();
+    drop(c);
+    let back = |id: &str| {
+        pingate(&[
+            "pins",
+            "return-quarantined",
+            "--db",
+            &db,
+            "--pin-keys",
+            keys.to_str().unwrap(),
+            "--id",
+            id,
+        ])
+    };
+    let (success, out, err) = back("1");
+    assert!(success, "{err}");
+    assert!(out.contains("PIN 1 opens again and is back in stock"), "{out}");
+    let (success, _, err) = back("1");
+    assert!(!success && err.contains("PIN 1 is available, not quarantined"), "{err}");
+    let (success, _, err) = back("2");
+    assert!(!success && err.contains("does not decrypt"), "{err}");
+    let stock = ok(&["pins", "stock", "--db", &db]);
+    assert_eq!(stock_count(&stock, "available"), 2, "{stock}");
+    assert_eq!(stock_count(&stock, "quarantined"), 1, "{stock}");
+    let _ = std::fs::remove_dir_all(&d);
+}

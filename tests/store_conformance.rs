@@ -459,20 +459,47 @@ async fn spoiled_rows_are_quarantined(s: &mut impl PinStore) {
     assert_eq!(count(s, PinState::Available).await, 20 - 3 - 3 - 3);
 }
 
+/// Repairs the row of spoiled PIN 1 (as restoring it from a backup would); 3 and 7 stay spoiled.
+const REPAIR_SQL: &str = "UPDATE pins SET serial = substr(serial, 1, length(serial) - 1) WHERE id = 1";
+
+/// After [`REPAIR_SQL`]: the operator returns PIN 1 to stock; a row still spoiled, or a PIN not quarantined, is
+/// refused and stays as it was.
+async fn a_repaired_row_goes_back_to_stock(s: &mut impl PinStore) {
+    let available = count(s, PinState::Available).await;
+    s.return_quarantined(1).await.unwrap();
+    let r = s.return_quarantined(3).await;
+    assert!(matches!(r, Err(StoreError::Unreadable { pin_id: 3, .. })), "{r:?}");
+    let r = s.return_quarantined(2).await;
+    assert!(
+        r.as_ref()
+            .is_err_and(|e| e.to_string().contains("PIN 2 is sold, not quarantined")),
+        "{r:?}"
+    );
+    let r = s.return_quarantined(999).await;
+    assert!(
+        r.as_ref().is_err_and(|e| e.to_string().contains("no PIN with id 999")),
+        "{r:?}"
+    );
+    assert_eq!(count(s, PinState::Quarantined).await, 2);
+    assert_eq!(count(s, PinState::Available).await, available + 1);
+    // And it sells again: it is the lowest available id.
+    let Outcome::Sold(d) = s.apply(sell("g", 20)).await.unwrap() else {
+        panic!("a sale")
+    };
+    assert_eq!((d.pin_id, d.pin.expose()), (1, "GIFT00000000"));
+}
+
 /// With a wrong key (same key id, other bytes) no row opens: nothing is quarantined and the sale fails, as
 /// before quarantine existed; the right key then sells.
 async fn a_wrong_key_quarantines_nothing(wrong: &mut impl PinStore) {
     let before = count(wrong, PinState::Available).await;
+    let quarantined = count(wrong, PinState::Quarantined).await;
     let r = wrong.apply(sell("g", 50)).await;
     assert!(
         r.as_ref().is_err_and(|e| e.to_string().contains("does not decrypt")),
         "{r:?}"
     );
-    assert_eq!(
-        count(wrong, PinState::Quarantined).await,
-        3,
-        "only the three spoiled rows"
-    );
+    assert_eq!(count(wrong, PinState::Quarantined).await, quarantined, "none more");
     assert_eq!(count(wrong, PinState::Available).await, before);
 }
 
@@ -496,12 +523,14 @@ async fn sqlite_quarantines_a_row_that_does_not_open() {
         .map(Result::unwrap)
         .collect();
     assert_eq!(audited, SPOILED);
-    // The state machine still refuses a quarantined PIN going anywhere.
+    // The state machine refuses a quarantined PIN going anywhere but back to stock.
     let e = s
         .connection()
-        .execute_batch("UPDATE pins SET state = 'available' WHERE id = 1")
+        .execute_batch("UPDATE pins SET state = 'sold' WHERE id = 1")
         .unwrap_err();
     assert!(e.to_string().contains("illegal PIN state change"), "{e}");
+    s.connection().execute_batch(REPAIR_SQL).unwrap();
+    a_repaired_row_goes_back_to_stock(&mut s).await;
     drop(s);
     let wrong = PinCipher::from_spec(&PinCipher::generate_spec().unwrap()).unwrap();
     let mut w = SqliteStore::open(&dir.join("pins.db"), wrong).unwrap();
@@ -534,10 +563,12 @@ async fn postgres_quarantines_a_row_that_does_not_open() {
     assert_eq!(audited, SPOILED);
     let e = s
         .client()
-        .batch_execute("UPDATE pins SET state = 'available' WHERE id = 1")
+        .batch_execute("UPDATE pins SET state = 'sold' WHERE id = 1")
         .await
         .unwrap_err();
     assert!(format!("{e:?}").contains("illegal PIN state change"), "{e:?}");
+    s.client().batch_execute(REPAIR_SQL).await.unwrap();
+    a_repaired_row_goes_back_to_stock(&mut s).await;
     let wrong = PinCipher::from_spec(&PinCipher::generate_spec().unwrap()).unwrap();
     let mut w = PgStore::connect(&url, Some(&schema), wrong).await.unwrap();
     a_wrong_key_quarantines_nothing(&mut w).await;

@@ -8,6 +8,8 @@
 //!     ├──sell (on demand)──────────► sold
 //!     ├──expire────────────────────► expired
 //!     └──quarantine────────────────► quarantined   (its row does not decrypt, while its key opens others)
+//!                                        │
+//!     available ◄──return (operator)─────┘           (once the row is repaired: it must open again)
 //! ```
 //!
 //! A PIN whose row does not decrypt (tampered, or damaged on disk) is taken out of sale the first time a sale or
@@ -43,7 +45,7 @@ pub enum PinState {
     Voided,
     Expired,
     /// Its row does not decrypt while its key opens other rows (tampered or damaged): never sold, kept for the
-    /// operator to look into.
+    /// operator to look into, and returned to stock only by the operator once the row opens again.
     Quarantined,
 }
 
@@ -99,6 +101,7 @@ impl PinState {
                 | (Available, Sold)
                 | (Available, Expired)
                 | (Available, Quarantined)
+                | (Quarantined, Available)
                 | (Reserved, Sold)
                 | (Reserved, Available)
                 | (Sold, Voided)
@@ -313,6 +316,9 @@ pub trait PinStore {
     async fn expired_leases(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError>;
     /// Operator command: `holder`'s expired reservations go back to stock; returns how many.
     async fn return_expired(&mut self, holder: &str, now: i64) -> Result<u64, StoreError>;
+    /// Operator command: the quarantined PIN `pin_id`, its row repaired (restored from a backup, say), goes back to
+    /// stock; refused unless it is quarantined and its row now opens with this store's keys.
+    async fn return_quarantined(&mut self, pin_id: i64) -> Result<(), StoreError>;
 
     /// One operation in its own transaction.
     async fn apply(&mut self, op: Op) -> Result<Outcome, StoreError> {
@@ -346,6 +352,23 @@ pub(crate) fn key_is_shown_right(others: &[PinRow], cipher: &crypto::PinCipher, 
         );
     }
     shown
+}
+
+/// Checks that `row` (PIN `row.id`, in `state`) may go back from quarantine: it is quarantined, and opens now.
+pub(crate) fn check_returnable(
+    row: Option<(PinRow, String)>,
+    pin_id: i64,
+    cipher: &crypto::PinCipher,
+) -> Result<(), StoreError> {
+    let Some((row, state)) = row else {
+        return Err(StoreError::BadRequest(format!("no PIN with id {pin_id}")));
+    };
+    if state != PinState::Quarantined.as_str() {
+        return Err(StoreError::BadRequest(format!(
+            "PIN {pin_id} is {state}, not quarantined"
+        )));
+    }
+    row.open(cipher).map(|_| ())
 }
 
 /// Logs a quarantine (the serial names the row; the PIN is never shown).

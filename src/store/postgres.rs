@@ -887,6 +887,26 @@ impl PgStore {
             .await?)
     }
 
+    /// Operator command: a quarantined PIN whose row opens again goes back to stock (see [`super::PinStore`]).
+    pub async fn return_quarantined(&mut self, pin_id: i64) -> Result<(), StoreError> {
+        let tx = self.client.transaction().await?;
+        let row = tx
+            .query_opt(
+                &format!("SELECT {PIN_COLUMNS}, state FROM pins WHERE id = $1 FOR UPDATE"),
+                &[&pin_id],
+            )
+            .await?
+            .map(|r| (pin_row(&r), r.get::<_, String>(9)));
+        super::check_returnable(row, pin_id, &self.cipher)?;
+        tx.execute(
+            "UPDATE pins SET state = 'available' WHERE id = $1 AND state = 'quarantined'",
+            &[&pin_id],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Direct access for tests and the audit command.
     pub fn client(&self) -> &Client {
         &self.client
@@ -1544,5 +1564,8 @@ impl super::PinStore for PgStore {
     }
     async fn return_expired(&mut self, holder: &str, now: i64) -> Result<u64, StoreError> {
         PgStore::return_expired(self, holder, now).await
+    }
+    async fn return_quarantined(&mut self, pin_id: i64) -> Result<(), StoreError> {
+        PgStore::return_quarantined(self, pin_id).await
     }
 }

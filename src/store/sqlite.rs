@@ -494,6 +494,25 @@ impl SqliteStore {
         Ok(n)
     }
 
+    /// Operator command: a quarantined PIN whose row opens again goes back to stock (see [`super::PinStore`]).
+    pub fn return_quarantined(&mut self, pin_id: i64) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let row = tx
+            .query_row(
+                &format!("SELECT {PIN_COLUMNS}, state FROM pins WHERE id = ?1"),
+                params![pin_id],
+                |r| Ok((pin_row(r)?, r.get::<_, String>(9)?)),
+            )
+            .optional()?;
+        super::check_returnable(row, pin_id, &self.cipher)?;
+        tx.execute(
+            "UPDATE pins SET state = 'available' WHERE id = ?1 AND state = 'quarantined'",
+            params![pin_id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Count of PINs per product, amount and state.
     pub fn stock(&self) -> Result<Vec<StockRow>, StoreError> {
         stock(&self.conn)
@@ -986,5 +1005,8 @@ impl super::PinStore for SqliteStore {
     }
     async fn return_expired(&mut self, holder: &str, now: i64) -> Result<u64, StoreError> {
         SqliteStore::return_expired(self, holder, now).map(|n| n as u64)
+    }
+    async fn return_quarantined(&mut self, pin_id: i64) -> Result<(), StoreError> {
+        SqliteStore::return_quarantined(self, pin_id)
     }
 }
