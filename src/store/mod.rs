@@ -142,8 +142,8 @@ pub enum StoreError {
     Crypto(#[from] crypto::CryptoError),
     /// The PIN with this id was picked but its row does not open (the serial names the row; the PIN is never
     /// shown). The store quarantines it and goes on when its key is shown right; otherwise this fails the operation.
-    #[error("PIN {pin_id}: {source}")]
-    Unreadable { pin_id: i64, source: crypto::CryptoError },
+    #[error("PIN {pin_id}: {reason}")]
+    Unreadable { pin_id: i64, reason: crypto::CryptoError },
     /// The database failed (I/O, corruption, a constraint the code should have prevented).
     #[error("database: {0}")]
     Db(String),
@@ -252,9 +252,9 @@ impl PinRow {
     pub(crate) fn open(&self, cipher: &crypto::PinCipher) -> Result<Dispensed, StoreError> {
         let pin = cipher
             .open(&self.sealed, &self.serial)
-            .map_err(|source| StoreError::Unreadable {
+            .map_err(|reason| StoreError::Unreadable {
                 pin_id: self.id,
-                source,
+                reason,
             })?;
         Ok(Dispensed {
             pin_id: self.id,

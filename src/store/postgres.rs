@@ -601,8 +601,8 @@ impl PgStore {
                 Ok(results) => return results,
                 // The batch was rolled back whole: the PIN is available again. Quarantined (when its key is shown
                 // right), the batch runs again and picks the next PIN.
-                Err((pin_id, source)) => {
-                    let e = StoreError::Unreadable { pin_id, source };
+                Err((pin_id, reason)) => {
+                    let e = StoreError::Unreadable { pin_id, reason };
                     if quarantined < super::MAX_QUARANTINE_PER_OP {
                         match self.quarantine(pin_id).await {
                             Ok(true) => {
@@ -659,7 +659,7 @@ impl PgStore {
         let today = super::sqlite::today();
         let (cipher, st) = (&self.cipher, &self.prepared);
         let fail_all = |e: StoreError| match e {
-            StoreError::Unreadable { pin_id, source } => Err((pin_id, source)),
+            StoreError::Unreadable { pin_id, reason } => Err((pin_id, reason)),
             e => Ok(super::failed_batch(ops.len(), &e.to_string())),
         };
         if ops.iter().all(|op| matches!(op, Op::Sell(_))) {
@@ -806,13 +806,13 @@ impl PgStore {
                 let _ = client.batch_execute("ROLLBACK").await;
                 let msg = match (begun, sold) {
                     (Err(e), _) => StoreError::from_pg(&e).to_string(),
-                    (_, Err(StoreError::Unreadable { pin_id, source })) => return Err((pin_id, source)),
+                    (_, Err(StoreError::Unreadable { pin_id, reason })) => return Err((pin_id, reason)),
                     (_, Err(e)) => e.to_string(),
                     (_, Ok(rs)) => {
                         return Err(rs
                             .into_iter()
                             .find_map(|r| match r {
-                                Err(StoreError::Unreadable { pin_id, source }) => Some((pin_id, source)),
+                                Err(StoreError::Unreadable { pin_id, reason }) => Some((pin_id, reason)),
                                 _ => None,
                             })
                             .expect("an unreadable PIN"))

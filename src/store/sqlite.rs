@@ -332,10 +332,10 @@ impl SqliteStore {
                 let mut quarantined = 0;
                 loop {
                     match in_savepoint() {
-                        Err(StoreError::Unreadable { pin_id, source }) if quarantined < MAX_QUARANTINE_PER_OP => {
+                        Err(StoreError::Unreadable { pin_id, reason }) if quarantined < MAX_QUARANTINE_PER_OP => {
                             match quarantine(&tx, cipher, pin_id) {
                                 Ok(true) => quarantined += 1,
-                                Ok(false) => break Err(StoreError::Unreadable { pin_id, source }),
+                                Ok(false) => break Err(StoreError::Unreadable { pin_id, reason }),
                                 Err(e) => break Err(e),
                             }
                         }
