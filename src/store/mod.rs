@@ -92,6 +92,13 @@ impl PinState {
         allowed.join(" OR ")
     }
 
+    /// The state column's CHECK, every state (both backends write theirs from this; migration 3 added
+    /// `quarantined`).
+    pub fn check_sql() -> String {
+        let states: Vec<String> = PinState::ALL.iter().map(|s| format!("'{}'", s.as_str())).collect();
+        format!("CHECK (state IN ({}))", states.join(", "))
+    }
+
     /// The allowed edges, the single source of truth (the database trigger is generated from it).
     pub fn can_move_to(self, to: PinState) -> bool {
         use PinState::*;

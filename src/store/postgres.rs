@@ -255,12 +255,6 @@ END $$;
 const EDGES_TRIGGER: &str =
     "CREATE TRIGGER pins_state_edges BEFORE UPDATE OF state ON pins FOR EACH ROW EXECUTE FUNCTION pingate_edges()";
 
-/// The state CHECK of the current schema (migration 3 added `quarantined`): every [`PinState`].
-fn states_check() -> String {
-    let states: Vec<String> = PinState::ALL.iter().map(|s| format!("'{}'", s.as_str())).collect();
-    format!("CHECK (state IN ({}))", states.join(", "))
-}
-
 /// The function refusing state changes outside [`PinState::can_move_to`], generated from it.
 fn edges_function() -> String {
     format!(
@@ -436,7 +430,7 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
             // the function behind the edges trigger made again from `PinState` with its new edge.
             tx.batch_execute(&format!(
                 "ALTER TABLE pins DROP CONSTRAINT pins_state_check, ADD CONSTRAINT pins_state_check {}",
-                states_check()
+                PinState::check_sql()
             ))
             .await?;
             tx.batch_execute(&edges_function()).await?;
@@ -706,15 +700,11 @@ impl PgStore {
         if !sells.is_empty() {
             let reqs: Vec<&SellRequest> = sells.iter().map(|(_, r)| *r).collect();
             match sell_many(&tx, st, cipher, &reqs, now, &today).await {
-                // A PIN that does not decrypt was already recorded as sold: nothing of the batch may commit.
-                Ok(mut rs) if rs.iter().any(|r| matches!(r, Err(StoreError::Unreadable { .. }))) => {
-                    let i = rs
-                        .iter()
-                        .position(|r| matches!(r, Err(StoreError::Unreadable { .. })))
-                        .expect("found");
-                    return fail_all(rs.swap_remove(i).expect_err("an error"));
-                }
                 Ok(rs) => {
+                    // A PIN that does not decrypt was already recorded as sold: nothing of the batch may commit.
+                    if let Some(u) = unreadable_of(&rs) {
+                        return Err(u);
+                    }
                     for ((i, _), r) in sells.iter().zip(rs) {
                         results[*i] = Some(r.map(Outcome::Sold));
                     }
@@ -801,22 +791,14 @@ impl PgStore {
             sell_many(client, st, cipher, &reqs, now, today)
         );
         let results = match (begun, sold) {
-            (Ok(()), Ok(rs)) if !rs.iter().any(|r| matches!(r, Err(StoreError::Unreadable { .. }))) => rs,
+            (Ok(()), Ok(rs)) if unreadable_of(&rs).is_none() => rs,
             (begun, sold) => {
                 let _ = client.batch_execute("ROLLBACK").await;
                 let msg = match (begun, sold) {
                     (Err(e), _) => StoreError::from_pg(&e).to_string(),
                     (_, Err(StoreError::Unreadable { pin_id, reason })) => return Err((pin_id, reason)),
                     (_, Err(e)) => e.to_string(),
-                    (_, Ok(rs)) => {
-                        return Err(rs
-                            .into_iter()
-                            .find_map(|r| match r {
-                                Err(StoreError::Unreadable { pin_id, reason }) => Some((pin_id, reason)),
-                                _ => None,
-                            })
-                            .expect("an unreadable PIN"))
-                    }
+                    (_, Ok(rs)) => return Err(unreadable_of(&rs).expect("an unreadable PIN")),
                 };
                 return Ok(super::failed_batch(ops.len(), &msg));
             }
@@ -1352,6 +1334,14 @@ async fn sell_many(
         });
     }
     Ok(out)
+}
+
+/// The first PIN of a batch's sales that did not open, if any: the batch must then be rolled back whole.
+fn unreadable_of(rs: &[Result<Dispensed, StoreError>]) -> Option<(i64, CryptoError)> {
+    rs.iter().find_map(|r| match r {
+        Err(StoreError::Unreadable { pin_id, reason }) => Some((*pin_id, reason.clone())),
+        _ => None,
+    })
 }
 
 /// The request (from 0) a row of a batch function answers: its first column, `o_i`, numbers requests from 1.

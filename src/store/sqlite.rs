@@ -96,14 +96,8 @@ END;
 CREATE TRIGGER pins_no_delete BEFORE DELETE ON pins BEGIN SELECT RAISE(ABORT, 'PINs are never deleted'); END;
 ";
 
-/// The state CHECK of schema versions 1 and 2 (migration 3 widens it to [`states_check`]).
+/// The state CHECK of schema versions 1 and 2 (migration 3 widens it to [`PinState::check_sql`]).
 const STATES_V1: &str = "CHECK (state IN ('available', 'reserved', 'sold', 'voided', 'expired'))";
-
-/// The state CHECK of the current schema: every [`PinState`].
-fn states_check() -> String {
-    let states: Vec<String> = PinState::ALL.iter().map(|s| format!("'{}'", s.as_str())).collect();
-    format!("CHECK (state IN ({}))", states.join(", "))
-}
 
 /// The trigger that refuses any state change outside [`PinState::can_move_to`], generated from it.
 fn edges_trigger() -> String {
@@ -166,7 +160,7 @@ impl SqliteStore {
                 [],
                 |r| r.get(0),
             )?;
-            let new = sql.replace(STATES_V1, &states_check());
+            let new = sql.replace(STATES_V1, &PinState::check_sql());
             if new == sql {
                 return Err(StoreError::Db(
                     "schema migration 3: the pins table's state CHECK is not the one expected".into(),
