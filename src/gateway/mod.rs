@@ -248,11 +248,12 @@ impl Forward {
         self.delayed.insert((at, self.seq), q);
     }
 
-    /// Up to `max` jobs due at `now`, and when the next delayed one is due. Confirms go by whole batches of
+    /// Up to `max` jobs due at `now` (reversals and releases, then confirms), and when the next delayed one is
+    /// due. Confirms go by whole batches of
     /// `batch`, and a partial batch only when no confirm is in flight: under load they gather while the batches
     /// before them are answered (group commit, as the journal does), and when idle each goes at once. Without this
     /// the loop, woken by every sale and by every answer, sent confirms by ones and twos.
-    fn due(&mut self, now: Instant, max: usize, batch: usize) -> (Vec<Queued>, Option<Instant>) {
+    fn due(&mut self, now: Instant, max: usize, batch: usize) -> Due {
         while let Some(entry) = self.delayed.first_entry() {
             if entry.key().0 > now {
                 break;
@@ -261,18 +262,31 @@ impl Forward {
             self.push_ready(q);
         }
         let n = max.min(self.ready.len());
-        let mut out: Vec<Queued> = self.ready.drain(..n).collect();
+        let others: Vec<Queued> = self.ready.drain(..n).collect();
         let room = max - n;
-        let confirms = if self.confirms_in_flight == 0 {
+        let c = if self.confirms_in_flight == 0 {
             self.ready_confirms.len().min(room)
         } else {
             self.ready_confirms.len().min(room) / batch * batch
         };
-        out.extend(self.ready_confirms.drain(..confirms));
-        self.in_flight += out.len();
-        self.confirms_in_flight += confirms;
-        (out, self.delayed.keys().next().map(|k| k.0))
+        let confirms: Vec<Queued> = self.ready_confirms.drain(..c).collect();
+        self.in_flight += others.len() + c;
+        self.confirms_in_flight += c;
+        Due {
+            others,
+            confirms,
+            next: self.delayed.keys().next().map(|k| k.0),
+        }
     }
+}
+
+/// What [`Forward::due`] hands out: jobs to send now, and when the next delayed one is due.
+struct Due {
+    /// Reversals and releases.
+    others: Vec<Queued>,
+    /// Confirms, in order (whole batches unless none were in flight).
+    confirms: Vec<Queued>,
+    next: Option<Instant>,
 }
 
 /// Counters since start.
@@ -995,13 +1009,11 @@ impl Gateway {
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(Queued, Sent)>();
         loop {
             let now = Instant::now();
-            let (ready, next) = {
+            let Due { others, confirms, next } = {
                 let mut f = self.forward.lock().expect("not poisoned");
                 let room = MAX_IN_FLIGHT.saturating_sub(f.in_flight);
                 f.due(now, room, CONFIRM_BATCH)
             };
-            let (confirms, others): (Vec<Queued>, Vec<Queued>) =
-                ready.into_iter().partition(|q| matches!(q.job, Job::Confirm { .. }));
             let mut confirms = confirms.into_iter().peekable();
             while confirms.peek().is_some() {
                 let batch: Vec<Queued> = confirms.by_ref().take(CONFIRM_BATCH).collect();
@@ -1978,8 +1990,9 @@ mod tests {
         for i in 0..3 {
             f.push_ready(confirm(i));
         }
-        let (out, _) = f.due(t, 1024, 4);
-        assert_eq!(ids(&out), vec![0, 1, 2]);
+        let d = f.due(t, 1024, 4);
+        assert!(d.others.is_empty());
+        assert_eq!(ids(&d.confirms), vec![0, 1, 2]);
         // Three in flight: the next ones wait for a whole batch, in order; a release does not wait.
         for i in 3..13 {
             f.push_ready(confirm(i));
@@ -1988,17 +2001,19 @@ mod tests {
             job: Job::Release { pin_ids: vec![99] },
             attempts: 0,
         });
-        let (out, _) = f.due(t, 1024, 4);
-        assert_eq!(ids(&out), vec![-1, 3, 4, 5, 6, 7, 8, 9, 10]);
+        let d = f.due(t, 1024, 4);
+        assert_eq!(ids(&d.others), vec![-1]);
+        assert_eq!(ids(&d.confirms), vec![3, 4, 5, 6, 7, 8, 9, 10]);
         // Room for less than a batch: none go.
-        let (out, _) = f.due(t, 3, 4);
-        assert!(out.is_empty());
+        let d = f.due(t, 3, 4);
+        assert!(d.others.is_empty() && d.confirms.is_empty());
         assert_eq!(f.in_flight, 3 + 9);
         assert_eq!(f.confirms_in_flight, 3 + 8);
         // Once every confirm is answered, the partial batch goes.
         f.confirms_in_flight = 0;
-        let (out, _) = f.due(t, 1024, 4);
-        assert_eq!(ids(&out), vec![11, 12]);
+        let d = f.due(t, 1024, 4);
+        assert!(d.others.is_empty());
+        assert_eq!(ids(&d.confirms), vec![11, 12]);
     }
 
     #[test]
