@@ -353,13 +353,19 @@ async fn scenario(s: &mut impl PinStore) {
     assert!(matches!(r, Err(StoreError::UnknownDenomination { .. })), "{r:?}");
 }
 
-#[tokio::test]
-async fn sqlite_conforms() {
-    let dir = std::env::temp_dir().join(format!("pingate-conf-{}", std::process::id()));
+/// A fresh SQLite inventory in a directory of this test run, with new PIN keys: (directory, key spec, store).
+fn sqlite(prefix: &str) -> (std::path::PathBuf, String, SqliteStore) {
+    let dir = std::env::temp_dir().join(format!("pingate-{prefix}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let keys = PinCipher::generate_spec().unwrap();
-    let mut s = SqliteStore::open(&dir.join("pins.db"), PinCipher::from_spec(&keys).unwrap()).unwrap();
+    let s = SqliteStore::open(&dir.join("pins.db"), PinCipher::from_spec(&keys).unwrap()).unwrap();
+    (dir, keys, s)
+}
+
+#[tokio::test]
+async fn sqlite_conforms() {
+    let (dir, keys, mut s) = sqlite("conf");
     scenario(&mut s).await;
 
     // Rotation: add key 2; old PINs still open, new ones are sealed under key 2.
@@ -505,11 +511,7 @@ async fn a_wrong_key_quarantines_nothing(wrong: &mut impl PinStore) {
 
 #[tokio::test]
 async fn sqlite_quarantines_a_row_that_does_not_open() {
-    let dir = std::env::temp_dir().join(format!("pingate-quarantine-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let keys = PinCipher::generate_spec().unwrap();
-    let mut s = SqliteStore::open(&dir.join("pins.db"), PinCipher::from_spec(&keys).unwrap()).unwrap();
+    let (dir, _, mut s) = sqlite("quarantine");
     stock_twenty(&mut s).await;
     s.connection().execute_batch(SPOIL_SQL).unwrap();
     spoiled_rows_are_quarantined(&mut s).await;
