@@ -1,8 +1,15 @@
 //! Throughput and latency of the real PIN server (TLS 1.3 + PSP + store) on this machine, for each backend:
 //! `ping` (TLS and protocol only: the ceiling measured in the same run), on-demand `sell`, `reserve` of 10, and
-//! `cache x10` (reserve 10, then confirm the 10 as sold in one `confirm_batch`: a prefetching gateway's load).
+//! `cache x10` (reserve 10, then confirm the 10 as sold in one `confirm_batch`: a prefetching gateway's load), and
+//! `cache x256` (the same by 256, the batch size a prefetching gateway uses for its confirms: the PIN server's own
+//! ceiling for prefetch sales, with no gateway on the machine).
 //!
-//! `cargo bench --bench pin_server [-- sqlite|postgres] [--seconds N] [--connections N] [--in-flight N]`
+//! `cargo bench --bench pin_server [-- sqlite|postgres] [--op NAME]... [--seconds N] [--connections N]
+//! [--in-flight N]` (`--op`: ping, sell, reserve-x10, cache-x10, cache-x256; all by default)
+//!
+//! `cargo bench --bench pin_server -- direct [--seconds N]`: the SQLite store alone, called on this thread (no TLS,
+//! no protocol, no other thread): CPU time per PIN of a sale (batches of 64) and of a cached PIN (reserve 256,
+//! then confirm the 256 in one transaction), each with its disk syncs.
 //! PostgreSQL at `$PINGATE_BENCH_PG` (default postgres://postgres@127.0.0.1:5432/test, in a scratch schema).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,7 +24,7 @@ use pingate::store::crypto::PinCipher;
 use pingate::store::handle::{DbUrl, StoreHandle, StoreOptions};
 use pingate::store::postgres::PgStore;
 use pingate::store::sqlite::SqliteStore;
-use pingate::store::{NewPin, Product};
+use pingate::store::{NewPin, Op, Outcome, Product, SaleContext, SellRequest};
 use pingate::tls::{certs_init, client_config, server_config, CertsInit, GatewayList};
 
 struct Args {
@@ -25,7 +32,12 @@ struct Args {
     seconds: u64,
     connections: usize,
     in_flight: usize,
+    ops: Vec<&'static str>,
+    direct: bool,
 }
+
+/// The measurements, in the order they run: `--op` takes the name with `-` for the space.
+const OPS: [&str; 5] = ["ping", "sell", "reserve x10", "cache x10", "cache x256"];
 
 fn args() -> Args {
     let mut a = Args {
@@ -33,6 +45,8 @@ fn args() -> Args {
         seconds: 5,
         connections: 8,
         in_flight: 32,
+        ops: vec![],
+        direct: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -40,12 +54,22 @@ fn args() -> Args {
             "--seconds" => a.seconds = it.next().unwrap().parse().unwrap(),
             "--connections" => a.connections = it.next().unwrap().parse().unwrap(),
             "--in-flight" => a.in_flight = it.next().unwrap().parse().unwrap(),
+            "--op" => {
+                let name = it.next().unwrap().replace('-', " ");
+                let op = OPS.iter().find(|o| **o == name);
+                a.ops
+                    .push(op.unwrap_or_else(|| panic!("--op: one of {OPS:?} (with - for the space)")));
+            }
+            "direct" => a.direct = true,
             "sqlite" | "postgres" => a.backends.push(x),
             _ => {} // cargo's own flags (--bench)
         }
     }
     if a.backends.is_empty() {
         a.backends = vec!["sqlite".into(), "postgres".into()];
+    }
+    if a.ops.is_empty() {
+        a.ops = OPS.to_vec();
     }
     a
 }
@@ -117,14 +141,14 @@ async fn load(clients: &[Arc<PspClient>], in_flight: usize, secs: u64, op: &'sta
                         _ => Request::Reserve {
                             product: "TOPUP".into(),
                             amount: 1000,
-                            count: 10,
+                            count: if op == "cache x256" { 256 } else { 10 },
                             lease_secs: 600,
                         },
                     };
                     let start = Instant::now();
-                    if op == "cache x10" {
-                        // The prefetch workload as the server sees it: reserve 10, then confirm them as sold in one
-                        // confirm_batch. Counted as 10 PINs sold.
+                    if op.starts_with("cache") {
+                        // The prefetch workload as the server sees it: reserve 10 (or 256), then confirm them as sold
+                        // in one confirm_batch. Counted as 10 (or 256) PINs sold.
                         let pins = match c.call(req).await {
                             Ok(Response::Reserved { pins, .. }) if !pins.is_empty() => pins,
                             Ok(_) => break,
@@ -138,7 +162,7 @@ async fn load(clients: &[Arc<PspClient>], in_flight: usize, secs: u64, op: &'sta
                             .enumerate()
                             .map(|(k, p)| ConfirmItem {
                                 pin_id: p.pin_id,
-                                terminal: terminal(format!("{n:09}{k:02}"), format!("{n:012}")),
+                                terminal: terminal(format!("{n:09}{k:03}"), format!("{n:012}")),
                             })
                             .collect();
                         match c.call(Request::ConfirmBatch { confirms }).await {
@@ -213,11 +237,100 @@ fn report(backend: &str, op: &str, s: &Stats) {
     );
 }
 
+/// The SQLite store's own cost per PIN, without the server around it: the lower bound of what each sale costs the
+/// PIN server's one store thread.
+fn direct(dir: &std::path::Path, secs: u64) {
+    let certs = certs_init(&dir.join("certs"), &CertsInit::default()).unwrap();
+    let keys = std::fs::read_to_string(certs.pin_keys()).unwrap();
+    let mut s = SqliteStore::open(&dir.join("pins.db"), PinCipher::from_spec(&keys).unwrap()).unwrap();
+    s.upsert_product(&product()).unwrap();
+    let stock = 400_000;
+    s.import(&pins(stock)).unwrap();
+    let sale = |n: usize| SaleContext {
+        gateway: "gw1".into(),
+        terminal_id: format!("T{:07}", n % 1000),
+        merchant_id: "MERCHANT0000001".into(),
+        stan: format!("{n:09}"),
+        transmission: "1128173500".into(),
+        rrn: format!("{n:012}"),
+    };
+    println!("SQLite store alone, one thread, {secs} s per line ({stock} PINs)");
+    let mut n = 0;
+    for what in ["sell x64", "cache x256"] {
+        let (start, cpu, mut pins) = (Instant::now(), thread_cpu(), 0usize);
+        while start.elapsed() < Duration::from_secs(secs) && pins + 512 < stock / 2 {
+            if what == "sell x64" {
+                let ops: Vec<Op> = (0..64)
+                    .map(|_| {
+                        n += 1;
+                        Op::Sell(SellRequest {
+                            product: "TOPUP".into(),
+                            amount: 1000,
+                            sale: sale(n),
+                        })
+                    })
+                    .collect();
+                pins += s.apply_batch(&ops).into_iter().filter(|r| r.is_ok()).count();
+            } else {
+                let reserved = match s.apply_batch(&[Op::Reserve {
+                    holder: "gw1".into(),
+                    product: "TOPUP".into(),
+                    amount: 1000,
+                    count: 256,
+                    lease_until: i64::MAX,
+                }]) {
+                    mut r if matches!(r[0], Ok(Outcome::Reserved(_))) => match r.remove(0) {
+                        Ok(Outcome::Reserved(p)) => p,
+                        _ => unreachable!(),
+                    },
+                    r => panic!("reserve: {r:?}"),
+                };
+                let ops: Vec<Op> = reserved
+                    .iter()
+                    .map(|p| {
+                        n += 1;
+                        Op::Confirm {
+                            holder: "gw1".into(),
+                            pin_id: p.pin_id,
+                            sale: sale(n),
+                        }
+                    })
+                    .collect();
+                pins += s.apply_batch(&ops).into_iter().filter(|r| r.is_ok()).count();
+            }
+        }
+        let (t, cpu) = (start.elapsed(), thread_cpu() - cpu);
+        println!(
+            "direct    {what:<12} {:>9.0} PINs/s  {:>6.1} µs per PIN, of which CPU {:>5.1} µs (user+system)",
+            pins as f64 / t.as_secs_f64(),
+            t.as_secs_f64() * 1e6 / pins as f64,
+            cpu.as_secs_f64() * 1e6 / pins as f64
+        );
+    }
+}
+
+/// This thread's CPU time so far (user + system, from /proc; clock ticks of 10 ms, enough over seconds).
+fn thread_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat, 11 and 12 after the name.
+    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = field(11) + field(12);
+    Duration::from_millis(ticks * 10)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let a = args();
     let dir = std::env::temp_dir().join(format!("pingate-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    if a.direct {
+        direct(&dir, a.seconds);
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     let certs = certs_init(&dir.join("certs"), &CertsInit::default()).unwrap();
     let keys = std::fs::read_to_string(certs.pin_keys()).unwrap();
     let gateways = GatewayList::load(&certs.gateways()).unwrap();
@@ -232,7 +345,11 @@ async fn main() {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
     for backend in &a.backends {
-        let stock = if backend == "sqlite" { 600_000 } else { 400_000 };
+        let stock = match (backend.as_str(), a.ops.len()) {
+            ("sqlite", 1) => 400_000, // one measurement: enough for it alone, and a shorter import
+            ("sqlite", _) => 600_000,
+            _ => 400_000,
+        };
         let schema = format!("bench{}", std::process::id());
         let pg = std::env::var("PINGATE_BENCH_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
         let t = Instant::now();
@@ -284,7 +401,7 @@ async fn main() {
                 PspClient::connect(addr, "localhost", ctls.clone()).await.unwrap().0,
             ));
         }
-        for op in ["ping", "sell", "reserve x10", "cache x10"] {
+        for &op in &a.ops {
             let s = load(&clients, a.in_flight, a.seconds, op).await;
             report(backend, op, &s);
         }
