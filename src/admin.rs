@@ -136,7 +136,8 @@ pub(crate) async fn pins(cmd: PinsCommand) -> Result<String, String> {
         PinsCommand::Product { db, .. }
         | PinsCommand::Stock { db }
         | PinsCommand::Leases { db }
-        | PinsCommand::ReturnExpired { db, .. } => (db.clone(), None),
+        | PinsCommand::ReturnExpired { db, .. }
+        | PinsCommand::Quarantine { db, .. } => (db.clone(), None),
     };
     // Commands that never open a PIN get a throwaway key.
     let spec = match keys {
@@ -227,6 +228,12 @@ async fn run(mut inv: impl PinStore, cmd: PinsCommand) -> Result<String, String>
         PinsCommand::ReturnQuarantined { id, .. } => {
             inv.return_quarantined(id).await.map_err(s)?;
             Ok(format!("PIN {id} opens again and is back in stock"))
+        }
+        PinsCommand::Quarantine { id, .. } => {
+            inv.operator_quarantine(id).await.map_err(s)?;
+            Ok(format!(
+                "PIN {id} is quarantined: out of sale until `pingate pins return-quarantined` puts it back"
+            ))
         }
     }
 }

@@ -232,6 +232,15 @@ pub(crate) enum PinsCommand {
         #[arg(long)]
         id: i64,
     },
+    /// Take an available PIN out of sale (quarantine it) on your word, e.g. a damaged row whose key id names a key
+    /// nobody has (the server refuses to start while one is in stock). Undone by `return-quarantined`.
+    Quarantine {
+        #[arg(long)]
+        db: String,
+        /// The PIN's id.
+        #[arg(long)]
+        id: i64,
+    },
 }
 
 #[derive(clap::Args)]

@@ -379,10 +379,11 @@ fn logs_as_json_lines_and_log_levels_are_checked() {
     );
 }
 
+/// `pingate pins quarantine` takes an available PIN out of sale, and refuses one that is not available;
 /// `pingate pins return-quarantined`: a quarantined PIN whose row opens goes back to stock; one that is not
 /// quarantined, or whose row still does not open, is refused with the reason and a failing exit status.
 #[test]
-fn an_operator_returns_a_repaired_quarantined_pin_to_stock() {
+fn an_operator_quarantines_a_pin_and_returns_a_repaired_one_to_stock() {
     let d = std::env::temp_dir().join(format!("pingate-return-q-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
@@ -390,11 +391,15 @@ fn an_operator_returns_a_repaired_quarantined_pin_to_stock() {
     let db = format!("sqlite:{}", path.display());
     let (_dir, certs) = setup("return-q", &db, 3);
     let keys = certs.dir.join("pin-keys");
-    // PIN 1 was quarantined while its row was damaged, and has been repaired since; PIN 2 was quarantined and
-    // is still damaged (its serial, the seal's associated data, changed).
+    // PIN 1 is quarantined by the operator (and opens); PIN 2 was quarantined by the server and is still damaged
+    // (its serial, the seal's associated data, changed).
+    let out = ok(&["pins", "quarantine", "--db", &db, "--id", "1"]);
+    assert!(out.contains("PIN 1 is quarantined"), "{out}");
+    let (success, _, err) = pingate(&["pins", "quarantine", "--db", &db, "--id", "1"]);
+    assert!(!success && err.contains("PIN 1 is quarantined, not available"), "{err}");
     let c = rusqlite::Connection::open(&path).unwrap();
     c.execute_batch(
-        "UPDATE pins SET state = 'quarantined' WHERE id IN (1, 2);
+        "UPDATE pins SET state = 'quarantined' WHERE id = 2;
          UPDATE pins SET serial = serial || 'X' WHERE id = 2;",
     )
     .unwrap();

@@ -8,7 +8,7 @@ use pingate::sale::Pin;
 use pingate::store::crypto::PinCipher;
 use pingate::store::handle::{DbUrl, StoreHandle, StoreOptions};
 use pingate::store::postgres::PgStore;
-use pingate::store::{Confirmation, NewPin, Op, Outcome, PinState, Reversal, SellRequest, StoreError};
+use pingate::store::{Confirmation, NewPin, Op, Outcome, PinState, PinStore, Reversal, SellRequest, StoreError};
 
 fn url() -> String {
     std::env::var("PINGATE_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
@@ -527,7 +527,8 @@ async fn a_store_missing_a_key_that_unsold_pins_need_is_refused_at_open() {
         match StoreHandle::open(&url, &new, &opts).await {
             Err(e) => assert_eq!(
                 e.to_string(),
-                "unsold PINs are sealed under keys that are not loaded (key 1: 3 PINs): add those keys to the PIN keys",
+                "unsold PINs are sealed under keys that are not loaded (key 1: 3 PINs, ids 1 2 3): add those keys to \
+                 the PIN keys, or take a damaged row out of sale with `pingate pins quarantine --id N`",
                 "{url:?}"
             ),
             Ok(_) => panic!("{url:?}: opened without the key its PINs need"),
@@ -545,6 +546,100 @@ async fn a_store_missing_a_key_that_unsold_pins_need_is_refused_at_open() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
     schema.drop_it().await;
+}
+
+/// A damaged row whose key id names a key nobody has keeps the server from starting; the refusal names the row, an
+/// operator quarantines it on their word, and the server starts and sells the others. The operator's quarantine
+/// takes only an available PIN. Both backends.
+#[tokio::test]
+async fn a_row_naming_an_unknown_key_is_named_at_open_and_an_operator_quarantine_lets_the_server_start() {
+    let schema = Schema::new("unknownkey").await;
+    let opts = StoreOptions {
+        pg_schema: Some(schema.name.clone()),
+        ..StoreOptions::default()
+    };
+    let dir = std::env::temp_dir().join(format!("pingate-unknownkey-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("pins.db");
+    let cipher = || PinCipher::from_spec(&schema.keys).unwrap();
+    {
+        let mut s = pingate::store::sqlite::SqliteStore::open(&file, cipher()).unwrap();
+        s.upsert_product(&topup(&[1000])).unwrap();
+        s.import(&pins(0, 4)).unwrap();
+        s.connection()
+            .execute("UPDATE pins SET key_id = 9 WHERE id = 2", [])
+            .unwrap();
+    }
+    drop(schema.stocked(4).await);
+    let admin = schema.admin().await;
+    admin
+        .execute(&format!("UPDATE {}.pins SET key_id = 9 WHERE id = 2", schema.name), &[])
+        .await
+        .unwrap();
+    for url in [DbUrl::Postgres(url()), DbUrl::Sqlite(file.clone())] {
+        match StoreHandle::open(&url, &schema.keys, &opts).await {
+            Err(e) => assert!(
+                e.to_string().contains("(key 9: 1 PIN, id 2)")
+                    && e.to_string().contains("`pingate pins quarantine --id N`"),
+                "{url:?}: {e}"
+            ),
+            Ok(_) => panic!("{url:?}: opened with a PIN no key opens"),
+        }
+        match &url {
+            DbUrl::Sqlite(f) => {
+                let mut s = pingate::store::sqlite::SqliteStore::open(f, cipher()).unwrap();
+                operator_quarantine_takes_only_available_pins(&mut s).await;
+            }
+            DbUrl::Postgres(_) => operator_quarantine_takes_only_available_pins(&mut schema.open().await).await,
+        }
+        let h = StoreHandle::open(&url, &schema.keys, &opts).await.unwrap();
+        for i in 0..2 {
+            let r = h.call(Op::Sell(sell("gwq", 100 + i))).await;
+            assert!(
+                matches!(r, Ok(Outcome::Sold(ref d)) if d.pin_id == 3 + i as i64),
+                "{url:?}: {r:?}"
+            );
+        }
+        let r = h.call(Op::Sell(sell("gwq", 102))).await;
+        assert!(matches!(r, Err(StoreError::OutOfStock { .. })), "{url:?}: {r:?}");
+        h.close().await;
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    schema.drop_it().await;
+}
+
+/// PIN 2 (available, its key unknown) is quarantined; PIN 1 is reserved first and refused, as are PIN 2 again and
+/// an unknown id; the audit records the move.
+async fn operator_quarantine_takes_only_available_pins(s: &mut impl PinStore) {
+    let reserve = Op::Reserve {
+        holder: "gwq".into(),
+        product: "TOPUP".into(),
+        amount: 1000,
+        count: 1,
+        lease_until: i64::MAX / 2,
+    };
+    let r = s.apply(reserve).await;
+    assert!(
+        matches!(r, Ok(Outcome::Reserved(ref p)) if p.len() == 1 && p[0].pin_id == 1),
+        "{r:?}"
+    );
+    s.operator_quarantine(2).await.unwrap();
+    for (id, why) in [
+        (1, "PIN 1 is reserved by a gateway: it must be released or sold first"),
+        (2, "PIN 2 is quarantined, not available"),
+        (99, "no PIN with id 99"),
+    ] {
+        let r = s.operator_quarantine(id).await;
+        assert!(r.as_ref().is_err_and(|e| e.to_string().contains(why)), "{id}: {r:?}");
+    }
+    let stock = s.stock().await.unwrap();
+    let quarantined: i64 = stock
+        .iter()
+        .filter(|r| r.state == PinState::Quarantined)
+        .map(|r| r.count)
+        .sum();
+    assert_eq!(quarantined, 1);
 }
 
 #[tokio::test]

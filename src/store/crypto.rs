@@ -23,7 +23,10 @@ pub enum CryptoError {
     UnknownKey { id: u32 },
     /// Unsold PINs (available or reserved) are sealed under keys this process was not given: they could never be
     /// sold, and each would be refused at its turn. Found when a store is opened to serve.
-    #[error("unsold PINs are sealed under keys that are not loaded ({missing}): add those keys to the PIN keys")]
+    #[error(
+        "unsold PINs are sealed under keys that are not loaded ({missing}): add those keys to the PIN keys, or take a \
+         damaged row out of sale with `pingate pins quarantine --id N`"
+    )]
     KeysMissing { missing: String },
     /// The ciphertext does not open: wrong key, or the row was tampered with.
     #[error("PIN of serial {serial} does not decrypt: wrong key or tampered row")]
@@ -35,6 +38,27 @@ pub enum CryptoError {
     #[error("PIN keys: {0}")]
     Source(String),
 }
+
+impl CryptoError {
+    /// [`CryptoError::KeysMissing`] for `(key id, unsold PINs, their ids)`; the ids are named when there are at
+    /// most [`NAMED_ROWS`] (a damaged row or two, not a key left out), so the operator can quarantine them.
+    pub fn keys_missing(missing: &[(u32, i64, Vec<i64>)]) -> CryptoError {
+        let one = |(key, n, ids): &(u32, i64, Vec<i64>)| {
+            let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
+            match ids.len() {
+                0 => format!("key {key}: {n} PINs"),
+                1 => format!("key {key}: 1 PIN, id {}", ids[0]),
+                _ => format!("key {key}: {n} PINs, ids {}", ids.join(" ")),
+            }
+        };
+        CryptoError::KeysMissing {
+            missing: missing.iter().map(one).collect::<Vec<_>>().join("; "),
+        }
+    }
+}
+
+/// Most rows of a missing key named one by one in [`CryptoError::KeysMissing`].
+pub const NAMED_ROWS: i64 = 8;
 
 /// A sealed PIN as stored.
 #[derive(Clone, PartialEq, Eq)]
@@ -127,20 +151,13 @@ impl PinCipher {
         Ok(format!("1:{}", crate::iso8583::to_hex(&k)))
     }
 
-    /// Refuses when any of `(key id, unsold PINs)` names a key this cipher does not hold.
-    pub fn check_holds(&self, in_use: &[(u32, i64)]) -> Result<(), CryptoError> {
-        let missing: Vec<String> = in_use
+    /// Those of `(key id, unsold PINs)` that name a key this cipher does not hold.
+    pub fn missing_keys(&self, in_use: &[(u32, i64)]) -> Vec<(u32, i64)> {
+        in_use
             .iter()
+            .copied()
             .filter(|(id, _)| !self.keys.contains_key(id))
-            .map(|(id, n)| format!("key {id}: {n} PINs"))
-            .collect();
-        if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(CryptoError::KeysMissing {
-                missing: missing.join(", "),
-            })
-        }
+            .collect()
     }
 
     /// The id new PINs are sealed under.

@@ -326,6 +326,10 @@ pub trait PinStore {
     /// Operator command: the quarantined PIN `pin_id`, its row repaired (restored from a backup, say), goes back to
     /// stock; refused unless it is quarantined and its row now opens with this store's keys.
     async fn return_quarantined(&mut self, pin_id: i64) -> Result<(), StoreError>;
+    /// Operator command: the available PIN `pin_id` is taken out of sale (quarantined) on the operator's word, with
+    /// no key check: for a row the server cannot judge by itself, e.g. one whose key id names a key nobody has, which
+    /// keeps the server from starting. Refused unless the PIN is available.
+    async fn operator_quarantine(&mut self, pin_id: i64) -> Result<(), StoreError>;
 
     /// One operation in its own transaction.
     async fn apply(&mut self, op: Op) -> Result<Outcome, StoreError> {
@@ -339,6 +343,10 @@ pub trait PinStore {
 /// Both backends: the keys that unsold PINs need (a scan of the PIN table, once per start).
 pub(crate) const UNSOLD_KEY_IDS: &str =
     "SELECT key_id, COUNT(*) FROM pins WHERE state IN ('available', 'reserved') GROUP BY key_id ORDER BY key_id";
+
+/// The unsold PINs sealed under key `$1`, for naming them when the key is missing (start-up failure path only).
+pub(crate) const UNSOLD_OF_KEY: &str =
+    "SELECT id FROM pins WHERE key_id = $1 AND state IN ('available', 'reserved') ORDER BY id";
 
 /// Other PINs sealed under the key of a row that did not open, `$1` its key id and `$2` its id: if one of
 /// them opens, the key is right and the row is bad (see [`key_is_shown_right`]). Failure path only.
@@ -376,6 +384,18 @@ pub(crate) fn check_returnable(
         )));
     }
     row.open(cipher).map(|_| ())
+}
+
+/// Refuses an operator's quarantine of a PIN that is missing or not available (`state` as read in the transaction).
+pub(crate) fn check_quarantinable(state: Option<String>, pin_id: i64) -> Result<(), StoreError> {
+    match state {
+        None => Err(StoreError::BadRequest(format!("no PIN with id {pin_id}"))),
+        Some(s) if s == PinState::Available.as_str() => Ok(()),
+        Some(s) if s == PinState::Reserved.as_str() => Err(StoreError::BadRequest(format!(
+            "PIN {pin_id} is reserved by a gateway: it must be released or sold first"
+        ))),
+        Some(s) => Err(StoreError::BadRequest(format!("PIN {pin_id} is {s}, not available"))),
+    }
 }
 
 /// Logs a quarantine (the serial names the row; the PIN is never shown).

@@ -394,7 +394,21 @@ impl PgStore {
             .iter()
             .map(|r| (r.get::<_, i32>(0) as u32, r.get::<_, i64>(1)))
             .collect();
-        Ok(self.cipher.check_holds(&in_use)?)
+        let mut missing = Vec::new();
+        for (key, n) in self.cipher.missing_keys(&in_use) {
+            let ids = if n <= super::crypto::NAMED_ROWS {
+                let rows = self.client.query(super::UNSOLD_OF_KEY, &[&(key as i32)]).await?;
+                rows.iter().map(|r| r.get::<_, i64>(0)).collect()
+            } else {
+                Vec::new()
+            };
+            missing.push((key, n, ids));
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(super::crypto::CryptoError::keys_missing(&missing).into())
+        }
     }
 }
 
@@ -882,6 +896,23 @@ impl PgStore {
         super::check_returnable(row, pin_id, &self.cipher)?;
         tx.execute(
             "UPDATE pins SET state = 'available' WHERE id = $1 AND state = 'quarantined'",
+            &[&pin_id],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Operator command: an available PIN is quarantined on the operator's word (see [`super::PinStore`]).
+    pub async fn operator_quarantine(&mut self, pin_id: i64) -> Result<(), StoreError> {
+        let tx = self.client.transaction().await?;
+        let state = tx
+            .query_opt("SELECT state FROM pins WHERE id = $1 FOR UPDATE", &[&pin_id])
+            .await?
+            .map(|r| r.get::<_, String>(0));
+        super::check_quarantinable(state, pin_id)?;
+        tx.execute(
+            "UPDATE pins SET state = 'quarantined' WHERE id = $1 AND state = 'available'",
             &[&pin_id],
         )
         .await?;
@@ -1557,5 +1588,8 @@ impl super::PinStore for PgStore {
     }
     async fn return_quarantined(&mut self, pin_id: i64) -> Result<(), StoreError> {
         PgStore::return_quarantined(self, pin_id).await
+    }
+    async fn operator_quarantine(&mut self, pin_id: i64) -> Result<(), StoreError> {
+        PgStore::operator_quarantine(self, pin_id).await
     }
 }

@@ -186,7 +186,22 @@ impl SqliteStore {
         let in_use = stmt
             .query_map([], |r| Ok((r.get::<_, i64>(0)? as u32, r.get(1)?)))?
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(self.cipher.check_holds(&in_use)?)
+        let mut missing = Vec::new();
+        for (key, n) in self.cipher.missing_keys(&in_use) {
+            let ids = if n <= super::crypto::NAMED_ROWS {
+                let mut ids = self.conn.prepare(super::UNSOLD_OF_KEY)?;
+                let ids = ids.query_map(params![key], |r| r.get(0))?;
+                ids.collect::<Result<Vec<i64>, _>>()?
+            } else {
+                Vec::new()
+            };
+            missing.push((key, n, ids));
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(super::crypto::CryptoError::keys_missing(&missing).into())
+        }
     }
 
     /// The schema version of the open file.
@@ -501,6 +516,21 @@ impl SqliteStore {
         super::check_returnable(row, pin_id, &self.cipher)?;
         tx.execute(
             "UPDATE pins SET state = 'available' WHERE id = ?1 AND state = 'quarantined'",
+            params![pin_id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Operator command: an available PIN is quarantined on the operator's word (see [`super::PinStore`]).
+    pub fn operator_quarantine(&mut self, pin_id: i64) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let state = tx
+            .query_row("SELECT state FROM pins WHERE id = ?1", params![pin_id], |r| r.get(0))
+            .optional()?;
+        super::check_quarantinable(state, pin_id)?;
+        tx.execute(
+            "UPDATE pins SET state = 'quarantined' WHERE id = ?1 AND state = 'available'",
             params![pin_id],
         )?;
         tx.commit()?;
@@ -1025,5 +1055,8 @@ impl super::PinStore for SqliteStore {
     }
     async fn return_quarantined(&mut self, pin_id: i64) -> Result<(), StoreError> {
         SqliteStore::return_quarantined(self, pin_id)
+    }
+    async fn operator_quarantine(&mut self, pin_id: i64) -> Result<(), StoreError> {
+        SqliteStore::operator_quarantine(self, pin_id)
     }
 }
