@@ -7,7 +7,7 @@
 //! `cargo bench --bench pin_server [-- sqlite|postgres] [--op NAME]... [--seconds N] [--connections N]
 //! [--in-flight N]` (`--op`: ping, sell, reserve-x10, cache-x10, cache-x256; all by default)
 //!
-//! `cargo bench --bench pin_server -- direct [--seconds N]`: the SQLite store alone, called on this thread (no TLS,
+//! `cargo bench --bench pin_server -- direct [--seconds N] [--terminals N]`: the SQLite store alone, called on this thread (no TLS,
 //! no protocol, no other thread): CPU time per PIN of a sale (batches of 64) and of a cached PIN (reserve 256,
 //! then confirm the 256 in one transaction), each with its disk syncs.
 //! PostgreSQL at `$PINGATE_BENCH_PG` (default postgres://postgres@127.0.0.1:5432/test, in a scratch schema).
@@ -34,6 +34,7 @@ struct Args {
     in_flight: usize,
     ops: Vec<&'static str>,
     direct: bool,
+    terminals: usize,
 }
 
 /// The measurements, in the order they run: `--op` takes the name with `-` for the space.
@@ -47,6 +48,7 @@ fn args() -> Args {
         in_flight: 32,
         ops: vec![],
         direct: false,
+        terminals: 1000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -61,6 +63,7 @@ fn args() -> Args {
                     .push(op.unwrap_or_else(|| panic!("--op: one of {OPS:?} (with - for the space)")));
             }
             "direct" => a.direct = true,
+            "--terminals" => a.terminals = it.next().unwrap().parse().unwrap(),
             "sqlite" | "postgres" => a.backends.push(x),
             _ => {} // cargo's own flags (--bench)
         }
@@ -239,7 +242,7 @@ fn report(backend: &str, op: &str, s: &Stats) {
 
 /// The SQLite store's own cost per PIN, without the server around it: the lower bound of what each sale costs the
 /// PIN server's one store thread.
-fn direct(dir: &std::path::Path, secs: u64) {
+fn direct(dir: &std::path::Path, secs: u64, terminals: usize) {
     let certs = certs_init(&dir.join("certs"), &CertsInit::default()).unwrap();
     let keys = std::fs::read_to_string(certs.pin_keys()).unwrap();
     let mut s = SqliteStore::open(&dir.join("pins.db"), PinCipher::from_spec(&keys).unwrap()).unwrap();
@@ -248,13 +251,13 @@ fn direct(dir: &std::path::Path, secs: u64) {
     s.import(&pins(stock)).unwrap();
     let sale = |n: usize| SaleContext {
         gateway: "gw1".into(),
-        terminal_id: format!("T{:07}", n % 1000),
+        terminal_id: format!("T{:07}", n % terminals),
         merchant_id: "MERCHANT0000001".into(),
         stan: format!("{n:09}"),
         transmission: "1128173500".into(),
         rrn: format!("{n:012}"),
     };
-    println!("SQLite store alone, one thread, {secs} s per line ({stock} PINs)");
+    println!("SQLite store alone, one thread, {secs} s per line ({stock} PINs, sales of {terminals} terminals)");
     let mut n = 0;
     for what in ["sell x64", "cache x256"] {
         let (start, cpu, mut pins) = (Instant::now(), thread_cpu(), 0usize);
@@ -327,7 +330,7 @@ async fn main() {
     let dir = std::env::temp_dir().join(format!("pingate-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     if a.direct {
-        direct(&dir, a.seconds);
+        direct(&dir, a.seconds, a.terminals);
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }
