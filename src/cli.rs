@@ -482,8 +482,9 @@ fn check_config(file: &std::path::Path) -> Result<String, String> {
         ));
     }
     let c = cfg.expect("checked");
+    let warnings: String = c.warnings().iter().map(|w| format!("\nwarning: {w}")).collect();
     Ok(format!(
-        "{}: a gateway configuration: {} listeners, {} serial lines, {} terminals, {} products listed: OK",
+        "{}: a gateway configuration: {} listeners, {} serial lines, {} terminals, {} products listed: OK{warnings}",
         file.display(),
         c.listeners.len(),
         c.serial.len(),

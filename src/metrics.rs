@@ -16,6 +16,17 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// A warning when an endpoint without authentication (`what`, named as in the configuration) is bound to `addr`
+/// off loopback: anyone who reaches it reads what it shows. Logged at start and printed by `check-config`.
+pub fn off_loopback(what: &str, addr: std::net::SocketAddr) -> Option<String> {
+    (!addr.ip().is_loopback()).then(|| {
+        format!(
+            "{what}: {addr} is not on loopback, and the endpoint has no authentication: bind it to 127.0.0.1, or keep \
+             it on a management network behind a firewall"
+        )
+    })
+}
+
 /// A label value, escaped for the exposition format.
 pub fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")

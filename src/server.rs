@@ -193,6 +193,9 @@ pub async fn run(
     // or select!), they must still stop, or the store's close would wait for them forever.
     let _stop_on_drop = stop.clone().drop_guard();
     if let Some(addr) = metrics_addr {
+        if let Some(w) = crate::metrics::off_loopback("--metrics", addr) {
+            tracing::warn!("{w}");
+        }
         match TcpListener::bind(addr).await {
             Ok(l) => {
                 info!(addr = ?l.local_addr().ok(), "metrics, health and readiness over HTTP");

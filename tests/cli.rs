@@ -225,6 +225,20 @@ fn check_config_lists_every_problem_with_its_key() {
         "{}",
         text(&o.stdout)
     );
+    // Allowed but unwise: the admin socket and the metrics off loopback (neither authenticates) are warned of.
+    assert!(!text(&o.stdout).contains("warning"), "{}", text(&o.stdout));
+    let exposed = example
+        .replace("admin = \"127.0.0.1:9583\"", "admin = \"0.0.0.0:9583\"")
+        .replace("# metrics = \"127.0.0.1:9584\"", "metrics = \"[::1]:9584\"");
+    std::fs::write(&cfg, exposed).unwrap();
+    let o = pingate(&["check-config", cfg.to_str().unwrap()], None);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(
+        out.contains("warning: gateway.admin: 0.0.0.0:9583 is not on loopback, and the endpoint has no authentication"),
+        "{out}"
+    );
+    assert!(!out.contains("gateway.metrics"), "[::1] is loopback: {out}");
     // Three mistakes at once: all three are reported, each with its key.
     let bad = example
         .replace("response_deadline_ms = 15000", "response_deadline_ms = 5")

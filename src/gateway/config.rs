@@ -594,6 +594,14 @@ pub struct GatewayConfig {
 }
 
 impl GatewayConfig {
+    /// What is allowed but unwise: the admin socket or the metrics endpoint off loopback (neither authenticates).
+    pub fn warnings(&self) -> Vec<String> {
+        [("gateway.admin", self.admin), ("gateway.metrics", self.metrics)]
+            .into_iter()
+            .filter_map(|(key, addr)| addr.and_then(|a| crate::metrics::off_loopback(key, a)))
+            .collect()
+    }
+
     /// Reads and checks a configuration file; relative paths in it are relative to the file.
     pub fn load(path: &Path) -> Result<GatewayConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

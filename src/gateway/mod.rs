@@ -1803,6 +1803,9 @@ pub async fn run(
     for sc in &cfg.serial {
         lines.push((sc.clone(), Arc::new(dialects.get(&sc.dialect)?.clone())));
     }
+    for w in cfg.warnings() {
+        tracing::warn!("{w}");
+    }
     let metrics = match cfg.metrics {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
