@@ -333,6 +333,39 @@ pub fn protect_pins(dialect: &Dialect, data: &[u8], tpdu: bool, policy: PinPolic
     Some(Bytes::from(out))
 }
 
+/// Opens the capture file of `source` (a listener or a serial line, for the log), logging what it does; `None`, and
+/// an error logged, when the file cannot be opened (the traffic still flows, uncaptured).
+pub fn open_logged(path: &Path, header: &Capture, source: &str) -> Option<CaptureSink> {
+    match CaptureSink::open(path, header) {
+        Ok(sink) => {
+            tracing::info!(source, path = %path.display(), pins = ?header.pins, "capturing terminal traffic");
+            if header.pins == PinPolicy::Clear {
+                tracing::warn!(
+                    source,
+                    "capture_pins = \"clear\": PIN values are written to the capture file (test traffic only)"
+                );
+            }
+            Some(sink)
+        }
+        Err(e) => {
+            tracing::error!(source, path = %path.display(), error = %e, "cannot open the capture file; not capturing");
+            None
+        }
+    }
+}
+
+/// A request from a terminal as a capture records it (`raw`: TPDU, then the message). Terminals send no PINs, but
+/// one that echoes field 63 must not put it in the file either; a request that does not decode is kept as it came
+/// (it is what a replay must send again).
+pub fn terminal_frame(dialect: &Dialect, raw: Bytes, tpdu: bool, pins: PinPolicy) -> Option<Bytes> {
+    let head = if tpdu { 5.min(raw.len()) } else { 0 };
+    if dialect.decode(&raw.slice(head..)).is_err() {
+        Some(raw)
+    } else {
+        protect_pins(dialect, &raw, tpdu, pins)
+    }
+}
+
 /// Frames waiting for the writer thread at most; beyond, frames are dropped (and counted) rather than held in
 /// memory while a disk stalls.
 const SINK_QUEUE: usize = 65_536;

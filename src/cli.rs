@@ -455,12 +455,22 @@ fn check_config(file: &std::path::Path) -> Result<String, String> {
             ));
         }
         let mut captures = std::collections::HashSet::new();
-        for (i, l) in c.listeners.iter().enumerate() {
-            if let Some(p) = &l.capture {
+        let listeners = c
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (format!("listener[{i}]"), &l.capture));
+        let lines = c
+            .serial
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (format!("serial[{i}]"), &l.capture));
+        for (key, capture) in listeners.chain(lines) {
+            if let Some(p) = capture {
                 if !captures.insert(p.clone()) {
                     problems.push(at(
-                        &format!("listener[{i}].capture"),
-                        format!("{} is another listener's capture file too", p.display()),
+                        &format!("{key}.capture"),
+                        format!("{} is another listener's or line's capture file too", p.display()),
                     ));
                 }
             }

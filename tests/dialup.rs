@@ -128,7 +128,12 @@ async fn modem() -> ModemHandle {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dialup_sale_end_to_end() {
     let m = modem().await;
-    let rig = rig("sale", &line("m1", &m.device, "")).await;
+    let capture = dir("sale-capture").with_extension("capture");
+    let rig = rig(
+        "sale",
+        &line("m1", &m.device, &format!("capture = \"{}\"", capture.display())),
+    )
+    .await;
     board_until(&rig.gw, "the modem ready", |b| ready(b, "m1")).await;
     let cmds = m.commands();
     assert_eq!(
@@ -183,13 +188,44 @@ async fn a_dialup_sale_end_to_end() {
     stop.cancel();
 
     // A second call on the same line works the same way.
-    let out = DialupTerminal::call(&m, &sale_request(1, 2, ON_DEMAND), &script())
+    let out2 = DialupTerminal::call(&m, &sale_request(1, 2, ON_DEMAND), &script())
         .await
         .unwrap();
-    assert_eq!(decode_answer(out.answer.as_ref().unwrap()).get_str(39), Some("00"));
+    assert_eq!(decode_answer(out2.answer.as_ref().unwrap()).get_str(39), Some("00"));
     rig.gw.stop().await;
     rig.server.stop().await;
     common::audit_ok(&rig.inv).await;
+
+    // The line captured both calls: each request and its answer, without the link's framing, as a TCP
+    // listener's capture has them (so `pingate replay` can send them again); the PINs masked.
+    let text = std::fs::read_to_string(&capture).unwrap();
+    let cap = pingate::capture::Capture::parse(&text).unwrap();
+    assert_eq!(cap.other.get("serial").map(String::as_str), Some("m1"), "{text}");
+    assert_eq!(cap.other.get("link").map(String::as_str), Some("stx-etx"), "{text}");
+    assert!(cap.tpdu);
+    let seen: Vec<(u64, pingate::capture::Direction)> = cap.records.iter().map(|r| (r.conn, r.dir)).collect();
+    use pingate::capture::Direction::{Host, Terminal};
+    assert_eq!(seen, [(1, Terminal), (1, Host), (2, Terminal), (2, Host)], "{text}");
+    assert_eq!(&cap.records[0].data[..], &sale_request(1, 1, ON_DEMAND)[..]);
+    for (record, call) in [(&cap.records[1], &out), (&cap.records[3], &out2)] {
+        let captured = decode_answer(&record.data);
+        assert_eq!(captured.get_str(39), Some("00"));
+        assert_eq!(
+            captured.get_str(11),
+            decode_answer(call.answer.as_ref().unwrap()).get_str(11)
+        );
+        let masked = pin_of(&captured);
+        assert!(
+            !masked.is_empty() && masked.chars().all(|c| c == '*'),
+            "masked: {masked}"
+        );
+        let pin = pin_of(&decode_answer(call.answer.as_ref().unwrap()));
+        assert!(
+            !text.contains(&pin) && !text.contains(&pingate::iso8583::to_hex(pin.as_bytes())),
+            "PIN in capture"
+        );
+    }
+    let _ = std::fs::remove_file(&capture);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -471,8 +507,11 @@ async fn a_directly_wired_terminal_with_length_framing() {
     let (mut term, dev) = tokio_serial::SerialStream::pair().unwrap();
     use tokio_serial::SerialPort;
     let path = dev.name().unwrap();
+    let capture = dir("direct-capture").with_extension("capture");
     let cfg = format!(
-        "\n[[serial]]\nname = \"d1\"\ndevice = \"{path}\"\ndialect = \"iso87-bcd\"\ntpdu = true\nlink = \"binary2\"\nbaud = 9600\n"
+        "\n[[serial]]\nname = \"d1\"\ndevice = \"{path}\"\ndialect = \"iso87-bcd\"\ntpdu = true\nlink = \"binary2\"\nbaud = 9600\n\
+         capture = \"{}\"\ncapture_pins = \"omitted\"\n",
+        capture.display()
     );
     let rig = rig("direct", &cfg).await;
     board_until(&rig.gw, "the line open", |b| {
@@ -510,6 +549,14 @@ async fn a_directly_wired_terminal_with_length_framing() {
     rig.gw.stop().await;
     rig.server.stop().await;
     common::audit_ok(&rig.inv).await;
+    // Captured as the line frames it, the answer without its field 63 (`capture_pins = "omitted"`).
+    let cap = pingate::capture::Capture::load(&capture).unwrap();
+    assert_eq!((cap.framing, cap.other["link"].as_str()), (Framing::Binary2, "binary2"));
+    assert_eq!(cap.records.len(), 2);
+    assert_eq!(&cap.records[0].data[..], &req[..]);
+    let captured = decode_answer(&cap.records[1].data);
+    assert_eq!((captured.get_str(39), captured.get(63)), (Some("00"), None));
+    let _ = std::fs::remove_file(&capture);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

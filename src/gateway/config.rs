@@ -199,6 +199,8 @@ struct SerialSection {
     binary: Option<bool>,
     inter_char_ms: Option<u64>,
     hangup: Option<Hangup>,
+    capture: Option<PathBuf>,
+    capture_pins: Option<crate::capture::PinPolicy>,
 }
 
 /// Flow control of a serial line.
@@ -253,6 +255,11 @@ pub struct SerialLineConfig {
     pub idle_timeout: Duration,
     pub max_frame: usize,
     pub hangup: Hangup,
+    /// Every message each way is appended to this capture file (`src/capture.rs`), without the link's framing
+    /// (connection numbers are calls); off when `None`.
+    pub capture: Option<PathBuf>,
+    /// What happens to PIN values in captured answers.
+    pub capture_pins: crate::capture::PinPolicy,
 }
 
 impl SerialLineConfig {
@@ -279,6 +286,8 @@ impl SerialLineConfig {
             idle_timeout: LinkConfig::default().idle_timeout,
             max_frame: LinkConfig::default().max_frame,
             hangup: Hangup::Dtr,
+            capture: None,
+            capture_pins: crate::capture::PinPolicy::Masked,
         }
     }
 }
@@ -440,6 +449,8 @@ fn serial_line(
         idle_timeout,
         max_frame,
         hangup: l.hangup.unwrap_or(Hangup::Dtr),
+        capture: l.capture,
+        capture_pins: l.capture_pins.unwrap_or(crate::capture::PinPolicy::Masked),
     })
 }
 
@@ -735,6 +746,7 @@ impl GatewayConfig {
                 }
             };
             line.device = rel(line.device);
+            line.capture = line.capture.map(&rel);
             serial.push(line);
         }
         let mut terminals = TerminalRegistry::default();

@@ -13,6 +13,7 @@
 //! reopened with backoff; other lines and TCP terminals do not notice.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,11 +28,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::config::{FlowControl, Hangup, LineLink, SerialLineConfig};
-use super::terminal::decode_request;
+use super::terminal::{captured, decode_request};
 use super::upstream::backoff;
 use super::Gateway;
+use crate::capture::{protect_pins, terminal_frame, Capture, CaptureSink, Direction};
 use crate::iso8583::Dialect;
 use crate::link::dialup::{wire_time, DialupLink, EndReason, LinkEvent};
+use crate::link::framing::Framing;
 use crate::link::framing::{Frame, FrameCodec, Tpdu};
 use crate::link::modem::{ModemController, ModemEvent};
 use crate::link::parity::{self, Parity};
@@ -82,6 +85,29 @@ pub enum LineError {
     EightBit(parity::EightBitByte),
 }
 
+/// A serial line's capture: the file, and the count of calls across reopens (a call is a capture's connection).
+#[derive(Clone)]
+struct LineCapture {
+    sink: CaptureSink,
+    calls: Arc<AtomicU64>,
+    /// The current call's number in the capture.
+    conn: u64,
+}
+
+/// The capture header of a serial line: its messages as a TCP listener's capture has them (TPDU, then message),
+/// so that `pingate replay` sends them again over TCP, length-framed like the line when it is (binary2 for an
+/// STX/ETX line); `serial` and `link` say where they came from.
+fn capture_header(cfg: &SerialLineConfig) -> Capture {
+    let (framing, link) = match &cfg.link {
+        LineLink::StxEtx(_) => (Framing::Binary2, "stx-etx".to_string()),
+        LineLink::Framed(f) => (*f, f.name().to_string()),
+    };
+    let mut header = Capture::new(framing, cfg.tpdu, &cfg.dialect, cfg.capture_pins);
+    header.other.insert("serial".into(), cfg.name.clone());
+    header.other.insert("link".into(), link);
+    header
+}
+
 /// After this long up, a line that fails is retried at once again (its backoff starts over).
 const STABLE: Duration = Duration::from_secs(60);
 /// DCD is read this often while online, where the port has it.
@@ -93,6 +119,15 @@ const DCD_SETTLE: Duration = Duration::from_millis(500);
 pub async fn run_line(cfg: SerialLineConfig, dialect: Arc<Dialect>, gw: Arc<Gateway>, stop: CancellationToken) {
     let span = tracing::info_span!("serial", line = %cfg.name, device = %cfg.device.display());
     async move {
+        // One capture file for the line's life, its calls numbered across reopens.
+        let capture = cfg.capture.as_ref().and_then(|path| {
+            let sink = crate::capture::open_logged(path, &capture_header(&cfg), &format!("serial line {}", cfg.name))?;
+            Some(LineCapture {
+                sink,
+                calls: Arc::new(AtomicU64::new(0)),
+                conn: 0,
+            })
+        });
         let mut attempt = 0u32;
         loop {
             gw.set_line(&cfg.name, |s| s.state = "opening".into());
@@ -100,7 +135,9 @@ pub async fn run_line(cfg: SerialLineConfig, dialect: Arc<Dialect>, gw: Arc<Gate
             let result = match open(&cfg) {
                 Ok(port) => {
                     gw.set_line(&cfg.name, |s| s.opens += 1);
-                    Line::new(&cfg, dialect.clone(), gw.clone()).serve(port, &stop).await
+                    let mut line = Line::new(&cfg, dialect.clone(), gw.clone());
+                    line.capture = capture.clone();
+                    line.serve(port, &stop).await
                 }
                 Err(e) => Err(e),
             };
@@ -218,6 +255,8 @@ struct Line<'a> {
     /// Requests at the controller and reversals of undelivered answers: the line waits for them before it
     /// closes, so that a shutdown never drops a reversal that was not journaled yet.
     work: tokio::task::JoinSet<()>,
+    /// Where this line's traffic is captured, if it is.
+    capture: Option<LineCapture>,
 }
 
 impl<'a> Line<'a> {
@@ -241,6 +280,20 @@ impl<'a> Line<'a> {
             dcd_low: 0,
             out: Vec::new(),
             work: tokio::task::JoinSet::new(),
+            capture: None,
+        }
+    }
+
+    /// Records a message of the current call in the capture, if there is one: `data` is TPDU, then message; an
+    /// answer's PINs are treated as the line's `capture_pins` says.
+    fn record(&self, dir: Direction, data: Bytes) {
+        let Some(c) = &self.capture else { return };
+        let data = match dir {
+            Direction::Terminal => terminal_frame(&self.dialect, data, self.cfg.tpdu, self.cfg.capture_pins),
+            Direction::Host => protect_pins(&self.dialect, &data, self.cfg.tpdu, self.cfg.capture_pins),
+        };
+        if let Some(data) = data {
+            c.sink.record(c.conn, dir, data);
         }
     }
 
@@ -571,6 +624,9 @@ impl<'a> Line<'a> {
 
     fn start_call(&mut self, now: Instant) {
         self.call_id += 1;
+        if let Some(c) = &mut self.capture {
+            c.conn = c.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        }
         self.carrying = None;
         self.connected_at = Some(now);
         self.dcd_low = 0;
@@ -619,6 +675,15 @@ impl<'a> Line<'a> {
     }
 
     fn dispatch(&mut self, tpdu: Option<Tpdu>, message: Bytes, now: Instant) {
+        if self.capture.is_some() {
+            self.record(
+                Direction::Terminal,
+                captured(&Frame {
+                    tpdu,
+                    message: message.clone(),
+                }),
+            );
+        }
         let reply_tpdu = tpdu.map(|t| t.reply());
         let call = self.call_id;
         self.seq += 1;
@@ -712,6 +777,7 @@ impl<'a> Line<'a> {
                 if a.message.is_empty() || eight_bit {
                     link.decline(now.into_std());
                 } else if link.respond(&data, now.into_std()) {
+                    self.record(Direction::Host, data.freeze());
                     self.carrying = a.sale;
                     return Ok(());
                 }
@@ -730,6 +796,7 @@ impl<'a> Line<'a> {
                 if framed_ok {
                     match self.write(port, buf.freeze()).await {
                         Ok(()) => {
+                            self.record(Direction::Host, data.freeze());
                             self.status(|s| s.delivered += 1);
                             return Ok(());
                         }

@@ -26,7 +26,7 @@ use tracing::Instrument;
 
 use super::config::ListenerConfig;
 use super::Gateway;
-use crate::capture::{protect_pins, Capture, CaptureSink, Direction};
+use crate::capture::{protect_pins, terminal_frame, Capture, CaptureSink, Direction};
 use crate::iso8583::{Dialect, Message};
 use crate::link::framing::{Frame, FrameCodec};
 use crate::sale::{answer, ResponseCode, SaleKey};
@@ -70,19 +70,7 @@ pub async fn run(
     let cfg = Arc::new(cfg);
     let capture = cfg.capture.as_ref().and_then(|path| {
         let header = Capture::new(cfg.framing, cfg.tpdu, &cfg.dialect, cfg.capture_pins);
-        match CaptureSink::open(path, &header) {
-            Ok(sink) => {
-                tracing::info!(listener = %cfg.name, path = %path.display(), pins = ?cfg.capture_pins, "capturing terminal traffic");
-                if cfg.capture_pins == crate::capture::PinPolicy::Clear {
-                    tracing::warn!(listener = %cfg.name, "capture_pins = \"clear\": PIN values are written to the capture file (test traffic only)");
-                }
-                Some(sink)
-            }
-            Err(e) => {
-                tracing::error!(listener = %cfg.name, path = %path.display(), error = %e, "cannot open the capture file; not capturing");
-                None
-            }
-        }
+        crate::capture::open_logged(path, &header, &format!("listener {}", cfg.name))
     });
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
     let per_source = Arc::new(PerSource::default());
@@ -152,7 +140,7 @@ pub async fn run(
 type Outgoing = (Frame, Option<Box<SaleKey>>);
 
 /// Frame content as a capture records it: TPDU, then the message.
-fn captured(frame: &Frame) -> Bytes {
+pub(crate) fn captured(frame: &Frame) -> Bytes {
     match frame.tpdu {
         None => frame.message.clone(),
         Some(t) => [&t.bytes()[..], &frame.message[..]].concat().into(),
@@ -236,16 +224,7 @@ async fn connection(
             match codec.decode(&mut buf) {
                 Ok(Some(frame)) => {
                     if let Some((sink, conn)) = &capture {
-                        // Terminals send no PINs, but one that echoes field 63 must not put it in the file either;
-                        // a request that does not decode is kept as it came (it is what a replay must send again).
-                        let raw = captured(&frame);
-                        let undecodable = dialect.decode(&frame.message).is_err();
-                        let data = if undecodable {
-                            Some(raw)
-                        } else {
-                            protect_pins(&dialect, &raw, cfg.tpdu, cfg.capture_pins)
-                        };
-                        if let Some(data) = data {
+                        if let Some(data) = terminal_frame(&dialect, captured(&frame), cfg.tpdu, cfg.capture_pins) {
                             sink.record(*conn, Direction::Terminal, data);
                         }
                     }
