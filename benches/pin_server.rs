@@ -251,10 +251,11 @@ fn direct(dir: &std::path::Path, secs: u64, terminals: usize) {
     s.import(&pins(stock)).unwrap();
     let sale = |n: usize| SaleContext {
         gateway: "gw1".into(),
+        // As terminals number their requests: each its own STAN counter, the transmission time moving on.
         terminal_id: format!("T{:07}", n % terminals),
         merchant_id: "MERCHANT0000001".into(),
-        stan: format!("{n:09}"),
-        transmission: "1128173500".into(),
+        stan: format!("{:06}", (n / terminals) % 1_000_000),
+        transmission: format!("1206{:06}", n / 2_000),
         rrn: format!("{n:012}"),
     };
     println!("SQLite store alone, one thread, {secs} s per line ({stock} PINs, sales of {terminals} terminals)");

@@ -95,7 +95,7 @@ async fn count(s: &PgStore, state: PinState) -> i64 {
 async fn transitions_idempotency_and_refusals() {
     let schema = Schema::new("transitions").await;
     let mut s = schema.stocked(6).await;
-    assert_eq!(s.schema_version().await.unwrap(), 3);
+    assert_eq!(s.schema_version().await.unwrap(), 4);
     let a = s.sell(&sell("gw1", 1)).await.unwrap();
     assert_eq!(s.sell(&sell("gw1", 1)).await.unwrap(), a, "same key, same PIN");
     let mut other = sell("gw1", 1);
@@ -291,11 +291,12 @@ async fn a_version_1_database_is_migrated_and_sells() {
     let schema = Schema::new("migrate").await;
     let mut s = schema.stocked(4).await;
     let a = s.sell(&sell("gw1", 1)).await.unwrap();
-    // What a database written by the first release looks like: no batch functions, no expiry index, no
-    // `quarantined` state (neither in the CHECK nor in the edges function), version 1.
+    // What a database written by the first release looks like: sales under their first key, no batch functions,
+    // no expiry index, no `quarantined` state (neither in the CHECK nor in the edges function), version 1.
     s.client()
         .batch_execute(
-            "DROP FUNCTION pingate_sell_batch; DROP FUNCTION pingate_confirm_batch; DROP INDEX pins_expiring;
+            "ALTER TABLE sales DROP CONSTRAINT sales_pkey, ADD PRIMARY KEY (gateway, terminal_id, stan, transmission);
+             DROP FUNCTION pingate_sell_batch; DROP FUNCTION pingate_confirm_batch; DROP INDEX pins_expiring;
              ALTER TABLE pins DROP CONSTRAINT pins_state_check, ADD CONSTRAINT pins_state_check
                  CHECK (state IN ('available', 'reserved', 'sold', 'voided', 'expired'));
              CREATE OR REPLACE FUNCTION pingate_edges() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -311,7 +312,22 @@ async fn a_version_1_database_is_migrated_and_sells() {
         .unwrap();
     drop(s);
     let mut s = schema.open().await;
-    assert_eq!(s.schema_version().await.unwrap(), 3);
+    assert_eq!(s.schema_version().await.unwrap(), 4);
+    // Migration 4 keyed the sales by (transmission, stan, terminal, gateway).
+    let key: Vec<String> = s
+        .client()
+        .query(
+            "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid
+             AND a.attnum = ANY(i.indkey) WHERE i.indrelid = 'sales'::regclass AND i.indisprimary
+             ORDER BY array_position(i.indkey::int2[], a.attnum)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(key, ["transmission", "stan", "terminal_id", "gateway"]);
     // Migration 3 let available PINs become quarantined (the CHECK and the edges function both take it).
     s.client()
         .batch_execute("UPDATE pins SET state = 'quarantined' WHERE id = 3")

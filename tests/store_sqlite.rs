@@ -389,7 +389,7 @@ fn concurrent_writers_on_one_file_never_share_a_pin_and_survive_reopen() {
     let s = db.open();
     assert_eq!(count(&s, PinState::Sold), 400);
     assert_eq!(count(&s, PinState::Reserved), 800);
-    assert_eq!(s.schema_version().unwrap(), 3);
+    assert_eq!(s.schema_version().unwrap(), 4);
 }
 
 #[test]
@@ -397,14 +397,16 @@ fn a_version_1_file_is_migrated_and_a_newer_one_refused() {
     let db = TempDb::new("migrate");
     let mut s = db.stocked(2);
     let a = s.sell(&sell(1)).unwrap();
-    // What a file written by the first release looks like: no expiry index, no `quarantined` state, version 1.
+    // What a file written by the first release looks like: sales under their first key, no expiry index, no
+    // `quarantined` state, version 1.
+    undo_migration_4(s.connection());
     undo_migration_3(s.connection());
     s.connection()
         .execute_batch("DROP INDEX pins_expiring; PRAGMA user_version = 1;")
         .unwrap();
     drop(s);
     let mut s = db.open();
-    assert_eq!(s.schema_version().unwrap(), 3);
+    assert_eq!(s.schema_version().unwrap(), 4);
     // Migration 3 let available PINs become quarantined (the CHECK and the edges trigger both take it).
     s.connection()
         .execute_batch("UPDATE pins SET state = 'quarantined' WHERE id = 2")
@@ -418,6 +420,10 @@ fn a_version_1_file_is_migrated_and_a_newer_one_refused() {
         )
         .unwrap();
     assert_eq!(indexes, 1);
+    assert_eq!(
+        sales_key(s.connection()),
+        ["transmission", "stan", "terminal_id", "gateway"]
+    );
     assert_eq!(s.sell(&sell(1)).unwrap(), a, "sales made before the upgrade are kept");
     s.connection().execute_batch("PRAGMA user_version = 99;").unwrap();
     drop(s);
@@ -425,6 +431,42 @@ fn a_version_1_file_is_migrated_and_a_newer_one_refused() {
         .err()
         .expect("refused");
     assert!(e.to_string().contains("newer than this pingate"), "{e}");
+}
+
+/// The columns of the sales table's primary key, in order.
+fn sales_key(c: &rusqlite::Connection) -> Vec<String> {
+    let mut st = c
+        .prepare("SELECT name FROM pragma_table_info('sales') WHERE pk > 0 ORDER BY pk")
+        .unwrap();
+    let names = st.query_map([], |r| r.get(0)).unwrap();
+    names.collect::<Result<_, _>>().unwrap()
+}
+
+/// Undoes what migration 4 changed, as a file of versions 1 to 3 has it: sales keyed by (gateway, terminal,
+/// stan, transmission). Its rows are kept.
+fn undo_migration_4(c: &rusqlite::Connection) {
+    let sales: i64 = c.query_row("SELECT COUNT(*) FROM sales", [], |r| r.get(0)).unwrap();
+    let sql: String = c
+        .query_row("SELECT sql FROM sqlite_schema WHERE name = 'sales'", [], |r| r.get(0))
+        .unwrap();
+    let old = sql
+        .replace(
+            "PRIMARY KEY (transmission, stan, terminal_id, gateway)",
+            "PRIMARY KEY (gateway, terminal_id, stan, transmission)",
+        )
+        .replacen("CREATE TABLE \"sales\"", "CREATE TABLE sales_old", 1);
+    assert!(
+        old.contains("sales_old") && old.contains("PRIMARY KEY (gateway"),
+        "{sql}"
+    );
+    c.execute_batch(&format!(
+        "BEGIN; {old}; INSERT INTO sales_old SELECT * FROM sales; DROP TABLE sales; \
+         ALTER TABLE sales_old RENAME TO sales; COMMIT;"
+    ))
+    .unwrap();
+    assert_eq!(sales_key(c), ["gateway", "terminal_id", "stan", "transmission"]);
+    let after: i64 = c.query_row("SELECT COUNT(*) FROM sales", [], |r| r.get(0)).unwrap();
+    assert_eq!(after, sales);
 }
 
 /// Undoes what migration 3 changed, as a file of versions 1 and 2 has it: the state CHECK without `quarantined`,

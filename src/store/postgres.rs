@@ -17,7 +17,7 @@ use super::{
 const DUPLICATE_PIN: &str = "duplicate PIN value (already loaded, or twice in this file)";
 
 /// Version of the schema this code writes.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE products (
@@ -448,6 +448,14 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
             ))
             .await?;
             tx.batch_execute(&edges_function()).await?;
+        }
+        if version < 4 {
+            // Sales keyed by (transmission, stan, terminal, gateway): every lookup gives the whole key, and in this
+            // order new sales land at the end of the index instead of one page per terminal (see the SQLite store).
+            tx.batch_execute(
+                "ALTER TABLE sales DROP CONSTRAINT sales_pkey, ADD PRIMARY KEY (transmission, stan, terminal_id, gateway)",
+            )
+            .await?;
         }
         tx.batch_execute(BATCH_FUNCTIONS).await?;
         if version < SCHEMA_VERSION {
