@@ -40,6 +40,15 @@ pub enum CryptoError {
 }
 
 impl CryptoError {
+    /// Refuses, with [`CryptoError::KeysMissing`], when any key is missing: `(key id, unsold PINs, their ids)`.
+    pub fn check_missing(missing: &[(u32, i64, Vec<i64>)]) -> Result<(), CryptoError> {
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(CryptoError::keys_missing(missing))
+        }
+    }
+
     /// [`CryptoError::KeysMissing`] for `(key id, unsold PINs, their ids)`; the ids are named when there are at
     /// most [`NAMED_ROWS`] (a damaged row or two, not a key left out), so the operator can quarantine them.
     pub fn keys_missing(missing: &[(u32, i64, Vec<i64>)]) -> CryptoError {

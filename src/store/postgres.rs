@@ -404,11 +404,7 @@ impl PgStore {
             };
             missing.push((key, n, ids));
         }
-        if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(super::crypto::CryptoError::keys_missing(&missing).into())
-        }
+        Ok(super::crypto::CryptoError::check_missing(&missing)?)
     }
 }
 

@@ -226,11 +226,7 @@ impl SqliteStore {
             };
             missing.push((key, n, ids));
         }
-        if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(super::crypto::CryptoError::keys_missing(&missing).into())
-        }
+        Ok(super::crypto::CryptoError::check_missing(&missing)?)
     }
 
     /// The schema version of the open file.
