@@ -543,8 +543,8 @@ async fn a_store_missing_a_key_that_unsold_pins_need_is_refused_at_open() {
         match StoreHandle::open(&url, &new, &opts).await {
             Err(e) => assert_eq!(
                 e.to_string(),
-                "unsold PINs are sealed under keys that are not loaded (key 1: 3 PINs, ids 1 2 3): add those keys to \
-                 the PIN keys, or take a damaged row out of sale with `pingate pins quarantine --id N`",
+                "available PINs are sealed under keys that are not loaded (key 1: 3 PINs, ids 1 2 3): add those keys \
+                 to the PIN keys, or take a damaged row out of sale with `pingate pins quarantine --id N`",
                 "{url:?}"
             ),
             Ok(_) => panic!("{url:?}: opened without the key its PINs need"),
@@ -608,6 +608,21 @@ async fn a_row_naming_an_unknown_key_is_named_at_open_and_an_operator_quarantine
                 operator_quarantine_takes_only_available_pins(&mut s).await;
             }
             DbUrl::Postgres(_) => operator_quarantine_takes_only_available_pins(&mut schema.open().await).await,
+        }
+        // A reserved row whose key id is damaged too does not keep the server down: its gateway holds it opened.
+        match &url {
+            DbUrl::Sqlite(f) => {
+                let c = rusqlite::Connection::open(f).unwrap();
+                c.execute("UPDATE pins SET key_id = 9 WHERE id = 1 AND state = 'reserved'", [])
+                    .unwrap();
+            }
+            DbUrl::Postgres(_) => {
+                let sql = format!(
+                    "UPDATE {}.pins SET key_id = 9 WHERE id = 1 AND state = 'reserved'",
+                    schema.name
+                );
+                assert_eq!(admin.execute(&sql, &[]).await.unwrap(), 1);
+            }
         }
         let h = StoreHandle::open(&url, &schema.keys, &opts).await.unwrap();
         for i in 0..2 {

@@ -21,11 +21,11 @@ pub enum CryptoError {
     /// A row was sealed under a key id this process was not given.
     #[error("no key with id {id} is loaded (rows sealed under it cannot be opened)")]
     UnknownKey { id: u32 },
-    /// Unsold PINs (available or reserved) are sealed under keys this process was not given: they could never be
-    /// sold, and each would be refused at its turn. Found when a store is opened to serve.
+    /// Available PINs are sealed under keys this process was not given: they could never be sold, and each would
+    /// be refused at its turn. Found when a store is opened to serve.
     #[error(
-        "unsold PINs are sealed under keys that are not loaded ({missing}): add those keys to the PIN keys, or take a \
-         damaged row out of sale with `pingate pins quarantine --id N`"
+        "available PINs are sealed under keys that are not loaded ({missing}): add those keys to the PIN keys, or \
+         take a damaged row out of sale with `pingate pins quarantine --id N`"
     )]
     KeysMissing { missing: String },
     /// The ciphertext does not open: wrong key, or the row was tampered with.

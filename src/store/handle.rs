@@ -84,7 +84,7 @@ enum Worker {
 
 impl StoreHandle {
     /// Opens the inventory (creating or migrating its schema) and starts the workers. `keys` is the PIN key spec
-    /// (see [`PinCipher::from_spec`]); it must hold every key that sealed an unsold PIN, or the open is refused.
+    /// (see [`PinCipher::from_spec`]); it must hold every key that sealed an available PIN, or the open is refused.
     pub async fn open(url: &DbUrl, keys: &str, opts: &StoreOptions) -> Result<StoreHandle, StoreError> {
         let (tx, rx) = mpsc::channel::<Job>(opts.queue);
         let max = opts.max_batch.max(1);

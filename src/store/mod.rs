@@ -340,13 +340,27 @@ pub trait PinStore {
     }
 }
 
-/// Both backends: the keys that unsold PINs need (a scan of the PIN table, once per start).
-pub(crate) const UNSOLD_KEY_IDS: &str =
-    "SELECT key_id, COUNT(*) FROM pins WHERE state IN ('available', 'reserved') GROUP BY key_id ORDER BY key_id";
+/// Both backends: the keys that unsold PINs need, and whether those PINs are available (a scan of the PIN table,
+/// once per start). A missing key refuses the start when available PINs need it (each would fail its sale); when
+/// only reserved ones do, it is logged: their gateway holds them opened in its cache and never needs the server to
+/// open them again, so one damaged key id on a reserved row does not keep the server down.
+pub(crate) const UNSOLD_KEY_IDS: &str = "SELECT key_id, state = 'available', COUNT(*) FROM pins \
+     WHERE state IN ('available', 'reserved') GROUP BY key_id, state = 'available' ORDER BY 1, 2";
 
-/// The unsold PINs sealed under key `$1`, for naming them when the key is missing (start-up failure path only).
-pub(crate) const UNSOLD_OF_KEY: &str =
-    "SELECT id FROM pins WHERE key_id = $1 AND state IN ('available', 'reserved') ORDER BY id";
+/// The available PINs sealed under key `$1`, for naming them when the key is missing (start-up failure path only).
+pub(crate) const AVAILABLE_OF_KEY: &str = "SELECT id FROM pins WHERE key_id = $1 AND state = 'available' ORDER BY id";
+
+/// Logs reserved PINs sealed under a key that is not loaded (see [`UNSOLD_KEY_IDS`]).
+pub(crate) fn log_reserved_without_key(missing: &[(u32, i64)]) {
+    for (key, pins) in missing {
+        tracing::warn!(
+            key,
+            pins,
+            "reserved PINs are sealed under a key that is not loaded: their gateway sells them from its cache, but \
+             any released back to stock will not sell until the key is loaded or the row quarantined"
+        );
+    }
+}
 
 /// Other PINs sealed under the key of a row that did not open, `$1` its key id and `$2` its id: if one of
 /// them opens, the key is right and the row is bad (see [`key_is_shown_right`]). Failure path only.

@@ -387,17 +387,21 @@ impl PgStore {
         })
     }
 
-    /// Refuses when unsold (available or reserved) PINs are sealed under a key this store was not given.
+    /// Refuses when available PINs are sealed under a key this store was not given (naming them when few);
+    /// logs reserved ones (see `UNSOLD_KEY_IDS`).
     pub async fn check_keys(&self) -> Result<(), StoreError> {
         let rows = self.client.query(super::UNSOLD_KEY_IDS, &[]).await?;
-        let in_use: Vec<(u32, i64)> = rows
-            .iter()
-            .map(|r| (r.get::<_, i32>(0) as u32, r.get::<_, i64>(1)))
-            .collect();
+        let of = |available: bool| -> Vec<(u32, i64)> {
+            rows.iter()
+                .filter(|r| r.get::<_, bool>(1) == available)
+                .map(|r| (r.get::<_, i32>(0) as u32, r.get::<_, i64>(2)))
+                .collect()
+        };
+        super::log_reserved_without_key(&self.cipher.missing_keys(&of(false)));
         let mut missing = Vec::new();
-        for (key, n) in self.cipher.missing_keys(&in_use) {
+        for (key, n) in self.cipher.missing_keys(&of(true)) {
             let ids = if n <= super::crypto::NAMED_ROWS {
-                let rows = self.client.query(super::UNSOLD_OF_KEY, &[&(key as i32)]).await?;
+                let rows = self.client.query(super::AVAILABLE_OF_KEY, &[&(key as i32)]).await?;
                 rows.iter().map(|r| r.get::<_, i64>(0)).collect()
             } else {
                 Vec::new()

@@ -209,16 +209,23 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Refuses when unsold (available or reserved) PINs are sealed under a key this store was not given.
+    /// Refuses when available PINs are sealed under a key this store was not given (naming them when few);
+    /// logs reserved ones (see `UNSOLD_KEY_IDS`).
     pub fn check_keys(&self) -> Result<(), StoreError> {
         let mut stmt = self.conn.prepare(super::UNSOLD_KEY_IDS)?;
         let in_use = stmt
-            .query_map([], |r| Ok((r.get::<_, i64>(0)? as u32, r.get(1)?)))?
-            .collect::<Result<Vec<_>, _>>()?;
+            .query_map([], |r| {
+                Ok((r.get::<_, i64>(0)? as u32, r.get::<_, bool>(1)?, r.get(2)?))
+            })?
+            .collect::<Result<Vec<(u32, bool, i64)>, _>>()?;
+        let of = |available: bool| -> Vec<(u32, i64)> {
+            in_use.iter().filter(|r| r.1 == available).map(|r| (r.0, r.2)).collect()
+        };
+        super::log_reserved_without_key(&self.cipher.missing_keys(&of(false)));
         let mut missing = Vec::new();
-        for (key, n) in self.cipher.missing_keys(&in_use) {
+        for (key, n) in self.cipher.missing_keys(&of(true)) {
             let ids = if n <= super::crypto::NAMED_ROWS {
-                let mut ids = self.conn.prepare(super::UNSOLD_OF_KEY)?;
+                let mut ids = self.conn.prepare(super::AVAILABLE_OF_KEY)?;
                 let ids = ids.query_map(params![key], |r| r.get(0))?;
                 ids.collect::<Result<Vec<i64>, _>>()?
             } else {
