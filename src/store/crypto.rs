@@ -40,18 +40,13 @@ pub enum CryptoError {
 }
 
 impl CryptoError {
-    /// Refuses, with [`CryptoError::KeysMissing`], when any key is missing: `(key id, unsold PINs, their ids)`.
+    /// Refuses, with [`CryptoError::KeysMissing`], when any key is missing: `(key id, available PINs, their ids)`;
+    /// the ids are named when there are at most [`NAMED_ROWS`] (a damaged row or two, not a key left out), so the
+    /// operator can quarantine them.
     pub fn check_missing(missing: &[(u32, i64, Vec<i64>)]) -> Result<(), CryptoError> {
         if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(CryptoError::keys_missing(missing))
+            return Ok(());
         }
-    }
-
-    /// [`CryptoError::KeysMissing`] for `(key id, unsold PINs, their ids)`; the ids are named when there are at
-    /// most [`NAMED_ROWS`] (a damaged row or two, not a key left out), so the operator can quarantine them.
-    pub fn keys_missing(missing: &[(u32, i64, Vec<i64>)]) -> CryptoError {
         let one = |(key, n, ids): &(u32, i64, Vec<i64>)| {
             let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
             match ids.len() {
@@ -60,9 +55,9 @@ impl CryptoError {
                 _ => format!("key {key}: {n} PINs, ids {}", ids.join(" ")),
             }
         };
-        CryptoError::KeysMissing {
+        Err(CryptoError::KeysMissing {
             missing: missing.iter().map(one).collect::<Vec<_>>().join("; "),
-        }
+        })
     }
 }
 

@@ -350,9 +350,13 @@ pub(crate) const UNSOLD_KEY_IDS: &str = "SELECT key_id, state = 'available', COU
 /// The available PINs sealed under key `$1`, for naming them when the key is missing (start-up failure path only).
 pub(crate) const AVAILABLE_OF_KEY: &str = "SELECT id FROM pins WHERE key_id = $1 AND state = 'available' ORDER BY id";
 
-/// Logs reserved PINs sealed under a key that is not loaded (see [`UNSOLD_KEY_IDS`]).
-pub(crate) fn log_reserved_without_key(missing: &[(u32, i64)]) {
-    for (key, pins) in missing {
+/// Of `(key id, available?, PINs)` as [`UNSOLD_KEY_IDS`] reads them, the keys this cipher lacks that available
+/// PINs need, with how many; those that only reserved PINs need are logged.
+pub(crate) fn available_without_key(cipher: &crypto::PinCipher, in_use: &[(u32, bool, i64)]) -> Vec<(u32, i64)> {
+    let of = |available: bool| -> Vec<(u32, i64)> {
+        in_use.iter().filter(|r| r.1 == available).map(|r| (r.0, r.2)).collect()
+    };
+    for (key, pins) in cipher.missing_keys(&of(false)) {
         tracing::warn!(
             key,
             pins,
@@ -360,7 +364,11 @@ pub(crate) fn log_reserved_without_key(missing: &[(u32, i64)]) {
              any released back to stock will not sell until the key is loaded or the row quarantined"
         );
     }
+    cipher.missing_keys(&of(true))
 }
+
+/// Moves an available PIN to quarantined (`$1` its id); changes nothing if it is no longer available.
+pub(crate) const QUARANTINE: &str = "UPDATE pins SET state = 'quarantined' WHERE id = $1 AND state = 'available'";
 
 /// Other PINs sealed under the key of a row that did not open, `$1` its key id and `$2` its id: if one of
 /// them opens, the key is right and the row is bad (see [`key_is_shown_right`]). Failure path only.

@@ -391,15 +391,12 @@ impl PgStore {
     /// logs reserved ones (see `UNSOLD_KEY_IDS`).
     pub async fn check_keys(&self) -> Result<(), StoreError> {
         let rows = self.client.query(super::UNSOLD_KEY_IDS, &[]).await?;
-        let of = |available: bool| -> Vec<(u32, i64)> {
-            rows.iter()
-                .filter(|r| r.get::<_, bool>(1) == available)
-                .map(|r| (r.get::<_, i32>(0) as u32, r.get::<_, i64>(2)))
-                .collect()
-        };
-        super::log_reserved_without_key(&self.cipher.missing_keys(&of(false)));
+        let in_use: Vec<(u32, bool, i64)> = rows
+            .iter()
+            .map(|r| (r.get::<_, i32>(0) as u32, r.get(1), r.get(2)))
+            .collect();
         let mut missing = Vec::new();
-        for (key, n) in self.cipher.missing_keys(&of(true)) {
+        for (key, n) in super::available_without_key(&self.cipher, &in_use) {
             let ids = if n <= super::crypto::NAMED_ROWS {
                 let rows = self.client.query(super::AVAILABLE_OF_KEY, &[&(key as i32)]).await?;
                 rows.iter().map(|r| r.get::<_, i64>(0)).collect()
@@ -658,12 +655,7 @@ impl PgStore {
         if !super::key_is_shown_right(&others, &self.cipher, pin_id, key_id.into()) {
             return Ok(false);
         }
-        let n = tx
-            .execute(
-                "UPDATE pins SET state = 'quarantined' WHERE id = $1 AND state = 'available'",
-                &[&pin_id],
-            )
-            .await?;
+        let n = tx.execute(super::QUARANTINE, &[&pin_id]).await?;
         tx.commit().await?;
         super::log_quarantined(pin_id, &serial);
         Ok(n == 1)
@@ -919,11 +911,7 @@ impl PgStore {
             .await?
             .map(|r| r.get::<_, String>(0));
         super::check_quarantinable(state, pin_id)?;
-        tx.execute(
-            "UPDATE pins SET state = 'quarantined' WHERE id = $1 AND state = 'available'",
-            &[&pin_id],
-        )
-        .await?;
+        tx.execute(super::QUARANTINE, &[&pin_id]).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -218,12 +218,8 @@ impl SqliteStore {
                 Ok((r.get::<_, i64>(0)? as u32, r.get::<_, bool>(1)?, r.get(2)?))
             })?
             .collect::<Result<Vec<(u32, bool, i64)>, _>>()?;
-        let of = |available: bool| -> Vec<(u32, i64)> {
-            in_use.iter().filter(|r| r.1 == available).map(|r| (r.0, r.2)).collect()
-        };
-        super::log_reserved_without_key(&self.cipher.missing_keys(&of(false)));
         let mut missing = Vec::new();
-        for (key, n) in self.cipher.missing_keys(&of(true)) {
+        for (key, n) in super::available_without_key(&self.cipher, &in_use) {
             let ids = if n <= super::crypto::NAMED_ROWS {
                 let mut ids = self.conn.prepare(super::AVAILABLE_OF_KEY)?;
                 let ids = ids.query_map(params![key], |r| r.get(0))?;
@@ -561,10 +557,7 @@ impl SqliteStore {
             .query_row("SELECT state FROM pins WHERE id = ?1", params![pin_id], |r| r.get(0))
             .optional()?;
         super::check_quarantinable(state, pin_id)?;
-        tx.execute(
-            "UPDATE pins SET state = 'quarantined' WHERE id = ?1 AND state = 'available'",
-            params![pin_id],
-        )?;
+        tx.execute(super::QUARANTINE, params![pin_id])?;
         tx.commit()?;
         Ok(())
     }
@@ -952,9 +945,7 @@ fn quarantine(tx: &Connection, cipher: &PinCipher, pin_id: i64) -> Result<bool, 
     if !super::key_is_shown_right(&others, cipher, pin_id, key_id) {
         return Ok(false);
     }
-    let n = tx
-        .prepare_cached("UPDATE pins SET state = 'quarantined' WHERE id = ?1 AND state = 'available'")?
-        .execute(params![pin_id])?;
+    let n = tx.prepare_cached(super::QUARANTINE)?.execute(params![pin_id])?;
     super::log_quarantined(pin_id, &serial);
     Ok(n == 1)
 }
