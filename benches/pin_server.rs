@@ -271,6 +271,7 @@ fn direct(dir: &std::path::Path, secs: u64, terminals: usize) {
                             product: "TOPUP".into(),
                             amount: 1000,
                             sale: sale(n),
+                            repeat_since: 0,
                         })
                     })
                     .collect();

@@ -239,6 +239,11 @@ impl Db {
     }
 }
 
+/// A voided PIN whose confirm was refused for good: voided without a sale or a reversal, by the rule of
+/// `Confirmation::Conflict` (the conflict itself is a finding until an operator resolves it).
+const VOIDED_BY_CONFLICT: &str =
+    "EXISTS (SELECT 1 FROM confirm_conflicts c WHERE c.pin_id = p.id AND c.voided AND p.state = 'voided')";
+
 /// The invariants: (check name, what a row means, SQL returning one text column per finding).
 fn checks(now: i64) -> Vec<(&'static str, &'static str, String)> {
     let allowed: Vec<String> = PinState::ALL
@@ -251,9 +256,10 @@ fn checks(now: i64) -> Vec<(&'static str, &'static str, String)> {
         (
             "sold-without-sale",
             "PIN sold or voided with no sale",
-            "SELECT CAST(id AS TEXT) FROM pins p WHERE state IN ('sold', 'voided') \
-             AND NOT EXISTS (SELECT 1 FROM sales s WHERE s.pin_id = p.id)"
-                .into(),
+            format!(
+                "SELECT CAST(id AS TEXT) FROM pins p WHERE state IN ('sold', 'voided') \
+                 AND NOT EXISTS (SELECT 1 FROM sales s WHERE s.pin_id = p.id) AND NOT {VOIDED_BY_CONFLICT}"
+            ),
         ),
         (
             "sale-of-unsold-pin",
@@ -270,8 +276,26 @@ fn checks(now: i64) -> Vec<(&'static str, &'static str, String)> {
         (
             "voided-without-reversal",
             "a voided PIN that no reversal names",
-            "SELECT CAST(id AS TEXT) FROM pins p WHERE state = 'voided' \
-             AND NOT EXISTS (SELECT 1 FROM reversals r WHERE r.pin_id = p.id)"
+            format!(
+                "SELECT CAST(id AS TEXT) FROM pins p WHERE state = 'voided' \
+                 AND NOT EXISTS (SELECT 1 FROM reversals r WHERE r.pin_id = p.id) AND NOT {VOIDED_BY_CONFLICT}"
+            ),
+        ),
+        (
+            "key-sold-twice",
+            "a sale key (terminal, STAN, transmission) with more than one sale",
+            "SELECT terminal_id || '/' || stan || '/' || transmission FROM sales \
+             GROUP BY transmission, stan, terminal_id HAVING COUNT(*) > 1"
+                .into(),
+        ),
+        (
+            "confirm-conflict-open",
+            "a cached sale the server could not confirm (its PIN was handed out with no sale recorded), not yet \
+             resolved by an operator (pingate pins conflicts)",
+            "SELECT 'conflict ' || CAST(id AS TEXT) || ': PIN ' || CAST(pin_id AS TEXT) || ' sold by ' || gateway || \
+             ' to ' || terminal_id || '/' || stan || '/' || transmission || ' (' || reason || \
+             CASE WHEN voided THEN ', voided' ELSE '' END || ')' FROM confirm_conflicts WHERE resolved_at IS NULL \
+             ORDER BY id"
                 .into(),
         ),
         (

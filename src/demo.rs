@@ -246,6 +246,10 @@ impl GatewayFiles {
             "[gateway]\njournal = \"gateway-{id}.journal\"\njournal_keys_file = \"journal-{id}.keys\""
         );
         let _ = writeln!(t, "{}", extra.0);
+        if !extra.0.contains("clock_skew_secs") {
+            // The demo's terminals read the gateway's own clock: none is off, and the cache sells from the start.
+            let _ = writeln!(t, "clock_skew_secs = 0");
+        }
         let _ = writeln!(t, "[upstream]");
         let list: Vec<String> = servers
             .iter()
@@ -495,7 +499,7 @@ pub async fn run(opts: DemoOptions) -> Result<Report, String> {
                 };
                 let spec = SaleSpec {
                     stan: i as u32 + 1,
-                    transmission: "1128120000".into(),
+                    transmission: crate::sim::now_transmission(),
                     product: product.into(),
                     amount,
                     currency: "978".into(),

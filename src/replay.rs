@@ -40,7 +40,7 @@ impl ReplayOptions {
         ReplayOptions {
             addr,
             original_pacing: false,
-            may_differ: [38, 63].into(),
+            may_differ: [37, 38, 63].into(),
             ignore: BTreeSet::new(),
             timeout: Duration::from_secs(30),
         }
@@ -465,7 +465,7 @@ pub struct ReplayArgs {
     #[arg(long, default_value = "fast", value_parser = ["original", "fast"])]
     pub pace: String,
     /// Fields that must only be present in both answers or absent in both (comma separated).
-    #[arg(long, default_value = "38,63")]
+    #[arg(long, default_value = "37,38,63")]
     pub may_differ: String,
     /// Fields not compared at all (comma separated).
     #[arg(long, default_value = "")]

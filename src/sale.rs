@@ -238,36 +238,110 @@ impl PinReceipt {
     }
 }
 
-/// What makes two requests "the same sale": terminal id (41), STAN (11) and transmission date-time (7).
+/// What makes two requests "the same sale": terminal id (41), STAN (11) and transmission date-time (7) bound to
+/// its year. Field 7 carries no year and the STAN wraps, so a terminal that is reset (STAN back to 000001, clock back
+/// to a default date) sends keys it sent before: the year, inferred from field 7 and the time the request was
+/// received ([`qualify_transmission`]), makes a key from another year a new sale, never an old one.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SaleKey {
     pub terminal_id: String,
     pub stan: String,
+    /// `YYYYMMDDhhmmss`: field 7 with the year it was inferred to be in.
     pub transmission: String,
 }
 
+/// Length of a year-qualified transmission date-time, `YYYYMMDDhhmmss`.
+pub const QUALIFIED_TRANSMISSION_LEN: usize = 14;
+
+/// Field 7 (`MMDDhhmmss`, UTC as ISO 8583 says) bound to a year: of the years around `received` (seconds since the
+/// epoch), the one that puts the date nearest to it, so that a repeat just after New Year of a sale made just before
+/// still names that sale, and a terminal whose clock is a little ahead across New Year names the new year. A date
+/// that is not a date (month 13, 31 April, 29 February outside a leap year, 24:00:00) is refused. An already
+/// qualified value (`YYYYMMDDhhmmss`) is checked and kept.
+pub fn qualify_transmission(field7: &str, received: i64) -> Result<String, SaleError> {
+    let bad = |reason: &'static str| SaleError::MissingField { field: 7, reason };
+    if !field7.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad("transmission date-time is MMDDhhmmss, digits only"));
+    }
+    let num = |s: &str| s.parse::<u32>().unwrap_or(u32::MAX);
+    let (year, rest) = match field7.len() {
+        10 => (None, field7),
+        QUALIFIED_TRANSMISSION_LEN => (Some(num(&field7[..4]) as i32), &field7[4..]),
+        _ => return Err(bad("transmission date-time is MMDDhhmmss (10 digits)")),
+    };
+    let (mo, d, h, mi, se) = (
+        num(&rest[..2]),
+        num(&rest[2..4]),
+        num(&rest[4..6]),
+        num(&rest[6..8]),
+        num(&rest[8..10]),
+    );
+    if h > 23 || mi > 59 || se > 59 {
+        return Err(bad("transmission time is not a time of day"));
+    }
+    let month = u8::try_from(mo)
+        .ok()
+        .and_then(|m| time::Month::try_from(m).ok())
+        .ok_or(bad("transmission month is not 01-12"))?;
+    let at = |y: i32| -> Option<i64> {
+        let date = time::Date::from_calendar_date(y, month, u8::try_from(d).ok()?).ok()?;
+        let t = date.with_hms(h as u8, mi as u8, se as u8).ok()?;
+        Some(t.assume_utc().unix_timestamp())
+    };
+    let chosen = match year {
+        Some(y) => at(y).map(|_| y),
+        None => {
+            let now_year = time::OffsetDateTime::from_unix_timestamp(received)
+                .map(|t| t.year())
+                .unwrap_or(1970);
+            [now_year - 1, now_year, now_year + 1]
+                .into_iter()
+                .filter_map(|y| at(y).map(|t| (y, (t - received).abs())))
+                .min_by_key(|(_, dist)| *dist)
+                .map(|(y, _)| y)
+        }
+    };
+    let y = chosen.ok_or(bad("transmission date is not a date in any year near now"))?;
+    Ok(format!("{y:04}{rest}"))
+}
+
+/// Seconds since the epoch of a qualified transmission date-time (`YYYYMMDDhhmmss`, UTC); `None` if it is not one.
+pub fn transmission_unix(qualified: &str) -> Option<i64> {
+    if qualified.len() != QUALIFIED_TRANSMISSION_LEN || !qualified.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| qualified[r].parse::<u8>().ok();
+    let y: i32 = qualified[..4].parse().ok()?;
+    let month = time::Month::try_from(n(4..6)?).ok()?;
+    let date = time::Date::from_calendar_date(y, month, n(6..8)?).ok()?;
+    let t = date.with_hms(n(8..10)?, n(10..12)?, n(12..14)?).ok()?;
+    Some(t.assume_utc().unix_timestamp())
+}
+
 impl SaleKey {
-    /// The key of a 0200/0201 (or of any request, for its own identity).
-    pub fn of(msg: &Message) -> Result<SaleKey, SaleError> {
+    /// The key of a 0200/0201 (or of any request, for its own identity), received at `received` (seconds since the
+    /// epoch, the gateway's clock): field 7 is bound to its year.
+    pub fn of(msg: &Message, received: i64) -> Result<SaleKey, SaleError> {
         let get = |n: u8, reason: &'static str| {
             msg.get_str(n)
                 .map(str::to_string)
                 .ok_or(SaleError::MissingField { field: n, reason })
         };
+        let transmission = get(7, "transmission date-time is mandatory")?;
         Ok(SaleKey {
             terminal_id: msg.terminal_id().map(str::to_string).ok_or(SaleError::MissingField {
                 field: 41,
                 reason: "terminal id is mandatory",
             })?,
             stan: get(11, "STAN is mandatory")?,
-            transmission: get(7, "transmission date-time is mandatory")?,
+            transmission: qualify_transmission(&transmission, received)?,
         })
     }
 
     /// The key of the sale a 0400/0420 reverses: from field 90 when present, else the reversal's own 11 and 7
-    /// (simple terminals resend the original's STAN and date-time).
-    pub fn reversed_by(msg: &Message) -> Result<SaleKey, SaleError> {
-        let own = SaleKey::of(msg)?;
+    /// (simple terminals resend the original's STAN and date-time); the year as [`SaleKey::of`] binds it.
+    pub fn reversed_by(msg: &Message, received: i64) -> Result<SaleKey, SaleError> {
+        let own = SaleKey::of(msg, received)?;
         match msg.original_data() {
             None => Ok(own),
             Some(f90) => {
@@ -275,10 +349,15 @@ impl SaleKey {
                 Ok(SaleKey {
                     terminal_id: own.terminal_id,
                     stan: o.stan,
-                    transmission: o.transmission,
+                    transmission: qualify_transmission(&o.transmission, received)?,
                 })
             }
         }
+    }
+
+    /// Seconds since the epoch of the sale's transmission date-time.
+    pub fn transmitted_at(&self) -> Option<i64> {
+        transmission_unix(&self.transmission)
     }
 }
 
@@ -413,8 +492,9 @@ fn key_error(e: SaleError) -> Refusal {
 }
 
 impl TerminalRequest {
-    /// Reads a decoded request. A refusal carries the response code the contract gives it.
-    pub fn parse(msg: &Message) -> Result<TerminalRequest, Refusal> {
+    /// Reads a decoded request, received at `received` (seconds since the epoch: the year of field 7 is inferred
+    /// from it). A refusal carries the response code the contract gives it.
+    pub fn parse(msg: &Message, received: i64) -> Result<TerminalRequest, Refusal> {
         let mti = msg.mti();
         match mti.as_str() {
             "0200" | "0201" => {
@@ -424,7 +504,7 @@ impl TerminalRequest {
                         "field 3: only 000000 (buy a PIN) is served",
                     ));
                 }
-                let key = SaleKey::of(msg).map_err(key_error)?;
+                let key = SaleKey::of(msg, received).map_err(key_error)?;
                 let (amount, currency) = amount_and_currency(msg)?;
                 Ok(TerminalRequest::Sale(SaleRequest {
                     key,
@@ -436,7 +516,7 @@ impl TerminalRequest {
                 }))
             }
             "0400" | "0401" | "0420" | "0421" => {
-                let sale = SaleKey::reversed_by(msg).map_err(key_error)?;
+                let sale = SaleKey::reversed_by(msg, received).map_err(key_error)?;
                 let (amount, currency) = amount_and_currency(msg)?;
                 Ok(TerminalRequest::Reversal(ReversalRequest {
                     sale,
@@ -448,7 +528,7 @@ impl TerminalRequest {
                 }))
             }
             "0800" => {
-                SaleKey::of(msg).map_err(key_error)?;
+                SaleKey::of(msg, received).map_err(key_error)?;
                 match msg.network_code() {
                     Some("001") => Ok(TerminalRequest::Network(NetworkCode::SignOn)),
                     Some("002") => Ok(TerminalRequest::Network(NetworkCode::SignOff)),
@@ -587,16 +667,19 @@ mod tests {
         assert!(!shown.contains("12345"), "{shown}");
     }
 
+    /// 2026-11-28 17:35:00 UTC, when the fixtures' requests are received.
+    const NOV_28: i64 = 1_795_887_300;
+
     #[test]
     fn reversal_keys_come_from_field_90_or_the_reversal_itself() {
         let mut m = Message::new(Mti::REVERSAL);
         m.set(41, "TERM0001").set(11, "000124").set(7, "1128173600");
         assert_eq!(
-            SaleKey::reversed_by(&m).unwrap(),
+            SaleKey::reversed_by(&m, NOV_28).unwrap(),
             SaleKey {
                 terminal_id: "TERM0001".into(),
                 stan: "000124".into(),
-                transmission: "1128173600".into()
+                transmission: "20261128173600".into()
             }
         );
         let o = OriginalData {
@@ -609,19 +692,75 @@ mod tests {
         m.set(90, o.format());
         assert_eq!(o.format().len(), 42);
         assert_eq!(
-            SaleKey::reversed_by(&m).unwrap(),
+            SaleKey::reversed_by(&m, NOV_28).unwrap(),
             SaleKey {
                 terminal_id: "TERM0001".into(),
                 stan: "000123".into(),
-                transmission: "1128173500".into()
+                transmission: "20261128173500".into()
             }
         );
         m.set(90, "12");
-        assert_eq!(SaleKey::reversed_by(&m), Err(SaleError::BadOriginalData));
+        assert_eq!(SaleKey::reversed_by(&m, NOV_28), Err(SaleError::BadOriginalData));
         m.remove(41);
         assert!(matches!(
-            SaleKey::of(&m),
+            SaleKey::of(&m, NOV_28),
             Err(SaleError::MissingField { field: 41, .. })
         ));
+    }
+
+    fn unix(y: i32, mo: u8, d: u8, h: u8, mi: u8, s: u8) -> i64 {
+        time::Date::from_calendar_date(y, time::Month::try_from(mo).unwrap(), d)
+            .unwrap()
+            .with_hms(h, mi, s)
+            .unwrap()
+            .assume_utc()
+            .unix_timestamp()
+    }
+
+    #[test]
+    fn field_7_is_bound_to_the_year_nearest_to_its_receipt() {
+        assert_eq!(qualify_transmission("1128173500", NOV_28).unwrap(), "20261128173500");
+        // A repeat just after New Year of a sale made just before names that sale, in the old year.
+        let jan_1 = unix(2027, 1, 1, 0, 0, 30);
+        assert_eq!(qualify_transmission("1231235959", jan_1).unwrap(), "20261231235959");
+        // A terminal a little ahead across New Year names the new year.
+        let dec_31 = unix(2026, 12, 31, 23, 59, 50);
+        assert_eq!(qualify_transmission("0101000010", dec_31).unwrap(), "20270101000010");
+        // A reset terminal's default date half a year away: the nearest year, never a key of another year.
+        assert_eq!(qualify_transmission("0101000000", NOV_28).unwrap(), "20270101000000");
+        assert_eq!(qualify_transmission("0601000000", NOV_28).unwrap(), "20260601000000");
+        // The same field 7 a year later is another key.
+        let a_year_later = unix(2027, 11, 28, 17, 35, 0);
+        assert_eq!(
+            qualify_transmission("1128173500", a_year_later).unwrap(),
+            "20271128173500"
+        );
+        // 29 February: only in a leap year, the nearest one with that date.
+        assert_eq!(
+            qualify_transmission("0229120000", unix(2028, 2, 20, 0, 0, 0)).unwrap(),
+            "20280229120000"
+        );
+        assert!(qualify_transmission("0229120000", NOV_28).is_err());
+        for bad in [
+            "1328173500",
+            "0431120000",
+            "1128240000",
+            "1128236000",
+            "11281735",
+            "11281735x0",
+            "",
+        ] {
+            assert!(
+                matches!(
+                    qualify_transmission(bad, NOV_28),
+                    Err(SaleError::MissingField { field: 7, .. })
+                ),
+                "{bad:?} is not a transmission date-time"
+            );
+        }
+        // Already qualified: kept, and read back as its time.
+        assert_eq!(qualify_transmission("20261128173500", 0).unwrap(), "20261128173500");
+        assert_eq!(transmission_unix("20261128173500"), Some(NOV_28));
+        assert_eq!(transmission_unix("1128173500"), None);
     }
 }

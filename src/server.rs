@@ -52,6 +52,8 @@ pub struct ServerOptions {
     pub idle_timeout: Duration,
     /// Longest lease a gateway may ask for.
     pub max_lease: Duration,
+    /// A repeat of a sale older than this gets no PIN (`repeat_expired`); a day by default.
+    pub repeat_age: Duration,
     /// Prometheus metrics, health and readiness over HTTP (off when `None`; keep it on loopback).
     pub metrics: Option<SocketAddr>,
 }
@@ -65,6 +67,7 @@ impl Default for ServerOptions {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             max_lease: Duration::from_secs(24 * 3600),
+            repeat_age: Duration::from_secs(crate::store::DEFAULT_REPEAT_AGE_SECS as u64),
             metrics: None,
         }
     }
@@ -88,6 +91,10 @@ struct ServerMetrics {
     stock: std::sync::Mutex<(Vec<StockEntry>, Option<std::time::Instant>)>,
     /// A scrape that finds the stock older than a second asks for a new reading (and shows the last one).
     refresh: tokio::sync::Notify,
+    /// Sold PINs handed out again to a repeat of their sale.
+    redeliveries: AtomicU64,
+    /// Cached sales whose confirm was refused for good (see `Confirmation::Conflict`).
+    confirm_conflicts: AtomicU64,
 }
 
 /// How often the stock shown in the metrics is read again; readiness fails when it could not be read for 3 times
@@ -139,6 +146,18 @@ impl crate::metrics::Source for MetricsSource {
             "Open gateway connections.",
             m.connections.load(Ordering::Relaxed) as f64,
         );
+        e.single(
+            "pingate_server_redeliveries_total",
+            "counter",
+            "Sold PINs handed out again to a repeat of their sale (each recorded in the redeliveries table).",
+            m.redeliveries.load(Ordering::Relaxed) as f64,
+        );
+        e.single(
+            "pingate_server_confirm_conflicts_total",
+            "counter",
+            "Cached sales whose confirm was refused for good (recorded in confirm_conflicts for the operator).",
+            m.confirm_conflicts.load(Ordering::Relaxed) as f64,
+        );
         e.family(
             "pingate_server_stock_pins",
             "gauge",
@@ -186,6 +205,8 @@ pub async fn run(
             connections: AtomicU64::new(0),
             stock: std::sync::Mutex::new((Vec::new(), None)),
             refresh: tokio::sync::Notify::new(),
+            redeliveries: AtomicU64::new(0),
+            confirm_conflicts: AtomicU64::new(0),
         },
     });
     let stop = CancellationToken::new();
@@ -491,14 +512,29 @@ fn sale(gateway: &str, t: Terminal) -> Result<SaleContext, String> {
             return Err(format!("terminal.{name}: 1 to {max} printable characters"));
         }
     }
+    // A transmission of 10 digits (`MMDDhhmmss`, from a gateway older than keys bound to their year, or its journal)
+    // is bound to its year here, as a gateway binds it: by the time it is received.
+    let transmission = if t.transmission.len() == 10 && t.transmission.bytes().all(|b| b.is_ascii_digit()) {
+        crate::sale::qualify_transmission(&t.transmission, unix_now()).map_err(|e| format!("terminal.{e}"))?
+    } else {
+        t.transmission
+    };
     Ok(SaleContext {
         gateway: gateway.to_string(),
         terminal_id: t.terminal_id,
         merchant_id: t.merchant_id,
         stan: t.stan,
-        transmission: t.transmission,
+        transmission,
         rrn: t.rrn,
     })
+}
+
+impl Shared {
+    fn count_confirmation(&self, c: crate::store::Confirmation) {
+        if matches!(c, crate::store::Confirmation::Conflict { .. }) {
+            self.metrics.confirm_conflicts.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 fn lease_until(shared: &Shared, secs: u64) -> Result<i64, String> {
@@ -533,10 +569,13 @@ async fn confirm_batch(shared: &Shared, gateway: &str, id: u64, confirms: Vec<Co
             sale,
         };
         match shared.store.call(op).await {
-            Ok(Outcome::Confirmed(c)) => BatchResult {
-                outcome: Some(c.as_str().into()),
-                error: None,
-            },
+            Ok(Outcome::Confirmed(c)) => {
+                shared.count_confirmation(c);
+                BatchResult {
+                    outcome: Some(c.as_str().into()),
+                    error: None,
+                }
+            }
             Ok(_) => BatchResult {
                 outcome: None,
                 error: Some(WireError {
@@ -593,14 +632,22 @@ async fn handle_request(shared: &Shared, gateway: &str, id: u64, request: Reques
         Ok(outcome) => ResponseFrame::ok(
             id,
             match outcome {
-                Outcome::Sold(d) => Response::Sold { pin: PinOut::from(d) },
+                Outcome::Sold(d) => {
+                    if d.redelivered {
+                        shared.metrics.redeliveries.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Response::Sold { pin: PinOut::from(d) }
+                }
                 Outcome::Reserved(v) => Response::Reserved {
                     pins: v.into_iter().map(PinOut::from).collect(),
                     lease_until: lease,
                 },
-                Outcome::Confirmed(c) => Response::Confirmed {
-                    outcome: c.as_str().into(),
-                },
+                Outcome::Confirmed(c) => {
+                    shared.count_confirmation(c);
+                    Response::Confirmed {
+                        outcome: c.as_str().into(),
+                    }
+                }
                 Outcome::Released { refused } => Response::Released { refused },
                 Outcome::Renewed(count) => Response::Renewed {
                     count,
@@ -640,6 +687,7 @@ fn to_op(shared: &Shared, gateway: &str, request: Request) -> Result<Result<Op, 
             product,
             amount,
             sale: sale(gateway, terminal)?,
+            repeat_since: unix_now() - shared.opts.repeat_age.as_secs() as i64,
         }),
         Request::Reserve {
             product,
@@ -687,16 +735,20 @@ fn to_op(shared: &Shared, gateway: &str, request: Request) -> Result<Result<Op, 
             terminal_id,
             stan,
             transmission,
-        } => Op::Reverse(sale(
-            gateway,
-            Terminal {
-                terminal_id,
-                merchant_id: "-".into(),
-                stan,
-                transmission,
-                rrn: String::new(),
-            },
-        )?),
+            content,
+        } => Op::Reverse {
+            sale: sale(
+                gateway,
+                Terminal {
+                    terminal_id,
+                    merchant_id: content.as_ref().map_or("-", |c| &c.merchant_id).into(),
+                    stan,
+                    transmission,
+                    rrn: String::new(),
+                },
+            )?,
+            content,
+        },
         Request::ReversePin { pin_id } => Op::ReversePin {
             gateway: gateway.into(),
             pin_id,

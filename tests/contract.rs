@@ -15,6 +15,9 @@ fn fixture(d: &Dialect, scenario: &str) -> (Message, Vec<u8>) {
     (d.decode(&Bytes::from(bytes.clone())).unwrap(), bytes)
 }
 
+/// When the fixtures' requests are received (2026-11-28 17:35:00 UTC): field 7 is bound to this year.
+const RECEIVED: i64 = 1_795_887_300;
+
 fn key(stan: &str, transmission: &str) -> SaleKey {
     SaleKey {
         terminal_id: "TERM0001".into(),
@@ -29,10 +32,10 @@ fn every_scenario_in_every_dialect() {
         let enc = |m: &Message| d.encode(m).unwrap().to_vec();
 
         let (req, _) = fixture(d, "sale-request-0200");
-        let TerminalRequest::Sale(sale) = TerminalRequest::parse(&req).unwrap() else {
+        let TerminalRequest::Sale(sale) = TerminalRequest::parse(&req, RECEIVED).unwrap() else {
             panic!()
         };
-        assert_eq!(sale.key, key("000123", "1128173500"));
+        assert_eq!(sale.key, key("000123", "20261128173500"));
         assert_eq!(
             (sale.product.as_str(), sale.amount, sale.currency.as_str()),
             ("TOPUP-EU-10", 1000, "978")
@@ -49,14 +52,14 @@ fn every_scenario_in_every_dialect() {
         assert_eq!(enc(&built), golden, "{}: out-of-stock 0210", d.name);
 
         let (rep, _) = fixture(d, "sale-repeat-0201");
-        let TerminalRequest::Sale(again) = TerminalRequest::parse(&rep).unwrap() else {
+        let TerminalRequest::Sale(again) = TerminalRequest::parse(&rep, RECEIVED).unwrap() else {
             panic!()
         };
         assert!(again.repeat);
         assert_eq!(again.key, sale.key, "a repeat names the same sale");
 
         let (rev, _) = fixture(d, "reversal-request-0400");
-        let TerminalRequest::Reversal(r) = TerminalRequest::parse(&rev).unwrap() else {
+        let TerminalRequest::Reversal(r) = TerminalRequest::parse(&rev, RECEIVED).unwrap() else {
             panic!()
         };
         assert_eq!(r.sale, sale.key, "field 90 names the original sale");
@@ -65,7 +68,7 @@ fn every_scenario_in_every_dialect() {
         assert_eq!(enc(&answer(&rev, ResponseCode::Approved)), golden, "{}: 0410", d.name);
 
         let (adv, _) = fixture(d, "reversal-advice-0420");
-        let TerminalRequest::Reversal(a) = TerminalRequest::parse(&adv).unwrap() else {
+        let TerminalRequest::Reversal(a) = TerminalRequest::parse(&adv, RECEIVED).unwrap() else {
             panic!()
         };
         assert_eq!(
@@ -81,7 +84,10 @@ fn every_scenario_in_every_dialect() {
             ("signon-request-0800", "signon-response-0810", NetworkCode::SignOn),
         ] {
             let (m, _) = fixture(d, req);
-            assert_eq!(TerminalRequest::parse(&m).unwrap(), TerminalRequest::Network(code));
+            assert_eq!(
+                TerminalRequest::parse(&m, RECEIVED).unwrap(),
+                TerminalRequest::Network(code)
+            );
             let (_, golden) = fixture(d, resp);
             assert_eq!(enc(&answer(&m, ResponseCode::Approved)), golden, "{}: {resp}", d.name);
         }
@@ -152,7 +158,7 @@ fn refusals_carry_the_contract_code() {
     for (what, change, code) in cases {
         let mut m = base.clone();
         change(&mut m);
-        let refusal = TerminalRequest::parse(&m).unwrap_err();
+        let refusal = TerminalRequest::parse(&m, RECEIVED).unwrap_err();
         assert_eq!(refusal.code, code, "{what}: {}", refusal.reason);
         // The refusal is answered in the request's own class, with the code.
         let a = answer(&m, refusal.code);
@@ -161,7 +167,7 @@ fn refusals_carry_the_contract_code() {
     let (mut echo, _) = fixture(&d, "echo-request-0800");
     echo.set(70, "999");
     assert_eq!(
-        TerminalRequest::parse(&echo).unwrap_err().code,
+        TerminalRequest::parse(&echo, RECEIVED).unwrap_err().code,
         ResponseCode::InvalidTransaction
     );
 }

@@ -37,10 +37,18 @@ fn term(n: usize) -> Identity {
     common::demo_terminal(&format!("DEMO{n:04}"))
 }
 
+thread_local! {
+    /// The field 7 of a test's sales: the time of its first sale (each test runs on a thread of its own), so that
+    /// its repeats name the same key, and the gateway's cache may serve it (a key far from the gateway's clock goes
+    /// to the PIN server instead: `clock_skew_secs`).
+    static TRANSMISSION: String = pingate::sim::now_transmission();
+}
+
 fn spec(stan: u32, product: &str) -> SaleSpec {
+    let transmission = TRANSMISSION.with(|t| t.clone());
     common::demo_sale(
         stan,
-        "1128120000",
+        &transmission,
         product,
         if product == PREFETCH { 1000 } else { 2500 },
     )

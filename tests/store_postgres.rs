@@ -8,7 +8,17 @@ use pingate::sale::Pin;
 use pingate::store::crypto::PinCipher;
 use pingate::store::handle::{DbUrl, StoreHandle, StoreOptions};
 use pingate::store::postgres::PgStore;
-use pingate::store::{Confirmation, NewPin, Op, Outcome, PinState, PinStore, Reversal, SellRequest, StoreError};
+use pingate::store::{
+    Confirmation, NewPin, Op, Outcome, PinState, PinStore, Reversal, SaleContext, SellRequest, StoreError,
+};
+
+/// A sale through `gateway` by a terminal of that gateway's own: the scenarios here keep their gateways' sales apart
+/// by terminal (a key is one sale whichever gateway it comes through).
+fn ctx(gateway: &str, stan: u32) -> SaleContext {
+    let mut c = common::ctx(gateway, stan);
+    c.terminal_id = format!("TERM-{gateway}");
+    c
+}
 
 fn url() -> String {
     std::env::var("PINGATE_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
@@ -78,6 +88,7 @@ fn sell(gateway: &str, stan: u32) -> SellRequest {
         product: "TOPUP".into(),
         amount: 1000,
         sale: ctx(gateway, stan),
+        repeat_since: 0,
     }
 }
 
@@ -95,7 +106,7 @@ async fn count(s: &PgStore, state: PinState) -> i64 {
 async fn transitions_idempotency_and_refusals() {
     let schema = Schema::new("transitions").await;
     let mut s = schema.stocked(6).await;
-    assert_eq!(s.schema_version().await.unwrap(), 4);
+    assert_eq!(s.schema_version().await.unwrap(), 5);
     let a = s.sell(&sell("gw1", 1)).await.unwrap();
     assert_eq!(s.sell(&sell("gw1", 1)).await.unwrap(), a, "same key, same PIN");
     let mut other = sell("gw1", 1);
@@ -193,7 +204,10 @@ async fn transitions_idempotency_and_refusals() {
             Op::Sell(twin),
             Op::Sell(unknown),
             Op::Sell(sell("gw1", 1)),
-            Op::Reverse(ctx("gw3", 3)),
+            Op::Reverse {
+                sale: ctx("gw3", 3),
+                content: None,
+            },
         ])
         .await;
     let (Ok(Outcome::Sold(x)), Ok(Outcome::Sold(y))) = (&r[0], &r[1]) else {
@@ -295,7 +309,12 @@ async fn a_version_1_database_is_migrated_and_sells() {
     // no expiry index, no `quarantined` state (neither in the CHECK nor in the edges function), version 1.
     s.client()
         .batch_execute(
-            "ALTER TABLE sales DROP CONSTRAINT sales_pkey, ADD PRIMARY KEY (gateway, terminal_id, stan, transmission);
+            "DROP TABLE confirm_conflicts; DROP TABLE redeliveries;
+             ALTER TABLE reversals DROP CONSTRAINT reversals_pkey,
+                 ADD PRIMARY KEY (gateway, terminal_id, stan, transmission),
+                 DROP COLUMN product, DROP COLUMN amount, DROP COLUMN merchant_id;
+             UPDATE sales SET transmission = substr(transmission, 5) WHERE length(transmission) = 14;
+             ALTER TABLE sales DROP CONSTRAINT sales_pkey, ADD PRIMARY KEY (gateway, terminal_id, stan, transmission);
              DROP FUNCTION pingate_sell_batch; DROP FUNCTION pingate_confirm_batch; DROP INDEX pins_expiring;
              ALTER TABLE pins DROP CONSTRAINT pins_state_check, ADD CONSTRAINT pins_state_check
                  CHECK (state IN ('available', 'reserved', 'sold', 'voided', 'expired'));
@@ -312,7 +331,16 @@ async fn a_version_1_database_is_migrated_and_sells() {
         .unwrap();
     drop(s);
     let mut s = schema.open().await;
-    assert_eq!(s.schema_version().await.unwrap(), 4);
+    assert_eq!(s.schema_version().await.unwrap(), 5);
+    // Migration 5 bound the keys to the year they were sold in (the sale is this year's).
+    let year = time::OffsetDateTime::now_utc().year();
+    let recorded: String = s
+        .client()
+        .query_one("SELECT transmission FROM sales WHERE pin_id = $1", &[&a.pin_id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, format!("{year}{}", common::TRANSMISSION));
     // Migration 4 keyed the sales by (transmission, stan, terminal, gateway).
     let key: Vec<String> = s
         .client()
@@ -333,8 +361,10 @@ async fn a_version_1_database_is_migrated_and_sells() {
         .batch_execute("UPDATE pins SET state = 'quarantined' WHERE id = 3")
         .await
         .unwrap();
+    let mut again = sell("gw1", 1);
+    again.sale.transmission = recorded.clone();
     assert_eq!(
-        s.sell(&sell("gw1", 1)).await.unwrap(),
+        s.sell(&again).await.unwrap(),
         a,
         "sales made before the upgrade are kept"
     );

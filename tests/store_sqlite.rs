@@ -65,6 +65,7 @@ fn sell(stan: u32) -> SellRequest {
         product: "TOPUP".into(),
         amount: 1000,
         sale: ctx("gw1", stan),
+        repeat_since: 0,
     }
 }
 
@@ -128,7 +129,8 @@ fn cache_path_reserve_confirm_release_and_audit_trail() {
         Err(StoreError::NotHolder { .. })
     ));
     assert_eq!(s.release("gw2", &[held[1].pin_id]).unwrap(), vec![held[1].pin_id]);
-    // Confirm, and again (idempotent); the same key on another PIN is a mismatch.
+    // Confirm, and again (idempotent); the same key on another PIN is a conflict: that PIN was handed out with no
+    // sale to record, so it is voided and the conflict kept for the operator (a repeat of it changes nothing).
     assert_eq!(
         s.confirm("gw1", held[0].pin_id, &ctx("gw1", 1)).unwrap(),
         Confirmation::Sold
@@ -137,15 +139,26 @@ fn cache_path_reserve_confirm_release_and_audit_trail() {
         s.confirm("gw1", held[0].pin_id, &ctx("gw1", 1)).unwrap(),
         Confirmation::AlreadyConfirmed
     );
-    assert!(matches!(
-        s.confirm("gw1", held[1].pin_id, &ctx("gw1", 1)),
-        Err(StoreError::DuplicateMismatch { .. })
-    ));
-    // Release the rest; a released PIN can no longer be confirmed.
+    for _ in 0..2 {
+        assert_eq!(
+            s.confirm("gw1", held[1].pin_id, &ctx("gw1", 1)).unwrap(),
+            Confirmation::Conflict { voided: true }
+        );
+    }
+    let conflicts: i64 = s
+        .connection()
+        .query_row(
+            "SELECT COUNT(*) FROM confirm_conflicts WHERE pin_id = ?1",
+            [held[1].pin_id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(conflicts, 1);
+    // Release the rest; a voided or released PIN can no longer be confirmed.
     assert_eq!(
         s.release("gw1", &[held[1].pin_id, held[2].pin_id, held[0].pin_id])
             .unwrap(),
-        vec![held[0].pin_id]
+        vec![held[1].pin_id, held[0].pin_id]
     );
     assert!(matches!(
         s.confirm("gw1", held[1].pin_id, &ctx("gw1", 2)),
@@ -186,8 +199,10 @@ fn cache_path_reserve_confirm_release_and_audit_trail() {
             Err(e) => panic!("{e}"),
         }
     }
-    assert_eq!(sold.len(), 8, "10 PINs, 1 voided, 1 still reserved");
-    assert!(!sold.contains(&held[0].pin_id) && !sold.contains(&held[3].pin_id));
+    assert_eq!(sold.len(), 7, "10 PINs, 2 voided (a reversal, a conflict), 1 still reserved");
+    for never in [0, 1, 3] {
+        assert!(!sold.contains(&held[never].pin_id));
+    }
 }
 
 #[test]
@@ -367,6 +382,8 @@ fn concurrent_writers_on_one_file_never_share_a_pin_and_survive_reopen() {
                 for i in 0..100u32 {
                     let mut req = sell(i);
                     req.sale.gateway = format!("gw{t}");
+                    // Each writer its own terminal: a key is one sale whichever gateway it comes through.
+                    req.sale.terminal_id = format!("TERM000{t}");
                     got.push(s.sell(&req).unwrap().pin_id);
                     got.extend(
                         s.reserve(&format!("gw{t}"), "TOPUP", 1000, 2, 2_000_000_000)
@@ -389,7 +406,7 @@ fn concurrent_writers_on_one_file_never_share_a_pin_and_survive_reopen() {
     let s = db.open();
     assert_eq!(count(&s, PinState::Sold), 400);
     assert_eq!(count(&s, PinState::Reserved), 800);
-    assert_eq!(s.schema_version().unwrap(), 4);
+    assert_eq!(s.schema_version().unwrap(), 5);
 }
 
 #[test]
@@ -399,6 +416,7 @@ fn a_version_1_file_is_migrated_and_a_newer_one_refused() {
     let a = s.sell(&sell(1)).unwrap();
     // What a file written by the first release looks like: sales under their first key, no expiry index, no
     // `quarantined` state, version 1.
+    undo_migration_5(s.connection());
     undo_migration_4(s.connection());
     undo_migration_3(s.connection());
     s.connection()
@@ -406,7 +424,16 @@ fn a_version_1_file_is_migrated_and_a_newer_one_refused() {
         .unwrap();
     drop(s);
     let mut s = db.open();
-    assert_eq!(s.schema_version().unwrap(), 4);
+    assert_eq!(s.schema_version().unwrap(), 5);
+    // Migration 5 bound the keys to the year they were sold in (the sale is this year's).
+    let year = time::OffsetDateTime::now_utc().year();
+    let recorded: String = s
+        .connection()
+        .query_row("SELECT transmission FROM sales WHERE pin_id = ?1", [a.pin_id], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(recorded, format!("{year}{}", common::TRANSMISSION));
     // Migration 3 let available PINs become quarantined (the CHECK and the edges trigger both take it).
     s.connection()
         .execute_batch("UPDATE pins SET state = 'quarantined' WHERE id = 2")
@@ -424,7 +451,9 @@ fn a_version_1_file_is_migrated_and_a_newer_one_refused() {
         sales_key(s.connection()),
         ["transmission", "stan", "terminal_id", "gateway"]
     );
-    assert_eq!(s.sell(&sell(1)).unwrap(), a, "sales made before the upgrade are kept");
+    let mut again = sell(1);
+    again.sale.transmission = recorded;
+    assert_eq!(s.sell(&again).unwrap(), a, "sales made before the upgrade are kept");
     s.connection().execute_batch("PRAGMA user_version = 99;").unwrap();
     drop(s);
     let e = SqliteStore::open(&db.path(), PinCipher::from_spec(&db.keys).unwrap())
@@ -440,6 +469,23 @@ fn sales_key(c: &rusqlite::Connection) -> Vec<String> {
         .unwrap();
     let names = st.query_map([], |r| r.get(0)).unwrap();
     names.collect::<Result<_, _>>().unwrap()
+}
+
+/// Undoes what migration 5 changed, as a file of version 4 has it: no conflicts or re-deliveries, reversals keyed
+/// by gateway first, keys without their year.
+fn undo_migration_5(c: &rusqlite::Connection) {
+    c.execute_batch(
+        "BEGIN; DROP TABLE confirm_conflicts; DROP TABLE redeliveries;
+         CREATE TABLE reversals_old (gateway TEXT NOT NULL, terminal_id TEXT NOT NULL, stan TEXT NOT NULL,
+             transmission TEXT NOT NULL, pin_id INTEGER, at INTEGER NOT NULL,
+             PRIMARY KEY (gateway, terminal_id, stan, transmission));
+         INSERT INTO reversals_old SELECT gateway, terminal_id, stan, substr(transmission, 5), pin_id, at
+             FROM reversals;
+         DROP TABLE reversals; ALTER TABLE reversals_old RENAME TO reversals;
+         UPDATE sales SET transmission = substr(transmission, 5) WHERE length(transmission) = 14;
+         PRAGMA user_version = 4; COMMIT;",
+    )
+    .unwrap();
 }
 
 /// Undoes what migration 4 changed, as a file of versions 1 to 3 has it: sales keyed by (gateway, terminal,

@@ -20,7 +20,8 @@ fuzz_target!(|data: &[u8]| {
         let _ = d.peek_mti(data);
         return;
     };
-    let reply = match TerminalRequest::parse(&msg) {
+    // Received 2026-11-28 17:35:00 UTC: field 7 is bound to that year.
+    let reply = match TerminalRequest::parse(&msg, 1_795_887_300) {
         Err(refusal) => answer(&msg, refusal.code),
         Ok(TerminalRequest::Sale(s)) => {
             let rrn = pingate::gateway::rrn_of(&s.key);

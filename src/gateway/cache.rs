@@ -175,6 +175,11 @@ impl PinCache {
         std::mem::take(&mut self.stale)
     }
 
+    /// Whether `product`/`amount` is prefetched.
+    pub fn is_prefetch(&self, product: &str, amount: i64) -> bool {
+        self.slots.contains_key(&(product.to_string(), amount))
+    }
+
     /// Takes the oldest PIN of `product`/`amount`.
     /// PINs whose lease ends before `min_lease` (unix seconds) are set aside, never sold ([`PinCache::take_stale`]).
     pub fn take(&mut self, product: &str, amount: i64, now: Instant, min_lease: i64) -> Take {

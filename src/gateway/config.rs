@@ -54,6 +54,9 @@ fn d_deadline() -> u64 {
 fn d_window() -> u64 {
     900
 }
+fn d_clock_skew() -> u64 {
+    300
+}
 fn d_repeat_max() -> usize {
     200_000
 }
@@ -82,6 +85,8 @@ struct GatewaySection {
     repeat_window_secs: u64,
     #[serde(default = "d_repeat_max")]
     repeat_max: usize,
+    #[serde(default = "d_clock_skew")]
+    clock_skew_secs: u64,
     #[serde(default = "d_lease")]
     lease_secs: u64,
     #[serde(default = "d_cover")]
@@ -583,6 +588,10 @@ pub struct GatewayConfig {
     pub admin: Option<SocketAddr>,
     pub repeat_window: Duration,
     pub repeat_max: usize,
+    /// How far a terminal's clock (field 7) may be from the gateway's for a sale to be served from the cache: a key
+    /// whose time is further off, or older than what the repeat window still remembers, may be a key sold before
+    /// (a reset terminal, a duplicate beyond the window), so its sale goes to the PIN server, which knows every key.
+    pub clock_skew: Duration,
     pub lease: Duration,
     pub refill_cover: Duration,
     pub refill_lead: Duration,
@@ -647,6 +656,9 @@ impl GatewayConfig {
         let g = f.gateway;
         if g.response_deadline_ms < 100 || g.response_deadline_ms > 120_000 {
             problems.push(invalid("gateway.response_deadline_ms", "must be 100 to 120000"));
+        }
+        if g.clock_skew_secs > 86_400 {
+            problems.push(invalid("gateway.clock_skew_secs", "must be 0 to 86400"));
         }
         if f.upstream.servers.is_empty() {
             problems.push(invalid("upstream.servers", "at least one PIN server is needed"));
@@ -816,6 +828,7 @@ impl GatewayConfig {
             admin: g.admin,
             repeat_window: Duration::from_secs(g.repeat_window_secs),
             repeat_max: g.repeat_max.max(1000),
+            clock_skew: Duration::from_secs(g.clock_skew_secs),
             lease: Duration::from_secs(g.lease_secs.max(60)),
             refill_cover: Duration::from_secs(g.refill_cover_secs.max(1)),
             refill_lead: Duration::from_secs(g.refill_lead_secs.max(1)),

@@ -35,6 +35,7 @@ use crate::iso8583::{from_hex, to_hex};
 use crate::psp::PinOut;
 use crate::sale::SaleKey;
 use crate::store::crypto::{PinCipher, Sealed};
+use crate::store::SaleContent;
 
 const MAGIC: &[u8; 4] = b"PGJ1";
 /// Largest record accepted at recovery: a frame claiming more is torn or corrupt.
@@ -88,6 +89,16 @@ impl SaleRecord {
         }
     }
 
+    /// What the sale bought, as its reversal names it.
+    pub fn content(&self) -> SaleContent {
+        SaleContent {
+            merchant_id: self.merchant_id.clone(),
+            product: self.product.clone(),
+            amount: self.amount,
+            currency: self.currency.clone(),
+        }
+    }
+
     pub fn terminal(&self) -> crate::psp::Terminal {
         crate::psp::Terminal {
             terminal_id: self.terminal_id.clone(),
@@ -138,14 +149,34 @@ pub struct CachedPin {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
     Cached(CachedPin),
-    CacheSold { pin_id: i64, sale: SaleRecord },
-    Confirmed { pin_id: i64 },
-    Releasing { pin_ids: Vec<i64> },
-    Released { pin_ids: Vec<i64> },
-    Asked { sale: SaleRecord },
-    Resolved { key: KeyRecord },
-    Reverse { key: KeyRecord },
-    Reversed { key: KeyRecord },
+    CacheSold {
+        pin_id: i64,
+        sale: SaleRecord,
+    },
+    Confirmed {
+        pin_id: i64,
+    },
+    Releasing {
+        pin_ids: Vec<i64>,
+    },
+    Released {
+        pin_ids: Vec<i64>,
+    },
+    Asked {
+        sale: SaleRecord,
+    },
+    Resolved {
+        key: KeyRecord,
+    },
+    /// `content`: what the reversal named, checked by the server against the sale (absent in records written by
+    /// older gateways).
+    Reverse {
+        key: KeyRecord,
+        content: Option<SaleContent>,
+    },
+    Reversed {
+        key: KeyRecord,
+    },
 }
 
 /// The on-disk form: the PIN sealed, everything else as is.
@@ -185,6 +216,8 @@ enum Wire {
     },
     Reverse {
         key: KeyRecord,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        content: Option<SaleContent>,
     },
     Reversed {
         key: KeyRecord,
@@ -214,7 +247,7 @@ fn to_wire(r: &Record, cipher: &PinCipher) -> Result<Wire, String> {
         Record::Released { pin_ids } => Wire::Released { pin_ids },
         Record::Asked { sale } => Wire::Asked { sale },
         Record::Resolved { key } => Wire::Resolved { key },
-        Record::Reverse { key } => Wire::Reverse { key },
+        Record::Reverse { key, content } => Wire::Reverse { key, content },
         Record::Reversed { key } => Wire::Reversed { key },
     })
 }
@@ -267,7 +300,7 @@ fn from_wire(w: Wire, cipher: &PinCipher) -> Result<Record, String> {
         Wire::Released { pin_ids } => Record::Released { pin_ids },
         Wire::Asked { sale } => Record::Asked { sale },
         Wire::Resolved { key } => Record::Resolved { key },
-        Wire::Reverse { key } => Record::Reverse { key },
+        Wire::Reverse { key, content } => Record::Reverse { key, content },
         Wire::Reversed { key } => Record::Reversed { key },
     })
 }
@@ -313,8 +346,9 @@ struct Live {
     sold: HashMap<i64, (Vec<u8>, Vec<u8>)>,
     /// Ids on their way back to the server; their frames are written anew at compaction (naming only these).
     releasing: std::collections::BTreeSet<i64>,
-    asked: HashMap<KeyRecord, Vec<u8>>,
-    reverse: HashMap<KeyRecord, Vec<u8>>,
+    /// On-demand sales asked for, with what they bought (their reversal names it).
+    asked: HashMap<KeyRecord, (SaleContent, Vec<u8>)>,
+    reverse: HashMap<KeyRecord, (Option<SaleContent>, Vec<u8>)>,
 }
 
 impl Live {
@@ -345,13 +379,13 @@ impl Live {
                 }
             }
             Record::Asked { sale } => {
-                self.asked.insert(KeyRecord::from(&sale.key()), frame);
+                self.asked.insert(KeyRecord::from(&sale.key()), (sale.content(), frame));
             }
             Record::Resolved { key } => {
                 self.asked.remove(key);
             }
-            Record::Reverse { key } => {
-                self.reverse.insert(key.clone(), frame);
+            Record::Reverse { key, content } => {
+                self.reverse.insert(key.clone(), (content.clone(), frame));
             }
             Record::Reversed { key } => {
                 self.reverse.remove(key);
@@ -376,8 +410,8 @@ impl Live {
             };
             out.push(Cow::Owned(frame(&serde_json::to_vec(&w).expect("serialisable"))));
         }
-        out.extend(self.asked.values().map(|f| Cow::Borrowed(f.as_slice())));
-        out.extend(self.reverse.values().map(|f| Cow::Borrowed(f.as_slice())));
+        out.extend(self.asked.values().map(|(_, f)| Cow::Borrowed(f.as_slice())));
+        out.extend(self.reverse.values().map(|(_, f)| Cow::Borrowed(f.as_slice())));
         out
     }
 
@@ -427,7 +461,7 @@ pub struct Recovered {
     /// PINs on their way back to the server: release them.
     pub releasing: Vec<i64>,
     /// On-demand sales asked for with no known outcome, and reversals not yet acknowledged: reverse them all.
-    pub reverse: Vec<KeyRecord>,
+    pub reverse: Vec<(KeyRecord, Option<SaleContent>)>,
     /// Bytes of a torn last record that were cut off (and kept beside the journal).
     pub torn_bytes: u64,
 }
@@ -639,14 +673,19 @@ impl Journal {
         recovered.releasing.extend(live.releasing.iter().copied());
         // An on-demand sale with no known outcome is reversed; so is every reversal not yet acknowledged. The
         // `asked` frames stay live until the reversal is acknowledged: they are turned into `reverse` frames here.
-        let mut reverse: Vec<KeyRecord> = live.reverse.keys().cloned().collect();
+        let mut reverse: Vec<(KeyRecord, Option<SaleContent>)> =
+            live.reverse.iter().map(|(k, (c, _))| (k.clone(), c.clone())).collect();
         let asked: Vec<KeyRecord> = live.asked.keys().cloned().collect();
         for k in asked {
-            live.asked.remove(&k);
+            let (content, _) = live.asked.remove(&k).expect("listed");
             if !live.reverse.contains_key(&k) {
-                let payload = serde_json::to_vec(&Wire::Reverse { key: k.clone() }).expect("serialisable");
-                live.reverse.insert(k.clone(), frame(&payload));
-                reverse.push(k);
+                let w = Wire::Reverse {
+                    key: k.clone(),
+                    content: Some(content.clone()),
+                };
+                let payload = serde_json::to_vec(&w).expect("serialisable");
+                live.reverse.insert(k.clone(), (Some(content.clone()), frame(&payload)));
+                reverse.push((k, Some(content)));
             }
         }
         recovered.reverse = reverse;
@@ -902,8 +941,18 @@ mod tests {
         j.append(vec![Record::Asked { sale: sale("000010") }]).await.unwrap();
         j.append(vec![Record::Asked { sale: sale("000011") }]).await.unwrap();
         j.append(vec![Record::Resolved { key: key("000011") }]).await.unwrap();
-        j.append(vec![Record::Reverse { key: key("000020") }]).await.unwrap();
-        j.append(vec![Record::Reverse { key: key("000021") }]).await.unwrap();
+        j.append(vec![Record::Reverse {
+            key: key("000020"),
+            content: None,
+        }])
+        .await
+        .unwrap();
+        j.append(vec![Record::Reverse {
+            key: key("000021"),
+            content: None,
+        }])
+        .await
+        .unwrap();
         j.append(vec![Record::Reversed { key: key("000021") }]).await.unwrap();
         drop(j);
         // The writer thread ends when the last handle goes; the data was synced before each append returned.
@@ -915,13 +964,17 @@ mod tests {
         assert_eq!(r.unconfirmed[0].1, sale("000001"));
         assert_eq!(r.releasing, vec![4]);
         let mut rev = r.reverse.clone();
-        rev.sort_by(|a, b| a.stan.cmp(&b.stan));
-        assert_eq!(rev, vec![key("000010"), key("000020")]);
+        rev.sort_by(|a, b| a.0.stan.cmp(&b.0.stan));
+        // The reversal made of an unanswered `asked` names what that sale bought, for the server to check.
+        assert_eq!(
+            rev,
+            vec![(key("000010"), Some(sale("000010").content())), (key("000020"), None)]
+        );
         // Acknowledging the reversal that recovery made of the unanswered `asked` retires it.
         j.append(vec![Record::Reversed { key: key("000010") }]).await.unwrap();
         drop(j);
         let (_j, r) = Journal::open(&path, cipher(), JournalOptions::default()).unwrap();
-        assert_eq!(r.reverse, vec![key("000020")]);
+        assert_eq!(r.reverse, vec![(key("000020"), None)]);
     }
 
     #[tokio::test]

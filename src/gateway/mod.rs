@@ -26,6 +26,7 @@ use crate::sale::{
     answer, sale_answer, PinReceipt, ResponseCode, ReversalRequest, SaleKey, SaleRequest, TerminalRequest,
 };
 use crate::store::crypto::PinCipher;
+use crate::store::SaleContent;
 use cache::{Level, PinCache, Take};
 use config::GatewayConfig;
 use journal::{CachedPin, Journal, JournalOptions, KeyRecord, Record, SaleRecord};
@@ -73,6 +74,17 @@ struct Content {
     currency: String,
 }
 
+impl Content {
+    fn to_sale_content(&self) -> SaleContent {
+        SaleContent {
+            merchant_id: self.merchant.clone(),
+            product: self.product.clone(),
+            amount: self.amount as i64,
+            currency: self.currency.clone(),
+        }
+    }
+}
+
 struct Entry {
     /// `None` for a reversal of a sale this gateway never saw: it matches any content.
     content: Option<Content>,
@@ -113,7 +125,11 @@ impl Entry {
 /// has not acknowledged yet (until then the server cannot answer a repeat of it correctly).
 struct Recent {
     map: HashMap<SaleKey, Arc<Entry>>,
-    order: VecDeque<(Instant, SaleKey)>,
+    /// When each entry was begun: the monotonic instant (for the window) and the wall-clock second (for the horizon).
+    order: VecDeque<(Instant, i64, SaleKey)>,
+    /// Wall-clock second (since the epoch) from which every sale begun here is still remembered: the gateway's start,
+    /// then the latest sale forgotten (out of the window, or past `max`). Keys older than this may have been sold.
+    horizon: i64,
     /// Held by pending confirms and reversals (with how many hold each).
     held: HashMap<SaleKey, (Arc<Entry>, u32)>,
     window: Duration,
@@ -126,24 +142,24 @@ enum Begin {
 }
 
 impl Recent {
-    fn begin(&mut self, key: &SaleKey, content: Content, now: Instant) -> Begin {
+    fn begin(&mut self, key: &SaleKey, content: Content, now: Instant, now_unix: i64) -> Begin {
         // Each entry is looked at once at most: with more sales in progress than `max`, the map stays over it for
         // a while rather than dropping one (or spinning).
         let mut budget = self.order.len();
-        while let Some((t, k)) = self.order.front() {
+        while let Some((t, _, _)) = self.order.front() {
             if budget == 0 || now.duration_since(*t) <= self.window && self.map.len() <= self.max {
                 break;
             }
             budget -= 1;
-            let (t, k) = (*t, k.clone());
-            self.order.pop_front();
+            let (t, at, k) = self.order.pop_front().expect("looked at");
             match self.map.get(&k) {
                 // A sale still in progress stays (its duplicates must wait for it, not start another).
                 Some(e) if e.outcome.borrow().is_none() && now.duration_since(t) <= self.window * 2 => {
-                    self.order.push_back((now, k));
+                    self.order.push_back((now, at, k));
                 }
                 _ => {
                     self.map.remove(&k);
+                    self.horizon = self.horizon.max(at);
                 }
             }
         }
@@ -152,7 +168,7 @@ impl Recent {
         }
         let e = Entry::new(Some(content), None);
         self.map.insert(key.clone(), e.clone());
-        self.order.push_back((now, key.clone()));
+        self.order.push_back((now, now_unix, key.clone()));
         Begin::New(e)
     }
 
@@ -161,6 +177,16 @@ impl Recent {
             .get(key)
             .map(|(e, _)| e.clone())
             .or_else(|| self.map.get(key).cloned())
+    }
+
+    /// A reversal of a sale not remembered here was done by the server: a late sale with its key gets `12` from
+    /// memory for as long as the window keeps it.
+    fn remember_reversed(&mut self, key: &SaleKey, now: Instant) {
+        if self.get(key).is_none() {
+            let e = Entry::new(None, Some(Outcome::Declined(ResponseCode::InvalidTransaction)));
+            self.map.insert(key.clone(), e);
+            self.order.push_back((now, crate::store::unix_now(), key.clone()));
+        }
     }
 
     fn hold(&mut self, key: &SaleKey, entry: Arc<Entry>) {
@@ -180,9 +206,18 @@ impl Recent {
 /// Work the server must acknowledge, retried until it does (store-and-forward).
 #[derive(Clone, Debug)]
 enum Job {
-    Confirm { pin_id: i64, sale: SaleRecord },
-    Reverse { key: KeyRecord },
-    Release { pin_ids: Vec<i64> },
+    Confirm {
+        pin_id: i64,
+        sale: SaleRecord,
+    },
+    /// `content`: what the reversal named (the server checks it against the sale).
+    Reverse {
+        key: KeyRecord,
+        content: Option<SaleContent>,
+    },
+    Release {
+        pin_ids: Vec<i64>,
+    },
 }
 
 impl Job {
@@ -190,7 +225,7 @@ impl Job {
     fn key(&self) -> Option<SaleKey> {
         match self {
             Job::Confirm { sale, .. } => Some(sale.key()),
-            Job::Reverse { key } => Some(key.key()),
+            Job::Reverse { key, .. } => Some(key.key()),
             Job::Release { .. } => None,
         }
     }
@@ -202,7 +237,8 @@ enum Sent {
     Acknowledged,
     /// No answer (server down, timeout): retried with backoff.
     Failed,
-    /// The server said no: retried at the longest backoff, and an operator is told.
+    /// The server said no for good (a refusal that retrying cannot change): taken out of the queue, counted and
+    /// logged once. A refused confirm stays in the journal (the audit shows it; a restart tries it once more).
     Refused,
 }
 
@@ -300,6 +336,17 @@ pub struct Stats {
     pub repeats: AtomicU64,
     pub reversals: AtomicU64,
     pub undelivered: AtomicU64,
+    /// Sold PINs handed out again from memory to a repeat of their sale (the server counts those it hands out).
+    pub redeliveries: AtomicU64,
+    /// Sales of a prefetch product sent to the server because their key may have been sold before (field 7 too far
+    /// from the gateway's clock, or older than what the repeat window remembers).
+    pub unsure_keys: AtomicU64,
+    /// Cache sales whose confirm the server refused for good (a conflict it recorded for the operator).
+    pub confirm_conflicts: AtomicU64,
+    /// Store-and-forward steps the server refused for good (not retried; logged).
+    pub forward_refused: AtomicU64,
+    /// Reversals answered 13: they named another product, amount, currency or merchant than their sale.
+    pub reversal_mismatches: AtomicU64,
     pub confirms_done: AtomicU64,
     pub forward_failures: AtomicU64,
 }
@@ -400,6 +447,9 @@ pub fn code_for(e: &UpstreamError) -> ResponseCode {
             ErrorCode::UnknownDenomination => ResponseCode::InvalidAmount,
             ErrorCode::DuplicateMismatch => ResponseCode::DuplicateMismatch,
             ErrorCode::AlreadyReversed => ResponseCode::InvalidTransaction,
+            // A repeat older than the repeat age re-delivers nothing: `12`, as for a reversed sale.
+            ErrorCode::RepeatExpired => ResponseCode::InvalidTransaction,
+            ErrorCode::ReversalMismatch => ResponseCode::InvalidAmount,
             ErrorCode::Busy => ResponseCode::ServerUnavailable,
             ErrorCode::NotHolder | ErrorCode::BadRequest | ErrorCode::Internal => ResponseCode::SystemError,
         },
@@ -466,6 +516,7 @@ impl Gateway {
             recent: Mutex::new(Recent {
                 map: HashMap::new(),
                 order: VecDeque::new(),
+                horizon: crate::store::unix_now(),
                 held: HashMap::new(),
                 window: cfg.repeat_window,
                 max: cfg.repeat_max,
@@ -519,7 +570,12 @@ impl Gateway {
                 amount: sale.amount as u64,
                 currency: sale.currency.clone(),
             };
-            if let Begin::New(e) = gw.recent.lock().expect("not poisoned").begin(&key, content, now) {
+            let begun = gw
+                .recent
+                .lock()
+                .expect("not poisoned")
+                .begin(&key, content, now, crate::store::unix_now());
+            if let Begin::New(e) = begun {
                 e.outcome.send_replace(Some(Arc::new(Outcome::Approved {
                     pin_id: pin.pin.pin_id,
                     receipt: receipt_of(&pin.pin),
@@ -535,12 +591,12 @@ impl Gateway {
                 pin_ids: chunk.to_vec(),
             });
         }
-        for key in recovered.reverse {
+        for (key, content) in recovered.reverse {
             // A sale being reversed never hands out its PIN again, even to a repeat of a sale recovered above.
             if let Some(e) = gw.recent.lock().expect("not poisoned").get(&key.key()) {
                 e.overrule(ResponseCode::InvalidTransaction);
             }
-            gw.enqueue(Job::Reverse { key });
+            gw.enqueue(Job::Reverse { key, content });
         }
         tokio::spawn(gw.clone().forward_loop());
         tokio::spawn(gw.clone().refill_loop());
@@ -562,10 +618,14 @@ impl Gateway {
     pub async fn handle(&self, msg: &Message, received: Instant) -> Reply {
         use tracing::Instrument;
         let mti = msg.mti().to_string();
+        // The wall-clock second of receipt: field 7 is bound to its year by it.
+        let received_unix = crate::store::unix_now();
         // The RRN the sale has (or would have): derived from its key, so it can be logged before anything is asked.
         // Only sales have one: reversals and network messages skip building the key.
         let rrn = if mti.starts_with("02") {
-            SaleKey::of(msg).map(|key| rrn_of(&key)).unwrap_or_default()
+            SaleKey::of(msg, received_unix)
+                .map(|key| rrn_of(&key))
+                .unwrap_or_default()
         } else {
             String::new()
         };
@@ -576,7 +636,7 @@ impl Gateway {
             stan = msg.get_str(11).unwrap_or(""),
             rrn = %rrn,
         );
-        let reply = self.handle_request(msg, received).instrument(span).await;
+        let reply = self.handle_request(msg, received, received_unix).instrument(span).await;
         let code = reply.message.get_str(39).unwrap_or("none");
         // Label values from the contract only: a terminal sending made-up MTIs must not grow the metrics.
         let label = match mti.as_str() {
@@ -593,9 +653,9 @@ impl Gateway {
         reply
     }
 
-    async fn handle_request(&self, msg: &Message, received: Instant) -> Reply {
+    async fn handle_request(&self, msg: &Message, received: Instant, received_unix: i64) -> Reply {
         let deadline = received + self.cfg.response_deadline;
-        match TerminalRequest::parse(msg) {
+        match TerminalRequest::parse(msg, received_unix) {
             Err(refusal) => {
                 tracing::debug!(code = refusal.code.code(), reason = %refusal.reason, "request refused");
                 Reply::plain(answer(msg, refusal.code))
@@ -615,7 +675,7 @@ impl Gateway {
                     },
                 ))
             }
-            Ok(TerminalRequest::Sale(s)) => self.sale(msg, s, deadline).await,
+            Ok(TerminalRequest::Sale(s)) => self.sale(msg, s, deadline, received_unix).await,
             Ok(TerminalRequest::Reversal(r)) => Reply::plain(self.reversal(msg, r, deadline).await),
         }
     }
@@ -647,7 +707,7 @@ impl Gateway {
         }
     }
 
-    async fn sale(&self, msg: &Message, s: SaleRequest, deadline: Instant) -> Reply {
+    async fn sale(&self, msg: &Message, s: SaleRequest, deadline: Instant, received_unix: i64) -> Reply {
         let key = s.key.clone();
         if !self
             .registry()
@@ -670,11 +730,11 @@ impl Gateway {
         if let Some(code) = self.check_catalog(&s) {
             return self.declined(msg, &key, code);
         }
-        let begun = self
-            .recent
-            .lock()
-            .expect("not poisoned")
-            .begin(&key, content.clone(), Instant::now());
+        let (begun, horizon) = {
+            let mut recent = self.recent.lock().expect("not poisoned");
+            let begun = recent.begin(&key, content.clone(), Instant::now(), received_unix);
+            (begun, recent.horizon)
+        };
         let entry = match begun {
             Begin::Existing(e) => {
                 self.stats.repeats.fetch_add(1, Ordering::Relaxed);
@@ -687,7 +747,12 @@ impl Gateway {
                     _ => None,
                 };
                 return match waited {
-                    Some(o) => self.reply_of(msg, &key, &o).await,
+                    Some(o) => {
+                        if matches!(*o, Outcome::Approved { .. }) {
+                            self.stats.redeliveries.fetch_add(1, Ordering::Relaxed);
+                        }
+                        self.reply_of(msg, &key, &o).await
+                    }
                     None => self.declined(msg, &key, ResponseCode::ServerUnavailable),
                 };
             }
@@ -696,12 +761,24 @@ impl Gateway {
         if s.repeat {
             self.stats.repeats.fetch_add(1, Ordering::Relaxed);
         }
-        let outcome = Arc::new(self.sell(&s, deadline).await);
+        let from_cache = self.cache_may_sell(&key, received_unix, horizon);
+        let outcome = Arc::new(self.sell(&s, deadline, from_cache).await);
         entry.settle(outcome.clone());
         // A reversal that came meanwhile overruled the sale: the original request is answered as the sale now
         // stands, never with a PIN being voided.
         let outcome = entry.outcome.borrow().clone().unwrap_or(outcome);
         self.reply_of(msg, &key, &outcome).await
+    }
+
+    /// Whether a sale with this key may be served from the cache (see `clock_skew_secs` in the example
+    /// configuration). Every earlier cache sale had its field 7 no later than its receipt plus the skew; so a key
+    /// whose time is at least `horizon` (from when every sale begun here is still remembered) plus the skew was never
+    /// sold from the cache before it unless it is remembered, and a remembered key never gets here. Any other key
+    /// may have been sold (before a restart, or beyond the window): it goes to the PIN server, which knows every key.
+    fn cache_may_sell(&self, key: &SaleKey, received_unix: i64, horizon: i64) -> bool {
+        let skew = self.cfg.clock_skew.as_secs() as i64;
+        key.transmitted_at()
+            .is_some_and(|t| t <= received_unix + skew && t >= horizon + skew)
     }
 
     /// Product, amount and currency against the server's catalog (when one was received).
@@ -787,13 +864,18 @@ impl Gateway {
         }
     }
 
-    /// One PIN for a new sale: from the cache, else from the server.
-    async fn sell(&self, s: &SaleRequest, deadline: Instant) -> Outcome {
+    /// One PIN for a new sale: from the cache when `from_cache` (see [`Gateway::cache_may_sell`]), else from the
+    /// server.
+    async fn sell(&self, s: &SaleRequest, deadline: Instant, from_cache: bool) -> Outcome {
         let record = self.sale_record(s);
         let amount = s.amount as i64;
         // A repeat (0201) of a sale this gateway no longer remembers goes to the server, which knows every key it
-        // sold or had confirmed: the original PIN comes back, never a second one.
-        let take = if s.repeat {
+        // sold or had confirmed: the original PIN comes back, never a second one; so does a key that may have been
+        // sold before.
+        let take = if s.repeat || !from_cache {
+            if !s.repeat && self.cache.lock().expect("not poisoned").is_prefetch(&s.product, amount) {
+                self.stats.unsure_keys.fetch_add(1, Ordering::Relaxed);
+            }
             Take::OnDemand
         } else {
             // A PIN is sold only with a minute of its lease left (the server keeps it ours till then).
@@ -817,9 +899,13 @@ impl Gateway {
                     // reversal is journaled behind the sale record.
                     tracing::error!(error = %e, pin_id, "journal did not take a cache sale; the PIN is voided");
                     let key = KeyRecord::from(&s.key);
-                    self.journal.append_lazy(vec![Record::Reverse { key: key.clone() }]);
+                    let content = Some(record.content());
+                    self.journal.append_lazy(vec![Record::Reverse {
+                        key: key.clone(),
+                        content: content.clone(),
+                    }]);
                     self.enqueue(Job::Confirm { pin_id, sale: record });
-                    self.enqueue(Job::Reverse { key });
+                    self.enqueue(Job::Reverse { key, content });
                     return Outcome::Declined(code_for_journal(&e));
                 }
                 self.stats.sales_from_cache.fetch_add(1, Ordering::Relaxed);
@@ -865,7 +951,7 @@ impl Gateway {
                     .await
                 {
                     tracing::error!(error = %e, "journal failed after a sale; the sale is reversed");
-                    self.reverse_unanswered(key);
+                    self.reverse_unanswered(key, record.content());
                     return Outcome::Declined(ResponseCode::SystemError);
                 }
                 self.stats.sales_on_demand.fetch_add(1, Ordering::Relaxed);
@@ -876,7 +962,7 @@ impl Gateway {
             }
             Ok(other) => {
                 tracing::error!(answer = ?other, "PIN server answered sell with something else");
-                self.reverse_unanswered(key);
+                self.reverse_unanswered(key, record.content());
                 Outcome::Declined(ResponseCode::SystemError)
             }
             Err(e @ UpstreamError::Server(_)) => {
@@ -887,7 +973,7 @@ impl Gateway {
             Err(e) => {
                 // Timed out or cut off: the server may have sold. Reverse (remembered if it had not).
                 tracing::warn!(error = %e, "sale not answered by the PIN server; reversing it");
-                self.reverse_unanswered(key);
+                self.reverse_unanswered(key, record.content());
                 Outcome::Declined(code_for(&e))
             }
         }
@@ -895,12 +981,16 @@ impl Gateway {
 
     /// The `asked` sale becomes a reversal: `reverse` is written before `resolved`, so a torn write can only keep
     /// the reversal (and the `asked` record alone means a reversal at recovery too).
-    fn reverse_unanswered(&self, key: KeyRecord) {
+    fn reverse_unanswered(&self, key: KeyRecord, content: SaleContent) {
+        let content = Some(content);
         self.journal.append_lazy(vec![
-            Record::Reverse { key: key.clone() },
+            Record::Reverse {
+                key: key.clone(),
+                content: content.clone(),
+            },
             Record::Resolved { key: key.clone() },
         ]);
-        self.enqueue(Job::Reverse { key });
+        self.enqueue(Job::Reverse { key, content });
     }
 
     /// An approved answer could not be written to the terminal: reverse the sale (the reversal is on disk before
@@ -908,14 +998,20 @@ impl Gateway {
     pub async fn undelivered(&self, key: &SaleKey) {
         self.stats.undelivered.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(terminal = %key.terminal_id, stan = %key.stan, "answer not delivered; the sale is reversed");
-        if let Some(e) = self.recent.lock().expect("not poisoned").get(key) {
+        let entry = self.recent.lock().expect("not poisoned").get(key);
+        if let Some(e) = &entry {
             e.overrule(ResponseCode::ServerUnavailable);
         }
+        let content = entry.and_then(|e| e.content.as_ref().map(Content::to_sale_content));
         let key = KeyRecord::from(key);
-        if let Err(e) = self.journal.append(vec![Record::Reverse { key: key.clone() }]).await {
+        let record = Record::Reverse {
+            key: key.clone(),
+            content: content.clone(),
+        };
+        if let Err(e) = self.journal.append(vec![record]).await {
             tracing::error!(error = %e, "journal failed; the reversal of an undelivered sale is in memory only");
         }
-        self.enqueue(Job::Reverse { key });
+        self.enqueue(Job::Reverse { key, content });
     }
 
     async fn reversal(&self, msg: &Message, r: ReversalRequest, deadline: Instant) -> Message {
@@ -925,25 +1021,64 @@ impl Gateway {
         {
             return answer(msg, ResponseCode::NotPermitted);
         }
+        let named = Content {
+            merchant: r.merchant_id.clone(),
+            product: r.product.clone(),
+            amount: r.amount,
+            currency: r.currency.clone(),
+        };
         let known = self.recent.lock().expect("not poisoned").get(&r.sale);
-        if let Some(c) = known.as_ref().and_then(|e| e.content.as_ref()) {
-            if c.product != r.product || c.amount != r.amount || c.currency != r.currency {
-                return answer(msg, ResponseCode::InvalidAmount);
-            }
+        let known_content = known.as_ref().and_then(|e| e.content.clone());
+        if known_content.as_ref().is_some_and(|c| *c != named) {
+            self.stats.reversal_mismatches.fetch_add(1, Ordering::Relaxed);
+            return answer(msg, ResponseCode::InvalidAmount);
         }
         let key = KeyRecord::from(&r.sale);
-        if let Err(e) = self
-            .journal
-            .append_by(vec![Record::Reverse { key: key.clone() }], deadline)
-            .await
-        {
+        let content = Some(named.to_sale_content());
+        let record = Record::Reverse {
+            key: key.clone(),
+            content: content.clone(),
+        };
+        if let Err(e) = self.journal.append_by(vec![record], deadline).await {
             // The terminal is told to repeat it; the reversal is still sent (repeats are idempotent).
             tracing::error!(error = %e, "journal did not record a reversal in time");
-            self.enqueue(Job::Reverse { key });
+            self.enqueue(Job::Reverse { key, content });
             return answer(msg, ResponseCode::ServerUnavailable);
         }
+        if known_content.is_none() {
+            // A sale this gateway does not remember (made before its start or beyond its window, or through another
+            // gateway): the PIN server, which knows every sale, is asked now, so that a reversal naming another
+            // product, amount, currency or merchant than its sale gets 13 and reverses nothing.
+            let margin = (self.cfg.response_deadline / 20).min(Duration::from_millis(500));
+            let request = Request::Reverse {
+                terminal_id: key.terminal_id.clone(),
+                stan: key.stan.clone(),
+                transmission: key.transmission.clone(),
+                content: content.clone(),
+            };
+            match self.upstream.call(request, deadline - margin).await {
+                Ok(Response::Reversed { .. }) => {
+                    self.journal.append_lazy(vec![Record::Reversed { key: key.clone() }]);
+                    self.stats.reversals.fetch_add(1, Ordering::Relaxed);
+                    // A late sale with this key is refused here (12) as the server would, never sold from the cache.
+                    self.recent
+                        .lock()
+                        .expect("not poisoned")
+                        .remember_reversed(&r.sale, Instant::now());
+                    self.overrule_reversed(&r.sale);
+                    return answer(msg, ResponseCode::Approved);
+                }
+                Err(UpstreamError::Server(w)) if w.code == ErrorCode::ReversalMismatch => {
+                    self.journal.append_lazy(vec![Record::Reversed { key }]);
+                    self.stats.reversal_mismatches.fetch_add(1, Ordering::Relaxed);
+                    return answer(msg, ResponseCode::InvalidAmount);
+                }
+                // Not answered in time, or refused otherwise: store-and-forward, as before (remembered).
+                _ => {}
+            }
+        }
         self.stats.reversals.fetch_add(1, Ordering::Relaxed);
-        self.enqueue(Job::Reverse { key });
+        self.enqueue(Job::Reverse { key, content });
         self.overrule_reversed(&r.sale);
         answer(msg, ResponseCode::Approved)
     }
@@ -1084,9 +1219,31 @@ impl Gateway {
                     self.recent.lock().expect("not poisoned").unhold(&key);
                 }
             }
-            Sent::Failed | Sent::Refused => {
-                // A refusal will not change by retrying soon: it waits the longest backoff.
-                q.attempts = if sent == Sent::Refused { 30 } else { q.attempts + 1 };
+            Sent::Refused => {
+                // Never retried forever: out of the queue (see `Sent::Refused`).
+                self.stats.forward_refused.fetch_add(1, Ordering::Relaxed);
+                match &q.job {
+                    Job::Confirm { .. } => f.confirms -= 1,
+                    Job::Reverse { .. } => f.reversals -= 1,
+                    Job::Release { pin_ids } => {
+                        f.releases -= pin_ids.len();
+                        for id in pin_ids {
+                            if let Some(n) = f.releasing.get_mut(id) {
+                                *n -= 1;
+                                if *n == 0 {
+                                    f.releasing.remove(id);
+                                }
+                            }
+                        }
+                    }
+                }
+                drop(f);
+                if let Some(key) = q.job.key() {
+                    self.recent.lock().expect("not poisoned").unhold(&key);
+                }
+            }
+            Sent::Failed => {
+                q.attempts += 1;
                 let wait = upstream::backoff(Duration::from_millis(200), Duration::from_secs(60), q.attempts);
                 f.later(q, Instant::now() + wait);
             }
@@ -1118,10 +1275,7 @@ impl Gateway {
                     .zip(results)
                     .map(|(q, r)| match (&q.job, r.outcome) {
                         (Job::Confirm { pin_id, .. }, Some(outcome)) => {
-                            self.stats.confirms_done.fetch_add(1, Ordering::Relaxed);
-                            if outcome == "voided" {
-                                tracing::info!("a cache sale was reversed before its confirm; the PIN is voided");
-                            }
+                            self.confirmed(*pin_id, &outcome);
                             acks.push(Record::Confirmed { pin_id: *pin_id });
                             Sent::Acknowledged
                         }
@@ -1130,7 +1284,7 @@ impl Gateway {
                             let transient = r
                                 .error
                                 .as_ref()
-                                .is_some_and(|e| matches!(e.code, ErrorCode::Busy | ErrorCode::Internal));
+                                .is_some_and(|e| e.code.is_transient());
                             if transient {
                                 Sent::Failed
                             } else {
@@ -1159,6 +1313,27 @@ impl Gateway {
         }
     }
 
+    /// A confirm was acknowledged with `outcome` (see `Confirmation` in the store).
+    fn confirmed(&self, pin_id: i64, outcome: &str) {
+        self.stats.confirms_done.fetch_add(1, Ordering::Relaxed);
+        match outcome {
+            "voided" => tracing::info!(
+                pin_id,
+                "a cache sale was reversed before its confirm; the PIN is voided"
+            ),
+            "conflict" | "conflict_voided" => {
+                // The server recorded the conflict (and logged it, once); the audit shows it until resolved.
+                self.stats.confirm_conflicts.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    pin_id,
+                    outcome,
+                    "a cache sale could not be confirmed: its key was sold before (or the PIN is not ours); see pingate pins conflicts"
+                );
+            }
+            _ => {}
+        }
+    }
+
     /// Sends one job. On acknowledgement, the acknowledgement is journaled (lazily).
     async fn send_job(&self, q: &Queued) -> Sent {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1170,11 +1345,12 @@ impl Gateway {
                 },
                 Record::Confirmed { pin_id: *pin_id },
             ),
-            Job::Reverse { key } => (
+            Job::Reverse { key, content } => (
                 Request::Reverse {
                     terminal_id: key.terminal_id.clone(),
                     stan: key.stan.clone(),
                     transmission: key.transmission.clone(),
+                    content: content.clone(),
                 },
                 Record::Reversed { key: key.clone() },
             ),
@@ -1189,11 +1365,8 @@ impl Gateway {
         };
         match self.upstream.call(request, deadline).await {
             Ok(r) => {
-                if let (Job::Confirm { .. }, Response::Confirmed { outcome }) = (&q.job, &r) {
-                    self.stats.confirms_done.fetch_add(1, Ordering::Relaxed);
-                    if outcome == "voided" {
-                        tracing::info!("a cache sale was reversed before its confirm; the PIN is voided");
-                    }
+                if let (Job::Confirm { pin_id, .. }, Response::Confirmed { outcome }) = (&q.job, &r) {
+                    self.confirmed(*pin_id, outcome);
                 }
                 if let (Job::Release { .. }, Response::Released { refused }) = (&q.job, &r) {
                     if !refused.is_empty() {
@@ -1207,8 +1380,17 @@ impl Gateway {
                 self.stats.forward_failures.fetch_add(1, Ordering::Relaxed);
                 // A refusal will not change by retrying, but dropping it could lose money: it stays queued (at
                 // the longest backoff) and visible in `gateway stock` until an operator reconciles it.
-                if matches!(e, UpstreamError::Server(_)) {
-                    tracing::error!(job = ?q.job, error = %e, "PIN server refused a store-and-forward step; needs an operator");
+                let refused = match &e {
+                    UpstreamError::Server(w) if !w.code.is_transient() => Some(w.code),
+                    _ => None,
+                };
+                if let Some(code) = refused {
+                    if let (Job::Reverse { key, .. }, ErrorCode::ReversalMismatch) = (&q.job, code) {
+                        // The reversal named another sale than the one under its key: nothing to reverse, ever.
+                        self.stats.reversal_mismatches.fetch_add(1, Ordering::Relaxed);
+                        self.journal.append_lazy(vec![Record::Reversed { key: key.clone() }]);
+                    }
+                    tracing::error!(job = ?q.job, error = %e, "PIN server refused a store-and-forward step for good; not retried");
                     Sent::Refused
                 } else {
                     tracing::debug!(error = %e, attempts = q.attempts, "store-and-forward step not acknowledged yet");
@@ -1547,6 +1729,31 @@ impl Gateway {
                 "pingate_gateway_forward_failures_total",
                 "Store-and-forward attempts that failed (retried).",
                 &st.forward_failures,
+            ),
+            (
+                "pingate_gateway_forward_refused_total",
+                "Store-and-forward steps the PIN server refused for good (taken out of the queue, logged).",
+                &st.forward_refused,
+            ),
+            (
+                "pingate_gateway_confirm_conflicts_total",
+                "Cache sales the PIN server could not confirm (a conflict it recorded; pingate audit shows it).",
+                &st.confirm_conflicts,
+            ),
+            (
+                "pingate_gateway_redeliveries_total",
+                "Sold PINs handed out again from memory to a repeat of their sale.",
+                &st.redeliveries,
+            ),
+            (
+                "pingate_gateway_unsure_keys_total",
+                "Sales of prefetch products sent to the PIN server because their key may have been sold before.",
+                &st.unsure_keys,
+            ),
+            (
+                "pingate_gateway_reversal_mismatches_total",
+                "Reversals refused (13) for naming another product, amount, currency or merchant than their sale.",
+                &st.reversal_mismatches,
             ),
         ] {
             e.single(name, "counter", help, c(v));
@@ -2025,16 +2232,17 @@ mod tests {
             map: HashMap::new(),
             order: VecDeque::new(),
             held: HashMap::new(),
+            horizon: 0,
             window: Duration::from_secs(900),
             max: 2,
         };
         let t = Instant::now();
         for i in 0..5 {
-            assert!(matches!(r.begin(&key(i), content(), t), Begin::New(_)));
+            assert!(matches!(r.begin(&key(i), content(), t, 0), Begin::New(_)));
         }
         // All five still in progress: each is still found (a duplicate waits for it).
         for i in 0..5 {
-            assert!(matches!(r.begin(&key(i), content(), t), Begin::Existing(_)));
+            assert!(matches!(r.begin(&key(i), content(), t, 0), Begin::Existing(_)));
         }
         // Once answered, the oldest go as new sales come.
         for i in 0..5 {
@@ -2042,7 +2250,7 @@ mod tests {
                 .unwrap()
                 .settle(Arc::new(Outcome::Declined(ResponseCode::OutOfStock)));
         }
-        r.begin(&key(99), content(), t);
+        r.begin(&key(99), content(), t, 0);
         assert!(r.map.len() <= 3, "{}", r.map.len());
     }
 

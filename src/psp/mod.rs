@@ -8,7 +8,7 @@ pub mod client;
 use serde::{Deserialize, Serialize};
 
 use crate::sale::Pin;
-use crate::store::{Confirmation, Dispensed, Product, Reversal, StockRow, StoreError};
+use crate::store::{Confirmation, Dispensed, Product, Reversal, SaleContent, StockRow, StoreError};
 
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 1;
@@ -69,11 +69,14 @@ pub enum Request {
     Release {
         pin_ids: Vec<i64>,
     },
-    /// Reverse a sale by its key.
+    /// Reverse a sale by its key. `content` is what the terminal's reversal named: the server refuses the reversal
+    /// (`reversal_mismatch`) when it differs from the sale's. Absent only in reversals journaled by older gateways.
     Reverse {
         terminal_id: String,
         stan: String,
         transmission: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        content: Option<SaleContent>,
     },
     /// Reverse the sale of one PIN this gateway sold, by its id.
     ReversePin {
@@ -264,6 +267,8 @@ impl Confirmation {
             Confirmation::Sold => "sold",
             Confirmation::AlreadyConfirmed => "already_confirmed",
             Confirmation::Voided => "voided",
+            Confirmation::Conflict { voided: true } => "conflict_voided",
+            Confirmation::Conflict { voided: false } => "conflict",
         }
     }
 }
@@ -291,6 +296,10 @@ pub enum ErrorCode {
     UnknownDenomination,
     DuplicateMismatch,
     AlreadyReversed,
+    /// A repeat of a sale older than the server's repeat age: no PIN.
+    RepeatExpired,
+    /// A reversal whose product, amount, currency or merchant differ from its sale's: not reversed.
+    ReversalMismatch,
     NotHolder,
     BadRequest,
     /// Too many requests in flight on this connection.
@@ -307,11 +316,19 @@ impl ErrorCode {
             ErrorCode::UnknownDenomination => "unknown_denomination",
             ErrorCode::DuplicateMismatch => "duplicate_mismatch",
             ErrorCode::AlreadyReversed => "already_reversed",
+            ErrorCode::RepeatExpired => "repeat_expired",
+            ErrorCode::ReversalMismatch => "reversal_mismatch",
             ErrorCode::NotHolder => "not_holder",
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::Busy => "busy",
             ErrorCode::Internal => "internal",
         }
+    }
+
+    /// Whether retrying the same request may succeed (the server was busy or its store failed); any other error
+    /// is a refusal that retrying cannot change.
+    pub fn is_transient(self) -> bool {
+        matches!(self, ErrorCode::Busy | ErrorCode::Internal)
     }
 
     /// The wire code of a store error. Internal errors are logged by the server; their text is not sent.
@@ -322,6 +339,8 @@ impl ErrorCode {
             StoreError::UnknownDenomination { .. } => ErrorCode::UnknownDenomination,
             StoreError::DuplicateMismatch { .. } => ErrorCode::DuplicateMismatch,
             StoreError::AlreadyReversed { .. } => ErrorCode::AlreadyReversed,
+            StoreError::RepeatExpired { .. } => ErrorCode::RepeatExpired,
+            StoreError::ReversalMismatch { .. } => ErrorCode::ReversalMismatch,
             StoreError::NotHolder { .. } => ErrorCode::NotHolder,
             StoreError::BadRequest(_) | StoreError::ImportRow { .. } => ErrorCode::BadRequest,
             StoreError::Crypto(_) | StoreError::Unreadable { .. } | StoreError::Db(_) => ErrorCode::Internal,
@@ -392,7 +411,7 @@ impl Request {
             Request::ConfirmBatch { .. } => &["confirms"],
             Request::Release { .. } => &["pin_ids"],
             Request::Renew { .. } => &["pin_ids", "lease_secs"],
-            Request::Reverse { .. } => &["terminal_id", "stan", "transmission"],
+            Request::Reverse { .. } => &["terminal_id", "stan", "transmission", "content"],
             Request::ReversePin { .. } => &["pin_id"],
             Request::Stock | Request::Held | Request::Ping => &[],
         }
@@ -445,6 +464,8 @@ struct WireRequest {
     stan: Option<String>,
     #[serde(default, deserialize_with = "present")]
     transmission: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    content: Option<SaleContent>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
@@ -469,6 +490,7 @@ impl WireRequest {
             terminal_id,
             stan,
             transmission,
+            content,
         } = self;
         let present = [
             version.is_some(),
@@ -483,6 +505,7 @@ impl WireRequest {
             terminal_id.is_some(),
             stan.is_some(),
             transmission.is_some(),
+            content.is_some(),
         ]
         .iter()
         .filter(|p| **p)
@@ -510,6 +533,7 @@ impl WireRequest {
                 terminal_id: terminal_id?,
                 stan: stan?,
                 transmission: transmission?,
+                content,
             },
             "reverse_pin" => Request::ReversePin { pin_id: pin_id? },
             "renew" => Request::Renew {
@@ -522,7 +546,9 @@ impl WireRequest {
             _ => return None,
         };
         // Every field the op takes was there (`?` above): any more is another op's.
-        (present == request.wire_fields().len()).then_some(RequestFrame { id: id?, request })
+        // (`content` of a reverse may be absent.)
+        let optional_absent = usize::from(matches!(&request, Request::Reverse { content: None, .. }));
+        (present + optional_absent == request.wire_fields().len()).then_some(RequestFrame { id: id?, request })
     }
 }
 
@@ -611,6 +637,19 @@ mod tests {
                 terminal_id: "T".into(),
                 stan: "1".into(),
                 transmission: "2".into(),
+                content: Some(SaleContent {
+                    merchant_id: "M".into(),
+                    product: "P".into(),
+                    amount: 1000,
+                    currency: "978".into(),
+                }),
+            },
+            // From a journal written by an older gateway: no content.
+            Request::Reverse {
+                terminal_id: "T".into(),
+                stan: "1".into(),
+                transmission: "2".into(),
+                content: None,
             },
             Request::ReversePin { pin_id: 1 },
             Request::Renew {
@@ -633,7 +672,8 @@ mod tests {
             // The table lists exactly the serialised fields: each one removed makes the request invalid.
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
             let n = v.as_object().unwrap().len() - 2;
-            assert_eq!(n, frame.request.wire_fields().len(), "{frame:?}");
+            let optional_absent = usize::from(matches!(frame.request, Request::Reverse { content: None, .. }));
+            assert_eq!(n + optional_absent, frame.request.wire_fields().len(), "{frame:?}");
         }
     }
 
@@ -682,6 +722,10 @@ mod tests {
             ("terminal_id", "T".into()),
             ("stan", "1".into()),
             ("transmission", "2".into()),
+            (
+                "content",
+                serde_json::json!({"merchant_id": "M", "product": "P", "amount": 5, "currency": "978"}),
+            ),
             ("colour", "red".into()),
         ];
         // Every op, and one that does not exist.

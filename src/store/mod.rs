@@ -5,6 +5,7 @@
 //! available ──reserve──► reserved ──confirm──► sold ──reverse──► voided
 //!     │  ▲                  │
 //!     │  └────release───────┘      (only the holder releases; an expired lease never frees a PIN by itself)
+//!     │                    └──conflict──► voided   (its confirm was refused for good: see `Confirmation::Conflict`)
 //!     ├──sell (on demand)──────────► sold
 //!     ├──expire────────────────────► expired
 //!     └──quarantine────────────────► quarantined   (its row does not decrypt, while its key opens others)
@@ -111,6 +112,7 @@ impl PinState {
                 | (Quarantined, Available)
                 | (Reserved, Sold)
                 | (Reserved, Available)
+                | (Reserved, Voided)
                 | (Sold, Voided)
         )
     }
@@ -135,6 +137,13 @@ pub enum StoreError {
     /// is never handed out again.
     #[error("sale {key} was reversed")]
     AlreadyReversed { key: String },
+    /// A repeat of a sale older than the repeat age (or whose sale was made by another terminal id): the PIN is
+    /// never handed out again.
+    #[error("sale {key} is older than the repeat age: not handed out again")]
+    RepeatExpired { key: String },
+    /// A reversal names a sale whose product, amount, currency or merchant differ from its own: not reversed.
+    #[error("reversal of {key} does not match its sale ({field} differs)")]
+    ReversalMismatch { key: String, field: &'static str },
     /// The caller does not hold the PIN it names (or the PIN is not reserved).
     #[error("gateway `{holder}` does not hold PIN {pin_id}")]
     NotHolder { holder: String, pin_id: i64 },
@@ -185,7 +194,9 @@ pub struct NewPin {
     pub receipt: Vec<String>,
 }
 
-/// Who bought a PIN, and the idempotency key of the sale: gateway, terminal, STAN, transmission date-time.
+/// Who bought a PIN, and the idempotency key of the sale: terminal, STAN and transmission date-time (bound to its
+/// year by the gateway). The gateway is who sold it, not part of the key: a repeat or a reversal finds its sale
+/// whichever gateway it comes through (a NAC failing over, a load balancer).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SaleContext {
     pub gateway: String,
@@ -199,28 +210,59 @@ pub struct SaleContext {
 impl SaleContext {
     /// The idempotency key as text, for errors and logs.
     pub fn key(&self) -> String {
-        format!(
-            "{}/{}/{}/{}",
-            self.gateway, self.terminal_id, self.stan, self.transmission
-        )
+        format!("{}/{}/{}", self.terminal_id, self.stan, self.transmission)
     }
 
     /// The key as one unambiguous text (each part length-prefixed: `T/1`+`5` and `T`+`1/5` differ), for maps and
     /// locks. Never compare [`SaleContext::key`] texts: they are for people.
     pub fn key_id(&self) -> String {
-        key_id(&self.gateway, &self.terminal_id, &self.stan, &self.transmission)
+        key_id(&self.terminal_id, &self.stan, &self.transmission)
     }
 }
 
 /// See [`SaleContext::key_id`].
-pub(crate) fn key_id(gateway: &str, terminal: &str, stan: &str, transmission: &str) -> String {
+pub(crate) fn key_id(terminal: &str, stan: &str, transmission: &str) -> String {
     format!(
-        "{}:{gateway}{}:{terminal}{}:{stan}{}:{transmission}",
-        gateway.len(),
+        "{}:{terminal}{}:{stan}{}:{transmission}",
         terminal.len(),
         stan.len(),
         transmission.len()
     )
+}
+
+/// What a sale bought, as a reversal names it: the PIN server checks it against the sale before reversing.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaleContent {
+    pub merchant_id: String,
+    pub product: String,
+    pub amount: i64,
+    /// ISO 4217 numeric: the product's currency.
+    pub currency: String,
+}
+
+impl SaleContent {
+    /// The first field in which a sale (its product, amount and merchant, and its product's currency) differs
+    /// from what a reversal names; `None` when they agree.
+    pub(crate) fn differs_from(
+        &self,
+        product: &str,
+        amount: i64,
+        merchant: &str,
+        currency: Option<&str>,
+    ) -> Option<&'static str> {
+        if self.product != product {
+            Some("product")
+        } else if self.amount != amount {
+            Some("amount")
+        } else if self.merchant_id != merchant {
+            Some("merchant")
+        } else if currency.is_some_and(|c| c != self.currency) {
+            Some("currency")
+        } else {
+            None
+        }
+    }
 }
 
 /// An on-demand sale request.
@@ -229,10 +271,17 @@ pub struct SellRequest {
     pub product: String,
     pub amount: i64,
     pub sale: SaleContext,
+    /// Seconds since the epoch: a repeat of a sale made before this is refused ([`StoreError::RepeatExpired`]);
+    /// one made since gets its PIN again, and the re-delivery is recorded.
+    pub repeat_since: i64,
 }
 
-/// A PIN handed out (sold, or reserved for a gateway's cache), decrypted for sending.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The default repeat age: a day. A repeat of an older sale gets no PIN.
+pub const DEFAULT_REPEAT_AGE_SECS: i64 = 86_400;
+
+/// A PIN handed out (sold, or reserved for a gateway's cache), decrypted for sending. Two are equal when they are
+/// the same PIN as handed out, whether or not one is a re-delivery.
+#[derive(Clone, Debug)]
 pub struct Dispensed {
     pub pin_id: i64,
     pub product: String,
@@ -241,7 +290,25 @@ pub struct Dispensed {
     pub serial: String,
     pub expiry: Option<String>,
     pub receipt: Vec<String>,
+    /// Handed out again to a repeat of its sale (recorded in `redeliveries`), not sold now.
+    pub redelivered: bool,
 }
+
+impl PartialEq for Dispensed {
+    fn eq(&self, o: &Dispensed) -> bool {
+        (
+            self.pin_id,
+            &self.product,
+            self.amount,
+            &self.pin,
+            &self.serial,
+            &self.expiry,
+            &self.receipt,
+        ) == (o.pin_id, &o.product, o.amount, &o.pin, &o.serial, &o.expiry, &o.receipt)
+    }
+}
+
+impl Eq for Dispensed {}
 
 /// A PIN row as either backend reads it: still sealed until [`PinRow::open`] decrypts it for sending.
 pub(crate) struct PinRow {
@@ -271,6 +338,7 @@ impl PinRow {
             serial: self.serial.clone(),
             expiry: self.expiry.clone(),
             receipt: serde_json::from_str(&self.receipt).unwrap_or_default(),
+            redelivered: false,
         })
     }
 }
@@ -295,6 +363,12 @@ pub enum Confirmation {
     AlreadyConfirmed,
     /// A reversal for this sale arrived first: the PIN was sold and voided at once; it is never sold again.
     Voided,
+    /// Refused for good: the sale's key was already sold with another PIN (a key reused outside the gateway's
+    /// repeat window, or through another gateway). The gateway handed the PIN out, but no sale can be recorded for
+    /// it: the PIN (which this gateway holds: anyone else is `NotHolder`) is voided (`voided`), and a conflict is
+    /// recorded (`confirm_conflicts`) that `pingate audit` reports as open until an
+    /// operator resolves it (`pingate pins conflicts --resolve ID`). The gateway stops retrying.
+    Conflict { voided: bool },
 }
 
 /// The inventory, whichever database holds it: [`sqlite::SqliteStore`] (embedded, one file) or
@@ -420,6 +494,41 @@ pub(crate) fn check_quarantinable(state: Option<String>, pin_id: i64) -> Result<
     }
 }
 
+/// Whether a repeat of a recorded sale gets its PIN again (both backends): the same product, amount and merchant
+/// (else [`StoreError::DuplicateMismatch`]), not reversed ([`StoreError::AlreadyReversed`]: a voided PIN is never
+/// handed out again), and sold at or after `req.repeat_since` ([`StoreError::RepeatExpired`]: a receipt's STAN and
+/// time, or a capture replayed a month later, gives back nothing). The key holds the terminal id, so only the
+/// terminal that made the sale can name it.
+pub(crate) fn check_repeat(
+    req: &SellRequest,
+    (product, amount, merchant): (&str, i64, &str),
+    state: PinState,
+    sold_at: i64,
+) -> Result<(), StoreError> {
+    let key = || req.sale.key();
+    if product != req.product || amount != req.amount || merchant != req.sale.merchant_id {
+        return Err(StoreError::DuplicateMismatch { key: key() });
+    }
+    if state == PinState::Voided {
+        return Err(StoreError::AlreadyReversed { key: key() });
+    }
+    if sold_at < req.repeat_since {
+        return Err(StoreError::RepeatExpired { key: key() });
+    }
+    Ok(())
+}
+
+/// Logs a refused confirm once, when it is recorded (repeats of that confirm find the record and log nothing).
+pub(crate) fn log_conflict(pin_id: i64, gateway: &str, reason: &str, voided: bool) {
+    tracing::error!(
+        pin_id,
+        gateway,
+        reason,
+        voided,
+        "a cached sale cannot be confirmed: conflict recorded for the operator (pingate pins conflicts)"
+    );
+}
+
 /// Logs a quarantine (the serial names the row; the PIN is never shown).
 pub(crate) fn log_quarantined(pin_id: i64, serial: &str) {
     tracing::error!(
@@ -433,6 +542,52 @@ pub(crate) fn log_quarantined(pin_id: i64, serial: &str) {
 /// tampered PIN: the operation then fails, and the operator looks). PostgreSQL runs a batch again whole after each
 /// quarantine, so there the cap is per batch; the next batch goes on from where this one stopped.
 pub(crate) const MAX_QUARANTINE_PER_OP: usize = 8;
+
+/// Schema version 5, the same on both backends but for the id column's type (`id_column`): what a refused confirm left (see
+/// [`Confirmation::Conflict`]), each re-delivery of a sold PIN to a repeat, and what a remembered reversal named.
+pub(crate) fn schema_v5_tables(id_column: &str) -> String {
+    format!(
+        "
+CREATE TABLE confirm_conflicts (
+    id {id_column},
+    pin_id BIGINT NOT NULL,
+    gateway TEXT NOT NULL,
+    terminal_id TEXT NOT NULL,
+    stan TEXT NOT NULL,
+    transmission TEXT NOT NULL,
+    merchant_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    voided BOOLEAN NOT NULL,
+    at BIGINT NOT NULL,
+    resolved_at BIGINT,
+    resolution TEXT
+);
+CREATE TABLE redeliveries (
+    pin_id BIGINT NOT NULL,
+    gateway TEXT NOT NULL,
+    terminal_id TEXT NOT NULL,
+    at BIGINT NOT NULL
+);
+CREATE INDEX redeliveries_pin ON redeliveries(pin_id);
+"
+    )
+}
+
+/// Records a refused confirm: `$1` PIN, `$2` gateway, `$3` terminal, `$4` STAN, `$5` transmission, `$6` merchant,
+/// `$7` reason, `$8` voided, `$9` time.
+pub(crate) const INSERT_CONFLICT: &str = "INSERT INTO confirm_conflicts (pin_id, gateway, terminal_id, stan, \
+     transmission, merchant_id, reason, voided, at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+
+/// Voids the PIN of a refused confirm if the gateway (`$2`) still holds it reserved (`$1` its id).
+pub(crate) const VOID_RESERVED: &str =
+    "UPDATE pins SET state = 'voided', lease_until = NULL WHERE id = $1 AND state = 'reserved' AND holder = $2";
+
+/// Records a re-delivery: `$1` PIN, `$2` gateway, `$3` terminal, `$4` time.
+pub(crate) const INSERT_REDELIVERY: &str =
+    "INSERT INTO redeliveries (pin_id, gateway, terminal_id, at) VALUES ($1, $2, $3, $4)";
+
+/// Why a confirm was refused for good, as `confirm_conflicts.reason` says it.
+pub(crate) const CONFLICT_KEY_SOLD: &str = "key already sold with another PIN";
 
 /// Most PINs one `reserve` hands out.
 pub const MAX_RESERVE: usize = 1_000;
@@ -463,7 +618,12 @@ pub enum Op {
         pin_ids: Vec<i64>,
         lease_until: i64,
     },
-    Reverse(SaleContext),
+    /// Reverse the sale with this key; `content` (absent only in reversals journaled by older gateways) must match
+    /// the sale's, or it is [`StoreError::ReversalMismatch`].
+    Reverse {
+        sale: SaleContext,
+        content: Option<SaleContent>,
+    },
     /// Reverse the sale of one PIN, by id; only the gateway that sold it may.
     ReversePin {
         gateway: String,

@@ -17,7 +17,7 @@ use super::{
 const DUPLICATE_PIN: &str = "duplicate PIN value (already loaded, or twice in this file)";
 
 /// Version of the schema this code writes.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE products (
@@ -145,13 +145,13 @@ BEGIN
         SELECT r.i::integer, 'existing', p.id, p.product, p.amount, p.serial, p.key_id, p.nonce, p.ciphertext,
                p.expiry, p.receipt, p.state, s.product, s.amount, s.merchant_id
         FROM unnest(a_gw, a_term, a_stan, a_trans) WITH ORDINALITY AS r(g, t, s, x, i)
-        JOIN sales s ON s.gateway = r.g AND s.terminal_id = r.t AND s.stan = r.s AND s.transmission = r.x
+        JOIN sales s ON s.terminal_id = r.t AND s.stan = r.s AND s.transmission = r.x
         JOIN pins p ON p.id = s.pin_id;
     RETURN QUERY
         SELECT r.i::integer, 'reversed', NULL::bigint, NULL, NULL::bigint, NULL, NULL::integer, NULL::bytea,
                NULL::bytea, NULL, NULL, NULL, NULL, NULL::bigint, NULL
         FROM unnest(a_gw, a_term, a_stan, a_trans) WITH ORDINALITY AS r(g, t, s, x, i)
-        JOIN reversals v ON v.gateway = r.g AND v.terminal_id = r.t AND v.stan = r.s AND v.transmission = r.x;
+        JOIN reversals v ON v.terminal_id = r.t AND v.stan = r.s AND v.transmission = r.x;
     RETURN QUERY
         SELECT u.i::integer,
                CASE WHEN EXISTS (SELECT 1 FROM products pr WHERE pr.code = u.p)
@@ -170,9 +170,9 @@ BEGIN
               WHERE EXISTS (SELECT 1 FROM denominations d WHERE d.product = u.p AND d.amount = u.a)
               ORDER BY u.k, u.i) AS r
         WHERE NOT EXISTS (SELECT 1 FROM sales s
-                          WHERE s.gateway = r.g AND s.terminal_id = r.t AND s.stan = r.s AND s.transmission = r.x)
+                          WHERE s.terminal_id = r.t AND s.stan = r.s AND s.transmission = r.x)
           AND NOT EXISTS (SELECT 1 FROM reversals v
-                          WHERE v.gateway = r.g AND v.terminal_id = r.t AND v.stan = r.s AND v.transmission = r.x)
+                          WHERE v.terminal_id = r.t AND v.stan = r.s AND v.transmission = r.x)
         GROUP BY r.p, r.a
     LOOP
         RETURN QUERY
@@ -212,13 +212,13 @@ BEGIN
     RETURN QUERY
         SELECT r.i::integer, CASE WHEN s.pin_id = r.pin THEN 'already' ELSE 'mismatch' END, s.pin_id
         FROM unnest(a_gw, a_term, a_stan, a_trans, a_pin) WITH ORDINALITY AS r(g, t, s, x, pin, i)
-        JOIN sales s ON s.gateway = r.g AND s.terminal_id = r.t AND s.stan = r.s AND s.transmission = r.x;
+        JOIN sales s ON s.terminal_id = r.t AND s.stan = r.s AND s.transmission = r.x;
     RETURN QUERY
         WITH todo AS (
             SELECT r.*
             FROM unnest(a_gw, a_term, a_stan, a_trans, a_merchant, a_rrn, a_holder, a_pin)
                  WITH ORDINALITY AS r(g, t, s, x, m, rr, h, pin, i)
-            WHERE NOT EXISTS (SELECT 1 FROM sales s WHERE s.gateway = r.g AND s.terminal_id = r.t AND s.stan = r.s
+            WHERE NOT EXISTS (SELECT 1 FROM sales s WHERE s.terminal_id = r.t AND s.stan = r.s
                                                      AND s.transmission = r.x)
         ), sold AS (
             UPDATE pins SET state = 'sold', lease_until = NULL FROM todo
@@ -235,18 +235,18 @@ BEGIN
         SELECT sold.i::integer, CASE WHEN v.stan IS NULL THEN 'sold' ELSE 'voided' END, sold.id
         FROM sold
         LEFT JOIN reversals v
-               ON v.gateway = sold.g AND v.terminal_id = sold.t AND v.stan = sold.s AND v.transmission = sold.x;
+               ON v.terminal_id = sold.t AND v.stan = sold.s AND v.transmission = sold.x;
     -- The statement above cannot change rows it inserted: the reversed ones are voided here.
     UPDATE pins SET state = 'voided'
     FROM unnest(a_gw, a_term, a_stan, a_trans, a_pin) AS r(g, t, s, x, pin)
-    JOIN reversals v ON v.gateway = r.g AND v.terminal_id = r.t AND v.stan = r.s AND v.transmission = r.x
+    JOIN reversals v ON v.terminal_id = r.t AND v.stan = r.s AND v.transmission = r.x
     WHERE pins.id = r.pin AND pins.state = 'sold'
-      AND EXISTS (SELECT 1 FROM sales s WHERE s.pin_id = r.pin AND s.gateway = r.g AND s.terminal_id = r.t
+      AND EXISTS (SELECT 1 FROM sales s WHERE s.pin_id = r.pin AND s.terminal_id = r.t
                                            AND s.stan = r.s AND s.transmission = r.x);
     UPDATE reversals v SET pin_id = r.pin
     FROM unnest(a_gw, a_term, a_stan, a_trans, a_pin) AS r(g, t, s, x, pin)
-    WHERE v.gateway = r.g AND v.terminal_id = r.t AND v.stan = r.s AND v.transmission = r.x AND v.pin_id IS NULL
-      AND EXISTS (SELECT 1 FROM sales s WHERE s.pin_id = r.pin AND s.gateway = r.g AND s.terminal_id = r.t
+    WHERE v.terminal_id = r.t AND v.stan = r.s AND v.transmission = r.x AND v.pin_id IS NULL
+      AND EXISTS (SELECT 1 FROM sales s WHERE s.pin_id = r.pin AND s.terminal_id = r.t
                                            AND s.stan = r.s AND s.transmission = r.x);
 END $$;
 "#;
@@ -409,6 +409,19 @@ impl PgStore {
     }
 }
 
+/// Migration 5 binds the keys already recorded (`MMDDhhmmss`) to the year they were made in (`table`'s time column
+/// `at`), as a gateway binds a new one (see the SQLite store's `qualify_years`).
+fn qualify_years(table: &str, at: &str) -> String {
+    format!(
+        "UPDATE {table} SET transmission = lpad((extract(year FROM to_timestamp({at}) AT TIME ZONE 'UTC')::int
+            + CASE WHEN left(transmission, 2) = '12' AND extract(month FROM to_timestamp({at}) AT TIME ZONE 'UTC') = 1
+                   THEN -1
+                   WHEN left(transmission, 2) = '01' AND extract(month FROM to_timestamp({at}) AT TIME ZONE 'UTC') = 12
+                   THEN 1 ELSE 0 END)::text, 4, '0') || transmission
+         WHERE transmission ~ '^[0-9]{{10}}$'"
+    )
+}
+
 async fn migrate(client: &mut Client) -> Result<(), StoreError> {
     {
         let tx = client.transaction().await?;
@@ -453,6 +466,21 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
                 "ALTER TABLE sales DROP CONSTRAINT sales_pkey, ADD PRIMARY KEY (transmission, stan, terminal_id, gateway)",
             )
             .await?;
+        }
+        if version < 5 {
+            // Keys without the gateway, bound to their year (as the SQLite store: see its migration 5); refused
+            // confirms, re-deliveries; and the new edge reserved → voided (a refused confirm's PIN).
+            tx.batch_execute(
+                "ALTER TABLE reversals DROP CONSTRAINT reversals_pkey,
+                     ADD PRIMARY KEY (transmission, stan, terminal_id, gateway),
+                     ADD COLUMN product TEXT, ADD COLUMN amount BIGINT, ADD COLUMN merchant_id TEXT",
+            )
+            .await?;
+            tx.batch_execute(&super::schema_v5_tables("BIGSERIAL PRIMARY KEY"))
+                .await?;
+            tx.batch_execute(&qualify_years("sales", "sold_at")).await?;
+            tx.batch_execute(&qualify_years("reversals", "at")).await?;
+            tx.batch_execute(&edges_function()).await?;
         }
         tx.batch_execute(BATCH_FUNCTIONS).await?;
         if version < SCHEMA_VERSION {
@@ -689,7 +717,7 @@ impl PgStore {
                     )
                     .await
                 {
-                    Ok(Some(r)) => keys.push(super::key_id(r.get(0), r.get(1), r.get(2), r.get(3))),
+                    Ok(Some(r)) => keys.push(super::key_id(r.get(1), r.get(2), r.get(3))),
                     Ok(None) => {}
                     Err(e) => return fail_all(e.into()),
                 }
@@ -838,7 +866,20 @@ impl PgStore {
     }
 
     pub async fn reverse(&mut self, sale: &SaleContext) -> Result<Reversal, StoreError> {
-        match self.apply_one(Op::Reverse(sale.clone())).await? {
+        self.reverse_checked(sale, None).await
+    }
+
+    /// [`PgStore::reverse`], refused ([`StoreError::ReversalMismatch`]) when `content` differs from the sale's.
+    pub async fn reverse_checked(
+        &mut self,
+        sale: &SaleContext,
+        content: Option<&super::SaleContent>,
+    ) -> Result<Reversal, StoreError> {
+        let op = Op::Reverse {
+            sale: sale.clone(),
+            content: content.cloned(),
+        };
+        match self.apply_one(op).await? {
             Outcome::Reversed(r) => Ok(r),
             o => Err(StoreError::Db(format!("internal: unexpected outcome {o:?}"))),
         }
@@ -935,7 +976,7 @@ impl StoreError {
 fn lock_key(op: &Op) -> String {
     match op {
         Op::Sell(r) => r.sale.key_id(),
-        Op::Confirm { sale, .. } | Op::Reverse(sale) => sale.key_id(),
+        Op::Confirm { sale, .. } | Op::Reverse { sale, .. } => sale.key_id(),
         _ => String::new(),
     }
 }
@@ -991,11 +1032,13 @@ async fn apply(
             .map(Outcome::Reserved),
         Op::Confirm { holder, pin_id, sale } => {
             lock(tx, sale).await?;
-            if let Some((sold_pin, _)) = find_sale(tx, sale).await? {
-                return if sold_pin == *pin_id {
+            if let Some(found) = find_sale(tx, sale).await? {
+                return if found.pin_id == *pin_id {
                     Ok(Outcome::Confirmed(Confirmation::AlreadyConfirmed))
                 } else {
-                    Err(StoreError::DuplicateMismatch { key: sale.key() })
+                    conflict(tx, holder, *pin_id, sale, super::CONFLICT_KEY_SOLD, now)
+                        .await
+                        .map(Outcome::Confirmed)
                 };
             }
             let row = tx
@@ -1054,22 +1097,39 @@ async fn apply(
                 .await?;
             Ok(Outcome::Renewed(n as usize))
         }
-        Op::Reverse(sale) => {
+        Op::Reverse { sale, content } => {
             lock(tx, sale).await?;
-            Ok(Outcome::Reversed(match find_sale(tx, sale).await? {
+            let found = find_sale(tx, sale).await?;
+            if let (Some(f), Some(c)) = (&found, content) {
+                if let Some(field) = c.differs_from(&f.product, f.amount, &f.merchant, f.currency.as_deref()) {
+                    return Err(StoreError::ReversalMismatch { key: sale.key(), field });
+                }
+            }
+            Ok(Outcome::Reversed(match found {
                 None => {
-                    tx.execute(
-                        "INSERT INTO reversals (gateway, terminal_id, stan, transmission, pin_id, at)
-                         VALUES ($1, $2, $3, $4, NULL, $5) ON CONFLICT DO NOTHING",
-                        &[&sale.gateway, &sale.terminal_id, &sale.stan, &sale.transmission, &now],
-                    )
-                    .await?;
+                    if !reversal_pending(tx, sale).await? {
+                        tx.execute(
+                            "INSERT INTO reversals (gateway, terminal_id, stan, transmission, pin_id, at, product,
+                             amount, merchant_id) VALUES ($1, $2, $3, $4, NULL, $5, $6, $7, $8)",
+                            &[
+                                &sale.gateway,
+                                &sale.terminal_id,
+                                &sale.stan,
+                                &sale.transmission,
+                                &now,
+                                &content.as_ref().map(|c| c.product.as_str()),
+                                &content.as_ref().map(|c| c.amount),
+                                &content.as_ref().map(|c| c.merchant_id.as_str()),
+                            ],
+                        )
+                        .await?;
+                    }
                     Reversal::Remembered
                 }
-                Some((pin_id, PinState::Voided)) => Reversal::AlreadyVoided { pin_id },
-                Some((pin_id, _)) => {
-                    void(tx, sale, pin_id, now).await?;
-                    Reversal::Voided { pin_id }
+                Some(f) if f.state == PinState::Voided => Reversal::AlreadyVoided { pin_id: f.pin_id },
+                Some(f) => {
+                    void(tx, sale, f.pin_id, now).await?;
+                    Reversal::Voided { pin_id: f.pin_id }
                 }
             }))
         }
@@ -1095,7 +1155,7 @@ async fn apply(
                 merchant_id: r.get(4),
                 rrn: r.get(5),
             };
-            Box::pin(apply(tx, st, cipher, &Op::Reverse(sale), now, today)).await
+            Box::pin(apply(tx, st, cipher, &Op::Reverse { sale, content: None }, now, today)).await
         }
         Op::Stock => stock(tx).await.map(Outcome::Stock),
         Op::Expire => expire_available(tx, today).await.map(Outcome::Expired),
@@ -1112,28 +1172,92 @@ async fn apply(
     }
 }
 
-async fn find_sale(tx: &impl GenericClient, sale: &SaleContext) -> Result<Option<(i64, PinState)>, StoreError> {
+/// The sale recorded under a key, whichever gateway made it.
+struct FoundSale {
+    pin_id: i64,
+    state: PinState,
+    product: String,
+    amount: i64,
+    merchant: String,
+    /// The currency of the sale's product.
+    currency: Option<String>,
+}
+
+async fn find_sale(tx: &impl GenericClient, sale: &SaleContext) -> Result<Option<FoundSale>, StoreError> {
     let row = tx
         .query_opt(
-            "SELECT s.pin_id, p.state FROM sales s JOIN pins p ON p.id = s.pin_id
-             WHERE s.gateway = $1 AND s.terminal_id = $2 AND s.stan = $3 AND s.transmission = $4",
-            &[&sale.gateway, &sale.terminal_id, &sale.stan, &sale.transmission],
+            "SELECT s.pin_id, p.state, s.product, s.amount, s.merchant_id, pr.currency
+             FROM sales s JOIN pins p ON p.id = s.pin_id LEFT JOIN products pr ON pr.code = s.product
+             WHERE s.transmission = $1 AND s.stan = $2 AND s.terminal_id = $3",
+            &[&sale.transmission, &sale.stan, &sale.terminal_id],
         )
         .await?;
     Ok(row.map(|r| {
         let s: String = r.get(1);
-        (r.get(0), PinState::parse(&s).unwrap_or(PinState::Sold))
+        FoundSale {
+            pin_id: r.get(0),
+            state: PinState::parse(&s).unwrap_or(PinState::Sold),
+            product: r.get(2),
+            amount: r.get(3),
+            merchant: r.get(4),
+            currency: r.get(5),
+        }
     }))
 }
 
 async fn reversal_pending(tx: &impl GenericClient, sale: &SaleContext) -> Result<bool, StoreError> {
     Ok(tx
         .query_opt(
-            "SELECT 1 FROM reversals WHERE gateway = $1 AND terminal_id = $2 AND stan = $3 AND transmission = $4",
-            &[&sale.gateway, &sale.terminal_id, &sale.stan, &sale.transmission],
+            "SELECT 1 FROM reversals WHERE transmission = $1 AND stan = $2 AND terminal_id = $3",
+            &[&sale.transmission, &sale.stan, &sale.terminal_id],
         )
         .await?
         .is_some())
+}
+
+/// A confirm refused for good (see [`Confirmation::Conflict`] and the SQLite store's `conflict`).
+async fn conflict(
+    tx: &impl GenericClient,
+    holder: &str,
+    pin_id: i64,
+    sale: &SaleContext,
+    reason: &str,
+    now: i64,
+) -> Result<Confirmation, StoreError> {
+    let earlier = tx
+        .query_opt(
+            "SELECT voided FROM confirm_conflicts WHERE pin_id = $1 AND gateway = $2 ORDER BY id LIMIT 1",
+            &[&pin_id, &holder],
+        )
+        .await?;
+    if let Some(r) = earlier {
+        return Ok(Confirmation::Conflict { voided: r.get(0) });
+    }
+    // Only the PIN's holder can have handed it out: anyone else is refused, and nothing is recorded.
+    let voided = tx.execute(super::VOID_RESERVED, &[&pin_id, &holder]).await? == 1;
+    if !voided {
+        return Err(StoreError::NotHolder {
+            holder: holder.to_string(),
+            pin_id,
+        });
+    }
+    tx.execute(
+        super::INSERT_CONFLICT,
+        &[
+            &pin_id,
+            &holder,
+            &sale.terminal_id,
+            &sale.stan,
+            &sale.transmission,
+            &sale.merchant_id,
+            &reason,
+            &voided,
+            &now,
+        ],
+    )
+    .await?;
+    super::log_conflict(pin_id, holder, reason, voided);
+    Ok(Confirmation::Conflict { voided })
 }
 
 async fn insert_sale(
@@ -1170,19 +1294,27 @@ async fn void(tx: &impl GenericClient, sale: &SaleContext, pin_id: i64, now: i64
         &[&pin_id],
     )
     .await?;
-    tx.execute(
-        "INSERT INTO reversals (gateway, terminal_id, stan, transmission, pin_id, at) VALUES ($1, $2, $3, $4, $5, $6)
-         ON CONFLICT (gateway, terminal_id, stan, transmission) DO UPDATE SET pin_id = $5",
-        &[
-            &sale.gateway,
-            &sale.terminal_id,
-            &sale.stan,
-            &sale.transmission,
-            &pin_id,
-            &now,
-        ],
-    )
-    .await?;
+    // One reversal row per key, whichever gateway remembered it first.
+    let updated = tx
+        .execute(
+            "UPDATE reversals SET pin_id = $4 WHERE transmission = $1 AND stan = $2 AND terminal_id = $3",
+            &[&sale.transmission, &sale.stan, &sale.terminal_id, &pin_id],
+        )
+        .await?;
+    if updated == 0 {
+        tx.execute(
+            "INSERT INTO reversals (gateway, terminal_id, stan, transmission, pin_id, at) VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &sale.gateway,
+                &sale.terminal_id,
+                &sale.stan,
+                &sale.transmission,
+                &pin_id,
+                &now,
+            ],
+        )
+        .await?;
+    }
     Ok(())
 }
 
@@ -1308,6 +1440,22 @@ async fn sell_many(
         }
     }
 
+    // When the repeats among them were sold (a read only when there are repeats).
+    let repeated: Vec<i64> = found
+        .iter()
+        .filter_map(|f| f.existing.as_ref().map(|e| e.3.id))
+        .collect();
+    let sold_at: HashMap<i64, i64> = if repeated.is_empty() {
+        HashMap::new()
+    } else {
+        tx.query("SELECT pin_id, sold_at FROM sales WHERE pin_id = ANY($1)", &[&repeated])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    };
+    let mut redelivered: Vec<(i64, &str, &str)> = Vec::new();
+
     // A key repeated inside the batch follows its first request (the one the database picked for).
     let mut first: HashMap<&str, usize> = HashMap::new();
     let mut out: Vec<Result<Dispensed, StoreError>> = Vec::with_capacity(reqs.len());
@@ -1320,13 +1468,15 @@ async fn sell_many(
             *first.entry(keys[i].as_str()).or_insert(i)
         };
         out.push(if let Some((product, amount, merchant, pin, voided)) = f.existing {
-            if product != r.product || amount != r.amount || merchant != r.sale.merchant_id {
-                Err(StoreError::DuplicateMismatch { key: shown() })
-            } else if voided {
-                // A repeat of a reversed sale never hands out the voided PIN.
-                Err(StoreError::AlreadyReversed { key: shown() })
-            } else {
-                pin.open(cipher)
+            let state = if voided { PinState::Voided } else { PinState::Sold };
+            let at = sold_at.get(&pin.id).copied().unwrap_or(0);
+            match super::check_repeat(r, (&product, amount, &merchant), state, at) {
+                Err(e) => Err(e),
+                Ok(()) => pin.open(cipher).map(|mut d| {
+                    redelivered.push((d.pin_id, r.sale.gateway.as_str(), r.sale.terminal_id.as_str()));
+                    d.redelivered = true;
+                    d
+                }),
             }
         } else if f.reversed {
             Err(StoreError::AlreadyReversed { key: shown() })
@@ -1343,7 +1493,10 @@ async fn sell_many(
                 Err(StoreError::DuplicateMismatch { key: shown() })
             } else {
                 match &out[earlier] {
-                    Ok(d) => Ok(d.clone()),
+                    Ok(d) => Ok(Dispensed {
+                        redelivered: true,
+                        ..d.clone()
+                    }),
                     Err(_) => Err(StoreError::OutOfStock {
                         product: r.product.clone(),
                         amount: r.amount,
@@ -1359,6 +1512,17 @@ async fn sell_many(
                 }),
             }
         });
+    }
+    if !redelivered.is_empty() {
+        let pins: Vec<i64> = redelivered.iter().map(|r| r.0).collect();
+        let gateways: Vec<&str> = redelivered.iter().map(|r| r.1).collect();
+        let terminals: Vec<&str> = redelivered.iter().map(|r| r.2).collect();
+        tx.execute(
+            "INSERT INTO redeliveries (pin_id, gateway, terminal_id, at)
+             SELECT p, g, t, $4 FROM UNNEST($1::bigint[], $2::text[], $3::text[]) AS u(p, g, t)",
+            &[&pins, &gateways, &terminals, &now],
+        )
+        .await?;
     }
     Ok(out)
 }
@@ -1421,7 +1585,7 @@ async fn confirm_many(
         let sale = items[i].2;
         out[i] = Some(match r.get::<_, &str>(1) {
             "already" => Ok(Confirmation::AlreadyConfirmed),
-            "mismatch" => Err(StoreError::DuplicateMismatch { key: sale.key() }),
+            "mismatch" => conflict(tx, items[i].0, items[i].1, sale, super::CONFLICT_KEY_SOLD, now).await,
             "sold" => Ok(Confirmation::Sold),
             "voided" => Ok(Confirmation::Voided),
             other => {
@@ -1431,19 +1595,18 @@ async fn confirm_many(
             }
         });
     }
-    Ok(out
-        .into_iter()
-        .zip(&items)
-        .map(|(r, (holder, pin_id, _))| {
+    let mut results = Vec::with_capacity(items.len());
+    for (r, (holder, pin_id, _)) in out.into_iter().zip(&items) {
+        results.push(match r {
+            Some(r) => r,
             // Neither sold before nor moved now: the PIN is not this holder's reserved one.
-            r.unwrap_or_else(|| {
-                Err(StoreError::NotHolder {
-                    holder: holder.to_string(),
-                    pin_id: *pin_id,
-                })
-            })
-        })
-        .collect())
+            None => Err(StoreError::NotHolder {
+                holder: holder.to_string(),
+                pin_id: *pin_id,
+            }),
+        });
+    }
+    Ok(results)
 }
 
 /// The products known, and the (product, amount) pairs on offer, in one read.

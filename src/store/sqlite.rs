@@ -20,7 +20,7 @@ pub type AuditRow = (Option<String>, String, Option<String>);
 pub const IMPORT_PROGRESS_EVERY: usize = 5_000;
 
 /// Version of the schema this code writes; older files are migrated on open.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE products (
@@ -117,6 +117,40 @@ DROP TABLE sales;
 ALTER TABLE sales_v4 RENAME TO sales;
 ";
 
+/// Migration 5: reversals keyed like the sales (transmission, stan, terminal, gateway: found by the first three,
+/// whichever gateway sold), with what a remembered reversal named; then every key bound to its year.
+const REVERSALS_V5: &str = "
+CREATE TABLE reversals_v5 (
+    gateway TEXT NOT NULL,
+    terminal_id TEXT NOT NULL,
+    stan TEXT NOT NULL,
+    transmission TEXT NOT NULL,
+    pin_id INTEGER,
+    at INTEGER NOT NULL,
+    product TEXT,
+    amount INTEGER,
+    merchant_id TEXT,
+    PRIMARY KEY (transmission, stan, terminal_id, gateway)
+);
+INSERT INTO reversals_v5 (gateway, terminal_id, stan, transmission, pin_id, at)
+    SELECT gateway, terminal_id, stan, transmission, pin_id, at FROM reversals;
+DROP TABLE reversals;
+ALTER TABLE reversals_v5 RENAME TO reversals;
+";
+
+/// Migration 5 binds the keys already recorded (`MMDDhhmmss`) to the year they were made in (`table`'s time column
+/// `at`), as a gateway binds a new one: the year of the record's time, or the one before or after when the record
+/// was written across New Year.
+fn qualify_years(table: &str, at: &str) -> String {
+    format!(
+        "UPDATE {table} SET transmission = printf('%04d', CAST(strftime('%Y', {at}, 'unixepoch') AS INTEGER)
+            + CASE WHEN substr(transmission, 1, 2) = '12' AND strftime('%m', {at}, 'unixepoch') = '01' THEN -1
+                   WHEN substr(transmission, 1, 2) = '01' AND strftime('%m', {at}, 'unixepoch') = '12' THEN 1
+                   ELSE 0 END) || transmission
+         WHERE length(transmission) = 10 AND NOT transmission GLOB '*[^0-9]*';"
+    )
+}
+
 /// The state CHECK of schema versions 1 and 2 (migration 3 widens it to [`PinState::check_sql`]).
 const STATES_V1: &str = "CHECK (state IN ('available', 'reserved', 'sold', 'voided', 'expired'))";
 
@@ -203,6 +237,15 @@ impl SqliteStore {
             // with 5,000 terminals a sale or a confirm costs the store a fifth less. SQLite cannot change a primary
             // key: the table is copied (once, at this start).
             tx.execute_batch(SALES_V4)?;
+        }
+        if version < 5 {
+            // Keys without the gateway, bound to their year; refused confirms, re-deliveries; and the new edge
+            // reserved → voided (a refused confirm's PIN).
+            tx.execute_batch(REVERSALS_V5)?;
+            tx.execute_batch(&super::schema_v5_tables("INTEGER PRIMARY KEY"))?;
+            tx.execute_batch(&qualify_years("sales", "sold_at"))?;
+            tx.execute_batch(&qualify_years("reversals", "at"))?;
+            tx.execute_batch(&format!("DROP TRIGGER pins_state_edges; {}", edges_trigger()))?;
         }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
@@ -490,7 +533,19 @@ impl SqliteStore {
     /// Reverses the sale with this key: sold → voided. Idempotent; a reversal that arrives before its sale is
     /// remembered and the late sale is refused.
     pub fn reverse(&mut self, sale: &SaleContext) -> Result<Reversal, StoreError> {
-        match self.apply_one(Op::Reverse(sale.clone()))? {
+        self.reverse_checked(sale, None)
+    }
+
+    /// [`SqliteStore::reverse`], refused ([`StoreError::ReversalMismatch`]) when `content` differs from the sale's.
+    pub fn reverse_checked(
+        &mut self,
+        sale: &SaleContext,
+        content: Option<&super::SaleContent>,
+    ) -> Result<Reversal, StoreError> {
+        match self.apply_one(Op::Reverse {
+            sale: sale.clone(),
+            content: content.cloned(),
+        })? {
             Outcome::Reversed(r) => Ok(r),
             o => Err(unexpected(o)),
         }
@@ -646,39 +701,50 @@ fn expire_available(tx: &Connection, today: &str) -> Result<usize, StoreError> {
 /// The PIN sold under a sale key, without its state (one primary-key lookup: what a confirm needs).
 fn sold_pin(tx: &Connection, sale: &SaleContext) -> Result<Option<i64>, StoreError> {
     Ok(tx
-        .prepare_cached(
-            "SELECT pin_id FROM sales WHERE gateway = ?1 AND terminal_id = ?2 AND stan = ?3 AND transmission = ?4",
-        )?
-        .query_row(
-            params![sale.gateway, sale.terminal_id, sale.stan, sale.transmission],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT pin_id FROM sales WHERE transmission = ?1 AND stan = ?2 AND terminal_id = ?3")?
+        .query_row(params![sale.transmission, sale.stan, sale.terminal_id], |r| r.get(0))
         .optional()?)
 }
 
-/// The PIN sold under this key, and its state.
-fn find_sale(tx: &Connection, sale: &SaleContext) -> Result<Option<(i64, PinState)>, StoreError> {
+/// The sale recorded under a key, whichever gateway made it.
+struct FoundSale {
+    pin_id: i64,
+    state: PinState,
+    product: String,
+    amount: i64,
+    merchant: String,
+    sold_at: i64,
+    /// The currency of the sale's product.
+    currency: Option<String>,
+}
+
+/// The PIN sold under this key, its state, and what the sale bought.
+fn find_sale(tx: &Connection, sale: &SaleContext) -> Result<Option<FoundSale>, StoreError> {
     Ok(tx
         .prepare_cached(
-            "SELECT s.pin_id, p.state FROM sales s JOIN pins p ON p.id = s.pin_id
-             WHERE s.gateway = ?1 AND s.terminal_id = ?2 AND s.stan = ?3 AND s.transmission = ?4",
+            "SELECT s.pin_id, p.state, s.product, s.amount, s.merchant_id, s.sold_at, pr.currency
+             FROM sales s JOIN pins p ON p.id = s.pin_id LEFT JOIN products pr ON pr.code = s.product
+             WHERE s.transmission = ?1 AND s.stan = ?2 AND s.terminal_id = ?3",
         )?
-        .query_row(
-            params![sale.gateway, sale.terminal_id, sale.stan, sale.transmission],
-            |r| {
-                let s: String = r.get(1)?;
-                Ok((r.get(0)?, PinState::parse(&s).unwrap_or(PinState::Sold)))
-            },
-        )
+        .query_row(params![sale.transmission, sale.stan, sale.terminal_id], |r| {
+            let s: String = r.get(1)?;
+            Ok(FoundSale {
+                pin_id: r.get(0)?,
+                state: PinState::parse(&s).unwrap_or(PinState::Sold),
+                product: r.get(2)?,
+                amount: r.get(3)?,
+                merchant: r.get(4)?,
+                sold_at: r.get(5)?,
+                currency: r.get(6)?,
+            })
+        })
         .optional()?)
 }
 
 fn reversal_pending(tx: &Connection, sale: &SaleContext) -> Result<bool, StoreError> {
     Ok(tx
-        .prepare_cached(
-            "SELECT 1 FROM reversals WHERE gateway = ?1 AND terminal_id = ?2 AND stan = ?3 AND transmission = ?4",
-        )?
-        .exists(params![sale.gateway, sale.terminal_id, sale.stan, sale.transmission])?)
+        .prepare_cached("SELECT 1 FROM reversals WHERE transmission = ?1 AND stan = ?2 AND terminal_id = ?3")?
+        .exists(params![sale.transmission, sale.stan, sale.terminal_id])?)
 }
 
 fn insert_sale(
@@ -713,18 +779,23 @@ fn void(tx: &Connection, sale: &SaleContext, pin_id: i64, now: i64) -> Result<()
         "UPDATE pins SET state = 'voided' WHERE id = ?1 AND state = 'sold'",
         params![pin_id],
     )?;
-    tx.execute(
-        "INSERT INTO reversals (gateway, terminal_id, stan, transmission, pin_id, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT DO UPDATE SET pin_id = ?5",
-        params![
+    // One reversal row per key, whichever gateway remembered it first.
+    let updated = tx
+        .prepare_cached("UPDATE reversals SET pin_id = ?4 WHERE transmission = ?1 AND stan = ?2 AND terminal_id = ?3")?
+        .execute(params![sale.transmission, sale.stan, sale.terminal_id, pin_id])?;
+    if updated == 0 {
+        tx.prepare_cached(
+            "INSERT INTO reversals (gateway, terminal_id, stan, transmission, pin_id, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![
             sale.gateway,
             sale.terminal_id,
             sale.stan,
             sale.transmission,
             pin_id,
             now
-        ],
-    )?;
+        ])?;
+    }
     Ok(())
 }
 
@@ -740,26 +811,28 @@ fn sell_one(
     if earlier.is_none() && reversal_pending(tx, sale)? {
         return Err(StoreError::AlreadyReversed { key: sale.key() });
     }
-    if let Some((pin_id, state)) = earlier {
-        // The same key again: the same PIN, if the request is the same and was not reversed.
-        let (product, amount, merchant): (String, i64, String) = tx.query_row(
-            "SELECT product, amount, merchant_id FROM sales WHERE pin_id = ?1",
-            params![pin_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    if let Some(found) = earlier {
+        // The same key again: the same PIN, if the request is the same, was not reversed, and is recent enough.
+        super::check_repeat(
+            req,
+            (&found.product, found.amount, &found.merchant),
+            found.state,
+            found.sold_at,
         )?;
-        if product != req.product || amount != req.amount || merchant != sale.merchant_id {
-            return Err(StoreError::DuplicateMismatch { key: sale.key() });
-        }
-        if state == PinState::Voided {
-            // A repeat of a reversed sale never hands out the voided PIN.
-            return Err(StoreError::AlreadyReversed { key: sale.key() });
-        }
         let row = tx.query_row(
             &format!("SELECT {PIN_COLUMNS} FROM pins WHERE id = ?1"),
-            params![pin_id],
+            params![found.pin_id],
             pin_row,
         )?;
-        return row.open(cipher);
+        let mut d = row.open(cipher)?;
+        tx.prepare_cached(super::INSERT_REDELIVERY)?.execute(params![
+            found.pin_id,
+            sale.gateway,
+            sale.terminal_id,
+            now
+        ])?;
+        d.redelivered = true;
+        return Ok(d);
     }
     check_denomination(tx, &req.product, req.amount)?;
     // A read, then a write by rowid (see `confirm`: no RETURNING).
@@ -820,7 +893,7 @@ fn apply(tx: &Connection, cipher: &PinCipher, op: &Op, now: i64, today: &str) ->
             pin_ids,
             lease_until,
         } => renew(tx, holder, pin_ids, *lease_until).map(Outcome::Renewed),
-        Op::Reverse(sale) => reverse(tx, sale, now).map(Outcome::Reversed),
+        Op::Reverse { sale, content } => reverse(tx, sale, content.as_ref(), now).map(Outcome::Reversed),
         Op::ReversePin { gateway, pin_id } => {
             let sale = tx
                 .prepare_cached(
@@ -839,7 +912,7 @@ fn apply(tx: &Connection, cipher: &PinCipher, op: &Op, now: i64, today: &str) ->
                 })
                 .optional()?;
             match sale {
-                Some(sale) => reverse(tx, &sale, now).map(Outcome::Reversed),
+                Some(sale) => reverse(tx, &sale, None, now).map(Outcome::Reversed),
                 None => Err(StoreError::NotHolder {
                     holder: gateway.clone(),
                     pin_id: *pin_id,
@@ -897,7 +970,7 @@ fn confirm(
         return if sold == pin_id {
             Ok(Confirmation::AlreadyConfirmed)
         } else {
-            Err(StoreError::DuplicateMismatch { key: sale.key() })
+            conflict(tx, holder, pin_id, sale, super::CONFLICT_KEY_SOLD, now)
         };
     }
     // A read, then a write by rowid, rather than one UPDATE … RETURNING: SQLite gathers RETURNING rows in a
@@ -926,6 +999,49 @@ fn confirm(
     } else {
         Ok(Confirmation::Sold)
     }
+}
+
+/// A confirm refused for good (see [`Confirmation::Conflict`]): the PIN, which `holder` holds, is voided and the
+/// conflict recorded for the audit; a gateway that does not hold it is refused ([`StoreError::NotHolder`]). A confirm repeated after this finds the same answer without a second record.
+fn conflict(
+    tx: &Connection,
+    holder: &str,
+    pin_id: i64,
+    sale: &SaleContext,
+    reason: &str,
+    now: i64,
+) -> Result<Confirmation, StoreError> {
+    let earlier: Option<bool> = tx
+        .prepare_cached("SELECT voided FROM confirm_conflicts WHERE pin_id = ?1 AND gateway = ?2 ORDER BY id LIMIT 1")?
+        .query_row(params![pin_id, holder], |r| r.get(0))
+        .optional()?;
+    if let Some(voided) = earlier {
+        return Ok(Confirmation::Conflict { voided });
+    }
+    // Only the PIN's holder can have handed it out: anyone else is refused, and nothing is recorded.
+    let voided = tx
+        .prepare_cached(super::VOID_RESERVED)?
+        .execute(params![pin_id, holder])?
+        == 1;
+    if !voided {
+        return Err(StoreError::NotHolder {
+            holder: holder.to_string(),
+            pin_id,
+        });
+    }
+    tx.prepare_cached(super::INSERT_CONFLICT)?.execute(params![
+        pin_id,
+        holder,
+        sale.terminal_id,
+        sale.stan,
+        sale.transmission,
+        sale.merchant_id,
+        reason,
+        voided,
+        now
+    ])?;
+    super::log_conflict(pin_id, holder, reason, voided);
+    Ok(Confirmation::Conflict { voided })
 }
 
 /// Takes the available PIN `pin_id`, whose row did not open, out of sale if its key is shown right (another PIN
@@ -974,26 +1090,42 @@ fn renew(tx: &Connection, holder: &str, pin_ids: &[i64], lease_until: i64) -> Re
     Ok(n)
 }
 
-fn reverse(tx: &Connection, sale: &SaleContext, now: i64) -> Result<Reversal, StoreError> {
-    Ok(match find_sale(tx, sale)? {
+fn reverse(
+    tx: &Connection,
+    sale: &SaleContext,
+    content: Option<&super::SaleContent>,
+    now: i64,
+) -> Result<Reversal, StoreError> {
+    let found = find_sale(tx, sale)?;
+    if let (Some(f), Some(c)) = (&found, content) {
+        if let Some(field) = c.differs_from(&f.product, f.amount, &f.merchant, f.currency.as_deref()) {
+            return Err(StoreError::ReversalMismatch { key: sale.key(), field });
+        }
+    }
+    Ok(match found {
         None => {
-            tx.prepare_cached(
-                "INSERT OR IGNORE INTO reversals (gateway, terminal_id, stan, transmission, pin_id, at)
-                 VALUES (?1, ?2, ?3, ?4, NULL, ?5)",
-            )?
-            .execute(params![
-                sale.gateway,
-                sale.terminal_id,
-                sale.stan,
-                sale.transmission,
-                now
-            ])?;
+            if !reversal_pending(tx, sale)? {
+                tx.prepare_cached(
+                    "INSERT INTO reversals (gateway, terminal_id, stan, transmission, pin_id, at, product, amount,
+                     merchant_id) VALUES (?1, ?2, ?3, ?4, NULL, ?5, ?6, ?7, ?8)",
+                )?
+                .execute(params![
+                    sale.gateway,
+                    sale.terminal_id,
+                    sale.stan,
+                    sale.transmission,
+                    now,
+                    content.map(|c| &c.product),
+                    content.map(|c| c.amount),
+                    content.map(|c| &c.merchant_id),
+                ])?;
+            }
             Reversal::Remembered
         }
-        Some((pin_id, PinState::Voided)) => Reversal::AlreadyVoided { pin_id },
-        Some((pin_id, _)) => {
-            void(tx, sale, pin_id, now)?;
-            Reversal::Voided { pin_id }
+        Some(f) if f.state == PinState::Voided => Reversal::AlreadyVoided { pin_id: f.pin_id },
+        Some(f) => {
+            void(tx, sale, f.pin_id, now)?;
+            Reversal::Voided { pin_id: f.pin_id }
         }
     })
 }
