@@ -56,7 +56,10 @@ fn dialect() -> Arc<Dialect> {
     Arc::new(Dialects::builtin().get(DIALECT).unwrap().clone())
 }
 
-fn spec(addr: SocketAddr, a: &Args, product: &str, amount: u64, tag: &str) -> LoadSpec {
+/// The load's field 7 is now: a key far from the gateway's clock, or of the second it started in, goes to the PIN
+/// server (`clock_skew_secs`), so the gateway must have started in an earlier second ([`after_start`]). Runs keep
+/// their keys apart by their time.
+fn spec(addr: SocketAddr, a: &Args, product: &str, amount: u64) -> LoadSpec {
     LoadSpec {
         addr,
         framing: FRAMING,
@@ -72,9 +75,14 @@ fn spec(addr: SocketAddr, a: &Args, product: &str, amount: u64, tag: &str) -> Lo
             amount,
             weight: 1,
         }],
-        transmission: tag.into(),
+        transmission: pingate::sim::now_transmission(),
         progress: None,
     }
+}
+
+/// A second and a little more: the wall clock is past the second the gateway started in.
+async fn after_start() {
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
 }
 
 fn line(name: &str, r: LoadReport) {
@@ -130,9 +138,7 @@ fn main() {
             let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = l.local_addr().unwrap();
             tokio::spawn(echo_server(l, FRAMING, std::future::pending::<()>()));
-            let r = run(spec(addr, &a, "TOPUP-EU-10", 1000, "1128000001"), d.clone())
-                .await
-                .unwrap();
+            let r = run(spec(addr, &a, "TOPUP-EU-10", 1000), d.clone()).await.unwrap();
             line("echo server (ceiling)", r);
         }
         let need = |s: &str| a.scenarios.iter().any(|x| x == s);
@@ -156,9 +162,8 @@ fn main() {
             gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await;
             if need("prefetch") {
                 wait_cached(&gw, 50_000).await;
-                let r = run(spec(gw.addr, &a, "TOPUP-EU-10", 1000, "1128000002"), d.clone())
-                    .await
-                    .unwrap();
+                after_start().await;
+                let r = run(spec(gw.addr, &a, "TOPUP-EU-10", 1000), d.clone()).await.unwrap();
                 let stock = gw.gateway.stock();
                 line("prefetch (journal fsync'd)", r);
                 println!(
@@ -168,9 +173,7 @@ fn main() {
                 gw.gateway.flush(Duration::from_secs(120)).await;
             }
             if need("on-demand") {
-                let r = run(spec(gw.addr, &a, "GIFT-25", 2500, "1128000003"), d.clone())
-                    .await
-                    .unwrap();
+                let r = run(spec(gw.addr, &a, "GIFT-25", 2500), d.clone()).await.unwrap();
                 line("on demand (SQLite server)", r);
             }
             gw.stop().await;
@@ -197,7 +200,8 @@ fn main() {
                 .unwrap();
             gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await;
             wait_cached(&gw, 200).await;
-            let mut s = spec(gw.addr, &a, "TOPUP-EU-10", 1000, "1128000004");
+            after_start().await;
+            let mut s = spec(gw.addr, &a, "TOPUP-EU-10", 1000);
             s.rate = Some(500.0);
             s.duration = Duration::from_secs(a.seconds.max(10));
             let r = run(s, d.clone()).await.unwrap();

@@ -137,7 +137,8 @@ pub(crate) async fn pins(cmd: PinsCommand) -> Result<String, String> {
         | PinsCommand::Stock { db }
         | PinsCommand::Leases { db }
         | PinsCommand::ReturnExpired { db, .. }
-        | PinsCommand::Quarantine { db, .. } => (db.clone(), None),
+        | PinsCommand::Quarantine { db, .. }
+        | PinsCommand::Conflicts { db, .. } => (db.clone(), None),
     };
     // Commands that never open a PIN get a throwaway key.
     let spec = match keys {
@@ -234,6 +235,47 @@ async fn run(mut inv: impl PinStore, cmd: PinsCommand) -> Result<String, String>
             Ok(format!(
                 "PIN {id} is quarantined: out of sale until `pingate pins return-quarantined` puts it back"
             ))
+        }
+        PinsCommand::Conflicts {
+            resolve: Some(id),
+            note,
+            ..
+        } => {
+            let note = note.unwrap_or_default();
+            if note.trim().is_empty() {
+                return Err("--note: say what was done about the conflict".into());
+            }
+            inv.resolve_conflict(id, &note, unix_now()).await.map_err(s)?;
+            Ok(format!("conflict {id} resolved"))
+        }
+        PinsCommand::Conflicts { resolve: None, .. } => {
+            let rows = inv.conflicts().await.map_err(s)?;
+            if rows.is_empty() {
+                return Ok("no confirm conflicts".into());
+            }
+            Ok(rows
+                .iter()
+                .map(|c| {
+                    let state = match &c.resolution {
+                        None => "OPEN".to_string(),
+                        Some(r) => format!("resolved: {r}"),
+                    };
+                    format!(
+                        "{} PIN {} sold by {} to {}/{}/{} (merchant {}) at {}: {}{}; {state}",
+                        c.id,
+                        c.pin_id,
+                        c.gateway,
+                        c.terminal_id,
+                        c.stan,
+                        c.transmission,
+                        c.merchant_id,
+                        c.at,
+                        c.reason,
+                        if c.voided { ", voided" } else { "" },
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n"))
         }
     }
 }

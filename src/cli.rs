@@ -138,6 +138,10 @@ struct ServerArgs {
     /// Most gateway connections at once.
     #[arg(long, default_value_t = 256)]
     max_connections: usize,
+    /// A repeat (0201, or a duplicate 0200) of a sale older than this gets no PIN (`repeat_expired`, 12 to the
+    /// terminal): a receipt's STAN and time, or a capture replayed later, gives back nothing. 60 to 2592000 (30 days).
+    #[arg(long, default_value_t = crate::store::DEFAULT_REPEAT_AGE_SECS as u64)]
+    repeat_age_secs: u64,
     /// PostgreSQL connections used by this server (each commits batches of requests; on 2 cores, 2 is best).
     #[arg(long, default_value_t = 2)]
     pg_connections: usize,
@@ -240,6 +244,19 @@ pub(crate) enum PinsCommand {
         /// The PIN's id.
         #[arg(long)]
         id: i64,
+    },
+    /// List the cached sales the PIN server could not confirm (their key was already sold with another PIN: the
+    /// PIN was handed out and voided), open ones first; `--resolve ID --note TEXT` closes one once you have dealt
+    /// with it (billed the merchant, had the supplier deactivate the PIN...). `pingate audit` fails while one is open.
+    Conflicts {
+        #[arg(long)]
+        db: String,
+        /// Close this conflict (its id as listed).
+        #[arg(long, requires = "note")]
+        resolve: Option<i64>,
+        /// What was done about it (kept with the conflict).
+        #[arg(long)]
+        note: Option<String>,
     },
 }
 
@@ -559,7 +576,14 @@ async fn server(args: ServerArgs) -> Result<String, String> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| format!("{}: {e}", args.listen))?;
+    if !(60..=2_592_000).contains(&args.repeat_age_secs) {
+        return Err(format!(
+            "--repeat-age-secs: 60 to 2592000, not {}",
+            args.repeat_age_secs
+        ));
+    }
     let server_opts = crate::server::ServerOptions {
+        repeat_age: std::time::Duration::from_secs(args.repeat_age_secs),
         max_connections: args.max_connections,
         metrics: args.metrics,
         ..Default::default()

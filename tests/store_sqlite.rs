@@ -199,7 +199,11 @@ fn cache_path_reserve_confirm_release_and_audit_trail() {
             Err(e) => panic!("{e}"),
         }
     }
-    assert_eq!(sold.len(), 7, "10 PINs, 2 voided (a reversal, a conflict), 1 still reserved");
+    assert_eq!(
+        sold.len(),
+        7,
+        "10 PINs, 2 voided (a reversal, a conflict), 1 still reserved"
+    );
     for never in [0, 1, 3] {
         assert!(!sold.contains(&held[never].pin_id));
     }

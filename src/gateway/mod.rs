@@ -127,8 +127,9 @@ struct Recent {
     map: HashMap<SaleKey, Arc<Entry>>,
     /// When each entry was begun: the monotonic instant (for the window) and the wall-clock second (for the horizon).
     order: VecDeque<(Instant, i64, SaleKey)>,
-    /// Wall-clock second (since the epoch) from which every sale begun here is still remembered: the gateway's start,
-    /// then the latest sale forgotten (out of the window, or past `max`). Keys older than this may have been sold.
+    /// Wall-clock second (since the epoch) after which every sale begun here is still remembered: the gateway's
+    /// start, then that of the latest sale forgotten (out of the window, or past `max`). A key of this second or
+    /// older may have been sold without this gateway remembering it.
     horizon: i64,
     /// Held by pending confirms and reversals (with how many hold each).
     held: HashMap<SaleKey, (Arc<Entry>, u32)>,
@@ -772,13 +773,14 @@ impl Gateway {
 
     /// Whether a sale with this key may be served from the cache (see `clock_skew_secs` in the example
     /// configuration). Every earlier cache sale had its field 7 no later than its receipt plus the skew; so a key
-    /// whose time is at least `horizon` (from when every sale begun here is still remembered) plus the skew was never
-    /// sold from the cache before it unless it is remembered, and a remembered key never gets here. Any other key
+    /// whose time is past `horizon` (the second after which every sale begun here is still remembered: sales of that
+    /// very second may be forgotten) plus the skew was never sold from the cache before unless it is remembered, and a
+    /// remembered key never gets here. Any other key
     /// may have been sold (before a restart, or beyond the window): it goes to the PIN server, which knows every key.
     fn cache_may_sell(&self, key: &SaleKey, received_unix: i64, horizon: i64) -> bool {
         let skew = self.cfg.clock_skew.as_secs() as i64;
         key.transmitted_at()
-            .is_some_and(|t| t <= received_unix + skew && t >= horizon + skew)
+            .is_some_and(|t| t <= received_unix + skew && t > horizon + skew)
     }
 
     /// Product, amount and currency against the server's catalog (when one was received).

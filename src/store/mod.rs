@@ -405,6 +405,11 @@ pub trait PinStore {
     /// keeps the server from starting. Refused unless the PIN is available.
     async fn operator_quarantine(&mut self, pin_id: i64) -> Result<(), StoreError>;
 
+    /// Refused confirms ([`Confirmation::Conflict`]), open ones first.
+    async fn conflicts(&self) -> Result<Vec<ConflictRow>, StoreError>;
+    /// Operator command: conflict `id` is dealt with (`note` says how); refused unless it is open.
+    async fn resolve_conflict(&mut self, id: i64, note: &str, now: i64) -> Result<(), StoreError>;
+
     /// One operation in its own transaction.
     async fn apply(&mut self, op: Op) -> Result<Outcome, StoreError> {
         self.apply_batch(std::slice::from_ref(&op))
@@ -585,6 +590,40 @@ pub(crate) const VOID_RESERVED: &str =
 /// Records a re-delivery: `$1` PIN, `$2` gateway, `$3` terminal, `$4` time.
 pub(crate) const INSERT_REDELIVERY: &str =
     "INSERT INTO redeliveries (pin_id, gateway, terminal_id, at) VALUES ($1, $2, $3, $4)";
+
+/// A refused confirm as `confirm_conflicts` keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConflictRow {
+    pub id: i64,
+    pub pin_id: i64,
+    pub gateway: String,
+    pub terminal_id: String,
+    pub stan: String,
+    pub transmission: String,
+    pub merchant_id: String,
+    pub reason: String,
+    pub voided: bool,
+    pub at: i64,
+    /// What the operator did about it; `None` while it is open.
+    pub resolution: Option<String>,
+}
+
+/// Both backends: every conflict, open ones first.
+pub(crate) const LIST_CONFLICTS: &str = "SELECT id, pin_id, gateway, terminal_id, stan, transmission, merchant_id, \
+     reason, voided, at, resolution FROM confirm_conflicts ORDER BY resolved_at IS NOT NULL, id";
+
+/// Both backends: closes conflict `$3` with note `$1` at `$2`, if it is open.
+pub(crate) const RESOLVE_CONFLICT: &str =
+    "UPDATE confirm_conflicts SET resolution = $1, resolved_at = $2 WHERE id = $3 AND resolved_at IS NULL";
+
+/// Refuses to resolve a conflict that is not open (`changed` rows were closed).
+pub(crate) fn check_resolved(changed: u64, id: i64) -> Result<(), StoreError> {
+    if changed == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::BadRequest(format!("no open conflict with id {id}")))
+    }
+}
 
 /// Why a confirm was refused for good, as `confirm_conflicts.reason` says it.
 pub(crate) const CONFLICT_KEY_SOLD: &str = "key already sold with another PIN";

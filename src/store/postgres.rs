@@ -1751,4 +1751,30 @@ impl super::PinStore for PgStore {
     async fn operator_quarantine(&mut self, pin_id: i64) -> Result<(), StoreError> {
         PgStore::operator_quarantine(self, pin_id).await
     }
+    async fn conflicts(&self) -> Result<Vec<super::ConflictRow>, StoreError> {
+        let rows = self.client.query(super::LIST_CONFLICTS, &[]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| super::ConflictRow {
+                id: r.get(0),
+                pin_id: r.get(1),
+                gateway: r.get(2),
+                terminal_id: r.get(3),
+                stan: r.get(4),
+                transmission: r.get(5),
+                merchant_id: r.get(6),
+                reason: r.get(7),
+                voided: r.get(8),
+                at: r.get(9),
+                resolution: r.get(10),
+            })
+            .collect())
+    }
+    async fn resolve_conflict(&mut self, id: i64, note: &str, now: i64) -> Result<(), StoreError> {
+        let n = self
+            .client
+            .execute(super::RESOLVE_CONFLICT, &[&note, &now, &id])
+            .await?;
+        super::check_resolved(n, id)
+    }
 }

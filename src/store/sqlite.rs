@@ -1214,4 +1214,27 @@ impl super::PinStore for SqliteStore {
     async fn operator_quarantine(&mut self, pin_id: i64) -> Result<(), StoreError> {
         SqliteStore::operator_quarantine(self, pin_id)
     }
+    async fn conflicts(&self) -> Result<Vec<super::ConflictRow>, StoreError> {
+        let mut st = self.conn.prepare(super::LIST_CONFLICTS)?;
+        let rows = st.query_map([], |r| {
+            Ok(super::ConflictRow {
+                id: r.get(0)?,
+                pin_id: r.get(1)?,
+                gateway: r.get(2)?,
+                terminal_id: r.get(3)?,
+                stan: r.get(4)?,
+                transmission: r.get(5)?,
+                merchant_id: r.get(6)?,
+                reason: r.get(7)?,
+                voided: r.get(8)?,
+                at: r.get(9)?,
+                resolution: r.get(10)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+    async fn resolve_conflict(&mut self, id: i64, note: &str, now: i64) -> Result<(), StoreError> {
+        let n = self.conn.execute(super::RESOLVE_CONFLICT, params![note, now, id])?;
+        super::check_resolved(n as u64, id)
+    }
 }

@@ -163,7 +163,20 @@ pub async fn rig(
             .wait_connected(std::time::Duration::from_secs(10))
             .await
     );
+    next_second().await;
     (inv, server, gw)
+}
+
+/// Waits for the wall clock's next second: a sale whose field 7 is of the second a gateway started in goes to the
+/// PIN server (its key may have been sold before the start), so tests that expect cache sales start after it.
+pub async fn next_second() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_nanos(
+        1_000_000_000 - u64::from(now.subsec_nanos()) + 1_000_000,
+    ))
+    .await;
 }
 
 /// Demo terminal `id` (registered by the demo set-up, merchant [`pingate::demo::MERCHANT`]).
