@@ -393,7 +393,8 @@ fn check_config(file: &std::path::Path) -> Result<String, String> {
     let at = |key: &str, what: String| format!("{}: {key}: {what}", file.display());
     // The files it names, read from the text itself (so that they are checked even when other keys are wrong).
     if let Ok(raw) = text.parse::<toml::Table>() {
-        let base = file.parent().unwrap_or(std::path::Path::new("."));
+        // Relative to the file's folder, exactly as the gateway resolves them.
+        let base = crate::gateway::config::folder_of(file);
         let path_of = |table: &str, key: &str| {
             raw.get(table)
                 .and_then(|t| t.get(key))
@@ -407,7 +408,7 @@ fn check_config(file: &std::path::Path) -> Result<String, String> {
                 }
             }
         }
-        if let Some(dir) = path_of("gateway", "journal").and_then(|j| j.parent().map(|d| d.to_path_buf())) {
+        if let Some(dir) = path_of("gateway", "journal").map(|j| crate::gateway::config::folder_of(&j).to_path_buf()) {
             if !dir.is_dir() {
                 problems.push(at(
                     "gateway.journal",

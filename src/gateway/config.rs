@@ -29,6 +29,15 @@ pub enum ConfigError {
     Invalid { path: PathBuf, at: String, reason: String },
 }
 
+/// The folder a path is in, `.` for a bare file name (whose parent is empty): where a configuration's relative paths
+/// start, and where a file named by one must be created.
+pub fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
 fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
 }
@@ -637,7 +646,7 @@ impl GatewayConfig {
             }]
         })?;
         let mut problems: Vec<ConfigError> = Vec::new();
-        let base = path.parent().unwrap_or(Path::new("."));
+        let base = folder_of(path);
         let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let invalid = |at: &str, reason: &str| ConfigError::Invalid {
             path: path.into(),
