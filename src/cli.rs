@@ -135,10 +135,28 @@ struct ServerArgs {
     gateways: PathBuf,
     #[command(flatten)]
     keys: KeyArgs,
-    /// Most gateway connections at once.
+    /// Most gateway connections at once (1 to 100000).
     #[arg(long, default_value_t = 256)]
     max_connections: usize,
-    /// PostgreSQL connections used by this server (each commits batches of requests; on 2 cores, 2 is best).
+    /// Requests in flight on one connection; more are answered `busy` (1 to 4096; a gateway sends up to 200).
+    #[arg(long, default_value_t = 256)]
+    max_in_flight: usize,
+    /// Largest request frame in bytes; a larger one closes the connection (65536 to 16777216).
+    #[arg(long, default_value_t = crate::psp::DEFAULT_MAX_FRAME)]
+    max_frame: usize,
+    /// Seconds a client has to finish its TLS handshake (1 to 60).
+    #[arg(long, default_value_t = 10)]
+    handshake_timeout_secs: u64,
+    /// A connection with nothing in flight and no request for this many seconds is closed (30 to 86400; above the
+    /// gateways' ping_every_ms).
+    #[arg(long, default_value_t = 300)]
+    idle_timeout_secs: u64,
+    /// Longest lease a gateway may ask for on reserved PINs, in seconds (60 to 604800; at least the gateways'
+    /// lease_secs).
+    #[arg(long, default_value_t = 86_400)]
+    max_lease_secs: u64,
+    /// PostgreSQL connections used by this server (each commits batches of requests; on 2 cores, 2 is best; 1 to
+    /// 64).
     #[arg(long, default_value_t = 2)]
     pg_connections: usize,
     /// Serve Prometheus metrics, /healthz and /readyz over HTTP here (e.g. 127.0.0.1:9585); off by default.
@@ -545,6 +563,16 @@ fn init_logging(configured: Option<&str>) -> Result<(), String> {
 
 async fn server(args: ServerArgs) -> Result<String, String> {
     init_logging(None)?;
+    let server_opts = crate::server::ServerOptions {
+        max_connections: args.max_connections,
+        max_in_flight: args.max_in_flight,
+        max_frame: args.max_frame,
+        handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout_secs),
+        idle_timeout: std::time::Duration::from_secs(args.idle_timeout_secs),
+        max_lease: std::time::Duration::from_secs(args.max_lease_secs),
+        metrics: args.metrics,
+    };
+    server_opts.check(args.pg_connections)?;
     let keys = key_spec(&args.keys)?;
     let gateways = crate::tls::GatewayList::load(&args.gateways).map_err(|e| e.to_string())?;
     let tls = crate::tls::server_config(&args.cert, &args.key, &args.client_ca, gateways.clone())
@@ -560,11 +588,6 @@ async fn server(args: ServerArgs) -> Result<String, String> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| format!("{}: {e}", args.listen))?;
-    let server_opts = crate::server::ServerOptions {
-        max_connections: args.max_connections,
-        metrics: args.metrics,
-        ..Default::default()
-    };
     crate::server::run(
         listener,
         std::sync::Arc::new(tls),

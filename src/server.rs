@@ -70,6 +70,36 @@ impl Default for ServerOptions {
     }
 }
 
+impl ServerOptions {
+    /// Each limit within its range (the command line's flags name them), or the first one out of it, with its range.
+    /// `pg_connections` is the store's, checked here with the others.
+    pub fn check(&self, pg_connections: usize) -> Result<(), String> {
+        let secs = |d: Duration| d.as_secs();
+        for (flag, v, lo, hi) in [
+            ("--max-connections", self.max_connections as u64, 1, 100_000),
+            // A gateway sends up to 200 requests at once on a connection; fewer are answered `busy`.
+            ("--max-in-flight", self.max_in_flight as u64, 1, 4_096),
+            // A gateway's largest request (a batch of 256 confirms) needs the default.
+            (
+                "--max-frame",
+                self.max_frame as u64,
+                DEFAULT_MAX_FRAME as u64,
+                16 * 1024 * 1024,
+            ),
+            ("--handshake-timeout-secs", secs(self.handshake_timeout), 1, 60),
+            // Above the gateways' ping interval (at most 120 s), or their idle connections are closed.
+            ("--idle-timeout-secs", secs(self.idle_timeout), 30, 86_400),
+            ("--max-lease-secs", secs(self.max_lease), 60, 7 * 86_400),
+            ("--pg-connections", pg_connections as u64, 1, 64),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                return Err(format!("{flag}: must be {lo} to {hi}"));
+            }
+        }
+        Ok(())
+    }
+}
+
 struct Shared {
     store: StoreHandle,
     gateways: GatewayList,

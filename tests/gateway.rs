@@ -693,9 +693,16 @@ fn the_example_configuration_loads_and_mistakes_are_named() {
 
 #[tokio::test]
 async fn a_late_repeat_of_an_unconfirmed_cache_sale_gets_the_same_pin_never_a_second_one() {
-    // A repeat window of zero: the gateway forgets answered sales at once, except those the server does not
-    // know yet (confirm pending).
-    let (inv, server, gw) = setup("late-repeat", 100, 5, 5, ("repeat_window_secs = 0", "")).await;
+    // A short repeat window (two seconds, so the deadline too): the gateway forgets answered sales once it is over,
+    // except those the server does not know yet (confirm pending).
+    let (inv, server, gw) = setup(
+        "late-repeat",
+        100,
+        5,
+        5,
+        ("repeat_window_secs = 2\nresponse_deadline_ms = 2000", ""),
+    )
+    .await;
     cached_at_least(&gw, 5).await;
     let addr = server.addr;
     server.stop().await;
@@ -705,6 +712,7 @@ async fn a_late_repeat_of_an_unconfirmed_cache_sale_gets_the_same_pin_never_a_se
     assert_eq!(code(&a), "00");
     let pin = receipt(&a).unwrap();
     // Other sales push the first out of the window.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(code(&t.call(&me.sale(&spec(2, PREFETCH), false)).await.unwrap()), "00");
     for repeat in [true, false] {
         let r = t.call(&me.sale(&spec(1, PREFETCH), repeat)).await.unwrap();

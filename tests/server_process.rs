@@ -428,3 +428,50 @@ fn an_operator_quarantines_a_pin_and_returns_a_repaired_one_to_stock() {
     assert_eq!(stock_count(&stock, "quarantined"), 1, "{stock}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// Every limit of the PIN server given on its command line has a range; out of it, the server does not start and
+/// says which flag and what range (before it opens anything).
+#[test]
+fn server_limits_out_of_range_are_refused_with_the_flag_and_its_range() {
+    for (flag, value, want) in [
+        ("--max-connections", "0", "--max-connections: must be 1 to 100000"),
+        ("--max-in-flight", "0", "--max-in-flight: must be 1 to 4096"),
+        ("--max-in-flight", "4097", "--max-in-flight: must be 1 to 4096"),
+        ("--max-frame", "4096", "--max-frame: must be 65536 to 16777216"),
+        ("--idle-timeout-secs", "0", "--idle-timeout-secs: must be 30 to 86400"),
+        (
+            "--handshake-timeout-secs",
+            "0",
+            "--handshake-timeout-secs: must be 1 to 60",
+        ),
+        ("--max-lease-secs", "59", "--max-lease-secs: must be 60 to 604800"),
+        ("--pg-connections", "0", "--pg-connections: must be 1 to 64"),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_pingate"))
+            .args([
+                "server",
+                "--db",
+                "sqlite:/nonexistent/pins.db",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--cert",
+                "x",
+                "--key",
+                "x",
+                "--client-ca",
+                "x",
+                "--gateways",
+                "x",
+                "--pin-keys",
+                "x",
+            ])
+            .args([flag, value])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{flag} {value}: {err}");
+        assert!(err.contains(want), "{flag} {value}: {err}");
+    }
+}
