@@ -1150,6 +1150,65 @@ async fn a_reload_applies_the_registry_and_watermarks_and_names_what_needs_a_res
     common::audit_ok(&inv).await;
 }
 
+/// SIGHUP with a configuration that has a problem: nothing of it is applied (not even its valid parts, here a new
+/// terminal), the gateway goes on as before, and the log names the key and what is wrong with it.
+#[tokio::test]
+async fn sighup_with_a_broken_configuration_changes_nothing_and_says_why() {
+    let inv = Inventory::create(&dir("sighup-broken"), &["gw1", "obs"], &sample_products(50)).unwrap();
+    let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let listen = free_port();
+    let files = GatewayFiles::write(&inv, "gw1", &[server.addr], listen, 2, &sample_modes(3, 6), ("", "")).unwrap();
+    let log = inv.dir.join("gateway.log");
+    let gw = spawn_gateway(&files.config, &log);
+    let mut t = connect(listen).await;
+    // Once it reaches its PIN server, a listed terminal buys.
+    let mut bought = false;
+    for stan in 100..400 {
+        if code(&t.call(&term(1).sale(&spec(stan, ON_DEMAND), false)).await.unwrap()) == "00" {
+            bought = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(bought, "the gateway never sold");
+    let newcomer = common::demo_terminal("NEWTERM3");
+    let text = std::fs::read_to_string(&files.config).unwrap();
+    let broken = format!("{text}\n[[terminal]]\nid = \"NEWTERM3\"\nmerchant = \"DEMOMERCHANT001\"\n")
+        .replace("[gateway]\n", "[gateway]\nresponse_deadline_ms = 5\n");
+    std::fs::write(&files.config, broken).unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &gw.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let mut logged = String::new();
+    for _ in 0..500 {
+        logged = std::fs::read_to_string(&log).unwrap();
+        if logged.contains("SIGHUP") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        logged.contains("SIGHUP: the configuration has a problem; nothing changed")
+            && logged.contains("gateway.response_deadline_ms: must be 100 to 120000"),
+        "{logged}"
+    );
+    assert!(!logged.contains("SIGHUP: applied"), "{logged}");
+    // The terminal it would have added is still refused; the others still buy.
+    assert_eq!(
+        code(&t.call(&newcomer.sale(&spec(1, ON_DEMAND), false)).await.unwrap()),
+        "58"
+    );
+    assert_eq!(
+        code(&t.call(&term(1).sale(&spec(2, ON_DEMAND), false)).await.unwrap()),
+        "00"
+    );
+    drop(t);
+    drop(gw);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn sighup_reloads_a_running_gateway_process() {
     let inv = Inventory::create(&dir("sighup"), &["gw1", "obs"], &sample_products(50)).unwrap();
