@@ -575,8 +575,21 @@ async fn server(args: ServerArgs) -> Result<String, String> {
     server_opts.check(args.pg_connections)?;
     let keys = key_spec(&args.keys)?;
     let gateways = crate::tls::GatewayList::load(&args.gateways).map_err(|e| e.to_string())?;
-    let tls = crate::tls::server_config(&args.cert, &args.key, &args.client_ca, gateways.clone())
+    // One list for the handshakes and the connections, replaced on SIGHUP (from here on: SIGHUP no longer stops
+    // the process).
+    let gateways = crate::tls::SharedGatewayList::new(gateways);
+    let tls = crate::tls::server_config_shared(&args.cert, &args.key, &args.client_ca, gateways.clone())
         .map_err(|e| e.to_string())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| format!("cannot listen for SIGHUP: {e}"))?;
+    tokio::spawn({
+        let (path, gateways) = (args.gateways.clone(), gateways.clone());
+        async move {
+            while hup.recv().await.is_some() {
+                crate::server::reload_gateways(&path, &gateways);
+            }
+        }
+    });
     let url = crate::store::handle::DbUrl::parse(&args.db).map_err(|e| e.to_string())?;
     let opts = crate::store::handle::StoreOptions {
         pg_connections: args.pg_connections,
