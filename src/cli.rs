@@ -101,14 +101,14 @@ enum Command {
 enum GatewayCommand {
     /// Cache levels, confirms and reversals waiting for the server, and server health of a running gateway.
     Stock {
-        /// The gateway's admin address (`admin` in its configuration).
-        #[arg(long, default_value = "127.0.0.1:9583")]
+        /// The gateway's admin socket (`admin` in its configuration): a Unix socket path, or IP:port.
+        #[arg(long, default_value = "/run/pingate/admin.sock")]
         admin: String,
     },
     /// Serial lines of a running gateway: state, calls, answers delivered, sales reversed, last error.
     Lines {
-        /// The gateway's admin address (`admin` in its configuration).
-        #[arg(long, default_value = "127.0.0.1:9583")]
+        /// The gateway's admin socket (`admin` in its configuration): a Unix socket path, or IP:port.
+        #[arg(long, default_value = "/run/pingate/admin.sock")]
         admin: String,
     },
 }

@@ -228,7 +228,7 @@ fn check_config_lists_every_problem_with_its_key() {
     // Allowed but unwise: the admin socket and the metrics off loopback (neither authenticates) are warned of.
     assert!(!text(&o.stdout).contains("warning"), "{}", text(&o.stdout));
     let exposed = example
-        .replace("admin = \"127.0.0.1:9583\"", "admin = \"0.0.0.0:9583\"")
+        .replace("admin = \"/run/pingate/admin.sock\"", "admin = \"0.0.0.0:9583\"")
         .replace("# metrics = \"127.0.0.1:9584\"", "metrics = \"[::1]:9584\"");
     std::fs::write(&cfg, exposed).unwrap();
     let o = pingate(&["check-config", cfg.to_str().unwrap()], None);

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::admin::AdminAddr;
 use super::cache::Mode;
 use super::upstream::{ServerAddr, UpstreamOptions};
 use crate::link::dialup::LinkConfig;
@@ -97,7 +98,7 @@ struct GatewaySection {
     response_deadline_ms: u64,
     #[serde(default)]
     keep_cache_on_shutdown: bool,
-    admin: Option<SocketAddr>,
+    admin: Option<String>,
     #[serde(default = "d_window")]
     repeat_window_secs: u64,
     #[serde(default = "d_repeat_max")]
@@ -608,7 +609,8 @@ pub struct GatewayConfig {
     pub journal_keys: Option<String>,
     pub response_deadline: Duration,
     pub keep_cache_on_shutdown: bool,
-    pub admin: Option<SocketAddr>,
+    /// `pingate gateway stock` and `lines` ask here: a Unix socket (mode 0600), or a TCP address on loopback.
+    pub admin: Option<AdminAddr>,
     pub repeat_window: Duration,
     pub repeat_max: usize,
     pub lease: Duration,
@@ -635,7 +637,11 @@ pub struct GatewayConfig {
 impl GatewayConfig {
     /// What is allowed but unwise: the admin socket or the metrics endpoint off loopback (neither authenticates).
     pub fn warnings(&self) -> Vec<String> {
-        [("gateway.admin", self.admin), ("gateway.metrics", self.metrics)]
+        let admin = match &self.admin {
+            Some(AdminAddr::Tcp(a)) => Some(*a),
+            _ => None,
+        };
+        [("gateway.admin", admin), ("gateway.metrics", self.metrics)]
             .into_iter()
             .filter_map(|(key, addr)| addr.and_then(|a| crate::metrics::off_loopback(key, a)))
             .collect()
@@ -713,6 +719,14 @@ impl GatewayConfig {
         if f.upstream.servers.is_empty() {
             problems.push(invalid("upstream.servers", "at least one PIN server is needed"));
         }
+        let admin = match g.admin.as_deref().map(|a| AdminAddr::parse(a, base)) {
+            Some(Err(e)) => {
+                problems.push(invalid("gateway.admin", &e));
+                None
+            }
+            Some(Ok(a)) => Some(a),
+            None => None,
+        };
         let journal_keys = match &g.journal_keys_file {
             Some(p) => match std::fs::read_to_string(rel(p.clone())) {
                 Ok(t) => Some(t.trim().to_string()),
@@ -890,7 +904,7 @@ impl GatewayConfig {
             journal_keys,
             response_deadline: ms(g.response_deadline_ms),
             keep_cache_on_shutdown: g.keep_cache_on_shutdown,
-            admin: g.admin,
+            admin,
             repeat_window: Duration::from_secs(g.repeat_window_secs),
             repeat_max: g.repeat_max,
             lease: Duration::from_secs(g.lease_secs),
