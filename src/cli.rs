@@ -101,14 +101,14 @@ enum Command {
 enum GatewayCommand {
     /// Cache levels, confirms and reversals waiting for the server, and server health of a running gateway.
     Stock {
-        /// The gateway's admin address (`admin` in its configuration).
-        #[arg(long, default_value = "127.0.0.1:9583")]
+        /// The gateway's admin socket (`admin` in its configuration): a Unix socket path, or IP:port.
+        #[arg(long, default_value = "/run/pingate/admin.sock")]
         admin: String,
     },
     /// Serial lines of a running gateway: state, calls, answers delivered, sales reversed, last error.
     Lines {
-        /// The gateway's admin address (`admin` in its configuration).
-        #[arg(long, default_value = "127.0.0.1:9583")]
+        /// The gateway's admin socket (`admin` in its configuration): a Unix socket path, or IP:port.
+        #[arg(long, default_value = "/run/pingate/admin.sock")]
         admin: String,
     },
 }
@@ -135,14 +135,32 @@ struct ServerArgs {
     gateways: PathBuf,
     #[command(flatten)]
     keys: KeyArgs,
-    /// Most gateway connections at once.
+    /// Most gateway connections at once (1 to 100000).
     #[arg(long, default_value_t = 256)]
     max_connections: usize,
     /// A repeat (0201, or a duplicate 0200) of a sale older than this gets no PIN (`repeat_expired`, 12 to the
     /// terminal): a receipt's STAN and time, or a capture replayed later, gives back nothing. 60 to 2592000 (30 days).
     #[arg(long, default_value_t = crate::store::DEFAULT_REPEAT_AGE_SECS as u64)]
     repeat_age_secs: u64,
-    /// PostgreSQL connections used by this server (each commits batches of requests; on 2 cores, 2 is best).
+    /// Requests in flight on one connection; more are answered `busy` (1 to 4096; a gateway sends up to 200).
+    #[arg(long, default_value_t = 256)]
+    max_in_flight: usize,
+    /// Largest request frame in bytes; a larger one closes the connection (65536 to 16777216).
+    #[arg(long, default_value_t = crate::psp::DEFAULT_MAX_FRAME)]
+    max_frame: usize,
+    /// Seconds a client has to finish its TLS handshake (1 to 60).
+    #[arg(long, default_value_t = 10)]
+    handshake_timeout_secs: u64,
+    /// A connection with nothing in flight and no request for this many seconds is closed (30 to 86400; above the
+    /// gateways' ping_every_ms).
+    #[arg(long, default_value_t = 300)]
+    idle_timeout_secs: u64,
+    /// Longest lease a gateway may ask for on reserved PINs, in seconds (60 to 604800; at least the gateways'
+    /// lease_secs).
+    #[arg(long, default_value_t = 86_400)]
+    max_lease_secs: u64,
+    /// PostgreSQL connections used by this server (each commits batches of requests; on 2 cores, 2 is best; 1 to
+    /// 64).
     #[arg(long, default_value_t = 2)]
     pg_connections: usize,
     /// Serve Prometheus metrics, /healthz and /readyz over HTTP here (e.g. 127.0.0.1:9585); off by default.
@@ -410,7 +428,8 @@ fn check_config(file: &std::path::Path) -> Result<String, String> {
     let at = |key: &str, what: String| format!("{}: {key}: {what}", file.display());
     // The files it names, read from the text itself (so that they are checked even when other keys are wrong).
     if let Ok(raw) = text.parse::<toml::Table>() {
-        let base = file.parent().unwrap_or(std::path::Path::new("."));
+        // Relative to the file's folder, exactly as the gateway resolves them.
+        let base = crate::gateway::config::folder_of(file);
         let path_of = |table: &str, key: &str| {
             raw.get(table)
                 .and_then(|t| t.get(key))
@@ -424,7 +443,7 @@ fn check_config(file: &std::path::Path) -> Result<String, String> {
                 }
             }
         }
-        if let Some(dir) = path_of("gateway", "journal").and_then(|j| j.parent().map(|d| d.to_path_buf())) {
+        if let Some(dir) = path_of("gateway", "journal").map(|j| crate::gateway::config::folder_of(&j).to_path_buf()) {
             if !dir.is_dir() {
                 problems.push(at(
                     "gateway.journal",
@@ -561,10 +580,34 @@ fn init_logging(configured: Option<&str>) -> Result<(), String> {
 
 async fn server(args: ServerArgs) -> Result<String, String> {
     init_logging(None)?;
+    let server_opts = crate::server::ServerOptions {
+        max_connections: args.max_connections,
+        max_in_flight: args.max_in_flight,
+        max_frame: args.max_frame,
+        handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout_secs),
+        idle_timeout: std::time::Duration::from_secs(args.idle_timeout_secs),
+        max_lease: std::time::Duration::from_secs(args.max_lease_secs),
+        repeat_age: std::time::Duration::from_secs(args.repeat_age_secs),
+        metrics: args.metrics,
+    };
+    server_opts.check(args.pg_connections)?;
     let keys = key_spec(&args.keys)?;
     let gateways = crate::tls::GatewayList::load(&args.gateways).map_err(|e| e.to_string())?;
-    let tls = crate::tls::server_config(&args.cert, &args.key, &args.client_ca, gateways.clone())
+    // One list for the handshakes and the connections, replaced on SIGHUP (from here on: SIGHUP no longer stops
+    // the process).
+    let gateways = crate::tls::SharedGatewayList::new(gateways);
+    let tls = crate::tls::server_config_shared(&args.cert, &args.key, &args.client_ca, gateways.clone())
         .map_err(|e| e.to_string())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| format!("cannot listen for SIGHUP: {e}"))?;
+    tokio::spawn({
+        let (path, gateways) = (args.gateways.clone(), gateways.clone());
+        async move {
+            while hup.recv().await.is_some() {
+                crate::server::reload_gateways(&path, &gateways);
+            }
+        }
+    });
     let url = crate::store::handle::DbUrl::parse(&args.db).map_err(|e| e.to_string())?;
     let opts = crate::store::handle::StoreOptions {
         pg_connections: args.pg_connections,
@@ -576,18 +619,6 @@ async fn server(args: ServerArgs) -> Result<String, String> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| format!("{}: {e}", args.listen))?;
-    if !(60..=2_592_000).contains(&args.repeat_age_secs) {
-        return Err(format!(
-            "--repeat-age-secs: 60 to 2592000, not {}",
-            args.repeat_age_secs
-        ));
-    }
-    let server_opts = crate::server::ServerOptions {
-        repeat_age: std::time::Duration::from_secs(args.repeat_age_secs),
-        max_connections: args.max_connections,
-        metrics: args.metrics,
-        ..Default::default()
-    };
     crate::server::run(
         listener,
         std::sync::Arc::new(tls),

@@ -26,7 +26,7 @@ use crate::psp::{
 };
 use crate::store::handle::StoreHandle;
 use crate::store::{unix_now, Op, Outcome, SaleContext, SellRequest, MAX_RESERVE};
-use crate::tls::GatewayList;
+use crate::tls::{GatewayList, SharedGatewayList};
 
 /// Largest answer frame (a reserve of 1,000 PINs is about 150 KB of JSON).
 const MAX_ANSWER: usize = 4 * 1024 * 1024;
@@ -73,9 +73,41 @@ impl Default for ServerOptions {
     }
 }
 
+impl ServerOptions {
+    /// Each limit within its range (the command line's flags name them), or the first one out of it, with its range.
+    /// `pg_connections` is the store's, checked here with the others.
+    pub fn check(&self, pg_connections: usize) -> Result<(), String> {
+        let secs = |d: Duration| d.as_secs();
+        for (flag, v, lo, hi) in [
+            ("--max-connections", self.max_connections as u64, 1, 100_000),
+            // A gateway sends up to 200 requests at once on a connection; fewer are answered `busy`.
+            ("--max-in-flight", self.max_in_flight as u64, 1, 4_096),
+            // A gateway's largest request (a batch of 256 confirms) needs the default.
+            (
+                "--max-frame",
+                self.max_frame as u64,
+                DEFAULT_MAX_FRAME as u64,
+                16 * 1024 * 1024,
+            ),
+            ("--handshake-timeout-secs", secs(self.handshake_timeout), 1, 60),
+            // Above the gateways' ping interval (at most 120 s), or their idle connections are closed.
+            ("--idle-timeout-secs", secs(self.idle_timeout), 30, 86_400),
+            ("--max-lease-secs", secs(self.max_lease), 60, 7 * 86_400),
+            ("--repeat-age-secs", secs(self.repeat_age), 60, 30 * 86_400),
+            ("--pg-connections", pg_connections as u64, 1, 64),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                return Err(format!("{flag}: must be {lo} to {hi}"));
+            }
+        }
+        Ok(())
+    }
+}
+
 struct Shared {
     store: StoreHandle,
-    gateways: GatewayList,
+    /// The list in force: replaced by [`reload_gateways`], watched by every connection.
+    gateways: SharedGatewayList,
     opts: ServerOptions,
     metrics: ServerMetrics,
 }
@@ -183,11 +215,37 @@ impl crate::metrics::Source for MetricsSource {
     }
 }
 
-/// Serves until `shutdown` completes, then drains and returns.
+/// Reads the gateway list at `path` again and puts it in force (SIGHUP): handshakes from now on are checked against
+/// it (when `gateways` is the list the TLS configuration checks, [`crate::tls::server_config_shared`]), and each open
+/// connection whose certificate is no longer on it, or now names another gateway, stops taking requests, answers
+/// those it took, and closes. A list that does not load, or lists no gateway, changes nothing; the log says why.
+pub fn reload_gateways(path: &std::path::Path, gateways: &SharedGatewayList) {
+    match GatewayList::load(path) {
+        Err(e) => tracing::error!(error = %e, "SIGHUP: the gateway list has a problem; nothing changed"),
+        Ok(list) if list.is_empty() => tracing::error!(
+            path = %path.display(),
+            "SIGHUP: the gateway list has a problem; nothing changed: it lists no gateway (every gateway would be refused)"
+        ),
+        Ok(list) => {
+            let count = list.len();
+            let c = gateways.replace(list);
+            info!(
+                gateways = count,
+                added = %c.added.join(","),
+                removed = %c.removed.join(","),
+                new_certificate = %c.recertified.join(","),
+                "SIGHUP: gateway list reloaded"
+            );
+        }
+    }
+}
+
+/// Serves until `shutdown` completes, then drains and returns. `gateways` maps certificates to gateway ids; a
+/// [`SharedGatewayList`] may be replaced while the server runs ([`reload_gateways`]).
 pub async fn run(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    gateways: GatewayList,
+    gateways: impl Into<SharedGatewayList>,
     store: StoreHandle,
     opts: ServerOptions,
     shutdown: impl Future<Output = ()>,
@@ -197,7 +255,7 @@ pub async fn run(
     let metrics_addr = opts.metrics;
     let shared = Arc::new(Shared {
         store,
-        gateways,
+        gateways: gateways.into(),
         opts,
         metrics: ServerMetrics {
             requests: Default::default(),
@@ -323,13 +381,18 @@ async fn connection(
             return;
         }
     };
-    let gateway = {
+    // Watched from before the look-up, so that no new list is missed: one without this certificate ends the
+    // connection (a gateway revoked while connected).
+    let mut list = shared.gateways.subscribe();
+    let fingerprint = {
         let (_, conn) = stream.get_ref();
         conn.peer_certificates()
             .and_then(|c| c.first())
-            .and_then(|c| shared.gateways.gateway_of(c))
-            .map(str::to_string)
+            .map(crate::tls::fingerprint)
+            .unwrap_or_default()
     };
+    let listed = |l: &GatewayList| l.gateway_of_fingerprint(&fingerprint).map(str::to_string);
+    let gateway = listed(&list.borrow_and_update());
     let Some(gateway) = gateway else {
         // The verifier already refuses such certificates; this is a second lock on the same door.
         warn!("client certificate maps to no gateway");
@@ -393,6 +456,13 @@ async fn connection(
     loop {
         let next = tokio::select! {
             _ = done.cancelled() => break,
+            Ok(()) = list.changed() => {
+                if listed(&list.borrow_and_update()).as_ref() != Some(&gateway) {
+                    warn!("gateway removed from the gateway list (or now another gateway's): closing its connection");
+                    break;
+                }
+                continue;
+            }
             n = frames.next() => n,
             _ = tokio::time::sleep_until(last_request + shared.opts.idle_timeout) => {
                 if in_flight.available_permits() < shared.opts.max_in_flight {

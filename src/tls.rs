@@ -127,6 +127,32 @@ impl GatewayList {
         self.by_fingerprint.get(&fingerprint(cert)).map(String::as_str)
     }
 
+    /// The gateway a certificate fingerprint belongs to.
+    pub fn gateway_of_fingerprint(&self, fingerprint: &str) -> Option<&str> {
+        self.by_fingerprint.get(fingerprint).map(String::as_str)
+    }
+
+    /// What changed from `self` to `new`: gateway ids added, ids removed, and ids whose certificate changed.
+    pub fn changes(&self, new: &GatewayList) -> GatewayListChanges {
+        let ids = |l: &GatewayList| -> BTreeMap<String, Vec<String>> {
+            let mut by_id: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (fp, id) in &l.by_fingerprint {
+                by_id.entry(id.clone()).or_default().push(fp.clone());
+            }
+            by_id
+        };
+        let (old, new) = (ids(self), ids(new));
+        GatewayListChanges {
+            added: new.keys().filter(|id| !old.contains_key(*id)).cloned().collect(),
+            removed: old.keys().filter(|id| !new.contains_key(*id)).cloned().collect(),
+            recertified: new
+                .iter()
+                .filter(|(id, fps)| old.get(*id).is_some_and(|o| o != *fps))
+                .map(|(id, _)| id.clone())
+                .collect(),
+        }
+    }
+
     /// The file form.
     pub fn to_toml(&self) -> String {
         let mut out = String::from("# gateway id = SHA-256 fingerprint of its client certificate (DER)\n");
@@ -138,15 +164,62 @@ impl GatewayList {
     }
 }
 
-/// Chain check by webpki, then the gateway list.
+/// What a new gateway list changes (gateway ids).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GatewayListChanges {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Listed before and after, with another certificate.
+    pub recertified: Vec<String>,
+}
+
+/// The gateway list in force in a running server, replaced whole when it is read again (SIGHUP): handshakes check
+/// the list in force when they happen, and connections may watch for a new one.
+#[derive(Clone, Debug)]
+pub struct SharedGatewayList(Arc<tokio::sync::watch::Sender<GatewayList>>);
+
+impl SharedGatewayList {
+    pub fn new(list: GatewayList) -> SharedGatewayList {
+        SharedGatewayList(Arc::new(tokio::sync::watch::Sender::new(list)))
+    }
+
+    /// The list in force.
+    pub fn current(&self) -> GatewayList {
+        self.0.borrow().clone()
+    }
+
+    /// The gateway a certificate fingerprint belongs to, in the list in force.
+    pub fn gateway_of_fingerprint(&self, fingerprint: &str) -> Option<String> {
+        self.0.borrow().gateway_of_fingerprint(fingerprint).map(str::to_string)
+    }
+
+    /// Puts `list` in force and returns what it changed.
+    pub fn replace(&self, list: GatewayList) -> GatewayListChanges {
+        let old = self.0.send_replace(list);
+        old.changes(&self.0.borrow())
+    }
+
+    /// Sees each list put in force from now on.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<GatewayList> {
+        self.0.subscribe()
+    }
+}
+
+impl From<GatewayList> for SharedGatewayList {
+    fn from(list: GatewayList) -> SharedGatewayList {
+        SharedGatewayList::new(list)
+    }
+}
+
+/// Chain check by webpki, then the gateway list in force.
 struct AllowListVerifier {
     inner: Arc<dyn ClientCertVerifier>,
-    gateways: GatewayList,
+    gateways: SharedGatewayList,
 }
 
 impl fmt::Debug for AllowListVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "AllowListVerifier({} gateways)", self.gateways.by_fingerprint.len())
+        write!(f, "AllowListVerifier({} gateways)", self.gateways.0.borrow().len())
     }
 }
 
@@ -167,7 +240,7 @@ impl ClientCertVerifier for AllowListVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
-        if self.gateways.gateway_of(end_entity).is_none() {
+        if self.gateways.0.borrow().gateway_of(end_entity).is_none() {
             tracing::warn!(fingerprint = %fingerprint(end_entity), "client certificate not on the gateway list");
             return Err(rustls::Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
@@ -212,6 +285,16 @@ pub fn server_config(
     key: &Path,
     client_ca: &Path,
     gateways: GatewayList,
+) -> Result<rustls::ServerConfig, TlsError> {
+    server_config_shared(cert, key, client_ca, SharedGatewayList::new(gateways))
+}
+
+/// [`server_config`] checking each handshake against the list in force in `gateways` (which may be replaced).
+pub fn server_config_shared(
+    cert: &Path,
+    key: &Path,
+    client_ca: &Path,
+    gateways: SharedGatewayList,
 ) -> Result<rustls::ServerConfig, TlsError> {
     let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(client_ca)?), provider())
         .build()

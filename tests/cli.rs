@@ -228,7 +228,7 @@ fn check_config_lists_every_problem_with_its_key() {
     // Allowed but unwise: the admin socket and the metrics off loopback (neither authenticates) are warned of.
     assert!(!text(&o.stdout).contains("warning"), "{}", text(&o.stdout));
     let exposed = example
-        .replace("admin = \"127.0.0.1:9583\"", "admin = \"0.0.0.0:9583\"")
+        .replace("admin = \"/run/pingate/admin.sock\"", "admin = \"0.0.0.0:9583\"")
         .replace("# metrics = \"127.0.0.1:9584\"", "metrics = \"[::1]:9584\"");
     std::fs::write(&cfg, exposed).unwrap();
     let o = pingate(&["check-config", cfg.to_str().unwrap()], None);
@@ -279,6 +279,50 @@ fn check_config_lists_every_problem_with_its_key() {
         text(&o.stdout),
         text(&o.stderr)
     );
+}
+
+/// `pingate check-config gateway.toml` from the configuration's own folder (a bare file name): the relative
+/// journal path is the one the gateway itself opens (beside the file), so its folder is found, and a missing one is
+/// still named.
+#[test]
+fn check_config_of_a_bare_file_name_finds_the_journal_folder_as_the_gateway_does() {
+    let d = std::env::temp_dir().join(format!("pingate-check-bare-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(d.join("certs")).unwrap();
+    std::fs::write(d.join("journal.keys"), format!("1:{}", "ab".repeat(32))).unwrap();
+    for f in ["certs/gateway-gw1.pem", "certs/gateway-gw1.key", "certs/ca.pem"] {
+        std::fs::write(d.join(f), "x").unwrap();
+    }
+    let example = std::fs::read_to_string("protocols/gateway.example.toml").unwrap();
+    assert!(example.contains("journal = \"gateway.journal\""));
+    std::fs::write(d.join("gateway.toml"), &example).unwrap();
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_pingate"))
+            .args(["check-config", "gateway.toml"])
+            .current_dir(&d)
+            .output()
+            .unwrap()
+    };
+    let o = run();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("OK"), "{}", text(&o.stdout));
+    // The gateway resolves the same path to the same place: a file beside the configuration.
+    let cfg = pingate::gateway::config::GatewayConfig::load(&d.join("gateway.toml")).unwrap();
+    assert_eq!(cfg.journal, d.join("gateway.journal"));
+    // A journal in a folder that is not there is still named.
+    std::fs::write(
+        d.join("gateway.toml"),
+        example.replace("journal = \"gateway.journal\"", "journal = \"state/gateway.journal\""),
+    )
+    .unwrap();
+    let o = run();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("gateway.journal: folder") && err.contains("state does not exist"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]

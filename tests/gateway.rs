@@ -522,6 +522,8 @@ async fn gateway_kill_9_with_a_full_cache_and_unconfirmed_sales_loses_nothing() 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(admin_stock(admin).await["cache"][0]["cached"].as_u64(), Some(30));
+    // (Sales of the second the gateway started in go to the server: see `clock_skew_secs`.)
+    common::next_second().await;
     // One on-demand sale while the server is up.
     assert_eq!(code(&t.call(&me.sale(&spec(1, ON_DEMAND), false)).await.unwrap()), "00");
     // The server goes away; ten sales from the cache, whose confirms cannot be sent.
@@ -701,9 +703,16 @@ fn the_example_configuration_loads_and_mistakes_are_named() {
 
 #[tokio::test]
 async fn a_late_repeat_of_an_unconfirmed_cache_sale_gets_the_same_pin_never_a_second_one() {
-    // A repeat window of zero: the gateway forgets answered sales at once, except those the server does not
-    // know yet (confirm pending).
-    let (inv, server, gw) = setup("late-repeat", 100, 5, 5, ("repeat_window_secs = 0", "")).await;
+    // A short repeat window (two seconds, so the deadline too): the gateway forgets answered sales once it is over,
+    // except those the server does not know yet (confirm pending).
+    let (inv, server, gw) = setup(
+        "late-repeat",
+        100,
+        5,
+        5,
+        ("repeat_window_secs = 2\nresponse_deadline_ms = 2000", ""),
+    )
+    .await;
     cached_at_least(&gw, 5).await;
     let addr = server.addr;
     server.stop().await;
@@ -713,7 +722,10 @@ async fn a_late_repeat_of_an_unconfirmed_cache_sale_gets_the_same_pin_never_a_se
     assert_eq!(code(&a), "00");
     let pin = receipt(&a).unwrap();
     // Other sales push the first out of the window.
-    assert_eq!(code(&t.call(&me.sale(&spec(2, PREFETCH), false)).await.unwrap()), "00");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // (A key of now: one as old as the forgotten sale's could have been sold before, and would go to the server.)
+    let now = common::demo_sale(2, &pingate::sim::now_transmission(), PREFETCH, 1000);
+    assert_eq!(code(&t.call(&me.sale(&now, false)).await.unwrap()), "00");
     for repeat in [true, false] {
         let r = t.call(&me.sale(&spec(1, PREFETCH), repeat)).await.unwrap();
         assert_eq!(code(&r), "00");
@@ -1148,6 +1160,65 @@ async fn a_reload_applies_the_registry_and_watermarks_and_names_what_needs_a_res
     gw.stop().await;
     server.stop().await;
     common::audit_ok(&inv).await;
+}
+
+/// SIGHUP with a configuration that has a problem: nothing of it is applied (not even its valid parts, here a new
+/// terminal), the gateway goes on as before, and the log names the key and what is wrong with it.
+#[tokio::test]
+async fn sighup_with_a_broken_configuration_changes_nothing_and_says_why() {
+    let inv = Inventory::create(&dir("sighup-broken"), &["gw1", "obs"], &sample_products(50)).unwrap();
+    let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let listen = free_port();
+    let files = GatewayFiles::write(&inv, "gw1", &[server.addr], listen, 2, &sample_modes(3, 6), ("", "")).unwrap();
+    let log = inv.dir.join("gateway.log");
+    let gw = spawn_gateway(&files.config, &log);
+    let mut t = connect(listen).await;
+    // Once it reaches its PIN server, a listed terminal buys.
+    let mut bought = false;
+    for stan in 100..400 {
+        if code(&t.call(&term(1).sale(&spec(stan, ON_DEMAND), false)).await.unwrap()) == "00" {
+            bought = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(bought, "the gateway never sold");
+    let newcomer = common::demo_terminal("NEWTERM3");
+    let text = std::fs::read_to_string(&files.config).unwrap();
+    let broken = format!("{text}\n[[terminal]]\nid = \"NEWTERM3\"\nmerchant = \"DEMOMERCHANT001\"\n")
+        .replace("[gateway]\n", "[gateway]\nresponse_deadline_ms = 5\n");
+    std::fs::write(&files.config, broken).unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &gw.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let mut logged = String::new();
+    for _ in 0..500 {
+        logged = std::fs::read_to_string(&log).unwrap();
+        if logged.contains("SIGHUP") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        logged.contains("SIGHUP: the configuration has a problem; nothing changed")
+            && logged.contains("gateway.response_deadline_ms: must be 100 to 120000"),
+        "{logged}"
+    );
+    assert!(!logged.contains("SIGHUP: applied"), "{logged}");
+    // The terminal it would have added is still refused; the others still buy.
+    assert_eq!(
+        code(&t.call(&newcomer.sale(&spec(1, ON_DEMAND), false)).await.unwrap()),
+        "58"
+    );
+    assert_eq!(
+        code(&t.call(&term(1).sale(&spec(2, ON_DEMAND), false)).await.unwrap()),
+        "00"
+    );
+    drop(t);
+    drop(gw);
+    server.stop().await;
 }
 
 #[tokio::test]

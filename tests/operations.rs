@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pingate::demo::{sample_modes, sample_products, start_server_with, GatewayFiles, GatewayHandle, Inventory};
+use pingate::demo::{
+    sample_modes, sample_products, start_server, start_server_with, GatewayFiles, GatewayHandle, Inventory,
+};
 use pingate::gateway::StartOptions;
 use pingate::metrics::get;
 use pingate::server::ServerOptions;
@@ -276,4 +278,80 @@ async fn audit_reconciles_a_day_and_names_every_broken_invariant() {
         out.contains("reservation-expired") && out.contains(&format!("{other} held by gw9")),
         "{out}"
     );
+}
+
+/// The admin socket as a Unix socket (`admin = "./admin.sock"`, beside the configuration): made mode 0600, `pingate
+/// gateway stock` and `lines` answer through it (the command line takes the path for `--admin`), and the file goes
+/// at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_socket_is_a_unix_socket_of_mode_0600_and_the_commands_work_through_it() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let inv = Inventory::create(&dir("admin-unix"), &["gw1", "obs"], &sample_products(20)).unwrap();
+    let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let files = GatewayFiles::write(
+        &inv,
+        "gw1",
+        &[server.addr],
+        "127.0.0.1:0".parse().unwrap(),
+        2,
+        &sample_modes(3, 6),
+        ("admin = \"./admin.sock\"", ""),
+    )
+    .unwrap();
+    let cfg = pingate::gateway::config::GatewayConfig::load(&files.config).unwrap();
+    let socket = inv.dir.join("admin.sock");
+    assert_eq!(
+        cfg.admin,
+        Some(pingate::gateway::admin::AdminAddr::Unix(inv.dir.join("./admin.sock")))
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let gw = tokio::spawn(pingate::gateway::run(cfg, None, async {
+        let _ = stopped.await;
+    }));
+    for _ in 0..500 {
+        if socket.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let meta = std::fs::symlink_metadata(&socket).expect("the admin socket exists");
+    assert!(meta.file_type().is_socket());
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o600,
+        "only the gateway's user may ask"
+    );
+    let path = socket.to_str().unwrap().to_string();
+    let stock: serde_json::Value =
+        serde_json::from_str(&pingate::gateway::ask_admin(&path, "stock").await.unwrap()).unwrap();
+    assert!(stock["cache"].is_array(), "{stock}");
+    // Through the command line, as an operator asks.
+    for command in ["stock", "lines"] {
+        let o = tokio::process::Command::new(env!("CARGO_BIN_EXE_pingate"))
+            .args(["gateway", command, "--admin", &path])
+            .output()
+            .await
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            o.status.success(),
+            "{command}: {out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{command}: {e}: {out}"));
+        assert!(
+            if command == "stock" {
+                v["cache"].is_array()
+            } else {
+                v.is_object()
+            },
+            "{command}: {v}"
+        );
+    }
+    stop.send(()).unwrap();
+    gw.await.unwrap().unwrap();
+    assert!(!socket.exists(), "the socket file goes with the gateway");
+    let e = pingate::gateway::ask_admin(&path, "stock").await.unwrap_err();
+    assert!(e.contains(&format!("gateway admin at {path}")), "{e}");
+    server.stop().await;
 }

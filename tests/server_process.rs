@@ -152,6 +152,12 @@ fn server_command(db: &str, certs: &CertsDir, global: &[&str]) -> Command {
 
 /// Starts `pingate server` on a free port and returns it with its address (read from its log).
 fn start_server(db: &str, certs: &CertsDir) -> (Server, SocketAddr) {
+    let (server, addr, _) = start_server_logged(db, certs);
+    (server, addr)
+}
+
+/// [`start_server`], with the server's log as it grows.
+fn start_server_logged(db: &str, certs: &CertsDir) -> (Server, SocketAddr, Arc<std::sync::Mutex<String>>) {
     let mut child = server_command(db, certs, &[])
         .args(["--pg-connections", "4"])
         .stdout(Stdio::null())
@@ -170,8 +176,16 @@ fn start_server(db: &str, certs: &CertsDir) -> (Server, SocketAddr) {
         }
     };
     // Keep draining its log so it never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (Server(child), addr)
+    let log = Arc::new(std::sync::Mutex::new(String::new()));
+    let keep = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let mut log = keep.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    (Server(child), addr, log)
 }
 
 fn tls(certs: &CertsDir, gw: &str) -> Arc<rustls::ClientConfig> {
@@ -426,5 +440,127 @@ fn an_operator_quarantines_a_pin_and_returns_a_repaired_one_to_stock() {
     let stock = ok(&["pins", "stock", "--db", &db]);
     assert_eq!(stock_count(&stock, "available"), 2, "{stock}");
     assert_eq!(stock_count(&stock, "quarantined"), 1, "{stock}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// Every limit of the PIN server given on its command line has a range; out of it, the server does not start and
+/// says which flag and what range (before it opens anything).
+#[test]
+fn server_limits_out_of_range_are_refused_with_the_flag_and_its_range() {
+    for (flag, value, want) in [
+        ("--max-connections", "0", "--max-connections: must be 1 to 100000"),
+        ("--max-in-flight", "0", "--max-in-flight: must be 1 to 4096"),
+        ("--max-in-flight", "4097", "--max-in-flight: must be 1 to 4096"),
+        ("--max-frame", "4096", "--max-frame: must be 65536 to 16777216"),
+        ("--idle-timeout-secs", "0", "--idle-timeout-secs: must be 30 to 86400"),
+        (
+            "--handshake-timeout-secs",
+            "0",
+            "--handshake-timeout-secs: must be 1 to 60",
+        ),
+        ("--max-lease-secs", "59", "--max-lease-secs: must be 60 to 604800"),
+        ("--pg-connections", "0", "--pg-connections: must be 1 to 64"),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_pingate"))
+            .args([
+                "server",
+                "--db",
+                "sqlite:/nonexistent/pins.db",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--cert",
+                "x",
+                "--key",
+                "x",
+                "--client-ca",
+                "x",
+                "--gateways",
+                "x",
+                "--pin-keys",
+                "x",
+            ])
+            .args([flag, value])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{flag} {value}: {err}");
+        assert!(err.contains(want), "{flag} {value}: {err}");
+    }
+}
+
+/// Waits (bounded) until the server's log holds `what`, and returns the log.
+async fn logged(log: &std::sync::Mutex<String>, what: &str) -> String {
+    for _ in 0..500 {
+        if log.lock().unwrap().contains(what) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let text = log.lock().unwrap().clone();
+    assert!(text.contains(what), "`{what}` not in the log:\n{text}");
+    text
+}
+
+/// SIGHUP makes the server read its gateway list again: a gateway whose line is gone is refused at its next
+/// handshake and its open connection is closed, the others are untouched; a list that does not load changes
+/// nothing and the log says why; a line added back admits the gateway again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_gateway_list_revoking_a_removed_gateway() {
+    let d = std::env::temp_dir().join(format!("pingate-hup-list-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let db = format!("sqlite:{}", d.join("pins.db").display());
+    let (_dir, certs) = setup("hup-list", &db, 10);
+    let (server, addr, log) = start_server_logged(&db, &certs);
+    let connect = |gw: &'static str| {
+        let tls = tls(&certs, gw);
+        async move { PspClient::connect(addr, "localhost", tls).await }
+    };
+    let (gw1, _) = connect("gw1").await.unwrap();
+    let (gw2, w) = connect("gw2").await.unwrap();
+    assert_eq!(w.gateway, "gw2");
+    assert!(matches!(gw2.call(Request::Ping).await, Ok(Response::Pong)));
+
+    // gw2 is revoked: its line goes, then SIGHUP.
+    let list = std::fs::read_to_string(certs.gateways()).unwrap();
+    let without_gw2: String = list
+        .lines()
+        .filter(|l| !l.starts_with("\"gw2\""))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(without_gw2, list);
+    std::fs::write(certs.gateways(), &without_gw2).unwrap();
+    signal(&server, "-HUP");
+    let text = logged(&log, "SIGHUP: gateway list reloaded").await;
+    assert!(text.contains("removed=gw2"), "{text}");
+    // Its open connection is closed, its next handshake refused; gw1 goes on, old connection and new.
+    tokio::time::timeout(std::time::Duration::from_secs(10), gw2.closed())
+        .await
+        .expect("the revoked gateway's connection was closed");
+    assert!(gw2.call(Request::Ping).await.is_err());
+    assert!(connect("gw2").await.is_err(), "a revoked gateway is refused");
+    assert!(matches!(gw1.call(Request::Ping).await, Ok(Response::Pong)));
+    let (again, w) = connect("gw1").await.unwrap();
+    assert_eq!(w.gateway, "gw1");
+    drop(again);
+    logged(&log, "removed from the gateway list").await;
+
+    // A broken list: nothing changes (gw1 still admitted, gw2 still refused), and the log says why.
+    std::fs::write(certs.gateways(), "\"gw1\" = \"not a fingerprint\"\n").unwrap();
+    signal(&server, "-HUP");
+    let text = logged(&log, "SIGHUP: the gateway list has a problem; nothing changed").await;
+    assert!(text.contains("fingerprint must be 64 hex characters"), "{text}");
+    assert!(connect("gw1").await.is_ok(), "the previous list is still in force");
+    assert!(connect("gw2").await.is_err());
+    assert!(matches!(gw1.call(Request::Ping).await, Ok(Response::Pong)));
+
+    // gw2's line back: admitted again.
+    std::fs::write(certs.gateways(), &list).unwrap();
+    signal(&server, "-HUP");
+    logged(&log, "added=gw2").await;
+    let (_, w) = connect("gw2").await.unwrap();
+    assert_eq!(w.gateway, "gw2");
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::admin::AdminAddr;
 use super::cache::Mode;
 use super::upstream::{ServerAddr, UpstreamOptions};
 use crate::link::dialup::LinkConfig;
@@ -27,6 +28,26 @@ pub enum ConfigError {
     /// A value is out of range or contradicts another; `at` names the key.
     #[error("{path}: {at}: {reason}")]
     Invalid { path: PathBuf, at: String, reason: String },
+}
+
+/// The folder a path is in, `.` for a bare file name (whose parent is empty): where a configuration's relative paths
+/// start, and where a file named by one must be created.
+pub fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// A number outside `lo..=hi` is refused with both bounds, never clamped.
+fn out_of_range(
+    at: &str,
+    v: u64,
+    lo: u64,
+    hi: u64,
+    invalid: &dyn Fn(&str, &str) -> ConfigError,
+) -> Option<ConfigError> {
+    (!(lo..=hi).contains(&v)).then(|| invalid(at, &format!("must be {lo} to {hi}")))
 }
 
 fn ms(v: u64) -> Duration {
@@ -55,7 +76,7 @@ fn d_window() -> u64 {
     900
 }
 fn d_clock_skew() -> u64 {
-    300
+    60
 }
 fn d_repeat_max() -> usize {
     200_000
@@ -80,7 +101,7 @@ struct GatewaySection {
     response_deadline_ms: u64,
     #[serde(default)]
     keep_cache_on_shutdown: bool,
-    admin: Option<SocketAddr>,
+    admin: Option<String>,
     #[serde(default = "d_window")]
     repeat_window_secs: u64,
     #[serde(default = "d_repeat_max")]
@@ -324,25 +345,29 @@ fn serial_line(
         ));
     }
     let max_frame = l.max_frame.unwrap_or(2048);
-    if !(16..=65_535).contains(&max_frame) {
-        return Err(invalid(&field("max_frame"), "must be 16 to 65535"));
-    }
-    // Timers: zero or tiny values would spin a line or cut every frame.
-    for (key, v, min) in [
-        ("idle_timeout_ms", l.idle_timeout_ms, 100),
-        ("frame_timeout_ms", l.frame_timeout_ms, 100),
-        ("ack_timeout_ms", l.ack_timeout_ms, 50),
-        ("enq_interval_ms", l.enq_interval_ms, 50),
-        ("inter_char_ms", l.inter_char_ms, 5),
-        ("command_timeout_ms", l.command_timeout_ms, 100),
-        ("connect_timeout_ms", l.connect_timeout_ms, 1000),
-        ("guard_time_ms", l.guard_time_ms, 20),
-        ("dtr_drop_ms", l.dtr_drop_ms, 50),
-        ("reinit_every_secs", l.reinit_every_secs, 10),
-        ("modem_retry_secs", l.modem_retry_secs, 1),
+    // Timers and counts: zero or tiny values would spin a line or cut every frame; huge ones hold a line for ever.
+    for (key, v, lo, hi) in [
+        ("max_frame", l.max_frame.map(|v| v as u64), 16, 65_535),
+        ("idle_timeout_ms", l.idle_timeout_ms, 100, 600_000),
+        ("frame_timeout_ms", l.frame_timeout_ms, 100, 120_000),
+        ("ack_timeout_ms", l.ack_timeout_ms, 50, 60_000),
+        ("enq_delay_ms", l.enq_delay_ms, 0, 10_000),
+        ("enq_interval_ms", l.enq_interval_ms, 50, 60_000),
+        ("enq_max", l.enq_max.map(u64::from), 1, 100),
+        ("max_naks", l.max_naks.map(u64::from), 1, 10),
+        ("max_sends", l.max_sends.map(u64::from), 1, 10),
+        ("inter_char_ms", l.inter_char_ms, 5, 10_000),
+        ("rings", l.rings.map(u64::from), 1, 20),
+        ("init_attempts", l.init_attempts.map(u64::from), 1, 20),
+        ("command_timeout_ms", l.command_timeout_ms, 100, 60_000),
+        ("connect_timeout_ms", l.connect_timeout_ms, 1_000, 300_000),
+        ("guard_time_ms", l.guard_time_ms, 20, 10_000),
+        ("dtr_drop_ms", l.dtr_drop_ms, 50, 10_000),
+        ("reinit_every_secs", l.reinit_every_secs, 10, 86_400),
+        ("modem_retry_secs", l.modem_retry_secs, 1, 3_600),
     ] {
-        if v.is_some_and(|v| v < min) {
-            return Err(invalid(&field(key), &format!("must be at least {min}")));
+        if let Some(e) = v.and_then(|v| out_of_range(&field(key), v, lo, hi, invalid)) {
+            return Err(e);
         }
     }
     let binary = l.binary.unwrap_or(data_bits == 8);
@@ -383,9 +408,6 @@ fn serial_line(
                         .unwrap_or_else(|| crate::link::dialup::wire_time(baud, bits_per_char, 20).max(ms(50)))
                 }),
             };
-            if c.max_naks == 0 || c.max_sends == 0 || c.enq_max == 0 {
-                return Err(invalid(at, "max_naks, max_sends and enq_max must be at least 1"));
-            }
             LineLink::StxEtx(c)
         }
         other if data_bits == 7 && other != "ascii4" => {
@@ -394,17 +416,24 @@ fn serial_line(
                 "a binary length header cannot go on a 7-bit line: use `stx-etx` or `ascii4`",
             ))
         }
-        other => LineLink::Framed(
-            other
+        other => {
+            let framing: Framing = other
                 .parse()
-                .map_err(|e: String| invalid(&field("link"), &format!("{e}, or `stx-etx`")))?,
-        ),
+                .map_err(|e: String| invalid(&field("link"), &format!("{e}, or `stx-etx`")))?;
+            if max_frame > framing.max_len() {
+                return Err(invalid(
+                    &field("max_frame"),
+                    &format!("must be 16 to {} with {}", framing.max_len(), framing.name()),
+                ));
+            }
+            LineLink::Framed(framing)
+        }
     };
     let modem = if l.modem {
         let d = ModemConfig::default();
         let answer = match l.answer.as_deref().unwrap_or("host") {
             "host" => AnswerMode::Host {
-                rings: l.rings.unwrap_or(1).max(1),
+                rings: l.rings.unwrap_or(1),
             },
             "auto" => AnswerMode::Auto,
             _ => return Err(invalid(&field("answer"), "`host` (ATA on RING) or `auto` (S0=n)")),
@@ -428,7 +457,7 @@ fn serial_line(
             init,
             answer,
             command_timeout: l.command_timeout_ms.map(ms).unwrap_or(d.command_timeout),
-            init_attempts: l.init_attempts.unwrap_or(d.init_attempts).max(1),
+            init_attempts: l.init_attempts.unwrap_or(d.init_attempts),
             retry_after: l.modem_retry_secs.map(Duration::from_secs).unwrap_or(d.retry_after),
             connect_timeout: l.connect_timeout_ms.map(ms).unwrap_or(d.connect_timeout),
             guard_time: l.guard_time_ms.map(ms).unwrap_or(d.guard_time),
@@ -585,7 +614,8 @@ pub struct GatewayConfig {
     pub journal_keys: Option<String>,
     pub response_deadline: Duration,
     pub keep_cache_on_shutdown: bool,
-    pub admin: Option<SocketAddr>,
+    /// `pingate gateway stock` and `lines` ask here: a Unix socket (mode 0600), or a TCP address on loopback.
+    pub admin: Option<AdminAddr>,
     pub repeat_window: Duration,
     pub repeat_max: usize,
     /// How far a terminal's clock (field 7) may be from the gateway's for a sale to be served from the cache: a key
@@ -616,7 +646,11 @@ pub struct GatewayConfig {
 impl GatewayConfig {
     /// What is allowed but unwise: the admin socket or the metrics endpoint off loopback (neither authenticates).
     pub fn warnings(&self) -> Vec<String> {
-        [("gateway.admin", self.admin), ("gateway.metrics", self.metrics)]
+        let admin = match &self.admin {
+            Some(AdminAddr::Tcp(a)) => Some(*a),
+            _ => None,
+        };
+        [("gateway.admin", admin), ("gateway.metrics", self.metrics)]
             .into_iter()
             .filter_map(|(key, addr)| addr.and_then(|a| crate::metrics::off_loopback(key, a)))
             .collect()
@@ -646,7 +680,7 @@ impl GatewayConfig {
             }]
         })?;
         let mut problems: Vec<ConfigError> = Vec::new();
-        let base = path.parent().unwrap_or(Path::new("."));
+        let base = folder_of(path);
         let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let invalid = |at: &str, reason: &str| ConfigError::Invalid {
             path: path.into(),
@@ -654,15 +688,57 @@ impl GatewayConfig {
             reason: reason.into(),
         };
         let g = f.gateway;
-        if g.response_deadline_ms < 100 || g.response_deadline_ms > 120_000 {
-            problems.push(invalid("gateway.response_deadline_ms", "must be 100 to 120000"));
+        // Every duration and count has a range (protocols/gateway.example.toml): out of it is refused, never
+        // clamped, so that what runs is what the file says.
+        let range = |at: &str, v: u64, lo: u64, hi: u64| out_of_range(at, v, lo, hi, &invalid);
+        let mut bounded = true;
+        for (at, v, lo, hi) in [
+            ("gateway.response_deadline_ms", g.response_deadline_ms, 100, 120_000),
+            ("gateway.repeat_window_secs", g.repeat_window_secs, 1, 86_400),
+            ("gateway.repeat_max", g.repeat_max as u64, 1_000, 10_000_000),
+            ("gateway.lease_secs", g.lease_secs, 60, 86_400),
+            ("gateway.refill_cover_secs", g.refill_cover_secs, 1, 3_600),
+            ("gateway.refill_lead_secs", g.refill_lead_secs, 1, 600),
+        ] {
+            if let Some(e) = range(at, v, lo, hi) {
+                problems.push(e);
+                bounded = false;
+            }
         }
-        if g.clock_skew_secs > 86_400 {
-            problems.push(invalid("gateway.clock_skew_secs", "must be 0 to 86400"));
+        if bounded {
+            // A sale in progress stays in the window until answered only if the window outlasts the deadline;
+            // dropped earlier, its duplicate would start a second sale.
+            if g.repeat_window_secs * 1000 < g.response_deadline_ms {
+                problems.push(invalid(
+                    "gateway.repeat_window_secs",
+                    &format!(
+                        "must be at least the response deadline ({} s)",
+                        g.response_deadline_ms.div_ceil(1000)
+                    ),
+                ));
+            }
+            // Due under rate x lead but filled to rate x cover: a lead past the cover would refill without end.
+            if g.refill_lead_secs > g.refill_cover_secs {
+                problems.push(invalid(
+                    "gateway.refill_lead_secs",
+                    &format!("must not be more than refill_cover_secs ({})", g.refill_cover_secs),
+                ));
+            }
+        }
+        if let Some(e) = range("gateway.clock_skew_secs", g.clock_skew_secs, 0, 86_400) {
+            problems.push(e);
         }
         if f.upstream.servers.is_empty() {
             problems.push(invalid("upstream.servers", "at least one PIN server is needed"));
         }
+        let admin = match g.admin.as_deref().map(|a| AdminAddr::parse(a, base)) {
+            Some(Err(e)) => {
+                problems.push(invalid("gateway.admin", &e));
+                None
+            }
+            Some(Ok(a)) => Some(a),
+            None => None,
+        };
         let journal_keys = match &g.journal_keys_file {
             Some(p) => match std::fs::read_to_string(rel(p.clone())) {
                 Ok(t) => Some(t.trim().to_string()),
@@ -678,23 +754,27 @@ impl GatewayConfig {
         };
         let mut upstream = UpstreamOptions::default();
         let u = &f.upstream;
+        for (at, v, lo, hi) in [
+            ("upstream.connections", u.connections.map(|v| v as u64), 1, 64),
+            ("upstream.connect_timeout_ms", u.connect_timeout_ms, 100, 60_000),
+            // Under the PIN server's idle timeout (300 s by default), or idle connections are closed by it.
+            ("upstream.ping_every_ms", u.ping_every_ms, 100, 120_000),
+            ("upstream.breaker_failures", u.breaker_failures.map(u64::from), 1, 100),
+            ("upstream.breaker_cooldown_ms", u.breaker_cooldown_ms, 100, 600_000),
+        ] {
+            problems.extend(v.and_then(|v| range(at, v, lo, hi)));
+        }
         if let Some(c) = u.connections {
-            if c == 0 || c > 64 {
-                problems.push(invalid("upstream.connections", "must be 1 to 64"));
-            }
             upstream.connections = c;
         }
         if let Some(v) = u.connect_timeout_ms {
-            if v < 100 {
-                problems.push(invalid("upstream.connect_timeout_ms", "must be at least 100"));
-            }
             upstream.connect_timeout = ms(v);
         }
         if let Some(v) = u.ping_every_ms {
-            upstream.ping_every = ms(v.max(100));
+            upstream.ping_every = ms(v);
         }
         if let Some(v) = u.breaker_failures {
-            upstream.breaker_failures = v.max(1);
+            upstream.breaker_failures = v;
         }
         if let Some(v) = u.breaker_cooldown_ms {
             upstream.breaker_cooldown = ms(v);
@@ -709,20 +789,31 @@ impl GatewayConfig {
                     continue;
                 }
             }
-            if l.max_frame < 16 {
-                {
-                    problems.push(invalid(&format!("{at}.max_frame"), "must be at least 16"));
-                    continue;
-                }
+            let before = problems.len();
+            // Up to what the framing's length header can express.
+            let frame_max = l.framing.max_len() as u64;
+            if !(16..=frame_max).contains(&(l.max_frame as u64)) {
+                let with = if frame_max < 65_535 {
+                    format!(" with {}", l.framing.name())
+                } else {
+                    String::new()
+                };
+                problems.push(invalid(
+                    &format!("{at}.max_frame"),
+                    &format!("must be 16 to {frame_max}{with}"),
+                ));
             }
-            if l.max_in_flight == 0 || l.max_connections == 0 || l.max_per_source == 0 {
-                {
-                    problems.push(invalid(
-                        &at,
-                        "max_in_flight, max_connections and max_per_source must be at least 1",
-                    ));
-                    continue;
-                }
+            for (key, v, lo, hi) in [
+                ("max_connections", l.max_connections as u64, 1, 1_000_000),
+                ("max_per_source", l.max_per_source as u64, 1, 1_000_000),
+                ("idle_timeout_ms", l.idle_timeout_ms, 1_000, 86_400_000),
+                ("frame_timeout_ms", l.frame_timeout_ms, 100, 120_000),
+                ("max_in_flight", l.max_in_flight as u64, 1, 1_024),
+            ] {
+                problems.extend(range(&format!("{at}.{key}"), v, lo, hi));
+            }
+            if problems.len() > before {
+                continue;
             }
             listeners.push(ListenerConfig {
                 name: l.name,
@@ -825,13 +916,13 @@ impl GatewayConfig {
             journal_keys,
             response_deadline: ms(g.response_deadline_ms),
             keep_cache_on_shutdown: g.keep_cache_on_shutdown,
-            admin: g.admin,
+            admin,
             repeat_window: Duration::from_secs(g.repeat_window_secs),
-            repeat_max: g.repeat_max.max(1000),
+            repeat_max: g.repeat_max,
             clock_skew: Duration::from_secs(g.clock_skew_secs),
-            lease: Duration::from_secs(g.lease_secs.max(60)),
-            refill_cover: Duration::from_secs(g.refill_cover_secs.max(1)),
-            refill_lead: Duration::from_secs(g.refill_lead_secs.max(1)),
+            lease: Duration::from_secs(g.lease_secs),
+            refill_cover: Duration::from_secs(g.refill_cover_secs),
+            refill_lead: Duration::from_secs(g.refill_lead_secs),
             protocols: g.protocols.map(rel),
             log: g.log,
             metrics: g.metrics,
@@ -853,5 +944,153 @@ impl GatewayConfig {
             terminals,
             products,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A configuration with one listener and one modem line, each table with `extra` lines added.
+    fn text(gateway: &str, upstream: &str, listener: &str, serial: &str) -> String {
+        format!(
+            "[gateway]\njournal = \"gw.journal\"\n{gateway}\n\
+             [upstream]\nservers = [{{ addr = \"127.0.0.1:7443\", name = \"localhost\" }}]\n\
+             cert = \"c.pem\"\nkey = \"c.key\"\nca = \"ca.pem\"\n{upstream}\n\
+             [[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:0\"\nframing = \"binary2\"\ndialect = \"iso87-ascii\"\n\
+             {listener}\n\
+             [[serial]]\nname = \"m1\"\ndevice = \"/dev/null\"\ndialect = \"iso87-bcd\"\nmodem = true\n{serial}\n"
+        )
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        match GatewayConfig::check(text, Path::new("gateway.toml")) {
+            Ok(_) => Vec::new(),
+            Err(all) => all.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    /// Every duration and count, by table: (table, key, lowest allowed, highest allowed, other keys of the table
+    /// that the bounds need: keys bounded by others are tested at their bounds with those set to fit).
+    const RANGES: &[(&str, &str, u64, u64, &str)] = &[
+        ("gateway", "response_deadline_ms", 100, 120_000, ""),
+        (
+            "gateway",
+            "repeat_window_secs",
+            1,
+            86_400,
+            "response_deadline_ms = 1000",
+        ),
+        ("gateway", "repeat_max", 1_000, 10_000_000, ""),
+        ("gateway", "lease_secs", 60, 86_400, ""),
+        ("gateway", "refill_cover_secs", 1, 3_600, "refill_lead_secs = 1"),
+        ("gateway", "refill_lead_secs", 1, 600, "refill_cover_secs = 3600"),
+        ("upstream", "connections", 1, 64, ""),
+        ("upstream", "connect_timeout_ms", 100, 60_000, ""),
+        ("upstream", "ping_every_ms", 100, 120_000, ""),
+        ("upstream", "breaker_failures", 1, 100, ""),
+        ("upstream", "breaker_cooldown_ms", 100, 600_000, ""),
+        ("listener", "max_frame", 16, 65_535, ""),
+        ("listener", "max_connections", 1, 1_000_000, ""),
+        ("listener", "max_per_source", 1, 1_000_000, ""),
+        ("listener", "idle_timeout_ms", 1_000, 86_400_000, ""),
+        ("listener", "frame_timeout_ms", 100, 120_000, ""),
+        ("listener", "max_in_flight", 1, 1_024, ""),
+        ("serial", "max_frame", 16, 65_535, ""),
+        ("serial", "idle_timeout_ms", 100, 600_000, ""),
+        ("serial", "frame_timeout_ms", 100, 120_000, ""),
+        ("serial", "ack_timeout_ms", 50, 60_000, ""),
+        ("serial", "enq_delay_ms", 0, 10_000, ""),
+        ("serial", "enq_interval_ms", 50, 60_000, ""),
+        ("serial", "enq_max", 1, 100, ""),
+        ("serial", "max_naks", 1, 10, ""),
+        ("serial", "max_sends", 1, 10, ""),
+        ("serial", "inter_char_ms", 5, 10_000, ""),
+        ("serial", "rings", 1, 20, ""),
+        ("serial", "init_attempts", 1, 20, ""),
+        ("serial", "command_timeout_ms", 100, 60_000, ""),
+        ("serial", "connect_timeout_ms", 1_000, 300_000, ""),
+        ("serial", "guard_time_ms", 20, 10_000, ""),
+        ("serial", "dtr_drop_ms", 50, 10_000, ""),
+        ("serial", "reinit_every_secs", 10, 86_400, ""),
+        ("serial", "modem_retry_secs", 1, 3_600, ""),
+    ];
+
+    fn with(table: &str, line: &str) -> String {
+        let pick = |t: &str| if t == table { line } else { "" };
+        text(pick("gateway"), pick("upstream"), pick("listener"), pick("serial"))
+    }
+
+    #[test]
+    fn every_duration_and_count_is_refused_out_of_its_range_and_named_with_it() {
+        assert_eq!(problems(&text("", "", "", "")), Vec::<String>::new());
+        for &(table, key, lo, hi, context) in RANGES {
+            let at = match table {
+                "listener" => format!("listener[0].{key}"),
+                "serial" => format!("serial[0].{key}"),
+                t => format!("{t}.{key}"),
+            };
+            // The bounds themselves are allowed.
+            for v in [lo, hi] {
+                let p = problems(&with(table, &format!("{key} = {v}\n{context}")));
+                assert!(p.is_empty(), "{at} = {v}: {p:?}");
+            }
+            let below = lo.checked_sub(1).map(|v| v.to_string());
+            for v in below.into_iter().chain([(hi + 1).to_string()]) {
+                let p = problems(&with(table, &format!("{key} = {v}")));
+                let want = format!("gateway.toml: {at}: must be {lo} to {hi}");
+                assert!(p.iter().any(|e| e == &want), "{at} = {v}: {p:?}, want {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_zero_window_or_timeout_is_refused_not_raised() {
+        for (table, line, at) in [
+            ("gateway", "repeat_window_secs = 0", "gateway.repeat_window_secs"),
+            ("gateway", "repeat_max = 10", "gateway.repeat_max"),
+            ("gateway", "lease_secs = 5", "gateway.lease_secs"),
+            ("upstream", "ping_every_ms = 0", "upstream.ping_every_ms"),
+            ("upstream", "breaker_failures = 0", "upstream.breaker_failures"),
+            ("listener", "idle_timeout_ms = 0", "listener[0].idle_timeout_ms"),
+            ("serial", "rings = 0", "serial[0].rings"),
+        ] {
+            let p = problems(&with(table, line));
+            assert!(p.iter().any(|e| e.contains(at)), "{line}: {p:?}");
+        }
+    }
+
+    #[test]
+    fn keys_bounded_by_other_keys_say_by_which() {
+        // A sale still in progress must stay in the repeat window until it is answered.
+        let p = problems(&with(
+            "gateway",
+            "response_deadline_ms = 30000\nrepeat_window_secs = 29",
+        ));
+        assert_eq!(
+            p,
+            ["gateway.toml: gateway.repeat_window_secs: must be at least the response deadline (30 s)"]
+        );
+        assert!(problems(&with(
+            "gateway",
+            "response_deadline_ms = 30000\nrepeat_window_secs = 30"
+        ))
+        .is_empty());
+        let p = problems(&with("gateway", "refill_cover_secs = 10\nrefill_lead_secs = 11"));
+        assert_eq!(
+            p,
+            ["gateway.toml: gateway.refill_lead_secs: must not be more than refill_cover_secs (10)"]
+        );
+        // A frame cap the framing's length header cannot express is refused, not lowered.
+        let ascii4 = |max: &str| {
+            text("", "", &format!("max_frame = {max}"), "").replace("framing = \"binary2\"", "framing = \"ascii4\"")
+        };
+        let p = problems(&ascii4("10000"));
+        assert!(
+            p.iter()
+                .any(|e| e.contains("listener[0].max_frame: must be 16 to 9999 with ascii4")),
+            "{p:?}"
+        );
+        assert!(problems(&ascii4("9999")).is_empty());
     }
 }

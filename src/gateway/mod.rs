@@ -3,6 +3,7 @@
 //! every PIN the gateway holds and every unfinished sale survive a crash, and the store-and-forward queue of
 //! confirms, reversals and releases. `protocols/gateway.md` says, step by step, what a crash leaves behind.
 
+pub mod admin;
 pub mod cache;
 pub mod config;
 pub mod journal;
@@ -56,6 +57,9 @@ pub enum GatewayError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    /// The admin socket could not be opened.
+    #[error("admin socket {at}: {source}")]
+    Admin { at: String, source: std::io::Error },
 }
 
 /// What a sale came to; kept for repeats while the sale is in the repeat window.
@@ -2023,11 +2027,14 @@ pub async fn run(
         ),
         None => None,
     };
-    let admin = match cfg.admin {
+    let admin = match &cfg.admin {
         Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
+            admin::AdminListener::bind(addr)
                 .await
-                .map_err(|source| GatewayError::Bind { addr, source })?,
+                .map_err(|source| GatewayError::Admin {
+                    at: addr.to_string(),
+                    source,
+                })?,
         ),
         None => None,
     };
@@ -2045,6 +2052,7 @@ pub async fn run(
         tasks.spawn(async move { serial::run_line(sc, dialect, gw, stop).await });
     }
     if let Some(l) = admin {
+        tracing::info!(at = %l.local(), "admin socket");
         let (gw, stop) = (gw.clone(), stop.clone());
         tasks.spawn(async move { serve_admin(l, gw, stop).await });
     }
@@ -2102,17 +2110,19 @@ impl crate::metrics::Source for MetricsSource {
     }
 }
 
-/// The admin socket (bind it to loopback): a client writes one command line (`stock`) and reads one JSON answer.
-pub async fn serve_admin(listener: tokio::net::TcpListener, gw: Arc<Gateway>, stop: CancellationToken) {
+/// The admin socket (a Unix socket, or TCP on loopback; see [`admin`]): a client writes one command line (`stock`)
+/// and reads one JSON answer. Accept errors are waited out with a backoff.
+pub async fn serve_admin(listener: impl Into<admin::AdminListener>, gw: Arc<Gateway>, stop: CancellationToken) {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = listener.into();
+    let mut backoff = admin::AcceptBackoff::default();
     loop {
-        let (stream, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+        let Some(stream) = listener.next(&stop, &mut backoff).await else {
+            return;
         };
         let gw = gw.clone();
         tokio::spawn(async move {
-            let (rd, mut wr) = stream.into_split();
+            let (rd, mut wr) = tokio::io::split(stream);
             let mut line = String::new();
             let mut rd = BufReader::new(rd.take(256));
             let read = tokio::time::timeout(Duration::from_secs(5), rd.read_line(&mut line)).await;
@@ -2131,10 +2141,11 @@ pub async fn serve_admin(listener: tokio::net::TcpListener, gw: Arc<Gateway>, st
     }
 }
 
-/// Sends one admin command to a running gateway and returns its answer.
+/// Sends one admin command to a running gateway and returns its answer; `addr` is a Unix socket path (with a `/`)
+/// or an `IP:port`.
 pub async fn ask_admin(addr: &str, command: &str) -> Result<String, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
+    let mut s = admin::connect(addr)
         .await
         .map_err(|e| format!("gateway admin at {addr}: {e}"))?;
     s.write_all(format!("{command}\n").as_bytes())
