@@ -2,7 +2,8 @@
 //!
 //! Invariants, each a query (the same SQL on SQLite and PostgreSQL, read-only):
 //! - every sold or voided PIN has exactly one sale, and every sale's PIN is sold or voided;
-//! - every voided PIN was reversed (a reversal names it);
+//! - every voided PIN was reversed (a reversal names it), or voided by a refused confirm whose conflict is recorded;
+//! - every sale key (terminal, STAN, transmission) was sold once, and no refused confirm's conflict is left open;
 //! - every reserved PIN has a holder and a lease, and the lease has not ended (a reservation whose holder is not
 //!   alive must be reconciled: `pingate pins leases`, `pingate pins return-expired`);
 //! - no available or expired PIN has a sale;

@@ -697,3 +697,66 @@ async fn pins_past_their_expiry_date_leave_stock_when_the_server_starts() {
     stop.send(()).unwrap();
     task.await.unwrap();
 }
+
+/// A repeat re-delivers a sold PIN only within the repeat age, only under the key of the terminal that bought it,
+/// and each re-delivery is recorded: a receipt's STAN and time, or a capture replayed a day later, gives back
+/// nothing (before: the stored PIN, to anyone who sent the old key, forever).
+#[tokio::test]
+async fn repeats_are_answered_within_the_repeat_age_only_and_each_redelivery_is_recorded() {
+    let f = Fixture::new("repeat-age", 20);
+    let opts = ServerOptions {
+        repeat_age: Duration::from_secs(2),
+        ..ServerOptions::default()
+    };
+    let (addr, stop, task) = f.start(opts).await;
+    let (c, _) = PspClient::connect(addr, "localhost", f.client_tls("gw1"))
+        .await
+        .unwrap();
+    let Response::Sold { pin: a } = c.call(sell(1)).await.unwrap() else {
+        panic!()
+    };
+    let Response::Sold { pin: again } = c.call(sell(1)).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(again, a, "a repeat within the repeat age");
+    // Another terminal naming the same STAN and time is another sale: it never gets the first buyer's PIN.
+    let Request::Sell {
+        product,
+        amount,
+        mut terminal,
+    } = sell(1)
+    else {
+        panic!()
+    };
+    terminal.terminal_id = "TERM9999".into();
+    let Response::Sold { pin: theirs } = c
+        .call(Request::Sell {
+            product,
+            amount,
+            terminal,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_ne!(theirs.pin_id, a.pin_id);
+    // Past the repeat age: refused, no PIN.
+    tokio::time::sleep(Duration::from_millis(3_100)).await;
+    let e = c.call(sell(1)).await.unwrap_err();
+    assert!(
+        matches!(e, ClientError::Server(ref w) if w.code == ErrorCode::RepeatExpired),
+        "{e}"
+    );
+    stop.send(()).unwrap();
+    task.await.unwrap();
+    let db = rusqlite::Connection::open(f.dir.join("pins.db")).unwrap();
+    let recorded: Vec<(i64, String, String)> = db
+        .prepare("SELECT pin_id, gateway, terminal_id FROM redeliveries")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(recorded, vec![(a.pin_id, "gw1".to_string(), TERMINAL.to_string())]);
+}
