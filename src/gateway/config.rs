@@ -75,6 +75,9 @@ fn d_deadline() -> u64 {
 fn d_window() -> u64 {
     900
 }
+fn d_forward_retry_max() -> u64 {
+    60_000
+}
 fn d_clock_skew() -> u64 {
     60
 }
@@ -108,6 +111,8 @@ struct GatewaySection {
     repeat_max: usize,
     #[serde(default = "d_clock_skew")]
     clock_skew_secs: u64,
+    #[serde(default = "d_forward_retry_max")]
+    forward_retry_max_ms: u64,
     #[serde(default = "d_lease")]
     lease_secs: u64,
     #[serde(default = "d_cover")]
@@ -622,6 +627,8 @@ pub struct GatewayConfig {
     /// whose time is further off, or older than what the repeat window still remembers, may be a key sold before
     /// (a reset terminal, a duplicate beyond the window), so its sale goes to the PIN server, which knows every key.
     pub clock_skew: Duration,
+    /// Longest wait between two tries of a store-and-forward step (confirms, reversals, releases).
+    pub forward_retry_max: Duration,
     pub lease: Duration,
     pub refill_cover: Duration,
     pub refill_lead: Duration,
@@ -726,6 +733,9 @@ impl GatewayConfig {
             }
         }
         if let Some(e) = range("gateway.clock_skew_secs", g.clock_skew_secs, 0, 86_400) {
+            problems.push(e);
+        }
+        if let Some(e) = range("gateway.forward_retry_max_ms", g.forward_retry_max_ms, 200, 600_000) {
             problems.push(e);
         }
         if f.upstream.servers.is_empty() {
@@ -920,6 +930,7 @@ impl GatewayConfig {
             repeat_window: Duration::from_secs(g.repeat_window_secs),
             repeat_max: g.repeat_max,
             clock_skew: Duration::from_secs(g.clock_skew_secs),
+            forward_retry_max: Duration::from_millis(g.forward_retry_max_ms),
             lease: Duration::from_secs(g.lease_secs),
             refill_cover: Duration::from_secs(g.refill_cover_secs),
             refill_lead: Duration::from_secs(g.refill_lead_secs),

@@ -194,6 +194,14 @@ impl Recent {
         }
     }
 
+    /// Drops `entry` (begun for `key` by a request that turned out not to be the key's sale), unless the key has
+    /// another entry by now.
+    fn forget(&mut self, key: &SaleKey, entry: &Arc<Entry>) {
+        if self.map.get(key).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            self.map.remove(key);
+        }
+    }
+
     fn hold(&mut self, key: &SaleKey, entry: Arc<Entry>) {
         self.held.entry(key.clone()).or_insert((entry, 0)).1 += 1;
     }
@@ -768,6 +776,11 @@ impl Gateway {
         }
         let from_cache = self.cache_may_sell(&key, received_unix, horizon);
         let outcome = Arc::new(self.sell(&s, deadline, from_cache).await);
+        if matches!(*outcome, Outcome::Declined(ResponseCode::DuplicateMismatch)) {
+            // The key is another sale's (the server knows it with other content): this request's content must not
+            // stand for the key here, or that sale's own repeats and reversal would be refused as mismatches.
+            self.recent.lock().expect("not poisoned").forget(&key, &entry);
+        }
         entry.settle(outcome.clone());
         // A reversal that came meanwhile overruled the sale: the original request is answered as the sale now
         // stands, never with a PIN being voided.
@@ -1034,7 +1047,12 @@ impl Gateway {
             currency: r.currency.clone(),
         };
         let known = self.recent.lock().expect("not poisoned").get(&r.sale);
-        let known_content = known.as_ref().and_then(|e| e.content.clone());
+        // What a sale in progress or approved here bought; a request that was declined here (the server out of
+        // reach, a mismatch) says nothing of the key's sale: the server is asked.
+        let known_content = known
+            .as_ref()
+            .filter(|e| matches!(e.outcome.borrow().as_deref(), None | Some(Outcome::Approved { .. })))
+            .and_then(|e| e.content.clone());
         if known_content.as_ref().is_some_and(|c| *c != named) {
             self.stats.reversal_mismatches.fetch_add(1, Ordering::Relaxed);
             return answer(msg, ResponseCode::InvalidAmount);
@@ -1250,7 +1268,7 @@ impl Gateway {
             }
             Sent::Failed => {
                 q.attempts += 1;
-                let wait = upstream::backoff(Duration::from_millis(200), Duration::from_secs(60), q.attempts);
+                let wait = upstream::backoff(Duration::from_millis(200), self.cfg.forward_retry_max, q.attempts);
                 f.later(q, Instant::now() + wait);
             }
         }
