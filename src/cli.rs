@@ -574,15 +574,18 @@ async fn server(args: ServerArgs) -> Result<String, String> {
     )
     .await;
     store.close().await;
+    // Warnings still being counted are written before the process ends.
+    crate::logging::flush();
     Ok("PIN server stopped".into())
 }
 
 async fn gateway(config: PathBuf) -> Result<String, String> {
     let cfg = crate::gateway::config::GatewayConfig::load(&config).map_err(|e| e.to_string())?;
     init_logging(cfg.log.as_deref())?;
-    crate::gateway::run(cfg, Some(config), shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())?;
+    let ran = crate::gateway::run(cfg, Some(config), shutdown_signal()).await;
+    // Warnings still being counted are written before the process ends.
+    crate::logging::flush();
+    ran.map_err(|e| e.to_string())?;
     Ok("gateway stopped".into())
 }
 

@@ -20,6 +20,7 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
+use crate::logging::limited;
 use crate::psp::{
     parse_request, BatchResult, CatalogEntry, ConfirmItem, ErrorCode, PinOut, Request, Response, ResponseFrame,
     StockEntry, Terminal, WireError, DEFAULT_MAX_FRAME, VERSION,
@@ -247,13 +248,13 @@ pub async fn run(
                     Ok(a) => a,
                     Err(e) => {
                         // Out of file descriptors and the like: wait a little instead of spinning.
-                        warn!(error = %e, "accept failed");
+                        limited!(warn, "accept failed", error = %e);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 };
                 let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    warn!(%peer, "connection limit reached, closing new connection");
+                    limited!(warn, "connection limit reached, closing new connection", %peer);
                     continue;
                 };
                 let id = ids.fetch_add(1, Ordering::Relaxed);
@@ -294,11 +295,11 @@ async fn connection(
     let stream = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            warn!(error = %e, "TLS handshake refused");
+            limited!(warn, "TLS handshake refused", error = %e);
             return;
         }
         Err(_) => {
-            warn!("TLS handshake timed out");
+            limited!(warn, "TLS handshake timed out");
             return;
         }
     };
@@ -311,7 +312,7 @@ async fn connection(
     };
     let Some(gateway) = gateway else {
         // The verifier already refuses such certificates; this is a second lock on the same door.
-        warn!("client certificate maps to no gateway");
+        limited!(warn, "client certificate maps to no gateway");
         return;
     };
     tracing::Span::current().record("gateway", gateway.as_str());
@@ -343,12 +344,12 @@ async fn connection(
                 match tokio::time::timeout(WRITE_TIMEOUT, sink.send(frame)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
-                        warn!(error = %e, "write failed, closing connection");
+                        limited!(warn, "write failed, closing connection", error = %e);
                         done.cancel();
                         break;
                     }
                     Err(_) => {
-                        warn!("gateway does not read its answers, closing connection");
+                        limited!(warn, "gateway does not read its answers, closing connection");
                         done.cancel();
                         break;
                     }
@@ -389,7 +390,7 @@ async fn connection(
             Some(Ok(b)) => b,
             Some(Err(e)) => {
                 // Oversize frame or broken stream: the frame boundary is lost, so the connection ends.
-                warn!(error = %e, "bad frame, closing connection");
+                limited!(warn, "bad frame, closing connection", error = %e);
                 break;
             }
         };
@@ -419,7 +420,7 @@ async fn connection(
                             },
                         ),
                         other => {
-                            warn!(?other, "catalog unavailable");
+                            limited!(warn, "catalog unavailable", ?other);
                             ResponseFrame::err(id, ErrorCode::Internal, "catalog unavailable")
                         }
                     };
@@ -547,7 +548,7 @@ async fn confirm_batch(shared: &Shared, gateway: &str, id: u64, confirms: Vec<Co
             Err(e) => {
                 let code = ErrorCode::of(&e);
                 let message = if code == ErrorCode::Internal {
-                    warn!(error = %e, "confirm failed");
+                    limited!(warn, "confirm failed", error = %e);
                     "internal error".into()
                 } else {
                     e.to_string()
@@ -618,7 +619,7 @@ async fn handle_request(shared: &Shared, gateway: &str, id: u64, request: Reques
         Err(e) => {
             let code = ErrorCode::of(&e);
             if code == ErrorCode::Internal {
-                warn!(error = %e, "request failed");
+                limited!(warn, "request failed", error = %e);
                 ResponseFrame::err(id, code, "internal error")
             } else {
                 ResponseFrame::err(id, code, e.to_string())

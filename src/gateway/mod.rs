@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::iso8583::Message;
+use crate::logging::limited;
 use crate::psp::{ErrorCode, Request, Response};
 use crate::sale::{
     answer, sale_answer, PinReceipt, ResponseCode, ReversalRequest, SaleKey, SaleRequest, TerminalRequest,
@@ -597,14 +598,14 @@ impl Gateway {
         let deadline = received + self.cfg.response_deadline;
         match TerminalRequest::parse(msg) {
             Err(refusal) => {
-                tracing::debug!(code = refusal.code.code(), reason = %refusal.reason, "request refused");
+                limited!(debug, "request refused", code = refusal.code.code(), reason = %refusal.reason);
                 Reply::plain(answer(msg, refusal.code))
             }
             Ok(TerminalRequest::Network(_)) => {
                 let terminal = msg.terminal_id().unwrap_or_default();
                 let ok = self.registry().permits(terminal, msg.merchant_id(), None);
                 if !ok {
-                    tracing::info!(terminal, "network request from an unknown terminal");
+                    limited!(info, "network request from an unknown terminal", terminal);
                 }
                 Reply::plain(answer(
                     msg,
@@ -637,7 +638,7 @@ impl Gateway {
                     },
                     Err(e) => {
                         // A receipt too long for field 63: the PIN cannot reach the terminal.
-                        tracing::error!(pin_id, error = %e, "receipt does not fit field 63; the sale is reversed");
+                        limited!(error, "receipt does not fit field 63; the sale is reversed", pin_id, error = %e);
                         self.undelivered(key).await;
                         self.declined(msg, key, ResponseCode::SystemError)
                     }
@@ -747,7 +748,7 @@ impl Gateway {
                         "the PIN server holds PINs for this gateway that its journal does not know; releasing them"
                     );
                     if let Err(e) = self.release(&strays).await {
-                        tracing::error!(error = %e, "journal failed; unjournaled reservations not released");
+                        limited!(error, "journal failed; unjournaled reservations not released", error = %e);
                         return false;
                     }
                 }
@@ -755,7 +756,7 @@ impl Gateway {
                 true
             }
             Ok(other) => {
-                tracing::error!(answer = ?other, "PIN server answered held with something else");
+                limited!(error, "PIN server answered held with something else", answer = ?other);
                 false
             }
             Err(UpstreamError::Server(e)) => {
@@ -782,7 +783,7 @@ impl Gateway {
             );
             let ids: Vec<i64> = stale.iter().map(|p| p.pin.pin_id).collect();
             if let Err(e) = self.release(&ids).await {
-                tracing::error!(error = %e, "journal failed; stale PINs stay journaled as cached");
+                limited!(error, "journal failed; stale PINs stay journaled as cached", error = %e);
             }
         }
     }
@@ -815,7 +816,7 @@ impl Gateway {
                     // Not acknowledged in time, so not handed out; but the record may be (or get) on disk. The
                     // PIN is confirmed and reversed at once (voided: accounted for, never sold twice), and the
                     // reversal is journaled behind the sale record.
-                    tracing::error!(error = %e, pin_id, "journal did not take a cache sale; the PIN is voided");
+                    limited!(error, "journal did not take a cache sale; the PIN is voided", error = %e, pin_id);
                     let key = KeyRecord::from(&s.key);
                     self.journal.append_lazy(vec![Record::Reverse { key: key.clone() }]);
                     self.enqueue(Job::Confirm { pin_id, sale: record });
@@ -847,7 +848,7 @@ impl Gateway {
             .await
         {
             // Nothing was asked of the server (a late `asked` only causes a harmless remembered reversal).
-            tracing::error!(error = %e, "journal did not take an on-demand sale; refused");
+            limited!(error, "journal did not take an on-demand sale; refused", error = %e);
             return Outcome::Declined(code_for_journal(&e));
         }
         // Leave time to journal the outcome and write the answer before the terminal's deadline.
@@ -864,7 +865,7 @@ impl Gateway {
                     .append_by(vec![Record::Resolved { key: key.clone() }], deadline)
                     .await
                 {
-                    tracing::error!(error = %e, "journal failed after a sale; the sale is reversed");
+                    limited!(error, "journal failed after a sale; the sale is reversed", error = %e);
                     self.reverse_unanswered(key);
                     return Outcome::Declined(ResponseCode::SystemError);
                 }
@@ -875,7 +876,7 @@ impl Gateway {
                 }
             }
             Ok(other) => {
-                tracing::error!(answer = ?other, "PIN server answered sell with something else");
+                limited!(error, "PIN server answered sell with something else", answer = ?other);
                 self.reverse_unanswered(key);
                 Outcome::Declined(ResponseCode::SystemError)
             }
@@ -886,7 +887,7 @@ impl Gateway {
             }
             Err(e) => {
                 // Timed out or cut off: the server may have sold. Reverse (remembered if it had not).
-                tracing::warn!(error = %e, "sale not answered by the PIN server; reversing it");
+                limited!(warn, "sale not answered by the PIN server; reversing it", error = %e);
                 self.reverse_unanswered(key);
                 Outcome::Declined(code_for(&e))
             }
@@ -907,13 +908,13 @@ impl Gateway {
     /// this returns), and answer repeats with `91`.
     pub async fn undelivered(&self, key: &SaleKey) {
         self.stats.undelivered.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(terminal = %key.terminal_id, stan = %key.stan, "answer not delivered; the sale is reversed");
+        limited!(warn, "answer not delivered; the sale is reversed", terminal = %key.terminal_id, stan = %key.stan);
         if let Some(e) = self.recent.lock().expect("not poisoned").get(key) {
             e.overrule(ResponseCode::ServerUnavailable);
         }
         let key = KeyRecord::from(key);
         if let Err(e) = self.journal.append(vec![Record::Reverse { key: key.clone() }]).await {
-            tracing::error!(error = %e, "journal failed; the reversal of an undelivered sale is in memory only");
+            limited!(error, "journal failed; the reversal of an undelivered sale is in memory only", error = %e);
         }
         self.enqueue(Job::Reverse { key });
     }
@@ -938,7 +939,7 @@ impl Gateway {
             .await
         {
             // The terminal is told to repeat it; the reversal is still sent (repeats are idempotent).
-            tracing::error!(error = %e, "journal did not record a reversal in time");
+            limited!(error, "journal did not record a reversal in time", error = %e);
             self.enqueue(Job::Reverse { key });
             return answer(msg, ResponseCode::ServerUnavailable);
         }
@@ -1134,7 +1135,7 @@ impl Gateway {
                             if transient {
                                 Sent::Failed
                             } else {
-                                tracing::error!(job = ?q.job, error = ?r.error, "PIN server refused a confirm; needs an operator");
+                                limited!(error, "PIN server refused a confirm; needs an operator", job = ?q.job, error = ?r.error);
                                 Sent::Refused
                             }
                         }
@@ -1144,7 +1145,7 @@ impl Gateway {
                 sent
             }
             Ok(other) => {
-                tracing::error!(answer = ?other, "PIN server answered confirm_batch with something else");
+                limited!(error, "PIN server answered confirm_batch with something else", answer = ?other);
                 vec![Sent::Failed; batch.len()]
             }
             Err(e) => {
@@ -1197,7 +1198,11 @@ impl Gateway {
                 }
                 if let (Job::Release { .. }, Response::Released { refused }) = (&q.job, &r) {
                     if !refused.is_empty() {
-                        tracing::warn!(?refused, "the server refused to take back PINs it says we do not hold");
+                        limited!(
+                            warn,
+                            "the server refused to take back PINs it says we do not hold",
+                            ?refused
+                        );
                     }
                 }
                 self.journal.append_lazy(vec![ack]);
@@ -1208,7 +1213,7 @@ impl Gateway {
                 // A refusal will not change by retrying, but dropping it could lose money: it stays queued (at
                 // the longest backoff) and visible in `gateway stock` until an operator reconciles it.
                 if matches!(e, UpstreamError::Server(_)) {
-                    tracing::error!(job = ?q.job, error = %e, "PIN server refused a store-and-forward step; needs an operator");
+                    limited!(error, "PIN server refused a store-and-forward step; needs an operator", job = ?q.job, error = %e);
                     Sent::Refused
                 } else {
                     tracing::debug!(error = %e, attempts = q.attempts, "store-and-forward step not acknowledged yet");
@@ -1308,7 +1313,7 @@ impl Gateway {
                 let mut all_cached = true;
                 for (chunk, written) in queued {
                     if let Err(e) = written.await {
-                        tracing::error!(error = %e, "journal failed; reserved PINs not cached");
+                        limited!(error, "journal failed; reserved PINs not cached", error = %e);
                         all_cached = false;
                         continue;
                     }
@@ -1343,13 +1348,13 @@ impl Gateway {
                     };
                     if !back.is_empty() {
                         if let Err(e) = self.release(&back).await {
-                            tracing::error!(error = %e, "journal failed; reserved PINs not released");
+                            limited!(error, "journal failed; reserved PINs not released", error = %e);
                         }
                     }
                 }
                 return full && all_cached;
             }
-            Ok(other) => tracing::error!(answer = ?other, "PIN server answered reserve with something else"),
+            Ok(other) => limited!(error, "PIN server answered reserve with something else", answer = ?other),
             Err(e) => tracing::debug!(product, amount, error = %e, "refill failed"),
         }
         false

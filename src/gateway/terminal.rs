@@ -29,6 +29,7 @@ use super::Gateway;
 use crate::capture::{protect_pins, terminal_frame, Capture, CaptureSink, Direction};
 use crate::iso8583::{Dialect, Message};
 use crate::link::framing::{Frame, FrameCodec};
+use crate::logging::limited;
 use crate::sale::{answer, ResponseCode, SaleKey};
 
 /// Time allowed to write one answer; a terminal that does not read is cut off.
@@ -85,14 +86,14 @@ pub async fn run(
                 Ok(x) => x,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(listener = %cfg.name, error = %e, "accept failed");
+                    limited!(warn, "accept failed", listener = %cfg.name, error = %e);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tracing::warn!(listener = %cfg.name, %peer, "connection cap reached; closed");
+            limited!(warn, "connection cap reached; closed", listener = %cfg.name, %peer);
             drop(stream);
             continue;
         };
@@ -100,15 +101,24 @@ pub async fn run(
             let mut m = per_source.0.lock().expect("not poisoned");
             let n = m.entry(peer.ip()).or_insert(0);
             if *n >= cfg.max_per_source {
-                tracing::warn!(listener = %cfg.name, %peer, "per-source connection cap reached; closed");
+                limited!(warn, "per-source connection cap reached; closed", listener = %cfg.name, %peer);
                 drop(stream);
                 continue;
             }
             *n += 1;
         }
         let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
-        let span =
-            tracing::info_span!("terminal", listener = %cfg.name, %peer, conn = id, terminal = tracing::field::Empty);
+        // `terminal` is the first terminal id seen on the connection, `more_terminals` says another one spoke too (a
+        // NAC): each is recorded once, since a span keeps every value recorded into it (recording per request made
+        // every line of a long-lived connection longer, and its span larger, with every request).
+        let span = tracing::info_span!(
+            "terminal",
+            listener = %cfg.name,
+            %peer,
+            conn = id,
+            terminal = tracing::field::Empty,
+            more_terminals = tracing::field::Empty
+        );
         let (cfg, dialect, gw, stop, ps, capture) = (
             cfg.clone(),
             dialect.clone(),
@@ -187,7 +197,7 @@ async fn connection(
                     let before = buf.len();
                     if let Err(e) = enc.encode(frame, &mut buf) {
                         // This answer is not sent (the terminal times out and reverses); the others still are.
-                        tracing::error!(error = %e, "answer cannot be framed");
+                        limited!(error, "answer cannot be framed", error = %e);
                         buf.truncate(before);
                         if let Some(key) = sale {
                             writer_gw.undelivered(&key).await;
@@ -215,6 +225,7 @@ async fn connection(
     );
 
     let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
+    let mut named = Named::default();
     let mut buf = BytesMut::with_capacity(0);
     let mut frame_started: Option<Instant> = None;
     let mut last_activity = Instant::now();
@@ -235,11 +246,11 @@ async fn connection(
                     let Ok(permit) = in_flight.clone().acquire_owned().await else {
                         break;
                     };
-                    on_frame(frame, &dialect, &gw, &out_tx, permit);
+                    on_frame(frame, &dialect, &gw, &out_tx, permit, &mut named);
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    tracing::warn!(error = %e, "framing error; closing the connection");
+                    limited!(warn, "framing error; closing the connection", error = %e);
                     drop(out_tx);
                     let _ = writer.await;
                     return Err(e.to_string());
@@ -266,7 +277,7 @@ async fn connection(
             },
             _ = tokio::time::sleep_until(deadline) => {
                 if frame_started.is_some() {
-                    tracing::info!(bytes = buf.len(), "frame not completed in time (slow sender); closing");
+                    limited!(info, "frame not completed in time (slow sender); closing", bytes = buf.len());
                     break Err("slow sender".into());
                 }
                 if in_flight.available_permits() == cfg.max_in_flight {
@@ -289,7 +300,7 @@ pub(super) fn decode_request(dialect: &Dialect, bytes: &Bytes) -> Result<Message
     match dialect.decode(bytes) {
         Ok(m) => Ok(m),
         Err(e) => {
-            tracing::info!(error = %e, "request does not decode");
+            limited!(info, "request does not decode", error = %e);
             let Some(mti) = dialect.peek_mti(bytes) else {
                 return Err(None);
             };
@@ -304,12 +315,39 @@ pub(super) fn decode_request(dialect: &Dialect, bytes: &Bytes) -> Result<Message
     }
 }
 
+/// What the connection's span was told about its terminals: each field is recorded at most once.
+#[derive(Default)]
+enum Named {
+    #[default]
+    Nobody,
+    First(Box<str>),
+    Several,
+}
+
+impl Named {
+    /// Records `terminal` in the current (connection) span if it is the first terminal id, or the first other one.
+    fn saw(&mut self, terminal: &str) {
+        match self {
+            Named::Nobody => {
+                tracing::Span::current().record("terminal", terminal);
+                *self = Named::First(terminal.into());
+            }
+            Named::First(first) if **first != *terminal => {
+                tracing::Span::current().record("more_terminals", true);
+                *self = Named::Several;
+            }
+            Named::First(_) | Named::Several => {}
+        }
+    }
+}
+
 fn on_frame(
     frame: Frame,
     dialect: &Arc<Dialect>,
     gw: &Arc<Gateway>,
     out: &mpsc::Sender<Outgoing>,
     permit: tokio::sync::OwnedSemaphorePermit,
+    named: &mut Named,
 ) {
     let reply_tpdu = frame.tpdu.map(|t| t.reply());
     if frame.message.is_empty() {
@@ -341,7 +379,7 @@ fn on_frame(
         }
     };
     if let Some(t) = msg.terminal_id() {
-        tracing::Span::current().record("terminal", t);
+        named.saw(t);
     }
     let (gw, dialect, out) = (gw.clone(), dialect.clone(), out.clone());
     tokio::spawn(
@@ -351,7 +389,7 @@ fn on_frame(
             let bytes = match dialect.encode(&reply.message) {
                 Ok(b) => b.freeze(),
                 Err(e) => {
-                    tracing::error!(error = %e, "answer does not encode");
+                    limited!(error, "answer does not encode", error = %e);
                     if let Some(k) = &reply.reverse_if_undelivered {
                         gw.undelivered(k).await;
                     }

@@ -1,0 +1,238 @@
+//! What traffic, an outage or a hostile peer cannot make grow: the gateway's log (its volume and its lines) and
+//! its memory per connection under 10,000 requests on one connection and a PIN server outage under load; the PIN
+//! server's connection slots under a flood of idle sockets; a terminal listener's connections that never send a
+//! frame. Real processes and sockets, real TLS.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingate::demo::{sample_modes, sample_products, start_server, GatewayFiles, Inventory};
+use pingate::iso8583::Message;
+use pingate::sim::TerminalClient;
+
+const ON_DEMAND: &str = "GIFT-25";
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pingate-bounds-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn code(m: &Message) -> &str {
+    m.get_str(39).unwrap_or("??")
+}
+
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A process killed if the test ends early (a failed assertion must not leave it running).
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `pingate gateway` at log level info, its log (stderr) appended to `log`.
+fn spawn_gateway(config: &Path, log: &Path) -> Process {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    Process(
+        Command::new(env!("CARGO_BIN_EXE_pingate"))
+            .args(["gateway", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+async fn connect(addr: SocketAddr) -> TerminalClient {
+    let dialect = Arc::new(
+        pingate::iso8583::Dialects::builtin()
+            .get(pingate::demo::DIALECT)
+            .unwrap()
+            .clone(),
+    );
+    for _ in 0..500 {
+        if let Ok(t) = TerminalClient::connect(addr, pingate::demo::FRAMING, None, dialect.clone()).await {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("gateway at {addr} never came up");
+}
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Lines of `message` in `log`, summaries left out.
+fn logged(log: &str, message: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains(message) && !l.contains(" more in the last "))
+        .count() as u64
+}
+
+/// The number `N` of every `(N more in the last …)` summary of `message` in `log`.
+fn summarised(log: &str, message: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains(message))
+        .filter_map(|l| {
+            let at = l.find(" more in the last ")?;
+            let open = l[..at].rfind('(')?;
+            l[open + 1..at].parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// 10,000 requests on one terminal connection, then a PIN server outage under load (every on-demand sale fails,
+/// each a warning): the gateway's log stays short (one line and one summary per kind of warning and interval, no
+/// line longer than a few KB) and the connection's memory does not grow with its request count (its span's
+/// fields do not pile up; the process's resident memory is read before and after).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_requests_and_an_outage_under_load_keep_the_log_and_memory_bounded() {
+    const NOT_ANSWERED: &str = "sale not answered by the PIN server";
+    let inv = Inventory::create(&dir("logs"), &["gw1", "obs"], &sample_products(100)).unwrap();
+    let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let server_addr = server.addr;
+    let listen = free_port();
+    let files = GatewayFiles::write(
+        &inv,
+        "gw1",
+        &[server_addr],
+        listen,
+        32,
+        &sample_modes(5, 10),
+        ("response_deadline_ms = 3000", ""),
+    )
+    .unwrap();
+    let log_path = inv.dir.join("gateway.log");
+    let gw = spawn_gateway(&files.config, &log_path);
+    let pid = gw.0.id();
+    let mut t = connect(listen).await;
+    let me = common::demo_terminal("DEMO0001");
+    let transmission = "1130120000";
+    let mut sale = None;
+    // Every on-demand sale that fails is a warning, those before the gateway reaches the PIN server too.
+    let mut failed = 0u64;
+    for stan in 900_000..900_500u32 {
+        // A new STAN each time: a repeat of a failed sale would get its answer again.
+        let a = t
+            .call(&me.sale(&common::demo_sale(stan, transmission, ON_DEMAND, 2500), false))
+            .await
+            .unwrap();
+        if code(&a) == "00" {
+            sale = Some(a);
+            break;
+        }
+        failed += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(sale.is_some(), "the gateway never reached the PIN server");
+
+    // 10,000 requests on this one connection (echo tests: every one carries the terminal id, none takes a PIN).
+    let mut rss = Vec::new();
+    for stan in 1..=10_000u32 {
+        let a = t.call(&me.network(stan, transmission, "301")).await.unwrap();
+        assert_eq!(code(&a), "00");
+        if stan == 1_000 || stan == 10_000 {
+            rss.push(rss_kib(pid));
+        }
+    }
+    let before_outage = std::fs::metadata(&log_path).unwrap().len();
+
+    // The outage, under load: on-demand sales on the long-lived connection and on 16 more (the load generator).
+    server.stop().await;
+    for stan in 2..=201u32 {
+        let a = t
+            .call(&me.sale(&common::demo_sale(stan, transmission, ON_DEMAND, 2500), false))
+            .await
+            .unwrap();
+        assert_eq!(code(&a), "91");
+        failed += 1;
+    }
+    let dialect = Arc::new(
+        pingate::iso8583::Dialects::builtin()
+            .get(pingate::demo::DIALECT)
+            .unwrap()
+            .clone(),
+    );
+    let load = pingate::load::run(
+        pingate::load::LoadSpec {
+            addr: listen,
+            framing: pingate::demo::FRAMING,
+            tpdu: None,
+            connections: 16,
+            in_flight: 4,
+            rate: None,
+            duration: Duration::from_secs(3),
+            terminal_prefix: "DEMO".into(),
+            merchant: pingate::demo::MERCHANT.into(),
+            mix: vec![pingate::load::MixItem::parse("GIFT-25:2500").unwrap()],
+            transmission: "1130130000".into(),
+            progress: None,
+        },
+        dialect,
+    )
+    .await
+    .unwrap();
+    assert_eq!(load.codes.keys().collect::<Vec<_>>(), ["91"], "{:?}", load.codes);
+    failed += load.codes["91"];
+    assert!(failed > 1_000, "under load: {failed} sales failed");
+
+    // No line carries the connection's history (with the 10,000 requests' terminal ids it was 200 KB).
+    let longest = |log: &[u8]| log.split(|&b| b == b'\n').map(<[u8]>::len).max().unwrap_or(0);
+    let during = longest(&std::fs::read(&log_path).unwrap());
+    assert!(during < 2_048, "a log line of {during} bytes");
+
+    // What was only counted is written when its interval ends (10 s): wait for it, with a generous bound.
+    for _ in 0..600 {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if logged(&log, NOT_ANSWERED) + summarised(&log, NOT_ANSWERED) >= failed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(gw);
+
+    let log = std::fs::read(&log_path).unwrap();
+    let longest = longest(&log);
+    let outage_bytes = log.len() as u64 - before_outage;
+    let log = String::from_utf8_lossy(&log).into_owned();
+    let lines = logged(&log, NOT_ANSWERED);
+    let counted = summarised(&log, NOT_ANSWERED);
+    eprintln!(
+        "log: {} bytes, {outage_bytes} from the outage on, {} lines, longest {longest} bytes; {failed} failed sales: \
+         {lines} lines, {counted} counted; RSS after 1,000 and 10,000 requests: {rss:?} KiB",
+        log.len(),
+        log.lines().count()
+    );
+    assert!(longest < 2_048, "a log line of {longest} bytes");
+    assert!(
+        outage_bytes < 64 * 1024,
+        "{outage_bytes} bytes of log for {failed} failed sales"
+    );
+    assert!((1..=4).contains(&lines), "{lines} lines for {failed} failed sales");
+    assert_eq!(lines + counted, failed, "every failed sale is logged or counted");
+    // The span does not grow with the requests: 9,000 requests more cost the process less than 8 bytes each.
+    assert!(
+        rss[1] < rss[0] + 9_000 * 8 / 1024,
+        "resident memory grew from {} to {} KiB over 9,000 requests on one connection",
+        rss[0],
+        rss[1]
+    );
+}
