@@ -135,15 +135,34 @@ struct ServerArgs {
     gateways: PathBuf,
     #[command(flatten)]
     keys: KeyArgs,
-    /// Most gateway connections at once.
-    #[arg(long, default_value_t = 256)]
+    /// Most gateway connections at once (TLS handshake done with a listed certificate); more are closed.
+    #[arg(long, default_value_t = crate::server::DEFAULT_MAX_CONNECTIONS, value_parser = at_least_one)]
     max_connections: usize,
+    /// Most connections not authenticated yet (TLS handshake or hello under way); a new one past it closes the
+    /// oldest of them. Gateway connections do not count.
+    #[arg(long, default_value_t = crate::server::DEFAULT_MAX_UNAUTHENTICATED, value_parser = at_least_one)]
+    max_unauthenticated: usize,
+    /// The same from one source address: a new one past it closes the oldest of that address.
+    #[arg(long, default_value_t = crate::server::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE, value_parser = at_least_one)]
+    max_unauthenticated_per_source: usize,
+    /// Milliseconds a new connection has for its TLS handshake and its hello, together; then it is closed.
+    #[arg(long, default_value_t = crate::server::DEFAULT_HANDSHAKE_TIMEOUT_MS,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    handshake_timeout_ms: u64,
     /// PostgreSQL connections used by this server (each commits batches of requests; on 2 cores, 2 is best).
     #[arg(long, default_value_t = 2)]
     pg_connections: usize,
     /// Serve Prometheus metrics, /healthz and /readyz over HTTP here (e.g. 127.0.0.1:9585); off by default.
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
+}
+
+/// A count of 1 or more.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}`: a whole number, 1 or more")),
+    }
 }
 
 #[derive(clap::Args, Clone)]
@@ -561,6 +580,9 @@ async fn server(args: ServerArgs) -> Result<String, String> {
         .map_err(|e| format!("{}: {e}", args.listen))?;
     let server_opts = crate::server::ServerOptions {
         max_connections: args.max_connections,
+        max_unauthenticated: args.max_unauthenticated,
+        max_unauthenticated_per_source: args.max_unauthenticated_per_source,
+        handshake_timeout: std::time::Duration::from_millis(args.handshake_timeout_ms),
         metrics: args.metrics,
         ..Default::default()
     };

@@ -1,7 +1,6 @@
 //! What traffic, an outage or a hostile peer cannot make grow: the gateway's log (its volume and its lines) and
 //! its memory per connection under 10,000 requests on one connection and a PIN server outage under load; the PIN
-//! server's connection slots under a flood of idle sockets; a terminal listener's connections that never send a
-//! frame. Real processes and sockets, real TLS.
+//! server's connection slots under a flood of idle sockets. Real processes and sockets, real TLS.
 
 mod common;
 
@@ -235,4 +234,161 @@ async fn ten_thousand_requests_and_an_outage_under_load_keep_the_log_and_memory_
         rss[0],
         rss[1]
     );
+    let _ = std::fs::remove_dir_all(&inv.dir);
+}
+
+/// The sum of the samples of `family` in a Prometheus exposition whose labels include `label`.
+fn sample_sum(text: &str, family: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Whether the peer closed `s` (end of stream or an error), within `bound`.
+async fn closed_within(s: &mut tokio::net::TcpStream, bound: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    matches!(tokio::time::timeout(bound, s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+}
+
+/// 300 idle TCP sockets from 127.0.0.1 (no TLS handshake, no hello) do not keep a gateway out: a PSP client with a
+/// valid certificate from the same address still connects and gets its welcome, with the server's default limits;
+/// once in, it is not in the pool of unauthenticated connections, so 300 more do not touch it. Every idle socket is
+/// closed (the oldest to make room, the rest at the deadline), and the metrics count them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_do_not_keep_a_gateway_with_a_valid_certificate_out() {
+    use pingate::psp::client::PspClient;
+    use pingate::psp::{Request, Response};
+    let inv = Inventory::create(&dir("flood"), &["gw1", "obs"], &sample_products(5)).unwrap();
+    let metrics = free_port();
+    let server = pingate::demo::start_server_with(
+        &inv,
+        &pingate::store::handle::DbUrl::Sqlite(inv.db.clone()),
+        "127.0.0.1:0".parse().unwrap(),
+        pingate::server::ServerOptions {
+            metrics: Some(metrics),
+            ..pingate::server::ServerOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let tls = Arc::new(
+        pingate::tls::client_config(
+            &inv.certs.gateway_cert("gw1"),
+            &inv.certs.gateway_key("gw1"),
+            &inv.certs.ca(),
+        )
+        .unwrap(),
+    );
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    // The server takes connections in order: the client's comes after the 300.
+    let (client, welcome) = tokio::time::timeout(
+        Duration::from_secs(20),
+        PspClient::connect(server.addr, "localhost", tls.clone()),
+    )
+    .await
+    .expect("the handshake ends")
+    .expect("a gateway with a valid certificate gets in");
+    assert_eq!(welcome.gateway, "gw1");
+    for _ in 0..300 {
+        idle.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    assert_eq!(client.call(Request::Ping).await.unwrap(), Response::Pong);
+    // A second gateway connection gets in too, after both floods.
+    let (second, _) = PspClient::connect(server.addr, "localhost", tls).await.unwrap();
+    assert_eq!(second.call(Request::Ping).await.unwrap(), Response::Pong);
+
+    // Every idle socket is closed by the server, eventually (the default deadline is a few seconds).
+    let closed =
+        futures_util::future::join_all(idle.iter_mut().map(|s| closed_within(s, Duration::from_secs(60)))).await;
+    assert_eq!(
+        closed.iter().filter(|c| **c).count(),
+        600,
+        "idle sockets closed by the server"
+    );
+    assert_eq!(
+        client.call(Request::Ping).await.unwrap(),
+        Response::Pong,
+        "the gateway stays"
+    );
+    let (_, text) = pingate::metrics::get(metrics, "/metrics").await.unwrap();
+    let family = "pingate_server_unauthenticated_closed_total";
+    let counted: f64 = ["source_cap", "pool_cap", "deadline"]
+        .iter()
+        .map(|r| sample_sum(&text, family, &format!("reason=\"{r}\"")))
+        .sum();
+    eprintln!(
+        "closed before authentication: source_cap {}, pool_cap {}, deadline {}",
+        sample_sum(&text, family, "reason=\"source_cap\""),
+        sample_sum(&text, family, "reason=\"pool_cap\""),
+        sample_sum(&text, family, "reason=\"deadline\"")
+    );
+    assert!(counted >= 600.0, "{counted} counted:\n{text}");
+    assert!(sample_sum(&text, family, "reason=\"deadline\"") >= 1.0, "{text}");
+    drop((client, second));
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&inv.dir);
+}
+
+/// A client whose TLS handshake is done but that never says hello is closed at the same deadline (the handshake
+/// and the hello together), and counted; a gateway that says hello in time is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_says_hello_is_closed_at_the_handshake_deadline() {
+    use pingate::psp::client::PspClient;
+    use pingate::psp::{Request, Response};
+    let inv = Inventory::create(&dir("no-hello"), &["gw1", "obs"], &sample_products(5)).unwrap();
+    let metrics = free_port();
+    let server = pingate::demo::start_server_with(
+        &inv,
+        &pingate::store::handle::DbUrl::Sqlite(inv.db.clone()),
+        "127.0.0.1:0".parse().unwrap(),
+        pingate::server::ServerOptions {
+            metrics: Some(metrics),
+            handshake_timeout: Duration::from_millis(500),
+            ..pingate::server::ServerOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let tls = Arc::new(
+        pingate::tls::client_config(
+            &inv.certs.gateway_cert("gw1"),
+            &inv.certs.gateway_key("gw1"),
+            &inv.certs.ca(),
+        )
+        .unwrap(),
+    );
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut silent = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (client, _) = PspClient::connect(server.addr, "localhost", tls).await.unwrap();
+    let closed = {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(30), silent.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    };
+    assert!(closed, "a connection without a hello is closed");
+    assert_eq!(client.call(Request::Ping).await.unwrap(), Response::Pong);
+    let (_, text) = pingate::metrics::get(metrics, "/metrics").await.unwrap();
+    assert_eq!(
+        sample_sum(
+            &text,
+            "pingate_server_unauthenticated_closed_total",
+            "reason=\"deadline\""
+        ),
+        1.0,
+        "{text}"
+    );
+    drop(client);
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&inv.dir);
 }
