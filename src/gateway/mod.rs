@@ -376,6 +376,8 @@ struct GatewayMetrics {
     /// By message type and response code.
     requests: crate::metrics::LabelledCounter,
     latency: crate::metrics::Histogram,
+    /// Terminal connections the gateway closed, by listener and reason.
+    connections_closed: crate::metrics::LabelledCounter,
 }
 
 /// The retrieval reference of a sale, derived from its key: the same for every repeat, known before the server
@@ -487,6 +489,7 @@ impl Gateway {
             metrics: GatewayMetrics {
                 requests: Default::default(),
                 latency: crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS),
+                connections_closed: Default::default(),
             },
             terminals: std::sync::RwLock::new(Arc::new(cfg_terminals)),
             products: Mutex::new(cfg_products),
@@ -1504,6 +1507,12 @@ impl Gateway {
             "pingate_gateway_request_duration_seconds",
             "Time from a request's arrival to its answer.",
         );
+        self.metrics.connections_closed.render(
+            &mut e,
+            "pingate_gateway_terminal_connections_closed_total",
+            "Terminal connections closed by the gateway, by listener and reason: no_first_frame (nothing within \
+             first_frame_timeout_ms), slow_sender, connection_cap, source_cap.",
+        );
         let st = &self.stats;
         let c = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
         e.family(
@@ -1694,6 +1703,13 @@ impl Gateway {
     }
 
     /// A frame that did not decode (`answered`: with a format error): counted beside the requests.
+    /// A terminal connection of `listener` closed by the gateway, for `reason` (a fixed word, not the peer's).
+    pub(crate) fn note_closed(&self, listener: &str, reason: &'static str) {
+        self.metrics
+            .connections_closed
+            .inc(&[("listener", listener), ("reason", reason)]);
+    }
+
     pub fn note_unreadable(&self, answered: bool) {
         let code = if answered { "30" } else { "none" };
         self.metrics.requests.inc(&[("mti", "unreadable"), ("code", code)]);

@@ -1,7 +1,8 @@
 //! Terminal connections over TCP: one listener per configured framing and dialect, one task per connection with
 //! its own tracing span, several requests in flight per connection (answered as they complete), caps on
-//! connections (in all and per source address), an idle timeout, and slow-sender protection (a frame, once
-//! started, must be complete within `frame_timeout`).
+//! connections (in all and per source address), a deadline for a connection's first frame (idle sockets do not
+//! keep slots), an idle timeout, and slow-sender protection (a frame, once started, must be complete within
+//! `frame_timeout`).
 //!
 //! The reading side is a plain loop over [`FrameCodec`] (no I/O in the codec): bytes in, frames out, and the
 //! deadline that applies next (frame or idle). Answers go through a writer task; an approved sale whose answer
@@ -93,6 +94,7 @@ pub async fn run(
             },
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
+            gateway.note_closed(&cfg.name, "connection_cap");
             limited!(warn, "connection cap reached; closed", listener = %cfg.name, %peer);
             drop(stream);
             continue;
@@ -101,6 +103,7 @@ pub async fn run(
             let mut m = per_source.0.lock().expect("not poisoned");
             let n = m.entry(peer.ip()).or_insert(0);
             if *n >= cfg.max_per_source {
+                gateway.note_closed(&cfg.name, "source_cap");
                 limited!(warn, "per-source connection cap reached; closed", listener = %cfg.name, %peer);
                 drop(stream);
                 continue;
@@ -225,6 +228,9 @@ async fn connection(
     );
 
     let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
+    // Until its first frame is complete, a connection is given `first_frame_timeout` from its accept.
+    let first_frame_by = Instant::now() + cfg.first_frame_timeout;
+    let mut framed = false;
     let mut named = Named::default();
     let mut buf = BytesMut::with_capacity(0);
     let mut frame_started: Option<Instant> = None;
@@ -242,6 +248,7 @@ async fn connection(
                     // The frame is complete: whatever follows in the buffer is a new frame, timed from now (also
                     // after waiting for room below, which is our backpressure, not the terminal's slowness).
                     frame_started = None;
+                    framed = true;
                     last_activity = Instant::now();
                     let Ok(permit) = in_flight.clone().acquire_owned().await else {
                         break;
@@ -268,6 +275,7 @@ async fn connection(
             None if busy => Instant::now() + cfg.idle_timeout,
             None => last_activity + cfg.idle_timeout,
         };
+        let deadline = if framed { deadline } else { deadline.min(first_frame_by) };
         tokio::select! {
             _ = stop.cancelled() => break Ok(()),
             r = rd.read_buf(&mut buf) => match r {
@@ -276,7 +284,13 @@ async fn connection(
                 Err(e) => break Err(e.to_string()),
             },
             _ = tokio::time::sleep_until(deadline) => {
+                if !framed && Instant::now() >= first_frame_by {
+                    gw.note_closed(&cfg.name, "no_first_frame");
+                    limited!(info, "no frame within the first-frame deadline; closing", bytes = buf.len());
+                    break Err("no first frame".into());
+                }
                 if frame_started.is_some() {
+                    gw.note_closed(&cfg.name, "slow_sender");
                     limited!(info, "frame not completed in time (slow sender); closing", bytes = buf.len());
                     break Err("slow sender".into());
                 }
