@@ -419,8 +419,11 @@ async fn connection(
     let refused = |reason: &'static str| shared.metrics.unauthenticated_closed.inc(&[("reason", reason)]);
     // A client that never finishes its handshake neither holds a slot for long nor delays shutdown; one closed to
     // make room was counted then.
+    // (Pinned here, the socket outlives the select: a connection is counted before its peer sees it closed.)
+    let accept = tokio::time::timeout_at(deadline, acceptor.accept(tcp));
+    tokio::pin!(accept);
     let handshake = tokio::select! {
-        r = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => r,
+        r = &mut accept => r,
         _ = pending.closed.cancelled() => return,
     };
     let stream = match handshake {
