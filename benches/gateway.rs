@@ -236,7 +236,8 @@ async fn idle(d: &Arc<Dialect>) {
         listen,
         1,
         &sample_modes(10, 10),
-        ("", "max_per_source = 20000"),
+        // Idle connections are what is measured: kept past the first-frame deadline.
+        ("", "max_per_source = 20000\nfirst_frame_timeout_ms = 600000"),
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_pingate"))

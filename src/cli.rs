@@ -135,9 +135,19 @@ struct ServerArgs {
     gateways: PathBuf,
     #[command(flatten)]
     keys: KeyArgs,
-    /// Most gateway connections at once (1 to 100000).
-    #[arg(long, default_value_t = 256)]
+    /// Most gateway connections at once (TLS handshake done with a listed certificate); more are closed.
+    #[arg(long, default_value_t = crate::server::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
+    /// Most connections not authenticated yet (TLS handshake or hello under way); a new one past it closes the
+    /// oldest of them. Gateway connections do not count.
+    #[arg(long, default_value_t = crate::server::DEFAULT_MAX_UNAUTHENTICATED)]
+    max_unauthenticated: usize,
+    /// The same from one source address: a new one past it closes the oldest of that address.
+    #[arg(long, default_value_t = crate::server::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE)]
+    max_unauthenticated_per_source: usize,
+    /// Milliseconds a new connection has for its TLS handshake and its hello, together; then it is closed.
+    #[arg(long, default_value_t = crate::server::DEFAULT_HANDSHAKE_TIMEOUT_MS)]
+    handshake_timeout_ms: u64,
     /// A repeat (0201, or a duplicate 0200) of a sale older than this gets no PIN (`repeat_expired`, 12 to the
     /// terminal): a receipt's STAN and time, or a capture replayed later, gives back nothing. 60 to 2592000 (30 days).
     #[arg(long, default_value_t = crate::store::DEFAULT_REPEAT_AGE_SECS as u64)]
@@ -148,9 +158,6 @@ struct ServerArgs {
     /// Largest request frame in bytes; a larger one closes the connection (65536 to 16777216).
     #[arg(long, default_value_t = crate::psp::DEFAULT_MAX_FRAME)]
     max_frame: usize,
-    /// Seconds a client has to finish its TLS handshake (1 to 60).
-    #[arg(long, default_value_t = 10)]
-    handshake_timeout_secs: u64,
     /// A connection with nothing in flight and no request for this many seconds is closed (30 to 86400; above the
     /// gateways' ping_every_ms).
     #[arg(long, default_value_t = 300)]
@@ -168,6 +175,7 @@ struct ServerArgs {
     metrics: Option<std::net::SocketAddr>,
 }
 
+/// A count of 1 or more.
 #[derive(clap::Args, Clone)]
 pub(crate) struct KeyArgs {
     /// File with the PIN encryption keys (`id:64-hex` entries); else $PINGATE_PIN_KEYS or $PINGATE_PIN_KEY_FILE.
@@ -582,9 +590,11 @@ async fn server(args: ServerArgs) -> Result<String, String> {
     init_logging(None)?;
     let server_opts = crate::server::ServerOptions {
         max_connections: args.max_connections,
+        max_unauthenticated: args.max_unauthenticated,
+        max_unauthenticated_per_source: args.max_unauthenticated_per_source,
         max_in_flight: args.max_in_flight,
         max_frame: args.max_frame,
-        handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout_secs),
+        handshake_timeout: std::time::Duration::from_millis(args.handshake_timeout_ms),
         idle_timeout: std::time::Duration::from_secs(args.idle_timeout_secs),
         max_lease: std::time::Duration::from_secs(args.max_lease_secs),
         repeat_age: std::time::Duration::from_secs(args.repeat_age_secs),
@@ -629,15 +639,18 @@ async fn server(args: ServerArgs) -> Result<String, String> {
     )
     .await;
     store.close().await;
+    // Warnings still being counted are written before the process ends.
+    crate::logging::flush();
     Ok("PIN server stopped".into())
 }
 
 async fn gateway(config: PathBuf) -> Result<String, String> {
     let cfg = crate::gateway::config::GatewayConfig::load(&config).map_err(|e| e.to_string())?;
     init_logging(cfg.log.as_deref())?;
-    crate::gateway::run(cfg, Some(config), shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())?;
+    let ran = crate::gateway::run(cfg, Some(config), shutdown_signal()).await;
+    // Warnings still being counted are written before the process ends.
+    crate::logging::flush();
+    ran.map_err(|e| e.to_string())?;
     Ok("gateway stopped".into())
 }
 

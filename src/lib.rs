@@ -22,6 +22,8 @@
 //!   delaying TCP proxy.
 //! - [`capture`] — capture files of terminal traffic (text, one frame per line), written by the gateway and read by
 //!   the replay.
+//! - [`logging`] — repeated warnings aggregated (`limited!`): one line, then a count per interval, so an outage or
+//!   a hostile peer cannot make the log grow with its traffic.
 //! - [`metrics`] — Prometheus exposition and the HTTP endpoint for metrics, health and readiness.
 //! - [`pcap`] — import of pcap and pcapng files: TCP streams of a port reassembled and cut into frames.
 //! - [`replay`] — replays a capture against a gateway (answers compared field by field) or the codec alone.
@@ -39,6 +41,7 @@ pub mod gateway;
 pub mod iso8583;
 pub mod link;
 pub mod load;
+pub mod logging;
 pub mod metrics;
 pub mod pcap;
 pub mod psp;

@@ -1,13 +1,20 @@
 //! The PIN server: accepts gateways over mutual TLS, speaks PSP, and applies their requests to the inventory.
 //!
 //! Shaped like mini-redis: [`run`] takes a bound listener and a shutdown future; one task per connection with a
-//! tracing span (connection id, peer, gateway); a cap on connections; on shutdown it stops accepting, lets every
+//! tracing span (connection id, peer, gateway); caps on connections; on shutdown it stops accepting, lets every
 //! connection finish the requests it has in flight, then returns (the caller then closes the store).
+//!
+//! Connection slots: a connection is unauthenticated from its accept until its TLS handshake is done with a listed
+//! gateway certificate, and must say hello within `handshake_timeout` of its accept. Unauthenticated connections
+//! are capped per source address and in all, and a new one is always taken: at a cap it closes the oldest one of
+//! its source, or of all, so idle sockets, however many, only shorten each other's lives and cannot keep a gateway
+//! out. Authenticated connections have slots of their own (`max_connections`) that no unauthenticated one takes.
 
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,6 +27,7 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
+use crate::logging::limited;
 use crate::psp::{
     parse_request, BatchResult, CatalogEntry, ConfirmItem, ErrorCode, PinOut, Request, Response, ResponseFrame,
     StockEntry, Terminal, WireError, DEFAULT_MAX_FRAME, VERSION,
@@ -37,16 +45,29 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closing connection keeps reading what the gateway still sends (see the end of `connection`).
 const LINGER: Duration = Duration::from_millis(500);
 
+/// Default of [`ServerOptions::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Default of [`ServerOptions::max_unauthenticated`].
+pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 128;
+/// Default of [`ServerOptions::max_unauthenticated_per_source`].
+pub const DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE: usize = 32;
+/// Default of [`ServerOptions::handshake_timeout`], in milliseconds.
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+
 /// Limits of the server. Every one of them protects it from a client it does not trust.
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
-    /// Connections open at once; more are closed at accept.
+    /// Gateway connections (TLS handshake done with a listed certificate) open at once; more are closed.
     pub max_connections: usize,
+    /// Connections not authenticated yet, in all: past it, a new connection closes the oldest of them.
+    pub max_unauthenticated: usize,
+    /// Connections not authenticated yet from one source address: past it, a new one closes the oldest of them.
+    pub max_unauthenticated_per_source: usize,
     /// Requests in flight on one connection; more are answered `busy`.
     pub max_in_flight: usize,
     /// Largest frame body accepted; a larger one closes the connection.
     pub max_frame: usize,
-    /// Time allowed for the TLS handshake.
+    /// Time from a connection's accept to its hello: the TLS handshake and the hello must both be done within it.
     pub handshake_timeout: Duration,
     /// A connection with nothing in flight and no request for this long is closed.
     pub idle_timeout: Duration,
@@ -61,10 +82,12 @@ pub struct ServerOptions {
 impl Default for ServerOptions {
     fn default() -> ServerOptions {
         ServerOptions {
-            max_connections: 256,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_unauthenticated: DEFAULT_MAX_UNAUTHENTICATED,
+            max_unauthenticated_per_source: DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE,
             max_in_flight: 256,
             max_frame: DEFAULT_MAX_FRAME,
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_millis(DEFAULT_HANDSHAKE_TIMEOUT_MS),
             idle_timeout: Duration::from_secs(300),
             max_lease: Duration::from_secs(24 * 3600),
             repeat_age: Duration::from_secs(crate::store::DEFAULT_REPEAT_AGE_SECS as u64),
@@ -89,7 +112,19 @@ impl ServerOptions {
                 DEFAULT_MAX_FRAME as u64,
                 16 * 1024 * 1024,
             ),
-            ("--handshake-timeout-secs", secs(self.handshake_timeout), 1, 60),
+            ("--max-unauthenticated", self.max_unauthenticated as u64, 1, 100_000),
+            (
+                "--max-unauthenticated-per-source",
+                self.max_unauthenticated_per_source as u64,
+                1,
+                100_000,
+            ),
+            (
+                "--handshake-timeout-ms",
+                self.handshake_timeout.as_millis() as u64,
+                100,
+                600_000,
+            ),
             // Above the gateways' ping interval (at most 120 s), or their idle connections are closed.
             ("--idle-timeout-secs", secs(self.idle_timeout), 30, 86_400),
             ("--max-lease-secs", secs(self.max_lease), 60, 7 * 86_400),
@@ -110,6 +145,86 @@ struct Shared {
     gateways: SharedGatewayList,
     opts: ServerOptions,
     metrics: ServerMetrics,
+    unauthenticated: Mutex<Unauthenticated>,
+    /// One permit per authenticated connection.
+    gateway_slots: Arc<Semaphore>,
+}
+
+/// Connections not authenticated yet (TLS handshake or hello under way), oldest first (see the module).
+#[derive(Default)]
+struct Unauthenticated {
+    /// By connection id (ids grow: the oldest first): the source address, and the token that closes it.
+    conns: BTreeMap<u64, (IpAddr, CancellationToken)>,
+    per_source: HashMap<IpAddr, usize>,
+}
+
+impl Unauthenticated {
+    /// Takes connection `id` from `source`. At a cap, the oldest connection of the same source (`source_cap`), or
+    /// of all (`pool_cap`), is closed to make room: returned with its source address.
+    fn admit(
+        &mut self,
+        id: u64,
+        source: IpAddr,
+        token: CancellationToken,
+        max: usize,
+        max_per_source: usize,
+    ) -> Vec<(&'static str, IpAddr)> {
+        let mut closed = Vec::new();
+        if self.per_source.get(&source).copied().unwrap_or(0) >= max_per_source.max(1) {
+            let oldest = self.conns.iter().find(|(_, (ip, _))| *ip == source).map(|(id, _)| *id);
+            if let Some(old) = oldest {
+                self.close(old);
+                closed.push(("source_cap", source));
+            }
+        }
+        if self.conns.len() >= max.max(1) {
+            let oldest = self.conns.iter().next().map(|(id, (ip, _))| (*id, *ip));
+            if let Some((old, ip)) = oldest {
+                self.close(old);
+                closed.push(("pool_cap", ip));
+            }
+        }
+        self.conns.insert(id, (source, token));
+        *self.per_source.entry(source).or_default() += 1;
+        closed
+    }
+
+    fn close(&mut self, id: u64) {
+        if let Some((_, token)) = self.conns.get(&id) {
+            token.cancel();
+        }
+        self.remove(id);
+    }
+
+    /// Connection `id` is authenticated or gone (nothing if it was closed to make room already).
+    fn remove(&mut self, id: u64) {
+        if let Some((ip, _)) = self.conns.remove(&id) {
+            if let Some(n) = self.per_source.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_source.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+/// A connection's place among the unauthenticated ones, given up when dropped (authenticated, or gone).
+struct Pending {
+    shared: Arc<Shared>,
+    id: u64,
+    /// Cancelled when the connection is closed to make room for a newer one, or at shutdown.
+    closed: CancellationToken,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.shared
+            .unauthenticated
+            .lock()
+            .expect("not poisoned")
+            .remove(self.id);
+    }
 }
 
 /// What the metrics endpoint shows.
@@ -117,7 +232,10 @@ struct ServerMetrics {
     /// By operation and result (`ok` or the error code).
     requests: crate::metrics::LabelledCounter,
     latency: crate::metrics::Histogram,
+    /// Authenticated (gateway) connections open.
     connections: AtomicU64,
+    /// Connections closed before they were authenticated, by reason.
+    unauthenticated_closed: crate::metrics::LabelledCounter,
     /// Stock by product, amount and state, refreshed in the background (a scrape never queries the database), and
     /// when it was last read successfully.
     stock: std::sync::Mutex<(Vec<StockEntry>, Option<std::time::Instant>)>,
@@ -190,6 +308,19 @@ impl crate::metrics::Source for MetricsSource {
             "Cached sales whose confirm was refused for good (recorded in confirm_conflicts for the operator).",
             m.confirm_conflicts.load(Ordering::Relaxed) as f64,
         );
+        e.single(
+            "pingate_server_unauthenticated_connections",
+            "gauge",
+            "Connections whose TLS handshake or hello is under way.",
+            self.0.unauthenticated.lock().expect("not poisoned").conns.len() as f64,
+        );
+        m.unauthenticated_closed.render(
+            &mut e,
+            "pingate_server_unauthenticated_closed_total",
+            "Connections closed before they were authenticated: source_cap and pool_cap (the oldest, to make room \
+             for a new one), deadline (no TLS handshake and hello in time), tls (handshake failed), gateway_cap (too \
+             many gateway connections).",
+        );
         e.family(
             "pingate_server_stock_pins",
             "gauge",
@@ -251,16 +382,19 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let limit = Arc::new(Semaphore::new(opts.max_connections));
     let metrics_addr = opts.metrics;
+    let gateway_slots = Arc::new(Semaphore::new(opts.max_connections));
     let shared = Arc::new(Shared {
         store,
         gateways: gateways.into(),
         opts,
+        unauthenticated: Mutex::new(Unauthenticated::default()),
+        gateway_slots,
         metrics: ServerMetrics {
             requests: Default::default(),
             latency: crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS),
             connections: AtomicU64::new(0),
+            unauthenticated_closed: Default::default(),
             stock: std::sync::Mutex::new((Vec::new(), None)),
             refresh: tokio::sync::Notify::new(),
             redeliveries: AtomicU64::new(0),
@@ -326,23 +460,28 @@ pub async fn run(
                     Ok(a) => a,
                     Err(e) => {
                         // Out of file descriptors and the like: wait a little instead of spinning.
-                        warn!(error = %e, "accept failed");
+                        limited!(warn, "accept failed", error = %e);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 };
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    warn!(%peer, "connection limit reached, closing new connection");
-                    continue;
-                };
                 let id = ids.fetch_add(1, Ordering::Relaxed);
+                let pending = Pending { shared: shared.clone(), id, closed: stop.child_token() };
+                let made_room = shared.unauthenticated.lock().expect("not poisoned").admit(
+                    id,
+                    peer.ip(),
+                    pending.closed.clone(),
+                    shared.opts.max_unauthenticated,
+                    shared.opts.max_unauthenticated_per_source,
+                );
+                for (reason, source) in made_room {
+                    shared.metrics.unauthenticated_closed.inc(&[("reason", reason)]);
+                    limited!(warn, key: reason; "unauthenticated connections at their cap; the oldest closed", reason, %source);
+                }
                 let span = info_span!("psp", conn = id, %peer, gateway = tracing::field::Empty);
                 let (acceptor, shared, stop) = (acceptor.clone(), shared.clone(), stop.clone());
                 conns.spawn(async move {
-                    shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
-                    connection(tcp, peer, acceptor, shared.clone(), stop).await;
-                    shared.metrics.connections.fetch_sub(1, Ordering::Relaxed);
-                    drop(permit);
+                    connection(tcp, peer, acceptor, shared, stop, pending).await;
                 }.instrument(span));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -363,21 +502,31 @@ async fn connection(
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
     stop: CancellationToken,
+    pending: Pending,
 ) {
     let _ = tcp.set_nodelay(true);
-    // A client that never finishes its handshake neither holds a slot for long nor delays shutdown.
+    // The TLS handshake and the hello must both be done by then.
+    let deadline = tokio::time::Instant::now() + shared.opts.handshake_timeout;
+    let refused = |reason: &'static str| shared.metrics.unauthenticated_closed.inc(&[("reason", reason)]);
+    // A client that never finishes its handshake neither holds a slot for long nor delays shutdown; one closed to
+    // make room was counted then.
+    // (Pinned here, the socket outlives the select: a connection is counted before its peer sees it closed.)
+    let accept = tokio::time::timeout_at(deadline, acceptor.accept(tcp));
+    tokio::pin!(accept);
     let handshake = tokio::select! {
-        r = tokio::time::timeout(shared.opts.handshake_timeout, acceptor.accept(tcp)) => r,
-        _ = stop.cancelled() => return,
+        r = &mut accept => r,
+        _ = pending.closed.cancelled() => return,
     };
     let stream = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            warn!(error = %e, "TLS handshake refused");
+            refused("tls");
+            limited!(warn, "TLS handshake refused", error = %e);
             return;
         }
         Err(_) => {
-            warn!("TLS handshake timed out");
+            refused("deadline");
+            limited!(warn, "TLS handshake timed out");
             return;
         }
     };
@@ -395,10 +544,19 @@ async fn connection(
     let gateway = listed(&list.borrow_and_update());
     let Some(gateway) = gateway else {
         // The verifier already refuses such certificates; this is a second lock on the same door.
-        warn!("client certificate maps to no gateway");
+        refused("tls");
+        limited!(warn, "client certificate maps to no gateway");
         return;
     };
     tracing::Span::current().record("gateway", gateway.as_str());
+    // Authenticated: out of the unauthenticated pool, into a gateway slot.
+    drop(pending);
+    let Ok(_slot) = shared.gateway_slots.clone().try_acquire_owned() else {
+        refused("gateway_cap");
+        limited!(warn, "gateway connections at their cap; closed", %gateway);
+        return;
+    };
+    shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
     info!(%peer, "gateway connected");
 
     // Requests are capped at `max_frame`; answers have their own, larger cap (a reserve of 1,000 PINs is ~150 KB).
@@ -427,12 +585,12 @@ async fn connection(
                 match tokio::time::timeout(WRITE_TIMEOUT, sink.send(frame)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
-                        warn!(error = %e, "write failed, closing connection");
+                        limited!(warn, "write failed, closing connection", error = %e);
                         done.cancel();
                         break;
                     }
                     Err(_) => {
-                        warn!("gateway does not read its answers, closing connection");
+                        limited!(warn, "gateway does not read its answers, closing connection");
                         done.cancel();
                         break;
                     }
@@ -454,6 +612,11 @@ async fn connection(
     let mut greeted = false;
     let mut last_request = tokio::time::Instant::now();
     loop {
+        let wake = if greeted {
+            last_request + shared.opts.idle_timeout
+        } else {
+            deadline
+        };
         let next = tokio::select! {
             _ = done.cancelled() => break,
             Ok(()) = list.changed() => {
@@ -464,7 +627,12 @@ async fn connection(
                 continue;
             }
             n = frames.next() => n,
-            _ = tokio::time::sleep_until(last_request + shared.opts.idle_timeout) => {
+            _ = tokio::time::sleep_until(wake) => {
+                if !greeted {
+                    refused("deadline");
+                    limited!(warn, "no hello in time; closing the connection");
+                    break;
+                }
                 if in_flight.available_permits() < shared.opts.max_in_flight {
                     // Still answering: not idle yet.
                     last_request = tokio::time::Instant::now();
@@ -480,7 +648,7 @@ async fn connection(
             Some(Ok(b)) => b,
             Some(Err(e)) => {
                 // Oversize frame or broken stream: the frame boundary is lost, so the connection ends.
-                warn!(error = %e, "bad frame, closing connection");
+                limited!(warn, "bad frame, closing connection", error = %e);
                 break;
             }
         };
@@ -510,7 +678,7 @@ async fn connection(
                             },
                         ),
                         other => {
-                            warn!(?other, "catalog unavailable");
+                            limited!(warn, "catalog unavailable", ?other);
                             ResponseFrame::err(id, ErrorCode::Internal, "catalog unavailable")
                         }
                     };
@@ -567,6 +735,7 @@ async fn connection(
     // destroys answers the gateway has not read yet — answers to sales that are committed.
     let linger = async { while let Some(Ok(_)) = frames.next().await {} };
     let _ = tokio::time::timeout(LINGER, linger).await;
+    shared.metrics.connections.fetch_sub(1, Ordering::Relaxed);
     info!("gateway disconnected");
 }
 
@@ -656,7 +825,7 @@ async fn confirm_batch(shared: &Shared, gateway: &str, id: u64, confirms: Vec<Co
             Err(e) => {
                 let code = ErrorCode::of(&e);
                 let message = if code == ErrorCode::Internal {
-                    warn!(error = %e, "confirm failed");
+                    limited!(warn, "confirm failed", error = %e);
                     "internal error".into()
                 } else {
                     e.to_string()
@@ -735,7 +904,7 @@ async fn handle_request(shared: &Shared, gateway: &str, id: u64, request: Reques
         Err(e) => {
             let code = ErrorCode::of(&e);
             if code == ErrorCode::Internal {
-                warn!(error = %e, "request failed");
+                limited!(warn, "request failed", error = %e);
                 ResponseFrame::err(id, code, "internal error")
             } else {
                 ResponseFrame::err(id, code, e.to_string())
@@ -826,4 +995,41 @@ fn to_op(shared: &Shared, gateway: &str, request: Request) -> Result<Result<Op, 
         Request::Stock => Op::Stock,
         Request::Held => Op::Held { holder: gateway.into() },
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// At the per-source cap a new connection closes the oldest of its source (not another source's); at the pool
+    /// cap, the oldest of all. Authenticated ones leave the pool and free their place.
+    #[test]
+    fn a_new_connection_closes_the_oldest_of_its_source_then_of_all() {
+        let mut u = Unauthenticated::default();
+        let tokens: Vec<CancellationToken> = (0..7).map(|_| CancellationToken::new()).collect();
+        let admit =
+            |u: &mut Unauthenticated, id: u64, source: &str| u.admit(id, ip(source), tokens[id as usize].clone(), 4, 2);
+        assert!(admit(&mut u, 0, "10.0.0.1").is_empty());
+        assert!(admit(&mut u, 1, "10.0.0.2").is_empty());
+        assert!(admit(&mut u, 2, "10.0.0.2").is_empty());
+        // 10.0.0.2 is at its cap: its oldest (1) goes, not 0.
+        assert_eq!(admit(&mut u, 3, "10.0.0.2"), vec![("source_cap", ip("10.0.0.2"))]);
+        assert!(tokens[1].is_cancelled() && !tokens[0].is_cancelled());
+        assert!(admit(&mut u, 4, "10.0.0.3").is_empty());
+        // The pool (4) is full: the oldest of all (0) goes.
+        assert_eq!(admit(&mut u, 5, "10.0.0.4"), vec![("pool_cap", ip("10.0.0.1"))]);
+        assert!(tokens[0].is_cancelled());
+        assert_eq!(u.conns.keys().copied().collect::<Vec<_>>(), [2, 3, 4, 5]);
+        // Authenticated (or gone): its place is free; removing one already closed changes nothing.
+        u.remove(3);
+        u.remove(1);
+        assert_eq!(u.per_source.get(&ip("10.0.0.2")), Some(&1));
+        assert!(admit(&mut u, 6, "10.0.0.2").is_empty());
+        assert_eq!(u.conns.len(), 4);
+        assert_eq!(u.per_source.values().sum::<usize>(), 4);
+    }
 }

@@ -454,10 +454,16 @@ fn server_limits_out_of_range_are_refused_with_the_flag_and_its_range() {
         ("--max-frame", "4096", "--max-frame: must be 65536 to 16777216"),
         ("--idle-timeout-secs", "0", "--idle-timeout-secs: must be 30 to 86400"),
         (
-            "--handshake-timeout-secs",
-            "0",
-            "--handshake-timeout-secs: must be 1 to 60",
+            "--handshake-timeout-ms",
+            "99",
+            "--handshake-timeout-ms: must be 100 to 600000",
         ),
+        (
+            "--max-unauthenticated-per-source",
+            "0",
+            "--max-unauthenticated-per-source: must be 1 to 100000",
+        ),
+        ("--repeat-age-secs", "59", "--repeat-age-secs: must be 60 to 2592000"),
         ("--max-lease-secs", "59", "--max-lease-secs: must be 60 to 604800"),
         ("--pg-connections", "0", "--pg-connections: must be 1 to 64"),
     ] {

@@ -160,6 +160,9 @@ fn d_idle() -> u64 {
 fn d_frame_timeout() -> u64 {
     5_000
 }
+fn d_first_frame_timeout() -> u64 {
+    5_000
+}
 fn d_in_flight() -> usize {
     32
 }
@@ -183,6 +186,8 @@ struct ListenerSection {
     idle_timeout_ms: u64,
     #[serde(default = "d_frame_timeout")]
     frame_timeout_ms: u64,
+    #[serde(default = "d_first_frame_timeout")]
+    first_frame_timeout_ms: u64,
     #[serde(default = "d_in_flight")]
     max_in_flight: usize,
     capture: Option<PathBuf>,
@@ -534,6 +539,8 @@ pub struct ListenerConfig {
     pub idle_timeout: Duration,
     /// A frame, once its first byte came, must be complete within this (slow senders are cut off).
     pub frame_timeout: Duration,
+    /// A new connection's first frame must be complete within this of its accept (idle sockets are cut off).
+    pub first_frame_timeout: Duration,
     /// Requests answered concurrently per connection; further frames wait to be read.
     pub max_in_flight: usize,
     /// Every frame each way is appended to this capture file (`src/capture.rs`); off when `None`.
@@ -556,6 +563,7 @@ impl ListenerConfig {
             max_per_source: d_per_source(),
             idle_timeout: ms(d_idle()),
             frame_timeout: ms(d_frame_timeout()),
+            first_frame_timeout: ms(d_first_frame_timeout()),
             max_in_flight: d_in_flight(),
             capture: None,
             capture_pins: crate::capture::PinPolicy::Masked,
@@ -825,6 +833,10 @@ impl GatewayConfig {
             if problems.len() > before {
                 continue;
             }
+            if l.first_frame_timeout_ms < 100 {
+                problems.push(invalid(&format!("{at}.first_frame_timeout_ms"), "must be at least 100"));
+                continue;
+            }
             listeners.push(ListenerConfig {
                 name: l.name,
                 bind: l.bind,
@@ -836,6 +848,7 @@ impl GatewayConfig {
                 max_per_source: l.max_per_source,
                 idle_timeout: ms(l.idle_timeout_ms),
                 frame_timeout: ms(l.frame_timeout_ms),
+                first_frame_timeout: ms(l.first_frame_timeout_ms),
                 max_in_flight: l.max_in_flight,
                 capture: l.capture.map(&rel),
                 capture_pins: l.capture_pins.unwrap_or(crate::capture::PinPolicy::Masked),

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::iso8583::Message;
+use crate::logging::limited;
 use crate::psp::{ErrorCode, Request, Response};
 use crate::sale::{
     answer, sale_answer, PinReceipt, ResponseCode, ReversalRequest, SaleKey, SaleRequest, TerminalRequest,
@@ -435,6 +436,8 @@ struct GatewayMetrics {
     /// By message type and response code.
     requests: crate::metrics::LabelledCounter,
     latency: crate::metrics::Histogram,
+    /// Terminal connections the gateway closed, by listener and reason.
+    connections_closed: crate::metrics::LabelledCounter,
 }
 
 /// The retrieval reference of a sale, derived from its key: the same for every repeat, known before the server
@@ -550,6 +553,7 @@ impl Gateway {
             metrics: GatewayMetrics {
                 requests: Default::default(),
                 latency: crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS),
+                connections_closed: Default::default(),
             },
             terminals: std::sync::RwLock::new(Arc::new(cfg_terminals)),
             products: Mutex::new(cfg_products),
@@ -670,14 +674,14 @@ impl Gateway {
         let deadline = received + self.cfg.response_deadline;
         match TerminalRequest::parse(msg, received_unix) {
             Err(refusal) => {
-                tracing::debug!(code = refusal.code.code(), reason = %refusal.reason, "request refused");
+                limited!(debug, "request refused", code = refusal.code.code(), reason = %refusal.reason);
                 Reply::plain(answer(msg, refusal.code))
             }
             Ok(TerminalRequest::Network(_)) => {
                 let terminal = msg.terminal_id().unwrap_or_default();
                 let ok = self.registry().permits(terminal, msg.merchant_id(), None);
                 if !ok {
-                    tracing::info!(terminal, "network request from an unknown terminal");
+                    limited!(info, "network request from an unknown terminal", terminal);
                 }
                 Reply::plain(answer(
                     msg,
@@ -710,7 +714,7 @@ impl Gateway {
                     },
                     Err(e) => {
                         // A receipt too long for field 63: the PIN cannot reach the terminal.
-                        tracing::error!(pin_id, error = %e, "receipt does not fit field 63; the sale is reversed");
+                        limited!(error, "receipt does not fit field 63; the sale is reversed", pin_id, error = %e);
                         self.undelivered(key).await;
                         self.declined(msg, key, ResponseCode::SystemError)
                     }
@@ -843,7 +847,7 @@ impl Gateway {
                         "the PIN server holds PINs for this gateway that its journal does not know; releasing them"
                     );
                     if let Err(e) = self.release(&strays).await {
-                        tracing::error!(error = %e, "journal failed; unjournaled reservations not released");
+                        limited!(error, "journal failed; unjournaled reservations not released", error = %e);
                         return false;
                     }
                 }
@@ -851,7 +855,7 @@ impl Gateway {
                 true
             }
             Ok(other) => {
-                tracing::error!(answer = ?other, "PIN server answered held with something else");
+                limited!(error, "PIN server answered held with something else", answer = ?other);
                 false
             }
             Err(UpstreamError::Server(e)) => {
@@ -878,7 +882,7 @@ impl Gateway {
             );
             let ids: Vec<i64> = stale.iter().map(|p| p.pin.pin_id).collect();
             if let Err(e) = self.release(&ids).await {
-                tracing::error!(error = %e, "journal failed; stale PINs stay journaled as cached");
+                limited!(error, "journal failed; stale PINs stay journaled as cached", error = %e);
             }
         }
     }
@@ -916,7 +920,7 @@ impl Gateway {
                     // Not acknowledged in time, so not handed out; but the record may be (or get) on disk. The
                     // PIN is confirmed and reversed at once (voided: accounted for, never sold twice), and the
                     // reversal is journaled behind the sale record.
-                    tracing::error!(error = %e, pin_id, "journal did not take a cache sale; the PIN is voided");
+                    limited!(error, "journal did not take a cache sale; the PIN is voided", error = %e, pin_id);
                     let key = KeyRecord::from(&s.key);
                     let content = Some(record.content());
                     self.journal.append_lazy(vec![Record::Reverse {
@@ -952,7 +956,7 @@ impl Gateway {
             .await
         {
             // Nothing was asked of the server (a late `asked` only causes a harmless remembered reversal).
-            tracing::error!(error = %e, "journal did not take an on-demand sale; refused");
+            limited!(error, "journal did not take an on-demand sale; refused", error = %e);
             return Outcome::Declined(code_for_journal(&e));
         }
         // Leave time to journal the outcome and write the answer before the terminal's deadline.
@@ -969,7 +973,7 @@ impl Gateway {
                     .append_by(vec![Record::Resolved { key: key.clone() }], deadline)
                     .await
                 {
-                    tracing::error!(error = %e, "journal failed after a sale; the sale is reversed");
+                    limited!(error, "journal failed after a sale; the sale is reversed", error = %e);
                     self.reverse_unanswered(key, record.content());
                     return Outcome::Declined(ResponseCode::SystemError);
                 }
@@ -980,7 +984,7 @@ impl Gateway {
                 }
             }
             Ok(other) => {
-                tracing::error!(answer = ?other, "PIN server answered sell with something else");
+                limited!(error, "PIN server answered sell with something else", answer = ?other);
                 self.reverse_unanswered(key, record.content());
                 Outcome::Declined(ResponseCode::SystemError)
             }
@@ -991,7 +995,7 @@ impl Gateway {
             }
             Err(e) => {
                 // Timed out or cut off: the server may have sold. Reverse (remembered if it had not).
-                tracing::warn!(error = %e, "sale not answered by the PIN server; reversing it");
+                limited!(warn, "sale not answered by the PIN server; reversing it", error = %e);
                 self.reverse_unanswered(key, record.content());
                 Outcome::Declined(code_for(&e))
             }
@@ -1016,7 +1020,7 @@ impl Gateway {
     /// this returns), and answer repeats with `91`.
     pub async fn undelivered(&self, key: &SaleKey) {
         self.stats.undelivered.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(terminal = %key.terminal_id, stan = %key.stan, "answer not delivered; the sale is reversed");
+        limited!(warn, "answer not delivered; the sale is reversed", terminal = %key.terminal_id, stan = %key.stan);
         let entry = self.recent.lock().expect("not poisoned").get(key);
         if let Some(e) = &entry {
             e.overrule(ResponseCode::ServerUnavailable);
@@ -1028,7 +1032,7 @@ impl Gateway {
             content: content.clone(),
         };
         if let Err(e) = self.journal.append(vec![record]).await {
-            tracing::error!(error = %e, "journal failed; the reversal of an undelivered sale is in memory only");
+            limited!(error, "journal failed; the reversal of an undelivered sale is in memory only", error = %e);
         }
         self.enqueue(Job::Reverse { key, content });
     }
@@ -1065,7 +1069,7 @@ impl Gateway {
         };
         if let Err(e) = self.journal.append_by(vec![record], deadline).await {
             // The terminal is told to repeat it; the reversal is still sent (repeats are idempotent).
-            tracing::error!(error = %e, "journal did not record a reversal in time");
+            limited!(error, "journal did not record a reversal in time", error = %e);
             self.enqueue(Job::Reverse { key, content });
             return answer(msg, ResponseCode::ServerUnavailable);
         }
@@ -1312,7 +1316,7 @@ impl Gateway {
                             if transient {
                                 Sent::Failed
                             } else {
-                                tracing::error!(job = ?q.job, error = ?r.error, "PIN server refused a confirm; needs an operator");
+                                limited!(error, "PIN server refused a confirm; needs an operator", job = ?q.job, error = ?r.error);
                                 Sent::Refused
                             }
                         }
@@ -1322,7 +1326,7 @@ impl Gateway {
                 sent
             }
             Ok(other) => {
-                tracing::error!(answer = ?other, "PIN server answered confirm_batch with something else");
+                limited!(error, "PIN server answered confirm_batch with something else", answer = ?other);
                 vec![Sent::Failed; batch.len()]
             }
             Err(e) => {
@@ -1394,7 +1398,11 @@ impl Gateway {
                 }
                 if let (Job::Release { .. }, Response::Released { refused }) = (&q.job, &r) {
                     if !refused.is_empty() {
-                        tracing::warn!(?refused, "the server refused to take back PINs it says we do not hold");
+                        limited!(
+                            warn,
+                            "the server refused to take back PINs it says we do not hold",
+                            ?refused
+                        );
                     }
                 }
                 self.journal.append_lazy(vec![ack]);
@@ -1414,7 +1422,7 @@ impl Gateway {
                         self.stats.reversal_mismatches.fetch_add(1, Ordering::Relaxed);
                         self.journal.append_lazy(vec![Record::Reversed { key: key.clone() }]);
                     }
-                    tracing::error!(job = ?q.job, error = %e, "PIN server refused a store-and-forward step for good; not retried");
+                    limited!(error, "PIN server refused a store-and-forward step for good; not retried", job = ?q.job, error = %e);
                     Sent::Refused
                 } else {
                     tracing::debug!(error = %e, attempts = q.attempts, "store-and-forward step not acknowledged yet");
@@ -1514,7 +1522,7 @@ impl Gateway {
                 let mut all_cached = true;
                 for (chunk, written) in queued {
                     if let Err(e) = written.await {
-                        tracing::error!(error = %e, "journal failed; reserved PINs not cached");
+                        limited!(error, "journal failed; reserved PINs not cached", error = %e);
                         all_cached = false;
                         continue;
                     }
@@ -1549,13 +1557,13 @@ impl Gateway {
                     };
                     if !back.is_empty() {
                         if let Err(e) = self.release(&back).await {
-                            tracing::error!(error = %e, "journal failed; reserved PINs not released");
+                            limited!(error, "journal failed; reserved PINs not released", error = %e);
                         }
                     }
                 }
                 return full && all_cached;
             }
-            Ok(other) => tracing::error!(answer = ?other, "PIN server answered reserve with something else"),
+            Ok(other) => limited!(error, "PIN server answered reserve with something else", answer = ?other),
             Err(e) => tracing::debug!(product, amount, error = %e, "refill failed"),
         }
         false
@@ -1704,6 +1712,12 @@ impl Gateway {
             &mut e,
             "pingate_gateway_request_duration_seconds",
             "Time from a request's arrival to its answer.",
+        );
+        self.metrics.connections_closed.render(
+            &mut e,
+            "pingate_gateway_terminal_connections_closed_total",
+            "Terminal connections closed by the gateway, by listener and reason: no_first_frame (nothing within \
+             first_frame_timeout_ms), slow_sender, connection_cap, source_cap.",
         );
         let st = &self.stats;
         let c = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
@@ -1920,6 +1934,13 @@ impl Gateway {
     }
 
     /// A frame that did not decode (`answered`: with a format error): counted beside the requests.
+    /// A terminal connection of `listener` closed by the gateway, for `reason` (a fixed word, not the peer's).
+    pub(crate) fn note_closed(&self, listener: &str, reason: &'static str) {
+        self.metrics
+            .connections_closed
+            .inc(&[("listener", listener), ("reason", reason)]);
+    }
+
     pub fn note_unreadable(&self, answered: bool) {
         let code = if answered { "30" } else { "none" };
         self.metrics.requests.inc(&[("mti", "unreadable"), ("code", code)]);

@@ -37,6 +37,7 @@ use crate::link::dialup::{wire_time, DialupLink, EndReason, LinkEvent};
 use crate::link::framing::{Frame, FrameCodec, Framing, Tpdu};
 use crate::link::modem::{ModemController, ModemEvent};
 use crate::link::parity::{self, Parity};
+use crate::logging::limited;
 use crate::sale::SaleKey;
 
 /// What the operator sees of one line (`gateway lines` on the admin socket).
@@ -614,7 +615,7 @@ impl<'a> Line<'a> {
 
     /// Reverses sale `key` (journaled, then forwarded to the server by the controller).
     fn reverse(&mut self, key: SaleKey, why: &str) {
-        tracing::warn!(terminal = %key.terminal_id, stan = %key.stan, why, "PIN not delivered; reversing the sale");
+        limited!(warn, "PIN not delivered; reversing the sale", terminal = %key.terminal_id, stan = %key.stan, why);
         self.status(|s| s.reversed += 1);
         let gw = self.gw.clone();
         self.work

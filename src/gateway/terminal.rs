@@ -1,7 +1,8 @@
 //! Terminal connections over TCP: one listener per configured framing and dialect, one task per connection with
 //! its own tracing span, several requests in flight per connection (answered as they complete), caps on
-//! connections (in all and per source address), an idle timeout, and slow-sender protection (a frame, once
-//! started, must be complete within `frame_timeout`).
+//! connections (in all and per source address), a deadline for a connection's first frame (idle sockets do not
+//! keep slots), an idle timeout, and slow-sender protection (a frame, once started, must be complete within
+//! `frame_timeout`).
 //!
 //! The reading side is a plain loop over [`FrameCodec`] (no I/O in the codec): bytes in, frames out, and the
 //! deadline that applies next (frame or idle). Answers go through a writer task; an approved sale whose answer
@@ -29,6 +30,7 @@ use super::Gateway;
 use crate::capture::{protect_pins, terminal_frame, Capture, CaptureSink, Direction};
 use crate::iso8583::{Dialect, Message};
 use crate::link::framing::{Frame, FrameCodec};
+use crate::logging::limited;
 use crate::sale::{answer, ResponseCode, SaleKey};
 
 /// Time allowed to write one answer; a terminal that does not read is cut off.
@@ -85,14 +87,15 @@ pub async fn run(
                 Ok(x) => x,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(listener = %cfg.name, error = %e, "accept failed");
+                    limited!(warn, "accept failed", listener = %cfg.name, error = %e);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tracing::warn!(listener = %cfg.name, %peer, "connection cap reached; closed");
+            gateway.note_closed(&cfg.name, "connection_cap");
+            limited!(warn, "connection cap reached; closed", listener = %cfg.name, %peer);
             drop(stream);
             continue;
         };
@@ -100,15 +103,25 @@ pub async fn run(
             let mut m = per_source.0.lock().expect("not poisoned");
             let n = m.entry(peer.ip()).or_insert(0);
             if *n >= cfg.max_per_source {
-                tracing::warn!(listener = %cfg.name, %peer, "per-source connection cap reached; closed");
+                gateway.note_closed(&cfg.name, "source_cap");
+                limited!(warn, "per-source connection cap reached; closed", listener = %cfg.name, %peer);
                 drop(stream);
                 continue;
             }
             *n += 1;
         }
         let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
-        let span =
-            tracing::info_span!("terminal", listener = %cfg.name, %peer, conn = id, terminal = tracing::field::Empty);
+        // `terminal` is the first terminal id seen on the connection, `more_terminals` says another one spoke too (a
+        // NAC): each is recorded once, since a span keeps every value recorded into it (recording per request made
+        // every line of a long-lived connection longer, and its span larger, with every request).
+        let span = tracing::info_span!(
+            "terminal",
+            listener = %cfg.name,
+            %peer,
+            conn = id,
+            terminal = tracing::field::Empty,
+            more_terminals = tracing::field::Empty
+        );
         let (cfg, dialect, gw, stop, ps, capture) = (
             cfg.clone(),
             dialect.clone(),
@@ -187,7 +200,7 @@ async fn connection(
                     let before = buf.len();
                     if let Err(e) = enc.encode(frame, &mut buf) {
                         // This answer is not sent (the terminal times out and reverses); the others still are.
-                        tracing::error!(error = %e, "answer cannot be framed");
+                        limited!(error, "answer cannot be framed", error = %e);
                         buf.truncate(before);
                         if let Some(key) = sale {
                             writer_gw.undelivered(&key).await;
@@ -215,6 +228,10 @@ async fn connection(
     );
 
     let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
+    // Until its first frame is complete, a connection is given `first_frame_timeout` from its accept.
+    let first_frame_by = Instant::now() + cfg.first_frame_timeout;
+    let mut framed = false;
+    let mut named = Named::default();
     let mut buf = BytesMut::with_capacity(0);
     let mut frame_started: Option<Instant> = None;
     let mut last_activity = Instant::now();
@@ -231,15 +248,16 @@ async fn connection(
                     // The frame is complete: whatever follows in the buffer is a new frame, timed from now (also
                     // after waiting for room below, which is our backpressure, not the terminal's slowness).
                     frame_started = None;
+                    framed = true;
                     last_activity = Instant::now();
                     let Ok(permit) = in_flight.clone().acquire_owned().await else {
                         break;
                     };
-                    on_frame(frame, &dialect, &gw, &out_tx, permit);
+                    on_frame(frame, &dialect, &gw, &out_tx, permit, &mut named);
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    tracing::warn!(error = %e, "framing error; closing the connection");
+                    limited!(warn, "framing error; closing the connection", error = %e);
                     drop(out_tx);
                     let _ = writer.await;
                     return Err(e.to_string());
@@ -257,6 +275,7 @@ async fn connection(
             None if busy => Instant::now() + cfg.idle_timeout,
             None => last_activity + cfg.idle_timeout,
         };
+        let deadline = if framed { deadline } else { deadline.min(first_frame_by) };
         tokio::select! {
             _ = stop.cancelled() => break Ok(()),
             r = rd.read_buf(&mut buf) => match r {
@@ -265,8 +284,14 @@ async fn connection(
                 Err(e) => break Err(e.to_string()),
             },
             _ = tokio::time::sleep_until(deadline) => {
+                if !framed && Instant::now() >= first_frame_by {
+                    gw.note_closed(&cfg.name, "no_first_frame");
+                    limited!(info, "no frame within the first-frame deadline; closing", bytes = buf.len());
+                    break Err("no first frame".into());
+                }
                 if frame_started.is_some() {
-                    tracing::info!(bytes = buf.len(), "frame not completed in time (slow sender); closing");
+                    gw.note_closed(&cfg.name, "slow_sender");
+                    limited!(info, "frame not completed in time (slow sender); closing", bytes = buf.len());
                     break Err("slow sender".into());
                 }
                 if in_flight.available_permits() == cfg.max_in_flight {
@@ -289,7 +314,7 @@ pub(super) fn decode_request(dialect: &Dialect, bytes: &Bytes) -> Result<Message
     match dialect.decode(bytes) {
         Ok(m) => Ok(m),
         Err(e) => {
-            tracing::info!(error = %e, "request does not decode");
+            limited!(info, "request does not decode", error = %e);
             let Some(mti) = dialect.peek_mti(bytes) else {
                 return Err(None);
             };
@@ -304,12 +329,39 @@ pub(super) fn decode_request(dialect: &Dialect, bytes: &Bytes) -> Result<Message
     }
 }
 
+/// What the connection's span was told about its terminals: each field is recorded at most once.
+#[derive(Default)]
+enum Named {
+    #[default]
+    Nobody,
+    First(Box<str>),
+    Several,
+}
+
+impl Named {
+    /// Records `terminal` in the current (connection) span if it is the first terminal id, or the first other one.
+    fn saw(&mut self, terminal: &str) {
+        match self {
+            Named::Nobody => {
+                tracing::Span::current().record("terminal", terminal);
+                *self = Named::First(terminal.into());
+            }
+            Named::First(first) if **first != *terminal => {
+                tracing::Span::current().record("more_terminals", true);
+                *self = Named::Several;
+            }
+            Named::First(_) | Named::Several => {}
+        }
+    }
+}
+
 fn on_frame(
     frame: Frame,
     dialect: &Arc<Dialect>,
     gw: &Arc<Gateway>,
     out: &mpsc::Sender<Outgoing>,
     permit: tokio::sync::OwnedSemaphorePermit,
+    named: &mut Named,
 ) {
     let reply_tpdu = frame.tpdu.map(|t| t.reply());
     if frame.message.is_empty() {
@@ -341,7 +393,7 @@ fn on_frame(
         }
     };
     if let Some(t) = msg.terminal_id() {
-        tracing::Span::current().record("terminal", t);
+        named.saw(t);
     }
     let (gw, dialect, out) = (gw.clone(), dialect.clone(), out.clone());
     tokio::spawn(
@@ -351,7 +403,7 @@ fn on_frame(
             let bytes = match dialect.encode(&reply.message) {
                 Ok(b) => b.freeze(),
                 Err(e) => {
-                    tracing::error!(error = %e, "answer does not encode");
+                    limited!(error, "answer does not encode", error = %e);
                     if let Some(k) = &reply.reverse_if_undelivered {
                         gw.undelivered(k).await;
                     }

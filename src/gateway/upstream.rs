@@ -16,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::logging::limited;
 use crate::psp::client::{ClientError, PspClient};
 use crate::psp::{CatalogEntry, Request, Response, WireError};
 
@@ -239,12 +240,14 @@ impl Upstream {
                     if self.stop.is_cancelled() {
                         return;
                     }
-                    tracing::warn!(server = %slot.server.addr, conn = c, "connection to PIN server lost");
+                    limited!(warn, key: &slot.server.addr.to_string(); "connection to PIN server lost", server = %slot.server.addr, conn = c);
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(server = %slot.server.addr, conn = c, error = %e, "cannot connect to PIN server")
+                    limited!(warn, key: &slot.server.addr.to_string(); "cannot connect to PIN server", server = %slot.server.addr, conn = c, error = %e)
                 }
-                Err(_) => tracing::warn!(server = %slot.server.addr, conn = c, "connect to PIN server timed out"),
+                Err(_) => {
+                    limited!(warn, key: &slot.server.addr.to_string(); "connect to PIN server timed out", server = %slot.server.addr, conn = c)
+                }
             }
             let wait = backoff(self.opts.backoff_min, self.opts.backoff_max, attempt);
             attempt = attempt.saturating_add(1);
@@ -271,7 +274,7 @@ impl Upstream {
                                 self.opts.breaker_failures,
                                 self.opts.breaker_cooldown,
                             );
-                            tracing::warn!(server = %slot.server.addr, "PIN server did not answer a ping; reconnecting");
+                            limited!(warn, key: &slot.server.addr.to_string(); "PIN server did not answer a ping; reconnecting", server = %slot.server.addr);
                             return;
                         }
                     }
