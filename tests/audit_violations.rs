@@ -163,7 +163,7 @@ async fn history(s: &mut impl PinStore) -> (Pins, Vec<Dispensed>) {
     (pins, held)
 }
 
-/// The sale a cache sale of `pin` is journaled with.
+/// The sale a cache sale with STAN `stan` is journaled with.
 fn cache_sale(stan: u32) -> SaleRecord {
     let c = common::ctx(GW, stan);
     SaleRecord {
