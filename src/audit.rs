@@ -1,16 +1,17 @@
 //! `pingate audit`: checks the inventory's invariants, reconciles gateways' journals with it, and reports a day.
 //!
 //! Invariants, each a query (the same SQL on SQLite and PostgreSQL, read-only):
-//! - every sold or voided PIN has exactly one sale, and every sale's PIN is sold or voided;
+//! - every sold or voided PIN has exactly one sale, and every sale's PIN is sold or voided (and exists);
 //! - every voided PIN was reversed (a reversal names it), or voided by a refused confirm whose conflict is recorded;
 //! - every sale key (terminal, STAN, transmission) was sold once, and no refused confirm's conflict is left open;
 //! - every reserved PIN has a holder and a lease, and the lease has not ended (a reservation whose holder is not
 //!   alive must be reconciled: `pingate pins leases`, `pingate pins return-expired`);
 //! - no available or expired PIN has a sale;
 //! - the audit trail agrees with the states: each PIN's last audit row is its state, each row starts where the
-//!   previous one ended, and every step is an allowed edge.
+//!   previous one ended, every step is an allowed edge and the first one a load into `available`, and every PIN
+//!   with a trail still has its row (PINs are never deleted).
 //!
-//! A gateway journal given with `--gateway-journal` is read (never written) and checked against the server: every PIN
+//! A gateway journal given with `--journal` is read (never written) and checked against the server: every PIN
 //! it caches is reserved to it, every cache sale it has not had confirmed is reserved to it or sold. Its open
 //! store-and-forward items are reported.
 
@@ -265,8 +266,9 @@ fn checks(now: i64) -> Vec<(&'static str, &'static str, String)> {
         (
             "sale-of-unsold-pin",
             "a sale of a PIN that is neither sold nor voided",
-            "SELECT CAST(s.pin_id AS TEXT) || ' (' || p.state || ')' FROM sales s JOIN pins p ON p.id = s.pin_id \
-             WHERE p.state NOT IN ('sold', 'voided')"
+            "SELECT CAST(s.pin_id AS TEXT) || ' (' || COALESCE(p.state, 'missing') || ')' \
+             FROM sales s LEFT JOIN pins p ON p.id = s.pin_id \
+             WHERE p.id IS NULL OR p.state NOT IN ('sold', 'voided')"
                 .into(),
         ),
         (
@@ -324,6 +326,13 @@ fn checks(now: i64) -> Vec<(&'static str, &'static str, String)> {
                 .into(),
         ),
         (
+            "pin-missing",
+            "a PIN with an audit trail and no row (PINs are never deleted)",
+            "SELECT DISTINCT CAST(a.pin_id AS TEXT) FROM audit a \
+             WHERE NOT EXISTS (SELECT 1 FROM pins p WHERE p.id = a.pin_id)"
+                .into(),
+        ),
+        (
             "trail-broken",
             "an audit row that does not start where the PIN's previous row ended",
             "SELECT CAST(pin_id AS TEXT) || ' row ' || CAST(seq AS TEXT) FROM \
@@ -334,10 +343,11 @@ fn checks(now: i64) -> Vec<(&'static str, &'static str, String)> {
         ),
         (
             "trail-edge-not-allowed",
-            "an audit row moving a PIN along an edge that is not allowed",
+            "an audit row moving a PIN along an edge that is not allowed (or loading it other than available)",
             format!(
-                "SELECT CAST(pin_id AS TEXT) || ' ' || from_state || ' -> ' || to_state FROM audit \
-                 WHERE from_state IS NOT NULL AND from_state || '>' || to_state NOT IN ({})",
+                "SELECT CAST(pin_id AS TEXT) || ' ' || COALESCE(from_state, 'loaded') || ' -> ' || to_state \
+                 FROM audit WHERE (from_state IS NOT NULL AND from_state || '>' || to_state NOT IN ({})) \
+                 OR (from_state IS NULL AND to_state <> 'available')",
                 allowed.join(", ")
             ),
         ),

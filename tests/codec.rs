@@ -551,8 +551,8 @@ fn roundtrip(name: &str) -> impl Fn(Message) -> Result<(), TestCaseError> {
     }
 }
 
+// As many cases as proptest's default configuration says: 256, or `PROPTEST_CASES` (CI sets it).
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(300))]
 
     #[test]
     fn roundtrip_iso87_ascii(m in message_for(&dialect("iso87-ascii"))) { roundtrip("iso87-ascii")(m)?; }

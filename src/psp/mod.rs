@@ -553,8 +553,9 @@ impl WireRequest {
 }
 
 /// The strict parse of any body, valid or not: through a JSON tree, so that the id is known for the error answer
-/// whatever else is wrong.
-fn parse_request_slow(body: &[u8]) -> Result<RequestFrame, (u64, String)> {
+/// whatever else is wrong. Public for the fuzz target `psp_request`, which checks that [`parse_request`] agrees.
+#[doc(hidden)]
+pub fn parse_request_slow(body: &[u8]) -> Result<RequestFrame, (u64, String)> {
     let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| (0, format!("not JSON: {e}")))?;
     let id = value.get("id").and_then(serde_json::Value::as_u64).unwrap_or(0);
     // serde's `flatten` cannot deny unknown fields itself: the keys are checked against the op's own ones (taken
