@@ -142,7 +142,7 @@ pub(crate) async fn pins(cmd: PinsCommand) -> Result<String, String> {
     // Commands that never open a PIN get a throwaway key.
     let spec = match keys {
         Some(k) => k,
-        None => PinCipher::generate_spec().map_err(|e| e.to_string())?,
+        None => zeroize::Zeroizing::new(PinCipher::generate_spec().map_err(|e| e.to_string())?),
     };
     let cipher = PinCipher::from_spec(&spec).map_err(|e| e.to_string())?;
     match DbUrl::parse(&db).map_err(|e| e.to_string())? {

@@ -328,14 +328,15 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 /// The PIN key spec: `--pin-keys FILE`, else `$PINGATE_PIN_KEYS`, else the file named by `$PINGATE_PIN_KEY_FILE`.
-pub(crate) fn key_spec(keys: &KeyArgs) -> Result<String, String> {
+/// A key file group or others may read is refused.
+pub(crate) fn key_spec(keys: &KeyArgs) -> Result<zeroize::Zeroizing<String>, String> {
     let file = keys
         .pin_keys
         .clone()
         .or_else(|| std::env::var_os("PINGATE_PIN_KEY_FILE").map(PathBuf::from));
     match (file, std::env::var("PINGATE_PIN_KEYS")) {
-        (Some(f), _) => std::fs::read_to_string(&f).map_err(|e| format!("{}: {e}", f.display())),
-        (None, Ok(spec)) => Ok(spec),
+        (Some(f), _) => crate::keyfile::read_to_string(&f).map_err(|e| e.to_string()),
+        (None, Ok(spec)) => Ok(zeroize::Zeroizing::new(spec)),
         (None, Err(_)) => Err("PIN keys: give --pin-keys FILE, or set PINGATE_PIN_KEYS or PINGATE_PIN_KEY_FILE".into()),
     }
 }
@@ -354,7 +355,7 @@ async fn audit(
         let [id, path, keys] = parts[..] else {
             return Err(format!("--journal `{j}`: ID,PATH,KEYFILE"));
         };
-        let keys = std::fs::read_to_string(keys).map_err(|e| format!("{keys}: {e}"))?;
+        let keys = crate::keyfile::read_to_string(std::path::Path::new(keys)).map_err(|e| e.to_string())?;
         inputs.push(crate::audit::JournalInput {
             path: path.into(),
             keys: keys.trim().to_string(),
@@ -404,6 +405,11 @@ fn check_config(file: &std::path::Path) -> Result<String, String> {
             if let Some(p) = path_of("upstream", key) {
                 if let Err(e) = std::fs::metadata(&p) {
                     problems.push(at(&format!("upstream.{key}"), format!("{}: {e}", p.display())));
+                } else if key == "key" {
+                    // A private key group or others may read refuses the gateway's start.
+                    if let Err(e) = crate::keyfile::check(&p) {
+                        problems.push(at("upstream.key", e.to_string()));
+                    }
                 }
             }
         }

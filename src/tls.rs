@@ -34,6 +34,9 @@ pub enum TlsError {
     /// The gateway list is malformed.
     #[error("{path}: {what}")]
     GatewayList { path: String, what: String },
+    /// A private key file group or others may read, or that cannot be read.
+    #[error(transparent)]
+    KeyFile(#[from] crate::keyfile::KeyFileError),
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -65,9 +68,9 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
-/// A private key from a PEM file.
+/// A private key from a PEM file, readable by its owner only (see [`crate::keyfile`]).
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = read(path)?;
+    let pem = crate::keyfile::read(path)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Pem {
         path: path.display().to_string(),
         what: format!("no private key: {e:?}"),
@@ -245,6 +248,14 @@ pub struct CertsDir {
 impl CertsDir {
     pub fn ca(&self) -> PathBuf {
         self.dir.join("ca.pem")
+    }
+    /// The CA certificate the server checks gateways with.
+    pub fn server_ca(&self) -> PathBuf {
+        self.ca()
+    }
+    /// The CA certificate gateway `id` checks servers with.
+    pub fn gateway_ca(&self, _id: &str) -> PathBuf {
+        self.ca()
     }
     pub fn server_cert(&self) -> PathBuf {
         self.dir.join("server.pem")

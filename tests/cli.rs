@@ -26,6 +26,41 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Writes a key file as an operator must: readable by its owner only.
+fn write_key(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
+/// Runs `pingate` for at most `secs` seconds (killed then: it did not stop by itself).
+fn pingate_briefly(args: &[&str], secs: u64) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pingate"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status.code(), text(&out.stderr))
+}
+
 #[test]
 fn decode_masks_by_default_and_reveals_on_request() {
     let hex = fixture("iso87-bcd/sale-approved-0210.hex");
@@ -214,8 +249,9 @@ fn check_config_lists_every_problem_with_its_key() {
         assert!(err.contains(key), "{key} in {err}");
     }
     // With them present, the example is fine.
-    std::fs::write(d.join("journal.keys"), format!("1:{}", "ab".repeat(32))).unwrap();
-    for f in ["certs/gateway-gw1.pem", "certs/gateway-gw1.key", "certs/ca.pem"] {
+    write_key(&d.join("journal.keys"), &format!("1:{}", "ab".repeat(32)));
+    write_key(&d.join("certs/gateway-gw1.key"), "x");
+    for f in ["certs/gateway-gw1.pem", "certs/ca.pem"] {
         std::fs::write(d.join(f), "x").unwrap();
     }
     let o = pingate(&["check-config", cfg.to_str().unwrap()], None);
@@ -279,6 +315,111 @@ fn check_config_lists_every_problem_with_its_key() {
         text(&o.stdout),
         text(&o.stderr)
     );
+}
+
+/// A PIN key, journal key or TLS private key file that group or others can read refuses the start of the PIN
+/// server, of an import and of the gateway, with a message naming the file and its mode; `pingate check-config`
+/// reports the gateway's with their keys.
+#[test]
+fn key_files_others_can_read_refuse_the_start_and_check_config_names_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = std::env::temp_dir().join(format!("pingate-key-modes-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let dir = d.join("certs");
+    let o = pingate(&["certs", "init", dir.to_str().unwrap(), "--gateway", "gw1"], None);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let certs = pingate::tls::CertsDir { dir };
+    let chmod = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let refused = |(code, err): (Option<i32>, String), file: &std::path::Path, mode: &str| {
+        assert_eq!(code, Some(2), "{err}");
+        let expected = format!("{}: mode {mode} lets group or others at this key file", file.display());
+        assert!(err.contains(&expected), "{expected} in {err}");
+    };
+    let (db, path) = (
+        format!("sqlite:{}", d.join("pins.db").display()),
+        |p: &std::path::Path| p.to_str().unwrap().to_string(),
+    );
+    let server = || {
+        let args = [
+            "server".to_string(),
+            "--db".into(),
+            db.clone(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--cert".into(),
+            path(&certs.server_cert()),
+            "--key".into(),
+            path(&certs.server_key()),
+            "--client-ca".into(),
+            path(&certs.server_ca()),
+            "--gateways".into(),
+            path(&certs.gateways()),
+            "--pin-keys".into(),
+            path(&certs.pin_keys()),
+        ];
+        pingate_briefly(&args.iter().map(String::as_str).collect::<Vec<_>>(), 10)
+    };
+    chmod(&certs.pin_keys(), 0o644);
+    refused(server(), &certs.pin_keys(), "0644");
+    let csv = d.join("pins.csv");
+    std::fs::write(&csv, "product,amount,pin,serial,expiry,receipt\n").unwrap();
+    let import = [
+        "pins",
+        "import",
+        "--db",
+        &db,
+        "--pin-keys",
+        &path(&certs.pin_keys()),
+        &path(&csv),
+    ];
+    refused(pingate_briefly(&import, 10), &certs.pin_keys(), "0644");
+    chmod(&certs.pin_keys(), 0o600);
+    chmod(&certs.server_key(), 0o640);
+    refused(server(), &certs.server_key(), "0640");
+    chmod(&certs.server_key(), 0o600);
+
+    // A gateway: its journal key, then its TLS key.
+    let journal_keys = d.join("journal.keys");
+    let o = pingate(&["certs", "key", &path(&journal_keys)], None);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let example = std::fs::read_to_string("protocols/gateway.example.toml").unwrap();
+    let cfg = d.join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        example
+            .replace(
+                "\"certs/gateway-gw1.pem\"",
+                &format!("{:?}", path(&certs.gateway_cert("gw1"))),
+            )
+            .replace(
+                "\"certs/gateway-gw1.key\"",
+                &format!("{:?}", path(&certs.gateway_key("gw1"))),
+            )
+            .replace("\"certs/ca.pem\"", &format!("{:?}", path(&certs.gateway_ca("gw1")))),
+    )
+    .unwrap();
+    let o = pingate(&["check-config", &path(&cfg)], None);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let gateway = || pingate_briefly(&["gateway", "--config", &path(&cfg)], 10);
+    chmod(&journal_keys, 0o644);
+    let o = pingate(&["check-config", &path(&cfg)], None);
+    refused((o.status.code(), text(&o.stderr)), &journal_keys, "0644");
+    assert!(
+        text(&o.stderr).contains("gateway.journal_keys_file: "),
+        "{}",
+        text(&o.stderr)
+    );
+    refused(gateway(), &journal_keys, "0644");
+    chmod(&journal_keys, 0o600);
+    chmod(&certs.gateway_key("gw1"), 0o604);
+    let o = pingate(&["check-config", &path(&cfg)], None);
+    refused((o.status.code(), text(&o.stderr)), &certs.gateway_key("gw1"), "0604");
+    assert!(text(&o.stderr).contains("upstream.key: "), "{}", text(&o.stderr));
+    refused(gateway(), &certs.gateway_key("gw1"), "0604");
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]

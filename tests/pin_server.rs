@@ -384,7 +384,7 @@ async fn tls_refuses_missing_foreign_expired_and_unlisted_certificates() {
     let write = |name: &str, cert: &rcgen::Certificate, key: &rcgen::KeyPair| {
         let (c, k) = (f.dir.join(format!("{name}.pem")), f.dir.join(format!("{name}.key")));
         std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
+        write_key(&k, &key.serialize_pem());
         Arc::new(client_config(&c, &k, &f.certs.ca()).unwrap())
     };
     let (cert, key) = issue_gateway_cert(

@@ -652,13 +652,11 @@ impl GatewayConfig {
             problems.push(invalid("upstream.servers", "at least one PIN server is needed"));
         }
         let journal_keys = match &g.journal_keys_file {
-            Some(p) => match std::fs::read_to_string(rel(p.clone())) {
+            // A key file group or others may read is refused (the error names it and its mode).
+            Some(p) => match crate::keyfile::read_to_string(&rel(p.clone())) {
                 Ok(t) => Some(t.trim().to_string()),
                 Err(e) => {
-                    problems.push(invalid(
-                        "gateway.journal_keys_file",
-                        &format!("{}: {e}", rel(p.clone()).display()),
-                    ));
+                    problems.push(invalid("gateway.journal_keys_file", &e.to_string()));
                     None
                 }
             },

@@ -144,7 +144,8 @@ impl PinCipher {
         }
         let path = std::env::var("PINGATE_PIN_KEY_FILE")
             .map_err(|_| CryptoError::Source("set PINGATE_PIN_KEYS or PINGATE_PIN_KEY_FILE".into()))?;
-        let text = std::fs::read_to_string(&path).map_err(|e| CryptoError::Source(format!("{path}: {e}")))?;
+        let text = crate::keyfile::read_to_string(std::path::Path::new(&path))
+            .map_err(|e| CryptoError::Source(e.to_string()))?;
         PinCipher::from_spec(&text)
     }
 
