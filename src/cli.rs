@@ -155,9 +155,11 @@ pub(crate) struct KeyArgs {
 
 #[derive(Subcommand)]
 enum CertsCommand {
-    /// Create a private CA, a server certificate, gateway certificates, the gateway list and a PIN key file.
+    /// Create a private CA, a server certificate, gateway certificates, the gateway list and a PIN key file: the CA
+    /// in DIR/ca (its key to keep offline), and one folder per host with only what it deploys (DIR/server,
+    /// DIR/gateway-ID).
     Init {
-        /// Directory to write into (created; existing CA files are never overwritten).
+        /// Directory to write into (created; an existing CA is never overwritten).
         dir: PathBuf,
         /// Gateway ids to issue client certificates for.
         #[arg(long = "gateway", default_values_t = vec!["gw1".to_string()])]
@@ -652,15 +654,20 @@ fn run(cli: Cli) -> Result<String, String> {
                 },
             )
             .map_err(|e| e.to_string())?;
-            Ok(format!(
-                "wrote {}: ca.pem ca.key server.pem server.key {} gateways.toml pin-keys",
+            let mut text = format!(
+                "wrote {}:\n  {}: ca.pem ca.key: the CA; ca.key only issues certificates: keep it offline\n  {}: \
+                 server.pem server.key ca.pem gateways.toml pin-keys: the PIN server's",
                 out.dir.display(),
-                gateways
-                    .iter()
-                    .map(|g| format!("gateway-{g}.pem gateway-{g}.key"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            ))
+                out.ca_dir().display(),
+                out.server_dir().display()
+            );
+            for g in &gateways {
+                text.push_str(&format!(
+                    "\n  {}: gateway.pem gateway.key ca.pem: gateway {g}'s",
+                    out.gateway_dir(g).display()
+                ));
+            }
+            Ok(text)
         }
         Command::Pins { command } => runtime()?.block_on(crate::admin::pins(command)),
         Command::Gateway {

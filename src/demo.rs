@@ -181,7 +181,7 @@ pub async fn start_server_with(
     let tls = crate::tls::server_config(
         &inv.certs.server_cert(),
         &inv.certs.server_key(),
-        &inv.certs.ca(),
+        &inv.certs.server_ca(),
         gateways.clone(),
     )
     .map_err(|e| e.to_string())?;
@@ -254,7 +254,7 @@ impl GatewayFiles {
         let _ = writeln!(t, "servers = [{}]", list.join(", "));
         let _ = writeln!(
             t,
-            "cert = \"certs/gateway-{id}.pem\"\nkey = \"certs/gateway-{id}.key\"\nca = \"certs/ca.pem\"\nconnect_timeout_ms = 2000\nbreaker_cooldown_ms = 1000\n"
+            "cert = \"certs/gateway-{id}/gateway.pem\"\nkey = \"certs/gateway-{id}/gateway.key\"\nca = \"certs/gateway-{id}/ca.pem\"\nconnect_timeout_ms = 2000\nbreaker_cooldown_ms = 1000\n"
         );
         let _ = writeln!(
             t,

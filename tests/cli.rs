@@ -250,8 +250,8 @@ fn check_config_lists_every_problem_with_its_key() {
     }
     // With them present, the example is fine.
     write_key(&d.join("journal.keys"), &format!("1:{}", "ab".repeat(32)));
-    write_key(&d.join("certs/gateway-gw1.key"), "x");
-    for f in ["certs/gateway-gw1.pem", "certs/ca.pem"] {
+    write_key(&d.join("certs/gateway.key"), "x");
+    for f in ["certs/gateway.pem", "certs/ca.pem"] {
         std::fs::write(d.join(f), "x").unwrap();
     }
     let o = pingate(&["check-config", cfg.to_str().unwrap()], None);
@@ -308,13 +308,100 @@ fn check_config_lists_every_problem_with_its_key() {
         None,
     );
     assert!(o.status.success(), "{}", text(&o.stderr));
-    let o = pingate(&["check-config", certs.join("gateways.toml").to_str().unwrap()], None);
+    let o = pingate(
+        &["check-config", certs.join("server/gateways.toml").to_str().unwrap()],
+        None,
+    );
     assert!(
         text(&o.stdout).contains("gateway list, 2 gateways: OK"),
         "{}{}",
         text(&o.stdout),
         text(&o.stderr)
     );
+}
+
+/// `certs init` keeps the CA's private key apart (`ca/`, to keep offline) from what a host deploys: the server's
+/// folder and each gateway's hold that host's own key and certificate, the CA certificate, and nothing else secret.
+#[test]
+fn certs_init_keeps_the_ca_key_apart_and_gives_each_host_only_its_own_key() {
+    use std::collections::BTreeSet;
+    use std::os::unix::fs::PermissionsExt;
+    let d = std::env::temp_dir().join(format!("pingate-certs-layout-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    let o = pingate(
+        &[
+            "certs",
+            "init",
+            d.to_str().unwrap(),
+            "--gateway",
+            "gw1",
+            "--gateway",
+            "gw2",
+        ],
+        None,
+    );
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(out.contains("keep it offline"), "{out}");
+    let files = |dir: &str| -> BTreeSet<String> {
+        std::fs::read_dir(d.join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let set = |names: &[&str]| -> BTreeSet<String> { names.iter().map(|n| n.to_string()).collect() };
+    assert_eq!(files("."), set(&["ca", "gateway-gw1", "gateway-gw2", "server"]));
+    assert_eq!(files("ca"), set(&["ca.key", "ca.pem"]));
+    assert_eq!(
+        files("server"),
+        set(&["ca.pem", "gateways.toml", "pin-keys", "server.key", "server.pem"])
+    );
+    for gw in ["gateway-gw1", "gateway-gw2"] {
+        assert_eq!(files(gw), set(&["ca.pem", "gateway.key", "gateway.pem"]));
+    }
+    let mode = |p: &str| std::fs::metadata(d.join(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("ca"), 0o700);
+    for key in [
+        "ca/ca.key",
+        "server/server.key",
+        "server/pin-keys",
+        "gateway-gw1/gateway.key",
+    ] {
+        assert_eq!(mode(key), 0o600, "{key}");
+    }
+    // Each host's folder: its own private key and no other; the CA certificate as the CA made it.
+    let read = |p: &str| std::fs::read_to_string(d.join(p)).unwrap();
+    let keys = [
+        "ca/ca.key",
+        "server/server.key",
+        "gateway-gw1/gateway.key",
+        "gateway-gw2/gateway.key",
+    ]
+    .map(read);
+    assert!(keys.iter().all(|k| k.contains("PRIVATE KEY")));
+    for (host, own) in [("server", 1), ("gateway-gw1", 2), ("gateway-gw2", 3)] {
+        assert_eq!(read(&format!("{host}/ca.pem")), read("ca/ca.pem"));
+        for name in files(host) {
+            let body = read(&format!("{host}/{name}"));
+            for (i, k) in keys.iter().enumerate() {
+                assert_eq!(
+                    body.contains(k.trim()),
+                    i == own && name.ends_with(".key"),
+                    "{host}/{name}"
+                );
+            }
+        }
+    }
+    // The paths the library names are these.
+    let certs = pingate::tls::CertsDir { dir: d.clone() };
+    assert_eq!(certs.server_key(), d.join("server/server.key"));
+    assert_eq!(certs.gateway_cert("gw2"), d.join("gateway-gw2/gateway.pem"));
+    assert_eq!(certs.gateway_ca("gw2"), d.join("gateway-gw2/ca.pem"));
+    assert_eq!(certs.pin_keys(), d.join("server/pin-keys"));
+    // Once made, never made again over itself.
+    let again = pingate(&["certs", "init", d.to_str().unwrap()], None);
+    assert!(!again.status.success() && text(&again.stderr).contains("refusing to overwrite"));
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 /// A PIN key, journal key or TLS private key file that group or others can read refuses the start of the PIN
@@ -391,11 +478,11 @@ fn key_files_others_can_read_refuse_the_start_and_check_config_names_them() {
         &cfg,
         example
             .replace(
-                "\"certs/gateway-gw1.pem\"",
+                "\"certs/gateway.pem\"",
                 &format!("{:?}", path(&certs.gateway_cert("gw1"))),
             )
             .replace(
-                "\"certs/gateway-gw1.key\"",
+                "\"certs/gateway.key\"",
                 &format!("{:?}", path(&certs.gateway_key("gw1"))),
             )
             .replace("\"certs/ca.pem\"", &format!("{:?}", path(&certs.gateway_ca("gw1")))),

@@ -1005,7 +1005,7 @@ async fn reservations_the_journal_never_saw_are_released_at_start() {
         pingate::tls::client_config(
             &inv.certs.gateway_cert("gw1"),
             &inv.certs.gateway_key("gw1"),
-            &inv.certs.ca(),
+            &inv.certs.gateway_ca("gw1"),
         )
         .unwrap(),
     );

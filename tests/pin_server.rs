@@ -73,7 +73,7 @@ impl Fixture {
             client_config(
                 &self.certs.gateway_cert(gw),
                 &self.certs.gateway_key(gw),
-                &self.certs.ca(),
+                &self.certs.gateway_ca(gw),
             )
             .unwrap(),
         )
@@ -85,7 +85,7 @@ impl Fixture {
         let tls = pingate::tls::server_config(
             &self.certs.server_cert(),
             &self.certs.server_key(),
-            &self.certs.ca(),
+            &self.certs.server_ca(),
             gateways.clone(),
         )
         .unwrap();

@@ -112,7 +112,7 @@ pub async fn stock(
         pingate::tls::client_config(
             &inv.certs.gateway_cert("obs"),
             &inv.certs.gateway_key("obs"),
-            &inv.certs.ca(),
+            &inv.certs.gateway_ca("obs"),
         )
         .unwrap(),
     );
