@@ -185,6 +185,40 @@ pub struct NewPin {
     pub receipt: Vec<String>,
 }
 
+impl NewPin {
+    /// Which receipt line (from 1) shows the PIN, if one does. Receipts are stored and sent in clear, so a line that
+    /// carries the PIN would keep it unsealed beside its sealed copy. Letters and digits are compared, case aside: a
+    /// PIN spaced or dashed on a receipt is still the PIN.
+    pub fn receipt_line_with_pin(&self) -> Option<usize> {
+        let plain = |s: &str| -> zeroize::Zeroizing<String> {
+            zeroize::Zeroizing::new(
+                s.chars()
+                    .filter(char::is_ascii_alphanumeric)
+                    .map(|c| c.to_ascii_lowercase())
+                    .collect(),
+            )
+        };
+        let pin = plain(self.pin.expose());
+        if pin.is_empty() {
+            return None;
+        }
+        self.receipt
+            .iter()
+            .position(|l| plain(l).contains(pin.as_str()))
+            .map(|i| i + 1)
+    }
+
+    /// The refusal of a PIN whose receipt shows it (see [`NewPin::receipt_line_with_pin`]); never names the PIN.
+    pub fn check_receipt(&self) -> Result<(), String> {
+        match self.receipt_line_with_pin() {
+            Some(n) => Err(format!(
+                "receipt line {n} contains the PIN (receipts are stored in clear: give the PIN its own field only)"
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Who bought a PIN, and the idempotency key of the sale: gateway, terminal, STAN, transmission date-time.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SaleContext {
