@@ -142,12 +142,12 @@ pub(crate) async fn pins(cmd: PinsCommand) -> Result<String, String> {
         | PinsCommand::ReturnExpired { db, .. }
         | PinsCommand::Quarantine { db, .. } => (db.clone(), None),
     };
-    // Commands that never open a PIN get a throwaway key.
-    let spec = match keys {
-        Some(k) => k,
-        None => zeroize::Zeroizing::new(PinCipher::generate_spec().map_err(|e| e.to_string())?),
+    // Commands that never open a PIN get no key (a database whose upgrade needs the keys waits for a start with
+    // them: see schema migration 5).
+    let cipher = match keys {
+        Some(spec) => PinCipher::from_spec(&spec).map_err(|e| e.to_string())?,
+        None => PinCipher::without_keys(),
     };
-    let cipher = PinCipher::from_spec(&spec).map_err(|e| e.to_string())?;
     match DbUrl::parse(&db).map_err(|e| e.to_string())? {
         DbUrl::Sqlite(p) => run(SqliteStore::open(&p, cipher).map_err(|e| e.to_string())?, cmd).await,
         DbUrl::Postgres(u) => {

@@ -95,7 +95,7 @@ async fn count(s: &PgStore, state: PinState) -> i64 {
 async fn transitions_idempotency_and_refusals() {
     let schema = Schema::new("transitions").await;
     let mut s = schema.stocked(6).await;
-    assert_eq!(s.schema_version().await.unwrap(), 4);
+    assert_eq!(s.schema_version().await.unwrap(), 5);
     let a = s.sell(&sell("gw1", 1)).await.unwrap();
     assert_eq!(s.sell(&sell("gw1", 1)).await.unwrap(), a, "same key, same PIN");
     let mut other = sell("gw1", 1);
@@ -291,7 +291,9 @@ async fn a_version_1_database_is_migrated_and_sells() {
     let schema = Schema::new("migrate").await;
     let mut s = schema.stocked(4).await;
     let a = s.sell(&sell("gw1", 1)).await.unwrap();
-    // What a database written by the first release looks like: sales under their first key, no batch functions,
+    undo_migration_5(&s, &schema.keys, &pins(0, 4)).await;
+    // What a database written by the first release looks like: PINs sealed with their serial alone (above), sales
+    // under their first key, no batch functions,
     // no expiry index, no `quarantined` state (neither in the CHECK nor in the edges function), version 1.
     s.client()
         .batch_execute(
@@ -312,7 +314,7 @@ async fn a_version_1_database_is_migrated_and_sells() {
         .unwrap();
     drop(s);
     let mut s = schema.open().await;
-    assert_eq!(s.schema_version().await.unwrap(), 4);
+    assert_eq!(s.schema_version().await.unwrap(), 5);
     // Migration 4 keyed the sales by (transmission, stan, terminal, gateway).
     let key: Vec<String> = s
         .client()
@@ -373,6 +375,133 @@ async fn a_version_1_database_is_migrated_and_sells() {
         .expect("refused");
     assert!(e.to_string().contains("newer than this pingate"), "{e}");
     schema.drop_it().await;
+}
+
+/// A PIN's seal is bound to its row (id, product, amount, serial and key id): a row moved by SQL to another amount
+/// or product no longer opens, so a sale that picks it quarantines it instead of selling it as what it is not; the
+/// repeat of a sale whose row was moved is refused, not answered with the PIN; moved back, it opens again.
+#[tokio::test]
+async fn a_row_moved_to_another_product_or_amount_no_longer_opens() {
+    let schema = Schema::new("moved").await;
+    let mut s = schema.stocked(4).await;
+    s.upsert_product(&pingate::store::Product {
+        code: "GIFT".into(),
+        name: "Gift card".into(),
+        supplier: "Shop".into(),
+        currency: "978".into(),
+        denominations: vec![1000],
+    })
+    .await
+    .unwrap();
+    s.client()
+        .batch_execute("UPDATE pins SET amount = 2000 WHERE id = 1; UPDATE pins SET product = 'GIFT' WHERE id = 2")
+        .await
+        .unwrap();
+    let mut moved = sell("gw1", 1);
+    moved.amount = 2000;
+    let r = s.sell(&moved).await;
+    assert!(matches!(r, Err(StoreError::OutOfStock { amount: 2000, .. })), "{r:?}");
+    let mut moved = sell("gw1", 2);
+    moved.product = "GIFT".into();
+    let r = s.sell(&moved).await;
+    assert!(matches!(r, Err(StoreError::OutOfStock { .. })), "{r:?}");
+    assert_eq!(count(&s, PinState::Quarantined).await, 2);
+    let a = s.sell(&sell("gw1", 3)).await.unwrap();
+    assert_eq!(a.pin_id, 3);
+    s.client()
+        .batch_execute("UPDATE pins SET amount = 2000 WHERE id = 3")
+        .await
+        .unwrap();
+    let r = s.sell(&sell("gw1", 3)).await;
+    assert!(
+        matches!(r, Err(StoreError::Db(ref m)) if m.contains("does not decrypt")),
+        "{r:?}"
+    );
+    s.client()
+        .batch_execute("UPDATE pins SET amount = 1000 WHERE id = 3")
+        .await
+        .unwrap();
+    assert_eq!(s.sell(&sell("gw1", 3)).await.unwrap(), a);
+    drop(s);
+    schema.drop_it().await;
+}
+
+/// Schema version 5 seals every PIN again, bound to its row instead of its serial alone: a database of version 4
+/// opened with its keys is migrated (a sold PIN opens again for its repeat, a damaged row is left as it was), and
+/// then a row moved to another amount no longer opens. Opened without keys it stays at version 4; opened with a
+/// wrong key, the migration is refused and nothing changes.
+#[tokio::test]
+async fn a_version_4_database_is_sealed_again_bound_to_its_rows() {
+    let schema = Schema::new("reseal").await;
+    let mut s = schema.stocked(5).await;
+    let a = s.sell(&sell("gw1", 1)).await.unwrap();
+    undo_migration_5(&s, &schema.keys, &pins(0, 5)).await;
+    s.client()
+        .batch_execute("UPDATE pins SET ciphertext = '\\x00'::bytea || substr(ciphertext, 2) WHERE id = 5")
+        .await
+        .unwrap();
+    drop(s);
+    let keyless = PgStore::connect(&url(), Some(&schema.name), PinCipher::without_keys())
+        .await
+        .unwrap();
+    assert_eq!(keyless.schema_version().await.unwrap(), 4);
+    assert_eq!(count(&keyless, PinState::Available).await, 4);
+    drop(keyless);
+    let wrong = PinCipher::from_spec(&PinCipher::generate_spec().unwrap()).unwrap();
+    let e = PgStore::connect(&url(), Some(&schema.name), wrong)
+        .await
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("key 1 opens none of the 5 PINs"), "{e}");
+    let mut s = schema.open().await;
+    assert_eq!(s.schema_version().await.unwrap(), 5);
+    assert_eq!(
+        s.sell(&sell("gw1", 1)).await.unwrap(),
+        a,
+        "a sold PIN opens again for its repeat"
+    );
+    assert_eq!(s.sell(&sell("gw1", 2)).await.unwrap().pin_id, 2);
+    s.client()
+        .batch_execute("UPDATE pins SET amount = 2000 WHERE id = 3")
+        .await
+        .unwrap();
+    let mut moved = sell("gw1", 3);
+    moved.amount = 2000;
+    assert!(matches!(s.sell(&moved).await, Err(StoreError::OutOfStock { .. })));
+    assert_eq!(s.sell(&sell("gw1", 4)).await.unwrap().pin_id, 4);
+    assert!(matches!(
+        s.sell(&sell("gw1", 5)).await,
+        Err(StoreError::OutOfStock { .. })
+    ));
+    assert_eq!(
+        count(&s, PinState::Quarantined).await,
+        2,
+        "the moved row and the damaged one"
+    );
+    drop(s);
+    schema.drop_it().await;
+}
+
+/// Undoes what migration 5 changed, as a database of version 4 has it: each PIN sealed with its serial alone as the
+/// associated data (`loaded` are the PINs as imported, in id order).
+async fn undo_migration_5(s: &PgStore, keys: &str, loaded: &[NewPin]) {
+    let cipher = PinCipher::from_spec(keys).unwrap();
+    for (i, p) in loaded.iter().enumerate() {
+        let sealed = cipher.seal(&p.pin, &p.serial).unwrap();
+        let n = s
+            .client()
+            .execute(
+                "UPDATE pins SET nonce = $1, ciphertext = $2 WHERE id = $3 AND serial = $4",
+                &[&&sealed.nonce[..], &sealed.ciphertext, &(i as i64 + 1), &p.serial],
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+    s.client()
+        .batch_execute("UPDATE pingate_schema SET version = 4")
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

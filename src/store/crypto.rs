@@ -1,7 +1,8 @@
 //! PIN values at rest: sealed with ChaCha20-Poly1305 under a key that lives outside the database (a file or an
-//! environment variable), with the key id stored per row so keys can rotate. The serial number is the associated
-//! data, so a ciphertext copied onto another row does not open. A keyed fingerprint (HMAC-SHA256) of the PIN lets
-//! the store reject a duplicate PIN on import without ever decrypting.
+//! environment variable), with the key id stored per row so keys can rotate. A PIN row's seal is bound to the row
+//! ([`RowAd`]: its id, product, amount, serial and key id are the associated data), so a ciphertext copied onto
+//! another row, or a row moved to another product or amount, does not open. A keyed fingerprint (HMAC-SHA256) of
+//! the PIN lets the store reject a duplicate PIN on import without ever decrypting.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -31,6 +32,14 @@ pub enum CryptoError {
     /// The ciphertext does not open: wrong key, or the row was tampered with.
     #[error("PIN of serial {serial} does not decrypt: wrong key or tampered row")]
     Open { serial: String },
+    /// A loaded key opens none of the PINs sealed under it that may still be opened: the wrong key was given.
+    /// Found by schema migration 5, which seals every PIN again.
+    #[error(
+        "key {id} opens none of the {pins} PINs sealed under it (available, reserved or sold): wrong key? Schema \
+         migration 5 seals every PIN again and needs the keys that sealed them; a damaged row can be taken out of \
+         sale first with `pingate pins quarantine --id N`"
+    )]
+    OpensNone { id: u32, pins: i64 },
     /// The system random source failed.
     #[error("system random source failed")]
     Random,
@@ -75,6 +84,34 @@ pub struct Sealed {
 impl fmt::Debug for Sealed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Sealed(key {}, {} bytes)", self.key_id, self.ciphertext.len())
+    }
+}
+
+/// What a PIN row's seal is bound to (the associated data since schema version 5): the ciphertext opens only on the
+/// row it was sealed for. The key id is bound too (see [`RowAd::bytes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowAd<'a> {
+    pub id: i64,
+    pub product: &'a str,
+    pub amount: i64,
+    pub serial: &'a str,
+}
+
+impl RowAd<'_> {
+    /// The associated data under key `key_id`: a label, then each part at a fixed length or length-prefixed, so no
+    /// two rows give the same bytes.
+    fn bytes(&self, key_id: u32) -> Vec<u8> {
+        const LABEL: &[u8] = b"pingate pin row\0";
+        let mut ad = Vec::with_capacity(LABEL.len() + 28 + self.product.len() + self.serial.len());
+        ad.extend_from_slice(LABEL);
+        ad.extend_from_slice(&self.id.to_be_bytes());
+        ad.extend_from_slice(&(self.product.len() as u32).to_be_bytes());
+        ad.extend_from_slice(self.product.as_bytes());
+        ad.extend_from_slice(&self.amount.to_be_bytes());
+        ad.extend_from_slice(&(self.serial.len() as u32).to_be_bytes());
+        ad.extend_from_slice(self.serial.as_bytes());
+        ad.extend_from_slice(&key_id.to_be_bytes());
+        ad
     }
 }
 
@@ -137,6 +174,24 @@ impl PinCipher {
         })
     }
 
+    /// No key at all: for the operator commands that never open or seal a PIN (stock, products, leases). Sealing
+    /// fails and no row opens; a store opened with it never runs a migration that needs the keys.
+    pub fn without_keys() -> PinCipher {
+        let mut k = [0u8; 32];
+        let _ = SystemRandom::new().fill(&mut k);
+        PinCipher {
+            current: 0,
+            keys: HashMap::new(),
+            fingerprint: hmac::Key::new(hmac::HMAC_SHA256, &k),
+            rng: SystemRandom::new(),
+        }
+    }
+
+    /// Whether any key is loaded (see [`PinCipher::without_keys`]).
+    pub fn has_keys(&self) -> bool {
+        !self.keys.is_empty()
+    }
+
     /// Keys from `$PINGATE_PIN_KEYS`, else from the file named by `$PINGATE_PIN_KEY_FILE`.
     pub fn from_env() -> Result<PinCipher, CryptoError> {
         if let Ok(spec) = std::env::var("PINGATE_PIN_KEYS") {
@@ -170,36 +225,61 @@ impl PinCipher {
         self.current
     }
 
+    /// Whether key `id` is loaded.
+    pub fn has_key(&self, id: u32) -> bool {
+        self.keys.contains_key(&id)
+    }
+
+    /// Seals `pin` for the row `row` under the current key.
+    pub fn seal_row(&self, pin: &Pin, row: &RowAd<'_>) -> Result<Sealed, CryptoError> {
+        self.seal_with(self.current, pin, &row.bytes(self.current))
+    }
+
+    /// Opens the PIN sealed for the row `row`; any other row's seal, or this row's moved, does not open.
+    pub fn open_row(&self, sealed: &Sealed, row: &RowAd<'_>) -> Result<Pin, CryptoError> {
+        self.open_with(sealed, &row.bytes(sealed.key_id), row.serial)
+    }
+
+    /// Seals `pin` under the current key, bound to `serial` alone: the gateway's journal (and PIN rows before schema
+    /// version 5).
     pub fn seal(&self, pin: &Pin, serial: &str) -> Result<Sealed, CryptoError> {
+        self.seal_with(self.current, pin, serial.as_bytes())
+    }
+
+    /// Opens what [`PinCipher::seal`] sealed for `serial`.
+    pub fn open(&self, sealed: &Sealed, serial: &str) -> Result<Pin, CryptoError> {
+        self.open_with(sealed, serial.as_bytes(), serial)
+    }
+
+    /// A row's seal of schema version 4 and before (bound to its serial) sealed again bound to the row, under the
+    /// same key id and a new nonce: schema migration 5. The PIN never leaves this function.
+    pub fn reseal_row(&self, sealed: &Sealed, row: &RowAd<'_>) -> Result<Sealed, CryptoError> {
+        let pin = self.open(sealed, row.serial)?;
+        self.seal_with(sealed.key_id, &pin, &row.bytes(sealed.key_id))
+    }
+
+    fn seal_with(&self, key_id: u32, pin: &Pin, ad: &[u8]) -> Result<Sealed, CryptoError> {
+        let key = self.keys.get(&key_id).ok_or(CryptoError::UnknownKey { id: key_id })?;
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).map_err(|_| CryptoError::Random)?;
-        let key = &self.keys[&self.current];
         let mut data = pin.expose().as_bytes().to_vec();
-        key.seal_in_place_append_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(serial.as_bytes()),
-            &mut data,
-        )
-        .map_err(|_| CryptoError::Random)?;
+        key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(ad), &mut data)
+            .map_err(|_| CryptoError::Random)?;
         Ok(Sealed {
-            key_id: self.current,
+            key_id,
             nonce,
             ciphertext: data,
         })
     }
 
-    pub fn open(&self, sealed: &Sealed, serial: &str) -> Result<Pin, CryptoError> {
+    fn open_with(&self, sealed: &Sealed, ad: &[u8], serial: &str) -> Result<Pin, CryptoError> {
         let key = self
             .keys
             .get(&sealed.key_id)
             .ok_or(CryptoError::UnknownKey { id: sealed.key_id })?;
         let mut data = sealed.ciphertext.clone();
         let plain = key
-            .open_in_place(
-                Nonce::assume_unique_for_key(sealed.nonce),
-                Aad::from(serial.as_bytes()),
-                &mut data,
-            )
+            .open_in_place(Nonce::assume_unique_for_key(sealed.nonce), Aad::from(ad), &mut data)
             .map_err(|_| CryptoError::Open {
                 serial: serial.to_string(),
             })?;
@@ -257,5 +337,55 @@ mod tests {
             Err(CryptoError::BadKey { id: 1 })
         ));
         assert!(format!("{sealed:?} {both:?}").len() < 80);
+    }
+
+    #[test]
+    fn a_row_seal_opens_on_its_own_row_only() {
+        let k1 = PinCipher::generate_spec().unwrap();
+        let k2 = PinCipher::generate_spec().unwrap().replacen("1:", "2:", 1);
+        let c = PinCipher::from_spec(&format!("{k1},{k2}")).unwrap();
+        let pin = Pin::new("123456789012");
+        let row = RowAd {
+            id: 7,
+            product: "TOPUP",
+            amount: 1000,
+            serial: "SER1",
+        };
+        let sealed = c.seal_row(&pin, &row).unwrap();
+        assert_eq!(sealed.key_id, 2);
+        assert_eq!(c.open_row(&sealed, &row).unwrap(), pin);
+        let others = [
+            RowAd { id: 8, ..row },
+            RowAd { product: "GIFT", ..row },
+            RowAd { amount: 2000, ..row },
+            RowAd { serial: "SER2", ..row },
+            // Lengths are part of the data: moving a character from the product to the serial is another row.
+            RowAd {
+                product: "TOPU",
+                serial: "PSER1",
+                ..row
+            },
+        ];
+        for other in others {
+            assert!(
+                matches!(c.open_row(&sealed, &other), Err(CryptoError::Open { .. })),
+                "{other:?}"
+            );
+        }
+        // The key id is bound: the same ciphertext under another loaded key id does not open.
+        let relabelled = Sealed {
+            key_id: 1,
+            ..sealed.clone()
+        };
+        assert!(c.open_row(&relabelled, &row).is_err());
+        // A seal bound to the serial alone (schema 4, the journal) opens with the serial, not as a row, and is
+        // sealed again bound to the row under its own key id.
+        let old = PinCipher::from_spec(&k1).unwrap().seal(&pin, "SER1").unwrap();
+        assert!(c.open_row(&old, &row).is_err());
+        let again = c.reseal_row(&old, &row).unwrap();
+        assert_eq!((again.key_id, c.open_row(&again, &row).unwrap()), (1, pin));
+        assert_ne!(again.nonce, old.nonce);
+        let none = PinCipher::without_keys();
+        assert!(!none.has_keys() && none.seal_row(&Pin::new("1234"), &row).is_err());
     }
 }
