@@ -79,7 +79,8 @@ pub fn sample_modes(low: usize, high: usize) -> Vec<ProductMode> {
 pub struct Inventory {
     pub dir: PathBuf,
     pub certs: CertsDir,
-    pub pin_keys: String,
+    /// The PIN keys' spec (zeroized when dropped).
+    pub pin_keys: zeroize::Zeroizing<String>,
     pub db: PathBuf,
 }
 
@@ -101,7 +102,7 @@ impl Inventory {
             },
         )
         .map_err(|e| e.to_string())?;
-        let pin_keys = std::fs::read_to_string(certs.pin_keys()).map_err(|e| e.to_string())?;
+        let pin_keys = crate::keyfile::read_to_string(&certs.pin_keys()).map_err(|e| e.to_string())?;
         let db = dir.join("pins.db");
         let cipher = PinCipher::from_spec(&pin_keys).map_err(|e| e.to_string())?;
         let mut store = SqliteStore::open(&db, cipher).map_err(|e| e.to_string())?;

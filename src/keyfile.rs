@@ -62,6 +62,28 @@ pub fn read_to_string(path: &Path) -> Result<Zeroizing<String>, KeyFileError> {
     }
 }
 
+/// Key material (a key spec read from a key file or the environment): zeroized when dropped, never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Zeroizing<String>);
+
+impl zeroize::ZeroizeOnDrop for Secret {}
+
+impl Secret {
+    pub fn new(text: impl Into<String>) -> Secret {
+        Secret(Zeroizing::new(text.into()))
+    }
+    /// The key material itself: only for building a cipher from it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -328,7 +328,9 @@ pub fn write_new_key(path: &Path) -> Result<(), TlsError> {
         path: path.display().to_string(),
         source,
     };
-    let spec = crate::store::crypto::PinCipher::generate_spec().map_err(|e| TlsError::Generate(e.to_string()))?;
+    let spec = zeroize::Zeroizing::new(
+        crate::store::crypto::PinCipher::generate_spec().map_err(|e| TlsError::Generate(e.to_string()))?,
+    );
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -426,7 +428,7 @@ pub fn certs_init_with_ca(dir: &Path, opts: &CertsInit) -> Result<(CertsDir, Ca)
     let ca_key = KeyPair::generate().map_err(gen_err)?;
     let ca_cert = ca.self_signed(&ca_key).map_err(gen_err)?;
     write_public(&out.ca(), &ca_cert.pem())?;
-    write_secret(&out.ca_key(), &ca_key.serialize_pem())?;
+    write_secret(&out.ca_key(), &zeroize::Zeroizing::new(ca_key.serialize_pem()))?;
     write_public(&out.server_ca(), &ca_cert.pem())?;
 
     let mut server = CertificateParams::new(opts.server_names.clone()).map_err(gen_err)?;
@@ -437,19 +439,22 @@ pub fn certs_init_with_ca(dir: &Path, opts: &CertsInit) -> Result<(CertsDir, Ca)
     let server_key = KeyPair::generate().map_err(gen_err)?;
     let server_cert = server.signed_by(&server_key, &ca_cert, &ca_key).map_err(gen_err)?;
     write_public(&out.server_cert(), &server_cert.pem())?;
-    write_secret(&out.server_key(), &server_key.serialize_pem())?;
+    write_secret(&out.server_key(), &zeroize::Zeroizing::new(server_key.serialize_pem()))?;
 
     let mut list = GatewayList::default();
     for id in &opts.gateways {
         let (cert, key) = issue_gateway_cert(&ca_cert, &ca_key, id, now, until)?;
         write_public(&out.gateway_cert(id), &cert.pem())?;
-        write_secret(&out.gateway_key(id), &key.serialize_pem())?;
+        write_secret(&out.gateway_key(id), &zeroize::Zeroizing::new(key.serialize_pem()))?;
         write_public(&out.gateway_ca(id), &ca_cert.pem())?;
         list.insert(id, &fingerprint(cert.der()));
     }
     write_public(&out.gateways(), &list.to_toml())?;
-    let keys = crate::store::crypto::PinCipher::generate_spec().map_err(|e| TlsError::Generate(e.to_string()))?;
-    write_secret(&out.pin_keys(), &format!("{keys}\n"))?;
+    let mut keys = zeroize::Zeroizing::new(
+        crate::store::crypto::PinCipher::generate_spec().map_err(|e| TlsError::Generate(e.to_string()))?,
+    );
+    keys.push('\n');
+    write_secret(&out.pin_keys(), &keys)?;
     Ok((
         out,
         Ca {

@@ -511,6 +511,14 @@ fn key_files_others_can_read_refuse_the_start_and_check_config_names_them() {
 
 #[test]
 fn the_systemd_units_verify() {
+    // A core dump would hold PINs and keys in clear: the units allow none.
+    for unit in ["pingate-server.service", "pingate-gateway.service"] {
+        let text = std::fs::read_to_string(format!("deploy/{unit}")).unwrap();
+        assert!(
+            text.lines().any(|l| l.trim() == "LimitCORE=0"),
+            "{unit}: no LimitCORE=0"
+        );
+    }
     // systemd-analyze is on the machine image; without it there is nothing to verify the units with.
     if Command::new("systemd-analyze").arg("--version").output().is_err() {
         eprintln!("systemd-analyze not installed: units not verified");

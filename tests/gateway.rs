@@ -610,6 +610,8 @@ fn the_example_configuration_loads_and_mistakes_are_named() {
     let path = d.join("gateway.toml");
     let c = GatewayConfig::parse(&text, &path).unwrap();
     assert_eq!(c.journal, d.join("gateway.journal"));
+    // The journal key it read is never in its Debug form.
+    assert!(c.journal_keys.is_some() && !format!("{c:?}").contains(&"ab".repeat(32)));
     assert_eq!(c.response_deadline, Duration::from_secs(15));
     assert_eq!(c.listeners.len(), 1);
     assert!(c.listeners[0].tpdu);

@@ -576,8 +576,8 @@ pub struct ProductConfig {
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
     pub journal: PathBuf,
-    /// `id:hex` key entries for the journal (from the keys file or `$PINGATE_JOURNAL_KEYS`).
-    pub journal_keys: Option<String>,
+    /// `id:hex` key entries for the journal (from the keys file; `None`: `$PINGATE_JOURNAL_KEYS` at start).
+    pub journal_keys: Option<crate::keyfile::Secret>,
     pub response_deadline: Duration,
     pub keep_cache_on_shutdown: bool,
     pub admin: Option<SocketAddr>,
@@ -654,7 +654,7 @@ impl GatewayConfig {
         let journal_keys = match &g.journal_keys_file {
             // A key file group or others may read is refused (the error names it and its mode).
             Some(p) => match crate::keyfile::read_to_string(&rel(p.clone())) {
-                Ok(t) => Some(t.trim().to_string()),
+                Ok(t) => Some(crate::keyfile::Secret::new(t.trim())),
                 Err(e) => {
                     problems.push(invalid("gateway.journal_keys_file", &e.to_string()));
                     None
