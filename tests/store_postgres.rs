@@ -853,3 +853,177 @@ async fn workers_reconnect_after_postgresql_drops_their_connection() {
     h.close().await;
     schema.drop_it().await;
 }
+
+/// PostgreSQL over TLS: with `sslmode=verify-full` the store connects with TLS and checks the server's certificate
+/// against the CA of `sslrootcert` and the host name it dialled; a certificate another CA signed is refused; a URL
+/// that asks for TLS without naming a CA is refused before connecting. Plaintext URLs go on working.
+#[tokio::test]
+async fn tls_connections_check_the_server_certificate() {
+    let ca = enable_server_tls().await;
+    let schema = Schema::new("tls").await;
+    let with = |url: &str, ca: &std::path::Path| {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}sslmode=verify-full&sslrootcert={}", ca.display())
+    };
+    let cipher = || PinCipher::from_spec(&schema.keys).unwrap();
+    // By address (the certificate names 127.0.0.1) and by name (localhost).
+    for (i, url) in [url(), url().replace("127.0.0.1", "localhost")].iter().enumerate() {
+        let mut s = PgStore::connect(&with(url, &ca), Some(&schema.name), cipher())
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        let tls: bool = s
+            .client()
+            .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(tls, "{url}: the connection is not encrypted");
+        s.upsert_product(&topup(&[1000])).await.unwrap();
+        s.import(&pins(10 * i, 2)).await.unwrap();
+        assert!(s.sell(&sell("gwtls", i as u32)).await.is_ok());
+    }
+    // The same server, checked against another CA, or one that takes the name of the real one: refused during
+    // the handshake.
+    let dir = std::env::temp_dir().join(format!("pingate-pg-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, why) in [("another CA", "UnknownIssuer"), (TEST_CA, "BadSignature")] {
+        let other = dir.join("other-ca.pem");
+        std::fs::write(&other, test_ca(name).0.pem()).unwrap();
+        let e = PgStore::connect(&with(&url(), &other), Some(&schema.name), cipher())
+            .await
+            .err()
+            .expect("a server certificate of another CA is refused");
+        assert!(
+            e.to_string().contains(&format!("invalid peer certificate: {why}")),
+            "{e}"
+        );
+    }
+    // TLS asked for, no CA to check the server with: refused, saying what to give.
+    if std::env::var_os("PGSSLROOTCERT").is_none() {
+        let sep = if url().contains('?') { '&' } else { '?' };
+        let e = PgStore::connect(&format!("{}{sep}sslmode=verify-full", url()), None, cipher())
+            .await
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("sslrootcert=FILE"), "{e}");
+    }
+    // Plaintext connections are untouched.
+    let s = schema.open().await;
+    let tls: bool = s
+        .client()
+        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!tls);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+    schema.drop_it().await;
+}
+
+/// The name of the CA that signs the test PostgreSQL's certificate.
+const TEST_CA: &str = "pingate test PostgreSQL CA";
+
+/// A CA for the tests' TLS, named `name` (rcgen's default validity: it never expires for them).
+fn test_ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.distinguished_name.push(rcgen::DnType::CommonName, name);
+    let key = rcgen::KeyPair::generate().unwrap();
+    (p.self_signed(&key).unwrap(), key)
+}
+
+/// Gives the test PostgreSQL TLS with a certificate of the tests' own for `localhost` and `127.0.0.1`, and returns
+/// the file of the CA that signed it. The files have fixed names in the server's data folder and are made once:
+/// other tests and other runs share the server (a lock orders concurrent runs), and plaintext connections go on as
+/// before (`ssl = on` still accepts them). Writing into the data folder needs root on the server's machine, as CI
+/// has: anything else fails here, saying so, rather than skipping the test.
+async fn enable_server_tls() -> std::path::PathBuf {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let (admin, conn) = tokio_postgres::connect(&format!("{}/postgres", pg_base()), tokio_postgres::NoTls)
+        .await
+        .expect("PostgreSQL must run");
+    tokio::spawn(conn);
+    admin.batch_execute("SELECT pg_advisory_lock(7318432)").await.unwrap();
+    let show = |name: &'static str| {
+        let admin = &admin;
+        async move {
+            let r = admin.query_one(&format!("SHOW {name}"), &[]).await.unwrap();
+            r.get::<_, String>(0)
+        }
+    };
+    let data = std::path::PathBuf::from(show("data_directory").await);
+    let (crt, key, ca) = (
+        data.join("pingate-test-tls.crt"),
+        data.join("pingate-test-tls.key"),
+        data.join("pingate-test-tls-ca.pem"),
+    );
+    let ours = show("ssl").await == "on"
+        && show("ssl_cert_file").await.ends_with("pingate-test-tls.crt")
+        && show("ssl_key_file").await.ends_with("pingate-test-tls.key")
+        && [&crt, &key, &ca].iter().all(|p| p.exists());
+    if !ours {
+        let owner = std::fs::metadata(&data).unwrap_or_else(|e| {
+            panic!(
+                "cannot give the test PostgreSQL a TLS certificate: its data folder {}: {e}. The test writes its \
+                 certificate there, and so must run as root on the server's machine, as CI does",
+                data.display()
+            )
+        });
+        let (ca_cert, ca_key) = test_ca(TEST_CA);
+        let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
+        let server_key = rcgen::KeyPair::generate().unwrap();
+        let server = p.signed_by(&server_key, &ca_cert, &ca_key).unwrap();
+        for (path, text, mode) in [
+            (&key, server_key.serialize_pem(), 0o600),
+            (&crt, server.pem(), 0o644),
+            (&ca, ca_cert.pem(), 0o644),
+        ] {
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(mode)
+                .open(path)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+                .and_then(|_| std::os::unix::fs::chown(path, Some(owner.uid()), Some(owner.gid())));
+            if let Err(e) = written {
+                panic!(
+                    "cannot give the test PostgreSQL a TLS certificate: {}: {e}. The test writes its certificate in \
+                     the server's data folder, and so must run as root on the server's machine, as CI does",
+                    path.display()
+                );
+            }
+        }
+        for sql in [
+            "ALTER SYSTEM SET ssl_cert_file = 'pingate-test-tls.crt'",
+            "ALTER SYSTEM SET ssl_key_file = 'pingate-test-tls.key'",
+            "ALTER SYSTEM SET ssl = on",
+            "SELECT pg_reload_conf()",
+        ] {
+            admin.batch_execute(sql).await.unwrap();
+        }
+    }
+    // The server reads its configuration again on its own time: wait until a TLS connection checks out.
+    let check = format!(
+        "{}/postgres?sslmode=verify-full&sslrootcert={}",
+        pg_base(),
+        ca.display()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        match pingate::store::pgtls::connect(&check).await {
+            Ok(_) => break,
+            Err(e) if std::time::Instant::now() > deadline => panic!(
+                "the test PostgreSQL does not take TLS with the tests' certificate ({e}): see its log for why \
+                 (the key file {} must belong to its user, mode 0600)",
+                key.display()
+            ),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+        }
+    }
+    admin.batch_execute("SELECT pg_advisory_unlock(7318432)").await.unwrap();
+    ca
+}

@@ -23,6 +23,7 @@
 
 pub mod crypto;
 pub mod handle;
+pub mod pgtls;
 pub mod postgres;
 pub mod sqlite;
 

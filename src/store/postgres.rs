@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 
-use tokio_postgres::{Client, GenericClient, NoTls, Row, Statement};
+use tokio_postgres::{Client, GenericClient, Row, Statement};
 
 use super::crypto::{CryptoError, PinCipher, RowAd, Sealed};
 use super::{
@@ -352,9 +352,9 @@ impl PgStore {
     /// Connects (URL or key=value string), creating and migrating the schema as needed. `schema` names a
     /// PostgreSQL schema to work in (created if missing): tests use one each; production leaves it `None`.
     pub async fn connect(url: &str, schema: Option<&str>, cipher: PinCipher) -> Result<PgStore, StoreError> {
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| StoreError::Db(e.to_string()))?;
+        // TLS when the URL asks for it (`sslmode=verify-full`, see `pgtls`).
+        let mut target = super::pgtls::PgTarget::parse(url)?;
+        let config = &mut target.config;
         // Operators see who is connected in pg_stat_activity.
         config.application_name(format!(
             "pingate{}",
@@ -368,12 +368,7 @@ impl PgStore {
             }
             config.options(format!("-c search_path={s}"));
         }
-        let (client, conn) = config.connect(NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::warn!(error = %e, "PostgreSQL connection closed");
-            }
-        });
+        let client = target.connect().await?;
         client.batch_execute("SET synchronous_commit = on").await?;
         let mut client = client;
         if let Some(s) = schema {
