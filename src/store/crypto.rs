@@ -407,7 +407,7 @@ mod tests {
         );
         let expected = ring::hmac::sign(
             &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref()),
-            b"TOPUP\0123456789012",
+            b"TOPUP\x00123456789012",
         );
         assert_eq!(c.fingerprint("TOPUP", &Pin::new("123456789012")), expected.as_ref());
         // A short or altered ciphertext is refused, never a panic.
