@@ -438,7 +438,11 @@ impl Reseal {
                 tally.0 += 1;
                 Some(sealed)
             }
-            Err(_) if ["available", "reserved", "sold"].contains(&state) => {
+            Err(_)
+                if [PinState::Available, PinState::Reserved, PinState::Sold]
+                    .iter()
+                    .any(|s| s.as_str() == state) =>
+            {
                 tally.1 += 1;
                 if tally.2.len() < crypto::NAMED_ROWS as usize {
                     tally.2.push(row.id);
