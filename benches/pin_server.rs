@@ -339,9 +339,23 @@ async fn main() {
     let certs = certs_init(&dir.join("certs"), &CertsInit::default()).unwrap();
     let keys = std::fs::read_to_string(certs.pin_keys()).unwrap();
     let gateways = GatewayList::load(&certs.gateways()).unwrap();
-    let tls =
-        Arc::new(server_config(&certs.server_cert(), &certs.server_key(), &certs.ca(), gateways.clone()).unwrap());
-    let ctls = Arc::new(client_config(&certs.gateway_cert("gw1"), &certs.gateway_key("gw1"), &certs.ca()).unwrap());
+    let tls = Arc::new(
+        server_config(
+            &certs.server_cert(),
+            &certs.server_key(),
+            &certs.server_ca(),
+            gateways.clone(),
+        )
+        .unwrap(),
+    );
+    let ctls = Arc::new(
+        client_config(
+            &certs.gateway_cert("gw1"),
+            &certs.gateway_key("gw1"),
+            &certs.gateway_ca("gw1"),
+        )
+        .unwrap(),
+    );
     println!(
         "PIN server benchmark: {} connections x {} in flight, {} s per measurement, {} cores",
         a.connections,

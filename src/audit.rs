@@ -197,10 +197,10 @@ impl Db {
                 .map(Db::Sqlite)
                 .map_err(|e| AuditError::Db(format!("{}: {e}", p.display()))),
             DbUrl::Postgres(u) => {
-                let (client, conn) = tokio_postgres::connect(u, tokio_postgres::NoTls)
+                // TLS when the URL asks for it, as the stores connect.
+                let client = crate::store::pgtls::connect(u)
                     .await
                     .map_err(|e| AuditError::Db(e.to_string()))?;
-                tokio::spawn(conn);
                 Ok(Db::Pg(client))
             }
         }

@@ -185,9 +185,11 @@ pub(crate) struct KeyArgs {
 
 #[derive(Subcommand)]
 enum CertsCommand {
-    /// Create a private CA, a server certificate, gateway certificates, the gateway list and a PIN key file.
+    /// Create a private CA, a server certificate, gateway certificates, the gateway list and a PIN key file: the CA
+    /// in DIR/ca (its key to keep offline), and one folder per host with only what it deploys (DIR/server,
+    /// DIR/gateway-ID).
     Init {
-        /// Directory to write into (created; existing CA files are never overwritten).
+        /// Directory to write into (created; an existing CA is never overwritten).
         dir: PathBuf,
         /// Gateway ids to issue client certificates for.
         #[arg(long = "gateway", default_values_t = vec!["gw1".to_string()])]
@@ -371,14 +373,15 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 /// The PIN key spec: `--pin-keys FILE`, else `$PINGATE_PIN_KEYS`, else the file named by `$PINGATE_PIN_KEY_FILE`.
-pub(crate) fn key_spec(keys: &KeyArgs) -> Result<String, String> {
+/// A key file group or others may read is refused.
+pub(crate) fn key_spec(keys: &KeyArgs) -> Result<zeroize::Zeroizing<String>, String> {
     let file = keys
         .pin_keys
         .clone()
         .or_else(|| std::env::var_os("PINGATE_PIN_KEY_FILE").map(PathBuf::from));
     match (file, std::env::var("PINGATE_PIN_KEYS")) {
-        (Some(f), _) => std::fs::read_to_string(&f).map_err(|e| format!("{}: {e}", f.display())),
-        (None, Ok(spec)) => Ok(spec),
+        (Some(f), _) => crate::keyfile::read_to_string(&f).map_err(|e| e.to_string()),
+        (None, Ok(spec)) => Ok(zeroize::Zeroizing::new(spec)),
         (None, Err(_)) => Err("PIN keys: give --pin-keys FILE, or set PINGATE_PIN_KEYS or PINGATE_PIN_KEY_FILE".into()),
     }
 }
@@ -397,7 +400,7 @@ async fn audit(
         let [id, path, keys] = parts[..] else {
             return Err(format!("--journal `{j}`: ID,PATH,KEYFILE"));
         };
-        let keys = std::fs::read_to_string(keys).map_err(|e| format!("{keys}: {e}"))?;
+        let keys = crate::keyfile::read_to_string(std::path::Path::new(keys)).map_err(|e| e.to_string())?;
         inputs.push(crate::audit::JournalInput {
             path: path.into(),
             keys: keys.trim().to_string(),
@@ -448,6 +451,11 @@ fn check_config(file: &std::path::Path) -> Result<String, String> {
             if let Some(p) = path_of("upstream", key) {
                 if let Err(e) = std::fs::metadata(&p) {
                     problems.push(at(&format!("upstream.{key}"), format!("{}: {e}", p.display())));
+                } else if key == "key" {
+                    // A private key group or others may read refuses the gateway's start.
+                    if let Err(e) = crate::keyfile::check(&p) {
+                        problems.push(at("upstream.key", e.to_string()));
+                    }
                 }
             }
         }
@@ -714,15 +722,20 @@ fn run(cli: Cli) -> Result<String, String> {
                 },
             )
             .map_err(|e| e.to_string())?;
-            Ok(format!(
-                "wrote {}: ca.pem ca.key server.pem server.key {} gateways.toml pin-keys",
+            let mut text = format!(
+                "wrote {}:\n  {}: ca.pem ca.key: the CA; ca.key only issues certificates: keep it offline\n  {}: \
+                 server.pem server.key ca.pem gateways.toml pin-keys: the PIN server's",
                 out.dir.display(),
-                gateways
-                    .iter()
-                    .map(|g| format!("gateway-{g}.pem gateway-{g}.key"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            ))
+                out.ca_dir().display(),
+                out.server_dir().display()
+            );
+            for g in &gateways {
+                text.push_str(&format!(
+                    "\n  {}: gateway.pem gateway.key ca.pem: gateway {g}'s",
+                    out.gateway_dir(g).display()
+                ));
+            }
+            Ok(text)
         }
         Command::Pins { command } => runtime()?.block_on(crate::admin::pins(command)),
         Command::Gateway {

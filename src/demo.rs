@@ -79,7 +79,8 @@ pub fn sample_modes(low: usize, high: usize) -> Vec<ProductMode> {
 pub struct Inventory {
     pub dir: PathBuf,
     pub certs: CertsDir,
-    pub pin_keys: String,
+    /// The PIN keys' spec (zeroized when dropped).
+    pub pin_keys: zeroize::Zeroizing<String>,
     pub db: PathBuf,
 }
 
@@ -101,7 +102,7 @@ impl Inventory {
             },
         )
         .map_err(|e| e.to_string())?;
-        let pin_keys = std::fs::read_to_string(certs.pin_keys()).map_err(|e| e.to_string())?;
+        let pin_keys = crate::keyfile::read_to_string(&certs.pin_keys()).map_err(|e| e.to_string())?;
         let db = dir.join("pins.db");
         let cipher = PinCipher::from_spec(&pin_keys).map_err(|e| e.to_string())?;
         let mut store = SqliteStore::open(&db, cipher).map_err(|e| e.to_string())?;
@@ -181,7 +182,7 @@ pub async fn start_server_with(
     let tls = crate::tls::server_config(
         &inv.certs.server_cert(),
         &inv.certs.server_key(),
-        &inv.certs.ca(),
+        &inv.certs.server_ca(),
         gateways.clone(),
     )
     .map_err(|e| e.to_string())?;
@@ -258,7 +259,7 @@ impl GatewayFiles {
         let _ = writeln!(t, "servers = [{}]", list.join(", "));
         let _ = writeln!(
             t,
-            "cert = \"certs/gateway-{id}.pem\"\nkey = \"certs/gateway-{id}.key\"\nca = \"certs/ca.pem\"\nconnect_timeout_ms = 2000\nbreaker_cooldown_ms = 1000\n"
+            "cert = \"certs/gateway-{id}/gateway.pem\"\nkey = \"certs/gateway-{id}/gateway.key\"\nca = \"certs/gateway-{id}/ca.pem\"\nconnect_timeout_ms = 2000\nbreaker_cooldown_ms = 1000\n"
         );
         let _ = writeln!(
             t,

@@ -14,6 +14,7 @@
 //! - [`gateway`] — the host connection manager: terminal listeners and serial lines, the controller (sale, repeat, reversal,
 //!   network), the prefetch cache, the crash-safe journal, store-and-forward, and the PIN server pool.
 //! - [`server`], [`tls`] — the PIN server (mini-redis shaped `run(listener, …, shutdown)`) and mutual TLS.
+//! - [`keyfile`] — key files (PIN keys, journal keys, TLS private keys) read only when their owner alone may.
 //! - [`dialsim`] — a Hayes modem emulator on a pseudo-terminal and a dial-up terminal that calls through it.
 //! - [`scenario`] — scenario files for the terminal simulator: messages to send, codes to expect.
 //! - [`sim`] — a simulated TCP terminal (requests of the contract, framed); [`demo`] — `pingate demo` and the
@@ -39,6 +40,7 @@ pub mod demo;
 pub mod dialsim;
 pub mod gateway;
 pub mod iso8583;
+pub mod keyfile;
 pub mod link;
 pub mod load;
 pub mod logging;

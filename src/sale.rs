@@ -109,13 +109,16 @@ pub enum SaleError {
     MissingField { field: u8, reason: &'static str },
 }
 
-/// A PIN value. It is cash: `Debug` and `Display` never show it; [`Pin::expose`] is the one way to read it.
+/// A PIN value. It is cash: `Debug` and `Display` never show it; [`Pin::expose`] is the one way to read it. Its
+/// memory is zeroized when it is dropped.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Pin(String);
+pub struct Pin(zeroize::Zeroizing<String>);
+
+impl zeroize::ZeroizeOnDrop for Pin {}
 
 impl Pin {
     pub fn new(value: impl Into<String>) -> Pin {
-        Pin(value.into())
+        Pin(zeroize::Zeroizing::new(value.into()))
     }
     /// The PIN itself: only for putting it into the answer to the terminal that bought it.
     pub fn expose(&self) -> &str {
@@ -221,7 +224,7 @@ impl PinReceipt {
                 })?
                 .to_string();
             match &head[..2] {
-                b"PN" => pin = Some(Pin(text)),
+                b"PN" => pin = Some(Pin::new(text)),
                 b"SN" => serial = Some(text),
                 b"EX" => expiry = Some(text),
                 b"RL" => lines.push(text),

@@ -1,7 +1,7 @@
 //! Mutual TLS between gateways and PIN servers: TLS 1.3 only, ring crypto. The server requires a client
 //! certificate that chains to its CA **and** is on its gateway list (SHA-256 fingerprint → gateway id): anything
 //! else is refused during the handshake. Gateways verify the server's name. `certs init` makes a private CA, a
-//! server certificate and gateway certificates for a quick start.
+//! server certificate and gateway certificates for a quick start, the CA's key apart from what each host deploys.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -34,6 +34,9 @@ pub enum TlsError {
     /// The gateway list is malformed.
     #[error("{path}: {what}")]
     GatewayList { path: String, what: String },
+    /// A private key file group or others may read, or that cannot be read.
+    #[error(transparent)]
+    KeyFile(#[from] crate::keyfile::KeyFileError),
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -65,9 +68,9 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
-/// A private key from a PEM file.
+/// A private key from a PEM file, readable by its owner only (see [`crate::keyfile`]).
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = read(path)?;
+    let pem = crate::keyfile::read(path)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Pem {
         path: path.display().to_string(),
         what: format!("no private key: {e:?}"),
@@ -319,33 +322,66 @@ pub fn client_config(cert: &Path, key: &Path, server_ca: &Path) -> Result<rustls
         .map_err(|e| TlsError::Config(e.to_string()))
 }
 
-/// What `certs init` wrote.
+/// What `certs init` wrote: the CA in `ca/` (its key to keep offline: it only issues certificates), and one
+/// folder per host with only what that host deploys — its own certificate and key and the CA certificate (the
+/// server's also the gateway list and the PIN keys):
+///
+/// ```text
+/// DIR/ca/ca.pem ca.key
+/// DIR/server/server.pem server.key ca.pem gateways.toml pin-keys
+/// DIR/gateway-ID/gateway.pem gateway.key ca.pem
+/// ```
 #[derive(Clone, Debug)]
 pub struct CertsDir {
     pub dir: PathBuf,
 }
 
 impl CertsDir {
+    /// The CA's folder: its certificate and private key.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
+    }
+    /// The CA certificate (each host folder has a copy).
     pub fn ca(&self) -> PathBuf {
-        self.dir.join("ca.pem")
+        self.ca_dir().join("ca.pem")
+    }
+    /// The CA's private key: keep it offline.
+    pub fn ca_key(&self) -> PathBuf {
+        self.ca_dir().join("ca.key")
+    }
+    /// What the PIN server deploys.
+    pub fn server_dir(&self) -> PathBuf {
+        self.dir.join("server")
+    }
+    /// The CA certificate the server checks gateways with.
+    pub fn server_ca(&self) -> PathBuf {
+        self.server_dir().join("ca.pem")
     }
     pub fn server_cert(&self) -> PathBuf {
-        self.dir.join("server.pem")
+        self.server_dir().join("server.pem")
     }
     pub fn server_key(&self) -> PathBuf {
-        self.dir.join("server.key")
-    }
-    pub fn gateway_cert(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("gateway-{id}.pem"))
-    }
-    pub fn gateway_key(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("gateway-{id}.key"))
+        self.server_dir().join("server.key")
     }
     pub fn gateways(&self) -> PathBuf {
-        self.dir.join("gateways.toml")
+        self.server_dir().join("gateways.toml")
     }
     pub fn pin_keys(&self) -> PathBuf {
-        self.dir.join("pin-keys")
+        self.server_dir().join("pin-keys")
+    }
+    /// What gateway `id` deploys.
+    pub fn gateway_dir(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("gateway-{id}"))
+    }
+    pub fn gateway_cert(&self, id: &str) -> PathBuf {
+        self.gateway_dir(id).join("gateway.pem")
+    }
+    pub fn gateway_key(&self, id: &str) -> PathBuf {
+        self.gateway_dir(id).join("gateway.key")
+    }
+    /// The CA certificate gateway `id` checks servers with.
+    pub fn gateway_ca(&self, id: &str) -> PathBuf {
+        self.gateway_dir(id).join("ca.pem")
     }
 }
 
@@ -375,7 +411,9 @@ pub fn write_new_key(path: &Path) -> Result<(), TlsError> {
         path: path.display().to_string(),
         source,
     };
-    let spec = crate::store::crypto::PinCipher::generate_spec().map_err(|e| TlsError::Generate(e.to_string()))?;
+    let spec = zeroize::Zeroizing::new(
+        crate::store::crypto::PinCipher::generate_spec().map_err(|e| TlsError::Generate(e.to_string()))?,
+    );
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -423,9 +461,9 @@ pub struct Ca {
     pub key: rcgen::KeyPair,
 }
 
-/// Creates a private CA (`ca.pem`, `ca.key`), a server certificate, one client certificate per gateway, the
-/// gateway list and a PIN encryption key file in `dir`. Private keys are written mode 0600. Existing files are
-/// never overwritten.
+/// Creates a private CA, a server certificate, one client certificate per gateway, the gateway list and a PIN
+/// encryption key file in `dir`, laid out as [`CertsDir`] says: the CA's key in `ca/` (mode 0700), apart from the
+/// host folders. Private keys are written mode 0600. An existing CA is never overwritten.
 pub fn certs_init(dir: &Path, opts: &CertsInit) -> Result<CertsDir, TlsError> {
     certs_init_with_ca(dir, opts).map(|(d, _)| d)
 }
@@ -433,16 +471,29 @@ pub fn certs_init(dir: &Path, opts: &CertsInit) -> Result<CertsDir, TlsError> {
 /// [`certs_init`], also returning the CA.
 pub fn certs_init_with_ca(dir: &Path, opts: &CertsInit) -> Result<(CertsDir, Ca), TlsError> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
+    use std::os::unix::fs::DirBuilderExt;
     let out = CertsDir { dir: dir.to_path_buf() };
-    std::fs::create_dir_all(dir).map_err(|source| TlsError::Io {
-        path: dir.display().to_string(),
-        source,
-    })?;
-    if out.ca().exists() {
-        return Err(TlsError::Generate(format!(
-            "{} exists: refusing to overwrite a CA",
-            out.ca().display()
-        )));
+    // A CA made by this command, or by one before the CA had its own folder.
+    for ca in [out.ca(), dir.join("ca.pem")] {
+        if ca.exists() {
+            return Err(TlsError::Generate(format!(
+                "{} exists: refusing to overwrite a CA",
+                ca.display()
+            )));
+        }
+    }
+    let folders = [out.server_dir()]
+        .into_iter()
+        .chain(opts.gateways.iter().map(|id| out.gateway_dir(id)));
+    for (folder, mode) in [(out.ca_dir(), 0o700)].into_iter().chain(folders.map(|f| (f, 0o755))) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(&folder)
+            .map_err(|source| TlsError::Io {
+                path: folder.display().to_string(),
+                source,
+            })?;
     }
     let now = time_now();
     let until = now + time_days(opts.days);
@@ -460,7 +511,8 @@ pub fn certs_init_with_ca(dir: &Path, opts: &CertsInit) -> Result<(CertsDir, Ca)
     let ca_key = KeyPair::generate().map_err(gen_err)?;
     let ca_cert = ca.self_signed(&ca_key).map_err(gen_err)?;
     write_public(&out.ca(), &ca_cert.pem())?;
-    write_secret(&dir.join("ca.key"), &ca_key.serialize_pem())?;
+    write_secret(&out.ca_key(), &zeroize::Zeroizing::new(ca_key.serialize_pem()))?;
+    write_public(&out.server_ca(), &ca_cert.pem())?;
 
     let mut server = CertificateParams::new(opts.server_names.clone()).map_err(gen_err)?;
     server.distinguished_name.push(DnType::CommonName, "pingate PIN server");
@@ -470,18 +522,22 @@ pub fn certs_init_with_ca(dir: &Path, opts: &CertsInit) -> Result<(CertsDir, Ca)
     let server_key = KeyPair::generate().map_err(gen_err)?;
     let server_cert = server.signed_by(&server_key, &ca_cert, &ca_key).map_err(gen_err)?;
     write_public(&out.server_cert(), &server_cert.pem())?;
-    write_secret(&out.server_key(), &server_key.serialize_pem())?;
+    write_secret(&out.server_key(), &zeroize::Zeroizing::new(server_key.serialize_pem()))?;
 
     let mut list = GatewayList::default();
     for id in &opts.gateways {
         let (cert, key) = issue_gateway_cert(&ca_cert, &ca_key, id, now, until)?;
         write_public(&out.gateway_cert(id), &cert.pem())?;
-        write_secret(&out.gateway_key(id), &key.serialize_pem())?;
+        write_secret(&out.gateway_key(id), &zeroize::Zeroizing::new(key.serialize_pem()))?;
+        write_public(&out.gateway_ca(id), &ca_cert.pem())?;
         list.insert(id, &fingerprint(cert.der()));
     }
     write_public(&out.gateways(), &list.to_toml())?;
-    let keys = crate::store::crypto::PinCipher::generate_spec().map_err(|e| TlsError::Generate(e.to_string()))?;
-    write_secret(&out.pin_keys(), &format!("{keys}\n"))?;
+    let mut keys = zeroize::Zeroizing::new(
+        crate::store::crypto::PinCipher::generate_spec().map_err(|e| TlsError::Generate(e.to_string()))?,
+    );
+    keys.push('\n');
+    write_secret(&out.pin_keys(), &keys)?;
     Ok((
         out,
         Ca {

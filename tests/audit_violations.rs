@@ -123,7 +123,9 @@ async fn history(s: &mut impl PinStore) -> (Pins, Vec<Dispensed>) {
         s.apply(Op::Reverse {
             sale: common::ctx(GW, 2),
             content: None,
-        }).await.unwrap(),
+        })
+        .await
+        .unwrap(),
         Outcome::Reversed(_)
     ));
     let held = reserved(s.apply(reserve(GW, 5)).await.unwrap());
@@ -216,7 +218,7 @@ impl Rig {
             (Backend::Postgres { admin, name, url }, h)
         };
         let journal_key = PinCipher::generate_spec().unwrap();
-        std::fs::write(dir.join("journal.keys"), &journal_key).unwrap();
+        common::write_key(&dir.join("journal.keys"), &journal_key);
         // What gateway GW holds: two PINs cached, one sold from its cache and not yet confirmed.
         journal(
             &dir.join("gw1.journal"),

@@ -449,7 +449,7 @@ fn the_first_frame_deadline_is_configured_per_listener_and_checked() {
     use pingate::gateway::config::GatewayConfig;
     let d = dir("config");
     std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("journal.keys"), format!("1:{}", "ab".repeat(32))).unwrap();
+    common::write_key(&d.join("journal.keys"), &format!("1:{}", "ab".repeat(32)));
     let text = std::fs::read_to_string("protocols/gateway.example.toml").unwrap();
     let path = d.join("gateway.toml");
     let c = GatewayConfig::parse(&text, &path).unwrap();

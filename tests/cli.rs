@@ -26,6 +26,41 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Writes a key file as an operator must: readable by its owner only.
+fn write_key(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
+/// Runs `pingate` for at most `secs` seconds (killed then: it did not stop by itself).
+fn pingate_briefly(args: &[&str], secs: u64) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pingate"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status.code(), text(&out.stderr))
+}
+
 #[test]
 fn decode_masks_by_default_and_reveals_on_request() {
     let hex = fixture("iso87-bcd/sale-approved-0210.hex");
@@ -214,8 +249,9 @@ fn check_config_lists_every_problem_with_its_key() {
         assert!(err.contains(key), "{key} in {err}");
     }
     // With them present, the example is fine.
-    std::fs::write(d.join("journal.keys"), format!("1:{}", "ab".repeat(32))).unwrap();
-    for f in ["certs/gateway-gw1.pem", "certs/gateway-gw1.key", "certs/ca.pem"] {
+    write_key(&d.join("journal.keys"), &format!("1:{}", "ab".repeat(32)));
+    write_key(&d.join("certs/gateway.key"), "x");
+    for f in ["certs/gateway.pem", "certs/ca.pem"] {
         std::fs::write(d.join(f), "x").unwrap();
     }
     let o = pingate(&["check-config", cfg.to_str().unwrap()], None);
@@ -272,7 +308,10 @@ fn check_config_lists_every_problem_with_its_key() {
         None,
     );
     assert!(o.status.success(), "{}", text(&o.stderr));
-    let o = pingate(&["check-config", certs.join("gateways.toml").to_str().unwrap()], None);
+    let o = pingate(
+        &["check-config", certs.join("server/gateways.toml").to_str().unwrap()],
+        None,
+    );
     assert!(
         text(&o.stdout).contains("gateway list, 2 gateways: OK"),
         "{}{}",
@@ -289,10 +328,11 @@ fn check_config_of_a_bare_file_name_finds_the_journal_folder_as_the_gateway_does
     let d = std::env::temp_dir().join(format!("pingate-check-bare-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(d.join("certs")).unwrap();
-    std::fs::write(d.join("journal.keys"), format!("1:{}", "ab".repeat(32))).unwrap();
-    for f in ["certs/gateway-gw1.pem", "certs/gateway-gw1.key", "certs/ca.pem"] {
+    write_key(&d.join("journal.keys"), &format!("1:{}", "ab".repeat(32)));
+    for f in ["certs/gateway.pem", "certs/ca.pem"] {
         std::fs::write(d.join(f), "x").unwrap();
     }
+    write_key(&d.join("certs/gateway.key"), "x");
     let example = std::fs::read_to_string("protocols/gateway.example.toml").unwrap();
     assert!(example.contains("journal = \"gateway.journal\""));
     std::fs::write(d.join("gateway.toml"), &example).unwrap();
@@ -325,8 +365,209 @@ fn check_config_of_a_bare_file_name_finds_the_journal_folder_as_the_gateway_does
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// `certs init` keeps the CA's private key apart (`ca/`, to keep offline) from what a host deploys: the server's
+/// folder and each gateway's hold that host's own key and certificate, the CA certificate, and nothing else secret.
+#[test]
+fn certs_init_keeps_the_ca_key_apart_and_gives_each_host_only_its_own_key() {
+    use std::collections::BTreeSet;
+    use std::os::unix::fs::PermissionsExt;
+    let d = std::env::temp_dir().join(format!("pingate-certs-layout-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    let o = pingate(
+        &[
+            "certs",
+            "init",
+            d.to_str().unwrap(),
+            "--gateway",
+            "gw1",
+            "--gateway",
+            "gw2",
+        ],
+        None,
+    );
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(out.contains("keep it offline"), "{out}");
+    let files = |dir: &str| -> BTreeSet<String> {
+        std::fs::read_dir(d.join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let set = |names: &[&str]| -> BTreeSet<String> { names.iter().map(|n| n.to_string()).collect() };
+    assert_eq!(files("."), set(&["ca", "gateway-gw1", "gateway-gw2", "server"]));
+    assert_eq!(files("ca"), set(&["ca.key", "ca.pem"]));
+    assert_eq!(
+        files("server"),
+        set(&["ca.pem", "gateways.toml", "pin-keys", "server.key", "server.pem"])
+    );
+    for gw in ["gateway-gw1", "gateway-gw2"] {
+        assert_eq!(files(gw), set(&["ca.pem", "gateway.key", "gateway.pem"]));
+    }
+    let mode = |p: &str| std::fs::metadata(d.join(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("ca"), 0o700);
+    for key in [
+        "ca/ca.key",
+        "server/server.key",
+        "server/pin-keys",
+        "gateway-gw1/gateway.key",
+    ] {
+        assert_eq!(mode(key), 0o600, "{key}");
+    }
+    // Each host's folder: its own private key and no other; the CA certificate as the CA made it.
+    let read = |p: &str| std::fs::read_to_string(d.join(p)).unwrap();
+    let keys = [
+        "ca/ca.key",
+        "server/server.key",
+        "gateway-gw1/gateway.key",
+        "gateway-gw2/gateway.key",
+    ]
+    .map(read);
+    assert!(keys.iter().all(|k| k.contains("PRIVATE KEY")));
+    for (host, own) in [("server", 1), ("gateway-gw1", 2), ("gateway-gw2", 3)] {
+        assert_eq!(read(&format!("{host}/ca.pem")), read("ca/ca.pem"));
+        for name in files(host) {
+            let body = read(&format!("{host}/{name}"));
+            for (i, k) in keys.iter().enumerate() {
+                assert_eq!(
+                    body.contains(k.trim()),
+                    i == own && name.ends_with(".key"),
+                    "{host}/{name}"
+                );
+            }
+        }
+    }
+    // The paths the library names are these.
+    let certs = pingate::tls::CertsDir { dir: d.clone() };
+    assert_eq!(certs.server_key(), d.join("server/server.key"));
+    assert_eq!(certs.gateway_cert("gw2"), d.join("gateway-gw2/gateway.pem"));
+    assert_eq!(certs.gateway_ca("gw2"), d.join("gateway-gw2/ca.pem"));
+    assert_eq!(certs.pin_keys(), d.join("server/pin-keys"));
+    // Once made, never made again over itself.
+    let again = pingate(&["certs", "init", d.to_str().unwrap()], None);
+    assert!(!again.status.success() && text(&again.stderr).contains("refusing to overwrite"));
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// A PIN key, journal key or TLS private key file that group or others can read refuses the start of the PIN
+/// server, of an import and of the gateway, with a message naming the file and its mode; `pingate check-config`
+/// reports the gateway's with their keys.
+#[test]
+fn key_files_others_can_read_refuse_the_start_and_check_config_names_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = std::env::temp_dir().join(format!("pingate-key-modes-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let dir = d.join("certs");
+    let o = pingate(&["certs", "init", dir.to_str().unwrap(), "--gateway", "gw1"], None);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let certs = pingate::tls::CertsDir { dir };
+    let chmod = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let refused = |(code, err): (Option<i32>, String), file: &std::path::Path, mode: &str| {
+        assert_eq!(code, Some(2), "{err}");
+        let expected = format!("{}: mode {mode} lets group or others at this key file", file.display());
+        assert!(err.contains(&expected), "{expected} in {err}");
+    };
+    let (db, path) = (
+        format!("sqlite:{}", d.join("pins.db").display()),
+        |p: &std::path::Path| p.to_str().unwrap().to_string(),
+    );
+    let server = || {
+        let args = [
+            "server".to_string(),
+            "--db".into(),
+            db.clone(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--cert".into(),
+            path(&certs.server_cert()),
+            "--key".into(),
+            path(&certs.server_key()),
+            "--client-ca".into(),
+            path(&certs.server_ca()),
+            "--gateways".into(),
+            path(&certs.gateways()),
+            "--pin-keys".into(),
+            path(&certs.pin_keys()),
+        ];
+        pingate_briefly(&args.iter().map(String::as_str).collect::<Vec<_>>(), 10)
+    };
+    chmod(&certs.pin_keys(), 0o644);
+    refused(server(), &certs.pin_keys(), "0644");
+    let csv = d.join("pins.csv");
+    std::fs::write(&csv, "product,amount,pin,serial,expiry,receipt\n").unwrap();
+    let import = [
+        "pins",
+        "import",
+        "--db",
+        &db,
+        "--pin-keys",
+        &path(&certs.pin_keys()),
+        &path(&csv),
+    ];
+    refused(pingate_briefly(&import, 10), &certs.pin_keys(), "0644");
+    chmod(&certs.pin_keys(), 0o600);
+    chmod(&certs.server_key(), 0o640);
+    refused(server(), &certs.server_key(), "0640");
+    chmod(&certs.server_key(), 0o600);
+
+    // A gateway: its journal key, then its TLS key.
+    let journal_keys = d.join("journal.keys");
+    let o = pingate(&["certs", "key", &path(&journal_keys)], None);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let example = std::fs::read_to_string("protocols/gateway.example.toml").unwrap();
+    let cfg = d.join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        example
+            .replace(
+                "\"certs/gateway.pem\"",
+                &format!("{:?}", path(&certs.gateway_cert("gw1"))),
+            )
+            .replace(
+                "\"certs/gateway.key\"",
+                &format!("{:?}", path(&certs.gateway_key("gw1"))),
+            )
+            .replace("\"certs/ca.pem\"", &format!("{:?}", path(&certs.gateway_ca("gw1"))))
+            .replace(
+                "\"/run/pingate/admin.sock\"",
+                &format!("{:?}", path(&d.join("admin.sock"))),
+            ),
+    )
+    .unwrap();
+    let o = pingate(&["check-config", &path(&cfg)], None);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let gateway = || pingate_briefly(&["gateway", "--config", &path(&cfg)], 10);
+    chmod(&journal_keys, 0o644);
+    let o = pingate(&["check-config", &path(&cfg)], None);
+    refused((o.status.code(), text(&o.stderr)), &journal_keys, "0644");
+    assert!(
+        text(&o.stderr).contains("gateway.journal_keys_file: "),
+        "{}",
+        text(&o.stderr)
+    );
+    refused(gateway(), &journal_keys, "0644");
+    chmod(&journal_keys, 0o600);
+    chmod(&certs.gateway_key("gw1"), 0o604);
+    let o = pingate(&["check-config", &path(&cfg)], None);
+    refused((o.status.code(), text(&o.stderr)), &certs.gateway_key("gw1"), "0604");
+    assert!(text(&o.stderr).contains("upstream.key: "), "{}", text(&o.stderr));
+    refused(gateway(), &certs.gateway_key("gw1"), "0604");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 #[test]
 fn the_systemd_units_verify() {
+    // A core dump would hold PINs and keys in clear: the units allow none.
+    for unit in ["pingate-server.service", "pingate-gateway.service"] {
+        let text = std::fs::read_to_string(format!("deploy/{unit}")).unwrap();
+        assert!(
+            text.lines().any(|l| l.trim() == "LimitCORE=0"),
+            "{unit}: no LimitCORE=0"
+        );
+    }
     // systemd-analyze is on the machine image; without it there is nothing to verify the units with.
     if Command::new("systemd-analyze").arg("--version").output().is_err() {
         eprintln!("systemd-analyze not installed: units not verified");

@@ -615,11 +615,13 @@ fn the_example_configuration_loads_and_mistakes_are_named() {
     use pingate::gateway::config::{ConfigError, GatewayConfig};
     let d = dir("config");
     std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("journal.keys"), format!("1:{}", "ab".repeat(32))).unwrap();
+    common::write_key(&d.join("journal.keys"), &format!("1:{}", "ab".repeat(32)));
     let text = std::fs::read_to_string("protocols/gateway.example.toml").unwrap();
     let path = d.join("gateway.toml");
     let c = GatewayConfig::parse(&text, &path).unwrap();
     assert_eq!(c.journal, d.join("gateway.journal"));
+    // The journal key it read is never in its Debug form.
+    assert!(c.journal_keys.is_some() && !format!("{c:?}").contains(&"ab".repeat(32)));
     assert_eq!(c.response_deadline, Duration::from_secs(15));
     assert_eq!(c.listeners.len(), 1);
     assert!(c.listeners[0].tpdu);
@@ -1026,7 +1028,7 @@ async fn reservations_the_journal_never_saw_are_released_at_start() {
         pingate::tls::client_config(
             &inv.certs.gateway_cert("gw1"),
             &inv.certs.gateway_key("gw1"),
-            &inv.certs.ca(),
+            &inv.certs.gateway_ca("gw1"),
         )
         .unwrap(),
     );

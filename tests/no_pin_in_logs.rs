@@ -47,26 +47,31 @@ fn all_pins(inv: &Inventory) -> Vec<String> {
     let cipher = pingate::store::crypto::PinCipher::from_spec(&inv.pin_keys).unwrap();
     let db = rusqlite::Connection::open(&inv.db).unwrap();
     let mut q = db
-        .prepare("SELECT serial, key_id, nonce, ciphertext FROM pins")
+        .prepare("SELECT serial, key_id, nonce, ciphertext, id, product, amount FROM pins")
         .unwrap();
     let rows = q
         .query_map([], |r| {
             Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, u32>(1)?,
-                r.get::<_, Vec<u8>>(2)?,
-                r.get::<_, Vec<u8>>(3)?,
+                (r.get::<_, String>(0)?, r.get::<_, u32>(1)?),
+                (r.get::<_, Vec<u8>>(2)?, r.get::<_, Vec<u8>>(3)?),
+                (r.get::<_, i64>(4)?, r.get::<_, String>(5)?, r.get::<_, i64>(6)?),
             ))
         })
         .unwrap();
     rows.map(|r| {
-        let (serial, key_id, nonce, ciphertext) = r.unwrap();
+        let ((serial, key_id), (nonce, ciphertext), (id, product, amount)) = r.unwrap();
         let sealed = pingate::store::crypto::Sealed {
             key_id,
             nonce: nonce.try_into().unwrap(),
             ciphertext,
         };
-        cipher.open(&sealed, &serial).unwrap().expose().to_string()
+        let row = pingate::store::crypto::RowAd {
+            id,
+            product: &product,
+            amount,
+            serial: &serial,
+        };
+        cipher.open_row(&sealed, &row).unwrap().expose().to_string()
     })
     .collect()
 }

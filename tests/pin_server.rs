@@ -73,7 +73,7 @@ impl Fixture {
             client_config(
                 &self.certs.gateway_cert(gw),
                 &self.certs.gateway_key(gw),
-                &self.certs.ca(),
+                &self.certs.gateway_ca(gw),
             )
             .unwrap(),
         )
@@ -85,7 +85,7 @@ impl Fixture {
         let tls = pingate::tls::server_config(
             &self.certs.server_cert(),
             &self.certs.server_key(),
-            &self.certs.ca(),
+            &self.certs.server_ca(),
             gateways.clone(),
         )
         .unwrap();
@@ -386,7 +386,7 @@ async fn tls_refuses_missing_foreign_expired_and_unlisted_certificates() {
     let write = |name: &str, cert: &rcgen::Certificate, key: &rcgen::KeyPair| {
         let (c, k) = (f.dir.join(format!("{name}.pem")), f.dir.join(format!("{name}.key")));
         std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
+        write_key(&k, &key.serialize_pem());
         Arc::new(client_config(&c, &k, &f.certs.ca()).unwrap())
     };
     let (cert, key) = issue_gateway_cert(

@@ -60,9 +60,12 @@ fn setup(name: &str, db: &str, pins: usize) -> (Dir, CertsDir) {
         "--gateway",
         "gw2",
     ]);
-    assert!(out.contains("gateway-gw2.pem"), "{out}");
-    let mode =
-        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(certs.join("server.key")).unwrap().permissions());
+    assert!(out.contains("gateway gw2's"), "{out}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(certs.join("server/server.key"))
+            .unwrap()
+            .permissions(),
+    );
     assert_eq!(mode & 0o777, 0o600, "private keys are not readable by others");
     let (again, _, err) = pingate(&["certs", "init", certs.to_str().unwrap()]);
     assert!(!again && err.contains("refusing to overwrite"), "{err}");
@@ -91,7 +94,7 @@ fn setup(name: &str, db: &str, pins: usize) -> (Dir, CertsDir) {
     }
     let file = dir.join("pins.csv");
     std::fs::write(&file, &csv).unwrap();
-    let keys = certs.join("pin-keys");
+    let keys = certs.join("server/pin-keys");
     let import = |file: &Path| {
         pingate(&[
             "pins",
@@ -142,7 +145,7 @@ fn server_command(db: &str, certs: &CertsDir, global: &[&str]) -> Command {
         ])
         .args([
             "--client-ca",
-            certs.ca().to_str().unwrap(),
+            certs.server_ca().to_str().unwrap(),
             "--gateways",
             certs.gateways().to_str().unwrap(),
         ])
@@ -189,7 +192,7 @@ fn start_server_logged(db: &str, certs: &CertsDir) -> (Server, SocketAddr, Arc<s
 }
 
 fn tls(certs: &CertsDir, gw: &str) -> Arc<rustls::ClientConfig> {
-    Arc::new(client_config(&certs.gateway_cert(gw), &certs.gateway_key(gw), &certs.ca()).unwrap())
+    Arc::new(client_config(&certs.gateway_cert(gw), &certs.gateway_key(gw), &certs.gateway_ca(gw)).unwrap())
 }
 
 fn signal(server: &Server, sig: &str) {
@@ -404,7 +407,7 @@ fn an_operator_quarantines_a_pin_and_returns_a_repaired_one_to_stock() {
     let path = d.join("pins.db");
     let db = format!("sqlite:{}", path.display());
     let (_dir, certs) = setup("return-q", &db, 3);
-    let keys = certs.dir.join("pin-keys");
+    let keys = certs.pin_keys();
     // PIN 1 is quarantined by the operator (and opens); PIN 2 was quarantined by the server and is still damaged
     // (its serial, the seal's associated data, changed).
     let out = ok(&["pins", "quarantine", "--db", &db, "--id", "1"]);

@@ -68,6 +68,18 @@ fn gift() -> Product {
 /// The behaviour every backend must have.
 async fn scenario(s: &mut impl PinStore) {
     s.upsert_product(&gift()).await.unwrap();
+    // A receipt that shows its PIN (stored in clear) refuses the import, naming the PIN by position, never by value.
+    let mut shown = pins(90_000, 2, None);
+    shown[1].receipt = vec![format!("your PIN: {}", shown[1].pin.expose())];
+    let e = s
+        .import_with_progress(&shown, &mut |_| {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "PIN 2: receipt line 1 contains the PIN (receipts are stored in clear: give the PIN its own field only)"
+    );
     let mut seen = Vec::new();
     let mut progress = |n: usize| seen.push(n);
     assert_eq!(

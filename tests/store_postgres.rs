@@ -106,7 +106,7 @@ async fn count(s: &PgStore, state: PinState) -> i64 {
 async fn transitions_idempotency_and_refusals() {
     let schema = Schema::new("transitions").await;
     let mut s = schema.stocked(6).await;
-    assert_eq!(s.schema_version().await.unwrap(), 5);
+    assert_eq!(s.schema_version().await.unwrap(), 6);
     let a = s.sell(&sell("gw1", 1)).await.unwrap();
     assert_eq!(s.sell(&sell("gw1", 1)).await.unwrap(), a, "same key, same PIN");
     let mut other = sell("gw1", 1);
@@ -305,7 +305,9 @@ async fn a_version_1_database_is_migrated_and_sells() {
     let schema = Schema::new("migrate").await;
     let mut s = schema.stocked(4).await;
     let a = s.sell(&sell("gw1", 1)).await.unwrap();
-    // What a database written by the first release looks like: sales under their first key, no batch functions,
+    undo_migration_6(&s, &schema.keys, &pins(0, 4)).await;
+    // What a database written by the first release looks like: PINs sealed with their serial alone (above), sales
+    // under their first key, no batch functions,
     // no expiry index, no `quarantined` state (neither in the CHECK nor in the edges function), version 1.
     s.client()
         .batch_execute(
@@ -331,7 +333,7 @@ async fn a_version_1_database_is_migrated_and_sells() {
         .unwrap();
     drop(s);
     let mut s = schema.open().await;
-    assert_eq!(s.schema_version().await.unwrap(), 5);
+    assert_eq!(s.schema_version().await.unwrap(), 6);
     // Migration 5 bound the keys to the year they were sold in (the sale is this year's).
     let year = time::OffsetDateTime::now_utc().year();
     let recorded: String = s
@@ -403,6 +405,133 @@ async fn a_version_1_database_is_migrated_and_sells() {
         .expect("refused");
     assert!(e.to_string().contains("newer than this pingate"), "{e}");
     schema.drop_it().await;
+}
+
+/// A PIN's seal is bound to its row (id, product, amount, serial and key id): a row moved by SQL to another amount
+/// or product no longer opens, so a sale that picks it quarantines it instead of selling it as what it is not; the
+/// repeat of a sale whose row was moved is refused, not answered with the PIN; moved back, it opens again.
+#[tokio::test]
+async fn a_row_moved_to_another_product_or_amount_no_longer_opens() {
+    let schema = Schema::new("moved").await;
+    let mut s = schema.stocked(4).await;
+    s.upsert_product(&pingate::store::Product {
+        code: "GIFT".into(),
+        name: "Gift card".into(),
+        supplier: "Shop".into(),
+        currency: "978".into(),
+        denominations: vec![1000],
+    })
+    .await
+    .unwrap();
+    s.client()
+        .batch_execute("UPDATE pins SET amount = 2000 WHERE id = 1; UPDATE pins SET product = 'GIFT' WHERE id = 2")
+        .await
+        .unwrap();
+    let mut moved = sell("gw1", 1);
+    moved.amount = 2000;
+    let r = s.sell(&moved).await;
+    assert!(matches!(r, Err(StoreError::OutOfStock { amount: 2000, .. })), "{r:?}");
+    let mut moved = sell("gw1", 2);
+    moved.product = "GIFT".into();
+    let r = s.sell(&moved).await;
+    assert!(matches!(r, Err(StoreError::OutOfStock { .. })), "{r:?}");
+    assert_eq!(count(&s, PinState::Quarantined).await, 2);
+    let a = s.sell(&sell("gw1", 3)).await.unwrap();
+    assert_eq!(a.pin_id, 3);
+    s.client()
+        .batch_execute("UPDATE pins SET amount = 2000 WHERE id = 3")
+        .await
+        .unwrap();
+    let r = s.sell(&sell("gw1", 3)).await;
+    assert!(
+        matches!(r, Err(StoreError::Db(ref m)) if m.contains("does not decrypt")),
+        "{r:?}"
+    );
+    s.client()
+        .batch_execute("UPDATE pins SET amount = 1000 WHERE id = 3")
+        .await
+        .unwrap();
+    assert_eq!(s.sell(&sell("gw1", 3)).await.unwrap(), a);
+    drop(s);
+    schema.drop_it().await;
+}
+
+/// Schema version 6 seals every PIN again, bound to its row instead of its serial alone: a database of version 5
+/// opened with its keys is migrated (a sold PIN opens again for its repeat, a damaged row is left as it was), and
+/// then a row moved to another amount no longer opens. Opened without keys it stays at version 5; opened with a
+/// wrong key, the migration is refused and nothing changes.
+#[tokio::test]
+async fn a_version_5_database_is_sealed_again_bound_to_its_rows() {
+    let schema = Schema::new("reseal").await;
+    let mut s = schema.stocked(5).await;
+    let a = s.sell(&sell("gw1", 1)).await.unwrap();
+    undo_migration_6(&s, &schema.keys, &pins(0, 5)).await;
+    s.client()
+        .batch_execute("UPDATE pins SET ciphertext = '\\x00'::bytea || substr(ciphertext, 2) WHERE id = 5")
+        .await
+        .unwrap();
+    drop(s);
+    let keyless = PgStore::connect(&url(), Some(&schema.name), PinCipher::without_keys())
+        .await
+        .unwrap();
+    assert_eq!(keyless.schema_version().await.unwrap(), 5);
+    assert_eq!(count(&keyless, PinState::Available).await, 4);
+    drop(keyless);
+    let wrong = PinCipher::from_spec(&PinCipher::generate_spec().unwrap()).unwrap();
+    let e = PgStore::connect(&url(), Some(&schema.name), wrong)
+        .await
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("key 1 opens none of the 5 PINs"), "{e}");
+    let mut s = schema.open().await;
+    assert_eq!(s.schema_version().await.unwrap(), 6);
+    assert_eq!(
+        s.sell(&sell("gw1", 1)).await.unwrap(),
+        a,
+        "a sold PIN opens again for its repeat"
+    );
+    assert_eq!(s.sell(&sell("gw1", 2)).await.unwrap().pin_id, 2);
+    s.client()
+        .batch_execute("UPDATE pins SET amount = 2000 WHERE id = 3")
+        .await
+        .unwrap();
+    let mut moved = sell("gw1", 3);
+    moved.amount = 2000;
+    assert!(matches!(s.sell(&moved).await, Err(StoreError::OutOfStock { .. })));
+    assert_eq!(s.sell(&sell("gw1", 4)).await.unwrap().pin_id, 4);
+    assert!(matches!(
+        s.sell(&sell("gw1", 5)).await,
+        Err(StoreError::OutOfStock { .. })
+    ));
+    assert_eq!(
+        count(&s, PinState::Quarantined).await,
+        2,
+        "the moved row and the damaged one"
+    );
+    drop(s);
+    schema.drop_it().await;
+}
+
+/// Undoes what migration 6 changed, as a database of version 5 has it: each PIN sealed with its serial alone as the
+/// associated data (`loaded` are the PINs as imported, in id order).
+async fn undo_migration_6(s: &PgStore, keys: &str, loaded: &[NewPin]) {
+    let cipher = PinCipher::from_spec(keys).unwrap();
+    for (i, p) in loaded.iter().enumerate() {
+        let sealed = cipher.seal(&p.pin, &p.serial).unwrap();
+        let n = s
+            .client()
+            .execute(
+                "UPDATE pins SET nonce = $1, ciphertext = $2 WHERE id = $3 AND serial = $4",
+                &[&&sealed.nonce[..], &sealed.ciphertext, &(i as i64 + 1), &p.serial],
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+    s.client()
+        .batch_execute("UPDATE pingate_schema SET version = 5")
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -753,4 +882,178 @@ async fn workers_reconnect_after_postgresql_drops_their_connection() {
     );
     h.close().await;
     schema.drop_it().await;
+}
+
+/// PostgreSQL over TLS: with `sslmode=verify-full` the store connects with TLS and checks the server's certificate
+/// against the CA of `sslrootcert` and the host name it dialled; a certificate another CA signed is refused; a URL
+/// that asks for TLS without naming a CA is refused before connecting. Plaintext URLs go on working.
+#[tokio::test]
+async fn tls_connections_check_the_server_certificate() {
+    let ca = enable_server_tls().await;
+    let schema = Schema::new("tls").await;
+    let with = |url: &str, ca: &std::path::Path| {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}sslmode=verify-full&sslrootcert={}", ca.display())
+    };
+    let cipher = || PinCipher::from_spec(&schema.keys).unwrap();
+    // By address (the certificate names 127.0.0.1) and by name (localhost).
+    for (i, url) in [url(), url().replace("127.0.0.1", "localhost")].iter().enumerate() {
+        let mut s = PgStore::connect(&with(url, &ca), Some(&schema.name), cipher())
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        let tls: bool = s
+            .client()
+            .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(tls, "{url}: the connection is not encrypted");
+        s.upsert_product(&topup(&[1000])).await.unwrap();
+        s.import(&pins(10 * i, 2)).await.unwrap();
+        assert!(s.sell(&sell("gwtls", i as u32)).await.is_ok());
+    }
+    // The same server, checked against another CA, or one that takes the name of the real one: refused during
+    // the handshake.
+    let dir = std::env::temp_dir().join(format!("pingate-pg-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, why) in [("another CA", "UnknownIssuer"), (TEST_CA, "BadSignature")] {
+        let other = dir.join("other-ca.pem");
+        std::fs::write(&other, test_ca(name).0.pem()).unwrap();
+        let e = PgStore::connect(&with(&url(), &other), Some(&schema.name), cipher())
+            .await
+            .err()
+            .expect("a server certificate of another CA is refused");
+        assert!(
+            e.to_string().contains(&format!("invalid peer certificate: {why}")),
+            "{e}"
+        );
+    }
+    // TLS asked for, no CA to check the server with: refused, saying what to give.
+    if std::env::var_os("PGSSLROOTCERT").is_none() {
+        let sep = if url().contains('?') { '&' } else { '?' };
+        let e = PgStore::connect(&format!("{}{sep}sslmode=verify-full", url()), None, cipher())
+            .await
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("sslrootcert=FILE"), "{e}");
+    }
+    // Plaintext connections are untouched.
+    let s = schema.open().await;
+    let tls: bool = s
+        .client()
+        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!tls);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+    schema.drop_it().await;
+}
+
+/// The name of the CA that signs the test PostgreSQL's certificate.
+const TEST_CA: &str = "pingate test PostgreSQL CA";
+
+/// A CA for the tests' TLS, named `name` (rcgen's default validity: it never expires for them).
+fn test_ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.distinguished_name.push(rcgen::DnType::CommonName, name);
+    let key = rcgen::KeyPair::generate().unwrap();
+    (p.self_signed(&key).unwrap(), key)
+}
+
+/// Gives the test PostgreSQL TLS with a certificate of the tests' own for `localhost` and `127.0.0.1`, and returns
+/// the file of the CA that signed it. The files have fixed names in the server's data folder and are made once:
+/// other tests and other runs share the server (a lock orders concurrent runs), and plaintext connections go on as
+/// before (`ssl = on` still accepts them). Writing into the data folder needs root on the server's machine, as CI
+/// has: anything else fails here, saying so, rather than skipping the test.
+async fn enable_server_tls() -> std::path::PathBuf {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let (admin, conn) = tokio_postgres::connect(&format!("{}/postgres", pg_base()), tokio_postgres::NoTls)
+        .await
+        .expect("PostgreSQL must run");
+    tokio::spawn(conn);
+    admin.batch_execute("SELECT pg_advisory_lock(7318432)").await.unwrap();
+    let show = |name: &'static str| {
+        let admin = &admin;
+        async move {
+            let r = admin.query_one(&format!("SHOW {name}"), &[]).await.unwrap();
+            r.get::<_, String>(0)
+        }
+    };
+    let data = std::path::PathBuf::from(show("data_directory").await);
+    let (crt, key, ca) = (
+        data.join("pingate-test-tls.crt"),
+        data.join("pingate-test-tls.key"),
+        data.join("pingate-test-tls-ca.pem"),
+    );
+    let ours = show("ssl").await == "on"
+        && show("ssl_cert_file").await.ends_with("pingate-test-tls.crt")
+        && show("ssl_key_file").await.ends_with("pingate-test-tls.key")
+        && [&crt, &key, &ca].iter().all(|p| p.exists());
+    if !ours {
+        let owner = std::fs::metadata(&data).unwrap_or_else(|e| {
+            panic!(
+                "cannot give the test PostgreSQL a TLS certificate: its data folder {}: {e}. The test writes its \
+                 certificate there, and so must run as root on the server's machine, as CI does",
+                data.display()
+            )
+        });
+        let (ca_cert, ca_key) = test_ca(TEST_CA);
+        let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
+        let server_key = rcgen::KeyPair::generate().unwrap();
+        let server = p.signed_by(&server_key, &ca_cert, &ca_key).unwrap();
+        for (path, text, mode) in [
+            (&key, server_key.serialize_pem(), 0o600),
+            (&crt, server.pem(), 0o644),
+            (&ca, ca_cert.pem(), 0o644),
+        ] {
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(mode)
+                .open(path)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+                .and_then(|_| std::os::unix::fs::chown(path, Some(owner.uid()), Some(owner.gid())));
+            if let Err(e) = written {
+                panic!(
+                    "cannot give the test PostgreSQL a TLS certificate: {}: {e}. The test writes its certificate in \
+                     the server's data folder, and so must run as root on the server's machine, as CI does",
+                    path.display()
+                );
+            }
+        }
+        for sql in [
+            "ALTER SYSTEM SET ssl_cert_file = 'pingate-test-tls.crt'",
+            "ALTER SYSTEM SET ssl_key_file = 'pingate-test-tls.key'",
+            "ALTER SYSTEM SET ssl = on",
+            "SELECT pg_reload_conf()",
+        ] {
+            admin.batch_execute(sql).await.unwrap();
+        }
+    }
+    // The server reads its configuration again on its own time: wait until a TLS connection checks out.
+    let check = format!(
+        "{}/postgres?sslmode=verify-full&sslrootcert={}",
+        pg_base(),
+        ca.display()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        match pingate::store::pgtls::connect(&check).await {
+            Ok(_) => break,
+            Err(e) if std::time::Instant::now() > deadline => panic!(
+                "the test PostgreSQL does not take TLS with the tests' certificate ({e}): see its log for why \
+                 (the key file {} must belong to its user, mode 0600)",
+                key.display()
+            ),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+        }
+    }
+    admin.batch_execute("SELECT pg_advisory_unlock(7318432)").await.unwrap();
+    ca
 }

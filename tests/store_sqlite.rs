@@ -333,6 +333,133 @@ fn pins_are_encrypted_at_rest() {
     assert_eq!(count(&other, PinState::Quarantined), 0);
 }
 
+/// A PIN's seal is bound to its row (id, product, amount, serial and key id): a row moved by SQL to another amount
+/// or product no longer opens, so a sale that picks it quarantines it instead of selling it as what it is not; the
+/// repeat of a sale whose row was moved is refused, not answered with the PIN; moved back, it opens again.
+#[test]
+fn a_row_moved_to_another_product_or_amount_no_longer_opens() {
+    let db = TempDb::new("moved");
+    let mut s = db.stocked(4);
+    s.upsert_product(&gift()).unwrap();
+    s.connection()
+        .execute_batch("UPDATE pins SET amount = 2000 WHERE id = 1; UPDATE pins SET product = 'GIFT' WHERE id = 2;")
+        .unwrap();
+    let mut moved = sell(1);
+    moved.amount = 2000;
+    let r = s.sell(&moved);
+    assert!(matches!(r, Err(StoreError::OutOfStock { amount: 2000, .. })), "{r:?}");
+    let mut moved = sell(2);
+    moved.product = "GIFT".into();
+    let r = s.sell(&moved);
+    assert!(matches!(r, Err(StoreError::OutOfStock { .. })), "{r:?}");
+    assert_eq!(count(&s, PinState::Quarantined), 2);
+    let a = s.sell(&sell(3)).unwrap();
+    assert_eq!(a.pin_id, 3);
+    s.connection()
+        .execute("UPDATE pins SET amount = 2000 WHERE id = 3", [])
+        .unwrap();
+    let r = s.sell(&sell(3));
+    assert!(matches!(r, Err(StoreError::Unreadable { pin_id: 3, .. })), "{r:?}");
+    s.connection()
+        .execute("UPDATE pins SET amount = 1000 WHERE id = 3", [])
+        .unwrap();
+    assert_eq!(s.sell(&sell(3)).unwrap(), a);
+    // Another row's seal copied onto a row does not open either (here: row 4 given row 3's).
+    s.connection()
+        .execute_batch(
+            "UPDATE pins SET (key_id, nonce, ciphertext) = (SELECT key_id, nonce, ciphertext FROM pins WHERE id = 3)
+             WHERE id = 4",
+        )
+        .unwrap();
+    let r = s.sell(&sell(4));
+    assert!(matches!(r, Err(StoreError::OutOfStock { .. })), "{r:?}");
+    assert_eq!(count(&s, PinState::Quarantined), 3);
+}
+
+/// Schema version 6 seals every PIN again, bound to its row instead of its serial alone. A file of version 5 opened
+/// with its keys is migrated: each row that opens is sealed again under its own key id, sold ones included (a repeat
+/// hands its PIN out again), and a damaged row is left as it was (quarantined when picked, as before); then a row
+/// moved to another amount no longer opens. Opened without keys (the operator commands that never open a PIN), the
+/// file stays at version 5 and works; opened with a wrong key, the migration is refused and nothing changes.
+#[test]
+fn a_version_5_file_is_sealed_again_bound_to_its_rows() {
+    let db = TempDb::new("reseal");
+    let mut s = db.stocked(5);
+    let a = s.sell(&sell(1)).unwrap();
+    undo_migration_6(s.connection(), &db.keys, &pins(0, 5, 1000));
+    // Row 5 is damaged (one byte of its seal changed).
+    s.connection()
+        .execute(
+            "UPDATE pins SET ciphertext = CAST(X'00' || substr(ciphertext, 2) AS BLOB) WHERE id = 5",
+            [],
+        )
+        .unwrap();
+    drop(s);
+    let version = || -> i64 {
+        rusqlite::Connection::open(db.path())
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap()
+    };
+    let keyless = SqliteStore::open(&db.path(), PinCipher::without_keys()).unwrap();
+    assert_eq!(keyless.schema_version().unwrap(), 5);
+    assert_eq!(count(&keyless, PinState::Available), 4);
+    drop(keyless);
+    let wrong = PinCipher::from_spec(&PinCipher::generate_spec().unwrap()).unwrap();
+    let e = SqliteStore::open(&db.path(), wrong).err().expect("refused");
+    assert!(e.to_string().contains("key 1 opens none of the 5 PINs"), "{e}");
+    assert_eq!(version(), 5, "nothing changed");
+    let mut s = db.open();
+    assert_eq!(s.schema_version().unwrap(), 6);
+    assert_eq!(s.sell(&sell(1)).unwrap(), a, "a sold PIN opens again for its repeat");
+    assert_eq!(s.sell(&sell(2)).unwrap().pin_id, 2);
+    let keys: Vec<i64> = s
+        .connection()
+        .prepare("SELECT DISTINCT key_id FROM pins")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(keys, [1]);
+    s.connection()
+        .execute("UPDATE pins SET amount = 2000 WHERE id = 3", [])
+        .unwrap();
+    let mut moved = sell(3);
+    moved.amount = 2000;
+    assert!(matches!(s.sell(&moved), Err(StoreError::OutOfStock { .. })));
+    assert_eq!(s.sell(&sell(4)).unwrap().pin_id, 4);
+    assert!(matches!(s.sell(&sell(5)), Err(StoreError::OutOfStock { .. })));
+    assert_eq!(count(&s, PinState::Quarantined), 2, "the moved row and the damaged one");
+}
+
+fn gift() -> pingate::store::Product {
+    pingate::store::Product {
+        code: "GIFT".into(),
+        name: "Gift card".into(),
+        supplier: "Shop".into(),
+        currency: "978".into(),
+        denominations: vec![1000],
+    }
+}
+
+/// Undoes what migration 6 changed, as a file of version 5 has it: each PIN sealed with its serial alone as the
+/// associated data (`loaded` are the PINs as imported, in id order).
+fn undo_migration_6(c: &rusqlite::Connection, keys: &str, loaded: &[NewPin]) {
+    let cipher = PinCipher::from_spec(keys).unwrap();
+    for (i, p) in loaded.iter().enumerate() {
+        let sealed = cipher.seal(&p.pin, &p.serial).unwrap();
+        let n = c
+            .execute(
+                "UPDATE pins SET nonce = ?1, ciphertext = ?2 WHERE id = ?3 AND serial = ?4",
+                rusqlite::params![&sealed.nonce[..], sealed.ciphertext, i as i64 + 1, p.serial],
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+    c.execute_batch("PRAGMA user_version = 5").unwrap();
+}
+
 #[test]
 fn import_is_all_or_nothing_and_names_the_row() {
     let db = TempDb::new("import");
@@ -410,7 +537,7 @@ fn concurrent_writers_on_one_file_never_share_a_pin_and_survive_reopen() {
     let s = db.open();
     assert_eq!(count(&s, PinState::Sold), 400);
     assert_eq!(count(&s, PinState::Reserved), 800);
-    assert_eq!(s.schema_version().unwrap(), 5);
+    assert_eq!(s.schema_version().unwrap(), 6);
 }
 
 #[test]
@@ -418,8 +545,9 @@ fn a_version_1_file_is_migrated_and_a_newer_one_refused() {
     let db = TempDb::new("migrate");
     let mut s = db.stocked(2);
     let a = s.sell(&sell(1)).unwrap();
-    // What a file written by the first release looks like: sales under their first key, no expiry index, no
-    // `quarantined` state, version 1.
+    // What a file written by the first release looks like: PINs sealed with their serial alone, sales under their
+    // first key, no expiry index, no `quarantined` state, version 1.
+    undo_migration_6(s.connection(), &db.keys, &pins(0, 2, 1000));
     undo_migration_5(s.connection());
     undo_migration_4(s.connection());
     undo_migration_3(s.connection());
@@ -428,7 +556,7 @@ fn a_version_1_file_is_migrated_and_a_newer_one_refused() {
         .unwrap();
     drop(s);
     let mut s = db.open();
-    assert_eq!(s.schema_version().unwrap(), 5);
+    assert_eq!(s.schema_version().unwrap(), 6);
     // Migration 5 bound the keys to the year they were sold in (the sale is this year's).
     let year = time::OffsetDateTime::now_utc().year();
     let recorded: String = s

@@ -623,8 +623,8 @@ pub struct ProductConfig {
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
     pub journal: PathBuf,
-    /// `id:hex` key entries for the journal (from the keys file or `$PINGATE_JOURNAL_KEYS`).
-    pub journal_keys: Option<String>,
+    /// `id:hex` key entries for the journal (from the keys file; `None`: `$PINGATE_JOURNAL_KEYS` at start).
+    pub journal_keys: Option<crate::keyfile::Secret>,
     pub response_deadline: Duration,
     pub keep_cache_on_shutdown: bool,
     /// `pingate gateway stock` and `lines` ask here: a Unix socket (mode 0600), or a TCP address on loopback.
@@ -758,13 +758,11 @@ impl GatewayConfig {
             None => None,
         };
         let journal_keys = match &g.journal_keys_file {
-            Some(p) => match std::fs::read_to_string(rel(p.clone())) {
-                Ok(t) => Some(t.trim().to_string()),
+            // A key file group or others may read is refused (the error names it and its mode).
+            Some(p) => match crate::keyfile::read_to_string(&rel(p.clone())) {
+                Ok(t) => Some(crate::keyfile::Secret::new(t.trim())),
                 Err(e) => {
-                    problems.push(invalid(
-                        "gateway.journal_keys_file",
-                        &format!("{}: {e}", rel(p.clone()).display()),
-                    ));
+                    problems.push(invalid("gateway.journal_keys_file", &e.to_string()));
                     None
                 }
             },

@@ -503,10 +503,12 @@ impl Gateway {
     pub async fn start(cfg: GatewayConfig, opts: StartOptions) -> Result<Arc<Gateway>, GatewayError> {
         let spec = match &cfg.journal_keys {
             Some(s) => s.clone(),
-            None => std::env::var("PINGATE_JOURNAL_KEYS")
-                .map_err(|_| GatewayError::Keys("set gateway.journal_keys_file or $PINGATE_JOURNAL_KEYS".into()))?,
+            None => crate::keyfile::Secret::new(
+                std::env::var("PINGATE_JOURNAL_KEYS")
+                    .map_err(|_| GatewayError::Keys("set gateway.journal_keys_file or $PINGATE_JOURNAL_KEYS".into()))?,
+            ),
         };
-        let cipher = Arc::new(PinCipher::from_spec(&spec).map_err(|e| GatewayError::Keys(e.to_string()))?);
+        let cipher = Arc::new(PinCipher::from_spec(spec.expose()).map_err(|e| GatewayError::Keys(e.to_string()))?);
         let jopts = JournalOptions {
             sync: !opts.journal_no_sync,
             ..JournalOptions::default()

@@ -109,7 +109,7 @@ impl StoreHandle {
                     let again = Reconnect {
                         url: u.clone(),
                         schema: opts.pg_schema.clone(),
-                        keys: keys.to_string(),
+                        keys: crate::keyfile::Secret::new(keys),
                     };
                     w.push(Worker::Task(tokio::spawn(pg_worker(store, again, rx.clone(), max))));
                 }
@@ -180,7 +180,7 @@ fn sqlite_worker(mut store: SqliteStore, mut rx: mpsc::Receiver<Job>, max: usize
 struct Reconnect {
     url: String,
     schema: Option<String>,
-    keys: String,
+    keys: crate::keyfile::Secret,
 }
 
 async fn pg_worker(mut store: PgStore, again: Reconnect, rx: Arc<Mutex<mpsc::Receiver<Job>>>, max: usize) {
@@ -229,5 +229,10 @@ async fn pg_worker(mut store: PgStore, again: Reconnect, rx: Arc<Mutex<mpsc::Rec
 }
 
 async fn reconnect(again: &Reconnect) -> Result<PgStore, StoreError> {
-    PgStore::connect(&again.url, again.schema.as_deref(), PinCipher::from_spec(&again.keys)?).await
+    PgStore::connect(
+        &again.url,
+        again.schema.as_deref(),
+        PinCipher::from_spec(again.keys.expose())?,
+    )
+    .await
 }

@@ -24,6 +24,7 @@
 
 pub mod crypto;
 pub mod handle;
+pub mod pgtls;
 pub mod postgres;
 pub mod sqlite;
 
@@ -194,6 +195,40 @@ pub struct NewPin {
     pub receipt: Vec<String>,
 }
 
+impl NewPin {
+    /// Which receipt line (from 1) shows the PIN, if one does. Receipts are stored and sent in clear, so a line that
+    /// carries the PIN would keep it unsealed beside its sealed copy. Letters and digits are compared, case aside: a
+    /// PIN spaced or dashed on a receipt is still the PIN.
+    pub fn receipt_line_with_pin(&self) -> Option<usize> {
+        let plain = |s: &str| -> zeroize::Zeroizing<String> {
+            zeroize::Zeroizing::new(
+                s.chars()
+                    .filter(char::is_ascii_alphanumeric)
+                    .map(|c| c.to_ascii_lowercase())
+                    .collect(),
+            )
+        };
+        let pin = plain(self.pin.expose());
+        if pin.is_empty() {
+            return None;
+        }
+        self.receipt
+            .iter()
+            .position(|l| plain(l).contains(pin.as_str()))
+            .map(|i| i + 1)
+    }
+
+    /// The refusal of a PIN whose receipt shows it (see [`NewPin::receipt_line_with_pin`]); never names the PIN.
+    pub fn check_receipt(&self) -> Result<(), String> {
+        match self.receipt_line_with_pin() {
+            Some(n) => Err(format!(
+                "receipt line {n} contains the PIN (receipts are stored in clear: give the PIN its own field only)"
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Who bought a PIN, and the idempotency key of the sale: terminal, STAN and transmission date-time (bound to its
 /// year by the gateway). The gateway is who sold it, not part of the key: a repeat or a reversal finds its sale
 /// whichever gateway it comes through (a NAC failing over, a load balancer).
@@ -323,9 +358,19 @@ pub(crate) struct PinRow {
 }
 
 impl PinRow {
+    /// What its seal is bound to.
+    pub(crate) fn ad(&self) -> crypto::RowAd<'_> {
+        crypto::RowAd {
+            id: self.id,
+            product: &self.product,
+            amount: self.amount,
+            serial: &self.serial,
+        }
+    }
+
     pub(crate) fn open(&self, cipher: &crypto::PinCipher) -> Result<Dispensed, StoreError> {
         let pin = cipher
-            .open(&self.sealed, &self.serial)
+            .open_row(&self.sealed, &self.ad())
             .map_err(|reason| StoreError::Unreadable {
                 pin_id: self.id,
                 reason,
@@ -446,6 +491,76 @@ pub(crate) fn available_without_key(cipher: &crypto::PinCipher, in_use: &[(u32, 
     cipher.missing_keys(&of(true))
 }
 
+/// Schema migration 6, both backends: every PIN row sealed again bound to its row ([`crypto::RowAd`]) instead of its
+/// serial alone, under the key id it had. What it met, per key id, decides whether the keys it was given are right.
+#[derive(Default)]
+pub(crate) struct Reseal {
+    /// Per loaded key id: rows sealed again; rows that may still be opened (available, reserved, sold) that did not
+    /// open, and the first few of their ids.
+    keys: std::collections::BTreeMap<u32, (i64, i64, Vec<i64>)>,
+    /// Rows left as they were: their key is not loaded, or they do not open and are never opened again (voided,
+    /// expired, quarantined).
+    left: i64,
+}
+
+impl Reseal {
+    /// The new seal of `row` (in `state`), or `None` when it is left as it was.
+    pub(crate) fn row(&mut self, cipher: &crypto::PinCipher, row: &PinRow, state: &str) -> Option<crypto::Sealed> {
+        let key = row.sealed.key_id;
+        if !cipher.has_key(key) {
+            self.left += 1;
+            return None;
+        }
+        let tally = self.keys.entry(key).or_default();
+        match cipher.reseal_row(&row.sealed, &row.ad()) {
+            Ok(sealed) => {
+                tally.0 += 1;
+                Some(sealed)
+            }
+            Err(_)
+                if [PinState::Available, PinState::Reserved, PinState::Sold]
+                    .iter()
+                    .any(|s| s.as_str() == state) =>
+            {
+                tally.1 += 1;
+                if tally.2.len() < crypto::NAMED_ROWS as usize {
+                    tally.2.push(row.id);
+                }
+                None
+            }
+            Err(_) => {
+                self.left += 1;
+                None
+            }
+        }
+    }
+
+    /// Refuses (the migration's transaction is then rolled back whole) when a loaded key opened none of its rows
+    /// that may still be opened: the wrong key was given, and every PIN sealed again under it would be lost. Logs
+    /// the rows left as they were (damaged ones are quarantined when a sale picks them, as before).
+    pub(crate) fn finish(self) -> Result<(), StoreError> {
+        if let Some((&id, &(_, pins, _))) = self.keys.iter().find(|(_, t)| t.0 == 0 && t.1 > 0) {
+            return Err(crypto::CryptoError::OpensNone { id, pins }.into());
+        }
+        for (key, (_, pins, ids)) in self.keys.iter().filter(|(_, t)| t.1 > 0) {
+            tracing::warn!(key, pins, ids = ?ids, "schema migration 6: PINs that do not open (damaged rows) were left as they were");
+        }
+        if self.left > 0 {
+            tracing::warn!(
+                pins = self.left,
+                "schema migration 6: PINs under keys that are not loaded, or voided, expired or quarantined ones that \
+                 do not open, were left bound to their serial: they no longer open"
+            );
+        }
+        let resealed: i64 = self.keys.values().map(|t| t.0).sum();
+        tracing::info!(
+            pins = resealed,
+            "schema migration 6: PINs sealed again, bound to their rows"
+        );
+        Ok(())
+    }
+}
+
 /// Moves an available PIN to quarantined (`$1` its id); changes nothing if it is no longer available.
 pub(crate) const QUARANTINE: &str = "UPDATE pins SET state = 'quarantined' WHERE id = $1 AND state = 'available'";
 
@@ -459,7 +574,7 @@ pub(crate) const SAME_KEY_SAMPLE: &str =
 /// key is the right one, and the row that did not open is itself bad. None to try means not shown (logged: the key
 /// is then the suspect).
 pub(crate) fn key_is_shown_right(others: &[PinRow], cipher: &crypto::PinCipher, pin_id: i64, key_id: i64) -> bool {
-    let shown = others.iter().any(|r| cipher.open(&r.sealed, &r.serial).is_ok());
+    let shown = others.iter().any(|r| cipher.open_row(&r.sealed, &r.ad()).is_ok());
     if !shown {
         tracing::error!(
             pin_id,

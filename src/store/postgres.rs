@@ -6,9 +6,9 @@
 
 use std::collections::HashSet;
 
-use tokio_postgres::{Client, GenericClient, NoTls, Row, Statement};
+use tokio_postgres::{Client, GenericClient, Row, Statement};
 
-use super::crypto::{CryptoError, PinCipher, Sealed};
+use super::crypto::{CryptoError, PinCipher, RowAd, Sealed};
 use super::{
     unix_now, Confirmation, Dispensed, NewPin, Op, Outcome, PinRow, PinState, Product, Reversal, SaleContext,
     SellRequest, StockRow, StoreError, MAX_RESERVE,
@@ -17,7 +17,10 @@ use super::{
 const DUPLICATE_PIN: &str = "duplicate PIN value (already loaded, or twice in this file)";
 
 /// Version of the schema this code writes.
-pub const SCHEMA_VERSION: i32 = 5;
+pub const SCHEMA_VERSION: i32 = 6;
+
+/// The schema version whose migration seals every PIN again bound to its row ([`reseal_pins`]).
+const RESEAL_VERSION: i32 = 6;
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE products (
@@ -349,9 +352,9 @@ impl PgStore {
     /// Connects (URL or key=value string), creating and migrating the schema as needed. `schema` names a
     /// PostgreSQL schema to work in (created if missing): tests use one each; production leaves it `None`.
     pub async fn connect(url: &str, schema: Option<&str>, cipher: PinCipher) -> Result<PgStore, StoreError> {
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| StoreError::Db(e.to_string()))?;
+        // TLS when the URL asks for it (`sslmode=verify-full`, see `pgtls`).
+        let mut target = super::pgtls::PgTarget::parse(url)?;
+        let config = &mut target.config;
         // Operators see who is connected in pg_stat_activity.
         config.application_name(format!(
             "pingate{}",
@@ -365,12 +368,7 @@ impl PgStore {
             }
             config.options(format!("-c search_path={s}"));
         }
-        let (client, conn) = config.connect(NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::warn!(error = %e, "PostgreSQL connection closed");
-            }
-        });
+        let client = target.connect().await?;
         client.batch_execute("SET synchronous_commit = on").await?;
         let mut client = client;
         if let Some(s) = schema {
@@ -378,7 +376,7 @@ impl PgStore {
                 .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {s}"))
                 .await?;
         }
-        migrate(&mut client).await?;
+        migrate(&mut client, &cipher).await?;
         let prepared = Prepared::new(&client).await?;
         Ok(PgStore {
             client,
@@ -390,22 +388,7 @@ impl PgStore {
     /// Refuses when available PINs are sealed under a key this store was not given (naming them when few);
     /// logs reserved ones (see `UNSOLD_KEY_IDS`).
     pub async fn check_keys(&self) -> Result<(), StoreError> {
-        let rows = self.client.query(super::UNSOLD_KEY_IDS, &[]).await?;
-        let in_use: Vec<(u32, bool, i64)> = rows
-            .iter()
-            .map(|r| (r.get::<_, i32>(0) as u32, r.get(1), r.get(2)))
-            .collect();
-        let mut missing = Vec::new();
-        for (key, n) in super::available_without_key(&self.cipher, &in_use) {
-            let ids = if n <= super::crypto::NAMED_ROWS {
-                let rows = self.client.query(super::AVAILABLE_OF_KEY, &[&(key as i32)]).await?;
-                rows.iter().map(|r| r.get::<_, i64>(0)).collect()
-            } else {
-                Vec::new()
-            };
-            missing.push((key, n, ids));
-        }
-        Ok(super::crypto::CryptoError::check_missing(&missing)?)
+        check_keys(&self.client, &self.cipher).await
     }
 }
 
@@ -422,7 +405,76 @@ fn qualify_years(table: &str, at: &str) -> String {
     )
 }
 
-async fn migrate(client: &mut Client) -> Result<(), StoreError> {
+/// See [`PgStore::check_keys`].
+async fn check_keys(c: &impl GenericClient, cipher: &PinCipher) -> Result<(), StoreError> {
+    let rows = c.query(super::UNSOLD_KEY_IDS, &[]).await?;
+    let in_use: Vec<(u32, bool, i64)> = rows
+        .iter()
+        .map(|r| (r.get::<_, i32>(0) as u32, r.get(1), r.get(2)))
+        .collect();
+    let mut missing = Vec::new();
+    for (key, n) in super::available_without_key(cipher, &in_use) {
+        let ids = if n <= super::crypto::NAMED_ROWS {
+            let rows = c.query(super::AVAILABLE_OF_KEY, &[&(key as i32)]).await?;
+            rows.iter().map(|r| r.get::<_, i64>(0)).collect()
+        } else {
+            Vec::new()
+        };
+        missing.push((key, n, ids));
+    }
+    Ok(super::crypto::CryptoError::check_missing(&missing)?)
+}
+
+/// Schema migration 6: every PIN sealed again bound to its row ([`RowAd`]: id, product, amount, serial, key id)
+/// instead of its serial alone, so that a row moved to another product or amount no longer opens (see the SQLite
+/// store's). Self-contained: a later migration may be numbered before it. Needs the PIN keys: without them, and with
+/// PINs to seal, it changes nothing and returns false. Refused (see [`super::Reseal::finish`]) when available PINs
+/// need a key that is not loaded, or a loaded key opens none of its PINs. Every row is read and written once, by
+/// chunks, inside the migration's transaction (other servers wait for it).
+async fn reseal_pins(tx: &impl GenericClient, cipher: &PinCipher) -> Result<bool, StoreError> {
+    if tx.query_opt("SELECT 1 FROM pins LIMIT 1", &[]).await?.is_none() {
+        return Ok(true);
+    }
+    if !cipher.has_keys() {
+        tracing::info!(
+            "schema migration 6 (PINs sealed again, bound to their rows) waits for a start with the PIN keys"
+        );
+        return Ok(false);
+    }
+    check_keys(tx, cipher).await?;
+    let mut reseal = super::Reseal::default();
+    let read = tx
+        .prepare(&format!(
+            "SELECT {PIN_COLUMNS}, state FROM pins WHERE id > $1 ORDER BY id LIMIT 10000"
+        ))
+        .await?;
+    let write = tx
+        .prepare(
+            "UPDATE pins SET nonce = u.n, ciphertext = u.c FROM unnest($1::bigint[], $2::bytea[], $3::bytea[]) AS u(id, n, c)
+             WHERE pins.id = u.id",
+        )
+        .await?;
+    let mut after = 0i64;
+    loop {
+        let rows = tx.query(&read, &[&after]).await?;
+        let Some(last) = rows.last() else { break };
+        after = last.get(0);
+        let (mut ids, mut nonces, mut ciphertexts) = (Vec::new(), Vec::new(), Vec::new());
+        for r in &rows {
+            let row = pin_row(r);
+            if let Some(s) = reseal.row(cipher, &row, r.get(9)) {
+                ids.push(row.id);
+                nonces.push(s.nonce.to_vec());
+                ciphertexts.push(s.ciphertext);
+            }
+        }
+        tx.execute(&write, &[&ids, &nonces, &ciphertexts]).await?;
+    }
+    reseal.finish()?;
+    Ok(true)
+}
+
+async fn migrate(client: &mut Client, cipher: &PinCipher) -> Result<(), StoreError> {
     {
         let tx = client.transaction().await?;
         // Several servers may start at once: one migrates, the others wait here.
@@ -482,9 +534,16 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
             tx.batch_execute(&qualify_years("reversals", "at")).await?;
             tx.batch_execute(&edges_function()).await?;
         }
+        // Needs the PIN keys: opened without them (operator commands that never open a PIN), the database stays at
+        // the version before until a start with the keys. A step added after this one waits with it.
+        let reached = if version < RESEAL_VERSION && !reseal_pins(&tx, cipher).await? {
+            RESEAL_VERSION - 1
+        } else {
+            SCHEMA_VERSION
+        };
         tx.batch_execute(BATCH_FUNCTIONS).await?;
-        if version < SCHEMA_VERSION {
-            tx.execute("UPDATE pingate_schema SET version = $1", &[&SCHEMA_VERSION])
+        if version < reached {
+            tx.execute("UPDATE pingate_schema SET version = $1", &[&reached])
                 .await?;
         }
         tx.commit().await?;
@@ -533,13 +592,10 @@ impl PgStore {
         pins: &[NewPin],
         progress: &mut (dyn FnMut(usize) + Send),
     ) -> Result<usize, StoreError> {
-        let mut sealed = Vec::with_capacity(pins.len());
-        for p in pins {
-            sealed.push((
-                self.cipher.seal(&p.pin, &p.serial)?,
-                self.cipher.fingerprint(&p.product, &p.pin),
-            ));
-        }
+        let prints: Vec<Vec<u8>> = pins
+            .iter()
+            .map(|p| self.cipher.fingerprint(&p.product, &p.pin))
+            .collect();
         // Checks that name the row come first (denomination, duplicates within the file, duplicates of what is
         // loaded already); the rows then go in by chunks of 1,000 per statement.
         let tx = self.client.transaction().await?;
@@ -548,9 +604,11 @@ impl PgStore {
         tx.batch_execute("SET LOCAL enable_seqscan = off").await?;
         let (_, offered) = offer(&tx, &self.prepared).await?;
         let mut serials = HashSet::new();
-        let mut prints = HashSet::new();
-        for (i, (p, (_, fp))) in pins.iter().zip(&sealed).enumerate() {
+        let mut seen = HashSet::new();
+        for (i, (p, fp)) in pins.iter().zip(&prints).enumerate() {
             let row = i + 1;
+            p.check_receipt()
+                .map_err(|reason| StoreError::ImportRow { row, reason })?;
             if !offered.contains(&(p.product.clone(), p.amount)) {
                 return Err(StoreError::ImportRow {
                     row,
@@ -563,7 +621,7 @@ impl PgStore {
                     reason: format!("duplicate serial `{}`", p.serial),
                 });
             }
-            if !prints.insert(fp.as_slice()) {
+            if !seen.insert(fp.as_slice()) {
                 return Err(StoreError::ImportRow {
                     row,
                     reason: DUPLICATE_PIN.into(),
@@ -571,10 +629,15 @@ impl PgStore {
             }
         }
         const CHUNK: usize = 1_000;
+        // Each PIN is sealed bound to its row, id included: the ids are taken from the table's sequence first, so
+        // that each row is written once.
+        let ids = tx
+            .prepare("SELECT nextval(pg_get_serial_sequence('pins', 'id')) FROM generate_series(1, $1::int)")
+            .await?;
         for (c, chunk) in pins.chunks(CHUNK).enumerate() {
-            let seals = &sealed[c * CHUNK..c * CHUNK + chunk.len()];
+            let prints = &prints[c * CHUNK..c * CHUNK + chunk.len()];
             let serial: Vec<&str> = chunk.iter().map(|p| p.serial.as_str()).collect();
-            let fingerprint: Vec<&[u8]> = seals.iter().map(|(_, f)| f.as_slice()).collect();
+            let fingerprint: Vec<&[u8]> = prints.iter().map(|f| f.as_slice()).collect();
             let existing = tx
                 .query(
                     "SELECT serial, NULL::bytea FROM pins WHERE serial = ANY($1)
@@ -586,8 +649,8 @@ impl PgStore {
                 let (dup_serial, dup_print): (Option<String>, Option<Vec<u8>>) = (r.get(0), r.get(1));
                 let at = chunk
                     .iter()
-                    .zip(seals)
-                    .position(|(p, (_, f))| Some(&p.serial) == dup_serial.as_ref() || Some(f) == dup_print.as_ref())
+                    .zip(prints)
+                    .position(|(p, f)| Some(&p.serial) == dup_serial.as_ref() || Some(f) == dup_print.as_ref())
                     .unwrap_or(0);
                 let reason = match dup_serial {
                     Some(s) => format!("duplicate serial `{s}`"),
@@ -598,21 +661,42 @@ impl PgStore {
                     reason,
                 });
             }
+            let mut id: Vec<i64> = tx
+                .query(&ids, &[&(chunk.len() as i32)])
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            id.sort_unstable();
+            let seals = chunk
+                .iter()
+                .zip(&id)
+                .map(|(p, &id)| {
+                    let row = RowAd {
+                        id,
+                        product: &p.product,
+                        amount: p.amount,
+                        serial: &p.serial,
+                    };
+                    self.cipher.seal_row(&p.pin, &row)
+                })
+                .collect::<Result<Vec<Sealed>, _>>()?;
             let product: Vec<&str> = chunk.iter().map(|p| p.product.as_str()).collect();
             let amount: Vec<i64> = chunk.iter().map(|p| p.amount).collect();
-            let key_id: Vec<i32> = seals.iter().map(|(s, _)| s.key_id as i32).collect();
-            let nonce: Vec<&[u8]> = seals.iter().map(|(s, _)| &s.nonce[..]).collect();
-            let ciphertext: Vec<&[u8]> = seals.iter().map(|(s, _)| s.ciphertext.as_slice()).collect();
+            let key_id: Vec<i32> = seals.iter().map(|s| s.key_id as i32).collect();
+            let nonce: Vec<&[u8]> = seals.iter().map(|s| &s.nonce[..]).collect();
+            let ciphertext: Vec<&[u8]> = seals.iter().map(|s| s.ciphertext.as_slice()).collect();
             let expiry: Vec<Option<&str>> = chunk.iter().map(|p| p.expiry.as_deref()).collect();
             let receipt: Vec<String> = chunk
                 .iter()
                 .map(|p| serde_json::to_string(&p.receipt).expect("strings serialise"))
                 .collect();
             tx.execute(
-                "INSERT INTO pins (product, amount, serial, fingerprint, key_id, nonce, ciphertext, expiry, receipt, state)
-                 SELECT *, 'available' FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bytea[], $5::int[],
-                                                   $6::bytea[], $7::bytea[], $8::text[], $9::text[])",
-                &[&product, &amount, &serial, &fingerprint, &key_id, &nonce, &ciphertext, &expiry, &receipt],
+                "INSERT INTO pins (id, product, amount, serial, fingerprint, key_id, nonce, ciphertext, expiry, receipt,
+                                   state)
+                 SELECT *, 'available' FROM UNNEST($10::bigint[], $1::text[], $2::bigint[], $3::text[], $4::bytea[],
+                                                   $5::int[], $6::bytea[], $7::bytea[], $8::text[], $9::text[])",
+                &[&product, &amount, &serial, &fingerprint, &key_id, &nonce, &ciphertext, &expiry, &receipt, &id],
             )
             .await?;
             let done = c * CHUNK + chunk.len();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
-use super::crypto::{PinCipher, Sealed};
+use super::crypto::{PinCipher, RowAd, Sealed};
 use super::{
     unix_now, Confirmation, Dispensed, NewPin, Op, Outcome, PinRow, PinState, Product, Reversal, SaleContext,
     SellRequest, StockRow, StoreError, MAX_QUARANTINE_PER_OP, MAX_RESERVE,
@@ -20,7 +20,10 @@ pub type AuditRow = (Option<String>, String, Option<String>);
 pub const IMPORT_PROGRESS_EVERY: usize = 5_000;
 
 /// Version of the schema this code writes; older files are migrated on open.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
+
+/// The schema version whose migration seals every PIN again bound to its row ([`reseal_pins`]).
+const RESEAL_VERSION: i64 = 6;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE products (
@@ -247,7 +250,14 @@ impl SqliteStore {
             tx.execute_batch(&qualify_years("reversals", "at"))?;
             tx.execute_batch(&format!("DROP TRIGGER pins_state_edges; {}", edges_trigger()))?;
         }
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        // Needs the PIN keys: opened without them (operator commands that never open a PIN), the file stays at the
+        // version before until a start with the keys. A step added after this one waits with it.
+        let reached = if version < RESEAL_VERSION && !reseal_pins(&tx, &self.cipher)? {
+            RESEAL_VERSION - 1
+        } else {
+            SCHEMA_VERSION
+        };
+        tx.pragma_update(None, "user_version", reached.max(version))?;
         tx.commit()?;
         Ok(())
     }
@@ -255,24 +265,7 @@ impl SqliteStore {
     /// Refuses when available PINs are sealed under a key this store was not given (naming them when few);
     /// logs reserved ones (see `UNSOLD_KEY_IDS`).
     pub fn check_keys(&self) -> Result<(), StoreError> {
-        let mut stmt = self.conn.prepare(super::UNSOLD_KEY_IDS)?;
-        let in_use = stmt
-            .query_map([], |r| {
-                Ok((r.get::<_, i64>(0)? as u32, r.get::<_, bool>(1)?, r.get(2)?))
-            })?
-            .collect::<Result<Vec<(u32, bool, i64)>, _>>()?;
-        let mut missing = Vec::new();
-        for (key, n) in super::available_without_key(&self.cipher, &in_use) {
-            let ids = if n <= super::crypto::NAMED_ROWS {
-                let mut ids = self.conn.prepare(super::AVAILABLE_OF_KEY)?;
-                let ids = ids.query_map(params![key], |r| r.get(0))?;
-                ids.collect::<Result<Vec<i64>, _>>()?
-            } else {
-                Vec::new()
-            };
-            missing.push((key, n, ids));
-        }
-        Ok(super::crypto::CryptoError::check_missing(&missing)?)
+        check_keys(&self.conn, &self.cipher)
     }
 
     /// The schema version of the open file.
@@ -318,33 +311,47 @@ impl SqliteStore {
         pins: &[NewPin],
         progress: &mut (dyn FnMut(usize) + Send),
     ) -> Result<usize, StoreError> {
-        let sealed: Vec<(Sealed, Vec<u8>)> = pins
+        let prints: Vec<Vec<u8>> = pins
             .iter()
-            .map(|p| {
-                Ok((
-                    self.cipher.seal(&p.pin, &p.serial)?,
-                    self.cipher.fingerprint(&p.product, &p.pin),
-                ))
-            })
-            .collect::<Result<_, StoreError>>()?;
-        let tx = self.immediate()?;
+            .map(|p| self.cipher.fingerprint(&p.product, &p.pin))
+            .collect();
+        let (cipher, tx) = (
+            &self.cipher,
+            self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?,
+        );
         {
+            // Each PIN is sealed bound to its row, id included: the ids are given here (this transaction is the only
+            // writer), so that each row is written once.
+            let first: i64 = tx.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM pins", [], |r| r.get(0))?;
             let mut denom = tx.prepare_cached("SELECT 1 FROM denominations WHERE product = ?1 AND amount = ?2")?;
             let mut insert = tx.prepare_cached(
-                "INSERT INTO pins (product, amount, serial, fingerprint, key_id, nonce, ciphertext, expiry, receipt, state)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'available')",
+                "INSERT INTO pins (id, product, amount, serial, fingerprint, key_id, nonce, ciphertext, expiry, receipt,
+                                   state)
+                 VALUES (?10, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'available')",
             )?;
-            for (i, (p, (s, fp))) in pins.iter().zip(&sealed).enumerate() {
+            for (i, (p, fp)) in pins.iter().zip(&prints).enumerate() {
                 let row = i + 1;
                 if row % IMPORT_PROGRESS_EVERY == 0 {
                     progress(row);
                 }
+                p.check_receipt()
+                    .map_err(|reason| StoreError::ImportRow { row, reason })?;
                 if !denom.exists(params![p.product, p.amount])? {
                     return Err(StoreError::ImportRow {
                         row,
                         reason: format!("product `{}` has no denomination {}", p.product, p.amount),
                     });
                 }
+                let id = first + i as i64;
+                let s = cipher.seal_row(
+                    &p.pin,
+                    &RowAd {
+                        id,
+                        product: &p.product,
+                        amount: p.amount,
+                        serial: &p.serial,
+                    },
+                )?;
                 let receipt = serde_json::to_string(&p.receipt).expect("strings serialise");
                 let r = insert.execute(params![
                     p.product,
@@ -355,7 +362,8 @@ impl SqliteStore {
                     &s.nonce[..],
                     s.ciphertext,
                     p.expiry,
-                    receipt
+                    receipt,
+                    id
                 ]);
                 if let Err(e) = r {
                     let msg = e.to_string();
@@ -635,6 +643,66 @@ impl SqliteStore {
     pub fn connection(&self) -> &Connection {
         &self.conn
     }
+}
+
+/// See [`SqliteStore::check_keys`].
+fn check_keys(conn: &Connection, cipher: &PinCipher) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare(super::UNSOLD_KEY_IDS)?;
+    let in_use = stmt
+        .query_map([], |r| {
+            Ok((r.get::<_, i64>(0)? as u32, r.get::<_, bool>(1)?, r.get(2)?))
+        })?
+        .collect::<Result<Vec<(u32, bool, i64)>, _>>()?;
+    let mut missing = Vec::new();
+    for (key, n) in super::available_without_key(cipher, &in_use) {
+        let ids = if n <= super::crypto::NAMED_ROWS {
+            let mut ids = conn.prepare(super::AVAILABLE_OF_KEY)?;
+            let ids = ids.query_map(params![key], |r| r.get(0))?;
+            ids.collect::<Result<Vec<i64>, _>>()?
+        } else {
+            Vec::new()
+        };
+        missing.push((key, n, ids));
+    }
+    Ok(super::crypto::CryptoError::check_missing(&missing)?)
+}
+
+/// Schema migration 6: every PIN sealed again bound to its row ([`RowAd`]: id, product, amount, serial, key id)
+/// instead of its serial alone, so that a row moved to another product or amount no longer opens. Self-contained:
+/// a later migration may be numbered before it. Needs the PIN keys: without them, and with PINs to seal, it changes
+/// nothing and returns false. Refused (see [`super::Reseal::finish`]) when available PINs need a key that is not
+/// loaded, or a loaded key opens none of its PINs.
+fn reseal_pins(tx: &Connection, cipher: &PinCipher) -> Result<bool, StoreError> {
+    if !tx.prepare("SELECT 1 FROM pins LIMIT 1")?.exists([])? {
+        return Ok(true);
+    }
+    if !cipher.has_keys() {
+        tracing::info!(
+            "schema migration 6 (PINs sealed again, bound to their rows) waits for a start with the PIN keys"
+        );
+        return Ok(false);
+    }
+    check_keys(tx, cipher)?;
+    let mut reseal = super::Reseal::default();
+    let mut read = tx.prepare(&format!(
+        "SELECT {PIN_COLUMNS}, state FROM pins WHERE id > ?1 ORDER BY id LIMIT 10000"
+    ))?;
+    let mut write = tx.prepare("UPDATE pins SET nonce = ?1, ciphertext = ?2 WHERE id = ?3")?;
+    let mut after = 0;
+    loop {
+        let rows = read
+            .query_map(params![after], |r| Ok((pin_row(r)?, r.get::<_, String>(9)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let Some((last, _)) = rows.last() else { break };
+        after = last.id;
+        for (row, state) in &rows {
+            if let Some(s) = reseal.row(cipher, row, state) {
+                write.execute(params![&s.nonce[..], s.ciphertext, row.id])?;
+            }
+        }
+    }
+    reseal.finish()?;
+    Ok(true)
 }
 
 /// `YYYYMMDD` of today (UTC), to compare with PIN expiry dates.

@@ -51,6 +51,20 @@ pub fn topup(amounts: &[i64]) -> Product {
     }
 }
 
+/// Writes a key file as an operator must: readable by its owner only (a key file others can read is refused).
+pub fn write_key(path: &std::path::Path, text: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
 /// The PostgreSQL server the tests use (`PINGATE_TEST_PG_SERVER` overrides), without a database name.
 pub fn pg_base() -> String {
     std::env::var("PINGATE_TEST_PG_SERVER").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
@@ -98,7 +112,7 @@ pub async fn stock(
         pingate::tls::client_config(
             &inv.certs.gateway_cert("obs"),
             &inv.certs.gateway_key("obs"),
-            &inv.certs.ca(),
+            &inv.certs.gateway_ca("obs"),
         )
         .unwrap(),
     );
