@@ -364,6 +364,13 @@ impl SaleKey {
     }
 }
 
+/// The retrieval reference (field 37) of an approved sale: its PIN's id, 12 digits. A PIN is sold once (the
+/// database makes sure), so no two sales share one, and every repeat of the sale gets its PIN, so its RRN; the PIN
+/// server records the same. PIN ids stay under 900,000,000,000: a declined request's RRN starts with 9.
+pub fn rrn_of_pin(pin_id: i64) -> String {
+    format!("{pin_id:012}")
+}
+
 /// Field 90, original data elements: n4 MTI, n6 STAN, n10 transmission date-time, n11 acquirer, n11 forwarder.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OriginalData {

@@ -440,8 +440,10 @@ struct GatewayMetrics {
     connections_closed: crate::metrics::LabelledCounter,
 }
 
-/// The retrieval reference of a sale, derived from its key: the same for every repeat, known before the server
-/// is asked, and the same in the server's records.
+pub use crate::sale::rrn_of_pin;
+
+/// The retrieval reference of a declined request: `9` and 11 digits derived from its key (the same for its repeats),
+/// never an approved sale's ([`rrn_of_pin`]).
 pub fn rrn_of(key: &SaleKey) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     for part in [&key.terminal_id, &key.stan, &key.transmission] {
@@ -450,7 +452,7 @@ pub fn rrn_of(key: &SaleKey) -> String {
     }
     let d = ctx.finish();
     let n = u64::from_be_bytes(d.as_ref()[..8].try_into().expect("8 bytes"));
-    format!("{:012}", n % 1_000_000_000_000)
+    format!("9{:011}", n % 100_000_000_000)
 }
 
 /// The response code a PIN server error means to a terminal (the one place this is decided).
@@ -639,23 +641,21 @@ impl Gateway {
         let mti = msg.mti().to_string();
         // The wall-clock second of receipt: field 7 is bound to its year by it.
         let received_unix = crate::store::unix_now();
-        // The RRN the sale has (or would have): derived from its key, so it can be logged before anything is asked.
-        // Only sales have one: reversals and network messages skip building the key.
-        let rrn = if mti.starts_with("02") {
-            SaleKey::of(msg, received_unix)
-                .map(|key| rrn_of(&key))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        // The RRN is known once the sale is decided (an approval's is its PIN's): recorded then, once.
         let span = tracing::info_span!(
             "transaction",
             mti = %mti,
             terminal = msg.terminal_id().unwrap_or(""),
             stan = msg.get_str(11).unwrap_or(""),
-            rrn = %rrn,
+            rrn = tracing::field::Empty,
         );
-        let reply = self.handle_request(msg, received, received_unix).instrument(span).await;
+        let reply = self
+            .handle_request(msg, received, received_unix)
+            .instrument(span.clone())
+            .await;
+        if let Some(rrn) = reply.message.get_str(37) {
+            span.record("rrn", rrn);
+        }
         let code = reply.message.get_str(39).unwrap_or("none");
         // Label values from the contract only: a terminal sending made-up MTIs must not grow the metrics.
         let label = match mti.as_str() {
@@ -709,7 +709,7 @@ impl Gateway {
         match outcome {
             Outcome::Approved { pin_id, receipt } => {
                 let auth = format!("{:06}", pin_id % 1_000_000);
-                match sale_answer(msg, &rrn_of(key), Ok((&auth, receipt))) {
+                match sale_answer(msg, &rrn_of_pin(*pin_id), Ok((&auth, receipt))) {
                     Ok(m) => Reply {
                         message: m,
                         reverse_if_undelivered: Some(key.clone()),
@@ -824,7 +824,8 @@ impl Gateway {
             merchant_id: s.merchant_id.clone(),
             stan: s.key.stan.clone(),
             transmission: s.key.transmission.clone(),
-            rrn: rrn_of(&s.key),
+            // Assigned by the PIN sold ([`rrn_of_pin`]); the PIN server records that one.
+            rrn: String::new(),
             product: s.product.clone(),
             amount: s.amount as i64,
             currency: s.currency.clone(),
@@ -2325,5 +2326,8 @@ mod tests {
         assert_ne!(rrn_of(&key(1)), rrn_of(&key(2)));
         assert_eq!(rrn_of(&key(1)).len(), 12);
         assert!(rrn_of(&key(1)).bytes().all(|c| c.is_ascii_digit()));
+        // A decline's never meets an approval's: the PIN's id.
+        assert!(rrn_of(&key(1)).starts_with('9'));
+        assert_eq!(rrn_of_pin(42), "000000000042");
     }
 }

@@ -311,6 +311,9 @@ pub struct SellRequest {
     pub repeat_since: i64,
 }
 
+/// The retrieval reference a sale is recorded with, as the gateway answers it: the contract's.
+pub(crate) use crate::sale::rrn_of_pin;
+
 /// The default repeat age: a day. A repeat of an older sale gets no PIN.
 pub const DEFAULT_REPEAT_AGE_SECS: i64 = 86_400;
 

@@ -192,7 +192,7 @@ BEGIN
             ), recorded AS (
                 INSERT INTO sales (gateway, terminal_id, stan, transmission, pin_id, merchant_id, rrn, product,
                                    amount, sold_at)
-                SELECT a_gw[i], a_term[i], a_stan[i], a_trans[i], id, a_merchant[i], a_rrn[i], product, amount, a_now
+                SELECT a_gw[i], a_term[i], a_stan[i], a_trans[i], id, a_merchant[i], lpad(id::text, 12, '0'), product, amount, a_now
                 FROM sold
             )
             SELECT sold.i::integer, 'sold', sold.id, sold.product, sold.amount, sold.serial, sold.key_id,
@@ -233,7 +233,7 @@ BEGIN
         ), recorded AS (
             INSERT INTO sales (gateway, terminal_id, stan, transmission, pin_id, merchant_id, rrn, product, amount,
                                sold_at)
-            SELECT g, t, s, x, id, m, rr, product, amount, a_now FROM sold
+            SELECT g, t, s, x, id, m, lpad(id::text, 12, '0'), product, amount, a_now FROM sold
         )
         SELECT sold.i::integer, CASE WHEN v.stan IS NULL THEN 'sold' ELSE 'voided' END, sold.id
         FROM sold
@@ -1362,7 +1362,7 @@ async fn insert_sale(
             &sale.transmission,
             &pin_id,
             &sale.merchant_id,
-            &sale.rrn,
+            &super::rrn_of_pin(pin_id),
             &product,
             &amount,
             &now,

@@ -834,7 +834,7 @@ fn insert_sale(
         sale.transmission,
         pin_id,
         sale.merchant_id,
-        sale.rrn,
+        super::rrn_of_pin(pin_id),
         product,
         amount,
         now
