@@ -184,7 +184,8 @@ async fn run_case(case: u64, steps: Vec<Step>) -> Result<(), TestCaseError> {
                     let p = pin_of(&a);
                     prop_assert!(owner.insert(p.0.clone(), k).is_none(), "{at}: a PIN handed out twice");
                     // The RRN is the PIN's id: unique per sale.
-                    prop_assert_eq!(a.get_str(37), Some(format!("{:012}", p.1).as_str()), "{}", at);
+                    let rrn = format!("{:012}", p.1);
+                    prop_assert_eq!(a.get_str(37), Some(rrn.as_str()), "{}", at);
                     keys[k].given = Some(p);
                 }
             }

@@ -293,6 +293,25 @@ impl Forward {
         }
     }
 
+    /// A job leaves the queue (acknowledged, or refused for good): its counts go down.
+    fn leave(&mut self, job: &Job) {
+        match job {
+            Job::Confirm { .. } => self.confirms -= 1,
+            Job::Reverse { .. } => self.reversals -= 1,
+            Job::Release { pin_ids } => {
+                self.releases -= pin_ids.len();
+                for id in pin_ids {
+                    if let Some(n) = self.releasing.get_mut(id) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.releasing.remove(id);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn later(&mut self, q: Queued, at: Instant) {
         self.seq += 1;
         self.delayed.insert((at, self.seq), q);
@@ -1229,45 +1248,12 @@ impl Gateway {
             f.confirms_in_flight -= 1;
         }
         match sent {
-            Sent::Acknowledged => {
-                match &q.job {
-                    Job::Confirm { .. } => f.confirms -= 1,
-                    Job::Reverse { .. } => f.reversals -= 1,
-                    Job::Release { pin_ids } => {
-                        f.releases -= pin_ids.len();
-                        for id in pin_ids {
-                            if let Some(n) = f.releasing.get_mut(id) {
-                                *n -= 1;
-                                if *n == 0 {
-                                    f.releasing.remove(id);
-                                }
-                            }
-                        }
-                    }
+            // Done, or refused for good and never retried forever (see `Sent::Refused`): out of the queue.
+            Sent::Acknowledged | Sent::Refused => {
+                if sent == Sent::Refused {
+                    self.stats.forward_refused.fetch_add(1, Ordering::Relaxed);
                 }
-                drop(f);
-                if let Some(key) = q.job.key() {
-                    self.recent.lock().expect("not poisoned").unhold(&key);
-                }
-            }
-            Sent::Refused => {
-                // Never retried forever: out of the queue (see `Sent::Refused`).
-                self.stats.forward_refused.fetch_add(1, Ordering::Relaxed);
-                match &q.job {
-                    Job::Confirm { .. } => f.confirms -= 1,
-                    Job::Reverse { .. } => f.reversals -= 1,
-                    Job::Release { pin_ids } => {
-                        f.releases -= pin_ids.len();
-                        for id in pin_ids {
-                            if let Some(n) = f.releasing.get_mut(id) {
-                                *n -= 1;
-                                if *n == 0 {
-                                    f.releasing.remove(id);
-                                }
-                            }
-                        }
-                    }
-                }
+                f.leave(&q.job);
                 drop(f);
                 if let Some(key) = q.job.key() {
                     self.recent.lock().expect("not poisoned").unhold(&key);
