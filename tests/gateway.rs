@@ -747,21 +747,13 @@ async fn a_late_repeat_of_an_unconfirmed_cache_sale_gets_the_same_pin_never_a_se
     common::audit_ok(&inv).await;
 }
 
-// ---- several gateways, several PIN servers on one PostgreSQL ----
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_gateways_two_servers_one_postgresql_with_failover_sell_each_pin_once() {
+/// Stocks the PostgreSQL database `url` as the sample products stock SQLite: the prefetch and on-demand products,
+/// `n` PINs of each, sealed with the inventory's PIN keys.
+async fn stock_postgresql(inv: &Inventory, url: &str, n: usize) {
     use pingate::store::crypto::PinCipher;
-    use pingate::store::handle::DbUrl;
     use pingate::store::postgres::PgStore;
     use pingate::store::{NewPin, Product};
-
-    let dbname = format!("pingate_gw_{}", std::process::id());
-    let (admin, url) = common::fresh_database(&dbname).await;
-
-    // Certificates for two gateways (and the observer); the inventory in PostgreSQL.
-    let inv = Inventory::create(&dir("pg-two"), &["gw1", "gw2", "obs"], &[]).unwrap();
-    let mut pg = PgStore::connect(&url, None, PinCipher::from_spec(&inv.pin_keys).unwrap())
+    let mut pg = PgStore::connect(url, None, PinCipher::from_spec(&inv.pin_keys).unwrap())
         .await
         .unwrap();
     for (code, amount) in [(PREFETCH, 1000), (ON_DEMAND, 2500)] {
@@ -774,7 +766,7 @@ async fn two_gateways_two_servers_one_postgresql_with_failover_sell_each_pin_onc
         })
         .await
         .unwrap();
-        let pins: Vec<NewPin> = (0..600)
+        let pins: Vec<NewPin> = (0..n)
             .map(|i| NewPin {
                 product: code.into(),
                 amount,
@@ -786,7 +778,20 @@ async fn two_gateways_two_servers_one_postgresql_with_failover_sell_each_pin_onc
             .collect();
         pg.import_with_progress(&pins, &mut |_| {}).await.unwrap();
     }
-    drop(pg);
+}
+
+// ---- several gateways, several PIN servers on one PostgreSQL ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_two_servers_one_postgresql_with_failover_sell_each_pin_once() {
+    use pingate::store::handle::DbUrl;
+
+    let dbname = format!("pingate_gw_{}", std::process::id());
+    let (admin, url) = common::fresh_database(&dbname).await;
+
+    // Certificates for two gateways (and the observer); the inventory in PostgreSQL.
+    let inv = Inventory::create(&dir("pg-two"), &["gw1", "gw2", "obs"], &[]).unwrap();
+    stock_postgresql(&inv, &url, 600).await;
     let db = DbUrl::parse(&url).unwrap();
     let a = pingate::demo::start_server_on(&inv, &db, "127.0.0.1:0".parse().unwrap())
         .await
@@ -1022,6 +1027,31 @@ async fn keep_cache_on_shutdown_keeps_the_pins_for_the_next_start() {
 async fn reservations_the_journal_never_saw_are_released_at_start() {
     let inv = Inventory::create(&dir("reconcile"), &["gw1", "obs"], &sample_products(100)).unwrap();
     let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    stray_reservations_are_released_at_start(&inv, &server).await;
+    server.stop().await;
+    common::audit_ok(&inv).await;
+}
+
+/// The same on PostgreSQL: the server answers which PINs it holds for the gateway from there.
+#[tokio::test]
+async fn reservations_the_journal_never_saw_are_released_at_start_on_postgresql() {
+    let dbname = format!("pingate_gw_reconcile_{}", std::process::id());
+    let (admin, url) = common::fresh_database(&dbname).await;
+    let inv = Inventory::create(&dir("reconcile-pg"), &["gw1", "obs"], &[]).unwrap();
+    stock_postgresql(&inv, &url, 100).await;
+    let db = pingate::store::handle::DbUrl::parse(&url).unwrap();
+    let server = pingate::demo::start_server_on(&inv, &db, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    stray_reservations_are_released_at_start(&inv, &server).await;
+    server.stop().await;
+    common::audit_url_ok(&db).await;
+    common::drop_database(&admin, &dbname).await;
+}
+
+/// Seven PINs reserved for gw1 behind its journal's back (a reserve whose answer never reached it); gw1 starts with
+/// a cache of 5: once it has settled, the server holds for it exactly its cache, the seven back in stock.
+async fn stray_reservations_are_released_at_start(inv: &Inventory, server: &ServerHandle) {
     // A reserve whose answer never reached the journal (cut off, or a crash right after): made here directly
     // with the gateway's own certificate.
     let tls = Arc::new(
@@ -1047,7 +1077,7 @@ async fn reservations_the_journal_never_saw_are_released_at_start() {
     };
     assert_eq!(lost.len(), 7);
     let files = GatewayFiles::write(
-        &inv,
+        inv,
         "gw1",
         &[server.addr],
         "127.0.0.1:0".parse().unwrap(),
@@ -1062,12 +1092,10 @@ async fn reservations_the_journal_never_saw_are_released_at_start() {
     cached_at_least(&gw, 5).await;
     assert!(gw.gateway.flush(Duration::from_secs(10)).await);
     // What the server says the gateway holds is exactly its cache: the 7 strays went back.
-    let s = stock(&inv, server.addr).await;
+    let s = stock(inv, server.addr).await;
     assert_eq!(count(&s, PREFETCH, "reserved"), 5);
     assert_eq!(count(&s, PREFETCH, "available"), 95);
     gw.stop().await;
-    server.stop().await;
-    common::audit_ok(&inv).await;
 }
 
 #[tokio::test]

@@ -399,6 +399,8 @@ fn logs_as_json_lines_and_log_levels_are_checked() {
 /// `pingate pins quarantine` takes an available PIN out of sale, and refuses one that is not available;
 /// `pingate pins return-quarantined`: a quarantined PIN whose row opens goes back to stock; one that is not
 /// quarantined, or whose row still does not open, is refused with the reason and a failing exit status.
+/// `pingate pins leases` lists per gateway the reservations past their lease, and `pingate pins return-expired`
+/// returns that gateway's alone to stock. On SQLite and on PostgreSQL.
 #[test]
 fn an_operator_quarantines_a_pin_and_returns_a_repaired_one_to_stock() {
     let d = std::env::temp_dir().join(format!("pingate-return-q-{}", std::process::id()));
@@ -406,27 +408,49 @@ fn an_operator_quarantines_a_pin_and_returns_a_repaired_one_to_stock() {
     std::fs::create_dir_all(&d).unwrap();
     let path = d.join("pins.db");
     let db = format!("sqlite:{}", path.display());
-    let (_dir, certs) = setup("return-q", &db, 3);
+    operator_commands("return-q", &db, &|sql| {
+        rusqlite::Connection::open(&path).unwrap().execute_batch(sql).unwrap()
+    });
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_quarantines_a_pin_and_returns_a_repaired_one_to_stock_on_postgresql() {
+    let dbname = format!("pingate_proc_q_{}", std::process::id());
+    let (admin, db) = fresh_database(&dbname).await;
+    let (c, conn) = tokio_postgres::connect(&db, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let handle = tokio::runtime::Handle::current();
+    let db2 = db.clone();
+    tokio::task::spawn_blocking(move || {
+        operator_commands("return-q-pg", &db2, &|sql| {
+            handle.block_on(c.batch_execute(sql)).unwrap()
+        })
+    })
+    .await
+    .unwrap();
+    drop_database(&admin, &dbname).await;
+}
+
+/// The operator commands of [`an_operator_quarantines_a_pin_and_returns_a_repaired_one_to_stock`] on `db`, whose
+/// rows `sql` changes behind pingate's back.
+fn operator_commands(name: &str, db: &str, sql: &dyn Fn(&str)) {
+    let (_dir, certs) = setup(name, db, 5);
     let keys = certs.pin_keys();
     // PIN 1 is quarantined by the operator (and opens); PIN 2 was quarantined by the server and is still damaged
     // (its serial, the seal's associated data, changed).
-    let out = ok(&["pins", "quarantine", "--db", &db, "--id", "1"]);
+    let out = ok(&["pins", "quarantine", "--db", db, "--id", "1"]);
     assert!(out.contains("PIN 1 is quarantined"), "{out}");
-    let (success, _, err) = pingate(&["pins", "quarantine", "--db", &db, "--id", "1"]);
+    let (success, _, err) = pingate(&["pins", "quarantine", "--db", db, "--id", "1"]);
     assert!(!success && err.contains("PIN 1 is quarantined, not available"), "{err}");
-    let c = rusqlite::Connection::open(&path).unwrap();
-    c.execute_batch(
-        "UPDATE pins SET state = 'quarantined' WHERE id = 2;
-         UPDATE pins SET serial = serial || 'X' WHERE id = 2;",
-    )
-    .unwrap();
-    drop(c);
+    sql("UPDATE pins SET state = 'quarantined' WHERE id = 2;
+         UPDATE pins SET serial = serial || 'X' WHERE id = 2;");
     let back = |id: &str| {
         pingate(&[
             "pins",
             "return-quarantined",
             "--db",
-            &db,
+            db,
             "--pin-keys",
             keys.to_str().unwrap(),
             "--id",
@@ -440,10 +464,34 @@ fn an_operator_quarantines_a_pin_and_returns_a_repaired_one_to_stock() {
     assert!(!success && err.contains("PIN 1 is available, not quarantined"), "{err}");
     let (success, _, err) = back("2");
     assert!(!success && err.contains("does not decrypt"), "{err}");
-    let stock = ok(&["pins", "stock", "--db", &db]);
-    assert_eq!(stock_count(&stock, "available"), 2, "{stock}");
+    let stock = ok(&["pins", "stock", "--db", db]);
+    assert_eq!(stock_count(&stock, "available"), 4, "{stock}");
     assert_eq!(stock_count(&stock, "quarantined"), 1, "{stock}");
-    let _ = std::fs::remove_dir_all(&d);
+
+    // Leases: PINs 3 and 4 reserved by gw1 with their lease long over, PIN 5 by gw2 with its lease to come.
+    assert_eq!(ok(&["pins", "leases", "--db", db]), "no expired reservations\n");
+    sql(
+        "UPDATE pins SET state = 'reserved', holder = 'gw1', lease_until = 1 WHERE id IN (3, 4);
+         UPDATE pins SET state = 'reserved', holder = 'gw2', lease_until = 4000000000 WHERE id = 5;",
+    );
+    assert_eq!(
+        ok(&["pins", "leases", "--db", db]),
+        "gw1: 2 reserved PINs past their lease\n"
+    );
+    let stock = ok(&["pins", "stock", "--db", db]);
+    assert_eq!(
+        stock_count(&stock, "reserved"),
+        3,
+        "an expired lease frees nothing by itself: {stock}"
+    );
+    let out = ok(&["pins", "return-expired", "--db", db, "--gateway", "gw2"]);
+    assert!(out.contains("returned 0 expired reservations of gw2 to stock"), "{out}");
+    let out = ok(&["pins", "return-expired", "--db", db, "--gateway", "gw1"]);
+    assert!(out.contains("returned 2 expired reservations of gw1 to stock"), "{out}");
+    assert_eq!(ok(&["pins", "leases", "--db", db]), "no expired reservations\n");
+    let stock = ok(&["pins", "stock", "--db", db]);
+    assert_eq!(stock_count(&stock, "reserved"), 1, "gw2's lease runs: {stock}");
+    assert_eq!(stock_count(&stock, "available"), 3, "{stock}");
 }
 
 /// Every limit of the PIN server given on its command line has a range; out of it, the server does not start and

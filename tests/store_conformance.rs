@@ -1,12 +1,14 @@
 //! One scenario, written once against the `PinStore` trait, run on both backends: whatever the database, the
-//! inventory behaves the same. Also key rotation: PINs sealed under an old key still open after a new key is added.
+//! inventory behaves the same. Also key rotation (PINs sealed under an old key still open after a new key is added,
+//! new ones are sealed under it), leases (renewals, expired ones reported and returned) and successful reversals.
 
 use pingate::sale::Pin;
 use pingate::store::crypto::PinCipher;
 use pingate::store::postgres::PgStore;
 use pingate::store::sqlite::SqliteStore;
 use pingate::store::{
-    Confirmation, NewPin, Op, Outcome, PinState, PinStore, Product, Reversal, SaleContext, SellRequest, StoreError,
+    Confirmation, NewPin, Op, Outcome, PinState, PinStore, Product, Reversal, SaleContent, SaleContext, SellRequest,
+    StoreError,
 };
 
 fn pins(from: usize, n: usize, expiry: Option<&str>) -> Vec<NewPin> {
@@ -424,26 +426,25 @@ async fn sqlite_conforms() {
 
     // Rotation: add key 2; old PINs still open, new ones are sealed under key 2.
     drop(s);
-    let k2 = PinCipher::generate_spec().unwrap().replacen("1:", "2:", 1);
     let mut s = SqliteStore::open(
         &dir.join("pins.db"),
-        PinCipher::from_spec(&format!("{keys},{k2}")).unwrap(),
+        PinCipher::from_spec(&rotated_keys(&keys)).unwrap(),
     )
     .unwrap();
-    let Outcome::Sold(old) = s.apply(sell("g", 10)).await.unwrap() else {
-        panic!()
-    };
-    assert!(old.pin.expose().starts_with("GIFT"));
-    s.import_with_progress(&pins(30_000, 1, None), &mut |_| {}).unwrap();
-    let key_ids: Vec<i64> = s
+    after_rotation(&mut s).await;
+    let key_ids: Vec<(i64, i64)> = s
         .connection()
-        .prepare("SELECT DISTINCT key_id FROM pins ORDER BY 1")
+        .prepare(KEY_IDS_SQL)
         .unwrap()
-        .query_map([], |r| r.get(0))
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
         .unwrap()
         .map(Result::unwrap)
         .collect();
-    assert_eq!(key_ids, vec![1, 2]);
+    assert_eq!(
+        key_ids,
+        vec![(1, 1), (2, 0)],
+        "the old PINs under key 1, the new ones under key 2"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -461,10 +462,77 @@ async fn postgres_conforms() {
         .await
         .unwrap();
     scenario(&mut s).await;
+
+    // Rotation, as on SQLite.
+    drop(s);
+    let mut s = PgStore::connect(&url, Some(&schema), PinCipher::from_spec(&rotated_keys(&keys)).unwrap())
+        .await
+        .unwrap();
+    after_rotation(&mut s).await;
+    let key_ids: Vec<(i32, i32)> = s
+        .client()
+        .query(KEY_IDS_SQL, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        key_ids,
+        vec![(1, 1), (2, 0)],
+        "the old PINs under key 1, the new ones under key 2"
+    );
     s.client()
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .await
         .unwrap();
+}
+
+/// `keys` (key 1) with a new key 2 added: key 2 is the current one, key 1 still opens.
+fn rotated_keys(keys: &str) -> String {
+    let k2 = PinCipher::generate_spec().unwrap().replacen("1:", "2:", 1);
+    format!("{keys},{k2}")
+}
+
+/// The key ids the PINs of product ROT (0) and the others (1) are sealed under.
+const KEY_IDS_SQL: &str =
+    "SELECT DISTINCT key_id, CASE WHEN product = 'ROT' THEN 0 ELSE 1 END AS old FROM pins ORDER BY 1, 2";
+
+/// After [`scenario`], opened with [`rotated_keys`]: a PIN sealed under key 1 still sells; PINs imported now (product
+/// ROT) are sealed under key 2 and sell too, and a repeat of each sale gets its PIN again.
+async fn after_rotation(s: &mut impl PinStore) {
+    let Outcome::Sold(old) = s.apply(sell("g", 10)).await.unwrap() else {
+        panic!()
+    };
+    assert!(old.pin.expose().starts_with("GIFT"));
+    s.upsert_product(&Product {
+        code: "ROT".into(),
+        name: "Sealed under key 2".into(),
+        supplier: "Shop".into(),
+        currency: "840".into(),
+        denominations: vec![300],
+    })
+    .await
+    .unwrap();
+    let mut new = pins(30_000, 2, None);
+    for p in &mut new {
+        (p.product, p.amount) = ("ROT".into(), 300);
+    }
+    s.import_with_progress(&new, &mut |_| {}).await.unwrap();
+    let rot = |stan: u32| {
+        Op::Sell(SellRequest {
+            product: "ROT".into(),
+            amount: 300,
+            sale: ctx("r", stan),
+            repeat_since: 0,
+        })
+    };
+    let Outcome::Sold(n) = s.apply(rot(1)).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(n.pin.expose(), "GIFT00030000");
+    assert_eq!(s.apply(rot(1)).await.unwrap(), Outcome::Sold(n));
+    assert_eq!(s.apply(sell("g", 10)).await.unwrap(), Outcome::Sold(old));
 }
 
 /// Stocks GIFT 2500 with 20 PINs (ids 1 to 20) and spoils the rows of PINs 1, 3 and 7: their serial (the
@@ -628,6 +696,190 @@ async fn postgres_quarantines_a_row_that_does_not_open() {
     let wrong = PinCipher::from_spec(&PinCipher::generate_spec().unwrap()).unwrap();
     let mut w = PgStore::connect(&url, Some(&schema), wrong).await.unwrap();
     a_wrong_key_quarantines_nothing(&mut w).await;
+    s.client()
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}
+
+/// What a reversal of a `ctx(gw, _)` sale of GIFT 2500 names, `amount` aside.
+fn gift_content(amount: i64) -> SaleContent {
+    SaleContent {
+        merchant_id: "M1".into(),
+        product: "GIFT".into(),
+        amount,
+        currency: "840".into(),
+    }
+}
+
+fn reserve(holder: &str, count: usize, lease_until: i64) -> Op {
+    Op::Reserve {
+        holder: holder.into(),
+        product: "GIFT".into(),
+        amount: 2500,
+        count,
+        lease_until,
+    }
+}
+
+async fn held(s: &mut impl PinStore, holder: &str) -> Vec<i64> {
+    match s.apply(Op::Held { holder: holder.into() }).await.unwrap() {
+        Outcome::Held(ids) => ids,
+        o => panic!("{o:?}"),
+    }
+}
+
+/// Leases: a renewal extends only the holder's own reservations (another gateway's, a released PIN and an unknown
+/// id are not counted); an expired lease is reported per holder (`pins leases`) and freed only by the operator
+/// (`pins return-expired`), which takes that holder's expired ones alone, never a renewed one. Reversals that
+/// succeed: a sold PIN voided once (a reversal naming other content refused first, the PIN still sold), then
+/// `AlreadyVoided`, and the sale's repeat refused; a cache sale reversed by its PIN's id by the gateway that sold it
+/// only.
+async fn leases_and_reversals(s: &mut impl PinStore) {
+    stock_twenty(s).await;
+    let Outcome::Reserved(g) = s.apply(reserve("g", 3, 100)).await.unwrap() else {
+        panic!()
+    };
+    let Outcome::Reserved(h) = s.apply(reserve("h", 2, 100)).await.unwrap() else {
+        panic!()
+    };
+    let (g, h): (Vec<i64>, Vec<i64>) = (
+        g.iter().map(|d| d.pin_id).collect(),
+        h.iter().map(|d| d.pin_id).collect(),
+    );
+    assert_eq!(held(s, "g").await, g);
+    assert_eq!(held(s, "h").await, h);
+    // h releases one; then h cannot renew g's, and g cannot renew h's nor the released one.
+    assert_eq!(
+        s.apply(Op::Release {
+            holder: "h".into(),
+            pin_ids: vec![h[1]]
+        })
+        .await
+        .unwrap(),
+        Outcome::Released { refused: vec![] }
+    );
+    let renew = |holder: &str, pin_ids: Vec<i64>| Op::Renew {
+        holder: holder.into(),
+        pin_ids,
+        lease_until: 5_000,
+    };
+    assert_eq!(
+        s.apply(renew("h", g.clone())).await.unwrap(),
+        Outcome::Renewed(0),
+        "another holder's"
+    );
+    assert_eq!(
+        s.apply(renew("g", vec![g[0], g[1], h[0], h[1], 99_999_999]))
+            .await
+            .unwrap(),
+        Outcome::Renewed(2),
+        "the holder's own reservations only"
+    );
+    // Between the old lease and the new one: g's unrenewed PIN and h's are past their lease.
+    assert_eq!(
+        s.expired_leases(1_000).await.unwrap(),
+        vec![("g".to_string(), 1), ("h".to_string(), 1)]
+    );
+    assert_eq!(
+        count(s, PinState::Reserved).await,
+        4,
+        "an expired lease frees nothing by itself"
+    );
+    assert_eq!(s.return_expired("g", 1_000).await.unwrap(), 1);
+    assert_eq!(held(s, "g").await, &g[..2], "the renewed ones stay held");
+    assert_eq!(held(s, "h").await, &h[..1], "another holder's expired ones stay");
+    assert_eq!(s.return_expired("g", 1_000).await.unwrap(), 0, "nothing more of g's");
+    assert_eq!(s.expired_leases(1_000).await.unwrap(), vec![("h".to_string(), 1)]);
+    assert_eq!(
+        s.expired_leases(6_000).await.unwrap(),
+        vec![("g".to_string(), 2), ("h".to_string(), 1)]
+    );
+    assert_eq!(s.return_expired("h", 1_000).await.unwrap(), 1);
+    assert_eq!(s.expired_leases(1_000).await.unwrap(), vec![]);
+    assert_eq!(count(s, PinState::Reserved).await, 2);
+    assert_eq!(count(s, PinState::Available).await, 18);
+    // A returned PIN sells again: it is the lowest available id.
+    let Outcome::Sold(a) = s.apply(sell("g", 1)).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(a.pin_id, g[2].min(h[0]));
+
+    // A successful reversal, with the sale's content.
+    let reverse = |amount: i64| Op::Reverse {
+        sale: ctx("g", 1),
+        content: Some(gift_content(amount)),
+    };
+    let r = s.apply(reverse(777)).await;
+    assert!(
+        matches!(r, Err(StoreError::ReversalMismatch { field: "amount", .. })),
+        "{r:?}"
+    );
+    assert_eq!(count(s, PinState::Voided).await, 0, "a refused reversal voids nothing");
+    assert_eq!(
+        s.apply(reverse(2500)).await.unwrap(),
+        Outcome::Reversed(Reversal::Voided { pin_id: a.pin_id })
+    );
+    assert_eq!(
+        s.apply(reverse(2500)).await.unwrap(),
+        Outcome::Reversed(Reversal::AlreadyVoided { pin_id: a.pin_id })
+    );
+    assert!(matches!(
+        s.apply(sell("g", 1)).await,
+        Err(StoreError::AlreadyReversed { .. })
+    ));
+    assert_eq!(count(s, PinState::Voided).await, 1);
+    // A cache sale reversed by its PIN's id: only by the gateway that sold it.
+    assert_eq!(
+        s.apply(Op::Confirm {
+            holder: "g".into(),
+            pin_id: g[0],
+            sale: ctx("g", 2)
+        })
+        .await
+        .unwrap(),
+        Outcome::Confirmed(Confirmation::Sold)
+    );
+    let by_pin = |gateway: &str| Op::ReversePin {
+        gateway: gateway.into(),
+        pin_id: g[0],
+    };
+    assert!(matches!(s.apply(by_pin("h")).await, Err(StoreError::NotHolder { .. })));
+    assert_eq!(
+        s.apply(by_pin("g")).await.unwrap(),
+        Outcome::Reversed(Reversal::Voided { pin_id: g[0] })
+    );
+    assert_eq!(
+        s.apply(by_pin("g")).await.unwrap(),
+        Outcome::Reversed(Reversal::AlreadyVoided { pin_id: g[0] })
+    );
+    assert!(matches!(
+        s.apply(sell("g", 2)).await,
+        Err(StoreError::AlreadyReversed { .. })
+    ));
+    assert_eq!(count(s, PinState::Voided).await, 2);
+    assert_eq!(count(s, PinState::Sold).await, 0);
+}
+
+#[tokio::test]
+async fn sqlite_leases_and_reversals() {
+    let (dir, _, mut s) = sqlite("leases");
+    leases_and_reversals(&mut s).await;
+    drop(s);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn postgres_leases_and_reversals() {
+    let (url, schema) = pg("leases");
+    let mut s = PgStore::connect(
+        &url,
+        Some(&schema),
+        PinCipher::from_spec(&PinCipher::generate_spec().unwrap()).unwrap(),
+    )
+    .await
+    .unwrap();
+    leases_and_reversals(&mut s).await;
     s.client()
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .await

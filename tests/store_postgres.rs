@@ -300,6 +300,115 @@ async fn transitions_idempotency_and_refusals() {
     schema.drop_it().await;
 }
 
+/// What the database itself refuses, whatever code runs against it (as on SQLite): every state change no edge
+/// allows, from a PIN in each state; a second sale of a sold PIN; any change to the audit trail; deleting a PIN.
+#[tokio::test]
+async fn the_database_refuses_illegal_changes_even_if_code_is_wrong() {
+    let schema = Schema::new("guards").await;
+    let mut s = schema.stocked(5).await;
+    let mut old = pins(10, 1);
+    old[0].expiry = Some("20000101".into());
+    s.import(&old).await.unwrap();
+    // A PIN in each state.
+    let sold = s.sell(&sell("gw1", 1)).await.unwrap().pin_id;
+    let voided = s.sell(&sell("gw1", 2)).await.unwrap().pin_id;
+    assert_eq!(
+        s.reverse(&ctx("gw1", 2)).await.unwrap(),
+        Reversal::Voided { pin_id: voided }
+    );
+    let Outcome::Reserved(r) = s
+        .apply(Op::Reserve {
+            holder: "gw1".into(),
+            product: "TOPUP".into(),
+            amount: 1000,
+            count: 1,
+            lease_until: 2_000_000_000,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let reserved = r[0].pin_id;
+    assert_eq!(s.expire("20261128").await.unwrap(), 1);
+    let quarantined = 4;
+    s.operator_quarantine(quarantined).await.unwrap();
+    let c = s.client();
+    let state_of = |id: i64| async move {
+        let st: String = c
+            .query_one("SELECT state FROM pins WHERE id = $1", &[&id])
+            .await
+            .unwrap()
+            .get(0);
+        PinState::parse(&st).unwrap()
+    };
+    let expired: i64 = c
+        .query_one("SELECT id FROM pins WHERE state = 'expired'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let available: i64 = c
+        .query_one("SELECT MIN(id) FROM pins WHERE state = 'available'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let (mut refused, mut seen) = (0, Vec::new());
+    for id in [available, reserved, sold, voided, expired, quarantined] {
+        let from = state_of(id).await;
+        seen.push(from);
+        for to in PinState::ALL {
+            if to == from || from.can_move_to(to) {
+                continue;
+            }
+            let e = c
+                .execute("UPDATE pins SET state = $2 WHERE id = $1", &[&id, &to.as_str()])
+                .await
+                .unwrap_err();
+            assert!(
+                format!("{e:?}").contains("illegal PIN state change"),
+                "{from:?} -> {to:?}: {e:?}"
+            );
+            assert_eq!(state_of(id).await, from);
+            refused += 1;
+        }
+    }
+    assert_eq!(seen, PinState::ALL, "a PIN in each state");
+    assert_eq!(refused, 6 * 5 - 9, "every edge but the nine allowed");
+    // A second sale row for the same PIN (another key) is impossible.
+    let e = c
+        .execute(
+            "INSERT INTO sales VALUES ('gw9', 'T', '1', '1', $1, 'M', 'R', 'TOPUP', 1000, 0)",
+            &[&sold],
+        )
+        .await
+        .unwrap_err();
+    assert!(format!("{e:?}").contains("sales_pin_id_key"), "{e:?}");
+    let trail = "SELECT COUNT(*) FROM audit";
+    let rows: i64 = c.query_one(trail, &[]).await.unwrap().get(0);
+    for sql in [
+        "DELETE FROM audit",
+        "UPDATE audit SET to_state = 'x'",
+        "UPDATE audit SET at = 0 WHERE seq = 1",
+    ] {
+        let e = c.execute(sql, &[]).await.unwrap_err();
+        assert!(format!("{e:?}").contains("audit is append-only"), "{sql}: {e:?}");
+    }
+    assert_eq!(c.query_one(trail, &[]).await.unwrap().get::<_, i64>(0), rows);
+    for sql in ["DELETE FROM pins", "DELETE FROM pins WHERE state = 'available'"] {
+        let e = c.execute(sql, &[]).await.unwrap_err();
+        assert!(format!("{e:?}").contains("PINs are never deleted"), "{sql}: {e:?}");
+    }
+    assert_eq!(
+        c.query_one("SELECT COUNT(*) FROM pins", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        6
+    );
+    drop(s);
+    schema.drop_it().await;
+}
+
 #[tokio::test]
 async fn a_version_1_database_is_migrated_and_sells() {
     let schema = Schema::new("migrate").await;
