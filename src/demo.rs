@@ -479,8 +479,17 @@ pub async fn run(opts: DemoOptions) -> Result<Report, String> {
     if !gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await {
         return Err("the gateway could not connect to the PIN server".into());
     }
-    // Let the first refill land, as a gateway that has been up a moment would have it.
+    // Let the first refill land, as a gateway that has been up a moment would have it, and the clock pass the second
+    // the gateway started in (a key of that second may have been sold before the start: such sales go to the PIN
+    // server, not the cache; see `clock_skew_secs`).
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    tokio::time::sleep(Duration::from_nanos(
+        u64::from(1_000_000_000 - now.subsec_nanos()) + 1_000_000,
+    ))
+    .await;
 
     let sales_per_terminal = opts.sales.div_ceil(opts.terminals.max(1));
     let mut tasks = tokio::task::JoinSet::new();
