@@ -770,7 +770,8 @@ async fn leases_and_reversals(s: &mut impl PinStore) {
         "another holder's"
     );
     assert_eq!(
-        s.apply(renew("g", vec![g[0], g[1], h[0], h[1], 99_999_999]))
+        // (g[1] named twice: renewed, and counted, once.)
+        s.apply(renew("g", vec![g[0], g[1], g[1], h[0], h[1], 99_999_999]))
             .await
             .unwrap(),
         Outcome::Renewed(2),

@@ -1151,8 +1151,10 @@ fn release(tx: &Connection, holder: &str, pin_ids: &[i64]) -> Result<Vec<i64>, S
 fn renew(tx: &Connection, holder: &str, pin_ids: &[i64], lease_until: i64) -> Result<usize, StoreError> {
     let mut stmt =
         tx.prepare_cached("UPDATE pins SET lease_until = ?3 WHERE id = ?1 AND state = 'reserved' AND holder = ?2")?;
+    // Each PIN once, however often it is named (as PostgreSQL's one statement counts it).
+    let ids: std::collections::BTreeSet<i64> = pin_ids.iter().copied().collect();
     let mut n = 0;
-    for id in pin_ids {
+    for id in ids {
         n += stmt.execute(params![id, holder, lease_until])?;
     }
     Ok(n)
