@@ -57,7 +57,7 @@ fn dialect() -> Arc<Dialect> {
 }
 
 /// The load's field 7 is now: a key far from the gateway's clock, or of the second it started in, goes to the PIN
-/// server (`clock_skew_secs`), so the gateway must have started in an earlier second ([`after_start`]). Runs keep
+/// server (`clock_skew_secs`), so the gateway must have started in an earlier second ([`pingate::demo::past_this_second`]). Runs keep
 /// their keys apart by their time.
 fn spec(addr: SocketAddr, a: &Args, product: &str, amount: u64) -> LoadSpec {
     LoadSpec {
@@ -78,11 +78,6 @@ fn spec(addr: SocketAddr, a: &Args, product: &str, amount: u64) -> LoadSpec {
         transmission: pingate::sim::now_transmission(),
         progress: None,
     }
-}
-
-/// A second and a little more: the wall clock is past the second the gateway started in.
-async fn after_start() {
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
 }
 
 fn line(name: &str, r: LoadReport) {
@@ -162,7 +157,7 @@ fn main() {
             gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await;
             if need("prefetch") {
                 wait_cached(&gw, 50_000).await;
-                after_start().await;
+                pingate::demo::past_this_second().await;
                 let r = run(spec(gw.addr, &a, "TOPUP-EU-10", 1000), d.clone()).await.unwrap();
                 let stock = gw.gateway.stock();
                 line("prefetch (journal fsync'd)", r);
@@ -200,7 +195,7 @@ fn main() {
                 .unwrap();
             gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await;
             wait_cached(&gw, 200).await;
-            after_start().await;
+            pingate::demo::past_this_second().await;
             let mut s = spec(gw.addr, &a, "TOPUP-EU-10", 1000);
             s.rate = Some(500.0);
             s.duration = Duration::from_secs(a.seconds.max(10));

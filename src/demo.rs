@@ -386,6 +386,19 @@ impl GatewayHandle {
     }
 }
 
+/// Waits until the wall clock is in its next second. A sale whose field 7 is of the second a gateway started in (or
+/// older) goes to the PIN server, not the cache (`clock_skew_secs`): the demo, the benches and the tests that expect
+/// cache sales begin past it.
+pub async fn past_this_second() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    tokio::time::sleep(Duration::from_nanos(
+        u64::from(1_000_000_000 - now.subsec_nanos()) + 1_000_000,
+    ))
+    .await;
+}
+
 /// Options of `pingate demo`.
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
@@ -483,13 +496,7 @@ pub async fn run(opts: DemoOptions) -> Result<Report, String> {
     // the gateway started in (a key of that second may have been sold before the start: such sales go to the PIN
     // server, not the cache; see `clock_skew_secs`).
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    tokio::time::sleep(Duration::from_nanos(
-        u64::from(1_000_000_000 - now.subsec_nanos()) + 1_000_000,
-    ))
-    .await;
+    past_this_second().await;
 
     let sales_per_terminal = opts.sales.div_ceil(opts.terminals.max(1));
     let mut tasks = tokio::task::JoinSet::new();

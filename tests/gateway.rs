@@ -74,19 +74,7 @@ async fn setup(
 
 /// Waits (polling, bounded) until the gateway's cache holds at least `n` PINs of the prefetch product.
 async fn cached_at_least(gw: &GatewayHandle, n: usize) {
-    for _ in 0..500 {
-        if gw
-            .gateway
-            .stock()
-            .cache
-            .iter()
-            .any(|l| l.product == PREFETCH && l.cached >= n)
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("cache never reached {n}: {:?}", gw.gateway.stock());
+    common::cached_at_least(gw, PREFETCH, n).await
 }
 
 #[tokio::test]

@@ -53,25 +53,13 @@ fn pin(m: &Message) -> Option<String> {
 }
 
 async fn cached_at_least(gw: &GatewayHandle, n: usize) {
-    for _ in 0..500 {
-        if gw
-            .gateway
-            .stock()
-            .cache
-            .iter()
-            .any(|l| l.product == PREFETCH && l.cached >= n)
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("cache never reached {n}");
+    common::cached_at_least(gw, PREFETCH, n).await
 }
 
 /// Field 7 of now, one second after the gateway's start at least: a key the gateway's cache may serve (it must be
 /// newer than the second the gateway started in: `clock_skew_secs`).
 async fn fresh_transmission() -> String {
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    common::next_second().await;
     pingate::sim::now_transmission()
 }
 

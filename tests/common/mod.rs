@@ -181,17 +181,25 @@ pub async fn rig(
     (inv, server, gw)
 }
 
-/// Waits for the wall clock's next second: a sale whose field 7 is of the second a gateway started in goes to the
-/// PIN server (its key may have been sold before the start), so tests that expect cache sales start after it.
-pub async fn next_second() {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    tokio::time::sleep(std::time::Duration::from_nanos(
-        1_000_000_000 - u64::from(now.subsec_nanos()) + 1_000_000,
-    ))
-    .await;
+/// Waits (polling, bounded) until the gateway's cache holds at least `n` PINs of `product`.
+pub async fn cached_at_least(gw: &pingate::demo::GatewayHandle, product: &str, n: usize) {
+    for _ in 0..500 {
+        if gw
+            .gateway
+            .stock()
+            .cache
+            .iter()
+            .any(|l| l.product == product && l.cached >= n)
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("cache never reached {n}: {:?}", gw.gateway.stock());
 }
+
+/// See [`pingate::demo::past_this_second`].
+pub use pingate::demo::past_this_second as next_second;
 
 /// Demo terminal `id` (registered by the demo set-up, merchant [`pingate::demo::MERCHANT`]).
 pub fn demo_terminal(id: &str) -> pingate::sim::Identity {
