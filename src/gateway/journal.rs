@@ -40,8 +40,8 @@ use crate::sale::SaleKey;
 const MAGIC: &[u8; 4] = b"PGJ1";
 /// Largest record accepted at recovery: a frame claiming more is torn or corrupt.
 const MAX_RECORD: usize = 1 << 20;
-/// Most ids in one `releasing` record (and one `release` request: the server's cap).
-pub const RELEASE_CHUNK: usize = 1000;
+/// Most ids in one `releasing` record (and one `release` request: the protocol's cap).
+pub const RELEASE_CHUNK: usize = crate::psp::MAX_PIN_IDS;
 /// Records written per sync at most (bounds the latency of the first in a group).
 const MAX_GROUP: usize = 4096;
 

@@ -1572,7 +1572,7 @@ impl Gateway {
                 .lock()
                 .expect("not poisoned")
                 .expiring(crate::clock::unix_now() + lease / 2);
-            for chunk in ids.chunks(1000) {
+            for chunk in ids.chunks(crate::psp::MAX_PIN_IDS) {
                 let request = Request::Renew {
                     pin_ids: chunk.to_vec(),
                     lease_secs: lease as u64,
