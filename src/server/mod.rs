@@ -1,5 +1,5 @@
 //! The PIN server: accepts gateways over mutual TLS, speaks PSP, and applies their requests to the inventory. This
-//! file holds the listener, the connections, their caps and the shutdown; [`handler`] maps each request to a store
+//! file holds the listener, the connections, their caps and the shutdown; `handler.rs` maps each request to a store
 //! operation and its result to an answer.
 //!
 //! Shaped like mini-redis: [`run`] takes a bound listener and a shutdown future; one task per connection with a
