@@ -4,12 +4,13 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::cli::{key_spec, PinsCommand};
+use crate::clock::unix_now;
+use crate::crypto::PinCipher;
 use crate::sale::Pin;
-use crate::store::crypto::PinCipher;
 use crate::store::handle::DbUrl;
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{unix_now, NewPin, PinStore, Product, StoreError};
+use crate::store::{NewPin, PinStore, Product, StoreError};
 
 /// Errors of reading an import file; `line` counts from 1 with the header as line 1.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use crate::crypto::PinCipher;
 use crate::gateway::config::GatewayConfig;
 use crate::gateway::{Gateway, StartOptions};
 use crate::iso8583::{Dialect, Dialects};
@@ -20,7 +21,6 @@ use crate::psp::{Request, Response};
 use crate::sale::{Pin, PinReceipt, ResponseCode};
 use crate::server::ServerOptions;
 use crate::sim::{Identity, SaleSpec, TerminalClient};
-use crate::store::crypto::PinCipher;
 use crate::store::handle::{DbUrl, StoreHandle, StoreOptions};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{NewPin, Product};

@@ -31,17 +31,17 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::crypto::{PinCipher, Sealed};
 use crate::iso8583::{from_hex, to_hex};
 use crate::psp::PinOut;
+use crate::sale::SaleContent;
 use crate::sale::SaleKey;
-use crate::store::crypto::{PinCipher, Sealed};
-use crate::store::SaleContent;
 
 const MAGIC: &[u8; 4] = b"PGJ1";
 /// Largest record accepted at recovery: a frame claiming more is torn or corrupt.
 const MAX_RECORD: usize = 1 << 20;
-/// Most ids in one `releasing` record (and one `release` request: the server's cap).
-pub const RELEASE_CHUNK: usize = 1000;
+/// Most ids in one `releasing` record (and one `release` request: the protocol's cap).
+pub const RELEASE_CHUNK: usize = crate::psp::MAX_PIN_IDS;
 /// Records written per sync at most (bounds the latency of the first in a group).
 const MAX_GROUP: usize = 4096;
 
@@ -584,7 +584,7 @@ fn read_records_as(path: &Path, cipher: &PinCipher, aside: bool) -> Result<(Fram
     let (records, at) = parse(path, &data, cipher)?;
     let torn = (data.len() - at) as u64;
     if torn > 0 && aside {
-        let aside = path.with_extension(format!("tail-{}", crate::store::unix_now()));
+        let aside = path.with_extension(format!("tail-{}", crate::clock::unix_now()));
         std::fs::write(&aside, &data[at..]).map_err(io(&aside))?;
     }
     Ok((records, torn))

@@ -21,14 +21,14 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::crypto::PinCipher;
 use crate::iso8583::Message;
 use crate::logging::limited;
-use crate::psp::{ErrorCode, Request, Response};
+use crate::psp::{ConfirmOutcome, ErrorCode, Request, Response};
+use crate::sale::SaleContent;
 use crate::sale::{
     answer, sale_answer, PinReceipt, ResponseCode, ReversalRequest, SaleKey, SaleRequest, TerminalRequest,
 };
-use crate::store::crypto::PinCipher;
-use crate::store::SaleContent;
 use cache::{Level, PinCache, Take};
 use config::GatewayConfig;
 use journal::{CachedPin, Journal, JournalOptions, KeyRecord, Record, SaleRecord};
@@ -191,7 +191,7 @@ impl Recent {
         if self.get(key).is_none() {
             let e = Entry::new(None, Some(Outcome::Declined(ResponseCode::InvalidTransaction)));
             self.map.insert(key.clone(), e);
-            self.order.push_back((now, crate::store::unix_now(), key.clone()));
+            self.order.push_back((now, crate::clock::unix_now(), key.clone()));
         }
     }
 
@@ -555,7 +555,7 @@ impl Gateway {
             recent: Mutex::new(Recent {
                 map: HashMap::new(),
                 order: VecDeque::new(),
-                horizon: crate::store::unix_now(),
+                horizon: crate::clock::unix_now(),
                 held: HashMap::new(),
                 window: cfg.repeat_window,
                 max: cfg.repeat_max,
@@ -614,7 +614,7 @@ impl Gateway {
                 .recent
                 .lock()
                 .expect("not poisoned")
-                .begin(&key, content, now, crate::store::unix_now());
+                .begin(&key, content, now, crate::clock::unix_now());
             if let Begin::New(e) = begun {
                 e.outcome.send_replace(Some(Arc::new(Outcome::Approved {
                     pin_id: pin.pin.pin_id,
@@ -659,7 +659,7 @@ impl Gateway {
         use tracing::Instrument;
         let mti = msg.mti().to_string();
         // The wall-clock second of receipt: field 7 is bound to its year by it.
-        let received_unix = crate::store::unix_now();
+        let received_unix = crate::clock::unix_now();
         // The RRN is known once the sale is decided (an approval's is its PIN's): recorded then, once.
         let span = tracing::info_span!(
             "transaction",
@@ -924,7 +924,7 @@ impl Gateway {
             Take::OnDemand
         } else {
             // A PIN is sold only with a minute of its lease left (the server keeps it ours till then).
-            let min_lease = crate::store::unix_now() + 60;
+            let min_lease = crate::clock::unix_now() + 60;
             self.cache
                 .lock()
                 .expect("not poisoned")
@@ -1190,7 +1190,8 @@ impl Gateway {
     async fn forward_loop(self: Arc<Self>) {
         // Jobs in flight (a batch of confirms counts each confirm).
         const MAX_IN_FLIGHT: usize = 1024;
-        const CONFIRM_BATCH: usize = 256;
+        // As many as one confirm_batch may carry.
+        const CONFIRM_BATCH: usize = crate::psp::MAX_CONFIRM_BATCH;
         let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(Queued, Sent)>();
         loop {
             let now = Instant::now();
@@ -1292,7 +1293,7 @@ impl Gateway {
                     .zip(results)
                     .map(|(q, r)| match (&q.job, r.outcome) {
                         (Job::Confirm { pin_id, .. }, Some(outcome)) => {
-                            self.confirmed(*pin_id, &outcome);
+                            self.confirmed(*pin_id, outcome);
                             acks.push(Record::Confirmed { pin_id: *pin_id });
                             Sent::Acknowledged
                         }
@@ -1330,24 +1331,24 @@ impl Gateway {
         }
     }
 
-    /// A confirm was acknowledged with `outcome` (see `Confirmation` in the store).
-    fn confirmed(&self, pin_id: i64, outcome: &str) {
+    /// A confirm was acknowledged with `outcome`.
+    fn confirmed(&self, pin_id: i64, outcome: ConfirmOutcome) {
         self.stats.confirms_done.fetch_add(1, Ordering::Relaxed);
         match outcome {
-            "voided" => tracing::info!(
+            ConfirmOutcome::Voided => tracing::info!(
                 pin_id,
                 "a cache sale was reversed before its confirm; the PIN is voided"
             ),
-            "conflict" | "conflict_voided" => {
+            ConfirmOutcome::ConflictVoided | ConfirmOutcome::Conflict => {
                 // The server recorded the conflict (and logged it, once); the audit shows it until resolved.
                 self.stats.confirm_conflicts.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(
                     pin_id,
-                    outcome,
+                    outcome = outcome.as_str(),
                     "a cache sale could not be confirmed: its key was sold before (or the PIN is not ours); see pingate pins conflicts"
                 );
             }
-            _ => {}
+            ConfirmOutcome::Sold | ConfirmOutcome::AlreadyConfirmed => {}
         }
     }
 
@@ -1383,7 +1384,7 @@ impl Gateway {
         match self.upstream.call(request, deadline).await {
             Ok(r) => {
                 if let (Job::Confirm { pin_id, .. }, Response::Confirmed { outcome }) = (&q.job, &r) {
-                    self.confirmed(*pin_id, outcome);
+                    self.confirmed(*pin_id, *outcome);
                 }
                 if let (Job::Release { .. }, Response::Released { refused }) = (&q.job, &r) {
                     if !refused.is_empty() {
@@ -1570,8 +1571,8 @@ impl Gateway {
                 .cache
                 .lock()
                 .expect("not poisoned")
-                .expiring(crate::store::unix_now() + lease / 2);
-            for chunk in ids.chunks(1000) {
+                .expiring(crate::clock::unix_now() + lease / 2);
+            for chunk in ids.chunks(crate::psp::MAX_PIN_IDS) {
                 let request = Request::Renew {
                     pin_ids: chunk.to_vec(),
                     lease_secs: lease as u64,
