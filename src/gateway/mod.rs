@@ -38,6 +38,7 @@ use cache::{Level, PinCache, Take};
 use config::GatewayConfig;
 use forward::{Forward, Job};
 use metrics::GatewayMetrics;
+pub use admin::{ask_admin, serve_admin};
 pub use metrics::{MetricsSource, Stats, StockReport};
 pub use reload::ReloadReport;
 use journal::{CachedPin, Journal, JournalOptions, KeyRecord, Record, SaleRecord};
@@ -890,55 +891,6 @@ pub async fn run(
     while tasks.join_next().await.is_some() {}
     gw.shutdown(Duration::from_secs(30)).await;
     Ok(())
-}
-
-/// The admin socket (a Unix socket, or TCP on loopback; see [`admin`]): a client writes one command line (`stock`)
-/// and reads one JSON answer. Accept errors are waited out with a backoff.
-pub async fn serve_admin(listener: impl Into<admin::AdminListener>, gw: Arc<Gateway>, stop: CancellationToken) {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-    let listener = listener.into();
-    let mut backoff = admin::AcceptBackoff::default();
-    loop {
-        let Some(stream) = listener.next(&stop, &mut backoff).await else {
-            return;
-        };
-        let gw = gw.clone();
-        tokio::spawn(async move {
-            let (rd, mut wr) = tokio::io::split(stream);
-            let mut line = String::new();
-            let mut rd = BufReader::new(rd.take(256));
-            let read = tokio::time::timeout(Duration::from_secs(5), rd.read_line(&mut line)).await;
-            let answer = match (read, line.trim()) {
-                (Ok(Ok(_)), "stock") => serde_json::to_string_pretty(&gw.stock()).unwrap_or_default(),
-                (Ok(Ok(_)), "lines") => serde_json::to_string_pretty(&*gw.lines().borrow()).unwrap_or_default(),
-                (Ok(Ok(_)), other) => format!(
-                    "{{\"error\": \"unknown command `{}`; try `stock` or `lines`\"}}",
-                    other.escape_default()
-                ),
-                _ => return,
-            };
-            let _ = wr.write_all(answer.as_bytes()).await;
-            let _ = wr.write_all(b"\n").await;
-        });
-    }
-}
-
-/// Sends one admin command to a running gateway and returns its answer; `addr` is a Unix socket path (with a `/`)
-/// or an `IP:port`.
-pub async fn ask_admin(addr: &str, command: &str) -> Result<String, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = admin::connect(addr)
-        .await
-        .map_err(|e| format!("gateway admin at {addr}: {e}"))?;
-    s.write_all(format!("{command}\n").as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
-        .await
-        .map_err(|_| format!("gateway admin at {addr}: no answer"))?
-        .map_err(|e| e.to_string())?;
-    Ok(out.trim_end().to_string())
 }
 
 #[cfg(test)]
