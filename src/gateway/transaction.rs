@@ -8,15 +8,17 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::cache::Take;
-use super::controller::{code_for, code_for_journal, rrn_of};
+use super::controller::{
+    self, code_for, code_for_journal, rrn_of, Decline, ReversalStep, SaleStep, ServerReversal, Source,
+};
 use super::forward::Job;
 use super::journal::{KeyRecord, Record, SaleRecord};
 use super::upstream::UpstreamError;
-use super::window::{Begin, Content, Outcome};
+use super::window::{Content, Outcome};
 use super::{Gateway, Reply};
 use crate::iso8583::Message;
 use crate::logging::limited;
-use crate::psp::{ErrorCode, Request, Response};
+use crate::psp::{Request, Response};
 use crate::sale::{
     answer, rrn_of_pin, sale_answer, PinReceipt, ResponseCode, ReversalRequest, SaleKey, SaleRequest, TerminalRequest,
 };
@@ -32,18 +34,11 @@ impl Gateway {
             }
             Ok(TerminalRequest::Network(_)) => {
                 let terminal = msg.terminal_id().unwrap_or_default();
-                let ok = self.registry().permits(terminal, msg.merchant_id(), None);
-                if !ok {
+                let code = controller::network_answer(&self.registry(), terminal, msg.merchant_id());
+                if code != ResponseCode::Approved {
                     limited!(info, "network request from an unknown terminal", terminal);
                 }
-                Reply::plain(answer(
-                    msg,
-                    if ok {
-                        ResponseCode::Approved
-                    } else {
-                        ResponseCode::NotPermitted
-                    },
-                ))
+                Reply::plain(answer(msg, code))
             }
             Ok(TerminalRequest::Sale(s)) => self.sale(msg, s, deadline, received_unix).await,
             Ok(TerminalRequest::Reversal(r)) => Reply::plain(self.reversal(msg, r, deadline).await),
@@ -79,38 +74,43 @@ impl Gateway {
 
     async fn sale(&self, msg: &Message, s: SaleRequest, deadline: Instant, received_unix: i64) -> Reply {
         let key = s.key.clone();
-        if !self
-            .registry()
-            .permits(&key.terminal_id, Some(&s.merchant_id), Some(&s.product))
-        {
-            return self.declined(msg, &key, ResponseCode::NotPermitted);
-        }
         let content = Content {
             merchant: s.merchant_id.clone(),
             product: s.product.clone(),
             amount: s.amount,
             currency: s.currency.clone(),
         };
-        // Same key, other content: 94, whatever else is wrong with the content.
         let known = self.recent.lock().expect("not poisoned").get(&key);
-        if known.is_some_and(|e| !e.matches(&content)) {
-            self.stats.repeats.fetch_add(1, Ordering::Relaxed);
-            return self.declined(msg, &key, ResponseCode::DuplicateMismatch);
-        }
-        if let Some(code) = self.check_catalog(&s) {
-            return self.declined(msg, &key, code);
-        }
-        let (begun, horizon) = {
-            let mut recent = self.recent.lock().expect("not poisoned");
-            let begun = recent.begin(&key, content.clone(), Instant::now(), received_unix);
-            (begun, recent.horizon)
+        let screened = controller::screen_sale(
+            &s,
+            &content,
+            &self.registry(),
+            known.as_deref(),
+            self.upstream.catalog().as_deref(),
+        );
+        let step = match screened {
+            Err(d) => SaleStep::Decline(d),
+            Ok(()) => {
+                let mut recent = self.recent.lock().expect("not poisoned");
+                controller::begin_sale(
+                    &mut recent,
+                    &s,
+                    &content,
+                    Instant::now(),
+                    received_unix,
+                    self.cfg.clock_skew,
+                )
+            }
         };
-        let entry = match begun {
-            Begin::Existing(e) => {
-                self.stats.repeats.fetch_add(1, Ordering::Relaxed);
-                if !e.matches(&content) {
-                    return self.declined(msg, &key, ResponseCode::DuplicateMismatch);
+        let (entry, source) = match step {
+            SaleStep::Decline(Decline { code, repeat }) => {
+                if repeat {
+                    self.stats.repeats.fetch_add(1, Ordering::Relaxed);
                 }
+                return self.declined(msg, &key, code);
+            }
+            SaleStep::Wait(e) => {
+                self.stats.repeats.fetch_add(1, Ordering::Relaxed);
                 let mut rx = e.outcome.subscribe();
                 let waited = match tokio::time::timeout_at(deadline, rx.wait_for(|o| o.is_some())).await {
                     Ok(Ok(o)) => o.clone(),
@@ -126,13 +126,12 @@ impl Gateway {
                     None => self.declined(msg, &key, ResponseCode::ServerUnavailable),
                 };
             }
-            Begin::New(e) => e,
+            SaleStep::Sell { entry, source } => (entry, source),
         };
         if s.repeat {
             self.stats.repeats.fetch_add(1, Ordering::Relaxed);
         }
-        let from_cache = self.cache_may_sell(&key, received_unix, horizon);
-        let outcome = Arc::new(self.sell(&s, deadline, from_cache).await);
+        let outcome = Arc::new(self.sell(&s, deadline, source).await);
         if matches!(*outcome, Outcome::Declined(ResponseCode::DuplicateMismatch)) {
             // The key is another sale's (the server knows it with other content): this request's content must not
             // stand for the key here, or that sale's own repeats and reversal would be refused as mismatches.
@@ -143,30 +142,6 @@ impl Gateway {
         // stands, never with a PIN being voided.
         let outcome = entry.outcome.borrow().clone().unwrap_or(outcome);
         self.reply_of(msg, &key, &outcome).await
-    }
-
-    /// Whether a sale with this key may be served from the cache (see `clock_skew_secs` in the example
-    /// configuration). Every earlier cache sale had its field 7 no later than its receipt plus the skew; so a key
-    /// whose time is past `horizon` (the second after which every sale begun here is still remembered: sales of that
-    /// very second may be forgotten) plus the skew was never sold from the cache before unless it is remembered, and a
-    /// remembered key never gets here. Any other key
-    /// may have been sold (before a restart, or beyond the window): it goes to the PIN server, which knows every key.
-    fn cache_may_sell(&self, key: &SaleKey, received_unix: i64, horizon: i64) -> bool {
-        let skew = self.cfg.clock_skew.as_secs() as i64;
-        key.transmitted_at()
-            .is_some_and(|t| t <= received_unix + skew && t > horizon + skew)
-    }
-
-    /// Product, amount and currency against the server's catalog (when one was received).
-    fn check_catalog(&self, s: &SaleRequest) -> Option<ResponseCode> {
-        let catalog = self.upstream.catalog()?;
-        let Some(p) = catalog.1.iter().find(|p| p.code == s.product) else {
-            return Some(ResponseCode::UnknownProduct);
-        };
-        if p.currency != s.currency || !p.denominations.contains(&(s.amount as i64)) {
-            return Some(ResponseCode::InvalidAmount);
-        }
-        None
     }
 
     fn sale_record(&self, s: &SaleRequest) -> SaleRecord {
@@ -183,26 +158,26 @@ impl Gateway {
         }
     }
 
-    /// One PIN for a new sale: from the cache when `from_cache` (see [`Gateway::cache_may_sell`]), else from the
-    /// server.
-    async fn sell(&self, s: &SaleRequest, deadline: Instant, from_cache: bool) -> Outcome {
+    /// One PIN for a new sale, from `source` (see [`controller::begin_sale`]): the cache, or the server.
+    async fn sell(&self, s: &SaleRequest, deadline: Instant, source: Source) -> Outcome {
         let record = self.sale_record(s);
         let amount = s.amount as i64;
-        // A repeat (0201) of a sale this gateway no longer remembers goes to the server, which knows every key it
-        // sold or had confirmed: the original PIN comes back, never a second one; so does a key that may have been
-        // sold before.
-        let take = if s.repeat || !from_cache {
-            if !s.repeat && self.cache.lock().expect("not poisoned").is_prefetch(&s.product, amount) {
-                self.stats.unsure_keys.fetch_add(1, Ordering::Relaxed);
+        let take = match source {
+            Source::ServerRepeat => Take::OnDemand,
+            Source::ServerUnsureKey => {
+                if self.cache.lock().expect("not poisoned").is_prefetch(&s.product, amount) {
+                    self.stats.unsure_keys.fetch_add(1, Ordering::Relaxed);
+                }
+                Take::OnDemand
             }
-            Take::OnDemand
-        } else {
-            // A PIN is sold only with a minute of its lease left (the server keeps it ours till then).
-            let min_lease = crate::store::unix_now() + 60;
-            self.cache
-                .lock()
-                .expect("not poisoned")
-                .take(&s.product, amount, Instant::now(), min_lease)
+            Source::Cache => {
+                // A PIN is sold only with a minute of its lease left (the server keeps it ours till then).
+                let min_lease = crate::store::unix_now() + 60;
+                self.cache
+                    .lock()
+                    .expect("not poisoned")
+                    .take(&s.product, amount, Instant::now(), min_lease)
+            }
         };
         match take {
             Take::Hit(pin) => {
@@ -334,12 +309,6 @@ impl Gateway {
     }
 
     async fn reversal(&self, msg: &Message, r: ReversalRequest, deadline: Instant) -> Message {
-        if !self
-            .registry()
-            .permits(&r.sale.terminal_id, Some(&r.merchant_id), Some(&r.product))
-        {
-            return answer(msg, ResponseCode::NotPermitted);
-        }
         let named = Content {
             merchant: r.merchant_id.clone(),
             product: r.product.clone(),
@@ -347,15 +316,12 @@ impl Gateway {
             currency: r.currency.clone(),
         };
         let known = self.recent.lock().expect("not poisoned").get(&r.sale);
-        // What a sale in progress or approved here bought; a request that was declined here (the server out of
-        // reach, a mismatch) says nothing of the key's sale: the server is asked.
-        let known_content = known
-            .as_ref()
-            .filter(|e| matches!(e.outcome.borrow().as_deref(), None | Some(Outcome::Approved { .. })))
-            .and_then(|e| e.content.clone());
-        if known_content.as_ref().is_some_and(|c| *c != named) {
-            self.stats.reversal_mismatches.fetch_add(1, Ordering::Relaxed);
-            return answer(msg, ResponseCode::InvalidAmount);
+        let step = controller::decide_reversal(&r, &named, &self.registry(), known.as_deref());
+        if let ReversalStep::Refuse { code, mismatch } = step {
+            if mismatch {
+                self.stats.reversal_mismatches.fetch_add(1, Ordering::Relaxed);
+            }
+            return answer(msg, code);
         }
         let key = KeyRecord::from(&r.sale);
         let content = Some(named.to_sale_content());
@@ -369,10 +335,7 @@ impl Gateway {
             self.enqueue(Job::Reverse { key, content });
             return answer(msg, ResponseCode::ServerUnavailable);
         }
-        if known_content.is_none() {
-            // A sale this gateway does not remember (made before its start or beyond its window, or through another
-            // gateway): the PIN server, which knows every sale, is asked now, so that a reversal naming another
-            // product, amount, currency or merchant than its sale gets 13 and reverses nothing.
+        if step == ReversalStep::AskServer {
             let margin = (self.cfg.response_deadline / 20).min(Duration::from_millis(500));
             let request = Request::Reverse {
                 terminal_id: key.terminal_id.clone(),
@@ -380,25 +343,26 @@ impl Gateway {
                 transmission: key.transmission.clone(),
                 content: content.clone(),
             };
-            match self.upstream.call(request, deadline - margin).await {
-                Ok(Response::Reversed { .. }) => {
+            match controller::server_reversal(&self.upstream.call(request, deadline - margin).await) {
+                ServerReversal::Reversed => {
                     self.journal.append_lazy(vec![Record::Reversed { key: key.clone() }]);
                     self.stats.reversals.fetch_add(1, Ordering::Relaxed);
                     // A late sale with this key is refused here (12) as the server would, never sold from the cache.
-                    self.recent
-                        .lock()
-                        .expect("not poisoned")
-                        .remember_reversed(&r.sale, Instant::now(), crate::store::unix_now());
+                    self.recent.lock().expect("not poisoned").remember_reversed(
+                        &r.sale,
+                        Instant::now(),
+                        crate::store::unix_now(),
+                    );
                     self.overrule_reversed(&r.sale);
                     return answer(msg, ResponseCode::Approved);
                 }
-                Err(UpstreamError::Server(w)) if w.code == ErrorCode::ReversalMismatch => {
+                ServerReversal::Mismatch => {
                     self.journal.append_lazy(vec![Record::Reversed { key }]);
                     self.stats.reversal_mismatches.fetch_add(1, Ordering::Relaxed);
                     return answer(msg, ResponseCode::InvalidAmount);
                 }
                 // Not answered in time, or refused otherwise: store-and-forward, as before (remembered).
-                _ => {}
+                ServerReversal::Forward => {}
             }
         }
         self.stats.reversals.fetch_add(1, Ordering::Relaxed);

@@ -41,6 +41,7 @@ impl Content {
 }
 
 /// A sale of the window: what it bought, and its outcome (`None` while it is in progress; its duplicates wait for it).
+#[derive(Debug)]
 pub(super) struct Entry {
     /// `None` for a reversal of a sale this gateway never saw: it matches any content.
     pub(super) content: Option<Content>,
