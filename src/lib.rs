@@ -11,8 +11,9 @@
 //! - [`store`] — the PIN inventory: the `PinStore` trait with SQLite and PostgreSQL backends, states and their
 //!   allowed edges, audit rows, idempotent sales, reversals, PIN encryption at rest, group-commit workers.
 //! - [`psp`] — the PIN server protocol: messages, strict parsing, and the gateway's TLS client.
-//! - [`gateway`] — the host connection manager: terminal listeners and serial lines, the controller (sale, repeat, reversal,
-//!   network), the prefetch cache, the crash-safe journal, store-and-forward, and the PIN server pool.
+//! - [`gateway`] — the host connection manager: terminal listeners and serial lines, the controller (the sale, repeat,
+//!   reversal and network rules without I/O, and the repeat window), the prefetch cache and its refills, the crash-safe
+//!   journal, store-and-forward, the PIN server pool, configuration reload, metrics and the admin socket.
 //! - [`server`], [`tls`] — the PIN server (mini-redis shaped `run(listener, …, shutdown)`) and mutual TLS.
 //! - [`keyfile`] — key files (PIN keys, journal keys, TLS private keys) read only when their owner alone may.
 //! - [`dialsim`] — a Hayes modem emulator on a pseudo-terminal and a dial-up terminal that calls through it.

@@ -15,8 +15,7 @@ use super::config::TerminalRegistry;
 use super::journal;
 use super::upstream::{Catalog, UpstreamError};
 use super::window::{Begin, Content, Entry, Outcome, Recent};
-use crate::psp::ErrorCode;
-use crate::psp::Response;
+use crate::psp::{ErrorCode, Response};
 use crate::sale::{ResponseCode, ReversalRequest, SaleKey, SaleRequest};
 
 /// A request answered at once with `code`: nothing is journaled, nothing asked of the PIN server.
