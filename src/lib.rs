@@ -16,8 +16,9 @@
 //!   and the gateway's journal alike; [`clock`] — the wall clock in seconds since the epoch.
 //! - [`store`] — the PIN inventory: the `PinStore` trait with SQLite and PostgreSQL backends, states and their
 //!   allowed edges, audit rows, idempotent sales, reversals, group-commit workers.
-//! - [`gateway`] — the host connection manager: terminal listeners and serial lines, the controller (sale, repeat, reversal,
-//!   network), the prefetch cache, the crash-safe journal, store-and-forward, and the PIN server pool. Depends on
+//! - [`gateway`] — the host connection manager: terminal listeners and serial lines, the controller (the sale, repeat,
+//!   reversal and network rules without I/O, and the repeat window), the prefetch cache and its refills, the crash-safe
+//!   journal, store-and-forward, the PIN server pool, configuration reload, metrics and the admin socket. Depends on
 //!   no part of the PIN server ([`server`], [`store`]).
 //! - [`server`], [`tls`] — the PIN server (mini-redis shaped `run(listener, …, shutdown)`; `server/handler.rs` maps
 //!   PSP requests to store operations and store results to answers) and mutual TLS.
