@@ -625,19 +625,22 @@ pub fn sale_answer(
     outcome: Result<(&str, &PinReceipt), ResponseCode>,
 ) -> Result<Message, SaleError> {
     match outcome {
-        Ok((auth_id, receipt)) => {
-            let mut m = answer(request, ResponseCode::Approved);
-            m.set(37, rrn.to_string())
-                .set(38, auth_id.to_string())
-                .set(63, receipt.to_tlv()?);
-            Ok(m)
-        }
+        Ok((auth_id, receipt)) => Ok(approved_answer(request, rrn, auth_id, &receipt.to_tlv()?)),
         Err(code) => {
             let mut m = answer(request, code);
             m.set(37, rrn.to_string());
             Ok(m)
         }
     }
+}
+
+/// The approved answer to `request` with field 63 already built ([`PinReceipt::to_tlv`]).
+pub fn approved_answer(request: &Message, rrn: &str, auth_id: &str, field63: &str) -> Message {
+    let mut m = answer(request, ResponseCode::Approved);
+    m.set(37, rrn.to_string())
+        .set(38, auth_id.to_string())
+        .set(63, field63.to_string());
+    m
 }
 
 #[cfg(test)]

@@ -165,8 +165,8 @@ pub(super) fn decide_reversal(
     // What a sale in progress or approved here bought; a request that was declined here (the server out of
     // reach, a mismatch) says nothing of the key's sale: the server is asked.
     let known_content = known
-        .filter(|e| matches!(e.outcome.borrow().as_deref(), None | Some(Outcome::Approved { .. })))
-        .and_then(|e| e.content.as_ref());
+        .filter(|e| matches!(e.outcome().as_deref(), None | Some(Outcome::Approved { .. })))
+        .and_then(|e| e.content.as_deref());
     match known_content {
         Some(c) if c != named => ReversalStep::Refuse {
             code: ResponseCode::InvalidAmount,
@@ -343,19 +343,19 @@ mod tests {
     }
 
     fn approved() -> Arc<Outcome> {
-        Arc::new(Outcome::Approved {
-            pin_id: 42,
-            receipt: crate::sale::PinReceipt {
+        Arc::new(Outcome::approved(
+            42,
+            &crate::sale::PinReceipt {
                 pin: crate::sale::Pin::new("1234567890123456"),
                 serial: "S42".into(),
                 expiry: None,
                 lines: Vec::new(),
             },
-        })
+        ))
     }
 
     fn outcome_of(e: &Entry) -> Option<ResponseCode> {
-        match e.outcome.borrow().as_deref() {
+        match e.outcome().as_deref() {
             None => None,
             Some(Outcome::Approved { .. }) => Some(ResponseCode::Approved),
             Some(Outcome::Declined(code)) => Some(*code),
@@ -644,7 +644,7 @@ mod tests {
         }
         // Declined here (the server out of reach): that says nothing of the key's sale; the server is asked.
         let declined = Entry::new(
-            Some(content_of(&s)),
+            Some(Arc::new(content_of(&s))),
             Some(Outcome::Declined(ResponseCode::ServerUnavailable)),
         );
         assert_eq!(

@@ -221,10 +221,7 @@ impl Gateway {
                 .expect("not poisoned")
                 .begin(&key, content, now, crate::clock::unix_now());
             if let Begin::New(e) = begun {
-                e.outcome.send_replace(Some(Arc::new(Outcome::Approved {
-                    pin_id: pin.pin.pin_id,
-                    receipt: receipt_of(&pin.pin),
-                })));
+                e.set(Outcome::approved(pin.pin.pin_id, &receipt_of(&pin.pin)));
             }
             gw.enqueue(Job::Confirm {
                 pin_id: pin.pin.pin_id,

@@ -21,7 +21,8 @@ use crate::logging::limited;
 use crate::psp::{Request, Response};
 use crate::sale::SaleContent;
 use crate::sale::{
-    answer, rrn_of_pin, sale_answer, PinReceipt, ResponseCode, ReversalRequest, SaleKey, SaleRequest, TerminalRequest,
+    answer, approved_answer, rrn_of_pin, sale_answer, PinReceipt, ResponseCode, ReversalRequest, SaleKey, SaleRequest,
+    TerminalRequest,
 };
 
 impl Gateway {
@@ -53,16 +54,16 @@ impl Gateway {
 
     async fn reply_of(&self, msg: &Message, key: &SaleKey, outcome: &Outcome) -> Reply {
         match outcome {
-            Outcome::Approved { pin_id, receipt } => {
+            Outcome::Approved { pin_id, field63 } => {
                 let auth = format!("{:06}", pin_id % 1_000_000);
-                match sale_answer(msg, &rrn_of_pin(*pin_id), Ok((&auth, receipt))) {
-                    Ok(m) => Reply {
-                        message: m,
+                match field63 {
+                    Some(f63) => Reply {
+                        message: approved_answer(msg, &rrn_of_pin(*pin_id), &auth, f63.expose()),
                         reverse_if_undelivered: Some(key.clone()),
                     },
-                    Err(e) => {
-                        // A receipt too long for field 63: the PIN cannot reach the terminal.
-                        limited!(error, "receipt does not fit field 63; the sale is reversed", pin_id, error = %e);
+                    None => {
+                        // A receipt too long for field 63 (or not printable): the PIN cannot reach the terminal.
+                        limited!(error, "receipt does not fit field 63; the sale is reversed", pin_id);
                         self.undelivered(key).await;
                         self.declined(msg, key, ResponseCode::SystemError)
                     }
@@ -111,11 +112,7 @@ impl Gateway {
             }
             SaleStep::Wait(e) => {
                 self.stats.repeats.fetch_add(1, Ordering::Relaxed);
-                let mut rx = e.outcome.subscribe();
-                let waited = match tokio::time::timeout_at(deadline, rx.wait_for(|o| o.is_some())).await {
-                    Ok(Ok(o)) => o.clone(),
-                    _ => None,
-                };
+                let waited = tokio::time::timeout_at(deadline, e.wait()).await.ok();
                 return match waited {
                     Some(o) => {
                         if matches!(*o, Outcome::Approved { .. }) {
@@ -140,7 +137,7 @@ impl Gateway {
         entry.settle(outcome.clone());
         // A reversal that came meanwhile overruled the sale: the original request is answered as the sale now
         // stands, never with a PIN being voided.
-        let outcome = entry.outcome.borrow().clone().unwrap_or(outcome);
+        let outcome = entry.outcome().unwrap_or(outcome);
         self.reply_of(msg, &key, &outcome).await
     }
 
@@ -203,8 +200,7 @@ impl Gateway {
                     return Outcome::Declined(code_for_journal(&e));
                 }
                 self.stats.sales_from_cache.fetch_add(1, Ordering::Relaxed);
-                let receipt = receipt_of(&pin.pin);
-                let outcome = Outcome::Approved { pin_id, receipt };
+                let outcome = Outcome::approved(pin_id, &receipt_of(&pin.pin));
                 // Until the confirm is acknowledged only this gateway knows the sale: the queue holds its entry
                 // (see `enqueue`) so a repeat, however late, gets this PIN and never a second one.
                 self.enqueue(Job::Confirm { pin_id, sale: record });
@@ -249,10 +245,7 @@ impl Gateway {
                     return Outcome::Declined(ResponseCode::SystemError);
                 }
                 self.stats.sales_on_demand.fetch_add(1, Ordering::Relaxed);
-                Outcome::Approved {
-                    pin_id: pin.pin_id,
-                    receipt: receipt_of(&pin),
-                }
+                Outcome::approved(pin.pin_id, &receipt_of(&pin))
             }
             Ok(other) => {
                 limited!(error, "PIN server answered sell with something else", answer = ?other);
@@ -296,7 +289,7 @@ impl Gateway {
         if let Some(e) = &entry {
             e.overrule(ResponseCode::ServerUnavailable);
         }
-        let content = entry.and_then(|e| e.content.as_ref().map(Content::to_sale_content));
+        let content = entry.and_then(|e| e.content.as_deref().map(Content::to_sale_content));
         let key = KeyRecord::from(key);
         let record = Record::Reverse {
             key: key.clone(),
@@ -375,7 +368,7 @@ impl Gateway {
     /// written) never hands out its PIN again; a `91` given for an undelivered answer stays.
     fn overrule_reversed(&self, key: &SaleKey) {
         if let Some(e) = self.recent.lock().expect("not poisoned").get(key) {
-            let approved_or_open = matches!(e.outcome.borrow().as_deref(), None | Some(Outcome::Approved { .. }));
+            let approved_or_open = matches!(e.outcome().as_deref(), None | Some(Outcome::Approved { .. }));
             if approved_or_open {
                 e.overrule(ResponseCode::InvalidTransaction);
             }

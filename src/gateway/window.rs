@@ -3,25 +3,41 @@
 //! other content gets `94`, and a reversed sale never hands out its PIN again. Beyond the window, a sale stays for as
 //! long as a confirm or reversal of it waits for the PIN server. No I/O: the times come in as arguments.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::sale::SaleContent;
-use crate::sale::{PinReceipt, ResponseCode, SaleKey};
+use crate::sale::{Pin, PinReceipt, ResponseCode, SaleKey};
 
 /// What a sale came to; kept for repeats while the sale is in the repeat window.
 #[derive(Debug)]
 pub(super) enum Outcome {
-    Approved { pin_id: i64, receipt: PinReceipt },
+    /// `field63`: the receipt as the 0210 carries it (built once, kept instead of the receipt's parts: the window
+    /// holds up to `repeat_max` of these); `None` when the receipt does not fit field 63 (the PIN cannot reach the
+    /// terminal: the sale is reversed when answered).
+    Approved {
+        pin_id: i64,
+        field63: Option<Pin>,
+    },
     Declined(ResponseCode),
 }
 
+impl Outcome {
+    /// An approval of the PIN `pin_id` with its receipt.
+    pub(super) fn approved(pin_id: i64, receipt: &PinReceipt) -> Outcome {
+        Outcome::Approved {
+            pin_id,
+            field63: receipt.to_tlv().ok().map(Pin::new),
+        }
+    }
+}
+
 /// What identifies a sale's content: a repeat with other content is a `94`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(super) struct Content {
     pub(super) merchant: String,
     pub(super) product: String,
@@ -41,55 +57,106 @@ impl Content {
 }
 
 /// A sale of the window: what it bought, and its outcome (`None` while it is in progress; its duplicates wait for it).
+/// Kept small (a mutex and a notifier rather than a watch channel, the content shared): the window holds up to
+/// `repeat_max` of these.
 #[derive(Debug)]
 pub(super) struct Entry {
     /// `None` for a reversal of a sale this gateway never saw: it matches any content.
-    pub(super) content: Option<Content>,
-    pub(super) outcome: watch::Sender<Option<Arc<Outcome>>>,
+    pub(super) content: Option<Arc<Content>>,
+    outcome: Mutex<Option<Arc<Outcome>>>,
+    /// Woken when the outcome is set.
+    changed: Notify,
 }
 
 impl Entry {
-    pub(super) fn new(content: Option<Content>, outcome: Option<Outcome>) -> Arc<Entry> {
+    pub(super) fn new(content: Option<Arc<Content>>, outcome: Option<Outcome>) -> Arc<Entry> {
         Arc::new(Entry {
             content,
-            outcome: watch::channel(outcome.map(Arc::new)).0,
+            outcome: Mutex::new(outcome.map(Arc::new)),
+            changed: Notify::new(),
         })
     }
 
     pub(super) fn matches(&self, c: &Content) -> bool {
-        self.content.as_ref().is_none_or(|mine| mine == c)
+        self.content.as_deref().is_none_or(|mine| mine == c)
+    }
+
+    /// The outcome so far (`None` while the sale is in progress).
+    pub(super) fn outcome(&self) -> Option<Arc<Outcome>> {
+        self.outcome.lock().expect("not poisoned").clone()
+    }
+
+    /// Waits until the sale has an outcome.
+    pub(super) async fn wait(&self) -> Arc<Outcome> {
+        loop {
+            // Registered before looking, so that an outcome set in between wakes it.
+            let notified = self.changed.notified();
+            if let Some(o) = self.outcome() {
+                return o;
+            }
+            notified.await;
+        }
     }
 
     /// Sets the outcome unless one was set meanwhile (a reversal that came while the sale was in progress wins).
     pub(super) fn settle(&self, outcome: Arc<Outcome>) {
-        self.outcome.send_if_modified(|o| {
-            if o.is_none() {
-                *o = Some(outcome);
-                true
-            } else {
-                false
-            }
-        });
+        let mut o = self.outcome.lock().expect("not poisoned");
+        if o.is_none() {
+            *o = Some(outcome);
+            drop(o);
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Sets the outcome, whatever it was.
+    pub(super) fn set(&self, outcome: Outcome) {
+        *self.outcome.lock().expect("not poisoned") = Some(Arc::new(outcome));
+        self.changed.notify_waiters();
     }
 
     /// Replaces the outcome: the sale is being reversed, repeats must not get its PIN.
     pub(super) fn overrule(&self, code: ResponseCode) {
-        self.outcome.send_replace(Some(Arc::new(Outcome::Declined(code))));
+        self.set(Outcome::Declined(code));
     }
 }
+
+/// A sale key as the window stores it: its three parts in one allocation, shared by the map and the queue of the
+/// window (a `SaleKey` is three strings, and was stored twice).
+type PackedKey = Arc<[u8]>;
+
+/// The parts of `key`, each after its length (so that no two keys pack alike).
+fn pack(key: &SaleKey) -> Vec<u8> {
+    let (t, s, x) = (
+        key.terminal_id.as_bytes(),
+        key.stan.as_bytes(),
+        key.transmission.as_bytes(),
+    );
+    let mut v = Vec::with_capacity(4 + t.len() + s.len() + x.len());
+    for part in [t, s] {
+        v.extend_from_slice(&(part.len() as u16).to_le_bytes());
+        v.extend_from_slice(part);
+    }
+    v.extend_from_slice(x);
+    v
+}
+
+/// Distinct contents shared by the window's entries: beyond this many, an entry keeps its own copy.
+const MAX_SHARED_CONTENTS: usize = 4096;
 
 /// Sales of the repeat window, by key; and, beyond the window, every sale with a confirm or reversal the server
 /// has not acknowledged yet (until then the server cannot answer a repeat of it correctly).
 pub(super) struct Recent {
-    map: HashMap<SaleKey, Arc<Entry>>,
+    map: HashMap<PackedKey, Arc<Entry>>,
     /// When each entry was begun: the monotonic instant (for the window) and the wall-clock second (for the horizon).
-    order: VecDeque<(Instant, i64, SaleKey)>,
+    order: VecDeque<(Instant, i64, PackedKey)>,
     /// Wall-clock second (since the epoch) after which every sale begun here is still remembered: the gateway's
     /// start, then that of the latest sale forgotten (out of the window, or past `max`). A key of this second or
     /// older may have been sold without this gateway remembering it.
     pub(super) horizon: i64,
     /// Held by pending confirms and reversals (with how many hold each).
-    held: HashMap<SaleKey, (Arc<Entry>, u32)>,
+    held: HashMap<PackedKey, (Arc<Entry>, u32)>,
+    /// The contents entries share (a merchant's sales of one product and amount are all alike).
+    contents: HashSet<Arc<Content>>,
     window: Duration,
     max: usize,
 }
@@ -108,6 +175,7 @@ impl Recent {
             order: VecDeque::new(),
             horizon,
             held: HashMap::new(),
+            contents: HashSet::new(),
             window,
             max,
         }
@@ -125,7 +193,7 @@ impl Recent {
             let (t, at, k) = self.order.pop_front().expect("looked at");
             match self.map.get(&k) {
                 // A sale still in progress stays (its duplicates must wait for it, not start another).
-                Some(e) if e.outcome.borrow().is_none() && now.duration_since(t) <= self.window * 2 => {
+                Some(e) if e.outcome().is_none() && now.duration_since(t) <= self.window * 2 => {
                     self.order.push_back((now, at, k));
                 }
                 _ => {
@@ -134,16 +202,35 @@ impl Recent {
                 }
             }
         }
-        if let Some(e) = self.get(key) {
+        let packed = pack(key);
+        if let Some(e) = self.get_packed(&packed) {
             return Begin::Existing(e);
         }
+        let content = self.shared(content);
         let e = Entry::new(Some(content), None);
-        self.map.insert(key.clone(), e.clone());
-        self.order.push_back((now, now_unix, key.clone()));
+        let packed: PackedKey = packed.into();
+        self.map.insert(packed.clone(), e.clone());
+        self.order.push_back((now, now_unix, packed));
         Begin::New(e)
     }
 
+    /// `content`, shared with the entries that have the same (while fewer than [`MAX_SHARED_CONTENTS`] are).
+    fn shared(&mut self, content: Content) -> Arc<Content> {
+        if let Some(c) = self.contents.get(&content) {
+            return c.clone();
+        }
+        let c = Arc::new(content);
+        if self.contents.len() < MAX_SHARED_CONTENTS {
+            self.contents.insert(c.clone());
+        }
+        c
+    }
+
     pub(super) fn get(&self, key: &SaleKey) -> Option<Arc<Entry>> {
+        self.get_packed(&pack(key))
+    }
+
+    fn get_packed(&self, key: &[u8]) -> Option<Arc<Entry>> {
         self.held
             .get(key)
             .map(|(e, _)| e.clone())
@@ -153,30 +240,40 @@ impl Recent {
     /// A reversal of a sale not remembered here was done by the server: a late sale with its key gets `12` from
     /// memory for as long as the window keeps it.
     pub(super) fn remember_reversed(&mut self, key: &SaleKey, now: Instant, now_unix: i64) {
-        if self.get(key).is_none() {
+        let packed = pack(key);
+        if self.get_packed(&packed).is_none() {
             let e = Entry::new(None, Some(Outcome::Declined(ResponseCode::InvalidTransaction)));
-            self.map.insert(key.clone(), e);
-            self.order.push_back((now, now_unix, key.clone()));
+            let packed: PackedKey = packed.into();
+            self.map.insert(packed.clone(), e);
+            self.order.push_back((now, now_unix, packed));
         }
     }
 
     /// Drops `entry` (begun for `key` by a request that turned out not to be the key's sale), unless the key has
     /// another entry by now.
     pub(super) fn forget(&mut self, key: &SaleKey, entry: &Arc<Entry>) {
-        if self.map.get(key).is_some_and(|e| Arc::ptr_eq(e, entry)) {
-            self.map.remove(key);
+        let packed = pack(key);
+        if self.map.get(&packed[..]).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            self.map.remove(&packed[..]);
         }
     }
 
     pub(super) fn hold(&mut self, key: &SaleKey, entry: Arc<Entry>) {
-        self.held.entry(key.clone()).or_insert((entry, 0)).1 += 1;
+        let packed = pack(key);
+        match self.held.get_mut(&packed[..]) {
+            Some((_, n)) => *n += 1,
+            None => {
+                self.held.insert(packed.into(), (entry, 1));
+            }
+        }
     }
 
     pub(super) fn unhold(&mut self, key: &SaleKey) {
-        if let Some((_, n)) = self.held.get_mut(key) {
+        let packed = pack(key);
+        if let Some((_, n)) = self.held.get_mut(&packed[..]) {
             *n -= 1;
             if *n == 0 {
-                self.held.remove(key);
+                self.held.remove(&packed[..]);
             }
         }
     }
@@ -224,13 +321,75 @@ mod tests {
         assert!(r.map.len() <= 3, "{}", r.map.len());
     }
 
+    /// Keys whose parts split differently never pack alike (a packed key stands for exactly one sale key).
+    #[test]
+    fn keys_pack_apart_whatever_their_parts() {
+        let k = |t: &str, s: &str, x: &str| SaleKey {
+            terminal_id: t.into(),
+            stan: s.into(),
+            transmission: x.into(),
+        };
+        let keys = [
+            k("AB", "C", "20261206120000"),
+            k("A", "BC", "20261206120000"),
+            k("ABC", "", "20261206120000"),
+            k("", "ABC", "20261206120000"),
+            k("AB", "C2", "0261206120000"),
+        ];
+        for (i, a) in keys.iter().enumerate() {
+            for b in &keys[i + 1..] {
+                assert_ne!(pack(a), pack(b), "{a:?} {b:?}");
+            }
+        }
+        let mut r = Recent::new(Duration::from_secs(900), 10, 0);
+        let t = Instant::now();
+        assert!(matches!(r.begin(&keys[0], content(), t, 0), Begin::New(_)));
+        assert!(matches!(r.begin(&keys[1], content(), t, 0), Begin::New(_)));
+        assert!(matches!(r.begin(&keys[0], content(), t, 0), Begin::Existing(_)));
+        // The two entries share one content.
+        let (a, b) = (r.get(&keys[0]).unwrap(), r.get(&keys[1]).unwrap());
+        assert!(Arc::ptr_eq(a.content.as_ref().unwrap(), b.content.as_ref().unwrap()));
+    }
+
+    /// The window holds up to `repeat_max` (200,000 by default) of these: an entry with its outcome must stay
+    /// small (with a watch channel per entry and the receipt's parts, a remembered sale took about 1.4 KB).
+    #[test]
+    fn an_entry_of_the_window_stays_small() {
+        assert!(std::mem::size_of::<Entry>() <= 96, "{}", std::mem::size_of::<Entry>());
+        assert!(
+            std::mem::size_of::<Outcome>() <= 40,
+            "{}",
+            std::mem::size_of::<Outcome>()
+        );
+    }
+
+    /// A duplicate waiting for its sale wakes when the outcome is set, also when it is set between its look and
+    /// its wait.
+    #[tokio::test]
+    async fn a_waiting_duplicate_gets_the_outcome() {
+        let e = Entry::new(Some(Arc::new(content())), None);
+        let waiter = tokio::spawn({
+            let e = e.clone();
+            async move { e.wait().await }
+        });
+        tokio::task::yield_now().await;
+        e.settle(Arc::new(Outcome::Declined(ResponseCode::OutOfStock)));
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(*got, Outcome::Declined(ResponseCode::OutOfStock)));
+        // Already set: no wait at all.
+        assert!(matches!(*e.wait().await, Outcome::Declined(ResponseCode::OutOfStock)));
+    }
+
     #[test]
     fn a_reversal_overrules_an_approval_but_not_a_91() {
-        let e = Entry::new(Some(content()), None);
+        let e = Entry::new(Some(Arc::new(content())), None);
         e.overrule(ResponseCode::InvalidTransaction);
         e.settle(Arc::new(Outcome::Declined(ResponseCode::OutOfStock)));
         assert!(matches!(
-            e.outcome.borrow().as_deref(),
+            e.outcome().as_deref(),
             Some(Outcome::Declined(ResponseCode::InvalidTransaction))
         ));
     }
