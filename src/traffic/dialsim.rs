@@ -836,7 +836,9 @@ pub struct LineClient<S> {
     pub tpdu: Option<crate::link::framing::Tpdu>,
 }
 
-impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> crate::scenario::Exchange for LineClient<S> {
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> crate::traffic::scenario::Exchange
+    for LineClient<S>
+{
     async fn exchange(&mut self, msg: &crate::iso8583::Message) -> Result<crate::iso8583::Message, String> {
         let body = self.dialect.encode(msg).map_err(|e| e.to_string())?;
         let mut data = Vec::new();
