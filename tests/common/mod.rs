@@ -1,4 +1,5 @@
-//! Helpers shared by the integration tests: one terminal, one product, the same sale identity everywhere.
+//! Helpers shared by the integration tests: one terminal, one product, the same sale identity everywhere; and the
+//! rig (`pingate::demo::rig`, which the demo and the benches set up with too) as the tests use it, failing loudly.
 #![allow(dead_code)] // each test crate uses a different part
 
 use pingate::psp::{Request, Terminal};
@@ -166,8 +167,8 @@ pub fn spawn_gateway(
     log: &std::path::Path,
     env: &[(&str, &str)],
 ) -> pingate::demo::rig::GatewayProcess {
-    let pingate = std::path::Path::new(env!("CARGO_BIN_EXE_pingate"));
-    pingate::demo::rig::GatewayProcess::spawn(pingate, config, log, env).unwrap()
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_pingate"));
+    pingate::demo::rig::GatewayProcess::spawn(binary, config, log, env).unwrap()
 }
 
 /// A terminal connected to the gateway listening at `addr`, once it is up.
