@@ -335,10 +335,14 @@ async fn the_load_generator_reports_the_cpu_of_the_processes_it_is_given() {
         "--mix",
         "TOPUP-EU-10:1000",
         "--quiet",
+        "--json",
+        json.to_str().unwrap(),
     ])
     .await;
     assert!(o.status.success());
     assert!(!String::from_utf8_lossy(&o.stdout).contains("cpu "));
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(j.get("cpu").is_none(), "{j}");
     let _ = echo.kill().await;
 }
 

@@ -385,7 +385,7 @@ async fn run_cmd(a: RunArgs) -> Result<bool, String> {
         println!("gateway / echo ceiling: {:.1} %", x * 100.0);
     }
     if let Some(path) = &a.json {
-        let j = json!({
+        let mut j = json!({
             "tool": "pingate-load",
             "started_utc": time::OffsetDateTime::now_utc().unix_timestamp(),
             "machine": {
@@ -407,12 +407,14 @@ async fn run_cmd(a: RunArgs) -> Result<bool, String> {
             "gateway": summary(&r),
             "echo_ceiling": echo.as_ref().map(summary),
             "ratio_to_echo": ratio,
-            "cpu": cpu.as_ref().map(|c| json!({
+        });
+        if let Some(c) = &cpu {
+            j["cpu"] = json!({
                 "wall_s": c.wall.as_secs_f64(),
                 "processes": c.watched.iter().map(|p| process_cpu(p, r.answered(), c.wall)).collect::<Vec<_>>(),
                 "load_generator": process_cpu(&c.this_process, r.answered(), c.wall),
-            })),
-        });
+            });
+        }
         std::fs::write(path, serde_json::to_string_pretty(&j).unwrap_or_default())
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
