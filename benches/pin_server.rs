@@ -16,12 +16,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pingate::crypto::PinCipher;
 use pingate::demo::rig::{serve, Inventory};
 use pingate::psp::client::PspClient;
 use pingate::psp::{ConfirmItem, Request, Response, Terminal};
 use pingate::sale::Pin;
 use pingate::server::ServerOptions;
-use pingate::store::crypto::PinCipher;
 use pingate::store::handle::{DbUrl, StoreHandle, StoreOptions};
 use pingate::store::postgres::PgStore;
 use pingate::store::sqlite::SqliteStore;

@@ -6,12 +6,13 @@ use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 
+use crate::clock::unix_now;
+use crate::crypto::PinCipher;
 use crate::sale::Pin;
-use crate::store::crypto::PinCipher;
 use crate::store::handle::DbUrl;
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{unix_now, NewPin, PinStore, Product, StoreError};
+use crate::store::{NewPin, PinStore, Product, StoreError};
 
 /// Errors of reading an import file; `line` counts from 1 with the header as line 1.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]

@@ -391,7 +391,7 @@ pub struct JournalInput {
 pub async fn run(db: &DbUrl, journals: &[JournalInput], day: Option<&str>) -> Result<AuditReport, AuditError> {
     let conn = Db::open(db).await?;
     let mut report = AuditReport::default();
-    for (check, meaning, sql) in checks(crate::store::unix_now()) {
+    for (check, meaning, sql) in checks(crate::clock::unix_now()) {
         let rows = conn.rows(&sql).await?;
         if !rows.is_empty() {
             let ids: Vec<String> = rows.iter().take(20).map(|r| r[0].clone()).collect();
@@ -461,7 +461,7 @@ pub async fn run(db: &DbUrl, journals: &[JournalInput], day: Option<&str>) -> Re
         }
     }
     for j in journals {
-        let cipher = crate::store::crypto::PinCipher::from_spec(&j.keys).map_err(|e| AuditError::Journal {
+        let cipher = crate::crypto::PinCipher::from_spec(&j.keys).map_err(|e| AuditError::Journal {
             path: j.path.clone(),
             reason: e.to_string(),
         })?;

@@ -156,8 +156,9 @@ struct ServerArgs {
     /// Requests in flight on one connection; more are answered `busy` (1 to 4096; a gateway sends up to 200).
     #[arg(long, default_value_t = 256)]
     max_in_flight: usize,
-    /// Largest request frame in bytes; a larger one closes the connection (65536 to 16777216).
-    #[arg(long, default_value_t = crate::psp::DEFAULT_MAX_FRAME)]
+    /// Largest request frame in bytes; a larger one closes the connection (131072, the protocol's largest request
+    /// frame, to 16777216).
+    #[arg(long, default_value_t = crate::psp::MAX_REQUEST_FRAME)]
     max_frame: usize,
     /// A connection with nothing in flight and no request for this many seconds is closed (30 to 86400; above the
     /// gateways' ping_every_ms).
@@ -667,7 +668,7 @@ fn run(cli: Cli) -> Result<String, String> {
                 std::env::temp_dir().join(format!(
                     "pingate-demo-{}-{}",
                     std::process::id(),
-                    crate::store::unix_now()
+                    crate::clock::unix_now()
                 ))
             });
             eprintln!("pingate demo: working in {}", dir.display());

@@ -8,13 +8,21 @@
 //! - [`link`] — protocol cores, no I/O: terminal-side length framings and TPDU as tokio-util codecs, the dial-up
 //!   `STX data ETX LRC` link, the Hayes modem controller, and software parity for 7-bit lines.
 //! - [`sale`] — the PIN sale contract spoken with terminals (`protocols/pin-sale-messages.md`): response codes,
-//!   the field 63 TLV that carries the PIN, and the keys that match repeats and reversals to sales.
+//!   the field 63 TLV that carries the PIN, the keys that match repeats and reversals to sales, and what a sale
+//!   bought as its reversal names it (`SaleContent`, shared by the gateway, PSP and the store).
+//! - [`psp`] — protocol core, no I/O: the PIN server protocol's messages, limits, its one length-prefix codec and
+//!   strict parsing, with a typed error; no dependency on the store. [`psp::client`], the gateway's TLS client, is
+//!   its one part that does I/O.
+//! - [`crypto`] — PIN encryption at rest (ChaCha20-Poly1305, keys outside the database), for the inventory's rows
+//!   and the gateway's journal alike; [`clock`] — the wall clock in seconds since the epoch.
 //! - [`store`] — the PIN inventory: the `PinStore` trait with SQLite and PostgreSQL backends, states and their
-//!   allowed edges, audit rows, idempotent sales, reversals, PIN encryption at rest, group-commit workers.
-//! - [`psp`] — the PIN server protocol: messages, strict parsing, and the gateway's TLS client.
-//! - [`gateway`] — the host connection manager: terminal listeners and serial lines, the controller (sale, repeat, reversal,
-//!   network), the prefetch cache, the crash-safe journal, store-and-forward, and the PIN server pool.
-//! - [`server`], [`tls`] — the PIN server (mini-redis shaped `run(listener, …, shutdown)`) and mutual TLS.
+//!   allowed edges, audit rows, idempotent sales, reversals, group-commit workers.
+//! - [`gateway`] — the host connection manager: terminal listeners and serial lines, the controller (the sale, repeat,
+//!   reversal and network rules without I/O, and the repeat window), the prefetch cache and its refills, the crash-safe
+//!   journal, store-and-forward, the PIN server pool, configuration reload, metrics and the admin socket. Depends on
+//!   no part of the PIN server ([`server`], [`store`]).
+//! - [`server`], [`tls`] — the PIN server (mini-redis shaped `run(listener, …, shutdown)`; `server/handler.rs` maps
+//!   PSP requests to store operations and store results to answers) and mutual TLS.
 //! - [`keyfile`] — key files (PIN keys, journal keys, TLS private keys) read only when their owner alone may.
 //! - [`traffic`] — the traffic tools, clients of the gateway: the simulated TCP terminal, scenario files, the dial-up
 //!   simulator (modem emulator and dial-up terminal), the load generator with its echo ceiling, CPU time from `/proc`,
@@ -31,6 +39,8 @@
 pub mod admin;
 pub mod audit;
 pub mod cli;
+pub mod clock;
+pub mod crypto;
 pub mod demo;
 pub mod gateway;
 pub mod iso8583;

@@ -1,6 +1,6 @@
 //! The PIN sale contract spoken with terminals (`protocols/pin-sale-messages.md`): response codes with their wire
-//! values in one place, the field 63 TLV that carries the PIN to the terminal, and the keys that tie repeats and
-//! reversals to the sale they refer to. No I/O.
+//! values in one place, the field 63 TLV that carries the PIN to the terminal, the keys that tie repeats and
+//! reversals to the sale they refer to, and what a sale bought as its reversal names it. No I/O.
 
 use std::fmt;
 
@@ -361,6 +361,42 @@ impl SaleKey {
     /// Seconds since the epoch of the sale's transmission date-time.
     pub fn transmitted_at(&self) -> Option<i64> {
         transmission_unix(&self.transmission)
+    }
+}
+
+/// What a sale bought, as a reversal names it: the PIN server checks it against the sale before reversing. The
+/// gateway journals it, PSP's `reverse` carries it, the store compares it: one type, one serde form.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaleContent {
+    pub merchant_id: String,
+    pub product: String,
+    pub amount: i64,
+    /// ISO 4217 numeric: the product's currency.
+    pub currency: String,
+}
+
+impl SaleContent {
+    /// The first field in which a sale (its product, amount and merchant, and its product's currency) differs
+    /// from what a reversal names; `None` when they agree.
+    pub(crate) fn differs_from(
+        &self,
+        product: &str,
+        amount: i64,
+        merchant: &str,
+        currency: Option<&str>,
+    ) -> Option<&'static str> {
+        if self.product != product {
+            Some("product")
+        } else if self.amount != amount {
+            Some("amount")
+        } else if self.merchant_id != merchant {
+            Some("merchant")
+        } else if currency.is_some_and(|c| c != self.currency) {
+            Some("currency")
+        } else {
+            None
+        }
     }
 }
 

@@ -412,7 +412,7 @@ pub fn write_new_key(path: &Path) -> Result<(), TlsError> {
         source,
     };
     let spec = zeroize::Zeroizing::new(
-        crate::store::crypto::PinCipher::generate_spec().map_err(|e| TlsError::Generate(e.to_string()))?,
+        crate::crypto::PinCipher::generate_spec().map_err(|e| TlsError::Generate(e.to_string()))?,
     );
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -534,7 +534,7 @@ pub fn certs_init_with_ca(dir: &Path, opts: &CertsInit) -> Result<(CertsDir, Ca)
     }
     write_public(&out.gateways(), &list.to_toml())?;
     let mut keys = zeroize::Zeroizing::new(
-        crate::store::crypto::PinCipher::generate_spec().map_err(|e| TlsError::Generate(e.to_string()))?,
+        crate::crypto::PinCipher::generate_spec().map_err(|e| TlsError::Generate(e.to_string()))?,
     );
     keys.push('\n');
     write_secret(&out.pin_keys(), &keys)?;

@@ -10,10 +10,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use pingate::crypto::PinCipher;
 use pingate::gateway::journal::{CachedPin, Journal, JournalOptions, Record, SaleRecord};
 use pingate::psp::PinOut;
 use pingate::sale::Pin;
-use pingate::store::crypto::PinCipher;
 use pingate::store::postgres::PgStore;
 use pingate::store::sqlite::SqliteStore;
 use pingate::store::{Dispensed, NewPin, Op, Outcome, PinStore, SellRequest};

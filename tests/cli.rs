@@ -210,7 +210,7 @@ fn certs_key_writes_a_private_key_file_and_never_overwrites_one() {
     let out = pingate(&["certs", "key", file.to_str().unwrap()], None);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let spec = std::fs::read_to_string(&file).unwrap();
-    assert!(pingate::store::crypto::PinCipher::from_spec(&spec).is_ok(), "{spec}");
+    assert!(pingate::crypto::PinCipher::from_spec(&spec).is_ok(), "{spec}");
     assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
     let again = pingate(&["certs", "key", file.to_str().unwrap()], None);
     assert!(!again.status.success());

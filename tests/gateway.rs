@@ -695,7 +695,7 @@ async fn a_late_repeat_of_an_unconfirmed_cache_sale_gets_the_same_pin_never_a_se
 /// Stocks the PostgreSQL database `url` as the sample products stock SQLite: the prefetch and on-demand products,
 /// `n` PINs of each, sealed with the inventory's PIN keys.
 async fn stock_postgresql(inv: &Inventory, url: &str, n: usize) {
-    use pingate::store::crypto::PinCipher;
+    use pingate::crypto::PinCipher;
     use pingate::store::postgres::PgStore;
     use pingate::store::{NewPin, Product};
     let mut pg = PgStore::connect(url, None, PinCipher::from_spec(&inv.pin_keys).unwrap())

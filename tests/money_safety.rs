@@ -230,7 +230,7 @@ async fn one_terminal_through_two_gateways(
     // The operator deals with it and says so: the audit passes again.
     let conflicts = match db {
         pingate::store::handle::DbUrl::Sqlite(p) => {
-            let cipher = pingate::store::crypto::PinCipher::from_spec(&inv.pin_keys).unwrap();
+            let cipher = pingate::crypto::PinCipher::from_spec(&inv.pin_keys).unwrap();
             let mut s = pingate::store::sqlite::SqliteStore::open(p, cipher).unwrap();
             let c = s.conflicts().await.unwrap();
             s.resolve_conflict(c[0].id, "billed to the merchant", 1).await.unwrap();
@@ -238,7 +238,7 @@ async fn one_terminal_through_two_gateways(
             c
         }
         pingate::store::handle::DbUrl::Postgres(u) => {
-            let cipher = pingate::store::crypto::PinCipher::from_spec(&inv.pin_keys).unwrap();
+            let cipher = pingate::crypto::PinCipher::from_spec(&inv.pin_keys).unwrap();
             let mut s = pingate::store::postgres::PgStore::connect(u, None, cipher)
                 .await
                 .unwrap();
@@ -265,7 +265,7 @@ async fn one_terminal_through_two_gateways_on_one_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_terminal_through_two_gateways_and_two_servers_on_postgresql() {
-    use pingate::store::crypto::PinCipher;
+    use pingate::crypto::PinCipher;
     use pingate::store::handle::DbUrl;
     use pingate::store::postgres::PgStore;
 

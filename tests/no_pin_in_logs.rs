@@ -43,7 +43,7 @@ fn spec(stan: u32, product: &str, amount: u64) -> SaleSpec {
 
 /// Every PIN in the inventory, decrypted.
 fn all_pins(inv: &Inventory) -> Vec<String> {
-    let cipher = pingate::store::crypto::PinCipher::from_spec(&inv.pin_keys).unwrap();
+    let cipher = pingate::crypto::PinCipher::from_spec(&inv.pin_keys).unwrap();
     let db = rusqlite::Connection::open(&inv.db).unwrap();
     let mut q = db
         .prepare("SELECT serial, key_id, nonce, ciphertext, id, product, amount FROM pins")
@@ -59,12 +59,12 @@ fn all_pins(inv: &Inventory) -> Vec<String> {
         .unwrap();
     rows.map(|r| {
         let ((serial, key_id), (nonce, ciphertext), (id, product, amount)) = r.unwrap();
-        let sealed = pingate::store::crypto::Sealed {
+        let sealed = pingate::crypto::Sealed {
             key_id,
             nonce: nonce.try_into().unwrap(),
             ciphertext,
         };
-        let row = pingate::store::crypto::RowAd {
+        let row = pingate::crypto::RowAd {
             id,
             product: &product,
             amount,

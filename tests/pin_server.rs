@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use pingate::crypto::PinCipher;
 use pingate::psp::client::{ClientError, PspClient};
-use pingate::psp::{parse_response, ErrorCode, Request, Response, ResponseFrame};
+use pingate::psp::{parse_response, ConfirmOutcome, ErrorCode, Request, Response, ResponseFrame, ReverseOutcome};
 use pingate::sale::Pin;
 use pingate::server::{run, ServerOptions};
-use pingate::store::crypto::PinCipher;
 use pingate::store::handle::{DbUrl, StoreHandle, StoreOptions};
 use pingate::store::sqlite::SqliteStore;
 use pingate::store::{NewPin, Product};
@@ -178,7 +178,12 @@ async fn gateway_sells_reserves_confirms_and_reverses_over_mutual_tls() {
         })
         .await
         .unwrap();
-    assert_eq!(r, Response::Confirmed { outcome: "sold".into() });
+    assert_eq!(
+        r,
+        Response::Confirmed {
+            outcome: ConfirmOutcome::Sold
+        }
+    );
     let r = c
         .call(Request::Confirm {
             pin_id: pins[0].pin_id,
@@ -189,7 +194,7 @@ async fn gateway_sells_reserves_confirms_and_reverses_over_mutual_tls() {
     assert_eq!(
         r,
         Response::Confirmed {
-            outcome: "already_confirmed".into()
+            outcome: ConfirmOutcome::AlreadyConfirmed
         }
     );
     let r = c
@@ -225,21 +230,21 @@ async fn gateway_sells_reserves_confirms_and_reverses_over_mutual_tls() {
     assert_eq!(
         c.call(rev(1)).await.unwrap(),
         Response::Reversed {
-            outcome: "voided".into(),
+            outcome: ReverseOutcome::Voided,
             pin_id: Some(a.pin_id)
         }
     );
     assert_eq!(
         c.call(rev(1)).await.unwrap(),
         Response::Reversed {
-            outcome: "already_voided".into(),
+            outcome: ReverseOutcome::AlreadyVoided,
             pin_id: Some(a.pin_id)
         }
     );
     assert_eq!(
         c.call(rev(2)).await.unwrap(),
         Response::Reversed {
-            outcome: "remembered".into(),
+            outcome: ReverseOutcome::Remembered,
             pin_id: None
         }
     );
@@ -255,7 +260,7 @@ async fn gateway_sells_reserves_confirms_and_reverses_over_mutual_tls() {
     assert_eq!(
         r,
         Response::Reversed {
-            outcome: "voided".into(),
+            outcome: ReverseOutcome::Voided,
             pin_id: Some(b.pin_id)
         }
     );
@@ -263,7 +268,7 @@ async fn gateway_sells_reserves_confirms_and_reverses_over_mutual_tls() {
     assert_eq!(
         r,
         Response::Reversed {
-            outcome: "already_voided".into(),
+            outcome: ReverseOutcome::AlreadyVoided,
             pin_id: Some(b.pin_id)
         }
     );
@@ -606,6 +611,68 @@ async fn large_answers_are_delivered() {
     task.await.unwrap();
 }
 
+/// The largest `confirm_batch` the protocol allows (every terminal field at its longest, each character one JSON
+/// escapes) reaches a server of default limits and is answered confirm by confirm; one confirm more is refused as a
+/// whole. A request over the request frame is refused by the client before it is sent, and the connection goes on.
+#[tokio::test]
+async fn the_largest_confirm_batch_is_answered_and_a_request_over_the_frame_is_not_sent() {
+    use pingate::psp::{
+        ConfirmItem, PspError, Terminal, MAX_CONFIRM_BATCH, MAX_MERCHANT_ID, MAX_REQUEST_FRAME, MAX_RRN, MAX_STAN,
+        MAX_TERMINAL_ID, MAX_TRANSMISSION,
+    };
+    let f = Fixture::new("largest-batch", 1);
+    let (addr, stop, task) = f.start(ServerOptions::default()).await;
+    let (c, _) = PspClient::connect(addr, "localhost", f.client_tls("gw1"))
+        .await
+        .unwrap();
+    let escaped = |n: usize| "\"".repeat(n);
+    let longest = Terminal {
+        terminal_id: escaped(MAX_TERMINAL_ID),
+        merchant_id: escaped(MAX_MERCHANT_ID),
+        stan: escaped(MAX_STAN),
+        transmission: escaped(MAX_TRANSMISSION),
+        rrn: escaped(MAX_RRN),
+    };
+    let batch = |n: usize| Request::ConfirmBatch {
+        confirms: (0..n)
+            .map(|i| ConfirmItem {
+                pin_id: i64::MIN + i as i64,
+                terminal: longest.clone(),
+            })
+            .collect(),
+    };
+    let Response::ConfirmedBatch { results } = c.call(batch(MAX_CONFIRM_BATCH)).await.unwrap() else {
+        panic!()
+    };
+    // No such PIN is held by this gateway: each confirm is refused on its own, none for the batch's size.
+    assert_eq!(results.len(), MAX_CONFIRM_BATCH);
+    for r in &results {
+        assert_eq!(r.error.as_ref().map(|e| e.code), Some(ErrorCode::NotHolder), "{r:?}");
+    }
+    let e = c.call(batch(MAX_CONFIRM_BATCH + 1)).await.unwrap_err();
+    assert!(
+        matches!(e, ClientError::Server(ref w) if w.code == ErrorCode::BadRequest && w.message == "confirms: 1 to 256"),
+        "{e}"
+    );
+    let over = Request::Release {
+        pin_ids: vec![i64::MIN; MAX_REQUEST_FRAME / 20],
+    };
+    let e = c.call(over).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Protocol(PspError::FrameTooLarge {
+                max: MAX_REQUEST_FRAME,
+                ..
+            })
+        ),
+        "{e}"
+    );
+    assert_eq!(c.call(Request::Ping).await.unwrap(), Response::Pong);
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+
 #[tokio::test]
 async fn confirm_batch_answers_each_confirm_in_order() {
     use pingate::psp::ConfirmItem;
@@ -647,17 +714,17 @@ async fn confirm_batch_answers_each_confirm_in_order() {
     };
     let got: Vec<_> = results
         .iter()
-        .map(|r| (r.outcome.clone(), r.error.as_ref().map(|e| e.code)))
+        .map(|r| (r.outcome, r.error.as_ref().map(|e| e.code)))
         .collect();
     assert_eq!(
         got,
         vec![
-            (Some("sold".to_string()), None),
-            (Some("sold".to_string()), None),
+            (Some(ConfirmOutcome::Sold), None),
+            (Some(ConfirmOutcome::Sold), None),
             (None, Some(ErrorCode::NotHolder)),
             // Handed out under a key already sold: voided, and the conflict recorded (never retried forever).
-            (Some("conflict_voided".to_string()), None),
-            (Some("already_confirmed".to_string()), None),
+            (Some(ConfirmOutcome::ConflictVoided), None),
+            (Some(ConfirmOutcome::AlreadyConfirmed), None),
         ]
     );
     let e = c.call(Request::ConfirmBatch { confirms: vec![] }).await.unwrap_err();

@@ -502,7 +502,7 @@ fn server_limits_out_of_range_are_refused_with_the_flag_and_its_range() {
         ("--max-connections", "0", "--max-connections: must be 1 to 100000"),
         ("--max-in-flight", "0", "--max-in-flight: must be 1 to 4096"),
         ("--max-in-flight", "4097", "--max-in-flight: must be 1 to 4096"),
-        ("--max-frame", "4096", "--max-frame: must be 65536 to 16777216"),
+        ("--max-frame", "65536", "--max-frame: must be 131072 to 16777216"),
         ("--idle-timeout-secs", "0", "--idle-timeout-secs: must be 30 to 86400"),
         (
             "--handshake-timeout-ms",

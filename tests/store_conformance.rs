@@ -2,13 +2,12 @@
 //! inventory behaves the same. Also key rotation (PINs sealed under an old key still open after a new key is added,
 //! new ones are sealed under it), leases (renewals, expired ones reported and returned) and successful reversals.
 
-use pingate::sale::Pin;
-use pingate::store::crypto::PinCipher;
+use pingate::crypto::PinCipher;
+use pingate::sale::{Pin, SaleContent};
 use pingate::store::postgres::PgStore;
 use pingate::store::sqlite::SqliteStore;
 use pingate::store::{
-    Confirmation, NewPin, Op, Outcome, PinState, PinStore, Product, Reversal, SaleContent, SaleContext, SellRequest,
-    StoreError,
+    Confirmation, NewPin, Op, Outcome, PinState, PinStore, Product, Reversal, SaleContext, SellRequest, StoreError,
 };
 
 fn pins(from: usize, n: usize, expiry: Option<&str>) -> Vec<NewPin> {

@@ -4,8 +4,8 @@
 mod common;
 use common::*;
 
+use pingate::crypto::PinCipher;
 use pingate::sale::Pin;
-use pingate::store::crypto::PinCipher;
 use pingate::store::handle::{DbUrl, StoreHandle, StoreOptions};
 use pingate::store::postgres::PgStore;
 use pingate::store::{

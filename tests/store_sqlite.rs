@@ -6,8 +6,8 @@ use common::*;
 
 use std::path::PathBuf;
 
+use pingate::crypto::PinCipher;
 use pingate::sale::Pin;
-use pingate::store::crypto::PinCipher;
 use pingate::store::sqlite::SqliteStore;
 use pingate::store::{Confirmation, NewPin, PinState, Reversal, SellRequest, StoreError};
 

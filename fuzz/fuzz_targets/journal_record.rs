@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use pingate::gateway::journal::{decode, decode_record, encode_record};
-use pingate::store::crypto::PinCipher;
+use pingate::crypto::PinCipher;
 
 fn cipher() -> &'static PinCipher {
     static C: OnceLock<PinCipher> = OnceLock::new();

@@ -13,12 +13,12 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+use crate::crypto::PinCipher;
 use crate::gateway::config::GatewayConfig;
 use crate::gateway::{Gateway, StartOptions};
 use crate::iso8583::{Dialect, Dialects};
 use crate::sale::Pin;
 use crate::server::ServerOptions;
-use crate::store::crypto::PinCipher;
 use crate::store::handle::{DbUrl, StoreHandle, StoreOptions};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{NewPin, Product};

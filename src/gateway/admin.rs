@@ -5,11 +5,14 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
+
+use super::Gateway;
 
 /// Where the admin socket is: `IP:port`, or a path with a `/` in it (a Unix socket).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -220,6 +223,55 @@ pub async fn connect(addr: &str) -> std::io::Result<Box<dyn AdminStream>> {
     } else {
         Ok(Box::new(tokio::net::TcpStream::connect(addr).await?))
     }
+}
+
+/// The admin socket (a Unix socket, or TCP on loopback; see [`AdminAddr`]): a client writes one command line (`stock`)
+/// and reads one JSON answer. Accept errors are waited out with a backoff.
+pub async fn serve_admin(listener: impl Into<AdminListener>, gw: Arc<Gateway>, stop: CancellationToken) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = listener.into();
+    let mut backoff = AcceptBackoff::default();
+    loop {
+        let Some(stream) = listener.next(&stop, &mut backoff).await else {
+            return;
+        };
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = tokio::io::split(stream);
+            let mut line = String::new();
+            let mut rd = BufReader::new(rd.take(256));
+            let read = tokio::time::timeout(Duration::from_secs(5), rd.read_line(&mut line)).await;
+            let answer = match (read, line.trim()) {
+                (Ok(Ok(_)), "stock") => serde_json::to_string_pretty(&gw.stock()).unwrap_or_default(),
+                (Ok(Ok(_)), "lines") => serde_json::to_string_pretty(&*gw.lines().borrow()).unwrap_or_default(),
+                (Ok(Ok(_)), other) => format!(
+                    "{{\"error\": \"unknown command `{}`; try `stock` or `lines`\"}}",
+                    other.escape_default()
+                ),
+                _ => return,
+            };
+            let _ = wr.write_all(answer.as_bytes()).await;
+            let _ = wr.write_all(b"\n").await;
+        });
+    }
+}
+
+/// Sends one admin command to a running gateway and returns its answer; `addr` is a Unix socket path (with a `/`)
+/// or an `IP:port`.
+pub async fn ask_admin(addr: &str, command: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = connect(addr)
+        .await
+        .map_err(|e| format!("gateway admin at {addr}: {e}"))?;
+    s.write_all(format!("{command}\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+        .await
+        .map_err(|_| format!("gateway admin at {addr}: no answer"))?
+        .map_err(|e| e.to_string())?;
+    Ok(out.trim_end().to_string())
 }
 
 #[cfg(test)]

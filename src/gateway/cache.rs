@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::journal::CachedPin;
-use crate::store::MAX_RESERVE;
+use crate::psp::MAX_RESERVE;
 
 /// How a product and amount is served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

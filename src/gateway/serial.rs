@@ -716,7 +716,7 @@ impl<'a> Line<'a> {
             }
         };
         // The sale a request is about (a 0200 or 0201): its key, as the controller makes it.
-        let key = SaleKey::of(&msg, crate::store::unix_now())
+        let key = SaleKey::of(&msg, crate::clock::unix_now())
             .ok()
             .filter(|_| msg.mti().to_string().starts_with("02"));
         self.in_flight.insert((call, seq), key);

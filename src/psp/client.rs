@@ -1,5 +1,6 @@
 //! The gateway's side of PSP over one mutually authenticated TLS connection: many requests in flight, answers
-//! matched by id in whatever order they come.
+//! matched by id in whatever order they come. The I/O over the protocol core: frames with [`FrameCodec::client`],
+//! bodies with [`parse_response`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,10 +13,10 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsConnector;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
-use super::{parse_response, CatalogEntry, Request, RequestFrame, Response, WireError, DEFAULT_MAX_FRAME, VERSION};
+use super::{parse_response, CatalogEntry, FrameCodec, PspError, Request, RequestFrame, Response, WireError, VERSION};
 
 /// Errors of the PSP client.
 #[derive(Debug, thiserror::Error)]
@@ -32,9 +33,12 @@ pub enum ClientError {
     /// The server answered with an error.
     #[error("server error {:?}: {}", .0.code, .0.message)]
     Server(WireError),
-    /// The server said something this client does not understand.
+    /// The server answered `hello` with something other than a welcome.
+    #[error("expected a welcome, got {0}")]
+    NotWelcome(String),
+    /// A request over the protocol's limits (it was not sent; the connection is untouched).
     #[error("protocol: {0}")]
-    Protocol(String),
+    Protocol(#[from] PspError),
 }
 
 /// Requests waiting for their answers; `None` once the connection is gone (no new request may wait then).
@@ -74,11 +78,7 @@ impl PspClient {
             .connect(name, tcp)
             .await
             .map_err(|source| ClientError::Connect { addr, source })?;
-        let codec = LengthDelimitedCodec::builder()
-            .length_field_length(4)
-            .max_frame_length(DEFAULT_MAX_FRAME * 16)
-            .new_codec();
-        let (mut sink, mut stream) = Framed::new(stream, codec).split();
+        let (mut sink, mut stream) = Framed::new(stream, FrameCodec::client()).split();
         let (out, mut rx) = mpsc::channel::<Bytes>(1024);
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         tokio::spawn(async move {
@@ -131,7 +131,7 @@ impl PspClient {
                     catalog,
                 },
             )),
-            Ok(other) => Err(ClientError::Protocol(format!("expected welcome, got {other:?}"))),
+            Ok(other) => Err(ClientError::NotWelcome(format!("{other:?}"))),
             // A server that refused our certificate closes the connection right after the handshake.
             Err(e) => Err(e),
         }
@@ -150,8 +150,8 @@ impl PspClient {
     /// Sends one request and waits for its answer.
     pub async fn call(&self, request: Request) -> Result<Response, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let body =
-            serde_json::to_vec(&RequestFrame { id, request }).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let body = serde_json::to_vec(&RequestFrame { id, request }).expect("requests serialise");
+        FrameCodec::client().check_outgoing(body.len())?;
         let (tx, rx) = oneshot::channel();
         match self.pending.lock().expect("not poisoned").as_mut() {
             Some(m) => m.insert(id, tx),

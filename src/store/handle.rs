@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Mutex};
 
-use super::crypto::PinCipher;
 use super::postgres::PgStore;
 use super::sqlite::SqliteStore;
 use super::{Op, Outcome, StoreError};
+use crate::crypto::PinCipher;
 
 /// Where the inventory lives: `sqlite:PATH` or `postgres://…` / `postgresql://…`.
 #[derive(Clone, Debug, PartialEq, Eq)]

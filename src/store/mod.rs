@@ -22,21 +22,13 @@
 //! sale's PIN makes a double sale impossible even if code is wrong. Backends: [`sqlite::SqliteStore`] (the
 //! embedded default); PostgreSQL follows.
 
-pub mod crypto;
 pub mod handle;
 pub mod pgtls;
 pub mod postgres;
 pub mod sqlite;
 
-use crate::sale::Pin;
-
-/// Seconds since the Unix epoch: sale times and leases.
-pub(crate) fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+use crate::crypto;
+use crate::sale::{Pin, SaleContent};
 
 /// States of a PIN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -263,41 +255,6 @@ pub(crate) fn key_id(terminal: &str, stan: &str, transmission: &str) -> String {
         stan.len(),
         transmission.len()
     )
-}
-
-/// What a sale bought, as a reversal names it: the PIN server checks it against the sale before reversing.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SaleContent {
-    pub merchant_id: String,
-    pub product: String,
-    pub amount: i64,
-    /// ISO 4217 numeric: the product's currency.
-    pub currency: String,
-}
-
-impl SaleContent {
-    /// The first field in which a sale (its product, amount and merchant, and its product's currency) differs
-    /// from what a reversal names; `None` when they agree.
-    pub(crate) fn differs_from(
-        &self,
-        product: &str,
-        amount: i64,
-        merchant: &str,
-        currency: Option<&str>,
-    ) -> Option<&'static str> {
-        if self.product != product {
-            Some("product")
-        } else if self.amount != amount {
-            Some("amount")
-        } else if self.merchant_id != merchant {
-            Some("merchant")
-        } else if currency.is_some_and(|c| c != self.currency) {
-            Some("currency")
-        } else {
-            None
-        }
-    }
 }
 
 /// An on-demand sale request.

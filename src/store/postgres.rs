@@ -8,11 +8,13 @@ use std::collections::HashSet;
 
 use tokio_postgres::{Client, GenericClient, Row, Statement};
 
-use super::crypto::{CryptoError, PinCipher, RowAd, Sealed};
 use super::{
-    unix_now, Confirmation, Dispensed, NewPin, Op, Outcome, PinRow, PinState, Product, Reversal, SaleContext,
-    SellRequest, StockRow, StoreError, MAX_RESERVE,
+    Confirmation, Dispensed, NewPin, Op, Outcome, PinRow, PinState, Product, Reversal, SaleContext, SellRequest,
+    StockRow, StoreError,
 };
+use crate::clock::unix_now;
+use crate::crypto::{CryptoError, PinCipher, RowAd, Sealed};
+use crate::psp::MAX_RESERVE;
 
 const DUPLICATE_PIN: &str = "duplicate PIN value (already loaded, or twice in this file)";
 
@@ -414,7 +416,7 @@ async fn check_keys(c: &impl GenericClient, cipher: &PinCipher) -> Result<(), St
         .collect();
     let mut missing = Vec::new();
     for (key, n) in super::available_without_key(cipher, &in_use) {
-        let ids = if n <= super::crypto::NAMED_ROWS {
+        let ids = if n <= crate::crypto::NAMED_ROWS {
             let rows = c.query(super::AVAILABLE_OF_KEY, &[&(key as i32)]).await?;
             rows.iter().map(|r| r.get::<_, i64>(0)).collect()
         } else {
@@ -422,7 +424,7 @@ async fn check_keys(c: &impl GenericClient, cipher: &PinCipher) -> Result<(), St
         };
         missing.push((key, n, ids));
     }
-    Ok(super::crypto::CryptoError::check_missing(&missing)?)
+    Ok(crate::crypto::CryptoError::check_missing(&missing)?)
 }
 
 /// Schema migration 6: every PIN sealed again bound to its row ([`RowAd`]: id, product, amount, serial, key id)
@@ -957,7 +959,7 @@ impl PgStore {
     pub async fn reverse_checked(
         &mut self,
         sale: &SaleContext,
-        content: Option<&super::SaleContent>,
+        content: Option<&crate::sale::SaleContent>,
     ) -> Result<Reversal, StoreError> {
         let op = Op::Reverse {
             sale: sale.clone(),

@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
-use super::crypto::{PinCipher, RowAd, Sealed};
 use super::{
-    unix_now, Confirmation, Dispensed, NewPin, Op, Outcome, PinRow, PinState, Product, Reversal, SaleContext,
-    SellRequest, StockRow, StoreError, MAX_QUARANTINE_PER_OP, MAX_RESERVE,
+    Confirmation, Dispensed, NewPin, Op, Outcome, PinRow, PinState, Product, Reversal, SaleContext, SellRequest,
+    StockRow, StoreError, MAX_QUARANTINE_PER_OP,
 };
+use crate::clock::unix_now;
+use crate::crypto::{PinCipher, RowAd, Sealed};
+use crate::psp::MAX_RESERVE;
 
 /// One audit row: (from state, to state, holder); `from` is `None` for the row written when the PIN was loaded.
 pub type AuditRow = (Option<String>, String, Option<String>);
@@ -548,7 +550,7 @@ impl SqliteStore {
     pub fn reverse_checked(
         &mut self,
         sale: &SaleContext,
-        content: Option<&super::SaleContent>,
+        content: Option<&crate::sale::SaleContent>,
     ) -> Result<Reversal, StoreError> {
         match self.apply_one(Op::Reverse {
             sale: sale.clone(),
@@ -655,7 +657,7 @@ fn check_keys(conn: &Connection, cipher: &PinCipher) -> Result<(), StoreError> {
         .collect::<Result<Vec<(u32, bool, i64)>, _>>()?;
     let mut missing = Vec::new();
     for (key, n) in super::available_without_key(cipher, &in_use) {
-        let ids = if n <= super::crypto::NAMED_ROWS {
+        let ids = if n <= crate::crypto::NAMED_ROWS {
             let mut ids = conn.prepare(super::AVAILABLE_OF_KEY)?;
             let ids = ids.query_map(params![key], |r| r.get(0))?;
             ids.collect::<Result<Vec<i64>, _>>()?
@@ -664,7 +666,7 @@ fn check_keys(conn: &Connection, cipher: &PinCipher) -> Result<(), StoreError> {
         };
         missing.push((key, n, ids));
     }
-    Ok(super::crypto::CryptoError::check_missing(&missing)?)
+    Ok(crate::crypto::CryptoError::check_missing(&missing)?)
 }
 
 /// Schema migration 6: every PIN sealed again bound to its row ([`RowAd`]: id, product, amount, serial, key id)
@@ -1163,7 +1165,7 @@ fn renew(tx: &Connection, holder: &str, pin_ids: &[i64], lease_until: i64) -> Re
 fn reverse(
     tx: &Connection,
     sale: &SaleContext,
-    content: Option<&super::SaleContent>,
+    content: Option<&crate::sale::SaleContent>,
     now: i64,
 ) -> Result<Reversal, StoreError> {
     let found = find_sale(tx, sale)?;

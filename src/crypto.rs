@@ -1,5 +1,10 @@
-//! PIN values at rest: sealed with ChaCha20-Poly1305 under a key that lives outside the database (a file or an
-//! environment variable), with the key id stored per row so keys can rotate. A PIN row's seal is bound to the row
+//! PIN values at rest, wherever they rest: the PIN server's inventory rows ([`crate::store`]) and the gateway's
+//! journal ([`crate::gateway`]) seal them here, `pingate certs` ([`crate::tls`]) makes key files with
+//! [`PinCipher::generate_spec`], and the audit opens journals. It is crate-level, not the store's, so that a gateway
+//! depends on no part of the PIN server.
+//!
+//! Sealed with ChaCha20-Poly1305 under a key that lives outside the database (a file or an environment variable),
+//! with the key id stored per row so keys can rotate. A PIN row's seal is bound to the row
 //! ([`RowAd`]: its id, product, amount, serial and key id are the associated data), so a ciphertext copied onto
 //! another row, or a row moved to another product or amount, does not open. A keyed fingerprint (HMAC-SHA256) of
 //! the PIN lets the store reject a duplicate PIN on import without ever decrypting.

@@ -1,4 +1,6 @@
-//! The PIN server: accepts gateways over mutual TLS, speaks PSP, and applies their requests to the inventory.
+//! The PIN server: accepts gateways over mutual TLS, speaks PSP, and applies their requests to the inventory. This
+//! file holds the listener, the connections, their caps and the shutdown; `handler.rs` maps each request to a store
+//! operation and its result to an answer.
 //!
 //! Shaped like mini-redis: [`run`] takes a bound listener and a shutdown future; one task per connection with a
 //! tracing span (connection id, peer, gateway); caps on connections; on shutdown it stops accepting, lets every
@@ -23,21 +25,20 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
+mod handler;
+
 use crate::logging::limited;
 use crate::psp::{
-    parse_request, BatchResult, CatalogEntry, ConfirmItem, ErrorCode, PinOut, Request, Response, ResponseFrame,
-    StockEntry, Terminal, WireError, DEFAULT_MAX_FRAME, VERSION,
+    parse_request, ErrorCode, FrameCodec, Request, ResponseFrame, StockEntry, MAX_ANSWER_FRAME, MAX_REQUEST_FRAME,
+    VERSION,
 };
 use crate::store::handle::StoreHandle;
-use crate::store::{unix_now, Op, Outcome, SaleContext, SellRequest, MAX_RESERVE};
+use crate::store::{Op, Outcome};
 use crate::tls::{GatewayList, SharedGatewayList};
-
-/// Largest answer frame (a reserve of 1,000 PINs is about 150 KB of JSON).
-const MAX_ANSWER: usize = 4 * 1024 * 1024;
 
 /// How long one answer may take to write before the gateway is deemed not to read, and the connection ends.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -86,7 +87,7 @@ impl Default for ServerOptions {
             max_unauthenticated: DEFAULT_MAX_UNAUTHENTICATED,
             max_unauthenticated_per_source: DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE,
             max_in_flight: 256,
-            max_frame: DEFAULT_MAX_FRAME,
+            max_frame: MAX_REQUEST_FRAME,
             handshake_timeout: Duration::from_millis(DEFAULT_HANDSHAKE_TIMEOUT_MS),
             idle_timeout: Duration::from_secs(300),
             max_lease: Duration::from_secs(24 * 3600),
@@ -105,11 +106,11 @@ impl ServerOptions {
             ("--max-connections", self.max_connections as u64, 1, 100_000),
             // A gateway sends up to 200 requests at once on a connection; fewer are answered `busy`.
             ("--max-in-flight", self.max_in_flight as u64, 1, 4_096),
-            // A gateway's largest request (a batch of 256 confirms) needs the default.
+            // The protocol's largest request (a confirm_batch at its longest) needs the default.
             (
                 "--max-frame",
                 self.max_frame as u64,
-                DEFAULT_MAX_FRAME as u64,
+                MAX_REQUEST_FRAME as u64,
                 16 * 1024 * 1024,
             ),
             ("--max-unauthenticated", self.max_unauthenticated as u64, 1, 100_000),
@@ -559,22 +560,11 @@ async fn connection(
     shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
     info!(%peer, "gateway connected");
 
-    // Requests are capped at `max_frame`; answers have their own, larger cap (a reserve of 1,000 PINs is ~150 KB).
+    // Requests are read up to `max_frame`, answers written up to the protocol's answer cap.
+    let codec = FrameCodec::server(shared.opts.max_frame);
     let (rd, wr) = tokio::io::split(stream);
-    let mut frames = FramedRead::new(
-        rd,
-        LengthDelimitedCodec::builder()
-            .length_field_length(4)
-            .max_frame_length(shared.opts.max_frame)
-            .new_codec(),
-    );
-    let mut sink = FramedWrite::new(
-        wr,
-        LengthDelimitedCodec::builder()
-            .length_field_length(4)
-            .max_frame_length(MAX_ANSWER)
-            .new_codec(),
-    );
+    let mut frames = FramedRead::new(rd, codec);
+    let mut sink = FramedWrite::new(wr, codec);
     // Ends this connection: shutdown, or a writer that can no longer deliver answers.
     let done = stop.child_token();
     let (out, mut rx) = mpsc::channel::<Bytes>(shared.opts.max_in_flight + 8);
@@ -600,10 +590,16 @@ async fn connection(
         }
         .in_current_span()
     });
-    let send = |out: &mpsc::Sender<Bytes>, frame: ResponseFrame| {
+    let send = move |out: &mpsc::Sender<Bytes>, frame: ResponseFrame| {
         let out = out.clone();
         async move {
-            let body = serde_json::to_vec(&frame).expect("responses serialise");
+            let mut body = serde_json::to_vec(&frame).expect("responses serialise");
+            if let Err(e) = codec.check_outgoing(body.len()) {
+                // Written, it would fail the writer, and so the connection under every answer still to come.
+                limited!(error, "answer over the answer frame cap; answered internal instead", error = %e, cap = MAX_ANSWER_FRAME);
+                let refusal = ResponseFrame::err(frame.id, ErrorCode::Internal, "answer too large");
+                body = serde_json::to_vec(&refusal).expect("responses serialise");
+            }
             let _ = out.send(Bytes::from(body)).await;
         }
     };
@@ -654,8 +650,12 @@ async fn connection(
         };
         let frame = match parse_request(&body) {
             Ok(f) => f,
-            Err((id, msg)) => {
-                send(&out, ResponseFrame::err(id, ErrorCode::BadRequest, msg)).await;
+            Err(e) => {
+                send(
+                    &out,
+                    ResponseFrame::err(e.request_id(), ErrorCode::BadRequest, e.to_string()),
+                )
+                .await;
                 if !greeted {
                     // Nothing but a well-formed hello opens a session.
                     break;
@@ -667,22 +667,7 @@ async fn connection(
         if !greeted {
             match frame.request {
                 Request::Hello { version } if version == VERSION => {
-                    let welcome = match shared.store.call(Op::Catalog).await {
-                        Ok(Outcome::Catalog(c)) => ResponseFrame::ok(
-                            id,
-                            Response::Welcome {
-                                version: VERSION,
-                                gateway: gateway.clone(),
-                                server: format!("pingate {}", env!("CARGO_PKG_VERSION")),
-                                catalog: c.into_iter().map(CatalogEntry::from).collect(),
-                            },
-                        ),
-                        other => {
-                            limited!(warn, "catalog unavailable", ?other);
-                            ResponseFrame::err(id, ErrorCode::Internal, "catalog unavailable")
-                        }
-                    };
-                    send(&out, welcome).await;
+                    send(&out, handler::welcome(&shared, &gateway, id).await).await;
                     greeted = true;
                 }
                 Request::Hello { version } => {
@@ -719,7 +704,7 @@ async fn connection(
         let (shared, gateway, out) = (shared.clone(), gateway.clone(), out.clone());
         tokio::spawn(
             async move {
-                let answer = handle(&shared, &gateway, id, frame.request).await;
+                let answer = handler::handle(&shared, &gateway, id, frame.request).await;
                 send(&out, answer).await;
                 drop(permit);
             }
@@ -737,264 +722,6 @@ async fn connection(
     let _ = tokio::time::timeout(LINGER, linger).await;
     shared.metrics.connections.fetch_sub(1, Ordering::Relaxed);
     info!("gateway disconnected");
-}
-
-fn sale(gateway: &str, t: Terminal) -> Result<SaleContext, String> {
-    for (name, v, max) in [
-        ("terminal_id", &t.terminal_id, 16),
-        ("merchant_id", &t.merchant_id, 32),
-        ("stan", &t.stan, 12),
-        ("transmission", &t.transmission, 20),
-        ("rrn", &t.rrn, 20),
-    ] {
-        if v.is_empty() && name != "rrn" || v.len() > max || !v.bytes().all(|c| (0x20..=0x7E).contains(&c)) {
-            return Err(format!("terminal.{name}: 1 to {max} printable characters"));
-        }
-    }
-    // A transmission of 10 digits (`MMDDhhmmss`, from a gateway older than keys bound to their year, or its journal)
-    // is bound to its year here, as a gateway binds it: by the time it is received.
-    let transmission = if t.transmission.len() == 10 && t.transmission.bytes().all(|b| b.is_ascii_digit()) {
-        crate::sale::qualify_transmission(&t.transmission, unix_now()).map_err(|e| format!("terminal.{e}"))?
-    } else {
-        t.transmission
-    };
-    Ok(SaleContext {
-        gateway: gateway.to_string(),
-        terminal_id: t.terminal_id,
-        merchant_id: t.merchant_id,
-        stan: t.stan,
-        transmission,
-        rrn: t.rrn,
-    })
-}
-
-impl Shared {
-    fn count_confirmation(&self, c: crate::store::Confirmation) {
-        if matches!(c, crate::store::Confirmation::Conflict { .. }) {
-            self.metrics.confirm_conflicts.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-fn lease_until(shared: &Shared, secs: u64) -> Result<i64, String> {
-    if secs == 0 || secs > shared.opts.max_lease.as_secs() {
-        return Err(format!("lease_secs: 1 to {}", shared.opts.max_lease.as_secs()));
-    }
-    Ok(unix_now() + secs as i64)
-}
-
-/// A batch of confirms: one store operation each, all submitted at once (the store commits them in a few
-/// transactions), one result each.
-async fn confirm_batch(shared: &Shared, gateway: &str, id: u64, confirms: Vec<ConfirmItem>) -> ResponseFrame {
-    if confirms.is_empty() || confirms.len() > MAX_RESERVE {
-        return ResponseFrame::err(id, ErrorCode::BadRequest, format!("confirms: 1 to {MAX_RESERVE}"));
-    }
-    let calls = confirms.into_iter().map(|c| async move {
-        let sale = match sale(gateway, c.terminal) {
-            Ok(s) => s,
-            Err(msg) => {
-                return BatchResult {
-                    outcome: None,
-                    error: Some(WireError {
-                        code: ErrorCode::BadRequest,
-                        message: msg,
-                    }),
-                }
-            }
-        };
-        let op = Op::Confirm {
-            holder: gateway.into(),
-            pin_id: c.pin_id,
-            sale,
-        };
-        match shared.store.call(op).await {
-            Ok(Outcome::Confirmed(c)) => {
-                shared.count_confirmation(c);
-                BatchResult {
-                    outcome: Some(c.as_str().into()),
-                    error: None,
-                }
-            }
-            Ok(_) => BatchResult {
-                outcome: None,
-                error: Some(WireError {
-                    code: ErrorCode::Internal,
-                    message: "internal error".into(),
-                }),
-            },
-            Err(e) => {
-                let code = ErrorCode::of(&e);
-                let message = if code == ErrorCode::Internal {
-                    limited!(warn, "confirm failed", error = %e);
-                    "internal error".into()
-                } else {
-                    e.to_string()
-                };
-                BatchResult {
-                    outcome: None,
-                    error: Some(WireError { code, message }),
-                }
-            }
-        }
-    });
-    let results = futures_util::future::join_all(calls).await;
-    ResponseFrame::ok(id, Response::ConfirmedBatch { results })
-}
-
-/// One request → one store operation → one answer, counted and timed for the metrics.
-async fn handle(shared: &Shared, gateway: &str, id: u64, request: Request) -> ResponseFrame {
-    let started = std::time::Instant::now();
-    let op = request.op_name();
-    let frame = handle_request(shared, gateway, id, request).await;
-    let result = frame.error.as_ref().map_or("ok", |e| e.code.as_str());
-    shared.metrics.requests.inc(&[("op", op), ("result", result)]);
-    shared.metrics.latency.observe(started.elapsed());
-    frame
-}
-
-/// Errors from the store map to wire codes in one place.
-async fn handle_request(shared: &Shared, gateway: &str, id: u64, request: Request) -> ResponseFrame {
-    let request = match request {
-        Request::ConfirmBatch { confirms } => return confirm_batch(shared, gateway, id, confirms).await,
-        r => r,
-    };
-    let op = match to_op(shared, gateway, request) {
-        Ok(Ok(op)) => op,
-        Ok(Err(direct)) => return ResponseFrame::ok(id, direct),
-        Err(msg) => return ResponseFrame::err(id, ErrorCode::BadRequest, msg),
-    };
-    let lease = match &op {
-        Op::Reserve { lease_until, .. } | Op::Renew { lease_until, .. } => *lease_until,
-        _ => 0,
-    };
-    match shared.store.call(op).await {
-        Ok(outcome) => ResponseFrame::ok(
-            id,
-            match outcome {
-                Outcome::Sold(d) => {
-                    if d.redelivered {
-                        shared.metrics.redeliveries.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Response::Sold { pin: PinOut::from(d) }
-                }
-                Outcome::Reserved(v) => Response::Reserved {
-                    pins: v.into_iter().map(PinOut::from).collect(),
-                    lease_until: lease,
-                },
-                Outcome::Confirmed(c) => {
-                    shared.count_confirmation(c);
-                    Response::Confirmed {
-                        outcome: c.as_str().into(),
-                    }
-                }
-                Outcome::Released { refused } => Response::Released { refused },
-                Outcome::Renewed(count) => Response::Renewed {
-                    count,
-                    lease_until: lease,
-                },
-                Outcome::Reversed(r) => Response::from(r),
-                Outcome::Stock(s) => Response::Stock {
-                    stock: s.into_iter().map(StockEntry::from).collect(),
-                },
-                // Not operations a gateway can ask for (see `to_op`).
-                Outcome::Catalog(_) | Outcome::Expired(_) => Response::Pong,
-                Outcome::Held(pin_ids) => Response::Held { pin_ids },
-            },
-        ),
-        Err(e) => {
-            let code = ErrorCode::of(&e);
-            if code == ErrorCode::Internal {
-                limited!(warn, "request failed", error = %e);
-                ResponseFrame::err(id, code, "internal error")
-            } else {
-                ResponseFrame::err(id, code, e.to_string())
-            }
-        }
-    }
-}
-
-/// The store operation for a request, or an answer needing no store, or a bad-request message.
-fn to_op(shared: &Shared, gateway: &str, request: Request) -> Result<Result<Op, Response>, String> {
-    Ok(Ok(match request {
-        Request::Hello { .. } => return Err("hello was already said".into()),
-        Request::Ping => return Ok(Err(Response::Pong)),
-        Request::Sell {
-            product,
-            amount,
-            terminal,
-        } => Op::Sell(SellRequest {
-            product,
-            amount,
-            sale: sale(gateway, terminal)?,
-            repeat_since: unix_now() - shared.opts.repeat_age.as_secs() as i64,
-        }),
-        Request::Reserve {
-            product,
-            amount,
-            count,
-            lease_secs,
-        } => {
-            if count == 0 || count > MAX_RESERVE {
-                return Err(format!("count: 1 to {MAX_RESERVE}"));
-            }
-            Op::Reserve {
-                holder: gateway.into(),
-                product,
-                amount,
-                count,
-                lease_until: lease_until(shared, lease_secs)?,
-            }
-        }
-        Request::ConfirmBatch { .. } => return Err("confirm_batch is handled on its own".into()),
-        Request::Confirm { pin_id, terminal } => Op::Confirm {
-            holder: gateway.into(),
-            pin_id,
-            sale: sale(gateway, terminal)?,
-        },
-        Request::Release { pin_ids } => {
-            if pin_ids.len() > MAX_RESERVE {
-                return Err(format!("pin_ids: at most {MAX_RESERVE}"));
-            }
-            Op::Release {
-                holder: gateway.into(),
-                pin_ids,
-            }
-        }
-        Request::Renew { pin_ids, lease_secs } => {
-            if pin_ids.len() > MAX_RESERVE {
-                return Err(format!("pin_ids: at most {MAX_RESERVE}"));
-            }
-            Op::Renew {
-                holder: gateway.into(),
-                pin_ids,
-                lease_until: lease_until(shared, lease_secs)?,
-            }
-        }
-        Request::Reverse {
-            terminal_id,
-            stan,
-            transmission,
-            content,
-        } => Op::Reverse {
-            sale: sale(
-                gateway,
-                Terminal {
-                    terminal_id,
-                    merchant_id: content.as_ref().map_or("-", |c| &c.merchant_id).into(),
-                    stan,
-                    transmission,
-                    rrn: String::new(),
-                },
-            )?,
-            content,
-        },
-        Request::ReversePin { pin_id } => Op::ReversePin {
-            gateway: gateway.into(),
-            pin_id,
-        },
-        Request::Stock => Op::Stock,
-        Request::Held => Op::Held { holder: gateway.into() },
-    }))
 }
 
 #[cfg(test)]

@@ -1,0 +1,732 @@
+//! The controller: the rules of the PIN sale contract (`protocols/pin-sale-messages.md`) for sales, repeats and
+//! reversals, without I/O, in the manner of the dial-up link's core (`crate::link::dialup`). What the gateway knows
+//! goes in: the request, the terminal registry, the PIN server's catalog, what the repeat window holds, and the time
+//! (the monotonic instant for the window, the wall-clock second of receipt for field 7). What to do comes out: answer
+//! at once with a code, wait for the key's sale, sell a new one from the cache or from the PIN server, reverse a sale
+//! remembered here or ask the server. `transaction.rs` carries it out (the journal, the PIN server, the waiting) and
+//! builds the answers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::config::TerminalRegistry;
+use super::journal;
+use super::upstream::{Catalog, UpstreamError};
+use super::window::{Begin, Content, Entry, Outcome, Recent};
+use crate::psp::{ErrorCode, Response};
+use crate::sale::{ResponseCode, ReversalRequest, SaleKey, SaleRequest};
+
+/// A request answered at once with `code`: nothing is journaled, nothing asked of the PIN server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Decline {
+    pub(super) code: ResponseCode,
+    /// Counted as a repeat: the key is known here with other content (`94`).
+    pub(super) repeat: bool,
+}
+
+/// What to do with a sale (0200) or a repeat (0201) once the window has seen it.
+#[derive(Debug)]
+pub(super) enum SaleStep {
+    Decline(Decline),
+    /// The key's sale is in progress or done here (a duplicate or a repeat within the window, or a late repeat of a
+    /// sale whose confirm or reversal is still queued): its outcome answers this request, waited for until the
+    /// deadline. Counted as a repeat.
+    Wait(Arc<Entry>),
+    /// A new sale, begun in the window as `entry`: a PIN from `source`.
+    Sell {
+        entry: Arc<Entry>,
+        source: Source,
+    },
+}
+
+/// Where a new sale's PIN comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Source {
+    /// The prefetch cache, when the product has one (for another product, or an empty cache, the PIN server).
+    Cache,
+    /// The PIN server: a repeat (0201) of a sale this gateway does not remember.
+    ServerRepeat,
+    /// The PIN server: a key that may have been sold before ([`cache_may_sell`]).
+    ServerUnsureKey,
+}
+
+/// The checks of a sale before the window begins it: the terminal may buy this product for this merchant, the key is
+/// not known here with other content, and the catalog (when one was received) has the product, currency and amount.
+/// `known`: what the window holds for the key.
+pub(super) fn screen_sale(
+    s: &SaleRequest,
+    content: &Content,
+    registry: &TerminalRegistry,
+    known: Option<&Entry>,
+    catalog: Option<&Catalog>,
+) -> Result<(), Decline> {
+    let decline = |code| Err(Decline { code, repeat: false });
+    if !registry.permits(&s.key.terminal_id, Some(&s.merchant_id), Some(&s.product)) {
+        return decline(ResponseCode::NotPermitted);
+    }
+    // Same key, other content: 94, whatever else is wrong with the content.
+    if known.is_some_and(|e| !e.matches(content)) {
+        return Err(Decline {
+            code: ResponseCode::DuplicateMismatch,
+            repeat: true,
+        });
+    }
+    if let Some(code) = check_catalog(catalog, s) {
+        return decline(code);
+    }
+    Ok(())
+}
+
+/// Begins a sale that passed [`screen_sale`] in the window, at `now` (received at `received_unix`, seconds since the
+/// epoch): the key's sale if the window has one, else a new sale and where its PIN comes from.
+pub(super) fn begin_sale(
+    window: &mut Recent,
+    s: &SaleRequest,
+    content: &Content,
+    now: Instant,
+    received_unix: i64,
+    clock_skew: Duration,
+) -> SaleStep {
+    match window.begin(&s.key, content.clone(), now, received_unix) {
+        // Begun by another request since the screening, with other content.
+        Begin::Existing(e) if !e.matches(content) => SaleStep::Decline(Decline {
+            code: ResponseCode::DuplicateMismatch,
+            repeat: true,
+        }),
+        Begin::Existing(e) => SaleStep::Wait(e),
+        Begin::New(entry) => {
+            // A repeat (0201) of a sale this gateway no longer remembers goes to the server, which knows every key it
+            // sold or had confirmed: the original PIN comes back, never a second one; so does a key that may have
+            // been sold before. The horizon is read after the window began this sale (which may have moved it).
+            let source = if s.repeat {
+                Source::ServerRepeat
+            } else if cache_may_sell(&s.key, received_unix, window.horizon, clock_skew) {
+                Source::Cache
+            } else {
+                Source::ServerUnsureKey
+            };
+            SaleStep::Sell { entry, source }
+        }
+    }
+}
+
+/// Whether a sale with this key may be served from the cache (see `clock_skew_secs` in the example
+/// configuration). Every earlier cache sale had its field 7 no later than its receipt plus the skew; so a key
+/// whose time is past `horizon` (the second after which every sale begun here is still remembered: sales of that
+/// very second may be forgotten) plus the skew was never sold from the cache before unless it is remembered, and a
+/// remembered key never gets here. Any other key
+/// may have been sold (before a restart, or beyond the window): it goes to the PIN server, which knows every key.
+pub(super) fn cache_may_sell(key: &SaleKey, received_unix: i64, horizon: i64, clock_skew: Duration) -> bool {
+    let skew = clock_skew.as_secs() as i64;
+    key.transmitted_at()
+        .is_some_and(|t| t <= received_unix + skew && t > horizon + skew)
+}
+
+/// Product, amount and currency against the server's catalog (when one was received).
+pub(super) fn check_catalog(catalog: Option<&Catalog>, s: &SaleRequest) -> Option<ResponseCode> {
+    let catalog = catalog?;
+    let Some(p) = catalog.1.iter().find(|p| p.code == s.product) else {
+        return Some(ResponseCode::UnknownProduct);
+    };
+    if p.currency != s.currency || !p.denominations.contains(&(s.amount as i64)) {
+        return Some(ResponseCode::InvalidAmount);
+    }
+    None
+}
+
+/// What to do with a reversal (0400, 0420 and their repeats).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ReversalStep {
+    /// Answered at once, nothing reversed: a terminal not permitted, or (`mismatch`, counted) a reversal naming
+    /// another product, amount, currency or merchant than the sale remembered here (`13`).
+    Refuse { code: ResponseCode, mismatch: bool },
+    /// The sale is in progress or approved here, with the content named: journaled, queued for the PIN server, and
+    /// approved.
+    Reverse,
+    /// The window has no sale of the key, or one that was declined here: journaled, then the PIN server is asked.
+    AskServer,
+}
+
+/// A reversal naming `named`, given what the window holds for the key (`known`).
+pub(super) fn decide_reversal(
+    r: &ReversalRequest,
+    named: &Content,
+    registry: &TerminalRegistry,
+    known: Option<&Entry>,
+) -> ReversalStep {
+    if !registry.permits(&r.sale.terminal_id, Some(&r.merchant_id), Some(&r.product)) {
+        return ReversalStep::Refuse {
+            code: ResponseCode::NotPermitted,
+            mismatch: false,
+        };
+    }
+    // What a sale in progress or approved here bought; a request that was declined here (the server out of
+    // reach, a mismatch) says nothing of the key's sale: the server is asked.
+    let known_content = known
+        .filter(|e| matches!(e.outcome.borrow().as_deref(), None | Some(Outcome::Approved { .. })))
+        .and_then(|e| e.content.as_ref());
+    match known_content {
+        Some(c) if c != named => ReversalStep::Refuse {
+            code: ResponseCode::InvalidAmount,
+            mismatch: true,
+        },
+        Some(_) => ReversalStep::Reverse,
+        // A sale this gateway does not remember (made before its start or beyond its window, or through another
+        // gateway): the PIN server, which knows every sale, is asked now, so that a reversal naming another
+        // product, amount, currency or merchant than its sale gets 13 and reverses nothing.
+        None => ReversalStep::AskServer,
+    }
+}
+
+/// What the PIN server's answer to a reversal asked of it at once ([`ReversalStep::AskServer`]) comes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ServerReversal {
+    /// Reversed: approved, and a late sale with the key is refused here (`12`) as the server would, never sold from
+    /// the cache.
+    Reversed,
+    /// It named another sale's content: `13`, nothing reversed.
+    Mismatch,
+    /// Not answered in time, or refused otherwise: store-and-forward, as for a sale remembered here.
+    Forward,
+}
+
+pub(super) fn server_reversal(answer: &Result<Response, UpstreamError>) -> ServerReversal {
+    match answer {
+        Ok(Response::Reversed { .. }) => ServerReversal::Reversed,
+        Err(UpstreamError::Server(w)) if w.code == ErrorCode::ReversalMismatch => ServerReversal::Mismatch,
+        _ => ServerReversal::Forward,
+    }
+}
+
+/// A network message (sign-on, echo, sign-off): approved for a terminal of the registry (and of its merchant, when
+/// the message names one).
+pub(super) fn network_answer(registry: &TerminalRegistry, terminal: &str, merchant: Option<&str>) -> ResponseCode {
+    if registry.permits(terminal, merchant, None) {
+        ResponseCode::Approved
+    } else {
+        ResponseCode::NotPermitted
+    }
+}
+
+/// The retrieval reference of a declined request: `9` and 11 digits derived from its key (the same for its repeats),
+/// never an approved sale's ([`rrn_of_pin`](crate::sale::rrn_of_pin)).
+pub fn rrn_of(key: &SaleKey) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [&key.terminal_id, &key.stan, &key.transmission] {
+        ctx.update(&(part.len() as u32).to_be_bytes());
+        ctx.update(part.as_bytes());
+    }
+    let d = ctx.finish();
+    let n = u64::from_be_bytes(d.as_ref()[..8].try_into().expect("8 bytes"));
+    format!("9{:011}", n % 100_000_000_000)
+}
+
+/// The response code a PIN server error means to a terminal (the one place this is decided).
+pub fn code_for(e: &UpstreamError) -> ResponseCode {
+    match e {
+        UpstreamError::Unavailable | UpstreamError::Timeout => ResponseCode::ServerUnavailable,
+        UpstreamError::Server(w) => match w.code {
+            ErrorCode::OutOfStock => ResponseCode::OutOfStock,
+            ErrorCode::UnknownProduct => ResponseCode::UnknownProduct,
+            ErrorCode::UnknownDenomination => ResponseCode::InvalidAmount,
+            ErrorCode::DuplicateMismatch => ResponseCode::DuplicateMismatch,
+            ErrorCode::AlreadyReversed => ResponseCode::InvalidTransaction,
+            // A repeat older than the repeat age re-delivers nothing: `12`, as for a reversed sale.
+            ErrorCode::RepeatExpired => ResponseCode::InvalidTransaction,
+            ErrorCode::ReversalMismatch => ResponseCode::InvalidAmount,
+            ErrorCode::Busy => ResponseCode::ServerUnavailable,
+            ErrorCode::NotHolder | ErrorCode::BadRequest | ErrorCode::Internal => ResponseCode::SystemError,
+        },
+    }
+}
+
+/// The response code for a sale the journal did not take: late (a stalled disk) is "try again", failed is a
+/// system error. Beside [`code_for`]: the two places the terminal's code is decided.
+pub(super) fn code_for_journal(e: &journal::JournalError) -> ResponseCode {
+    match e {
+        journal::JournalError::Late => ResponseCode::ServerUnavailable,
+        _ => ResponseCode::SystemError,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::psp::{CatalogEntry, WireError};
+    use crate::sale::rrn_of_pin;
+
+    /// 2025-12-01 12:00:00 UTC: when the requests of these tests are received.
+    const NOW: i64 = 1_764_590_400;
+    const SKEW: Duration = Duration::from_secs(300);
+    const PRODUCT: &str = "TOPUP-EU-10";
+
+    fn key(stan: u32) -> SaleKey {
+        SaleKey {
+            terminal_id: "T1".into(),
+            stan: format!("{stan:06}"),
+            transmission: "1128120000".into(),
+        }
+    }
+
+    /// Field 7 bound to its year (`YYYYMMDDhhmmss`) for `unix`.
+    fn transmission(unix: i64) -> String {
+        let t = time::OffsetDateTime::from_unix_timestamp(unix).unwrap();
+        format!(
+            "{:04}{:02}{:02}{:02}{:02}{:02}",
+            t.year(),
+            t.month() as u8,
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        )
+    }
+
+    /// A 0200 (or with `repeat`, a 0201) of terminal T1 of merchant M1 whose field 7 says `transmitted`.
+    fn sale(stan: u32, transmitted: i64, repeat: bool) -> SaleRequest {
+        SaleRequest {
+            key: SaleKey {
+                terminal_id: "T1".into(),
+                stan: format!("{stan:06}"),
+                transmission: transmission(transmitted),
+            },
+            merchant_id: "M1".into(),
+            product: PRODUCT.into(),
+            amount: 1000,
+            currency: "978".into(),
+            repeat,
+        }
+    }
+
+    fn content_of(s: &SaleRequest) -> Content {
+        Content {
+            merchant: s.merchant_id.clone(),
+            product: s.product.clone(),
+            amount: s.amount,
+            currency: s.currency.clone(),
+        }
+    }
+
+    fn reversal_of(s: &SaleRequest) -> ReversalRequest {
+        ReversalRequest {
+            sale: s.key.clone(),
+            merchant_id: s.merchant_id.clone(),
+            product: s.product.clone(),
+            amount: s.amount,
+            currency: s.currency.clone(),
+            advice: false,
+        }
+    }
+
+    fn registry() -> TerminalRegistry {
+        let mut r = TerminalRegistry::default();
+        r.add("T1", "M1", Some(&[PRODUCT]));
+        r
+    }
+
+    fn catalog() -> Catalog {
+        let entry = CatalogEntry {
+            code: PRODUCT.into(),
+            name: "Top-up 10".into(),
+            supplier: "Telco".into(),
+            currency: "978".into(),
+            denominations: vec![1000, 2000],
+        };
+        ("v1".into(), vec![entry])
+    }
+
+    /// A window of 900 s, begun (the gateway started) at the wall-clock second `horizon`.
+    fn window(horizon: i64) -> Recent {
+        Recent::new(Duration::from_secs(900), 1000, horizon)
+    }
+
+    fn approved() -> Arc<Outcome> {
+        Arc::new(Outcome::Approved {
+            pin_id: 42,
+            receipt: crate::sale::PinReceipt {
+                pin: crate::sale::Pin::new("1234567890123456"),
+                serial: "S42".into(),
+                expiry: None,
+                lines: Vec::new(),
+            },
+        })
+    }
+
+    fn outcome_of(e: &Entry) -> Option<ResponseCode> {
+        match e.outcome.borrow().as_deref() {
+            None => None,
+            Some(Outcome::Approved { .. }) => Some(ResponseCode::Approved),
+            Some(Outcome::Declined(code)) => Some(*code),
+        }
+    }
+
+    #[test]
+    fn the_cache_sells_only_keys_past_the_horizon_and_not_ahead_of_the_clock() {
+        let horizon = NOW - 3600;
+        let may = |t: i64, skew: Duration| cache_may_sell(&sale(1, t, false).key, NOW, horizon, skew);
+        assert!(may(NOW, SKEW));
+        // Field 7 ahead of the gateway's clock: within the skew, still new; beyond it, maybe an old key of a
+        // terminal with a wrong clock.
+        assert!(may(NOW + 300, SKEW));
+        assert!(!may(NOW + 301, SKEW));
+        // At the horizon plus the skew, a cache sale before the horizon (field 7 up to the skew ahead) may have
+        // had it; one second later, none can.
+        assert!(!may(horizon + 300, SKEW));
+        assert!(may(horizon + 301, SKEW));
+        assert!(!may(NOW - 86_400, SKEW));
+        // Without skew, the horizon's own second is unsure (sales of that second may be forgotten).
+        assert!(!may(horizon, Duration::ZERO));
+        assert!(may(horizon + 1, Duration::ZERO));
+        assert!(!may(NOW + 1, Duration::ZERO));
+        // A transmission time that is not a date-time of a year is never the cache's.
+        assert!(!cache_may_sell(&key(1), NOW, horizon, SKEW));
+    }
+
+    #[test]
+    fn a_new_sale_goes_to_the_cache_only_when_its_key_cannot_have_been_sold() {
+        let mut w = window(NOW - 3600);
+        let t = Instant::now();
+        let fresh = sale(1, NOW, false);
+        let step = begin_sale(&mut w, &fresh, &content_of(&fresh), t, NOW, SKEW);
+        assert!(
+            matches!(
+                step,
+                SaleStep::Sell {
+                    source: Source::Cache,
+                    ..
+                }
+            ),
+            "{step:?}"
+        );
+        // A key from before the gateway started (plus the skew), or too far ahead: the PIN server decides.
+        for transmitted in [NOW - 3600 + 300, NOW - 2 * 86_400, NOW + 301] {
+            let s = sale(2, transmitted, false);
+            let step = begin_sale(&mut w, &s, &content_of(&s), t, NOW, SKEW);
+            assert!(
+                matches!(
+                    step,
+                    SaleStep::Sell {
+                        source: Source::ServerUnsureKey,
+                        ..
+                    }
+                ),
+                "{transmitted}: {step:?}"
+            );
+            w.forget(&s.key, &w.get(&s.key).unwrap());
+        }
+    }
+
+    #[test]
+    fn a_repeat_of_a_key_not_remembered_goes_to_the_server() {
+        let mut w = window(NOW - 3600);
+        // Even a key the cache could sell: a 0201 names a sale that may have been made, and the server knows it.
+        let s = sale(1, NOW, true);
+        assert!(cache_may_sell(&s.key, NOW, NOW - 3600, SKEW));
+        let step = begin_sale(&mut w, &s, &content_of(&s), Instant::now(), NOW, SKEW);
+        assert!(
+            matches!(
+                step,
+                SaleStep::Sell {
+                    source: Source::ServerRepeat,
+                    ..
+                }
+            ),
+            "{step:?}"
+        );
+    }
+
+    #[test]
+    fn the_horizon_is_read_after_the_window_forgets_what_it_must() {
+        let mut w = window(NOW - 3600);
+        let t0 = Instant::now();
+        let first = sale(1, NOW, false);
+        let SaleStep::Sell { entry, .. } = begin_sale(&mut w, &first, &content_of(&first), t0, NOW, Duration::ZERO)
+        else {
+            panic!("a new sale")
+        };
+        entry.settle(approved());
+        // 901 s later the first sale leaves the window: another key of its second may have been sold with it
+        // forgotten, so it is not the cache's; a key of the next second is.
+        let later = t0 + Duration::from_secs(901);
+        let same_second = sale(2, NOW, false);
+        let step = begin_sale(
+            &mut w,
+            &same_second,
+            &content_of(&same_second),
+            later,
+            NOW + 901,
+            Duration::ZERO,
+        );
+        assert!(
+            matches!(
+                step,
+                SaleStep::Sell {
+                    source: Source::ServerUnsureKey,
+                    ..
+                }
+            ),
+            "{step:?}"
+        );
+        assert_eq!(w.horizon, NOW);
+        assert!(w.get(&first.key).is_none());
+        let next_second = sale(3, NOW + 1, false);
+        let step = begin_sale(
+            &mut w,
+            &next_second,
+            &content_of(&next_second),
+            later,
+            NOW + 901,
+            Duration::ZERO,
+        );
+        assert!(
+            matches!(
+                step,
+                SaleStep::Sell {
+                    source: Source::Cache,
+                    ..
+                }
+            ),
+            "{step:?}"
+        );
+    }
+
+    #[test]
+    fn same_key_other_content_is_94_whatever_else_is_wrong_with_it() {
+        let (reg, cat) = (registry(), catalog());
+        let mut w = window(NOW - 3600);
+        let s = sale(1, NOW, false);
+        let step = begin_sale(&mut w, &s, &content_of(&s), Instant::now(), NOW, SKEW);
+        assert!(matches!(step, SaleStep::Sell { .. }));
+        // The same key for another amount, one the catalog does not even have.
+        let mut other = s.clone();
+        other.amount = 1500;
+        let known = w.get(&other.key);
+        let screened = screen_sale(&other, &content_of(&other), &reg, known.as_deref(), Some(&cat));
+        let dup = Decline {
+            code: ResponseCode::DuplicateMismatch,
+            repeat: true,
+        };
+        assert_eq!(screened, Err(dup));
+        // The same content passes the screening (and then waits for the sale).
+        let known = w.get(&s.key);
+        assert_eq!(
+            screen_sale(&s, &content_of(&s), &reg, known.as_deref(), Some(&cat)),
+            Ok(())
+        );
+        // Begun by another request after the screening, with other content: 94 too.
+        let step = begin_sale(&mut w, &other, &content_of(&other), Instant::now(), NOW, SKEW);
+        assert!(matches!(step, SaleStep::Decline(d) if d == dup), "{step:?}");
+        // A terminal not permitted is told so before anything about the key.
+        let mut stranger = other.clone();
+        stranger.merchant_id = "M2".into();
+        let known = w.get(&stranger.key);
+        assert_eq!(
+            screen_sale(&stranger, &content_of(&stranger), &reg, known.as_deref(), Some(&cat)),
+            Err(Decline {
+                code: ResponseCode::NotPermitted,
+                repeat: false
+            })
+        );
+    }
+
+    #[test]
+    fn a_duplicate_waits_for_its_sale_and_a_repeat_of_a_reversed_sale_gets_12() {
+        let mut w = window(NOW - 3600);
+        let t = Instant::now();
+        let s = sale(1, NOW, false);
+        let SaleStep::Sell { entry, .. } = begin_sale(&mut w, &s, &content_of(&s), t, NOW, SKEW) else {
+            panic!("a new sale")
+        };
+        // A duplicate 0200 while the sale is in progress waits for it.
+        let SaleStep::Wait(e) = begin_sale(&mut w, &s, &content_of(&s), t, NOW, SKEW) else {
+            panic!("waits")
+        };
+        assert!(Arc::ptr_eq(&e, &entry));
+        assert_eq!(outcome_of(&e), None);
+        entry.settle(approved());
+        // The terminal reverses the sale: its entry is overruled (the reversal's own step), and a 0201 afterwards
+        // gets the entry's answer, 12, never the PIN.
+        let rev = reversal_of(&s);
+        let known = w.get(&s.key);
+        assert_eq!(
+            decide_reversal(&rev, &content_of(&s), &registry(), known.as_deref()),
+            ReversalStep::Reverse
+        );
+        entry.overrule(ResponseCode::InvalidTransaction);
+        let mut repeat = s.clone();
+        repeat.repeat = true;
+        let SaleStep::Wait(e) = begin_sale(&mut w, &repeat, &content_of(&repeat), t, NOW + 5, SKEW) else {
+            panic!("the repeat is answered from the window")
+        };
+        assert_eq!(outcome_of(&e), Some(ResponseCode::InvalidTransaction));
+        // A sale the server reversed before this gateway saw it: a late 0200 with its key, whatever it buys, gets
+        // 12 from the window.
+        let late = sale(7, NOW, false);
+        w.remember_reversed(&late.key, t, NOW);
+        let mut other = late.clone();
+        other.amount = 2000;
+        let known = w.get(&other.key);
+        assert_eq!(
+            screen_sale(&other, &content_of(&other), &registry(), known.as_deref(), None),
+            Ok(())
+        );
+        let SaleStep::Wait(e) = begin_sale(&mut w, &other, &content_of(&other), t, NOW, SKEW) else {
+            panic!("the late sale is answered from the window")
+        };
+        assert_eq!(outcome_of(&e), Some(ResponseCode::InvalidTransaction));
+    }
+
+    #[test]
+    fn the_catalog_checks_product_currency_and_amount() {
+        let cat = catalog();
+        let s = sale(1, NOW, false);
+        assert_eq!(check_catalog(Some(&cat), &s), None);
+        // No catalog received yet: the PIN server judges.
+        assert_eq!(check_catalog(None, &s), None);
+        let mut unknown = s.clone();
+        unknown.product = "GIFT-25".into();
+        assert_eq!(check_catalog(Some(&cat), &unknown), Some(ResponseCode::UnknownProduct));
+        let mut currency = s.clone();
+        currency.currency = "840".into();
+        assert_eq!(check_catalog(Some(&cat), &currency), Some(ResponseCode::InvalidAmount));
+        let mut amount = s.clone();
+        amount.amount = 1500;
+        assert_eq!(check_catalog(Some(&cat), &amount), Some(ResponseCode::InvalidAmount));
+        // Through the screening, after the registry: a terminal allowed every product still meets the catalog.
+        let mut reg = TerminalRegistry::default();
+        reg.add("T1", "M1", None);
+        assert_eq!(
+            screen_sale(&unknown, &content_of(&unknown), &reg, None, Some(&cat)),
+            Err(Decline {
+                code: ResponseCode::UnknownProduct,
+                repeat: false
+            })
+        );
+        assert_eq!(
+            screen_sale(&unknown, &content_of(&unknown), &registry(), None, Some(&cat)),
+            Err(Decline {
+                code: ResponseCode::NotPermitted,
+                repeat: false
+            })
+        );
+    }
+
+    #[test]
+    fn a_reversal_is_done_here_only_for_a_sale_in_progress_or_approved_here() {
+        let reg = registry();
+        let mut w = window(NOW - 3600);
+        let s = sale(1, NOW, false);
+        let rev = reversal_of(&s);
+        // Never seen here: the PIN server is asked.
+        assert_eq!(
+            decide_reversal(&rev, &content_of(&s), &reg, None),
+            ReversalStep::AskServer
+        );
+        let SaleStep::Sell { entry, .. } = begin_sale(&mut w, &s, &content_of(&s), Instant::now(), NOW, SKEW) else {
+            panic!("a new sale")
+        };
+        // In progress, then approved: reversed here; naming another amount: 13, counted.
+        let mut other = content_of(&s);
+        other.amount = 2000;
+        let mismatch = ReversalStep::Refuse {
+            code: ResponseCode::InvalidAmount,
+            mismatch: true,
+        };
+        for _ in 0..2 {
+            assert_eq!(
+                decide_reversal(&rev, &content_of(&s), &reg, Some(&entry)),
+                ReversalStep::Reverse
+            );
+            assert_eq!(decide_reversal(&rev, &other, &reg, Some(&entry)), mismatch);
+            entry.settle(approved());
+        }
+        // Declined here (the server out of reach): that says nothing of the key's sale; the server is asked.
+        let declined = Entry::new(
+            Some(content_of(&s)),
+            Some(Outcome::Declined(ResponseCode::ServerUnavailable)),
+        );
+        assert_eq!(
+            decide_reversal(&rev, &other, &reg, Some(&declined)),
+            ReversalStep::AskServer
+        );
+        // A terminal not permitted is refused before anything is looked at.
+        let mut stranger = rev.clone();
+        stranger.sale.terminal_id = "T9".into();
+        assert_eq!(
+            decide_reversal(&stranger, &content_of(&s), &reg, Some(&entry)),
+            ReversalStep::Refuse {
+                code: ResponseCode::NotPermitted,
+                mismatch: false
+            }
+        );
+    }
+
+    #[test]
+    fn what_the_servers_answer_to_a_reversal_comes_to() {
+        let refused = |code| {
+            Err(UpstreamError::Server(WireError {
+                code,
+                message: String::new(),
+            }))
+        };
+        let reversed = Ok(Response::Reversed {
+            outcome: crate::psp::ReverseOutcome::Remembered,
+            pin_id: None,
+        });
+        assert_eq!(server_reversal(&reversed), ServerReversal::Reversed);
+        assert_eq!(
+            server_reversal(&refused(ErrorCode::ReversalMismatch)),
+            ServerReversal::Mismatch
+        );
+        for other in [
+            refused(ErrorCode::Busy),
+            refused(ErrorCode::Internal),
+            Err(UpstreamError::Timeout),
+            Err(UpstreamError::Unavailable),
+            Ok(Response::Released { refused: Vec::new() }),
+        ] {
+            assert_eq!(server_reversal(&other), ServerReversal::Forward, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn network_messages_are_approved_for_known_terminals() {
+        let reg = registry();
+        assert_eq!(network_answer(&reg, "T1", None), ResponseCode::Approved);
+        assert_eq!(network_answer(&reg, "T1", Some("M1")), ResponseCode::Approved);
+        assert_eq!(network_answer(&reg, "T1", Some("M2")), ResponseCode::NotPermitted);
+        assert_eq!(network_answer(&reg, "T9", None), ResponseCode::NotPermitted);
+    }
+
+    #[test]
+    fn server_errors_and_journal_failures_have_one_code_each() {
+        let server = |code| {
+            code_for(&UpstreamError::Server(WireError {
+                code,
+                message: String::new(),
+            }))
+        };
+        assert_eq!(code_for(&UpstreamError::Timeout), ResponseCode::ServerUnavailable);
+        assert_eq!(server(ErrorCode::OutOfStock), ResponseCode::OutOfStock);
+        assert_eq!(server(ErrorCode::DuplicateMismatch), ResponseCode::DuplicateMismatch);
+        assert_eq!(server(ErrorCode::RepeatExpired), ResponseCode::InvalidTransaction);
+        assert_eq!(server(ErrorCode::NotHolder), ResponseCode::SystemError);
+        assert_eq!(
+            code_for_journal(&journal::JournalError::Late),
+            ResponseCode::ServerUnavailable
+        );
+    }
+
+    #[test]
+    fn rrn_is_twelve_digits_and_stable_per_key() {
+        assert_eq!(rrn_of(&key(1)), rrn_of(&key(1)));
+        assert_ne!(rrn_of(&key(1)), rrn_of(&key(2)));
+        assert_eq!(rrn_of(&key(1)).len(), 12);
+        assert!(rrn_of(&key(1)).bytes().all(|c| c.is_ascii_digit()));
+        // A decline's never meets an approval's: the PIN's id.
+        assert!(rrn_of(&key(1)).starts_with('9'));
+        assert_eq!(rrn_of_pin(42), "000000000042");
+    }
+}

@@ -1,0 +1,393 @@
+//! Each terminal request carried out: sales (from the cache or on demand), repeats and reversals, with what they
+//! write to the journal and ask of the PIN server, and the answers built for the terminal.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::cache::Take;
+use super::controller::{
+    self, code_for, code_for_journal, rrn_of, Decline, ReversalStep, SaleStep, ServerReversal, Source,
+};
+use super::forward::Job;
+use super::journal::{KeyRecord, Record, SaleRecord};
+use super::upstream::UpstreamError;
+use super::window::{Content, Outcome};
+use super::{Gateway, Reply};
+use crate::iso8583::Message;
+use crate::logging::limited;
+use crate::psp::{Request, Response};
+use crate::sale::SaleContent;
+use crate::sale::{
+    answer, rrn_of_pin, sale_answer, PinReceipt, ResponseCode, ReversalRequest, SaleKey, SaleRequest, TerminalRequest,
+};
+
+impl Gateway {
+    pub(super) async fn handle_request(&self, msg: &Message, received: Instant, received_unix: i64) -> Reply {
+        let deadline = received + self.cfg.response_deadline;
+        match TerminalRequest::parse(msg, received_unix) {
+            Err(refusal) => {
+                limited!(debug, "request refused", code = refusal.code.code(), reason = %refusal.reason);
+                Reply::plain(answer(msg, refusal.code))
+            }
+            Ok(TerminalRequest::Network(_)) => {
+                let terminal = msg.terminal_id().unwrap_or_default();
+                let code = controller::network_answer(&self.registry(), terminal, msg.merchant_id());
+                if code != ResponseCode::Approved {
+                    limited!(info, "network request from an unknown terminal", terminal);
+                }
+                Reply::plain(answer(msg, code))
+            }
+            Ok(TerminalRequest::Sale(s)) => self.sale(msg, s, deadline, received_unix).await,
+            Ok(TerminalRequest::Reversal(r)) => Reply::plain(self.reversal(msg, r, deadline).await),
+        }
+    }
+
+    fn declined(&self, msg: &Message, key: &SaleKey, code: ResponseCode) -> Reply {
+        self.stats.declined.fetch_add(1, Ordering::Relaxed);
+        let m = sale_answer(msg, &rrn_of(key), Err(code)).unwrap_or_else(|_| answer(msg, code));
+        Reply::plain(m)
+    }
+
+    async fn reply_of(&self, msg: &Message, key: &SaleKey, outcome: &Outcome) -> Reply {
+        match outcome {
+            Outcome::Approved { pin_id, receipt } => {
+                let auth = format!("{:06}", pin_id % 1_000_000);
+                match sale_answer(msg, &rrn_of_pin(*pin_id), Ok((&auth, receipt))) {
+                    Ok(m) => Reply {
+                        message: m,
+                        reverse_if_undelivered: Some(key.clone()),
+                    },
+                    Err(e) => {
+                        // A receipt too long for field 63: the PIN cannot reach the terminal.
+                        limited!(error, "receipt does not fit field 63; the sale is reversed", pin_id, error = %e);
+                        self.undelivered(key).await;
+                        self.declined(msg, key, ResponseCode::SystemError)
+                    }
+                }
+            }
+            Outcome::Declined(code) => self.declined(msg, key, *code),
+        }
+    }
+
+    async fn sale(&self, msg: &Message, s: SaleRequest, deadline: Instant, received_unix: i64) -> Reply {
+        let key = s.key.clone();
+        let content = Content {
+            merchant: s.merchant_id.clone(),
+            product: s.product.clone(),
+            amount: s.amount,
+            currency: s.currency.clone(),
+        };
+        let known = self.recent.lock().expect("not poisoned").get(&key);
+        let screened = controller::screen_sale(
+            &s,
+            &content,
+            &self.registry(),
+            known.as_deref(),
+            self.upstream.catalog().as_deref(),
+        );
+        let step = match screened {
+            Err(d) => SaleStep::Decline(d),
+            Ok(()) => {
+                let mut recent = self.recent.lock().expect("not poisoned");
+                controller::begin_sale(
+                    &mut recent,
+                    &s,
+                    &content,
+                    Instant::now(),
+                    received_unix,
+                    self.cfg.clock_skew,
+                )
+            }
+        };
+        let (entry, source) = match step {
+            SaleStep::Decline(Decline { code, repeat }) => {
+                if repeat {
+                    self.stats.repeats.fetch_add(1, Ordering::Relaxed);
+                }
+                return self.declined(msg, &key, code);
+            }
+            SaleStep::Wait(e) => {
+                self.stats.repeats.fetch_add(1, Ordering::Relaxed);
+                let mut rx = e.outcome.subscribe();
+                let waited = match tokio::time::timeout_at(deadline, rx.wait_for(|o| o.is_some())).await {
+                    Ok(Ok(o)) => o.clone(),
+                    _ => None,
+                };
+                return match waited {
+                    Some(o) => {
+                        if matches!(*o, Outcome::Approved { .. }) {
+                            self.stats.redeliveries.fetch_add(1, Ordering::Relaxed);
+                        }
+                        self.reply_of(msg, &key, &o).await
+                    }
+                    None => self.declined(msg, &key, ResponseCode::ServerUnavailable),
+                };
+            }
+            SaleStep::Sell { entry, source } => (entry, source),
+        };
+        if s.repeat {
+            self.stats.repeats.fetch_add(1, Ordering::Relaxed);
+        }
+        let outcome = Arc::new(self.sell(&s, deadline, source).await);
+        if matches!(*outcome, Outcome::Declined(ResponseCode::DuplicateMismatch)) {
+            // The key is another sale's (the server knows it with other content): this request's content must not
+            // stand for the key here, or that sale's own repeats and reversal would be refused as mismatches.
+            self.recent.lock().expect("not poisoned").forget(&key, &entry);
+        }
+        entry.settle(outcome.clone());
+        // A reversal that came meanwhile overruled the sale: the original request is answered as the sale now
+        // stands, never with a PIN being voided.
+        let outcome = entry.outcome.borrow().clone().unwrap_or(outcome);
+        self.reply_of(msg, &key, &outcome).await
+    }
+
+    fn sale_record(&self, s: &SaleRequest) -> SaleRecord {
+        SaleRecord {
+            terminal_id: s.key.terminal_id.clone(),
+            merchant_id: s.merchant_id.clone(),
+            stan: s.key.stan.clone(),
+            transmission: s.key.transmission.clone(),
+            // Assigned by the PIN sold ([`rrn_of_pin`]); the PIN server records that one.
+            rrn: String::new(),
+            product: s.product.clone(),
+            amount: s.amount as i64,
+            currency: s.currency.clone(),
+        }
+    }
+
+    /// One PIN for a new sale, from `source` (see [`controller::begin_sale`]): the cache, or the server.
+    async fn sell(&self, s: &SaleRequest, deadline: Instant, source: Source) -> Outcome {
+        let record = self.sale_record(s);
+        let amount = s.amount as i64;
+        let take = match source {
+            Source::ServerRepeat => Take::OnDemand,
+            Source::ServerUnsureKey => {
+                if self.cache.lock().expect("not poisoned").is_prefetch(&s.product, amount) {
+                    self.stats.unsure_keys.fetch_add(1, Ordering::Relaxed);
+                }
+                Take::OnDemand
+            }
+            Source::Cache => {
+                // A PIN is sold only with a minute of its lease left (the server keeps it ours till then).
+                let min_lease = crate::clock::unix_now() + 60;
+                self.cache
+                    .lock()
+                    .expect("not poisoned")
+                    .take(&s.product, amount, Instant::now(), min_lease)
+            }
+        };
+        match take {
+            Take::Hit(pin) => {
+                self.refill_wake.notify_one();
+                let pin_id = pin.pin.pin_id;
+                let sold = Record::CacheSold {
+                    pin_id,
+                    sale: record.clone(),
+                };
+                if let Err(e) = self.journal.append_by(vec![sold], deadline).await {
+                    // Not acknowledged in time, so not handed out; but the record may be (or get) on disk. The
+                    // PIN is confirmed and reversed at once (voided: accounted for, never sold twice), and the
+                    // reversal is journaled behind the sale record.
+                    limited!(error, "journal did not take a cache sale; the PIN is voided", error = %e, pin_id);
+                    let key = KeyRecord::from(&s.key);
+                    let content = Some(record.content());
+                    self.journal.append_lazy(vec![Record::Reverse {
+                        key: key.clone(),
+                        content: content.clone(),
+                    }]);
+                    self.enqueue(Job::Confirm { pin_id, sale: record });
+                    self.enqueue(Job::Reverse { key, content });
+                    return Outcome::Declined(code_for_journal(&e));
+                }
+                self.stats.sales_from_cache.fetch_add(1, Ordering::Relaxed);
+                let receipt = receipt_of(&pin.pin);
+                let outcome = Outcome::Approved { pin_id, receipt };
+                // Until the confirm is acknowledged only this gateway knows the sale: the queue holds its entry
+                // (see `enqueue`) so a repeat, however late, gets this PIN and never a second one.
+                self.enqueue(Job::Confirm { pin_id, sale: record });
+                outcome
+            }
+            Take::Miss | Take::OnDemand => {
+                if matches!(take, Take::Miss) {
+                    self.refill_wake.notify_one();
+                }
+                self.sell_on_demand(s, record, deadline).await
+            }
+        }
+    }
+
+    async fn sell_on_demand(&self, s: &SaleRequest, record: SaleRecord, deadline: Instant) -> Outcome {
+        let key = KeyRecord::from(&s.key);
+        if let Err(e) = self
+            .journal
+            .append_by(vec![Record::Asked { sale: record.clone() }], deadline)
+            .await
+        {
+            // Nothing was asked of the server (a late `asked` only causes a harmless remembered reversal).
+            limited!(error, "journal did not take an on-demand sale; refused", error = %e);
+            return Outcome::Declined(code_for_journal(&e));
+        }
+        // Leave time to journal the outcome and write the answer before the terminal's deadline.
+        let margin = (self.cfg.response_deadline / 20).min(Duration::from_millis(500));
+        let request = Request::Sell {
+            product: s.product.clone(),
+            amount: s.amount as i64,
+            terminal: record.terminal(),
+        };
+        match self.upstream.call(request, deadline - margin).await {
+            Ok(Response::Sold { pin }) => {
+                if let Err(e) = self
+                    .journal
+                    .append_by(vec![Record::Resolved { key: key.clone() }], deadline)
+                    .await
+                {
+                    limited!(error, "journal failed after a sale; the sale is reversed", error = %e);
+                    self.reverse_unanswered(key, record.content());
+                    return Outcome::Declined(ResponseCode::SystemError);
+                }
+                self.stats.sales_on_demand.fetch_add(1, Ordering::Relaxed);
+                Outcome::Approved {
+                    pin_id: pin.pin_id,
+                    receipt: receipt_of(&pin),
+                }
+            }
+            Ok(other) => {
+                limited!(error, "PIN server answered sell with something else", answer = ?other);
+                self.reverse_unanswered(key, record.content());
+                Outcome::Declined(ResponseCode::SystemError)
+            }
+            Err(e @ UpstreamError::Server(_)) => {
+                // The server refused (and no earlier attempt may have been done: the pool says so): nothing sold.
+                self.journal.append_lazy(vec![Record::Resolved { key }]);
+                Outcome::Declined(code_for(&e))
+            }
+            Err(e) => {
+                // Timed out or cut off: the server may have sold. Reverse (remembered if it had not).
+                limited!(warn, "sale not answered by the PIN server; reversing it", error = %e);
+                self.reverse_unanswered(key, record.content());
+                Outcome::Declined(code_for(&e))
+            }
+        }
+    }
+
+    /// The `asked` sale becomes a reversal: `reverse` is written before `resolved`, so a torn write can only keep
+    /// the reversal (and the `asked` record alone means a reversal at recovery too).
+    fn reverse_unanswered(&self, key: KeyRecord, content: SaleContent) {
+        let content = Some(content);
+        self.journal.append_lazy(vec![
+            Record::Reverse {
+                key: key.clone(),
+                content: content.clone(),
+            },
+            Record::Resolved { key: key.clone() },
+        ]);
+        self.enqueue(Job::Reverse { key, content });
+    }
+
+    /// An approved answer could not be written to the terminal: reverse the sale (the reversal is on disk before
+    /// this returns), and answer repeats with `91`.
+    pub async fn undelivered(&self, key: &SaleKey) {
+        self.stats.undelivered.fetch_add(1, Ordering::Relaxed);
+        limited!(warn, "answer not delivered; the sale is reversed", terminal = %key.terminal_id, stan = %key.stan);
+        let entry = self.recent.lock().expect("not poisoned").get(key);
+        if let Some(e) = &entry {
+            e.overrule(ResponseCode::ServerUnavailable);
+        }
+        let content = entry.and_then(|e| e.content.as_ref().map(Content::to_sale_content));
+        let key = KeyRecord::from(key);
+        let record = Record::Reverse {
+            key: key.clone(),
+            content: content.clone(),
+        };
+        if let Err(e) = self.journal.append(vec![record]).await {
+            limited!(error, "journal failed; the reversal of an undelivered sale is in memory only", error = %e);
+        }
+        self.enqueue(Job::Reverse { key, content });
+    }
+
+    async fn reversal(&self, msg: &Message, r: ReversalRequest, deadline: Instant) -> Message {
+        let named = Content {
+            merchant: r.merchant_id.clone(),
+            product: r.product.clone(),
+            amount: r.amount,
+            currency: r.currency.clone(),
+        };
+        let known = self.recent.lock().expect("not poisoned").get(&r.sale);
+        let step = controller::decide_reversal(&r, &named, &self.registry(), known.as_deref());
+        if let ReversalStep::Refuse { code, mismatch } = step {
+            if mismatch {
+                self.stats.reversal_mismatches.fetch_add(1, Ordering::Relaxed);
+            }
+            return answer(msg, code);
+        }
+        let key = KeyRecord::from(&r.sale);
+        let content = Some(named.to_sale_content());
+        let record = Record::Reverse {
+            key: key.clone(),
+            content: content.clone(),
+        };
+        if let Err(e) = self.journal.append_by(vec![record], deadline).await {
+            // The terminal is told to repeat it; the reversal is still sent (repeats are idempotent).
+            limited!(error, "journal did not record a reversal in time", error = %e);
+            self.enqueue(Job::Reverse { key, content });
+            return answer(msg, ResponseCode::ServerUnavailable);
+        }
+        if step == ReversalStep::AskServer {
+            let margin = (self.cfg.response_deadline / 20).min(Duration::from_millis(500));
+            let request = Request::Reverse {
+                terminal_id: key.terminal_id.clone(),
+                stan: key.stan.clone(),
+                transmission: key.transmission.clone(),
+                content: content.clone(),
+            };
+            match controller::server_reversal(&self.upstream.call(request, deadline - margin).await) {
+                ServerReversal::Reversed => {
+                    self.journal.append_lazy(vec![Record::Reversed { key: key.clone() }]);
+                    self.stats.reversals.fetch_add(1, Ordering::Relaxed);
+                    // A late sale with this key is refused here (12) as the server would, never sold from the cache.
+                    self.recent.lock().expect("not poisoned").remember_reversed(
+                        &r.sale,
+                        Instant::now(),
+                        crate::clock::unix_now(),
+                    );
+                    self.overrule_reversed(&r.sale);
+                    return answer(msg, ResponseCode::Approved);
+                }
+                ServerReversal::Mismatch => {
+                    self.journal.append_lazy(vec![Record::Reversed { key }]);
+                    self.stats.reversal_mismatches.fetch_add(1, Ordering::Relaxed);
+                    return answer(msg, ResponseCode::InvalidAmount);
+                }
+                // Not answered in time, or refused otherwise: store-and-forward, as before (remembered).
+                ServerReversal::Forward => {}
+            }
+        }
+        self.stats.reversals.fetch_add(1, Ordering::Relaxed);
+        self.enqueue(Job::Reverse { key, content });
+        self.overrule_reversed(&r.sale);
+        answer(msg, ResponseCode::Approved)
+    }
+
+    /// A terminal reversed `key`: whatever entry the sale has now (even one begun while the reversal was being
+    /// written) never hands out its PIN again; a `91` given for an undelivered answer stays.
+    fn overrule_reversed(&self, key: &SaleKey) {
+        if let Some(e) = self.recent.lock().expect("not poisoned").get(key) {
+            let approved_or_open = matches!(e.outcome.borrow().as_deref(), None | Some(Outcome::Approved { .. }));
+            if approved_or_open {
+                e.overrule(ResponseCode::InvalidTransaction);
+            }
+        }
+    }
+}
+
+pub(super) fn receipt_of(p: &crate::psp::PinOut) -> PinReceipt {
+    PinReceipt {
+        pin: p.pin.clone(),
+        serial: p.serial.clone(),
+        expiry: p.expiry.clone(),
+        lines: p.receipt.clone(),
+    }
+}
