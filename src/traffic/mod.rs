@@ -1,7 +1,7 @@
 //! The traffic tools: what talks to a gateway as terminals do, and what records, imports and replays that traffic.
-//! They are clients of the gateway, never part of it, with one exception: the gateway writes [`capture`] files.
-//! `capture` therefore depends on the protocol cores alone (`iso8583`, `link`, `sale`), and nothing the gateway
-//! reaches depends on the other tools (`tests/module_graph.rs` checks that no import cycle forms).
+//! They are clients of the gateway and depend on the protocol cores alone (`iso8583`, `link`, `sale`), never on the
+//! gateway or the PIN server: so the gateway can write [`capture`] files, the one tool it uses, without an import
+//! cycle (`tests/module_graph.rs` checks there is none).
 //!
 //! - [`sim`] — a simulated TCP terminal: the contract's requests, framed; the defaults the tools and the demo share
 //!   (dialect, framing, merchant).
