@@ -292,6 +292,16 @@ fn no_module_imports_one_that_imports_it_back() {
     );
 }
 
+/// The edges of some one-line files, each `(node, text)`, between `nodes`.
+fn read_all(nodes: &[&str], files: &[(&str, &str)]) -> Edges {
+    let nodes: BTreeSet<String> = nodes.iter().map(|n| n.to_string()).collect();
+    let mut edges = Edges::new();
+    for (node, text) in files {
+        edges_of(node, &format!("{node}.rs"), text, &nodes, &mut edges).unwrap();
+    }
+    edges
+}
+
 #[test]
 fn paths_use_trees_and_cycles_are_read_as_written() {
     let p = |s: &str| paths(s);
@@ -310,53 +320,20 @@ fn paths_use_trees_and_cycles_are_read_as_written() {
             &["iso8583"]
         ])
     );
-    let nodes: BTreeSet<String> = ["a", "b", "c", "traffic", "traffic::x", "traffic::y"]
-        .map(String::from)
-        .into();
-    let mut edges = Edges::new();
-    edges_of("a", "a.rs", "use crate::b::Thing;\n", &nodes, &mut edges).unwrap();
-    edges_of(
-        "b",
-        "b.rs",
-        "let x = crate::c::f(); // not crate::a\n",
+    let names = |c: &[&str]| -> Vec<String> { c.iter().map(|n| n.to_string()).collect() };
+    let nodes = ["a", "b", "c", "traffic", "traffic::x", "traffic::y"];
+    let mut edges = read_all(
         &nodes,
-        &mut edges,
-    )
-    .unwrap();
-    edges_of("b", "b.rs", "/// Called by [`crate::a`].\n", &nodes, &mut edges).unwrap();
-    edges_of(
-        "b",
-        "b.rs",
-        "let s = \"//\"; let q = '\"'; crate::a::f()\n",
-        &nodes,
-        &mut edges,
-    )
-    .unwrap();
-    edges_of(
-        "traffic::x",
-        "x.rs",
-        "use super::y::Z; $crate::a::m!()\n",
-        &nodes,
-        &mut edges,
-    )
-    .unwrap();
-    edges_of(
-        "traffic::x",
-        "x.rs",
-        "use super::*; super::Record::new()\n",
-        &nodes,
-        &mut edges,
-    )
-    .unwrap();
-    edges_of(
-        "traffic::y",
-        "y.rs",
-        "fn f() { my_crate::c::g() }\n",
-        &nodes,
-        &mut edges,
-    )
-    .unwrap();
-    assert!(edges_of("a", "a.rs", "crate::nowhere::f()", &nodes, &mut edges).is_err());
+        &[
+            ("a", "use crate::b::Thing;"),
+            ("b", "let x = crate::c::f(); // not crate::a"),
+            ("b", "/// Called by [`crate::a`]."),
+            ("b", "let s = \"//\"; let q = '\"'; crate::a::f()"),
+            ("traffic::x", "use super::y::Z; $crate::a::m!()"),
+            ("traffic::x", "use super::*; super::Record::new()"),
+            ("traffic::y", "fn f() { my_crate::c::g() }"),
+        ],
+    );
     let keys: Vec<(&str, &str)> = edges.keys().map(|(f, t)| (f.as_str(), t.as_str())).collect();
     assert_eq!(
         keys,
@@ -368,41 +345,27 @@ fn paths_use_trees_and_cycles_are_read_as_written() {
             ("traffic::x", "traffic::y")
         ]
     );
-    assert_eq!(cycles(&edges), vec![["a", "b", "a"].map(String::from).to_vec()]);
+    assert_eq!(cycles(&edges), vec![names(&["a", "b", "a"])]);
     edges.remove(&("b".to_string(), "a".to_string()));
     assert!(cycles(&edges).is_empty());
     // c -> traffic::x closes a -> b -> c -> traffic::x -> a.
-    edges_of("c", "c.rs", "use crate::traffic::x;\n", &nodes, &mut edges).unwrap();
-    assert_eq!(
-        cycles(&edges),
-        vec![["a", "b", "c", "traffic::x", "a"].map(String::from).to_vec()]
-    );
+    edges.extend(read_all(&nodes, &[("c", "use crate::traffic::x;")]));
+    assert_eq!(cycles(&edges), vec![names(&["a", "b", "c", "traffic::x", "a"])]);
+    let known: BTreeSet<String> = nodes.map(String::from).into();
+    assert!(edges_of("a", "a.rs", "crate::nowhere::f()", &known, &mut edges).is_err());
     // The gateway writing capture files and a tool using the gateway: no cycle between tools, one between the
     // top-level modules.
-    let mut edges = Edges::new();
-    let nodes: BTreeSet<String> = ["gateway", "traffic", "traffic::capture", "traffic::dialsim"]
-        .map(String::from)
-        .into();
-    edges_of(
-        "gateway",
-        "g.rs",
-        "use crate::traffic::capture::Capture;",
-        &nodes,
-        &mut edges,
-    )
-    .unwrap();
-    edges_of(
-        "traffic::dialsim",
-        "d.rs",
-        "use crate::gateway::serial::f;",
-        &nodes,
-        &mut edges,
-    )
-    .unwrap();
+    let edges = read_all(
+        &["gateway", "traffic", "traffic::capture", "traffic::dialsim"],
+        &[
+            ("gateway", "use crate::traffic::capture::Capture;"),
+            ("traffic::dialsim", "use crate::gateway::serial::f;"),
+        ],
+    );
     assert!(cycles(&edges).is_empty());
     assert_eq!(
         cycles(&top_level(&edges)),
-        vec![["gateway", "traffic", "gateway"].map(String::from).to_vec()]
+        vec![names(&["gateway", "traffic", "gateway"])]
     );
     assert_eq!(node_of(Path::new("traffic/sim.rs")).as_deref(), Some("traffic::sim"));
     assert_eq!(node_of(Path::new("traffic/mod.rs")).as_deref(), Some("traffic"));
