@@ -7,16 +7,17 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pingate::demo::{
-    sample_modes, sample_products, start_server, GatewayFiles, GatewayHandle, Inventory, DIALECT, FRAMING,
+use pingate::demo::rig::{
+    free_local_addr, past_this_second, sample_modes, sample_products, start_gateway, start_server, terminal_when_up,
+    GatewayFiles, GatewayProcess, Inventory,
 };
-use pingate::gateway::StartOptions;
 use pingate::iso8583::{Dialect, Dialects};
-use pingate::load::{echo_server, run, LoadReport, LoadSpec};
+use pingate::traffic::load::{echo_server, run, LoadReport, LoadSpec};
+use pingate::traffic::procfs::rss_kib;
+use pingate::traffic::sim::{DIALECT, FRAMING};
 use tokio::net::TcpListener;
 
 struct Args {
@@ -57,7 +58,7 @@ fn dialect() -> Arc<Dialect> {
 }
 
 /// The load's field 7 is now: a key far from the gateway's clock, or of the second it started in, goes to the PIN
-/// server (`clock_skew_secs`), so the gateway must have started in an earlier second ([`pingate::demo::past_this_second`]). Runs keep
+/// server (`clock_skew_secs`), so the gateway must have started in an earlier second ([`pingate::demo::rig::past_this_second`]). Runs keep
 /// their keys apart by their time.
 fn spec(addr: SocketAddr, a: &Args, product: &str, amount: u64) -> LoadSpec {
     LoadSpec {
@@ -69,13 +70,13 @@ fn spec(addr: SocketAddr, a: &Args, product: &str, amount: u64) -> LoadSpec {
         rate: None,
         duration: Duration::from_secs(a.seconds),
         terminal_prefix: "DEMO".into(),
-        merchant: pingate::demo::MERCHANT.into(),
-        mix: vec![pingate::load::MixItem {
+        merchant: pingate::traffic::sim::MERCHANT.into(),
+        mix: vec![pingate::traffic::load::MixItem {
             product: product.into(),
             amount,
             weight: 1,
         }],
-        transmission: pingate::sim::now_transmission(),
+        transmission: pingate::traffic::sim::now_transmission(),
         progress: None,
     }
 }
@@ -98,23 +99,11 @@ fn workdir(name: &str) -> PathBuf {
     d
 }
 
-async fn wait_cached(gw: &GatewayHandle, n: usize) {
-    for _ in 0..3000 {
-        if gw.gateway.stock().cache.iter().any(|l| l.cached >= n) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+/// Waits (30 s at most) until the cache holds `n` top-ups; says so when it did not.
+async fn wait_cached(gw: &pingate::demo::rig::GatewayHandle, n: usize) {
+    if !gw.cached_at_least("TOPUP-EU-10", n, Duration::from_secs(30)).await {
+        eprintln!("cache did not reach {n}: {:?}", gw.gateway.stock().cache);
     }
-    eprintln!("cache did not reach {n}: {:?}", gw.gateway.stock().cache);
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 fn main() {
@@ -141,23 +130,19 @@ fn main() {
             let pins = 120_000 * a.seconds as usize;
             let inv = Inventory::create(&workdir("load"), &["gw1"], &sample_products(pins)).unwrap();
             let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
-            let files = GatewayFiles::write(
+            let gw = start_gateway(
                 &inv,
                 "gw1",
                 &[server.addr],
-                "127.0.0.1:0".parse().unwrap(),
                 a.connections,
                 &sample_modes(50_000, 200_000),
                 ("", "max_in_flight = 64"),
             )
+            .await
             .unwrap();
-            let gw = GatewayHandle::start(&files.config, StartOptions::default())
-                .await
-                .unwrap();
-            gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await;
             if need("prefetch") {
                 wait_cached(&gw, 50_000).await;
-                pingate::demo::past_this_second().await;
+                past_this_second().await;
                 let r = run(spec(gw.addr, &a, "TOPUP-EU-10", 1000), d.clone()).await.unwrap();
                 let stock = gw.gateway.stock();
                 line("prefetch (journal fsync'd)", r);
@@ -179,23 +164,23 @@ fn main() {
             let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
             let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let proxy = l.local_addr().unwrap();
-            tokio::spawn(pingate::load::delay_proxy(l, server.addr, Duration::from_millis(50)));
-            let files = GatewayFiles::write(
+            tokio::spawn(pingate::traffic::load::delay_proxy(
+                l,
+                server.addr,
+                Duration::from_millis(50),
+            ));
+            let gw = start_gateway(
                 &inv,
                 "gw1",
                 &[proxy],
-                "127.0.0.1:0".parse().unwrap(),
                 a.connections,
                 &sample_modes(200, 5_000),
                 ("", ""),
             )
+            .await
             .unwrap();
-            let gw = GatewayHandle::start(&files.config, StartOptions::default())
-                .await
-                .unwrap();
-            gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await;
             wait_cached(&gw, 200).await;
-            pingate::demo::past_this_second().await;
+            past_this_second().await;
             let mut s = spec(gw.addr, &a, "TOPUP-EU-10", 1000);
             s.rate = Some(500.0);
             s.duration = Duration::from_secs(a.seconds.max(10));
@@ -211,19 +196,16 @@ fn main() {
             server.stop().await;
         }
         if need("idle") {
-            idle(&d).await;
+            idle().await;
         }
     });
 }
 
 /// 10,000 idle terminal connections to a gateway running as its own process: its resident memory before and after.
-async fn idle(d: &Arc<Dialect>) {
+async fn idle() {
     let inv = Inventory::create(&workdir("idle"), &["gw1"], &sample_products(100)).unwrap();
     let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let listen = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let listen = free_local_addr().unwrap();
     let files = GatewayFiles::write(
         &inv,
         "gw1",
@@ -235,30 +217,22 @@ async fn idle(d: &Arc<Dialect>) {
         ("", "max_per_source = 20000\nfirst_frame_timeout_ms = 600000"),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pingate"))
-        .args(["gateway", "--config"])
-        .arg(&files.config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let mut first = None;
-    for _ in 0..500 {
-        if let Ok(t) = pingate::sim::TerminalClient::connect(listen, FRAMING, None, d.clone()).await {
-            first = Some(t);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut t = first.expect("gateway up");
-    let id = pingate::sim::Identity {
+    let gateway = GatewayProcess::spawn(
+        std::path::Path::new(env!("CARGO_BIN_EXE_pingate")),
+        &files.config,
+        &inv.dir.join("gateway.log"),
+        &[],
+    )
+    .unwrap();
+    let pid = gateway.id();
+    let mut t = terminal_when_up(listen).await.expect("gateway up");
+    let id = pingate::traffic::sim::Identity {
         terminal_id: "DEMO0001".into(),
-        merchant_id: pingate::demo::MERCHANT.into(),
+        merchant_id: pingate::traffic::sim::MERCHANT.into(),
     };
     let _ = t.call(&id.network(1, "1128000005", "301")).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = rss_kib(pid);
+    let before = rss_kib(pid).unwrap_or(0);
     let mut conns = Vec::new();
     for _ in 0..10_000 {
         match tokio::net::TcpStream::connect(listen).await {
@@ -272,7 +246,7 @@ async fn idle(d: &Arc<Dialect>) {
     tokio::time::sleep(Duration::from_secs(1)).await;
     // Still served with all of them open.
     let ok = t.call(&id.network(2, "1128000005", "301")).await.is_ok();
-    let after = rss_kib(pid);
+    let after = rss_kib(pid).unwrap_or(0);
     println!(
         "idle connections: {} open; gateway RSS {:.1} MiB before, {:.1} MiB after ({:.1} KiB per connection); still answering: {ok}",
         conns.len(),
@@ -281,7 +255,6 @@ async fn idle(d: &Arc<Dialect>) {
         (after.saturating_sub(before)) as f64 / conns.len().max(1) as f64
     );
     drop(conns);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(gateway);
     server.stop().await;
 }

@@ -17,15 +17,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pingate::crypto::PinCipher;
+use pingate::demo::rig::{serve, Inventory};
 use pingate::psp::client::PspClient;
 use pingate::psp::{ConfirmItem, Request, Response, Terminal};
 use pingate::sale::Pin;
-use pingate::server::{run, ServerOptions};
+use pingate::server::ServerOptions;
 use pingate::store::handle::{DbUrl, StoreHandle, StoreOptions};
 use pingate::store::postgres::PgStore;
 use pingate::store::sqlite::SqliteStore;
 use pingate::store::{NewPin, Op, Outcome, Product, SaleContext, SellRequest};
-use pingate::tls::{certs_init, client_config, server_config, CertsInit, GatewayList};
+use pingate::traffic::procfs::CpuReading;
 
 struct Args {
     backends: Vec<String>,
@@ -243,9 +244,8 @@ fn report(backend: &str, op: &str, s: &Stats) {
 /// The SQLite store's own cost per PIN, without the server around it: the lower bound of what each sale costs the
 /// PIN server's one store thread.
 fn direct(dir: &std::path::Path, secs: u64, terminals: usize) {
-    let certs = certs_init(&dir.join("certs"), &CertsInit::default()).unwrap();
-    let keys = std::fs::read_to_string(certs.pin_keys()).unwrap();
-    let mut s = SqliteStore::open(&dir.join("pins.db"), PinCipher::from_spec(&keys).unwrap()).unwrap();
+    let inv = Inventory::create(dir, &[], &[]).unwrap();
+    let mut s = SqliteStore::open(&inv.db, PinCipher::from_spec(&inv.pin_keys).unwrap()).unwrap();
     s.upsert_product(&product()).unwrap();
     let stock = 400_000;
     s.import(&pins(stock)).unwrap();
@@ -261,7 +261,8 @@ fn direct(dir: &std::path::Path, secs: u64, terminals: usize) {
     println!("SQLite store alone, one thread, {secs} s per line ({stock} PINs, sales of {terminals} terminals)");
     let mut n = 0;
     for what in ["sell x64", "cache x256"] {
-        let (start, cpu, mut pins) = (Instant::now(), thread_cpu(), 0usize);
+        // This thread's CPU time (user + system, in clock ticks of 10 ms: enough over seconds).
+        let (start, cpu, mut pins) = (Instant::now(), CpuReading::of_this_thread().unwrap(), 0usize);
         while start.elapsed() < Duration::from_secs(secs) && pins + 512 < stock / 2 {
             if what == "sell x64" {
                 let ops: Vec<Op> = (0..64)
@@ -304,7 +305,10 @@ fn direct(dir: &std::path::Path, secs: u64, terminals: usize) {
                 pins += s.apply_batch(&ops).into_iter().filter(|r| r.is_ok()).count();
             }
         }
-        let (t, cpu) = (start.elapsed(), thread_cpu() - cpu);
+        let (t, cpu) = (
+            start.elapsed(),
+            cpu.until(&CpuReading::of_this_thread().unwrap()).unwrap(),
+        );
         println!(
             "direct    {what:<12} {:>9.0} PINs/s  {:>6.1} µs per PIN, of which CPU {:>5.1} µs (user+system)",
             pins as f64 / t.as_secs_f64(),
@@ -312,18 +316,6 @@ fn direct(dir: &std::path::Path, secs: u64, terminals: usize) {
             cpu.as_secs_f64() * 1e6 / pins as f64
         );
     }
-}
-
-/// This thread's CPU time so far (user + system, from /proc; clock ticks of 10 ms, enough over seconds).
-fn thread_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
-    // The fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat, 11 and 12 after the name.
-    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    let ticks = field(11) + field(12);
-    Duration::from_millis(ticks * 10)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -336,26 +328,9 @@ async fn main() {
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }
-    let certs = certs_init(&dir.join("certs"), &CertsInit::default()).unwrap();
-    let keys = std::fs::read_to_string(certs.pin_keys()).unwrap();
-    let gateways = GatewayList::load(&certs.gateways()).unwrap();
-    let tls = Arc::new(
-        server_config(
-            &certs.server_cert(),
-            &certs.server_key(),
-            &certs.server_ca(),
-            gateways.clone(),
-        )
-        .unwrap(),
-    );
-    let ctls = Arc::new(
-        client_config(
-            &certs.gateway_cert("gw1"),
-            &certs.gateway_key("gw1"),
-            &certs.gateway_ca("gw1"),
-        )
-        .unwrap(),
-    );
+    let inv = Inventory::create(&dir, &["gw1"], &[]).unwrap();
+    let keys = &inv.pin_keys;
+    let ctls = inv.gateway_tls("gw1").unwrap();
     println!(
         "PIN server benchmark: {} connections x {} in flight, {} s per measurement, {} cores",
         a.connections,
@@ -373,13 +348,13 @@ async fn main() {
         let pg = std::env::var("PINGATE_BENCH_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
         let t = Instant::now();
         let (url, opts) = if backend == "sqlite" {
-            let path = dir.join("pins.db");
-            let mut s = SqliteStore::open(&path, PinCipher::from_spec(&keys).unwrap()).unwrap();
+            let path = inv.db.clone();
+            let mut s = SqliteStore::open(&path, PinCipher::from_spec(keys).unwrap()).unwrap();
             s.upsert_product(&product()).unwrap();
             s.import(&pins(stock)).unwrap();
             (DbUrl::Sqlite(path), StoreOptions::default())
         } else {
-            let mut s = PgStore::connect(&pg, Some(&schema), PinCipher::from_spec(&keys).unwrap())
+            let mut s = PgStore::connect(&pg, Some(&schema), PinCipher::from_spec(keys).unwrap())
                 .await
                 .unwrap();
             s.upsert_product(&product()).await.unwrap();
@@ -401,19 +376,11 @@ async fn main() {
             "{backend:<9} import       {:>9.0} PINs/s ({stock} PINs, encrypted, one transaction)",
             stock as f64 / t.elapsed().as_secs_f64()
         );
-        let store = StoreHandle::open(&url, &keys, &opts).await.unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn({
-            let (tls, gateways, store) = (tls.clone(), gateways.clone(), store.clone());
-            async move {
-                run(listener, tls, gateways, store, ServerOptions::default(), async {
-                    let _ = stop_rx.await;
-                })
-                .await
-            }
-        });
+        let store = StoreHandle::open(&url, keys, &opts).await.unwrap();
+        let server = serve(&inv, store, "127.0.0.1:0".parse().unwrap(), ServerOptions::default())
+            .await
+            .unwrap();
+        let addr = server.addr;
         let mut clients = Vec::new();
         for _ in 0..a.connections {
             clients.push(Arc::new(
@@ -425,9 +392,7 @@ async fn main() {
             report(backend, op, &s);
         }
         drop(clients);
-        stop_tx.send(()).unwrap();
-        server.await.unwrap();
-        store.close().await;
+        server.stop().await;
         if backend == "postgres" {
             let (c, conn) = tokio_postgres::connect(&pg, tokio_postgres::NoTls).await.unwrap();
             tokio::spawn(conn);

@@ -1,9 +1,11 @@
-//! Operator commands on the inventory (`pingate pins …`), for both backends.
+//! Operator commands on the inventory (`pingate pins …`), for both backends: their command line, and the PIN keys
+//! as the command line gives them (`pingate server` takes them the same way).
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::cli::{key_spec, PinsCommand};
+use clap::Subcommand;
+
 use crate::clock::unix_now;
 use crate::crypto::PinCipher;
 use crate::sale::Pin;
@@ -129,6 +131,108 @@ pub fn read_csv(text: &str) -> Result<Vec<NewPin>, CsvError> {
 fn import_file(path: &Path) -> Result<Vec<NewPin>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     read_csv(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[derive(Subcommand)]
+pub(crate) enum PinsCommand {
+    /// Add a product (or update it) with its denominations.
+    Product {
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        code: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        supplier: String,
+        /// ISO 4217 numeric currency code.
+        #[arg(long)]
+        currency: String,
+        /// Denominations in minor units, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        amounts: Vec<i64>,
+    },
+    /// Load PINs from CSV (`product,amount,pin,serial,expiry,receipt`, header first; receipt lines separated by
+    /// `|`). All or nothing: any bad row rejects the file, naming its line.
+    Import {
+        #[arg(long)]
+        db: String,
+        #[command(flatten)]
+        keys: KeyArgs,
+        file: PathBuf,
+    },
+    /// Stock per product and denomination, by state.
+    Stock {
+        #[arg(long)]
+        db: String,
+    },
+    /// Reservations whose lease has ended, per gateway (never freed by themselves).
+    Leases {
+        #[arg(long)]
+        db: String,
+    },
+    /// Return a gateway's expired reservations to stock, once its journal is reconciled or it holds none.
+    ReturnExpired {
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        gateway: String,
+    },
+    /// Return a quarantined PIN (its row did not decrypt) to stock once its row is repaired: refused unless it now
+    /// opens with the PIN keys.
+    ReturnQuarantined {
+        #[arg(long)]
+        db: String,
+        #[command(flatten)]
+        keys: KeyArgs,
+        /// The PIN's id (`pingate audit` lists the quarantined ones).
+        #[arg(long)]
+        id: i64,
+    },
+    /// Take an available PIN out of sale (quarantine it) on your word, e.g. a damaged row whose key id names a key
+    /// nobody has (the server refuses to start while one is in stock). Undone by `return-quarantined`.
+    Quarantine {
+        #[arg(long)]
+        db: String,
+        /// The PIN's id.
+        #[arg(long)]
+        id: i64,
+    },
+    /// List the cached sales the PIN server could not confirm (their key was already sold with another PIN: the
+    /// PIN was handed out and voided), open ones first; `--resolve ID --note TEXT` closes one once you have dealt
+    /// with it (billed the merchant, had the supplier deactivate the PIN...). `pingate audit` fails while one is open.
+    Conflicts {
+        #[arg(long)]
+        db: String,
+        /// Close this conflict (its id as listed).
+        #[arg(long, requires = "note")]
+        resolve: Option<i64>,
+        /// What was done about it (kept with the conflict).
+        #[arg(long)]
+        note: Option<String>,
+    },
+}
+
+/// The PIN keys, as `pingate server` and the `pingate pins` commands that open PINs take them.
+#[derive(clap::Args, Clone)]
+pub(crate) struct KeyArgs {
+    /// File with the PIN encryption keys (`id:64-hex` entries); else $PINGATE_PIN_KEYS or $PINGATE_PIN_KEY_FILE.
+    #[arg(long)]
+    pub(crate) pin_keys: Option<PathBuf>,
+}
+
+/// The PIN key spec: `--pin-keys FILE`, else `$PINGATE_PIN_KEYS`, else the file named by `$PINGATE_PIN_KEY_FILE`.
+/// A key file group or others may read is refused.
+pub(crate) fn key_spec(keys: &KeyArgs) -> Result<zeroize::Zeroizing<String>, String> {
+    let file = keys
+        .pin_keys
+        .clone()
+        .or_else(|| std::env::var_os("PINGATE_PIN_KEY_FILE").map(PathBuf::from));
+    match (file, std::env::var("PINGATE_PIN_KEYS")) {
+        (Some(f), _) => crate::keyfile::read_to_string(&f).map_err(|e| e.to_string()),
+        (None, Ok(spec)) => Ok(zeroize::Zeroizing::new(spec)),
+        (None, Err(_)) => Err("PIN keys: give --pin-keys FILE, or set PINGATE_PIN_KEYS or PINGATE_PIN_KEY_FILE".into()),
+    }
 }
 
 /// Runs one `pingate pins` command, on whichever backend `--db` names.

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 
+use crate::admin::{key_spec, KeyArgs, PinsCommand};
 use crate::iso8583::{from_hex, to_hex, Dialect, Dialects, Message, DEFAULT_DIALECT};
 
 #[derive(Parser)]
@@ -52,7 +53,7 @@ enum Command {
         file: PathBuf,
     },
     /// Replay a capture file against a gateway (answers compared field by field), or offline against the codec.
-    Replay(crate::replay::ReplayArgs),
+    Replay(crate::traffic::replay::ReplayArgs),
     /// Decode, encode and list ISO 8583 dialects.
     Iso {
         #[command(subcommand)]
@@ -176,14 +177,6 @@ struct ServerArgs {
     metrics: Option<std::net::SocketAddr>,
 }
 
-/// A count of 1 or more.
-#[derive(clap::Args, Clone)]
-pub(crate) struct KeyArgs {
-    /// File with the PIN encryption keys (`id:64-hex` entries); else $PINGATE_PIN_KEYS or $PINGATE_PIN_KEY_FILE.
-    #[arg(long)]
-    pub(crate) pin_keys: Option<PathBuf>,
-}
-
 #[derive(Subcommand)]
 enum CertsCommand {
     /// Create a private CA, a server certificate, gateway certificates, the gateway list and a PIN key file: the CA
@@ -206,86 +199,6 @@ enum CertsCommand {
     Key {
         /// The file to create.
         file: PathBuf,
-    },
-}
-
-#[derive(Subcommand)]
-pub(crate) enum PinsCommand {
-    /// Add a product (or update it) with its denominations.
-    Product {
-        #[arg(long)]
-        db: String,
-        #[arg(long)]
-        code: String,
-        #[arg(long)]
-        name: String,
-        #[arg(long)]
-        supplier: String,
-        /// ISO 4217 numeric currency code.
-        #[arg(long)]
-        currency: String,
-        /// Denominations in minor units, comma-separated.
-        #[arg(long, value_delimiter = ',', required = true)]
-        amounts: Vec<i64>,
-    },
-    /// Load PINs from CSV (`product,amount,pin,serial,expiry,receipt`, header first; receipt lines separated by
-    /// `|`). All or nothing: any bad row rejects the file, naming its line.
-    Import {
-        #[arg(long)]
-        db: String,
-        #[command(flatten)]
-        keys: KeyArgs,
-        file: PathBuf,
-    },
-    /// Stock per product and denomination, by state.
-    Stock {
-        #[arg(long)]
-        db: String,
-    },
-    /// Reservations whose lease has ended, per gateway (never freed by themselves).
-    Leases {
-        #[arg(long)]
-        db: String,
-    },
-    /// Return a gateway's expired reservations to stock, once its journal is reconciled or it holds none.
-    ReturnExpired {
-        #[arg(long)]
-        db: String,
-        #[arg(long)]
-        gateway: String,
-    },
-    /// Return a quarantined PIN (its row did not decrypt) to stock once its row is repaired: refused unless it now
-    /// opens with the PIN keys.
-    ReturnQuarantined {
-        #[arg(long)]
-        db: String,
-        #[command(flatten)]
-        keys: KeyArgs,
-        /// The PIN's id (`pingate audit` lists the quarantined ones).
-        #[arg(long)]
-        id: i64,
-    },
-    /// Take an available PIN out of sale (quarantine it) on your word, e.g. a damaged row whose key id names a key
-    /// nobody has (the server refuses to start while one is in stock). Undone by `return-quarantined`.
-    Quarantine {
-        #[arg(long)]
-        db: String,
-        /// The PIN's id.
-        #[arg(long)]
-        id: i64,
-    },
-    /// List the cached sales the PIN server could not confirm (their key was already sold with another PIN: the
-    /// PIN was handed out and voided), open ones first; `--resolve ID --note TEXT` closes one once you have dealt
-    /// with it (billed the merchant, had the supplier deactivate the PIN...). `pingate audit` fails while one is open.
-    Conflicts {
-        #[arg(long)]
-        db: String,
-        /// Close this conflict (its id as listed).
-        #[arg(long, requires = "note")]
-        resolve: Option<i64>,
-        /// What was done about it (kept with the conflict).
-        #[arg(long)]
-        note: Option<String>,
     },
 }
 
@@ -345,7 +258,7 @@ pub fn main() -> ExitCode {
         };
     }
     if let Command::Replay(args) = cli.command {
-        return match runtime().and_then(|rt| rt.block_on(crate::replay::run_cli(args))) {
+        return match runtime().and_then(|rt| rt.block_on(crate::traffic::replay::run_cli(args))) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
             Err(e) => {
@@ -371,20 +284,6 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .enable_all()
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))
-}
-
-/// The PIN key spec: `--pin-keys FILE`, else `$PINGATE_PIN_KEYS`, else the file named by `$PINGATE_PIN_KEY_FILE`.
-/// A key file group or others may read is refused.
-pub(crate) fn key_spec(keys: &KeyArgs) -> Result<zeroize::Zeroizing<String>, String> {
-    let file = keys
-        .pin_keys
-        .clone()
-        .or_else(|| std::env::var_os("PINGATE_PIN_KEY_FILE").map(PathBuf::from));
-    match (file, std::env::var("PINGATE_PIN_KEYS")) {
-        (Some(f), _) => crate::keyfile::read_to_string(&f).map_err(|e| e.to_string()),
-        (None, Ok(spec)) => Ok(zeroize::Zeroizing::new(spec)),
-        (None, Err(_)) => Err("PIN keys: give --pin-keys FILE, or set PINGATE_PIN_KEYS or PINGATE_PIN_KEY_FILE".into()),
-    }
 }
 
 /// `pingate audit`: prints the report (and writes the CSV); `Ok(false)` when an invariant is broken.
@@ -754,7 +653,7 @@ fn run(cli: Cli) -> Result<String, String> {
         Command::Gateway { .. } => Err("give --config FILE to run a gateway, or a subcommand (stock, lines)".into()),
         Command::CheckConfig { file } => check_config(&file),
         Command::Audit { .. } => unreachable!("handled in main"),
-        Command::Replay(args) => match runtime()?.block_on(crate::replay::run_cli(args)) {
+        Command::Replay(args) => match runtime()?.block_on(crate::traffic::replay::run_cli(args)) {
             Ok(true) => Ok(String::new()),
             Ok(false) => Err("the replay found differences".into()),
             Err(e) => Err(e),
@@ -773,12 +672,15 @@ fn run(cli: Cli) -> Result<String, String> {
                 ))
             });
             eprintln!("pingate demo: working in {}", dir.display());
-            let report = runtime()?.block_on(crate::demo::run(crate::demo::DemoOptions {
-                dir,
-                sales,
-                terminals,
-                keep_running,
-            }))?;
+            let report = runtime()?.block_on(crate::demo::run(
+                crate::demo::DemoOptions {
+                    dir,
+                    sales,
+                    terminals,
+                    keep_running,
+                },
+                shutdown_signal(),
+            ))?;
             Ok(report.to_string().trim_end().to_string())
         }
         Command::Iso { command } => match command {

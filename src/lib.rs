@@ -1,6 +1,7 @@
 //! pingate sells prepaid PINs to point-of-sale terminals.
 //!
-//! Map of the modules (see `../shared/architecture.md` for the whole picture, and `protocols/` for the wire specs):
+//! Map of the modules (see `../shared/architecture.md` for the whole picture, and `protocols/` for the wire specs).
+//! No module imports one that imports it back, directly or through others (`tests/module_graph.rs` checks it):
 //!
 //! - [`iso8583`] — protocol core, no I/O: ISO 8583 dialects loaded from `protocols/iso8583/*.toml`, a nom decoder,
 //!   a `BytesMut` encoder, the [`iso8583::Message`] value type with masking, and the JSON form.
@@ -23,44 +24,33 @@
 //! - [`server`], [`tls`] — the PIN server (mini-redis shaped `run(listener, …, shutdown)`; `server/handler.rs` maps
 //!   PSP requests to store operations and store results to answers) and mutual TLS.
 //! - [`keyfile`] — key files (PIN keys, journal keys, TLS private keys) read only when their owner alone may.
-//! - [`dialsim`] — a Hayes modem emulator on a pseudo-terminal and a dial-up terminal that calls through it.
-//! - [`scenario`] — scenario files for the terminal simulator: messages to send, codes to expect.
-//! - [`sim`] — a simulated TCP terminal (requests of the contract, framed); [`demo`] — `pingate demo` and the
-//!   building blocks the end-to-end tests share.
-//! - [`load`] — the load generator (terminal connections, closed or open loop), its echo-server ceiling, and a
-//!   delaying TCP proxy.
-//! - [`capture`] — capture files of terminal traffic (text, one frame per line), written by the gateway and read by
-//!   the replay.
+//! - [`traffic`] — the traffic tools, clients of the gateway: the simulated TCP terminal, scenario files, the dial-up
+//!   simulator (modem emulator and dial-up terminal), the load generator with its echo ceiling, CPU time from `/proc`,
+//!   capture files (the one piece the gateway uses: it writes them), pcap import and replay.
+//! - [`demo`] — `pingate demo`, and its [`demo::rig`]: certificates, an inventory, a PIN server and gateways in one
+//!   process (or a gateway as its own), the one set-up `pingate demo`, the end-to-end tests and the benches share.
 //! - [`logging`] — repeated warnings aggregated (`limited!`): one line, then a count per interval, so an outage or
 //!   a hostile peer cannot make the log grow with its traffic.
 //! - [`metrics`] — Prometheus exposition and the HTTP endpoint for metrics, health and readiness.
-//! - [`pcap`] — import of pcap and pcapng files: TCP streams of a port reassembled and cut into frames.
-//! - [`replay`] — replays a capture against a gateway (answers compared field by field) or the codec alone.
 //! - [`audit`] — `pingate audit`: the inventory's invariants, gateways' journals reconciled, a day's report.
 //! - [`admin`], [`cli`] — the `pingate` command line, thin over the library.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod audit;
-pub mod capture;
 pub mod cli;
 pub mod clock;
 pub mod crypto;
 pub mod demo;
-pub mod dialsim;
 pub mod gateway;
 pub mod iso8583;
 pub mod keyfile;
 pub mod link;
-pub mod load;
 pub mod logging;
 pub mod metrics;
-pub mod pcap;
 pub mod psp;
-pub mod replay;
 pub mod sale;
-pub mod scenario;
 pub mod server;
-pub mod sim;
 pub mod store;
 pub mod tls;
+pub mod traffic;

@@ -5,15 +5,13 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pingate::demo::{sample_modes, sample_products, start_server, GatewayFiles, Inventory};
+use pingate::demo::rig::{free_local_addr, sample_modes, sample_products, start_server, GatewayFiles, Inventory};
 use pingate::iso8583::Message;
-use pingate::sim::TerminalClient;
 
 const ON_DEMAND: &str = "GIFT-25";
 
@@ -25,61 +23,6 @@ fn dir(name: &str) -> PathBuf {
 
 fn code(m: &Message) -> &str {
     m.get_str(39).unwrap_or("??")
-}
-
-fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
-/// A process killed if the test ends early (a failed assertion must not leave it running).
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `pingate gateway` at log level info, its log (stderr) appended to `log`.
-fn spawn_gateway(config: &Path, log: &Path) -> Process {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    Process(
-        Command::new(env!("CARGO_BIN_EXE_pingate"))
-            .args(["gateway", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            // One malloc arena: what the tasks of other worker threads touch does not show as this connection's growth.
-            .env("MALLOC_ARENA_MAX", "1")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
-}
-
-async fn connect(addr: SocketAddr) -> TerminalClient {
-    let dialect = Arc::new(
-        pingate::iso8583::Dialects::builtin()
-            .get(pingate::demo::DIALECT)
-            .unwrap()
-            .clone(),
-    );
-    for _ in 0..500 {
-        if let Ok(t) = TerminalClient::connect(addr, pingate::demo::FRAMING, None, dialect.clone()).await {
-            return t;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("gateway at {addr} never came up");
-}
-
-/// Resident memory of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 /// Lines of `message` in `log`, summaries left out.
@@ -111,7 +54,7 @@ async fn ten_thousand_requests_and_an_outage_under_load_keep_the_log_and_memory_
     let inv = Inventory::create(&dir("logs"), &["gw1", "obs"], &sample_products(100)).unwrap();
     let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let server_addr = server.addr;
-    let listen = free_port();
+    let listen = free_local_addr().unwrap();
     let files = GatewayFiles::write(
         &inv,
         "gw1",
@@ -123,9 +66,14 @@ async fn ten_thousand_requests_and_an_outage_under_load_keep_the_log_and_memory_
     )
     .unwrap();
     let log_path = inv.dir.join("gateway.log");
-    let gw = spawn_gateway(&files.config, &log_path);
+    let gw = common::spawn_gateway(
+        &files.config,
+        &log_path,
+        // One malloc arena: what the tasks of other worker threads touch does not show as this connection's growth.
+        &[("MALLOC_ARENA_MAX", "1")],
+    );
     let pid = gw.0.id();
-    let mut t = connect(listen).await;
+    let mut t = common::connect(listen).await;
     let me = common::demo_terminal("DEMO0001");
     let transmission = "1130120000";
     let mut sale = None;
@@ -152,7 +100,7 @@ async fn ten_thousand_requests_and_an_outage_under_load_keep_the_log_and_memory_
         let a = t.call(&me.network(stan, transmission, "301")).await.unwrap();
         assert_eq!(code(&a), "00");
         if stan == 2_000 || stan == 10_000 {
-            rss.push(rss_kib(pid));
+            rss.push(pingate::traffic::procfs::rss_kib(pid).unwrap());
         }
     }
     let before_outage = std::fs::metadata(&log_path).unwrap().len();
@@ -169,22 +117,22 @@ async fn ten_thousand_requests_and_an_outage_under_load_keep_the_log_and_memory_
     }
     let dialect = Arc::new(
         pingate::iso8583::Dialects::builtin()
-            .get(pingate::demo::DIALECT)
+            .get(pingate::traffic::sim::DIALECT)
             .unwrap()
             .clone(),
     );
-    let load = pingate::load::run(
-        pingate::load::LoadSpec {
+    let load = pingate::traffic::load::run(
+        pingate::traffic::load::LoadSpec {
             addr: listen,
-            framing: pingate::demo::FRAMING,
+            framing: pingate::traffic::sim::FRAMING,
             tpdu: None,
             connections: 16,
             in_flight: 4,
             rate: None,
             duration: Duration::from_secs(3),
             terminal_prefix: "DEMO".into(),
-            merchant: pingate::demo::MERCHANT.into(),
-            mix: vec![pingate::load::MixItem::parse("GIFT-25:2500").unwrap()],
+            merchant: pingate::traffic::sim::MERCHANT.into(),
+            mix: vec![pingate::traffic::load::MixItem::parse("GIFT-25:2500").unwrap()],
             transmission: "1130130000".into(),
             progress: None,
         },
@@ -265,8 +213,8 @@ async fn idle_sockets_do_not_keep_a_gateway_with_a_valid_certificate_out() {
     use pingate::psp::client::PspClient;
     use pingate::psp::{Request, Response};
     let inv = Inventory::create(&dir("flood"), &["gw1", "obs"], &sample_products(5)).unwrap();
-    let metrics = free_port();
-    let server = pingate::demo::start_server_with(
+    let metrics = free_local_addr().unwrap();
+    let server = pingate::demo::rig::start_server_with(
         &inv,
         &pingate::store::handle::DbUrl::Sqlite(inv.db.clone()),
         "127.0.0.1:0".parse().unwrap(),
@@ -277,14 +225,7 @@ async fn idle_sockets_do_not_keep_a_gateway_with_a_valid_certificate_out() {
     )
     .await
     .unwrap();
-    let tls = Arc::new(
-        pingate::tls::client_config(
-            &inv.certs.gateway_cert("gw1"),
-            &inv.certs.gateway_key("gw1"),
-            &inv.certs.ca(),
-        )
-        .unwrap(),
-    );
+    let tls = inv.gateway_tls("gw1").unwrap();
     let mut idle = Vec::new();
     for _ in 0..300 {
         idle.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
@@ -391,8 +332,8 @@ async fn a_client_that_never_says_hello_is_closed_at_the_handshake_deadline() {
     use pingate::psp::client::PspClient;
     use pingate::psp::{Request, Response};
     let inv = Inventory::create(&dir("no-hello"), &["gw1", "obs"], &sample_products(5)).unwrap();
-    let metrics = free_port();
-    let server = pingate::demo::start_server_with(
+    let metrics = free_local_addr().unwrap();
+    let server = pingate::demo::rig::start_server_with(
         &inv,
         &pingate::store::handle::DbUrl::Sqlite(inv.db.clone()),
         "127.0.0.1:0".parse().unwrap(),
@@ -404,14 +345,7 @@ async fn a_client_that_never_says_hello_is_closed_at_the_handshake_deadline() {
     )
     .await
     .unwrap();
-    let tls = Arc::new(
-        pingate::tls::client_config(
-            &inv.certs.gateway_cert("gw1"),
-            &inv.certs.gateway_key("gw1"),
-            &inv.certs.ca(),
-        )
-        .unwrap(),
-    );
+    let tls = inv.gateway_tls("gw1").unwrap();
     let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     let mut silent = tokio_rustls::TlsConnector::from(tls.clone())
         .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)

@@ -1,5 +1,8 @@
 //! The `pingate` commands as a user runs them: the real binary, stdin, stdout, stderr and exit codes.
 
+mod common;
+
+use common::write_key;
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
@@ -24,19 +27,6 @@ fn fixture(path: &str) -> String {
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-/// Writes a key file as an operator must: readable by its owner only.
-fn write_key(path: &std::path::Path, text: &str) {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .unwrap();
-    f.write_all(text.as_bytes()).unwrap();
 }
 
 /// Runs `pingate` for at most `secs` seconds (killed then: it did not stop by itself).

@@ -13,12 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use pingate::demo::{GatewayHandle, Inventory, ServerHandle};
-use pingate::dialsim::{start_modem, CallScript, CommandReply, DialupTerminal, ModemHandle, ModemOptions};
+use pingate::demo::rig::{GatewayHandle, Inventory, ServerHandle};
 use pingate::gateway::serial::{LineBoard, LineStatus};
 use pingate::iso8583::{Dialect, Dialects, Message};
 use pingate::sale::PinReceipt;
-use pingate::sim::SaleSpec;
+use pingate::traffic::dialsim::{start_modem, CallScript, CommandReply, DialupTerminal, ModemHandle, ModemOptions};
+use pingate::traffic::sim::SaleSpec;
 
 const ON_DEMAND: &str = "GIFT-25";
 const PREFETCH: &str = "TOPUP-EU-10";
@@ -199,12 +199,12 @@ async fn a_dialup_sale_end_to_end() {
     // The line captured both calls: each request and its answer, without the link's framing, as a TCP
     // listener's capture has them (so `pingate replay` can send them again); the PINs masked.
     let text = std::fs::read_to_string(&capture).unwrap();
-    let cap = pingate::capture::Capture::parse(&text).unwrap();
+    let cap = pingate::traffic::capture::Capture::parse(&text).unwrap();
     assert_eq!(cap.other.get("serial").map(String::as_str), Some("m1"), "{text}");
     assert_eq!(cap.other.get("link").map(String::as_str), Some("stx-etx"), "{text}");
     assert!(cap.tpdu);
-    let seen: Vec<(u64, pingate::capture::Direction)> = cap.records.iter().map(|r| (r.conn, r.dir)).collect();
-    use pingate::capture::Direction::{Host, Terminal};
+    let seen: Vec<(u64, pingate::traffic::capture::Direction)> = cap.records.iter().map(|r| (r.conn, r.dir)).collect();
+    use pingate::traffic::capture::Direction::{Host, Terminal};
     assert_eq!(seen, [(1, Terminal), (1, Host), (2, Terminal), (2, Host)], "{text}");
     assert_eq!(&cap.records[0].data[..], &sale_request(1, 1, ON_DEMAND)[..]);
     for (record, call) in [(&cap.records[1], &out), (&cap.records[3], &out2)] {
@@ -485,7 +485,7 @@ async fn a_7e1_line_with_software_parity_and_a_text_dialect() {
     let host: Vec<u8> = m
         .transcript()
         .iter()
-        .filter(|c| c.dir == pingate::dialsim::Dir::Host)
+        .filter(|c| c.dir == pingate::traffic::dialsim::Dir::Host)
         .flat_map(|c| c.bytes.to_vec())
         .collect();
     assert!(host.iter().any(|b| b & 0x80 != 0), "some bytes need the parity bit set");
@@ -550,7 +550,7 @@ async fn a_directly_wired_terminal_with_length_framing() {
     rig.server.stop().await;
     common::audit_ok(&rig.inv).await;
     // Captured as the line frames it, the answer without its field 63 (`capture_pins = "omitted"`).
-    let cap = pingate::capture::Capture::load(&capture).unwrap();
+    let cap = pingate::traffic::capture::Capture::load(&capture).unwrap();
     assert_eq!((cap.framing, cap.other["link"].as_str()), (Framing::Binary2, "binary2"));
     assert_eq!(cap.records.len(), 2);
     assert_eq!(&cap.records[0].data[..], &req[..]);
@@ -561,9 +561,9 @@ async fn a_directly_wired_terminal_with_length_framing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_directly_wired_stx_etx_terminal_runs_the_whole_contract() {
-    use pingate::dialsim::{LineClient, LineMode, LineTerminal};
     use pingate::link::parity::Parity;
-    use pingate::scenario::Scenario;
+    use pingate::traffic::dialsim::{LineClient, LineMode, LineTerminal};
+    use pingate::traffic::scenario::Scenario;
     use tokio_serial::SerialPort;
     let (term, dev) = tokio_serial::SerialStream::pair().unwrap();
     let path = dev.name().unwrap();

@@ -7,21 +7,22 @@ use common::{count, stock};
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use pingate::demo::{
-    sample_modes, sample_products, start_server, GatewayFiles, GatewayHandle, Inventory, ServerHandle,
+use pingate::demo::rig::{
+    free_local_addr, sample_modes, sample_products, start_gateway, start_server, GatewayFiles, GatewayHandle,
+    Inventory, ServerHandle,
 };
 use pingate::gateway::StartOptions;
 use pingate::iso8583::Message;
 use pingate::psp::client::PspClient;
 use pingate::psp::{Request, Response};
 use pingate::sale::PinReceipt;
-use pingate::sim::{Identity, SaleSpec, TerminalClient};
+use pingate::traffic::sim::{Identity, SaleSpec};
 use tokio::io::AsyncWriteExt;
 
 const PREFETCH: &str = "TOPUP-EU-10";
@@ -41,7 +42,7 @@ thread_local! {
     /// The field 7 of a test's sales: the time of its first sale (each test runs on a thread of its own), so that
     /// its repeats name the same key, and the gateway's cache may serve it (a key far from the gateway's clock goes
     /// to the PIN server instead: `clock_skew_secs`).
-    static TRANSMISSION: String = pingate::sim::now_transmission();
+    static TRANSMISSION: String = pingate::traffic::sim::now_transmission();
 }
 
 fn spec(stan: u32, product: &str) -> SaleSpec {
@@ -432,50 +433,6 @@ async fn a_thousand_concurrent_terminal_connections() {
 
 // ---- crash: the gateway as its own process, killed with SIGKILL ----
 
-fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
-struct GatewayProcess(Child);
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_gateway(config: &Path, log: &Path) -> GatewayProcess {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    GatewayProcess(
-        Command::new(env!("CARGO_BIN_EXE_pingate"))
-            .args(["gateway", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
-}
-
-async fn connect(addr: SocketAddr) -> TerminalClient {
-    let dialect = Arc::new(
-        pingate::iso8583::Dialects::builtin()
-            .get(pingate::demo::DIALECT)
-            .unwrap()
-            .clone(),
-    );
-    for _ in 0..500 {
-        if let Ok(t) = TerminalClient::connect(addr, pingate::demo::FRAMING, None, dialect.clone()).await {
-            return t;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("gateway at {addr} never came up");
-}
-
 async fn admin_stock(admin: SocketAddr) -> serde_json::Value {
     let text = pingate::gateway::ask_admin(&admin.to_string(), "stock").await.unwrap();
     serde_json::from_str(&text).unwrap()
@@ -486,8 +443,8 @@ async fn gateway_kill_9_with_a_full_cache_and_unconfirmed_sales_loses_nothing() 
     let inv = Inventory::create(&dir("kill9"), &["gw1", "obs"], &sample_products(100)).unwrap();
     let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let server_addr = server.addr;
-    let listen = free_port();
-    let admin = free_port();
+    let listen = free_local_addr().unwrap();
+    let admin = free_local_addr().unwrap();
     let files = GatewayFiles::write(
         &inv,
         "gw1",
@@ -499,8 +456,8 @@ async fn gateway_kill_9_with_a_full_cache_and_unconfirmed_sales_loses_nothing() 
     )
     .unwrap();
     let log = inv.dir.join("gateway.log");
-    let gw = spawn_gateway(&files.config, &log);
-    let mut t = connect(listen).await;
+    let gw = common::spawn_gateway(&files.config, &log, &[]);
+    let mut t = common::connect(listen).await;
     let me = term(1);
     // Wait for a full cache.
     for _ in 0..500 {
@@ -511,7 +468,7 @@ async fn gateway_kill_9_with_a_full_cache_and_unconfirmed_sales_loses_nothing() 
     }
     assert_eq!(admin_stock(admin).await["cache"][0]["cached"].as_u64(), Some(30));
     // (Sales of the second the gateway started in go to the server: see `clock_skew_secs`.)
-    common::next_second().await;
+    pingate::demo::rig::past_this_second().await;
     // One on-demand sale while the server is up.
     assert_eq!(code(&t.call(&me.sale(&spec(1, ON_DEMAND), false)).await.unwrap()), "00");
     // The server goes away; ten sales from the cache, whose confirms cannot be sent.
@@ -536,8 +493,8 @@ async fn gateway_kill_9_with_a_full_cache_and_unconfirmed_sales_loses_nothing() 
     drop(gw);
     drop(t);
     let server = start_server(&inv, server_addr).await.unwrap();
-    let gw = spawn_gateway(&files.config, &log);
-    let mut t = connect(listen).await;
+    let gw = common::spawn_gateway(&files.config, &log, &[]);
+    let mut t = common::connect(listen).await;
     // A repeat of a sale made before the crash gets the same PIN (from the journal).
     let r = t.call(&me.sale(&spec(5, PREFETCH), true)).await.unwrap();
     assert_eq!(code(&r), "00");
@@ -714,7 +671,7 @@ async fn a_late_repeat_of_an_unconfirmed_cache_sale_gets_the_same_pin_never_a_se
     // Other sales push the first out of the window.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     // (A key of now: one as old as the forgotten sale's could have been sold before, and would go to the server.)
-    let now = common::demo_sale(2, &pingate::sim::now_transmission(), PREFETCH, 1000);
+    let now = common::demo_sale(2, &pingate::traffic::sim::now_transmission(), PREFETCH, 1000);
     assert_eq!(code(&t.call(&me.sale(&now, false)).await.unwrap()), "00");
     for repeat in [true, false] {
         let r = t.call(&me.sale(&spec(1, PREFETCH), repeat)).await.unwrap();
@@ -781,29 +738,25 @@ async fn two_gateways_two_servers_one_postgresql_with_failover_sell_each_pin_onc
     let inv = Inventory::create(&dir("pg-two"), &["gw1", "gw2", "obs"], &[]).unwrap();
     stock_postgresql(&inv, &url, 600).await;
     let db = DbUrl::parse(&url).unwrap();
-    let a = pingate::demo::start_server_on(&inv, &db, "127.0.0.1:0".parse().unwrap())
+    let a = pingate::demo::rig::start_server_on(&inv, &db, "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
-    let b = pingate::demo::start_server_on(&inv, &db, "127.0.0.1:0".parse().unwrap())
+    let b = pingate::demo::rig::start_server_on(&inv, &db, "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let (addr_a, addr_b) = (a.addr, b.addr);
     let mut gateways = Vec::new();
     for (id, servers) in [("gw1", [addr_a, addr_b]), ("gw2", [addr_b, addr_a])] {
-        let files = GatewayFiles::write(
+        let gw = start_gateway(
             &inv,
             id,
             &servers,
-            "127.0.0.1:0".parse().unwrap(),
             4,
             &sample_modes(10, 40),
             ("response_deadline_ms = 5000", ""),
         )
+        .await
         .unwrap();
-        let gw = GatewayHandle::start(&files.config, StartOptions::default())
-            .await
-            .unwrap();
-        assert!(gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await);
         gateways.push(Arc::new(gw));
     }
     let run = |gw: Arc<GatewayHandle>, n: usize, from: u32| async move {
@@ -934,20 +887,16 @@ async fn a_hung_server_costs_a_terminal_the_deadline_then_nothing_and_no_pin_is_
     let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let hole = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let via = relay(server.addr, hole.clone()).await;
-    let files = GatewayFiles::write(
+    let gw = start_gateway(
         &inv,
         "gw1",
         &[via],
-        "127.0.0.1:0".parse().unwrap(),
         2,
         &sample_modes(5, 5),
         ("response_deadline_ms = 1000", ""),
     )
+    .await
     .unwrap();
-    let gw = GatewayHandle::start(&files.config, StartOptions::default())
-        .await
-        .unwrap();
-    assert!(gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await);
     let mut t = gw.terminal().await.unwrap();
     let me = term(1);
     assert_eq!(code(&t.call(&me.sale(&spec(1, ON_DEMAND), false)).await.unwrap()), "00");
@@ -1028,7 +977,7 @@ async fn reservations_the_journal_never_saw_are_released_at_start_on_postgresql(
     let inv = Inventory::create(&dir("reconcile-pg"), &["gw1", "obs"], &[]).unwrap();
     stock_postgresql(&inv, &url, 100).await;
     let db = pingate::store::handle::DbUrl::parse(&url).unwrap();
-    let server = pingate::demo::start_server_on(&inv, &db, "127.0.0.1:0".parse().unwrap())
+    let server = pingate::demo::rig::start_server_on(&inv, &db, "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     stray_reservations_are_released_at_start(&inv, &server).await;
@@ -1042,14 +991,7 @@ async fn reservations_the_journal_never_saw_are_released_at_start_on_postgresql(
 async fn stray_reservations_are_released_at_start(inv: &Inventory, server: &ServerHandle) {
     // A reserve whose answer never reached the journal (cut off, or a crash right after): made here directly
     // with the gateway's own certificate.
-    let tls = Arc::new(
-        pingate::tls::client_config(
-            &inv.certs.gateway_cert("gw1"),
-            &inv.certs.gateway_key("gw1"),
-            &inv.certs.gateway_ca("gw1"),
-        )
-        .unwrap(),
-    );
+    let tls = inv.gateway_tls("gw1").unwrap();
     let (c, _) = PspClient::connect(server.addr, "localhost", tls).await.unwrap();
     let Response::Reserved { pins: lost, .. } = c
         .call(Request::Reserve {
@@ -1187,11 +1129,11 @@ async fn a_reload_applies_the_registry_and_watermarks_and_names_what_needs_a_res
 async fn sighup_with_a_broken_configuration_changes_nothing_and_says_why() {
     let inv = Inventory::create(&dir("sighup-broken"), &["gw1", "obs"], &sample_products(50)).unwrap();
     let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let listen = free_port();
+    let listen = free_local_addr().unwrap();
     let files = GatewayFiles::write(&inv, "gw1", &[server.addr], listen, 2, &sample_modes(3, 6), ("", "")).unwrap();
     let log = inv.dir.join("gateway.log");
-    let gw = spawn_gateway(&files.config, &log);
-    let mut t = connect(listen).await;
+    let gw = common::spawn_gateway(&files.config, &log, &[]);
+    let mut t = common::connect(listen).await;
     // Once it reaches its PIN server, a listed terminal buys.
     let mut bought = false;
     for stan in 100..400 {
@@ -1244,11 +1186,11 @@ async fn sighup_with_a_broken_configuration_changes_nothing_and_says_why() {
 async fn sighup_reloads_a_running_gateway_process() {
     let inv = Inventory::create(&dir("sighup"), &["gw1", "obs"], &sample_products(50)).unwrap();
     let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let listen = free_port();
+    let listen = free_local_addr().unwrap();
     let files = GatewayFiles::write(&inv, "gw1", &[server.addr], listen, 2, &sample_modes(3, 6), ("", "")).unwrap();
     let log = inv.dir.join("gateway.log");
-    let gw = spawn_gateway(&files.config, &log);
-    let mut t = connect(listen).await;
+    let gw = common::spawn_gateway(&files.config, &log, &[]);
+    let mut t = common::connect(listen).await;
     let newcomer = common::demo_terminal("NEWTERM2");
     assert_eq!(
         code(&t.call(&newcomer.sale(&spec(1, ON_DEMAND), false)).await.unwrap()),

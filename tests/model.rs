@@ -11,11 +11,11 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use pingate::demo::{sample_modes, sample_products, start_server, GatewayFiles, GatewayHandle, Inventory};
+use pingate::demo::rig::{sample_modes, sample_products, start_server, GatewayFiles, GatewayHandle, Inventory};
 use pingate::gateway::StartOptions;
 use pingate::iso8583::Message;
 use pingate::sale::PinReceipt;
-use pingate::sim::{Identity, TerminalClient};
+use pingate::traffic::sim::{Identity, TerminalClient};
 use proptest::prelude::*;
 
 const PREFETCH: &str = "TOPUP-EU-10";
@@ -84,7 +84,7 @@ fn pin_of(m: &Message) -> (String, i64) {
 struct World {
     inv: Inventory,
     config: std::path::PathBuf,
-    server: Option<pingate::demo::ServerHandle>,
+    server: Option<pingate::demo::rig::ServerHandle>,
     server_addr: std::net::SocketAddr,
     gw: Option<GatewayHandle>,
     terminals: Vec<TerminalClient>,
@@ -124,8 +124,8 @@ impl World {
             transmission: String::new(),
         };
         w.start_gateway().await;
-        common::next_second().await;
-        w.transmission = pingate::sim::now_transmission();
+        pingate::demo::rig::past_this_second().await;
+        w.transmission = pingate::traffic::sim::now_transmission();
         w
     }
 

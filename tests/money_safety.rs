@@ -10,12 +10,11 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use pingate::demo::{sample_modes, sample_products, start_server, GatewayFiles, GatewayHandle, Inventory};
-use pingate::gateway::StartOptions;
+use pingate::demo::rig::{sample_modes, sample_products, start_gateway, start_server, GatewayHandle, Inventory};
 use pingate::iso8583::Message;
 use pingate::sale::PinReceipt;
-use pingate::sim::{Identity, SaleSpec};
 use pingate::store::PinStore;
+use pingate::traffic::sim::{Identity, SaleSpec};
 
 const PREFETCH: &str = "TOPUP-EU-10";
 const ON_DEMAND: &str = "GIFT-25";
@@ -59,15 +58,15 @@ async fn cached_at_least(gw: &GatewayHandle, n: usize) {
 /// Field 7 of now, one second after the gateway's start at least: a key the gateway's cache may serve (it must be
 /// newer than the second the gateway started in: `clock_skew_secs`).
 async fn fresh_transmission() -> String {
-    common::next_second().await;
-    pingate::sim::now_transmission()
+    pingate::demo::rig::past_this_second().await;
+    pingate::traffic::sim::now_transmission()
 }
 
 /// Steps past a one-second repeat window, and makes the gateway forget what it held (a new sale does).
-async fn past_the_window(gw: &GatewayHandle, t: &mut pingate::sim::TerminalClient, me: &Identity, stan: u32) {
+async fn past_the_window(gw: &GatewayHandle, t: &mut pingate::traffic::sim::TerminalClient, me: &Identity, stan: u32) {
     assert!(gw.gateway.flush(Duration::from_secs(10)).await, "confirms acknowledged");
     tokio::time::sleep(Duration::from_millis(2200)).await;
-    let now = pingate::sim::now_transmission();
+    let now = pingate::traffic::sim::now_transmission();
     let a = t.call(&me.sale(&sale(stan, &now, ON_DEMAND), false)).await.unwrap();
     assert_eq!(code(&a), "00");
 }
@@ -122,7 +121,7 @@ async fn a_reversal_beyond_the_window_must_match_its_sale() {
     let (inv, server, gw) = common::rig(&dir("reversal-match"), 100, 5, 10, (SHORT_WINDOW, "")).await;
     let mut t = gw.terminal().await.unwrap();
     let me = term(2);
-    let t0 = pingate::sim::now_transmission();
+    let t0 = pingate::traffic::sim::now_transmission();
     let sold = t.call(&me.sale(&sale(7, &t0, ON_DEMAND), false)).await.unwrap();
     assert_eq!(code(&sold), "00");
     past_the_window(&gw, &mut t, &me, 8).await;
@@ -163,20 +162,9 @@ async fn two_gateways(inv: &Inventory, servers: [std::net::SocketAddr; 2]) -> [G
     let mut out = Vec::new();
     for (i, id) in ["gw1", "gw2"].into_iter().enumerate() {
         let order = [servers[i], servers[1 - i]];
-        let files = GatewayFiles::write(
-            inv,
-            id,
-            &order,
-            "127.0.0.1:0".parse().unwrap(),
-            4,
-            &sample_modes(5, 10),
-            ("", ""),
-        )
-        .unwrap();
-        let gw = GatewayHandle::start(&files.config, StartOptions::default())
+        let gw = start_gateway(inv, id, &order, 4, &sample_modes(5, 10), ("", ""))
             .await
             .unwrap();
-        assert!(gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await);
         out.push(gw);
     }
     let [a, b]: [GatewayHandle; 2] = out.try_into().ok().unwrap();
@@ -311,10 +299,10 @@ async fn one_terminal_through_two_gateways_and_two_servers_on_postgresql() {
     }
     drop(pg);
     let db = DbUrl::parse(&url).unwrap();
-    let a = pingate::demo::start_server_on(&inv, &db, "127.0.0.1:0".parse().unwrap())
+    let a = pingate::demo::rig::start_server_on(&inv, &db, "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
-    let b = pingate::demo::start_server_on(&inv, &db, "127.0.0.1:0".parse().unwrap())
+    let b = pingate::demo::rig::start_server_on(&inv, &db, "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let gws = two_gateways(&inv, [a.addr, b.addr]).await;

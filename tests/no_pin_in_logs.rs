@@ -11,12 +11,11 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use pingate::demo::{sample_modes, sample_products, start_server, GatewayFiles, GatewayHandle, Inventory};
-use pingate::dialsim::{start_modem, CallScript, DialupTerminal, ModemOptions};
-use pingate::gateway::StartOptions;
+use pingate::demo::rig::{sample_modes, sample_products, start_gateway, start_server, Inventory};
 use pingate::iso8583::Dialects;
-use pingate::scenario::Scenario;
-use pingate::sim::{Identity, SaleSpec};
+use pingate::traffic::dialsim::{start_modem, CallScript, DialupTerminal, ModemOptions};
+use pingate::traffic::scenario::Scenario;
+use pingate::traffic::sim::{Identity, SaleSpec};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -101,20 +100,16 @@ async fn no_pin_reaches_a_log_line() {
          guard_time_ms = 60\ncommand_timeout_ms = 1000\nenq_interval_ms = 200\nack_timeout_ms = 500\n",
         modem.device
     );
-    let files = GatewayFiles::write(
+    let gw = start_gateway(
         &inv,
         "gw1",
         &[server_addr],
-        "127.0.0.1:0".parse().unwrap(),
         8,
         &sample_modes(3, 6),
         ("response_deadline_ms = 1500", &serial),
     )
+    .await
     .unwrap();
-    let gw = GatewayHandle::start(&files.config, StartOptions::default())
-        .await
-        .unwrap();
-    assert!(gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await);
 
     // The whole contract over TCP.
     let scenario = Scenario::parse(&std::fs::read_to_string("fixtures/scenarios/contract.toml").unwrap()).unwrap();

@@ -6,10 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pingate::demo::{
-    sample_modes, sample_products, start_server, start_server_with, GatewayFiles, GatewayHandle, Inventory,
+use pingate::demo::rig::{
+    sample_modes, sample_products, start_gateway, start_server, start_server_with, GatewayFiles, Inventory,
 };
-use pingate::gateway::StartOptions;
 use pingate::metrics::get;
 use pingate::server::ServerOptions;
 use pingate::store::handle::DbUrl;
@@ -45,20 +44,9 @@ async fn metrics_health_and_readiness_of_gateway_and_server() {
     let server = start_server_with(&inv, &db, "127.0.0.1:0".parse().unwrap(), opts.clone())
         .await
         .unwrap();
-    let files = GatewayFiles::write(
-        &inv,
-        "gw1",
-        &[server.addr],
-        "127.0.0.1:0".parse().unwrap(),
-        8,
-        &sample_modes(3, 6),
-        ("", ""),
-    )
-    .unwrap();
-    let gw = GatewayHandle::start(&files.config, StartOptions::default())
+    let gw = start_gateway(&inv, "gw1", &[server.addr], 8, &sample_modes(3, 6), ("", ""))
         .await
         .unwrap();
-    assert!(gw.gateway.upstream().wait_connected(Duration::from_secs(10)).await);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gw_metrics = l.local_addr().unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
@@ -165,9 +153,10 @@ async fn metrics_health_and_readiness_of_gateway_and_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_reconciles_a_day_and_names_every_broken_invariant() {
     let (inv, server, gw) = common::rig(&dir("audit"), 40, 3, 6, ("", "")).await;
-    let scenario =
-        pingate::scenario::Scenario::parse(&std::fs::read_to_string("fixtures/scenarios/contract.toml").unwrap())
-            .unwrap();
+    let scenario = pingate::traffic::scenario::Scenario::parse(
+        &std::fs::read_to_string("fixtures/scenarios/contract.toml").unwrap(),
+    )
+    .unwrap();
     let mut t = gw.terminal().await.unwrap();
     let me = common::demo_terminal("DEMO0005");
     let results = scenario

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
-use pingate::demo::{GatewayHandle, Inventory, ServerHandle};
+use pingate::demo::rig::{GatewayHandle, Inventory, ServerHandle};
 
 fn dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("pingate-tools-{}-{name}", std::process::id()));
@@ -244,6 +244,145 @@ async fn the_load_generator_counts_match_the_pin_server() {
     common::audit_ok(&inv).await;
 }
 
+/// `pingate-load run …` with `args` after `run`.
+async fn load_tool(args: &[&str]) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_pingate-load"))
+        .arg("run")
+        .args(args)
+        .output()
+        .await
+        .unwrap()
+}
+
+/// `--cpu NAME=PID`: the CPU an echo server (its own process) and the load generator spent over the run, per answered
+/// request, in all and as a share of one core; printed, and kept by `--json`. Plausible, not fast: each positive, the
+/// three views of a process agreeing, and no process above every core of the machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_generator_reports_the_cpu_of_the_processes_it_is_given() {
+    let listen = pingate::demo::rig::free_local_addr().unwrap();
+    let mut echo = tokio::process::Command::new(env!("CARGO_BIN_EXE_pingate-load"))
+        .args(["echo", "--listen", &listen.to_string()])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let echo_pid = echo.id().unwrap();
+    for _ in 0..500 {
+        if tokio::net::TcpStream::connect(listen).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let d = dir("load-cpu");
+    std::fs::create_dir_all(&d).unwrap();
+    let json = d.join("load.json");
+    let cpu = format!("echo={echo_pid}");
+    let o = load_tool(&[
+        "--gateway",
+        &listen.to_string(),
+        "--connections",
+        "2",
+        "--in-flight",
+        "4",
+        "--duration",
+        "1",
+        "--mix",
+        "TOPUP-EU-10:1000",
+        "--quiet",
+        "--cpu",
+        &cpu,
+        "--json",
+        json.to_str().unwrap(),
+    ])
+    .await;
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        stdout.contains(&format!("cpu echo (pid {echo_pid}): ")) && stdout.contains("cpu pingate-load (pid "),
+        "{stdout}"
+    );
+    assert!(stdout.contains(" µs per answered request; "), "{stdout}");
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let answered = j["gateway"]["answered"].as_f64().unwrap();
+    assert!(answered > 0.0, "{j}");
+    let cpu = &j["cpu"];
+    let wall = cpu["wall_s"].as_f64().unwrap();
+    assert!(wall >= 1.0, "the measured run lasts the run's duration: {cpu}");
+    let cores = std::thread::available_parallelism().unwrap().get() as f64;
+    let processes = cpu["processes"].as_array().unwrap();
+    assert_eq!(processes.len(), 1, "{cpu}");
+    assert_eq!(processes[0]["name"], "echo");
+    assert_eq!(processes[0]["pid"], echo_pid);
+    assert_eq!(cpu["load_generator"]["pid"], load_generator_pid(&stdout));
+    for p in [&processes[0], &cpu["load_generator"]] {
+        let cpu_s = p["cpu_s"].as_f64().unwrap();
+        let per_request = p["us_per_answered"].as_f64().unwrap();
+        let percent = p["percent_of_one_core"].as_f64().unwrap();
+        assert!(cpu_s > 0.0 && per_request > 0.0 && percent > 0.0, "{p}");
+        assert!(percent <= 100.0 * cores * 1.05, "{p}");
+        assert!(
+            (per_request * answered / 1e6 - cpu_s).abs() < 1e-6 * cpu_s.max(1.0),
+            "{p}"
+        );
+        assert!((percent / 100.0 * wall - cpu_s).abs() < 1e-6 * cpu_s.max(1.0), "{p}");
+    }
+    // Without --cpu, neither the lines nor the key.
+    let o = load_tool(&[
+        "--gateway",
+        &listen.to_string(),
+        "--duration",
+        "0.2",
+        "--mix",
+        "TOPUP-EU-10:1000",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ])
+    .await;
+    assert!(o.status.success());
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("cpu "));
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(j.get("cpu").is_none(), "{j}");
+    let _ = echo.kill().await;
+}
+
+/// The load generator's pid as its `cpu pingate-load (pid N)` line prints it.
+fn load_generator_pid(stdout: &str) -> u64 {
+    let at = stdout.find("cpu pingate-load (pid ").unwrap() + "cpu pingate-load (pid ".len();
+    stdout[at..].split(')').next().unwrap().parse().unwrap()
+}
+
+/// A process that cannot be read, or a `--cpu` that is not NAME=PID, stops the run before any load is sent (exit 2).
+#[tokio::test]
+async fn the_load_generator_refuses_a_cpu_process_it_cannot_read() {
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let pid = gone.id();
+    gone.wait().unwrap();
+    // Nothing needs to listen: the process is read before any connection is made.
+    let o = load_tool(&[
+        "--gateway",
+        "127.0.0.1:9",
+        "--duration",
+        "30",
+        "--mix",
+        "TOPUP-EU-10:1000",
+        "--cpu",
+        &format!("gone={pid}"),
+    ])
+    .await;
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("--cpu gone={pid}: /proc/{pid}/stat")),
+        "{stderr}"
+    );
+    for bad in ["gateway", "gateway=12x", "=12"] {
+        let o = load_tool(&["--gateway", "127.0.0.1:9", "--mix", "TOPUP-EU-10:1000", "--cpu", bad]).await;
+        assert_eq!(o.status.code(), Some(2), "{bad}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("--cpu"), "{bad}");
+    }
+}
+
 async fn pingate(args: &[&str]) -> Output {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_pingate"))
         .args(args)
@@ -292,7 +431,7 @@ async fn capture_then_replay_against_a_fresh_gateway() {
     server.stop().await;
     common::audit_ok(&inv).await;
     let text = std::fs::read_to_string(&cap).unwrap();
-    let capture = pingate::capture::Capture::parse(&text).unwrap();
+    let capture = pingate::traffic::capture::Capture::parse(&text).unwrap();
     assert_eq!(capture.records.len(), 26, "13 requests and 13 answers");
     // No PIN the terminal printed reaches the capture file, in any form.
     for l in lines(&o) {
@@ -321,7 +460,7 @@ async fn capture_then_replay_against_a_fresh_gateway() {
     let addr2 = gw2.addr.to_string();
 
     // A deliberately changed answer is found and named.
-    let golden = pingate::capture::Capture::load(std::path::Path::new(GOLDEN)).unwrap();
+    let golden = pingate::traffic::capture::Capture::load(std::path::Path::new(GOLDEN)).unwrap();
     let bcd = pingate::iso8583::Dialects::builtin()
         .get(&golden.dialect)
         .unwrap()
@@ -330,7 +469,7 @@ async fn capture_then_replay_against_a_fresh_gateway() {
     let host = changed
         .records
         .iter_mut()
-        .find(|r| r.dir == pingate::capture::Direction::Host && bcd.decode(&r.data).unwrap().get(63).is_some())
+        .find(|r| r.dir == pingate::traffic::capture::Direction::Host && bcd.decode(&r.data).unwrap().get(63).is_some())
         .unwrap();
     let mut m = bcd.decode(&host.data).unwrap();
     m.set(39, "05");
@@ -412,10 +551,11 @@ async fn tshark_captures_import_and_replay_against_a_real_gateway() {
             "no warnings: {}",
             String::from_utf8_lossy(&o.stderr)
         );
-        captures.push(pingate::capture::Capture::load(&out).unwrap());
+        captures.push(pingate::traffic::capture::Capture::load(&out).unwrap());
     }
     // Both formats give the same frames, and the answers' PINs are masked.
-    let frames = |c: &pingate::capture::Capture| c.records.iter().map(|r| (r.dir, r.data.clone())).collect::<Vec<_>>();
+    let frames =
+        |c: &pingate::traffic::capture::Capture| c.records.iter().map(|r| (r.dir, r.data.clone())).collect::<Vec<_>>();
     assert_eq!(frames(&captures[0]), frames(&captures[1]));
     let dialect = pingate::iso8583::Dialects::builtin()
         .get("iso87-ascii-binbitmap")
@@ -455,15 +595,15 @@ async fn tshark_captures_import_and_replay_against_a_real_gateway() {
 }
 
 /// The demo's framing and dialect, for raw requests.
-async fn client(gw: &GatewayHandle) -> pingate::sim::TerminalClient {
+async fn client(gw: &GatewayHandle) -> pingate::traffic::sim::TerminalClient {
     gw.terminal().await.unwrap()
 }
 
-fn identity(t: &str) -> pingate::sim::Identity {
+fn identity(t: &str) -> pingate::traffic::sim::Identity {
     common::demo_terminal(t)
 }
 
-fn sale(stan: u32, product: &str, amount: u64) -> pingate::sim::SaleSpec {
+fn sale(stan: u32, product: &str, amount: u64) -> pingate::traffic::sim::SaleSpec {
     common::demo_sale(stan, "1129150000", product, amount)
 }
 

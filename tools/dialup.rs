@@ -15,10 +15,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use pingate::dialsim::{start_modem, CallScript, CommandReply, DialupTerminal, ModemHandle, ModemOptions, PhoneSignal};
 use pingate::iso8583::Dialects;
 use pingate::sale::PinReceipt;
-use pingate::sim::{Identity, SaleSpec};
+use pingate::traffic::dialsim::{
+    start_modem, CallScript, CommandReply, DialupTerminal, ModemHandle, ModemOptions, PhoneSignal,
+};
+use pingate::traffic::sim::{Identity, SaleSpec};
 use tokio::io::AsyncBufReadExt;
 
 #[derive(Parser)]
@@ -60,7 +62,7 @@ enum Cmd {
         modem: ModemArgs,
         #[arg(long, default_value = "DEMO0001")]
         terminal: String,
-        #[arg(long, default_value = pingate::demo::MERCHANT)]
+        #[arg(long, default_value = pingate::traffic::sim::MERCHANT)]
         merchant: String,
         #[arg(long, default_value = "GIFT-25")]
         product: String,
@@ -137,7 +139,7 @@ async fn host_ready(m: &ModemHandle, wait: Duration) -> bool {
 async fn modem(args: ModemArgs, reveal: bool) -> Result<(), String> {
     let m = start(&args)?;
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    let mut phone: Option<pingate::dialsim::Phone> = None;
+    let mut phone: Option<pingate::traffic::dialsim::Phone> = None;
     let mut shown = 0;
     loop {
         let signal = async {

@@ -3,10 +3,13 @@
 //! percentiles from an HDR histogram, answers by response code, a progress line while it runs; writes a JSON result
 //! and an SVG plot of latency and throughput over time. `--echo-ceiling` first runs the same load against a bare
 //! echo server of the same framing in this process: the machine's own limit, reported beside the gateway as a ratio.
+//! `--cpu NAME=PID` (repeatable) reads each named process's CPU time at the start and the end of the gateway's run
+//! and reports it per answered request, beside the load generator's own.
 //!
 //! ```sh
 //! pingate-load run --gateway 127.0.0.1:9000 --connections 50 --in-flight 4 --duration 10 \
-//!     --mix TOPUP-EU-10:1000:3 --mix GIFT-25:2500:1 --echo-ceiling --json load.json --svg load.svg
+//!     --mix TOPUP-EU-10:1000:3 --mix GIFT-25:2500:1 --echo-ceiling --json load.json --svg load.svg \
+//!     --cpu gateway=$GATEWAY_PID --cpu server=$SERVER_PID
 //! pingate-load echo --listen 127.0.0.1:9999
 //! ```
 #![forbid(unsafe_code)]
@@ -23,8 +26,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use pingate::iso8583::Dialects;
 use pingate::link::framing::Framing;
-use pingate::load::{echo_server, run, LoadReport, LoadSpec, MixItem, Progress};
-use pingate::sim::WireArgs;
+use pingate::traffic::load::{echo_server, run, LoadReport, LoadSpec, MixItem, Progress};
+use pingate::traffic::procfs::{CpuReading, CpuUse, CpuWatch, ProcessCpu, Watched};
+use pingate::traffic::sim::WireArgs;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -58,7 +62,7 @@ struct RunArgs {
     /// Terminal ids are PREFIX0001, PREFIX0002, ... (one per connection; they must be registered at the gateway).
     #[arg(long, default_value = "DEMO")]
     terminal_prefix: String,
-    #[arg(long, default_value = pingate::demo::MERCHANT)]
+    #[arg(long, default_value = pingate::traffic::sim::MERCHANT)]
     merchant: String,
     /// Transmission date-time of every sale (MMDDhhmmss); give a new one per run against the same gateway.
     #[arg(long)]
@@ -75,6 +79,11 @@ struct RunArgs {
     /// No progress line.
     #[arg(long)]
     quiet: bool,
+    /// NAME=PID: report the CPU time (user + system, from /proc/PID/stat) process PID spends over the gateway's run,
+    /// per answered request, in all and as a share of one core, with this load generator's own; repeat for each
+    /// process (a gateway, a PIN server).
+    #[arg(long = "cpu", value_name = "NAME=PID")]
+    cpu: Vec<Watched>,
 }
 
 #[derive(Subcommand)]
@@ -109,6 +118,31 @@ fn summary(r: &LoadReport) -> serde_json::Value {
     })
 }
 
+/// One process's CPU over the run, as `--json` keeps it.
+fn process_cpu(p: &ProcessCpu, answered: u64, wall: Duration) -> serde_json::Value {
+    json!({
+        "name": p.name,
+        "pid": p.pid,
+        "cpu_s": p.cpu.as_secs_f64(),
+        "us_per_answered": p.us_per_request(answered),
+        "percent_of_one_core": p.percent_of_one_core(wall),
+    })
+}
+
+fn print_cpu(p: &ProcessCpu, answered: u64, wall: Duration) {
+    let per_request = match p.us_per_request(answered) {
+        Some(us) => format!("{us:.1} µs per answered request"),
+        None => "no request answered".into(),
+    };
+    println!(
+        "cpu {} (pid {}): {per_request}; {:.3} s in all, {:.1} % of one core",
+        p.name,
+        p.pid,
+        p.cpu.as_secs_f64(),
+        p.percent_of_one_core(wall)
+    );
+}
+
 fn print_line(name: &str, r: &LoadReport) {
     let codes: Vec<String> = r.codes.iter().map(|(c, n)| format!("{c}:{n}")).collect();
     println!(
@@ -130,7 +164,7 @@ fn print_line(name: &str, r: &LoadReport) {
 fn svg(title: &str, r: &LoadReport) -> String {
     let (w, h, left, right, top, bottom) = (900.0, 420.0, 70.0, 70.0, 40.0, 50.0);
     let n = r.seconds.len().max(1);
-    let pct = |s: &pingate::load::Second, q: f64| {
+    let pct = |s: &pingate::traffic::load::Second, q: f64| {
         if s.latency.is_empty() {
             0.0
         } else {
@@ -294,6 +328,10 @@ async fn run_cmd(a: RunArgs) -> Result<bool, String> {
     if a.connections == 0 || a.in_flight == 0 {
         return Err("--connections and --in-flight must be at least 1".into());
     }
+    // Every process to watch is there before any load is sent.
+    for w in &a.cpu {
+        CpuReading::of_process(w.pid).map_err(|e| format!("--cpu {}={}: {e}", w.name, w.pid))?;
+    }
     let spec = LoadSpec {
         addr: a.gateway,
         framing,
@@ -305,7 +343,10 @@ async fn run_cmd(a: RunArgs) -> Result<bool, String> {
         terminal_prefix: a.terminal_prefix.clone(),
         merchant: a.merchant.clone(),
         mix,
-        transmission: a.transmission.clone().unwrap_or_else(pingate::sim::now_transmission),
+        transmission: a
+            .transmission
+            .clone()
+            .unwrap_or_else(pingate::traffic::sim::now_transmission),
         progress: None,
     };
     let echo = if a.echo_ceiling {
@@ -324,14 +365,27 @@ async fn run_cmd(a: RunArgs) -> Result<bool, String> {
     } else {
         None
     };
+    let watch = if a.cpu.is_empty() {
+        None
+    } else {
+        Some(CpuWatch::start(&a.cpu).map_err(|e| format!("--cpu {e}"))?)
+    };
     let r = load(spec.clone(), dialect, "gateway", a.quiet).await?;
+    let cpu: Option<CpuUse> = watch
+        .map(|w| w.finish().map_err(|e| format!("--cpu {e}")))
+        .transpose()?;
     print_line(&format!("gateway {}", a.gateway), &r);
+    if let Some(c) = &cpu {
+        for p in c.watched.iter().chain([&c.this_process]) {
+            print_cpu(p, r.answered(), c.wall);
+        }
+    }
     let ratio = echo.as_ref().map(|e| r.rate() / e.rate().max(1e-9));
     if let Some(x) = ratio {
         println!("gateway / echo ceiling: {:.1} %", x * 100.0);
     }
     if let Some(path) = &a.json {
-        let j = json!({
+        let mut j = json!({
             "tool": "pingate-load",
             "started_utc": time::OffsetDateTime::now_utc().unix_timestamp(),
             "machine": {
@@ -354,6 +408,13 @@ async fn run_cmd(a: RunArgs) -> Result<bool, String> {
             "echo_ceiling": echo.as_ref().map(summary),
             "ratio_to_echo": ratio,
         });
+        if let Some(c) = &cpu {
+            j["cpu"] = json!({
+                "wall_s": c.wall.as_secs_f64(),
+                "processes": c.watched.iter().map(|p| process_cpu(p, r.answered(), c.wall)).collect::<Vec<_>>(),
+                "load_generator": process_cpu(&c.this_process, r.answered(), c.wall),
+            });
+        }
         std::fs::write(path, serde_json::to_string_pretty(&j).unwrap_or_default())
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }

@@ -11,9 +11,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use pingate::capture::PinPolicy;
 use pingate::iso8583::Dialects;
-use pingate::pcap::{import, ImportOptions};
+use pingate::traffic::capture::PinPolicy;
+use pingate::traffic::pcap::{import, ImportOptions};
 
 #[derive(Parser)]
 #[command(name = "pingate-replay", about = "Replay and import captured terminal traffic")]
@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Replay a capture file against a gateway, or offline against the codec.
-    Replay(pingate::replay::ReplayArgs),
+    Replay(pingate::traffic::replay::ReplayArgs),
     /// Import a pcap or pcapng file into a capture file.
     Import {
         /// The pcap or pcapng file.
@@ -57,7 +57,7 @@ fn main() -> ExitCode {
     let result: Result<bool, String> = match cli.cmd {
         Cmd::Replay(args) => tokio::runtime::Runtime::new()
             .map_err(|e| e.to_string())
-            .and_then(|rt| rt.block_on(pingate::replay::run_cli(args))),
+            .and_then(|rt| rt.block_on(pingate::traffic::replay::run_cli(args))),
         Cmd::Import {
             pcap,
             port,

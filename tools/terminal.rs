@@ -26,8 +26,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use pingate::iso8583::Dialects;
 use pingate::link::framing::Tpdu;
-use pingate::scenario::{result_json, Scenario};
-use pingate::sim::{Identity, TerminalClient, WireArgs};
+use pingate::traffic::scenario::{result_json, Scenario};
+use pingate::traffic::sim::{Identity, TerminalClient, WireArgs};
 
 #[derive(Parser)]
 #[command(name = "pingate-terminal", about = "Simulated POS terminals over TCP")]
@@ -56,7 +56,7 @@ struct Cli {
     /// Terminal id (field 41). With --count, the number at its end counts up: DEMO0001, DEMO0002, ...
     #[arg(long, default_value = "DEMO0001")]
     terminal: String,
-    #[arg(long, default_value = pingate::demo::MERCHANT)]
+    #[arg(long, default_value = pingate::traffic::sim::MERCHANT)]
     merchant: String,
     /// Terminals, each on its own connection, all at once.
     #[arg(long, default_value_t = 1)]
@@ -171,8 +171,8 @@ async fn run_serial(
     dialect: Arc<pingate::iso8583::Dialect>,
     tpdu: Option<Tpdu>,
 ) -> Result<bool, String> {
-    use pingate::dialsim::{LineClient, LineMode, LineTerminal};
     use pingate::link::parity::Parity;
+    use pingate::traffic::dialsim::{LineClient, LineMode, LineTerminal};
     use tokio_serial::SerialPortBuilderExt;
     if cli.count != 1 {
         return Err("--serial is one terminal: --count must be 1".into());
@@ -215,7 +215,10 @@ async fn run_serial(
         terminal_id: cli.terminal.clone(),
         merchant_id: cli.merchant.clone(),
     };
-    let transmission = cli.transmission.clone().unwrap_or_else(pingate::sim::now_transmission);
+    let transmission = cli
+        .transmission
+        .clone()
+        .unwrap_or_else(pingate::traffic::sim::now_transmission);
     let results = scenario
         .run(&mut client, &id, &transmission, timeout)
         .await
@@ -242,7 +245,10 @@ async fn run(cli: Cli) -> Result<bool, String> {
         return run_serial(&cli, &path, scenario, dialect, tpdu).await;
     }
     let gateway = cli.gateway.ok_or("--gateway or --serial")?;
-    let transmission = cli.transmission.clone().unwrap_or_else(pingate::sim::now_transmission);
+    let transmission = cli
+        .transmission
+        .clone()
+        .unwrap_or_else(pingate::traffic::sim::now_transmission);
     let timeout = Duration::from_millis(cli.timeout_ms);
     let mut tasks = Vec::new();
     for n in 0..cli.count {

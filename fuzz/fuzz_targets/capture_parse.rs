@@ -5,10 +5,10 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use pingate::capture::{Capture, PinPolicy};
+use pingate::traffic::capture::{Capture, PinPolicy};
 use pingate::iso8583::Dialects;
 use pingate::link::framing::Framing;
-use pingate::pcap::{import, ImportOptions};
+use pingate::traffic::pcap::{import, ImportOptions};
 
 fn dialects() -> &'static Dialects {
     static D: OnceLock<Dialects> = OnceLock::new();

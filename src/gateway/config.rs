@@ -191,7 +191,7 @@ struct ListenerSection {
     #[serde(default = "d_in_flight")]
     max_in_flight: usize,
     capture: Option<PathBuf>,
-    capture_pins: Option<crate::capture::PinPolicy>,
+    capture_pins: Option<crate::traffic::capture::PinPolicy>,
 }
 
 #[derive(Deserialize)]
@@ -236,7 +236,7 @@ struct SerialSection {
     inter_char_ms: Option<u64>,
     hangup: Option<Hangup>,
     capture: Option<PathBuf>,
-    capture_pins: Option<crate::capture::PinPolicy>,
+    capture_pins: Option<crate::traffic::capture::PinPolicy>,
 }
 
 /// Flow control of a serial line.
@@ -291,11 +291,11 @@ pub struct SerialLineConfig {
     pub idle_timeout: Duration,
     pub max_frame: usize,
     pub hangup: Hangup,
-    /// Every message each way is appended to this capture file (`src/capture.rs`), without the link's framing
+    /// Every message each way is appended to this capture file (`src/traffic/capture.rs`), without the link's framing
     /// (connection numbers are calls); off when `None`.
     pub capture: Option<PathBuf>,
     /// What happens to PIN values in captured answers.
-    pub capture_pins: crate::capture::PinPolicy,
+    pub capture_pins: crate::traffic::capture::PinPolicy,
 }
 
 impl SerialLineConfig {
@@ -323,7 +323,7 @@ impl SerialLineConfig {
             max_frame: LinkConfig::default().max_frame,
             hangup: Hangup::Dtr,
             capture: None,
-            capture_pins: crate::capture::PinPolicy::Masked,
+            capture_pins: crate::traffic::capture::PinPolicy::Masked,
         }
     }
 }
@@ -494,7 +494,7 @@ fn serial_line(
         max_frame,
         hangup: l.hangup.unwrap_or(Hangup::Dtr),
         capture: l.capture,
-        capture_pins: l.capture_pins.unwrap_or(crate::capture::PinPolicy::Masked),
+        capture_pins: l.capture_pins.unwrap_or(crate::traffic::capture::PinPolicy::Masked),
     })
 }
 
@@ -543,10 +543,10 @@ pub struct ListenerConfig {
     pub first_frame_timeout: Duration,
     /// Requests answered concurrently per connection; further frames wait to be read.
     pub max_in_flight: usize,
-    /// Every frame each way is appended to this capture file (`src/capture.rs`); off when `None`.
+    /// Every frame each way is appended to this capture file (`src/traffic/capture.rs`); off when `None`.
     pub capture: Option<PathBuf>,
     /// What happens to PIN values in captured answers.
-    pub capture_pins: crate::capture::PinPolicy,
+    pub capture_pins: crate::traffic::capture::PinPolicy,
 }
 
 impl ListenerConfig {
@@ -566,7 +566,7 @@ impl ListenerConfig {
             first_frame_timeout: ms(d_first_frame_timeout()),
             max_in_flight: d_in_flight(),
             capture: None,
-            capture_pins: crate::capture::PinPolicy::Masked,
+            capture_pins: crate::traffic::capture::PinPolicy::Masked,
         }
     }
 }
@@ -849,7 +849,7 @@ impl GatewayConfig {
                 first_frame_timeout: ms(l.first_frame_timeout_ms),
                 max_in_flight: l.max_in_flight,
                 capture: l.capture.map(&rel),
-                capture_pins: l.capture_pins.unwrap_or(crate::capture::PinPolicy::Masked),
+                capture_pins: l.capture_pins.unwrap_or(crate::traffic::capture::PinPolicy::Masked),
             });
         }
         let mut serial = Vec::new();

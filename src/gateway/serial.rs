@@ -31,7 +31,6 @@ use super::config::{FlowControl, Hangup, LineLink, SerialLineConfig};
 use super::terminal::{captured, decode_request};
 use super::upstream::backoff;
 use super::Gateway;
-use crate::capture::{protect_pins, terminal_frame, Capture, CaptureSink, Direction};
 use crate::iso8583::Dialect;
 use crate::link::dialup::{wire_time, DialupLink, EndReason, LinkEvent};
 use crate::link::framing::{Frame, FrameCodec, Framing, Tpdu};
@@ -39,6 +38,7 @@ use crate::link::modem::{ModemController, ModemEvent};
 use crate::link::parity::{self, Parity};
 use crate::logging::limited;
 use crate::sale::SaleKey;
+use crate::traffic::capture::{protect_pins, terminal_frame, Capture, CaptureSink, Direction};
 
 /// What the operator sees of one line (`gateway lines` on the admin socket).
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
@@ -121,7 +121,11 @@ pub async fn run_line(cfg: SerialLineConfig, dialect: Arc<Dialect>, gw: Arc<Gate
     async move {
         // One capture file for the line's life, its calls numbered across reopens.
         let capture = cfg.capture.as_ref().and_then(|path| {
-            let sink = crate::capture::open_logged(path, &capture_header(&cfg), &format!("serial line {}", cfg.name))?;
+            let sink = crate::traffic::capture::open_logged(
+                path,
+                &capture_header(&cfg),
+                &format!("serial line {}", cfg.name),
+            )?;
             Some(LineCapture {
                 sink,
                 calls: Arc::new(AtomicU64::new(0)),

@@ -27,11 +27,11 @@ use tracing::Instrument;
 
 use super::config::ListenerConfig;
 use super::Gateway;
-use crate::capture::{protect_pins, terminal_frame, Capture, CaptureSink, Direction};
 use crate::iso8583::{Dialect, Message};
 use crate::link::framing::{Frame, FrameCodec};
 use crate::logging::limited;
 use crate::sale::{answer, ResponseCode, SaleKey};
+use crate::traffic::capture::{protect_pins, terminal_frame, Capture, CaptureSink, Direction};
 
 /// Time allowed to write one answer; a terminal that does not read is cut off.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -72,7 +72,7 @@ pub async fn run(
     let cfg = Arc::new(cfg);
     let capture = cfg.capture.as_ref().and_then(|path| {
         let header = Capture::new(cfg.framing, cfg.tpdu, &cfg.dialect, cfg.capture_pins);
-        crate::capture::open_logged(path, &header, &format!("listener {}", cfg.name))
+        crate::traffic::capture::open_logged(path, &header, &format!("listener {}", cfg.name))
     });
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
     let per_source = Arc::new(PerSource::default());

@@ -1,4 +1,5 @@
-//! Helpers shared by the integration tests: one terminal, one product, the same sale identity everywhere.
+//! Helpers shared by the integration tests: one terminal, one product, the same sale identity everywhere; and the
+//! rig (`pingate::demo::rig`, which the demo and the benches set up with too) as the tests use it, failing loudly.
 #![allow(dead_code)] // each test crate uses a different part
 
 use pingate::psp::{Request, Terminal};
@@ -103,20 +104,14 @@ pub fn assert_each_pin_once(mut ids: Vec<i64>, what: &str) -> usize {
 
 /// Server-side counts by (product, state), asked over PSP with gateway `obs`'s certificate.
 pub async fn stock(
-    inv: &pingate::demo::Inventory,
+    inv: &pingate::demo::rig::Inventory,
     server: std::net::SocketAddr,
 ) -> std::collections::HashMap<(String, String), i64> {
     use pingate::psp::client::PspClient;
     use pingate::psp::Response;
-    let tls = std::sync::Arc::new(
-        pingate::tls::client_config(
-            &inv.certs.gateway_cert("obs"),
-            &inv.certs.gateway_key("obs"),
-            &inv.certs.gateway_ca("obs"),
-        )
-        .unwrap(),
-    );
-    let (c, _) = PspClient::connect(server, "localhost", tls).await.unwrap();
+    let (c, _) = PspClient::connect(server, "localhost", inv.gateway_tls("obs").unwrap())
+        .await
+        .unwrap();
     let Response::Stock { stock } = c.call(Request::Stock).await.unwrap() else {
         panic!("stock")
     };
@@ -129,7 +124,7 @@ pub fn count(s: &std::collections::HashMap<(String, String), i64>, product: &str
 }
 
 /// `pingate audit` of an inventory (SQLite): every invariant must hold.
-pub async fn audit_ok(inv: &pingate::demo::Inventory) {
+pub async fn audit_ok(inv: &pingate::demo::rig::Inventory) {
     audit_url_ok(&pingate::store::handle::DbUrl::Sqlite(inv.db.clone())).await
 }
 
@@ -139,10 +134,7 @@ pub async fn audit_url_ok(db: &pingate::store::handle::DbUrl) {
     assert!(r.ok(), "audit:\n{}", r.text());
 }
 
-/// A PIN server on a fresh SQLite inventory in `dir` (gateways `gw1`, `gw2` and the observer `obs`, `pins` of each
-/// sample product) and gateway `gw1` in this process, connected: prefetch `low`..`high` for the top-up, on demand
-/// for the gift card, 8 terminals. `extra.0` goes to the `[gateway]` table, `extra.1` to the listener (and may add
-/// `[[serial]]` tables after it).
+/// [`pingate::demo::rig::start_system`]: a PIN server and gateway `gw1` on a fresh inventory in `dir`.
 pub async fn rig(
     dir: &std::path::Path,
     pins: usize,
@@ -150,68 +142,51 @@ pub async fn rig(
     high: usize,
     extra: (&str, &str),
 ) -> (
-    pingate::demo::Inventory,
-    pingate::demo::ServerHandle,
-    pingate::demo::GatewayHandle,
+    pingate::demo::rig::Inventory,
+    pingate::demo::rig::ServerHandle,
+    pingate::demo::rig::GatewayHandle,
 ) {
-    use pingate::demo::{sample_modes, sample_products, start_server, GatewayFiles, GatewayHandle, Inventory};
-    let _ = std::fs::remove_dir_all(dir);
-    let inv = Inventory::create(dir, &["gw1", "gw2", "obs"], &sample_products(pins)).unwrap();
-    let server = start_server(&inv, "127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let files = GatewayFiles::write(
-        &inv,
-        "gw1",
-        &[server.addr],
-        "127.0.0.1:0".parse().unwrap(),
-        8,
-        &sample_modes(low, high),
-        extra,
-    )
-    .unwrap();
-    let gw = GatewayHandle::start(&files.config, pingate::gateway::StartOptions::default())
+    pingate::demo::rig::start_system(dir, pins, low, high, extra)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Waits (polling, 5 s at most) until the gateway's cache holds at least `n` PINs of `product`.
+pub async fn cached_at_least(gw: &pingate::demo::rig::GatewayHandle, product: &str, n: usize) {
     assert!(
-        gw.gateway
-            .upstream()
-            .wait_connected(std::time::Duration::from_secs(10))
-            .await
+        gw.cached_at_least(product, n, std::time::Duration::from_secs(5)).await,
+        "cache never reached {n}: {:?}",
+        gw.gateway.stock()
     );
-    next_second().await;
-    (inv, server, gw)
 }
 
-/// Waits (polling, bounded) until the gateway's cache holds at least `n` PINs of `product`.
-pub async fn cached_at_least(gw: &pingate::demo::GatewayHandle, product: &str, n: usize) {
-    for _ in 0..500 {
-        if gw
-            .gateway
-            .stock()
-            .cache
-            .iter()
-            .any(|l| l.product == product && l.cached >= n)
-        {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    panic!("cache never reached {n}: {:?}", gw.gateway.stock());
+/// `pingate gateway` as its own process at log level info, its log (stderr) appended to `log`, `env` added to its
+/// environment; killed when dropped.
+pub fn spawn_gateway(
+    config: &std::path::Path,
+    log: &std::path::Path,
+    env: &[(&str, &str)],
+) -> pingate::demo::rig::GatewayProcess {
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_pingate"));
+    pingate::demo::rig::GatewayProcess::spawn(binary, config, log, env).unwrap()
 }
 
-/// See [`pingate::demo::past_this_second`].
-pub use pingate::demo::past_this_second as next_second;
+/// A terminal connected to the gateway listening at `addr`, once it is up.
+pub async fn connect(addr: std::net::SocketAddr) -> pingate::traffic::sim::TerminalClient {
+    pingate::demo::rig::terminal_when_up(addr).await.unwrap()
+}
 
-/// Demo terminal `id` (registered by the demo set-up, merchant [`pingate::demo::MERCHANT`]).
-pub fn demo_terminal(id: &str) -> pingate::sim::Identity {
-    pingate::sim::Identity {
+/// Demo terminal `id` (registered by the demo set-up, merchant [`pingate::traffic::sim::MERCHANT`]).
+pub fn demo_terminal(id: &str) -> pingate::traffic::sim::Identity {
+    pingate::traffic::sim::Identity {
         terminal_id: id.into(),
-        merchant_id: pingate::demo::MERCHANT.into(),
+        merchant_id: pingate::traffic::sim::MERCHANT.into(),
     }
 }
 
 /// A sale of `product` at `amount` (EUR), STAN `stan`, sent at `transmission` (MMDDhhmmss).
-pub fn demo_sale(stan: u32, transmission: &str, product: &str, amount: u64) -> pingate::sim::SaleSpec {
-    pingate::sim::SaleSpec {
+pub fn demo_sale(stan: u32, transmission: &str, product: &str, amount: u64) -> pingate::traffic::sim::SaleSpec {
+    pingate::traffic::sim::SaleSpec {
         stan,
         transmission: transmission.into(),
         product: product.into(),

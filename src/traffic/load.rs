@@ -19,7 +19,7 @@ use tokio_util::codec::Framed;
 
 use crate::iso8583::Dialect;
 use crate::link::framing::{FrameCodec, Framing, Tpdu};
-use crate::sim::{Identity, SaleSpec};
+use crate::traffic::sim::{Identity, SaleSpec};
 
 /// Serves frames back as they came until `shutdown`.
 pub async fn echo_server(listener: TcpListener, framing: Framing, shutdown: impl Future<Output = ()>) {

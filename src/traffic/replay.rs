@@ -17,9 +17,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::codec::Framed;
 
-use crate::capture::{Capture, Direction, Record};
 use crate::iso8583::{Dialect, Message};
 use crate::link::framing::{Frame, FrameCodec, Tpdu};
+use crate::traffic::capture::{Capture, Direction, Record};
 
 /// How a replay runs.
 #[derive(Clone, Debug)]
@@ -161,7 +161,7 @@ const MAX_CONNECTIONS: usize = 256;
 struct Carried {
     framing: crate::link::framing::Framing,
     tpdu: bool,
-    pins: crate::capture::PinPolicy,
+    pins: crate::traffic::capture::PinPolicy,
 }
 
 /// Replays `capture` against a gateway; connections run side by side, each in its captured order.
@@ -366,7 +366,7 @@ async fn one_connection(
         // The replayed answer is treated as the captured ones were (PINs masked or left out), so that like is
         // compared with like and no live PIN is ever printed.
         let got = crate::link::framing::Frame {
-            message: crate::capture::protect_pins(&dialect, &got.message, false, capture.pins)
+            message: crate::traffic::capture::protect_pins(&dialect, &got.message, false, capture.pins)
                 .unwrap_or_else(|| Bytes::from_static(b"")),
             ..got
         };

@@ -30,10 +30,10 @@ use serde::Deserialize;
 
 use crate::iso8583::{Dialect, Message};
 use crate::sale::PinReceipt;
-use crate::sim::{Identity, SaleSpec, TerminalClient};
+use crate::traffic::sim::{Identity, SaleSpec, TerminalClient};
 
 /// A terminal's way of sending a request and getting its answer: a TCP connection ([`TerminalClient`]) or a serial
-/// line ([`crate::dialsim::LineClient`]).
+/// line (the dial-up simulator's `LineClient` implements it).
 pub trait Exchange {
     fn exchange(
         &mut self,

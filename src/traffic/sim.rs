@@ -12,6 +12,13 @@ use crate::iso8583::{Dialect, Message, Mti};
 use crate::link::framing::{Frame, FrameCodec, Framing, Tpdu};
 use crate::sale::{OriginalData, PROCESSING_PIN_PURCHASE};
 
+/// The simulated terminals' dialect and framing unless told otherwise (the defaults of most NAC-attached terminals):
+/// the demo's gateway listens with them, and the tools speak them by default.
+pub const DIALECT: &str = "iso87-ascii-binbitmap";
+pub const FRAMING: Framing = Framing::Binary2;
+/// The merchant of the simulated terminals unless told otherwise: the demo's gateway registers its terminals with it.
+pub const MERCHANT: &str = "DEMOMERCHANT001";
+
 /// Errors of the simulated terminal.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
@@ -44,7 +51,7 @@ pub struct WireArgs {
     /// Length framing: binary2, binary2-inclusive, ascii4, bcd2.
     #[arg(long, default_value = "binary2")]
     pub framing: Framing,
-    #[arg(long, default_value = crate::demo::DIALECT)]
+    #[arg(long, default_value = DIALECT)]
     pub dialect: String,
     /// TPDU in hex (10 digits) before each message, when the listener expects one.
     #[arg(long)]

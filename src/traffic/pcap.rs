@@ -15,9 +15,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio_util::codec::Decoder;
 
-use crate::capture::{protect_pins, Capture, Direction, PinPolicy, Record};
 use crate::iso8583::Dialect;
 use crate::link::framing::{FrameCodec, Framing};
+use crate::traffic::capture::{protect_pins, Capture, Direction, PinPolicy, Record};
 
 /// Errors of a packet capture that cannot be read at all.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

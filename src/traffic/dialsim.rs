@@ -18,7 +18,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_serial::{SerialPort, SerialStream};
 
-use crate::gateway::serial::sleep_until;
 use crate::link::dialup::{frame, lrc, ACK, ENQ, EOT, ETX, NAK, STX};
 use crate::link::parity::{self, Parity};
 
@@ -302,7 +301,8 @@ impl Emulator {
                         return;
                     }
                 },
-                _ = sleep_until(deadline) => {
+                // With no timer pending the branch is off: its future is made but never polled.
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     let now = Instant::now();
                     let mut out = Vec::new();
                     if self.escape_at.is_some_and(|t| now >= t) {
@@ -836,7 +836,9 @@ pub struct LineClient<S> {
     pub tpdu: Option<crate::link::framing::Tpdu>,
 }
 
-impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> crate::scenario::Exchange for LineClient<S> {
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> crate::traffic::scenario::Exchange
+    for LineClient<S>
+{
     async fn exchange(&mut self, msg: &crate::iso8583::Message) -> Result<crate::iso8583::Message, String> {
         let body = self.dialect.encode(msg).map_err(|e| e.to_string())?;
         let mut data = Vec::new();
