@@ -365,21 +365,25 @@ fn frame(payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// A live record's frame, shared with a compaction under way.
+type LiveFrame = Arc<[u8]>;
+
 /// What the journal holds that is still live, each with the frame that says so (for compaction).
 #[derive(Default)]
 struct Live {
-    cached: HashMap<i64, Vec<u8>>,
+    cached: HashMap<i64, LiveFrame>,
     /// A cache sale not yet confirmed: the PIN's `cached` frame and the `cache_sold` frame.
-    sold: HashMap<i64, (Vec<u8>, Vec<u8>)>,
+    sold: HashMap<i64, (LiveFrame, LiveFrame)>,
     /// Ids on their way back to the server; their frames are written anew at compaction (naming only these).
     releasing: std::collections::BTreeSet<i64>,
     /// On-demand sales asked for, with what they bought (their reversal names it).
-    asked: HashMap<KeyRecord, (SaleContent, Vec<u8>)>,
-    reverse: HashMap<KeyRecord, (Option<SaleContent>, Vec<u8>)>,
+    asked: HashMap<KeyRecord, (SaleContent, LiveFrame)>,
+    reverse: HashMap<KeyRecord, (Option<SaleContent>, LiveFrame)>,
 }
 
 impl Live {
     fn apply(&mut self, r: &Record, frame: Vec<u8>) {
+        let frame: LiveFrame = frame.into();
         match r {
             Record::Cached(c) => {
                 // Reserved again: whatever release of this id was pending is over (the server gave it back to us).
@@ -421,13 +425,12 @@ impl Live {
     }
 
     /// The frames that rebuild this state, each once.
-    fn frames(&self) -> Vec<std::borrow::Cow<'_, [u8]>> {
-        use std::borrow::Cow;
-        let mut out: Vec<Cow<'_, [u8]>> = Vec::new();
-        out.extend(self.cached.values().map(|f| Cow::Borrowed(f.as_slice())));
+    fn frames(&self) -> Vec<LiveFrame> {
+        let mut out: Vec<LiveFrame> = Vec::new();
+        out.extend(self.cached.values().cloned());
         for (c, s) in self.sold.values() {
-            out.push(Cow::Borrowed(c));
-            out.push(Cow::Borrowed(s));
+            out.push(c.clone());
+            out.push(s.clone());
         }
         // Releases still pending, named anew (an old frame may name ids released or reserved again since).
         let ids: Vec<i64> = self.releasing.iter().copied().collect();
@@ -435,10 +438,10 @@ impl Live {
             let w = Wire::Releasing {
                 pin_ids: chunk.to_vec(),
             };
-            out.push(Cow::Owned(frame(&serde_json::to_vec(&w).expect("serialisable"))));
+            out.push(frame(&serde_json::to_vec(&w).expect("serialisable")).into());
         }
-        out.extend(self.asked.values().map(|(_, f)| Cow::Borrowed(f.as_slice())));
-        out.extend(self.reverse.values().map(|(_, f)| Cow::Borrowed(f.as_slice())));
+        out.extend(self.asked.values().map(|(_, f)| f.clone()));
+        out.extend(self.reverse.values().map(|(_, f)| f.clone()));
         out
     }
 
@@ -669,7 +672,7 @@ fn sync_dir(path: &Path) -> std::io::Result<()> {
 }
 
 /// Writes `frames` as a fresh journal at `path` (through a temporary file and a rename), and opens it for append.
-fn rewrite(path: &Path, frames: &[std::borrow::Cow<'_, [u8]>]) -> std::io::Result<File> {
+fn rewrite(path: &Path, frames: &[LiveFrame]) -> std::io::Result<File> {
     let tmp = path.with_extension("compact");
     {
         let mut f = File::create(&tmp)?;
@@ -702,17 +705,20 @@ struct Compaction {
 }
 
 impl Compaction {
-    fn start(path: &Path, frames: &[std::borrow::Cow<'_, [u8]>]) -> Compaction {
-        let mut buf = Vec::with_capacity(4 + frames.iter().map(|f| f.len()).sum::<usize>());
-        buf.extend_from_slice(MAGIC);
-        for fr in frames {
-            buf.extend_from_slice(fr);
-        }
+    /// `frames` are shared with the writer's live set, not copied: the writer hands them over in a millisecond or
+    /// two and the thread does the rest.
+    fn start(path: &Path, frames: Vec<LiveFrame>) -> Compaction {
         // Not `rewrite`'s name: a journal opened again while this one closes compacts through that one.
         let tmp = path.with_extension("compacting");
-        let snapshot = buf.len() as u64;
+        let snapshot = 4 + frames.iter().map(|f| f.len() as u64).sum::<u64>();
         let at = tmp.clone();
         let thread = std::thread::spawn(move || {
+            let mut buf = Vec::with_capacity(snapshot as usize);
+            buf.extend_from_slice(MAGIC);
+            for fr in &frames {
+                buf.extend_from_slice(fr);
+            }
+            drop(frames);
             let mut f = File::create(&at)?;
             f.write_all(&buf)?;
             f.sync_all()?;
@@ -805,7 +811,8 @@ impl Journal {
                     content: Some(content.clone()),
                 };
                 let payload = serde_json::to_vec(&w).expect("serialisable");
-                live.reverse.insert(k.clone(), (Some(content.clone()), frame(&payload)));
+                live.reverse
+                    .insert(k.clone(), (Some(content.clone()), frame(&payload).into()));
                 reverse.push((k, Some(content)));
             }
         }
@@ -1006,7 +1013,7 @@ fn writer(
         if compacting.is_none() && size > next_check {
             let live_bytes = live.live_bytes();
             if live_bytes * 4 < size {
-                compacting = Some(Compaction::start(&path, &live.frames()));
+                compacting = Some(Compaction::start(&path, live.frames()));
             } else {
                 next_check = opts.compact_above.max(size + size / 2);
             }
