@@ -69,4 +69,5 @@ echo "gateway RSS: $r0 KiB before the run, $(rss $GP) KiB after"
 import json, sys
 d = json.load(sys.stdin)
 for l in d["cache"]:
-    print(f"cache {l[\"product\"]}: {l[\"cached\"]} cached, {l.get(\"hits\")} hits, {l.get(\"misses\")} misses; confirms waiting {d[\"pending_confirms\"]}")'
+    print("cache %s: %s cached, %s hits, %s misses; confirms waiting %s"
+          % (l["product"], l["cached"], l.get("hits"), l.get("misses"), d["pending_confirms"]))'
