@@ -1,5 +1,6 @@
 //! Terminal connections over TCP: one listener per configured framing and dialect, one task per connection with
-//! its own tracing span, several requests in flight per connection (answered as they complete), caps on
+//! its own tracing span, several requests in flight per connection (polled by the connection's own task, answered
+//! as they complete), caps on
 //! connections (in all and per source address), a deadline for a connection's first frame (idle sockets do not
 //! keep slots), an idle timeout, and slow-sender protection (a frame, once started, must be complete within
 //! `frame_timeout`).
@@ -16,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
@@ -32,6 +34,9 @@ use crate::link::framing::{Frame, FrameCodec};
 use crate::logging::limited;
 use crate::sale::{answer, ResponseCode, SaleKey};
 use crate::traffic::capture::{protect_pins, terminal_frame, Capture, CaptureSink, Direction};
+
+/// A terminal request being answered.
+type RequestFuture = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Time allowed to write one answer; a terminal that does not read is cut off.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -227,7 +232,9 @@ async fn connection(
         .in_current_span(),
     );
 
-    let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
+    // Requests in flight, polled by this task (not one spawned task each: their journal syncs and answers wake
+    // this one task, once for all that are ready).
+    let mut in_flight: FuturesUnordered<RequestFuture> = FuturesUnordered::new();
     // Until its first frame is complete, a connection is given `first_frame_timeout` from its accept.
     let first_frame_by = Instant::now() + cfg.first_frame_timeout;
     let mut framed = false;
@@ -236,8 +243,9 @@ async fn connection(
     let mut frame_started: Option<Instant> = None;
     let mut last_activity = Instant::now();
     let result = loop {
-        // Every complete frame in the buffer first.
-        loop {
+        // Every complete frame in the buffer first, while there is room in flight (else they wait in the buffer,
+        // and nothing more is read: our backpressure).
+        while in_flight.len() < cfg.max_in_flight {
             match codec.decode(&mut buf) {
                 Ok(Some(frame)) => {
                     if let Some((sink, conn)) = &capture {
@@ -250,10 +258,9 @@ async fn connection(
                     frame_started = None;
                     framed = true;
                     last_activity = Instant::now();
-                    let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                        break;
-                    };
-                    on_frame(frame, &dialect, &gw, &out_tx, permit, &mut named);
+                    if let Some(request) = on_frame(frame, &dialect, &gw, &out_tx, &mut named) {
+                        in_flight.push(request);
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -264,12 +271,14 @@ async fn connection(
                 }
             }
         }
-        frame_started = match (buf.is_empty(), frame_started) {
+        let full = in_flight.len() >= cfg.max_in_flight;
+        frame_started = match (buf.is_empty() || full, frame_started) {
+            // Full: what is in the buffer waits for us, not for the terminal.
             (true, _) => None,
             (false, None) => Some(Instant::now()),
             (false, s) => s,
         };
-        let busy = in_flight.available_permits() < cfg.max_in_flight;
+        let busy = !in_flight.is_empty();
         let deadline = match frame_started {
             Some(t) => t + cfg.frame_timeout,
             None if busy => Instant::now() + cfg.idle_timeout,
@@ -278,7 +287,8 @@ async fn connection(
         let deadline = if framed { deadline } else { deadline.min(first_frame_by) };
         tokio::select! {
             _ = stop.cancelled() => break Ok(()),
-            r = rd.read_buf(&mut buf) => match r {
+            Some(()) = in_flight.next(), if busy => {}
+            r = rd.read_buf(&mut buf), if !full => match r {
                 Ok(0) => break Ok(()),
                 Ok(_) => last_activity = Instant::now(),
                 Err(e) => break Err(e.to_string()),
@@ -294,7 +304,7 @@ async fn connection(
                     limited!(info, "frame not completed in time (slow sender); closing", bytes = buf.len());
                     break Err("slow sender".into());
                 }
-                if in_flight.available_permits() == cfg.max_in_flight {
+                if in_flight.is_empty() {
                     tracing::debug!("idle; closing");
                     break Ok(());
                 }
@@ -302,7 +312,7 @@ async fn connection(
         }
     };
     // Let what is in flight be answered, then close.
-    let _ = in_flight.acquire_many(cfg.max_in_flight as u32).await;
+    while in_flight.next().await.is_some() {}
     drop(out_tx);
     let _ = writer.await;
     result
@@ -360,9 +370,8 @@ fn on_frame(
     dialect: &Arc<Dialect>,
     gw: &Arc<Gateway>,
     out: &mpsc::Sender<Outgoing>,
-    permit: tokio::sync::OwnedSemaphorePermit,
     named: &mut Named,
-) {
+) -> Option<RequestFuture> {
     let reply_tpdu = frame.tpdu.map(|t| t.reply());
     if frame.message.is_empty() {
         // Keep-alive: echoed as it came.
@@ -373,7 +382,7 @@ fn on_frame(
             },
             None,
         ));
-        return;
+        return None;
     }
     let received = Instant::now();
     let msg = match decode_request(dialect, &frame.message) {
@@ -389,16 +398,15 @@ fn on_frame(
                     None,
                 ));
             }
-            return;
+            return None;
         }
     };
     if let Some(t) = msg.terminal_id() {
         named.saw(t);
     }
     let (gw, dialect, out) = (gw.clone(), dialect.clone(), out.clone());
-    tokio::spawn(
+    Some(Box::pin(
         async move {
-            let _permit = permit;
             let reply = gw.handle(&msg, received).await;
             let bytes = match dialect.encode(&reply.message) {
                 Ok(b) => b.freeze(),
@@ -425,7 +433,7 @@ fn on_frame(
             }
         }
         .in_current_span(),
-    );
+    ))
 }
 
 #[cfg(test)]

@@ -44,7 +44,7 @@ sed -i 's|^\[gateway\]|[gateway]\nadmin = "./admin.sock"|; s|^dialect = "iso87-a
     --listen 127.0.0.1:17443 --log-level warn >"$W/server.log" 2>&1 &
 SP=$!
 sleep 0.5
-"$T/pingate" gateway --config gateway-demo-gw.toml --log-level warn >"$W/gateway.log" 2>&1 &
+env ${GW_ENV:-} "$T/pingate" gateway --config gateway-demo-gw.toml --log-level warn >"$W/gateway.log" 2>&1 &
 GP=$!
 trap 'kill $GP $SP 2>/dev/null || true' EXIT
 cached() {
