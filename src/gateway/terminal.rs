@@ -1,9 +1,8 @@
 //! Terminal connections over TCP: one listener per configured framing and dialect, one task per connection with
 //! its own tracing span, several requests in flight per connection (polled by the connection's own task, answered
-//! as they complete), caps on
-//! connections (in all and per source address), a deadline for a connection's first frame (idle sockets do not
-//! keep slots), an idle timeout, and slow-sender protection (a frame, once started, must be complete within
-//! `frame_timeout`).
+//! as they complete), caps on connections (in all and per source address), a deadline for a connection's first frame
+//! (idle sockets do not keep slots), an idle timeout, and slow-sender protection (a frame, once started, must be
+//! complete within `frame_timeout`).
 //!
 //! The reading side is a plain loop over [`FrameCodec`] (no I/O in the codec): bytes in, frames out, and the
 //! deadline that applies next (frame or idle). Answers go through a writer task; an approved sale whose answer
