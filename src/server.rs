@@ -783,61 +783,70 @@ fn lease_until(shared: &Shared, secs: u64) -> Result<i64, String> {
     Ok(unix_now() + secs as i64)
 }
 
-/// A batch of confirms: one store operation each, all submitted at once (the store commits them in a few
-/// transactions), one result each.
+/// A batch of confirms: one store operation each, all submitted together (the store applies them in one
+/// transaction, in order), one result each.
 async fn confirm_batch(shared: &Shared, gateway: &str, id: u64, confirms: Vec<ConfirmItem>) -> ResponseFrame {
     if confirms.is_empty() || confirms.len() > MAX_RESERVE {
         return ResponseFrame::err(id, ErrorCode::BadRequest, format!("confirms: 1 to {MAX_RESERVE}"));
     }
-    let calls = confirms.into_iter().map(|c| async move {
-        let sale = match sale(gateway, c.terminal) {
-            Ok(s) => s,
-            Err(msg) => {
-                return BatchResult {
-                    outcome: None,
-                    error: Some(WireError {
-                        code: ErrorCode::BadRequest,
-                        message: msg,
-                    }),
-                }
+    let failed = |code: ErrorCode, message: String| BatchResult {
+        outcome: None,
+        error: Some(WireError { code, message }),
+    };
+    let mut results: Vec<Option<BatchResult>> = Vec::with_capacity(confirms.len());
+    let mut ops = Vec::with_capacity(confirms.len());
+    for c in confirms {
+        match sale(gateway, c.terminal) {
+            Ok(sale) => {
+                results.push(None);
+                ops.push(Op::Confirm {
+                    holder: gateway.into(),
+                    pin_id: c.pin_id,
+                    sale,
+                });
             }
-        };
-        let op = Op::Confirm {
-            holder: gateway.into(),
-            pin_id: c.pin_id,
-            sale,
-        };
-        match shared.store.call(op).await {
-            Ok(Outcome::Confirmed(c)) => {
-                shared.count_confirmation(c);
-                BatchResult {
-                    outcome: Some(c.as_str().into()),
-                    error: None,
-                }
-            }
-            Ok(_) => BatchResult {
-                outcome: None,
-                error: Some(WireError {
-                    code: ErrorCode::Internal,
-                    message: "internal error".into(),
-                }),
-            },
-            Err(e) => {
-                let code = ErrorCode::of(&e);
-                let message = if code == ErrorCode::Internal {
-                    limited!(warn, "confirm failed", error = %e);
-                    "internal error".into()
-                } else {
-                    e.to_string()
-                };
-                BatchResult {
-                    outcome: None,
-                    error: Some(WireError { code, message }),
-                }
-            }
+            Err(msg) => results.push(Some(failed(ErrorCode::BadRequest, msg))),
         }
-    });
-    let results = futures_util::future::join_all(calls).await;
+    }
+    let outcomes = if ops.is_empty() {
+        Vec::new()
+    } else {
+        let n = ops.len();
+        // A store that cannot take the batch (shut down) fails each confirm, as each would have failed alone.
+        shared
+            .store
+            .call_many(ops)
+            .await
+            .unwrap_or_else(|e| (0..n).map(|_| Err(crate::store::StoreError::Db(e.to_string()))).collect())
+    };
+    let mut outcomes = outcomes.into_iter();
+    let results = results
+        .into_iter()
+        .map(|r| {
+            if let Some(r) = r {
+                return r;
+            }
+            match outcomes.next() {
+                Some(Ok(Outcome::Confirmed(c))) => {
+                    shared.count_confirmation(c);
+                    BatchResult {
+                        outcome: Some(c.as_str().into()),
+                        error: None,
+                    }
+                }
+                Some(Ok(_)) | None => failed(ErrorCode::Internal, "internal error".into()),
+                Some(Err(e)) => {
+                    let code = ErrorCode::of(&e);
+                    if code == ErrorCode::Internal {
+                        limited!(warn, "confirm failed", error = %e);
+                        failed(code, "internal error".into())
+                    } else {
+                        failed(code, e.to_string())
+                    }
+                }
+            }
+        })
+        .collect();
     ResponseFrame::ok(id, Response::ConfirmedBatch { results })
 }
 
