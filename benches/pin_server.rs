@@ -17,7 +17,9 @@
 //! process as its gateways over TLS; the server's CPU time (user + system, from `/proc/PID/stat`) per PIN over each
 //! measurement, after a second of warm-up: what a cached PIN (reserved, then confirmed in a `confirm_batch`) or an
 //! on-demand sale costs the PIN server as a whole (TLS, protocol, store thread, disk syncs). `--perf FILE` records
-//! the server with `perf record --call-graph dwarf` during the first measurement of each operation.
+//! the server with `perf record --call-graph dwarf` during the first measurement of each operation;
+//! `$PINGATE_BENCH_SERVER` runs another build's `pingate` instead of this one's (a before/after on the same harness;
+//! the database is made by this build, so the other must open its schema).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -368,18 +370,30 @@ impl Drop for ServerProcess {
 async fn process(a: &Args, dir: &std::path::Path) {
     use std::io::BufRead;
     let certs = certs_init(&dir.join("certs"), &CertsInit::default()).unwrap();
-    let keys = std::fs::read_to_string(certs.pin_keys()).unwrap();
     let path = dir.join("pins.db");
     // Enough stock for every measurement at above the rates seen (about 30,000 PINs/s).
     let stock = 40_000 * (a.seconds as usize + 1) * a.runs * a.ops.len() + 100_000;
-    {
-        let mut s = SqliteStore::open(&path, PinCipher::from_spec(&keys).unwrap()).unwrap();
-        s.upsert_product(&product()).unwrap();
-        s.import(&pins(stock)).unwrap();
-    }
     let db = format!("sqlite:{}", path.display());
     let s = |p: std::path::PathBuf| p.to_str().unwrap().to_string();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pingate"))
+    // `$PINGATE_BENCH_SERVER`: another build's binary (the same harness measures a build before a change). The
+    // inventory is made by the binary measured, through its command line (its schema).
+    let binary = std::env::var("PINGATE_BENCH_SERVER").unwrap_or_else(|_| env!("CARGO_BIN_EXE_pingate").into());
+    let mut csv = String::from("product,amount,pin,serial,expiry,receipt\n");
+    for p in pins(stock) {
+        csv.push_str(&format!("{},{},{},{},,{}\n", p.product, p.amount, p.pin.expose(), p.serial, p.receipt[0]));
+    }
+    std::fs::write(dir.join("pins.csv"), csv).unwrap();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(&binary).args(args).output().unwrap();
+        assert!(out.status.success(), "pingate {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    cli(&["pins", "product", "--db", &db, "--code", "TOPUP", "--name", "Top-up", "--supplier", "Telco"]
+        .into_iter()
+        .chain(["--currency", "978", "--amounts", "1000"])
+        .collect::<Vec<_>>());
+    cli(&["pins", "import", "--db", &db, "--pin-keys", &s(certs.pin_keys()), &s(dir.join("pins.csv"))]);
+    let _ = std::fs::remove_file(dir.join("pins.csv"));
+    let mut child = std::process::Command::new(&binary)
         .args(["server", "--db", &db, "--listen", "127.0.0.1:0"])
         .args(["--cert", &s(certs.server_cert()), "--key", &s(certs.server_key())])
         .args(["--client-ca", &s(certs.server_ca()), "--gateways", &s(certs.gateways())])
