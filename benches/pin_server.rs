@@ -380,18 +380,48 @@ async fn process(a: &Args, dir: &std::path::Path) {
     let binary = std::env::var("PINGATE_BENCH_SERVER").unwrap_or_else(|_| env!("CARGO_BIN_EXE_pingate").into());
     let mut csv = String::from("product,amount,pin,serial,expiry,receipt\n");
     for p in pins(stock) {
-        csv.push_str(&format!("{},{},{},{},,{}\n", p.product, p.amount, p.pin.expose(), p.serial, p.receipt[0]));
+        csv.push_str(&format!(
+            "{},{},{},{},,{}\n",
+            p.product,
+            p.amount,
+            p.pin.expose(),
+            p.serial,
+            p.receipt[0]
+        ));
     }
     std::fs::write(dir.join("pins.csv"), csv).unwrap();
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(&binary).args(args).output().unwrap();
-        assert!(out.status.success(), "pingate {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pingate {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    cli(&["pins", "product", "--db", &db, "--code", "TOPUP", "--name", "Top-up", "--supplier", "Telco"]
-        .into_iter()
-        .chain(["--currency", "978", "--amounts", "1000"])
-        .collect::<Vec<_>>());
-    cli(&["pins", "import", "--db", &db, "--pin-keys", &s(certs.pin_keys()), &s(dir.join("pins.csv"))]);
+    cli(&[
+        "pins",
+        "product",
+        "--db",
+        &db,
+        "--code",
+        "TOPUP",
+        "--name",
+        "Top-up",
+        "--supplier",
+        "Telco",
+    ]
+    .into_iter()
+    .chain(["--currency", "978", "--amounts", "1000"])
+    .collect::<Vec<_>>());
+    cli(&[
+        "pins",
+        "import",
+        "--db",
+        &db,
+        "--pin-keys",
+        &s(certs.pin_keys()),
+        &s(dir.join("pins.csv")),
+    ]);
     let _ = std::fs::remove_file(dir.join("pins.csv"));
     let mut child = std::process::Command::new(&binary)
         .args(["server", "--db", &db, "--listen", "127.0.0.1:0"])
@@ -439,7 +469,16 @@ async fn process(a: &Args, dir: &std::path::Path) {
             let perf = match (&a.perf, run) {
                 (Some(file), 0) => Some(
                     std::process::Command::new("perf")
-                        .args(["record", "-F", "999", "--call-graph", "dwarf,16384", "-p", &pid.to_string(), "-o"])
+                        .args([
+                            "record",
+                            "-F",
+                            "999",
+                            "--call-graph",
+                            "dwarf,16384",
+                            "-p",
+                            &pid.to_string(),
+                            "-o",
+                        ])
                         .arg(format!("{file}.{}", op.replace(' ', "-")))
                         .stdout(std::process::Stdio::null())
                         .stderr(std::process::Stdio::null())
@@ -452,7 +491,9 @@ async fn process(a: &Args, dir: &std::path::Path) {
             let s = load(&clients, a.in_flight, a.seconds, op).await;
             let cpu = cpu_of(&stat) - cpu;
             if let Some(mut p) = perf {
-                let _ = std::process::Command::new("kill").args(["-INT", &p.id().to_string()]).status();
+                let _ = std::process::Command::new("kill")
+                    .args(["-INT", &p.id().to_string()])
+                    .status();
                 let _ = p.wait();
             }
             let secs = s.elapsed.as_secs_f64();

@@ -813,11 +813,11 @@ async fn confirm_batch(shared: &Shared, gateway: &str, id: u64, confirms: Vec<Co
     } else {
         let n = ops.len();
         // A store that cannot take the batch (shut down) fails each confirm, as each would have failed alone.
-        shared
-            .store
-            .call_many(ops)
-            .await
-            .unwrap_or_else(|e| (0..n).map(|_| Err(crate::store::StoreError::Db(e.to_string()))).collect())
+        shared.store.call_many(ops).await.unwrap_or_else(|e| {
+            (0..n)
+                .map(|_| Err(crate::store::StoreError::Db(e.to_string())))
+                .collect()
+        })
     };
     let mut outcomes = outcomes.into_iter();
     let results = results

@@ -315,7 +315,10 @@ impl Rig {
 
     /// [`Rig::forced`], the edit written for each backend (`edit` on SQLite, `edit_pg` on PostgreSQL).
     async fn forced_each(&self, edit: &str, edit_pg: &str, refusal: &str, unguard: &str, unguard_pg: &str) {
-        let e = self.sql(edit, edit_pg).await.expect_err("the database refuses the edit");
+        let e = self
+            .sql(edit, edit_pg)
+            .await
+            .expect_err("the database refuses the edit");
         assert!(e.to_lowercase().contains(&refusal.to_lowercase()), "{e}");
         // In the same session: PostgreSQL's `session_replication_role` lasts as long as it.
         self.sql(&format!("{unguard}; {edit}"), &format!("{unguard_pg}; {edit_pg}"))

@@ -312,14 +312,21 @@ fn the_database_refuses_illegal_changes_even_if_code_is_wrong() {
         [],
     )
     .unwrap();
-    for (state, seq) in [("expired", newest + 100), ("expired", newest + 1), ("available", newest + 1)] {
+    for (state, seq) in [
+        ("expired", newest + 100),
+        ("expired", newest + 1),
+        ("available", newest + 1),
+    ] {
         let err = c
             .execute(
                 "UPDATE pins SET state = ?1, audit_seq = ?2 WHERE id = ?3",
                 rusqlite::params![state, seq, available],
             )
             .expect_err(&format!("{state} under record {seq}"));
-        assert!(err.to_string().contains("does not record the move"), "{state} {seq}: {err}");
+        assert!(
+            err.to_string().contains("does not record the move"),
+            "{state} {seq}: {err}"
+        );
     }
     let err = c
         .execute(
@@ -335,7 +342,9 @@ fn the_database_refuses_illegal_changes_even_if_code_is_wrong() {
         rusqlite::params![newest + 1, available],
     )
     .unwrap();
-    let records: i64 = c.query_row("SELECT COUNT(*) FROM audit WHERE seq > ?1", [newest], |r| r.get(0)).unwrap();
+    let records: i64 = c
+        .query_row("SELECT COUNT(*) FROM audit WHERE seq > ?1", [newest], |r| r.get(0))
+        .unwrap();
     assert_eq!(records, 1);
 }
 
@@ -829,7 +838,11 @@ fn a_version_6_file_gets_its_audit_trail_as_records() {
     assert_eq!(audit_records(s.connection()), rows, "a record per row of the old trail");
     let one_each: i64 = s
         .connection()
-        .query_row("SELECT COUNT(*) FROM audit WHERE json_array_length(pins) <> 1", [], |r| r.get(0))
+        .query_row(
+            "SELECT COUNT(*) FROM audit WHERE json_array_length(pins) <> 1",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(one_each, 0);
     audit_holds(&db);
@@ -868,7 +881,10 @@ fn a_version_6_file_gets_its_audit_trail_as_records() {
     for id in &ids {
         let trail: Vec<String> = s.audit_of(*id).unwrap().into_iter().map(|t| t.1).collect();
         // (One of them may be the PIN released above, which had a trail before.)
-        assert!(trail.ends_with(&["available".into(), "reserved".into(), "sold".into()]), "{trail:?}");
+        assert!(
+            trail.ends_with(&["available".into(), "reserved".into(), "sold".into()]),
+            "{trail:?}"
+        );
     }
     // A change by hand (an allowed edge) gets its own record from the trigger.
     let available: i64 = s
@@ -884,4 +900,41 @@ fn a_version_6_file_gets_its_audit_trail_as_records() {
         Some("expired".to_string())
     );
     audit_holds(&db);
+}
+
+/// Operations that arrive while a batch is applied join its transaction (the store's worker hands them over before
+/// the commit): they see what the batch did, nothing is committed before all of them are applied, and each gets
+/// its own result, in order.
+#[test]
+fn operations_taken_while_a_batch_is_applied_share_its_commit() {
+    let db = TempDb::new("late");
+    let mut s = db.stocked(5);
+    let other = rusqlite::Connection::open(db.path()).unwrap();
+    let sold =
+        |c: &rusqlite::Connection| -> i64 { c.query_row("SELECT COUNT(*) FROM sales", [], |r| r.get(0)).unwrap() };
+    let mut late = vec![vec![
+        pingate::store::Op::Sell(sell(1)),
+        pingate::store::Op::Sell(sell(2)),
+    ]];
+    let mut asked = 0;
+    let results = s.apply_batch_then(&[pingate::store::Op::Sell(sell(1))], &mut || {
+        asked += 1;
+        // The batch's sale is not committed yet: another connection does not see it.
+        assert_eq!(sold(&other), 0);
+        late.pop()
+    });
+    assert_eq!(asked, 2, "asked until nothing more came");
+    assert_eq!(results.len(), 3);
+    let pin = |i: usize| match &results[i] {
+        Ok(pingate::store::Outcome::Sold(d)) => (d.pin_id, d.redelivered),
+        r => panic!("{i}: {r:?}"),
+    };
+    let first = pin(0);
+    assert_eq!(
+        pin(1),
+        (first.0, true),
+        "the repeat saw the sale made before it in the transaction"
+    );
+    assert_ne!(pin(2).0, first.0);
+    assert_eq!(sold(&other), 2, "all committed together");
 }

@@ -203,11 +203,16 @@ impl StoreHandle {
     }
 }
 
-/// Adds to `jobs` whatever is already queued, while they hold fewer than `max` operations in all: the batch that
-/// shares one commit (a job is never split, so one of many operations makes a batch of its own).
+/// Most operations one transaction takes from several callers (a job is never split: one of more operations, a
+/// gateway's confirms, is a transaction of its own). Confirms are cheap per operation and each transaction costs a
+/// disk sync, so several batches of confirms share one.
+const MAX_OPS: usize = 1024;
+
+/// Adds to `jobs` whatever is already queued, while they are fewer than `max` callers and [`MAX_OPS`] operations:
+/// the batch that shares one commit.
 fn gather(jobs: &mut Vec<Job>, rx: &mut mpsc::Receiver<Job>, max: usize) {
     let mut n: usize = jobs.iter().map(|j| j.ops.len()).sum();
-    while n < max {
+    while jobs.len() < max && n < MAX_OPS {
         match rx.try_recv() {
             Ok(j) => {
                 n += j.ops.len();
@@ -242,8 +247,32 @@ fn sqlite_worker(mut store: SqliteStore, mut rx: mpsc::Receiver<Job>, max: usize
     while let Some(first) = rx.blocking_recv() {
         jobs.push(first);
         gather(&mut jobs, &mut rx, max);
-        let (ops, replies) = split(&mut jobs);
-        answer(replies, store.apply_batch(&ops));
+        let (ops, mut replies) = split(&mut jobs);
+        let mut taken = ops.len();
+        // What arrived while the batch was applied joins its transaction (within the same limits), instead of
+        // waiting for its commit and then paying a commit of its own.
+        let mut late = |store_jobs: &mut Vec<Job>| -> Option<Vec<Op>> {
+            if replies.len() >= max || taken >= MAX_OPS {
+                return None;
+            }
+            while replies.len() + store_jobs.len() < max && taken < MAX_OPS {
+                match rx.try_recv() {
+                    Ok(j) => {
+                        taken += j.ops.len();
+                        store_jobs.push(j);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if store_jobs.is_empty() {
+                return None;
+            }
+            let (ops, r) = split(store_jobs);
+            replies.extend(r);
+            Some(ops)
+        };
+        let results = store.apply_batch_then(&ops, &mut || late(&mut jobs));
+        answer(replies, results);
     }
 }
 

@@ -462,79 +462,41 @@ impl SqliteStore {
     /// Consecutive confirms are applied together ([`confirm_group`]): their PINs move to `sold` in one statement,
     /// under one audit record per holder; a reservation moves its PINs in one statement under one record.
     pub fn apply_batch(&mut self, ops: &[Op]) -> Vec<Result<Outcome, StoreError>> {
+        self.apply_batch_then(ops, &mut || None)
+    }
+
+    /// [`SqliteStore::apply_batch`], then, in the same transaction, the operations `more` gives (in order, until it
+    /// gives `None`): operations that arrived while the batch was applied share its commit instead of waiting for
+    /// it and paying one of their own. One result per operation, those of `ops` first; on a database error every
+    /// operation taken fails.
+    pub fn apply_batch_then(
+        &mut self,
+        ops: &[Op],
+        more: &mut dyn FnMut() -> Option<Vec<Op>>,
+    ) -> Vec<Result<Outcome, StoreError>> {
         if let Err(e) = self.check_version() {
             return super::failed_batch(ops.len(), &e.to_string());
         }
         let now = unix_now();
         let today = today();
-        let cipher = &self.cipher;
         let tx = match self.conn.transaction_with_behavior(TransactionBehavior::Immediate) {
             Ok(t) => t,
             Err(e) => return super::failed_batch(ops.len(), &e.to_string()),
         };
         let mut results = Vec::with_capacity(ops.len());
-        let mut rest = ops;
-        while let Some(op) = rest.first() {
-            let confirms = rest.iter().take_while(|o| matches!(o, Op::Confirm { .. })).count();
-            let r: Result<Vec<Result<Outcome, StoreError>>, StoreError> = if confirms > 0 {
-                let items: Vec<(&str, i64, &SaleContext)> = rest[..confirms]
-                    .iter()
-                    .filter_map(|o| match o {
-                        Op::Confirm { holder, pin_id, sale } => Some((holder.as_str(), *pin_id, sale)),
-                        _ => None,
-                    })
-                    .collect();
-                rest = &rest[confirms..];
-                confirm_group(&tx, &items, now).map(|v| v.into_iter().map(|r| r.map(Outcome::Confirmed)).collect())
-            } else {
-                rest = &rest[1..];
-                // A picked PIN that does not open is quarantined (when its key is shown right) and the operation
-                // runs again: it picks the next PIN. Nothing was written before it was found.
-                let mut quarantined = 0;
-                let r = loop {
-                    match apply(&tx, cipher, op, now, &today) {
-                        Err(StoreError::Unreadable { pin_id, reason }) if quarantined < MAX_QUARANTINE_PER_OP => {
-                            match quarantine(&tx, cipher, pin_id) {
-                                Ok(true) => quarantined += 1,
-                                Ok(false) => break Err(StoreError::Unreadable { pin_id, reason }),
-                                Err(e) => break Err(e),
-                            }
-                        }
-                        r => break r,
-                    }
-                };
-                match r {
-                    Err(StoreError::Db(msg)) => Err(StoreError::Db(msg)),
-                    r => Ok(vec![r]),
-                }
-            };
-            // A database error fails the whole batch: SQLite may already have rolled the transaction back by
-            // itself (disk full, I/O error), and what follows must not be committed on its own.
-            let r = match r {
-                Ok(r) => match r.iter().find_map(|r| match r {
-                    Err(StoreError::Db(msg)) => Some(msg.clone()),
-                    _ => None,
-                }) {
-                    Some(msg) => Err(msg),
-                    None => Ok(r),
-                },
-                Err(StoreError::Db(msg)) => Err(msg),
-                Err(e) => Err(e.to_string()),
-            };
-            match r {
-                Ok(r) => results.extend(r),
-                Err(msg) => {
-                    drop(tx);
-                    return super::failed_batch(ops.len(), &msg);
-                }
-            }
-            if tx.is_autocommit() {
-                drop(tx);
-                return super::failed_batch(ops.len(), "transaction rolled back by SQLite");
-            }
+        let mut taken = ops.len();
+        let mut r = apply_ops(&tx, &self.cipher, ops, now, &today, &mut results);
+        while r.is_ok() {
+            let Some(late) = more() else { break };
+            taken += late.len();
+            r = apply_ops(&tx, &self.cipher, &late, now, &today, &mut results);
+        }
+        if let Err(msg) = r {
+            drop(tx);
+            return super::failed_batch(taken, &msg);
         }
         if let Err(e) = tx.commit() {
-            return super::failed_batch(ops.len(), &e.to_string());
+            return super::failed_batch(taken, &e.to_string());
         }
         results
     }
@@ -973,6 +935,73 @@ fn void(tx: &Connection, sale: &SaleContext, pin_id: i64, now: i64) -> Result<()
     Ok(())
 }
 
+/// Applies `ops` in order inside the batch's transaction, pushing one result each (see
+/// [`SqliteStore::apply_batch`]); `Err` with the message when the batch must fail whole (a database error).
+fn apply_ops(
+    tx: &Transaction<'_>,
+    cipher: &PinCipher,
+    ops: &[Op],
+    now: i64,
+    today: &str,
+    results: &mut Vec<Result<Outcome, StoreError>>,
+) -> Result<(), String> {
+    let mut rest = ops;
+    while let Some(op) = rest.first() {
+        let confirms = rest.iter().take_while(|o| matches!(o, Op::Confirm { .. })).count();
+        let r: Result<Vec<Result<Outcome, StoreError>>, StoreError> = if confirms > 0 {
+            let items: Vec<(&str, i64, &SaleContext)> = rest[..confirms]
+                .iter()
+                .filter_map(|o| match o {
+                    Op::Confirm { holder, pin_id, sale } => Some((holder.as_str(), *pin_id, sale)),
+                    _ => None,
+                })
+                .collect();
+            rest = &rest[confirms..];
+            confirm_group(tx, &items, now).map(|v| v.into_iter().map(|r| r.map(Outcome::Confirmed)).collect())
+        } else {
+            rest = &rest[1..];
+            // A picked PIN that does not open is quarantined (when its key is shown right) and the operation runs
+            // again: it picks the next PIN. Nothing was written before it was found.
+            let mut quarantined = 0;
+            let r = loop {
+                match apply(tx, cipher, op, now, today) {
+                    Err(StoreError::Unreadable { pin_id, reason }) if quarantined < MAX_QUARANTINE_PER_OP => {
+                        match quarantine(tx, cipher, pin_id) {
+                            Ok(true) => quarantined += 1,
+                            Ok(false) => break Err(StoreError::Unreadable { pin_id, reason }),
+                            Err(e) => break Err(e),
+                        }
+                    }
+                    r => break r,
+                }
+            };
+            match r {
+                Err(StoreError::Db(msg)) => Err(StoreError::Db(msg)),
+                r => Ok(vec![r]),
+            }
+        };
+        // A database error fails the whole batch: SQLite may already have rolled the transaction back by itself
+        // (disk full, I/O error), and what follows must not be committed on its own.
+        match r {
+            Ok(r) => {
+                if let Some(msg) = r.iter().find_map(|r| match r {
+                    Err(StoreError::Db(msg)) => Some(msg.clone()),
+                    _ => None,
+                }) {
+                    return Err(msg);
+                }
+                results.extend(r);
+            }
+            Err(StoreError::Db(msg)) => return Err(msg),
+            Err(e) => return Err(e.to_string()),
+        }
+        if tx.is_autocommit() {
+            return Err("transaction rolled back by SQLite".into());
+        }
+    }
+    Ok(())
+}
+
 fn sell_one(
     tx: &Connection,
     cipher: &PinCipher,
@@ -1180,7 +1209,14 @@ fn reserve(
         return Ok(out);
     }
     let ids: Vec<i64> = out.iter().map(|d| d.pin_id).collect();
-    let seq = audit_record(tx, Some(PinState::Available), PinState::Reserved, Some(holder), now, &ids)?;
+    let seq = audit_record(
+        tx,
+        Some(PinState::Available),
+        PinState::Reserved,
+        Some(holder),
+        now,
+        &ids,
+    )?;
     let moved = tx
         .prepare_cached(
             "UPDATE pins SET state = 'reserved', holder = ?1, lease_until = ?2, audit_seq = ?3
@@ -1277,7 +1313,11 @@ fn confirm_group(
     holders.sort_unstable();
     holders.dedup();
     for holder in holders {
-        let ids: Vec<i64> = to_sell.iter().filter(|t| t.holder == holder).map(|t| t.pin_id).collect();
+        let ids: Vec<i64> = to_sell
+            .iter()
+            .filter(|t| t.holder == holder)
+            .map(|t| t.pin_id)
+            .collect();
         let seq = audit_record(tx, Some(PinState::Reserved), PinState::Sold, Some(holder), now, &ids)?;
         move_recorded(
             tx,
@@ -1301,10 +1341,7 @@ fn confirm_group(
             Ok(Confirmation::Sold)
         });
     }
-    Ok(results
-        .into_iter()
-        .map(|r| r.expect("every confirm decided"))
-        .collect())
+    Ok(results.into_iter().map(|r| r.expect("every confirm decided")).collect())
 }
 
 /// A confirm refused for good (see [`Confirmation::Conflict`]): the PIN, which `holder` holds, is voided and the
