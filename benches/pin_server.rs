@@ -11,6 +11,15 @@
 //! no protocol, no other thread): CPU time per PIN of a sale (batches of 64) and of a cached PIN (reserve 256,
 //! then confirm the 256 in one transaction), each with its disk syncs.
 //! PostgreSQL at `$PINGATE_BENCH_PG` (default postgres://postgres@127.0.0.1:5432/test, in a scratch schema).
+//!
+//! `cargo bench --bench pin_server -- process [--op cache-x256|cache-x10|sell]... [--seconds N] [--runs N]
+//! [--connections N] [--in-flight N] [--perf FILE]`: a real `pingate server` process (SQLite, its own file) and this
+//! process as its gateways over TLS; the server's CPU time (user + system, from `/proc/PID/stat`) per PIN over each
+//! measurement, after a second of warm-up: what a cached PIN (reserved, then confirmed in a `confirm_batch`) or an
+//! on-demand sale costs the PIN server as a whole (TLS, protocol, store thread, disk syncs). `--perf FILE` records
+//! the server with `perf record --call-graph dwarf` during the first measurement of each operation;
+//! `$PINGATE_BENCH_SERVER` runs another build's `pingate` instead of this one's (a before/after on the same harness;
+//! the database is made by this build, so the other must open its schema).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,6 +35,7 @@ use pingate::store::handle::{DbUrl, StoreHandle, StoreOptions};
 use pingate::store::postgres::PgStore;
 use pingate::store::sqlite::SqliteStore;
 use pingate::store::{NewPin, Op, Outcome, Product, SaleContext, SellRequest};
+use pingate::tls::{certs_init, client_config, CertsInit};
 use pingate::traffic::procfs::CpuReading;
 
 struct Args {
@@ -35,6 +45,9 @@ struct Args {
     in_flight: usize,
     ops: Vec<&'static str>,
     direct: bool,
+    process: bool,
+    runs: usize,
+    perf: Option<String>,
     terminals: usize,
 }
 
@@ -49,6 +62,9 @@ fn args() -> Args {
         in_flight: 32,
         ops: vec![],
         direct: false,
+        process: false,
+        runs: 3,
+        perf: None,
         terminals: 1000,
     };
     let mut it = std::env::args().skip(1);
@@ -64,6 +80,9 @@ fn args() -> Args {
                     .push(op.unwrap_or_else(|| panic!("--op: one of {OPS:?} (with - for the space)")));
             }
             "direct" => a.direct = true,
+            "process" => a.process = true,
+            "--runs" => a.runs = it.next().unwrap().parse().unwrap(),
+            "--perf" => a.perf = it.next(),
             "--terminals" => a.terminals = it.next().unwrap().parse().unwrap(),
             "sqlite" | "postgres" => a.backends.push(x),
             _ => {} // cargo's own flags (--bench)
@@ -73,7 +92,11 @@ fn args() -> Args {
         a.backends = vec!["sqlite".into(), "postgres".into()];
     }
     if a.ops.is_empty() {
-        a.ops = OPS.to_vec();
+        a.ops = if a.process {
+            vec!["cache x256", "sell"]
+        } else {
+            OPS.to_vec()
+        };
     }
     a
 }
@@ -118,11 +141,14 @@ fn pct(sorted: &[u32], p: f64) -> f64 {
 
 async fn load(clients: &[Arc<PspClient>], in_flight: usize, secs: u64, op: &'static str) -> Stats {
     let stop = Arc::new(AtomicBool::new(false));
-    let counter = Arc::new(AtomicU64::new(0));
+    // Sale keys are numbered across measurements: a key used again would be a repeat (or, for a confirm of another
+    // PIN, a conflict), not a new sale.
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let counter = &COUNTER;
     let mut tasks = Vec::new();
     for (ci, c) in clients.iter().enumerate() {
         for t in 0..in_flight {
-            let (c, stop, counter) = (c.clone(), stop.clone(), counter.clone());
+            let (c, stop) = (c.clone(), stop.clone());
             tasks.push(tokio::spawn(async move {
                 let (mut ok, mut items, mut errors, mut lat) = (0u64, 0u64, 0u64, Vec::with_capacity(100_000));
                 // This task's terminal, for the sale with this STAN.
@@ -318,11 +344,171 @@ fn direct(dir: &std::path::Path, secs: u64, terminals: usize) {
     }
 }
 
+/// A `pingate server` process, killed when dropped.
+struct ServerProcess(std::process::Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The server's CPU time per PIN as a separate process: see the module's documentation.
+async fn process(a: &Args, dir: &std::path::Path) {
+    use std::io::BufRead;
+    let certs = certs_init(&dir.join("certs"), &CertsInit::default()).unwrap();
+    let path = dir.join("pins.db");
+    // Enough stock for every measurement at above the rates seen (about 30,000 PINs/s).
+    let stock = 40_000 * (a.seconds as usize + 1) * a.runs * a.ops.len() + 100_000;
+    let db = format!("sqlite:{}", path.display());
+    let s = |p: std::path::PathBuf| p.to_str().unwrap().to_string();
+    // `$PINGATE_BENCH_SERVER`: another build's binary (the same harness measures a build before a change). The
+    // inventory is made by the binary measured, through its command line (its schema).
+    let binary = std::env::var("PINGATE_BENCH_SERVER").unwrap_or_else(|_| env!("CARGO_BIN_EXE_pingate").into());
+    let mut csv = String::from("product,amount,pin,serial,expiry,receipt\n");
+    for p in pins(stock) {
+        csv.push_str(&format!(
+            "{},{},{},{},,{}\n",
+            p.product,
+            p.amount,
+            p.pin.expose(),
+            p.serial,
+            p.receipt[0]
+        ));
+    }
+    std::fs::write(dir.join("pins.csv"), csv).unwrap();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(&binary).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "pingate {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    cli(&[
+        "pins",
+        "product",
+        "--db",
+        &db,
+        "--code",
+        "TOPUP",
+        "--name",
+        "Top-up",
+        "--supplier",
+        "Telco",
+    ]
+    .into_iter()
+    .chain(["--currency", "978", "--amounts", "1000"])
+    .collect::<Vec<_>>());
+    cli(&[
+        "pins",
+        "import",
+        "--db",
+        &db,
+        "--pin-keys",
+        &s(certs.pin_keys()),
+        &s(dir.join("pins.csv")),
+    ]);
+    let _ = std::fs::remove_file(dir.join("pins.csv"));
+    let mut child = std::process::Command::new(&binary)
+        .args(["server", "--db", &db, "--listen", "127.0.0.1:0"])
+        .args(["--cert", &s(certs.server_cert()), "--key", &s(certs.server_key())])
+        .args(["--client-ca", &s(certs.server_ca()), "--gateways", &s(certs.gateways())])
+        .args(["--pin-keys", &s(certs.pin_keys())])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let server = ServerProcess(child);
+    let pid = server.0.id();
+    let addr: std::net::SocketAddr = loop {
+        let line = lines.next().expect("server exited before listening").unwrap();
+        if let Some(i) = line.find("addr=Some(") {
+            let rest = &line[i + "addr=Some(".len()..];
+            break rest[..rest.find(')').unwrap()].parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
+    let ctls = Arc::new(
+        client_config(
+            &certs.gateway_cert("gw1"),
+            &certs.gateway_key("gw1"),
+            &certs.gateway_ca("gw1"),
+        )
+        .unwrap(),
+    );
+    let mut clients = Vec::new();
+    for _ in 0..a.connections {
+        clients.push(Arc::new(
+            PspClient::connect(addr, "localhost", ctls.clone()).await.unwrap().0,
+        ));
+    }
+    println!(
+        "pingate server as a process (pid {pid}, SQLite, {stock} PINs): {} connections x {} in flight, {} s per run",
+        a.connections, a.in_flight, a.seconds
+    );
+    for &op in &a.ops {
+        // Warm-up: connections, statement caches, the database's first pages.
+        load(&clients, a.in_flight, 1, op).await;
+        for run in 0..a.runs {
+            let perf = match (&a.perf, run) {
+                (Some(file), 0) => Some(
+                    std::process::Command::new("perf")
+                        .args([
+                            "record",
+                            "-F",
+                            "999",
+                            "--call-graph",
+                            "dwarf,16384",
+                            "-p",
+                            &pid.to_string(),
+                            "-o",
+                        ])
+                        .arg(format!("{file}.{}", op.replace(' ', "-")))
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .spawn()
+                        .unwrap(),
+                ),
+                _ => None,
+            };
+            let cpu = CpuReading::of_process(pid).unwrap();
+            let s = load(&clients, a.in_flight, a.seconds, op).await;
+            let cpu = cpu.until(&CpuReading::of_process(pid).unwrap()).unwrap();
+            if let Some(mut p) = perf {
+                let _ = std::process::Command::new("kill")
+                    .args(["-INT", &p.id().to_string()])
+                    .status();
+                let _ = p.wait();
+            }
+            let secs = s.elapsed.as_secs_f64();
+            println!(
+                "process   {op:<12} {:>9.0} PINs/s  server CPU {:>5.1} µs per PIN ({:>4.0}% of a core)  p50 {:>6.2} ms  p99 {:>6.2}  errors {}",
+                s.items as f64 / secs,
+                cpu.as_secs_f64() * 1e6 / s.items.max(1) as f64,
+                cpu.as_secs_f64() * 100.0 / secs,
+                pct(&s.latencies_us, 0.5),
+                pct(&s.latencies_us, 0.99),
+                s.errors
+            );
+        }
+    }
+    drop(clients);
+    drop(server);
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let a = args();
     let dir = std::env::temp_dir().join(format!("pingate-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    if a.process {
+        process(&a, &dir).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     if a.direct {
         direct(&dir, a.seconds, a.terminals);
         let _ = std::fs::remove_dir_all(&dir);

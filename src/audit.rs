@@ -9,7 +9,9 @@
 //! - no available or expired PIN has a sale;
 //! - the audit trail agrees with the states: each PIN's last audit row is its state, each row starts where the
 //!   previous one ended, every step is an allowed edge and the first one a load into `available`, and every PIN
-//!   with a trail still has its row (PINs are never deleted).
+//!   with a trail still has its row (PINs are never deleted). The trail is read one row per PIN and change from
+//!   `audit_trail`: on SQLite (schema version 7) it expands records that each name the PINs one batch moved, so a
+//!   PIN left out of its record, or named twice, breaks its trail as a missing or repeated row would.
 //!
 //! A gateway journal given with `--journal` is read (never written) and checked against the server: every PIN
 //! it caches is reserved to it, every cache sale it has not had confirmed is reserved to it or sold. Its open
@@ -246,8 +248,10 @@ impl Db {
 const VOIDED_BY_CONFLICT: &str =
     "EXISTS (SELECT 1 FROM confirm_conflicts c WHERE c.pin_id = p.id AND c.voided AND p.state = 'voided')";
 
-/// The invariants: (check name, what a row means, SQL returning one text column per finding).
-fn checks(now: i64) -> Vec<(&'static str, &'static str, String)> {
+/// The invariants: (check name, what a row means, SQL returning one text column per finding). `trail` is where the
+/// audit trail is read one row per PIN and change: the view `audit_trail` since schema version 7 (on SQLite the
+/// records it expands each name the PINs of a batch), the table `audit` in a database not migrated yet.
+fn checks(now: i64, trail: &str) -> Vec<(&'static str, &'static str, String)> {
     let allowed: Vec<String> = PinState::ALL
         .iter()
         .flat_map(|a| PinState::ALL.iter().map(move |b| (*a, *b)))
@@ -319,34 +323,38 @@ fn checks(now: i64) -> Vec<(&'static str, &'static str, String)> {
             "trail-disagrees",
             "a PIN whose last audit row is not its state",
             // One pass over the trail (no query per PIN): each PIN's last row, joined to the PIN.
-            "SELECT CAST(p.id AS TEXT) || ' is ' || p.state FROM pins p LEFT JOIN \
-             (SELECT pin_id, to_state, ROW_NUMBER() OVER (PARTITION BY pin_id ORDER BY seq DESC) AS n FROM audit) a \
-             ON a.pin_id = p.id AND a.n = 1 \
-             WHERE a.to_state IS NULL OR a.to_state <> p.state"
-                .into(),
+            format!(
+                "SELECT CAST(p.id AS TEXT) || ' is ' || p.state FROM pins p LEFT JOIN \
+                 (SELECT pin_id, to_state, ROW_NUMBER() OVER (PARTITION BY pin_id ORDER BY seq DESC) AS n \
+                  FROM {trail}) a \
+                 ON a.pin_id = p.id AND a.n = 1 \
+                 WHERE a.to_state IS NULL OR a.to_state <> p.state"
+            ),
         ),
         (
             "pin-missing",
             "a PIN with an audit trail and no row (PINs are never deleted)",
-            "SELECT DISTINCT CAST(a.pin_id AS TEXT) FROM audit a \
-             WHERE NOT EXISTS (SELECT 1 FROM pins p WHERE p.id = a.pin_id)"
-                .into(),
+            format!(
+                "SELECT DISTINCT CAST(a.pin_id AS TEXT) FROM {trail} a \
+                 WHERE NOT EXISTS (SELECT 1 FROM pins p WHERE p.id = a.pin_id)"
+            ),
         ),
         (
             "trail-broken",
             "an audit row that does not start where the PIN's previous row ended",
-            "SELECT CAST(pin_id AS TEXT) || ' row ' || CAST(seq AS TEXT) FROM \
-             (SELECT pin_id, seq, from_state, LAG(to_state) OVER (PARTITION BY pin_id ORDER BY seq) AS prev \
-              FROM audit) t \
-             WHERE COALESCE(from_state, '-') <> COALESCE(prev, '-')"
-                .into(),
+            format!(
+                "SELECT CAST(pin_id AS TEXT) || ' row ' || CAST(seq AS TEXT) FROM \
+                 (SELECT pin_id, seq, from_state, LAG(to_state) OVER (PARTITION BY pin_id ORDER BY seq) AS prev \
+                  FROM {trail}) t \
+                 WHERE COALESCE(from_state, '-') <> COALESCE(prev, '-')"
+            ),
         ),
         (
             "trail-edge-not-allowed",
             "an audit row moving a PIN along an edge that is not allowed (or loading it other than available)",
             format!(
                 "SELECT CAST(pin_id AS TEXT) || ' ' || COALESCE(from_state, 'loaded') || ' -> ' || to_state \
-                 FROM audit WHERE (from_state IS NOT NULL AND from_state || '>' || to_state NOT IN ({})) \
+                 FROM {trail} WHERE (from_state IS NOT NULL AND from_state || '>' || to_state NOT IN ({})) \
                  OR (from_state IS NULL AND to_state <> 'available')",
                 allowed.join(", ")
             ),
@@ -391,7 +399,12 @@ pub struct JournalInput {
 pub async fn run(db: &DbUrl, journals: &[JournalInput], day: Option<&str>) -> Result<AuditReport, AuditError> {
     let conn = Db::open(db).await?;
     let mut report = AuditReport::default();
-    for (check, meaning, sql) in checks(crate::clock::unix_now()) {
+    let trail = if conn.rows("SELECT 1 FROM audit_trail WHERE 1 = 0").await.is_ok() {
+        "audit_trail"
+    } else {
+        "audit"
+    };
+    for (check, meaning, sql) in checks(crate::clock::unix_now(), trail) {
         let rows = conn.rows(&sql).await?;
         if !rows.is_empty() {
             let ids: Vec<String> = rows.iter().take(20).map(|r| r[0].clone()).collect();

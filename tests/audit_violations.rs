@@ -310,10 +310,18 @@ impl Rig {
     /// The damage `edit`, refused by the database as it stands (the refusal contains `refusal`), done after
     /// `unguard` (`unguard_pg` on PostgreSQL).
     async fn forced(&self, edit: &str, refusal: &str, unguard: &str, unguard_pg: &str) {
-        let e = self.sql(edit, edit).await.expect_err("the database refuses the edit");
+        self.forced_each(edit, edit, refusal, unguard, unguard_pg).await
+    }
+
+    /// [`Rig::forced`], the edit written for each backend (`edit` on SQLite, `edit_pg` on PostgreSQL).
+    async fn forced_each(&self, edit: &str, edit_pg: &str, refusal: &str, unguard: &str, unguard_pg: &str) {
+        let e = self
+            .sql(edit, edit_pg)
+            .await
+            .expect_err("the database refuses the edit");
         assert!(e.to_lowercase().contains(&refusal.to_lowercase()), "{e}");
         // In the same session: PostgreSQL's `session_replication_role` lasts as long as it.
-        self.sql(&format!("{unguard}; {edit}"), &format!("{unguard_pg}; {edit}"))
+        self.sql(&format!("{unguard}; {edit}"), &format!("{unguard_pg}; {edit_pg}"))
             .await
             .unwrap();
     }
@@ -424,14 +432,22 @@ impl Damage {
                 vec![("trail-disagrees", p.available[0])]
             }
             Damage::TrailRowDeleted => {
-                // The confirmed PIN's `available -> reserved` row taken out of its trail (available, sold).
-                rig.forced(
+                // The confirmed PIN's `available -> reserved` row taken out of its trail (available, sold). On
+                // SQLite that row is the PIN's place in the record of its reservation (which names the other PINs
+                // reserved with it, left as they are).
+                rig.forced_each(
+                    &format!(
+                        "UPDATE audit SET pins = (SELECT json_group_array(j.value) FROM json_each(audit.pins) j \
+                         WHERE j.value <> {id}) \
+                         WHERE to_state = 'reserved' AND EXISTS (SELECT 1 FROM json_each(audit.pins) WHERE value = {id})",
+                        id = p.confirmed
+                    ),
                     &format!(
                         "DELETE FROM audit WHERE pin_id = {} AND to_state = 'reserved'",
                         p.confirmed
                     ),
                     "audit is append-only",
-                    "DROP TRIGGER audit_no_delete",
+                    "DROP TRIGGER audit_no_update",
                     "ALTER TABLE audit DISABLE TRIGGER audit_append_only",
                 )
                 .await;
@@ -450,16 +466,19 @@ impl Damage {
             }
             Damage::PinBornSold => {
                 // A PIN that never was in stock: inserted as sold (a copy of another's row), with a sale of its
-                // own. Nothing refuses it; only its trail's first row (loaded as sold) tells.
-                both(format!(
-                    "DROP TABLE IF EXISTS forged_pin; \
-                     CREATE TEMP TABLE forged_pin AS SELECT * FROM pins WHERE id = {}; \
-                     UPDATE forged_pin SET id = 1000, serial = 'FORGED', fingerprint = nonce, state = 'sold'; \
-                     INSERT INTO pins SELECT * FROM forged_pin; {}",
-                    p.available[0],
-                    forged_sale(p.sold, 1000)
-                ))
-                .await;
+                // own. Nothing refuses it; only its trail's first row (loaded as sold) tells. (On SQLite the copy
+                // names no audit record of its own, so the trigger records its load.)
+                let forge = |extra: &str| {
+                    format!(
+                        "DROP TABLE IF EXISTS forged_pin; \
+                         CREATE TEMP TABLE forged_pin AS SELECT * FROM pins WHERE id = {}; \
+                         UPDATE forged_pin SET id = 1000, serial = 'FORGED', fingerprint = nonce, state = 'sold'{extra}; \
+                         INSERT INTO pins SELECT * FROM forged_pin; {}",
+                        p.available[0],
+                        forged_sale(p.sold, 1000)
+                    )
+                };
+                rig.sql(&forge(", audit_seq = NULL"), &forge("")).await.unwrap();
                 vec![("trail-edge-not-allowed", 1000)]
             }
             Damage::SoldPinDeleted => {

@@ -242,12 +242,12 @@ async fn audit_reconciles_a_day_and_names_every_broken_invariant() {
         [other],
     )
     .unwrap();
-    // A forged trail row: a sold PIN "back to available", which no edge allows.
+    // A forged trail record: a sold PIN "back to available", which no edge allows.
     let sold: i64 = c
         .query_row("SELECT id FROM pins WHERE state = 'sold' LIMIT 1", [], |r| r.get(0))
         .unwrap();
     c.execute(
-        "INSERT INTO audit (pin_id, from_state, to_state, holder, at) VALUES (?1, 'sold', 'available', NULL, 0)",
+        "INSERT INTO audit (from_state, to_state, holder, at, pins) VALUES ('sold', 'available', NULL, 0, json_array(?1))",
         [sold],
     )
     .unwrap();

@@ -639,7 +639,9 @@ async fn sqlite_quarantines_a_row_that_does_not_open() {
     // Audited like every other move.
     let audited: Vec<i64> = s
         .connection()
-        .prepare("SELECT pin_id FROM audit WHERE from_state = 'available' AND to_state = 'quarantined' ORDER BY 1")
+        .prepare(
+            "SELECT pin_id FROM audit_trail WHERE from_state = 'available' AND to_state = 'quarantined' ORDER BY 1",
+        )
         .unwrap()
         .query_map([], |r| r.get(0))
         .unwrap()
@@ -675,7 +677,7 @@ async fn postgres_quarantines_a_row_that_does_not_open() {
     let audited: Vec<i64> = s
         .client()
         .query(
-            "SELECT pin_id FROM audit WHERE from_state = 'available' AND to_state = 'quarantined' ORDER BY 1",
+            "SELECT pin_id FROM audit_trail WHERE from_state = 'available' AND to_state = 'quarantined' ORDER BY 1",
             &[],
         )
         .await

@@ -7,7 +7,7 @@ use common::*;
 use pingate::crypto::PinCipher;
 use pingate::sale::Pin;
 use pingate::store::handle::{DbUrl, StoreHandle, StoreOptions};
-use pingate::store::postgres::PgStore;
+use pingate::store::postgres::{PgStore, SCHEMA_VERSION};
 use pingate::store::{
     Confirmation, NewPin, Op, Outcome, PinState, PinStore, Reversal, SaleContext, SellRequest, StoreError,
 };
@@ -106,7 +106,7 @@ async fn count(s: &PgStore, state: PinState) -> i64 {
 async fn transitions_idempotency_and_refusals() {
     let schema = Schema::new("transitions").await;
     let mut s = schema.stocked(6).await;
-    assert_eq!(s.schema_version().await.unwrap(), 6);
+    assert_eq!(s.schema_version().await.unwrap(), SCHEMA_VERSION);
     let a = s.sell(&sell("gw1", 1)).await.unwrap();
     assert_eq!(s.sell(&sell("gw1", 1)).await.unwrap(), a, "same key, same PIN");
     let mut other = sell("gw1", 1);
@@ -414,6 +414,7 @@ async fn a_version_1_database_is_migrated_and_sells() {
     let schema = Schema::new("migrate").await;
     let mut s = schema.stocked(4).await;
     let a = s.sell(&sell("gw1", 1)).await.unwrap();
+    undo_migration_7(&s).await;
     undo_migration_6(&s, &schema.keys, &pins(0, 4)).await;
     // What a database written by the first release looks like: PINs sealed with their serial alone (above), sales
     // under their first key, no batch functions,
@@ -442,7 +443,26 @@ async fn a_version_1_database_is_migrated_and_sells() {
         .unwrap();
     drop(s);
     let mut s = schema.open().await;
-    assert_eq!(s.schema_version().await.unwrap(), 6);
+    assert_eq!(s.schema_version().await.unwrap(), SCHEMA_VERSION);
+    // Migration 7 made the trail readable as `audit_trail`: the sold PIN's, as it was written.
+    let trail: Vec<(Option<String>, String)> = s
+        .client()
+        .query(
+            "SELECT from_state, to_state FROM audit_trail WHERE pin_id = $1 ORDER BY seq",
+            &[&a.pin_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        trail,
+        [
+            (None, "available".to_string()),
+            (Some("available".to_string()), "sold".to_string())
+        ]
+    );
     // Migration 5 bound the keys to the year they were sold in (the sale is this year's).
     let year = time::OffsetDateTime::now_utc().year();
     let recorded: String = s
@@ -574,6 +594,7 @@ async fn a_version_5_database_is_sealed_again_bound_to_its_rows() {
     let schema = Schema::new("reseal").await;
     let mut s = schema.stocked(5).await;
     let a = s.sell(&sell("gw1", 1)).await.unwrap();
+    undo_migration_7(&s).await;
     undo_migration_6(&s, &schema.keys, &pins(0, 5)).await;
     s.client()
         .batch_execute("UPDATE pins SET ciphertext = '\\x00'::bytea || substr(ciphertext, 2) WHERE id = 5")
@@ -593,7 +614,7 @@ async fn a_version_5_database_is_sealed_again_bound_to_its_rows() {
         .expect("refused");
     assert!(e.to_string().contains("key 1 opens none of the 5 PINs"), "{e}");
     let mut s = schema.open().await;
-    assert_eq!(s.schema_version().await.unwrap(), 6);
+    assert_eq!(s.schema_version().await.unwrap(), SCHEMA_VERSION);
     assert_eq!(
         s.sell(&sell("gw1", 1)).await.unwrap(),
         a,
@@ -619,6 +640,27 @@ async fn a_version_5_database_is_sealed_again_bound_to_its_rows() {
     );
     drop(s);
     schema.drop_it().await;
+}
+
+/// Undoes what migration 7 changed, as a database of version 6 has it: no `audit_trail` view (the trail is the
+/// `audit` table, as `pingate audit` then reads it). Checked: the view was there, reading the table's rows.
+async fn undo_migration_7(s: &PgStore) {
+    let (view, table): (i64, i64) = {
+        let r = s
+            .client()
+            .query_one(
+                "SELECT (SELECT COUNT(*) FROM audit_trail), (SELECT COUNT(*) FROM audit)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(view > 0 && view == table, "{view} {table}");
+    s.client()
+        .batch_execute("DROP VIEW audit_trail; UPDATE pingate_schema SET version = 6")
+        .await
+        .unwrap();
 }
 
 /// Undoes what migration 6 changed, as a database of version 5 has it: each PIN sealed with its serial alone as the

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use pingate::crypto::PinCipher;
 use pingate::sale::Pin;
-use pingate::store::sqlite::SqliteStore;
+use pingate::store::sqlite::{SqliteStore, SCHEMA_VERSION};
 use pingate::store::{Confirmation, NewPin, PinState, Reversal, SellRequest, StoreError};
 
 struct TempDb {
@@ -301,6 +301,51 @@ fn the_database_refuses_illegal_changes_even_if_code_is_wrong() {
         .unwrap_err()
         .to_string()
         .contains("never deleted"));
+    // A move cannot name an audit record that does not record it (to keep its own record from being written):
+    // an unknown one, one of another move, or one with no move at all.
+    let available: i64 = c
+        .query_row("SELECT id FROM pins WHERE state = 'available'", [], |r| r.get(0))
+        .unwrap();
+    let newest: i64 = c.query_row("SELECT MAX(seq) FROM audit", [], |r| r.get(0)).unwrap();
+    c.execute(
+        "INSERT INTO audit (from_state, to_state, holder, at, pins) VALUES ('available', 'sold', NULL, 0, '[]')",
+        [],
+    )
+    .unwrap();
+    for (state, seq) in [
+        ("expired", newest + 100),
+        ("expired", newest + 1),
+        ("available", newest + 1),
+    ] {
+        let err = c
+            .execute(
+                "UPDATE pins SET state = ?1, audit_seq = ?2 WHERE id = ?3",
+                rusqlite::params![state, seq, available],
+            )
+            .expect_err(&format!("{state} under record {seq}"));
+        assert!(
+            err.to_string().contains("does not record the move"),
+            "{state} {seq}: {err}"
+        );
+    }
+    let err = c
+        .execute(
+            "INSERT INTO pins (product, amount, serial, fingerprint, key_id, nonce, ciphertext, receipt, state, audit_seq)
+             VALUES ('TOPUP', 1000, 'X', X'00', 1, X'00', X'00', '[]', 'available', ?1)",
+            [newest + 1],
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("does not record the load"), "{err}");
+    // Named right (the newest record, of this move), it is allowed, and no second record is written.
+    c.execute(
+        "UPDATE pins SET state = 'sold', audit_seq = ?1 WHERE id = ?2",
+        rusqlite::params![newest + 1, available],
+    )
+    .unwrap();
+    let records: i64 = c
+        .query_row("SELECT COUNT(*) FROM audit WHERE seq > ?1", [newest], |r| r.get(0))
+        .unwrap();
+    assert_eq!(records, 1);
 }
 
 #[test]
@@ -386,6 +431,7 @@ fn a_version_5_file_is_sealed_again_bound_to_its_rows() {
     let db = TempDb::new("reseal");
     let mut s = db.stocked(5);
     let a = s.sell(&sell(1)).unwrap();
+    undo_migration_7(s.connection());
     undo_migration_6(s.connection(), &db.keys, &pins(0, 5, 1000));
     // Row 5 is damaged (one byte of its seal changed).
     s.connection()
@@ -410,7 +456,7 @@ fn a_version_5_file_is_sealed_again_bound_to_its_rows() {
     assert!(e.to_string().contains("key 1 opens none of the 5 PINs"), "{e}");
     assert_eq!(version(), 5, "nothing changed");
     let mut s = db.open();
-    assert_eq!(s.schema_version().unwrap(), 6);
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
     assert_eq!(s.sell(&sell(1)).unwrap(), a, "a sold PIN opens again for its repeat");
     assert_eq!(s.sell(&sell(2)).unwrap().pin_id, 2);
     let keys: Vec<i64> = s
@@ -537,7 +583,7 @@ fn concurrent_writers_on_one_file_never_share_a_pin_and_survive_reopen() {
     let s = db.open();
     assert_eq!(count(&s, PinState::Sold), 400);
     assert_eq!(count(&s, PinState::Reserved), 800);
-    assert_eq!(s.schema_version().unwrap(), 6);
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
 }
 
 #[test]
@@ -546,7 +592,8 @@ fn a_version_1_file_is_migrated_and_a_newer_one_refused() {
     let mut s = db.stocked(2);
     let a = s.sell(&sell(1)).unwrap();
     // What a file written by the first release looks like: PINs sealed with their serial alone, sales under their
-    // first key, no expiry index, no `quarantined` state, version 1.
+    // first key, no expiry index, no `quarantined` state, a row of audit trail per PIN and change, version 1.
+    undo_migration_7(s.connection());
     undo_migration_6(s.connection(), &db.keys, &pins(0, 2, 1000));
     undo_migration_5(s.connection());
     undo_migration_4(s.connection());
@@ -556,7 +603,7 @@ fn a_version_1_file_is_migrated_and_a_newer_one_refused() {
         .unwrap();
     drop(s);
     let mut s = db.open();
-    assert_eq!(s.schema_version().unwrap(), 6);
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
     // Migration 5 bound the keys to the year they were sold in (the sale is this year's).
     let year = time::OffsetDateTime::now_utc().year();
     let recorded: String = s
@@ -675,4 +722,219 @@ fn undo_migration_3(c: &rusqlite::Connection) {
         .execute_batch("UPDATE pins SET state = 'quarantined' WHERE id = (SELECT MAX(id) FROM pins)")
         .unwrap_err();
     assert!(e.to_string().contains("illegal PIN state change"), "{e}");
+}
+
+/// Undoes what migration 7 changed, as a file of version 6 has it: the audit trail a row per PIN and change (each
+/// record's PINs in the order it names them, records in their order), written by triggers on every change; no
+/// `audit_seq` on the PINs (nor the triggers that check it), no `audit_trail` view.
+fn undo_migration_7(c: &rusqlite::Connection) {
+    c.execute_batch(
+        "BEGIN;
+         DROP VIEW audit_trail; DROP TRIGGER pins_audit_insert; DROP TRIGGER pins_audit_update;
+         DROP TRIGGER pins_audit_claim; DROP TRIGGER pins_audit_claim_load;
+         CREATE TABLE audit_old (seq INTEGER PRIMARY KEY AUTOINCREMENT, pin_id INTEGER NOT NULL, from_state TEXT,
+             to_state TEXT NOT NULL, holder TEXT, at INTEGER NOT NULL);
+         INSERT INTO audit_old (pin_id, from_state, to_state, holder, at)
+             SELECT CAST(j.value AS INTEGER), a.from_state, a.to_state, a.holder, a.at
+             FROM audit a, json_each(a.pins) j ORDER BY a.seq, j.key;
+         DROP TABLE audit; ALTER TABLE audit_old RENAME TO audit;
+         CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+         CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+         ALTER TABLE pins DROP COLUMN audit_seq;
+         CREATE TRIGGER pins_audit_insert AFTER INSERT ON pins BEGIN
+             INSERT INTO audit (pin_id, from_state, to_state, holder, at)
+             VALUES (NEW.id, NULL, NEW.state, NEW.holder, CAST(strftime('%s', 'now') AS INTEGER));
+         END;
+         CREATE TRIGGER pins_audit_update AFTER UPDATE OF state ON pins WHEN NEW.state <> OLD.state BEGIN
+             INSERT INTO audit (pin_id, from_state, to_state, holder, at)
+             VALUES (NEW.id, OLD.state, NEW.state, COALESCE(NEW.holder, OLD.holder),
+                     CAST(strftime('%s', 'now') AS INTEGER));
+         END;
+         PRAGMA user_version = 6; COMMIT;",
+    )
+    .unwrap();
+}
+
+/// Every PIN's trail, `(PIN, from, to, holder)` in order, read from `table` (`audit_trail`, or a version 6 file's
+/// `audit`).
+fn trails(c: &rusqlite::Connection, table: &str) -> Vec<(i64, Option<String>, String, Option<String>)> {
+    let mut st = c
+        .prepare(&format!(
+            "SELECT pin_id, from_state, to_state, holder FROM {table} ORDER BY pin_id, seq"
+        ))
+        .unwrap();
+    let rows = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap();
+    rows.collect::<Result<_, _>>().unwrap()
+}
+
+fn audit_records(c: &rusqlite::Connection) -> i64 {
+    c.query_row("SELECT COUNT(*) FROM audit", [], |r| r.get(0)).unwrap()
+}
+
+/// `pingate audit` of the file: every invariant holds.
+fn audit_holds(db: &TempDb) {
+    let report = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(pingate::audit::run(
+            &pingate::store::handle::DbUrl::Sqlite(db.path()),
+            &[],
+            None,
+        ))
+        .unwrap();
+    assert!(report.ok(), "{}", report.text());
+}
+
+/// A file of schema version 6, whose audit trail is a row per PIN and change, is migrated to version 7: every row
+/// becomes a record naming its one PIN, in the same order, so every PIN's trail reads the same and the audit holds;
+/// then a reservation and a batch of confirms write one record each, after every older one, and a change made by
+/// hand still gets a record of its own.
+#[test]
+fn a_version_6_file_gets_its_audit_trail_as_records() {
+    let db = TempDb::new("audit-records");
+    let mut s = db.stocked(12);
+    // Every kind of change: sold on demand, reversed, reserved, confirmed, confirmed after its reversal (voided),
+    // a conflict (voided), released.
+    s.sell(&sell(1)).unwrap();
+    s.sell(&sell(2)).unwrap();
+    s.reverse(&ctx("gw1", 2)).unwrap();
+    let held = s.reserve("gw1", "TOPUP", 1000, 5, 2_000_000_000).unwrap();
+    assert_eq!(
+        s.confirm("gw1", held[0].pin_id, &ctx("gw1", 3)).unwrap(),
+        Confirmation::Sold
+    );
+    assert_eq!(s.reverse(&ctx("gw1", 4)).unwrap(), Reversal::Remembered);
+    assert_eq!(
+        s.confirm("gw1", held[1].pin_id, &ctx("gw1", 4)).unwrap(),
+        Confirmation::Voided
+    );
+    assert_eq!(
+        s.confirm("gw1", held[2].pin_id, &ctx("gw1", 3)).unwrap(),
+        Confirmation::Conflict { voided: true }
+    );
+    s.connection()
+        .execute("UPDATE confirm_conflicts SET resolved_at = 1, resolution = 'test'", [])
+        .unwrap();
+    assert!(s.release("gw1", &[held[3].pin_id]).unwrap().is_empty());
+    audit_holds(&db);
+    let before = trails(s.connection(), "audit_trail");
+    // 12 loaded; 2 sold (1 then voided); 5 reserved, of which 2 confirmed (1 then voided), 1 voided by its
+    // conflict, 1 released.
+    assert_eq!(before.len(), 12 + 2 + 1 + 5 + 2 + 1 + 1 + 1);
+
+    undo_migration_7(s.connection());
+    drop(s);
+    let old = rusqlite::Connection::open(db.path()).unwrap();
+    assert_eq!(trails(&old, "audit"), before, "the version 6 file has the same trail");
+    let rows = audit_records(&old);
+    let last_row: i64 = old.query_row("SELECT MAX(seq) FROM audit", [], |r| r.get(0)).unwrap();
+    drop(old);
+    audit_holds(&db);
+
+    let mut s = db.open();
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+    assert_eq!(trails(s.connection(), "audit_trail"), before);
+    assert_eq!(audit_records(s.connection()), rows, "a record per row of the old trail");
+    let one_each: i64 = s
+        .connection()
+        .query_row(
+            "SELECT COUNT(*) FROM audit WHERE json_array_length(pins) <> 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(one_each, 0);
+    audit_holds(&db);
+
+    // New batches: one record for a reservation of three, one for the three confirms that sell them.
+    let held = s.reserve("gw1", "TOPUP", 1000, 3, 2_000_000_000).unwrap();
+    assert_eq!(held.len(), 3);
+    let ops: Vec<pingate::store::Op> = held
+        .iter()
+        .enumerate()
+        .map(|(i, d)| pingate::store::Op::Confirm {
+            holder: "gw1".into(),
+            pin_id: d.pin_id,
+            sale: ctx("gw1", 10 + i as u32),
+        })
+        .collect();
+    assert!(s
+        .apply_batch(&ops)
+        .iter()
+        .all(|r| matches!(r, Ok(pingate::store::Outcome::Confirmed(Confirmation::Sold)))));
+    assert_eq!(audit_records(s.connection()), rows + 2);
+    let ids: Vec<i64> = held.iter().map(|d| d.pin_id).collect();
+    let newest: Vec<(i64, String, String, String)> = s
+        .connection()
+        .prepare("SELECT seq, from_state, to_state, pins FROM audit WHERE seq > ?1 ORDER BY seq")
+        .unwrap()
+        .query_map([last_row], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let list = format!("[{},{},{}]", ids[0], ids[1], ids[2]);
+    assert_eq!(newest.len(), 2, "{newest:?}");
+    assert_eq!((newest[0].1.as_str(), newest[0].2.as_str()), ("available", "reserved"));
+    assert_eq!((newest[1].1.as_str(), newest[1].2.as_str()), ("reserved", "sold"));
+    assert!(newest.iter().all(|r| r.3 == list), "{newest:?}");
+    for id in &ids {
+        let trail: Vec<String> = s.audit_of(*id).unwrap().into_iter().map(|t| t.1).collect();
+        // (One of them may be the PIN released above, which had a trail before.)
+        assert!(
+            trail.ends_with(&["available".into(), "reserved".into(), "sold".into()]),
+            "{trail:?}"
+        );
+    }
+    // A change by hand (an allowed edge) gets its own record from the trigger.
+    let available: i64 = s
+        .connection()
+        .query_row("SELECT MIN(id) FROM pins WHERE state = 'available'", [], |r| r.get(0))
+        .unwrap();
+    s.connection()
+        .execute("UPDATE pins SET state = 'expired' WHERE id = ?1", [available])
+        .unwrap();
+    assert_eq!(audit_records(s.connection()), rows + 3);
+    assert_eq!(
+        s.audit_of(available).unwrap().last().map(|t| t.1.clone()),
+        Some("expired".to_string())
+    );
+    audit_holds(&db);
+}
+
+/// Operations that arrive while a batch is applied join its transaction (the store's worker hands them over before
+/// the commit): they see what the batch did, nothing is committed before all of them are applied, and each gets
+/// its own result, in order.
+#[test]
+fn operations_taken_while_a_batch_is_applied_share_its_commit() {
+    let db = TempDb::new("late");
+    let mut s = db.stocked(5);
+    let other = rusqlite::Connection::open(db.path()).unwrap();
+    let sold =
+        |c: &rusqlite::Connection| -> i64 { c.query_row("SELECT COUNT(*) FROM sales", [], |r| r.get(0)).unwrap() };
+    let mut late = vec![vec![
+        pingate::store::Op::Sell(sell(1)),
+        pingate::store::Op::Sell(sell(2)),
+    ]];
+    let mut asked = 0;
+    let results = s.apply_batch_then(&[pingate::store::Op::Sell(sell(1))], &mut || {
+        asked += 1;
+        // The batch's sale is not committed yet: another connection does not see it.
+        assert_eq!(sold(&other), 0);
+        late.pop()
+    });
+    assert_eq!(asked, 2, "asked until nothing more came");
+    assert_eq!(results.len(), 3);
+    let pin = |i: usize| match &results[i] {
+        Ok(pingate::store::Outcome::Sold(d)) => (d.pin_id, d.redelivered),
+        r => panic!("{i}: {r:?}"),
+    };
+    let first = pin(0);
+    assert_eq!(
+        pin(1),
+        (first.0, true),
+        "the repeat saw the sale made before it in the transaction"
+    );
+    assert_ne!(pin(2).0, first.0);
+    assert_eq!(sold(&other), 2, "all committed together");
 }

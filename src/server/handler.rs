@@ -100,43 +100,66 @@ async fn confirm_batch(shared: &Shared, gateway: &str, id: u64, confirms: Vec<Co
         outcome: None,
         error: Some(error),
     };
-    let calls = confirms.into_iter().map(|c| async move {
-        let sale = match sale(gateway, c.terminal) {
-            Ok(s) => s,
-            Err(message) => {
-                return failed(WireError {
-                    code: ErrorCode::BadRequest,
-                    message,
-                })
+    // All the batch's confirms go to the store as one call (one transaction, in order); a confirm whose terminal
+    // fields are refused gets its error in its place.
+    let mut results: Vec<Option<BatchResult>> = Vec::with_capacity(confirms.len());
+    let mut ops = Vec::with_capacity(confirms.len());
+    for c in confirms {
+        match sale(gateway, c.terminal) {
+            Ok(sale) => {
+                results.push(None);
+                ops.push(Op::Confirm {
+                    holder: gateway.into(),
+                    pin_id: c.pin_id,
+                    sale,
+                });
             }
-        };
-        let op = Op::Confirm {
-            holder: gateway.into(),
-            pin_id: c.pin_id,
-            sale,
-        };
-        match shared.store.call(op).await {
-            Ok(Outcome::Confirmed(c)) => {
-                shared.count_confirmation(c);
-                BatchResult {
-                    outcome: Some(c.into()),
-                    error: None,
-                }
-            }
-            Ok(_) => failed(WireError {
-                code: ErrorCode::Internal,
-                message: "internal error".into(),
-            }),
-            Err(e) => {
-                let error = wire_error(&e);
-                if error.code == ErrorCode::Internal {
-                    limited!(warn, "confirm failed", error = %e);
-                }
-                failed(error)
-            }
+            Err(message) => results.push(Some(failed(WireError {
+                code: ErrorCode::BadRequest,
+                message,
+            }))),
         }
-    });
-    let results = futures_util::future::join_all(calls).await;
+    }
+    let outcomes = if ops.is_empty() {
+        Vec::new()
+    } else {
+        let n = ops.len();
+        // A store that cannot take the batch (shut down) fails each confirm, as each would have failed alone.
+        shared.store.call_many(ops).await.unwrap_or_else(|e| {
+            (0..n)
+                .map(|_| Err(crate::store::StoreError::Db(e.to_string())))
+                .collect()
+        })
+    };
+    let mut outcomes = outcomes.into_iter();
+    let results = results
+        .into_iter()
+        .map(|r| {
+            if let Some(r) = r {
+                return r;
+            }
+            match outcomes.next() {
+                Some(Ok(Outcome::Confirmed(c))) => {
+                    shared.count_confirmation(c);
+                    BatchResult {
+                        outcome: Some(c.into()),
+                        error: None,
+                    }
+                }
+                Some(Ok(_)) | None => failed(WireError {
+                    code: ErrorCode::Internal,
+                    message: "internal error".into(),
+                }),
+                Some(Err(e)) => {
+                    let error = wire_error(&e);
+                    if error.code == ErrorCode::Internal {
+                        limited!(warn, "confirm failed", error = %e);
+                    }
+                    failed(error)
+                }
+            }
+        })
+        .collect();
     ResponseFrame::ok(id, Response::ConfirmedBatch { results })
 }
 

@@ -64,9 +64,38 @@ impl Default for StoreOptions {
     }
 }
 
+/// Operations queued together, and who waits for their results.
 struct Job {
-    op: Op,
-    reply: oneshot::Sender<Result<Outcome, StoreError>>,
+    ops: Vec<Op>,
+    reply: Reply,
+}
+
+enum Reply {
+    /// [`StoreHandle::call`]: one operation.
+    One(oneshot::Sender<Result<Outcome, StoreError>>),
+    /// [`StoreHandle::call_many`]: its operations' results, in order.
+    Many(oneshot::Sender<Vec<Result<Outcome, StoreError>>>),
+}
+
+impl Reply {
+    /// Sends this job's results, taken from the front of `results`.
+    fn send(self, results: &mut std::vec::IntoIter<Result<Outcome, StoreError>>, n: usize) {
+        match self {
+            Reply::One(r) => {
+                if let Some(x) = results.next() {
+                    let _ = r.send(x);
+                }
+            }
+            Reply::Many(r) => {
+                let _ = r.send(results.by_ref().take(n).collect());
+            }
+        }
+    }
+
+    fn fail(self, n: usize, msg: &str) {
+        let mut results = super::failed_batch(n, msg).into_iter();
+        self.send(&mut results, n);
+    }
 }
 
 /// A cloneable handle to the inventory's workers. The workers stop when the last handle is dropped, after
@@ -126,10 +155,35 @@ impl StoreHandle {
     pub async fn call(&self, op: Op) -> Result<Outcome, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Job { op, reply })
+            .send(Job {
+                ops: vec![op],
+                reply: Reply::One(reply),
+            })
             .await
             .map_err(|_| StoreError::Db("store is shut down".into()))?;
         rx.await.map_err(|_| StoreError::Db("store worker stopped".into()))?
+    }
+
+    /// Applies several operations, in order, in one transaction (with whatever else is queued, however many they
+    /// are): one commit and one answer for all of them, e.g. a gateway's batch of confirms. One result each.
+    pub async fn call_many(&self, ops: Vec<Op>) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
+        let n = ops.len();
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job {
+                ops,
+                reply: Reply::Many(reply),
+            })
+            .await
+            .map_err(|_| StoreError::Db("store is shut down".into()))?;
+        let results = rx.await.map_err(|_| StoreError::Db("store worker stopped".into()))?;
+        if results.len() != n {
+            return Err(StoreError::Db(format!(
+                "internal: {} results for {n} operations",
+                results.len()
+            )));
+        }
+        Ok(results)
     }
 
     /// Drops this handle and waits for the workers to finish (only effective on the last handle).
@@ -149,19 +203,43 @@ impl StoreHandle {
     }
 }
 
-/// Adds to `jobs` whatever is already queued, up to `max` in all: the batch that shares one commit.
+/// Most operations one transaction takes from several callers (a job is never split: one of more operations, a
+/// gateway's confirms, is a transaction of its own). Confirms are cheap per operation and each transaction costs a
+/// disk sync, so several batches of confirms share one.
+const MAX_OPS: usize = 1024;
+
+/// Adds to `jobs` whatever is already queued, while they are fewer than `max` callers and [`MAX_OPS`] operations:
+/// the batch that shares one commit.
 fn gather(jobs: &mut Vec<Job>, rx: &mut mpsc::Receiver<Job>, max: usize) {
-    while jobs.len() < max {
+    let mut n: usize = jobs.iter().map(|j| j.ops.len()).sum();
+    while jobs.len() < max && n < MAX_OPS {
         match rx.try_recv() {
-            Ok(j) => jobs.push(j),
+            Ok(j) => {
+                n += j.ops.len();
+                jobs.push(j);
+            }
             Err(_) => break,
         }
     }
 }
 
-/// Splits a batch into its operations and the callers waiting for their results.
-fn split(jobs: &mut Vec<Job>) -> (Vec<Op>, Vec<oneshot::Sender<Result<Outcome, StoreError>>>) {
-    jobs.drain(..).map(|j| (j.op, j.reply)).unzip()
+/// Splits a batch into its operations and the callers waiting for their results (with how many each waits for).
+fn split(jobs: &mut Vec<Job>) -> (Vec<Op>, Vec<(Reply, usize)>) {
+    let mut ops = Vec::with_capacity(jobs.iter().map(|j| j.ops.len()).sum());
+    let mut replies = Vec::with_capacity(jobs.len());
+    for j in jobs.drain(..) {
+        replies.push((j.reply, j.ops.len()));
+        ops.extend(j.ops);
+    }
+    (ops, replies)
+}
+
+/// Answers every caller of a batch from its results, in order.
+fn answer(replies: Vec<(Reply, usize)>, results: Vec<Result<Outcome, StoreError>>) {
+    let mut results = results.into_iter();
+    for (reply, n) in replies {
+        reply.send(&mut results, n);
+    }
 }
 
 fn sqlite_worker(mut store: SqliteStore, mut rx: mpsc::Receiver<Job>, max: usize) {
@@ -169,10 +247,32 @@ fn sqlite_worker(mut store: SqliteStore, mut rx: mpsc::Receiver<Job>, max: usize
     while let Some(first) = rx.blocking_recv() {
         jobs.push(first);
         gather(&mut jobs, &mut rx, max);
-        let (ops, replies) = split(&mut jobs);
-        for (reply, r) in replies.into_iter().zip(store.apply_batch(&ops)) {
-            let _ = reply.send(r);
-        }
+        let (ops, mut replies) = split(&mut jobs);
+        let mut taken = ops.len();
+        // What arrived while the batch was applied joins its transaction (within the same limits), instead of
+        // waiting for its commit and then paying a commit of its own.
+        let mut late = |store_jobs: &mut Vec<Job>| -> Option<Vec<Op>> {
+            if replies.len() >= max || taken >= MAX_OPS {
+                return None;
+            }
+            while replies.len() + store_jobs.len() < max && taken < MAX_OPS {
+                match rx.try_recv() {
+                    Ok(j) => {
+                        taken += j.ops.len();
+                        store_jobs.push(j);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if store_jobs.is_empty() {
+                return None;
+            }
+            let (ops, r) = split(store_jobs);
+            replies.extend(r);
+            Some(ops)
+        };
+        let results = store.apply_batch_then(&ops, &mut || late(&mut jobs));
+        answer(replies, results);
     }
 }
 
@@ -209,9 +309,7 @@ async fn pg_worker(mut store: PgStore, again: Reconnect, rx: Arc<Mutex<mpsc::Rec
                 Err(e) => {
                     tracing::warn!(error = %e, "PostgreSQL unreachable");
                     for j in jobs.drain(..) {
-                        let _ = j
-                            .reply
-                            .send(Err(StoreError::Db(format!("PostgreSQL unreachable: {e}"))));
+                        j.reply.fail(j.ops.len(), &format!("PostgreSQL unreachable: {e}"));
                     }
                     // Do not spin on a database that is down.
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -222,9 +320,7 @@ async fn pg_worker(mut store: PgStore, again: Reconnect, rx: Arc<Mutex<mpsc::Rec
         let (ops, replies) = split(&mut jobs);
         let results = store.apply_batch(&ops).await;
         suspect = results.iter().all(|r| matches!(r, Err(StoreError::Db(_))));
-        for (reply, r) in replies.into_iter().zip(results) {
-            let _ = reply.send(r);
-        }
+        answer(replies, results);
     }
 }
 

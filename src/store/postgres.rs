@@ -19,7 +19,7 @@ use crate::psp::MAX_RESERVE;
 const DUPLICATE_PIN: &str = "duplicate PIN value (already loaded, or twice in this file)";
 
 /// Version of the schema this code writes.
-pub const SCHEMA_VERSION: i32 = 6;
+pub const SCHEMA_VERSION: i32 = 7;
 
 /// The schema version whose migration seals every PIN again bound to its row ([`reseal_pins`]).
 const RESEAL_VERSION: i32 = 6;
@@ -255,6 +255,10 @@ BEGIN
                                            AND s.stan = r.s AND s.transmission = r.x);
 END $$;
 "#;
+
+/// Version 7: the audit trail, one row per PIN and change, under the name `pingate audit` reads on both backends.
+const AUDIT_TRAIL_V7: &str =
+    "CREATE OR REPLACE VIEW audit_trail AS SELECT seq, pin_id, from_state, to_state, holder, at FROM audit";
 
 /// The trigger refusing state changes outside [`PinState::can_move_to`] (its function: [`edges_function`]).
 const EDGES_TRIGGER: &str =
@@ -538,11 +542,13 @@ async fn migrate(client: &mut Client, cipher: &PinCipher) -> Result<(), StoreErr
         }
         // Needs the PIN keys: opened without them (operator commands that never open a PIN), the database stays at
         // the version before until a start with the keys. A step added after this one waits with it.
-        let reached = if version < RESEAL_VERSION && !reseal_pins(&tx, cipher).await? {
-            RESEAL_VERSION - 1
-        } else {
-            SCHEMA_VERSION
-        };
+        let resealed = version >= RESEAL_VERSION || reseal_pins(&tx, cipher).await?;
+        if resealed && version < 7 {
+            // The audit trail as `pingate audit` reads it on both backends (SQLite's version 7 keeps a record per
+            // batch; here the trail keeps its layout, a row per PIN and change, and the view is the table).
+            tx.batch_execute(AUDIT_TRAIL_V7).await?;
+        }
+        let reached = if resealed { SCHEMA_VERSION } else { RESEAL_VERSION - 1 };
         tx.batch_execute(BATCH_FUNCTIONS).await?;
         if version < reached {
             tx.execute("UPDATE pingate_schema SET version = $1", &[&reached])

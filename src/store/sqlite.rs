@@ -22,7 +22,7 @@ pub type AuditRow = (Option<String>, String, Option<String>);
 pub const IMPORT_PROGRESS_EVERY: usize = 5_000;
 
 /// Version of the schema this code writes; older files are migrated on open.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// The schema version whose migration seals every PIN again bound to its row ([`reseal_pins`]).
 const RESEAL_VERSION: i64 = 6;
@@ -156,6 +156,60 @@ fn qualify_years(table: &str, at: &str) -> String {
     )
 }
 
+/// Migration 7: the audit trail as records, each naming the PINs it moved (`pins`, a JSON array of ids), so that a
+/// batch of state changes writes one record instead of one row per PIN; every row of the old trail becomes a record
+/// of its one PIN, under the same `seq`. Each PIN row keeps the `seq` of the record that names its last change
+/// (`audit_seq`); a state change that does not name a new record (every path but the batched ones, and any
+/// change made by hand) gets a record of its own from the trigger, as every change did before. `audit_trail` is the
+/// trail one row per PIN and record, as `pingate audit` reads it (the same view on PostgreSQL).
+const AUDIT_V7: &str = "
+DROP TRIGGER pins_audit_insert;
+DROP TRIGGER pins_audit_update;
+ALTER TABLE audit RENAME TO audit_v6;
+CREATE TABLE audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    from_state TEXT,
+    to_state TEXT NOT NULL,
+    holder TEXT,
+    at INTEGER NOT NULL,
+    pins TEXT NOT NULL
+);
+INSERT INTO audit (seq, from_state, to_state, holder, at, pins)
+    SELECT seq, from_state, to_state, holder, at, json_array(pin_id) FROM audit_v6 ORDER BY seq;
+UPDATE sqlite_sequence SET seq = (SELECT MAX(seq) FROM sqlite_sequence WHERE name IN ('audit', 'audit_v6'))
+    WHERE name = 'audit';
+DROP TABLE audit_v6;
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+ALTER TABLE pins ADD COLUMN audit_seq INTEGER;
+CREATE TRIGGER pins_audit_insert AFTER INSERT ON pins WHEN NEW.audit_seq IS NULL BEGIN
+    INSERT INTO audit (from_state, to_state, holder, at, pins)
+    VALUES (NULL, NEW.state, NEW.holder, CAST(strftime('%s', 'now') AS INTEGER), json_array(NEW.id));
+END;
+CREATE TRIGGER pins_audit_update AFTER UPDATE OF state ON pins
+    WHEN NEW.state <> OLD.state AND NEW.audit_seq IS OLD.audit_seq BEGIN
+    INSERT INTO audit (from_state, to_state, holder, at, pins)
+    VALUES (OLD.state, NEW.state, COALESCE(NEW.holder, OLD.holder), CAST(strftime('%s', 'now') AS INTEGER),
+            json_array(NEW.id));
+END;
+-- A move that names a record (the batched ones) must name a record of this move: a state change cannot be kept
+-- out of the trail by naming a record that does not exist or records another move, nor a PIN be loaded under a
+-- record that is not a load. (Whether the record names the PIN is `pingate audit`'s to check: a PIN it does not
+-- name has a trail that disagrees with its state.)
+CREATE TRIGGER pins_audit_claim BEFORE UPDATE OF state, audit_seq ON pins
+    WHEN NEW.audit_seq IS NOT OLD.audit_seq AND NOT EXISTS (
+        SELECT 1 FROM audit WHERE seq = NEW.audit_seq AND from_state = OLD.state AND to_state = NEW.state)
+BEGIN SELECT RAISE(ABORT, 'a PIN moved under an audit record that does not record the move'); END;
+CREATE TRIGGER pins_audit_claim_load BEFORE INSERT ON pins
+    WHEN NEW.audit_seq IS NOT NULL AND NOT EXISTS (
+        SELECT 1 FROM audit WHERE seq = NEW.audit_seq AND from_state IS NULL AND to_state = NEW.state)
+BEGIN SELECT RAISE(ABORT, 'a PIN loaded under an audit record that does not record the load'); END;
+CREATE VIEW audit_trail AS
+    SELECT a.seq AS seq, CAST(j.value AS INTEGER) AS pin_id, a.from_state AS from_state, a.to_state AS to_state,
+           a.holder AS holder, a.at AS at
+    FROM audit a, json_each(a.pins) j;
+";
+
 /// The state CHECK of schema versions 1 and 2 (migration 3 widens it to [`PinState::check_sql`]).
 const STATES_V1: &str = "CHECK (state IN ('available', 'reserved', 'sold', 'voided', 'expired'))";
 
@@ -173,6 +227,9 @@ fn edges_trigger() -> String {
 pub struct SqliteStore {
     conn: Connection,
     cipher: PinCipher,
+    /// The file's schema version once opened: below 7 (a file waiting for the PIN keys to be migrated), the
+    /// operations that write audit records themselves are refused.
+    version: i64,
 }
 
 const PIN_COLUMNS: &str = "id, product, amount, serial, key_id, nonce, ciphertext, expiry, receipt";
@@ -185,7 +242,11 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        let mut store = SqliteStore { conn, cipher };
+        let mut store = SqliteStore {
+            conn,
+            cipher,
+            version: 0,
+        };
         store.migrate()?;
         Ok(store)
     }
@@ -254,12 +315,14 @@ impl SqliteStore {
         }
         // Needs the PIN keys: opened without them (operator commands that never open a PIN), the file stays at the
         // version before until a start with the keys. A step added after this one waits with it.
-        let reached = if version < RESEAL_VERSION && !reseal_pins(&tx, &self.cipher)? {
-            RESEAL_VERSION - 1
-        } else {
-            SCHEMA_VERSION
-        };
+        let resealed = version >= RESEAL_VERSION || reseal_pins(&tx, &self.cipher)?;
+        if resealed && version < 7 {
+            // The audit trail as records naming their PINs (one per batch), see `AUDIT_V7`.
+            tx.execute_batch(AUDIT_V7)?;
+        }
+        let reached = if resealed { SCHEMA_VERSION } else { RESEAL_VERSION - 1 };
         tx.pragma_update(None, "user_version", reached.max(version))?;
+        self.version = reached.max(version);
         tx.commit()?;
         Ok(())
     }
@@ -317,6 +380,7 @@ impl SqliteStore {
             .iter()
             .map(|p| self.cipher.fingerprint(&p.product, &p.pin))
             .collect();
+        self.check_version()?;
         let (cipher, tx) = (
             &self.cipher,
             self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?,
@@ -325,16 +389,23 @@ impl SqliteStore {
             // Each PIN is sealed bound to its row, id included: the ids are given here (this transaction is the only
             // writer), so that each row is written once.
             let first: i64 = tx.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM pins", [], |r| r.get(0))?;
+            let now = unix_now();
             let mut denom = tx.prepare_cached("SELECT 1 FROM denominations WHERE product = ?1 AND amount = ?2")?;
             let mut insert = tx.prepare_cached(
                 "INSERT INTO pins (id, product, amount, serial, fingerprint, key_id, nonce, ciphertext, expiry, receipt,
-                                   state)
-                 VALUES (?10, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'available')",
+                                   state, audit_seq)
+                 VALUES (?10, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'available', ?11)",
             )?;
+            let mut seq = 0;
             for (i, (p, fp)) in pins.iter().zip(&prints).enumerate() {
                 let row = i + 1;
                 if row % IMPORT_PROGRESS_EVERY == 0 {
                     progress(row);
+                }
+                // One audit record per thousand PINs loaded, written before them.
+                if i % MAX_RESERVE == 0 {
+                    let ids: Vec<i64> = (i..pins.len().min(i + MAX_RESERVE)).map(|k| first + k as i64).collect();
+                    seq = audit_record(&tx, None, PinState::Available, None, now, &ids)?;
                 }
                 p.check_receipt()
                     .map_err(|reason| StoreError::ImportRow { row, reason })?;
@@ -365,7 +436,8 @@ impl SqliteStore {
                     s.ciphertext,
                     p.expiry,
                     receipt,
-                    id
+                    id,
+                    seq
                 ]);
                 if let Err(e) = r {
                     let msg = e.to_string();
@@ -384,74 +456,64 @@ impl SqliteStore {
         Ok(pins.len())
     }
 
-    /// Applies several operations in one transaction (one disk sync for all of them: group commit). Each gets its
-    /// own result; one failing operation does not undo the others (each runs in a savepoint). If the commit itself
-    /// fails, every operation fails and nothing of the batch is kept.
+    /// Applies several operations in one transaction (one disk sync for all of them: group commit), in their
+    /// order. Each gets its own result; a refused operation does not undo the others (every refusal is found by
+    /// reading, before the operation writes anything: no savepoints). A database error fails every operation and
+    /// keeps nothing of the batch, as does a failed commit.
+    ///
+    /// Consecutive confirms are applied together ([`confirm_group`]): their PINs move to `sold` in one statement,
+    /// under one audit record per holder; a reservation moves its PINs in one statement under one record.
     pub fn apply_batch(&mut self, ops: &[Op]) -> Vec<Result<Outcome, StoreError>> {
+        self.apply_batch_then(ops, &mut || None)
+    }
+
+    /// [`SqliteStore::apply_batch`], then, in the same transaction, the operations `more` gives (in order, until it
+    /// gives `None`): operations that arrived while the batch was applied share its commit instead of waiting for
+    /// it and paying one of their own. One result per operation, those of `ops` first; on a database error every
+    /// operation taken fails.
+    pub fn apply_batch_then(
+        &mut self,
+        ops: &[Op],
+        more: &mut dyn FnMut() -> Option<Vec<Op>>,
+    ) -> Vec<Result<Outcome, StoreError>> {
+        if let Err(e) = self.check_version() {
+            return super::failed_batch(ops.len(), &e.to_string());
+        }
         let now = unix_now();
         let today = today();
-        let cipher = &self.cipher;
         let tx = match self.conn.transaction_with_behavior(TransactionBehavior::Immediate) {
             Ok(t) => t,
             Err(e) => return super::failed_batch(ops.len(), &e.to_string()),
         };
         let mut results = Vec::with_capacity(ops.len());
-        for op in ops {
-            // A savepoint around an operation that can be refused after it wrote (a sale or reservation whose PIN
-            // does not decrypt), so a refused operation leaves no trace; with cached statements (the savepoint API
-            // would parse its SQL again for every operation). The others refuse before writing anything, or fail
-            // with a database error, which fails the whole batch: they need none (three statements fewer per
-            // confirm, the prefetch path's commonest operation).
-            let r = if matches!(op, Op::Sell(_) | Op::Reserve { .. }) {
-                let in_savepoint = || {
-                    tx.prepare_cached("SAVEPOINT op")?.execute([])?;
-                    match apply(&tx, cipher, op, now, &today) {
-                        Ok(r) => {
-                            tx.prepare_cached("RELEASE op")?.execute([])?;
-                            Ok(r)
-                        }
-                        Err(e) => {
-                            tx.prepare_cached("ROLLBACK TO op")?.execute([])?;
-                            tx.prepare_cached("RELEASE op")?.execute([])?;
-                            Err(e)
-                        }
-                    }
-                };
-                // A picked PIN that does not open is quarantined (when its key is shown right) and the operation
-                // runs again: it picks the next PIN.
-                let mut quarantined = 0;
-                loop {
-                    match in_savepoint() {
-                        Err(StoreError::Unreadable { pin_id, reason }) if quarantined < MAX_QUARANTINE_PER_OP => {
-                            match quarantine(&tx, cipher, pin_id) {
-                                Ok(true) => quarantined += 1,
-                                Ok(false) => break Err(StoreError::Unreadable { pin_id, reason }),
-                                Err(e) => break Err(e),
-                            }
-                        }
-                        r => break r,
-                    }
-                }
-            } else {
-                apply(&tx, cipher, op, now, &today)
-            };
-            // A database error fails the whole batch: SQLite may already have rolled the transaction back by
-            // itself (disk full, I/O error), and what follows must not be committed on its own.
-            if let Err(StoreError::Db(msg)) = &r {
-                let msg = msg.clone();
-                drop(tx);
-                return super::failed_batch(ops.len(), &msg);
-            }
-            if tx.is_autocommit() {
-                drop(tx);
-                return super::failed_batch(ops.len(), "transaction rolled back by SQLite");
-            }
-            results.push(r);
+        let mut taken = ops.len();
+        let mut r = apply_ops(&tx, &self.cipher, ops, now, &today, &mut results);
+        while r.is_ok() {
+            let Some(late) = more() else { break };
+            taken += late.len();
+            r = apply_ops(&tx, &self.cipher, &late, now, &today, &mut results);
+        }
+        if let Err(msg) = r {
+            drop(tx);
+            return super::failed_batch(taken, &msg);
         }
         if let Err(e) = tx.commit() {
-            return super::failed_batch(ops.len(), &e.to_string());
+            return super::failed_batch(taken, &e.to_string());
         }
         results
+    }
+
+    /// Refuses the operations that write audit records of their own on a file not migrated to this schema yet (see
+    /// `migrate`: it waits for a start with the PIN keys).
+    fn check_version(&self) -> Result<(), StoreError> {
+        if self.version < SCHEMA_VERSION {
+            return Err(StoreError::Db(format!(
+                "database schema is version {}: open it once with the PIN keys to migrate it to version \
+                 {SCHEMA_VERSION}",
+                self.version
+            )));
+        }
+        Ok(())
     }
 
     fn apply_one(&mut self, op: Op) -> Result<Outcome, StoreError> {
@@ -636,7 +698,7 @@ impl SqliteStore {
     pub fn audit_of(&self, pin_id: i64) -> Result<Vec<AuditRow>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT from_state, to_state, holder FROM audit WHERE pin_id = ?1 ORDER BY seq")?;
+            .prepare("SELECT from_state, to_state, holder FROM audit_trail WHERE pin_id = ?1 ORDER BY seq")?;
         let rows = stmt.query_map(params![pin_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -768,14 +830,6 @@ fn expire_available(tx: &Connection, today: &str) -> Result<usize, StoreError> {
         .execute(params![today])?)
 }
 
-/// The PIN sold under a sale key, without its state (one primary-key lookup: what a confirm needs).
-fn sold_pin(tx: &Connection, sale: &SaleContext) -> Result<Option<i64>, StoreError> {
-    Ok(tx
-        .prepare_cached("SELECT pin_id FROM sales WHERE transmission = ?1 AND stan = ?2 AND terminal_id = ?3")?
-        .query_row(params![sale.transmission, sale.stan, sale.terminal_id], |r| r.get(0))
-        .optional()?)
-}
-
 /// The sale recorded under a key, whichever gateway made it.
 struct FoundSale {
     pin_id: i64,
@@ -817,6 +871,11 @@ fn reversal_pending(tx: &Connection, sale: &SaleContext) -> Result<bool, StoreEr
         .exists(params![sale.transmission, sale.stan, sale.terminal_id])?)
 }
 
+/// Records a sale: `?1` gateway, `?2` terminal, `?3` STAN, `?4` transmission, `?5` PIN, `?6` merchant, `?7` RRN,
+/// `?8` product, `?9` amount, `?10` time.
+const INSERT_SALE: &str = "INSERT INTO sales (gateway, terminal_id, stan, transmission, pin_id, merchant_id, rrn, \
+     product, amount, sold_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+
 fn insert_sale(
     tx: &Connection,
     sale: &SaleContext,
@@ -825,11 +884,20 @@ fn insert_sale(
     amount: i64,
     now: i64,
 ) -> Result<(), StoreError> {
-    tx.prepare_cached(
-        "INSERT INTO sales (gateway, terminal_id, stan, transmission, pin_id, merchant_id, rrn, product, amount, sold_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-    )?
-    .execute(params![
+    let mut st = tx.prepare_cached(INSERT_SALE)?;
+    insert_sale_with(&mut st, sale, pin_id, product, amount, now)
+}
+
+/// [`insert_sale`] with the statement already at hand (a group of confirms records its sales one after another).
+fn insert_sale_with(
+    st: &mut rusqlite::Statement<'_>,
+    sale: &SaleContext,
+    pin_id: i64,
+    product: &str,
+    amount: i64,
+    now: i64,
+) -> Result<(), StoreError> {
+    st.execute(params![
         sale.gateway,
         sale.terminal_id,
         sale.stan,
@@ -865,6 +933,73 @@ fn void(tx: &Connection, sale: &SaleContext, pin_id: i64, now: i64) -> Result<()
             pin_id,
             now
         ])?;
+    }
+    Ok(())
+}
+
+/// Applies `ops` in order inside the batch's transaction, pushing one result each (see
+/// [`SqliteStore::apply_batch`]); `Err` with the message when the batch must fail whole (a database error).
+fn apply_ops(
+    tx: &Transaction<'_>,
+    cipher: &PinCipher,
+    ops: &[Op],
+    now: i64,
+    today: &str,
+    results: &mut Vec<Result<Outcome, StoreError>>,
+) -> Result<(), String> {
+    let mut rest = ops;
+    while let Some(op) = rest.first() {
+        let confirms = rest.iter().take_while(|o| matches!(o, Op::Confirm { .. })).count();
+        let r: Result<Vec<Result<Outcome, StoreError>>, StoreError> = if confirms > 0 {
+            let items: Vec<(&str, i64, &SaleContext)> = rest[..confirms]
+                .iter()
+                .filter_map(|o| match o {
+                    Op::Confirm { holder, pin_id, sale } => Some((holder.as_str(), *pin_id, sale)),
+                    _ => None,
+                })
+                .collect();
+            rest = &rest[confirms..];
+            confirm_group(tx, &items, now).map(|v| v.into_iter().map(|r| r.map(Outcome::Confirmed)).collect())
+        } else {
+            rest = &rest[1..];
+            // A picked PIN that does not open is quarantined (when its key is shown right) and the operation runs
+            // again: it picks the next PIN. Nothing was written before it was found.
+            let mut quarantined = 0;
+            let r = loop {
+                match apply(tx, cipher, op, now, today) {
+                    Err(StoreError::Unreadable { pin_id, reason }) if quarantined < MAX_QUARANTINE_PER_OP => {
+                        match quarantine(tx, cipher, pin_id) {
+                            Ok(true) => quarantined += 1,
+                            Ok(false) => break Err(StoreError::Unreadable { pin_id, reason }),
+                            Err(e) => break Err(e),
+                        }
+                    }
+                    r => break r,
+                }
+            };
+            match r {
+                Err(StoreError::Db(msg)) => Err(StoreError::Db(msg)),
+                r => Ok(vec![r]),
+            }
+        };
+        // A database error fails the whole batch: SQLite may already have rolled the transaction back by itself
+        // (disk full, I/O error), and what follows must not be committed on its own.
+        match r {
+            Ok(r) => {
+                if let Some(msg) = r.iter().find_map(|r| match r {
+                    Err(StoreError::Db(msg)) => Some(msg.clone()),
+                    _ => None,
+                }) {
+                    return Err(msg);
+                }
+                results.extend(r);
+            }
+            Err(StoreError::Db(msg)) => return Err(msg),
+            Err(e) => return Err(e.to_string()),
+        }
+        if tx.is_autocommit() {
+            return Err("transaction rolled back by SQLite".into());
+        }
     }
     Ok(())
 }
@@ -919,6 +1054,8 @@ fn sell_one(
             amount: req.amount,
         });
     };
+    // Opened before anything is written: a row that does not open leaves nothing to undo.
+    let d = row.open(cipher)?;
     mark(
         tx,
         row.id,
@@ -926,7 +1063,7 @@ fn sell_one(
         "UPDATE pins SET state = 'sold' WHERE id = ?1 AND state = 'available'",
     )?;
     insert_sale(tx, sale, row.id, &req.product, req.amount, now)?;
-    row.open(cipher)
+    Ok(d)
 }
 
 /// Runs `update` (one row, by id) on the PIN just read in state `was` in this transaction. It must change exactly
@@ -955,8 +1092,11 @@ fn apply(tx: &Connection, cipher: &PinCipher, op: &Op, now: i64, today: &str) ->
             amount,
             count,
             lease_until,
-        } => reserve(tx, cipher, holder, product, *amount, *count, *lease_until, today).map(Outcome::Reserved),
-        Op::Confirm { holder, pin_id, sale } => confirm(tx, holder, *pin_id, sale, now).map(Outcome::Confirmed),
+        } => reserve(tx, cipher, holder, product, *amount, *count, *lease_until, today, now).map(Outcome::Reserved),
+        Op::Confirm { holder, pin_id, sale } => confirm_group(tx, &[(holder, *pin_id, sale)], now)?
+            .pop()
+            .expect("one result per confirm")
+            .map(Outcome::Confirmed),
         Op::Release { holder, pin_ids } => release(tx, holder, pin_ids).map(|refused| Outcome::Released { refused }),
         Op::Renew {
             holder,
@@ -1001,6 +1141,43 @@ fn apply(tx: &Connection, cipher: &PinCipher, op: &Op, now: i64, today: &str) ->
     }
 }
 
+/// Writes one audit record: the PINs `pins` (each once) moved from `from` (`None`: loaded) to `to`, held by
+/// `holder`; returns its `seq`, which the PIN rows it names take as their `audit_seq` when they move.
+fn audit_record(
+    tx: &Connection,
+    from: Option<PinState>,
+    to: PinState,
+    holder: Option<&str>,
+    at: i64,
+    pins: &[i64],
+) -> Result<i64, StoreError> {
+    let mut list = String::with_capacity(pins.len() * 8 + 2);
+    list.push('[');
+    for (i, id) in pins.iter().enumerate() {
+        if i > 0 {
+            list.push(',');
+        }
+        list.push_str(&id.to_string());
+    }
+    list.push(']');
+    tx.prepare_cached("INSERT INTO audit (from_state, to_state, holder, at, pins) VALUES (?1, ?2, ?3, ?4, ?5)")?
+        .execute(params![from.map(PinState::as_str), to.as_str(), holder, at, list])?;
+    Ok(tx.last_insert_rowid())
+}
+
+/// Moves the `n` PINs audit record `seq` names (all read in state `was`) with `update`, whose `?1` is the record's
+/// seq; every one of them must move, or the batch fails (the read that chose them and this write disagree).
+fn move_recorded(tx: &Connection, seq: i64, n: usize, was: PinState, update: &str) -> Result<(), StoreError> {
+    let moved = tx.prepare_cached(update)?.execute(params![seq])?;
+    if moved != n {
+        return Err(StoreError::Db(format!(
+            "internal: {n} PINs read as {} for audit record {seq}, {moved} moved",
+            was.as_str()
+        )));
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn reserve(
     tx: &Connection,
@@ -1011,6 +1188,7 @@ fn reserve(
     n: usize,
     lease_until: i64,
     today: &str,
+    now: i64,
 ) -> Result<Vec<Dispensed>, StoreError> {
     if n == 0 || n > MAX_RESERVE {
         return Err(StoreError::BadRequest(format!(
@@ -1018,57 +1196,154 @@ fn reserve(
         )));
     }
     check_denomination(tx, product, amount)?;
+    // Read and opened first (a row that does not open is found before anything is written), then one audit record
+    // and one statement move them all.
     let mut stmt = tx.prepare_cached(&format!(
-        "UPDATE pins SET state = 'reserved', holder = ?1, lease_until = ?2
-         WHERE id IN (SELECT id FROM pins WHERE product = ?3 AND amount = ?4 AND state = 'available'
-                      AND (expiry IS NULL OR expiry >= ?5) ORDER BY id LIMIT ?6)
-         RETURNING {PIN_COLUMNS}"
+        "SELECT {PIN_COLUMNS} FROM pins WHERE product = ?1 AND amount = ?2 AND state = 'available'
+         AND (expiry IS NULL OR expiry >= ?3) ORDER BY id LIMIT ?4"
     ))?;
-    let rows = stmt.query_map(params![holder, lease_until, product, amount, today, n as i64], pin_row)?;
-    let rows = rows.collect::<Result<Vec<_>, _>>()?;
-    rows.into_iter().map(|r| r.open(cipher)).collect()
+    let rows = stmt.query_map(params![product, amount, today, n as i64], pin_row)?;
+    let mut out = Vec::with_capacity(n);
+    for r in rows {
+        out.push(r?.open(cipher)?);
+    }
+    if out.is_empty() {
+        return Ok(out);
+    }
+    let ids: Vec<i64> = out.iter().map(|d| d.pin_id).collect();
+    let seq = audit_record(
+        tx,
+        Some(PinState::Available),
+        PinState::Reserved,
+        Some(holder),
+        now,
+        &ids,
+    )?;
+    let moved = tx
+        .prepare_cached(
+            "UPDATE pins SET state = 'reserved', holder = ?1, lease_until = ?2, audit_seq = ?3
+             WHERE id IN (SELECT value FROM json_each((SELECT pins FROM audit WHERE seq = ?3)))
+             AND state = 'available'",
+        )?
+        .execute(params![holder, lease_until, seq])?;
+    if moved != ids.len() {
+        return Err(StoreError::Db(format!(
+            "internal: {} PINs read as available for audit record {seq}, {moved} reserved",
+            ids.len()
+        )));
+    }
+    Ok(out)
 }
 
-fn confirm(
-    tx: &Connection,
-    holder: &str,
+/// A confirm the group sells: its position in the group, and what its sale row records.
+struct ToSell<'a> {
+    at: usize,
+    holder: &'a str,
     pin_id: i64,
-    sale: &SaleContext,
+    product: String,
+    amount: i64,
+    sale: &'a SaleContext,
+    /// Its key was reversed before it arrived: sold, then voided at once.
+    reversed: bool,
+}
+
+/// Consecutive confirms of a batch (`(holder, PIN, sale)` each), with the results they would have one after the
+/// other: each is decided by reading (the sales of earlier confirms of the group counted as made), refusals and
+/// conflicts at once; then the PINs sold move to `sold` in one statement per holder, under one audit record each
+/// (`reserved → sold`), and their sales are recorded; last, those whose key was reversed first are voided.
+fn confirm_group(
+    tx: &Connection,
+    items: &[(&str, i64, &SaleContext)],
     now: i64,
-) -> Result<Confirmation, StoreError> {
-    if let Some(sold) = sold_pin(tx, sale)? {
-        return if sold == pin_id {
-            Ok(Confirmation::AlreadyConfirmed)
-        } else {
-            conflict(tx, holder, pin_id, sale, super::CONFLICT_KEY_SOLD, now)
-        };
-    }
-    // A read, then a write by rowid, rather than one UPDATE … RETURNING: SQLite gathers RETURNING rows in a
-    // temporary b-tree it opens and closes on every run (a fifth of a confirm's time). Nothing can come between the
-    // two: this connection is the only writer, inside its IMMEDIATE transaction.
-    let row: Option<(String, i64)> = tx
-        .prepare_cached("SELECT product, amount FROM pins WHERE id = ?1 AND state = 'reserved' AND holder = ?2")?
-        .query_row(params![pin_id, holder], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
-    let Some((product, amount)) = row else {
-        return Err(StoreError::NotHolder {
-            holder: holder.to_string(),
-            pin_id,
-        });
-    };
-    mark(
-        tx,
+) -> Result<Vec<Result<Confirmation, StoreError>>, StoreError> {
+    use std::collections::{HashMap, HashSet};
+    let mut results: Vec<Option<Result<Confirmation, StoreError>>> = (0..items.len()).map(|_| None).collect();
+    let mut sold_now: HashMap<String, i64> = HashMap::new();
+    let mut taken: HashSet<i64> = HashSet::new();
+    let mut to_sell: Vec<ToSell> = Vec::new();
+    let not_holder = |holder: &str, pin_id: i64| StoreError::NotHolder {
+        holder: holder.to_string(),
         pin_id,
-        PinState::Reserved,
-        "UPDATE pins SET state = 'sold', lease_until = NULL WHERE id = ?1 AND state = 'reserved'",
+    };
+    // What each confirm needs to know, in one read: the PIN sold under its key (whichever gateway sold it), its PIN
+    // if the caller holds it reserved (with the product and amount its sale records), and whether its key was
+    // reversed first.
+    let mut read = tx.prepare_cached(
+        "SELECT s.pin_id, p.product, p.amount,
+                EXISTS (SELECT 1 FROM reversals v WHERE v.transmission = ?1 AND v.stan = ?2 AND v.terminal_id = ?3)
+         FROM (SELECT 1) LEFT JOIN sales s ON s.transmission = ?1 AND s.stan = ?2 AND s.terminal_id = ?3
+         LEFT JOIN pins p ON p.id = ?4 AND p.state = 'reserved' AND p.holder = ?5",
     )?;
-    insert_sale(tx, sale, pin_id, &product, amount, now)?;
-    if reversal_pending(tx, sale)? {
-        void(tx, sale, pin_id, now)?;
-        Ok(Confirmation::Voided)
-    } else {
-        Ok(Confirmation::Sold)
+    for (at, &(holder, pin_id, sale)) in items.iter().enumerate() {
+        let key = sale.key_id();
+        let (sold, reserved, reversed) = read.query_row(
+            params![sale.transmission, sale.stan, sale.terminal_id, pin_id, holder],
+            |r| {
+                let product: Option<String> = r.get(1)?;
+                let amount: Option<i64> = r.get(2)?;
+                Ok((r.get::<_, Option<i64>>(0)?, product.zip(amount), r.get::<_, bool>(3)?))
+            },
+        )?;
+        let sold = sold_now.get(&key).copied().or(sold);
+        results[at] = Some(match sold {
+            Some(sold) if sold == pin_id => Ok(Confirmation::AlreadyConfirmed),
+            // A PIN sold by an earlier confirm of the group is not reserved any more: not the caller's to void.
+            Some(_) if taken.contains(&pin_id) => Err(not_holder(holder, pin_id)),
+            Some(_) => conflict(tx, holder, pin_id, sale, super::CONFLICT_KEY_SOLD, now),
+            None if taken.contains(&pin_id) => Err(not_holder(holder, pin_id)),
+            None => match reserved {
+                None => Err(not_holder(holder, pin_id)),
+                Some((product, amount)) => {
+                    sold_now.insert(key, pin_id);
+                    taken.insert(pin_id);
+                    to_sell.push(ToSell {
+                        at,
+                        holder,
+                        pin_id,
+                        product,
+                        amount,
+                        sale,
+                        reversed,
+                    });
+                    continue;
+                }
+            },
+        });
     }
+    // One record and one statement per holder (a batch gathers the confirms of every gateway connected).
+    let mut holders: Vec<&str> = to_sell.iter().map(|t| t.holder).collect();
+    holders.sort_unstable();
+    holders.dedup();
+    for holder in holders {
+        let ids: Vec<i64> = to_sell
+            .iter()
+            .filter(|t| t.holder == holder)
+            .map(|t| t.pin_id)
+            .collect();
+        let seq = audit_record(tx, Some(PinState::Reserved), PinState::Sold, Some(holder), now, &ids)?;
+        move_recorded(
+            tx,
+            seq,
+            ids.len(),
+            PinState::Reserved,
+            "UPDATE pins SET state = 'sold', lease_until = NULL, audit_seq = ?1
+             WHERE id IN (SELECT value FROM json_each((SELECT pins FROM audit WHERE seq = ?1)))
+             AND state = 'reserved'",
+        )?;
+    }
+    let mut insert = tx.prepare_cached(INSERT_SALE)?;
+    for t in &to_sell {
+        insert_sale_with(&mut insert, t.sale, t.pin_id, &t.product, t.amount, now)?;
+    }
+    for t in &to_sell {
+        results[t.at] = Some(if t.reversed {
+            void(tx, t.sale, t.pin_id, now)?;
+            Ok(Confirmation::Voided)
+        } else {
+            Ok(Confirmation::Sold)
+        });
+    }
+    Ok(results.into_iter().map(|r| r.expect("every confirm decided")).collect())
 }
 
 /// A confirm refused for good (see [`Confirmation::Conflict`]): the PIN, which `holder` holds, is voided and the
