@@ -78,6 +78,9 @@ fn d_window() -> u64 {
 fn d_forward_retry_max() -> u64 {
     60_000
 }
+fn d_journal_group() -> u64 {
+    1_000
+}
 fn d_clock_skew() -> u64 {
     60
 }
@@ -111,6 +114,8 @@ struct GatewaySection {
     repeat_max: usize,
     #[serde(default = "d_clock_skew")]
     clock_skew_secs: u64,
+    #[serde(default = "d_journal_group")]
+    journal_group_us: u64,
     #[serde(default = "d_forward_retry_max")]
     forward_retry_max_ms: u64,
     #[serde(default = "d_lease")]
@@ -635,6 +640,9 @@ pub struct GatewayConfig {
     /// whose time is further off, or older than what the repeat window still remembers, may be a key sold before
     /// (a reset terminal, a duplicate beyond the window), so its sale goes to the PIN server, which knows every key.
     pub clock_skew: Duration,
+    /// Group commit: the journal syncs at most once per this interval while records keep coming (records that
+    /// arrive meanwhile share the next sync); a record arriving after a quiet spell is synced at once.
+    pub journal_group: Duration,
     /// Longest wait between two tries of a store-and-forward step (confirms, reversals, releases).
     pub forward_retry_max: Duration,
     pub lease: Duration,
@@ -741,6 +749,9 @@ impl GatewayConfig {
             }
         }
         if let Some(e) = range("gateway.clock_skew_secs", g.clock_skew_secs, 0, 86_400) {
+            problems.push(e);
+        }
+        if let Some(e) = range("gateway.journal_group_us", g.journal_group_us, 0, 100_000) {
             problems.push(e);
         }
         if let Some(e) = range("gateway.forward_retry_max_ms", g.forward_retry_max_ms, 200, 600_000) {
@@ -941,6 +952,7 @@ impl GatewayConfig {
             repeat_window: Duration::from_secs(g.repeat_window_secs),
             repeat_max: g.repeat_max,
             clock_skew: Duration::from_secs(g.clock_skew_secs),
+            journal_group: Duration::from_micros(g.journal_group_us),
             forward_retry_max: Duration::from_millis(g.forward_retry_max_ms),
             lease: Duration::from_secs(g.lease_secs),
             refill_cover: Duration::from_secs(g.refill_cover_secs),

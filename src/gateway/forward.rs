@@ -11,12 +11,12 @@ use tokio::time::Instant;
 
 use super::journal::{self, KeyRecord, Record, SaleRecord};
 use super::upstream::{self, UpstreamError};
-use super::window::{Entry, Outcome};
+use super::window::{Entry, KeyParts, Outcome};
 use super::Gateway;
 use crate::logging::limited;
 use crate::psp::{ConfirmOutcome, ErrorCode, Request, Response};
+use crate::sale::ResponseCode;
 use crate::sale::SaleContent;
-use crate::sale::{ResponseCode, SaleKey};
 
 /// Work the server must acknowledge, retried until it does (store-and-forward).
 #[derive(Clone, Debug)]
@@ -37,10 +37,10 @@ pub(super) enum Job {
 
 impl Job {
     /// The sale the job is about.
-    fn key(&self) -> Option<SaleKey> {
+    fn key(&self) -> Option<&dyn KeyParts> {
         match self {
-            Job::Confirm { sale, .. } => Some(sale.key()),
-            Job::Reverse { key, .. } => Some(key.key()),
+            Job::Confirm { sale, .. } => Some(sale),
+            Job::Reverse { key, .. } => Some(key),
             Job::Release { .. } => None,
         }
     }
@@ -164,11 +164,9 @@ impl Gateway {
         if let Some(key) = job.key() {
             // The server cannot answer a repeat of this sale correctly until the job is acknowledged: keep its
             // entry until then. A reversal of a sale never seen here is remembered as such (a late sale: 12).
-            let mut r = self.recent.lock().expect("not poisoned");
-            let e = r
-                .get(&key)
-                .unwrap_or_else(|| Entry::new(None, Some(Outcome::Declined(ResponseCode::InvalidTransaction))));
-            r.hold(&key, e);
+            self.recent.lock().expect("not poisoned").hold(key, || {
+                Entry::new(None, Some(Outcome::Declined(ResponseCode::InvalidTransaction)))
+            });
         }
         let mut f = self.forward.lock().expect("not poisoned");
         match &job {
@@ -273,7 +271,7 @@ impl Gateway {
                 f.leave(&q.job);
                 drop(f);
                 if let Some(key) = q.job.key() {
-                    self.recent.lock().expect("not poisoned").unhold(&key);
+                    self.recent.lock().expect("not poisoned").unhold(key);
                 }
             }
             Sent::Failed => {

@@ -144,6 +144,7 @@ impl Gateway {
         let cipher = Arc::new(PinCipher::from_spec(spec.expose()).map_err(|e| GatewayError::Keys(e.to_string()))?);
         let jopts = JournalOptions {
             sync: !opts.journal_no_sync,
+            group: cfg.journal_group,
             ..JournalOptions::default()
         };
         let (journal, recovered) = Journal::open(&cfg.journal, cipher, jopts)?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::journal::{CachedPin, Record};
+use super::journal::CachedPin;
 use super::upstream::UpstreamError;
 use super::Gateway;
 use crate::logging::limited;
@@ -94,12 +94,7 @@ impl Gateway {
                 // them), never sold.
                 let queued: Vec<_> = cached
                     .chunks(100)
-                    .map(|chunk| {
-                        (
-                            chunk,
-                            self.journal.queue(chunk.iter().cloned().map(Record::Cached).collect()),
-                        )
-                    })
+                    .map(|chunk| (chunk, self.journal.queue_cached(chunk)))
                     .collect();
                 let mut all_cached = true;
                 for (chunk, written) in queued {

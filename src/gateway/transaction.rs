@@ -180,11 +180,7 @@ impl Gateway {
             Take::Hit(pin) => {
                 self.refill_wake.notify_one();
                 let pin_id = pin.pin.pin_id;
-                let sold = Record::CacheSold {
-                    pin_id,
-                    sale: record.clone(),
-                };
-                if let Err(e) = self.journal.append_by(vec![sold], deadline).await {
+                if let Err(e) = self.journal.append_cache_sold_by(pin_id, &record, deadline).await {
                     // Not acknowledged in time, so not handed out; but the record may be (or get) on disk. The
                     // PIN is confirmed and reversed at once (voided: accounted for, never sold twice), and the
                     // reversal is journaled behind the sale record.
@@ -219,7 +215,7 @@ impl Gateway {
         let key = KeyRecord::from(&s.key);
         if let Err(e) = self
             .journal
-            .append_by(vec![Record::Asked { sale: record.clone() }], deadline)
+            .append_by(&[Record::Asked { sale: record.clone() }], deadline)
             .await
         {
             // Nothing was asked of the server (a late `asked` only causes a harmless remembered reversal).
@@ -237,7 +233,7 @@ impl Gateway {
             Ok(Response::Sold { pin }) => {
                 if let Err(e) = self
                     .journal
-                    .append_by(vec![Record::Resolved { key: key.clone() }], deadline)
+                    .append_by(&[Record::Resolved { key: key.clone() }], deadline)
                     .await
                 {
                     limited!(error, "journal failed after a sale; the sale is reversed", error = %e);
@@ -322,7 +318,7 @@ impl Gateway {
             key: key.clone(),
             content: content.clone(),
         };
-        if let Err(e) = self.journal.append_by(vec![record], deadline).await {
+        if let Err(e) = self.journal.append_by(std::slice::from_ref(&record), deadline).await {
             // The terminal is told to repeat it; the reversal is still sent (repeats are idempotent).
             limited!(error, "journal did not record a reversal in time", error = %e);
             self.enqueue(Job::Reverse { key, content });

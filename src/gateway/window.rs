@@ -146,13 +146,23 @@ impl Entry {
 /// window (a `SaleKey` is three strings, and was stored twice).
 type PackedKey = Arc<[u8]>;
 
+/// A sale's key, as whatever carries it holds it (a request's key, a journal record, a queued confirm): packed as
+/// it is, never copied into a [`SaleKey`] first.
+pub(super) trait KeyParts {
+    /// Terminal id, STAN, qualified transmission time.
+    fn parts(&self) -> (&str, &str, &str);
+}
+
+impl KeyParts for SaleKey {
+    fn parts(&self) -> (&str, &str, &str) {
+        (&self.terminal_id, &self.stan, &self.transmission)
+    }
+}
+
 /// The parts of `key`, each after its length (so that no two keys pack alike).
-fn pack(key: &SaleKey) -> Vec<u8> {
-    let (t, s, x) = (
-        key.terminal_id.as_bytes(),
-        key.stan.as_bytes(),
-        key.transmission.as_bytes(),
-    );
+fn pack(key: &(impl KeyParts + ?Sized)) -> Vec<u8> {
+    let (t, s, x) = key.parts();
+    let (t, s, x) = (t.as_bytes(), s.as_bytes(), x.as_bytes());
     let mut v = Vec::with_capacity(4 + t.len() + s.len() + x.len());
     for part in [t, s] {
         v.extend_from_slice(&(part.len() as u16).to_le_bytes());
@@ -280,17 +290,18 @@ impl Recent {
         }
     }
 
-    pub(super) fn hold(&mut self, key: &SaleKey, entry: Arc<Entry>) {
+    /// Holds the entry of `key` (one made by `absent` when the key has none) until as many [`Recent::unhold`]s.
+    pub(super) fn hold(&mut self, key: &(impl KeyParts + ?Sized), absent: impl FnOnce() -> Arc<Entry>) {
         let packed = pack(key);
-        match self.held.get_mut(&packed[..]) {
-            Some((_, n)) => *n += 1,
-            None => {
-                self.held.insert(packed.into(), (entry, 1));
-            }
+        if let Some((_, n)) = self.held.get_mut(&packed[..]) {
+            *n += 1;
+            return;
         }
+        let entry = self.map.get(&packed[..]).cloned().unwrap_or_else(absent);
+        self.held.insert(packed.into(), (entry, 1));
     }
 
-    pub(super) fn unhold(&mut self, key: &SaleKey) {
+    pub(super) fn unhold(&mut self, key: &(impl KeyParts + ?Sized)) {
         let packed = pack(key);
         if let Some((_, n)) = self.held.get_mut(&packed[..]) {
             *n -= 1;

@@ -5,7 +5,7 @@
 #   tools/bench/three-processes.sh [BIN_DIR] [MODE] [SECONDS] [RATE]
 #     BIN_DIR  release binaries (default target/release; build with `cargo build --release`)
 #     MODE     prefetch (closed loop, cache hits) | ondemand (closed loop) | open (prefetch at RATE/s)
-#   env: WORK (default /tmp/pingate-bench), LOW/HIGH (the cache's marks, default 50000/200000; the demo's are 20/200),
+#   env: WORK (default /tmp/pingate-bench), GW_ENV/SERVER_ENV (VAR=value for either process), LOW/HIGH (the cache's marks, default 50000/200000; the demo's are 20/200),
 #        CONNECTIONS (32), IN_FLIGHT (4), ECHO=1 to run the echo ceiling first
 #
 # The first run makes an inventory of 1.2 million PINs (a few minutes) and keeps it as a template.
@@ -39,7 +39,7 @@ cp -r "$W/template" "$D"
 cd "$D"
 sed -i "s/^bind = \"127.0.0.1:0\"/bind = \"127.0.0.1:17000\"/; s/addr = \"127.0.0.1:[0-9]*\"/addr = \"127.0.0.1:17443\"/; s/^low = 20\$/low = ${LOW:-50000}/; s/^high = 200\$/high = ${HIGH:-200000}/" gateway-demo-gw.toml
 sed -i 's|^\[gateway\]|[gateway]\nadmin = "./admin.sock"|; s|^dialect = "iso87-ascii-binbitmap"|dialect = "iso87-ascii-binbitmap"\nmax_in_flight = 64|' gateway-demo-gw.toml
-"$T/pingate" server --db sqlite:pins.db --cert certs/server/server.pem --key certs/server/server.key \
+env ${SERVER_ENV:-} "$T/pingate" server --db sqlite:pins.db --cert certs/server/server.pem --key certs/server/server.key \
     --client-ca certs/server/ca.pem --gateways certs/server/gateways.toml --pin-keys certs/server/pin-keys \
     --listen 127.0.0.1:17443 --log-level warn >"$W/server.log" 2>&1 &
 SP=$!
