@@ -426,8 +426,7 @@ impl Effect {
 }
 
 impl Live {
-    fn apply(&mut self, e: Effect, frame: Vec<u8>) {
-        let frame: LiveFrame = frame.into();
+    fn apply(&mut self, e: Effect, frame: LiveFrame) {
         match e {
             Effect::Cached(pin_id) => {
                 // Reserved again: whatever release of this id was pending is over (the server gave it back to us).
@@ -512,7 +511,7 @@ pub fn inspect(path: &Path, cipher: &PinCipher) -> Result<Holdings, JournalError
     let (records, _) = read_records_as(path, cipher, false)?;
     let mut live = Live::default();
     for (r, f) in records {
-        live.apply(Effect::of(&r), f);
+        live.apply(Effect::of(&r), f.into());
     }
     let mut h = Holdings {
         cached: live.cached.keys().copied().collect(),
@@ -543,30 +542,54 @@ pub struct Recovered {
 /// Records with their frames (encoded, PINs sealed, by the caller: the writer thread only writes), or why they
 /// could not be encoded.
 struct Append {
-    encoded: Result<Vec<(Effect, Vec<u8>)>, String>,
+    encoded: Result<Vec<(Effect, LiveFrame)>, String>,
     done: Option<oneshot::Sender<Result<(), String>>>,
 }
 
-fn encode<'a>(records: impl IntoIterator<Item = (Effect, WireRef<'a>)>) -> Result<Vec<(Effect, Vec<u8>)>, String> {
+thread_local! {
+    /// Where a task's records are serialised before each is copied, at its exact size, into the frame the writer
+    /// keeps (one allocation per record; a record holds no PIN in clear, only sealed).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One record's frame: length, CRC, then the JSON of `w`.
+fn encode_frame(w: &WireRef<'_>) -> Result<LiveFrame, String> {
+    SCRATCH.with_borrow_mut(|buf| {
+        buf.clear();
+        buf.extend_from_slice(&[0; 8]);
+        serde_json::to_writer(&mut *buf, w).map_err(|e| e.to_string())?;
+        let len = buf.len() - 8;
+        let frame = if len > MAX_RECORD {
+            // Recovery would take it for a torn tail: never write one.
+            Err(format!("record of {len} bytes, the cap is {MAX_RECORD}"))
+        } else {
+            let crc = crc32(&buf[8..]);
+            buf[..4].copy_from_slice(&(len as u32).to_le_bytes());
+            buf[4..8].copy_from_slice(&crc.to_le_bytes());
+            Ok(LiveFrame::from(&buf[..]))
+        };
+        if buf.capacity() > 1 << 16 {
+            // A large release record: not kept for every later record.
+            *buf = Vec::new();
+        }
+        frame
+    })
+}
+
+fn encode<'a>(
+    records: impl IntoIterator<Item = Result<(Effect, WireRef<'a>), String>>,
+) -> Result<Vec<(Effect, LiveFrame)>, String> {
     records
         .into_iter()
-        .map(|(e, w)| {
-            let payload = serde_json::to_vec(&w).map_err(|e| e.to_string())?;
-            if payload.len() > MAX_RECORD {
-                // Recovery would take it for a torn tail: never write one.
-                return Err(format!("record of {} bytes, the cap is {MAX_RECORD}", payload.len()));
-            }
-            Ok((e, frame(&payload)))
+        .map(|r| {
+            let (e, w) = r?;
+            Ok((e, encode_frame(&w)?))
         })
         .collect()
 }
 
-fn encode_records(records: &[Record], cipher: &PinCipher) -> Result<Vec<(Effect, Vec<u8>)>, String> {
-    let wires = records
-        .iter()
-        .map(|r| Ok((Effect::of(r), to_wire(r, cipher)?)))
-        .collect::<Result<Vec<_>, String>>()?;
-    encode(wires)
+fn encode_records(records: &[Record], cipher: &PinCipher) -> Result<Vec<(Effect, LiveFrame)>, String> {
+    encode(records.iter().map(|r| Ok((Effect::of(r), to_wire(r, cipher)?))))
 }
 
 /// Tuning of the journal.
@@ -840,7 +863,7 @@ impl Journal {
                 }
                 _ => {}
             }
-            live.apply(Effect::of(&r), f);
+            live.apply(Effect::of(&r), f.into());
         }
         let mut recovered = Recovered {
             torn_bytes,
@@ -911,23 +934,19 @@ impl Journal {
     /// [`Journal::queue`] for PINs just reserved: `cached` records written from the PINs as they are (no record
     /// built, no PIN copied).
     pub fn queue_cached(&self, pins: &[CachedPin]) -> impl std::future::Future<Output = Result<(), JournalError>> {
-        let encoded = pins
-            .iter()
-            .map(|c| Ok((Effect::Cached(c.pin.pin_id), cached_wire(c, &self.cipher)?)))
-            .collect::<Result<Vec<_>, String>>()
-            .and_then(encode);
+        let encoded = encode(
+            pins.iter()
+                .map(|c| Ok((Effect::Cached(c.pin.pin_id), cached_wire(c, &self.cipher)?))),
+        );
         Self::durable(self.send_encoded(encoded))
     }
 
-    fn durable(
-        sent: Result<oneshot::Receiver<Result<(), String>>, JournalError>,
-    ) -> impl std::future::Future<Output = Result<(), JournalError>> {
-        async move {
-            sent?
-                .await
-                .map_err(|_| JournalError::Failed("writer stopped".into()))?
-                .map_err(JournalError::Failed)
-        }
+    /// Waits for records already sent to the writer (sending is done by the caller, at once, which keeps the order).
+    async fn durable(sent: Result<oneshot::Receiver<Result<(), String>>, JournalError>) -> Result<(), JournalError> {
+        sent?
+            .await
+            .map_err(|_| JournalError::Failed("writer stopped".into()))?
+            .map_err(JournalError::Failed)
     }
 
     fn send(&self, records: Vec<Record>) -> Result<oneshot::Receiver<Result<(), String>>, JournalError> {
@@ -936,7 +955,7 @@ impl Journal {
 
     fn send_encoded(
         &self,
-        encoded: Result<Vec<(Effect, Vec<u8>)>, String>,
+        encoded: Result<Vec<(Effect, LiveFrame)>, String>,
     ) -> Result<oneshot::Receiver<Result<(), String>>, JournalError> {
         let (done, rx) = oneshot::channel();
         self.tx
@@ -962,7 +981,7 @@ impl Journal {
         sale: &SaleRecord,
         deadline: tokio::time::Instant,
     ) -> Result<(), JournalError> {
-        let encoded = encode([(Effect::CacheSold(pin_id), WireRef::CacheSold { pin_id, sale })]);
+        let encoded = encode([Ok((Effect::CacheSold(pin_id), WireRef::CacheSold { pin_id, sale }))]);
         self.wait_by(self.send_encoded(encoded)?, deadline).await
     }
 

@@ -5,7 +5,8 @@
 #   tools/bench/three-processes.sh [BIN_DIR] [MODE] [SECONDS] [RATE]
 #     BIN_DIR  release binaries (default target/release; build with `cargo build --release`)
 #     MODE     prefetch (closed loop, cache hits) | ondemand (closed loop) | open (prefetch at RATE/s)
-#   env: WORK (default /tmp/pingate-bench), GW_ENV/SERVER_ENV (VAR=value for either process), LOW/HIGH (the cache's marks, default 50000/200000; the demo's are 20/200),
+#   env: WORK (default /tmp/pingate-bench), GW_ENV/SERVER_ENV (VAR=value for either process), FILL (PINs cached before
+#        the run starts, default LOW), LOW/HIGH (the cache's marks, default 50000/200000; the demo's are 20/200),
 #        CONNECTIONS (32), IN_FLIGHT (4), ECHO=1 to run the echo ceiling first
 #
 # The first run makes an inventory of 1.2 million PINs (a few minutes) and keeps it as a template.
@@ -46,12 +47,14 @@ SP=$!
 sleep 0.5
 env ${GW_ENV:-} "$T/pingate" gateway --config gateway-demo-gw.toml --log-level warn >"$W/gateway.log" 2>&1 &
 GP=$!
-trap 'kill $GP $SP 2>/dev/null || true' EXIT
+# Each run waits for the gateway's shutdown (it gives its cache back to the server) and the server's exit: a
+# process still exiting would take CPU from the next run.
+trap 'kill $GP 2>/dev/null; wait $GP 2>/dev/null; kill $SP 2>/dev/null; wait $SP 2>/dev/null || true' EXIT
 cached() {
     "$T/pingate" gateway stock --admin ./admin.sock 2>/dev/null |
         python3 -c 'import json,sys; print(max(l["cached"] for l in json.load(sys.stdin)["cache"]))' 2>/dev/null || echo 0
 }
-for _ in $(seq 1 600); do [ "$(cached)" -ge "${LOW:-50000}" ] && break; sleep 0.5; done
+for _ in $(seq 1 600); do [ "$(cached)" -ge "${FILL:-${LOW:-50000}}" ] && break; sleep 0.5; done
 sleep 2
 case $MODE in
     prefetch) ARGS=(--mix TOPUP-EU-10:1000 --in-flight "${IN_FLIGHT:-4}") ;;
