@@ -13,6 +13,8 @@
 //! - [`psp`] — protocol core, no I/O: the PIN server protocol's messages, limits, its one length-prefix codec and
 //!   strict parsing, with a typed error; no dependency on the store. [`psp::client`], the gateway's TLS client, is
 //!   its one part that does I/O.
+//! - [`mac`] — protocol core, no I/O: terminal MACs (ISO 9797-1 algorithm 3 / X9.19 retail MAC over DES, AES-CMAC
+//!   truncated to 8 bytes), MAC keys with their key check values, constant-time verification.
 //! - [`crypto`] — PIN encryption at rest (ChaCha20-Poly1305, keys outside the database), for the inventory's rows
 //!   and the gateway's journal alike; [`clock`] — the wall clock in seconds since the epoch.
 //! - [`store`] — the PIN inventory: the `PinStore` trait with SQLite and PostgreSQL backends, states and their
@@ -47,6 +49,7 @@ pub mod iso8583;
 pub mod keyfile;
 pub mod link;
 pub mod logging;
+pub mod mac;
 pub mod metrics;
 pub mod psp;
 pub mod sale;
