@@ -24,6 +24,8 @@
 //! against fixtures made by another implementation (`tools/interop/make_mac_fixtures.py`, Python's
 //! `cryptography`, in `fixtures/mac/interop-macs.json`).
 
+pub mod message;
+
 use std::fmt;
 use std::str::FromStr;
 
@@ -37,6 +39,8 @@ use zeroize::Zeroizing;
 
 // `KeyInit` and `Mac` are the same traits (digest 0.11) for `cmac` and `retail-mac`.
 use cmac::{KeyInit, Mac};
+
+pub use message::{mac_field, mac_input, sign_answer, sign_message, verify_request, verify_request_any, MacError};
 
 /// Bytes of a MAC as computed (a terminal may send fewer, see [`MIN_MAC_LEN`]).
 pub const MAC_LEN: usize = 8;
