@@ -66,6 +66,11 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Terminals' MAC keys (`pingate terminals key generate|import|rotate|show-kcv`).
+    Terminals {
+        #[command(subcommand)]
+        command: crate::terminal_keys::TerminalsCommand,
+    },
     /// Manage the PIN inventory: products, imports, stock, leases.
     Pins {
         #[command(subcommand)]
@@ -638,6 +643,9 @@ fn run(cli: Cli) -> Result<String, String> {
             Ok(text)
         }
         Command::Pins { command } => runtime()?.block_on(crate::admin::pins(command)),
+        Command::Terminals { command } => {
+            crate::terminal_keys::run(command, &mut std::io::stdin()).map_err(|e| e.to_string())
+        }
         Command::Gateway {
             command: Some(GatewayCommand::Stock { admin }),
             ..

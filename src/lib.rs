@@ -25,6 +25,8 @@
 //!   no part of the PIN server ([`server`], [`store`]).
 //! - [`server`], [`tls`] — the PIN server (mini-redis shaped `run(listener, …, shutdown)`; `server/handler.rs` maps
 //!   PSP requests to store operations and store results to answers) and mutual TLS.
+//! - [`terminal_keys`] — the terminal key file: each terminal's MAC keys sealed under a key-encrypting key (with
+//!   [`crypto`]'s cipher), key ids for re-keying without downtime, KCVs, and `pingate terminals key …`.
 //! - [`keyfile`] — key files (PIN keys, journal keys, TLS private keys) read only when their owner alone may.
 //! - [`traffic`] — the traffic tools, clients of the gateway: the simulated TCP terminal, scenario files, the dial-up
 //!   simulator (modem emulator and dial-up terminal), the load generator with its echo ceiling, CPU time from `/proc`,
@@ -55,5 +57,6 @@ pub mod psp;
 pub mod sale;
 pub mod server;
 pub mod store;
+pub mod terminal_keys;
 pub mod tls;
 pub mod traffic;

@@ -93,7 +93,7 @@ impl MacAlgorithm {
 
 impl fmt::Display for MacAlgorithm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        f.pad(self.name())
     }
 }
 
