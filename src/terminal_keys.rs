@@ -411,6 +411,14 @@ impl TerminalKeys {
         self.terminals.get(terminal).and_then(|k| k.first())
     }
 
+    /// Every (terminal, key id) held, with its KCV: what a reload compares.
+    pub fn ids(&self) -> Vec<(&str, u32, String)> {
+        self.terminals
+            .iter()
+            .flat_map(|(t, keys)| keys.iter().map(move |k| (t.as_str(), k.key_id, k.key.kcv_hex())))
+            .collect()
+    }
+
     /// Terminals with a key.
     pub fn terminals(&self) -> impl Iterator<Item = &str> {
         self.terminals.keys().map(String::as_str)
@@ -456,16 +464,6 @@ pub fn load_kek(path: &Path) -> Result<PinCipher, TerminalKeyError> {
 }
 
 // ---- the operator commands ------------------------------------------------------------------------------------
-
-/// `pingate terminals …`.
-#[derive(clap::Subcommand)]
-pub enum TerminalsCommand {
-    /// Terminals' MAC keys: generate, import, rotate, show key check values.
-    Key {
-        #[command(subcommand)]
-        command: KeyCommand,
-    },
-}
 
 /// Where the terminal key file and its KEK are.
 #[derive(clap::Args, Clone, Debug)]
@@ -546,10 +544,9 @@ pub enum KeyCommand {
     },
 }
 
-/// Runs `pingate terminals …`; `stdin` is read for `import` and `rotate --import`. Returns what to print.
-pub fn run(command: TerminalsCommand, stdin: &mut dyn std::io::Read) -> Result<String, TerminalKeyError> {
+/// Runs `pingate terminals key …`; `stdin` is read for `import` and `rotate --import`. Returns what to print.
+pub fn run(command: KeyCommand, stdin: &mut dyn std::io::Read) -> Result<String, TerminalKeyError> {
     let now = crate::clock::unix_now();
-    let TerminalsCommand::Key { command } = command;
     match command {
         KeyCommand::Generate {
             files,
@@ -768,7 +765,7 @@ mod tests {
     }
 
     fn key_cmd(command: KeyCommand, stdin: &str) -> Result<String, TerminalKeyError> {
-        run(TerminalsCommand::Key { command }, &mut stdin.as_bytes())
+        run(command, &mut stdin.as_bytes())
     }
 
     fn generate(files: &KeyFileArgs, terminal: &str, algorithm: MacAlgorithm) -> Result<String, TerminalKeyError> {
