@@ -115,6 +115,11 @@ async fn a_listener_that_requires_macs_serves_only_terminals_that_prove_who_they
     assert_eq!(code(&answer), "63");
     assert!(!answer.has(63) && !answer.has(64) && !answer.has(128));
     assert_eq!(
+        answer.get_str(37).map(|r| r.len()),
+        Some(12),
+        "a sale's decline carries its RRN"
+    );
+    assert_eq!(
         verify_request(&d, &raw, &answer, &k1),
         Err(MacError::Missing { field: 64 })
     );

@@ -352,7 +352,14 @@ impl Gateway {
                     terminal = msg.terminal_id().unwrap_or(""),
                     reason
                 );
-                let reply = Reply::plain(crate::sale::answer(msg, ResponseCode::SecurityViolation));
+                let code = ResponseCode::SecurityViolation;
+                // A sale's decline carries its RRN (derived from its key), as every other decline does.
+                let message = match SaleKey::of(msg, crate::clock::unix_now()) {
+                    Ok(key) if msg.mti().class() == 2 => crate::sale::sale_answer(msg, &rrn_of(&key), Err(code))
+                        .unwrap_or_else(|_| crate::sale::answer(msg, code)),
+                    _ => crate::sale::answer(msg, code),
+                };
+                let reply = Reply::plain(message);
                 self.count_request(msg.mti().as_str(), ResponseCode::SecurityViolation.code(), received);
                 reply
             }
