@@ -62,6 +62,49 @@ fn write_keys(dir: &Path, keys: &[(&str, &MacKey)]) -> PathBuf {
     path
 }
 
+/// The admin socket, as `pingate gateway` serves it.
+struct Admin {
+    path: String,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Admin {
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Gateway `gw1` with 3 terminals, its listener requiring MACs (3 failures lock a terminal), and its admin socket.
+async fn start(inv: &Inventory, server: std::net::SocketAddr) -> (pingate::demo::rig::GatewayHandle, Admin) {
+    let gw = start_gateway(
+        inv,
+        "gw1",
+        &[server],
+        3,
+        &sample_modes(5, 10),
+        (
+            "terminal_keys_file = \"terminal-keys.toml\"\nterminal_kek_file = \"terminal-kek\"\nmac_failures = 3",
+            "mac = \"required\"",
+        ),
+    )
+    .await
+    .unwrap();
+    past_this_second().await;
+    let path = inv.dir.join("admin.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(pingate::gateway::serve_admin(
+        listener,
+        gw.gateway.clone(),
+        stop.clone(),
+    ));
+    let path = path.to_str().unwrap().to_string();
+    (gw, Admin { path, stop, task })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_that_requires_macs_serves_only_terminals_that_prove_who_they_are() {
     let dir = std::env::temp_dir().join(format!("pingate-mac-e2e-{}", std::process::id()));
@@ -73,30 +116,8 @@ async fn a_listener_that_requires_macs_serves_only_terminals_that_prove_who_they
     let k1 = MacKey::generate(MacAlgorithm::RetailDes).unwrap();
     let k2 = MacKey::generate(MacAlgorithm::AesCmac).unwrap();
     write_keys(&dir, &[("DEMO0001", &k1), ("DEMO0002", &k2)]);
-    let gw = start_gateway(
-        &inv,
-        "gw1",
-        &[server.addr],
-        3,
-        &sample_modes(5, 10),
-        (
-            "terminal_keys_file = \"terminal-keys.toml\"\nterminal_kek_file = \"terminal-kek\"\nmac_failures = 3",
-            "mac = \"required\"",
-        ),
-    )
-    .await
-    .unwrap();
-    past_this_second().await;
-    // The admin socket, as `pingate gateway` serves it.
-    let admin_path = dir.join("admin.sock");
-    let admin = tokio::net::UnixListener::bind(&admin_path).unwrap();
-    let admin_stop = tokio_util::sync::CancellationToken::new();
-    let admin_task = tokio::spawn(pingate::gateway::serve_admin(
-        admin,
-        gw.gateway.clone(),
-        admin_stop.clone(),
-    ));
-    let admin_path = admin_path.to_str().unwrap().to_string();
+    let (gw, mut admin) = start(&inv, server.addr).await;
+    let admin_path = admin.path.clone();
 
     let d = gw.dialect.clone();
     let t1 = common::demo_terminal("DEMO0001");
@@ -216,6 +237,23 @@ async fn a_listener_that_requires_macs_serves_only_terminals_that_prove_who_they
     assert!(metrics.contains("pingate_gateway_terminals_locked 1"));
     assert!(metrics.contains("code=\"63\""));
 
+    // A restart keeps it locked (the locks are written beside the journal).
+    drop(conn);
+    admin.stop().await;
+    gw.stop().await;
+    let locks = std::fs::read_to_string(dir.join("gateway-gw1.mac-locks")).unwrap();
+    assert!(locks.contains("\"DEMO0001\""), "{locks}");
+    let (gw, again) = start(&inv, server.addr).await;
+    admin = again;
+    let mut conn = gw.terminal().await.unwrap();
+    let (_, answer) = call_raw(
+        &mut conn,
+        &d,
+        sign_message(&d, &t1.sale(&sale(55), false), &k1).unwrap().freeze(),
+    )
+    .await;
+    assert_eq!(code(&answer), "63", "still locked after a restart");
+
     // The operator unlocks it: served again.
     assert_eq!(
         pingate(&["terminals", "unlock", "--admin", &admin_path, "DEMO0001"]),
@@ -253,8 +291,7 @@ async fn a_listener_that_requires_macs_serves_only_terminals_that_prove_who_they
     }
 
     drop(conn);
-    admin_stop.cancel();
-    let _ = admin_task.await;
+    admin.stop().await;
     gw.stop().await;
     server.stop().await;
     let _ = std::fs::remove_dir_all(&dir);

@@ -167,6 +167,8 @@ struct GatewaySection {
     /// Terminals' MAC keys, sealed (`pingate terminals key …`), and the key that seals them.
     terminal_keys_file: Option<PathBuf>,
     terminal_kek_file: Option<PathBuf>,
+    /// Where terminals locked for bad MACs are kept across restarts (default: beside the journal).
+    terminal_locks_file: Option<PathBuf>,
     #[serde(default = "d_mac_failures")]
     mac_failures: u64,
     #[serde(default = "d_mac_failure_window")]
@@ -729,6 +731,9 @@ pub struct GatewayConfig {
     /// A terminal is locked after this many bad or missing MACs within [`GatewayConfig::mac_failure_window`].
     pub mac_failures: u32,
     pub mac_failure_window: Duration,
+    /// The terminals locked for bad MACs, kept across restarts (`gateway.terminal_locks_file`; by default the
+    /// journal's path with the extension `mac-locks`).
+    pub terminal_locks: PathBuf,
     pub servers: Vec<ServerAddr>,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -1109,6 +1114,10 @@ impl GatewayConfig {
         if !problems.is_empty() {
             return Err(problems);
         }
+        let terminal_locks = match g.terminal_locks_file {
+            Some(p) => rel(p),
+            None => rel(g.journal.with_extension("mac-locks")),
+        };
         Ok(GatewayConfig {
             journal: rel(g.journal),
             journal_keys,
@@ -1128,6 +1137,7 @@ impl GatewayConfig {
             terminal_keys,
             mac_failures: g.mac_failures as u32,
             mac_failure_window: Duration::from_secs(g.mac_failure_window_secs),
+            terminal_locks,
             servers: f
                 .upstream
                 .servers
@@ -1344,6 +1354,11 @@ mod tests {
             + "[[terminal]]\nid = \"TERM0001\"\nmerchant = \"M1\"\n[[terminal]]\nid = \"TERM0002\"\nmerchant = \"M1\"\n";
         let c = GatewayConfig::parse(&text, &dir.join("gateway.toml")).unwrap();
         assert_eq!(c.mac_failures, 3);
+        assert_eq!(
+            c.terminal_locks,
+            dir.join("gw.mac-locks"),
+            "beside the journal by default"
+        );
         assert!(!c.listeners[0].mac.required());
         assert_eq!(
             c.serial[0].mac,

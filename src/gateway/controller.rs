@@ -324,6 +324,8 @@ pub(super) struct MacGuard {
     recent: HashMap<Box<str>, VecDeque<Instant>>,
     total: HashMap<Box<str>, u64>,
     locked: BTreeMap<Box<str>, i64>,
+    /// The locks changed since [`MacGuard::take_changed`] last said so (they are to be written down).
+    changed: bool,
 }
 
 impl MacGuard {
@@ -334,7 +336,25 @@ impl MacGuard {
             recent: HashMap::new(),
             total: HashMap::new(),
             locked: BTreeMap::new(),
+            changed: false,
         }
+    }
+
+    /// Starts with the terminals locked before a restart (terminal id, since when).
+    pub(super) fn with_locks(mut self, locked: impl IntoIterator<Item = (String, i64)>) -> MacGuard {
+        self.locked = locked
+            .into_iter()
+            .map(|(t, since)| (t.into_boxed_str(), since))
+            .collect();
+        self
+    }
+
+    /// The locks, when they changed since the last call: what is to be kept across a restart.
+    pub(super) fn take_changed(&mut self) -> Option<BTreeMap<String, i64>> {
+        if !std::mem::take(&mut self.changed) {
+            return None;
+        }
+        Some(self.locked.iter().map(|(t, s)| (t.to_string(), *s)).collect())
     }
 
     pub(super) fn is_locked(&self, terminal: &str) -> bool {
@@ -358,6 +378,7 @@ impl MacGuard {
         }
         if recent.len() >= self.limit as usize && !self.locked.contains_key(terminal) {
             self.locked.insert(terminal.into(), unix);
+            self.changed = true;
             return true;
         }
         false
@@ -366,14 +387,23 @@ impl MacGuard {
     /// Unlocks `terminal` and forgets its recent failures; false if it was not locked.
     pub(super) fn unlock(&mut self, terminal: &str) -> bool {
         self.recent.remove(terminal);
-        self.locked.remove(terminal).is_some()
+        let was = self.locked.remove(terminal).is_some();
+        self.changed |= was;
+        was
     }
 
     /// Every terminal with a failure since start, by id.
     pub(super) fn status(&self, now: Instant) -> Vec<MacStatus> {
+        // Locked before a restart and quiet since: listed too.
+        let locked_only = self
+            .locked
+            .keys()
+            .filter(|t| !self.total.contains_key(*t))
+            .map(|t| (t, &0u64));
         let mut out: Vec<MacStatus> = self
             .total
             .iter()
+            .chain(locked_only)
             .map(|(t, n)| MacStatus {
                 terminal: t.to_string(),
                 failures: *n,
@@ -968,5 +998,18 @@ mod tests {
         );
         assert!(!g.is_locked("T1"));
         assert_eq!(g.status(later + window)[0].recent, 0);
+        // Locks and unlocks are what is written down, once each.
+        let mut g = MacGuard::new(1, window).with_locks([("OLD".to_string(), NOW - 5)]);
+        assert_eq!(g.take_changed(), None);
+        assert_eq!(check_mac(&mut g, "OLD", true, Ok(1), t0, NOW), Err(MacRefusal::Locked));
+        assert_eq!(g.status(t0)[0].locked_since, Some(NOW - 5));
+        assert_eq!(check_mac(&mut g, "T9", true, bad, t0, NOW), Err(MacRefusal::Mismatch));
+        assert_eq!(
+            g.take_changed(),
+            Some([("OLD".to_string(), NOW - 5), ("T9".to_string(), NOW)].into())
+        );
+        assert_eq!(g.take_changed(), None);
+        assert!(g.unlock("OLD") && !g.unlock("NEVER"));
+        assert_eq!(g.take_changed(), Some([("T9".to_string(), NOW)].into()));
     }
 }

@@ -76,6 +76,9 @@ pub enum GatewayError {
     /// The admin socket could not be opened.
     #[error("admin socket {at}: {source}")]
     Admin { at: String, source: std::io::Error },
+    /// The file of terminals locked for bad MACs cannot be read.
+    #[error("{}: {reason} (the terminals locked for bad MACs; fix or remove it to unlock them all)", path.display())]
+    Locks { path: std::path::PathBuf, reason: String },
 }
 
 /// An answer for the terminal, and the sale to reverse if it cannot be delivered.
@@ -173,7 +176,8 @@ impl Gateway {
         let now = Instant::now();
         let (cfg_terminals, cfg_products) = (cfg.terminals.clone(), cfg.products.clone());
         let terminal_keys = cfg.terminal_keys.as_ref().map(|k| k.keys.clone()).unwrap_or_default();
-        let mac_guard = controller::MacGuard::new(cfg.mac_failures, cfg.mac_failure_window);
+        let mac_guard = controller::MacGuard::new(cfg.mac_failures, cfg.mac_failure_window)
+            .with_locks(read_locks(&cfg.terminal_locks)?);
         let decoy = crate::mac::MacKey::generate(crate::mac::MacAlgorithm::RetailDes)
             .map_err(|e| GatewayError::Keys(e.to_string()))?;
         let cache = PinCache::new(
@@ -392,7 +396,30 @@ impl Gateway {
                 .map_err(|e| MacRefusal::of(&e))
         };
         let mut guard = self.mac_guard.lock().expect("not poisoned");
-        controller::check_mac(&mut guard, terminal, known, verdict, Instant::now(), unix).map(|_| terminal.into())
+        let checked = controller::check_mac(&mut guard, terminal, known, verdict, Instant::now(), unix);
+        if let Some(locks) = guard.take_changed() {
+            // Written under the guard's lock: the file follows the locks in their order.
+            self.save_locks(&locks);
+        }
+        checked.map(|_| terminal.into())
+    }
+
+    /// Writes the locked terminals down (a new file, then renamed over the old one), so that a restart keeps them
+    /// locked. A failure is logged: the locks hold in memory all the same.
+    fn save_locks(&self, locks: &std::collections::BTreeMap<String, i64>) {
+        let path = &self.cfg.terminal_locks;
+        let text = serde_json::json!({ "version": 1, "locked": locks }).to_string();
+        let tmp = path.with_extension("mac-locks-new");
+        let written = (|| -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if let Err(e) = written {
+            tracing::error!(path = %path.display(), error = %e, "cannot write the locked terminals down; a restart would unlock them");
+        }
     }
 
     /// Encodes an answer with `dialect`, adding the MAC of its terminal's newest key when the request's MAC was
@@ -409,7 +436,12 @@ impl Gateway {
     /// Unlocks a terminal locked after too many bad or missing MACs (`pingate terminals unlock`); false if it was not
     /// locked.
     pub fn unlock_terminal(&self, terminal: &str) -> bool {
-        let unlocked = self.mac_guard.lock().expect("not poisoned").unlock(terminal);
+        let mut guard = self.mac_guard.lock().expect("not poisoned");
+        let unlocked = guard.unlock(terminal);
+        if let Some(locks) = guard.take_changed() {
+            self.save_locks(&locks);
+        }
+        drop(guard);
         if unlocked {
             tracing::info!(terminal, "terminal unlocked by the operator");
         }
@@ -490,6 +522,31 @@ impl Gateway {
         self.halt.cancel();
         self.upstream.stop();
     }
+}
+
+/// The terminals locked for bad MACs before a restart: `{"version": 1, "locked": {"TERM0001": since, …}}`; none when
+/// the file is not there.
+fn read_locks(path: &std::path::Path) -> Result<Vec<(String, i64)>, GatewayError> {
+    let bad = |reason: String| GatewayError::Locks {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(bad(e.to_string())),
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Locks {
+        version: u32,
+        locked: std::collections::BTreeMap<String, i64>,
+    }
+    let l: Locks = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    if l.version != 1 {
+        return Err(bad(format!("version {} (this pingate reads version 1)", l.version)));
+    }
+    Ok(l.locked.into_iter().collect())
 }
 
 /// Runs a gateway from its configuration until `shutdown`: every listener, the admin socket, then a clean
