@@ -108,6 +108,7 @@ impl Gateway {
             "gateway.terminal_keys_file",
             c.terminal_keys.is_some() != new.terminal_keys.is_some(),
         );
+        restart("gateway.terminal_locks_file", c.terminal_locks != new.terminal_locks);
         restart(
             "upstream",
             c.servers
