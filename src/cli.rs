@@ -66,6 +66,12 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Terminals' MAC keys (`pingate terminals key generate|import|rotate|show-kcv`), and terminals locked for bad
+    /// MACs at a running gateway (`status`, `unlock`).
+    Terminals {
+        #[command(subcommand)]
+        command: TerminalsCommand,
+    },
     /// Manage the PIN inventory: products, imports, stock, leases.
     Pins {
         #[command(subcommand)]
@@ -111,6 +117,29 @@ enum GatewayCommand {
         /// The gateway's admin socket (`admin` in its configuration): a Unix socket path, or IP:port.
         #[arg(long, default_value = "/run/pingate/admin.sock")]
         admin: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TerminalsCommand {
+    /// Terminals' MAC keys: generate, import, rotate, show key check values.
+    Key {
+        #[command(subcommand)]
+        command: crate::terminal_keys::KeyCommand,
+    },
+    /// Terminals with bad or missing MACs since a running gateway started, and which of them are locked.
+    Status {
+        /// The gateway's admin socket (`admin` in its configuration): a Unix socket path, or IP:port.
+        #[arg(long, default_value = "/run/pingate/admin.sock")]
+        admin: String,
+    },
+    /// Unlock a terminal that a running gateway locked after too many bad or missing MACs.
+    Unlock {
+        /// The gateway's admin socket (`admin` in its configuration): a Unix socket path, or IP:port.
+        #[arg(long, default_value = "/run/pingate/admin.sock")]
+        admin: String,
+        /// The terminal id (field 41).
+        terminal: String,
     },
 }
 
@@ -638,6 +667,24 @@ fn run(cli: Cli) -> Result<String, String> {
             Ok(text)
         }
         Command::Pins { command } => runtime()?.block_on(crate::admin::pins(command)),
+        Command::Terminals {
+            command: TerminalsCommand::Key { command },
+        } => crate::terminal_keys::run(command, &mut std::io::stdin()).map_err(|e| e.to_string()),
+        Command::Terminals {
+            command: TerminalsCommand::Status { admin },
+        } => runtime()?.block_on(crate::gateway::ask_admin(&admin, "terminals")),
+        Command::Terminals {
+            command: TerminalsCommand::Unlock { admin, terminal },
+        } => {
+            crate::terminal_keys::check_terminal_id(&terminal).map_err(|e| e.to_string())?;
+            let answer = runtime()?.block_on(crate::gateway::ask_admin(&admin, &format!("unlock {terminal}")))?;
+            let v: serde_json::Value = serde_json::from_str(&answer).map_err(|_| answer.clone())?;
+            match v["unlocked"].as_bool() {
+                Some(true) => Ok(format!("terminal {terminal} unlocked")),
+                Some(false) => Err(format!("terminal {terminal} is not locked")),
+                None => Err(answer),
+            }
+        }
         Command::Gateway {
             command: Some(GatewayCommand::Stock { admin }),
             ..

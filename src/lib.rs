@@ -13,6 +13,8 @@
 //! - [`psp`] — protocol core, no I/O: the PIN server protocol's messages, limits, its one length-prefix codec and
 //!   strict parsing, with a typed error; no dependency on the store. [`psp::client`], the gateway's TLS client, is
 //!   its one part that does I/O.
+//! - [`mac`] — protocol core, no I/O: terminal MACs (ISO 9797-1 algorithm 3 / X9.19 retail MAC over DES, AES-CMAC
+//!   truncated to 8 bytes), MAC keys with their key check values, constant-time verification.
 //! - [`crypto`] — PIN encryption at rest (ChaCha20-Poly1305, keys outside the database), for the inventory's rows
 //!   and the gateway's journal alike; [`clock`] — the wall clock in seconds since the epoch.
 //! - [`store`] — the PIN inventory: the `PinStore` trait with SQLite and PostgreSQL backends, states and their
@@ -23,6 +25,8 @@
 //!   no part of the PIN server ([`server`], [`store`]).
 //! - [`server`], [`tls`] — the PIN server (mini-redis shaped `run(listener, …, shutdown)`; `server/handler.rs` maps
 //!   PSP requests to store operations and store results to answers) and mutual TLS.
+//! - [`terminal_keys`] — the terminal key file: each terminal's MAC keys sealed under a key-encrypting key (with
+//!   [`crypto`]'s cipher), key ids for re-keying without downtime, KCVs, and `pingate terminals key …`.
 //! - [`keyfile`] — key files (PIN keys, journal keys, TLS private keys) read only when their owner alone may.
 //! - [`traffic`] — the traffic tools, clients of the gateway: the simulated TCP terminal, scenario files, the dial-up
 //!   simulator (modem emulator and dial-up terminal), the load generator with its echo ceiling, CPU time from `/proc`,
@@ -47,10 +51,12 @@ pub mod iso8583;
 pub mod keyfile;
 pub mod link;
 pub mod logging;
+pub mod mac;
 pub mod metrics;
 pub mod psp;
 pub mod sale;
 pub mod server;
 pub mod store;
+pub mod terminal_keys;
 pub mod tls;
 pub mod traffic;

@@ -23,6 +23,9 @@ pub enum ResponseCode {
     FormatError,
     /// `58` — unknown terminal, or the terminal may not sell this product.
     NotPermitted,
+    /// `63` — security violation: a request on a line that requires MACs whose MAC is missing or wrong, or from a
+    /// terminal locked after too many of those.
+    SecurityViolation,
     /// `91` — the PIN server could not be reached or did not answer in time ("issuer or switch inoperative").
     ServerUnavailable,
     /// `94` — same terminal, STAN and transmission time as an earlier request, but different content.
@@ -32,7 +35,7 @@ pub enum ResponseCode {
 }
 
 impl ResponseCode {
-    pub const ALL: [ResponseCode; 10] = [
+    pub const ALL: [ResponseCode; 11] = [
         ResponseCode::Approved,
         ResponseCode::InvalidTransaction,
         ResponseCode::InvalidAmount,
@@ -40,6 +43,7 @@ impl ResponseCode {
         ResponseCode::OutOfStock,
         ResponseCode::FormatError,
         ResponseCode::NotPermitted,
+        ResponseCode::SecurityViolation,
         ResponseCode::ServerUnavailable,
         ResponseCode::DuplicateMismatch,
         ResponseCode::SystemError,
@@ -55,6 +59,7 @@ impl ResponseCode {
             ResponseCode::OutOfStock => "25",
             ResponseCode::FormatError => "30",
             ResponseCode::NotPermitted => "58",
+            ResponseCode::SecurityViolation => "63",
             ResponseCode::ServerUnavailable => "91",
             ResponseCode::DuplicateMismatch => "94",
             ResponseCode::SystemError => "96",
@@ -76,6 +81,7 @@ impl ResponseCode {
             ResponseCode::OutOfStock => "out of stock",
             ResponseCode::FormatError => "format error",
             ResponseCode::NotPermitted => "transaction not permitted to terminal",
+            ResponseCode::SecurityViolation => "security violation",
             ResponseCode::ServerUnavailable => "PIN server unavailable",
             ResponseCode::DuplicateMismatch => "duplicate transmission with different content",
             ResponseCode::SystemError => "system error",

@@ -225,8 +225,8 @@ pub async fn connect(addr: &str) -> std::io::Result<Box<dyn AdminStream>> {
     }
 }
 
-/// The admin socket (a Unix socket, or TCP on loopback; see [`AdminAddr`]): a client writes one command line (`stock`)
-/// and reads one JSON answer. Accept errors are waited out with a backoff.
+/// The admin socket (a Unix socket, or TCP on loopback; see [`AdminAddr`]): a client writes one command line (`stock`,
+/// `lines`, `terminals`, `unlock TERMINAL-ID`) and reads one JSON answer. Accept errors are waited out with a backoff.
 pub async fn serve_admin(listener: impl Into<AdminListener>, gw: Arc<Gateway>, stop: CancellationToken) {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     let listener = listener.into();
@@ -244,8 +244,15 @@ pub async fn serve_admin(listener: impl Into<AdminListener>, gw: Arc<Gateway>, s
             let answer = match (read, line.trim()) {
                 (Ok(Ok(_)), "stock") => serde_json::to_string_pretty(&gw.stock()).unwrap_or_default(),
                 (Ok(Ok(_)), "lines") => serde_json::to_string_pretty(&*gw.lines().borrow()).unwrap_or_default(),
+                (Ok(Ok(_)), "terminals") => serde_json::to_string_pretty(&gw.mac_status()).unwrap_or_default(),
+                (Ok(Ok(_)), cmd) if cmd.starts_with("unlock ") => {
+                    let terminal = cmd["unlock ".len()..].trim();
+                    let unlocked = gw.unlock_terminal(terminal);
+                    serde_json::to_string_pretty(&serde_json::json!({"terminal": terminal, "unlocked": unlocked}))
+                        .unwrap_or_default()
+                }
                 (Ok(Ok(_)), other) => format!(
-                    "{{\"error\": \"unknown command `{}`; try `stock` or `lines`\"}}",
+                    "{{\"error\": \"unknown command `{}`; try `stock`, `lines`, `terminals` or `unlock ID`\"}}",
                     other.escape_default()
                 ),
                 _ => return,

@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -96,6 +97,47 @@ fn d_cover() -> u64 {
 fn d_lead() -> u64 {
     2
 }
+fn d_mac_failures() -> u64 {
+    5
+}
+fn d_mac_failure_window() -> u64 {
+    300
+}
+
+/// Whether a listener or serial line requires MACs on its terminals' requests (`mac` in its table).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MacMode {
+    /// Requests are not MACed (the default).
+    #[default]
+    Off,
+    /// Every request's MAC is checked with its terminal's key (field 64, or 128 with the secondary bitmap); a bad or
+    /// missing one gets `63` and no PIN. Answers carry a MAC by the same key.
+    Required,
+}
+
+/// How a listener or serial line authenticates its terminals: whether MACs are required, and the algorithm of the
+/// terminal group it serves (a terminal whose key is of another algorithm is refused; any when `None`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MacPolicy {
+    pub mode: MacMode,
+    pub algorithm: Option<crate::mac::MacAlgorithm>,
+}
+
+impl MacPolicy {
+    pub fn required(&self) -> bool {
+        self.mode == MacMode::Required
+    }
+}
+
+/// The terminal key file and its key-encrypting key (`terminal_keys_file`, `terminal_kek_file`), opened.
+#[derive(Clone, Debug)]
+pub struct TerminalKeysConfig {
+    pub file: PathBuf,
+    pub kek: PathBuf,
+    /// Every key still valid when the configuration was read.
+    pub keys: Arc<crate::terminal_keys::TerminalKeys>,
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -127,6 +169,15 @@ struct GatewaySection {
     protocols: Option<PathBuf>,
     log: Option<String>,
     metrics: Option<SocketAddr>,
+    /// Terminals' MAC keys, sealed (`pingate terminals key …`), and the key that seals them.
+    terminal_keys_file: Option<PathBuf>,
+    terminal_kek_file: Option<PathBuf>,
+    /// Where terminals locked for bad MACs are kept across restarts (default: beside the journal).
+    terminal_locks_file: Option<PathBuf>,
+    #[serde(default = "d_mac_failures")]
+    mac_failures: u64,
+    #[serde(default = "d_mac_failure_window")]
+    mac_failure_window_secs: u64,
 }
 
 #[derive(Deserialize)]
@@ -197,6 +248,9 @@ struct ListenerSection {
     max_in_flight: usize,
     capture: Option<PathBuf>,
     capture_pins: Option<crate::traffic::capture::PinPolicy>,
+    #[serde(default)]
+    mac: MacMode,
+    mac_algorithm: Option<crate::mac::MacAlgorithm>,
 }
 
 #[derive(Deserialize)]
@@ -242,6 +296,9 @@ struct SerialSection {
     hangup: Option<Hangup>,
     capture: Option<PathBuf>,
     capture_pins: Option<crate::traffic::capture::PinPolicy>,
+    #[serde(default)]
+    mac: MacMode,
+    mac_algorithm: Option<crate::mac::MacAlgorithm>,
 }
 
 /// Flow control of a serial line.
@@ -301,6 +358,8 @@ pub struct SerialLineConfig {
     pub capture: Option<PathBuf>,
     /// What happens to PIN values in captured answers.
     pub capture_pins: crate::traffic::capture::PinPolicy,
+    /// Whether its terminals' requests must carry a MAC.
+    pub mac: MacPolicy,
 }
 
 impl SerialLineConfig {
@@ -329,8 +388,25 @@ impl SerialLineConfig {
             hangup: Hangup::Dtr,
             capture: None,
             capture_pins: crate::traffic::capture::PinPolicy::Masked,
+            mac: MacPolicy::default(),
         }
     }
+}
+
+/// The MAC policy of a listener's or line's table.
+fn mac_policy(
+    mode: MacMode,
+    algorithm: Option<crate::mac::MacAlgorithm>,
+    at: &str,
+    invalid: &dyn Fn(&str, &str) -> ConfigError,
+) -> Result<MacPolicy, ConfigError> {
+    if algorithm.is_some() && mode != MacMode::Required {
+        return Err(invalid(
+            &format!("{at}.mac_algorithm"),
+            "names the algorithm of required MACs: set mac = \"required\" too",
+        ));
+    }
+    Ok(MacPolicy { mode, algorithm })
 }
 
 fn serial_line(
@@ -360,6 +436,7 @@ fn serial_line(
         ));
     }
     let max_frame = l.max_frame.unwrap_or(2048);
+    let mac = mac_policy(l.mac, l.mac_algorithm, at, invalid)?;
     // Timers and counts: zero or tiny values would spin a line or cut every frame; huge ones hold a line for ever.
     for (key, v, lo, hi) in [
         ("max_frame", l.max_frame.map(|v| v as u64), 16, 65_535),
@@ -500,6 +577,7 @@ fn serial_line(
         hangup: l.hangup.unwrap_or(Hangup::Dtr),
         capture: l.capture,
         capture_pins: l.capture_pins.unwrap_or(crate::traffic::capture::PinPolicy::Masked),
+        mac,
     })
 }
 
@@ -552,6 +630,8 @@ pub struct ListenerConfig {
     pub capture: Option<PathBuf>,
     /// What happens to PIN values in captured answers.
     pub capture_pins: crate::traffic::capture::PinPolicy,
+    /// Whether its terminals' requests must carry a MAC.
+    pub mac: MacPolicy,
 }
 
 impl ListenerConfig {
@@ -572,6 +652,7 @@ impl ListenerConfig {
             max_in_flight: d_in_flight(),
             capture: None,
             capture_pins: crate::traffic::capture::PinPolicy::Masked,
+            mac: MacPolicy::default(),
         }
     }
 }
@@ -653,6 +734,14 @@ pub struct GatewayConfig {
     pub log: Option<String>,
     /// Prometheus metrics, health and readiness over HTTP (off when `None`; keep it on loopback).
     pub metrics: Option<SocketAddr>,
+    /// Terminals' MAC keys (needed when a listener or line requires MACs).
+    pub terminal_keys: Option<TerminalKeysConfig>,
+    /// A terminal is locked after this many bad or missing MACs within [`GatewayConfig::mac_failure_window`].
+    pub mac_failures: u32,
+    pub mac_failure_window: Duration,
+    /// The terminals locked for bad MACs, kept across restarts (`gateway.terminal_locks_file`; by default the
+    /// journal's path with the extension `mac-locks`).
+    pub terminal_locks: PathBuf,
     pub servers: Vec<ServerAddr>,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -673,10 +762,30 @@ impl GatewayConfig {
             Some(AdminAddr::Tcp(a)) => Some(*a),
             _ => None,
         };
-        [("gateway.admin", admin), ("gateway.metrics", self.metrics)]
+        let mut w: Vec<String> = [("gateway.admin", admin), ("gateway.metrics", self.metrics)]
             .into_iter()
             .filter_map(|(key, addr)| addr.and_then(|a| crate::metrics::off_loopback(key, a)))
-            .collect()
+            .collect();
+        if let Some(tk) = &self.terminal_keys {
+            let mut keyless: Vec<&str> = self
+                .terminals
+                .terminals
+                .keys()
+                .map(String::as_str)
+                .filter(|t| tk.keys.signing_key(t).is_none())
+                .collect();
+            if !keyless.is_empty() {
+                keyless.sort_unstable();
+                w.push(format!(
+                    "gateway.terminal_keys_file: no MAC key for terminal{} {}: {} requests get 63 where MACs are \
+                     required",
+                    if keyless.len() == 1 { "" } else { "s" },
+                    keyless.join(", "),
+                    if keyless.len() == 1 { "its" } else { "their" }
+                ));
+            }
+        }
+        w
     }
 
     /// Reads and checks a configuration file; relative paths in it are relative to the file.
@@ -846,6 +955,13 @@ impl GatewayConfig {
                 problems.push(invalid(&format!("{at}.first_frame_timeout_ms"), "must be at least 100"));
                 continue;
             }
+            let mac = match mac_policy(l.mac, l.mac_algorithm, &at, &invalid) {
+                Ok(m) => m,
+                Err(e) => {
+                    problems.push(e);
+                    continue;
+                }
+            };
             listeners.push(ListenerConfig {
                 name: l.name,
                 bind: l.bind,
@@ -861,6 +977,7 @@ impl GatewayConfig {
                 max_in_flight: l.max_in_flight,
                 capture: l.capture.map(&rel),
                 capture_pins: l.capture_pins.unwrap_or(crate::traffic::capture::PinPolicy::Masked),
+                mac,
             });
         }
         let mut serial = Vec::new();
@@ -940,9 +1057,78 @@ impl GatewayConfig {
                 mode,
             });
         }
+        for (at, v, lo, hi) in [
+            ("gateway.mac_failures", g.mac_failures, 1, 1_000),
+            (
+                "gateway.mac_failure_window_secs",
+                g.mac_failure_window_secs,
+                10,
+                604_800,
+            ),
+        ] {
+            problems.extend(range(at, v, lo, hi));
+        }
+        let macs_required = listeners
+            .iter()
+            .map(|l| (&l.name, l.mac))
+            .chain(serial.iter().map(|l| (&l.name, l.mac)));
+        let requiring: Vec<&String> = macs_required.filter(|(_, m)| m.required()).map(|(n, _)| n).collect();
+        let terminal_keys = match (&g.terminal_keys_file, &g.terminal_kek_file) {
+            (Some(file), Some(kek)) => {
+                let (file, kek) = (rel(file.clone()), rel(kek.clone()));
+                let opened = crate::terminal_keys::load_kek(&kek)
+                    .map_err(|e| invalid("gateway.terminal_kek_file", &e.to_string()))
+                    .and_then(|kek| {
+                        crate::terminal_keys::TerminalKeyFile::load(&file)
+                            .and_then(|f| f.open(&kek, crate::clock::unix_now()))
+                            .map_err(|e| invalid("gateway.terminal_keys_file", &e.to_string()))
+                    });
+                match opened {
+                    Ok(keys) => Some(TerminalKeysConfig {
+                        file,
+                        kek,
+                        keys: Arc::new(keys),
+                    }),
+                    Err(e) => {
+                        problems.push(e);
+                        None
+                    }
+                }
+            }
+            (None, None) => {
+                if let Some(name) = requiring.first() {
+                    problems.push(invalid(
+                        "gateway.terminal_keys_file",
+                        &format!(
+                            "`{name}` requires MACs: name the terminal key file and its key-encrypting key \
+                             (terminal_keys_file, terminal_kek_file)"
+                        ),
+                    ));
+                }
+                None
+            }
+            (Some(_), None) => {
+                problems.push(invalid(
+                    "gateway.terminal_kek_file",
+                    "the terminal key file needs its KEK",
+                ));
+                None
+            }
+            (None, Some(_)) => {
+                problems.push(invalid(
+                    "gateway.terminal_keys_file",
+                    "a KEK without a terminal key file",
+                ));
+                None
+            }
+        };
         if !problems.is_empty() {
             return Err(problems);
         }
+        let terminal_locks = match g.terminal_locks_file {
+            Some(p) => rel(p),
+            None => rel(g.journal.with_extension("mac-locks")),
+        };
         Ok(GatewayConfig {
             journal: rel(g.journal),
             journal_keys,
@@ -960,6 +1146,10 @@ impl GatewayConfig {
             protocols: g.protocols.map(rel),
             log: g.log,
             metrics: g.metrics,
+            terminal_keys,
+            mac_failures: g.mac_failures as u32,
+            mac_failure_window: Duration::from_secs(g.mac_failure_window_secs),
+            terminal_locks,
             servers: f
                 .upstream
                 .servers
@@ -1019,6 +1209,8 @@ mod tests {
         ("gateway", "lease_secs", 60, 86_400, ""),
         ("gateway", "refill_cover_secs", 1, 3_600, "refill_lead_secs = 1"),
         ("gateway", "refill_lead_secs", 1, 600, "refill_cover_secs = 3600"),
+        ("gateway", "mac_failures", 1, 1_000, ""),
+        ("gateway", "mac_failure_window_secs", 10, 604_800, ""),
         ("upstream", "connections", 1, 64, ""),
         ("upstream", "connect_timeout_ms", 100, 60_000, ""),
         ("upstream", "ping_every_ms", 100, 120_000, ""),
@@ -1126,5 +1318,87 @@ mod tests {
             "{p:?}"
         );
         assert!(problems(&ascii4("9999")).is_empty());
+    }
+
+    #[test]
+    fn macs_required_need_the_terminal_key_file_and_its_kek() {
+        use crate::mac::{MacAlgorithm, MacKey};
+        use crate::terminal_keys::{load_kek, TerminalKeyFile};
+        let p = problems(&with("listener", "mac = \"required\""));
+        assert_eq!(
+            p,
+            [
+                "gateway.toml: gateway.terminal_keys_file: `tcp` requires MACs: name the terminal key file and its \
+              key-encrypting key (terminal_keys_file, terminal_kek_file)"
+            ]
+        );
+        let p = problems(&with("serial", "mac_algorithm = \"retail-des\""));
+        assert_eq!(
+            p,
+            [
+                "gateway.toml: serial[0].mac_algorithm: names the algorithm of required MACs: set mac = \"required\" \
+              too"
+            ]
+        );
+        assert!(problems(&with("serial", "mac = \"sometimes\"")).len() == 1);
+        let p = problems(&with("gateway", "terminal_keys_file = \"k.toml\""));
+        assert_eq!(
+            p,
+            ["gateway.toml: gateway.terminal_kek_file: the terminal key file needs its KEK"]
+        );
+
+        // With the files: the keys are opened at load, and terminals without one are warned about.
+        let dir = std::env::temp_dir().join(format!("pingate-config-mac-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        crate::tls::write_new_key(&dir.join("kek")).unwrap();
+        let kek = load_kek(&dir.join("kek")).unwrap();
+        let mut file = TerminalKeyFile::default();
+        let key = MacKey::generate(MacAlgorithm::AesCmac).unwrap();
+        file.add(&kek, "TERM0001", &key, crate::clock::unix_now(), None)
+            .unwrap();
+        file.save(&dir.join("keys.toml")).unwrap();
+        let text = with(
+            "gateway",
+            "terminal_keys_file = \"keys.toml\"\nterminal_kek_file = \"kek\"\nmac_failures = 3",
+        )
+        .replace("modem = true\n", "modem = true\nmac = \"required\"\nmac_algorithm = \"aes-cmac\"\n")
+            + "[[terminal]]\nid = \"TERM0001\"\nmerchant = \"M1\"\n[[terminal]]\nid = \"TERM0002\"\nmerchant = \"M1\"\n";
+        let c = GatewayConfig::parse(&text, &dir.join("gateway.toml")).unwrap();
+        assert_eq!(c.mac_failures, 3);
+        assert_eq!(
+            c.terminal_locks,
+            dir.join("gw.mac-locks"),
+            "beside the journal by default"
+        );
+        assert!(!c.listeners[0].mac.required());
+        assert_eq!(
+            c.serial[0].mac,
+            MacPolicy {
+                mode: MacMode::Required,
+                algorithm: Some(MacAlgorithm::AesCmac)
+            }
+        );
+        let keys = &c.terminal_keys.as_ref().unwrap().keys;
+        assert_eq!(keys.signing_key("TERM0001").unwrap().key, key);
+        assert!(!format!("{c:?}").contains(&crate::iso8583::to_hex(&key.expose()[..4])));
+        let w = c.warnings();
+        assert!(
+            w.iter().any(|w| w.contains("no MAC key for terminal TERM0002")),
+            "{w:?}"
+        );
+        // Another KEK: the file does not open, and the problem names the key.
+        crate::tls::write_new_key(&dir.join("kek2")).unwrap();
+        let e = GatewayConfig::parse(
+            &text.replace("terminal_kek_file = \"kek\"", "terminal_kek_file = \"kek2\""),
+            &dir.join("gateway.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("gateway.terminal_keys_file: terminal TERM0001 key 1: does not open"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -6,6 +6,7 @@
 //! remembered here or ask the server. `transaction.rs` carries it out (the journal, the PIN server, the waiting) and
 //! builds the answers.
 
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -248,6 +249,204 @@ pub(super) fn code_for_journal(e: &journal::JournalError) -> ResponseCode {
     match e {
         journal::JournalError::Late => ResponseCode::ServerUnavailable,
         _ => ResponseCode::SystemError,
+    }
+}
+
+// ---- MACs ------------------------------------------------------------------------------------------------------
+
+/// Why a request on a line that requires MACs is refused (`63`, no PIN). The label goes to the metrics and the log;
+/// none names a key or a MAC byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum MacRefusal {
+    /// No field 41: no terminal whose key could check it.
+    NoTerminal,
+    /// The terminal has no MAC key (or none still valid); a stranger's made-up terminal id gets the same answer.
+    NoKey,
+    /// No MAC field, or one of the wrong length or not at the end of the message.
+    Missing,
+    /// The MAC does not match under any of the terminal's valid keys.
+    Mismatch,
+    /// The terminal's key is not of the algorithm of the listener's or line's terminal group.
+    WrongAlgorithm,
+    /// The dialect cannot carry a MAC.
+    Unsupported,
+    /// The terminal is locked after too many failures, until an operator unlocks it.
+    Locked,
+}
+
+impl MacRefusal {
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            MacRefusal::NoTerminal => "no_terminal",
+            MacRefusal::NoKey => "no_key",
+            MacRefusal::Missing => "missing",
+            MacRefusal::Mismatch => "mismatch",
+            MacRefusal::WrongAlgorithm => "wrong_algorithm",
+            MacRefusal::Unsupported => "unsupported",
+            MacRefusal::Locked => "locked",
+        }
+    }
+
+    /// What a MAC check's error means here.
+    pub(super) fn of(e: &crate::mac::MacError) -> MacRefusal {
+        use crate::mac::MacError as E;
+        match e {
+            E::Missing { .. } | E::WrongLength { .. } | E::Misplaced { .. } | E::Malformed { .. } => {
+                MacRefusal::Missing
+            }
+            E::Mismatch => MacRefusal::Mismatch,
+            E::NoKey => MacRefusal::NoKey,
+            E::Dialect { .. } | E::Encode(_) => MacRefusal::Unsupported,
+        }
+    }
+}
+
+/// One terminal's MAC failures, for the operator (`pingate terminals status`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MacStatus {
+    pub terminal: String,
+    /// Failures since the gateway started.
+    pub failures: u64,
+    /// Failures within the current window.
+    pub recent: usize,
+    /// Since when (seconds since the epoch) it is locked, if it is.
+    pub locked_since: Option<i64>,
+}
+
+/// Bad or missing MACs counted per terminal within a sliding window, and the terminals locked after too many of them,
+/// until an operator unlocks them. Only terminals that have a key are counted: terminal ids a stranger makes up take
+/// no memory here.
+#[derive(Debug)]
+pub(super) struct MacGuard {
+    limit: u32,
+    window: Duration,
+    /// The instants of each terminal's recent failures (at most `limit`).
+    recent: HashMap<Box<str>, VecDeque<Instant>>,
+    total: HashMap<Box<str>, u64>,
+    locked: BTreeMap<Box<str>, i64>,
+    /// The locks changed since [`MacGuard::take_changed`] last said so (they are to be written down).
+    changed: bool,
+}
+
+impl MacGuard {
+    pub(super) fn new(limit: u32, window: Duration) -> MacGuard {
+        MacGuard {
+            limit: limit.max(1),
+            window,
+            recent: HashMap::new(),
+            total: HashMap::new(),
+            locked: BTreeMap::new(),
+            changed: false,
+        }
+    }
+
+    /// Starts with the terminals locked before a restart (terminal id, since when).
+    pub(super) fn with_locks(mut self, locked: impl IntoIterator<Item = (String, i64)>) -> MacGuard {
+        self.locked = locked
+            .into_iter()
+            .map(|(t, since)| (t.into_boxed_str(), since))
+            .collect();
+        self
+    }
+
+    /// The locks, when they changed since the last call: what is to be kept across a restart.
+    pub(super) fn take_changed(&mut self) -> Option<BTreeMap<String, i64>> {
+        if !std::mem::take(&mut self.changed) {
+            return None;
+        }
+        Some(self.locked.iter().map(|(t, s)| (t.to_string(), *s)).collect())
+    }
+
+    pub(super) fn is_locked(&self, terminal: &str) -> bool {
+        self.locked.contains_key(terminal)
+    }
+
+    /// Counts a failure of `terminal` at `now` (`unix`: the same, in seconds since the epoch); true when it locks the
+    /// terminal.
+    pub(super) fn failed(&mut self, terminal: &str, now: Instant, unix: i64) -> bool {
+        *self.total.entry(terminal.into()).or_default() += 1;
+        let recent = self.recent.entry(terminal.into()).or_default();
+        while recent
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= self.window)
+        {
+            recent.pop_front();
+        }
+        recent.push_back(now);
+        while recent.len() > self.limit as usize {
+            recent.pop_front();
+        }
+        if recent.len() >= self.limit as usize && !self.locked.contains_key(terminal) {
+            self.locked.insert(terminal.into(), unix);
+            self.changed = true;
+            return true;
+        }
+        false
+    }
+
+    /// Unlocks `terminal` and forgets its recent failures; false if it was not locked.
+    pub(super) fn unlock(&mut self, terminal: &str) -> bool {
+        self.recent.remove(terminal);
+        let was = self.locked.remove(terminal).is_some();
+        self.changed |= was;
+        was
+    }
+
+    /// Every terminal with a failure since start, by id.
+    pub(super) fn status(&self, now: Instant) -> Vec<MacStatus> {
+        // Locked before a restart and quiet since: listed too.
+        let locked_only = self
+            .locked
+            .keys()
+            .filter(|t| !self.total.contains_key(*t))
+            .map(|t| (t, &0u64));
+        let mut out: Vec<MacStatus> = self
+            .total
+            .iter()
+            .chain(locked_only)
+            .map(|(t, n)| MacStatus {
+                terminal: t.to_string(),
+                failures: *n,
+                recent: self.recent.get(t).map_or(0, |r| {
+                    r.iter()
+                        .filter(|i| now.saturating_duration_since(**i) < self.window)
+                        .count()
+                }),
+                locked_since: self.locked.get(t).copied(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.terminal.cmp(&b.terminal));
+        out
+    }
+}
+
+/// The MAC check of a request on a line that requires MACs, once its MAC was checked (`verdict`: the key id that
+/// matched, or why not): a locked terminal is refused whatever its MAC, and a failure of a terminal that has a key
+/// (`known`) is counted, locking it at the limit. The verdict is computed before the lock is looked at, so that the
+/// time of an answer does not tell a lock.
+pub(super) fn check_mac(
+    guard: &mut MacGuard,
+    terminal: &str,
+    known: bool,
+    verdict: Result<u32, MacRefusal>,
+    now: Instant,
+    unix: i64,
+) -> Result<u32, MacRefusal> {
+    if guard.is_locked(terminal) {
+        return Err(MacRefusal::Locked);
+    }
+    match verdict {
+        Ok(key_id) => Ok(key_id),
+        Err(r) => {
+            if known && guard.failed(terminal, now, unix) {
+                tracing::warn!(
+                    terminal,
+                    limit = guard.limit,
+                    "terminal locked after too many bad or missing MACs"
+                );
+            }
+            Err(r)
+        }
     }
 }
 
@@ -728,5 +927,89 @@ mod tests {
         // A decline's never meets an approval's: the PIN's id.
         assert!(rrn_of(&key(1)).starts_with('9'));
         assert_eq!(rrn_of_pin(42), "000000000042");
+    }
+
+    #[test]
+    fn mac_failures_lock_a_terminal_within_the_window_until_unlocked() {
+        let t0 = Instant::now();
+        let window = Duration::from_secs(60);
+        let mut g = MacGuard::new(3, window);
+        let bad = Err(MacRefusal::Mismatch);
+        // Two failures, then a good MAC: served; failures older than the window do not add up.
+        assert_eq!(check_mac(&mut g, "T1", true, bad, t0, NOW), Err(MacRefusal::Mismatch));
+        assert_eq!(check_mac(&mut g, "T1", true, bad, t0, NOW), Err(MacRefusal::Mismatch));
+        assert_eq!(check_mac(&mut g, "T1", true, Ok(2), t0, NOW), Ok(2));
+        let later = t0 + window;
+        assert_eq!(
+            check_mac(&mut g, "T1", true, bad, later, NOW + 60),
+            Err(MacRefusal::Mismatch)
+        );
+        assert!(!g.is_locked("T1"));
+        // A terminal without a key is never counted (made-up ids take no memory); another terminal is apart.
+        for _ in 0..10 {
+            assert_eq!(
+                check_mac(&mut g, "NOBODY", false, Err(MacRefusal::NoKey), later, NOW + 60),
+                Err(MacRefusal::NoKey)
+            );
+        }
+        assert_eq!(
+            check_mac(&mut g, "T2", true, bad, later, NOW + 60),
+            Err(MacRefusal::Mismatch)
+        );
+        // The third failure within the window locks T1: then even a good MAC is refused.
+        assert_eq!(
+            check_mac(&mut g, "T1", true, Err(MacRefusal::Missing), later, NOW + 60),
+            Err(MacRefusal::Missing)
+        );
+        assert_eq!(
+            check_mac(&mut g, "T1", true, bad, later, NOW + 61),
+            Err(MacRefusal::Mismatch)
+        );
+        assert!(g.is_locked("T1"));
+        assert_eq!(
+            check_mac(&mut g, "T1", true, Ok(2), later, NOW + 62),
+            Err(MacRefusal::Locked)
+        );
+        let status = g.status(later);
+        assert_eq!(
+            status,
+            vec![
+                MacStatus {
+                    terminal: "T1".into(),
+                    failures: 5,
+                    recent: 3,
+                    locked_since: Some(NOW + 61)
+                },
+                MacStatus {
+                    terminal: "T2".into(),
+                    failures: 1,
+                    recent: 1,
+                    locked_since: None
+                },
+            ]
+        );
+        // Unlocked by the operator: served again, its count starting afresh.
+        assert!(g.unlock("T1"));
+        assert!(!g.unlock("T1"));
+        assert_eq!(check_mac(&mut g, "T1", true, Ok(2), later, NOW + 70), Ok(2));
+        assert_eq!(
+            check_mac(&mut g, "T1", true, bad, later, NOW + 70),
+            Err(MacRefusal::Mismatch)
+        );
+        assert!(!g.is_locked("T1"));
+        assert_eq!(g.status(later + window)[0].recent, 0);
+        // Locks and unlocks are what is written down, once each.
+        let mut g = MacGuard::new(1, window).with_locks([("OLD".to_string(), NOW - 5)]);
+        assert_eq!(g.take_changed(), None);
+        assert_eq!(check_mac(&mut g, "OLD", true, Ok(1), t0, NOW), Err(MacRefusal::Locked));
+        assert_eq!(g.status(t0)[0].locked_since, Some(NOW - 5));
+        assert_eq!(check_mac(&mut g, "T9", true, bad, t0, NOW), Err(MacRefusal::Mismatch));
+        assert_eq!(
+            g.take_changed(),
+            Some([("OLD".to_string(), NOW - 5), ("T9".to_string(), NOW)].into())
+        );
+        assert_eq!(g.take_changed(), None);
+        assert!(g.unlock("OLD") && !g.unlock("NEVER"));
+        assert_eq!(g.take_changed(), Some([("T9".to_string(), NOW)].into()));
     }
 }

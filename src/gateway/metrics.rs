@@ -55,6 +55,8 @@ pub(super) struct GatewayMetrics {
     pub(super) latency: crate::metrics::Histogram,
     /// Terminal connections the gateway closed, by listener and reason.
     pub(super) connections_closed: crate::metrics::LabelledCounter,
+    /// Requests refused for their MAC (63), by reason.
+    pub(super) mac_refused: crate::metrics::LabelledCounter,
 }
 
 /// The gateway as the metrics endpoint sees it.
@@ -90,6 +92,19 @@ impl Gateway {
             "Terminal connections closed by the gateway, by listener and reason: no_first_frame (nothing within \
              first_frame_timeout_ms), slow_sender, connection_cap, source_cap.",
         );
+        self.metrics.mac_refused.render(
+            &mut e,
+            "pingate_gateway_mac_refused_total",
+            "Requests answered 63 on listeners and lines that require MACs, by reason: missing, mismatch, no_key, \
+             no_terminal, wrong_algorithm, unsupported, locked.",
+        );
+        let locked = self.mac_status().iter().filter(|s| s.locked_since.is_some()).count();
+        e.family(
+            "pingate_gateway_terminals_locked",
+            "gauge",
+            "Terminals locked after too many bad or missing MACs (until `pingate terminals unlock`).",
+        );
+        e.sample("pingate_gateway_terminals_locked", &[], locked as f64);
         let st = &self.stats;
         let c = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
         e.family(

@@ -31,11 +31,15 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::crypto::PinCipher;
-use crate::iso8583::Message;
+use crate::iso8583::{Dialect, Message};
+use crate::logging::limited;
 use crate::sale::{ResponseCode, SaleKey};
+use crate::terminal_keys::TerminalKeys;
 pub use admin::{ask_admin, serve_admin};
 use cache::PinCache;
 use config::GatewayConfig;
+use config::MacPolicy;
+pub use controller::MacStatus;
 use forward::{Forward, Job};
 use journal::{Journal, JournalOptions};
 use metrics::GatewayMetrics;
@@ -72,6 +76,9 @@ pub enum GatewayError {
     /// The admin socket could not be opened.
     #[error("admin socket {at}: {source}")]
     Admin { at: String, source: std::io::Error },
+    /// The file of terminals locked for bad MACs cannot be read.
+    #[error("{}: {reason} (the terminals locked for bad MACs; fix or remove it to unlock them all)", path.display())]
+    Locks { path: std::path::PathBuf, reason: String },
 }
 
 /// An answer for the terminal, and the sale to reverse if it cannot be delivered.
@@ -79,6 +86,9 @@ pub enum GatewayError {
 pub struct Reply {
     pub message: Message,
     pub reverse_if_undelivered: Option<SaleKey>,
+    /// The terminal whose newest key MACs the answer ([`Gateway::encode_reply`]): set when the request's MAC was
+    /// verified.
+    pub sign_as: Option<Box<str>>,
 }
 
 impl Reply {
@@ -86,6 +96,7 @@ impl Reply {
         Reply {
             message,
             reverse_if_undelivered: None,
+            sign_as: None,
         }
     }
 }
@@ -118,6 +129,13 @@ pub struct Gateway {
     terminals: std::sync::RwLock<Arc<config::TerminalRegistry>>,
     /// Products and amounts with their modes, as last loaded (a reload compares against these).
     products: Mutex<Vec<config::ProductConfig>>,
+    /// Terminals' MAC keys, replaced whole on a reload (SIGHUP): a terminal re-keyed with `pingate terminals key
+    /// rotate` is signed for with its new key from the reload on.
+    terminal_keys: std::sync::RwLock<Arc<TerminalKeys>>,
+    /// Bad or missing MACs per terminal, and the terminals locked after too many.
+    mac_guard: Mutex<controller::MacGuard>,
+    /// Checks the MAC of a request from a terminal that has no key, so that its answer takes as long as another's.
+    decoy: crate::mac::MacKey,
 }
 
 pub use crate::sale::rrn_of_pin;
@@ -158,6 +176,11 @@ impl Gateway {
         let upstream = Upstream::start(cfg.servers.clone(), tls, cfg.upstream.clone());
         let now = Instant::now();
         let (cfg_terminals, cfg_products) = (cfg.terminals.clone(), cfg.products.clone());
+        let terminal_keys = cfg.terminal_keys.as_ref().map(|k| k.keys.clone()).unwrap_or_default();
+        let mac_guard = controller::MacGuard::new(cfg.mac_failures, cfg.mac_failure_window)
+            .with_locks(read_locks(&cfg.terminal_locks)?);
+        let decoy = crate::mac::MacKey::generate(crate::mac::MacAlgorithm::RetailDes)
+            .map_err(|e| GatewayError::Keys(e.to_string()))?;
         let cache = PinCache::new(
             cfg.products.iter().map(|p| (p.code.clone(), p.amount, p.mode)),
             cfg.refill_cover,
@@ -183,9 +206,13 @@ impl Gateway {
                 requests: Default::default(),
                 latency: crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS),
                 connections_closed: Default::default(),
+                mac_refused: Default::default(),
             },
             terminals: std::sync::RwLock::new(Arc::new(cfg_terminals)),
             products: Mutex::new(cfg_products),
+            terminal_keys: std::sync::RwLock::new(terminal_keys),
+            mac_guard: Mutex::new(mac_guard),
+            decoy,
         });
         tracing::info!(
             cached = recovered.cached.len(),
@@ -278,10 +305,15 @@ impl Gateway {
         if let Some(rrn) = reply.message.get_str(37) {
             span.record("rrn", rrn);
         }
-        let code = reply.message.get_str(39).unwrap_or("none");
+        self.count_request(&mti, reply.message.get_str(39).unwrap_or("none"), received);
+        reply
+    }
+
+    /// A request answered, for the metrics: by message type and code, and its latency.
+    fn count_request(&self, mti: &str, code: &str, received: Instant) {
         // Label values from the contract only: a terminal sending made-up MTIs must not grow the metrics.
-        let label = match mti.as_str() {
-            "0200" | "0201" | "0400" | "0401" | "0420" | "0421" | "0800" => mti.as_str(),
+        let label = match mti {
+            "0200" | "0201" | "0400" | "0401" | "0420" | "0421" | "0800" => mti,
             _ => "other",
         };
         let code = if code.len() == 2 && code.bytes().all(|b| b.is_ascii_alphanumeric()) {
@@ -291,7 +323,135 @@ impl Gateway {
         };
         self.metrics.requests.inc(&[("mti", label), ("code", code)]);
         self.metrics.latency.observe(received.elapsed());
-        reply
+    }
+
+    /// Answers one request as received on a listener or serial line whose MAC policy is `mac`. Where MACs are
+    /// required, the request's MAC (`raw`: the message as received, without length header or TPDU) is checked with
+    /// its terminal's keys first: a bad or missing one, or any request of a locked terminal, is answered `63` with no
+    /// PIN and no MAC, counted for the terminal (locked after `mac_failures` within `mac_failure_window_secs`); the
+    /// answer to a verified request is MACed by [`Gateway::encode_reply`]. An unknown terminal id gets the same `63`
+    /// as a known one with a wrong MAC (an 0800 tells a stranger nothing).
+    pub async fn handle_frame(
+        &self,
+        dialect: &Dialect,
+        raw: &[u8],
+        msg: &Message,
+        mac: MacPolicy,
+        received: Instant,
+    ) -> Reply {
+        if !mac.required() {
+            return self.handle(msg, received).await;
+        }
+        match self.authenticate(dialect, raw, msg, mac) {
+            Ok(terminal) => {
+                let mut reply = self.handle(msg, received).await;
+                reply.sign_as = Some(terminal);
+                reply
+            }
+            Err(refusal) => {
+                let reason = refusal.label();
+                self.metrics.mac_refused.inc(&[("reason", reason)]);
+                limited!(
+                    info,
+                    "request refused: bad or missing MAC (63)",
+                    terminal = msg.terminal_id().unwrap_or(""),
+                    reason
+                );
+                let code = ResponseCode::SecurityViolation;
+                // A sale's decline carries its RRN (derived from its key), as every other decline does.
+                let message = match SaleKey::of(msg, crate::clock::unix_now()) {
+                    Ok(key) if msg.mti().class() == 2 => crate::sale::sale_answer(msg, &rrn_of(&key), Err(code))
+                        .unwrap_or_else(|_| crate::sale::answer(msg, code)),
+                    _ => crate::sale::answer(msg, code),
+                };
+                let reply = Reply::plain(message);
+                self.count_request(msg.mti().as_str(), ResponseCode::SecurityViolation.code(), received);
+                reply
+            }
+        }
+    }
+
+    /// The MAC check of a request on a line that requires MACs: the terminal whose key verified it, or why not.
+    fn authenticate(
+        &self,
+        dialect: &Dialect,
+        raw: &[u8],
+        msg: &Message,
+        mac: MacPolicy,
+    ) -> Result<Box<str>, controller::MacRefusal> {
+        use controller::MacRefusal;
+        let Some(terminal) = msg.terminal_id() else {
+            return Err(MacRefusal::NoTerminal);
+        };
+        let keys = self.terminal_keys.read().expect("not poisoned").clone();
+        let unix = crate::clock::unix_now();
+        let known = keys.signing_key(terminal).is_some();
+        let verdict = if !known {
+            // As much work as for a terminal with a key: the answer's time does not tell which ids exist.
+            let _ = crate::mac::verify_request(dialect, raw, msg, &self.decoy);
+            Err(MacRefusal::NoKey)
+        } else if mac.algorithm.is_some_and(|a| keys.algorithm(terminal) != Some(a)) {
+            Err(MacRefusal::WrongAlgorithm)
+        } else {
+            keys.verify(dialect, raw, msg, terminal, unix)
+                .map_err(|e| MacRefusal::of(&e))
+        };
+        let mut guard = self.mac_guard.lock().expect("not poisoned");
+        let checked = controller::check_mac(&mut guard, terminal, known, verdict, Instant::now(), unix);
+        if let Some(locks) = guard.take_changed() {
+            // Written under the guard's lock: the file follows the locks in their order.
+            self.save_locks(&locks);
+        }
+        checked.map(|_| terminal.into())
+    }
+
+    /// Writes the locked terminals down (a new file, then renamed over the old one), so that a restart keeps them
+    /// locked. A failure is logged: the locks hold in memory all the same.
+    fn save_locks(&self, locks: &std::collections::BTreeMap<String, i64>) {
+        let path = &self.cfg.terminal_locks;
+        let text = serde_json::json!({ "version": 1, "locked": locks }).to_string();
+        let tmp = path.with_extension("mac-locks-new");
+        let written = (|| -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if let Err(e) = written {
+            tracing::error!(path = %path.display(), error = %e, "cannot write the locked terminals down; a restart would unlock them");
+        }
+    }
+
+    /// Encodes an answer with `dialect`, adding the MAC of its terminal's newest key when the request's MAC was
+    /// verified ([`Reply::sign_as`]).
+    pub fn encode_reply(&self, dialect: &Dialect, reply: &Reply) -> Result<bytes::Bytes, String> {
+        let mut out = dialect.encode(&reply.message).map_err(|e| e.to_string())?;
+        if let Some(terminal) = &reply.sign_as {
+            let keys = self.terminal_keys.read().expect("not poisoned").clone();
+            keys.sign(dialect, &mut out, terminal).map_err(|e| e.to_string())?;
+        }
+        Ok(out.freeze())
+    }
+
+    /// Unlocks a terminal locked after too many bad or missing MACs (`pingate terminals unlock`); false if it was not
+    /// locked.
+    pub fn unlock_terminal(&self, terminal: &str) -> bool {
+        let mut guard = self.mac_guard.lock().expect("not poisoned");
+        let unlocked = guard.unlock(terminal);
+        if let Some(locks) = guard.take_changed() {
+            self.save_locks(&locks);
+        }
+        drop(guard);
+        if unlocked {
+            tracing::info!(terminal, "terminal unlocked by the operator");
+        }
+        unlocked
+    }
+
+    /// Terminals with bad or missing MACs since start, and which are locked (`pingate terminals status`).
+    pub fn mac_status(&self) -> Vec<MacStatus> {
+        self.mac_guard.lock().expect("not poisoned").status(Instant::now())
     }
 
     /// The serial lines' status; the receiver also says when it changes.
@@ -363,6 +523,31 @@ impl Gateway {
         self.halt.cancel();
         self.upstream.stop();
     }
+}
+
+/// The terminals locked for bad MACs before a restart: `{"version": 1, "locked": {"TERM0001": since, …}}`; none when
+/// the file is not there.
+fn read_locks(path: &std::path::Path) -> Result<Vec<(String, i64)>, GatewayError> {
+    let bad = |reason: String| GatewayError::Locks {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(bad(e.to_string())),
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Locks {
+        version: u32,
+        locked: std::collections::BTreeMap<String, i64>,
+    }
+    let l: Locks = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    if l.version != 1 {
+        return Err(bad(format!("version {} (this pingate reads version 1)", l.version)));
+    }
+    Ok(l.locked.into_iter().collect())
 }
 
 /// Runs a gateway from its configuration until `shutdown`: every listener, the admin socket, then a clean

@@ -1,5 +1,5 @@
 //! Configuration reload (SIGHUP): what can change without a restart (the terminal registry, products' modes and
-//! watermarks) is applied at once; anything else that changed is reported by key as needing a restart.
+//! watermarks, terminals' MAC keys read again from their file) is applied at once; anything else that changed is reported by key as needing a restart.
 
 use std::sync::Arc;
 
@@ -62,6 +62,18 @@ impl Gateway {
                 self.refill_wake.notify_one();
             }
         }
+        if let Some(new_keys) = new.terminal_keys.as_ref().map(|k| k.keys.clone()) {
+            let mut keys = self.terminal_keys.write().expect("not poisoned");
+            if keys.ids() != new_keys.ids() {
+                r.applied.push(format!(
+                    "terminal keys: {} terminals, {} keys",
+                    new_keys.terminals().count(),
+                    new_keys.ids().len()
+                ));
+            }
+            // Replaced even when the ids are the same: a key whose grace ended is gone from the new set.
+            *keys = new_keys;
+        }
         let c = &self.cfg;
         let mut restart = |key: &str, changed: bool| {
             if changed {
@@ -87,6 +99,16 @@ impl Gateway {
         restart("gateway.refill_lead_secs", c.refill_lead != new.refill_lead);
         restart("gateway.protocols", c.protocols != new.protocols);
         restart("gateway.log", c.log != new.log);
+        restart("gateway.mac_failures", c.mac_failures != new.mac_failures);
+        restart(
+            "gateway.mac_failure_window_secs",
+            c.mac_failure_window != new.mac_failure_window,
+        );
+        restart(
+            "gateway.terminal_keys_file",
+            c.terminal_keys.is_some() != new.terminal_keys.is_some(),
+        );
+        restart("gateway.terminal_locks_file", c.terminal_locks != new.terminal_locks);
         restart(
             "upstream",
             c.servers

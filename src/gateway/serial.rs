@@ -696,6 +696,7 @@ impl<'a> Line<'a> {
             *in_flight += 1;
         }
         let (gw, dialect, tx) = (self.gw.clone(), self.dialect.clone(), self.answers_tx.clone());
+        let mac = self.cfg.mac;
         let msg = match decode_request(&dialect, &message) {
             Ok(m) => m,
             Err(answer) => {
@@ -723,10 +724,11 @@ impl<'a> Line<'a> {
         let span = tracing::info_span!("request", terminal = msg.terminal_id().unwrap_or("?"), call);
         self.work.spawn(
             async move {
-                let reply = gw.handle(&msg, now).await;
+                let reply = gw.handle_frame(&dialect, &message, &msg, mac, now).await;
+                let encoded = gw.encode_reply(&dialect, &reply);
                 let mut sale = reply.reverse_if_undelivered;
-                let message = match dialect.encode(&reply.message) {
-                    Ok(b) => b.freeze(),
+                let message = match encoded {
+                    Ok(b) => b,
                     Err(e) => {
                         tracing::error!(error = %e, "answer does not encode");
                         if let Some(k) = sale.take() {

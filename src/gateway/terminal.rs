@@ -26,7 +26,7 @@ use tokio_util::codec::{Decoder, Encoder};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::config::ListenerConfig;
+use super::config::{ListenerConfig, MacPolicy};
 use super::Gateway;
 use crate::iso8583::{Dialect, Message};
 use crate::link::framing::{Frame, FrameCodec};
@@ -257,7 +257,7 @@ async fn connection(
                     frame_started = None;
                     framed = true;
                     last_activity = Instant::now();
-                    if let Some(request) = on_frame(frame, &dialect, &gw, &out_tx, &mut named) {
+                    if let Some(request) = on_frame(frame, &dialect, cfg.mac, &gw, &out_tx, &mut named) {
                         in_flight.push(request);
                     }
                 }
@@ -367,6 +367,7 @@ impl Named {
 fn on_frame(
     frame: Frame,
     dialect: &Arc<Dialect>,
+    mac: MacPolicy,
     gw: &Arc<Gateway>,
     out: &mpsc::Sender<Outgoing>,
     named: &mut Named,
@@ -404,11 +405,12 @@ fn on_frame(
         named.saw(t);
     }
     let (gw, dialect, out) = (gw.clone(), dialect.clone(), out.clone());
+    let raw = frame.message;
     Some(Box::pin(
         async move {
-            let reply = gw.handle(&msg, received).await;
-            let bytes = match dialect.encode(&reply.message) {
-                Ok(b) => b.freeze(),
+            let reply = gw.handle_frame(&dialect, &raw, &msg, mac, received).await;
+            let bytes = match gw.encode_reply(&dialect, &reply) {
+                Ok(b) => b,
                 Err(e) => {
                     limited!(error, "answer does not encode", error = %e);
                     if let Some(k) = &reply.reverse_if_undelivered {

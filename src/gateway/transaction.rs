@@ -60,6 +60,7 @@ impl Gateway {
                     Some(f63) => Reply {
                         message: approved_answer(msg, &rrn_of_pin(*pin_id), &auth, f63.expose()),
                         reverse_if_undelivered: Some(key.clone()),
+                        sign_as: None,
                     },
                     None => {
                         // A receipt too long for field 63 (or not printable): the PIN cannot reach the terminal.
