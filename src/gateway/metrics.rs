@@ -184,10 +184,15 @@ impl Gateway {
         }
         let stock = self.stock();
         type Reading = fn(&Level) -> f64;
-        let gauges: [(&str, &str, Reading); 2] = [
+        let gauges: [(&str, &str, Reading); 3] = [
             ("pingate_gateway_cache_pins", "PINs held in the prefetch cache.", |l| {
                 l.cached as f64
             }),
+            (
+                "pingate_gateway_cache_low",
+                "The cache's low mark (a refill is due under it; configured).",
+                |l| l.low as f64,
+            ),
             (
                 "pingate_gateway_cache_target",
                 "What the cache refills towards (adapts to the sale rate).",
@@ -261,6 +266,13 @@ impl Gateway {
             let open = if s.circuit_open { 1.0 } else { 0.0 };
             e.sample("pingate_gateway_server_circuit_open", &[("server", &s.server)], open);
         }
+        e.single(
+            "pingate_gateway_journal_writing",
+            "gauge",
+            "1 while the journal takes records; 0 after a write it could not make (no sale is answered until a \
+             restart).",
+            if self.journal.is_writing() { 1.0 } else { 0.0 },
+        );
         let board = self.lines.borrow().clone();
         e.family(
             "pingate_gateway_serial_line_state",
