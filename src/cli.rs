@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use bytes::Bytes;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::admin::{key_spec, KeyArgs, PinsCommand};
 use crate::iso8583::{from_hex, to_hex, Dialect, Dialects, Message, DEFAULT_DIALECT};
@@ -101,6 +101,19 @@ enum Command {
         /// Leave the PIN server and gateway running for your own terminal, until Ctrl-C.
         #[arg(long)]
         keep_running: bool,
+    },
+    /// A shell completion script for `pingate`, on standard output (e.g. `pingate completions bash >
+    /// /usr/share/bash-completion/completions/pingate`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Manual pages of `pingate` and of each of its commands (`pingate.1`, `pingate-gateway.1`,
+    /// `pingate-gateway-stock.1`, …), written into a folder (e.g. /usr/share/man/man1).
+    Man {
+        /// Folder to write the pages into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -275,6 +288,25 @@ enum IsoCommand {
 /// exits 1).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "pingate", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { out } => {
+            return match man_pages(Cli::command(), out) {
+                Ok(n) => {
+                    println!("{n} manual pages written to {}", out.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        _ => {}
+    }
     let _ = LOGGING.set((cli.log_format == "json", cli.log_level.clone()));
     if let Command::Audit { db, journals, day, csv } = &cli.command {
         return match runtime().and_then(|rt| rt.block_on(audit(db, journals, day.as_deref(), csv.as_deref()))) {
@@ -306,6 +338,30 @@ pub fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Writes the manual page of `cmd` and of each of its subcommands (named `parent-sub`) into `out`; returns how many.
+fn man_pages(cmd: clap::Command, out: &std::path::Path) -> Result<usize, String> {
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    fn write(cmd: clap::Command, name: String, out: &std::path::Path) -> Result<usize, String> {
+        let mut cmd = cmd.name(name.clone()).bin_name(name.replace('-', " "));
+        cmd.build();
+        let path = out.join(format!("{name}.1"));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd.clone())
+            .render(&mut page)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::write(&path, page).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut n = 1;
+        for sub in cmd
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        {
+            n += write(sub.clone(), format!("{name}-{}", sub.get_name()), out)?;
+        }
+        Ok(n)
+    }
+    write(cmd, "pingate".into(), out)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -699,7 +755,9 @@ fn run(cli: Cli) -> Result<String, String> {
         } => runtime()?.block_on(gateway(config)),
         Command::Gateway { .. } => Err("give --config FILE to run a gateway, or a subcommand (stock, lines)".into()),
         Command::CheckConfig { file } => check_config(&file),
-        Command::Audit { .. } => unreachable!("handled in main"),
+        Command::Audit { .. } | Command::Completions { .. } | Command::Man { .. } => {
+            Err("this command is run by main".into())
+        }
         Command::Replay(args) => match runtime()?.block_on(crate::traffic::replay::run_cli(args)) {
             Ok(true) => Ok(String::new()),
             Ok(false) => Err("the replay found differences".into()),
