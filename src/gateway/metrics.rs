@@ -57,6 +57,8 @@ pub(super) struct GatewayMetrics {
     pub(super) connections_closed: crate::metrics::LabelledCounter,
     /// Requests refused for their MAC (63), by reason.
     pub(super) mac_refused: crate::metrics::LabelledCounter,
+    /// Requests refused for where they came from (certificate, source network, caller's number), by reason.
+    pub(super) origin_refused: crate::metrics::LabelledCounter,
 }
 
 /// The gateway as the metrics endpoint sees it.
@@ -97,6 +99,13 @@ impl Gateway {
             "pingate_gateway_mac_refused_total",
             "Requests answered 63 on listeners and lines that require MACs, by reason: missing, mismatch, no_key, \
              no_terminal, wrong_algorithm, unsupported, locked.",
+        );
+        self.metrics.origin_refused.render(
+            &mut e,
+            "pingate_gateway_origin_refused_total",
+            "Requests answered 63 for where they came from, by reason: certificate (a client certificate that may not \
+             speak for the terminal id), source (a terminal's allow list), caller_id (a terminal's caller_ids), \
+             no_terminal.",
         );
         let locked = self.mac_status().iter().filter(|s| s.locked_since.is_some()).count();
         e.family(
