@@ -148,6 +148,13 @@ impl MacSigner {
     }
 }
 
+/// TLS and MACs of one tool run against a secured gateway.
+#[derive(Clone, Debug, Default)]
+pub struct Security {
+    pub tls: Option<ClientTls>,
+    pub mac: Option<MacSigner>,
+}
+
 /// The tools' flags for a secured gateway.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct SecurityArgs {
@@ -185,6 +192,14 @@ impl SecurityArgs {
             .ok_or("--tls needs --ca (the CA of the listener's certificate)")?;
         let client = self.cert.as_deref().zip(self.key.as_deref());
         ClientTls::load(ca, client, &self.server_name).map(Some)
+    }
+
+    /// TLS and MACs as the flags say.
+    pub fn security(&self) -> Result<Security, String> {
+        Ok(Security {
+            tls: self.client_tls()?,
+            mac: self.mac()?,
+        })
     }
 
     pub fn mac(&self) -> Result<Option<MacSigner>, String> {
