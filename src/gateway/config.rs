@@ -1510,4 +1510,58 @@ mod tests {
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn origins_allow_lists_nacs_callers_and_tls_are_checked_and_named() {
+        let terminals = "\n[[terminal]]\nid = \"T1\"\nmerchant = \"M\"\nallow = [\"10.0.0.0/8\", \"2001:db8::1\"]\n\
+                         caller_ids = [\"5551234\"]\n\n[[terminal]]\nid = \"T2\"\nmerchant = \"M\"\n\n\
+                         [[nac]]\nname = \"nac-1\"\nterminals = [\"T1\", \"T2\"]\n";
+        let c = GatewayConfig::parse(
+            &text("", "", "allow = [\"127.0.0.0/8\", \"::1\"]", terminals),
+            Path::new("gateway.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.listeners[0].allow.len(), 2);
+        assert!(c.listeners[0].tls.is_none());
+        let b = &c.terminals.origins.bindings["T1"];
+        assert_eq!((b.allow.len(), b.caller_ids.clone()), (2, vec!["5551234".to_string()]));
+        assert!(!c.terminals.origins.bindings.contains_key("T2"));
+        assert_eq!(c.terminals.origins.nacs["nac-1"].len(), 2);
+
+        let p = problems(&text("", "", "allow = [\"10.0.0.0/33\"]", ""));
+        assert_eq!(p.len(), 1);
+        assert!(
+            p[0].starts_with("gateway.toml: listener[0].allow: `10.0.0.0/33`"),
+            "{p:?}"
+        );
+        let p = problems(&text("", "", "", &terminals.replace("\"T2\"]", "\"T9\"]")));
+        assert_eq!(p, ["gateway.toml: nac[0].terminals: `T9` is not a [[terminal]]"]);
+        let p = problems(&text("", "", "", &terminals.replace("nac-1", "T2")));
+        assert_eq!(
+            p,
+            ["gateway.toml: nac[0].name: a terminal has this id: a NAC needs a name of its own"]
+        );
+        let p = problems(&text(
+            "",
+            "",
+            "tls = { cert = \"l.pem\", key = \"l.key\", client_certs = \"optional\" }",
+            "",
+        ));
+        assert_eq!(
+            p,
+            ["gateway.toml: listener[0].tls.client_certs: client certificates are verified against client_ca: set it too"]
+        );
+        // Files that are not there are named.
+        let p = problems(&text(
+            "",
+            "",
+            "tls = { cert = \"nowhere.pem\", key = \"nowhere.key\" }",
+            "",
+        ));
+        assert_eq!(p.len(), 1);
+        assert!(
+            p[0].starts_with("gateway.toml: listener[0].tls: ") && p[0].contains("nowhere.pem"),
+            "{p:?}"
+        );
+    }
 }
