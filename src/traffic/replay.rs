@@ -33,8 +33,8 @@ pub struct ReplayOptions {
     pub ignore: BTreeSet<u8>,
     /// Time allowed for each answer.
     pub timeout: Duration,
-    /// TLS to the listener; requests MACed again with their terminals' keys (the answers' MAC fields are then
-    /// compared for presence only: they cover fields that differ by nature).
+    /// TLS to the listener; requests MACed again with their terminals' keys (the answers' MAC fields are then not
+    /// compared: they cover fields that differ by nature, and a capture made without MACs has none).
     pub security: crate::traffic::secure::Security,
 }
 
@@ -524,15 +524,17 @@ pub async fn run_cli(args: ReplayArgs) -> Result<bool, String> {
     }
     let addr = args.gateway.ok_or("--gateway is needed (or --offline)")?;
     let security = args.security.security()?;
-    let mut may_differ = field_list(&args.may_differ, "may-differ")?;
+    let may_differ = field_list(&args.may_differ, "may-differ")?;
+    let mut ignore = field_list(&args.ignore, "ignore")?;
     if security.mac.is_some() {
-        may_differ.extend([64, 128]);
+        // The answers' MACs cover fields that differ by nature, and a capture made without MACs has none.
+        ignore.extend([64, 128]);
     }
     let opts = ReplayOptions {
         addr,
         original_pacing: args.pace == "original",
         may_differ,
-        ignore: field_list(&args.ignore, "ignore")?,
+        ignore,
         timeout: Duration::from_millis(args.timeout_ms),
         security,
     };
