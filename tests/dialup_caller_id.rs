@@ -108,3 +108,68 @@ async fn a_terminal_bound_to_callers_numbers_buys_only_from_them() {
     drop(inv);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `pingate-dialup call` as a user runs it: its emulated modem reports `--caller-id`, its sales are MACed with
+/// `--mac-key-file`, on a line that requires MACs, for a terminal bound to one caller's number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dialup_tool_reports_a_callers_number_and_macs_its_sales() {
+    use pingate::mac::{MacAlgorithm, MacKey};
+    use pingate::terminal_keys::{load_kek, TerminalKeyFile};
+    let keys_dir = std::env::temp_dir().join(format!("pingate-dial-cid-tool-keys-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&keys_dir);
+    std::fs::create_dir_all(&keys_dir).unwrap();
+    let (keys, kek_path) = (keys_dir.join("terminal-keys.toml"), keys_dir.join("terminal-kek"));
+    pingate::tls::write_new_key(&kek_path).unwrap();
+    let mut file = TerminalKeyFile::load_or_new(&keys).unwrap();
+    let key = MacKey::generate(MacAlgorithm::RetailDes).unwrap();
+    file.add(
+        &load_kek(&kek_path).unwrap(),
+        "DIAL0001",
+        &key,
+        pingate::clock::unix_now(),
+        None,
+    )
+    .unwrap();
+    file.save(&keys).unwrap();
+
+    let link = keys_dir.join("ttyPOS1");
+    let dir = std::env::temp_dir().join(format!("pingate-dial-cid-tool-{}", std::process::id()));
+    let extra = format!(
+        "{}mac = \"required\"\n\n[[terminal]]\nid = \"DIAL0001\"\nmerchant = \"{}\"\ncaller_ids = [\"5551234\"]\n",
+        line("pos1", link.to_str().unwrap()),
+        pingate::traffic::sim::MERCHANT
+    );
+    let gateway = format!(
+        "terminal_keys_file = \"{}\"\nterminal_kek_file = \"{}\"\nmac_failures = 1000",
+        keys.display(),
+        kek_path.display()
+    );
+    let (inv, server, gw) = common::rig(&dir, 20, 2, 4, (&gateway, &extra)).await;
+    let call = |caller: &'static str, stan: &'static str| {
+        let (link, keys, kek) = (link.clone(), keys.clone(), kek_path.clone());
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pingate-dialup"))
+                .args(["call", "--link", link.to_str().unwrap(), "--guard-ms", "50"])
+                .args(["--terminal", "DIAL0001", "--stan", stan, "--caller-id", caller])
+                .args([
+                    "--mac-key-file",
+                    keys.to_str().unwrap(),
+                    "--kek-file",
+                    kek.to_str().unwrap(),
+                ])
+                .output()
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+        }
+    };
+    let out = call("5551234", "70").await;
+    assert_eq!(out.matches("code 00").count(), 1, "{out}");
+    let out = call("5559999", "71").await;
+    assert_eq!(out.matches("code 63").count(), 1, "{out}");
+    gw.stop().await;
+    server.stop().await;
+    drop(inv);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&keys_dir);
+}
