@@ -92,7 +92,9 @@ impl Gateway {
             &mut e,
             "pingate_gateway_terminal_connections_closed_total",
             "Terminal connections closed by the gateway, by listener and reason: no_first_frame (nothing within \
-             first_frame_timeout_ms), slow_sender, connection_cap, source_cap.",
+             first_frame_timeout_ms), slow_sender, connection_cap, source_cap, source_not_allowed (outside the \
+             listener's allow list), tls_handshake (failed), tls_handshake_timeout (not done within \
+             first_frame_timeout_ms).",
         );
         self.metrics.mac_refused.render(
             &mut e,
