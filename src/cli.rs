@@ -237,6 +237,25 @@ enum CertsCommand {
         #[arg(long, default_value_t = 825)]
         days: i64,
     },
+    /// Issue a certificate with the CA of a `certs init` folder (its `ca/ca.key` at hand): a terminal's or a NAC's
+    /// client certificate (CN = the terminal id, or the NAC's name in `[[nac]]`), or with `--listener` the server
+    /// certificate of a gateway's TLS terminal listener. Writes OUT/NAME.pem, OUT/NAME.key (0600) and OUT/ca.pem.
+    Terminal {
+        /// The `certs init` folder whose CA signs.
+        dir: PathBuf,
+        /// The certificate's name(s): the first is its CN; all are subject alternative names.
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// A TLS listener's server certificate (names: DNS names or IP addresses terminals connect to).
+        #[arg(long)]
+        listener: bool,
+        /// Where to write (default: DIR/terminals).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: i64,
+    },
     /// Write a new encryption key file (`1:64-hex`, mode 0600; never overwrites): e.g. a gateway's journal key.
     Key {
         /// The file to create.
@@ -683,6 +702,30 @@ fn dialect(args: &DialectArgs) -> Result<Dialect, String> {
 fn run(cli: Cli) -> Result<String, String> {
     match cli.command {
         Command::Server(args) => runtime()?.block_on(server(args)),
+        Command::Certs {
+            command:
+                CertsCommand::Terminal {
+                    dir,
+                    names,
+                    listener,
+                    out,
+                    days,
+                },
+        } => {
+            let kind = if listener {
+                crate::tls::Issue::Listener
+            } else {
+                crate::tls::Issue::Client
+            };
+            let out = out.unwrap_or_else(|| dir.join("terminals"));
+            let pem = crate::tls::issue(&crate::tls::CertsDir { dir }, kind, &names, days, &out)
+                .map_err(|e| e.to_string())?;
+            Ok(format!(
+                "wrote {} and its key (.key), with the CA's certificate in {}",
+                pem.display(),
+                out.join("ca.pem").display()
+            ))
+        }
         Command::Certs {
             command: CertsCommand::Key { file },
         } => {

@@ -57,6 +57,8 @@ pub(super) struct GatewayMetrics {
     pub(super) connections_closed: crate::metrics::LabelledCounter,
     /// Requests refused for their MAC (63), by reason.
     pub(super) mac_refused: crate::metrics::LabelledCounter,
+    /// Requests refused for where they came from (certificate, source network, caller's number), by reason.
+    pub(super) origin_refused: crate::metrics::LabelledCounter,
 }
 
 /// The gateway as the metrics endpoint sees it.
@@ -90,13 +92,22 @@ impl Gateway {
             &mut e,
             "pingate_gateway_terminal_connections_closed_total",
             "Terminal connections closed by the gateway, by listener and reason: no_first_frame (nothing within \
-             first_frame_timeout_ms), slow_sender, connection_cap, source_cap.",
+             first_frame_timeout_ms), slow_sender, connection_cap, source_cap, source_not_allowed (outside the \
+             listener's allow list), tls_handshake (failed), tls_handshake_timeout (not done within \
+             first_frame_timeout_ms).",
         );
         self.metrics.mac_refused.render(
             &mut e,
             "pingate_gateway_mac_refused_total",
             "Requests answered 63 on listeners and lines that require MACs, by reason: missing, mismatch, no_key, \
              no_terminal, wrong_algorithm, unsupported, locked.",
+        );
+        self.metrics.origin_refused.render(
+            &mut e,
+            "pingate_gateway_origin_refused_total",
+            "Requests answered 63 for where they came from, by reason: certificate (a client certificate that may not \
+             speak for the terminal id), source (a terminal's allow list), caller_id (a terminal's caller_ids), \
+             no_terminal.",
         );
         let locked = self.mac_status().iter().filter(|s| s.locked_since.is_some()).count();
         e.family(

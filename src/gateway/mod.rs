@@ -14,6 +14,7 @@ mod controller;
 mod forward;
 pub mod journal;
 mod metrics;
+pub mod origin;
 mod refill;
 mod reload;
 pub mod serial;
@@ -207,6 +208,7 @@ impl Gateway {
                 latency: crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS),
                 connections_closed: Default::default(),
                 mac_refused: Default::default(),
+                origin_refused: Default::default(),
             },
             terminals: std::sync::RwLock::new(Arc::new(cfg_terminals)),
             products: Mutex::new(cfg_products),
@@ -331,6 +333,48 @@ impl Gateway {
     /// PIN and no MAC, counted for the terminal (locked after `mac_failures` within `mac_failure_window_secs`); the
     /// answer to a verified request is MACed by [`Gateway::encode_reply`]. An unknown terminal id gets the same `63`
     /// as a known one with a wrong MAC (an 0800 tells a stranger nothing).
+    /// [`Gateway::handle_frame`] for a request from `origin`: a terminal id the connection's certificate may not
+    /// speak for, or one bound to networks or callers' numbers the request did not come from, is answered `63` with
+    /// no PIN (before its MAC is looked at: such a refusal counts no MAC failure).
+    pub async fn handle_from(
+        &self,
+        dialect: &Dialect,
+        raw: &[u8],
+        msg: &Message,
+        mac: MacPolicy,
+        origin: &origin::Origin,
+        received: Instant,
+    ) -> Reply {
+        let registry = self.terminals.read().expect("not poisoned").clone();
+        match controller::check_origin(&registry, msg.terminal_id(), origin) {
+            Ok(()) => self.handle_frame(dialect, raw, msg, mac, received).await,
+            Err(refusal) => {
+                let reason = refusal.label();
+                self.metrics.origin_refused.inc(&[("reason", reason)]);
+                limited!(
+                    info,
+                    "request refused: not from where its terminal may come from (63)",
+                    terminal = msg.terminal_id().unwrap_or(""),
+                    reason
+                );
+                self.security_violation(msg, received)
+            }
+        }
+    }
+
+    /// The `63` answer of a refused request (no PIN, no MAC), counted.
+    fn security_violation(&self, msg: &Message, received: Instant) -> Reply {
+        let code = ResponseCode::SecurityViolation;
+        // A sale's decline carries its RRN (derived from its key), as every other decline does.
+        let message = match SaleKey::of(msg, crate::clock::unix_now()) {
+            Ok(key) if msg.mti().class() == 2 => crate::sale::sale_answer(msg, &rrn_of(&key), Err(code))
+                .unwrap_or_else(|_| crate::sale::answer(msg, code)),
+            _ => crate::sale::answer(msg, code),
+        };
+        self.count_request(msg.mti().as_str(), code.code(), received);
+        Reply::plain(message)
+    }
+
     pub async fn handle_frame(
         &self,
         dialect: &Dialect,
@@ -357,16 +401,7 @@ impl Gateway {
                     terminal = msg.terminal_id().unwrap_or(""),
                     reason
                 );
-                let code = ResponseCode::SecurityViolation;
-                // A sale's decline carries its RRN (derived from its key), as every other decline does.
-                let message = match SaleKey::of(msg, crate::clock::unix_now()) {
-                    Ok(key) if msg.mti().class() == 2 => crate::sale::sale_answer(msg, &rrn_of(&key), Err(code))
-                        .unwrap_or_else(|_| crate::sale::answer(msg, code)),
-                    _ => crate::sale::answer(msg, code),
-                };
-                let reply = Reply::plain(message);
-                self.count_request(msg.mti().as_str(), ResponseCode::SecurityViolation.code(), received);
-                reply
+                self.security_violation(msg, received)
             }
         }
     }
