@@ -182,6 +182,11 @@ struct ServerArgs {
     /// terminal): a receipt's STAN and time, or a capture replayed later, gives back nothing. 60 to 2592000 (30 days).
     #[arg(long, default_value_t = crate::store::DEFAULT_REPEAT_AGE_SECS as u64)]
     repeat_age_secs: u64,
+    /// A terminal's reversal received more than this many seconds after its sale is refused (21 to the terminal)
+    /// and the PIN stays sold (60 to 604800; no window when absent). Gateways' own reversals of answers that did not
+    /// reach the terminal are never refused.
+    #[arg(long)]
+    reversal_window_secs: Option<u64>,
     /// Requests in flight on one connection; more are answered `busy` (1 to 4096; a gateway sends up to 200).
     #[arg(long, default_value_t = 256)]
     max_in_flight: usize,
@@ -535,6 +540,7 @@ async fn server(args: ServerArgs) -> Result<String, String> {
         idle_timeout: std::time::Duration::from_secs(args.idle_timeout_secs),
         max_lease: std::time::Duration::from_secs(args.max_lease_secs),
         repeat_age: std::time::Duration::from_secs(args.repeat_age_secs),
+        reversal_window: args.reversal_window_secs.map(std::time::Duration::from_secs),
         metrics: args.metrics,
     };
     server_opts.check(args.pg_connections)?;

@@ -139,7 +139,8 @@ async fn scenario(s: &mut impl PinStore) {
     assert_eq!(
         s.apply(Op::Reverse {
             sale: ctx("g", 2),
-            content: None
+            content: None,
+            policy: Default::default()
         })
         .await
         .unwrap(),
@@ -148,7 +149,8 @@ async fn scenario(s: &mut impl PinStore) {
     assert_eq!(
         s.apply(Op::Reverse {
             sale: ctx("g", 3),
-            content: None
+            content: None,
+            policy: Default::default()
         })
         .await
         .unwrap(),
@@ -173,6 +175,7 @@ async fn scenario(s: &mut impl PinStore) {
     s.apply(Op::Reverse {
         sale: ctx("g", 20),
         content: None,
+        policy: Default::default(),
     })
     .await
     .unwrap();
@@ -232,7 +235,8 @@ async fn scenario(s: &mut impl PinStore) {
     assert_eq!(
         s.apply(Op::Reverse {
             sale: ctx("b", 9),
-            content: None
+            content: None,
+            policy: Default::default()
         })
         .await
         .unwrap(),
@@ -315,7 +319,8 @@ async fn scenario(s: &mut impl PinStore) {
     assert_eq!(
         s.apply(Op::Reverse {
             sale: ctx("c", 4),
-            content: None
+            content: None,
+            policy: Default::default()
         })
         .await
         .unwrap(),
@@ -353,7 +358,8 @@ async fn scenario(s: &mut impl PinStore) {
     assert_eq!(
         s.apply(Op::Reverse {
             sale: ctx("c", 4),
-            content: None
+            content: None,
+            policy: Default::default()
         })
         .await
         .unwrap(),
@@ -811,6 +817,7 @@ async fn leases_and_reversals(s: &mut impl PinStore) {
     let reverse = |amount: i64| Op::Reverse {
         sale: ctx("g", 1),
         content: Some(gift_content(amount)),
+        policy: Default::default(),
     };
     let r = s.apply(reverse(777)).await;
     assert!(

@@ -207,6 +207,7 @@ async fn transitions_idempotency_and_refusals() {
             Op::Reverse {
                 sale: ctx("gw3", 3),
                 content: None,
+                policy: Default::default(),
             },
         ])
         .await;

@@ -68,6 +68,9 @@ struct File {
     products: Vec<ProductSection>,
     #[serde(default, rename = "serial")]
     serial: Vec<SerialSection>,
+    /// Fraud controls (`super::policy`).
+    #[serde(default)]
+    policy: super::policy::PolicySection,
 }
 
 fn d_deadline() -> u64 {
@@ -753,6 +756,8 @@ pub struct GatewayConfig {
     pub terminals: TerminalRegistry,
     /// Products and amounts not listed are sold on demand.
     pub products: Vec<ProductConfig>,
+    /// Fraud controls: the reversal window (`[policy]`).
+    pub policy: super::policy::PolicyConfig,
 }
 
 impl GatewayConfig {
@@ -1122,6 +1127,10 @@ impl GatewayConfig {
                 None
             }
         };
+        let policy = f.policy.read().unwrap_or_else(|e| {
+            problems.extend(e.iter().map(|(at, reason)| invalid(at, reason)));
+            Default::default()
+        });
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -1167,6 +1176,7 @@ impl GatewayConfig {
             serial,
             terminals,
             products,
+            policy,
         })
     }
 }

@@ -57,6 +57,10 @@ pub(super) struct GatewayMetrics {
     pub(super) connections_closed: crate::metrics::LabelledCounter,
     /// Requests refused for their MAC (63), by reason.
     pub(super) mac_refused: crate::metrics::LabelledCounter,
+    /// Sales and accepted reversals by merchant and by terminal (`policy`).
+    pub(super) reversal_rates: super::policy::ReversalRates,
+    /// Terminal reversals answered 21: after the reversal window.
+    pub(super) reversals_too_late: AtomicU64,
 }
 
 /// The gateway as the metrics endpoint sees it.
@@ -91,6 +95,13 @@ impl Gateway {
             "pingate_gateway_terminal_connections_closed_total",
             "Terminal connections closed by the gateway, by listener and reason: no_first_frame (nothing within \
              first_frame_timeout_ms), slow_sender, connection_cap, source_cap.",
+        );
+        self.metrics.reversal_rates.render(&mut e);
+        e.single(
+            "pingate_gateway_reversals_too_late_total",
+            "counter",
+            "Terminal reversals answered 21 (after the reversal window): not reversed, the PIN stays sold.",
+            self.metrics.reversals_too_late.load(Ordering::Relaxed) as f64,
         );
         self.metrics.mac_refused.render(
             &mut e,

@@ -14,6 +14,7 @@ mod controller;
 mod forward;
 pub mod journal;
 mod metrics;
+pub mod policy;
 mod refill;
 mod reload;
 pub mod serial;
@@ -207,6 +208,8 @@ impl Gateway {
                 latency: crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS),
                 connections_closed: Default::default(),
                 mac_refused: Default::default(),
+                reversal_rates: Default::default(),
+                reversals_too_late: Default::default(),
             },
             terminals: std::sync::RwLock::new(Arc::new(cfg_terminals)),
             products: Mutex::new(cfg_products),
@@ -261,12 +264,12 @@ impl Gateway {
                 pin_ids: chunk.to_vec(),
             });
         }
-        for (key, content) in recovered.reverse {
+        for (key, content, why) in recovered.reverse {
             // A sale being reversed never hands out its PIN again, even to a repeat of a sale recovered above.
             if let Some(e) = gw.recent.lock().expect("not poisoned").get(&key.key()) {
                 e.overrule(ResponseCode::InvalidTransaction);
             }
-            gw.enqueue(Job::Reverse { key, content });
+            gw.enqueue(Job::Reverse { key, content, why });
         }
         tokio::spawn(gw.clone().forward_loop());
         tokio::spawn(gw.clone().refill_loop());

@@ -589,13 +589,13 @@ impl<'a> Line<'a> {
                 self.carrying = None;
                 self.status(|s| s.delivered += 1);
             }
-            LinkEvent::Undelivered => self.undelivered("the terminal did not acknowledge the answer"),
+            LinkEvent::Undelivered => self.undelivered("the terminal did not acknowledge the answer", now),
             LinkEvent::Ended(reason) => {
                 tracing::info!(?reason, "call ended");
                 if reason == EndReason::CarrierLost {
-                    self.undelivered("carrier lost before the terminal acknowledged the answer");
+                    self.undelivered("carrier lost before the terminal acknowledged the answer", now);
                 } else {
-                    self.undelivered("the call ended before the terminal acknowledged the answer");
+                    self.undelivered("the call ended before the terminal acknowledged the answer", now);
                 }
                 self.call = None;
                 match &mut self.modem {
@@ -610,20 +610,36 @@ impl<'a> Line<'a> {
         }
     }
 
-    /// The answer the link was carrying did not reach the terminal.
-    fn undelivered(&mut self, why: &str) {
+    /// The answer the link was carrying was not acknowledged by `now`: reversed, as `unacknowledged` when the
+    /// link had sent it whole (the terminal may have it), else as undelivered.
+    fn undelivered(&mut self, why: &str, now: Instant) {
+        let sent_whole = match &self.call {
+            Some(Call::Dialup(link)) => link.answer_sent_whole(now.into_std()),
+            _ => false,
+        };
         if let Some(key) = self.carrying.take() {
-            self.reverse(key, why);
+            self.reverse_as(key, why, sent_whole);
         }
     }
 
     /// Reverses sale `key` (journaled, then forwarded to the server by the controller).
     fn reverse(&mut self, key: SaleKey, why: &str) {
-        limited!(warn, "PIN not delivered; reversing the sale", terminal = %key.terminal_id, stan = %key.stan, why);
+        self.reverse_as(key, why, false)
+    }
+
+    /// [`reverse`](Self::reverse); `sent_whole`: the answer was sent in full but not acknowledged.
+    fn reverse_as(&mut self, key: SaleKey, why: &str, sent_whole: bool) {
+        limited!(warn, "PIN not delivered; reversing the sale", terminal = %key.terminal_id, stan = %key.stan, why, sent_whole);
         self.status(|s| s.reversed += 1);
         let gw = self.gw.clone();
-        self.work
-            .spawn(async move { gw.undelivered(&key).await }.in_current_span());
+        let work = async move {
+            if sent_whole {
+                gw.unacknowledged(&key).await
+            } else {
+                gw.undelivered(&key).await
+            }
+        };
+        self.work.spawn(work.in_current_span());
     }
 
     fn start_call(&mut self, now: Instant) {
@@ -673,9 +689,12 @@ impl<'a> Line<'a> {
             link.carrier_lost();
             while link.poll_event().is_some() {}
         }
+        self.undelivered(
+            "the line closed before the terminal acknowledged the answer",
+            Instant::now(),
+        );
         self.call = None;
         self.call_id += 1;
-        self.undelivered("the line closed before the terminal acknowledged the answer");
     }
 
     fn dispatch(&mut self, tpdu: Option<Tpdu>, message: Bytes, now: Instant) {

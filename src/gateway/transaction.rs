@@ -12,18 +12,18 @@ use super::controller::{
     self, code_for, code_for_journal, rrn_of, Decline, ReversalStep, SaleStep, ServerReversal, Source,
 };
 use super::forward::Job;
-use super::journal::{KeyRecord, Record, SaleRecord};
+use super::journal::{KeyRecord, Record, Reversing, SaleRecord};
 use super::upstream::UpstreamError;
 use super::window::{Content, Outcome};
 use super::{Gateway, Reply};
 use crate::iso8583::Message;
 use crate::logging::limited;
 use crate::psp::{Request, Response};
-use crate::sale::SaleContent;
 use crate::sale::{
     answer, approved_answer, rrn_of_pin, sale_answer, PinReceipt, ResponseCode, ReversalRequest, SaleKey, SaleRequest,
     TerminalRequest,
 };
+use crate::sale::{ReversalReason, SaleContent};
 
 impl Gateway {
     pub(super) async fn handle_request(&self, msg: &Message, received: Instant, received_unix: i64) -> Reply {
@@ -42,7 +42,7 @@ impl Gateway {
                 Reply::plain(answer(msg, code))
             }
             Ok(TerminalRequest::Sale(s)) => self.sale(msg, s, deadline, received_unix).await,
-            Ok(TerminalRequest::Reversal(r)) => Reply::plain(self.reversal(msg, r, deadline).await),
+            Ok(TerminalRequest::Reversal(r)) => Reply::plain(self.reversal(msg, r, deadline, received_unix).await),
         }
     }
 
@@ -130,6 +130,9 @@ impl Gateway {
             self.stats.repeats.fetch_add(1, Ordering::Relaxed);
         }
         let outcome = Arc::new(self.sell(&s, deadline, source).await);
+        if !s.repeat && matches!(*outcome, Outcome::Approved { .. }) {
+            self.metrics.reversal_rates.sale(&s.key.terminal_id, &s.merchant_id);
+        }
         if matches!(*outcome, Outcome::Declined(ResponseCode::DuplicateMismatch)) {
             // The key is another sale's (the server knows it with other content): this request's content must not
             // stand for the key here, or that sale's own repeats and reversal would be refused as mismatches.
@@ -188,12 +191,17 @@ impl Gateway {
                     limited!(error, "journal did not take a cache sale; the PIN is voided", error = %e, pin_id);
                     let key = KeyRecord::from(&s.key);
                     let content = Some(record.content());
+                    let why = Reversing {
+                        reason: ReversalReason::Undelivered,
+                        requested_at: None,
+                    };
                     self.journal.append_lazy(vec![Record::Reverse {
                         key: key.clone(),
                         content: content.clone(),
+                        why,
                     }]);
                     self.enqueue(Job::Confirm { pin_id, sale: record });
-                    self.enqueue(Job::Reverse { key, content });
+                    self.enqueue(Job::Reverse { key, content, why });
                     return Outcome::Declined(code_for_journal(&e));
                 }
                 self.stats.sales_from_cache.fetch_add(1, Ordering::Relaxed);
@@ -267,19 +275,35 @@ impl Gateway {
     /// the reversal (and the `asked` record alone means a reversal at recovery too).
     fn reverse_unanswered(&self, key: KeyRecord, content: SaleContent) {
         let content = Some(content);
+        let why = Reversing {
+            reason: ReversalReason::Undelivered,
+            requested_at: None,
+        };
         self.journal.append_lazy(vec![
             Record::Reverse {
                 key: key.clone(),
                 content: content.clone(),
+                why,
             },
             Record::Resolved { key: key.clone() },
         ]);
-        self.enqueue(Job::Reverse { key, content });
+        self.enqueue(Job::Reverse { key, content, why });
     }
 
     /// An approved answer could not be written to the terminal: reverse the sale (the reversal is on disk before
     /// this returns), and answer repeats with `91`.
     pub async fn undelivered(&self, key: &SaleKey) {
+        self.reverse_own(key, ReversalReason::Undelivered).await
+    }
+
+    /// An approved answer was sent in full but the terminal never acknowledged it (a dial-up line gone after the
+    /// answer's last byte): reversed as [`undelivered`](Self::undelivered), marked so that the PIN, which the
+    /// terminal may have printed, stays out of the supplier's deactivation list by default.
+    pub async fn unacknowledged(&self, key: &SaleKey) {
+        self.reverse_own(key, ReversalReason::Unacknowledged).await
+    }
+
+    async fn reverse_own(&self, key: &SaleKey, reason: ReversalReason) {
         self.stats.undelivered.fetch_add(1, Ordering::Relaxed);
         limited!(warn, "answer not delivered; the sale is reversed", terminal = %key.terminal_id, stan = %key.stan);
         let entry = self.recent.lock().expect("not poisoned").get(key);
@@ -288,17 +312,22 @@ impl Gateway {
         }
         let content = entry.and_then(|e| e.content.as_deref().map(Content::to_sale_content));
         let key = KeyRecord::from(key);
+        let why = Reversing {
+            reason,
+            requested_at: None,
+        };
         let record = Record::Reverse {
             key: key.clone(),
             content: content.clone(),
+            why,
         };
         if let Err(e) = self.journal.append(vec![record]).await {
             limited!(error, "journal failed; the reversal of an undelivered sale is in memory only", error = %e);
         }
-        self.enqueue(Job::Reverse { key, content });
+        self.enqueue(Job::Reverse { key, content, why });
     }
 
-    async fn reversal(&self, msg: &Message, r: ReversalRequest, deadline: Instant) -> Message {
+    async fn reversal(&self, msg: &Message, r: ReversalRequest, deadline: Instant, received_unix: i64) -> Message {
         let named = Content {
             merchant: r.merchant_id.clone(),
             product: r.product.clone(),
@@ -306,23 +335,34 @@ impl Gateway {
             currency: r.currency.clone(),
         };
         let known = self.recent.lock().expect("not poisoned").get(&r.sale);
-        let step = controller::decide_reversal(&r, &named, &self.registry(), known.as_deref());
+        let window = self.cfg.policy.reversal_window;
+        let step = controller::decide_reversal(&r, &named, &self.registry(), known.as_deref(), received_unix, window);
         if let ReversalStep::Refuse { code, mismatch } = step {
             if mismatch {
                 self.stats.reversal_mismatches.fetch_add(1, Ordering::Relaxed);
+            }
+            if code == ResponseCode::NoActionTaken {
+                self.metrics.reversals_too_late.fetch_add(1, Ordering::Relaxed);
+                limited!(info, "reversal after the reversal window; the sale stands", terminal = %r.sale.terminal_id, stan = %r.sale.stan);
             }
             return answer(msg, code);
         }
         let key = KeyRecord::from(&r.sale);
         let content = Some(named.to_sale_content());
+        // Measured by the PIN server from when the terminal asked, even if the reversal reaches it later.
+        let why = Reversing {
+            reason: ReversalReason::Terminal,
+            requested_at: Some(received_unix),
+        };
         let record = Record::Reverse {
             key: key.clone(),
             content: content.clone(),
+            why,
         };
         if let Err(e) = self.journal.append_by(std::slice::from_ref(&record), deadline).await {
             // The terminal is told to repeat it; the reversal is still sent (repeats are idempotent).
             limited!(error, "journal did not record a reversal in time", error = %e);
-            self.enqueue(Job::Reverse { key, content });
+            self.enqueue(Job::Reverse { key, content, why });
             return answer(msg, ResponseCode::ServerUnavailable);
         }
         if step == ReversalStep::AskServer {
@@ -332,6 +372,8 @@ impl Gateway {
                 stan: key.stan.clone(),
                 transmission: key.transmission.clone(),
                 content: content.clone(),
+                reason: why.reason,
+                requested_at: why.requested_at,
             };
             match controller::server_reversal(&self.upstream.call(request, deadline - margin).await) {
                 ServerReversal::Reversed => {
@@ -344,7 +386,16 @@ impl Gateway {
                         crate::clock::unix_now(),
                     );
                     self.overrule_reversed(&r.sale);
+                    self.metrics
+                        .reversal_rates
+                        .reversal(&r.sale.terminal_id, &r.merchant_id);
                     return answer(msg, ResponseCode::Approved);
+                }
+                ServerReversal::TooLate => {
+                    // Nothing to reverse, ever: the sale stands.
+                    self.journal.append_lazy(vec![Record::Reversed { key }]);
+                    self.metrics.reversals_too_late.fetch_add(1, Ordering::Relaxed);
+                    return answer(msg, ResponseCode::NoActionTaken);
                 }
                 ServerReversal::Mismatch => {
                     self.journal.append_lazy(vec![Record::Reversed { key }]);
@@ -356,7 +407,10 @@ impl Gateway {
             }
         }
         self.stats.reversals.fetch_add(1, Ordering::Relaxed);
-        self.enqueue(Job::Reverse { key, content });
+        self.metrics
+            .reversal_rates
+            .reversal(&r.sale.terminal_id, &r.merchant_id);
+        self.enqueue(Job::Reverse { key, content, why });
         self.overrule_reversed(&r.sale);
         answer(msg, ResponseCode::Approved)
     }

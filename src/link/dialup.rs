@@ -311,6 +311,8 @@ pub struct DialupLink {
     last_request: Option<Vec<u8>>,
     out: BytesMut,
     events: VecDeque<LinkEvent>,
+    /// When the last answer's first copy has its last byte on the wire (at the line's speed).
+    answer_on_wire: Option<Instant>,
 }
 
 impl std::fmt::Debug for DialupLink {
@@ -352,7 +354,15 @@ impl DialupLink {
             last_request: None,
             out: BytesMut::new(),
             events: VecDeque::new(),
+            answer_on_wire: None,
         }
+    }
+
+    /// Whether the last answer given to the link ([`respond`](Self::respond)) was on the wire whole by `now` (its
+    /// last byte sent at the line's speed): an answer not acknowledged after that may have reached the terminal
+    /// and been printed, the ACK lost with the line.
+    pub fn answer_sent_whole(&self, now: Instant) -> bool {
+        self.answer_on_wire.is_some_and(|t| now >= t)
     }
 
     /// Bytes received from the line (parity already stripped).
@@ -452,6 +462,7 @@ impl DialupLink {
         let f = frame(data);
         self.out.put_slice(&f);
         let deadline = now + self.cfg.wire_time(f.len()) + self.cfg.ack_timeout;
+        self.answer_on_wire = Some(now + self.cfg.wire_time(f.len()));
         self.phase = Phase::Sending {
             frame: f,
             sends: 1,

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{PspError, MAX_MERCHANT_ID, MAX_RRN, MAX_STAN, MAX_TERMINAL_ID, MAX_TRANSMISSION};
-use crate::sale::{Pin, SaleContent};
+use crate::sale::{Pin, ReversalReason, SaleContent};
 
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 1;
@@ -89,6 +89,14 @@ pub enum Request {
         transmission: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         content: Option<SaleContent>,
+        /// Why (absent: `terminal`, the one reason the reversal window applies to).
+        #[serde(default, skip_serializing_if = "ReversalReason::is_terminal")]
+        reason: ReversalReason,
+        /// When the gateway took the terminal's reversal (seconds since the epoch): the server measures the
+        /// reversal window to it (no later than its own clock), so that a reversal forwarded late is judged by when
+        /// the terminal sent it. Absent: when the server receives it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        requested_at: Option<i64>,
     },
     /// Reverse the sale of one PIN this gateway sold, by its id.
     ReversePin {
@@ -124,6 +132,21 @@ impl Request {
         }
     }
 
+    /// How many of the op's optional fields ([`wire_fields`](Self::wire_fields)) are absent on the wire.
+    pub(super) fn optional_absent(&self) -> usize {
+        match self {
+            Request::Reverse {
+                content,
+                reason,
+                requested_at,
+                ..
+            } => {
+                usize::from(content.is_none()) + usize::from(reason.is_terminal()) + usize::from(requested_at.is_none())
+            }
+            _ => 0,
+        }
+    }
+
     /// The fields of this op on the wire (besides `id` and `op`). An exhaustive match: a new op must list its
     /// fields here; a field added to an op but not here is refused, which that op's tests show at once.
     pub(super) fn wire_fields(&self) -> &'static [&'static str] {
@@ -135,7 +158,14 @@ impl Request {
             Request::ConfirmBatch { .. } => &["confirms"],
             Request::Release { .. } => &["pin_ids"],
             Request::Renew { .. } => &["pin_ids", "lease_secs"],
-            Request::Reverse { .. } => &["terminal_id", "stan", "transmission", "content"],
+            Request::Reverse { .. } => &[
+                "terminal_id",
+                "stan",
+                "transmission",
+                "content",
+                "reason",
+                "requested_at",
+            ],
             Request::ReversePin { .. } => &["pin_id"],
             Request::Stock | Request::Held | Request::Ping => &[],
         }
@@ -308,6 +338,8 @@ pub enum ErrorCode {
     RepeatExpired,
     /// A reversal whose product, amount, currency or merchant differ from its sale's: not reversed.
     ReversalMismatch,
+    /// A terminal's reversal received after the server's reversal window: not reversed, the PIN stays sold.
+    ReversalTooLate,
     NotHolder,
     BadRequest,
     /// Too many requests in flight on this connection.
@@ -326,6 +358,7 @@ impl ErrorCode {
             ErrorCode::AlreadyReversed => "already_reversed",
             ErrorCode::RepeatExpired => "repeat_expired",
             ErrorCode::ReversalMismatch => "reversal_mismatch",
+            ErrorCode::ReversalTooLate => "reversal_too_late",
             ErrorCode::NotHolder => "not_holder",
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::Busy => "busy",
@@ -405,6 +438,7 @@ mod tests {
             ErrorCode::AlreadyReversed,
             ErrorCode::RepeatExpired,
             ErrorCode::ReversalMismatch,
+            ErrorCode::ReversalTooLate,
             ErrorCode::NotHolder,
             ErrorCode::BadRequest,
             ErrorCode::Busy,

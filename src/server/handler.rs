@@ -281,6 +281,8 @@ fn to_op(shared: &Shared, gateway: &str, request: Request) -> Result<Result<Op, 
             stan,
             transmission,
             content,
+            reason,
+            requested_at,
         } => Op::Reverse {
             sale: sale(
                 gateway,
@@ -293,6 +295,11 @@ fn to_op(shared: &Shared, gateway: &str, request: Request) -> Result<Result<Op, 
                 },
             )?,
             content,
+            policy: crate::store::ReversePolicy {
+                reason,
+                requested_at,
+                window_secs: shared.opts.reversal_window.map(|w| w.as_secs() as i64),
+            },
         },
         Request::ReversePin { pin_id } => Op::ReversePin {
             gateway: gateway.into(),
@@ -373,6 +380,7 @@ impl From<&StoreError> for ErrorCode {
             StoreError::AlreadyReversed { .. } => ErrorCode::AlreadyReversed,
             StoreError::RepeatExpired { .. } => ErrorCode::RepeatExpired,
             StoreError::ReversalMismatch { .. } => ErrorCode::ReversalMismatch,
+            StoreError::ReversalTooLate { .. } => ErrorCode::ReversalTooLate,
             StoreError::NotHolder { .. } => ErrorCode::NotHolder,
             StoreError::BadRequest(_) | StoreError::ImportRow { .. } => ErrorCode::BadRequest,
             StoreError::Crypto(_) | StoreError::Unreadable { .. } | StoreError::Db(_) => ErrorCode::Internal,
