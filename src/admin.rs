@@ -288,8 +288,7 @@ pub(crate) fn voided_report(rows: &[crate::store::VoidedRow], csv: bool) -> Stri
         }
     }
     if csv {
-        let mut out =
-            String::from("serial,product,amount,currency,reversed_at,gateway,terminal_id,merchant_id,reason\n");
+        let mut out = String::from("serial,product,amount,currency,reversed_at,gateway,terminal_id,merchant_id,reason");
         for r in rows {
             let line = [
                 field(&r.serial),
@@ -303,9 +302,10 @@ pub(crate) fn voided_report(rows: &[crate::store::VoidedRow], csv: bool) -> Stri
                 field(&r.reason),
             ]
             .join(",");
-            out.push_str(&line);
             out.push('\n');
+            out.push_str(&line);
         }
+        // The command line ends the output with a newline.
         return out;
     }
     if rows.is_empty() {
