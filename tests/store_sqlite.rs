@@ -984,10 +984,7 @@ async fn a_version_7_file_keeps_its_reversals_and_voided_pins_are_listed_with_th
     assert_eq!(SCHEMA_VERSION, 8);
     // Sale 1 was made an hour ago: a terminal's reversal after a 10-minute window is refused, the PIN stays sold.
     s.connection()
-        .execute(
-            "UPDATE sales SET sold_at = sold_at - 3600 WHERE stan = '000001'",
-            [],
-        )
+        .execute("UPDATE sales SET sold_at = sold_at - 3600 WHERE stan = '000001'", [])
         .unwrap();
     let late = reverse_with(&mut s, 1, Terminal, Some(600)).unwrap_err();
     assert!(matches!(late, StoreError::ReversalTooLate { .. }), "{late:?}");
@@ -1006,7 +1003,9 @@ async fn a_version_7_file_keeps_its_reversals_and_voided_pins_are_listed_with_th
         list.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>(),
         ["terminal", "undelivered", "terminal"]
     );
-    assert!(list.iter().all(|r| r.product == "TOPUP" && r.amount == 1000 && r.serial.starts_with("S1000-")));
+    assert!(list
+        .iter()
+        .all(|r| r.product == "TOPUP" && r.amount == 1000 && r.serial.starts_with("S1000-")));
     let all = s.voided(0, true).await.unwrap();
     assert_eq!(all.len(), 4);
     assert_eq!(all.iter().filter(|r| r.reason == "unacknowledged").count(), 1);

@@ -923,6 +923,29 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_on_the_wire_whole_but_not_acknowledged_is_told_apart() {
+        let cfg = LinkConfig::default();
+        let mut t = T::new(cfg.clone());
+        t.at(ms(0));
+        t.send(&frame(b"REQ"));
+        assert!(!t.link.answer_sent_whole(t.now), "no answer yet");
+        let answer = [b'P'; 200];
+        t.link.respond(&answer, t.now);
+        let on_wire = cfg.wire_time(frame(&answer).len());
+        assert!(on_wire > ms(10), "{on_wire:?}");
+        // The line drops while the answer is still going out: nobody can have the PIN.
+        assert!(!t.link.answer_sent_whole(t.now));
+        assert!(!t.link.answer_sent_whole(t.now + on_wire - ms(1)));
+        // After its last byte, an ACK lost with the line leaves a terminal that may have printed it.
+        assert!(t.link.answer_sent_whole(t.now + on_wire));
+        t.link.carrier_lost();
+        assert!(
+            t.link.answer_sent_whole(t.now + on_wire),
+            "still known once the call is over"
+        );
+    }
+
+    #[test]
     fn the_call_ending_while_the_answer_is_built_refuses_the_answer() {
         let mut t = T::new(LinkConfig::default());
         t.at(ms(0));
