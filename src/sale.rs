@@ -26,6 +26,10 @@ pub enum ResponseCode {
     FormatError,
     /// `58` — unknown terminal, or the terminal may not sell this product.
     NotPermitted,
+    /// `61` — "exceeds withdrawal amount limit": the terminal's or merchant's value per day in this currency.
+    ExceedsAmountLimit,
+    /// `65` — "exceeds withdrawal frequency limit": the terminal's or merchant's sales per minute.
+    ExceedsFrequencyLimit,
     /// `63` — security violation: a request on a line that requires MACs whose MAC is missing or wrong, or from a
     /// terminal locked after too many of those.
     SecurityViolation,
@@ -38,7 +42,7 @@ pub enum ResponseCode {
 }
 
 impl ResponseCode {
-    pub const ALL: [ResponseCode; 12] = [
+    pub const ALL: [ResponseCode; 14] = [
         ResponseCode::Approved,
         ResponseCode::InvalidTransaction,
         ResponseCode::InvalidAmount,
@@ -47,6 +51,8 @@ impl ResponseCode {
         ResponseCode::OutOfStock,
         ResponseCode::FormatError,
         ResponseCode::NotPermitted,
+        ResponseCode::ExceedsAmountLimit,
+        ResponseCode::ExceedsFrequencyLimit,
         ResponseCode::SecurityViolation,
         ResponseCode::ServerUnavailable,
         ResponseCode::DuplicateMismatch,
@@ -64,6 +70,8 @@ impl ResponseCode {
             ResponseCode::OutOfStock => "25",
             ResponseCode::FormatError => "30",
             ResponseCode::NotPermitted => "58",
+            ResponseCode::ExceedsAmountLimit => "61",
+            ResponseCode::ExceedsFrequencyLimit => "65",
             ResponseCode::SecurityViolation => "63",
             ResponseCode::ServerUnavailable => "91",
             ResponseCode::DuplicateMismatch => "94",
@@ -87,6 +95,8 @@ impl ResponseCode {
             ResponseCode::OutOfStock => "out of stock",
             ResponseCode::FormatError => "format error",
             ResponseCode::NotPermitted => "transaction not permitted to terminal",
+            ResponseCode::ExceedsAmountLimit => "exceeds amount limit",
+            ResponseCode::ExceedsFrequencyLimit => "exceeds frequency limit",
             ResponseCode::SecurityViolation => "security violation",
             ResponseCode::ServerUnavailable => "PIN server unavailable",
             ResponseCode::DuplicateMismatch => "duplicate transmission with different content",

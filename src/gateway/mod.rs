@@ -13,6 +13,7 @@ pub mod config;
 mod controller;
 mod forward;
 pub mod journal;
+mod limits;
 mod metrics;
 pub mod policy;
 mod refill;
@@ -104,6 +105,8 @@ impl Reply {
 
 /// The gateway's shared state. Start with [`Gateway::start`]; serve terminals with [`terminal::run`].
 pub struct Gateway {
+    /// Sales per minute and value per day by terminal and merchant (`None`: no limits configured).
+    limits: Option<Mutex<limits::Limits>>,
     cfg: GatewayConfig,
     journal: Journal,
     upstream: Upstream,
@@ -177,6 +180,7 @@ impl Gateway {
         let upstream = Upstream::start(cfg.servers.clone(), tls, cfg.upstream.clone());
         let now = Instant::now();
         let (cfg_terminals, cfg_products) = (cfg.terminals.clone(), cfg.products.clone());
+        let cfg_limits = cfg.policy.limits.clone();
         let terminal_keys = cfg.terminal_keys.as_ref().map(|k| k.keys.clone()).unwrap_or_default();
         let mac_guard = controller::MacGuard::new(cfg.mac_failures, cfg.mac_failure_window)
             .with_locks(read_locks(&cfg.terminal_locks)?);
@@ -210,11 +214,13 @@ impl Gateway {
                 mac_refused: Default::default(),
                 reversal_rates: Default::default(),
                 reversals_too_late: Default::default(),
+                limit_refusals: Default::default(),
             },
             terminals: std::sync::RwLock::new(Arc::new(cfg_terminals)),
             products: Mutex::new(cfg_products),
             terminal_keys: std::sync::RwLock::new(terminal_keys),
             mac_guard: Mutex::new(mac_guard),
+            limits: cfg_limits.any().then(|| Mutex::new(limits::Limits::new(cfg_limits))),
             decoy,
         });
         tracing::info!(

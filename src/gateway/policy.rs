@@ -17,6 +17,14 @@ pub(super) struct PolicySection {
     /// A terminal's reversal (0400/0420) is accepted only this long after its sale; later it gets `21` and the PIN
     /// stays sold. Absent: no window (every reversal is accepted, as before).
     reversal_window_secs: Option<u64>,
+    /// Limits kept by this gateway (`super::limits`): sales per minute of one terminal, of one merchant (all its
+    /// terminals on this gateway); value per UTC day in minor units, by currency (`{ "978" = 100000 }`).
+    terminal_sales_per_minute: Option<u64>,
+    merchant_sales_per_minute: Option<u64>,
+    #[serde(default)]
+    terminal_value_per_day: std::collections::HashMap<String, u64>,
+    #[serde(default)]
+    merchant_value_per_day: std::collections::HashMap<String, u64>,
 }
 
 /// The fraud controls, read.
@@ -24,6 +32,8 @@ pub(super) struct PolicySection {
 pub struct PolicyConfig {
     /// See [`PolicySection`]: `None`, no window.
     pub reversal_window: Option<Duration>,
+    /// Sales per minute and value per day, per terminal and per merchant.
+    pub limits: super::limits::LimitsConfig,
 }
 
 /// The reversal window's range (seconds): from a minute (a terminal's reversal follows its timeout at once) to a
@@ -40,11 +50,40 @@ impl PolicySection {
                 problems.push(("policy.reversal_window_secs".into(), format!("must be {lo} to {hi}")));
             }
         }
+        for (at, v) in [
+            ("policy.terminal_sales_per_minute", self.terminal_sales_per_minute),
+            ("policy.merchant_sales_per_minute", self.merchant_sales_per_minute),
+        ] {
+            if v.is_some_and(|v| !(1..=100_000).contains(&v)) {
+                problems.push((at.into(), "must be 1 to 100000".into()));
+            }
+        }
+        for (at, m) in [
+            ("policy.terminal_value_per_day", &self.terminal_value_per_day),
+            ("policy.merchant_value_per_day", &self.merchant_value_per_day),
+        ] {
+            for (currency, v) in m {
+                if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_digit()) {
+                    problems.push((
+                        format!("{at}.{currency}"),
+                        "the currency must be ISO 4217 numeric (3 digits)".into(),
+                    ));
+                } else if !(1..=1_000_000_000_000).contains(v) {
+                    problems.push((format!("{at}.{currency}"), "must be 1 to 1000000000000".into()));
+                }
+            }
+        }
         if !problems.is_empty() {
             return Err(problems);
         }
         Ok(PolicyConfig {
             reversal_window: self.reversal_window_secs.map(Duration::from_secs),
+            limits: super::limits::LimitsConfig {
+                terminal_sales_per_minute: self.terminal_sales_per_minute.map(|v| v as u32),
+                merchant_sales_per_minute: self.merchant_sales_per_minute.map(|v| v as u32),
+                terminal_value_per_day: self.terminal_value_per_day.clone(),
+                merchant_value_per_day: self.merchant_value_per_day.clone(),
+            },
         })
     }
 }
@@ -181,6 +220,7 @@ mod tests {
         assert_eq!(PolicySection::default().read().unwrap().reversal_window, None);
         let s = |v| PolicySection {
             reversal_window_secs: Some(v),
+            ..PolicySection::default()
         };
         assert_eq!(s(900).read().unwrap().reversal_window, Some(Duration::from_secs(900)));
         for bad in [0, 59, 604_801] {

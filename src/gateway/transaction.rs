@@ -129,7 +129,45 @@ impl Gateway {
         if s.repeat {
             self.stats.repeats.fetch_add(1, Ordering::Relaxed);
         }
+        // A new sale (a repeat re-delivers a sale already counted) within the limits, counted before the PIN is
+        // asked for; handed back if it ends without one.
+        let admitted = match (&self.limits, s.repeat) {
+            (Some(l), false) => {
+                let checked = l.lock().expect("not poisoned").admit(
+                    &s.key.terminal_id,
+                    &s.merchant_id,
+                    &s.currency,
+                    s.amount,
+                    received_unix,
+                );
+                if let Err(r) = checked {
+                    let scope = if r.merchant { "merchant" } else { "terminal" };
+                    let kind = match r.refusal {
+                        super::limits::Refusal::Amount => "amount",
+                        super::limits::Refusal::Frequency => "frequency",
+                    };
+                    self.metrics.limit_refusals.inc(&[("scope", scope), ("kind", kind)]);
+                    limited!(info, "sale refused for a limit", terminal = %s.key.terminal_id, merchant = %s.merchant_id, scope, kind);
+                    let code = r.refusal.code();
+                    entry.settle(Arc::new(Outcome::Declined(code)));
+                    return self.declined(msg, &key, code);
+                }
+                true
+            }
+            _ => false,
+        };
         let outcome = Arc::new(self.sell(&s, deadline, source).await);
+        if admitted && matches!(*outcome, Outcome::Declined(_)) {
+            if let Some(l) = &self.limits {
+                l.lock().expect("not poisoned").refund(
+                    &s.key.terminal_id,
+                    &s.merchant_id,
+                    &s.currency,
+                    s.amount,
+                    received_unix,
+                );
+            }
+        }
         if !s.repeat && matches!(*outcome, Outcome::Approved { .. }) {
             self.metrics.reversal_rates.sale(&s.key.terminal_id, &s.merchant_id);
         }
