@@ -229,6 +229,94 @@ pub(crate) enum PinsCommand {
     },
 }
 
+/// `pingate limits`: merchants' limits kept by the PIN server across every gateway (issue 20, §4).
+#[derive(Subcommand)]
+pub(crate) enum LimitsCommand {
+    /// Set a merchant's value per UTC day in a currency (minor units), or remove it (`--remove`). Gateways with a
+    /// `merchant_allowance` in that currency sell from slices of it.
+    Set {
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        merchant: String,
+        /// ISO 4217 numeric.
+        #[arg(long)]
+        currency: String,
+        #[arg(long, required_unless_present = "remove")]
+        value_per_day: Option<i64>,
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Every merchant's limit and what gateways were granted of it today (UTC).
+    Show {
+        #[arg(long)]
+        db: String,
+    },
+}
+
+/// Runs one `pingate limits` command.
+pub(crate) async fn limits(cmd: LimitsCommand) -> Result<String, String> {
+    let db = match &cmd {
+        LimitsCommand::Set { db, .. } | LimitsCommand::Show { db } => db.clone(),
+    };
+    let cipher = PinCipher::without_keys();
+    match DbUrl::parse(&db).map_err(|e| e.to_string())? {
+        DbUrl::Sqlite(p) => run_limits(SqliteStore::open(&p, cipher).map_err(|e| e.to_string())?, cmd).await,
+        DbUrl::Postgres(u) => {
+            run_limits(
+                PgStore::connect(&u, None, cipher).await.map_err(|e| e.to_string())?,
+                cmd,
+            )
+            .await
+        }
+    }
+}
+
+async fn run_limits(mut inv: impl PinStore, cmd: LimitsCommand) -> Result<String, String> {
+    let s = |e: StoreError| e.to_string();
+    match cmd {
+        LimitsCommand::Set {
+            merchant,
+            currency,
+            value_per_day,
+            remove,
+            ..
+        } => {
+            if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_digit()) {
+                return Err("--currency: ISO 4217 numeric, 3 digits".into());
+            }
+            if merchant.is_empty() || merchant.len() > crate::psp::MAX_MERCHANT_ID {
+                return Err("--merchant: 1 to 15 characters".into());
+            }
+            let value = if remove { None } else { value_per_day };
+            if value.is_some_and(|v| !(0..=1_000_000_000_000).contains(&v)) {
+                return Err("--value-per-day: 0 to 1000000000000".into());
+            }
+            inv.set_limit(&merchant, &currency, value).await.map_err(s)?;
+            Ok(match value {
+                Some(v) => format!("merchant {merchant}: at most {v} a day in {currency}"),
+                None => format!("merchant {merchant}: no limit in {currency}"),
+            })
+        }
+        LimitsCommand::Show { .. } => {
+            let rows = inv.limits(unix_now().div_euclid(86_400)).await.map_err(s)?;
+            if rows.is_empty() {
+                return Ok("no merchant limits".into());
+            }
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} {}: {} a day, {} granted to gateways today",
+                        r.merchant_id, r.currency, r.value_per_day, r.granted_today
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n"))
+        }
+    }
+}
+
 /// `--since`: `YYYY-MM-DD` (UTC midnight), `YYYY-MM-DDTHH:MM:SSZ`, or seconds since the epoch.
 pub(crate) fn parse_since(v: &str) -> Result<i64, String> {
     if let Ok(n) = v.parse::<i64>() {

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 
-use crate::admin::{key_spec, KeyArgs, PinsCommand};
+use crate::admin::{key_spec, KeyArgs, LimitsCommand, PinsCommand};
 use crate::iso8583::{from_hex, to_hex, Dialect, Dialects, Message, DEFAULT_DIALECT};
 
 #[derive(Parser)]
@@ -76,6 +76,11 @@ enum Command {
     Pins {
         #[command(subcommand)]
         command: PinsCommand,
+    },
+    /// Merchants' limits kept by the PIN server across gateways (`set`, `show`).
+    Limits {
+        #[command(subcommand)]
+        command: LimitsCommand,
     },
     /// Run the gateway (`pingate gateway --config gateway.toml`), or ask a running one (`pingate gateway stock`).
     #[command(args_conflicts_with_subcommands = true)]
@@ -673,6 +678,7 @@ fn run(cli: Cli) -> Result<String, String> {
             Ok(text)
         }
         Command::Pins { command } => runtime()?.block_on(crate::admin::pins(command)),
+        Command::Limits { command } => runtime()?.block_on(crate::admin::limits(command)),
         Command::Terminals {
             command: TerminalsCommand::Key { command },
         } => crate::terminal_keys::run(command, &mut std::io::stdin()).map_err(|e| e.to_string()),

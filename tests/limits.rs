@@ -102,3 +102,84 @@ fn limits_in_the_configuration_are_checked() {
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+fn pingate(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pingate"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A merchant's limit kept by the PIN server holds across two gateways: each sells from slices the server grants,
+/// and once the limit is granted out, every gateway answers 61.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchants_limit_holds_across_two_gateways_sharing_one_server() {
+    use pingate::demo::rig::{past_this_second, sample_modes, sample_products, start_gateway, start_server, Inventory};
+    let d = dir("two-gateways");
+    let inv = Inventory::create(&d, &["gw1", "gw2", "obs"], &sample_products(20)).unwrap();
+    let db = format!("sqlite:{}", inv.db.display());
+    // 75.00 EUR a day for the merchant, whichever gateway its terminals reach.
+    let set = pingate(&[
+        "limits",
+        "set",
+        "--db",
+        &db,
+        "--merchant",
+        "DEMOMERCHANT001",
+        "--currency",
+        "978",
+        "--value-per-day",
+        "7500",
+    ]);
+    assert!(set.contains("at most 7500"), "{set}");
+    let server = start_server(&inv, std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    // Slices of 50.00: the first gateway's first sale takes 50.00 of the 75.00, the second's the 25.00 left.
+    let policy = "clock_skew_secs = 0\n[policy]\nmerchant_allowance = { \"978\" = 5000 }";
+    let gw1 = start_gateway(&inv, "gw1", &[server.addr], 4, &sample_modes(5, 10), (policy, ""))
+        .await
+        .unwrap();
+    let gw2 = start_gateway(&inv, "gw2", &[server.addr], 4, &sample_modes(5, 10), (policy, ""))
+        .await
+        .unwrap();
+    past_this_second().await;
+    let t0 = pingate::traffic::sim::now_transmission();
+    let sale = |stan| common::demo_sale(stan, &t0, ON_DEMAND, 2500);
+    let one = common::demo_terminal("DEMO0001");
+    let two = common::demo_terminal("DEMO0002");
+    let (mut t1, mut t2) = (gw1.terminal().await.unwrap(), gw2.terminal().await.unwrap());
+    assert_eq!(code(&t1.call(&one.sale(&sale(1), false)).await.unwrap()), "00");
+    assert_eq!(code(&t2.call(&two.sale(&sale(2), false)).await.unwrap()), "00");
+    assert_eq!(code(&t1.call(&one.sale(&sale(3), false)).await.unwrap()), "00");
+    // 75.00 sold: both gateways refuse the next, with no PIN.
+    for (t, who, stan) in [(&mut t2, &two, 4), (&mut t1, &one, 5)] {
+        let over = t.call(&who.sale(&sale(stan), false)).await.unwrap();
+        assert_eq!(code(&over), "61");
+        assert!(over.get(63).is_none());
+    }
+    let show = pingate(&["limits", "show", "--db", &db]);
+    assert!(
+        show.contains("DEMOMERCHANT001 978: 7500 a day, 7500 granted to gateways today"),
+        "{show}"
+    );
+    let m = gw2.gateway.metrics_text();
+    assert!(
+        m.contains("pingate_gateway_limit_refusals_total{scope=\"merchant_all_gateways\",kind=\"amount\"} 1"),
+        "{m}"
+    );
+    assert!(gw1.gateway.flush(std::time::Duration::from_secs(10)).await);
+    assert!(gw2.gateway.flush(std::time::Duration::from_secs(10)).await);
+    gw1.stop().await;
+    gw2.stop().await;
+    let s = stock(&inv, server.addr).await;
+    assert_eq!(count(&s, ON_DEMAND, "sold"), 3, "never more than the limit: 3 x 25.00");
+    server.stop().await;
+    common::audit_ok(&inv).await;
+}

@@ -1214,7 +1214,10 @@ async fn enable_server_tls() -> std::path::PathBuf {
 /// Undoes migration 8 (the reversals' reason), as a database of version 7 has it.
 async fn undo_migration_8(s: &PgStore) {
     s.client()
-        .batch_execute("ALTER TABLE reversals DROP COLUMN reason; UPDATE pingate_schema SET version = 7")
+        .batch_execute(
+            "ALTER TABLE reversals DROP COLUMN reason; DROP TABLE merchant_limits; DROP TABLE merchant_allowances;
+             UPDATE pingate_schema SET version = 7",
+        )
         .await
         .unwrap();
 }

@@ -942,8 +942,11 @@ fn operations_taken_while_a_batch_is_applied_share_its_commit() {
 
 /// Undoes migration 8 (the reversals' reason), as a file of version 7 has it.
 fn undo_migration_8(c: &rusqlite::Connection) {
-    c.execute_batch("ALTER TABLE reversals DROP COLUMN reason; PRAGMA user_version = 7")
-        .unwrap();
+    c.execute_batch(
+        "ALTER TABLE reversals DROP COLUMN reason; DROP TABLE merchant_limits; DROP TABLE merchant_allowances;
+         PRAGMA user_version = 7",
+    )
+    .unwrap();
 }
 
 /// A reversal with a reason, the time it was asked for and the server's window.

@@ -310,3 +310,152 @@ mod tests {
         }
     }
 }
+
+/// Merchants' limits kept by the PIN server across every gateway: this gateway sells from an allowance, a slice of
+/// the merchant's value per day in a currency that the server granted it (`allowance` in PSP), and asks for the next
+/// slice only when a sale does not fit what is left (one round trip per slice, not per sale). The server never grants
+/// past the limit, so the merchant never exceeds it through allowances; what a gateway holds unused at the end of the
+/// day is lost (the merchant may sell up to one slice per gateway less than its limit). When the server cannot be
+/// asked, a gateway may sell up to `margin` more per merchant and day on its own: across N gateways the limit is
+/// exceeded by at most N × margin (0 by default: never). Without I/O; the time goes in.
+#[derive(Debug, Default)]
+pub struct Allowances {
+    /// Currency → the slice to ask for (and the margin when the server cannot be asked).
+    pub slices: HashMap<String, (u64, u64)>,
+    held: HashMap<(String, String), Held>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Held {
+    day: i64,
+    left: u64,
+    offline: u64,
+}
+
+/// What [`Allowances::take`] says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Take {
+    /// The currency is not limited by the server: nothing to do.
+    Unmanaged,
+    /// Taken from the allowance.
+    Taken,
+    /// Not enough left: ask the server for this much, then [`Allowances::add`] and take again.
+    Ask(u64),
+}
+
+impl Allowances {
+    pub fn new(slices: HashMap<String, (u64, u64)>) -> Allowances {
+        Allowances {
+            slices,
+            held: HashMap::new(),
+        }
+    }
+
+    fn held(&mut self, merchant: &str, currency: &str, now: i64) -> &mut Held {
+        let day = now.div_euclid(86_400);
+        let h = self
+            .held
+            .entry((merchant.to_string(), currency.to_string()))
+            .or_default();
+        if h.day != day {
+            *h = Held {
+                day,
+                left: 0,
+                offline: 0,
+            };
+        }
+        h
+    }
+
+    pub fn take(&mut self, merchant: &str, currency: &str, amount: u64, now: i64) -> Take {
+        let Some(&(slice, _)) = self.slices.get(currency) else {
+            return Take::Unmanaged;
+        };
+        let h = self.held(merchant, currency, now);
+        if h.left >= amount {
+            h.left -= amount;
+            Take::Taken
+        } else {
+            Take::Ask(slice.max(amount - h.left))
+        }
+    }
+
+    /// What the server granted.
+    pub fn add(&mut self, merchant: &str, currency: &str, granted: u64, now: i64) {
+        self.held(merchant, currency, now).left += granted;
+    }
+
+    /// The server could not be asked: taken from the margin if it fits.
+    pub fn take_offline(&mut self, merchant: &str, currency: &str, amount: u64, now: i64) -> bool {
+        let margin = self.slices.get(currency).map_or(0, |s| s.1);
+        let h = self.held(merchant, currency, now);
+        if h.offline + amount <= margin {
+            h.offline += amount;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A sale taken at `at` ended without a PIN: its value goes back to the allowance (the same day only).
+    pub fn give_back(&mut self, merchant: &str, currency: &str, amount: u64, at: i64) {
+        if self.slices.contains_key(currency) {
+            let h = self.held(merchant, currency, at);
+            if h.day == at.div_euclid(86_400) {
+                h.left += amount;
+            }
+        }
+    }
+
+    /// Allowance left by merchant and currency today, sorted.
+    pub fn left(&mut self, now: i64) -> Vec<(String, String, u64)> {
+        let day = now.div_euclid(86_400);
+        let mut v: Vec<_> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.day == day)
+            .map(|((m, c), h)| (m.clone(), c.clone(), h.left))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+#[cfg(test)]
+mod allowance_tests {
+    use super::*;
+
+    const NOW: i64 = 1_764_590_400;
+
+    #[test]
+    fn sales_come_out_of_the_allowance_and_a_new_slice_is_asked_only_when_one_does_not_fit() {
+        let mut a = Allowances::new(HashMap::from([("978".to_string(), (5_000, 0))]));
+        assert_eq!(a.take("M1", "840", 100, NOW), Take::Unmanaged);
+        assert_eq!(a.take("M1", "978", 2_500, NOW), Take::Ask(5_000));
+        a.add("M1", "978", 5_000, NOW);
+        assert_eq!(a.take("M1", "978", 2_500, NOW), Take::Taken);
+        assert_eq!(a.take("M1", "978", 2_500, NOW + 1), Take::Taken);
+        assert_eq!(a.take("M1", "978", 2_500, NOW + 2), Take::Ask(5_000));
+        // The server had only 1,000 left: not enough; the sale is refused (61) by the caller, the 1,000 kept.
+        a.add("M1", "978", 1_000, NOW + 2);
+        assert_eq!(a.take("M1", "978", 2_500, NOW + 2), Take::Ask(5_000));
+        assert_eq!(a.take("M1", "978", 1_000, NOW + 2), Take::Taken);
+        // A larger sale than a slice asks for what it needs.
+        assert_eq!(a.take("M1", "978", 7_000, NOW + 3), Take::Ask(7_000));
+        // Given back when a sale ends without a PIN; a new UTC day starts with nothing.
+        a.give_back("M1", "978", 1_000, NOW + 2);
+        assert_eq!(a.left(NOW + 3), vec![("M1".into(), "978".into(), 1_000)]);
+        let midnight = (NOW / 86_400 + 1) * 86_400;
+        assert_eq!(a.take("M1", "978", 1_000, midnight), Take::Ask(5_000));
+    }
+
+    #[test]
+    fn without_the_server_only_the_margin_is_sold() {
+        let mut a = Allowances::new(HashMap::from([("978".to_string(), (5_000, 3_000))]));
+        assert!(a.take_offline("M1", "978", 2_500, NOW));
+        assert!(!a.take_offline("M1", "978", 2_500, NOW + 1), "past the margin");
+        assert!(a.take_offline("M2", "978", 2_500, NOW + 1), "each merchant its own");
+        let mut none = Allowances::new(HashMap::from([("978".to_string(), (5_000, 0))]));
+        assert!(!none.take_offline("M1", "978", 1, NOW));
+    }
+}

@@ -105,6 +105,21 @@ impl Gateway {
             "Sales refused for a limit: 61 (amount: value per day) or 65 (frequency: sales per minute), by scope \
              (terminal, merchant).",
         );
+        if let Some(a) = &self.allowances {
+            let left = a.lock().expect("not poisoned").left(crate::clock::unix_now());
+            e.family(
+                "pingate_gateway_merchant_allowance_left",
+                "gauge",
+                "What is left today of the allowance the PIN server granted this gateway, by merchant and currency.",
+            );
+            for (m, c, v) in &left {
+                e.sample(
+                    "pingate_gateway_merchant_allowance_left",
+                    &[("merchant", m), ("currency", c)],
+                    *v as f64,
+                );
+            }
+        }
         if let Some(l) = &self.limits {
             let usage = l.lock().expect("not poisoned").merchant_usage(crate::clock::unix_now());
             e.family(

@@ -107,6 +107,8 @@ impl Reply {
 pub struct Gateway {
     /// Sales per minute and value per day by terminal and merchant (`None`: no limits configured).
     limits: Option<Mutex<limits::Limits>>,
+    /// Merchants' allowances from the PIN server (`None`: none configured).
+    allowances: Option<Mutex<limits::Allowances>>,
     cfg: GatewayConfig,
     journal: Journal,
     upstream: Upstream,
@@ -181,6 +183,7 @@ impl Gateway {
         let now = Instant::now();
         let (cfg_terminals, cfg_products) = (cfg.terminals.clone(), cfg.products.clone());
         let cfg_limits = cfg.policy.limits.clone();
+        let cfg_allowances = cfg.policy.allowances.clone();
         let terminal_keys = cfg.terminal_keys.as_ref().map(|k| k.keys.clone()).unwrap_or_default();
         let mac_guard = controller::MacGuard::new(cfg.mac_failures, cfg.mac_failure_window)
             .with_locks(read_locks(&cfg.terminal_locks)?);
@@ -221,6 +224,7 @@ impl Gateway {
             terminal_keys: std::sync::RwLock::new(terminal_keys),
             mac_guard: Mutex::new(mac_guard),
             limits: cfg_limits.any().then(|| Mutex::new(limits::Limits::new(cfg_limits))),
+            allowances: (!cfg_allowances.is_empty()).then(|| Mutex::new(limits::Allowances::new(cfg_allowances))),
             decoy,
         });
         tracing::info!(

@@ -25,6 +25,13 @@ pub(super) struct PolicySection {
     terminal_value_per_day: std::collections::HashMap<String, u64>,
     #[serde(default)]
     merchant_value_per_day: std::collections::HashMap<String, u64>,
+    /// Merchants' limits kept by the PIN server (`pingate limits set`): by currency, the slice of a merchant's value
+    /// per day to ask for at a time (`{ "978" = 10000 }`), and what may be sold beyond the allowance per merchant
+    /// and day when the server cannot be asked (0 by default).
+    #[serde(default)]
+    merchant_allowance: std::collections::HashMap<String, u64>,
+    #[serde(default)]
+    merchant_allowance_margin: std::collections::HashMap<String, u64>,
 }
 
 /// The fraud controls, read.
@@ -34,6 +41,8 @@ pub struct PolicyConfig {
     pub reversal_window: Option<Duration>,
     /// Sales per minute and value per day, per terminal and per merchant.
     pub limits: super::limits::LimitsConfig,
+    /// Currency → (slice asked of the PIN server, margin without it) for merchants' limits across gateways.
+    pub allowances: std::collections::HashMap<String, (u64, u64)>,
 }
 
 /// The reversal window's range (seconds): from a minute (a terminal's reversal follows its timeout at once) to a
@@ -58,9 +67,25 @@ impl PolicySection {
                 problems.push((at.into(), "must be 1 to 100000".into()));
             }
         }
+        for c in self.merchant_allowance_margin.keys() {
+            if !self.merchant_allowance.contains_key(c) {
+                problems.push((
+                    format!("policy.merchant_allowance_margin.{c}"),
+                    "a margin without a merchant_allowance in that currency".into(),
+                ));
+            }
+        }
+        let margins: std::collections::HashMap<String, u64> = self
+            .merchant_allowance_margin
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(c, v)| (c.clone(), *v))
+            .collect();
         for (at, m) in [
             ("policy.terminal_value_per_day", &self.terminal_value_per_day),
             ("policy.merchant_value_per_day", &self.merchant_value_per_day),
+            ("policy.merchant_allowance", &self.merchant_allowance),
+            ("policy.merchant_allowance_margin", &margins),
         ] {
             for (currency, v) in m {
                 if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_digit()) {
@@ -84,6 +109,16 @@ impl PolicySection {
                 terminal_value_per_day: self.terminal_value_per_day.clone(),
                 merchant_value_per_day: self.merchant_value_per_day.clone(),
             },
+            allowances: self
+                .merchant_allowance
+                .iter()
+                .map(|(c, v)| {
+                    (
+                        c.clone(),
+                        (*v, self.merchant_allowance_margin.get(c).copied().unwrap_or(0)),
+                    )
+                })
+                .collect(),
         })
     }
 }

@@ -156,7 +156,30 @@ impl Gateway {
             }
             _ => false,
         };
+        let allowed = match s.repeat {
+            false => self.take_allowance(&s, received_unix, deadline).await,
+            true => Ok(false),
+        };
+        let allowed = match allowed {
+            Ok(taken) => taken,
+            Err(code) => {
+                if admitted {
+                    if let Some(l) = &self.limits {
+                        let mut l = l.lock().expect("not poisoned");
+                        l.refund(&s.key.terminal_id, &s.merchant_id, &s.currency, s.amount, received_unix);
+                    }
+                }
+                entry.settle(Arc::new(Outcome::Declined(code)));
+                return self.declined(msg, &key, code);
+            }
+        };
         let outcome = Arc::new(self.sell(&s, deadline, source).await);
+        if allowed && matches!(*outcome, Outcome::Declined(_)) {
+            if let Some(a) = &self.allowances {
+                let mut a = a.lock().expect("not poisoned");
+                a.give_back(&s.merchant_id, &s.currency, s.amount, received_unix);
+            }
+        }
         if admitted && matches!(*outcome, Outcome::Declined(_)) {
             if let Some(l) = &self.limits {
                 l.lock().expect("not poisoned").refund(
@@ -181,6 +204,54 @@ impl Gateway {
         // stands, never with a PIN being voided.
         let outcome = entry.outcome().unwrap_or(outcome);
         self.reply_of(msg, &key, &outcome).await
+    }
+
+    /// Takes a new sale's value from its merchant's allowance (`Ok(true)`; `Ok(false)`: no allowance applies), asking
+    /// the PIN server for a slice when it does not fit; `Err(61)` when the merchant's limit is reached, `Err(91)`
+    /// when the server cannot be asked and the margin is used up.
+    async fn take_allowance(&self, s: &SaleRequest, now: i64, deadline: Instant) -> Result<bool, ResponseCode> {
+        use super::limits::Take;
+        let Some(a) = &self.allowances else {
+            return Ok(false);
+        };
+        let (m, c) = (&s.merchant_id, &s.currency);
+        let ask = match a.lock().expect("not poisoned").take(m, c, s.amount, now) {
+            Take::Unmanaged => return Ok(false),
+            Take::Taken => return Ok(true),
+            Take::Ask(n) => n,
+        };
+        let margin = (self.cfg.response_deadline / 20).min(Duration::from_millis(500));
+        let request = Request::Allowance {
+            merchant_id: m.clone(),
+            currency: c.clone(),
+            amount: ask as i64,
+        };
+        let answer = self.upstream.call(request, deadline - margin).await;
+        let mut a = a.lock().expect("not poisoned");
+        match answer {
+            Ok(Response::Allowance { granted, .. }) => {
+                a.add(m, c, granted.max(0) as u64, now);
+                match a.take(m, c, s.amount, now) {
+                    Take::Taken | Take::Unmanaged => Ok(true),
+                    Take::Ask(_) => {
+                        self.metrics
+                            .limit_refusals
+                            .inc(&[("scope", "merchant_all_gateways"), ("kind", "amount")]);
+                        limited!(info, "sale refused: the merchant's limit across gateways is reached", merchant = %m);
+                        Err(ResponseCode::ExceedsAmountLimit)
+                    }
+                }
+            }
+            other => {
+                if a.take_offline(m, c, s.amount, now) {
+                    limited!(warn, "no allowance from the PIN server; sold within the margin", merchant = %m, answer = ?other);
+                    Ok(false)
+                } else {
+                    limited!(warn, "no allowance from the PIN server and the margin is used", merchant = %m, answer = ?other);
+                    Err(ResponseCode::ServerUnavailable)
+                }
+            }
+        }
     }
 
     fn sale_record(&self, s: &SaleRequest) -> SaleRecord {

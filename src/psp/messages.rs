@@ -111,6 +111,13 @@ pub enum Request {
     /// The ids of the PINs reserved to this gateway (it releases those its journal does not know).
     Held,
     Ping,
+    /// A slice (`amount`, minor units) of a merchant's value per day in `currency`, kept across every gateway and
+    /// server: the gateway sells from it without asking again until it runs out.
+    Allowance {
+        merchant_id: String,
+        currency: String,
+        amount: i64,
+    },
 }
 
 impl Request {
@@ -129,6 +136,7 @@ impl Request {
             Request::Stock => "stock",
             Request::Held => "held",
             Request::Ping => "ping",
+            Request::Allowance { .. } => "allowance",
         }
     }
 
@@ -168,6 +176,7 @@ impl Request {
             ],
             Request::ReversePin { .. } => &["pin_id"],
             Request::Stock | Request::Held | Request::Ping => &[],
+            Request::Allowance { .. } => &["merchant_id", "currency", "amount"],
         }
     }
 }
@@ -280,6 +289,12 @@ pub enum Response {
         pin_ids: Vec<i64>,
     },
     Pong,
+    /// What of an `allowance` was granted (0 when the merchant's limit is reached); `limited`: the merchant has a
+    /// limit in that currency (without one, all of it is granted and nothing recorded).
+    Allowance {
+        granted: i64,
+        limited: bool,
+    },
 }
 
 /// What a `confirm` did, as the server recorded it. The gateway acts on it: a conflict is counted and shown to the

@@ -58,6 +58,10 @@ struct WireRequest {
     reason: Option<ReversalReason>,
     #[serde(default, deserialize_with = "present")]
     requested_at: Option<i64>,
+    #[serde(default, deserialize_with = "present")]
+    merchant_id: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    currency: Option<String>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
@@ -85,6 +89,8 @@ impl WireRequest {
             content,
             reason,
             requested_at,
+            merchant_id,
+            currency,
         } = self;
         let present = [
             version.is_some(),
@@ -102,6 +108,8 @@ impl WireRequest {
             content.is_some(),
             reason.is_some(),
             requested_at.is_some(),
+            merchant_id.is_some(),
+            currency.is_some(),
         ]
         .iter()
         .filter(|p| **p)
@@ -141,6 +149,11 @@ impl WireRequest {
             "stock" => Request::Stock,
             "held" => Request::Held,
             "ping" => Request::Ping,
+            "allowance" => Request::Allowance {
+                merchant_id: merchant_id?,
+                currency: currency?,
+                amount: amount?,
+            },
             _ => return None,
         };
         // Every field the op takes was there (`?` above): any more is another op's.
@@ -257,6 +270,11 @@ mod tests {
                 requested_at: Some(1_700_000_000),
             },
             Request::ReversePin { pin_id: 1 },
+            Request::Allowance {
+                merchant_id: "M".into(),
+                currency: "978".into(),
+                amount: 10_000,
+            },
             Request::Renew {
                 pin_ids: vec![1],
                 lease_secs: 2,

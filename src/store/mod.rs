@@ -417,6 +417,15 @@ pub trait PinStore {
     async fn conflicts(&self) -> Result<Vec<ConflictRow>, StoreError>;
     /// PINs voided by reversals recorded since `since` ([`LIST_VOIDED`]).
     async fn voided(&self, since: i64, include_unacknowledged: bool) -> Result<Vec<VoidedRow>, StoreError>;
+    /// Sets a merchant's value per day in a currency (`None`: removes the limit).
+    async fn set_limit(
+        &mut self,
+        merchant_id: &str,
+        currency: &str,
+        value_per_day: Option<i64>,
+    ) -> Result<(), StoreError>;
+    /// Every limit, with what was granted of it on UTC day `day` (`unix / 86400`).
+    async fn limits(&self, day: i64) -> Result<Vec<LimitRow>, StoreError>;
     /// Operator command: conflict `id` is dealt with (`note` says how); refused unless it is open.
     async fn resolve_conflict(&mut self, id: i64, note: &str, now: i64) -> Result<(), StoreError>;
 
@@ -699,6 +708,46 @@ impl ReversePolicy {
     }
 }
 
+/// Both backends' schema 8: merchants' limits across every gateway and server (value per UTC day, by currency), and
+/// what was granted of them each day (allowances: gateways sell from them).
+pub(crate) const LIMITS_V8: &str = "
+CREATE TABLE merchant_limits (
+    merchant_id TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    value_per_day BIGINT NOT NULL CHECK (value_per_day >= 0),
+    PRIMARY KEY (merchant_id, currency)
+);
+CREATE TABLE merchant_allowances (
+    merchant_id TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    day BIGINT NOT NULL,
+    granted BIGINT NOT NULL CHECK (granted >= 0),
+    PRIMARY KEY (merchant_id, currency, day)
+);
+";
+
+/// What of a merchant's limit to grant: at most `want`, never past the limit (`None`: no limit, all of it).
+pub(crate) fn grant_allowance(limit: Option<i64>, granted_today: i64, want: i64) -> i64 {
+    match limit {
+        None => want.max(0),
+        Some(l) => want.max(0).min((l - granted_today).max(0)),
+    }
+}
+
+/// A merchant's limit and what was granted of it today, for `pingate limits show`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LimitRow {
+    pub merchant_id: String,
+    pub currency: String,
+    pub value_per_day: i64,
+    pub granted_today: i64,
+}
+
+/// Both backends: every limit with today's (`$1`) grants.
+pub(crate) const LIST_LIMITS: &str = "SELECT l.merchant_id, l.currency, l.value_per_day, COALESCE(a.granted, 0) \
+     FROM merchant_limits l LEFT JOIN merchant_allowances a \
+     ON a.merchant_id = l.merchant_id AND a.currency = l.currency AND a.day = $1 ORDER BY l.merchant_id, l.currency";
+
 /// A voided PIN as `pingate pins voided` lists it for the supplier's deactivation: no PIN value.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct VoidedRow {
@@ -812,6 +861,12 @@ pub enum Op {
     },
     /// Available PINs whose expiry date (`YYYYMMDD`) is before the batch's day become expired.
     Expire,
+    /// A slice of a merchant's value per day in a currency for a gateway to sell from ([`grant_allowance`]).
+    Allowance {
+        merchant_id: String,
+        currency: String,
+        want: i64,
+    },
 }
 
 /// The result of an [`Op`].
@@ -831,6 +886,11 @@ pub enum Outcome {
     Held(Vec<i64>),
     /// How many PINs expired.
     Expired(u64),
+    /// Value granted (at most what was asked); `limited`: the merchant has a limit in that currency.
+    Allowance {
+        granted: i64,
+        limited: bool,
+    },
 }
 
 /// The answer to every operation of a batch that failed as a whole (a database error: nothing of it was kept).

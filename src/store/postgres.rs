@@ -551,6 +551,7 @@ async fn migrate(client: &mut Client, cipher: &PinCipher) -> Result<(), StoreErr
         if resealed && version < 8 {
             // Why each reversal was made (as the SQLite store's migration 8), for `pingate pins voided`.
             tx.batch_execute("ALTER TABLE reversals ADD COLUMN reason TEXT").await?;
+            tx.batch_execute(super::LIMITS_V8).await?;
         }
         let reached = if resealed { SCHEMA_VERSION } else { RESEAL_VERSION - 1 };
         tx.batch_execute(BATCH_FUNCTIONS).await?;
@@ -1272,6 +1273,49 @@ async fn apply(
             };
             Box::pin(apply(tx, st, cipher, &op, now, today)).await
         }
+        Op::Allowance {
+            merchant_id,
+            currency,
+            want,
+        } => {
+            let limit: Option<i64> = tx
+                .query_opt(
+                    "SELECT value_per_day FROM merchant_limits WHERE merchant_id = $1 AND currency = $2",
+                    &[merchant_id, currency],
+                )
+                .await?
+                .map(|r| r.get(0));
+            let Some(limit) = limit else {
+                return Ok(Outcome::Allowance {
+                    granted: (*want).max(0),
+                    limited: false,
+                });
+            };
+            let day = now.div_euclid(86_400);
+            // The day's row, locked: servers sharing the database grant one after another.
+            tx.execute(
+                "INSERT INTO merchant_allowances (merchant_id, currency, day, granted) VALUES ($1, $2, $3, 0)
+                 ON CONFLICT DO NOTHING",
+                &[merchant_id, currency, &day],
+            )
+            .await?;
+            let granted_today: i64 = tx
+                .query_one(
+                    "SELECT granted FROM merchant_allowances WHERE merchant_id = $1 AND currency = $2 AND day = $3
+                     FOR UPDATE",
+                    &[merchant_id, currency, &day],
+                )
+                .await?
+                .get(0);
+            let granted = super::grant_allowance(Some(limit), granted_today, *want);
+            tx.execute(
+                "UPDATE merchant_allowances SET granted = granted + $4 WHERE merchant_id = $1 AND currency = $2
+                 AND day = $3",
+                &[merchant_id, currency, &day, &granted],
+            )
+            .await?;
+            Ok(Outcome::Allowance { granted, limited: true })
+        }
         Op::Stock => stock(tx).await.map(Outcome::Stock),
         Op::Expire => expire_available(tx, today).await.map(Outcome::Expired),
         Op::Catalog => catalog(tx).await.map(Outcome::Catalog),
@@ -1893,6 +1937,45 @@ impl super::PinStore for PgStore {
             .execute(super::RESOLVE_CONFLICT, &[&note, &now, &id])
             .await?;
         super::check_resolved(n, id)
+    }
+    async fn set_limit(
+        &mut self,
+        merchant_id: &str,
+        currency: &str,
+        value_per_day: Option<i64>,
+    ) -> Result<(), StoreError> {
+        match value_per_day {
+            Some(v) => {
+                self.client
+                    .execute(
+                        "INSERT INTO merchant_limits (merchant_id, currency, value_per_day) VALUES ($1, $2, $3)
+                         ON CONFLICT (merchant_id, currency) DO UPDATE SET value_per_day = excluded.value_per_day",
+                        &[&merchant_id, &currency, &v],
+                    )
+                    .await?
+            }
+            None => {
+                self.client
+                    .execute(
+                        "DELETE FROM merchant_limits WHERE merchant_id = $1 AND currency = $2",
+                        &[&merchant_id, &currency],
+                    )
+                    .await?
+            }
+        };
+        Ok(())
+    }
+    async fn limits(&self, day: i64) -> Result<Vec<super::LimitRow>, StoreError> {
+        let rows = self.client.query(super::LIST_LIMITS, &[&day]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| super::LimitRow {
+                merchant_id: r.get(0),
+                currency: r.get(1),
+                value_per_day: r.get(2),
+                granted_today: r.get(3),
+            })
+            .collect())
     }
     async fn voided(&self, since: i64, include_unacknowledged: bool) -> Result<Vec<super::VoidedRow>, StoreError> {
         let rows = self

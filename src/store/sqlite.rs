@@ -324,6 +324,7 @@ impl SqliteStore {
             // Why each reversal was made (`NULL`: the terminal asked; `undelivered`, `unacknowledged`: the
             // gateway's own), for `pingate pins voided`.
             tx.execute_batch("ALTER TABLE reversals ADD COLUMN reason TEXT")?;
+            tx.execute_batch(super::LIMITS_V8)?;
         }
         let reached = if resealed { SCHEMA_VERSION } else { RESEAL_VERSION - 1 };
         tx.pragma_update(None, "user_version", reached.max(version))?;
@@ -1137,6 +1138,36 @@ fn apply(tx: &Connection, cipher: &PinCipher, op: &Op, now: i64, today: &str) ->
                 }),
             }
         }
+        Op::Allowance {
+            merchant_id,
+            currency,
+            want,
+        } => {
+            let limit: Option<i64> = tx
+                .prepare_cached("SELECT value_per_day FROM merchant_limits WHERE merchant_id = ?1 AND currency = ?2")?
+                .query_row(params![merchant_id, currency], |r| r.get(0))
+                .optional()?;
+            let day = now.div_euclid(86_400);
+            let granted_today: i64 = tx
+                .prepare_cached(
+                    "SELECT granted FROM merchant_allowances WHERE merchant_id = ?1 AND currency = ?2 AND day = ?3",
+                )?
+                .query_row(params![merchant_id, currency, day], |r| r.get(0))
+                .optional()?
+                .unwrap_or(0);
+            let granted = super::grant_allowance(limit, granted_today, *want);
+            if limit.is_some() && granted > 0 {
+                tx.prepare_cached(
+                    "INSERT INTO merchant_allowances (merchant_id, currency, day, granted) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (merchant_id, currency, day) DO UPDATE SET granted = granted + excluded.granted",
+                )?
+                .execute(params![merchant_id, currency, day, granted])?;
+            }
+            Ok(Outcome::Allowance {
+                granted,
+                limited: limit.is_some(),
+            })
+        }
         Op::Stock => stock(tx).map(Outcome::Stock),
         Op::Expire => expire_available(tx, today).map(|n| Outcome::Expired(n as u64)),
         Op::Catalog => catalog(tx).map(Outcome::Catalog),
@@ -1604,6 +1635,37 @@ impl super::PinStore for SqliteStore {
     async fn resolve_conflict(&mut self, id: i64, note: &str, now: i64) -> Result<(), StoreError> {
         let n = self.conn.execute(super::RESOLVE_CONFLICT, params![note, now, id])?;
         super::check_resolved(n as u64, id)
+    }
+    async fn set_limit(
+        &mut self,
+        merchant_id: &str,
+        currency: &str,
+        value_per_day: Option<i64>,
+    ) -> Result<(), StoreError> {
+        match value_per_day {
+            Some(v) => self.conn.execute(
+                "INSERT INTO merchant_limits (merchant_id, currency, value_per_day) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (merchant_id, currency) DO UPDATE SET value_per_day = excluded.value_per_day",
+                params![merchant_id, currency, v],
+            )?,
+            None => self.conn.execute(
+                "DELETE FROM merchant_limits WHERE merchant_id = ?1 AND currency = ?2",
+                params![merchant_id, currency],
+            )?,
+        };
+        Ok(())
+    }
+    async fn limits(&self, day: i64) -> Result<Vec<super::LimitRow>, StoreError> {
+        let mut st = self.conn.prepare(super::LIST_LIMITS)?;
+        let rows = st.query_map(params![day], |r| {
+            Ok(super::LimitRow {
+                merchant_id: r.get(0)?,
+                currency: r.get(1)?,
+                value_per_day: r.get(2)?,
+                granted_today: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
     async fn voided(&self, since: i64, include_unacknowledged: bool) -> Result<Vec<super::VoidedRow>, StoreError> {
         let mut st = self.conn.prepare(super::LIST_VOIDED)?;
