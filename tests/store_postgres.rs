@@ -1272,3 +1272,58 @@ async fn a_version_7_database_keeps_its_reversals_and_voided_pins_are_listed_wit
     drop(s);
     schema.drop_it().await;
 }
+
+/// A merchant's limit on a database shared by several servers: allowances asked at once through two connections
+/// (two servers) never add up past it, and `limits` shows what was granted.
+#[tokio::test]
+async fn allowances_from_several_servers_never_pass_a_merchants_limit() {
+    let schema = Schema::new("allowances").await;
+    let mut a = schema.open().await;
+    let b = schema.open().await;
+    a.set_limit("M1", "978", Some(10_000)).await.unwrap();
+    let ask = |want: i64| Op::Allowance {
+        merchant_id: "M1".into(),
+        currency: "978".into(),
+        want,
+    };
+    // Without a limit in a currency: all of it, nothing recorded.
+    let free = a
+        .apply(Op::Allowance {
+            merchant_id: "M1".into(),
+            currency: "840".into(),
+            want: 5_000,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        free,
+        Outcome::Allowance {
+            granted: 5_000,
+            limited: false
+        }
+    );
+    let mut tasks = Vec::new();
+    for store in [a, b] {
+        let store = std::sync::Arc::new(tokio::sync::Mutex::new(store));
+        for _ in 0..8 {
+            let store = store.clone();
+            let op = ask(1_500);
+            tasks.push(tokio::spawn(async move { store.lock().await.apply(op).await.unwrap() }));
+        }
+    }
+    let mut total = 0;
+    for t in tasks {
+        let Outcome::Allowance { granted, limited } = t.await.unwrap() else {
+            panic!("an allowance")
+        };
+        assert!(limited);
+        total += granted;
+    }
+    assert_eq!(total, 10_000, "the whole limit, never more");
+    let s = schema.open().await;
+    let rows = s.limits(pingate::clock::unix_now().div_euclid(86_400)).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].value_per_day, rows[0].granted_today), (10_000, 10_000));
+    drop(s);
+    schema.drop_it().await;
+}
