@@ -589,13 +589,13 @@ impl<'a> Line<'a> {
                 self.carrying = None;
                 self.status(|s| s.delivered += 1);
             }
-            LinkEvent::Undelivered => self.undelivered("the terminal did not acknowledge the answer", now),
+            LinkEvent::Undelivered => self.undelivered("the terminal did not acknowledge the answer"),
             LinkEvent::Ended(reason) => {
                 tracing::info!(?reason, "call ended");
                 if reason == EndReason::CarrierLost {
-                    self.undelivered("carrier lost before the terminal acknowledged the answer", now);
+                    self.undelivered("carrier lost before the terminal acknowledged the answer");
                 } else {
-                    self.undelivered("the call ended before the terminal acknowledged the answer", now);
+                    self.undelivered("the call ended before the terminal acknowledged the answer");
                 }
                 self.call = None;
                 match &mut self.modem {
@@ -610,11 +610,11 @@ impl<'a> Line<'a> {
         }
     }
 
-    /// The answer the link was carrying was not acknowledged by `now`: reversed, as `unacknowledged` when the
-    /// link had sent it whole (the terminal may have it), else as undelivered.
-    fn undelivered(&mut self, why: &str, now: Instant) {
+    /// The answer the link was carrying was not acknowledged: reversed, as `unacknowledged` when the link had
+    /// written it whole (the terminal may have it), else as undelivered.
+    fn undelivered(&mut self, why: &str) {
         let sent_whole = match &self.call {
-            Some(Call::Dialup(link)) => link.answer_sent_whole(now.into_std()),
+            Some(Call::Dialup(link)) => link.answer_sent_whole(),
             _ => false,
         };
         if let Some(key) = self.carrying.take() {
@@ -689,10 +689,7 @@ impl<'a> Line<'a> {
             link.carrier_lost();
             while link.poll_event().is_some() {}
         }
-        self.undelivered(
-            "the line closed before the terminal acknowledged the answer",
-            Instant::now(),
-        );
+        self.undelivered("the line closed before the terminal acknowledged the answer");
         self.call = None;
         self.call_id += 1;
     }
