@@ -943,6 +943,7 @@ mod tests {
         t.at(ms(0));
         t.send(&frame(b"REQ"));
         t.out();
+        t.events();
         assert!(!t.link.answer_sent_whole(), "no answer yet");
         t.link.respond(b"PIN", t.now);
         // Given to the link but not written yet (the line drops first): nobody can have the PIN.
