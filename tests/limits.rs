@@ -39,6 +39,10 @@ async fn a_terminal_and_a_merchant_at_their_limits_get_65_and_61_and_no_pin() {
     assert_eq!(third.mti().as_str(), "0210");
     assert_eq!(code(&third), "65");
     assert!(third.get(63).is_none(), "no PIN");
+    // A 0201 with a key the gateway never saw may be a new sale at the server: it counts, and is refused too.
+    let sneaky = t.call(&one.sale(&sale(6), true)).await.unwrap();
+    assert_eq!(code(&sneaky), "65");
+    assert!(sneaky.get(63).is_none(), "no PIN");
     // Its repeat is answered as the sale stands: 65 again, still no PIN.
     let repeat = t.call(&one.sale(&sale(3), true)).await.unwrap();
     assert_eq!(code(&repeat), "65");
@@ -53,7 +57,7 @@ async fn a_terminal_and_a_merchant_at_their_limits_get_65_and_61_and_no_pin() {
 
     let m = gw.gateway.metrics_text();
     for line in [
-        "pingate_gateway_limit_refusals_total{scope=\"terminal\",kind=\"frequency\"} 1",
+        "pingate_gateway_limit_refusals_total{scope=\"terminal\",kind=\"frequency\"} 2",
         "pingate_gateway_limit_refusals_total{scope=\"merchant\",kind=\"amount\"} 1",
         "pingate_gateway_merchant_value_today{merchant=\"DEMOMERCHANT001\",currency=\"978\"} 7500",
     ] {

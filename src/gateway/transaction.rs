@@ -129,10 +129,12 @@ impl Gateway {
         if s.repeat {
             self.stats.repeats.fetch_add(1, Ordering::Relaxed);
         }
-        // A new sale (a repeat re-delivers a sale already counted) within the limits, counted before the PIN is
-        // asked for; handed back if it ends without one.
-        let admitted = match (&self.limits, s.repeat) {
-            (Some(l), false) => {
+        // A new sale within the limits, counted before the PIN is asked for; handed back if it ends without one. A
+        // repeat (0201) gets here only when this gateway does not remember its sale: the server may sell a new PIN
+        // for it, so it counts as a new sale (else 0201s with fresh keys would pass every limit); one the window
+        // remembers waited above and is never refused for a limit.
+        let admitted = match &self.limits {
+            Some(l) => {
                 let checked = l.lock().expect("not poisoned").admit(
                     &s.key.terminal_id,
                     &s.merchant_id,
@@ -154,13 +156,9 @@ impl Gateway {
                 }
                 true
             }
-            _ => false,
+            None => false,
         };
-        let allowed = match s.repeat {
-            false => self.take_allowance(&s, received_unix, deadline).await,
-            true => Ok(false),
-        };
-        let allowed = match allowed {
+        let allowed = match self.take_allowance(&s, received_unix, deadline).await {
             Ok(taken) => taken,
             Err(code) => {
                 if admitted {
