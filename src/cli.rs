@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use bytes::Bytes;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::admin::{key_spec, KeyArgs, LimitsCommand, PinsCommand};
 use crate::iso8583::{from_hex, to_hex, Dialect, Dialects, Message, DEFAULT_DIALECT};
@@ -106,6 +106,19 @@ enum Command {
         /// Leave the PIN server and gateway running for your own terminal, until Ctrl-C.
         #[arg(long)]
         keep_running: bool,
+    },
+    /// A shell completion script for `pingate`, on standard output (e.g. `pingate completions bash >
+    /// /usr/share/bash-completion/completions/pingate`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Manual pages of `pingate` and of each of its commands (`pingate.1`, `pingate-gateway.1`,
+    /// `pingate-gateway-stock.1`, …), written into a folder (e.g. /usr/share/man/man1).
+    Man {
+        /// Folder to write the pages into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -234,6 +247,25 @@ enum CertsCommand {
         #[arg(long, default_value_t = 825)]
         days: i64,
     },
+    /// Issue a certificate with the CA of a `certs init` folder (its `ca/ca.key` at hand): a terminal's or a NAC's
+    /// client certificate (CN = the terminal id, or the NAC's name in `[[nac]]`), or with `--listener` the server
+    /// certificate of a gateway's TLS terminal listener. Writes OUT/NAME.pem, OUT/NAME.key (0600) and OUT/ca.pem.
+    Terminal {
+        /// The `certs init` folder whose CA signs.
+        dir: PathBuf,
+        /// The certificate's name(s): the first is its CN; all are subject alternative names.
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// A TLS listener's server certificate (names: DNS names or IP addresses terminals connect to).
+        #[arg(long)]
+        listener: bool,
+        /// Where to write (default: DIR/terminals).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: i64,
+    },
     /// Write a new encryption key file (`1:64-hex`, mode 0600; never overwrites): e.g. a gateway's journal key.
     Key {
         /// The file to create.
@@ -285,6 +317,25 @@ enum IsoCommand {
 /// exits 1).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "pingate", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { out } => {
+            return match man_pages(Cli::command(), out) {
+                Ok(n) => {
+                    println!("{n} manual pages written to {}", out.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        _ => {}
+    }
     let _ = LOGGING.set((cli.log_format == "json", cli.log_level.clone()));
     if let Command::Audit { db, journals, day, csv } = &cli.command {
         return match runtime().and_then(|rt| rt.block_on(audit(db, journals, day.as_deref(), csv.as_deref()))) {
@@ -316,6 +367,30 @@ pub fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Writes the manual page of `cmd` and of each of its subcommands (named `parent-sub`) into `out`; returns how many.
+fn man_pages(cmd: clap::Command, out: &std::path::Path) -> Result<usize, String> {
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    fn write(cmd: clap::Command, name: String, out: &std::path::Path) -> Result<usize, String> {
+        let mut cmd = cmd.name(name.clone()).bin_name(name.replace('-', " "));
+        cmd.build();
+        let path = out.join(format!("{name}.1"));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd.clone())
+            .render(&mut page)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::write(&path, page).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut n = 1;
+        for sub in cmd
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        {
+            n += write(sub.clone(), format!("{name}-{}", sub.get_name()), out)?;
+        }
+        Ok(n)
+    }
+    write(cmd, "pingate".into(), out)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -639,6 +714,30 @@ fn run(cli: Cli) -> Result<String, String> {
     match cli.command {
         Command::Server(args) => runtime()?.block_on(server(args)),
         Command::Certs {
+            command:
+                CertsCommand::Terminal {
+                    dir,
+                    names,
+                    listener,
+                    out,
+                    days,
+                },
+        } => {
+            let kind = if listener {
+                crate::tls::Issue::Listener
+            } else {
+                crate::tls::Issue::Client
+            };
+            let out = out.unwrap_or_else(|| dir.join("terminals"));
+            let pem = crate::tls::issue(&crate::tls::CertsDir { dir }, kind, &names, days, &out)
+                .map_err(|e| e.to_string())?;
+            Ok(format!(
+                "wrote {} and its key (.key), with the CA's certificate in {}",
+                pem.display(),
+                out.join("ca.pem").display()
+            ))
+        }
+        Command::Certs {
             command: CertsCommand::Key { file },
         } => {
             crate::tls::write_new_key(&file).map_err(|e| e.to_string())?;
@@ -711,7 +810,9 @@ fn run(cli: Cli) -> Result<String, String> {
         } => runtime()?.block_on(gateway(config)),
         Command::Gateway { .. } => Err("give --config FILE to run a gateway, or a subcommand (stock, lines)".into()),
         Command::CheckConfig { file } => check_config(&file),
-        Command::Audit { .. } => unreachable!("handled in main"),
+        Command::Audit { .. } | Command::Completions { .. } | Command::Man { .. } => {
+            Err("this command is run by main".into())
+        }
         Command::Replay(args) => match runtime()?.block_on(crate::traffic::replay::run_cli(args)) {
             Ok(true) => Ok(String::new()),
             Ok(false) => Err("the replay found differences".into()),

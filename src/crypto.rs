@@ -141,7 +141,19 @@ pub struct PinCipher {
     keys: HashMap<u32, ChaCha20Poly1305>,
     /// HMAC-SHA256 keyed with the fingerprint key, cloned for each fingerprint.
     fingerprint: HmacSha256,
-    rng: SystemRandom,
+    /// Nonces: a ChaCha12 generator seeded from the system's random source when the keys are loaded (a system
+    /// call per seal cost more than the seal; a gateway seals one per PIN it caches).
+    nonces: std::sync::Mutex<rand::rngs::StdRng>,
+}
+
+/// A generator for nonces, seeded from the system's random source.
+fn nonce_source() -> Result<std::sync::Mutex<rand::rngs::StdRng>, CryptoError> {
+    use rand::SeedableRng;
+    let mut seed = Zeroizing::new([0u8; 32]);
+    SystemRandom::new()
+        .fill(&mut seed[..])
+        .map_err(|_| CryptoError::Random)?;
+    Ok(std::sync::Mutex::new(rand::rngs::StdRng::from_seed(*seed)))
 }
 
 impl fmt::Debug for PinCipher {
@@ -190,7 +202,7 @@ impl PinCipher {
             current,
             keys,
             fingerprint,
-            rng: SystemRandom::new(),
+            nonces: nonce_source()?,
         })
     }
 
@@ -203,7 +215,10 @@ impl PinCipher {
             current: 0,
             keys: HashMap::new(),
             fingerprint: HmacSha256::new_from_slice(&k[..]).expect("HMAC takes any key length"),
-            rng: SystemRandom::new(),
+            nonces: nonce_source().unwrap_or_else(|_| {
+                // No random source at all: this cipher never seals (it has no key), so any seed will do.
+                std::sync::Mutex::new(<rand::rngs::StdRng as rand::SeedableRng>::from_seed([0; 32]))
+            }),
         }
     }
 
@@ -283,7 +298,7 @@ impl PinCipher {
     fn seal_with(&self, key_id: u32, pin: &Pin, ad: &[u8]) -> Result<Sealed, CryptoError> {
         let key = self.keys.get(&key_id).ok_or(CryptoError::UnknownKey { id: key_id })?;
         let mut nonce = [0u8; NONCE_LEN];
-        self.rng.fill(&mut nonce).map_err(|_| CryptoError::Random)?;
+        rand::Rng::fill_bytes(&mut *self.nonces.lock().map_err(|_| CryptoError::Random)?, &mut nonce);
         // Room for the tag from the start: the buffer is never moved while it holds the PIN in clear.
         let mut data = Vec::with_capacity(pin.expose().len() + TAG_LEN);
         data.extend_from_slice(pin.expose().as_bytes());
@@ -340,6 +355,26 @@ impl PinCipher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Nonces come from a generator seeded per cipher: never the same twice, in one cipher or across two loaded
+    /// with the same keys (two gateways, or one restarted, sealing under one key).
+    #[test]
+    fn nonces_never_repeat_within_or_across_ciphers() {
+        let spec = PinCipher::generate_spec().unwrap();
+        let (a, b) = (
+            PinCipher::from_spec(&spec).unwrap(),
+            PinCipher::from_spec(&spec).unwrap(),
+        );
+        let pin = Pin::new("1234567890123456");
+        let mut seen = std::collections::HashSet::new();
+        for c in [&a, &b] {
+            for _ in 0..1000 {
+                let s = c.seal(&pin, "SER1").unwrap();
+                assert!(seen.insert(s.nonce), "a nonce came twice");
+                assert_eq!(c.open(&s, "SER1").unwrap().expose(), pin.expose());
+            }
+        }
+    }
 
     #[test]
     fn seal_open_rotate_and_tamper() {

@@ -21,8 +21,9 @@
 //!   allowed edges, audit rows, idempotent sales, reversals, group-commit workers.
 //! - [`gateway`] — the host connection manager: terminal listeners and serial lines, the controller (the sale, repeat,
 //!   reversal and network rules without I/O, and the repeat window), the prefetch cache and its refills, the crash-safe
-//!   journal, store-and-forward, the PIN server pool, configuration reload, metrics and the admin socket. Depends on
-//!   no part of the PIN server ([`server`], [`store`]).
+//!   journal, store-and-forward, the PIN server pool, configuration reload, metrics and the admin socket, and where a
+//!   terminal may come from (`gateway::origin`: TLS listeners, client certificates of terminals and NACs, source
+//!   networks, callers' numbers). Depends on no part of the PIN server ([`server`], [`store`]).
 //! - [`server`], [`tls`] — the PIN server (mini-redis shaped `run(listener, …, shutdown)`; `server/handler.rs` maps
 //!   PSP requests to store operations and store results to answers) and mutual TLS.
 //! - [`terminal_keys`] — the terminal key file: each terminal's MAC keys sealed under a key-encrypting key (with
@@ -30,7 +31,8 @@
 //! - [`keyfile`] — key files (PIN keys, journal keys, TLS private keys) read only when their owner alone may.
 //! - [`traffic`] — the traffic tools, clients of the gateway: the simulated TCP terminal, scenario files, the dial-up
 //!   simulator (modem emulator and dial-up terminal), the load generator with its echo ceiling, CPU time from `/proc`,
-//!   capture files (the one piece the gateway uses: it writes them), pcap import and replay.
+//!   capture files (the one piece the gateway uses: it writes them), pcap import and replay; TLS and terminals' MAC
+//!   keys for all of them (`traffic::secure`).
 //! - [`demo`] — `pingate demo`, and its [`demo::rig`]: certificates, an inventory, a PIN server and gateways in one
 //!   process (or a gateway as its own), the one set-up `pingate demo`, the end-to-end tests and the benches share.
 //! - [`logging`] — repeated warnings aggregated (`limited!`): one line, then a count per interval, so an outage or

@@ -470,7 +470,7 @@ pub fn certs_init(dir: &Path, opts: &CertsInit) -> Result<CertsDir, TlsError> {
 
 /// [`certs_init`], also returning the CA.
 pub fn certs_init_with_ca(dir: &Path, opts: &CertsInit) -> Result<(CertsDir, Ca), TlsError> {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
     use std::os::unix::fs::DirBuilderExt;
     let out = CertsDir { dir: dir.to_path_buf() };
     // A CA made by this command, or by one before the CA had its own folder.
@@ -498,16 +498,7 @@ pub fn certs_init_with_ca(dir: &Path, opts: &CertsInit) -> Result<(CertsDir, Ca)
     let now = time_now();
     let until = now + time_days(opts.days);
 
-    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "pingate private CA");
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    ca.not_before = now;
-    ca.not_after = until;
+    let ca = ca_params(now, until)?;
     let ca_key = KeyPair::generate().map_err(gen_err)?;
     let ca_cert = ca.self_signed(&ca_key).map_err(gen_err)?;
     write_public(&out.ca(), &ca_cert.pem())?;
@@ -545,6 +536,95 @@ pub fn certs_init_with_ca(dir: &Path, opts: &CertsInit) -> Result<(CertsDir, Ca)
             key: ca_key,
         },
     ))
+}
+
+/// The private CA's certificate parameters: the same subject and key make the same issuer, so that a CA read back
+/// from `ca/ca.key` issues certificates that chain to the `ca.pem` written at `certs init`.
+fn ca_params(from: time::OffsetDateTime, until: time::OffsetDateTime) -> Result<rcgen::CertificateParams, TlsError> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyUsagePurpose};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "pingate private CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca.not_before = from;
+    ca.not_after = until;
+    Ok(ca)
+}
+
+/// The CA of a `certs init` folder, read back from its key (`DIR/ca/ca.key`), to issue more certificates.
+pub fn load_ca(certs: &CertsDir) -> Result<Ca, TlsError> {
+    let pem = crate::keyfile::read_to_string(&certs.ca_key())?;
+    let key = rcgen::KeyPair::from_pem(&pem).map_err(gen_err)?;
+    let now = time_now();
+    let cert = ca_params(now, now + time_days(3650))?
+        .self_signed(&key)
+        .map_err(gen_err)?;
+    Ok(Ca { cert, key })
+}
+
+/// What `certs terminal` issues: a client certificate for terminals and NACs, or a server certificate for a
+/// gateway's terminal listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Issue {
+    /// A terminal's (its CN is its terminal id) or a NAC's (its CN is the NAC's name in `[[nac]]`).
+    Client,
+    /// A terminal listener's (TLS server), valid for the names given (DNS or IP).
+    Listener,
+}
+
+/// Issues a certificate signed by the CA of `certs` (its key must be at hand): `names[0]` is the subject's CN, and
+/// every name is a subject alternative name. Writes `OUT/NAME.pem` and `OUT/NAME.key` (mode 0600) and `OUT/ca.pem`;
+/// never overwrites a key.
+pub fn issue(certs: &CertsDir, kind: Issue, names: &[String], days: i64, out: &Path) -> Result<PathBuf, TlsError> {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+    let Some(first) = names.first() else {
+        return Err(TlsError::Generate("at least one name is needed".into()));
+    };
+    if !first
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(TlsError::Generate(format!(
+            "`{first}`: names of issued certificates are letters, digits, `-`, `_` and `.`"
+        )));
+    }
+    let ca = load_ca(certs)?;
+    std::fs::create_dir_all(out).map_err(|source| TlsError::Io {
+        path: out.display().to_string(),
+        source,
+    })?;
+    let (pem_path, key_path) = (out.join(format!("{first}.pem")), out.join(format!("{first}.key")));
+    if key_path.exists() {
+        return Err(TlsError::Generate(format!(
+            "{} exists: refusing to overwrite a key",
+            key_path.display()
+        )));
+    }
+    let mut p = CertificateParams::new(names.to_vec()).map_err(gen_err)?;
+    p.distinguished_name.push(DnType::CommonName, first.as_str());
+    p.extended_key_usages = vec![match kind {
+        Issue::Client => ExtendedKeyUsagePurpose::ClientAuth,
+        Issue::Listener => ExtendedKeyUsagePurpose::ServerAuth,
+    }];
+    let now = time_now();
+    p.not_before = now;
+    p.not_after = now + time_days(days);
+    let key = KeyPair::generate().map_err(gen_err)?;
+    let cert = p.signed_by(&key, &ca.cert, &ca.key).map_err(gen_err)?;
+    write_secret(&key_path, &zeroize::Zeroizing::new(key.serialize_pem()))?;
+    write_public(&pem_path, &cert.pem())?;
+    write_public(
+        &out.join("ca.pem"),
+        &std::fs::read_to_string(certs.ca()).map_err(|source| TlsError::Io {
+            path: certs.ca().display().to_string(),
+            source,
+        })?,
+    )?;
+    Ok(pem_path)
 }
 
 /// A client certificate for gateway `id`, signed by the CA, valid from `from` to `until`.

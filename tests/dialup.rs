@@ -601,6 +601,7 @@ async fn a_directly_wired_stx_etx_terminal_runs_the_whole_contract() {
         ),
         dialect: bcd(),
         tpdu: Some(pingate::link::framing::Tpdu::parse(TPDU)),
+        mac: None,
     };
     let scenario = Scenario::parse(&std::fs::read_to_string("fixtures/scenarios/contract.toml").unwrap()).unwrap();
     let id = common::demo_terminal("DEMO0007");

@@ -2,6 +2,8 @@
 //! inventory behaves the same. Also key rotation (PINs sealed under an old key still open after a new key is added,
 //! new ones are sealed under it), leases (renewals, expired ones reported and returned) and successful reversals.
 
+mod common;
+
 use pingate::crypto::PinCipher;
 use pingate::sale::{Pin, SaleContent};
 use pingate::store::postgres::PgStore;
@@ -455,7 +457,7 @@ async fn sqlite_conforms() {
 
 /// The test PostgreSQL (`PINGATE_TEST_PG`, else the local server) and a schema of this test run.
 fn pg(prefix: &str) -> (String, String) {
-    let url = std::env::var("PINGATE_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let url = common::pg_test_url();
     (url, format!("{prefix}{}", std::process::id()))
 }
 

@@ -21,7 +21,7 @@ fn ctx(gateway: &str, stan: u32) -> SaleContext {
 }
 
 fn url() -> String {
-    std::env::var("PINGATE_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    common::pg_test_url()
 }
 
 struct Schema {
@@ -1326,4 +1326,57 @@ async fn allowances_from_several_servers_never_pass_a_merchants_limit() {
     assert_eq!((rows[0].value_per_day, rows[0].granted_today), (10_000, 10_000));
     drop(s);
     schema.drop_it().await;
+}
+
+/// Run by [`a_private_cluster_serves_when_no_server_answers`], in a process of its own told not to use the local
+/// server: the store tests' PostgreSQL is then a cluster that process starts.
+#[tokio::test]
+#[ignore = "run by a_private_cluster_serves_when_no_server_answers in a process of its own"]
+async fn private_cluster_probe() {
+    assert!(std::env::var_os("PINGATE_TEST_PG_PRIVATE").is_some());
+    let url = url();
+    assert!(!url.contains(":5432/"), "{url}");
+    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let one: i32 = c.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    let keys = PinCipher::generate_spec().unwrap();
+    PgStore::connect(&url, Some("probe"), PinCipher::from_spec(&keys).unwrap())
+        .await
+        .unwrap();
+    println!("probe pid {}", std::process::id());
+}
+
+/// On a machine with the PostgreSQL package but no server at the test URL, the tests start a throwaway cluster of
+/// their own (and it is gone with the process that started it).
+#[test]
+fn a_private_cluster_serves_when_no_server_answers() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["private_cluster_probe", "--exact", "--ignored", "--nocapture"])
+        .env("PINGATE_TEST_PG_PRIVATE", "1")
+        .env_remove("PINGATE_TEST_PG")
+        .env_remove("PINGATE_TEST_PG_SERVER")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.contains("1 passed"), "{text}");
+    let pid: u32 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("probe pid "))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    let dir = std::env::temp_dir().join(format!("pingate-test-pg-{pid}"));
+    let mut gone = false;
+    for _ in 0..100 {
+        if !dir.exists() {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(gone, "the private cluster outlived its test process: {}", dir.display());
 }

@@ -44,9 +44,13 @@ struct ModemArgs {
     /// The `+++` guard time of the modem, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     guard_ms: u64,
+    /// Report this caller's number after the first RING (`NMBR = …`, as a modem with caller ID on does).
+    #[arg(long)]
+    caller_id: Option<String>,
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once, from the command line
 enum Cmd {
     /// Emulate a modem, driven from standard input.
     Modem {
@@ -94,6 +98,12 @@ enum Cmd {
         /// Seconds to wait for the gateway to initialise the modem.
         #[arg(long, default_value_t = 30)]
         wait_secs: u64,
+        /// Sign sales with the terminal's MAC key from this terminal key file.
+        #[arg(long, requires = "kek_file")]
+        mac_key_file: Option<PathBuf>,
+        /// The key-encrypting key of --mac-key-file.
+        #[arg(long, requires = "mac_key_file")]
+        kek_file: Option<PathBuf>,
     },
 }
 
@@ -105,6 +115,7 @@ fn start(args: &ModemArgs) -> Result<ModemHandle, String> {
     let m = start_modem(ModemOptions {
         connect: args.connect.clone(),
         guard: Duration::from_millis(args.guard_ms),
+        caller_id: args.caller_id.clone(),
         ..ModemOptions::default()
     })
     .map_err(|e| format!("cannot create a pty: {e}"))?;
@@ -195,6 +206,7 @@ async fn call(
     script: CallScript,
     reveal: bool,
     wait: Duration,
+    mac: Option<pingate::traffic::secure::MacSigner>,
 ) -> Result<bool, String> {
     let dialects = Dialects::builtin();
     let d = dialects.get(&dialect).map_err(|e| e.to_string())?;
@@ -215,7 +227,10 @@ async fn call(
             stan: spec.stan + i,
             ..spec.clone()
         };
-        let msg = d.encode(&id.sale(&spec, false)).map_err(|e| e.to_string())?;
+        let msg = match &mac {
+            Some(m) => m.sign(d, &id.sale(&spec, false)).map_err(|e| e.to_string())?,
+            None => d.encode(&id.sale(&spec, false)).map_err(|e| e.to_string())?,
+        };
         let request = [&tpdu[..], &msg[..]].concat();
         let started = std::time::Instant::now();
         match DialupTerminal::call(&m, &request, &script).await {
@@ -303,7 +318,16 @@ fn main() -> ExitCode {
                 no_ack,
                 reveal,
                 wait_secs,
+                mac_key_file,
+                kek_file,
             } => {
+                let mac = match (mac_key_file, kek_file) {
+                    (Some(f), Some(k)) => match pingate::traffic::secure::MacSigner::load(&f, &k) {
+                        Ok(m) => Some(m),
+                        Err(e) => return Err(e),
+                    },
+                    _ => None,
+                };
                 let id = Identity {
                     terminal_id: terminal,
                     merchant_id: merchant,
@@ -330,6 +354,7 @@ fn main() -> ExitCode {
                     script,
                     reveal,
                     Duration::from_secs(wait_secs),
+                    mac,
                 )
                 .await
             }

@@ -10,6 +10,7 @@
 //! pingate-load run --gateway 127.0.0.1:9000 --connections 50 --in-flight 4 --duration 10 \
 //!     --mix TOPUP-EU-10:1000:3 --mix GIFT-25:2500:1 --echo-ceiling --json load.json --svg load.svg \
 //!     --cpu gateway=$GATEWAY_PID --cpu server=$SERVER_PID
+//! pingate-load run --gateway 127.0.0.1:9443 --tls --ca ca.pem --mac-key-file terminal-keys.toml --kek-file kek
 //! pingate-load echo --listen 127.0.0.1:9999
 //! ```
 #![forbid(unsafe_code)]
@@ -26,7 +27,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use pingate::iso8583::Dialects;
 use pingate::link::framing::Framing;
-use pingate::traffic::load::{echo_server, run, LoadReport, LoadSpec, MixItem, Progress};
+use pingate::traffic::load::{echo_server, run_secured, LoadReport, LoadSecurity, LoadSpec, MixItem, Progress};
 use pingate::traffic::procfs::{CpuReading, CpuUse, CpuWatch, ProcessCpu, Watched};
 use pingate::traffic::sim::WireArgs;
 use serde_json::json;
@@ -45,6 +46,10 @@ struct RunArgs {
     gateway: SocketAddr,
     #[command(flatten)]
     wire: WireArgs,
+    /// TLS (`--tls --ca --cert --key`) and MACs (`--mac-key-file --kek-file`: each request MACed with its
+    /// terminal's key, each answer's MAC checked, and what that costs per request reported).
+    #[command(flatten)]
+    security: pingate::traffic::secure::SecurityArgs,
     #[arg(long, default_value_t = 10)]
     connections: usize,
     /// Requests kept in flight per connection (closed loop).
@@ -109,6 +114,10 @@ fn summary(r: &LoadReport) -> serde_json::Value {
         "elapsed_s": r.elapsed.as_secs_f64(),
         "rate_per_s": (r.rate() * 10.0).round() / 10.0,
         "latency_ms": {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p99.9": q(0.999), "max": r.max_ms()},
+        "mac_us_per_request": (r.mac.signed > 0).then(|| {
+            let (sign, verify) = r.mac.per_request_us();
+            json!({"sign": sign, "verify": verify, "answers_failed": r.mac.failed})
+        }),
         "per_second": r.seconds.iter().enumerate().map(|(i, s)| json!({
             "t": i,
             "answered": s.answered,
@@ -158,6 +167,15 @@ fn print_line(name: &str, r: &LoadReport) {
         r.max_ms(),
         codes.join(" ")
     );
+    if r.mac.signed > 0 {
+        let (sign, verify) = r.mac.per_request_us();
+        println!(
+            "{name}: MAC cost per request {:.1} us (sign {sign:.1} us, check the answer {verify:.1} us); {} answers \
+             without a good MAC",
+            sign + verify,
+            r.mac.failed
+        );
+    }
 }
 
 /// Latency (p50, p99) and throughput per second, as an SVG a browser opens.
@@ -269,6 +287,7 @@ fn svg(title: &str, r: &LoadReport) -> String {
 async fn load(
     spec: LoadSpec,
     dialect: Arc<pingate::iso8583::Dialect>,
+    security: &LoadSecurity,
     name: &str,
     quiet: bool,
 ) -> Result<LoadReport, String> {
@@ -300,7 +319,7 @@ async fn load(
             }
         })
     });
-    let r = run(spec, dialect).await;
+    let r = run_secured(spec, dialect, security).await;
     if let Some(t) = ticker {
         t.abort();
         if tty {
@@ -349,6 +368,10 @@ async fn run_cmd(a: RunArgs) -> Result<bool, String> {
             .unwrap_or_else(pingate::traffic::sim::now_transmission),
         progress: None,
     };
+    let security = LoadSecurity {
+        tls: a.security.client_tls()?,
+        mac: a.security.mac()?,
+    };
     let echo = if a.echo_ceiling {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -358,7 +381,20 @@ async fn run_cmd(a: RunArgs) -> Result<bool, String> {
         tokio::spawn(echo_server(l, framing, async {
             let _ = rx.await;
         }));
-        let r = load(LoadSpec { addr, ..spec.clone() }, dialect.clone(), "echo", a.quiet).await?;
+        // The echo server speaks no TLS; with MACs it echoes each signed request, whose MAC then checks as an
+        // answer's would: the ceiling includes the MAC's cost.
+        let plain = LoadSecurity {
+            tls: None,
+            mac: security.mac.clone(),
+        };
+        let r = load(
+            LoadSpec { addr, ..spec.clone() },
+            dialect.clone(),
+            &plain,
+            "echo",
+            a.quiet,
+        )
+        .await?;
         let _ = tx.send(());
         print_line("echo ceiling", &r);
         Some(r)
@@ -370,7 +406,7 @@ async fn run_cmd(a: RunArgs) -> Result<bool, String> {
     } else {
         Some(CpuWatch::start(&a.cpu).map_err(|e| format!("--cpu {e}"))?)
     };
-    let r = load(spec.clone(), dialect, "gateway", a.quiet).await?;
+    let r = load(spec.clone(), dialect, &security, "gateway", a.quiet).await?;
     let cpu: Option<CpuUse> = watch
         .map(|w| w.finish().map_err(|e| format!("--cpu {e}")))
         .transpose()?;

@@ -7,6 +7,8 @@
 //! pingate-terminal --gateway 127.0.0.1:9000 reversal --of 1 --stan 2
 //! pingate-terminal --gateway 127.0.0.1:9000 echo
 //! pingate-terminal --gateway 127.0.0.1:9000 scenario fixtures/scenarios/contract.toml
+//! pingate-terminal --gateway 127.0.0.1:9443 --tls --ca ca.pem --cert DEMO0001.pem --key DEMO0001.key echo
+//! pingate-terminal --gateway 127.0.0.1:9000 --mac-key-file terminal-keys.toml --kek-file terminal-kek echo
 //! pingate-terminal --serial /dev/ttyUSB0 --baud 9600 --dialect iso87-bcd --tpdu 6000030001 sale --product GIFT-25 --amount 2500
 //! ```
 //!
@@ -53,6 +55,9 @@ struct Cli {
     software_parity: bool,
     #[command(flatten)]
     wire: WireArgs,
+    /// TLS (`--tls --ca --cert --key`) and MACs (`--mac-key-file --kek-file`) for a secured gateway.
+    #[command(flatten)]
+    security: pingate::traffic::secure::SecurityArgs,
     /// Terminal id (field 41). With --count, the number at its end counts up: DEMO0001, DEMO0002, ...
     #[arg(long, default_value = "DEMO0001")]
     terminal: String,
@@ -210,6 +215,7 @@ async fn run_serial(
         line: LineTerminal::new(port, mode, soft, timeout),
         dialect: dialect.clone(),
         tpdu,
+        mac: cli.security.mac()?,
     };
     let id = Identity {
         terminal_id: cli.terminal.clone(),
@@ -250,6 +256,8 @@ async fn run(cli: Cli) -> Result<bool, String> {
         .clone()
         .unwrap_or_else(pingate::traffic::sim::now_transmission);
     let timeout = Duration::from_millis(cli.timeout_ms);
+    let tls = cli.security.client_tls()?.map(Arc::new);
+    let mac = cli.security.mac()?;
     let mut tasks = Vec::new();
     for n in 0..cli.count {
         let id = Identity {
@@ -257,9 +265,11 @@ async fn run(cli: Cli) -> Result<bool, String> {
             merchant_id: cli.merchant.clone(),
         };
         let (scenario, dialect, transmission) = (scenario.clone(), dialect.clone(), transmission.clone());
-        let (addr, reveal) = (gateway, cli.reveal);
+        let (addr, reveal, tls, mac) = (gateway, cli.reveal, tls.clone(), mac.clone());
         tasks.push(tokio::spawn(async move {
-            let mut client = match TerminalClient::connect(addr, framing, tpdu, dialect.clone()).await {
+            let connected =
+                TerminalClient::connect_secured(addr, framing, tpdu, dialect.clone(), tls.as_deref(), mac).await;
+            let mut client = match connected {
                 Ok(c) => c,
                 Err(e) => {
                     println!("{}", serde_json::json!({"terminal": id.terminal_id, "ok": false, "problem": format!("connect {addr}: {e}")}));

@@ -71,6 +71,52 @@ struct File {
     /// Fraud controls (`super::policy`).
     #[serde(default)]
     policy: super::policy::PolicySection,
+    /// Network access controllers: a certificate name that speaks for a list of terminal ids.
+    #[serde(default, rename = "nac")]
+    nacs: Vec<NacSection>,
+}
+
+// ---- Origins (issue 20, §2 and §3): TLS listeners, source networks, NACs, callers' numbers -----------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenerTlsSection {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+    client_certs: Option<super::origin::ClientCerts>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NacSection {
+    name: String,
+    terminals: Vec<String>,
+}
+
+/// A listener's `tls` table, its files checked (the certificate and key read, the client CA's certificates too).
+fn listener_tls(
+    t: ListenerTlsSection,
+    base: &Path,
+    at: &str,
+    invalid: &dyn Fn(&str, &str) -> ConfigError,
+) -> Result<super::origin::ListenerTls, ConfigError> {
+    if t.client_certs.is_some() && t.client_ca.is_none() {
+        return Err(invalid(
+            &format!("{at}.tls.client_certs"),
+            "client certificates are verified against client_ca: set it too",
+        ));
+    }
+    let tls = super::origin::ListenerTls {
+        cert: t.cert,
+        key: t.key,
+        client_ca: t.client_ca,
+        client_certs: t.client_certs.unwrap_or_default(),
+    }
+    .relative_to(base);
+    tls.server_config()
+        .map_err(|e| invalid(&format!("{at}.tls"), &e.to_string()))?;
+    Ok(tls)
 }
 
 fn d_deadline() -> u64 {
@@ -254,6 +300,10 @@ struct ListenerSection {
     #[serde(default)]
     mac: MacMode,
     mac_algorithm: Option<crate::mac::MacAlgorithm>,
+    /// Source networks (CIDRs) connections are accepted from; empty: any.
+    #[serde(default)]
+    allow: Vec<String>,
+    tls: Option<ListenerTlsSection>,
 }
 
 #[derive(Deserialize)]
@@ -591,6 +641,12 @@ struct TerminalSection {
     merchant: String,
     #[serde(default = "all_products")]
     products: Vec<String>,
+    /// Source networks its requests may come from over TCP.
+    #[serde(default)]
+    allow: Vec<String>,
+    /// Callers' numbers its calls may come from (caller ID).
+    #[serde(default)]
+    caller_ids: Vec<String>,
 }
 
 fn all_products() -> Vec<String> {
@@ -635,6 +691,10 @@ pub struct ListenerConfig {
     pub capture_pins: crate::traffic::capture::PinPolicy,
     /// Whether its terminals' requests must carry a MAC.
     pub mac: MacPolicy,
+    /// Connections from outside these networks are closed at accept; empty: any.
+    pub allow: Vec<ipnet::IpNet>,
+    /// TLS, with or without client certificates; `None`: plain TCP.
+    pub tls: Option<super::origin::ListenerTls>,
 }
 
 impl ListenerConfig {
@@ -656,6 +716,8 @@ impl ListenerConfig {
             capture: None,
             capture_pins: crate::traffic::capture::PinPolicy::Masked,
             mac: MacPolicy::default(),
+            allow: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -672,6 +734,8 @@ pub struct TerminalEntry {
 #[derive(Clone, Debug, Default)]
 pub struct TerminalRegistry {
     pub terminals: HashMap<String, TerminalEntry>,
+    /// Where terminals may come from: certificates of NACs, source networks, callers' numbers.
+    pub origins: super::origin::Origins,
 }
 
 impl TerminalRegistry {
@@ -967,6 +1031,20 @@ impl GatewayConfig {
                     continue;
                 }
             };
+            let allow = match super::origin::parse_nets(&l.allow) {
+                Ok(a) => a,
+                Err(e) => {
+                    problems.push(invalid(&format!("{at}.allow"), &e));
+                    continue;
+                }
+            };
+            let tls = match l.tls.map(|t| listener_tls(t, base, &at, &invalid)).transpose() {
+                Ok(t) => t,
+                Err(e) => {
+                    problems.push(e);
+                    continue;
+                }
+            };
             listeners.push(ListenerConfig {
                 name: l.name,
                 bind: l.bind,
@@ -983,6 +1061,8 @@ impl GatewayConfig {
                 capture: l.capture.map(&rel),
                 capture_pins: l.capture_pins.unwrap_or(crate::traffic::capture::PinPolicy::Masked),
                 mac,
+                allow,
+                tls,
             });
         }
         let mut serial = Vec::new();
@@ -1014,6 +1094,17 @@ impl GatewayConfig {
                     continue;
                 }
             }
+            match super::origin::parse_nets(&t.allow) {
+                Ok(allow) if !allow.is_empty() || !t.caller_ids.is_empty() => {
+                    let binding = super::origin::Binding {
+                        allow,
+                        caller_ids: t.caller_ids.clone(),
+                    };
+                    terminals.origins.bindings.insert(t.id.clone(), binding);
+                }
+                Ok(_) => {}
+                Err(e) => problems.push(invalid(&format!("terminal[{i}].allow"), &e)),
+            }
             let products = if t.products.iter().any(|p| p == "*") {
                 None
             } else {
@@ -1026,6 +1117,24 @@ impl GatewayConfig {
                     products,
                 },
             );
+        }
+        for (i, n) in f.nacs.into_iter().enumerate() {
+            let at = format!("nac[{i}]");
+            if terminals.origins.nacs.contains_key(&n.name) {
+                problems.push(invalid(&format!("{at}.name"), "NAC listed twice"));
+            } else if terminals.terminals.contains_key(&n.name) {
+                problems.push(invalid(
+                    &format!("{at}.name"),
+                    "a terminal has this id: a NAC needs a name of its own",
+                ));
+            } else if let Some(t) = n.terminals.iter().find(|t| !terminals.terminals.contains_key(*t)) {
+                problems.push(invalid(
+                    &format!("{at}.terminals"),
+                    &format!("`{t}` is not a [[terminal]]"),
+                ));
+            } else {
+                terminals.origins.nacs.insert(n.name, n.terminals.into_iter().collect());
+            }
         }
         let mut products = Vec::new();
         let mut seen = HashSet::new();
@@ -1410,5 +1519,59 @@ mod tests {
             "{e}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn origins_allow_lists_nacs_callers_and_tls_are_checked_and_named() {
+        let terminals = "\n[[terminal]]\nid = \"T1\"\nmerchant = \"M\"\nallow = [\"10.0.0.0/8\", \"2001:db8::1\"]\n\
+                         caller_ids = [\"5551234\"]\n\n[[terminal]]\nid = \"T2\"\nmerchant = \"M\"\n\n\
+                         [[nac]]\nname = \"nac-1\"\nterminals = [\"T1\", \"T2\"]\n";
+        let c = GatewayConfig::parse(
+            &text("", "", "allow = [\"127.0.0.0/8\", \"::1\"]", terminals),
+            Path::new("gateway.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.listeners[0].allow.len(), 2);
+        assert!(c.listeners[0].tls.is_none());
+        let b = &c.terminals.origins.bindings["T1"];
+        assert_eq!((b.allow.len(), b.caller_ids.clone()), (2, vec!["5551234".to_string()]));
+        assert!(!c.terminals.origins.bindings.contains_key("T2"));
+        assert_eq!(c.terminals.origins.nacs["nac-1"].len(), 2);
+
+        let p = problems(&text("", "", "allow = [\"10.0.0.0/33\"]", ""));
+        assert_eq!(p.len(), 1);
+        assert!(
+            p[0].starts_with("gateway.toml: listener[0].allow: `10.0.0.0/33`"),
+            "{p:?}"
+        );
+        let p = problems(&text("", "", "", &terminals.replace("\"T2\"]", "\"T9\"]")));
+        assert_eq!(p, ["gateway.toml: nac[0].terminals: `T9` is not a [[terminal]]"]);
+        let p = problems(&text("", "", "", &terminals.replace("nac-1", "T2")));
+        assert_eq!(
+            p,
+            ["gateway.toml: nac[0].name: a terminal has this id: a NAC needs a name of its own"]
+        );
+        let p = problems(&text(
+            "",
+            "",
+            "tls = { cert = \"l.pem\", key = \"l.key\", client_certs = \"optional\" }",
+            "",
+        ));
+        assert_eq!(
+            p,
+            ["gateway.toml: listener[0].tls.client_certs: client certificates are verified against client_ca: set it too"]
+        );
+        // Files that are not there are named.
+        let p = problems(&text(
+            "",
+            "",
+            "tls = { cert = \"nowhere.pem\", key = \"nowhere.key\" }",
+            "",
+        ));
+        assert_eq!(p.len(), 1);
+        assert!(
+            p[0].starts_with("gateway.toml: listener[0].tls: ") && p[0].contains("nowhere.pem"),
+            "{p:?}"
+        );
     }
 }

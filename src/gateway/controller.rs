@@ -469,6 +469,70 @@ pub(super) fn check_mac(
     }
 }
 
+// ---- Origins: certificates, source networks, callers' numbers (issue 20, §2 and §3) ------------------------------
+
+/// Why a request is refused for where it came from (`63`, no PIN). The label goes to the metrics and the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum OriginRefusal {
+    /// A connection with a client certificate sent a request without field 41.
+    NoTerminal,
+    /// The connection's client certificate may not speak for this terminal id (neither its own nor on its NAC's list).
+    CertNotFor,
+    /// The terminal is bound to source networks (`allow`) and the peer's address is in none of them.
+    SourceNotAllowed,
+    /// The terminal is bound to callers' numbers (`caller_ids`) and the call came from another number, or from none
+    /// the modem reported.
+    CallerNotAllowed,
+}
+
+impl OriginRefusal {
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            OriginRefusal::NoTerminal => "no_terminal",
+            OriginRefusal::CertNotFor => "certificate",
+            OriginRefusal::SourceNotAllowed => "source",
+            OriginRefusal::CallerNotAllowed => "caller_id",
+        }
+    }
+}
+
+/// Whether a request naming `terminal` (field 41) may come from `origin`. A client certificate speaks for its own
+/// terminal id, or for the list of its NAC; a terminal bound to source networks and/or callers' numbers must come
+/// from one of them (a terminal with both may come either way; a terminal with only `caller_ids` cannot come over
+/// TCP, nor one with only `allow` over a phone line). Checked before the MAC, and for every message class.
+pub(super) fn check_origin(
+    registry: &TerminalRegistry,
+    terminal: Option<&str>,
+    origin: &super::origin::Origin,
+) -> Result<(), OriginRefusal> {
+    let Some(terminal) = terminal else {
+        return match origin.cert {
+            Some(_) => Err(OriginRefusal::NoTerminal),
+            None => Ok(()),
+        };
+    };
+    let origins = &registry.origins;
+    if let Some(names) = &origin.cert {
+        if !origins.cert_speaks_for(names, terminal) {
+            return Err(OriginRefusal::CertNotFor);
+        }
+    }
+    let Some(b) = origins.bindings.get(terminal).filter(|b| !b.is_empty()) else {
+        return Ok(());
+    };
+    let by_addr = !b.allow.is_empty() && origin.addr.is_some_and(|a| super::origin::allowed(&b.allow, a));
+    let by_call = !b.caller_ids.is_empty()
+        && origin
+            .caller_id
+            .as_deref()
+            .is_some_and(|n| b.caller_ids.iter().any(|c| c == n));
+    match (by_addr || by_call, origin.addr) {
+        (true, _) => Ok(()),
+        (false, Some(_)) => Err(OriginRefusal::SourceNotAllowed),
+        (false, None) => Err(OriginRefusal::CallerNotAllowed),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1083,5 +1147,87 @@ mod tests {
         assert_eq!(g.take_changed(), None);
         assert!(g.unlock("OLD") && !g.unlock("NEVER"));
         assert_eq!(g.take_changed(), Some([("T9".to_string(), NOW)].into()));
+    }
+
+    #[test]
+    fn origins_bind_terminals_to_certificates_networks_and_callers() {
+        use super::super::origin::{parse_nets, Binding, CertNames, Origin};
+        let mut reg = registry();
+        reg.add("T2", "M1", None);
+        reg.add("T3", "M1", None);
+        reg.add("T4", "M1", None);
+        reg.origins
+            .nacs
+            .insert("nac-north".into(), ["T1".to_string(), "T2".to_string()].into());
+        reg.origins.bindings.insert(
+            "T3".into(),
+            Binding {
+                allow: parse_nets(&["10.0.0.0/8".into()]).unwrap(),
+                caller_ids: vec![],
+            },
+        );
+        reg.origins.bindings.insert(
+            "T4".into(),
+            Binding {
+                allow: vec![],
+                caller_ids: vec!["5551234".into()],
+            },
+        );
+        let from = |addr: Option<&str>, cert: Option<&str>, caller: Option<&str>| Origin {
+            addr: addr.map(|a| a.parse().unwrap()),
+            cert: cert.map(|c| Arc::new(CertNames(vec![c.to_string()]))),
+            caller_id: caller.map(Into::into),
+        };
+        let lan = Some("10.1.2.3");
+        let outside = Some("192.0.2.1");
+        // No certificate, no binding: anything goes (the MAC, when required, is what proves it).
+        assert_eq!(check_origin(&reg, Some("T1"), &from(outside, None, None)), Ok(()));
+        assert_eq!(check_origin(&reg, None, &from(outside, None, None)), Ok(()));
+        // A NAC's certificate speaks for its list only; a terminal's for itself only.
+        assert_eq!(
+            check_origin(&reg, Some("T2"), &from(lan, Some("nac-north"), None)),
+            Ok(())
+        );
+        assert_eq!(
+            check_origin(&reg, Some("T4"), &from(lan, Some("nac-north"), None)),
+            Err(OriginRefusal::CertNotFor)
+        );
+        assert_eq!(check_origin(&reg, Some("T2"), &from(lan, Some("T2"), None)), Ok(()));
+        assert_eq!(
+            check_origin(&reg, Some("T1"), &from(lan, Some("T2"), None)),
+            Err(OriginRefusal::CertNotFor)
+        );
+        assert_eq!(
+            check_origin(&reg, None, &from(lan, Some("T2"), None)),
+            Err(OriginRefusal::NoTerminal)
+        );
+        // Source networks.
+        assert_eq!(check_origin(&reg, Some("T3"), &from(lan, None, None)), Ok(()));
+        assert_eq!(
+            check_origin(&reg, Some("T3"), &from(outside, None, None)),
+            Err(OriginRefusal::SourceNotAllowed)
+        );
+        // Bound to networks only: not over a phone line.
+        assert_eq!(
+            check_origin(&reg, Some("T3"), &from(None, None, Some("5551234"))),
+            Err(OriginRefusal::CallerNotAllowed)
+        );
+        // Callers' numbers: the right number, another, none reported, or over TCP.
+        assert_eq!(
+            check_origin(&reg, Some("T4"), &from(None, None, Some("5551234"))),
+            Ok(())
+        );
+        for o in [from(None, None, Some("5559999")), from(None, None, None)] {
+            assert_eq!(check_origin(&reg, Some("T4"), &o), Err(OriginRefusal::CallerNotAllowed));
+        }
+        assert_eq!(
+            check_origin(&reg, Some("T4"), &from(lan, None, None)),
+            Err(OriginRefusal::SourceNotAllowed)
+        );
+        // A certificate does not lift a binding: both must hold.
+        assert_eq!(
+            check_origin(&reg, Some("T3"), &from(outside, Some("T3"), None)),
+            Err(OriginRefusal::SourceNotAllowed)
+        );
     }
 }

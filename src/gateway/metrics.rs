@@ -63,6 +63,8 @@ pub(super) struct GatewayMetrics {
     pub(super) reversals_too_late: AtomicU64,
     /// Sales refused for a limit (61, 65), by whose limit (`terminal`, `merchant`) and which (`amount`, `frequency`).
     pub(super) limit_refusals: crate::metrics::LabelledCounter,
+    /// Requests refused for where they came from (certificate, source network, caller's number), by reason.
+    pub(super) origin_refused: crate::metrics::LabelledCounter,
 }
 
 /// The gateway as the metrics endpoint sees it.
@@ -96,7 +98,9 @@ impl Gateway {
             &mut e,
             "pingate_gateway_terminal_connections_closed_total",
             "Terminal connections closed by the gateway, by listener and reason: no_first_frame (nothing within \
-             first_frame_timeout_ms), slow_sender, connection_cap, source_cap.",
+             first_frame_timeout_ms), slow_sender, connection_cap, source_cap, source_not_allowed (outside the \
+             listener's allow list), tls_handshake (failed), tls_handshake_timeout (not done within \
+             first_frame_timeout_ms).",
         );
         self.metrics.reversal_rates.render(&mut e);
         self.metrics.limit_refusals.render(
@@ -160,6 +164,13 @@ impl Gateway {
             "pingate_gateway_mac_refused_total",
             "Requests answered 63 on listeners and lines that require MACs, by reason: missing, mismatch, no_key, \
              no_terminal, wrong_algorithm, unsupported, locked.",
+        );
+        self.metrics.origin_refused.render(
+            &mut e,
+            "pingate_gateway_origin_refused_total",
+            "Requests answered 63 for where they came from, by reason: certificate (a client certificate that may not \
+             speak for the terminal id), source (a terminal's allow list), caller_id (a terminal's caller_ids), \
+             no_terminal.",
         );
         let locked = self.mac_status().iter().filter(|s| s.locked_since.is_some()).count();
         e.family(
@@ -247,10 +258,15 @@ impl Gateway {
         }
         let stock = self.stock();
         type Reading = fn(&Level) -> f64;
-        let gauges: [(&str, &str, Reading); 2] = [
+        let gauges: [(&str, &str, Reading); 3] = [
             ("pingate_gateway_cache_pins", "PINs held in the prefetch cache.", |l| {
                 l.cached as f64
             }),
+            (
+                "pingate_gateway_cache_low",
+                "The cache's low mark (a refill is due under it; configured).",
+                |l| l.low as f64,
+            ),
             (
                 "pingate_gateway_cache_target",
                 "What the cache refills towards (adapts to the sale rate).",
@@ -324,6 +340,13 @@ impl Gateway {
             let open = if s.circuit_open { 1.0 } else { 0.0 };
             e.sample("pingate_gateway_server_circuit_open", &[("server", &s.server)], open);
         }
+        e.single(
+            "pingate_gateway_journal_writing",
+            "gauge",
+            "1 while the journal takes records; 0 after a write it could not make (no sale is answered until a \
+             restart).",
+            if self.journal.is_writing() { 1.0 } else { 0.0 },
+        );
         let board = self.lines.borrow().clone();
         e.family(
             "pingate_gateway_serial_line_state",

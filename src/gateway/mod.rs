@@ -15,6 +15,7 @@ mod forward;
 pub mod journal;
 mod limits;
 mod metrics;
+pub mod origin;
 pub mod policy;
 mod refill;
 mod reload;
@@ -218,6 +219,7 @@ impl Gateway {
                 reversal_rates: Default::default(),
                 reversals_too_late: Default::default(),
                 limit_refusals: Default::default(),
+                origin_refused: Default::default(),
             },
             terminals: std::sync::RwLock::new(Arc::new(cfg_terminals)),
             products: Mutex::new(cfg_products),
@@ -344,6 +346,48 @@ impl Gateway {
     /// PIN and no MAC, counted for the terminal (locked after `mac_failures` within `mac_failure_window_secs`); the
     /// answer to a verified request is MACed by [`Gateway::encode_reply`]. An unknown terminal id gets the same `63`
     /// as a known one with a wrong MAC (an 0800 tells a stranger nothing).
+    /// [`Gateway::handle_frame`] for a request from `origin`: a terminal id the connection's certificate may not
+    /// speak for, or one bound to networks or callers' numbers the request did not come from, is answered `63` with
+    /// no PIN (before its MAC is looked at: such a refusal counts no MAC failure).
+    pub async fn handle_from(
+        &self,
+        dialect: &Dialect,
+        raw: &[u8],
+        msg: &Message,
+        mac: MacPolicy,
+        origin: &origin::Origin,
+        received: Instant,
+    ) -> Reply {
+        let registry = self.terminals.read().expect("not poisoned").clone();
+        match controller::check_origin(&registry, msg.terminal_id(), origin) {
+            Ok(()) => self.handle_frame(dialect, raw, msg, mac, received).await,
+            Err(refusal) => {
+                let reason = refusal.label();
+                self.metrics.origin_refused.inc(&[("reason", reason)]);
+                limited!(
+                    info,
+                    "request refused: not from where its terminal may come from (63)",
+                    terminal = msg.terminal_id().unwrap_or(""),
+                    reason
+                );
+                self.security_violation(msg, received)
+            }
+        }
+    }
+
+    /// The `63` answer of a refused request (no PIN, no MAC), counted.
+    fn security_violation(&self, msg: &Message, received: Instant) -> Reply {
+        let code = ResponseCode::SecurityViolation;
+        // A sale's decline carries its RRN (derived from its key), as every other decline does.
+        let message = match SaleKey::of(msg, crate::clock::unix_now()) {
+            Ok(key) if msg.mti().class() == 2 => crate::sale::sale_answer(msg, &rrn_of(&key), Err(code))
+                .unwrap_or_else(|_| crate::sale::answer(msg, code)),
+            _ => crate::sale::answer(msg, code),
+        };
+        self.count_request(msg.mti().as_str(), code.code(), received);
+        Reply::plain(message)
+    }
+
     pub async fn handle_frame(
         &self,
         dialect: &Dialect,
@@ -370,16 +414,7 @@ impl Gateway {
                     terminal = msg.terminal_id().unwrap_or(""),
                     reason
                 );
-                let code = ResponseCode::SecurityViolation;
-                // A sale's decline carries its RRN (derived from its key), as every other decline does.
-                let message = match SaleKey::of(msg, crate::clock::unix_now()) {
-                    Ok(key) if msg.mti().class() == 2 => crate::sale::sale_answer(msg, &rrn_of(&key), Err(code))
-                        .unwrap_or_else(|_| crate::sale::answer(msg, code)),
-                    _ => crate::sale::answer(msg, code),
-                };
-                let reply = Reply::plain(message);
-                self.count_request(msg.mti().as_str(), ResponseCode::SecurityViolation.code(), received);
-                reply
+                self.security_violation(msg, received)
             }
         }
     }

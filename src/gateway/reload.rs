@@ -29,7 +29,8 @@ impl Gateway {
     pub fn reload(&self, new: &GatewayConfig) -> ReloadReport {
         let mut r = ReloadReport::default();
         let old_terminals = self.registry();
-        if old_terminals.terminals != new.terminals.terminals {
+        // Where terminals may come from (allow lists, callers' numbers, NACs) is part of the registry.
+        if old_terminals.terminals != new.terminals.terminals || old_terminals.origins != new.terminals.origins {
             let added = new
                 .terminals
                 .terminals

@@ -238,6 +238,8 @@ struct Line<'a> {
     gw: Arc<Gateway>,
     modem: Option<ModemController>,
     call: Option<Call>,
+    /// Where the current call comes from: the caller's number the modem reported (no address: not TCP).
+    origin: Arc<super::origin::Origin>,
     /// Numbers calls, so that an answer for a call that is over is known as undelivered.
     call_id: u64,
     /// Numbers requests on the line.
@@ -272,6 +274,7 @@ impl<'a> Line<'a> {
             gw,
             modem: None,
             call: None,
+            origin: Arc::default(),
             call_id: 0,
             seq: 0,
             in_flight: std::collections::HashMap::new(),
@@ -545,7 +548,12 @@ impl<'a> Line<'a> {
             }
             ModemEvent::Ring => tracing::debug!("RING"),
             ModemEvent::Connected { speed, protocol } => {
-                tracing::info!(?speed, ?protocol, "call connected");
+                let caller_id = self.modem.as_ref().and_then(|m| m.caller_id()).map(Box::from);
+                tracing::info!(?speed, ?protocol, caller_id = caller_id.as_deref(), "call connected");
+                self.origin = Arc::new(super::origin::Origin {
+                    caller_id,
+                    ..Default::default()
+                });
                 self.status(|s| {
                     s.state = "online".into();
                     s.speed = speed;
@@ -713,6 +721,7 @@ impl<'a> Line<'a> {
         }
         let (gw, dialect, tx) = (self.gw.clone(), self.dialect.clone(), self.answers_tx.clone());
         let mac = self.cfg.mac;
+        let origin = self.origin.clone();
         let msg = match decode_request(&dialect, &message) {
             Ok(m) => m,
             Err(answer) => {
@@ -740,7 +749,7 @@ impl<'a> Line<'a> {
         let span = tracing::info_span!("request", terminal = msg.terminal_id().unwrap_or("?"), call);
         self.work.spawn(
             async move {
-                let reply = gw.handle_frame(&dialect, &message, &msg, mac, now).await;
+                let reply = gw.handle_from(&dialect, &message, &msg, mac, &origin, now).await;
                 let encoded = gw.encode_reply(&dialect, &reply);
                 let mut sale = reply.reverse_if_undelivered;
                 let message = match encoded {

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::config::{ListenerConfig, MacPolicy};
+use super::origin::{CertNames, Origin};
 use super::Gateway;
 use crate::iso8583::{Dialect, Message};
 use crate::link::framing::{Frame, FrameCodec};
@@ -78,6 +79,13 @@ pub async fn run(
         let header = Capture::new(cfg.framing, cfg.tpdu, &cfg.dialect, cfg.capture_pins);
         crate::traffic::capture::open_logged(path, &header, &format!("listener {}", cfg.name))
     });
+    let acceptor = match cfg.tls.as_ref().map(|t| t.acceptor()).transpose() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(listener = %cfg.name, error = %e, "TLS cannot be set up; the listener does not serve");
+            return;
+        }
+    };
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
     let per_source = Arc::new(PerSource::default());
     let stop = CancellationToken::new();
@@ -97,6 +105,13 @@ pub async fn run(
                 }
             },
         };
+        if !super::origin::allowed(&cfg.allow, peer.ip()) {
+            gateway.note_closed(&cfg.name, "source_not_allowed");
+            limited!(warn, "connection from outside the listener's allow list; closed", listener = %cfg.name, %peer);
+            drop(stream);
+            continue;
+        }
+        let accepted = Instant::now();
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             gateway.note_closed(&cfg.name, "connection_cap");
             limited!(warn, "connection cap reached; closed", listener = %cfg.name, %peer);
@@ -124,21 +139,67 @@ pub async fn run(
             %peer,
             conn = id,
             terminal = tracing::field::Empty,
-            more_terminals = tracing::field::Empty
+            more_terminals = tracing::field::Empty,
+            certificate = tracing::field::Empty
         );
-        let (cfg, dialect, gw, stop, ps, capture) = (
+        let (cfg, dialect, gw, stop, ps, capture, acceptor) = (
             cfg.clone(),
             dialect.clone(),
             gateway.clone(),
             stop.clone(),
             per_source.clone(),
             capture.clone(),
+            acceptor.clone(),
         );
         conns.spawn(
             async move {
                 let _permit = permit;
                 let _source = SourceGuard(&ps, peer.ip());
-                if let Err(e) = connection(stream, &cfg, dialect, gw, stop, capture.map(|c| (c, id))).await {
+                let _ = stream.set_nodelay(true);
+                let capture = capture.map(|c| (c, id));
+                let mut origin = Origin::tcp(peer.ip());
+                let ended = match acceptor {
+                    None => {
+                        let (rd, wr) = stream.into_split();
+                        let origin = Arc::new(origin);
+                        connection(rd, wr, origin, accepted, &cfg, dialect, gw, stop, capture).await
+                    }
+                    Some(acceptor) => {
+                        // The handshake is part of the first frame's time: a peer that never finishes it holds its
+                        // slot no longer than one that never sends a frame.
+                        let by = accepted + cfg.first_frame_timeout;
+                        match tokio::time::timeout_at(by, acceptor.accept(stream)).await {
+                            Err(_) => {
+                                gw.note_closed(&cfg.name, "tls_handshake_timeout");
+                                limited!(
+                                    info,
+                                    "TLS handshake not finished within the first-frame deadline; closing"
+                                );
+                                Err("TLS handshake timeout".into())
+                            }
+                            Ok(Err(e)) => {
+                                gw.note_closed(&cfg.name, "tls_handshake");
+                                limited!(info, "TLS handshake failed; closing", error = %e);
+                                Err(format!("TLS handshake: {e}"))
+                            }
+                            Ok(Ok(tls)) => {
+                                origin.cert = tls
+                                    .get_ref()
+                                    .1
+                                    .peer_certificates()
+                                    .and_then(|c| c.first())
+                                    .map(|c| Arc::new(CertNames::of(c)));
+                                if let Some(names) = &origin.cert {
+                                    tracing::Span::current().record("certificate", names.0.join(",").as_str());
+                                }
+                                let (rd, wr) = tokio::io::split(tls);
+                                let origin = Arc::new(origin);
+                                connection(rd, wr, origin, accepted, &cfg, dialect, gw, stop, capture).await
+                            }
+                        }
+                    }
+                };
+                if let Err(e) = ended {
                     tracing::debug!(error = %e, "connection ended");
                 }
             }
@@ -164,16 +225,22 @@ pub(crate) fn captured(frame: &Frame) -> Bytes {
     }
 }
 
-async fn connection(
-    stream: TcpStream,
+#[allow(clippy::too_many_arguments)]
+async fn connection<R, W>(
+    mut rd: R,
+    mut wr: W,
+    origin: Arc<Origin>,
+    accepted: Instant,
     cfg: &ListenerConfig,
     dialect: Arc<Dialect>,
     gw: Arc<Gateway>,
     stop: CancellationToken,
     capture: Option<(CaptureSink, u64)>,
-) -> Result<(), String> {
-    let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
+) -> Result<(), String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let mut codec = FrameCodec::new(cfg.framing, cfg.tpdu, cfg.max_frame);
     let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(cfg.max_in_flight * 2);
     let writer_gw = gw.clone();
@@ -235,7 +302,7 @@ async fn connection(
     // this one task, once for all that are ready).
     let mut in_flight: FuturesUnordered<RequestFuture> = FuturesUnordered::new();
     // Until its first frame is complete, a connection is given `first_frame_timeout` from its accept.
-    let first_frame_by = Instant::now() + cfg.first_frame_timeout;
+    let first_frame_by = accepted + cfg.first_frame_timeout;
     let mut framed = false;
     let mut named = Named::default();
     let mut buf = BytesMut::with_capacity(0);
@@ -257,7 +324,7 @@ async fn connection(
                     frame_started = None;
                     framed = true;
                     last_activity = Instant::now();
-                    if let Some(request) = on_frame(frame, &dialect, cfg.mac, &gw, &out_tx, &mut named) {
+                    if let Some(request) = on_frame(frame, &dialect, cfg.mac, &origin, &gw, &out_tx, &mut named) {
                         in_flight.push(request);
                     }
                 }
@@ -368,6 +435,7 @@ fn on_frame(
     frame: Frame,
     dialect: &Arc<Dialect>,
     mac: MacPolicy,
+    origin: &Arc<Origin>,
     gw: &Arc<Gateway>,
     out: &mpsc::Sender<Outgoing>,
     named: &mut Named,
@@ -404,11 +472,11 @@ fn on_frame(
     if let Some(t) = msg.terminal_id() {
         named.saw(t);
     }
-    let (gw, dialect, out) = (gw.clone(), dialect.clone(), out.clone());
+    let (gw, dialect, out, origin) = (gw.clone(), dialect.clone(), out.clone(), origin.clone());
     let raw = frame.message;
     Some(Box::pin(
         async move {
-            let reply = gw.handle_frame(&dialect, &raw, &msg, mac, received).await;
+            let reply = gw.handle_from(&dialect, &raw, &msg, mac, &origin, received).await;
             let bytes = match gw.encode_reply(&dialect, &reply) {
                 Ok(b) => b,
                 Err(e) => {

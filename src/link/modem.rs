@@ -203,6 +203,14 @@ enum State {
     HangingUp(Hangup),
 }
 
+/// The number of a caller ID line (`NMBR = 5551234`, `NMBR: 5551234`, spaces optional), if `line` is one.
+fn caller_id_line(line: &str) -> Option<String> {
+    let rest = line.trim().strip_prefix("NMBR")?;
+    let number = rest.trim_start().strip_prefix(['=', ':'])?.trim();
+    (!number.is_empty() && number.len() <= 32 && number.bytes().all(|b| b.is_ascii_graphic()))
+        .then(|| number.to_string())
+}
+
 /// Longest silence between two RINGs of one call.
 const RING_GAP: Duration = Duration::from_secs(10);
 
@@ -226,6 +234,8 @@ pub struct ModemController {
     speed: Option<u32>,
     /// A CR ended the last result line; an LF right after it belongs to the line.
     skip_lf: bool,
+    /// The caller's number the modem reported for the current call (caller ID, `NMBR = …` between the RINGs).
+    caller_id: Option<String>,
 }
 
 impl ModemController {
@@ -243,6 +253,7 @@ impl ModemController {
             events: VecDeque::new(),
             speed: None,
             skip_lf: false,
+            caller_id: None,
         };
         m.start_init(1, now);
         m
@@ -410,7 +421,18 @@ impl ModemController {
         self.start_init(1, now);
     }
 
+    /// The caller's number of the current (or last) call, as the modem reported it after the first RING with caller
+    /// ID enabled (`AT+VCID=1`, `AT#CID=1`): `NMBR = 5551234`. `None` when it reported none for this call (a line
+    /// without caller ID, a withheld number reported as `P` or `O` is kept as that letter).
+    pub fn caller_id(&self) -> Option<&str> {
+        self.caller_id.as_deref()
+    }
+
     fn on_line(&mut self, line: &str, now: Instant) {
+        if let (State::Ready { .. } | State::Answering { .. }, Some(number)) = (&self.state, caller_id_line(line)) {
+            self.caller_id = Some(number);
+            return;
+        }
         let code = ResultCode::parse(line);
         match (&self.state, code) {
             (State::Init { step, attempt, .. }, Some(ResultCode::Ok)) => {
@@ -436,6 +458,10 @@ impl ModemController {
                     Some(t) if now.duration_since(*t) < RING_GAP => rings + 1,
                     _ => 1,
                 };
+                if rings == 1 {
+                    // A new call: the number of an earlier one is not this one's.
+                    self.caller_id = None;
+                }
                 self.events.push_back(ModemEvent::Ring);
                 match self.cfg.answer {
                     AnswerMode::Host { rings: n } if rings >= n => {
@@ -495,6 +521,7 @@ impl ModemController {
 
     fn start_init(&mut self, attempt: u32, now: Instant) {
         self.line.clear();
+        self.caller_id = None;
         if self.cfg.init.is_empty() {
             self.events.push_back(ModemEvent::Ready);
             self.state = State::Ready {
@@ -646,6 +673,39 @@ mod tests {
         assert_eq!(t.m.speed(), Some(2400));
         assert_eq!(t.m.poll_data().as_deref(), Some(&b"\x02AB"[..]));
         assert_eq!(t.m.poll_timeout(), None, "online, the link keeps time");
+    }
+
+    #[test]
+    fn the_callers_number_between_the_rings_is_kept_for_the_call_and_forgotten_after() {
+        let cfg = ModemConfig {
+            answer: AnswerMode::Host { rings: 2 },
+            ..ModemConfig::default()
+        };
+        let mut t = T::new(cfg, false);
+        t.init_ok();
+        t.hear("\r\nRING\r\n\r\nDATE = 1206\r\nTIME = 1412\r\nNMBR = 5551234\r\n");
+        assert_eq!(t.m.caller_id(), Some("5551234"));
+        t.hear("\r\nRING\r\n");
+        assert_eq!(t.out(), "ATA\r");
+        t.hear("\r\nCONNECT 2400\r\n");
+        assert_eq!(t.m.caller_id(), Some("5551234"), "through the call");
+        assert_eq!(caller_id_line("NMBR:5559999"), Some("5559999".into()));
+        assert_eq!(
+            caller_id_line("NMBR = P"),
+            Some("P".into()),
+            "withheld: kept as reported"
+        );
+        for not in ["NMBR =", "NAME = JOHN", "NMBR 555", "NMBRX = 1"] {
+            assert_eq!(caller_id_line(not), None, "{not:?}");
+        }
+        // The next call without caller ID: nothing of the last one's number is left.
+        let mut t = T::new(ModemConfig::default(), false);
+        t.init_ok();
+        t.hear("\r\nRING\r\nNMBR = 5551234\r\n");
+        t.hear("\r\nNO ANSWER\r\n");
+        assert_eq!(t.m.caller_id(), None, "a call that did not come up re-arms the modem");
+        t.hear("\r\nRING\r\n");
+        assert_eq!(t.m.caller_id(), None);
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub struct ModemOptions {
     pub guard: Duration,
     /// The line's parity (7-bit lines): commands are read without it, result codes are sent with it.
     pub parity: Parity,
+    /// Caller ID: after the first RING of a call the modem reports `DATE`, `TIME` and `NMBR = this` (as modems do
+    /// with `AT+VCID=1`); `None`: no caller ID.
+    pub caller_id: Option<String>,
 }
 
 impl Default for ModemOptions {
@@ -51,6 +54,7 @@ impl Default for ModemOptions {
             replies: CommandReply::Ok,
             guard: Duration::from_millis(50),
             parity: Parity::None,
+            caller_id: None,
         }
     }
 }
@@ -224,6 +228,7 @@ pub fn start_modem(opts: ModemOptions) -> std::io::Result<ModemHandle> {
         online: false,
         ringing: false,
         rings: 0,
+        caller_id_sent: false,
         line: Vec::new(),
         started: Instant::now(),
         last_host: Instant::now(),
@@ -247,6 +252,8 @@ struct Emulator {
     ringing: bool,
     /// Rings of the current call so far.
     rings: u32,
+    /// The caller's number was reported for the current call.
+    caller_id_sent: bool,
     line: Vec<u8>,
     started: Instant,
     last_host: Instant,
@@ -287,6 +294,7 @@ impl Emulator {
                         Control::Ring => {
                             self.ringing = true;
                             self.rings = 0;
+                            self.caller_id_sent = false;
                             ring_timer = Some(Instant::now());
                             Vec::new()
                         }
@@ -314,6 +322,10 @@ impl Emulator {
                         ring_timer = None;
                         if self.ringing && !self.online {
                             out.extend_from_slice(&self.result("RING", 2));
+                            if let (false, Some(n)) = (self.caller_id_sent, &self.opts.caller_id) {
+                                self.caller_id_sent = true;
+                                out.extend_from_slice(format!("\r\nDATE = 1206\r\nTIME = 1412\r\nNMBR = {n}\r\n").as_bytes());
+                            }
                             self.auto_ring_count_down(&mut out);
                             if self.ringing && !self.online {
                                 ring_timer = Some(now + Duration::from_millis(500));
@@ -834,13 +846,18 @@ pub struct LineClient<S> {
     pub line: LineTerminal<S>,
     pub dialect: std::sync::Arc<crate::iso8583::Dialect>,
     pub tpdu: Option<crate::link::framing::Tpdu>,
+    /// Requests are MACed with their terminal's key (`--mac-key-file`).
+    pub mac: Option<crate::traffic::secure::MacSigner>,
 }
 
 impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> crate::traffic::scenario::Exchange
     for LineClient<S>
 {
     async fn exchange(&mut self, msg: &crate::iso8583::Message) -> Result<crate::iso8583::Message, String> {
-        let body = self.dialect.encode(msg).map_err(|e| e.to_string())?;
+        let body = match &self.mac {
+            Some(m) => m.sign(&self.dialect, msg).map_err(|e| e.to_string())?,
+            None => self.dialect.encode(msg).map_err(|e| e.to_string())?,
+        };
         let mut data = Vec::new();
         if let Some(t) = self.tpdu {
             data.extend_from_slice(&t.bytes());

@@ -19,6 +19,7 @@ use tokio_util::codec::Framed;
 
 use crate::iso8583::Dialect;
 use crate::link::framing::{FrameCodec, Framing, Tpdu};
+use crate::traffic::secure::{MacSigner, TerminalStream};
 use crate::traffic::sim::{Identity, SaleSpec};
 
 /// Serves frames back as they came until `shutdown`.
@@ -154,7 +155,40 @@ pub struct LoadReport {
     /// The run second by second (by when the answer came).
     pub seconds: Vec<Second>,
     pub elapsed: Duration,
+    /// MACs (with `--mac-key-file`): what signing the requests and checking the answers' MACs took here.
+    pub mac: MacCost,
 }
+
+/// The MAC's cost measured in the load generator: requests signed and answers checked, and the time each took (the
+/// gateway does the same work for each request: one check, one signature).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MacCost {
+    pub signed: u64,
+    pub sign_time: Duration,
+    pub verified: u64,
+    pub verify_time: Duration,
+    /// Answers whose MAC was missing or did not check (a `63` carries none).
+    pub failed: u64,
+}
+
+impl MacCost {
+    /// Microseconds per request to sign it and to check its answer's MAC.
+    pub fn per_request_us(&self) -> (f64, f64) {
+        let per = |t: Duration, n: u64| if n == 0 { 0.0 } else { t.as_secs_f64() * 1e6 / n as f64 };
+        (per(self.sign_time, self.signed), per(self.verify_time, self.verified))
+    }
+
+    fn add(&mut self, o: &MacCost) {
+        self.signed += o.signed;
+        self.sign_time += o.sign_time;
+        self.verified += o.verified;
+        self.verify_time += o.verify_time;
+        self.failed += o.failed;
+    }
+}
+
+/// TLS and MACs for a load run against a secured gateway.
+pub type LoadSecurity = crate::traffic::secure::Security;
 
 impl Default for LoadReport {
     fn default() -> Self {
@@ -164,6 +198,7 @@ impl Default for LoadReport {
             latency: histogram(),
             seconds: Vec::new(),
             elapsed: Duration::ZERO,
+            mac: MacCost::default(),
         }
     }
 }
@@ -210,6 +245,7 @@ impl LoadReport {
 
     fn merge(&mut self, other: LoadReport) {
         self.sent += other.sent;
+        self.mac.add(&other.mac);
         for (c, n) in other.codes {
             *self.codes.entry(c).or_default() += n;
         }
@@ -239,23 +275,28 @@ pub fn quantile_ms(v: &mut [Duration], q: f64) -> f64 {
 
 /// Runs the load and reports. Errors of single connections end those connections only.
 pub async fn run(spec: LoadSpec, dialect: Arc<Dialect>) -> Result<LoadReport, String> {
+    run_secured(spec, dialect, &LoadSecurity::default()).await
+}
+
+/// [`run`] over TLS and/or with MACs: each request MACed with its terminal's key (`{terminal_prefix}{n:04}`), each
+/// answer's MAC checked, both timed ([`LoadReport::mac`]).
+pub async fn run_secured(spec: LoadSpec, dialect: Arc<Dialect>, security: &LoadSecurity) -> Result<LoadReport, String> {
     if spec.mix.is_empty() {
         return Err("the product mix is empty".into());
     }
     let mut conns = Vec::new();
     for _ in 0..spec.connections {
-        let s = TcpStream::connect(spec.addr)
+        let s = TerminalStream::connect(spec.addr, security.tls.as_ref())
             .await
             .map_err(|e| format!("{}: {e}", spec.addr))?;
-        s.set_nodelay(true).map_err(|e| e.to_string())?;
         conns.push(s);
     }
     let start = Instant::now();
     let end = start + spec.duration;
     let mut tasks = tokio::task::JoinSet::new();
     for (i, s) in conns.into_iter().enumerate() {
-        let (spec, dialect) = (spec.clone(), dialect.clone());
-        tasks.spawn(async move { connection(i + 1, s, spec, dialect, start, end).await });
+        let (spec, dialect, mac) = (spec.clone(), dialect.clone(), security.mac.clone());
+        tasks.spawn(async move { connection(i + 1, s, spec, dialect, mac, start, end).await });
     }
     let mut report = LoadReport::default();
     while let Some(r) = tasks.join_next().await {
@@ -267,9 +308,10 @@ pub async fn run(spec: LoadSpec, dialect: Arc<Dialect>) -> Result<LoadReport, St
 
 async fn connection(
     n: usize,
-    stream: TcpStream,
+    stream: TerminalStream,
     spec: LoadSpec,
     dialect: Arc<Dialect>,
+    mac: Option<MacSigner>,
     start: Instant,
     end: Instant,
 ) -> LoadReport {
@@ -291,7 +333,8 @@ async fn connection(
         + interval
             .map(|i| i.mul_f64(n as f64 / spec.connections as f64))
             .unwrap_or_default();
-    let send = |stan: u32| {
+    let mut cost = MacCost::default();
+    let mut send = |stan: u32| {
         let item = spec.item(stan);
         let s = SaleSpec {
             stan,
@@ -300,7 +343,17 @@ async fn connection(
             amount: item.amount,
             currency: "978".into(),
         };
-        dialect.encode(&id.sale(&s, false)).map(|b| b.freeze())
+        let msg = id.sale(&s, false);
+        match &mac {
+            None => dialect.encode(&msg).map(|b| b.freeze()).map_err(|_| ()),
+            Some(m) => {
+                let t0 = std::time::Instant::now();
+                let signed = m.sign(&dialect, &msg).map(|b| b.freeze()).map_err(|_| ());
+                cost.sign_time += t0.elapsed();
+                cost.signed += 1;
+                signed
+            }
+        }
     };
     loop {
         let now = Instant::now();
@@ -340,6 +393,13 @@ async fn connection(
             f = src.next() => match f {
                 Some(Ok(f)) => {
                     if let Ok(m) = dialect.decode(&f.message) {
+                        if let Some(signer) = &mac {
+                            let t0 = std::time::Instant::now();
+                            let checked = signer.verify(&dialect, &f.message, &m);
+                            report.mac.verify_time += t0.elapsed();
+                            report.mac.verified += 1;
+                            report.mac.failed += u64::from(checked.is_err());
+                        }
                         if let Some(t0) = m.get_str(11).and_then(|s| pending.remove(s)) {
                             let now = Instant::now();
                             let code = m.get_str(39).unwrap_or("echo").to_string();
@@ -361,6 +421,7 @@ async fn connection(
             }
         }
     }
+    report.mac.add(&cost);
     report
 }
 

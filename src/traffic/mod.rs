@@ -13,6 +13,7 @@
 //! - [`capture`] — capture files of terminal traffic (text, one frame per line), written by the gateway and read by
 //!   the replay.
 //! - [`pcap`] — import of pcap and pcapng files: TCP streams of a port reassembled and cut into frames.
+//! - [`secure`] — TLS to terminal listeners and terminals' MAC keys for the tools (`--tls`, `--mac-key-file`).
 //! - [`replay`] — replays a capture against a gateway (answers compared field by field) or the codec alone.
 
 pub mod capture;
@@ -22,4 +23,5 @@ pub mod pcap;
 pub mod procfs;
 pub mod replay;
 pub mod scenario;
+pub mod secure;
 pub mod sim;

@@ -11,9 +11,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::traffic::secure::TerminalStream;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::codec::Framed;
 
@@ -33,6 +33,9 @@ pub struct ReplayOptions {
     pub ignore: BTreeSet<u8>,
     /// Time allowed for each answer.
     pub timeout: Duration,
+    /// TLS to the listener; requests MACed again with their terminals' keys (the answers' MAC fields are then not
+    /// compared: they cover fields that differ by nature, and a capture made without MACs has none).
+    pub security: crate::traffic::secure::Security,
 }
 
 impl ReplayOptions {
@@ -43,6 +46,7 @@ impl ReplayOptions {
             may_differ: [37, 38, 63].into(),
             ignore: BTreeSet::new(),
             timeout: Duration::from_secs(30),
+            security: Default::default(),
         }
     }
 }
@@ -267,7 +271,7 @@ async fn one_connection(
         request: describe(&dialect, &split(&r.data, capture.tpdu).1),
         what,
     };
-    let stream = match TcpStream::connect(opts.addr).await {
+    let stream = match TerminalStream::connect(opts.addr, opts.security.tls.as_ref()).await {
         Ok(s) => s,
         Err(e) => {
             for r in records.iter().filter(|r| r.dir == Direction::Terminal) {
@@ -279,7 +283,6 @@ async fn one_connection(
             return report;
         }
     };
-    let _ = stream.set_nodelay(true);
     let mut framed = Framed::new(stream, FrameCodec::new(capture.framing, capture.tpdu, 0xFFFF));
     // Host frames already matched to a request.
     let mut used = vec![false; records.len()];
@@ -294,6 +297,16 @@ async fn one_connection(
             }
         }
         let (tpdu, message) = split(&r.data, capture.tpdu);
+        let message = match (&opts.security.mac, dialect.decode(&message)) {
+            (Some(signer), Ok(m)) if !message.is_empty() => match signer.sign(&dialect, &m) {
+                Ok(signed) => signed.freeze(),
+                Err(e) => {
+                    report.missing.push(finding(r, format!("cannot MAC the request: {e}")));
+                    continue;
+                }
+            },
+            _ => message,
+        };
         let keepalive = message.is_empty();
         let (want_stan, request_mti) = match dialect.decode(&message) {
             Ok(m) => (m.get_str(11).map(String::from), Some(m.mti().to_string())),
@@ -473,6 +486,9 @@ pub struct ReplayArgs {
     /// Time allowed for each answer, in milliseconds.
     #[arg(long, default_value_t = 30_000)]
     pub timeout_ms: u64,
+    /// TLS (`--tls --ca --cert --key`) and MACs (`--mac-key-file --kek-file`) for a secured gateway.
+    #[command(flatten)]
+    pub security: crate::traffic::secure::SecurityArgs,
 }
 
 fn field_list(s: &str, what: &str) -> Result<BTreeSet<u8>, String> {
@@ -507,12 +523,20 @@ pub async fn run_cli(args: ReplayArgs) -> Result<bool, String> {
         return Ok(r.failures.is_empty());
     }
     let addr = args.gateway.ok_or("--gateway is needed (or --offline)")?;
+    let security = args.security.security()?;
+    let may_differ = field_list(&args.may_differ, "may-differ")?;
+    let mut ignore = field_list(&args.ignore, "ignore")?;
+    if security.mac.is_some() {
+        // The answers' MACs cover fields that differ by nature, and a capture made without MACs has none.
+        ignore.extend([64, 128]);
+    }
     let opts = ReplayOptions {
         addr,
         original_pacing: args.pace == "original",
-        may_differ: field_list(&args.may_differ, "may-differ")?,
-        ignore: field_list(&args.ignore, "ignore")?,
+        may_differ,
+        ignore,
         timeout: Duration::from_millis(args.timeout_ms),
+        security,
     };
     let r = replay(&capture, dialect, &opts).await;
     for f in &r.mismatches {

@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use super::secure::{ClientTls, MacSigner, TerminalStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
 use crate::iso8583::{Dialect, Message, Mti};
@@ -30,6 +30,9 @@ pub enum SimError {
     Codec(#[from] crate::iso8583::CodecError),
     #[error("connection closed by the gateway")]
     Closed,
+    /// A request could not be MACed, or an answer's MAC does not check.
+    #[error("MAC: {0}")]
+    Mac(#[from] crate::mac::MacError),
 }
 
 /// The transmission date and time of now (UTC), as terminals write it in field 7: `MMDDhhmmss`.
@@ -129,9 +132,11 @@ impl Identity {
 
 /// One terminal connection.
 pub struct TerminalClient {
-    framed: Framed<TcpStream, FrameCodec>,
+    framed: Framed<TerminalStream, FrameCodec>,
     dialect: Arc<Dialect>,
     tpdu: Option<Tpdu>,
+    /// Requests are MACed with their terminal's key, and answers that carry a MAC are checked.
+    mac: Option<MacSigner>,
 }
 
 impl TerminalClient {
@@ -142,17 +147,32 @@ impl TerminalClient {
         tpdu: Option<Tpdu>,
         dialect: Arc<Dialect>,
     ) -> Result<TerminalClient, SimError> {
-        let s = TcpStream::connect(addr).await?;
-        s.set_nodelay(true)?;
+        TerminalClient::connect_secured(addr, framing, tpdu, dialect, None, None).await
+    }
+
+    /// [`TerminalClient::connect`] over TLS when `tls` is given, MACing requests when `mac` is.
+    pub async fn connect_secured(
+        addr: SocketAddr,
+        framing: Framing,
+        tpdu: Option<Tpdu>,
+        dialect: Arc<Dialect>,
+        tls: Option<&ClientTls>,
+        mac: Option<MacSigner>,
+    ) -> Result<TerminalClient, SimError> {
+        let s = TerminalStream::connect(addr, tls).await?;
         Ok(TerminalClient {
             framed: Framed::new(s, FrameCodec::new(framing, tpdu.is_some(), 0xFFFF)),
             dialect,
             tpdu,
+            mac,
         })
     }
 
     pub async fn send(&mut self, msg: &Message) -> Result<(), SimError> {
-        let body = self.dialect.encode(msg)?.freeze();
+        let body = match &self.mac {
+            Some(m) => m.sign(&self.dialect, msg)?.freeze(),
+            None => self.dialect.encode(msg)?.freeze(),
+        };
         self.send_raw(body).await
     }
 
@@ -182,7 +202,14 @@ impl TerminalClient {
             if f.message.is_empty() {
                 continue;
             }
-            return Ok(self.dialect.decode(&f.message)?);
+            let msg = self.dialect.decode(&f.message)?;
+            if let Some(m) = &self.mac {
+                // A refusal (63) carries no MAC; an answer that carries one must check.
+                if msg.has(64) || msg.has(128) {
+                    m.verify(&self.dialect, &f.message, &msg)?;
+                }
+            }
+            return Ok(msg);
         }
     }
 
@@ -200,7 +227,7 @@ impl TerminalClient {
     }
 
     /// The raw stream, for tests that write byte by byte.
-    pub fn stream_mut(&mut self) -> &mut TcpStream {
+    pub fn stream_mut(&mut self) -> &mut TerminalStream {
         self.framed.get_mut()
     }
 }

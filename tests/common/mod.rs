@@ -66,9 +66,135 @@ pub fn write_key(path: &std::path::Path, text: &str) {
     f.write_all(text.as_bytes()).unwrap();
 }
 
-/// The PostgreSQL server the tests use (`PINGATE_TEST_PG_SERVER` overrides), without a database name.
+/// The PostgreSQL server the tests use, without a database name: `PINGATE_TEST_PG_SERVER` if set; else the one at
+/// 127.0.0.1:5432 when it answers; else a private throwaway cluster of this test process ([`private_cluster`]).
 pub fn pg_base() -> String {
-    std::env::var("PINGATE_TEST_PG_SERVER").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    static BASE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BASE.get_or_init(|| {
+        if let Ok(url) = std::env::var("PINGATE_TEST_PG_SERVER") {
+            return url;
+        }
+        let local: std::net::SocketAddr = "127.0.0.1:5432".parse().unwrap();
+        let private = std::env::var_os("PINGATE_TEST_PG_PRIVATE").is_some();
+        if !private && std::net::TcpStream::connect_timeout(&local, std::time::Duration::from_secs(1)).is_ok() {
+            return "postgres://postgres@127.0.0.1:5432".into();
+        }
+        private_cluster()
+    })
+    .clone()
+}
+
+/// The URL of the `test` database the store tests use (`PINGATE_TEST_PG` overrides): on [`pg_base`].
+pub fn pg_test_url() -> String {
+    std::env::var("PINGATE_TEST_PG").unwrap_or_else(|_| format!("{}/test", pg_base()))
+}
+
+/// A PostgreSQL cluster of this test process, for a machine with the PostgreSQL package but no server running:
+/// `initdb` and `postgres` from the package, in a temporary folder, on a free port, with a `test` database; a watcher
+/// stops it and removes the folder when this process is gone. (As root, as in CI, the cluster runs as the package's
+/// `postgres` user: PostgreSQL refuses to run as root.)
+pub fn private_cluster() -> String {
+    use std::process::{Command, Stdio};
+    let bin = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|b| b.join("initdb").exists())
+        .max()
+        .expect("no PostgreSQL server at 127.0.0.1:5432 and no /usr/lib/postgresql/*/bin/initdb to start one: apt-get install postgresql");
+    let root = nix_is_root();
+    let dir = std::env::temp_dir().join(format!("pingate-test-pg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let as_owner = |program: &std::path::Path| {
+        if root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        }
+    };
+    if root {
+        let ok = Command::new("chown").args(["postgres:"]).arg(&dir).status().unwrap();
+        assert!(ok.success(), "chown postgres {}", dir.display());
+    }
+    let data = dir.join("data");
+    let out = as_owner(&bin.join("initdb"))
+        .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "-D"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // The server runs under a shell that watches this process and stops the server (and removes the folder) when
+    // it is gone: the tests have no teardown of their own.
+    let script = format!(
+        "'{postgres}' -D '{data}' -p {port} -k '{dir}' -c listen_addresses=127.0.0.1 -c fsync=off \
+             -c full_page_writes=off >'{dir}/log' 2>&1 & P=$!; \
+         while [ -d /proc/{me} ] && kill -0 $P 2>/dev/null; do sleep 1; done; kill $P 2>/dev/null; wait $P; \
+         rm -rf '{dir}'",
+        postgres = bin.join("postgres").display(),
+        data = data.display(),
+        dir = dir.display(),
+        me = std::process::id(),
+    );
+    let sh = std::path::Path::new("/bin/sh");
+    // Not waited for: it outlives this process on purpose, to stop the server after it.
+    #[allow(clippy::zombie_processes)]
+    as_owner(sh)
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut up = false;
+    for _ in 0..300 {
+        // Accepting connections is not yet accepting queries: `createdb` below retries until it is.
+        if std::net::TcpStream::connect(addr).is_ok() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        up,
+        "the private PostgreSQL did not start: {}",
+        std::fs::read_to_string(dir.join("log")).unwrap_or_default()
+    );
+    let mut created = false;
+    for _ in 0..100 {
+        let out = Command::new(bin.join("createdb"))
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "test"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            created = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(created, "createdb test on the private PostgreSQL failed");
+    format!("postgres://postgres@127.0.0.1:{port}")
+}
+
+/// Whether this process runs as root (its effective uid, from /proc).
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
 }
 
 /// A PostgreSQL database of the test's own, created empty (dropped first if a failed run left it behind): a client
