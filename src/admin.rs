@@ -211,6 +211,216 @@ pub(crate) enum PinsCommand {
         #[arg(long)]
         note: Option<String>,
     },
+    /// PINs voided by reversals since a time, for the supplier's deactivation: serial, product, amount, currency,
+    /// when reversed, gateway, terminal, merchant and why (never a PIN). Voids whose answer was sent whole but never
+    /// acknowledged (the terminal may have printed the PIN) are left out unless `--include-unacknowledged`.
+    Voided {
+        #[arg(long)]
+        db: String,
+        /// `YYYY-MM-DD` (UTC midnight), `YYYY-MM-DDTHH:MM:SSZ`, or seconds since the epoch.
+        #[arg(long)]
+        since: String,
+        /// CSV with a header line instead of text.
+        #[arg(long)]
+        csv: bool,
+        /// Also list the unacknowledged voids (marked `unacknowledged`): do not deactivate those on a guess.
+        #[arg(long)]
+        include_unacknowledged: bool,
+    },
+}
+
+/// `pingate limits`: merchants' limits kept by the PIN server across every gateway (issue 20, §4).
+#[derive(Subcommand)]
+pub(crate) enum LimitsCommand {
+    /// Set a merchant's value per UTC day in a currency (minor units), or remove it (`--remove`). Gateways with a
+    /// `merchant_allowance` in that currency sell from slices of it.
+    Set {
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        merchant: String,
+        /// ISO 4217 numeric.
+        #[arg(long)]
+        currency: String,
+        #[arg(long, required_unless_present = "remove")]
+        value_per_day: Option<i64>,
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Every merchant's limit and what gateways were granted of it today (UTC).
+    Show {
+        #[arg(long)]
+        db: String,
+    },
+}
+
+/// Runs one `pingate limits` command.
+pub(crate) async fn limits(cmd: LimitsCommand) -> Result<String, String> {
+    let db = match &cmd {
+        LimitsCommand::Set { db, .. } | LimitsCommand::Show { db } => db.clone(),
+    };
+    let cipher = PinCipher::without_keys();
+    match DbUrl::parse(&db).map_err(|e| e.to_string())? {
+        DbUrl::Sqlite(p) => run_limits(SqliteStore::open(&p, cipher).map_err(|e| e.to_string())?, cmd).await,
+        DbUrl::Postgres(u) => {
+            run_limits(
+                PgStore::connect(&u, None, cipher).await.map_err(|e| e.to_string())?,
+                cmd,
+            )
+            .await
+        }
+    }
+}
+
+async fn run_limits(mut inv: impl PinStore, cmd: LimitsCommand) -> Result<String, String> {
+    let s = |e: StoreError| e.to_string();
+    match cmd {
+        LimitsCommand::Set {
+            merchant,
+            currency,
+            value_per_day,
+            remove,
+            ..
+        } => {
+            if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_digit()) {
+                return Err("--currency: ISO 4217 numeric, 3 digits".into());
+            }
+            if merchant.is_empty() || merchant.len() > crate::psp::MAX_MERCHANT_ID {
+                return Err("--merchant: 1 to 15 characters".into());
+            }
+            let value = if remove { None } else { value_per_day };
+            if value.is_some_and(|v| !(0..=1_000_000_000_000).contains(&v)) {
+                return Err("--value-per-day: 0 to 1000000000000".into());
+            }
+            inv.set_limit(&merchant, &currency, value).await.map_err(s)?;
+            Ok(match value {
+                Some(v) => format!("merchant {merchant}: at most {v} a day in {currency}"),
+                None => format!("merchant {merchant}: no limit in {currency}"),
+            })
+        }
+        LimitsCommand::Show { .. } => {
+            let rows = inv.limits(unix_now().div_euclid(86_400)).await.map_err(s)?;
+            if rows.is_empty() {
+                return Ok("no merchant limits".into());
+            }
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} {}: {} a day, {} granted to gateways today",
+                        r.merchant_id, r.currency, r.value_per_day, r.granted_today
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n"))
+        }
+    }
+}
+
+/// `--since`: `YYYY-MM-DD` (UTC midnight), `YYYY-MM-DDTHH:MM:SSZ`, or seconds since the epoch.
+pub(crate) fn parse_since(v: &str) -> Result<i64, String> {
+    if let Ok(n) = v.parse::<i64>() {
+        return Ok(n);
+    }
+    let bad = || format!("--since `{v}`: expected YYYY-MM-DD, YYYY-MM-DDTHH:MM:SSZ or seconds since the epoch");
+    let num = |s: &str, len: usize| -> Result<u32, String> {
+        if s.len() == len && s.bytes().all(|b| b.is_ascii_digit()) {
+            s.parse().map_err(|_| bad())
+        } else {
+            Err(bad())
+        }
+    };
+    let (day, clock) = match v.split_once('T') {
+        Some((d, c)) => (d, Some(c.strip_suffix('Z').ok_or_else(bad)?)),
+        None => (v, None),
+    };
+    let parts: Vec<&str> = day.split('-').collect();
+    let [y, m, d] = parts[..] else { return Err(bad()) };
+    let month = time::Month::try_from(num(m, 2)? as u8).map_err(|_| bad())?;
+    let date = time::Date::from_calendar_date(num(y, 4)? as i32, month, num(d, 2)? as u8).map_err(|_| bad())?;
+    let secs = match clock {
+        None => 0,
+        Some(c) => {
+            let parts: Vec<&str> = c.split(':').collect();
+            let [h, mi, se] = parts[..] else { return Err(bad()) };
+            let t = time::Time::from_hms(num(h, 2)? as u8, num(mi, 2)? as u8, num(se, 2)? as u8).map_err(|_| bad())?;
+            t.hour() as i64 * 3600 + t.minute() as i64 * 60 + t.second() as i64
+        }
+    };
+    Ok(date.midnight().assume_utc().unix_timestamp() + secs)
+}
+
+/// A time as `YYYY-MM-DDTHH:MM:SSZ`.
+fn rfc3339(t: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(t) {
+        Ok(d) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            d.year(),
+            d.month() as u8,
+            d.day(),
+            d.hour(),
+            d.minute(),
+            d.second()
+        ),
+        Err(_) => t.to_string(),
+    }
+}
+
+/// The `pingate pins voided` report (text, or CSV with a header).
+pub(crate) fn voided_report(rows: &[crate::store::VoidedRow], csv: bool) -> String {
+    fn field(v: &str) -> String {
+        if v.contains([',', '"', '\n']) {
+            format!("\"{}\"", v.replace('"', "\"\""))
+        } else {
+            v.to_string()
+        }
+    }
+    if csv {
+        let mut out = String::from("serial,product,amount,currency,reversed_at,gateway,terminal_id,merchant_id,reason");
+        for r in rows {
+            let line = [
+                field(&r.serial),
+                field(&r.product),
+                r.amount.to_string(),
+                field(&r.currency),
+                rfc3339(r.reversed_at),
+                field(&r.gateway),
+                field(&r.terminal_id),
+                field(&r.merchant_id),
+                field(&r.reason),
+            ]
+            .join(",");
+            out.push('\n');
+            out.push_str(&line);
+        }
+        // The command line ends the output with a newline.
+        return out;
+    }
+    if rows.is_empty() {
+        return "no voided PINs".into();
+    }
+    rows.iter()
+        .map(|r| {
+            format!(
+                "{} serial {} {} {} {} reversed by {} terminal {} merchant {} via {}{}",
+                rfc3339(r.reversed_at),
+                r.serial,
+                r.product,
+                r.amount,
+                r.currency,
+                r.reason,
+                r.terminal_id,
+                r.merchant_id,
+                r.gateway,
+                if r.reason == "unacknowledged" {
+                    " (UNACKNOWLEDGED: the terminal may have printed it; do not deactivate on a guess)"
+                } else {
+                    ""
+                }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The PIN keys, as `pingate server` and the `pingate pins` commands that open PINs take them.
@@ -246,7 +456,8 @@ pub(crate) async fn pins(cmd: PinsCommand) -> Result<String, String> {
         | PinsCommand::Leases { db }
         | PinsCommand::ReturnExpired { db, .. }
         | PinsCommand::Quarantine { db, .. }
-        | PinsCommand::Conflicts { db, .. } => (db.clone(), None),
+        | PinsCommand::Conflicts { db, .. }
+        | PinsCommand::Voided { db, .. } => (db.clone(), None),
     };
     // Commands that never open a PIN get no key (a database whose upgrade needs the keys waits for a start with
     // them: see schema migration 6).
@@ -356,6 +567,16 @@ async fn run(mut inv: impl PinStore, cmd: PinsCommand) -> Result<String, String>
             inv.resolve_conflict(id, &note, unix_now()).await.map_err(s)?;
             Ok(format!("conflict {id} resolved"))
         }
+        PinsCommand::Voided {
+            since,
+            csv,
+            include_unacknowledged,
+            ..
+        } => {
+            let since = parse_since(&since)?;
+            let rows = inv.voided(since, include_unacknowledged).await.map_err(s)?;
+            Ok(voided_report(&rows, csv))
+        }
         PinsCommand::Conflicts { resolve: None, .. } => {
             let rows = inv.conflicts().await.map_err(s)?;
             if rows.is_empty() {
@@ -391,6 +612,17 @@ async fn run(mut inv: impl PinStore, cmd: PinsCommand) -> Result<String, String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn since_takes_a_day_a_time_or_seconds() {
+        assert_eq!(parse_since("1764590400").unwrap(), 1_764_590_400);
+        assert_eq!(parse_since("2025-12-01").unwrap(), 1_764_547_200);
+        assert_eq!(parse_since("2025-12-01T12:00:00Z").unwrap(), 1_764_590_400);
+        for bad in ["2025-13-01", "yesterday", "2025-12-01T12:00", "2025-12-1"] {
+            assert!(parse_since(bad).is_err(), "{bad}");
+        }
+        assert_eq!(rfc3339(1_764_590_400), "2025-12-01T12:00:00Z");
+    }
 
     #[test]
     fn csv_rows_and_errors() {

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use bytes::Bytes;
 use clap::{CommandFactory, Parser, Subcommand};
 
-use crate::admin::{key_spec, KeyArgs, PinsCommand};
+use crate::admin::{key_spec, KeyArgs, LimitsCommand, PinsCommand};
 use crate::iso8583::{from_hex, to_hex, Dialect, Dialects, Message, DEFAULT_DIALECT};
 
 #[derive(Parser)]
@@ -76,6 +76,11 @@ enum Command {
     Pins {
         #[command(subcommand)]
         command: PinsCommand,
+    },
+    /// Merchants' limits kept by the PIN server across gateways (`set`, `show`).
+    Limits {
+        #[command(subcommand)]
+        command: LimitsCommand,
     },
     /// Run the gateway (`pingate gateway --config gateway.toml`), or ask a running one (`pingate gateway stock`).
     #[command(args_conflicts_with_subcommands = true)]
@@ -195,6 +200,11 @@ struct ServerArgs {
     /// terminal): a receipt's STAN and time, or a capture replayed later, gives back nothing. 60 to 2592000 (30 days).
     #[arg(long, default_value_t = crate::store::DEFAULT_REPEAT_AGE_SECS as u64)]
     repeat_age_secs: u64,
+    /// A terminal's reversal received more than this many seconds after its sale is refused (21 to the terminal)
+    /// and the PIN stays sold (60 to 604800; no window when absent). Gateways' own reversals of answers that did not
+    /// reach the terminal are never refused.
+    #[arg(long)]
+    reversal_window_secs: Option<u64>,
     /// Requests in flight on one connection; more are answered `busy` (1 to 4096; a gateway sends up to 200).
     #[arg(long, default_value_t = 256)]
     max_in_flight: usize,
@@ -610,6 +620,7 @@ async fn server(args: ServerArgs) -> Result<String, String> {
         idle_timeout: std::time::Duration::from_secs(args.idle_timeout_secs),
         max_lease: std::time::Duration::from_secs(args.max_lease_secs),
         repeat_age: std::time::Duration::from_secs(args.repeat_age_secs),
+        reversal_window: args.reversal_window_secs.map(std::time::Duration::from_secs),
         metrics: args.metrics,
     };
     server_opts.check(args.pg_connections)?;
@@ -766,6 +777,7 @@ fn run(cli: Cli) -> Result<String, String> {
             Ok(text)
         }
         Command::Pins { command } => runtime()?.block_on(crate::admin::pins(command)),
+        Command::Limits { command } => runtime()?.block_on(crate::admin::limits(command)),
         Command::Terminals {
             command: TerminalsCommand::Key { command },
         } => crate::terminal_keys::run(command, &mut std::io::stdin()).map_err(|e| e.to_string()),

@@ -23,7 +23,9 @@
 //!   reversal and network rules without I/O, and the repeat window), the prefetch cache and its refills, the crash-safe
 //!   journal, store-and-forward, the PIN server pool, configuration reload, metrics and the admin socket, and where a
 //!   terminal may come from (`gateway::origin`: TLS listeners, client certificates of terminals and NACs, source
-//!   networks, callers' numbers). Depends on no part of the PIN server ([`server`], [`store`]).
+//!   networks, callers' numbers), and fraud controls (`gateway::policy`, `gateway::limits`: the reversal window,
+//!   reversal rates, limits per terminal and merchant, merchants' allowances from the PIN server). Depends on no part
+//!   of the PIN server ([`server`], [`store`]).
 //! - [`server`], [`tls`] — the PIN server (mini-redis shaped `run(listener, …, shutdown)`; `server/handler.rs` maps
 //!   PSP requests to store operations and store results to answers) and mutual TLS.
 //! - [`terminal_keys`] — the terminal key file: each terminal's MAC keys sealed under a key-encrypting key (with

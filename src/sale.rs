@@ -15,6 +15,9 @@ pub enum ResponseCode {
     InvalidTransaction,
     /// `13` — the product exists but not in this amount or currency.
     InvalidAmount,
+    /// `21` — "no action taken": a reversal received after the reversal window (`reversal_window_secs`): the sale
+    /// stands and its PIN stays sold.
+    NoActionTaken,
     /// `15` — field 48 names no product ("no such issuer": the product is the PIN's issuer).
     UnknownProduct,
     /// `25` — no PIN of this product and amount is left ("unable to locate record").
@@ -23,6 +26,10 @@ pub enum ResponseCode {
     FormatError,
     /// `58` — unknown terminal, or the terminal may not sell this product.
     NotPermitted,
+    /// `61` — "exceeds withdrawal amount limit": the terminal's or merchant's value per day in this currency.
+    ExceedsAmountLimit,
+    /// `65` — "exceeds withdrawal frequency limit": the terminal's or merchant's sales per minute.
+    ExceedsFrequencyLimit,
     /// `63` — security violation: a request on a line that requires MACs whose MAC is missing or wrong, or from a
     /// terminal locked after too many of those.
     SecurityViolation,
@@ -35,14 +42,17 @@ pub enum ResponseCode {
 }
 
 impl ResponseCode {
-    pub const ALL: [ResponseCode; 11] = [
+    pub const ALL: [ResponseCode; 14] = [
         ResponseCode::Approved,
         ResponseCode::InvalidTransaction,
         ResponseCode::InvalidAmount,
+        ResponseCode::NoActionTaken,
         ResponseCode::UnknownProduct,
         ResponseCode::OutOfStock,
         ResponseCode::FormatError,
         ResponseCode::NotPermitted,
+        ResponseCode::ExceedsAmountLimit,
+        ResponseCode::ExceedsFrequencyLimit,
         ResponseCode::SecurityViolation,
         ResponseCode::ServerUnavailable,
         ResponseCode::DuplicateMismatch,
@@ -55,10 +65,13 @@ impl ResponseCode {
             ResponseCode::Approved => "00",
             ResponseCode::InvalidTransaction => "12",
             ResponseCode::InvalidAmount => "13",
+            ResponseCode::NoActionTaken => "21",
             ResponseCode::UnknownProduct => "15",
             ResponseCode::OutOfStock => "25",
             ResponseCode::FormatError => "30",
             ResponseCode::NotPermitted => "58",
+            ResponseCode::ExceedsAmountLimit => "61",
+            ResponseCode::ExceedsFrequencyLimit => "65",
             ResponseCode::SecurityViolation => "63",
             ResponseCode::ServerUnavailable => "91",
             ResponseCode::DuplicateMismatch => "94",
@@ -77,10 +90,13 @@ impl ResponseCode {
             ResponseCode::Approved => "approved",
             ResponseCode::InvalidTransaction => "invalid transaction",
             ResponseCode::InvalidAmount => "invalid amount or denomination",
+            ResponseCode::NoActionTaken => "no action taken (reversal too late)",
             ResponseCode::UnknownProduct => "unknown product",
             ResponseCode::OutOfStock => "out of stock",
             ResponseCode::FormatError => "format error",
             ResponseCode::NotPermitted => "transaction not permitted to terminal",
+            ResponseCode::ExceedsAmountLimit => "exceeds amount limit",
+            ResponseCode::ExceedsFrequencyLimit => "exceeds frequency limit",
             ResponseCode::SecurityViolation => "security violation",
             ResponseCode::ServerUnavailable => "PIN server unavailable",
             ResponseCode::DuplicateMismatch => "duplicate transmission with different content",
@@ -367,6 +383,46 @@ impl SaleKey {
     /// Seconds since the epoch of the sale's transmission date-time.
     pub fn transmitted_at(&self) -> Option<i64> {
         transmission_unix(&self.transmission)
+    }
+}
+
+/// Why a sale is reversed: PSP's `reverse` carries it (absent: `terminal`), the gateway journals it, the PIN server
+/// stores it with the reversal, and `pingate pins voided` reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReversalReason {
+    /// The terminal asked (0400/0420): subject to the reversal window.
+    #[default]
+    Terminal,
+    /// The gateway reversed a sale whose answer never reached the terminal in full (not written, a line gone
+    /// mid-answer, a receipt that does not fit): nobody can have the PIN.
+    Undelivered,
+    /// The answer was sent in full but the terminal never acknowledged it (a dial-up line dropped after the last
+    /// byte): the terminal may have printed the PIN, so it is kept out of the supplier's deactivation list by default.
+    Unacknowledged,
+}
+
+impl ReversalReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReversalReason::Terminal => "terminal",
+            ReversalReason::Undelivered => "undelivered",
+            ReversalReason::Unacknowledged => "unacknowledged",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ReversalReason> {
+        [
+            ReversalReason::Terminal,
+            ReversalReason::Undelivered,
+            ReversalReason::Unacknowledged,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        *self == ReversalReason::Terminal
     }
 }
 

@@ -123,6 +123,7 @@ async fn history(s: &mut impl PinStore) -> (Pins, Vec<Dispensed>) {
         s.apply(Op::Reverse {
             sale: common::ctx(GW, 2),
             content: None,
+            policy: Default::default(),
         })
         .await
         .unwrap(),

@@ -300,6 +300,21 @@ async fn carrier_lost_before_the_ack_reverses_the_sale() {
         rig.gw.gateway.flush(Duration::from_millis(200)).await;
     }
     assert!(voided, "the undelivered sale was reversed at the server");
+    // The answer went out whole and only the ACK was lost: the terminal may have printed the PIN. The void is marked
+    // `unacknowledged` and kept out of the supplier's deactivation list unless asked for.
+    {
+        use pingate::store::PinStore;
+        let store =
+            pingate::store::sqlite::SqliteStore::open(&rig.inv.db, pingate::crypto::PinCipher::without_keys()).unwrap();
+        assert!(
+            store.voided(0, false).await.unwrap().is_empty(),
+            "not deactivated on a guess"
+        );
+        let all = store.voided(0, true).await.unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].reason, "unacknowledged");
+        assert_eq!(all[0].terminal_id, "DEMO0004");
+    }
     board_until(&rig.gw, "the line re-armed", |b| ready(b, "m1")).await;
     let out = DialupTerminal::call(&m, &sale_request(4, 31, ON_DEMAND), &script())
         .await

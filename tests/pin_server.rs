@@ -226,6 +226,8 @@ async fn gateway_sells_reserves_confirms_and_reverses_over_mutual_tls() {
         stan: format!("{stan:06}"),
         transmission: "1128173500".into(),
         content: None,
+        reason: Default::default(),
+        requested_at: None,
     };
     assert_eq!(
         c.call(rev(1)).await.unwrap(),

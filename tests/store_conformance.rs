@@ -141,7 +141,8 @@ async fn scenario(s: &mut impl PinStore) {
     assert_eq!(
         s.apply(Op::Reverse {
             sale: ctx("g", 2),
-            content: None
+            content: None,
+            policy: Default::default()
         })
         .await
         .unwrap(),
@@ -150,7 +151,8 @@ async fn scenario(s: &mut impl PinStore) {
     assert_eq!(
         s.apply(Op::Reverse {
             sale: ctx("g", 3),
-            content: None
+            content: None,
+            policy: Default::default()
         })
         .await
         .unwrap(),
@@ -175,6 +177,7 @@ async fn scenario(s: &mut impl PinStore) {
     s.apply(Op::Reverse {
         sale: ctx("g", 20),
         content: None,
+        policy: Default::default(),
     })
     .await
     .unwrap();
@@ -234,7 +237,8 @@ async fn scenario(s: &mut impl PinStore) {
     assert_eq!(
         s.apply(Op::Reverse {
             sale: ctx("b", 9),
-            content: None
+            content: None,
+            policy: Default::default()
         })
         .await
         .unwrap(),
@@ -317,7 +321,8 @@ async fn scenario(s: &mut impl PinStore) {
     assert_eq!(
         s.apply(Op::Reverse {
             sale: ctx("c", 4),
-            content: None
+            content: None,
+            policy: Default::default()
         })
         .await
         .unwrap(),
@@ -355,7 +360,8 @@ async fn scenario(s: &mut impl PinStore) {
     assert_eq!(
         s.apply(Op::Reverse {
             sale: ctx("c", 4),
-            content: None
+            content: None,
+            policy: Default::default()
         })
         .await
         .unwrap(),
@@ -813,6 +819,7 @@ async fn leases_and_reversals(s: &mut impl PinStore) {
     let reverse = |amount: i64| Op::Reverse {
         sale: ctx("g", 1),
         content: Some(gift_content(amount)),
+        policy: Default::default(),
     };
     let r = s.apply(reverse(777)).await;
     assert!(

@@ -207,6 +207,7 @@ async fn transitions_idempotency_and_refusals() {
             Op::Reverse {
                 sale: ctx("gw3", 3),
                 content: None,
+                policy: Default::default(),
             },
         ])
         .await;
@@ -645,6 +646,7 @@ async fn a_version_5_database_is_sealed_again_bound_to_its_rows() {
 /// Undoes what migration 7 changed, as a database of version 6 has it: no `audit_trail` view (the trail is the
 /// `audit` table, as `pingate audit` then reads it). Checked: the view was there, reading the table's rows.
 async fn undo_migration_7(s: &PgStore) {
+    undo_migration_8(s).await;
     let (view, table): (i64, i64) = {
         let r = s
             .client()
@@ -1207,6 +1209,123 @@ async fn enable_server_tls() -> std::path::PathBuf {
     }
     admin.batch_execute("SELECT pg_advisory_unlock(7318432)").await.unwrap();
     ca
+}
+
+/// Undoes migration 8 (the reversals' reason), as a database of version 7 has it.
+async fn undo_migration_8(s: &PgStore) {
+    s.client()
+        .batch_execute(
+            "ALTER TABLE reversals DROP COLUMN reason; DROP TABLE merchant_limits; DROP TABLE merchant_allowances;
+             UPDATE pingate_schema SET version = 7",
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_version_7_database_keeps_its_reversals_and_voided_pins_are_listed_with_their_reason() {
+    use pingate::sale::ReversalReason::{self, Terminal, Unacknowledged, Undelivered};
+    let schema = Schema::new("voided").await;
+    let mut s = schema.stocked(6).await;
+    for stan in 1..=5 {
+        s.sell(&sell("gw1", stan)).await.unwrap();
+    }
+    s.reverse(&ctx("gw1", 2)).await.unwrap();
+    undo_migration_8(&s).await;
+    drop(s);
+    let mut s = schema.open().await;
+    assert_eq!(s.schema_version().await.unwrap(), SCHEMA_VERSION);
+    assert_eq!(SCHEMA_VERSION, 8);
+    s.client()
+        .batch_execute("UPDATE sales SET sold_at = sold_at - 3600 WHERE stan = '000001'")
+        .await
+        .unwrap();
+    let rev = |stan: u32, reason: ReversalReason| Op::Reverse {
+        sale: ctx("gw1", stan),
+        content: None,
+        policy: pingate::store::ReversePolicy {
+            reason,
+            // Asked for a minute ago, forwarded late: judged by when it was asked.
+            requested_at: Some(pingate::clock::unix_now() - 60),
+            window_secs: Some(600),
+        },
+    };
+    let late = s.apply(rev(1, Terminal)).await.unwrap_err();
+    assert!(matches!(late, StoreError::ReversalTooLate { .. }), "{late:?}");
+    s.apply(rev(3, Unacknowledged)).await.unwrap();
+    s.apply(rev(4, Undelivered)).await.unwrap();
+    s.apply(rev(5, Terminal)).await.unwrap();
+    assert_eq!(count(&s, PinState::Sold).await, 1);
+    let list = s.voided(0, false).await.unwrap();
+    assert_eq!(
+        list.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>(),
+        ["terminal", "undelivered", "terminal"],
+        "{list:?}"
+    );
+    assert!(list
+        .iter()
+        .all(|r| r.product == "TOPUP" && r.amount == 1000 && r.currency == "978" && r.gateway == "gw1"));
+    let all = s.voided(0, true).await.unwrap();
+    assert_eq!(all.len(), 4);
+    assert_eq!(all.iter().filter(|r| r.reason == "unacknowledged").count(), 1);
+    assert!(s.voided(i64::MAX / 2, true).await.unwrap().is_empty());
+    drop(s);
+    schema.drop_it().await;
+}
+
+/// A merchant's limit on a database shared by several servers: allowances asked at once through two connections
+/// (two servers) never add up past it, and `limits` shows what was granted.
+#[tokio::test]
+async fn allowances_from_several_servers_never_pass_a_merchants_limit() {
+    let schema = Schema::new("allowances").await;
+    let mut a = schema.open().await;
+    let b = schema.open().await;
+    a.set_limit("M1", "978", Some(10_000)).await.unwrap();
+    let ask = |want: i64| Op::Allowance {
+        merchant_id: "M1".into(),
+        currency: "978".into(),
+        want,
+    };
+    // Without a limit in a currency: all of it, nothing recorded.
+    let free = a
+        .apply(Op::Allowance {
+            merchant_id: "M1".into(),
+            currency: "840".into(),
+            want: 5_000,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        free,
+        Outcome::Allowance {
+            granted: 5_000,
+            limited: false
+        }
+    );
+    let mut tasks = Vec::new();
+    for store in [a, b] {
+        let store = std::sync::Arc::new(tokio::sync::Mutex::new(store));
+        for _ in 0..8 {
+            let store = store.clone();
+            let op = ask(1_500);
+            tasks.push(tokio::spawn(async move { store.lock().await.apply(op).await.unwrap() }));
+        }
+    }
+    let mut total = 0;
+    for t in tasks {
+        let Outcome::Allowance { granted, limited } = t.await.unwrap() else {
+            panic!("an allowance")
+        };
+        assert!(limited);
+        total += granted;
+    }
+    assert_eq!(total, 10_000, "the whole limit, never more");
+    let s = schema.open().await;
+    let rows = s.limits(pingate::clock::unix_now().div_euclid(86_400)).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].value_per_day, rows[0].granted_today), (10_000, 10_000));
+    drop(s);
+    schema.drop_it().await;
 }
 
 /// Run by [`a_private_cluster_serves_when_no_server_answers`], in a process of its own told not to use the local

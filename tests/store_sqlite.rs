@@ -728,6 +728,7 @@ fn undo_migration_3(c: &rusqlite::Connection) {
 /// record's PINs in the order it names them, records in their order), written by triggers on every change; no
 /// `audit_seq` on the PINs (nor the triggers that check it), no `audit_trail` view.
 fn undo_migration_7(c: &rusqlite::Connection) {
+    undo_migration_8(c);
     c.execute_batch(
         "BEGIN;
          DROP VIEW audit_trail; DROP TRIGGER pins_audit_insert; DROP TRIGGER pins_audit_update;
@@ -937,4 +938,100 @@ fn operations_taken_while_a_batch_is_applied_share_its_commit() {
     );
     assert_ne!(pin(2).0, first.0);
     assert_eq!(sold(&other), 2, "all committed together");
+}
+
+/// Undoes migration 8 (the reversals' reason), as a file of version 7 has it.
+fn undo_migration_8(c: &rusqlite::Connection) {
+    c.execute_batch(
+        "ALTER TABLE reversals DROP COLUMN reason; DROP TABLE merchant_limits; DROP TABLE merchant_allowances;
+         PRAGMA user_version = 7",
+    )
+    .unwrap();
+}
+
+/// A reversal with a reason, the time it was asked for and the server's window.
+fn reverse_with(
+    s: &mut SqliteStore,
+    stan: u32,
+    reason: pingate::sale::ReversalReason,
+    window_secs: Option<i64>,
+) -> Result<pingate::store::Outcome, StoreError> {
+    s.apply_batch(&[pingate::store::Op::Reverse {
+        sale: ctx("gw1", stan),
+        content: None,
+        policy: pingate::store::ReversePolicy {
+            reason,
+            requested_at: None,
+            window_secs,
+        },
+    }])
+    .pop()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_version_7_file_keeps_its_reversals_and_voided_pins_are_listed_with_their_reason() {
+    use pingate::sale::ReversalReason::{Terminal, Unacknowledged, Undelivered};
+    use pingate::store::PinStore;
+    let db = TempDb::new("voided");
+    let mut s = db.stocked(6);
+    for stan in 1..=5 {
+        s.sell(&sell(stan)).unwrap();
+    }
+    // Reversed by its terminal before the upgrade: no reason stored, a terminal's.
+    s.reverse(&ctx("gw1", 2)).unwrap();
+    undo_migration_8(s.connection());
+    drop(s);
+    let mut s = db.open();
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+    assert_eq!(SCHEMA_VERSION, 8);
+    // Sale 1 was made an hour ago: a terminal's reversal after a 10-minute window is refused, the PIN stays sold.
+    s.connection()
+        .execute("UPDATE sales SET sold_at = sold_at - 3600 WHERE stan = '000001'", [])
+        .unwrap();
+    let late = reverse_with(&mut s, 1, Terminal, Some(600)).unwrap_err();
+    assert!(matches!(late, StoreError::ReversalTooLate { .. }), "{late:?}");
+    // The gateway's own reversals are never too late; a terminal's within the window is done.
+    assert!(reverse_with(&mut s, 3, Unacknowledged, Some(600)).is_ok());
+    assert!(reverse_with(&mut s, 4, Undelivered, Some(600)).is_ok());
+    assert!(reverse_with(&mut s, 5, Terminal, Some(600)).is_ok());
+    assert_eq!(count(&s, PinState::Sold), 1);
+    assert_eq!(count(&s, PinState::Voided), 4);
+    // For deactivation: the unacknowledged one only when asked for, marked; nothing of the PIN itself.
+    let list = s.voided(0, false).await.unwrap();
+    let reasons: Vec<(String, String)> = list.iter().map(|r| (r.terminal_id.clone(), r.reason.clone())).collect();
+    assert_eq!(list.len(), 3, "{list:?}");
+    assert!(reasons.iter().all(|(_, r)| r != "unacknowledged"));
+    assert_eq!(
+        list.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>(),
+        ["terminal", "undelivered", "terminal"]
+    );
+    assert!(list
+        .iter()
+        .all(|r| r.product == "TOPUP" && r.amount == 1000 && r.serial.starts_with("S1000-")));
+    let all = s.voided(0, true).await.unwrap();
+    assert_eq!(all.len(), 4);
+    assert_eq!(all.iter().filter(|r| r.reason == "unacknowledged").count(), 1);
+    // `--since` after every reversal: none.
+    assert!(s.voided(i64::MAX / 2, true).await.unwrap().is_empty());
+    drop(s);
+    // The command line, on the same file: CSV with a header, no PIN value.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pingate"))
+        .args(["pins", "voided", "--db"])
+        .arg(format!("sqlite:{}", db.path().display()))
+        .args(["--since", "2000-01-01", "--csv", "--include-unacknowledged"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0],
+        "serial,product,amount,currency,reversed_at,gateway,terminal_id,merchant_id,reason"
+    );
+    assert_eq!(lines.len(), 5, "{text}");
+    assert!(lines.iter().any(|l| l.ends_with(",unacknowledged")), "{text}");
+    for p in pins(0, 6, 1000) {
+        assert!(!text.contains(p.pin.expose()), "a PIN value in the report");
+    }
 }

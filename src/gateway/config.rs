@@ -68,6 +68,9 @@ struct File {
     products: Vec<ProductSection>,
     #[serde(default, rename = "serial")]
     serial: Vec<SerialSection>,
+    /// Fraud controls (`super::policy`).
+    #[serde(default)]
+    policy: super::policy::PolicySection,
     /// Network access controllers: a certificate name that speaks for a list of terminal ids.
     #[serde(default, rename = "nac")]
     nacs: Vec<NacSection>,
@@ -817,6 +820,8 @@ pub struct GatewayConfig {
     pub terminals: TerminalRegistry,
     /// Products and amounts not listed are sold on demand.
     pub products: Vec<ProductConfig>,
+    /// Fraud controls: the reversal window (`[policy]`).
+    pub policy: super::policy::PolicyConfig,
 }
 
 impl GatewayConfig {
@@ -1231,6 +1236,10 @@ impl GatewayConfig {
                 None
             }
         };
+        let policy = f.policy.read().unwrap_or_else(|e| {
+            problems.extend(e.iter().map(|(at, reason)| invalid(at, reason)));
+            Default::default()
+        });
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -1276,6 +1285,7 @@ impl GatewayConfig {
             serial,
             terminals,
             products,
+            policy,
         })
     }
 }

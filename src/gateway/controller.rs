@@ -150,12 +150,15 @@ pub(super) enum ReversalStep {
     AskServer,
 }
 
-/// A reversal naming `named`, given what the window holds for the key (`known`).
+/// A reversal naming `named`, given what the window holds for the key (`known`), received at `received_unix`
+/// (seconds since the epoch); `window`: the reversal window (`reversal_window_secs`; `None`: no window).
 pub(super) fn decide_reversal(
     r: &ReversalRequest,
     named: &Content,
     registry: &TerminalRegistry,
     known: Option<&Entry>,
+    received_unix: i64,
+    window: Option<Duration>,
 ) -> ReversalStep {
     if !registry.permits(&r.sale.terminal_id, Some(&r.merchant_id), Some(&r.product)) {
         return ReversalStep::Refuse {
@@ -165,20 +168,32 @@ pub(super) fn decide_reversal(
     }
     // What a sale in progress or approved here bought; a request that was declined here (the server out of
     // reach, a mismatch) says nothing of the key's sale: the server is asked.
-    let known_content = known
-        .filter(|e| matches!(e.outcome().as_deref(), None | Some(Outcome::Approved { .. })))
-        .and_then(|e| e.content.as_deref());
-    match known_content {
-        Some(c) if c != named => ReversalStep::Refuse {
+    let known = known.filter(|e| matches!(e.outcome().as_deref(), None | Some(Outcome::Approved { .. })));
+    match known.and_then(|e| e.content.as_deref().map(|c| (e, c))) {
+        Some((_, c)) if c != named => ReversalStep::Refuse {
             code: ResponseCode::InvalidAmount,
             mismatch: true,
         },
+        // A sale received here longer ago than the window: `21`, the sale stands. (One this gateway does not
+        // remember is judged by the PIN server, which knows when every sale was made.)
+        Some((e, _)) if window.is_some_and(|w| reversal_too_late(e.begun_unix, received_unix, w)) => {
+            ReversalStep::Refuse {
+                code: ResponseCode::NoActionTaken,
+                mismatch: false,
+            }
+        }
         Some(_) => ReversalStep::Reverse,
         // A sale this gateway does not remember (made before its start or beyond its window, or through another
         // gateway): the PIN server, which knows every sale, is asked now, so that a reversal naming another
         // product, amount, currency or merchant than its sale gets 13 and reverses nothing.
         None => ReversalStep::AskServer,
     }
+}
+
+/// Whether a terminal's reversal received at `received_unix` of a sale made at `sold_unix` (0: not known) comes
+/// after the reversal window. The PIN server applies the same rule (`store::reversal_too_late`).
+pub(super) fn reversal_too_late(sold_unix: i64, received_unix: i64, window: Duration) -> bool {
+    sold_unix > 0 && received_unix.saturating_sub(sold_unix) > window.as_secs() as i64
 }
 
 /// What the PIN server's answer to a reversal asked of it at once ([`ReversalStep::AskServer`]) comes to.
@@ -189,6 +204,8 @@ pub(super) enum ServerReversal {
     Reversed,
     /// It named another sale's content: `13`, nothing reversed.
     Mismatch,
+    /// After the server's reversal window: `21`, nothing reversed, the PIN stays sold.
+    TooLate,
     /// Not answered in time, or refused otherwise: store-and-forward, as for a sale remembered here.
     Forward,
 }
@@ -197,6 +214,7 @@ pub(super) fn server_reversal(answer: &Result<Response, UpstreamError>) -> Serve
     match answer {
         Ok(Response::Reversed { .. }) => ServerReversal::Reversed,
         Err(UpstreamError::Server(w)) if w.code == ErrorCode::ReversalMismatch => ServerReversal::Mismatch,
+        Err(UpstreamError::Server(w)) if w.code == ErrorCode::ReversalTooLate => ServerReversal::TooLate,
         _ => ServerReversal::Forward,
     }
 }
@@ -237,6 +255,7 @@ pub fn code_for(e: &UpstreamError) -> ResponseCode {
             // A repeat older than the repeat age re-delivers nothing: `12`, as for a reversed sale.
             ErrorCode::RepeatExpired => ResponseCode::InvalidTransaction,
             ErrorCode::ReversalMismatch => ResponseCode::InvalidAmount,
+            ErrorCode::ReversalTooLate => ResponseCode::NoActionTaken,
             ErrorCode::Busy => ResponseCode::ServerUnavailable,
             ErrorCode::NotHolder | ErrorCode::BadRequest | ErrorCode::Internal => ResponseCode::SystemError,
         },
@@ -814,7 +833,7 @@ mod tests {
         let rev = reversal_of(&s);
         let known = w.get(&s.key);
         assert_eq!(
-            decide_reversal(&rev, &content_of(&s), &registry(), known.as_deref()),
+            decide_reversal(&rev, &content_of(&s), &registry(), known.as_deref(), NOW, None),
             ReversalStep::Reverse
         );
         entry.overrule(ResponseCode::InvalidTransaction);
@@ -884,7 +903,7 @@ mod tests {
         let rev = reversal_of(&s);
         // Never seen here: the PIN server is asked.
         assert_eq!(
-            decide_reversal(&rev, &content_of(&s), &reg, None),
+            decide_reversal(&rev, &content_of(&s), &reg, None, NOW, None),
             ReversalStep::AskServer
         );
         let SaleStep::Sell { entry, .. } = begin_sale(&mut w, &s, &content_of(&s), Instant::now(), NOW, SKEW) else {
@@ -899,10 +918,10 @@ mod tests {
         };
         for _ in 0..2 {
             assert_eq!(
-                decide_reversal(&rev, &content_of(&s), &reg, Some(&entry)),
+                decide_reversal(&rev, &content_of(&s), &reg, Some(&entry), NOW, None),
                 ReversalStep::Reverse
             );
-            assert_eq!(decide_reversal(&rev, &other, &reg, Some(&entry)), mismatch);
+            assert_eq!(decide_reversal(&rev, &other, &reg, Some(&entry), NOW, None), mismatch);
             entry.settle(approved());
         }
         // Declined here (the server out of reach): that says nothing of the key's sale; the server is asked.
@@ -911,19 +930,72 @@ mod tests {
             Some(Outcome::Declined(ResponseCode::ServerUnavailable)),
         );
         assert_eq!(
-            decide_reversal(&rev, &other, &reg, Some(&declined)),
+            decide_reversal(&rev, &other, &reg, Some(&declined), NOW, None),
             ReversalStep::AskServer
         );
         // A terminal not permitted is refused before anything is looked at.
         let mut stranger = rev.clone();
         stranger.sale.terminal_id = "T9".into();
         assert_eq!(
-            decide_reversal(&stranger, &content_of(&s), &reg, Some(&entry)),
+            decide_reversal(&stranger, &content_of(&s), &reg, Some(&entry), NOW, None),
             ReversalStep::Refuse {
                 code: ResponseCode::NotPermitted,
                 mismatch: false
             }
         );
+    }
+
+    #[test]
+    fn a_reversal_after_the_window_gets_21_and_the_sale_stands() {
+        let reg = registry();
+        let mut w = window(NOW - 3600);
+        let s = sale(1, NOW, false);
+        let rev = reversal_of(&s);
+        let win = Some(Duration::from_secs(600));
+        let SaleStep::Sell { entry, .. } = begin_sale(&mut w, &s, &content_of(&s), Instant::now(), NOW, SKEW) else {
+            panic!("a new sale")
+        };
+        entry.settle(approved());
+        let too_late = ReversalStep::Refuse {
+            code: ResponseCode::NoActionTaken,
+            mismatch: false,
+        };
+        // Within the window, up to its last second: reversed here.
+        for at in [NOW, NOW + 1, NOW + 600] {
+            assert_eq!(
+                decide_reversal(&rev, &content_of(&s), &reg, Some(&entry), at, win),
+                ReversalStep::Reverse,
+                "{at}"
+            );
+        }
+        // One second after it, and later: 21, nothing reversed.
+        for at in [NOW + 601, NOW + 86_400] {
+            assert_eq!(
+                decide_reversal(&rev, &content_of(&s), &reg, Some(&entry), at, win),
+                too_late
+            );
+        }
+        // No window configured: any time.
+        assert_eq!(
+            decide_reversal(&rev, &content_of(&s), &reg, Some(&entry), NOW + 86_400, None),
+            ReversalStep::Reverse
+        );
+        // A mismatch is still a mismatch (13) after the window; a sale not remembered here goes to the server, which
+        // knows when it was made.
+        let mut other = content_of(&s);
+        other.amount = 2000;
+        assert!(matches!(
+            decide_reversal(&rev, &other, &reg, Some(&entry), NOW + 601, win),
+            ReversalStep::Refuse { mismatch: true, .. }
+        ));
+        assert_eq!(
+            decide_reversal(&rev, &content_of(&s), &reg, None, NOW + 601, win),
+            ReversalStep::AskServer
+        );
+        // The rule itself: an unknown time (0) is never too late.
+        assert!(!reversal_too_late(0, NOW, Duration::from_secs(1)));
+        assert!(reversal_too_late(NOW - 2, NOW, Duration::from_secs(1)));
+        assert!(!reversal_too_late(NOW - 1, NOW, Duration::from_secs(1)));
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub(super) enum Job {
     Reverse {
         key: KeyRecord,
         content: Option<SaleContent>,
+        why: super::journal::Reversing,
     },
     Release {
         pin_ids: Vec<i64>,
@@ -377,12 +378,14 @@ impl Gateway {
                 },
                 Record::Confirmed { pin_id: *pin_id },
             ),
-            Job::Reverse { key, content } => (
+            Job::Reverse { key, content, why } => (
                 Request::Reverse {
                     terminal_id: key.terminal_id.clone(),
                     stan: key.stan.clone(),
                     transmission: key.transmission.clone(),
                     content: content.clone(),
+                    reason: why.reason,
+                    requested_at: why.requested_at,
                 },
                 Record::Reversed { key: key.clone() },
             ),
@@ -421,6 +424,10 @@ impl Gateway {
                     _ => None,
                 };
                 if let Some(code) = refused {
+                    if let (Job::Reverse { key, .. }, ErrorCode::ReversalTooLate) = (&q.job, code) {
+                        // After the server's window (a gateway clock far from the server's): the sale stands.
+                        self.journal.append_lazy(vec![Record::Reversed { key: key.clone() }]);
+                    }
                     if let (Job::Reverse { key, .. }, ErrorCode::ReversalMismatch) = (&q.job, code) {
                         // The reversal named another sale than the one under its key: nothing to reverse, ever.
                         self.stats.reversal_mismatches.fetch_add(1, Ordering::Relaxed);

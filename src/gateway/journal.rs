@@ -34,8 +34,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::crypto::{PinCipher, Sealed};
 use crate::iso8583::{from_hex, to_hex};
 use crate::psp::PinOut;
-use crate::sale::SaleContent;
 use crate::sale::SaleKey;
+use crate::sale::{ReversalReason, SaleContent};
 
 const MAGIC: &[u8; 4] = b"PGJ1";
 /// Largest record accepted at recovery: a frame claiming more is torn or corrupt.
@@ -185,10 +185,19 @@ pub enum Record {
     Reverse {
         key: KeyRecord,
         content: Option<SaleContent>,
+        why: Reversing,
     },
     Reversed {
         key: KeyRecord,
     },
+}
+
+/// Why a reversal is made and when the terminal asked for it (PSP's `reason` and `requested_at`); absent in
+/// records written by older gateways (a terminal's reversal, measured against the window when the server gets it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reversing {
+    pub reason: ReversalReason,
+    pub requested_at: Option<i64>,
 }
 
 /// The on-disk form: the PIN sealed, everything else as is.
@@ -230,6 +239,10 @@ enum Wire {
         key: KeyRecord,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         content: Option<SaleContent>,
+        #[serde(default)]
+        reason: ReversalReason,
+        #[serde(default)]
+        requested_at: Option<i64>,
     },
     Reversed {
         key: KeyRecord,
@@ -277,6 +290,10 @@ enum WireRef<'a> {
         key: &'a KeyRecord,
         #[serde(skip_serializing_if = "Option::is_none")]
         content: &'a Option<SaleContent>,
+        #[serde(skip_serializing_if = "ReversalReason::is_terminal")]
+        reason: ReversalReason,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        requested_at: Option<i64>,
     },
     Reversed {
         key: &'a KeyRecord,
@@ -308,7 +325,12 @@ fn to_wire<'a>(r: &'a Record, cipher: &PinCipher) -> Result<WireRef<'a>, String>
         Record::Released { pin_ids } => WireRef::Released { pin_ids },
         Record::Asked { sale } => WireRef::Asked { sale },
         Record::Resolved { key } => WireRef::Resolved { key },
-        Record::Reverse { key, content } => WireRef::Reverse { key, content },
+        Record::Reverse { key, content, why } => WireRef::Reverse {
+            key,
+            content,
+            reason: why.reason,
+            requested_at: why.requested_at,
+        },
         Record::Reversed { key } => WireRef::Reversed { key },
     })
 }
@@ -361,7 +383,16 @@ fn from_wire(w: Wire, cipher: &PinCipher) -> Result<Record, String> {
         Wire::Released { pin_ids } => Record::Released { pin_ids },
         Wire::Asked { sale } => Record::Asked { sale },
         Wire::Resolved { key } => Record::Resolved { key },
-        Wire::Reverse { key, content } => Record::Reverse { key, content },
+        Wire::Reverse {
+            key,
+            content,
+            reason,
+            requested_at,
+        } => Record::Reverse {
+            key,
+            content,
+            why: Reversing { reason, requested_at },
+        },
         Wire::Reversed { key } => Record::Reversed { key },
     })
 }
@@ -392,7 +423,7 @@ struct Live {
     releasing: std::collections::BTreeSet<i64>,
     /// On-demand sales asked for, with what they bought (their reversal names it).
     asked: HashMap<KeyRecord, (SaleContent, LiveFrame)>,
-    reverse: HashMap<KeyRecord, (Option<SaleContent>, LiveFrame)>,
+    reverse: HashMap<KeyRecord, (Option<SaleContent>, Reversing, LiveFrame)>,
 }
 
 /// What a record changes in the live state: all the writer thread needs of it (the record itself stays with, and is
@@ -405,7 +436,7 @@ enum Effect {
     Released(Vec<i64>),
     Asked(KeyRecord, SaleContent),
     Resolved(KeyRecord),
-    Reverse(KeyRecord, Option<SaleContent>),
+    Reverse(KeyRecord, Option<SaleContent>, Reversing),
     Reversed(KeyRecord),
 }
 
@@ -419,7 +450,7 @@ impl Effect {
             Record::Released { pin_ids } => Effect::Released(pin_ids.clone()),
             Record::Asked { sale } => Effect::Asked(KeyRecord::from(&sale.key()), sale.content()),
             Record::Resolved { key } => Effect::Resolved(key.clone()),
-            Record::Reverse { key, content } => Effect::Reverse(key.clone(), content.clone()),
+            Record::Reverse { key, content, why } => Effect::Reverse(key.clone(), content.clone(), *why),
             Record::Reversed { key } => Effect::Reversed(key.clone()),
         }
     }
@@ -458,8 +489,8 @@ impl Live {
             Effect::Resolved(key) => {
                 self.asked.remove(&key);
             }
-            Effect::Reverse(key, content) => {
-                self.reverse.insert(key, (content, frame));
+            Effect::Reverse(key, content, why) => {
+                self.reverse.insert(key, (content, why, frame));
             }
             Effect::Reversed(key) => {
                 self.reverse.remove(&key);
@@ -484,7 +515,7 @@ impl Live {
             out.push(frame(&serde_json::to_vec(&w).expect("serialisable")).into());
         }
         out.extend(self.asked.values().map(|(_, f)| f.clone()));
-        out.extend(self.reverse.values().map(|(_, f)| f.clone()));
+        out.extend(self.reverse.values().map(|(_, _, f)| f.clone()));
         out
     }
 
@@ -534,7 +565,7 @@ pub struct Recovered {
     /// PINs on their way back to the server: release them.
     pub releasing: Vec<i64>,
     /// On-demand sales asked for with no known outcome, and reversals not yet acknowledged: reverse them all.
-    pub reverse: Vec<(KeyRecord, Option<SaleContent>)>,
+    pub reverse: Vec<(KeyRecord, Option<SaleContent>, Reversing)>,
     /// Bytes of a torn last record that were cut off (and kept beside the journal).
     pub torn_bytes: u64,
 }
@@ -878,20 +909,30 @@ impl Journal {
         recovered.releasing.extend(live.releasing.iter().copied());
         // An on-demand sale with no known outcome is reversed; so is every reversal not yet acknowledged. The
         // `asked` frames stay live until the reversal is acknowledged: they are turned into `reverse` frames here.
-        let mut reverse: Vec<(KeyRecord, Option<SaleContent>)> =
-            live.reverse.iter().map(|(k, (c, _))| (k.clone(), c.clone())).collect();
+        let mut reverse: Vec<(KeyRecord, Option<SaleContent>, Reversing)> = live
+            .reverse
+            .iter()
+            .map(|(k, (c, why, _))| (k.clone(), c.clone(), *why))
+            .collect();
         let asked: Vec<KeyRecord> = live.asked.keys().cloned().collect();
         for k in asked {
             let (content, _) = live.asked.remove(&k).expect("listed");
             if !live.reverse.contains_key(&k) {
+                // The gateway's own reversal of a sale whose answer it never had to give.
+                let why = Reversing {
+                    reason: ReversalReason::Undelivered,
+                    requested_at: None,
+                };
                 let w = Wire::Reverse {
                     key: k.clone(),
                     content: Some(content.clone()),
+                    reason: why.reason,
+                    requested_at: None,
                 };
                 let payload = serde_json::to_vec(&w).expect("serialisable");
                 live.reverse
-                    .insert(k.clone(), (Some(content.clone()), frame(&payload).into()));
-                reverse.push((k, Some(content)));
+                    .insert(k.clone(), (Some(content.clone()), why, frame(&payload).into()));
+                reverse.push((k, Some(content), why));
             }
         }
         recovered.reverse = reverse;
@@ -1228,12 +1269,14 @@ mod tests {
         j.append(vec![Record::Reverse {
             key: key("000020"),
             content: None,
+            why: Reversing::default(),
         }])
         .await
         .unwrap();
         j.append(vec![Record::Reverse {
             key: key("000021"),
             content: None,
+            why: Reversing::default(),
         }])
         .await
         .unwrap();
@@ -1252,13 +1295,23 @@ mod tests {
         // The reversal made of an unanswered `asked` names what that sale bought, for the server to check.
         assert_eq!(
             rev,
-            vec![(key("000010"), Some(sale("000010").content())), (key("000020"), None)]
+            vec![
+                (
+                    key("000010"),
+                    Some(sale("000010").content()),
+                    Reversing {
+                        reason: ReversalReason::Undelivered,
+                        requested_at: None
+                    }
+                ),
+                (key("000020"), None, Reversing::default())
+            ]
         );
         // Acknowledging the reversal that recovery made of the unanswered `asked` retires it.
         j.append(vec![Record::Reversed { key: key("000010") }]).await.unwrap();
         drop(j);
         let (_j, r) = Journal::open(&path, cipher(), JournalOptions::default()).unwrap();
-        assert_eq!(r.reverse, vec![(key("000020"), None)]);
+        assert_eq!(r.reverse, vec![(key("000020"), None, Reversing::default())]);
     }
 
     #[tokio::test]
@@ -1537,6 +1590,7 @@ mod tests {
             Record::Reverse {
                 key: key("000002"),
                 content: None,
+                why: Reversing::default(),
             },
         ];
         let (j, _) = Journal::open(&path, cipher(), JournalOptions::default()).unwrap();
@@ -1586,10 +1640,15 @@ mod tests {
             Record::Reverse {
                 key: key("000005"),
                 content: None,
+                why: Reversing::default(),
             },
             Record::Reverse {
                 key: key("000006"),
                 content,
+                why: Reversing {
+                    reason: ReversalReason::Unacknowledged,
+                    requested_at: Some(1_700_000_000),
+                },
             },
             Record::Reversed { key: key("000006") },
         ];

@@ -57,6 +57,12 @@ pub(super) struct GatewayMetrics {
     pub(super) connections_closed: crate::metrics::LabelledCounter,
     /// Requests refused for their MAC (63), by reason.
     pub(super) mac_refused: crate::metrics::LabelledCounter,
+    /// Sales and accepted reversals by merchant and by terminal (`policy`).
+    pub(super) reversal_rates: super::policy::ReversalRates,
+    /// Terminal reversals answered 21: after the reversal window.
+    pub(super) reversals_too_late: AtomicU64,
+    /// Sales refused for a limit (61, 65), by whose limit (`terminal`, `merchant`) and which (`amount`, `frequency`).
+    pub(super) limit_refusals: crate::metrics::LabelledCounter,
     /// Requests refused for where they came from (certificate, source network, caller's number), by reason.
     pub(super) origin_refused: crate::metrics::LabelledCounter,
 }
@@ -95,6 +101,63 @@ impl Gateway {
              first_frame_timeout_ms), slow_sender, connection_cap, source_cap, source_not_allowed (outside the \
              listener's allow list), tls_handshake (failed), tls_handshake_timeout (not done within \
              first_frame_timeout_ms).",
+        );
+        self.metrics.reversal_rates.render(&mut e);
+        self.metrics.limit_refusals.render(
+            &mut e,
+            "pingate_gateway_limit_refusals_total",
+            "Sales refused for a limit: 61 (amount: value per day) or 65 (frequency: sales per minute), by scope \
+             (terminal, merchant).",
+        );
+        if let Some(a) = &self.allowances {
+            let left = a.lock().expect("not poisoned").left(crate::clock::unix_now());
+            e.family(
+                "pingate_gateway_merchant_allowance_left",
+                "gauge",
+                "What is left today of the allowance the PIN server granted this gateway, by merchant and currency.",
+            );
+            for (m, c, v) in &left {
+                e.sample(
+                    "pingate_gateway_merchant_allowance_left",
+                    &[("merchant", m), ("currency", c)],
+                    *v as f64,
+                );
+            }
+        }
+        if let Some(l) = &self.limits {
+            let usage = l.lock().expect("not poisoned").merchant_usage(crate::clock::unix_now());
+            e.family(
+                "pingate_gateway_merchant_value_today",
+                "gauge",
+                "Value sold today (UTC, minor units) by merchant and currency at this gateway, against its limits.",
+            );
+            for (m, _, values) in &usage {
+                for (c, v) in values {
+                    e.sample(
+                        "pingate_gateway_merchant_value_today",
+                        &[("merchant", m), ("currency", c)],
+                        *v as f64,
+                    );
+                }
+            }
+            e.family(
+                "pingate_gateway_merchant_sales_last_minute",
+                "gauge",
+                "Sales in the last 60 seconds by merchant at this gateway, against its limits.",
+            );
+            for (m, n, _) in &usage {
+                e.sample(
+                    "pingate_gateway_merchant_sales_last_minute",
+                    &[("merchant", m)],
+                    *n as f64,
+                );
+            }
+        }
+        e.single(
+            "pingate_gateway_reversals_too_late_total",
+            "counter",
+            "Terminal reversals answered 21 (after the reversal window): not reversed, the PIN stays sold.",
+            self.metrics.reversals_too_late.load(Ordering::Relaxed) as f64,
         );
         self.metrics.mac_refused.render(
             &mut e,

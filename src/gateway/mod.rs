@@ -13,8 +13,10 @@ pub mod config;
 mod controller;
 mod forward;
 pub mod journal;
+mod limits;
 mod metrics;
 pub mod origin;
+pub mod policy;
 mod refill;
 mod reload;
 pub mod serial;
@@ -104,6 +106,10 @@ impl Reply {
 
 /// The gateway's shared state. Start with [`Gateway::start`]; serve terminals with [`terminal::run`].
 pub struct Gateway {
+    /// Sales per minute and value per day by terminal and merchant (`None`: no limits configured).
+    limits: Option<Mutex<limits::Limits>>,
+    /// Merchants' allowances from the PIN server (`None`: none configured).
+    allowances: Option<Mutex<limits::Allowances>>,
     cfg: GatewayConfig,
     journal: Journal,
     upstream: Upstream,
@@ -177,6 +183,8 @@ impl Gateway {
         let upstream = Upstream::start(cfg.servers.clone(), tls, cfg.upstream.clone());
         let now = Instant::now();
         let (cfg_terminals, cfg_products) = (cfg.terminals.clone(), cfg.products.clone());
+        let cfg_limits = cfg.policy.limits.clone();
+        let cfg_allowances = cfg.policy.allowances.clone();
         let terminal_keys = cfg.terminal_keys.as_ref().map(|k| k.keys.clone()).unwrap_or_default();
         let mac_guard = controller::MacGuard::new(cfg.mac_failures, cfg.mac_failure_window)
             .with_locks(read_locks(&cfg.terminal_locks)?);
@@ -208,12 +216,17 @@ impl Gateway {
                 latency: crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS),
                 connections_closed: Default::default(),
                 mac_refused: Default::default(),
+                reversal_rates: Default::default(),
+                reversals_too_late: Default::default(),
+                limit_refusals: Default::default(),
                 origin_refused: Default::default(),
             },
             terminals: std::sync::RwLock::new(Arc::new(cfg_terminals)),
             products: Mutex::new(cfg_products),
             terminal_keys: std::sync::RwLock::new(terminal_keys),
             mac_guard: Mutex::new(mac_guard),
+            limits: cfg_limits.any().then(|| Mutex::new(limits::Limits::new(cfg_limits))),
+            allowances: (!cfg_allowances.is_empty()).then(|| Mutex::new(limits::Allowances::new(cfg_allowances))),
             decoy,
         });
         tracing::info!(
@@ -263,12 +276,12 @@ impl Gateway {
                 pin_ids: chunk.to_vec(),
             });
         }
-        for (key, content) in recovered.reverse {
+        for (key, content, why) in recovered.reverse {
             // A sale being reversed never hands out its PIN again, even to a repeat of a sale recovered above.
             if let Some(e) = gw.recent.lock().expect("not poisoned").get(&key.key()) {
                 e.overrule(ResponseCode::InvalidTransaction);
             }
-            gw.enqueue(Job::Reverse { key, content });
+            gw.enqueue(Job::Reverse { key, content, why });
         }
         tokio::spawn(gw.clone().forward_loop());
         tokio::spawn(gw.clone().refill_loop());

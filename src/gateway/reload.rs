@@ -110,6 +110,7 @@ impl Gateway {
             c.terminal_keys.is_some() != new.terminal_keys.is_some(),
         );
         restart("gateway.terminal_locks_file", c.terminal_locks != new.terminal_locks);
+        restart("policy", c.policy != new.policy);
         restart(
             "upstream",
             c.servers

@@ -618,20 +618,36 @@ impl<'a> Line<'a> {
         }
     }
 
-    /// The answer the link was carrying did not reach the terminal.
+    /// The answer the link was carrying was not acknowledged: reversed, as `unacknowledged` when the link had
+    /// written it whole (the terminal may have it), else as undelivered.
     fn undelivered(&mut self, why: &str) {
+        let sent_whole = match &self.call {
+            Some(Call::Dialup(link)) => link.answer_sent_whole(),
+            _ => false,
+        };
         if let Some(key) = self.carrying.take() {
-            self.reverse(key, why);
+            self.reverse_as(key, why, sent_whole);
         }
     }
 
     /// Reverses sale `key` (journaled, then forwarded to the server by the controller).
     fn reverse(&mut self, key: SaleKey, why: &str) {
-        limited!(warn, "PIN not delivered; reversing the sale", terminal = %key.terminal_id, stan = %key.stan, why);
+        self.reverse_as(key, why, false)
+    }
+
+    /// [`reverse`](Self::reverse); `sent_whole`: the answer was sent in full but not acknowledged.
+    fn reverse_as(&mut self, key: SaleKey, why: &str, sent_whole: bool) {
+        limited!(warn, "PIN not delivered; reversing the sale", terminal = %key.terminal_id, stan = %key.stan, why, sent_whole);
         self.status(|s| s.reversed += 1);
         let gw = self.gw.clone();
-        self.work
-            .spawn(async move { gw.undelivered(&key).await }.in_current_span());
+        let work = async move {
+            if sent_whole {
+                gw.unacknowledged(&key).await
+            } else {
+                gw.undelivered(&key).await
+            }
+        };
+        self.work.spawn(work.in_current_span());
     }
 
     fn start_call(&mut self, now: Instant) {
@@ -681,9 +697,9 @@ impl<'a> Line<'a> {
             link.carrier_lost();
             while link.poll_event().is_some() {}
         }
+        self.undelivered("the line closed before the terminal acknowledged the answer");
         self.call = None;
         self.call_id += 1;
-        self.undelivered("the line closed before the terminal acknowledged the answer");
     }
 
     fn dispatch(&mut self, tpdu: Option<Tpdu>, message: Bytes, now: Instant) {

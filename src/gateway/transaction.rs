@@ -12,18 +12,18 @@ use super::controller::{
     self, code_for, code_for_journal, rrn_of, Decline, ReversalStep, SaleStep, ServerReversal, Source,
 };
 use super::forward::Job;
-use super::journal::{KeyRecord, Record, SaleRecord};
+use super::journal::{KeyRecord, Record, Reversing, SaleRecord};
 use super::upstream::UpstreamError;
 use super::window::{Content, Outcome};
 use super::{Gateway, Reply};
 use crate::iso8583::Message;
 use crate::logging::limited;
 use crate::psp::{Request, Response};
-use crate::sale::SaleContent;
 use crate::sale::{
     answer, approved_answer, rrn_of_pin, sale_answer, PinReceipt, ResponseCode, ReversalRequest, SaleKey, SaleRequest,
     TerminalRequest,
 };
+use crate::sale::{ReversalReason, SaleContent};
 
 impl Gateway {
     pub(super) async fn handle_request(&self, msg: &Message, received: Instant, received_unix: i64) -> Reply {
@@ -42,7 +42,7 @@ impl Gateway {
                 Reply::plain(answer(msg, code))
             }
             Ok(TerminalRequest::Sale(s)) => self.sale(msg, s, deadline, received_unix).await,
-            Ok(TerminalRequest::Reversal(r)) => Reply::plain(self.reversal(msg, r, deadline).await),
+            Ok(TerminalRequest::Reversal(r)) => Reply::plain(self.reversal(msg, r, deadline, received_unix).await),
         }
     }
 
@@ -129,7 +129,69 @@ impl Gateway {
         if s.repeat {
             self.stats.repeats.fetch_add(1, Ordering::Relaxed);
         }
+        // A new sale within the limits, counted before the PIN is asked for; handed back if it ends without one. A
+        // repeat (0201) gets here only when this gateway does not remember its sale: the server may sell a new PIN
+        // for it, so it counts as a new sale (else 0201s with fresh keys would pass every limit); one the window
+        // remembers waited above and is never refused for a limit.
+        let admitted = match &self.limits {
+            Some(l) => {
+                let checked = l.lock().expect("not poisoned").admit(
+                    &s.key.terminal_id,
+                    &s.merchant_id,
+                    &s.currency,
+                    s.amount,
+                    received_unix,
+                );
+                if let Err(r) = checked {
+                    let scope = if r.merchant { "merchant" } else { "terminal" };
+                    let kind = match r.refusal {
+                        super::limits::Refusal::Amount => "amount",
+                        super::limits::Refusal::Frequency => "frequency",
+                    };
+                    self.metrics.limit_refusals.inc(&[("scope", scope), ("kind", kind)]);
+                    limited!(info, "sale refused for a limit", terminal = %s.key.terminal_id, merchant = %s.merchant_id, scope, kind);
+                    let code = r.refusal.code();
+                    entry.settle(Arc::new(Outcome::Declined(code)));
+                    return self.declined(msg, &key, code);
+                }
+                true
+            }
+            None => false,
+        };
+        let allowed = match self.take_allowance(&s, received_unix, deadline).await {
+            Ok(taken) => taken,
+            Err(code) => {
+                if admitted {
+                    if let Some(l) = &self.limits {
+                        let mut l = l.lock().expect("not poisoned");
+                        l.refund(&s.key.terminal_id, &s.merchant_id, &s.currency, s.amount, received_unix);
+                    }
+                }
+                entry.settle(Arc::new(Outcome::Declined(code)));
+                return self.declined(msg, &key, code);
+            }
+        };
         let outcome = Arc::new(self.sell(&s, deadline, source).await);
+        if allowed && matches!(*outcome, Outcome::Declined(_)) {
+            if let Some(a) = &self.allowances {
+                let mut a = a.lock().expect("not poisoned");
+                a.give_back(&s.merchant_id, &s.currency, s.amount, received_unix);
+            }
+        }
+        if admitted && matches!(*outcome, Outcome::Declined(_)) {
+            if let Some(l) = &self.limits {
+                l.lock().expect("not poisoned").refund(
+                    &s.key.terminal_id,
+                    &s.merchant_id,
+                    &s.currency,
+                    s.amount,
+                    received_unix,
+                );
+            }
+        }
+        if !s.repeat && matches!(*outcome, Outcome::Approved { .. }) {
+            self.metrics.reversal_rates.sale(&s.key.terminal_id, &s.merchant_id);
+        }
         if matches!(*outcome, Outcome::Declined(ResponseCode::DuplicateMismatch)) {
             // The key is another sale's (the server knows it with other content): this request's content must not
             // stand for the key here, or that sale's own repeats and reversal would be refused as mismatches.
@@ -140,6 +202,54 @@ impl Gateway {
         // stands, never with a PIN being voided.
         let outcome = entry.outcome().unwrap_or(outcome);
         self.reply_of(msg, &key, &outcome).await
+    }
+
+    /// Takes a new sale's value from its merchant's allowance (`Ok(true)`; `Ok(false)`: no allowance applies), asking
+    /// the PIN server for a slice when it does not fit; `Err(61)` when the merchant's limit is reached, `Err(91)`
+    /// when the server cannot be asked and the margin is used up.
+    async fn take_allowance(&self, s: &SaleRequest, now: i64, deadline: Instant) -> Result<bool, ResponseCode> {
+        use super::limits::Take;
+        let Some(a) = &self.allowances else {
+            return Ok(false);
+        };
+        let (m, c) = (&s.merchant_id, &s.currency);
+        let ask = match a.lock().expect("not poisoned").take(m, c, s.amount, now) {
+            Take::Unmanaged => return Ok(false),
+            Take::Taken => return Ok(true),
+            Take::Ask(n) => n,
+        };
+        let margin = (self.cfg.response_deadline / 20).min(Duration::from_millis(500));
+        let request = Request::Allowance {
+            merchant_id: m.clone(),
+            currency: c.clone(),
+            amount: ask as i64,
+        };
+        let answer = self.upstream.call(request, deadline - margin).await;
+        let mut a = a.lock().expect("not poisoned");
+        match answer {
+            Ok(Response::Allowance { granted, .. }) => {
+                a.add(m, c, granted.max(0) as u64, now);
+                match a.take(m, c, s.amount, now) {
+                    Take::Taken | Take::Unmanaged => Ok(true),
+                    Take::Ask(_) => {
+                        self.metrics
+                            .limit_refusals
+                            .inc(&[("scope", "merchant_all_gateways"), ("kind", "amount")]);
+                        limited!(info, "sale refused: the merchant's limit across gateways is reached", merchant = %m);
+                        Err(ResponseCode::ExceedsAmountLimit)
+                    }
+                }
+            }
+            other => {
+                if a.take_offline(m, c, s.amount, now) {
+                    limited!(warn, "no allowance from the PIN server; sold within the margin", merchant = %m, answer = ?other);
+                    Ok(false)
+                } else {
+                    limited!(warn, "no allowance from the PIN server and the margin is used", merchant = %m, answer = ?other);
+                    Err(ResponseCode::ServerUnavailable)
+                }
+            }
+        }
     }
 
     fn sale_record(&self, s: &SaleRequest) -> SaleRecord {
@@ -188,12 +298,17 @@ impl Gateway {
                     limited!(error, "journal did not take a cache sale; the PIN is voided", error = %e, pin_id);
                     let key = KeyRecord::from(&s.key);
                     let content = Some(record.content());
+                    let why = Reversing {
+                        reason: ReversalReason::Undelivered,
+                        requested_at: None,
+                    };
                     self.journal.append_lazy(vec![Record::Reverse {
                         key: key.clone(),
                         content: content.clone(),
+                        why,
                     }]);
                     self.enqueue(Job::Confirm { pin_id, sale: record });
-                    self.enqueue(Job::Reverse { key, content });
+                    self.enqueue(Job::Reverse { key, content, why });
                     return Outcome::Declined(code_for_journal(&e));
                 }
                 self.stats.sales_from_cache.fetch_add(1, Ordering::Relaxed);
@@ -267,19 +382,35 @@ impl Gateway {
     /// the reversal (and the `asked` record alone means a reversal at recovery too).
     fn reverse_unanswered(&self, key: KeyRecord, content: SaleContent) {
         let content = Some(content);
+        let why = Reversing {
+            reason: ReversalReason::Undelivered,
+            requested_at: None,
+        };
         self.journal.append_lazy(vec![
             Record::Reverse {
                 key: key.clone(),
                 content: content.clone(),
+                why,
             },
             Record::Resolved { key: key.clone() },
         ]);
-        self.enqueue(Job::Reverse { key, content });
+        self.enqueue(Job::Reverse { key, content, why });
     }
 
     /// An approved answer could not be written to the terminal: reverse the sale (the reversal is on disk before
     /// this returns), and answer repeats with `91`.
     pub async fn undelivered(&self, key: &SaleKey) {
+        self.reverse_own(key, ReversalReason::Undelivered).await
+    }
+
+    /// An approved answer was sent in full but the terminal never acknowledged it (a dial-up line gone after the
+    /// answer's last byte): reversed as [`undelivered`](Self::undelivered), marked so that the PIN, which the
+    /// terminal may have printed, stays out of the supplier's deactivation list by default.
+    pub async fn unacknowledged(&self, key: &SaleKey) {
+        self.reverse_own(key, ReversalReason::Unacknowledged).await
+    }
+
+    async fn reverse_own(&self, key: &SaleKey, reason: ReversalReason) {
         self.stats.undelivered.fetch_add(1, Ordering::Relaxed);
         limited!(warn, "answer not delivered; the sale is reversed", terminal = %key.terminal_id, stan = %key.stan);
         let entry = self.recent.lock().expect("not poisoned").get(key);
@@ -288,17 +419,22 @@ impl Gateway {
         }
         let content = entry.and_then(|e| e.content.as_deref().map(Content::to_sale_content));
         let key = KeyRecord::from(key);
+        let why = Reversing {
+            reason,
+            requested_at: None,
+        };
         let record = Record::Reverse {
             key: key.clone(),
             content: content.clone(),
+            why,
         };
         if let Err(e) = self.journal.append(vec![record]).await {
             limited!(error, "journal failed; the reversal of an undelivered sale is in memory only", error = %e);
         }
-        self.enqueue(Job::Reverse { key, content });
+        self.enqueue(Job::Reverse { key, content, why });
     }
 
-    async fn reversal(&self, msg: &Message, r: ReversalRequest, deadline: Instant) -> Message {
+    async fn reversal(&self, msg: &Message, r: ReversalRequest, deadline: Instant, received_unix: i64) -> Message {
         let named = Content {
             merchant: r.merchant_id.clone(),
             product: r.product.clone(),
@@ -306,23 +442,34 @@ impl Gateway {
             currency: r.currency.clone(),
         };
         let known = self.recent.lock().expect("not poisoned").get(&r.sale);
-        let step = controller::decide_reversal(&r, &named, &self.registry(), known.as_deref());
+        let window = self.cfg.policy.reversal_window;
+        let step = controller::decide_reversal(&r, &named, &self.registry(), known.as_deref(), received_unix, window);
         if let ReversalStep::Refuse { code, mismatch } = step {
             if mismatch {
                 self.stats.reversal_mismatches.fetch_add(1, Ordering::Relaxed);
+            }
+            if code == ResponseCode::NoActionTaken {
+                self.metrics.reversals_too_late.fetch_add(1, Ordering::Relaxed);
+                limited!(info, "reversal after the reversal window; the sale stands", terminal = %r.sale.terminal_id, stan = %r.sale.stan);
             }
             return answer(msg, code);
         }
         let key = KeyRecord::from(&r.sale);
         let content = Some(named.to_sale_content());
+        // Measured by the PIN server from when the terminal asked, even if the reversal reaches it later.
+        let why = Reversing {
+            reason: ReversalReason::Terminal,
+            requested_at: Some(received_unix),
+        };
         let record = Record::Reverse {
             key: key.clone(),
             content: content.clone(),
+            why,
         };
         if let Err(e) = self.journal.append_by(std::slice::from_ref(&record), deadline).await {
             // The terminal is told to repeat it; the reversal is still sent (repeats are idempotent).
             limited!(error, "journal did not record a reversal in time", error = %e);
-            self.enqueue(Job::Reverse { key, content });
+            self.enqueue(Job::Reverse { key, content, why });
             return answer(msg, ResponseCode::ServerUnavailable);
         }
         if step == ReversalStep::AskServer {
@@ -332,6 +479,8 @@ impl Gateway {
                 stan: key.stan.clone(),
                 transmission: key.transmission.clone(),
                 content: content.clone(),
+                reason: why.reason,
+                requested_at: why.requested_at,
             };
             match controller::server_reversal(&self.upstream.call(request, deadline - margin).await) {
                 ServerReversal::Reversed => {
@@ -344,7 +493,16 @@ impl Gateway {
                         crate::clock::unix_now(),
                     );
                     self.overrule_reversed(&r.sale);
+                    self.metrics
+                        .reversal_rates
+                        .reversal(&r.sale.terminal_id, &r.merchant_id);
                     return answer(msg, ResponseCode::Approved);
+                }
+                ServerReversal::TooLate => {
+                    // Nothing to reverse, ever: the sale stands.
+                    self.journal.append_lazy(vec![Record::Reversed { key }]);
+                    self.metrics.reversals_too_late.fetch_add(1, Ordering::Relaxed);
+                    return answer(msg, ResponseCode::NoActionTaken);
                 }
                 ServerReversal::Mismatch => {
                     self.journal.append_lazy(vec![Record::Reversed { key }]);
@@ -356,7 +514,10 @@ impl Gateway {
             }
         }
         self.stats.reversals.fetch_add(1, Ordering::Relaxed);
-        self.enqueue(Job::Reverse { key, content });
+        self.metrics
+            .reversal_rates
+            .reversal(&r.sale.terminal_id, &r.merchant_id);
+        self.enqueue(Job::Reverse { key, content, why });
         self.overrule_reversed(&r.sale);
         answer(msg, ResponseCode::Approved)
     }

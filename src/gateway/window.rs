@@ -74,13 +74,21 @@ pub(super) struct Entry {
     pub(super) content: Option<Arc<Content>>,
     /// The outcome, and whether a duplicate waits for it.
     state: Mutex<(Option<Arc<Outcome>>, bool)>,
+    /// When the sale was received (seconds since the epoch; 0 when not known): the reversal window counts from it.
+    pub(super) begun_unix: i64,
 }
 
 impl Entry {
     pub(super) fn new(content: Option<Arc<Content>>, outcome: Option<Outcome>) -> Arc<Entry> {
+        Entry::begun(content, outcome, 0)
+    }
+
+    /// An entry for a sale received at `begun_unix`.
+    pub(super) fn begun(content: Option<Arc<Content>>, outcome: Option<Outcome>, begun_unix: i64) -> Arc<Entry> {
         Arc::new(Entry {
             content,
             state: Mutex::new((outcome.map(Arc::new), false)),
+            begun_unix,
         })
     }
 
@@ -239,7 +247,7 @@ impl Recent {
             return Begin::Existing(e);
         }
         let content = self.shared(content);
-        let e = Entry::new(Some(content), None);
+        let e = Entry::begun(Some(content), None, now_unix);
         let packed: PackedKey = packed.into();
         self.map.insert(packed.clone(), e.clone());
         self.order.push_back((now, now_unix, packed));

@@ -168,6 +168,16 @@ pub enum EndReason {
     CarrierLost,
 }
 
+/// Where the last answer is ([`DialupLink::answer_sent_whole`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AnswerOut {
+    None,
+    /// Given to the link, not taken by the caller yet.
+    Given,
+    /// Taken whole to be written to the line.
+    Taken,
+}
+
 /// What the link tells its caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LinkEvent {
@@ -311,6 +321,8 @@ pub struct DialupLink {
     last_request: Option<Vec<u8>>,
     out: BytesMut,
     events: VecDeque<LinkEvent>,
+    /// The last answer's first copy: given to the link, and taken by the caller to write to the line.
+    answer: AnswerOut,
 }
 
 impl std::fmt::Debug for DialupLink {
@@ -352,7 +364,17 @@ impl DialupLink {
             last_request: None,
             out: BytesMut::new(),
             events: VecDeque::new(),
+            answer: AnswerOut::None,
         }
+    }
+
+    /// Whether the last answer given to the link ([`respond`](Self::respond)) was taken whole to be written to the
+    /// line ([`poll_transmit`](Self::poll_transmit)): an answer not acknowledged after that may have reached the
+    /// terminal and been printed, the ACK lost with the line. The host cannot know more (a modem sends at the line's
+    /// speed what it was given at once), so in doubt the answer counts as sent: a customer's PIN is never switched
+    /// off on a guess.
+    pub fn answer_sent_whole(&self) -> bool {
+        self.answer == AnswerOut::Taken
     }
 
     /// Bytes received from the line (parity already stripped).
@@ -452,6 +474,7 @@ impl DialupLink {
         let f = frame(data);
         self.out.put_slice(&f);
         let deadline = now + self.cfg.wire_time(f.len()) + self.cfg.ack_timeout;
+        self.answer = AnswerOut::Given;
         self.phase = Phase::Sending {
             frame: f,
             sends: 1,
@@ -479,6 +502,9 @@ impl DialupLink {
 
     /// Bytes to write to the line, if any.
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        if self.answer == AnswerOut::Given && !self.out.is_empty() {
+            self.answer = AnswerOut::Taken;
+        }
         (!self.out.is_empty()).then(|| self.out.split().freeze())
     }
 
@@ -909,6 +935,28 @@ mod tests {
             let reason = if lose { EndReason::CarrierLost } else { EndReason::Eot };
             assert_eq!(t.events(), [LinkEvent::Undelivered, LinkEvent::Ended(reason)]);
         }
+    }
+
+    #[test]
+    fn an_answer_written_whole_but_not_acknowledged_is_told_apart() {
+        let mut t = T::new(LinkConfig::default());
+        t.at(ms(0));
+        t.send(&frame(b"REQ"));
+        t.out();
+        t.events();
+        assert!(!t.link.answer_sent_whole(), "no answer yet");
+        t.link.respond(b"PIN", t.now);
+        // Given to the link but not written yet (the line drops first): nobody can have the PIN.
+        assert!(!t.link.answer_sent_whole());
+        assert_eq!(t.out(), frame(b"PIN").to_vec());
+        // Written whole: an ACK lost with the line leaves a terminal that may have printed it.
+        assert!(t.link.answer_sent_whole());
+        t.link.carrier_lost();
+        assert_eq!(
+            t.events(),
+            [LinkEvent::Undelivered, LinkEvent::Ended(EndReason::CarrierLost)]
+        );
+        assert!(t.link.answer_sent_whole(), "still known once the call is over");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{PspError, MAX_MERCHANT_ID, MAX_RRN, MAX_STAN, MAX_TERMINAL_ID, MAX_TRANSMISSION};
-use crate::sale::{Pin, SaleContent};
+use crate::sale::{Pin, ReversalReason, SaleContent};
 
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 1;
@@ -89,6 +89,14 @@ pub enum Request {
         transmission: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         content: Option<SaleContent>,
+        /// Why (absent: `terminal`, the one reason the reversal window applies to).
+        #[serde(default, skip_serializing_if = "ReversalReason::is_terminal")]
+        reason: ReversalReason,
+        /// When the gateway took the terminal's reversal (seconds since the epoch): the server measures the
+        /// reversal window to it (no later than its own clock), so that a reversal forwarded late is judged by when
+        /// the terminal sent it. Absent: when the server receives it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        requested_at: Option<i64>,
     },
     /// Reverse the sale of one PIN this gateway sold, by its id.
     ReversePin {
@@ -103,6 +111,13 @@ pub enum Request {
     /// The ids of the PINs reserved to this gateway (it releases those its journal does not know).
     Held,
     Ping,
+    /// A slice (`amount`, minor units) of a merchant's value per day in `currency`, kept across every gateway and
+    /// server: the gateway sells from it without asking again until it runs out.
+    Allowance {
+        merchant_id: String,
+        currency: String,
+        amount: i64,
+    },
 }
 
 impl Request {
@@ -121,6 +136,22 @@ impl Request {
             Request::Stock => "stock",
             Request::Held => "held",
             Request::Ping => "ping",
+            Request::Allowance { .. } => "allowance",
+        }
+    }
+
+    /// How many of the op's optional fields ([`wire_fields`](Self::wire_fields)) are absent on the wire.
+    pub(super) fn optional_absent(&self) -> usize {
+        match self {
+            Request::Reverse {
+                content,
+                reason,
+                requested_at,
+                ..
+            } => {
+                usize::from(content.is_none()) + usize::from(reason.is_terminal()) + usize::from(requested_at.is_none())
+            }
+            _ => 0,
         }
     }
 
@@ -135,9 +166,17 @@ impl Request {
             Request::ConfirmBatch { .. } => &["confirms"],
             Request::Release { .. } => &["pin_ids"],
             Request::Renew { .. } => &["pin_ids", "lease_secs"],
-            Request::Reverse { .. } => &["terminal_id", "stan", "transmission", "content"],
+            Request::Reverse { .. } => &[
+                "terminal_id",
+                "stan",
+                "transmission",
+                "content",
+                "reason",
+                "requested_at",
+            ],
             Request::ReversePin { .. } => &["pin_id"],
             Request::Stock | Request::Held | Request::Ping => &[],
+            Request::Allowance { .. } => &["merchant_id", "currency", "amount"],
         }
     }
 }
@@ -250,6 +289,12 @@ pub enum Response {
         pin_ids: Vec<i64>,
     },
     Pong,
+    /// What of an `allowance` was granted (0 when the merchant's limit is reached); `limited`: the merchant has a
+    /// limit in that currency (without one, all of it is granted and nothing recorded).
+    Allowance {
+        granted: i64,
+        limited: bool,
+    },
 }
 
 /// What a `confirm` did, as the server recorded it. The gateway acts on it: a conflict is counted and shown to the
@@ -308,6 +353,8 @@ pub enum ErrorCode {
     RepeatExpired,
     /// A reversal whose product, amount, currency or merchant differ from its sale's: not reversed.
     ReversalMismatch,
+    /// A terminal's reversal received after the server's reversal window: not reversed, the PIN stays sold.
+    ReversalTooLate,
     NotHolder,
     BadRequest,
     /// Too many requests in flight on this connection.
@@ -326,6 +373,7 @@ impl ErrorCode {
             ErrorCode::AlreadyReversed => "already_reversed",
             ErrorCode::RepeatExpired => "repeat_expired",
             ErrorCode::ReversalMismatch => "reversal_mismatch",
+            ErrorCode::ReversalTooLate => "reversal_too_late",
             ErrorCode::NotHolder => "not_holder",
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::Busy => "busy",
@@ -405,6 +453,7 @@ mod tests {
             ErrorCode::AlreadyReversed,
             ErrorCode::RepeatExpired,
             ErrorCode::ReversalMismatch,
+            ErrorCode::ReversalTooLate,
             ErrorCode::NotHolder,
             ErrorCode::BadRequest,
             ErrorCode::Busy,

@@ -3,7 +3,7 @@
 use serde::Deserialize;
 
 use super::{ConfirmItem, PspError, Request, RequestFrame, ResponseFrame, Terminal};
-use crate::sale::SaleContent;
+use crate::sale::{ReversalReason, SaleContent};
 
 /// Parses one request body strictly. On error, [`PspError::BadRequest`]: the id if one could be read, and a message
 /// naming what is wrong.
@@ -54,6 +54,14 @@ struct WireRequest {
     transmission: Option<String>,
     #[serde(default, deserialize_with = "present")]
     content: Option<SaleContent>,
+    #[serde(default, deserialize_with = "present")]
+    reason: Option<ReversalReason>,
+    #[serde(default, deserialize_with = "present")]
+    requested_at: Option<i64>,
+    #[serde(default, deserialize_with = "present")]
+    merchant_id: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    currency: Option<String>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
@@ -79,6 +87,10 @@ impl WireRequest {
             stan,
             transmission,
             content,
+            reason,
+            requested_at,
+            merchant_id,
+            currency,
         } = self;
         let present = [
             version.is_some(),
@@ -94,6 +106,10 @@ impl WireRequest {
             stan.is_some(),
             transmission.is_some(),
             content.is_some(),
+            reason.is_some(),
+            requested_at.is_some(),
+            merchant_id.is_some(),
+            currency.is_some(),
         ]
         .iter()
         .filter(|p| **p)
@@ -122,6 +138,8 @@ impl WireRequest {
                 stan: stan?,
                 transmission: transmission?,
                 content,
+                reason: reason.unwrap_or_default(),
+                requested_at,
             },
             "reverse_pin" => Request::ReversePin { pin_id: pin_id? },
             "renew" => Request::Renew {
@@ -131,11 +149,16 @@ impl WireRequest {
             "stock" => Request::Stock,
             "held" => Request::Held,
             "ping" => Request::Ping,
+            "allowance" => Request::Allowance {
+                merchant_id: merchant_id?,
+                currency: currency?,
+                amount: amount?,
+            },
             _ => return None,
         };
         // Every field the op takes was there (`?` above): any more is another op's.
-        // (`content` of a reverse may be absent.)
-        let optional_absent = usize::from(matches!(&request, Request::Reverse { content: None, .. }));
+        // (`content`, `reason` and `requested_at` of a reverse may be absent; an explicit `terminal` is left to the slow parse.)
+        let optional_absent = request.optional_absent();
         (present + optional_absent == request.wire_fields().len()).then_some(RequestFrame { id: id?, request })
     }
 }
@@ -225,6 +248,8 @@ mod tests {
                     amount: 1000,
                     currency: "978".into(),
                 }),
+                reason: ReversalReason::Terminal,
+                requested_at: Some(1_700_000_000),
             },
             // From a journal written by an older gateway: no content.
             Request::Reverse {
@@ -232,8 +257,24 @@ mod tests {
                 stan: "1".into(),
                 transmission: "2".into(),
                 content: None,
+                reason: ReversalReason::Terminal,
+                requested_at: None,
+            },
+            // The gateway's own reversal of an answer sent but never acknowledged.
+            Request::Reverse {
+                terminal_id: "T".into(),
+                stan: "1".into(),
+                transmission: "2".into(),
+                content: None,
+                reason: ReversalReason::Unacknowledged,
+                requested_at: Some(1_700_000_000),
             },
             Request::ReversePin { pin_id: 1 },
+            Request::Allowance {
+                merchant_id: "M".into(),
+                currency: "978".into(),
+                amount: 10_000,
+            },
             Request::Renew {
                 pin_ids: vec![1],
                 lease_secs: 2,
@@ -254,7 +295,7 @@ mod tests {
             // The table lists exactly the serialised fields: each one removed makes the request invalid.
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
             let n = v.as_object().unwrap().len() - 2;
-            let optional_absent = usize::from(matches!(frame.request, Request::Reverse { content: None, .. }));
+            let optional_absent = frame.request.optional_absent();
             assert_eq!(n + optional_absent, frame.request.wire_fields().len(), "{frame:?}");
         }
     }

@@ -207,6 +207,7 @@ async fn handle_request(shared: &Shared, gateway: &str, id: u64, request: Reques
                 // Not operations a gateway can ask for (see `to_op`).
                 Outcome::Catalog(_) | Outcome::Expired(_) => Response::Pong,
                 Outcome::Held(pin_ids) => Response::Held { pin_ids },
+                Outcome::Allowance { granted, limited } => Response::Allowance { granted, limited },
             },
         ),
         Err(e) => {
@@ -224,6 +225,26 @@ fn to_op(shared: &Shared, gateway: &str, request: Request) -> Result<Result<Op, 
     Ok(Ok(match request {
         Request::Hello { .. } => return Err("hello was already said".into()),
         Request::Ping => return Ok(Err(Response::Pong)),
+        Request::Allowance {
+            merchant_id,
+            currency,
+            amount,
+        } => {
+            if merchant_id.is_empty() || merchant_id.len() > crate::psp::MAX_MERCHANT_ID {
+                return Err("merchant_id: 1 to 15 characters".into());
+            }
+            if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_digit()) {
+                return Err("currency: ISO 4217 numeric, 3 digits".into());
+            }
+            if !(1..=1_000_000_000_000).contains(&amount) {
+                return Err("amount: 1 to 1000000000000".into());
+            }
+            Op::Allowance {
+                merchant_id,
+                currency,
+                want: amount,
+            }
+        }
         Request::Sell {
             product,
             amount,
@@ -281,6 +302,8 @@ fn to_op(shared: &Shared, gateway: &str, request: Request) -> Result<Result<Op, 
             stan,
             transmission,
             content,
+            reason,
+            requested_at,
         } => Op::Reverse {
             sale: sale(
                 gateway,
@@ -293,6 +316,11 @@ fn to_op(shared: &Shared, gateway: &str, request: Request) -> Result<Result<Op, 
                 },
             )?,
             content,
+            policy: crate::store::ReversePolicy {
+                reason,
+                requested_at,
+                window_secs: shared.opts.reversal_window.map(|w| w.as_secs() as i64),
+            },
         },
         Request::ReversePin { pin_id } => Op::ReversePin {
             gateway: gateway.into(),
@@ -373,6 +401,7 @@ impl From<&StoreError> for ErrorCode {
             StoreError::AlreadyReversed { .. } => ErrorCode::AlreadyReversed,
             StoreError::RepeatExpired { .. } => ErrorCode::RepeatExpired,
             StoreError::ReversalMismatch { .. } => ErrorCode::ReversalMismatch,
+            StoreError::ReversalTooLate { .. } => ErrorCode::ReversalTooLate,
             StoreError::NotHolder { .. } => ErrorCode::NotHolder,
             StoreError::BadRequest(_) | StoreError::ImportRow { .. } => ErrorCode::BadRequest,
             StoreError::Crypto(_) | StoreError::Unreadable { .. } | StoreError::Db(_) => ErrorCode::Internal,

@@ -76,6 +76,9 @@ pub struct ServerOptions {
     pub max_lease: Duration,
     /// A repeat of a sale older than this gets no PIN (`repeat_expired`); a day by default.
     pub repeat_age: Duration,
+    /// A terminal's reversal later than this after its sale is refused (`reversal_too_late`, 21 to the terminal)
+    /// and the PIN stays sold; `None`: no window.
+    pub reversal_window: Option<Duration>,
     /// Prometheus metrics, health and readiness over HTTP (off when `None`; keep it on loopback).
     pub metrics: Option<SocketAddr>,
 }
@@ -92,6 +95,7 @@ impl Default for ServerOptions {
             idle_timeout: Duration::from_secs(300),
             max_lease: Duration::from_secs(24 * 3600),
             repeat_age: Duration::from_secs(crate::store::DEFAULT_REPEAT_AGE_SECS as u64),
+            reversal_window: None,
             metrics: None,
         }
     }
@@ -131,6 +135,12 @@ impl ServerOptions {
             ("--max-lease-secs", secs(self.max_lease), 60, 7 * 86_400),
             ("--repeat-age-secs", secs(self.repeat_age), 60, 30 * 86_400),
             ("--pg-connections", pg_connections as u64, 1, 64),
+            (
+                "--reversal-window-secs",
+                self.reversal_window.map_or(60, secs),
+                60,
+                604_800,
+            ),
         ] {
             if !(lo..=hi).contains(&v) {
                 return Err(format!("{flag}: must be {lo} to {hi}"));

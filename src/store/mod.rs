@@ -137,6 +137,9 @@ pub enum StoreError {
     /// A reversal names a sale whose product, amount, currency or merchant differ from its own: not reversed.
     #[error("reversal of {key} does not match its sale ({field} differs)")]
     ReversalMismatch { key: String, field: &'static str },
+    /// A terminal's reversal after the reversal window: not reversed, the PIN stays sold.
+    #[error("reversal of {key} is after the reversal window: the sale stands")]
+    ReversalTooLate { key: String },
     /// The caller does not hold the PIN it names (or the PIN is not reserved).
     #[error("gateway `{holder}` does not hold PIN {pin_id}")]
     NotHolder { holder: String, pin_id: i64 },
@@ -412,6 +415,17 @@ pub trait PinStore {
 
     /// Refused confirms ([`Confirmation::Conflict`]), open ones first.
     async fn conflicts(&self) -> Result<Vec<ConflictRow>, StoreError>;
+    /// PINs voided by reversals recorded since `since` ([`LIST_VOIDED`]).
+    async fn voided(&self, since: i64, include_unacknowledged: bool) -> Result<Vec<VoidedRow>, StoreError>;
+    /// Sets a merchant's value per day in a currency (`None`: removes the limit).
+    async fn set_limit(
+        &mut self,
+        merchant_id: &str,
+        currency: &str,
+        value_per_day: Option<i64>,
+    ) -> Result<(), StoreError>;
+    /// Every limit, with what was granted of it on UTC day `day` (`unix / 86400`).
+    async fn limits(&self, day: i64) -> Result<Vec<LimitRow>, StoreError>;
     /// Operator command: conflict `id` is dealt with (`note` says how); refused unless it is open.
     async fn resolve_conflict(&mut self, id: i64, note: &str, now: i64) -> Result<(), StoreError>;
 
@@ -666,6 +680,101 @@ pub(crate) const VOID_RESERVED: &str =
 pub(crate) const INSERT_REDELIVERY: &str =
     "INSERT INTO redeliveries (pin_id, gateway, terminal_id, at) VALUES ($1, $2, $3, $4)";
 
+/// Why a reversal is made, when it was asked for, and the server's reversal window (issue 20, §5).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReversePolicy {
+    /// Stored with the reversal (`reversals.reason`); only a `terminal` reversal is held to the window.
+    pub reason: crate::sale::ReversalReason,
+    /// When the gateway took the terminal's reversal (seconds since the epoch; `None`: now). Never later than now.
+    pub requested_at: Option<i64>,
+    /// The server's reversal window in seconds (`pingate server --reversal-window-secs`); `None`: none.
+    pub window_secs: Option<i64>,
+}
+
+impl ReversePolicy {
+    /// Whether this reversal of a sale made at `sold_at` comes too late (both backends), judged at `now`: a
+    /// terminal's reversal asked for more than the window after the sale.
+    pub(crate) fn too_late(&self, sold_at: i64, now: i64) -> bool {
+        let Some(window) = self.window_secs else {
+            return false;
+        };
+        let asked = self.requested_at.map_or(now, |t| t.min(now));
+        self.reason.is_terminal() && asked.saturating_sub(sold_at) > window
+    }
+
+    /// The reason as stored: `NULL` for a terminal's (as in rows written before the column existed).
+    pub(crate) fn stored_reason(&self) -> Option<&'static str> {
+        (!self.reason.is_terminal()).then(|| self.reason.as_str())
+    }
+}
+
+/// Both backends' schema 8: merchants' limits across every gateway and server (value per UTC day, by currency), and
+/// what was granted of them each day (allowances: gateways sell from them).
+pub(crate) const LIMITS_V8: &str = "
+CREATE TABLE merchant_limits (
+    merchant_id TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    value_per_day BIGINT NOT NULL CHECK (value_per_day >= 0),
+    PRIMARY KEY (merchant_id, currency)
+);
+CREATE TABLE merchant_allowances (
+    merchant_id TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    day BIGINT NOT NULL,
+    granted BIGINT NOT NULL CHECK (granted >= 0),
+    PRIMARY KEY (merchant_id, currency, day)
+);
+";
+
+/// What of a merchant's limit to grant: at most `want`, never past the limit (`None`: no limit, all of it).
+pub(crate) fn grant_allowance(limit: Option<i64>, granted_today: i64, want: i64) -> i64 {
+    match limit {
+        None => want.max(0),
+        Some(l) => want.max(0).min((l - granted_today).max(0)),
+    }
+}
+
+/// A merchant's limit and what was granted of it today, for `pingate limits show`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LimitRow {
+    pub merchant_id: String,
+    pub currency: String,
+    pub value_per_day: i64,
+    pub granted_today: i64,
+}
+
+/// Both backends: every limit with today's (`$1`) grants.
+pub(crate) const LIST_LIMITS: &str = "SELECT l.merchant_id, l.currency, l.value_per_day, COALESCE(a.granted, 0) \
+     FROM merchant_limits l LEFT JOIN merchant_allowances a \
+     ON a.merchant_id = l.merchant_id AND a.currency = l.currency AND a.day = $1 ORDER BY l.merchant_id, l.currency";
+
+/// A voided PIN as `pingate pins voided` lists it for the supplier's deactivation: no PIN value.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct VoidedRow {
+    pub pin_id: i64,
+    pub serial: String,
+    pub product: String,
+    pub amount: i64,
+    /// ISO 4217 numeric, from the product (empty if the product is gone).
+    pub currency: String,
+    /// When the reversal was recorded (seconds since the epoch).
+    pub reversed_at: i64,
+    pub gateway: String,
+    pub terminal_id: String,
+    pub merchant_id: String,
+    /// `terminal`, `undelivered` or `unacknowledged` (see [`crate::sale::ReversalReason`]).
+    pub reason: String,
+}
+
+/// Both backends: PINs voided by a reversal recorded at or after `$1`, oldest first; with `$2` false, those whose
+/// answer was sent but never acknowledged (the terminal may have printed them) are left out.
+pub(crate) const LIST_VOIDED: &str = "SELECT p.id, p.serial, s.product, s.amount, COALESCE(pr.currency, ''), v.at, \
+     s.gateway, s.terminal_id, s.merchant_id, COALESCE(v.reason, 'terminal') \
+     FROM reversals v JOIN pins p ON p.id = v.pin_id JOIN sales s ON s.pin_id = v.pin_id \
+     LEFT JOIN products pr ON pr.code = s.product \
+     WHERE p.state = 'voided' AND v.at >= $1 AND ($2 OR v.reason IS NULL OR v.reason <> 'unacknowledged') \
+     ORDER BY v.at, p.id";
+
 /// A refused confirm as `confirm_conflicts` keeps it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConflictRow {
@@ -737,6 +846,7 @@ pub enum Op {
     Reverse {
         sale: SaleContext,
         content: Option<SaleContent>,
+        policy: ReversePolicy,
     },
     /// Reverse the sale of one PIN, by id; only the gateway that sold it may.
     ReversePin {
@@ -751,6 +861,12 @@ pub enum Op {
     },
     /// Available PINs whose expiry date (`YYYYMMDD`) is before the batch's day become expired.
     Expire,
+    /// A slice of a merchant's value per day in a currency for a gateway to sell from ([`grant_allowance`]).
+    Allowance {
+        merchant_id: String,
+        currency: String,
+        want: i64,
+    },
 }
 
 /// The result of an [`Op`].
@@ -770,6 +886,11 @@ pub enum Outcome {
     Held(Vec<i64>),
     /// How many PINs expired.
     Expired(u64),
+    /// Value granted (at most what was asked); `limited`: the merchant has a limit in that currency.
+    Allowance {
+        granted: i64,
+        limited: bool,
+    },
 }
 
 /// The answer to every operation of a batch that failed as a whole (a database error: nothing of it was kept).

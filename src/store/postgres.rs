@@ -19,7 +19,7 @@ use crate::psp::MAX_RESERVE;
 const DUPLICATE_PIN: &str = "duplicate PIN value (already loaded, or twice in this file)";
 
 /// Version of the schema this code writes.
-pub const SCHEMA_VERSION: i32 = 7;
+pub const SCHEMA_VERSION: i32 = 8;
 
 /// The schema version whose migration seals every PIN again bound to its row ([`reseal_pins`]).
 const RESEAL_VERSION: i32 = 6;
@@ -548,6 +548,11 @@ async fn migrate(client: &mut Client, cipher: &PinCipher) -> Result<(), StoreErr
             // batch; here the trail keeps its layout, a row per PIN and change, and the view is the table).
             tx.batch_execute(AUDIT_TRAIL_V7).await?;
         }
+        if resealed && version < 8 {
+            // Why each reversal was made (as the SQLite store's migration 8), for `pingate pins voided`.
+            tx.batch_execute("ALTER TABLE reversals ADD COLUMN reason TEXT").await?;
+            tx.batch_execute(super::LIMITS_V8).await?;
+        }
         let reached = if resealed { SCHEMA_VERSION } else { RESEAL_VERSION - 1 };
         tx.batch_execute(BATCH_FUNCTIONS).await?;
         if version < reached {
@@ -970,6 +975,7 @@ impl PgStore {
         let op = Op::Reverse {
             sale: sale.clone(),
             content: content.cloned(),
+            policy: Default::default(),
         };
         match self.apply_one(op).await? {
             Outcome::Reversed(r) => Ok(r),
@@ -1189,7 +1195,7 @@ async fn apply(
                 .await?;
             Ok(Outcome::Renewed(n as usize))
         }
-        Op::Reverse { sale, content } => {
+        Op::Reverse { sale, content, policy } => {
             lock(tx, sale).await?;
             let found = find_sale(tx, sale).await?;
             if let (Some(f), Some(c)) = (&found, content) {
@@ -1197,12 +1203,17 @@ async fn apply(
                     return Err(StoreError::ReversalMismatch { key: sale.key(), field });
                 }
             }
+            if let Some(f) = &found {
+                if f.state == PinState::Sold && policy.too_late(f.sold_at, now) {
+                    return Err(StoreError::ReversalTooLate { key: sale.key() });
+                }
+            }
             Ok(Outcome::Reversed(match found {
                 None => {
                     if !reversal_pending(tx, sale).await? {
                         tx.execute(
                             "INSERT INTO reversals (gateway, terminal_id, stan, transmission, pin_id, at, product,
-                             amount, merchant_id) VALUES ($1, $2, $3, $4, NULL, $5, $6, $7, $8)",
+                             amount, merchant_id, reason) VALUES ($1, $2, $3, $4, NULL, $5, $6, $7, $8, $9)",
                             &[
                                 &sale.gateway,
                                 &sale.terminal_id,
@@ -1212,6 +1223,7 @@ async fn apply(
                                 &content.as_ref().map(|c| c.product.as_str()),
                                 &content.as_ref().map(|c| c.amount),
                                 &content.as_ref().map(|c| c.merchant_id.as_str()),
+                                &policy.stored_reason(),
                             ],
                         )
                         .await?;
@@ -1221,6 +1233,13 @@ async fn apply(
                 Some(f) if f.state == PinState::Voided => Reversal::AlreadyVoided { pin_id: f.pin_id },
                 Some(f) => {
                     void(tx, sale, f.pin_id, now).await?;
+                    if let Some(reason) = policy.stored_reason() {
+                        tx.execute(
+                            "UPDATE reversals SET reason = $4 WHERE transmission = $1 AND stan = $2 AND terminal_id = $3",
+                            &[&sale.transmission, &sale.stan, &sale.terminal_id, &reason],
+                        )
+                        .await?;
+                    }
                     Reversal::Voided { pin_id: f.pin_id }
                 }
             }))
@@ -1247,7 +1266,55 @@ async fn apply(
                 merchant_id: r.get(4),
                 rrn: r.get(5),
             };
-            Box::pin(apply(tx, st, cipher, &Op::Reverse { sale, content: None }, now, today)).await
+            let op = Op::Reverse {
+                sale,
+                content: None,
+                policy: Default::default(),
+            };
+            Box::pin(apply(tx, st, cipher, &op, now, today)).await
+        }
+        Op::Allowance {
+            merchant_id,
+            currency,
+            want,
+        } => {
+            let limit: Option<i64> = tx
+                .query_opt(
+                    "SELECT value_per_day FROM merchant_limits WHERE merchant_id = $1 AND currency = $2",
+                    &[merchant_id, currency],
+                )
+                .await?
+                .map(|r| r.get(0));
+            let Some(limit) = limit else {
+                return Ok(Outcome::Allowance {
+                    granted: (*want).max(0),
+                    limited: false,
+                });
+            };
+            let day = now.div_euclid(86_400);
+            // The day's row, locked: servers sharing the database grant one after another.
+            tx.execute(
+                "INSERT INTO merchant_allowances (merchant_id, currency, day, granted) VALUES ($1, $2, $3, 0)
+                 ON CONFLICT DO NOTHING",
+                &[merchant_id, currency, &day],
+            )
+            .await?;
+            let granted_today: i64 = tx
+                .query_one(
+                    "SELECT granted FROM merchant_allowances WHERE merchant_id = $1 AND currency = $2 AND day = $3
+                     FOR UPDATE",
+                    &[merchant_id, currency, &day],
+                )
+                .await?
+                .get(0);
+            let granted = super::grant_allowance(Some(limit), granted_today, *want);
+            tx.execute(
+                "UPDATE merchant_allowances SET granted = granted + $4 WHERE merchant_id = $1 AND currency = $2
+                 AND day = $3",
+                &[merchant_id, currency, &day, &granted],
+            )
+            .await?;
+            Ok(Outcome::Allowance { granted, limited: true })
         }
         Op::Stock => stock(tx).await.map(Outcome::Stock),
         Op::Expire => expire_available(tx, today).await.map(Outcome::Expired),
@@ -1273,12 +1340,13 @@ struct FoundSale {
     merchant: String,
     /// The currency of the sale's product.
     currency: Option<String>,
+    sold_at: i64,
 }
 
 async fn find_sale(tx: &impl GenericClient, sale: &SaleContext) -> Result<Option<FoundSale>, StoreError> {
     let row = tx
         .query_opt(
-            "SELECT s.pin_id, p.state, s.product, s.amount, s.merchant_id, pr.currency
+            "SELECT s.pin_id, p.state, s.product, s.amount, s.merchant_id, pr.currency, s.sold_at
              FROM sales s JOIN pins p ON p.id = s.pin_id LEFT JOIN products pr ON pr.code = s.product
              WHERE s.transmission = $1 AND s.stan = $2 AND s.terminal_id = $3",
             &[&sale.transmission, &sale.stan, &sale.terminal_id],
@@ -1293,6 +1361,7 @@ async fn find_sale(tx: &impl GenericClient, sale: &SaleContext) -> Result<Option
             amount: r.get(3),
             merchant: r.get(4),
             currency: r.get(5),
+            sold_at: r.get(6),
         }
     }))
 }
@@ -1868,5 +1937,65 @@ impl super::PinStore for PgStore {
             .execute(super::RESOLVE_CONFLICT, &[&note, &now, &id])
             .await?;
         super::check_resolved(n, id)
+    }
+    async fn set_limit(
+        &mut self,
+        merchant_id: &str,
+        currency: &str,
+        value_per_day: Option<i64>,
+    ) -> Result<(), StoreError> {
+        match value_per_day {
+            Some(v) => {
+                self.client
+                    .execute(
+                        "INSERT INTO merchant_limits (merchant_id, currency, value_per_day) VALUES ($1, $2, $3)
+                         ON CONFLICT (merchant_id, currency) DO UPDATE SET value_per_day = excluded.value_per_day",
+                        &[&merchant_id, &currency, &v],
+                    )
+                    .await?
+            }
+            None => {
+                self.client
+                    .execute(
+                        "DELETE FROM merchant_limits WHERE merchant_id = $1 AND currency = $2",
+                        &[&merchant_id, &currency],
+                    )
+                    .await?
+            }
+        };
+        Ok(())
+    }
+    async fn limits(&self, day: i64) -> Result<Vec<super::LimitRow>, StoreError> {
+        let rows = self.client.query(super::LIST_LIMITS, &[&day]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| super::LimitRow {
+                merchant_id: r.get(0),
+                currency: r.get(1),
+                value_per_day: r.get(2),
+                granted_today: r.get(3),
+            })
+            .collect())
+    }
+    async fn voided(&self, since: i64, include_unacknowledged: bool) -> Result<Vec<super::VoidedRow>, StoreError> {
+        let rows = self
+            .client
+            .query(super::LIST_VOIDED, &[&since, &include_unacknowledged])
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| super::VoidedRow {
+                pin_id: r.get(0),
+                serial: r.get(1),
+                product: r.get(2),
+                amount: r.get(3),
+                currency: r.get(4),
+                reversed_at: r.get(5),
+                gateway: r.get(6),
+                terminal_id: r.get(7),
+                merchant_id: r.get(8),
+                reason: r.get(9),
+            })
+            .collect())
     }
 }

@@ -22,7 +22,7 @@ pub type AuditRow = (Option<String>, String, Option<String>);
 pub const IMPORT_PROGRESS_EVERY: usize = 5_000;
 
 /// Version of the schema this code writes; older files are migrated on open.
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 
 /// The schema version whose migration seals every PIN again bound to its row ([`reseal_pins`]).
 const RESEAL_VERSION: i64 = 6;
@@ -319,6 +319,12 @@ impl SqliteStore {
         if resealed && version < 7 {
             // The audit trail as records naming their PINs (one per batch), see `AUDIT_V7`.
             tx.execute_batch(AUDIT_V7)?;
+        }
+        if resealed && version < 8 {
+            // Why each reversal was made (`NULL`: the terminal asked; `undelivered`, `unacknowledged`: the
+            // gateway's own), for `pingate pins voided`.
+            tx.execute_batch("ALTER TABLE reversals ADD COLUMN reason TEXT")?;
+            tx.execute_batch(super::LIMITS_V8)?;
         }
         let reached = if resealed { SCHEMA_VERSION } else { RESEAL_VERSION - 1 };
         tx.pragma_update(None, "user_version", reached.max(version))?;
@@ -617,6 +623,7 @@ impl SqliteStore {
         match self.apply_one(Op::Reverse {
             sale: sale.clone(),
             content: content.cloned(),
+            policy: Default::default(),
         })? {
             Outcome::Reversed(r) => Ok(r),
             o => Err(unexpected(o)),
@@ -1103,7 +1110,9 @@ fn apply(tx: &Connection, cipher: &PinCipher, op: &Op, now: i64, today: &str) ->
             pin_ids,
             lease_until,
         } => renew(tx, holder, pin_ids, *lease_until).map(Outcome::Renewed),
-        Op::Reverse { sale, content } => reverse(tx, sale, content.as_ref(), now).map(Outcome::Reversed),
+        Op::Reverse { sale, content, policy } => {
+            reverse(tx, sale, content.as_ref(), policy, now).map(Outcome::Reversed)
+        }
         Op::ReversePin { gateway, pin_id } => {
             let sale = tx
                 .prepare_cached(
@@ -1122,12 +1131,42 @@ fn apply(tx: &Connection, cipher: &PinCipher, op: &Op, now: i64, today: &str) ->
                 })
                 .optional()?;
             match sale {
-                Some(sale) => reverse(tx, &sale, None, now).map(Outcome::Reversed),
+                Some(sale) => reverse(tx, &sale, None, &Default::default(), now).map(Outcome::Reversed),
                 None => Err(StoreError::NotHolder {
                     holder: gateway.clone(),
                     pin_id: *pin_id,
                 }),
             }
+        }
+        Op::Allowance {
+            merchant_id,
+            currency,
+            want,
+        } => {
+            let limit: Option<i64> = tx
+                .prepare_cached("SELECT value_per_day FROM merchant_limits WHERE merchant_id = ?1 AND currency = ?2")?
+                .query_row(params![merchant_id, currency], |r| r.get(0))
+                .optional()?;
+            let day = now.div_euclid(86_400);
+            let granted_today: i64 = tx
+                .prepare_cached(
+                    "SELECT granted FROM merchant_allowances WHERE merchant_id = ?1 AND currency = ?2 AND day = ?3",
+                )?
+                .query_row(params![merchant_id, currency, day], |r| r.get(0))
+                .optional()?
+                .unwrap_or(0);
+            let granted = super::grant_allowance(limit, granted_today, *want);
+            if limit.is_some() && granted > 0 {
+                tx.prepare_cached(
+                    "INSERT INTO merchant_allowances (merchant_id, currency, day, granted) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (merchant_id, currency, day) DO UPDATE SET granted = granted + excluded.granted",
+                )?
+                .execute(params![merchant_id, currency, day, granted])?;
+            }
+            Ok(Outcome::Allowance {
+                granted,
+                limited: limit.is_some(),
+            })
         }
         Op::Stock => stock(tx).map(Outcome::Stock),
         Op::Expire => expire_available(tx, today).map(|n| Outcome::Expired(n as u64)),
@@ -1441,6 +1480,7 @@ fn reverse(
     tx: &Connection,
     sale: &SaleContext,
     content: Option<&crate::sale::SaleContent>,
+    policy: &super::ReversePolicy,
     now: i64,
 ) -> Result<Reversal, StoreError> {
     let found = find_sale(tx, sale)?;
@@ -1449,12 +1489,17 @@ fn reverse(
             return Err(StoreError::ReversalMismatch { key: sale.key(), field });
         }
     }
+    if let Some(f) = &found {
+        if f.state == PinState::Sold && policy.too_late(f.sold_at, now) {
+            return Err(StoreError::ReversalTooLate { key: sale.key() });
+        }
+    }
     Ok(match found {
         None => {
             if !reversal_pending(tx, sale)? {
                 tx.prepare_cached(
                     "INSERT INTO reversals (gateway, terminal_id, stan, transmission, pin_id, at, product, amount,
-                     merchant_id) VALUES (?1, ?2, ?3, ?4, NULL, ?5, ?6, ?7, ?8)",
+                     merchant_id, reason) VALUES (?1, ?2, ?3, ?4, NULL, ?5, ?6, ?7, ?8, ?9)",
                 )?
                 .execute(params![
                     sale.gateway,
@@ -1465,6 +1510,7 @@ fn reverse(
                     content.map(|c| &c.product),
                     content.map(|c| c.amount),
                     content.map(|c| &c.merchant_id),
+                    policy.stored_reason(),
                 ])?;
             }
             Reversal::Remembered
@@ -1472,6 +1518,12 @@ fn reverse(
         Some(f) if f.state == PinState::Voided => Reversal::AlreadyVoided { pin_id: f.pin_id },
         Some(f) => {
             void(tx, sale, f.pin_id, now)?;
+            if let Some(reason) = policy.stored_reason() {
+                tx.prepare_cached(
+                    "UPDATE reversals SET reason = ?4 WHERE transmission = ?1 AND stan = ?2 AND terminal_id = ?3",
+                )?
+                .execute(params![sale.transmission, sale.stan, sale.terminal_id, reason])?;
+            }
             Reversal::Voided { pin_id: f.pin_id }
         }
     })
@@ -1583,5 +1635,54 @@ impl super::PinStore for SqliteStore {
     async fn resolve_conflict(&mut self, id: i64, note: &str, now: i64) -> Result<(), StoreError> {
         let n = self.conn.execute(super::RESOLVE_CONFLICT, params![note, now, id])?;
         super::check_resolved(n as u64, id)
+    }
+    async fn set_limit(
+        &mut self,
+        merchant_id: &str,
+        currency: &str,
+        value_per_day: Option<i64>,
+    ) -> Result<(), StoreError> {
+        match value_per_day {
+            Some(v) => self.conn.execute(
+                "INSERT INTO merchant_limits (merchant_id, currency, value_per_day) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (merchant_id, currency) DO UPDATE SET value_per_day = excluded.value_per_day",
+                params![merchant_id, currency, v],
+            )?,
+            None => self.conn.execute(
+                "DELETE FROM merchant_limits WHERE merchant_id = ?1 AND currency = ?2",
+                params![merchant_id, currency],
+            )?,
+        };
+        Ok(())
+    }
+    async fn limits(&self, day: i64) -> Result<Vec<super::LimitRow>, StoreError> {
+        let mut st = self.conn.prepare(super::LIST_LIMITS)?;
+        let rows = st.query_map(params![day], |r| {
+            Ok(super::LimitRow {
+                merchant_id: r.get(0)?,
+                currency: r.get(1)?,
+                value_per_day: r.get(2)?,
+                granted_today: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+    async fn voided(&self, since: i64, include_unacknowledged: bool) -> Result<Vec<super::VoidedRow>, StoreError> {
+        let mut st = self.conn.prepare(super::LIST_VOIDED)?;
+        let rows = st.query_map(params![since, include_unacknowledged], |r| {
+            Ok(super::VoidedRow {
+                pin_id: r.get(0)?,
+                serial: r.get(1)?,
+                product: r.get(2)?,
+                amount: r.get(3)?,
+                currency: r.get(4)?,
+                reversed_at: r.get(5)?,
+                gateway: r.get(6)?,
+                terminal_id: r.get(7)?,
+                merchant_id: r.get(8)?,
+                reason: r.get(9)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 }

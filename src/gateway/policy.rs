@@ -1,0 +1,292 @@
+//! Fraud controls that bound what a dishonest merchant can take (issue 20, §4 and §5): the `[policy]` table of the
+//! gateway's configuration, and reversal rates per merchant and terminal for the metrics endpoint.
+//!
+//! The rules themselves are decided without I/O in the controller (`controller::decide_reversal`, with the time as
+//! an input); this module only holds their configuration and their counters.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// `[policy]` in the gateway's configuration (every key optional).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PolicySection {
+    /// A terminal's reversal (0400/0420) is accepted only this long after its sale; later it gets `21` and the PIN
+    /// stays sold. Absent: no window (every reversal is accepted, as before).
+    reversal_window_secs: Option<u64>,
+    /// Limits kept by this gateway (`super::limits`): sales per minute of one terminal, of one merchant (all its
+    /// terminals on this gateway); value per UTC day in minor units, by currency (`{ "978" = 100000 }`).
+    terminal_sales_per_minute: Option<u64>,
+    merchant_sales_per_minute: Option<u64>,
+    #[serde(default)]
+    terminal_value_per_day: std::collections::HashMap<String, u64>,
+    #[serde(default)]
+    merchant_value_per_day: std::collections::HashMap<String, u64>,
+    /// Merchants' limits kept by the PIN server (`pingate limits set`): by currency, the slice of a merchant's value
+    /// per day to ask for at a time (`{ "978" = 10000 }`), and what may be sold beyond the allowance per merchant
+    /// and day when the server cannot be asked (0 by default).
+    #[serde(default)]
+    merchant_allowance: std::collections::HashMap<String, u64>,
+    #[serde(default)]
+    merchant_allowance_margin: std::collections::HashMap<String, u64>,
+}
+
+/// The fraud controls, read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyConfig {
+    /// See [`PolicySection`]: `None`, no window.
+    pub reversal_window: Option<Duration>,
+    /// Sales per minute and value per day, per terminal and per merchant.
+    pub limits: super::limits::LimitsConfig,
+    /// Currency → (slice asked of the PIN server, margin without it) for merchants' limits across gateways.
+    pub allowances: std::collections::HashMap<String, (u64, u64)>,
+}
+
+/// The reversal window's range (seconds): from a minute (a terminal's reversal follows its timeout at once) to a
+/// week.
+pub(super) const REVERSAL_WINDOW_RANGE: (u64, u64) = (60, 604_800);
+
+impl PolicySection {
+    /// The checked configuration, or the problems (`at`, `reason`), each with its key.
+    pub(super) fn read(&self) -> Result<PolicyConfig, Vec<(String, String)>> {
+        let mut problems = Vec::new();
+        let (lo, hi) = REVERSAL_WINDOW_RANGE;
+        if let Some(v) = self.reversal_window_secs {
+            if !(lo..=hi).contains(&v) {
+                problems.push(("policy.reversal_window_secs".into(), format!("must be {lo} to {hi}")));
+            }
+        }
+        for (at, v) in [
+            ("policy.terminal_sales_per_minute", self.terminal_sales_per_minute),
+            ("policy.merchant_sales_per_minute", self.merchant_sales_per_minute),
+        ] {
+            if v.is_some_and(|v| !(1..=100_000).contains(&v)) {
+                problems.push((at.into(), "must be 1 to 100000".into()));
+            }
+        }
+        for c in self.merchant_allowance_margin.keys() {
+            if !self.merchant_allowance.contains_key(c) {
+                problems.push((
+                    format!("policy.merchant_allowance_margin.{c}"),
+                    "a margin without a merchant_allowance in that currency".into(),
+                ));
+            }
+        }
+        let margins: std::collections::HashMap<String, u64> = self
+            .merchant_allowance_margin
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(c, v)| (c.clone(), *v))
+            .collect();
+        for (at, m) in [
+            ("policy.terminal_value_per_day", &self.terminal_value_per_day),
+            ("policy.merchant_value_per_day", &self.merchant_value_per_day),
+            ("policy.merchant_allowance", &self.merchant_allowance),
+            ("policy.merchant_allowance_margin", &margins),
+        ] {
+            for (currency, v) in m {
+                if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_digit()) {
+                    problems.push((
+                        format!("{at}.{currency}"),
+                        "the currency must be ISO 4217 numeric (3 digits)".into(),
+                    ));
+                } else if !(1..=1_000_000_000_000).contains(v) {
+                    problems.push((format!("{at}.{currency}"), "must be 1 to 1000000000000".into()));
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(PolicyConfig {
+            reversal_window: self.reversal_window_secs.map(Duration::from_secs),
+            limits: super::limits::LimitsConfig {
+                terminal_sales_per_minute: self.terminal_sales_per_minute.map(|v| v as u32),
+                merchant_sales_per_minute: self.merchant_sales_per_minute.map(|v| v as u32),
+                terminal_value_per_day: self.terminal_value_per_day.clone(),
+                merchant_value_per_day: self.merchant_value_per_day.clone(),
+            },
+            allowances: self
+                .merchant_allowance
+                .iter()
+                .map(|(c, v)| {
+                    (
+                        c.clone(),
+                        (*v, self.merchant_allowance_margin.get(c).copied().unwrap_or(0)),
+                    )
+                })
+                .collect(),
+        })
+    }
+}
+
+/// How many terminals the metrics show by name: the ones with the most reversals. A gateway may serve thousands
+/// of terminals (5,000 is the sizing of the store's indexes); a series per terminal and counter would make every
+/// scrape as big as the registry, so only the top ones are named, and every merchant (far fewer) is.
+pub const TOP_TERMINALS: usize = 20;
+
+/// Sales and reversals by merchant and by terminal, since start. Only requests from terminals of the registry are
+/// counted (an unknown terminal is refused before), so both maps are bounded by the registry.
+#[derive(Debug, Default)]
+pub struct ReversalRates {
+    inner: Mutex<Rates>,
+}
+
+#[derive(Debug, Default)]
+struct Rates {
+    /// merchant → (sales, reversals)
+    merchants: HashMap<String, (u64, u64)>,
+    /// terminal → (merchant, sales, reversals)
+    terminals: HashMap<String, (String, u64, u64)>,
+}
+
+impl ReversalRates {
+    /// A new sale approved (not a repeat).
+    pub fn sale(&self, terminal: &str, merchant: &str) {
+        self.add(terminal, merchant, 1, 0);
+    }
+
+    /// A terminal's reversal accepted.
+    pub fn reversal(&self, terminal: &str, merchant: &str) {
+        self.add(terminal, merchant, 0, 1);
+    }
+
+    fn add(&self, terminal: &str, merchant: &str, sales: u64, reversals: u64) {
+        let mut r = self.inner.lock().expect("not poisoned");
+        match r.merchants.get_mut(merchant) {
+            Some(m) => {
+                m.0 += sales;
+                m.1 += reversals;
+            }
+            None => {
+                r.merchants.insert(merchant.to_string(), (sales, reversals));
+            }
+        }
+        match r.terminals.get_mut(terminal) {
+            Some(t) => {
+                t.1 += sales;
+                t.2 += reversals;
+            }
+            None => {
+                r.terminals
+                    .insert(terminal.to_string(), (merchant.to_string(), sales, reversals));
+            }
+        }
+    }
+
+    /// Per merchant `(merchant, sales, reversals)`, sorted; and the [`TOP_TERMINALS`] terminals with the most
+    /// reversals `(terminal, merchant, sales, reversals)`, most first.
+    #[allow(clippy::type_complexity)]
+    pub fn snapshot(&self) -> (Vec<(String, u64, u64)>, Vec<(String, String, u64, u64)>) {
+        let r = self.inner.lock().expect("not poisoned");
+        let mut merchants: Vec<_> = r.merchants.iter().map(|(m, (s, v))| (m.clone(), *s, *v)).collect();
+        merchants.sort();
+        let mut terminals: Vec<_> = r
+            .terminals
+            .iter()
+            .filter(|(_, (_, _, v))| *v > 0)
+            .map(|(t, (m, s, v))| (t.clone(), m.clone(), *s, *v))
+            .collect();
+        terminals.sort_by(|a, b| b.3.cmp(&a.3).then_with(|| a.0.cmp(&b.0)));
+        terminals.truncate(TOP_TERMINALS);
+        (merchants, terminals)
+    }
+
+    /// The metrics' text: per merchant, sales and reversals (their ratio is the merchant's reversal rate); for the
+    /// top terminals, the same.
+    pub fn render(&self, e: &mut crate::metrics::Exposition) {
+        let (merchants, terminals) = self.snapshot();
+        e.family(
+            "pingate_gateway_merchant_sales_total",
+            "counter",
+            "New sales approved, by merchant (with reversals: the merchant's reversal rate).",
+        );
+        for (m, s, _) in &merchants {
+            e.sample("pingate_gateway_merchant_sales_total", &[("merchant", m)], *s as f64);
+        }
+        e.family(
+            "pingate_gateway_merchant_reversals_total",
+            "counter",
+            "Terminal reversals accepted, by merchant.",
+        );
+        for (m, _, v) in &merchants {
+            e.sample(
+                "pingate_gateway_merchant_reversals_total",
+                &[("merchant", m)],
+                *v as f64,
+            );
+        }
+        e.family(
+            "pingate_gateway_top_terminal_reversals",
+            "gauge",
+            "Terminal reversals accepted, for the terminals with the most of them (at most 20 terminals).",
+        );
+        for (t, m, _, v) in &terminals {
+            e.sample(
+                "pingate_gateway_top_terminal_reversals",
+                &[("terminal", t), ("merchant", m)],
+                *v as f64,
+            );
+        }
+        e.family(
+            "pingate_gateway_top_terminal_sales",
+            "gauge",
+            "New sales approved, for the same terminals as pingate_gateway_top_terminal_reversals.",
+        );
+        for (t, m, s, _) in &terminals {
+            e.sample(
+                "pingate_gateway_top_terminal_sales",
+                &[("terminal", t), ("merchant", m)],
+                *s as f64,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_has_a_range_and_is_off_by_default() {
+        assert_eq!(PolicySection::default().read().unwrap().reversal_window, None);
+        let s = |v| PolicySection {
+            reversal_window_secs: Some(v),
+            ..PolicySection::default()
+        };
+        assert_eq!(s(900).read().unwrap().reversal_window, Some(Duration::from_secs(900)));
+        for bad in [0, 59, 604_801] {
+            let e = s(bad).read().unwrap_err();
+            assert_eq!(e[0].0, "policy.reversal_window_secs");
+        }
+    }
+
+    #[test]
+    fn rates_name_every_merchant_and_only_the_top_terminals() {
+        let r = ReversalRates::default();
+        for i in 0..50 {
+            let t = format!("T{i:03}");
+            r.sale(&t, "M1");
+            for _ in 0..(i % 7) {
+                r.reversal(&t, "M1");
+            }
+        }
+        r.sale("X1", "M2");
+        let (m, t) = r.snapshot();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].0, "M1");
+        assert_eq!(m[0].1, 50);
+        assert_eq!(t.len(), TOP_TERMINALS);
+        assert!(t.iter().all(|x| x.3 >= 4) && t[0].3 == 6, "{t:?}");
+        let mut e = crate::metrics::Exposition::default();
+        r.render(&mut e);
+        let text = e.finish();
+        assert!(
+            text.contains("pingate_gateway_merchant_reversals_total{merchant=\"M2\"} 0"),
+            "{text}"
+        );
+    }
+}

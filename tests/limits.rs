@@ -1,0 +1,189 @@
+//! Issue 20, §4: limits kept by the gateway, end to end over a real socket. A terminal past its sales per minute gets
+//! `65`, a merchant past its value per day gets `61`, both with no PIN; the metrics show the refusals and the usage.
+
+mod common;
+use common::{count, stock};
+
+use std::path::PathBuf;
+
+use pingate::iso8583::Message;
+
+const ON_DEMAND: &str = "GIFT-25";
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pingate-limits-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn code(m: &Message) -> &str {
+    m.get_str(39).unwrap_or("??")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_and_a_merchant_at_their_limits_get_65_and_61_and_no_pin() {
+    // 2 sales a minute per terminal; 75.00 EUR a day for the merchant (three gift cards of 25.00).
+    let policy =
+        "clock_skew_secs = 0\n[policy]\nterminal_sales_per_minute = 2\nmerchant_value_per_day = { \"978\" = 7500 }";
+    let (inv, server, gw) = common::rig(&dir("e2e"), 20, 5, 10, (policy, "")).await;
+    let mut t = gw.terminal().await.unwrap();
+    let t0 = pingate::traffic::sim::now_transmission();
+    let sale = |stan| common::demo_sale(stan, &t0, ON_DEMAND, 2500);
+    let one = common::demo_terminal("DEMO0001");
+    let two = common::demo_terminal("DEMO0002");
+    for stan in [1, 2] {
+        assert_eq!(code(&t.call(&one.sale(&sale(stan), false)).await.unwrap()), "00");
+    }
+    // The terminal's third within the minute: 65, no PIN.
+    let third = t.call(&one.sale(&sale(3), false)).await.unwrap();
+    assert_eq!(third.mti().as_str(), "0210");
+    assert_eq!(code(&third), "65");
+    assert!(third.get(63).is_none(), "no PIN");
+    // A 0201 with a key the gateway never saw may be a new sale at the server: it counts, and is refused too.
+    let sneaky = t.call(&one.sale(&sale(6), true)).await.unwrap();
+    assert_eq!(code(&sneaky), "65");
+    assert!(sneaky.get(63).is_none(), "no PIN");
+    // Its repeat is answered as the sale stands: 65 again, still no PIN.
+    let repeat = t.call(&one.sale(&sale(3), true)).await.unwrap();
+    assert_eq!(code(&repeat), "65");
+    assert!(repeat.get(63).is_none());
+    // Another terminal of the merchant: 25.00 more fits the merchant's 75.00, then 61.
+    assert_eq!(code(&t.call(&two.sale(&sale(4), false)).await.unwrap()), "00");
+    let over = t.call(&two.sale(&sale(5), false)).await.unwrap();
+    assert_eq!(code(&over), "61");
+    assert!(over.get(63).is_none(), "no PIN");
+    // A repeat of an approved sale is not a new sale: its PIN comes back whatever the limits.
+    assert_eq!(code(&t.call(&one.sale(&sale(1), true)).await.unwrap()), "00");
+
+    let m = gw.gateway.metrics_text();
+    for line in [
+        "pingate_gateway_limit_refusals_total{scope=\"terminal\",kind=\"frequency\"} 2",
+        "pingate_gateway_limit_refusals_total{scope=\"merchant\",kind=\"amount\"} 1",
+        "pingate_gateway_merchant_value_today{merchant=\"DEMOMERCHANT001\",currency=\"978\"} 7500",
+    ] {
+        assert!(m.contains(line), "{line} in\n{m}");
+    }
+    assert!(gw.gateway.flush(std::time::Duration::from_secs(10)).await);
+    gw.stop().await;
+    let s = stock(&inv, server.addr).await;
+    assert_eq!(
+        count(&s, ON_DEMAND, "sold"),
+        3,
+        "three PINs sold, none for the refused sales"
+    );
+    server.stop().await;
+    common::audit_ok(&inv).await;
+}
+
+/// The example configuration's limits are read; a bad currency or a zero limit is refused, named by its key.
+#[test]
+fn limits_in_the_configuration_are_checked() {
+    use pingate::gateway::config::GatewayConfig;
+    let d = dir("config");
+    std::fs::create_dir_all(&d).unwrap();
+    common::write_key(&d.join("journal.keys"), &format!("1:{}", "ab".repeat(32)));
+    let text = std::fs::read_to_string("protocols/gateway.example.toml").unwrap();
+    let path = d.join("gateway.toml");
+    let c = GatewayConfig::parse(&text, &path).unwrap();
+    assert_eq!(c.policy.limits.terminal_sales_per_minute, Some(6));
+    assert_eq!(c.policy.limits.merchant_value_per_day.get("978"), Some(&500_000));
+    for (from, to, key) in [
+        (
+            "terminal_sales_per_minute = 6",
+            "terminal_sales_per_minute = 0",
+            "policy.terminal_sales_per_minute",
+        ),
+        (
+            "merchant_value_per_day = { \"978\" = 500000 }",
+            "merchant_value_per_day = { \"EUR\" = 500000 }",
+            "policy.merchant_value_per_day.EUR",
+        ),
+    ] {
+        let bad = text.replace(from, to);
+        assert_ne!(bad, text, "{from}");
+        let e = GatewayConfig::parse(&bad, &path).unwrap_err().to_string();
+        assert!(e.contains(key), "{key} in {e}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+fn pingate(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pingate"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A merchant's limit kept by the PIN server holds across two gateways: each sells from slices the server grants,
+/// and once the limit is granted out, every gateway answers 61.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchants_limit_holds_across_two_gateways_sharing_one_server() {
+    use pingate::demo::rig::{past_this_second, sample_modes, sample_products, start_gateway, start_server, Inventory};
+    let d = dir("two-gateways");
+    let inv = Inventory::create(&d, &["gw1", "gw2", "obs"], &sample_products(20)).unwrap();
+    let db = format!("sqlite:{}", inv.db.display());
+    // 75.00 EUR a day for the merchant, whichever gateway its terminals reach.
+    let set = pingate(&[
+        "limits",
+        "set",
+        "--db",
+        &db,
+        "--merchant",
+        "DEMOMERCHANT001",
+        "--currency",
+        "978",
+        "--value-per-day",
+        "7500",
+    ]);
+    assert!(set.contains("at most 7500"), "{set}");
+    let server = start_server(&inv, std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    // Slices of 50.00: the first gateway's first sale takes 50.00 of the 75.00, the second's the 25.00 left.
+    let policy = "clock_skew_secs = 0\n[policy]\nmerchant_allowance = { \"978\" = 5000 }";
+    let gw1 = start_gateway(&inv, "gw1", &[server.addr], 4, &sample_modes(5, 10), (policy, ""))
+        .await
+        .unwrap();
+    let gw2 = start_gateway(&inv, "gw2", &[server.addr], 4, &sample_modes(5, 10), (policy, ""))
+        .await
+        .unwrap();
+    past_this_second().await;
+    let t0 = pingate::traffic::sim::now_transmission();
+    let sale = |stan| common::demo_sale(stan, &t0, ON_DEMAND, 2500);
+    let one = common::demo_terminal("DEMO0001");
+    let two = common::demo_terminal("DEMO0002");
+    let (mut t1, mut t2) = (gw1.terminal().await.unwrap(), gw2.terminal().await.unwrap());
+    assert_eq!(code(&t1.call(&one.sale(&sale(1), false)).await.unwrap()), "00");
+    assert_eq!(code(&t2.call(&two.sale(&sale(2), false)).await.unwrap()), "00");
+    assert_eq!(code(&t1.call(&one.sale(&sale(3), false)).await.unwrap()), "00");
+    // 75.00 sold: both gateways refuse the next, with no PIN.
+    for (t, who, stan) in [(&mut t2, &two, 4), (&mut t1, &one, 5)] {
+        let over = t.call(&who.sale(&sale(stan), false)).await.unwrap();
+        assert_eq!(code(&over), "61");
+        assert!(over.get(63).is_none());
+    }
+    let show = pingate(&["limits", "show", "--db", &db]);
+    assert!(
+        show.contains("DEMOMERCHANT001 978: 7500 a day, 7500 granted to gateways today"),
+        "{show}"
+    );
+    let m = gw2.gateway.metrics_text();
+    assert!(
+        m.contains("pingate_gateway_limit_refusals_total{scope=\"merchant_all_gateways\",kind=\"amount\"} 1"),
+        "{m}"
+    );
+    assert!(gw1.gateway.flush(std::time::Duration::from_secs(10)).await);
+    assert!(gw2.gateway.flush(std::time::Duration::from_secs(10)).await);
+    gw1.stop().await;
+    gw2.stop().await;
+    let s = stock(&inv, server.addr).await;
+    assert_eq!(count(&s, ON_DEMAND, "sold"), 3, "never more than the limit: 3 x 25.00");
+    server.stop().await;
+    common::audit_ok(&inv).await;
+}
