@@ -75,6 +75,7 @@ fn spec(addr: SocketAddr, a: &Args, product: &str, amount: u64) -> LoadSpec {
             product: product.into(),
             amount,
             weight: 1,
+            currency: pingate::traffic::load::DEFAULT_CURRENCY.into(),
         }],
         transmission: pingate::traffic::sim::now_transmission(),
         progress: None,

@@ -749,3 +749,32 @@ async fn the_terminal_simulator_on_a_serial_line() {
     server.stop().await;
     let _ = socat.kill().await;
 }
+
+/// A terminal prefix that makes ids of the wrong length for field 41 is refused before anything is sent, saying why
+/// (it used to send nothing and print 0/s).
+#[tokio::test]
+async fn the_load_generator_refuses_terminal_ids_field_41_cannot_carry() {
+    let listen = pingate::demo::rig::free_local_addr().unwrap();
+    let addr = listen.to_string();
+    let o = load_tool(&[
+        "--gateway",
+        &addr,
+        "--terminal-prefix",
+        "G1",
+        "--mix",
+        "GIFT-25:2500",
+        "--duration",
+        "1",
+    ])
+    .await;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!o.status.success(), "{text}");
+    assert!(
+        text.contains("`G10001` (6 characters)") && text.contains("field 41"),
+        "{text}"
+    );
+}

@@ -61,7 +61,7 @@ struct RunArgs {
     /// Seconds.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
-    /// PRODUCT:AMOUNT[:WEIGHT], repeated for a mix.
+    /// PRODUCT:AMOUNT[:WEIGHT[:CURRENCY]], repeated for a mix (CURRENCY: ISO 4217 numeric, 978 by default).
     #[arg(long, required = true)]
     mix: Vec<String>,
     /// Terminal ids are PREFIX0001, PREFIX0002, ... (one per connection; they must be registered at the gateway).

@@ -57,14 +57,21 @@ pub struct MixItem {
     pub product: String,
     pub amount: u64,
     pub weight: u32,
+    /// ISO 4217 numeric code sent in field 49 (`978`, euro, unless the mix item names another).
+    pub currency: String,
 }
 
+/// The currency of a mix item that names none: the euro (ISO 4217 `978`), that of the demo's products.
+pub const DEFAULT_CURRENCY: &str = "978";
+
 impl MixItem {
-    /// `PRODUCT:AMOUNT[:WEIGHT]`, e.g. `TOPUP-EU-10:1000:3`.
+    /// `PRODUCT:AMOUNT[:WEIGHT[:CURRENCY]]`, e.g. `TOPUP-EU-10:1000:3` or `GIFT-US-25:2500:1:840` (currency: ISO 4217
+    /// numeric, 978 by default).
     pub fn parse(s: &str) -> Result<MixItem, String> {
+        const FORM: &str = "PRODUCT:AMOUNT[:WEIGHT[:CURRENCY]]";
         let mut p = s.split(':');
         let (Some(product), Some(amount)) = (p.next(), p.next()) else {
-            return Err(format!("`{s}`: PRODUCT:AMOUNT[:WEIGHT]"));
+            return Err(format!("`{s}`: {FORM}"));
         };
         let amount = amount
             .parse()
@@ -77,13 +84,23 @@ impl MixItem {
                 .ok_or_else(|| format!("`{s}`: weight 1 or more"))?,
             None => 1,
         };
+        let currency = match p.next() {
+            Some(c) if c.len() == 3 && c.bytes().all(|b| b.is_ascii_digit()) => c.to_string(),
+            Some(c) => {
+                return Err(format!(
+                    "`{s}`: currency `{c}` is not an ISO 4217 numeric code (3 digits, e.g. 978)"
+                ))
+            }
+            None => DEFAULT_CURRENCY.to_string(),
+        };
         if p.next().is_some() || product.is_empty() {
-            return Err(format!("`{s}`: PRODUCT:AMOUNT[:WEIGHT]"));
+            return Err(format!("`{s}`: {FORM}"));
         }
         Ok(MixItem {
             product: product.into(),
             amount,
             weight,
+            currency,
         })
     }
 }
@@ -274,6 +291,26 @@ pub fn quantile_ms(v: &mut [Duration], q: f64) -> f64 {
 }
 
 /// Runs the load and reports. Errors of single connections end those connections only.
+/// Length of a terminal id (field 41, `ans 8`).
+const TERMINAL_ID_LEN: usize = 8;
+
+/// Refuses a prefix whose ids (`{prefix}{n:04}` for n up to `connections`) are not 8 characters: the gateway would
+/// answer every request as unreadable, and nothing would be sold.
+pub fn check_terminal_ids(prefix: &str, connections: usize) -> Result<(), String> {
+    let (first, last) = (format!("{prefix}{:04}", 1), format!("{prefix}{connections:04}"));
+    for id in [&first, &last] {
+        if id.len() != TERMINAL_ID_LEN {
+            return Err(format!(
+                "--terminal-prefix `{prefix}` makes terminal ids like `{id}` ({} characters): field 41 takes exactly \
+                 {TERMINAL_ID_LEN}, so give a prefix of {} characters (with up to 9999 connections)",
+                id.len(),
+                TERMINAL_ID_LEN - 4
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(spec: LoadSpec, dialect: Arc<Dialect>) -> Result<LoadReport, String> {
     run_secured(spec, dialect, &LoadSecurity::default()).await
 }
@@ -284,6 +321,7 @@ pub async fn run_secured(spec: LoadSpec, dialect: Arc<Dialect>, security: &LoadS
     if spec.mix.is_empty() {
         return Err("the product mix is empty".into());
     }
+    check_terminal_ids(&spec.terminal_prefix, spec.connections)?;
     let mut conns = Vec::new();
     for _ in 0..spec.connections {
         let s = TerminalStream::connect(spec.addr, security.tls.as_ref())
@@ -341,7 +379,7 @@ async fn connection(
             transmission: spec.transmission.clone(),
             product: item.product.clone(),
             amount: item.amount,
-            currency: "978".into(),
+            currency: item.currency.clone(),
         };
         let msg = id.sale(&s, false);
         match &mac {
@@ -470,4 +508,35 @@ async fn pipe(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp:
     }
     drop(tx);
     let _ = writer.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mix_item_may_name_its_currency() {
+        let m = MixItem::parse("GIFT-US-25:2500:3:840").unwrap();
+        assert_eq!(
+            (m.product.as_str(), m.amount, m.weight, m.currency.as_str()),
+            ("GIFT-US-25", 2500, 3, "840")
+        );
+        assert_eq!(MixItem::parse("GIFT-25:2500").unwrap().currency, DEFAULT_CURRENCY);
+        let e = MixItem::parse("GIFT-25:2500:1:EUR").unwrap_err();
+        assert!(e.contains("ISO 4217"), "{e}");
+        assert!(MixItem::parse("GIFT-25:2500:1:978:x").is_err());
+    }
+
+    #[test]
+    fn terminal_ids_of_the_wrong_length_are_refused_with_the_reason() {
+        assert!(check_terminal_ids("DEMO", 32).is_ok());
+        assert!(check_terminal_ids("DEMO", 9999).is_ok());
+        let e = check_terminal_ids("G1", 8).unwrap_err();
+        assert!(
+            e.contains("`G10001` (6 characters)") && e.contains("4 characters"),
+            "{e}"
+        );
+        assert!(check_terminal_ids("DEMO", 10_000).unwrap_err().contains("DEMO10000"));
+        assert!(check_terminal_ids("TERMINAL", 1).is_err());
+    }
 }
