@@ -585,3 +585,60 @@ fn the_systemd_units_verify() {
 fn text_of(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
+
+/// The demo's listener requires MACs: `pingate-terminal` with the key file the demo prints buys; the same terminal id
+/// without it (as anyone who read a receipt would send) gets 63.
+#[test]
+fn the_kept_running_demo_requires_macs_and_prints_its_keys() {
+    use std::io::BufRead;
+    let dir = std::env::temp_dir().join(format!("pingate-cli-demo-mac-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut demo = std::process::Command::new(env!("CARGO_BIN_EXE_pingate"))
+        .args(["demo", "--sales", "8", "--terminals", "2", "--keep-running", "--dir"])
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(demo.stdout.take().unwrap()).lines();
+    let (mut gateway, mut keys) = (None, None);
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(rest) = line.split("gateway terminals: ").nth(1) {
+            gateway = rest.split(' ').next().map(str::to_string);
+        }
+        if let Some(rest) = line.strip_prefix("MAC keys of the terminals (the listener requires MACs): ") {
+            keys = Some(rest.split(' ').map(str::to_string).collect::<Vec<_>>());
+        }
+        if line.starts_with("running until") {
+            break;
+        }
+    }
+    let (gateway, keys) = (gateway.expect("gateway address"), keys.expect("key files"));
+    let sale = |with_keys: bool, stan: &str| {
+        let mut args: Vec<String> = vec![
+            "--gateway".into(),
+            gateway.clone(),
+            "--terminal".into(),
+            "DEMO0002".into(),
+        ];
+        if with_keys {
+            args.extend(keys.iter().cloned());
+        }
+        args.extend(["sale", "--product", "GIFT-25", "--amount", "2500", "--stan", stan].map(String::from));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_pingate-terminal"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let out = text(&o.stdout);
+        let v: serde_json::Value = serde_json::from_str(out.lines().next().unwrap_or("{}")).unwrap_or_default();
+        v["answer"]["fields"]["39"].as_str().unwrap_or("none").to_string()
+    };
+    let unsigned = sale(false, "900001");
+    let signed = sale(true, "900002");
+    let _ = demo.kill();
+    let _ = demo.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(unsigned, "63");
+    assert_eq!(signed, "00");
+}

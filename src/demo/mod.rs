@@ -11,8 +11,32 @@ use tokio::time::Instant;
 
 use crate::psp::{Request, Response};
 use crate::sale::{PinReceipt, ResponseCode};
-use crate::traffic::sim::{now_transmission, Identity, SaleSpec, DIALECT, FRAMING, MERCHANT};
+use crate::traffic::secure::MacSigner;
+use crate::traffic::sim::{now_transmission, Identity, SaleSpec, TerminalClient, DIALECT, FRAMING, MERCHANT};
 use rig::{past_this_second, sample_modes, sample_products, start_gateway, start_server, Inventory};
+
+/// The demo terminals' MAC keys, sealed under [`TERMINAL_KEK`] (both in the demo's folder).
+pub const TERMINAL_KEYS: &str = "terminal-keys.toml";
+/// The key-encrypting key of [`TERMINAL_KEYS`].
+pub const TERMINAL_KEK: &str = "terminal.kek";
+
+/// A KEK and an AES-CMAC key for each of the demo terminals `DEMO0001`…, written into `dir`; the signer that MACs
+/// their requests.
+fn terminal_keys(dir: &std::path::Path, terminals: usize) -> Result<MacSigner, String> {
+    let kek_path = dir.join(TERMINAL_KEK);
+    crate::tls::write_new_key(&kek_path).map_err(|e| e.to_string())?;
+    let kek = crate::terminal_keys::load_kek(&kek_path).map_err(|e| e.to_string())?;
+    let mut file =
+        crate::terminal_keys::TerminalKeyFile::load_or_new(&dir.join(TERMINAL_KEYS)).map_err(|e| e.to_string())?;
+    let now = crate::clock::unix_now();
+    for t in 1..=terminals {
+        let key = crate::mac::MacKey::generate(crate::mac::MacAlgorithm::AesCmac).map_err(|e| e.to_string())?;
+        file.add(&kek, &format!("DEMO{t:04}"), &key, now, None)
+            .map_err(|e| e.to_string())?;
+    }
+    file.save(&dir.join(TERMINAL_KEYS)).map_err(|e| e.to_string())?;
+    MacSigner::load(&dir.join(TERMINAL_KEYS), &kek_path)
+}
 
 /// Options of `pingate demo`.
 #[derive(Clone, Debug)]
@@ -88,19 +112,27 @@ pub async fn run(opts: DemoOptions, shutdown: impl std::future::Future<Output = 
         "pins.db-shm",
         "gateway-demo-gw.journal",
         "journal-demo-gw.keys",
+        TERMINAL_KEYS,
+        TERMINAL_KEK,
     ] {
         let _ = std::fs::remove_file(opts.dir.join(f));
     }
     let products = sample_products(opts.sales + 500);
     let inv = Inventory::create(&opts.dir, &["demo-gw"], &products)?;
     let server = start_server(&inv, "127.0.0.1:0".parse().expect("address")).await?;
+    // Every demo terminal has a MAC key (AES-CMAC), and the listener requires MACs: a terminal id read off a receipt
+    // buys nothing.
+    let signer = terminal_keys(&opts.dir, opts.terminals.max(1))?;
     let gw = start_gateway(
         &inv,
         "demo-gw",
         &[server.addr],
         opts.terminals.max(1),
         &sample_modes(20, 200),
-        ("", ""),
+        (
+            &format!("terminal_keys_file = \"{TERMINAL_KEYS}\"\nterminal_kek_file = \"{TERMINAL_KEK}\""),
+            "mac = \"required\"\nmac_algorithm = \"aes-cmac\"",
+        ),
     )
     .await?;
     // Let the first refill land, as a gateway that has been up a moment would have it, and the clock pass the second
@@ -112,7 +144,10 @@ pub async fn run(opts: DemoOptions, shutdown: impl std::future::Future<Output = 
     let sales_per_terminal = opts.sales.div_ceil(opts.terminals.max(1));
     let mut tasks = tokio::task::JoinSet::new();
     for t in 1..=opts.terminals.max(1) {
-        let mut term = gw.terminal().await?;
+        let mut term =
+            TerminalClient::connect_secured(gw.addr, FRAMING, None, gw.dialect.clone(), None, Some(signer.clone()))
+                .await
+                .map_err(|e| e.to_string())?;
         tasks.spawn(async move {
             let id = Identity {
                 terminal_id: format!("DEMO{t:04}"),
@@ -205,6 +240,11 @@ pub async fn run(opts: DemoOptions, shutdown: impl std::future::Future<Output = 
             FRAMING.name()
         );
         println!("gateway configuration: {}", gw.config.display());
+        println!(
+            "MAC keys of the terminals (the listener requires MACs): --mac-key-file {} --kek-file {}",
+            opts.dir.join(TERMINAL_KEYS).display(),
+            opts.dir.join(TERMINAL_KEK).display()
+        );
         println!("running until Ctrl-C");
         shutdown.await;
     }

@@ -7,7 +7,7 @@
 #     MODE     prefetch (closed loop, cache hits) | ondemand (closed loop) | open (prefetch at RATE/s)
 #   env: WORK (default /tmp/pingate-bench), GW_ENV/SERVER_ENV (VAR=value for either process), FILL (PINs cached before
 #        the run starts, default LOW), LOW/HIGH (the cache's marks, default 50000/200000; the demo's are 20/200),
-#        CONNECTIONS (32), IN_FLIGHT (4), ECHO=1 to run the echo ceiling first
+#        CONNECTIONS (32), IN_FLIGHT (4), ECHO=1 to run the echo ceiling first, MAC=1 to keep the demo's MACs
 #
 # The first run makes an inventory of 1.2 million PINs (a few minutes) and keeps it as a template.
 set -euo pipefail
@@ -40,6 +40,13 @@ cp -r "$W/template" "$D"
 cd "$D"
 sed -i "s/^bind = \"127.0.0.1:0\"/bind = \"127.0.0.1:17000\"/; s/addr = \"127.0.0.1:[0-9]*\"/addr = \"127.0.0.1:17443\"/; s/^low = 20\$/low = ${LOW:-50000}/; s/^high = 200\$/high = ${HIGH:-200000}/" gateway-demo-gw.toml
 sed -i 's|^\[gateway\]|[gateway]\nadmin = "./admin.sock"|; s|^dialect = "iso87-ascii-binbitmap"|dialect = "iso87-ascii-binbitmap"\nmax_in_flight = 64|' gateway-demo-gw.toml
+# The demo's listener requires MACs. MAC=1 keeps that, and the load generator signs with the demo's keys, reporting
+# the MAC's cost; without it the listener takes unsigned requests, as in the figures of issue 19.
+if [ -n "${MAC:-}" ]; then
+    [ -f terminal-keys.toml ] || { echo "MAC=1: this template has no terminal keys; remove $W/template" >&2; exit 2; }
+else
+    sed -i '/^mac = "required"$/d; /^mac_algorithm = /d' gateway-demo-gw.toml
+fi
 env ${SERVER_ENV:-} "$T/pingate" server --db sqlite:pins.db --cert certs/server/server.pem --key certs/server/server.key \
     --client-ca certs/server/ca.pem --gateways certs/server/gateways.toml --pin-keys certs/server/pin-keys \
     --listen 127.0.0.1:17443 --log-level warn >"$W/server.log" 2>&1 &
@@ -63,6 +70,7 @@ case $MODE in
     *) echo "mode: prefetch, ondemand or open" >&2; exit 2 ;;
 esac
 [ -n "${ECHO:-}" ] && ARGS+=(--echo-ceiling)
+[ -n "${MAC:-}" ] && ARGS+=(--mac-key-file terminal-keys.toml --kek-file terminal.kek)
 rss() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 r0=$(rss $GP)
 "$T/pingate-load" run --gateway 127.0.0.1:17000 --connections "${CONNECTIONS:-32}" --duration "$SECS" "${ARGS[@]}" \
