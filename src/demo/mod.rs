@@ -35,7 +35,9 @@ fn terminal_keys(dir: &std::path::Path, terminals: usize) -> Result<MacSigner, S
             .map_err(|e| e.to_string())?;
     }
     file.save(&dir.join(TERMINAL_KEYS)).map_err(|e| e.to_string())?;
-    MacSigner::load(&dir.join(TERMINAL_KEYS), &kek_path)
+    // The keys as the gateway will open them, from the file in memory (not read back from disk).
+    let keys = file.open(&kek, now).map_err(|e| e.to_string())?;
+    Ok(MacSigner::from_keys(keys))
 }
 
 /// Options of `pingate demo`.
