@@ -2,22 +2,15 @@
 //! `65`, a merchant past its value per day gets `61`, both with no PIN; the metrics show the refusals and the usage.
 
 mod common;
+use common::code;
 use common::{count, stock};
 
 use std::path::PathBuf;
 
-use pingate::iso8583::Message;
-
 const ON_DEMAND: &str = "GIFT-25";
 
 fn dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pingate-limits-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn code(m: &Message) -> &str {
-    m.get_str(39).unwrap_or("??")
+    common::fresh_dir("limits", name)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

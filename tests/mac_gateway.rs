@@ -3,6 +3,7 @@
 //! and the operator's `pingate terminals status|unlock` through the real binary and the admin socket.
 
 mod common;
+use common::code;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,10 +34,6 @@ async fn call_raw(t: &mut TerminalClient, d: &Dialect, bytes: Bytes) -> (Bytes, 
         .expect("the connection stays open");
     let msg = d.decode(&frame.message).unwrap();
     (frame.message, msg)
-}
-
-fn code(m: &Message) -> &str {
-    m.get_str(39).unwrap_or("??")
 }
 
 fn pingate(args: &[&str]) -> (bool, String) {

@@ -3,6 +3,7 @@
 //! reversed and listed for the supplier's deactivation; the gateway's metrics show the reversal rates.
 
 mod common;
+use common::code;
 use common::{count, stock};
 
 use std::net::SocketAddr;
@@ -12,7 +13,6 @@ use std::time::Duration;
 use pingate::demo::rig::{
     past_this_second, sample_modes, sample_products, start_gateway, start_server_with, Inventory,
 };
-use pingate::iso8583::Message;
 use pingate::server::ServerOptions;
 use pingate::store::handle::DbUrl;
 use pingate::store::PinStore;
@@ -20,13 +20,7 @@ use pingate::store::PinStore;
 const ON_DEMAND: &str = "GIFT-25";
 
 fn dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pingate-reversal-policy-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn code(m: &Message) -> &str {
-    m.get_str(39).unwrap_or("??")
+    common::fresh_dir("reversal-policy", name)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,7 @@
 //! over real TLS sockets, a PIN server over real TLS on a real SQLite file; source allowlists on real sockets.
 
 mod common;
+use common::code;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -22,10 +23,6 @@ const ON_DEMAND: &str = "GIFT-25";
 
 fn sale(stan: u32) -> SaleSpec {
     common::demo_sale(stan, &now_transmission(), ON_DEMAND, 2500)
-}
-
-fn code(m: &Message) -> &str {
-    m.get_str(39).unwrap_or("??")
 }
 
 fn pingate(args: &[&str]) {

@@ -219,6 +219,18 @@ pub async fn drop_database(admin: &tokio_postgres::Client, name: &str) {
         .unwrap();
 }
 
+/// A fresh folder for one test: `pingate-{suite}-{pid}-{name}` under the temporary folder, emptied first.
+pub fn fresh_dir(suite: &str, name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("pingate-{suite}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// An answer's response code (field 39), `??` when it has none.
+pub fn code(m: &pingate::iso8583::Message) -> &str {
+    m.get_str(39).unwrap_or("??")
+}
+
 /// Asserts no PIN id is in `ids` twice (`what` says where they came from); returns how many there are.
 pub fn assert_each_pin_once(mut ids: Vec<i64>, what: &str) -> usize {
     let n = ids.len();
