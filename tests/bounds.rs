@@ -4,6 +4,7 @@
 //! frame. Real processes and sockets, real TLS.
 
 mod common;
+use common::code;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -11,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pingate::demo::rig::{free_local_addr, sample_modes, sample_products, start_server, GatewayFiles, Inventory};
-use pingate::iso8583::Message;
 
 const ON_DEMAND: &str = "GIFT-25";
 
@@ -19,10 +19,6 @@ fn dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("pingate-bounds-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d
-}
-
-fn code(m: &Message) -> &str {
-    m.get_str(39).unwrap_or("??")
 }
 
 /// Lines of `message` in `log`, summaries left out.

@@ -2,6 +2,7 @@
 //! a PIN server on a real SQLite file. Crash tests run the gateway as its own process and kill it with SIGKILL.
 
 mod common;
+use common::code;
 
 use common::{count, stock};
 
@@ -53,10 +54,6 @@ fn spec(stan: u32, product: &str) -> SaleSpec {
         product,
         if product == PREFETCH { 1000 } else { 2500 },
     )
-}
-
-fn code(m: &Message) -> &str {
-    m.get_str(39).unwrap_or("??")
 }
 
 fn receipt(m: &Message) -> Option<PinReceipt> {

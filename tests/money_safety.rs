@@ -3,6 +3,7 @@
 //! a real PIN server on a SQLite file (and two on one PostgreSQL).
 
 mod common;
+use common::code;
 
 use common::{count, stock};
 
@@ -39,10 +40,6 @@ fn sale(stan: u32, transmission: &str, product: &str) -> SaleSpec {
         product,
         if product == PREFETCH { 1000 } else { 2500 },
     )
-}
-
-fn code(m: &Message) -> &str {
-    m.get_str(39).unwrap_or("??")
 }
 
 fn pin(m: &Message) -> Option<String> {
