@@ -224,7 +224,8 @@ struct ServerArgs {
     /// 64).
     #[arg(long, default_value_t = 2)]
     pg_connections: usize,
-    /// Serve Prometheus metrics, /healthz and /readyz over HTTP here (e.g. 127.0.0.1:9585); off by default.
+    /// Serve Prometheus metrics, /healthz, /readyz and the status page (/status) over HTTP here (e.g. 127.0.0.1:9585);
+    /// off by default.
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
 }

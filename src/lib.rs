@@ -39,7 +39,9 @@
 //!   process (or a gateway as its own), the one set-up `pingate demo`, the end-to-end tests and the benches share.
 //! - [`logging`] — repeated warnings aggregated (`limited!`): one line, then a count per interval, so an outage or
 //!   a hostile peer cannot make the log grow with its traffic.
-//! - [`metrics`] — Prometheus exposition and the HTTP endpoint for metrics, health and readiness.
+//! - [`metrics`] — Prometheus exposition and the HTTP endpoint (hyper) for metrics, health, readiness and the status
+//!   page; [`status_page`] — the status page's HTML, escaped, self-contained (the gateway's and the server's
+//!   pages are in `gateway::status` and `server::status`).
 //! - [`audit`] — `pingate audit`: the inventory's invariants, gateways' journals reconciled, a day's report.
 //! - [`admin`], [`cli`] — the `pingate` command line, thin over the library.
 #![forbid(unsafe_code)]
@@ -60,6 +62,7 @@ pub mod metrics;
 pub mod psp;
 pub mod sale;
 pub mod server;
+pub mod status_page;
 pub mod store;
 pub mod terminal_keys;
 pub mod tls;

@@ -1,13 +1,14 @@
-//! Prometheus metrics (text exposition format 0.0.4), and the small HTTP endpoint that serves them beside health and
-//! readiness: `GET /metrics`, `GET /healthz` (the process answers), `GET /readyz` (it can do its work: 200, else 503).
-//! Off unless an address is configured; bind it to loopback (or a management network), it has no authentication.
+//! Prometheus metrics (text exposition format 0.0.4), and the small HTTP endpoint that serves them beside health,
+//! readiness and the status page: `GET /metrics`, `GET /healthz` (the process answers), `GET /readyz` (it can do its
+//! work: 200, else 503), `GET /status` (HTML for a person, built by the `status_page` module). HTTP is hyper's (no
+//! parser of our own on a listening socket). Off unless an address is configured; bind it to loopback (or a
+//! management network), it has no authentication.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -152,20 +153,38 @@ pub trait Source: Send + Sync + 'static {
     fn metrics(&self) -> String;
     /// Whether the service can do its work now; `Err` says why not.
     fn ready(&self) -> Result<(), String>;
+    /// The status page: one self-contained HTML document (no PIN, key or MAC in it; every value escaped).
+    fn status(&self) -> String;
 }
 
-/// Requests served at once at most; more connections are closed at once (a scraper needs one or two).
+/// Connections served at once at most; more are closed at accept (a scraper needs one or two, a browser a few).
 const MAX_CONNECTIONS: usize = 16;
+/// A request's start line and headers, in bytes: more is answered 431 and the connection closed. Scrapers and
+/// browsers send well under 2 KiB.
+const MAX_HEADER_BYTES: usize = 8192;
+/// A connection must send a request's headers within this, and an idle keep-alive connection is closed after it
+/// (hyper's header read timeout also runs while waiting for the next request): a silent client holds no slot
+/// for longer.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection is asked to close (after the answer under way) once this old, so that a client that stops reading
+/// an answer, which no header timeout catches, holds its slot no longer.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// At shutdown or at the end of its lifetime, what a connection has begun must be written within this.
+const DRAIN: Duration = Duration::from_secs(5);
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `stop`.
+/// Serves `/metrics`, `/healthz`, `/readyz` and `/status` on `listener` (HTTP/1.1 by hyper, keep-alive, HEAD) until
+/// `stop`; then stops accepting, lets each connection finish the answer it is writing, and returns.
 pub async fn serve(listener: TcpListener, source: Arc<dyn Source>, stop: CancellationToken) {
     let room = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut conns = tokio::task::JoinSet::new();
     loop {
-        let (mut stream, _) = tokio::select! {
-            _ = stop.cancelled() => return,
+        let stream = tokio::select! {
+            _ = stop.cancelled() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             r = listener.accept() => match r {
-                Ok(x) => x,
+                Ok((stream, _)) => stream,
                 Err(_) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -175,65 +194,115 @@ pub async fn serve(listener: TcpListener, source: Arc<dyn Source>, stop: Cancell
             drop(stream);
             continue;
         };
-        let source = source.clone();
-        tokio::spawn(async move {
+        let (source, stop) = (source.clone(), stop.clone());
+        conns.spawn(async move {
             let _permit = permit;
-            let mut buf = Vec::with_capacity(512);
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                let mut chunk = [0u8; 512];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            })
-            .await;
-            if read.is_err() {
-                return;
-            }
-            let line = String::from_utf8_lossy(&buf);
-            let mut words = line.split_whitespace();
-            let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-            let (status, ctype, body) = match (method, path) {
-                ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", source.metrics()),
-                ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-                ("GET", "/readyz") => match source.ready() {
-                    Ok(()) => ("200 OK", "text/plain", "ready\n".to_string()),
-                    Err(why) => ("503 Service Unavailable", "text/plain", format!("not ready: {why}\n")),
-                },
-                ("GET", _) => (
-                    "404 Not Found",
-                    "text/plain",
-                    "try /metrics, /healthz or /readyz\n".into(),
-                ),
-                _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            // A reader that does not read is cut off.
-            let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                stream.write_all(head.as_bytes()).await?;
-                stream.write_all(body.as_bytes()).await?;
-                stream.shutdown().await
-            })
-            .await;
+            connection(stream, source, stop).await;
         });
+    }
+    let drained = tokio::time::timeout(DRAIN + Duration::from_secs(1), async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        conns.abort_all();
     }
 }
 
-/// A GET of `path` on `addr` (for tests and `pingate` admin commands): status code and body.
-pub async fn get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
-    Ok((status, body))
+/// One connection, by hyper: requests answered in turn until the client closes, a limit is hit, the connection's
+/// lifetime ends or the endpoint stops (then the answer under way is finished first).
+async fn connection(stream: tokio::net::TcpStream, source: Arc<dyn Source>, stop: CancellationToken) {
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let source = source.clone();
+        async move { Ok::<_, std::convert::Infallible>(respond(&*source, &req)) }
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_header_size(MAX_HEADER_BYTES);
+    let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = stop.cancelled() => {}
+        _ = tokio::time::sleep(CONNECTION_LIFETIME) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(DRAIN, conn).await;
+}
+
+/// The answer to one request (no log line: a scraper asks every few seconds).
+fn respond(
+    source: &dyn Source,
+    req: &hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    use hyper::body::Body as _;
+    use hyper::{header, Method, StatusCode};
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let (status, ctype, body) = if req.method() != Method::GET && req.method() != Method::HEAD {
+        (StatusCode::METHOD_NOT_ALLOWED, TEXT, "GET or HEAD only\n".to_string())
+    } else if !req.body().is_end_stream() {
+        // Nothing here takes a body; none is read.
+        (StatusCode::PAYLOAD_TOO_LARGE, TEXT, "no request body is taken\n".into())
+    } else {
+        match req.uri().path() {
+            "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", source.metrics()),
+            "/healthz" => (StatusCode::OK, TEXT, "ok\n".into()),
+            "/readyz" => match source.ready() {
+                Ok(()) => (StatusCode::OK, TEXT, "ready\n".into()),
+                Err(why) => (StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("not ready: {why}\n")),
+            },
+            "/status" => (StatusCode::OK, "text/html; charset=utf-8", source.status()),
+            _ => (
+                StatusCode::NOT_FOUND,
+                TEXT,
+                "try /metrics, /healthz, /readyz or /status\n".into(),
+            ),
+        }
+    };
+    let mut r = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ctype));
+    // Every answer is of the moment: no cache keeps an old one.
+    h.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        h.insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+    }
+    r
+}
+
+/// Why [`get`] got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum GetError {
+    #[error("connecting: {0}")]
+    Connect(#[from] std::io::Error),
+    #[error("request: {0}")]
+    Request(#[from] hyper::http::Error),
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A GET of `path` on `addr`, by hyper's client (for tests): status code and body.
+pub async fn get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String), GetError> {
+    const WITHIN: Duration = Duration::from_secs(10);
+    tokio::time::timeout(WITHIN, async {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        let driver = tokio::spawn(conn);
+        let req = hyper::Request::get(path)
+            .header(hyper::header::HOST, addr.to_string())
+            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        let answer = sender.send_request(req).await?;
+        let status = answer.status().as_u16();
+        let body = http_body_util::BodyExt::collect(answer.into_body()).await?.to_bytes();
+        driver.abort();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    })
+    .await
+    .unwrap_or(Err(GetError::Timeout(WITHIN)))
 }
 
 #[cfg(test)]

@@ -77,6 +77,9 @@ impl crate::metrics::Source for MetricsSource {
     fn ready(&self) -> Result<(), String> {
         self.0.readiness()
     }
+    fn status(&self) -> String {
+        self.0.status_page()
+    }
 }
 
 impl Gateway {

@@ -20,6 +20,7 @@ pub mod policy;
 mod refill;
 mod reload;
 pub mod serial;
+mod status;
 pub mod terminal;
 mod transaction;
 pub mod upstream;
@@ -132,6 +133,8 @@ pub struct Gateway {
     /// The serial lines' status, for the operator and for tests that wait on a line.
     lines: watch::Sender<serial::LineBoard>,
     metrics: GatewayMetrics,
+    /// Connections per listener and terminals seen, for the status page.
+    activity: status::Activity,
     /// The terminal registry, replaced whole on a reload (SIGHUP).
     terminals: std::sync::RwLock<Arc<config::TerminalRegistry>>,
     /// Products and amounts with their modes, as last loaded (a reload compares against these).
@@ -221,6 +224,7 @@ impl Gateway {
                 limit_refusals: Default::default(),
                 origin_refused: Default::default(),
             },
+            activity: Default::default(),
             terminals: std::sync::RwLock::new(Arc::new(cfg_terminals)),
             products: Mutex::new(cfg_products),
             terminal_keys: std::sync::RwLock::new(terminal_keys),
@@ -320,7 +324,11 @@ impl Gateway {
         if let Some(rrn) = reply.message.get_str(37) {
             span.record("rrn", rrn);
         }
-        self.count_request(&mti, reply.message.get_str(39).unwrap_or("none"), received);
+        let code = reply.message.get_str(39).unwrap_or("none");
+        self.count_request(&mti, code, received);
+        if let Some(terminal) = msg.terminal_id() {
+            self.note_seen(terminal, code);
+        }
         reply
     }
 

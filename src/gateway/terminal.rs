@@ -86,6 +86,10 @@ pub async fn run(
             return;
         }
     };
+    let load = gateway.listener_load(&cfg.name);
+    if let Ok(addr) = listener.local_addr() {
+        load.listening_on(addr);
+    }
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
     let per_source = Arc::new(PerSource::default());
     let stop = CancellationToken::new();
@@ -142,6 +146,7 @@ pub async fn run(
             more_terminals = tracing::field::Empty,
             certificate = tracing::field::Empty
         );
+        let open = load.opened();
         let (cfg, dialect, gw, stop, ps, capture, acceptor) = (
             cfg.clone(),
             dialect.clone(),
@@ -154,6 +159,7 @@ pub async fn run(
         conns.spawn(
             async move {
                 let _permit = permit;
+                let _open = open;
                 let _source = SourceGuard(&ps, peer.ip());
                 let _ = stream.set_nodelay(true);
                 let capture = capture.map(|c| (c, id));

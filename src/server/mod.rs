@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
 mod handler;
+mod status;
 
 use crate::logging::limited;
 use crate::psp::{
@@ -159,6 +160,8 @@ struct Shared {
     unauthenticated: Mutex<Unauthenticated>,
     /// One permit per authenticated connection.
     gateway_slots: Arc<Semaphore>,
+    /// Sold counts of past stock readings, for the status page's sale rate and days of cover.
+    sold_history: Mutex<status::SoldHistory>,
 }
 
 /// Connections not authenticated yet (TLS handshake or hello under way), oldest first (see the module).
@@ -279,8 +282,9 @@ const STOCK_FRESH: Duration = Duration::from_secs(2);
 
 struct MetricsSource(Arc<Shared>);
 
-impl crate::metrics::Source for MetricsSource {
-    fn metrics(&self) -> String {
+impl MetricsSource {
+    /// A stock reading older than [`STOCK_FRESH`] is asked for again (the page or scrape shows the last one).
+    fn refresh_stale(&self) {
         let m = &self.0.metrics;
         if m.stock
             .lock()
@@ -290,6 +294,13 @@ impl crate::metrics::Source for MetricsSource {
         {
             m.refresh.notify_one();
         }
+    }
+}
+
+impl crate::metrics::Source for MetricsSource {
+    fn metrics(&self) -> String {
+        let m = &self.0.metrics;
+        self.refresh_stale();
         let mut e = crate::metrics::Exposition::default();
         m.requests.render(
             &mut e,
@@ -348,6 +359,22 @@ impl crate::metrics::Source for MetricsSource {
         e.finish()
     }
 
+    fn status(&self) -> String {
+        self.refresh_stale();
+        let m = &self.0.metrics;
+        let stock = m.stock.lock().expect("not poisoned").clone();
+        let history = self.0.sold_history.lock().expect("not poisoned");
+        status::render(&status::View {
+            ready: self.ready(),
+            connections: m.connections.load(Ordering::Relaxed),
+            unauthenticated: self.0.unauthenticated.lock().expect("not poisoned").conns.len(),
+            max_connections: self.0.opts.max_connections,
+            stock: &stock.0,
+            read_at: stock.1,
+            history: &history,
+        })
+    }
+
     fn ready(&self) -> Result<(), String> {
         match self.0.metrics.stock.lock().expect("not poisoned").1 {
             Some(t) if t.elapsed() < STOCK_EVERY * 3 => Ok(()),
@@ -401,6 +428,7 @@ pub async fn run(
         opts,
         unauthenticated: Mutex::new(Unauthenticated::default()),
         gateway_slots,
+        sold_history: Mutex::new(status::SoldHistory::default()),
         metrics: ServerMetrics {
             requests: Default::default(),
             latency: crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS),
@@ -429,9 +457,10 @@ pub async fn run(
                 tokio::spawn(async move {
                     loop {
                         if let Ok(Outcome::Stock(rows)) = shared.store.call(Op::Stock).await {
-                            let rows = rows.into_iter().map(StockEntry::from).collect();
-                            *shared.metrics.stock.lock().expect("not poisoned") =
-                                (rows, Some(std::time::Instant::now()));
+                            let rows: Vec<StockEntry> = rows.into_iter().map(StockEntry::from).collect();
+                            let now = std::time::Instant::now();
+                            shared.sold_history.lock().expect("not poisoned").record(now, &rows);
+                            *shared.metrics.stock.lock().expect("not poisoned") = (rows, Some(now));
                         }
                         tokio::select! {
                             _ = stop.cancelled() => return,
