@@ -134,9 +134,28 @@ async fn status_pages_render_in_chromium_without_pins() {
     )
     .await
     .unwrap();
-    let gw = start_gateway(&inv, "gw1", &[server.addr], 8, &sample_modes(3, 6), ("", ""))
+    // Two serial lines: one wired to a pty this test holds (open), one to a device that is not there (down).
+    use tokio_serial::SerialPort;
+    let (_term, dev) = tokio_serial::SerialStream::pair().unwrap();
+    let path = dev.name().unwrap();
+    let lines = format!(
+        "\n[[serial]]\nname = \"wired1\"\ndevice = \"{path}\"\ndialect = \"iso87-bcd\"\ntpdu = true\nbaud = 9600\n\
+         \n[[serial]]\nname = \"gone1\"\ndevice = \"{}\"\ndialect = \"iso87-bcd\"\ntpdu = true\nbaud = 9600\n",
+        dir.join("no-such-tty").display()
+    );
+    let gw = start_gateway(&inv, "gw1", &[server.addr], 8, &sample_modes(3, 6), ("", &lines))
         .await
         .unwrap();
+    let mut board = gw.gateway.lines();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        board.wait_for(|b| {
+            b.get("wired1").is_some_and(|l| l.state == "open") && b.get("gone1").is_some_and(|l| l.state == "down")
+        }),
+    )
+    .await
+    .expect("one line open, the other down, within 10 s")
+    .unwrap();
     assert!(gw.cached_at_least("TOPUP-EU-10", 3, Duration::from_secs(10)).await);
     // Keys sent after the gateway's first second are sure to be new: sold from the cache.
     pingate::demo::rig::past_this_second().await;
@@ -186,6 +205,10 @@ async fn status_pages_render_in_chromium_without_pins() {
     assert_eq!(code, 200);
     for page in [&gw_page, &server_page] {
         assert!(page.starts_with("<!DOCTYPE html>"), "{page}");
+        assert!(
+            !page.contains("<script") && !page.contains(" src=") && !page.contains("href="),
+            "{page}"
+        );
         for pin in &pins {
             assert!(!page.contains(pin.as_str()), "a sold PIN is on the page");
         }
@@ -213,7 +236,8 @@ async fn status_pages_render_in_chromium_without_pins() {
         "GIFT-25 2500 on demand",
         "Store and forward",
         "Serial lines",
-        "No serial line is configured.",
+        "gone1 down",
+        "wired1 open",
         "Terminals",
         "DEMO0001",
         "DEMO0002",
