@@ -233,6 +233,22 @@ async fn a_listener_that_requires_macs_serves_only_terminals_that_prove_who_they
     );
     assert!(metrics.contains("pingate_gateway_terminals_locked 1"));
     assert!(metrics.contains("code=\"63\""));
+    // The status page lists the locked terminal, and neither key (in hex, either case).
+    let page = gw.gateway.status_page();
+    assert!(page.contains("<b>1</b><span>locked (MAC failures)</span>"), "{page}");
+    let row = page
+        .split("<td><span>DEMO0001</span></td>")
+        .nth(1)
+        .expect("DEMO0001 listed");
+    let row = row.split("</tr>").next().unwrap();
+    assert!(row.contains("<span>3</span>") && row.contains("locked "), "{row}");
+    for k in [&k1, &k2] {
+        let hex: String = k.expose().iter().map(|b| format!("{b:02x}")).collect();
+        assert!(
+            !page.to_ascii_lowercase().contains(&hex),
+            "a MAC key is on the status page"
+        );
+    }
 
     // A restart keeps it locked (the locks are written beside the journal).
     drop(conn);
