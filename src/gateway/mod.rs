@@ -327,7 +327,7 @@ impl Gateway {
         let code = reply.message.get_str(39).unwrap_or("none");
         self.count_request(&mti, code, received);
         if let Some(terminal) = msg.terminal_id() {
-            self.note_seen(terminal, code);
+            self.note_seen(terminal, code, received_unix);
         }
         reply
     }

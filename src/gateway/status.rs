@@ -70,8 +70,9 @@ impl Activity {
         l.entry(name.to_string()).or_default().clone()
     }
 
-    /// A request of registered terminal `terminal` answered with `code` at `now` (seconds since the epoch).
-    pub(super) fn seen(&self, terminal: &str, code: &str, now: i64) {
+    /// A request of `terminal` answered with `code` at `now` (seconds since the epoch); a terminal not seen before is
+    /// remembered only if `registered` says so (asked once per terminal, not per request).
+    pub(super) fn seen(&self, terminal: &str, code: &str, now: i64, registered: impl FnOnce() -> bool) {
         // Two characters of the contract's codes, or `??`: the page shows nothing the peer chose freely.
         let code = match code.as_bytes() {
             [a, b] if a.is_ascii_alphanumeric() && b.is_ascii_alphanumeric() => [*a, *b],
@@ -84,7 +85,7 @@ impl Activity {
                 s.requests += 1;
                 s.code = code;
             }
-            None => {
+            None if registered() => {
                 t.insert(
                     terminal.into(),
                     Seen {
@@ -94,6 +95,7 @@ impl Activity {
                     },
                 );
             }
+            None => {}
         }
     }
 }
@@ -104,11 +106,11 @@ impl Gateway {
         self.activity.listener(name)
     }
 
-    /// A request from `terminal` answered with `code`: remembered for the page if the terminal is registered.
-    pub(super) fn note_seen(&self, terminal: &str, code: &str) {
-        if self.registry().terminals.contains_key(terminal) {
-            self.activity.seen(terminal, code, crate::clock::unix_now());
-        }
+    /// A request from `terminal` received at `at` (seconds since the epoch) answered with `code`: remembered for the
+    /// page if the terminal is registered.
+    pub(super) fn note_seen(&self, terminal: &str, code: &str, at: i64) {
+        self.activity
+            .seen(terminal, code, at, || self.registry().terminals.contains_key(terminal));
     }
 
     /// The status page: one HTML document (see `crate::status_page`).
@@ -433,5 +435,36 @@ impl Gateway {
             ));
         }
         p.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_registered_terminals_are_remembered_and_codes_are_the_contracts() {
+        let a = Activity::default();
+        a.seen("STRANGER", "00", 10, || false);
+        a.seen("T1", "00", 10, || true);
+        // Known now: the registry is not asked again.
+        a.seen("T1", "<script>", 20, || panic!("asked twice"));
+        let t = a.terminals.lock().unwrap();
+        assert_eq!(t.len(), 1);
+        let s = t["T1"];
+        assert_eq!((s.last, s.requests, &s.code), (20, 2, b"??"));
+    }
+
+    #[test]
+    fn open_connections_are_counted_while_they_live() {
+        let a = Activity::default();
+        let l = a.listener("tcp");
+        let one = l.opened();
+        let two = a.listener("tcp").opened();
+        drop(one);
+        assert_eq!(l.open.load(Ordering::Relaxed), 1);
+        assert_eq!(l.accepted.load(Ordering::Relaxed), 2);
+        drop(two);
+        assert_eq!(l.open.load(Ordering::Relaxed), 0);
     }
 }
