@@ -601,9 +601,16 @@ fn the_kept_running_demo_requires_macs_and_prints_its_keys() {
         .spawn()
         .unwrap();
     let mut lines = std::io::BufReader::new(demo.stdout.take().unwrap()).lines();
-    let (mut gateway, mut keys) = (None, None);
+    let (mut gateway, mut keys, mut pages) = (None, None, Vec::new());
     for line in lines.by_ref() {
         let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("status pages: ") {
+            pages = rest
+                .split(' ')
+                .filter(|w| w.starts_with("http://"))
+                .map(str::to_string)
+                .collect();
+        }
         if let Some(rest) = line.split("gateway terminals: ").nth(1) {
             gateway = rest.split(' ').next().map(str::to_string);
         }
@@ -636,9 +643,30 @@ fn the_kept_running_demo_requires_macs_and_prints_its_keys() {
     };
     let unsigned = sale(false, "900001");
     let signed = sale(true, "900002");
+    // Both status pages answer.
+    assert_eq!(pages.len(), 2, "status pages printed");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut titles = Vec::new();
+    for url in &pages {
+        let rest = url.strip_prefix("http://").unwrap();
+        let (addr, path) = rest.split_at(rest.find('/').unwrap());
+        let (code, page) = rt.block_on(pingate::metrics::get(addr.parse().unwrap(), path)).unwrap();
+        assert_eq!(code, 200, "{url}");
+        titles.push(
+            page.split("<title>")
+                .nth(1)
+                .and_then(|t| t.split('<').next())
+                .unwrap_or("")
+                .to_string(),
+        );
+    }
     let _ = demo.kill();
     let _ = demo.wait();
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(unsigned, "63");
     assert_eq!(signed, "00");
+    assert_eq!(titles, ["pingate gateway", "pingate PIN server"]);
 }

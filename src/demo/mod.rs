@@ -13,7 +13,9 @@ use crate::psp::{Request, Response};
 use crate::sale::{PinReceipt, ResponseCode};
 use crate::traffic::secure::MacSigner;
 use crate::traffic::sim::{now_transmission, Identity, SaleSpec, TerminalClient, DIALECT, FRAMING, MERCHANT};
-use rig::{past_this_second, sample_modes, sample_products, start_gateway, start_server, Inventory};
+use rig::{
+    free_local_addr, past_this_second, sample_modes, sample_products, start_gateway, start_server_with, Inventory,
+};
 
 /// The demo terminals' MAC keys, sealed under [`TERMINAL_KEK`] (both in the demo's folder).
 pub const TERMINAL_KEYS: &str = "terminal-keys.toml";
@@ -121,7 +123,22 @@ pub async fn run(opts: DemoOptions, shutdown: impl std::future::Future<Output = 
     }
     let products = sample_products(opts.sales + 500);
     let inv = Inventory::create(&opts.dir, &["demo-gw"], &products)?;
-    let server = start_server(&inv, "127.0.0.1:0".parse().expect("address")).await?;
+    // Kept running, both serve their metrics and status pages on loopback, for a look in a browser.
+    let server_metrics = if opts.keep_running {
+        Some(free_local_addr()?)
+    } else {
+        None
+    };
+    let server = start_server_with(
+        &inv,
+        &crate::store::handle::DbUrl::Sqlite(inv.db.clone()),
+        "127.0.0.1:0".parse().expect("address"),
+        crate::server::ServerOptions {
+            metrics: server_metrics,
+            ..crate::server::ServerOptions::default()
+        },
+    )
+    .await?;
     // Every demo terminal has a MAC key (AES-CMAC), and the listener requires MACs: a terminal id read off a receipt
     // buys nothing.
     let signer = terminal_keys(&opts.dir, opts.terminals.max(1))?;
@@ -247,8 +264,20 @@ pub async fn run(opts: DemoOptions, shutdown: impl std::future::Future<Output = 
             opts.dir.join(TERMINAL_KEYS).display(),
             opts.dir.join(TERMINAL_KEK).display()
         );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| format!("the gateway's metrics endpoint: {e}"))?;
+        let gw_metrics = l.local_addr().map_err(|e| e.to_string())?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let source = std::sync::Arc::new(crate::gateway::MetricsSource(gw.gateway.clone()));
+        let endpoint = tokio::spawn(crate::metrics::serve(l, source, stop.clone()));
+        if let Some(addr) = server_metrics {
+            println!("status pages: http://{gw_metrics}/status (gateway) http://{addr}/status (PIN server); metrics on /metrics");
+        }
         println!("running until Ctrl-C");
         shutdown.await;
+        stop.cancel();
+        let _ = endpoint.await;
     }
     gw.stop().await;
     server.stop().await;
