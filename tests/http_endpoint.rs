@@ -217,6 +217,26 @@ async fn connections_over_the_cap_are_closed_at_once() {
 }
 
 #[tokio::test]
+async fn a_silent_connection_loses_its_slot_after_10_s() {
+    let (addr, _stop, _) = endpoint(true).await;
+    // One that never sends a request, and one idle after its first answer (keep-alive).
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(response(&mut idle, false).await.0, 200);
+    let start = std::time::Instant::now();
+    for s in [&mut silent, &mut idle] {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "still open after 20 s");
+    }
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_secs(8), "closed too early: {waited:?}");
+}
+
+#[tokio::test]
 async fn stop_closes_idle_connections_and_ends_the_server() {
     let (addr, stop, task) = endpoint(true).await;
     let mut s = TcpStream::connect(addr).await.unwrap();
