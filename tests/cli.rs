@@ -235,11 +235,13 @@ fn check_config_lists_every_problem_with_its_key() {
         "upstream.cert",
         "upstream.key",
         "upstream.ca",
+        "gateway.terminal_kek_file",
     ] {
         assert!(err.contains(key), "{key} in {err}");
     }
     // With them present, the example is fine.
     write_key(&d.join("journal.keys"), &format!("1:{}", "ab".repeat(32)));
+    common::write_example_terminal_keys(&d);
     write_key(&d.join("certs/gateway.key"), "x");
     for f in ["certs/gateway.pem", "certs/ca.pem"] {
         std::fs::write(d.join(f), "x").unwrap();
@@ -323,6 +325,7 @@ fn check_config_of_a_bare_file_name_finds_the_journal_folder_as_the_gateway_does
         std::fs::write(d.join(f), "x").unwrap();
     }
     write_key(&d.join("certs/gateway.key"), "x");
+    common::write_example_terminal_keys(&d);
     let example = std::fs::read_to_string("protocols/gateway.example.toml").unwrap();
     assert!(example.contains("journal = \"gateway.journal\""));
     std::fs::write(d.join("gateway.toml"), &example).unwrap();
@@ -507,6 +510,7 @@ fn key_files_others_can_read_refuse_the_start_and_check_config_names_them() {
     let journal_keys = d.join("journal.keys");
     let o = pingate(&["certs", "key", &path(&journal_keys)], None);
     assert!(o.status.success(), "{}", text(&o.stderr));
+    common::write_example_terminal_keys(&d);
     let example = std::fs::read_to_string("protocols/gateway.example.toml").unwrap();
     let cfg = d.join("gateway.toml");
     std::fs::write(
@@ -545,6 +549,17 @@ fn key_files_others_can_read_refuse_the_start_and_check_config_names_them() {
     refused((o.status.code(), text(&o.stderr)), &certs.gateway_key("gw1"), "0604");
     assert!(text(&o.stderr).contains("upstream.key: "), "{}", text(&o.stderr));
     refused(gateway(), &certs.gateway_key("gw1"), "0604");
+    chmod(&certs.gateway_key("gw1"), 0o600);
+    // The terminals' key-encrypting key too.
+    let kek = d.join("terminal.kek");
+    chmod(&kek, 0o640);
+    let o = pingate(&["check-config", &path(&cfg)], None);
+    refused((o.status.code(), text(&o.stderr)), &kek, "0640");
+    assert!(
+        text(&o.stderr).contains("gateway.terminal_kek_file: "),
+        "{}",
+        text(&o.stderr)
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 

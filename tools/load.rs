@@ -69,7 +69,8 @@ struct RunArgs {
     terminal_prefix: String,
     #[arg(long, default_value = pingate::traffic::sim::MERCHANT)]
     merchant: String,
-    /// Transmission date-time of every sale (MMDDhhmmss); give a new one per run against the same gateway.
+    /// Transmission date-time of every sale (MMDDhhmmss); default: each sale's own time, as a terminal's clock
+    /// gives it.
     #[arg(long)]
     transmission: Option<String>,
     /// Run the same load against an in-process echo server first: the machine's ceiling, and the ratio.
@@ -362,10 +363,7 @@ async fn run_cmd(a: RunArgs) -> Result<bool, String> {
         terminal_prefix: a.terminal_prefix.clone(),
         merchant: a.merchant.clone(),
         mix,
-        transmission: a
-            .transmission
-            .clone()
-            .unwrap_or_else(pingate::traffic::sim::now_transmission),
+        transmission: a.transmission.clone(),
         progress: None,
     };
     let security = LoadSecurity {
