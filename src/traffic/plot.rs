@@ -46,12 +46,23 @@ pub fn load_svg(title: &str, r: &LoadReport) -> Result<String, PlotError> {
     // the frame.
     let lo = all().fold(f64::INFINITY, f64::min);
     let hi = all().fold(0.0, f64::max);
+    // Room above the lines for the legend: a third of the height on both axes.
     let (lo, hi) = if lo.is_finite() && hi > 0.0 {
-        ((lo * 0.8).max(0.001), (hi * 1.5).max(lo * 2.0))
+        ((lo * 0.8).max(0.001), (hi * 1.25).max(lo * 2.0))
     } else {
         (0.01, 10.0)
     };
-    let max_rate = r.seconds.iter().map(|s| s.answered as f64).fold(1.0, f64::max) * 1.15;
+    let hi = hi * (hi / lo).powf(0.5);
+    let max_rate = r.seconds.iter().map(|s| s.answered as f64).fold(1.0, f64::max) * 1.5;
+    // Ticks: whole seconds (at most about 12), and 1-2-5 steps of each decade of latency (a log axis labels only
+    // the powers of ten by itself, often a single one within a run).
+    // Asked for at most one label per second, plotters' steps (1, 2, 5, 10, ...) fall on whole seconds.
+    let seconds = (n as usize).min(12) + 1;
+    let decades = lo.log10().floor() as i32..=hi.log10().ceil() as i32;
+    let latencies: Vec<f64> = decades
+        .flat_map(|d| [1.0, 2.0, 5.0].map(|m| m * 10f64.powi(d)))
+        .filter(|v| (lo..=hi).contains(v))
+        .collect();
     let mut out = String::new();
     {
         let root = SVGBackend::with_string(&mut out, SIZE).into_drawing_area();
@@ -62,14 +73,19 @@ pub fn load_svg(title: &str, r: &LoadReport) -> Result<String, PlotError> {
             .x_label_area_size(40)
             .y_label_area_size(70)
             .right_y_label_area_size(70)
-            .build_cartesian_2d(0f64..n, (lo..hi).log_scale())
+            .build_cartesian_2d(
+                0f64..n,
+                (lo..hi).log_scale().with_key_points(latencies),
+            )
             .map_err(draw_err)?
             .set_secondary_coord(0f64..n, 0f64..max_rate);
         chart
             .configure_mesh()
             .x_desc("seconds into the run")
             .y_desc("latency, ms (log scale)")
-            .y_label_formatter(&|v| format!("{v}"))
+            .x_labels(seconds)
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .y_label_formatter(&|v| format!("{}", (v * 1e3).round() / 1e3))
             .light_line_style(WHITE.mix(0.0))
             .draw()
             .map_err(draw_err)?;
@@ -112,7 +128,7 @@ pub fn load_svg(title: &str, r: &LoadReport) -> Result<String, PlotError> {
         }
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
+            .position(SeriesLabelPosition::UpperRight)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .draw()
