@@ -31,7 +31,7 @@ use pingate::traffic::sim::WireArgs;
 use serde_json::json;
 
 #[derive(Parser)]
-#[command(name = "pingate-load", about = "Load generator for pingate gateways")]
+#[command(name = "pingate-load", version, about = "Load generator for pingate gateways")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
