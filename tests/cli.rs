@@ -653,11 +653,25 @@ fn progress_bars_show_on_a_terminal_only() {
     std::fs::create_dir_all(&d).unwrap();
     let keys = d.join("pin-keys");
     let db = format!("sqlite:{}", d.join("pins.db").display());
-    assert!(pingate(&["certs", "key", keys.to_str().unwrap()], None).status.success());
+    assert!(pingate(&["certs", "key", keys.to_str().unwrap()], None)
+        .status
+        .success());
     let o = pingate(
         &[
-            "pins", "product", "--db", &db, "--code", "TOPUP-EU-10", "--name", "Top-up 10", "--supplier", "Telco",
-            "--currency", "978", "--amounts", "1000",
+            "pins",
+            "product",
+            "--db",
+            &db,
+            "--code",
+            "TOPUP-EU-10",
+            "--name",
+            "Top-up 10",
+            "--supplier",
+            "Telco",
+            "--currency",
+            "978",
+            "--amounts",
+            "1000",
         ],
         None,
     );
@@ -701,6 +715,9 @@ fn progress_bars_show_on_a_terminal_only() {
         .unwrap();
     let tty = text(&o.stdout);
     assert!(o.status.success(), "{tty}");
-    assert!(tty.contains("auditing") && tty.contains("steps"), "no bar on a terminal: {tty:?}");
+    assert!(
+        tty.contains("auditing") && tty.contains("steps"),
+        "no bar on a terminal: {tty:?}"
+    );
     let _ = std::fs::remove_dir_all(&d);
 }

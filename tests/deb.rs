@@ -106,9 +106,15 @@ fn the_package_installs_the_five_binaries_units_configuration_and_docs() {
     let installed: BTreeSet<&str> = assets.iter().map(|(_, d)| d.as_str()).collect();
     // What the units name is what the package installs: binaries, configuration, documentation.
     for unit in ["pingate-gateway.service", "pingate-server.service"] {
-        assert!(installed.contains(format!("/usr/lib/systemd/system/{unit}").as_str()), "{unit}");
+        assert!(
+            installed.contains(format!("/usr/lib/systemd/system/{unit}").as_str()),
+            "{unit}"
+        );
         let body = std::fs::read_to_string(format!("deploy/{unit}")).unwrap();
-        for line in body.lines().filter(|l| l.starts_with("Exec") && !l.starts_with("ExecReload")) {
+        for line in body
+            .lines()
+            .filter(|l| l.starts_with("Exec") && !l.starts_with("ExecReload"))
+        {
             let program = line.split_once('=').unwrap().1.split_whitespace().next().unwrap();
             assert!(installed.contains(program), "{unit}: {program} is not in the package");
         }
@@ -132,7 +138,11 @@ fn the_package_installs_the_five_binaries_units_configuration_and_docs() {
         .iter()
         .map(|v| v.as_str().unwrap())
         .collect();
-    assert_eq!(conf, ["/etc/pingate/gateway.toml"], "the configuration is a conffile: an upgrade keeps edits");
+    assert_eq!(
+        conf,
+        ["/etc/pingate/gateway.toml"],
+        "the configuration is a conffile: an upgrade keeps edits"
+    );
     // Every file of /etc/pingate the units and the configuration name, other than the configuration itself, is one
     // the postinst makes (by its name, in its folder).
     let postinst = std::fs::read_to_string("deploy/deb/postinst").unwrap();
@@ -193,7 +203,10 @@ fn the_packaged_configuration_checks_clean_with_what_the_postinst_makes() {
     assert!(text(&o.stdout).contains("OK"), "{}", text(&o.stdout));
     assert!(!text(&o.stdout).contains("warning"), "{}", text(&o.stdout));
     // The server's gateway list, which its unit reads, checks too.
-    let o = run(pingate, &["check-config", certs.join("gateways.toml").to_str().unwrap()]);
+    let o = run(
+        pingate,
+        &["check-config", certs.join("gateways.toml").to_str().unwrap()],
+    );
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert!(text(&o.stdout).contains("1 gateways: OK"), "{}", text(&o.stdout));
     // And without the files the postinst makes, the check names each of them: the test above is not vacuous.

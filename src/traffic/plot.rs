@@ -41,7 +41,11 @@ fn ms(s: &Second, q: f64) -> Option<f64> {
 /// seconds of the run, under `title`.
 pub fn load_svg(title: &str, r: &LoadReport) -> Result<String, PlotError> {
     let n = r.seconds.len().max(1) as f64;
-    let all = || r.seconds.iter().flat_map(|s| LINES.iter().filter_map(move |(q, ..)| ms(s, *q)));
+    let all = || {
+        r.seconds
+            .iter()
+            .flat_map(|s| LINES.iter().filter_map(move |(q, ..)| ms(s, *q)))
+    };
     // A decade's margin is not needed: a fifth below the lowest value and half above the highest keep the lines off
     // the frame.
     let lo = all().fold(f64::INFINITY, f64::min);
@@ -73,10 +77,7 @@ pub fn load_svg(title: &str, r: &LoadReport) -> Result<String, PlotError> {
             .x_label_area_size(40)
             .y_label_area_size(70)
             .right_y_label_area_size(70)
-            .build_cartesian_2d(
-                0f64..n,
-                (lo..hi).log_scale().with_key_points(latencies),
-            )
+            .build_cartesian_2d(0f64..n, (lo..hi).log_scale().with_key_points(latencies))
             .map_err(draw_err)?
             .set_secondary_coord(0f64..n, 0f64..max_rate);
         chart
@@ -171,7 +172,12 @@ mod tests {
             if tag.starts_with('?') || tag.starts_with('!') || tag.ends_with('/') {
                 continue;
             }
-            let name = tag.trim_start_matches('/').split_whitespace().next().unwrap_or("").to_string();
+            let name = tag
+                .trim_start_matches('/')
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_string();
             if tag.starts_with('/') {
                 match open.pop() {
                     Some(o) if o == name => {}
