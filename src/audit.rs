@@ -397,6 +397,18 @@ pub struct JournalInput {
 
 /// Runs every check, reads the journals, and reports `day` (UTC) if given.
 pub async fn run(db: &DbUrl, journals: &[JournalInput], day: Option<&str>) -> Result<AuditReport, AuditError> {
+    run_with_progress(db, journals, day, true).await
+}
+
+/// [`run`], with a progress bar on stderr (`pingate audit`) unless `quiet`: one step per check, summary and
+/// journal, drawn only when stderr is a terminal. The library's callers (the tests among them) run quiet, so a
+/// test run in a terminal draws no bar either.
+pub async fn run_with_progress(
+    db: &DbUrl,
+    journals: &[JournalInput],
+    day: Option<&str>,
+    quiet: bool,
+) -> Result<AuditReport, AuditError> {
     let conn = Db::open(db).await?;
     let trail = if conn.rows("SELECT 1 FROM audit_trail WHERE 1 = 0").await.is_ok() {
         "audit_trail"
@@ -407,7 +419,11 @@ pub async fn run(db: &DbUrl, journals: &[JournalInput], day: Option<&str>) -> Re
     // Each step is one query over the whole inventory (minutes on tens of millions of PINs) or one journal read:
     // the bar says which is running and how many are left.
     let steps = checks.len() + 2 + if day.is_some() { 2 } else { 0 } + journals.len();
-    let bar = crate::progress::bar("auditing", steps as u64, "steps");
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        crate::progress::bar("auditing", steps as u64, "steps")
+    };
     let report = run_steps(&conn, &bar, checks, journals, day).await;
     bar.finish_and_clear();
     report

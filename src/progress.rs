@@ -12,6 +12,13 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 /// How often a bar is redrawn at most, and ticked while nothing moves (so the elapsed time and rate stay live).
 const TICK: Duration = Duration::from_millis(200);
 
+/// A bar that is drawn is ticked by a thread of indicatif's; a hidden one needs no thread.
+fn tick(pb: &ProgressBar) {
+    if !pb.is_hidden() {
+        pb.enable_steady_tick(TICK);
+    }
+}
+
 fn style(template: &str) -> ProgressStyle {
     // The templates are constants of this module: a bad one is a bug caught by the tests below, never a
     // user's error; the default style is a harmless fallback.
@@ -30,7 +37,7 @@ pub fn bar(prefix: &str, total: u64, unit: &str) -> ProgressBar {
     let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr())
         .with_style(style(&template))
         .with_prefix(prefix.to_string());
-    pb.enable_steady_tick(TICK);
+    tick(&pb);
     pb
 }
 
@@ -40,7 +47,7 @@ pub fn timed(prefix: &str, seconds: u64) -> ProgressBar {
     let pb = ProgressBar::with_draw_target(Some(seconds), ProgressDrawTarget::stderr())
         .with_style(style("{prefix} [{bar:30}] {pos}/{len} s ({eta} left) {msg}"))
         .with_prefix(prefix.to_string());
-    pb.enable_steady_tick(TICK);
+    tick(&pb);
     pb
 }
 
