@@ -1,6 +1,6 @@
 //! `pingate-load`: the load generator. N terminal connections against a gateway's listener, closed loop (requests
 //! in flight per connection) or open loop (a target rate), a product mix, a duration. Reports throughput and latency
-//! percentiles from an HDR histogram, answers by response code, a progress line while it runs; writes a JSON result
+//! percentiles from an HDR histogram, answers by response code, a progress bar while it runs (on a terminal); writes a JSON result
 //! and an SVG plot of latency and throughput over time. `--echo-ceiling` first runs the same load against a bare
 //! echo server of the same framing in this process: the machine's own limit, reported beside the gateway as a ratio.
 //! `--cpu NAME=PID` (repeatable) reads each named process's CPU time at the start and the end of the gateway's run
@@ -79,7 +79,7 @@ struct RunArgs {
     /// Write latency and throughput over time as SVG.
     #[arg(long)]
     svg: Option<PathBuf>,
-    /// No progress line.
+    /// No progress bar (there is none anyway when stderr is not a terminal).
     #[arg(long)]
     quiet: bool,
     /// NAME=PID: report the CPU time (user + system, from /proc/PID/stat) process PID spends over the gateway's run,
