@@ -1,8 +1,9 @@
 //! `pingate-load`: the load generator. N terminal connections against a gateway's listener, closed loop (requests
 //! in flight per connection) or open loop (a target rate), a product mix, a duration. Reports throughput and latency
-//! percentiles from an HDR histogram, answers by response code, a progress bar while it runs (on a terminal); writes a JSON result
-//! and an SVG plot of latency and throughput over time. `--echo-ceiling` first runs the same load against a bare
-//! echo server of the same framing in this process: the machine's own limit, reported beside the gateway as a ratio.
+//! percentiles from an HDR histogram, answers by response code, a progress bar while it runs (on a terminal);
+//! writes a JSON result and an SVG plot of latency and throughput over time. `--echo-ceiling` first runs the same
+//! load against a bare echo server of the same framing in this process: the machine's own limit, reported beside
+//! the gateway as a ratio.
 //! `--cpu NAME=PID` (repeatable) reads each named process's CPU time at the start and the end of the gateway's run
 //! and reports it per answered request, beside the load generator's own.
 //!
