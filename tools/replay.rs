@@ -16,7 +16,11 @@ use pingate::traffic::capture::PinPolicy;
 use pingate::traffic::pcap::{import, ImportOptions};
 
 #[derive(Parser)]
-#[command(name = "pingate-replay", about = "Replay and import captured terminal traffic")]
+#[command(
+    name = "pingate-replay",
+    version,
+    about = "Replay and import captured terminal traffic"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -105,7 +105,7 @@ impl MixItem {
     }
 }
 
-/// Counters a progress line reads while the load runs.
+/// Counters the progress bar reads while the load runs.
 #[derive(Debug, Default)]
 pub struct Progress {
     pub sent: AtomicU64,
