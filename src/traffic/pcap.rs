@@ -2,35 +2,47 @@
 //! files: the TCP streams of one port are reassembled, split into frames with the listener's framing, and written
 //! as `T` (to the port) and `H` (from the port) records. No I/O here: bytes in, a [`Capture`] and a report out.
 //!
-//! Read: pcap (microsecond and nanosecond, either byte order) and pcapng (section, interface, enhanced and simple
-//! packet blocks; other blocks are skipped), link types Ethernet (with VLAN tags), Linux cooked (SLL and SLL2),
-//! BSD loopback and raw IP; IPv4 (unfragmented) and IPv6 (TCP directly after the fixed header). TCP segments are put
-//! in sequence order; retransmissions and overlaps are dropped; a gap (a segment the capture missed) is reported and
-//! that direction of the connection stops there.
+//! Which library does what: the file formats are read by `pcap-parser` (the rusticata project's nom parsers: pcap in
+//! microseconds or nanoseconds, either byte order, the "modified" variant; pcapng sections in either byte order,
+//! interfaces with their time resolution and offset, enhanced and simple packet blocks, every other block skipped);
+//! the link, IP and TCP headers by `etherparse` (Ethernet II with up to three VLAN tags, 802.1Q and 802.1ad; Linux
+//! cooked v1; IPv4 and IPv6 with its extension headers). Linux cooked v2 and BSD loopback/null have fixed headers
+//! that `etherparse` does not know: their few bytes are read here. What stays here is product logic: which segments
+//! belong to the port, connections (a SYN on a finished tuple starts a new one), TCP reassembly (segments put in
+//! sequence order, retransmissions and overlaps dropped, a gap reported and that direction stopping there), framing,
+//! and what happens to PINs in the answers ([`crate::traffic::capture::protect_answer`]).
+//!
+//! A file that cannot be read gives a [`PcapError`] naming the packet and the byte offset; a packet that is read
+//! but whose headers do not parse, is cut by the snap length, is an IP fragment or has a link type not read, is
+//! skipped and reported once per reason with a count.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use etherparse::{EtherType, NetSlice, SlicedPacket, TransportSlice};
+use pcap_parser::{Block, PcapHeader};
 use tokio_util::codec::Decoder;
 
 use crate::iso8583::Dialect;
 use crate::link::framing::{FrameCodec, Framing};
-use crate::traffic::capture::{protect_pins, Capture, Direction, PinPolicy, Record};
+use crate::traffic::capture::{protect_answer, Capture, Direction, PinLocation, PinNote, PinPolicy, Record, Refused};
 
-/// Errors of a packet capture that cannot be read at all.
+/// Errors of a packet capture that cannot be read (on). `packet` is the number of the packet being read, counted
+/// from 1 as Wireshark numbers them; `offset` is the byte offset in the file of the record or block at fault.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PcapError {
     /// The file starts with neither a pcap nor a pcapng magic number.
     #[error("not a pcap or pcapng file (magic {0:08X})")]
     Magic(u32),
-    /// The file ends inside a header or block; `offset` is where that header or block starts.
-    #[error("truncated {what} at byte offset {offset}")]
-    Truncated { what: &'static str, offset: usize },
-    /// A pcapng block with an impossible length.
-    #[error("pcapng block at byte offset {offset} has length {length}")]
-    BlockLength { offset: usize, length: u32 },
+    /// The file ends inside a header, record or block.
+    #[error("truncated file at packet {packet}: {what} (byte offset {offset})")]
+    Truncated { packet: usize, offset: usize, what: String },
+    /// A header, record or block whose content is impossible (a length below its minimum, two lengths that
+    /// disagree, a packet larger than its block, an unknown byte order, an unusable time resolution).
+    #[error("corrupt file at packet {packet}: {what} (byte offset {offset})")]
+    Corrupt { packet: usize, offset: usize, what: String },
 }
 
 /// What an import found besides the frames.
@@ -42,192 +54,291 @@ pub struct ImportReport {
     pub connections: usize,
     pub frames_from_terminals: usize,
     pub frames_from_host: usize,
-    /// Packets skipped: other protocols, other ports, IP fragments, link types not read.
+    /// Packets skipped: other protocols, other ports, IP fragments, link types not read, headers that do not parse.
     pub skipped: usize,
-    /// Problems a person should know: gaps in a stream, framing errors, answers left out.
+    /// Problems a person should know: gaps in a stream, framing errors, packets skipped for a reason other than
+    /// being other traffic, answers masked whole or left out. Each reason once, with its count.
     pub warnings: Vec<String>,
 }
 
+/// One packet as the file holds it: when, its link type, the bytes captured and its length on the wire.
 struct Packet<'a> {
+    number: usize,
     at: Duration,
-    linktype: u16,
+    linktype: u32,
     data: &'a [u8],
+    wire_len: u32,
 }
 
-fn u16e(b: &[u8], le: bool) -> u16 {
-    let a = [b[0], b[1]];
-    if le {
-        u16::from_le_bytes(a)
-    } else {
-        u16::from_be_bytes(a)
+/// Link type numbers (tcpdump.org's registry) read here.
+mod linktype {
+    pub const NULL: u32 = 0;
+    pub const ETHERNET: u32 = 1;
+    pub const RAW_BSD: u32 = 12;
+    pub const RAW_OPENBSD: u32 = 14;
+    pub const RAW: u32 = 101;
+    pub const LOOP: u32 = 108;
+    pub const LINUX_SLL: u32 = 113;
+    pub const IPV4: u32 = 228;
+    pub const IPV6: u32 = 229;
+    pub const LINUX_SLL2: u32 = 276;
+}
+
+/// Reasons given once each with a count, so a report does not grow with the traffic.
+#[derive(Default)]
+struct Notes(Vec<Note>);
+
+struct Note {
+    what: String,
+    unit: &'static str,
+    count: usize,
+    first: String,
+    then: &'static str,
+}
+
+impl Notes {
+    fn add(&mut self, what: String, unit: &'static str, then: &'static str, first: impl FnOnce() -> String) {
+        match self.0.iter_mut().find(|n| n.what == what && n.unit == unit) {
+            Some(n) => n.count += 1,
+            None => self.0.push(Note {
+                what,
+                unit,
+                count: 1,
+                first: first(),
+                then,
+            }),
+        }
+    }
+
+    fn write_into(self, warnings: &mut Vec<String>) {
+        for n in self.0 {
+            warnings.push(format!(
+                "{}: {} {}{} (first: {}); {}",
+                n.what,
+                n.count,
+                n.unit,
+                if n.count == 1 { "" } else { "s" },
+                n.first,
+                n.then
+            ));
+        }
     }
 }
 
-fn u32e(b: &[u8], le: bool) -> u32 {
-    let a = [b[0], b[1], b[2], b[3]];
-    if le {
-        u32::from_le_bytes(a)
-    } else {
-        u32::from_be_bytes(a)
-    }
+fn u32_at(b: &[u8], at: usize, big: bool) -> Option<u32> {
+    let a: [u8; 4] = b.get(at..at + 4)?.try_into().ok()?;
+    Some(if big { u32::from_be_bytes(a) } else { u32::from_le_bytes(a) })
 }
 
 fn packets(file: &[u8]) -> Result<Vec<Packet<'_>>, PcapError> {
-    if file.len() < 4 {
+    let Some(magic) = u32_at(file, 0, false) else {
         return Err(PcapError::Truncated {
-            what: "file header",
+            packet: 1,
             offset: 0,
+            what: format!("the file header needs at least 4 bytes, the file has {}", file.len()),
         });
-    }
-    let magic = u32::from_le_bytes([file[0], file[1], file[2], file[3]]);
+    };
     match magic {
-        0xa1b2c3d4 | 0xa1b23c4d | 0xd4c3b2a1 | 0x4d3cb2a1 => pcap(file),
+        0xa1b2c3d4 | 0xa1b23c4d | 0xa1b2cd34 | 0xd4c3b2a1 | 0x4d3cb2a1 => pcap(file),
         0x0a0d0d0a => pcapng(file),
         m => Err(PcapError::Magic(m)),
     }
 }
 
 fn pcap(file: &[u8]) -> Result<Vec<Packet<'_>>, PcapError> {
-    if file.len() < 24 {
-        return Err(PcapError::Truncated {
-            what: "pcap header",
-            offset: 0,
-        });
-    }
-    let raw = u32::from_le_bytes([file[0], file[1], file[2], file[3]]);
-    let le = matches!(raw, 0xa1b2c3d4 | 0xa1b23c4d);
-    let nanos = matches!(raw, 0xa1b23c4d | 0x4d3cb2a1);
-    let linktype = (u32e(&file[20..], le) & 0xFFFF) as u16;
+    let (mut rest, header): (&[u8], PcapHeader) = match pcap_parser::parse_pcap_header(file) {
+        Ok(ok) => ok,
+        Err(_) => {
+            return Err(PcapError::Truncated {
+                packet: 1,
+                offset: 0,
+                what: format!("the pcap file header needs 24 bytes, the file has {}", file.len()),
+            })
+        }
+    };
+    let big = header.is_bigendian();
+    let nanos = header.is_nanosecond_precision();
+    // The upper 16 bits of the link type field carry the FCS length, not the link type.
+    let linktype = (header.network.0 as u32) & 0xFFFF;
     let mut out = Vec::new();
-    let mut off = 24;
-    while off < file.len() {
-        if file.len() - off < 16 {
-            return Err(PcapError::Truncated {
-                what: "packet header",
-                offset: off,
-            });
-        }
-        let secs = u32e(&file[off..], le);
-        let frac = u32e(&file[off + 4..], le);
-        let len = u32e(&file[off + 8..], le) as usize;
-        let start = off + 16;
-        if file.len() - start < len {
-            return Err(PcapError::Truncated {
-                what: "packet",
-                offset: off,
-            });
-        }
-        let at = Duration::from_secs(u64::from(secs))
-            + if nanos {
-                Duration::from_nanos(u64::from(frac))
-            } else {
-                Duration::from_micros(u64::from(frac))
+    while !rest.is_empty() {
+        let offset = file.len() - rest.len();
+        let number = out.len() + 1;
+        let parsed = if header.is_modified_format() {
+            pcap_parser::parse_pcap_frame_modified(rest)
+        } else if big {
+            pcap_parser::parse_pcap_frame_be(rest)
+        } else {
+            pcap_parser::parse_pcap_frame(rest)
+        };
+        let (next, record) = parsed.map_err(|_| {
+            // Every failure of a record is the file ending inside it: name what was announced and what is left.
+            let head = if header.is_modified_format() { 24 } else { 16 };
+            let what = match u32_at(rest, 8, big) {
+                Some(caplen) if rest.len() >= head => format!(
+                    "the packet record announces {caplen} captured bytes, {} remain",
+                    rest.len() - head
+                ),
+                _ => format!("the packet record header needs {head} bytes, {} remain", rest.len()),
             };
+            PcapError::Truncated {
+                packet: number,
+                offset,
+                what,
+            }
+        })?;
+        let frac = if nanos {
+            Duration::from_nanos(u64::from(record.ts_usec))
+        } else {
+            Duration::from_micros(u64::from(record.ts_usec))
+        };
         out.push(Packet {
-            at,
+            number,
+            at: Duration::from_secs(u64::from(record.ts_sec)) + frac,
             linktype,
-            data: &file[start..start + len],
+            data: record.data,
+            wire_len: record.origlen,
         });
-        off = start + len;
+        rest = next;
     }
     Ok(out)
+}
+
+/// What a pcapng interface says about its packets.
+struct Interface {
+    linktype: u32,
+    /// Time units per second (`if_tsresol`).
+    per_second: u64,
+    /// Seconds added to every time stamp (`if_tsoffset`).
+    offset: i64,
+}
+
+fn block_name(block_type: u32) -> String {
+    match block_type {
+        0x0a0d0d0a => "section header block".into(),
+        1 => "interface description block".into(),
+        3 => "simple packet block".into(),
+        4 => "name resolution block".into(),
+        5 => "interface statistics block".into(),
+        6 => "enhanced packet block".into(),
+        t => format!("block of type 0x{t:08X}"),
+    }
 }
 
 fn pcapng(file: &[u8]) -> Result<Vec<Packet<'_>>, PcapError> {
     let mut out = Vec::new();
-    let mut le = true;
-    // Per interface of the current section: link type and time resolution (units per second).
-    let mut ifaces: Vec<(u16, u64)> = Vec::new();
-    let mut off = 0;
-    while off < file.len() {
-        if file.len() - off < 12 {
-            return Err(PcapError::Truncated {
-                what: "pcapng block",
-                offset: off,
-            });
-        }
-        let btype_raw = &file[off..off + 4];
-        if btype_raw == [0x0a, 0x0d, 0x0d, 0x0a] {
-            // Section header: its byte-order magic decides how the rest of the section is read.
-            let bom = &file[off + 8..off + 12];
-            le = bom == [0x4d, 0x3c, 0x2b, 0x1a];
-            ifaces.clear();
-        }
-        let btype = u32e(btype_raw, le);
-        let blen = u32e(&file[off + 4..], le);
-        if blen < 12 || blen % 4 != 0 || blen as usize > file.len() - off {
-            return Err(PcapError::BlockLength {
-                offset: off,
-                length: blen,
-            });
-        }
-        let body = &file[off + 8..off + blen as usize - 4];
-        match btype {
-            1 if body.len() >= 8 => {
-                let linktype = u16e(body, le);
-                // Options: if_tsresol (code 9) changes the time unit from microseconds.
-                let mut res = 1_000_000u64;
-                let mut o = 8;
-                while body.len() >= o + 4 {
-                    let code = u16e(&body[o..], le);
-                    let olen = u16e(&body[o + 2..], le) as usize;
-                    if code == 0 || body.len() < o + 4 + olen {
-                        break;
-                    }
-                    if code == 9 && olen >= 1 {
-                        let v = body[o + 4];
-                        res = if v & 0x80 == 0 {
-                            10u64.saturating_pow(u32::from(v))
-                        } else {
-                            1u64 << (v & 0x7F).min(63)
-                        };
-                    }
-                    o += 4 + olen.div_ceil(4) * 4;
-                }
-                ifaces.push((linktype, res.max(1)));
+    let mut big = false;
+    let mut ifaces: Vec<Interface> = Vec::new();
+    let mut rest = file;
+    while !rest.is_empty() {
+        let offset = file.len() - rest.len();
+        let number = out.len() + 1;
+        let parsed = if big {
+            pcap_parser::parse_block_be(rest)
+        } else {
+            pcap_parser::parse_block_le(rest)
+        };
+        let (next, block) = parsed.map_err(|_| {
+            // pcap-parser says that a block failed, not why: the why is read from the block's own header. A
+            // section header's type reads the same in both byte orders; other blocks are in the section's order.
+            let is_shb = u32_at(rest, 0, false) == Some(0x0a0d0d0a);
+            let name = block_name(if is_shb { 0x0a0d0d0a } else { u32_at(rest, 0, big).unwrap_or(0) });
+            let bom = rest.get(8..12);
+            let order_big = if is_shb { bom == Some(&[0x1a, 0x2b, 0x3c, 0x4d][..]) } else { big };
+            let bom_known = matches!(bom, Some([0x1a, 0x2b, 0x3c, 0x4d]) | Some([0x4d, 0x3c, 0x2b, 0x1a]));
+            match u32_at(rest, 4, order_big) {
+                _ if is_shb && bom.is_some() && !bom_known => PcapError::Corrupt {
+                    packet: number,
+                    offset,
+                    what: "the section header's byte-order magic is neither 1A2B3C4D nor 4D3C2B1A".into(),
+                },
+                None => PcapError::Truncated {
+                    packet: number,
+                    offset,
+                    what: format!("a block header needs 8 bytes, {} remain", rest.len()),
+                },
+                Some(len) if len as usize > rest.len() => PcapError::Truncated {
+                    packet: number,
+                    offset,
+                    what: format!("the {name} announces {len} bytes, {} remain", rest.len()),
+                },
+                Some(len) => PcapError::Corrupt {
+                    packet: number,
+                    offset,
+                    what: format!(
+                        "the {name} of {len} bytes does not hold together (a length below its minimum, its two \
+                         lengths disagreeing, or content larger than the block)"
+                    ),
+                },
             }
-            6 if body.len() >= 20 => {
-                let iface = u32e(body, le) as usize;
-                let ts = (u64::from(u32e(&body[4..], le)) << 32) | u64::from(u32e(&body[8..], le));
-                let caplen = u32e(&body[12..], le) as usize;
-                if body.len() - 20 < caplen {
-                    return Err(PcapError::Truncated {
-                        what: "enhanced packet",
-                        offset: off,
-                    });
-                }
-                if let Some(&(linktype, res)) = ifaces.get(iface) {
-                    let nanos = (u128::from(ts % res) * 1_000_000_000 / u128::from(res)) as u64;
-                    let at = Duration::from_secs(ts / res) + Duration::from_nanos(nanos);
-                    out.push(Packet {
-                        at,
-                        linktype,
-                        data: &body[20..20 + caplen],
-                    });
-                }
+        })?;
+        match block {
+            Block::SectionHeader(shb) => {
+                big = shb.big_endian();
+                ifaces.clear();
             }
-            3 if body.len() >= 4 => {
-                if let Some(&(linktype, _)) = ifaces.first() {
-                    let len = (u32e(body, le) as usize).min(body.len() - 4);
-                    out.push(Packet {
-                        at: Duration::ZERO,
-                        linktype,
-                        data: &body[4..4 + len],
-                    });
-                }
+            Block::InterfaceDescription(idb) => {
+                let per_second = idb.ts_resolution().filter(|r| *r > 0).ok_or_else(|| PcapError::Corrupt {
+                    packet: number,
+                    offset,
+                    what: format!(
+                        "interface {} has a time resolution (if_tsresol 0x{:02X}) finer than 2^64 per second",
+                        ifaces.len(),
+                        idb.if_tsresol
+                    ),
+                })?;
+                ifaces.push(Interface {
+                    linktype: (idb.linktype.0 as u32) & 0xFFFF,
+                    per_second,
+                    offset: idb.if_tsoffset,
+                });
+            }
+            Block::EnhancedPacket(epb) => {
+                let iface = ifaces.get(epb.if_id as usize).ok_or_else(|| PcapError::Corrupt {
+                    packet: number,
+                    offset,
+                    what: format!(
+                        "the packet names interface {}, the section describes {}",
+                        epb.if_id,
+                        ifaces.len()
+                    ),
+                })?;
+                let ts = (u64::from(epb.ts_high) << 32) | u64::from(epb.ts_low);
+                let secs = i64::try_from(ts / iface.per_second)
+                    .unwrap_or(i64::MAX)
+                    .saturating_add(iface.offset)
+                    .max(0);
+                let nanos = u128::from(ts % iface.per_second) * 1_000_000_000 / u128::from(iface.per_second);
+                out.push(Packet {
+                    number,
+                    at: Duration::from_secs(secs as u64) + Duration::from_nanos(nanos as u64),
+                    linktype: iface.linktype,
+                    // The block's data is padded to 4 bytes: the packet is its first caplen.
+                    data: &epb.data[..(epb.caplen as usize).min(epb.data.len())],
+                    wire_len: epb.origlen,
+                });
+            }
+            Block::SimplePacket(spb) => {
+                // A simple packet belongs to the first interface and has no time stamp.
+                let iface = ifaces.first().ok_or_else(|| PcapError::Corrupt {
+                    packet: number,
+                    offset,
+                    what: "a simple packet block in a section that describes no interface".into(),
+                })?;
+                out.push(Packet {
+                    number,
+                    at: Duration::ZERO,
+                    linktype: iface.linktype,
+                    data: &spb.data[..(spb.origlen as usize).min(spb.data.len())],
+                    wire_len: spb.origlen,
+                });
             }
             _ => {}
         }
-        off += blen as usize;
+        rest = next;
     }
     Ok(out)
 }
-
-/// An address and port.
-type Endpoint = (IpAddr, u16);
-
-/// A frame found in a stream: when, connection, direction, content.
-type Found = (Duration, u64, Direction, Bytes);
 
 /// A TCP segment: endpoints, sequence, flags, payload.
 struct Segment<'a> {
@@ -239,70 +350,89 @@ struct Segment<'a> {
     payload: &'a [u8],
 }
 
-/// The IP packet inside a link-layer frame.
-fn ip_of(linktype: u16, d: &[u8]) -> Option<&[u8]> {
-    match linktype {
-        1 => {
-            // Ethernet, with any number of VLAN tags.
-            let mut o = 12;
-            loop {
-                let et = u16::from_be_bytes([*d.get(o)?, *d.get(o + 1)?]);
-                match et {
-                    0x8100 | 0x88a8 => o += 4,
-                    0x0800 | 0x86dd => return d.get(o + 2..),
-                    _ => return None,
-                }
-            }
-        }
-        113 => d.get(16..),    // Linux cooked
-        276 => d.get(20..),    // Linux cooked v2
-        0 | 108 => d.get(4..), // BSD loopback
-        101 | 228 | 229 | 12 | 14 => Some(d),
-        _ => None,
-    }
+/// Why a packet gives no segment. `Other` is traffic that is simply not ours (not IP, not TCP): skipped quietly.
+enum Skip {
+    Other,
+    LinkType(u32),
+    Fragment,
+    Headers(String),
 }
 
-fn tcp_of(ip: &[u8]) -> Option<Segment<'_>> {
-    let v = ip.first()? >> 4;
-    let (src, dst, tcp) = match v {
-        4 => {
-            let ihl = usize::from(ip[0] & 0x0F) * 4;
-            let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
-            let frag = u16::from_be_bytes([*ip.get(6)?, *ip.get(7)?]);
-            if *ip.get(9)? != 6 || frag & 0x3FFF != 0 || ihl < 20 {
-                return None; // not TCP, or a fragment
-            }
-            let end = total.min(ip.len());
-            let s: [u8; 4] = ip.get(12..16)?.try_into().ok()?;
-            let t: [u8; 4] = ip.get(16..20)?.try_into().ok()?;
-            (IpAddr::from(s), IpAddr::from(t), ip.get(ihl..end)?)
+/// The headers of a packet, by its link type.
+fn slice(linktype: u32, d: &[u8]) -> Result<SlicedPacket<'_>, Skip> {
+    let sliced = match linktype {
+        linktype::ETHERNET => SlicedPacket::from_ethernet(d),
+        linktype::LINUX_SLL => SlicedPacket::from_linux_sll(d),
+        linktype::LINUX_SLL2 => {
+            // 20 bytes: protocol type (an EtherType, big-endian), reserved, interface index, ARPHRD type, packet
+            // type, address length, 8 bytes of address.
+            let (Some(proto), Some(rest)) = (d.get(..2), d.get(20..)) else {
+                return Err(Skip::Headers(format!(
+                    "Linux cooked v2 header needs 20 bytes, the packet has {}",
+                    d.len()
+                )));
+            };
+            SlicedPacket::from_ether_type(EtherType(u16::from_be_bytes([proto[0], proto[1]])), rest)
         }
-        6 => {
-            if *ip.get(6)? != 6 {
-                return None; // extension headers: not read
+        linktype::NULL | linktype::LOOP => {
+            // 4 bytes of address family: host byte order for NULL, network order for LOOP; IPv4 is 2, IPv6 is 10
+            // (Linux), 24, 28 or 30 (the BSDs, macOS).
+            let Some(family) = d.get(..4) else {
+                return Err(Skip::Headers(format!(
+                    "loopback header needs 4 bytes, the packet has {}",
+                    d.len()
+                )));
+            };
+            let ip = |v: u32| matches!(v, 2 | 10 | 24 | 28 | 30);
+            let a: [u8; 4] = [family[0], family[1], family[2], family[3]];
+            if !ip(u32::from_le_bytes(a)) && !ip(u32::from_be_bytes(a)) {
+                return Err(Skip::Other);
             }
-            let plen = usize::from(u16::from_be_bytes([*ip.get(4)?, *ip.get(5)?]));
-            let s: [u8; 16] = ip.get(8..24)?.try_into().ok()?;
-            let t: [u8; 16] = ip.get(24..40)?.try_into().ok()?;
-            let end = (40 + plen).min(ip.len());
-            (IpAddr::from(s), IpAddr::from(t), ip.get(40..end)?)
+            SlicedPacket::from_ip(&d[4..])
         }
-        _ => return None,
+        linktype::RAW | linktype::RAW_BSD | linktype::RAW_OPENBSD | linktype::IPV4 | linktype::IPV6 => {
+            SlicedPacket::from_ip(d)
+        }
+        other => return Err(Skip::LinkType(other)),
     };
-    let sport = u16::from_be_bytes([*tcp.first()?, *tcp.get(1)?]);
-    let dport = u16::from_be_bytes([*tcp.get(2)?, *tcp.get(3)?]);
-    let seq = u32::from_be_bytes(tcp.get(4..8)?.try_into().ok()?);
-    let doff = usize::from(tcp.get(12)? >> 4) * 4;
-    let flags = *tcp.get(13)?;
-    Some(Segment {
-        src: (src, sport),
-        dst: (dst, dport),
-        seq,
-        syn: flags & 0x02 != 0,
-        fin_or_rst: flags & 0x05 != 0,
-        payload: tcp.get(doff..)?,
+    sliced.map_err(|e| Skip::Headers(e.to_string()))
+}
+
+/// The TCP segment in a packet.
+fn segment_of(linktype: u32, d: &[u8]) -> Result<Segment<'_>, Skip> {
+    let p = slice(linktype, d)?;
+    let (src, dst) = match &p.net {
+        Some(NetSlice::Ipv4(v)) => (
+            IpAddr::from(v.header().source_addr()),
+            IpAddr::from(v.header().destination_addr()),
+        ),
+        Some(NetSlice::Ipv6(v)) => (
+            IpAddr::from(v.header().source_addr()),
+            IpAddr::from(v.header().destination_addr()),
+        ),
+        _ => return Err(Skip::Other),
+    };
+    if p.is_ip_payload_fragmented() {
+        return Err(Skip::Fragment);
+    }
+    let Some(TransportSlice::Tcp(tcp)) = p.transport else {
+        return Err(Skip::Other);
+    };
+    Ok(Segment {
+        src: (src, tcp.source_port()),
+        dst: (dst, tcp.destination_port()),
+        seq: tcp.sequence_number(),
+        syn: tcp.syn(),
+        fin_or_rst: tcp.fin() || tcp.rst(),
+        payload: tcp.payload(),
     })
 }
+
+/// An address and port.
+type Endpoint = (IpAddr, u16);
+
+/// A frame found in a stream: when, connection, direction, content.
+type Found = (Duration, u64, Direction, Bytes);
 
 /// One direction of one connection, put back in order and cut into frames.
 struct Stream {
@@ -392,6 +522,9 @@ pub struct ImportOptions {
     pub max_frame: usize,
     /// What happens to PIN values in answers (they are real PINs in a real capture).
     pub pins: PinPolicy,
+    /// Where the host puts PINs in its answers when it is not pingate (`--pin-at`); empty: pingate's field 63, and
+    /// a field 63 of another layout masked whole.
+    pub pin_at: Vec<PinLocation>,
 }
 
 /// Reads a pcap or pcapng file into a capture of the frames on `opts.port`.
@@ -406,17 +539,57 @@ pub fn import(
         packets: pkts.len(),
         ..ImportReport::default()
     };
+    let mut notes = Notes::default();
     let first = pkts.iter().map(|p| p.at).min().unwrap_or_default();
-    // Connections by (terminal endpoint, host endpoint); a SYN on a finished tuple starts a new one.
-    // (connection number, FIN or RST seen) by (terminal endpoint, host endpoint).
+    // (connection number, FIN or RST seen) by (terminal endpoint, host endpoint); a SYN on a finished tuple starts
+    // a new connection.
     let mut conns: HashMap<(Endpoint, Endpoint), (u64, bool)> = HashMap::new();
     let mut streams: HashMap<(u64, bool), Stream> = HashMap::new();
     let mut next_conn = 0u64;
     let mut frames = Vec::new();
     for p in &pkts {
-        let Some(seg) = ip_of(p.linktype, p.data).and_then(tcp_of) else {
+        if (p.data.len() as u64) < u64::from(p.wire_len) {
+            // Cut by the snap length: its headers may be whole but its payload is not, so its stream would take
+            // a piece of a segment for all of it. Left out: the stream shows a gap where it was.
             report.skipped += 1;
+            notes.add(
+                "packets cut short by the capture's snap length".into(),
+                "packet",
+                "skipped; a stream they belonged to shows a gap",
+                || format!("packet {}, {} of {} bytes", p.number, p.data.len(), p.wire_len),
+            );
             continue;
+        }
+        let seg = match segment_of(p.linktype, p.data) {
+            Ok(seg) => seg,
+            Err(skip) => {
+                report.skipped += 1;
+                match skip {
+                    Skip::Other => {}
+                    Skip::LinkType(t) => notes.add(
+                        format!(
+                            "link type {t} is not read (Ethernet 1, Linux cooked 113 and 276, raw IP 101, 228 and \
+                             229, loopback 0 and 108 are)"
+                        ),
+                        "packet",
+                        "skipped",
+                        || format!("packet {}", p.number),
+                    ),
+                    Skip::Fragment => notes.add(
+                        "IP fragments (not reassembled)".into(),
+                        "packet",
+                        "skipped; a stream they belonged to shows a gap",
+                        || format!("packet {}", p.number),
+                    ),
+                    Skip::Headers(e) => notes.add(
+                        "headers that do not parse".into(),
+                        "packet",
+                        "skipped",
+                        || format!("packet {}: {e}", p.number),
+                    ),
+                }
+                continue;
+            }
         };
         let to_host = seg.dst.1 == opts.port;
         if !to_host && seg.src.1 != opts.port {
@@ -489,15 +662,48 @@ pub fn import(
     frames.sort_by_key(|f| f.0);
     let mut capture = Capture::new(opts.framing, opts.tpdu, dialect_name, opts.pins);
     capture.other.insert("source".into(), "pcap".into());
+    let mut answers = 0usize;
     for (at, conn, dir, data) in frames {
         let data = if dir == Direction::Host {
-            match protect_pins(dialect, &data, opts.tpdu, opts.pins) {
-                Some(d) => d,
-                None => {
-                    report.warnings.push(format!(
-                        "connection {conn}: an answer at {:.6} s does not decode in {dialect_name}; left out (it could hold a PIN)",
-                        at.as_secs_f64()
-                    ));
+            answers += 1;
+            let which = || format!("answer {answers}, connection {conn} at {:.6} s", at.as_secs_f64());
+            match protect_answer(dialect, &data, opts.tpdu, opts.pins, &opts.pin_at) {
+                Ok(p) => {
+                    for n in p.notes {
+                        let (what, then) = match &n {
+                            PinNote::NotReceipt { field } => (
+                                format!("field {field} is not pingate's receipt layout"),
+                                if opts.pins == PinPolicy::Omitted {
+                                    "left out of the answer (give --pin-at to mask only the PIN)"
+                                } else {
+                                    "masked whole, its length kept (give --pin-at to mask only the PIN)"
+                                },
+                            ),
+                            PinNote::PlaceMissing { place, why } => (
+                                format!("--pin-at {place}: {why}"),
+                                "the whole field masked, its length kept",
+                            ),
+                        };
+                        notes.add(what, "answer", then, which);
+                    }
+                    p.data
+                }
+                Err(refused) => {
+                    let (what, detail) = match refused {
+                        Refused::DoesNotDecode(e) => (format!("answers that do not decode in {dialect_name}"), e),
+                        Refused::DoesNotEncode(e) => ("answers that do not encode once masked".to_string(), e),
+                        Refused::PinElsewhere { field } => (
+                            format!("answers whose PIN (from field {field}) is also elsewhere in the message"),
+                            String::new(),
+                        ),
+                    };
+                    notes.add(what, "answer", "left out (it could hold a PIN)", || {
+                        if detail.is_empty() {
+                            which()
+                        } else {
+                            format!("{}: {detail}", which())
+                        }
+                    });
                     continue;
                 }
             }
@@ -516,6 +722,7 @@ pub fn import(
             line: 0,
         });
     }
+    notes.write_into(&mut report.warnings);
     Ok((capture, report))
 }
 
@@ -559,6 +766,7 @@ mod tests {
             tpdu: false,
             max_frame: 4096,
             pins: PinPolicy::Clear,
+            pin_at: Vec::new(),
         }
     }
 
@@ -612,11 +820,67 @@ mod tests {
             import(b"nope", dialect, "x", &opts()).unwrap_err(),
             PcapError::Magic(0x65706f6e)
         );
+        // Cut inside the third packet's data: the error names packet 3, where its record starts, and the numbers.
+        let f = pcap_file(&pkts);
+        let third = f.len() - (16 + pkts[2].len());
+        let e = import(&f[..f.len() - 2], dialect, "x", &opts()).unwrap_err();
+        assert_eq!(
+            e,
+            PcapError::Truncated {
+                packet: 3,
+                offset: third,
+                what: format!(
+                    "the packet record announces {} captured bytes, {} remain",
+                    pkts[2].len(),
+                    pkts[2].len() - 2
+                ),
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            format!("truncated file at packet 3: the packet record announces 57 captured bytes, 55 remain (byte offset {third})")
+        );
+        // Cut inside a record header; and inside the file header.
+        let e = import(&f[..third + 5], dialect, "x", &opts()).unwrap_err();
+        assert!(e.to_string().contains("packet 3: the packet record header needs 16 bytes, 5 remain"), "{e}");
+        let e = import(&f[..10], dialect, "x", &opts()).unwrap_err();
+        assert!(e.to_string().contains("pcap file header needs 24 bytes, the file has 10"), "{e}");
+    }
+
+    /// A packet whose length on the wire is more than was captured, another link type, a fragment and broken
+    /// headers are each skipped and reported once with their count, never read as stream bytes.
+    #[test]
+    fn skipped_packets_are_reported_once_per_reason_with_a_count() {
+        let d = crate::iso8583::Dialects::builtin();
+        let dialect = d.get("iso87-ascii").unwrap();
+        let mut fragment = packet(40000, 9000, 100, 0x18, &[0, 1, b'F']);
+        fragment[14 + 6] = 0x20; // more fragments
+        let mut broken = packet(40000, 9000, 100, 0x18, &[0, 1, b'B']);
+        broken[14] = 0x43; // IHL 3: shorter than an IPv4 header can be
+        let pkts = vec![
+            packet(40000, 9000, 99, 0x02, b""),
+            fragment.clone(),
+            broken.clone(),
+            broken,
+            packet(40000, 9000, 100, 0x18, &[0, 2, b'O', b'K']),
+        ];
         let mut f = pcap_file(&pkts);
-        f.truncate(f.len() - 2);
-        assert!(matches!(
-            import(&f, dialect, "x", &opts()).unwrap_err(),
-            PcapError::Truncated { what: "packet", .. }
-        ));
+        // Packet 6: captured 20 bytes of 60.
+        let cut = packet(40000, 9000, 102, 0x18, &[0, 1, b'C']);
+        f.extend_from_slice(&[6, 0, 0, 0, 0, 0, 0, 0, 20, 0, 0, 0]);
+        f.extend_from_slice(&(cut.len() as u32).to_le_bytes());
+        f.extend_from_slice(&cut[..20]);
+        let (c, r) = import(&f, dialect, "iso87-ascii", &opts()).unwrap();
+        assert_eq!(c.records.len(), 1, "only OK");
+        assert_eq!(&c.records[0].data[..], b"OK");
+        assert_eq!((r.packets, r.skipped), (6, 4));
+        let w = r.warnings.join("\n");
+        assert!(w.contains("IP fragments (not reassembled): 1 packet (first: packet 2)"), "{w}");
+        assert!(w.contains("headers that do not parse: 2 packets (first: packet 3: "), "{w}");
+        assert!(
+            w.contains("cut short by the capture's snap length: 1 packet (first: packet 6, 20 of 57 bytes)"),
+            "{w}"
+        );
+        assert_eq!(r.warnings.len(), 3, "{w}");
     }
 }
