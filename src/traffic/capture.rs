@@ -758,4 +758,57 @@ mod tests {
         // A frame that does not decode cannot be checked: left out.
         assert_eq!(protect_pins(dialect, b"0210garbage", false, PinPolicy::Masked), None);
     }
+
+    #[test]
+    fn pin_places_parse_and_print_back() {
+        for (text, place) in [
+            ("63", PinLocation::Field(63)),
+            ("62:PI", PinLocation::Tag { field: 62, tag: *b"PI" }),
+            ("48@10+16", PinLocation::Span { field: 48, offset: 10, len: 16 }),
+        ] {
+            assert_eq!(text.parse::<PinLocation>().unwrap(), place);
+            assert_eq!(place.to_string(), text);
+        }
+        for bad in ["", "0", "129", "63:", "63:ABC", "63@", "63@1", "63@1+0", "x:PN"] {
+            assert!(bad.parse::<PinLocation>().is_err(), "{bad}");
+        }
+    }
+
+    /// Another host's answer: a PIN in a field that does not take `*` (37, class an: masked with `0`), one at an offset
+    /// of a text field, and a place the answer does not have (that field masked whole, the reason noted).
+    #[test]
+    fn a_foreign_layout_is_masked_where_told_with_lengths_kept() {
+        let d = crate::iso8583::Dialects::builtin();
+        let dialect = d.get("iso87-ascii").unwrap();
+        let mut m = Message::new(crate::iso8583::Mti::SALE_RESPONSE);
+        m.set(11, "000001").set(39, "00").set(37, "123456789012");
+        m.set(48, "SER1 PIN 99887766554433 END 99887766554433");
+        m.set(62, "NO TLV HERE");
+        m.set(63, "something of its own");
+        let raw = dialect.encode(&m).unwrap();
+        let at: Vec<PinLocation> = ["37", "48@9+14", "62:PI"].iter().map(|p| p.parse().unwrap()).collect();
+        let p = protect_answer(dialect, &raw, false, PinPolicy::Masked, &at).unwrap();
+        assert_eq!(p.data.len(), raw.len(), "lengths kept");
+        let got = dialect.decode(&p.data).unwrap();
+        assert_eq!(got.get_str(37), Some("000000000000"), "an: 0");
+        assert_eq!(got.get_str(48), Some("SER1 PIN ************** END **************"));
+        assert_eq!(got.get_str(62), Some("***********"), "no such tag: masked whole");
+        assert_eq!(got.get_str(63), Some("something of its own"), "--pin-at given: 63 is the user's call");
+        assert!(matches!(&p.notes[..], [PinNote::PlaceMissing { place: PinLocation::Tag { field: 62, .. }, .. }]));
+        // Without --pin-at, field 63 of another layout is masked whole; omitted, it is left out.
+        let p = protect_answer(dialect, &raw, false, PinPolicy::Masked, &[]).unwrap();
+        assert_eq!(dialect.decode(&p.data).unwrap().get_str(63), Some("********************"));
+        assert_eq!(p.notes, [PinNote::NotReceipt { field: 63 }]);
+        let p = protect_answer(dialect, &raw, false, PinPolicy::Omitted, &at).unwrap();
+        let got = dialect.decode(&p.data).unwrap();
+        assert!(!got.has(37) && !got.has(48) && !got.has(62) && got.has(63));
+        // A PIN still elsewhere (field 44 here) refuses the answer.
+        m.set(44, "99887766554433");
+        let raw = dialect.encode(&m).unwrap();
+        let at: Vec<PinLocation> = vec!["48@9+14".parse().unwrap()];
+        assert_eq!(
+            protect_answer(dialect, &raw, false, PinPolicy::Masked, &at).unwrap_err(),
+            Refused::PinElsewhere { field: 48 }
+        );
+    }
 }

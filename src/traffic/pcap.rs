@@ -883,4 +883,77 @@ mod tests {
         );
         assert_eq!(r.warnings.len(), 3, "{w}");
     }
+
+    /// The committed fixtures: tshark's, and those of tools/interop/make_pcap_fixtures.py.
+    const FIXTURES: [(&str, &[u8]); 5] = [
+        ("contract.pcap", include_bytes!("../../fixtures/pcap/contract.pcap")),
+        ("contract.pcapng", include_bytes!("../../fixtures/pcap/contract.pcapng")),
+        ("contract-sll2.pcap", include_bytes!("../../fixtures/pcap/contract-sll2.pcap")),
+        ("contract-vlan-ipv6.pcapng", include_bytes!("../../fixtures/pcap/contract-vlan-ipv6.pcapng")),
+        ("foreign-host.pcapng", include_bytes!("../../fixtures/pcap/foreign-host.pcapng")),
+    ];
+
+    fn fixture_opts() -> ImportOptions {
+        ImportOptions {
+            port: 32785,
+            pins: PinPolicy::Masked,
+            ..opts()
+        }
+    }
+
+    /// Every cut of every fixture, at every byte: the packets before the cut, or a typed error naming the packet
+    /// being read where the file ends (its number, the byte offset of its record), never a panic nor "corrupt".
+    #[test]
+    fn every_truncation_of_the_fixtures_is_a_typed_error_or_the_packets_before_it() {
+        let d = crate::iso8583::Dialects::builtin();
+        let dialect = d.get("iso87-ascii-binbitmap").unwrap();
+        for (name, f) in FIXTURES {
+            let full = import(f, dialect, "x", &fixture_opts()).unwrap().1.packets;
+            assert_eq!(full, 34, "{name}");
+            let mut errors = 0;
+            for cut in 0..f.len() {
+                match import(&f[..cut], dialect, "x", &fixture_opts()) {
+                    Ok((_, r)) => assert!(r.packets <= full, "{name} cut at {cut}"),
+                    // Packet `full + 1`: a block after the last packet (pcapng's interface statistics) is cut.
+                    Err(PcapError::Truncated { packet, offset, .. }) => {
+                        assert!((1..=full + 1).contains(&packet) && offset <= cut, "{name} cut at {cut}: {packet}");
+                        errors += 1;
+                    }
+                    Err(e) => panic!("{name} cut at {cut}: {e}"),
+                }
+            }
+            assert!(errors > f.len() / 2, "{name}: most cuts are inside a record");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(384))]
+        /// Bytes of a fixture changed anywhere, or among its first 64 (file header, first blocks' lengths): the
+        /// import finishes, with a capture or a typed error naming a packet; never a panic.
+        #[test]
+        fn mutated_fixtures_give_a_capture_or_a_typed_error(
+            which in 0..FIXTURES.len(),
+            flips in proptest::collection::vec(
+                (proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>(), proptest::prelude::any::<bool>()),
+                1..8,
+            ),
+        ) {
+            let d = crate::iso8583::Dialects::builtin();
+            let dialect = d.get("iso87-ascii-binbitmap").unwrap();
+            let mut f = FIXTURES[which].1.to_vec();
+            for (i, b, head) in flips {
+                let at = i.index(if head { 64 } else { f.len() });
+                f[at] = b;
+            }
+            if let Err(e) = import(&f, dialect, "x", &fixture_opts()) {
+                let t = e.to_string();
+                proptest::prop_assert!(
+                    t.starts_with("truncated file at packet ")
+                        || t.starts_with("corrupt file at packet ")
+                        || t.starts_with("not a pcap or pcapng file"),
+                    "{}", t
+                );
+            }
+        }
+    }
 }
