@@ -807,8 +807,10 @@ async fn captures_of_other_link_layers_import_to_the_same_frames() {
         let (c, stderr) = import_pcap(&format!("fixtures/pcap/{f}"), &d.join(f), &[]).await;
         assert!(stderr.is_empty(), "{f}: no warnings: {stderr}");
         assert_eq!(frames(&c), frames(&reference), "{f}");
-        let times: Vec<_> = c.records.iter().map(|r| r.at).collect();
-        assert_eq!(times, reference.records.iter().map(|r| r.at).collect::<Vec<_>>(), "{f}: same times");
+        // The same times, to the microsecond (scapy keeps time stamps as decimals and rounds when it writes).
+        for (a, b) in c.records.iter().zip(&reference.records) {
+            assert!(a.at.abs_diff(b.at) <= Duration::from_micros(1), "{f}: {:?} {:?}", a.at, b.at);
+        }
     }
 }
 
@@ -833,7 +835,6 @@ async fn a_foreign_hosts_capture_keeps_its_answers_with_only_the_pins_masked() {
         .unwrap()
         .clone();
     let (clear, _) = import_pcap(F, &d.join("clear"), &["--pins", "clear"]).await;
-    let f63 = |r: &pingate::traffic::capture::Record| dialect.decode(&r.data).unwrap().get(63).cloned();
     let no_pin = |name: &str| {
         let text = std::fs::read_to_string(d.join(name)).unwrap();
         for pin in FOREIGN_PINS {
@@ -880,7 +881,7 @@ async fn a_foreign_hosts_capture_keeps_its_answers_with_only_the_pins_masked() {
             }
         }
         assert_eq!(x, &want[..], "{}", String::from_utf8_lossy(x));
-        assert!(String::from_utf8_lossy(x).contains("02014DEMO00000000"), "the serial is kept");
+        assert!(String::from_utf8_lossy(x).contains("02014DEMO"), "the serial is kept");
     };
     for (name, place) in [("tag", "63:01"), ("offset", "63@5+16")] {
         let (c, stderr) = import_pcap(F, &d.join(name), &["--pin-at", place]).await;
