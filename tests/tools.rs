@@ -794,8 +794,9 @@ async fn import_pcap(fixture: &str, out: &std::path::Path, args: &[&str]) -> (pi
     (pingate::traffic::capture::Capture::load(out).unwrap(), stderr)
 }
 
-/// Linux cooked v2, and Ethernet with two VLAN tags carrying IPv6 with extension headers (written by scapy and
-/// editcap: tools/interop/make_pcap_fixtures.py) import to the very frames of the tshark capture they were made from.
+/// Linux cooked v1 (on the loopback device, as `tcpdump -i any` records it) and v2, BSD loopback, raw IP, and
+/// Ethernet with two VLAN tags carrying IPv6 with extension headers (written by scapy and editcap:
+/// tools/interop/make_pcap_fixtures.py) import to the very frames of the tshark capture they were made from.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn captures_of_other_link_layers_import_to_the_same_frames() {
     let d = dir("pcap-links");
@@ -803,7 +804,13 @@ async fn captures_of_other_link_layers_import_to_the_same_frames() {
     let frames =
         |c: &pingate::traffic::capture::Capture| c.records.iter().map(|r| (r.conn, r.dir, r.data.clone())).collect::<Vec<_>>();
     let (reference, _) = import_pcap("fixtures/pcap/contract.pcapng", &d.join("ref"), &[]).await;
-    for f in ["contract-sll2.pcap", "contract-vlan-ipv6.pcapng"] {
+    for f in [
+        "contract-sll.pcap",
+        "contract-null.pcap",
+        "contract-raw.pcap",
+        "contract-sll2.pcap",
+        "contract-vlan-ipv6.pcapng",
+    ] {
         let (c, stderr) = import_pcap(&format!("fixtures/pcap/{f}"), &d.join(f), &[]).await;
         assert!(stderr.is_empty(), "{f}: no warnings: {stderr}");
         assert_eq!(frames(&c), frames(&reference), "{f}");

@@ -5,9 +5,9 @@
 //! Which library does what: the file formats are read by `pcap-parser` (the rusticata project's nom parsers: pcap in
 //! microseconds or nanoseconds, either byte order, the "modified" variant; pcapng sections in either byte order,
 //! interfaces with their time resolution and offset, enhanced and simple packet blocks, every other block skipped);
-//! the link, IP and TCP headers by `etherparse` (Ethernet II with up to three VLAN tags, 802.1Q and 802.1ad; Linux
-//! cooked v1; IPv4 and IPv6 with its extension headers). Linux cooked v2 and BSD loopback/null have fixed headers
-//! that `etherparse` does not know: their few bytes are read here. What stays here is product logic: which segments
+//! the link, IP and TCP headers by `etherparse` (Ethernet II with up to three VLAN tags, 802.1Q and 802.1ad; IPv4
+//! and IPv6 with its extension headers). Linux cooked v1 and v2 and BSD loopback/null have fixed headers in front
+//! of an EtherType or an address family: those few bytes are read here, the rest by `etherparse`. What stays here is product logic: which segments
 //! belong to the port, connections (a SYN on a finished tuple starts a new one), TCP reassembly (segments put in
 //! sequence order, retransmissions and overlaps dropped, a gap reported and that direction stopping there), framing,
 //! and what happens to PINs in the answers ([`crate::traffic::capture::protect_answer`]).
@@ -362,13 +362,19 @@ enum Skip {
 fn slice(linktype: u32, d: &[u8]) -> Result<SlicedPacket<'_>, Skip> {
     let sliced = match linktype {
         linktype::ETHERNET => SlicedPacket::from_ethernet(d),
-        linktype::LINUX_SLL => SlicedPacket::from_linux_sll(d),
-        linktype::LINUX_SLL2 => {
-            // 20 bytes: protocol type (an EtherType, big-endian), reserved, interface index, ARPHRD type, packet
-            // type, address length, 8 bytes of address.
-            let (Some(proto), Some(rest)) = (d.get(..2), d.get(20..)) else {
+        // Linux cooked v1 and v2: read here because etherparse's SLL refuses ARPHRD types it does not list, among
+        // them the loopback device (772) that `tcpdump -i any` records local traffic on. v1: 16 bytes, the protocol
+        // type (an EtherType, big-endian) last; v2: 20 bytes, the protocol type first, then reserved, interface
+        // index, ARPHRD type, packet type, address length, 8 bytes of address.
+        linktype::LINUX_SLL | linktype::LINUX_SLL2 => {
+            let (len, at, name) = if linktype == linktype::LINUX_SLL {
+                (16, 14, "Linux cooked v1")
+            } else {
+                (20, 0, "Linux cooked v2")
+            };
+            let (Some(proto), Some(rest)) = (d.get(at..at + 2), d.get(len..)) else {
                 return Err(Skip::Headers(format!(
-                    "Linux cooked v2 header needs 20 bytes, the packet has {}",
+                    "{name} header needs {len} bytes, the packet has {}",
                     d.len()
                 )));
             };
@@ -885,9 +891,12 @@ mod tests {
     }
 
     /// The committed fixtures: tshark's, and those of tools/interop/make_pcap_fixtures.py.
-    const FIXTURES: [(&str, &[u8]); 5] = [
+    const FIXTURES: [(&str, &[u8]); 8] = [
         ("contract.pcap", include_bytes!("../../fixtures/pcap/contract.pcap")),
         ("contract.pcapng", include_bytes!("../../fixtures/pcap/contract.pcapng")),
+        ("contract-sll.pcap", include_bytes!("../../fixtures/pcap/contract-sll.pcap")),
+        ("contract-null.pcap", include_bytes!("../../fixtures/pcap/contract-null.pcap")),
+        ("contract-raw.pcap", include_bytes!("../../fixtures/pcap/contract-raw.pcap")),
         ("contract-sll2.pcap", include_bytes!("../../fixtures/pcap/contract-sll2.pcap")),
         ("contract-vlan-ipv6.pcapng", include_bytes!("../../fixtures/pcap/contract-vlan-ipv6.pcapng")),
         ("foreign-host.pcapng", include_bytes!("../../fixtures/pcap/foreign-host.pcapng")),

@@ -6,6 +6,8 @@ connection on port 32785) with scapy and writes the same conversation again in o
 host would have answered it. scapy builds and writes every packet (headers, checksums, pcap records); tshark's
 ``editcap`` converts to pcapng; ``tshark`` reads each file back and the script checks it sees what was written.
 
+- ``contract-sll.pcap``, ``contract-null.pcap``, ``contract-raw.pcap``: the original IPv4 packets under Linux
+  cooked capture v1 (link type 113), BSD loopback/null (0) and raw IP (101).
 - ``contract-sll2.pcap``: Linux cooked capture v2 (link type 276, what ``tcpdump -i any`` writes since libpcap
   1.10), IPv4, the original packets' addresses, sequence numbers and payloads.
 - ``contract-vlan-ipv6.pcapng``: Ethernet with two VLAN tags (802.1ad outer 10, 802.1Q inner 100), IPv6 with a
@@ -30,6 +32,7 @@ import tempfile
 from scapy.all import (
     IP,
     TCP,
+    CookedLinux,
     CookedLinuxV2,
     Dot1AD,
     Dot1Q,
@@ -37,6 +40,7 @@ from scapy.all import (
     IPv6,
     IPv6ExtHdrDestOpt,
     IPv6ExtHdrHopByHop,
+    Loopback,
     Raw,
     rdpcap,
     wrpcap,
@@ -81,6 +85,27 @@ def write(path, packets, times, linktype=None):
     for p, t in zip(packets, times):
         p.time = t
     wrpcap(str(path), packets, linktype=linktype)
+
+
+def ipv4_links(segs):
+    """The original IPv4 packets under three other link layers, each written as pcap by scapy."""
+    for name, linktype, link in [
+        # Linux cooked v1 (113): 16 bytes, packet type 0 (to us) or 4 (outgoing), ARPHRD_LOOPBACK, protocol IPv4.
+        ("contract-sll.pcap", 113,
+         lambda s: CookedLinux(pkttype=0 if s["to_host"] else 4, lladdrtype=772, lladdrlen=6, src=b"\x00" * 8,
+                               proto=0x0800)),
+        # BSD loopback/null (0): a 4-byte address family in the writer's byte order, 2 for IPv4.
+        ("contract-null.pcap", 0, lambda s: Loopback(type=2)),
+        # Raw IP (101): no link header at all.
+        ("contract-raw.pcap", 101, None),
+    ]:
+        pkts = []
+        for s in segs:
+            p = IP(src=s["src"], dst=s["dst"], id=s["ip_id"], ttl=64, flags="DF") / tcp_of(s)
+            if s["payload"]:
+                p = p / Raw(s["payload"])
+            pkts.append(link(s) / p if link else p)
+        write(PCAP / name, pkts, [s["time"] for s in segs], linktype=linktype)
 
 
 def sll2(segs):
@@ -193,10 +218,12 @@ def check(name, expect_payload_segments):
 def main():
     segs = segments()
     n = sum(1 for s in segs if s["payload"])
+    ipv4_links(segs)
     sll2(segs)
     vlan_ipv6(segs)
     foreign(segs)
-    for name in ("contract-sll2.pcap", "contract-vlan-ipv6.pcapng", "foreign-host.pcapng"):
+    for name in ("contract-sll.pcap", "contract-null.pcap", "contract-raw.pcap", "contract-sll2.pcap",
+                 "contract-vlan-ipv6.pcapng", "foreign-host.pcapng"):
         check(name, n)
 
 
