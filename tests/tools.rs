@@ -780,7 +780,11 @@ async fn the_load_generator_refuses_terminal_ids_field_41_cannot_carry() {
 }
 
 /// `pingate-replay import FIXTURE --port 32785 ARGS… -o OUT`: the capture, and what it printed on stderr.
-async fn import_pcap(fixture: &str, out: &std::path::Path, args: &[&str]) -> (pingate::traffic::capture::Capture, String) {
+async fn import_pcap(
+    fixture: &str,
+    out: &std::path::Path,
+    args: &[&str],
+) -> (pingate::traffic::capture::Capture, String) {
     let mut all = vec!["import", fixture, "--port", "32785", "-o", out.to_str().unwrap()];
     all.extend_from_slice(args);
     let o = replay_tool(&all).await;
@@ -801,8 +805,12 @@ async fn import_pcap(fixture: &str, out: &std::path::Path, args: &[&str]) -> (pi
 async fn captures_of_other_link_layers_import_to_the_same_frames() {
     let d = dir("pcap-links");
     std::fs::create_dir_all(&d).unwrap();
-    let frames =
-        |c: &pingate::traffic::capture::Capture| c.records.iter().map(|r| (r.conn, r.dir, r.data.clone())).collect::<Vec<_>>();
+    let frames = |c: &pingate::traffic::capture::Capture| {
+        c.records
+            .iter()
+            .map(|r| (r.conn, r.dir, r.data.clone()))
+            .collect::<Vec<_>>()
+    };
     let (reference, _) = import_pcap("fixtures/pcap/contract.pcapng", &d.join("ref"), &[]).await;
     for f in [
         "contract-sll.pcap",
@@ -816,13 +824,23 @@ async fn captures_of_other_link_layers_import_to_the_same_frames() {
         assert_eq!(frames(&c), frames(&reference), "{f}");
         // The same times, to the microsecond (scapy keeps time stamps as decimals and rounds when it writes).
         for (a, b) in c.records.iter().zip(&reference.records) {
-            assert!(a.at.abs_diff(b.at) <= Duration::from_micros(1), "{f}: {:?} {:?}", a.at, b.at);
+            assert!(
+                a.at.abs_diff(b.at) <= Duration::from_micros(1),
+                "{f}: {:?} {:?}",
+                a.at,
+                b.at
+            );
         }
     }
 }
 
 /// The made-up PINs in fixtures/pcap/foreign-host.pcapng (tools/interop/make_pcap_fixtures.py).
-const FOREIGN_PINS: [&str; 4] = ["7301846259017734", "7301846259028845", "7301846259039956", "7301846259040067"];
+const FOREIGN_PINS: [&str; 4] = [
+    "7301846259017734",
+    "7301846259028845",
+    "7301846259039956",
+    "7301846259040067",
+];
 
 /// A capture in front of a host that is not pingate: its answers carry the PIN in field 63 in a layout of its own
 /// (tags 01 PIN, 02 serial, 03 a receipt line that prints the PIN). Every answer is kept, with its length; no PIN
@@ -835,7 +853,10 @@ async fn a_foreign_hosts_capture_keeps_its_answers_with_only_the_pins_masked() {
     let raw = std::fs::read(F).unwrap();
     let hex = |s: &str| s.bytes().map(|b| format!("{b:02X}")).collect::<String>();
     for pin in FOREIGN_PINS {
-        assert!(raw.windows(16).any(|w| w == pin.as_bytes()), "the fixture carries {pin}");
+        assert!(
+            raw.windows(16).any(|w| w == pin.as_bytes()),
+            "the fixture carries {pin}"
+        );
     }
     let dialect = pingate::iso8583::Dialects::builtin()
         .get("iso87-ascii-binbitmap")
@@ -845,7 +866,10 @@ async fn a_foreign_hosts_capture_keeps_its_answers_with_only_the_pins_masked() {
     let no_pin = |name: &str| {
         let text = std::fs::read_to_string(d.join(name)).unwrap();
         for pin in FOREIGN_PINS {
-            assert!(!text.contains(pin) && !text.contains(&hex(pin)), "{name}: {pin} in the file");
+            assert!(
+                !text.contains(pin) && !text.contains(&hex(pin)),
+                "{name}: {pin} in the file"
+            );
         }
     };
     // Same frames as the clear import but for field 63; same lengths; field 63 (where present) all `*`.
@@ -860,9 +884,8 @@ async fn a_foreign_hosts_capture_keeps_its_answers_with_only_the_pins_masked() {
                 check63(&x, &y);
                 with63 += 1;
             }
-            let fields = |m: &pingate::iso8583::Message| {
-                (m.mti(), m.fields().map(|(n, v)| (n, v.clone())).collect::<Vec<_>>())
-            };
+            let fields =
+                |m: &pingate::iso8583::Message| (m.mti(), m.fields().map(|(n, v)| (n, v.clone())).collect::<Vec<_>>());
             assert_eq!(fields(&a), fields(&b), "every other field as captured");
         }
         assert_eq!(with63, 4, "four answers carried a PIN");
@@ -910,14 +933,30 @@ async fn a_foreign_hosts_capture_keeps_its_answers_with_only_the_pins_masked() {
     no_pin("missing");
     // A place that is not one is refused with the reason.
     for bad in ["63x", "63:ABC", "1", "63@5", "63@5+0"] {
-        let o = replay_tool(&["import", F, "--port", "32785", "--pin-at", bad, "-o", d.join("x").to_str().unwrap()]).await;
+        let o = replay_tool(&[
+            "import",
+            F,
+            "--port",
+            "32785",
+            "--pin-at",
+            bad,
+            "-o",
+            d.join("x").to_str().unwrap(),
+        ])
+        .await;
         assert_eq!(o.status.code(), Some(2), "{bad}");
         assert!(String::from_utf8_lossy(&o.stderr).contains("--pin-at"), "{bad}");
     }
 
     // The imported capture replays against a fresh gateway and PIN server: field 63 is compared for presence.
     let (inv, server, gw) = rig("pcap-foreign-replay").await;
-    let o = replay_tool(&["replay", d.join("default").to_str().unwrap(), "--gateway", &gw.addr.to_string()]).await;
+    let o = replay_tool(&[
+        "replay",
+        d.join("default").to_str().unwrap(),
+        "--gateway",
+        &gw.addr.to_string(),
+    ])
+    .await;
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{out}");
     assert!(out.contains("13 requests replayed: 13 answers match"), "{out}");

@@ -389,14 +389,20 @@ fn mask_char(dialect: &Dialect, n: u8) -> u8 {
     }
 }
 
-/// The elements of a value in pingate's field-63 TLV form: (tag, value's range).
-fn tlv_elements(data: &[u8]) -> Result<Vec<([u8; 2], std::ops::Range<usize>)>, String> {
+/// An element of a value in pingate's field-63 TLV form: its tag and where its value is.
+type TlvElement = ([u8; 2], std::ops::Range<usize>);
+
+/// The elements of a value in pingate's field-63 TLV form.
+fn tlv_elements(data: &[u8]) -> Result<Vec<TlvElement>, String> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < data.len() {
-        let head = data
-            .get(i..i + 5)
-            .ok_or_else(|| format!("TLV element header at offset {i} needs 5 bytes, {} remain", data.len() - i))?;
+        let head = data.get(i..i + 5).ok_or_else(|| {
+            format!(
+                "TLV element header at offset {i} needs 5 bytes, {} remain",
+                data.len() - i
+            )
+        })?;
         if !head[2..].iter().all(u8::is_ascii_digit) {
             return Err(format!("TLV length at offset {} is not 3 digits", i + 2));
         }
@@ -467,7 +473,9 @@ pub fn protect_answer(
             notes,
         });
     }
-    let mut msg: Message = dialect.decode(&body).map_err(|e| Refused::DoesNotDecode(e.to_string()))?;
+    let mut msg: Message = dialect
+        .decode(&body)
+        .map_err(|e| Refused::DoesNotDecode(e.to_string()))?;
     // PINs found, with the field they came from: none of them may be left in the answer's bytes.
     let mut pins: Vec<(u8, Vec<u8>)> = Vec::new();
     let mut named: Vec<u8> = pin_at.iter().map(PinLocation::field).collect();
@@ -485,9 +493,9 @@ pub fn protect_answer(
         let mut whole = false;
         for place in pin_at.iter().filter(|p| p.field() == field) {
             let ranges = match place {
-                PinLocation::Field(_) => Ok(vec![0..v.len()]),
+                PinLocation::Field(_) => Ok(std::iter::once(0..v.len()).collect::<Vec<_>>()),
                 PinLocation::Span { offset, len, .. } => match offset.checked_add(*len) {
-                    Some(end) if end <= value.len() => Ok(vec![*offset..end]),
+                    Some(end) if end <= value.len() => Ok(std::iter::once(*offset..end).collect()),
                     _ => Err(format!("field {field} is shorter than the span")),
                 },
                 PinLocation::Tag { tag, .. } => match tlv_elements(&value) {
@@ -563,7 +571,9 @@ pub fn protect_answer(
             Err(_) => {}
         }
     }
-    let enc = dialect.encode(&msg).map_err(|e| Refused::DoesNotEncode(e.to_string()))?;
+    let enc = dialect
+        .encode(&msg)
+        .map_err(|e| Refused::DoesNotEncode(e.to_string()))?;
     let mut out = data[..head].to_vec();
     out.extend_from_slice(&enc);
     // The last word: if a PIN is still in there, in any field, nothing is written.
@@ -764,7 +774,14 @@ mod tests {
         for (text, place) in [
             ("63", PinLocation::Field(63)),
             ("62:PI", PinLocation::Tag { field: 62, tag: *b"PI" }),
-            ("48@10+16", PinLocation::Span { field: 48, offset: 10, len: 16 }),
+            (
+                "48@10+16",
+                PinLocation::Span {
+                    field: 48,
+                    offset: 10,
+                    len: 16,
+                },
+            ),
         ] {
             assert_eq!(text.parse::<PinLocation>().unwrap(), place);
             assert_eq!(place.to_string(), text);
@@ -793,11 +810,24 @@ mod tests {
         assert_eq!(got.get_str(37), Some("000000000000"), "an: 0");
         assert_eq!(got.get_str(48), Some("SER1 PIN ************** END **************"));
         assert_eq!(got.get_str(62), Some("***********"), "no such tag: masked whole");
-        assert_eq!(got.get_str(63), Some("something of its own"), "--pin-at given: 63 is the user's call");
-        assert!(matches!(&p.notes[..], [PinNote::PlaceMissing { place: PinLocation::Tag { field: 62, .. }, .. }]));
+        assert_eq!(
+            got.get_str(63),
+            Some("something of its own"),
+            "--pin-at given: 63 is the user's call"
+        );
+        assert!(matches!(
+            &p.notes[..],
+            [PinNote::PlaceMissing {
+                place: PinLocation::Tag { field: 62, .. },
+                ..
+            }]
+        ));
         // Without --pin-at, field 63 of another layout is masked whole; omitted, it is left out.
         let p = protect_answer(dialect, &raw, false, PinPolicy::Masked, &[]).unwrap();
-        assert_eq!(dialect.decode(&p.data).unwrap().get_str(63), Some("********************"));
+        assert_eq!(
+            dialect.decode(&p.data).unwrap().get_str(63),
+            Some("********************")
+        );
         assert_eq!(p.notes, [PinNote::NotReceipt { field: 63 }]);
         let p = protect_answer(dialect, &raw, false, PinPolicy::Omitted, &at).unwrap();
         let got = dialect.decode(&p.data).unwrap();

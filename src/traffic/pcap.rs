@@ -127,7 +127,11 @@ impl Notes {
 
 fn u32_at(b: &[u8], at: usize, big: bool) -> Option<u32> {
     let a: [u8; 4] = b.get(at..at + 4)?.try_into().ok()?;
-    Some(if big { u32::from_be_bytes(a) } else { u32::from_le_bytes(a) })
+    Some(if big {
+        u32::from_be_bytes(a)
+    } else {
+        u32::from_le_bytes(a)
+    })
 }
 
 fn packets(file: &[u8]) -> Result<Vec<Packet<'_>>, PcapError> {
@@ -242,9 +246,17 @@ fn pcapng(file: &[u8]) -> Result<Vec<Packet<'_>>, PcapError> {
             // pcap-parser says that a block failed, not why: the why is read from the block's own header. A
             // section header's type reads the same in both byte orders; other blocks are in the section's order.
             let is_shb = u32_at(rest, 0, false) == Some(0x0a0d0d0a);
-            let name = block_name(if is_shb { 0x0a0d0d0a } else { u32_at(rest, 0, big).unwrap_or(0) });
+            let name = block_name(if is_shb {
+                0x0a0d0d0a
+            } else {
+                u32_at(rest, 0, big).unwrap_or(0)
+            });
             let bom = rest.get(8..12);
-            let order_big = if is_shb { bom == Some(&[0x1a, 0x2b, 0x3c, 0x4d][..]) } else { big };
+            let order_big = if is_shb {
+                bom == Some(&[0x1a, 0x2b, 0x3c, 0x4d][..])
+            } else {
+                big
+            };
             let bom_known = matches!(bom, Some([0x1a, 0x2b, 0x3c, 0x4d]) | Some([0x4d, 0x3c, 0x2b, 0x1a]));
             match u32_at(rest, 4, order_big) {
                 _ if is_shb && bom.is_some() && !bom_known => PcapError::Corrupt {
@@ -278,15 +290,18 @@ fn pcapng(file: &[u8]) -> Result<Vec<Packet<'_>>, PcapError> {
                 ifaces.clear();
             }
             Block::InterfaceDescription(idb) => {
-                let per_second = idb.ts_resolution().filter(|r| *r > 0).ok_or_else(|| PcapError::Corrupt {
-                    packet: number,
-                    offset,
-                    what: format!(
-                        "interface {} has a time resolution (if_tsresol 0x{:02X}) finer than 2^64 per second",
-                        ifaces.len(),
-                        idb.if_tsresol
-                    ),
-                })?;
+                let per_second = idb
+                    .ts_resolution()
+                    .filter(|r| *r > 0)
+                    .ok_or_else(|| PcapError::Corrupt {
+                        packet: number,
+                        offset,
+                        what: format!(
+                            "interface {} has a time resolution (if_tsresol 0x{:02X}) finer than 2^64 per second",
+                            ifaces.len(),
+                            idb.if_tsresol
+                        ),
+                    })?;
                 ifaces.push(Interface {
                     linktype: (idb.linktype.0 as u32) & 0xFFFF,
                     per_second,
@@ -587,12 +602,9 @@ pub fn import(
                         "skipped; a stream they belonged to shows a gap",
                         || format!("packet {}", p.number),
                     ),
-                    Skip::Headers(e) => notes.add(
-                        "headers that do not parse".into(),
-                        "packet",
-                        "skipped",
-                        || format!("packet {}: {e}", p.number),
-                    ),
+                    Skip::Headers(e) => notes.add("headers that do not parse".into(), "packet", "skipped", || {
+                        format!("packet {}: {e}", p.number)
+                    }),
                 }
                 continue;
             }
@@ -848,9 +860,17 @@ mod tests {
         );
         // Cut inside a record header; and inside the file header.
         let e = import(&f[..third + 5], dialect, "x", &opts()).unwrap_err();
-        assert!(e.to_string().contains("packet 3: the packet record header needs 16 bytes, 5 remain"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("packet 3: the packet record header needs 16 bytes, 5 remain"),
+            "{e}"
+        );
         let e = import(&f[..10], dialect, "x", &opts()).unwrap_err();
-        assert!(e.to_string().contains("pcap file header needs 24 bytes, the file has 10"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("pcap file header needs 24 bytes, the file has 10"),
+            "{e}"
+        );
     }
 
     /// A packet whose length on the wire is more than was captured, another link type, a fragment and broken
@@ -881,8 +901,14 @@ mod tests {
         assert_eq!(&c.records[0].data[..], b"OK");
         assert_eq!((r.packets, r.skipped), (6, 4));
         let w = r.warnings.join("\n");
-        assert!(w.contains("IP fragments (not reassembled): 1 packet (first: packet 2)"), "{w}");
-        assert!(w.contains("headers that do not parse: 2 packets (first: packet 3: "), "{w}");
+        assert!(
+            w.contains("IP fragments (not reassembled): 1 packet (first: packet 2)"),
+            "{w}"
+        );
+        assert!(
+            w.contains("headers that do not parse: 2 packets (first: packet 3: "),
+            "{w}"
+        );
         assert!(
             w.contains("cut short by the capture's snap length: 1 packet (first: packet 6, 20 of 57 bytes)"),
             "{w}"
@@ -894,12 +920,30 @@ mod tests {
     const FIXTURES: [(&str, &[u8]); 8] = [
         ("contract.pcap", include_bytes!("../../fixtures/pcap/contract.pcap")),
         ("contract.pcapng", include_bytes!("../../fixtures/pcap/contract.pcapng")),
-        ("contract-sll.pcap", include_bytes!("../../fixtures/pcap/contract-sll.pcap")),
-        ("contract-null.pcap", include_bytes!("../../fixtures/pcap/contract-null.pcap")),
-        ("contract-raw.pcap", include_bytes!("../../fixtures/pcap/contract-raw.pcap")),
-        ("contract-sll2.pcap", include_bytes!("../../fixtures/pcap/contract-sll2.pcap")),
-        ("contract-vlan-ipv6.pcapng", include_bytes!("../../fixtures/pcap/contract-vlan-ipv6.pcapng")),
-        ("foreign-host.pcapng", include_bytes!("../../fixtures/pcap/foreign-host.pcapng")),
+        (
+            "contract-sll.pcap",
+            include_bytes!("../../fixtures/pcap/contract-sll.pcap"),
+        ),
+        (
+            "contract-null.pcap",
+            include_bytes!("../../fixtures/pcap/contract-null.pcap"),
+        ),
+        (
+            "contract-raw.pcap",
+            include_bytes!("../../fixtures/pcap/contract-raw.pcap"),
+        ),
+        (
+            "contract-sll2.pcap",
+            include_bytes!("../../fixtures/pcap/contract-sll2.pcap"),
+        ),
+        (
+            "contract-vlan-ipv6.pcapng",
+            include_bytes!("../../fixtures/pcap/contract-vlan-ipv6.pcapng"),
+        ),
+        (
+            "foreign-host.pcapng",
+            include_bytes!("../../fixtures/pcap/foreign-host.pcapng"),
+        ),
     ];
 
     fn fixture_opts() -> ImportOptions {
@@ -925,7 +969,10 @@ mod tests {
                     Ok((_, r)) => assert!(r.packets <= full, "{name} cut at {cut}"),
                     // Packet `full + 1`: a block after the last packet (pcapng's interface statistics) is cut.
                     Err(PcapError::Truncated { packet, offset, .. }) => {
-                        assert!((1..=full + 1).contains(&packet) && offset <= cut, "{name} cut at {cut}: {packet}");
+                        assert!(
+                            (1..=full + 1).contains(&packet) && offset <= cut,
+                            "{name} cut at {cut}: {packet}"
+                        );
                         errors += 1;
                     }
                     Err(e) => panic!("{name} cut at {cut}: {e}"),
