@@ -9,8 +9,9 @@
 //! ```
 //!
 //! - `#!` lines carry settings (`key=value`, space separated): `framing` and `tpdu` (how the frames were carried),
-//!   `dialect`, `pins` (`masked`: PIN values replaced by `*`, `omitted`: field 63 left out, `clear`: as sent). Other
-//!   `#` lines are comments.
+//!   `dialect`, `pins` (`masked`: PIN values replaced by `*`, `omitted`: field 63 left out, `clear`: as sent; in an
+//!   import of another host's traffic, the places `--pin-at` names, or its whole field 63: [`protect_answer`]).
+//!   Other `#` lines are comments.
 //! - Each frame: seconds since the capture started (decimal), the connection number, `T` (from the terminal) or `H`
 //!   (from the host, i.e. the gateway), and the frame's content in hex: the TPDU if any, then the message, without
 //!   the length header (the framing is a setting, so a capture can be replayed on any framing). An empty frame (a
