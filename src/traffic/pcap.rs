@@ -982,6 +982,85 @@ mod tests {
         }
     }
 
+    /// tshark's pcap rewritten in the other byte order and with nanosecond time stamps (the variants other
+    /// writers produce) gives the same frames at the same times.
+    #[test]
+    fn pcap_in_either_byte_order_and_in_nanoseconds_reads_as_the_original() {
+        let d = crate::iso8583::Dialects::builtin();
+        let dialect = d.get("iso87-ascii-binbitmap").unwrap();
+        let f = FIXTURES[0].1;
+        let le = |at: usize| u32::from_le_bytes(f[at..at + 4].try_into().unwrap());
+        let (orig, _) = import(f, dialect, "x", &fixture_opts()).unwrap();
+        for (big, nanos) in [(true, false), (false, true), (true, true)] {
+            let mut out = Vec::new();
+            let put =
+                |v: &mut Vec<u8>, x: u32| v.extend_from_slice(&if big { x.to_be_bytes() } else { x.to_le_bytes() });
+            put(&mut out, if nanos { 0xa1b23c4d } else { 0xa1b2c3d4 });
+            let (major, minor) = (2u16, 4u16);
+            for h in [major, minor] {
+                out.extend_from_slice(&if big { h.to_be_bytes() } else { h.to_le_bytes() });
+            }
+            for at in [8, 12, 16, 20] {
+                put(&mut out, le(at));
+            }
+            let mut at = 24;
+            while at < f.len() {
+                let caplen = le(at + 8) as usize;
+                put(&mut out, le(at));
+                put(&mut out, if nanos { le(at + 4) * 1000 } else { le(at + 4) });
+                put(&mut out, le(at + 8));
+                put(&mut out, le(at + 12));
+                out.extend_from_slice(&f[at + 16..at + 16 + caplen]);
+                at += 16 + caplen;
+            }
+            let (c, r) = import(&out, dialect, "x", &fixture_opts()).unwrap();
+            assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+            assert_eq!(c.records, orig.records, "big-endian {big}, nanoseconds {nanos}");
+        }
+    }
+
+    /// A pcapng block whose length is impossible, and one that names an interface the section lacks: a typed
+    /// error naming the packet and where its block starts.
+    #[test]
+    fn a_corrupt_pcapng_block_is_named_with_its_packet_and_offset() {
+        let d = crate::iso8583::Dialects::builtin();
+        let dialect = d.get("iso87-ascii-binbitmap").unwrap();
+        let f = FIXTURES[1].1;
+        // The offsets of the enhanced packet blocks (type 6), walking the little-endian blocks.
+        let mut epbs = Vec::new();
+        let mut at = 0;
+        while at < f.len() {
+            let word = |o: usize| u32::from_le_bytes(f[o..o + 4].try_into().unwrap());
+            if word(at) == 6 {
+                epbs.push(at);
+            }
+            at += word(at + 4) as usize;
+        }
+        assert_eq!(epbs.len(), 34);
+        let third = epbs[2];
+        let mut bad = f.to_vec();
+        bad[third + 4..third + 8].copy_from_slice(&16u32.to_le_bytes());
+        let e = import(&bad, dialect, "x", &fixture_opts()).unwrap_err();
+        assert!(
+            matches!(e, PcapError::Corrupt { packet: 3, offset, .. } if offset == third),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("corrupt file at packet 3: the enhanced packet block of 16 bytes"),
+            "{e}"
+        );
+        let mut bad = f.to_vec();
+        bad[third + 8..third + 12].copy_from_slice(&7u32.to_le_bytes());
+        let e = import(&bad, dialect, "x", &fixture_opts()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "corrupt file at packet 3: the packet names interface 7, the section describes 1 (byte offset {third})"
+            )
+        );
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(384))]
         /// Bytes of a fixture changed anywhere, or among its first 64 (file header, first blocks' lengths): the
