@@ -149,6 +149,9 @@ fn packets(file: &[u8]) -> Result<Vec<Packet<'_>>, PcapError> {
     }
 }
 
+/// libpcap's largest snap length (`MAXIMUM_SNAPLEN`): no capture tool writes a bigger record.
+const MAX_SNAPLEN: u32 = 262_144;
+
 fn pcap(file: &[u8]) -> Result<Vec<Packet<'_>>, PcapError> {
     let (mut rest, header): (&[u8], PcapHeader) = match pcap_parser::parse_pcap_header(file) {
         Ok(ok) => ok,
@@ -168,6 +171,19 @@ fn pcap(file: &[u8]) -> Result<Vec<Packet<'_>>, PcapError> {
     while !rest.is_empty() {
         let offset = file.len() - rest.len();
         let number = out.len() + 1;
+        let head = if header.is_modified_format() { 24 } else { 16 };
+        // A record larger than any capture holds is a damaged length, not a file cut short: said so, rather than
+        // "N bytes announced" with N in the billions.
+        let most = header.snaplen.max(MAX_SNAPLEN);
+        if let Some(caplen) = u32_at(rest, 8, big).filter(|c| rest.len() >= head && *c > most) {
+            return Err(PcapError::Corrupt {
+                packet: number,
+                offset,
+                what: format!(
+                    "the packet record announces {caplen} captured bytes, more than the {most} a capture holds"
+                ),
+            });
+        }
         let parsed = if header.is_modified_format() {
             pcap_parser::parse_pcap_frame_modified(rest)
         } else if big {
@@ -176,8 +192,8 @@ fn pcap(file: &[u8]) -> Result<Vec<Packet<'_>>, PcapError> {
             pcap_parser::parse_pcap_frame(rest)
         };
         let (next, record) = parsed.map_err(|_| {
-            // Every failure of a record is the file ending inside it: name what was announced and what is left.
-            let head = if header.is_modified_format() { 24 } else { 16 };
+            // With its length checked above, a record fails only where the file ends inside it: name what was
+            // announced and what is left.
             let what = match u32_at(rest, 8, big) {
                 Some(caplen) if rest.len() >= head => format!(
                     "the packet record announces {caplen} captured bytes, {} remain",
@@ -857,6 +873,16 @@ mod tests {
         assert_eq!(
             e.to_string(),
             format!("truncated file at packet 3: the packet record announces 57 captured bytes, 55 remain (byte offset {third})")
+        );
+        // A record length no capture can have is named as damage, not as a cut.
+        let mut bad = f.clone();
+        bad[third + 8..third + 12].copy_from_slice(&0x7fff_0000u32.to_le_bytes());
+        let e = import(&bad, dialect, "x", &opts()).unwrap_err();
+        assert!(
+            matches!(e, PcapError::Corrupt { packet: 3, offset, .. } if offset == third)
+                && e.to_string()
+                    .contains("announces 2147418112 captured bytes, more than the 262144 a capture holds"),
+            "{e}"
         );
         // Cut inside a record header; and inside the file header.
         let e = import(&f[..third + 5], dialect, "x", &opts()).unwrap_err();
