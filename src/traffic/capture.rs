@@ -477,8 +477,9 @@ pub fn protect_answer(
     let mut msg: Message = dialect
         .decode(&body)
         .map_err(|e| Refused::DoesNotDecode(e.to_string()))?;
-    // PINs found, with the field they came from: none of them may be left in the answer's bytes.
-    let mut pins: Vec<(u8, Vec<u8>)> = Vec::new();
+    // PINs found, with the field they came from: none of them may be left in the answer's bytes. Wiped when
+    // dropped, as pingate's own `Pin` is.
+    let mut pins: Vec<(u8, zeroize::Zeroizing<Vec<u8>>)> = Vec::new();
     let mut named: Vec<u8> = pin_at.iter().map(PinLocation::field).collect();
     named.sort_unstable();
     named.dedup();
@@ -490,7 +491,7 @@ pub fn protect_answer(
         }
         let c = mask_char(dialect, field);
         let mut v = value.to_vec();
-        let mut found: Vec<Vec<u8>> = Vec::new();
+        let mut found: Vec<zeroize::Zeroizing<Vec<u8>>> = Vec::new();
         let mut whole = false;
         for place in pin_at.iter().filter(|p| p.field() == field) {
             let ranges = match place {
@@ -517,7 +518,7 @@ pub fn protect_answer(
             match ranges {
                 Ok(ranges) => {
                     for r in ranges {
-                        found.push(value[r.clone()].to_vec());
+                        found.push(zeroize::Zeroizing::new(value[r.clone()].to_vec()));
                         v[r].fill(c);
                     }
                 }
@@ -558,7 +559,7 @@ pub fn protect_answer(
                     let tlv = r.to_tlv().map_err(|e| Refused::DoesNotEncode(e.to_string()))?;
                     msg.set(63, tlv.into_bytes());
                 }
-                pins.push((63, value.into_bytes()));
+                pins.push((63, zeroize::Zeroizing::new(value.into_bytes())));
             }
             Err(_) if pin_at.is_empty() => {
                 // Another host's layout: where its PIN is, is not known, so none of it is kept.
