@@ -488,7 +488,15 @@ struct Stream {
 }
 
 impl Stream {
-    fn push(&mut self, seq: u32, payload: &[u8], at: Duration, out: &mut Vec<Found>, report: &mut ImportReport) {
+    fn side(&self) -> &'static str {
+        if self.dir == Direction::Terminal {
+            "terminal"
+        } else {
+            "host"
+        }
+    }
+
+    fn push(&mut self, seq: u32, payload: &[u8], at: Duration, out: &mut Vec<Found>, notes: &mut Notes) {
         let isn = *self.isn.get_or_insert(seq);
         let rel = seq.wrapping_sub(isn);
         let end = rel.wrapping_add(payload.len() as u32);
@@ -500,7 +508,7 @@ impl Stream {
             return;
         }
         let skip = (self.delivered - rel) as usize;
-        self.deliver(&payload[skip..], at, out, report);
+        self.deliver(&payload[skip..], at, out, notes);
         while let Some((&r, _)) = self.ahead.first_key_value() {
             if r > self.delivered {
                 break;
@@ -509,12 +517,12 @@ impl Stream {
             let end = r.wrapping_add(p.len() as u32);
             if end > self.delivered {
                 let skip = (self.delivered - r) as usize;
-                self.deliver(&p[skip..], at, out, report);
+                self.deliver(&p[skip..], at, out, notes);
             }
         }
     }
 
-    fn deliver(&mut self, bytes: &[u8], at: Duration, out: &mut Vec<Found>, report: &mut ImportReport) {
+    fn deliver(&mut self, bytes: &[u8], at: Duration, out: &mut Vec<Found>, notes: &mut Notes) {
         self.delivered = self.delivered.wrapping_add(bytes.len() as u32);
         if self.broken {
             return;
@@ -532,15 +540,13 @@ impl Stream {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    report.warnings.push(format!(
-                        "connection {} ({}): framing error, the rest of this direction is skipped: {e}",
-                        self.conn,
-                        if self.dir == Direction::Terminal {
-                            "terminal"
-                        } else {
-                            "host"
-                        }
-                    ));
+                    let (conn, dir) = (self.conn, self.side());
+                    notes.add(
+                        "framing errors".into(),
+                        "stream",
+                        "the rest of each such stream (one direction of a connection) skipped",
+                        || format!("connection {conn} ({dir}): {e}"),
+                    );
                     self.broken = true;
                     break;
                 }
@@ -664,7 +670,7 @@ pub fn import(
             continue;
         }
         if !seg.payload.is_empty() {
-            stream.push(seg.seq, seg.payload, p.at - first, &mut frames, &mut report);
+            stream.push(seg.seq, seg.payload, p.at - first, &mut frames, &mut notes);
         }
     }
     report.connections = next_conn as usize;
@@ -673,24 +679,28 @@ pub fn import(
     for k in keys {
         let s = &streams[&k];
         if !s.ahead.is_empty() {
-            report.warnings.push(format!(
-                "connection {} ({}): the capture misses bytes after offset {}; {} later segment(s) left out",
-                s.conn,
-                if s.dir == Direction::Terminal {
-                    "terminal"
-                } else {
-                    "host"
+            notes.add(
+                "streams the capture misses bytes of".into(),
+                "stream",
+                "the segments after each gap left out",
+                || {
+                    format!(
+                        "connection {} ({}) misses bytes after offset {}, {} later segment(s)",
+                        s.conn,
+                        s.side(),
+                        s.delivered,
+                        s.ahead.len()
+                    )
                 },
-                s.delivered,
-                s.ahead.len()
-            ));
+            );
         }
         if !s.buf.is_empty() && !s.broken {
-            report.warnings.push(format!(
-                "connection {}: {} bytes at the end do not make a whole frame",
-                s.conn,
-                s.buf.len()
-            ));
+            notes.add(
+                "streams ending in bytes that do not make a whole frame".into(),
+                "stream",
+                "those bytes left out",
+                || format!("connection {} ({}), {} bytes", s.conn, s.side(), s.buf.len()),
+            );
         }
     }
     frames.sort_by_key(|f| f.0);
@@ -846,9 +856,29 @@ mod tests {
         let (c, r) = import(&pcap_file(&pkts), dialect, "iso87-ascii", &opts()).unwrap();
         assert_eq!(c.records.len(), 1);
         assert!(
-            r.warnings[0].contains("misses bytes after offset 4"),
+            r.warnings[0].contains("streams the capture misses bytes of: 1 stream (first: connection 1 (terminal) misses bytes after offset 4, 1 later segment(s)); the segments after each gap left out"),
             "{:?}",
             r.warnings
+        );
+        // Framing errors on two connections (a length above --max-frame): one warning with the count.
+        let bad = vec![
+            packet(40001, 9000, 100, 0x18, &[0xFF, 0xFF, b'x']),
+            packet(40002, 9000, 100, 0x18, &[0xFF, 0xFF, b'y']),
+            packet(40003, 9000, 100, 0x18, &[0, 1, b'Z', 0]),
+        ];
+        let (c, r) = import(&pcap_file(&bad), dialect, "iso87-ascii", &opts()).unwrap();
+        assert_eq!(c.records.len(), 1);
+        assert_eq!(r.warnings.len(), 2, "{:?}", r.warnings);
+        assert!(
+            r.warnings[0].starts_with("framing errors: 2 streams (first: connection 1 (terminal): ")
+                && r.warnings[0].ends_with("the rest of each such stream (one direction of a connection) skipped"),
+            "{:?}",
+            r.warnings
+        );
+        assert_eq!(
+            r.warnings[1],
+            "streams ending in bytes that do not make a whole frame: 1 stream (first: connection 3 (terminal), 1 \
+             bytes); those bytes left out"
         );
         assert_eq!(
             import(b"nope", dialect, "x", &opts()).unwrap_err(),
