@@ -42,6 +42,7 @@
 //! - [`metrics`] — Prometheus exposition and the HTTP endpoint (hyper) for metrics, health, readiness and the status
 //!   page; [`status_page`] — the status page's HTML, escaped, self-contained (the gateway's and the server's
 //!   pages are in `gateway::status` and `server::status`).
+//! - [`progress`] — progress bars of the long commands (indicatif), on stderr only when it is a terminal.
 //! - [`audit`] — `pingate audit`: the inventory's invariants, gateways' journals reconciled, a day's report.
 //! - [`admin`], [`cli`] — the `pingate` command line, thin over the library.
 #![forbid(unsafe_code)]
@@ -59,6 +60,7 @@ pub mod link;
 pub mod logging;
 pub mod mac;
 pub mod metrics;
+pub mod progress;
 pub mod psp;
 pub mod sale;
 pub mod server;
