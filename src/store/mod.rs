@@ -732,7 +732,8 @@ CREATE TABLE merchant_allowances (
 
 /// Both backends' schema 9: merchants' sales per minute across every gateway and server, and what was granted of
 /// them (sales allowances) by minute. Minutes are fixed windows of the server's clock (`unix / 60`); a merchant's
-/// rows of earlier minutes are deleted as its next grant is made, so the table holds about one row per merchant.
+/// rows of minutes before the last are deleted as its next grant is made, so the table holds at most two rows per
+/// merchant.
 pub(crate) const RATES_V9: &str = "
 CREATE TABLE merchant_rate_limits (
     merchant_id TEXT NOT NULL PRIMARY KEY,

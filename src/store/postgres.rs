@@ -1353,10 +1353,11 @@ async fn apply(
                 )
                 .await?
                 .get(0);
-            // Earlier minutes are done with: the table stays about one row per merchant.
+            // Minutes before the last are done with: the table keeps at most two rows per merchant (the last
+            // minute's stays for a server whose clock is a little behind, which would otherwise grant it afresh).
             tx.execute(
                 "DELETE FROM merchant_sales_allowances WHERE merchant_id = $1 AND minute < $2",
-                &[merchant_id, minute],
+                &[merchant_id, &(minute - 1)],
             )
             .await?;
             let granted = super::grant_allowance(Some(limit), granted_now, *want);

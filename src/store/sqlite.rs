@@ -1187,9 +1187,11 @@ fn apply(tx: &Connection, cipher: &PinCipher, op: &Op, now: i64, today: &str) ->
                     limited: false,
                 });
             };
-            // Earlier minutes are done with: their rows go, so the table stays about one row per merchant. (The
-            // transaction is IMMEDIATE: grants are made one after another.)
-            tx.prepare_cached("DELETE FROM merchant_sales_allowances WHERE merchant_id = ?1 AND minute < ?2")?
+            // Minutes before the last are done with: their rows go, so the table keeps at most two rows per
+            // merchant. The last minute's stays for a server whose clock is a little behind (servers sharing a
+            // database may disagree by seconds): pruned, it would be granted afresh. (The transaction is
+            // IMMEDIATE: grants are made one after another.)
+            tx.prepare_cached("DELETE FROM merchant_sales_allowances WHERE merchant_id = ?1 AND minute < ?2 - 1")?
                 .execute(params![merchant_id, minute])?;
             let granted_now: i64 = tx
                 .prepare_cached("SELECT granted FROM merchant_sales_allowances WHERE merchant_id = ?1 AND minute = ?2")?
