@@ -81,11 +81,22 @@ fn limits_in_the_configuration_are_checked() {
     let c = GatewayConfig::parse(&text, &path).unwrap();
     assert_eq!(c.policy.limits.terminal_sales_per_minute, Some(6));
     assert_eq!(c.policy.limits.merchant_value_per_day.get("978"), Some(&500_000));
+    assert_eq!(c.policy.sales_allowance, Some((5, 0)));
     for (from, to, key) in [
         (
             "terminal_sales_per_minute = 6",
             "terminal_sales_per_minute = 0",
             "policy.terminal_sales_per_minute",
+        ),
+        (
+            "merchant_sales_allowance = 5",
+            "merchant_sales_allowance = 0",
+            "policy.merchant_sales_allowance",
+        ),
+        (
+            "merchant_sales_allowance_margin = 0",
+            "merchant_sales_allowance_margin = 100001",
+            "policy.merchant_sales_allowance_margin",
         ),
         (
             "merchant_value_per_day = { \"978\" = 500000 }",
@@ -281,4 +292,44 @@ async fn a_merchants_sales_per_minute_hold_across_two_gateways_and_the_margin_wi
     assert_eq!(count(&s, CACHED, "sold"), 4, "the limit's 3, and the margin's 1");
     server.stop().await;
     common::audit_ok(&inv).await;
+}
+
+/// `pingate limits set --sales-per-minute` sets a merchant's sales per minute beside its value limits; `--remove`
+/// without `--currency` lifts it (and only it); a value limit needs its currency, and the two kinds are not set at
+/// once.
+#[test]
+fn sales_per_minute_are_set_shown_and_removed_from_the_command_line() {
+    use pingate::demo::rig::{sample_products, Inventory};
+    let d = dir("rate-cli");
+    let inv = Inventory::create(&d, &["gw1"], &sample_products(2)).unwrap();
+    let db = format!("sqlite:{}", inv.db.display());
+    let set = |extra: &[&str]| {
+        let mut args = vec!["limits", "set", "--db", &db, "--merchant", "M1"];
+        args.extend_from_slice(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_pingate"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    assert!(set(&["--sales-per-minute", "30"]).status.success());
+    assert!(set(&["--currency", "978", "--value-per-day", "5000"]).status.success());
+    let show = pingate(&["limits", "show", "--db", &db]);
+    assert!(show.contains("M1 978: 5000 a day, 0 granted to gateways today"), "{show}");
+    assert!(show.contains("M1: 30 sales a minute, 0 granted to gateways this minute"), "{show}");
+    for bad in [
+        &["--sales-per-minute", "100001"][..],
+        &["--sales-per-minute", "5", "--currency", "978"],
+        &["--value-per-day", "5000"],
+        &["--currency", "978"],
+    ] {
+        let o = set(bad);
+        assert!(!o.status.success(), "{bad:?} accepted");
+    }
+    let removed = set(&["--remove"]);
+    assert!(removed.status.success());
+    assert!(String::from_utf8_lossy(&removed.stdout).contains("no limit of sales per minute"));
+    let show = pingate(&["limits", "show", "--db", &db]);
+    assert!(!show.contains("sales a minute"), "{show}");
+    assert!(show.contains("M1 978: 5000 a day"), "the value limit stays: {show}");
+    let _ = std::fs::remove_dir_all(&d);
 }

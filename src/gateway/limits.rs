@@ -5,8 +5,9 @@
 //! one, so that declines do not use up a limit.
 //!
 //! Only terminals of the registry get here (an unknown one is refused before), so the maps are bounded by the
-//! registry. A merchant served by several gateways is limited by each gateway on its own here; the limit across
-//! gateways is the PIN server's to keep (not done yet: see the README).
+//! registry. A merchant served by several gateways is limited by each gateway on its own here; its limits across
+//! gateways are the PIN server's to keep, which this gateway sells from in slices: [`Allowances`] (value per day) and
+//! [`SalesAllowances`] (sales per minute).
 
 use std::collections::{HashMap, VecDeque};
 
