@@ -295,10 +295,7 @@ async fn run_limits(mut inv: impl PinStore, cmd: LimitsCommand) -> Result<String
                 // The sales per minute (clap allows no `--currency` only with `--sales-per-minute` or `--remove`).
                 let rate = if remove { None } else { sales_per_minute };
                 if rate.is_some_and(|v| !(0..=i64::from(crate::psp::MAX_SALES_SLICE)).contains(&v)) {
-                    return Err(format!(
-                        "--sales-per-minute: 0 to {}",
-                        crate::psp::MAX_SALES_SLICE
-                    ));
+                    return Err(format!("--sales-per-minute: 0 to {}", crate::psp::MAX_SALES_SLICE));
                 }
                 inv.set_rate_limit(&merchant, rate).await.map_err(s)?;
                 return Ok(match rate {

@@ -201,7 +201,8 @@ async fn with_seconds_left_in_the_minute(needed: u64) {
         .unwrap();
     let into = now.as_secs() % 60;
     if 60 - into < needed {
-        let to_next = std::time::Duration::from_secs(60 - into) - std::time::Duration::from_nanos(now.subsec_nanos().into());
+        let to_next =
+            std::time::Duration::from_secs(60 - into) - std::time::Duration::from_nanos(now.subsec_nanos().into());
         tokio::time::sleep(to_next + std::time::Duration::from_millis(50)).await;
     }
 }
@@ -283,7 +284,12 @@ async fn a_merchants_sales_per_minute_hold_across_two_gateways_and_the_margin_wi
     // Back: the sale sold alone is confirmed like any other.
     let server = start_server(&inv, addr).await.unwrap();
     for gw in [&gw1, &gw2] {
-        assert!(gw.gateway.upstream().wait_connected(std::time::Duration::from_secs(30)).await);
+        assert!(
+            gw.gateway
+                .upstream()
+                .wait_connected(std::time::Duration::from_secs(30))
+                .await
+        );
         assert!(gw.gateway.flush(std::time::Duration::from_secs(30)).await);
     }
     gw1.stop().await;
@@ -314,8 +320,14 @@ fn sales_per_minute_are_set_shown_and_removed_from_the_command_line() {
     assert!(set(&["--sales-per-minute", "30"]).status.success());
     assert!(set(&["--currency", "978", "--value-per-day", "5000"]).status.success());
     let show = pingate(&["limits", "show", "--db", &db]);
-    assert!(show.contains("M1 978: 5000 a day, 0 granted to gateways today"), "{show}");
-    assert!(show.contains("M1: 30 sales a minute, 0 granted to gateways this minute"), "{show}");
+    assert!(
+        show.contains("M1 978: 5000 a day, 0 granted to gateways today"),
+        "{show}"
+    );
+    assert!(
+        show.contains("M1: 30 sales a minute, 0 granted to gateways this minute"),
+        "{show}"
+    );
     for bad in [
         &["--sales-per-minute", "100001"][..],
         &["--sales-per-minute", "5", "--currency", "978"],

@@ -1356,7 +1356,11 @@ async fn a_version_8_database_is_migrated_and_sales_per_minute_hold_across_serve
     assert_eq!(keyless.schema_version().await.unwrap(), SCHEMA_VERSION);
     assert_eq!(SCHEMA_VERSION, 9);
     keyless.set_rate_limit("M1", Some(10)).await.unwrap();
-    assert_eq!(keyless.limits(0).await.unwrap().len(), 1, "the value limit of version 8 kept");
+    assert_eq!(
+        keyless.limits(0).await.unwrap().len(),
+        1,
+        "the value limit of version 8 kept"
+    );
     drop(keyless);
     let (a, b) = (schema.open().await, schema.open().await);
     let minute = pingate::clock::unix_now().div_euclid(60);
@@ -1372,7 +1376,9 @@ async fn a_version_8_database_is_migrated_and_sales_per_minute_hold_across_serve
     for (i, store) in [&a, &b, &a, &b].into_iter().cycle().take(16).enumerate() {
         let store = store.clone();
         let op = ask(minute + (i as i64 % 2), 3);
-        tasks.push(tokio::spawn(async move { (i % 2, store.lock().await.apply(op).await.unwrap()) }));
+        tasks.push(tokio::spawn(async move {
+            (i % 2, store.lock().await.apply(op).await.unwrap())
+        }));
     }
     let mut total = [0, 0];
     for t in tasks {
@@ -1397,7 +1403,10 @@ async fn a_version_8_database_is_migrated_and_sales_per_minute_hold_across_serve
     );
     let rows: Vec<(i64, i64)> = a
         .client()
-        .query("SELECT minute, granted FROM merchant_sales_allowances ORDER BY minute", &[])
+        .query(
+            "SELECT minute, granted FROM merchant_sales_allowances ORDER BY minute",
+            &[],
+        )
         .await
         .unwrap()
         .iter()

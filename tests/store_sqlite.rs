@@ -1092,7 +1092,11 @@ async fn a_version_8_file_is_migrated_and_sales_per_minute_are_never_granted_pas
     assert_eq!(keyless.schema_version().unwrap(), SCHEMA_VERSION);
     assert_eq!(SCHEMA_VERSION, 9);
     keyless.set_rate_limit("M1", Some(5)).await.unwrap();
-    assert_eq!(keyless.limits(0).await.unwrap().len(), 1, "the value limit of version 8 kept");
+    assert_eq!(
+        keyless.limits(0).await.unwrap().len(),
+        1,
+        "the value limit of version 8 kept"
+    );
     drop(keyless);
     // Two servers on one file.
     let (mut a, mut b) = (db.open(), db.open());
@@ -1101,7 +1105,11 @@ async fn a_version_8_file_is_migrated_and_sales_per_minute_are_never_granted_pas
     assert_eq!(ask_sales(&mut a, "M2", minute, 7), (7, false));
     assert_eq!(ask_sales(&mut a, "M1", minute, 2), (2, true));
     assert_eq!(ask_sales(&mut b, "M1", minute, 2), (2, true));
-    assert_eq!(ask_sales(&mut a, "M1", minute, 2), (1, true), "only what is left of the 5");
+    assert_eq!(
+        ask_sales(&mut a, "M1", minute, 2),
+        (1, true),
+        "only what is left of the 5"
+    );
     assert_eq!(ask_sales(&mut b, "M1", minute, 2), (0, true));
     assert_eq!(ask_sales(&mut a, "M1", minute, 1), (0, true));
     let rates = a.rate_limits(minute).await.unwrap();

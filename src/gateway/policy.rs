@@ -89,7 +89,10 @@ impl PolicySection {
         }
         match self.merchant_sales_allowance_margin {
             Some(v) if v > max => {
-                problems.push(("policy.merchant_sales_allowance_margin".into(), format!("must be 0 to {max}")));
+                problems.push((
+                    "policy.merchant_sales_allowance_margin".into(),
+                    format!("must be 0 to {max}"),
+                ));
             }
             Some(_) if self.merchant_sales_allowance.is_none() => problems.push((
                 "policy.merchant_sales_allowance_margin".into(),

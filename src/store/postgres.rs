@@ -2052,8 +2052,11 @@ impl super::PinStore for PgStore {
                     &[&merchant_id],
                 )
                 .await?;
-                tx.execute("DELETE FROM merchant_rate_limits WHERE merchant_id = $1", &[&merchant_id])
-                    .await?;
+                tx.execute(
+                    "DELETE FROM merchant_rate_limits WHERE merchant_id = $1",
+                    &[&merchant_id],
+                )
+                .await?;
             }
         }
         tx.commit().await?;
