@@ -345,3 +345,96 @@ fn sales_per_minute_are_set_shown_and_removed_from_the_command_line() {
     assert!(show.contains("M1 978: 5000 a day"), "the value limit stays: {show}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// The same across two PIN servers sharing one PostgreSQL, each gateway on its own server: the merchant's 3 sales a
+/// minute hold across both, the 4th gets 65 wherever it comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchants_sales_per_minute_hold_across_two_servers_sharing_postgresql() {
+    use pingate::crypto::PinCipher;
+    use pingate::demo::rig::{sample_modes, start_gateway, start_server_on, Inventory};
+    use pingate::store::handle::DbUrl;
+    use pingate::store::postgres::PgStore;
+    use pingate::store::{NewPin, PinStore, Product};
+    let dbname = format!("pingate_rate_{}", std::process::id());
+    let (admin, url) = common::fresh_database(&dbname).await;
+    let inv = Inventory::create(&dir("pg-rate"), &["gw1", "gw2", "obs"], &[]).unwrap();
+    {
+        let mut pg = PgStore::connect(&url, None, PinCipher::from_spec(&inv.pin_keys).unwrap())
+            .await
+            .unwrap();
+        for (code, amount) in [("TOPUP-EU-10", 1000), (ON_DEMAND, 2500)] {
+            pg.upsert_product(&Product {
+                code: code.into(),
+                name: code.into(),
+                supplier: "Telco".into(),
+                currency: "978".into(),
+                denominations: vec![amount],
+            })
+            .await
+            .unwrap();
+            let pins: Vec<NewPin> = (0..20)
+                .map(|i| NewPin {
+                    product: code.into(),
+                    amount,
+                    pin: pingate::sale::Pin::new(format!("{amount}{i:012}")),
+                    serial: format!("{code}-{i:06}"),
+                    expiry: None,
+                    receipt: vec![],
+                })
+                .collect();
+            pg.import_with_progress(&pins, &mut |_| {}).await.unwrap();
+        }
+    }
+    let set = pingate(&[
+        "limits",
+        "set",
+        "--db",
+        &url,
+        "--merchant",
+        "DEMOMERCHANT001",
+        "--sales-per-minute",
+        "3",
+    ]);
+    assert!(set.contains("at most 3 sales a minute"), "{set}");
+    let db = DbUrl::parse(&url).unwrap();
+    let a = start_server_on(&inv, &db, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let b = start_server_on(&inv, &db, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    // Slices of 1: every sale asks its own server.
+    let policy = "clock_skew_secs = 0\n[policy]\nmerchant_sales_allowance = 1";
+    let gw1 = start_gateway(&inv, "gw1", &[a.addr], 4, &sample_modes(5, 10), (policy, ""))
+        .await
+        .unwrap();
+    let gw2 = start_gateway(&inv, "gw2", &[b.addr], 4, &sample_modes(5, 10), (policy, ""))
+        .await
+        .unwrap();
+    with_seconds_left_in_the_minute(30).await;
+    let t0 = pingate::traffic::sim::now_transmission();
+    let sale = |stan| common::demo_sale(stan, &t0, ON_DEMAND, 2500);
+    let one = common::demo_terminal("DEMO0001");
+    let two = common::demo_terminal("DEMO0002");
+    let (mut t1, mut t2) = (gw1.terminal().await.unwrap(), gw2.terminal().await.unwrap());
+    assert_eq!(code(&t1.call(&one.sale(&sale(1), false)).await.unwrap()), "00");
+    assert_eq!(code(&t2.call(&two.sale(&sale(2), false)).await.unwrap()), "00");
+    assert_eq!(code(&t2.call(&two.sale(&sale(3), false)).await.unwrap()), "00");
+    for (t, who, stan) in [(&mut t1, &one, 4), (&mut t2, &two, 5)] {
+        let over = t.call(&who.sale(&sale(stan), false)).await.unwrap();
+        assert_eq!(code(&over), "65", "sale {stan}");
+        assert!(over.get(63).is_none(), "no PIN");
+    }
+    let show = pingate(&["limits", "show", "--db", &url]);
+    assert!(
+        show.contains("DEMOMERCHANT001: 3 sales a minute, 3 granted to gateways this minute"),
+        "{show}"
+    );
+    gw1.stop().await;
+    gw2.stop().await;
+    let s = stock(&inv, a.addr).await;
+    assert_eq!(count(&s, ON_DEMAND, "sold"), 3, "never more than the limit");
+    a.stop().await;
+    b.stop().await;
+    common::drop_database(&admin, &dbname).await;
+}
