@@ -354,7 +354,7 @@ async fn a_merchants_sales_per_minute_hold_across_two_servers_sharing_postgresql
     use pingate::demo::rig::{sample_modes, start_gateway, start_server_on, Inventory};
     use pingate::store::handle::DbUrl;
     use pingate::store::postgres::PgStore;
-    use pingate::store::{NewPin, PinStore, Product};
+    use pingate::store::{NewPin, Product};
     let dbname = format!("pingate_rate_{}", std::process::id());
     let (admin, url) = common::fresh_database(&dbname).await;
     let inv = Inventory::create(&dir("pg-rate"), &["gw1", "gw2", "obs"], &[]).unwrap();
