@@ -110,7 +110,7 @@ impl Gateway {
             &mut e,
             "pingate_gateway_limit_refusals_total",
             "Sales refused for a limit: 61 (amount: value per day) or 65 (frequency: sales per minute), by scope \
-             (terminal, merchant).",
+             (terminal, merchant: this gateway's; merchant_all_gateways: kept by the PIN server).",
         );
         if let Some(a) = &self.allowances {
             let left = a.lock().expect("not poisoned").left(crate::clock::unix_now());
@@ -124,6 +124,21 @@ impl Gateway {
                     "pingate_gateway_merchant_allowance_left",
                     &[("merchant", m), ("currency", c)],
                     *v as f64,
+                );
+            }
+        }
+        if let Some(a) = &self.sales_allowances {
+            let left = a.lock().expect("not poisoned").left(crate::clock::unix_now());
+            e.family(
+                "pingate_gateway_merchant_sales_allowance_left",
+                "gauge",
+                "Sales left this minute of those the PIN server granted this gateway, by merchant.",
+            );
+            for (m, n) in &left {
+                e.sample(
+                    "pingate_gateway_merchant_sales_allowance_left",
+                    &[("merchant", m)],
+                    f64::from(*n),
                 );
             }
         }
