@@ -122,7 +122,7 @@ complete -c pingate -n "__fish_pingate_using_subcommand server" -l max-frame -d 
 complete -c pingate -n "__fish_pingate_using_subcommand server" -l idle-timeout-secs -d 'A connection with nothing in flight and no request for this many seconds is closed (30 to 86400; above the gateways\' ping_every_ms)' -r
 complete -c pingate -n "__fish_pingate_using_subcommand server" -l max-lease-secs -d 'Longest lease a gateway may ask for on reserved PINs, in seconds (60 to 604800; at least the gateways\' lease_secs)' -r
 complete -c pingate -n "__fish_pingate_using_subcommand server" -l pg-connections -d 'PostgreSQL connections used by this server (each commits batches of requests; on 2 cores, 2 is best; 1 to 64)' -r
-complete -c pingate -n "__fish_pingate_using_subcommand server" -l metrics -d 'Serve Prometheus metrics, /healthz and /readyz over HTTP here (e.g. 127.0.0.1:9585); off by default' -r
+complete -c pingate -n "__fish_pingate_using_subcommand server" -l metrics -d 'Serve Prometheus metrics, /healthz, /readyz and the status page (/status) over HTTP here (e.g. 127.0.0.1:9585); off by default' -r
 complete -c pingate -n "__fish_pingate_using_subcommand server" -l log-format -d 'Log format of the long-running commands (server, gateway): `text` for people, `json` (one object per line) for log collectors' -r -f -a "text\t''
 json\t''"
 complete -c pingate -n "__fish_pingate_using_subcommand server" -l log-level -d 'Log levels, e.g. `info` or `warn,pingate::gateway=debug` (default: `$RUST_LOG`, else the gateway configuration\'s `log`, else `info`)' -r
