@@ -148,7 +148,7 @@ impl Gateway {
                         super::limits::Refusal::Amount => "amount",
                         super::limits::Refusal::Frequency => "frequency",
                     };
-                    self.metrics.limit_refusals.inc(&[("scope", scope), ("kind", kind)]);
+                    self.metrics.refused_for_limit(scope, kind);
                     limited!(info, "sale refused for a limit", terminal = %s.key.terminal_id, merchant = %s.merchant_id, scope, kind);
                     let code = r.refusal.code();
                     entry.settle(Arc::new(Outcome::Declined(code)));
@@ -232,9 +232,7 @@ impl Gateway {
                 match a.take(m, c, s.amount, now) {
                     Take::Taken | Take::Unmanaged => Ok(true),
                     Take::Ask(_) => {
-                        self.metrics
-                            .limit_refusals
-                            .inc(&[("scope", "merchant_all_gateways"), ("kind", "amount")]);
+                        self.metrics.refused_for_limit("merchant_all_gateways", "amount");
                         limited!(info, "sale refused: the merchant's limit across gateways is reached", merchant = %m);
                         Err(ResponseCode::ExceedsAmountLimit)
                     }
@@ -449,7 +447,7 @@ impl Gateway {
                 self.stats.reversal_mismatches.fetch_add(1, Ordering::Relaxed);
             }
             if code == ResponseCode::NoActionTaken {
-                self.metrics.reversals_too_late.fetch_add(1, Ordering::Relaxed);
+                self.metrics.reversals_too_late.inc();
                 limited!(info, "reversal after the reversal window; the sale stands", terminal = %r.sale.terminal_id, stan = %r.sale.stan);
             }
             return answer(msg, code);
@@ -501,7 +499,7 @@ impl Gateway {
                 ServerReversal::TooLate => {
                     // Nothing to reverse, ever: the sale stands.
                     self.journal.append_lazy(vec![Record::Reversed { key }]);
-                    self.metrics.reversals_too_late.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.reversals_too_late.inc();
                     return answer(msg, ResponseCode::NoActionTaken);
                 }
                 ServerReversal::Mismatch => {
