@@ -141,6 +141,29 @@ impl EncodeMetric for LatencyHistogram {
     }
 }
 
+/// What each process counts on every request, registered in `r`: `{prefix}_requests_total` by `S` (`slots` of them
+/// known in advance, see [`CounterSlots`]) and `{prefix}_request_duration_seconds` over [`LATENCY_BUCKETS`].
+pub fn request_metrics<S>(
+    r: &mut Registry,
+    prefix: &str,
+    help: &str,
+    latency_help: &str,
+    slots: usize,
+) -> (CounterSlots<S>, LatencyHistogram)
+where
+    S: Clone + Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    let requests = CounterSlots::new(slots);
+    let latency = LatencyHistogram::new(LATENCY_BUCKETS);
+    r.register(format!("{prefix}_requests"), help, Described(requests.family()));
+    r.register(
+        format!("{prefix}_request_duration_seconds"),
+        latency_help,
+        latency.clone(),
+    );
+    (requests, latency)
+}
+
 /// A registered metric described even before its first sample (`# HELP`, `# TYPE`; the crate leaves out a family
 /// with no sample yet), as every family here always was: a scrape shows what can be counted, and the alert rules'
 /// names are checked against a scrape.

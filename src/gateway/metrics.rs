@@ -124,23 +124,18 @@ pub(super) struct GatewayMetrics {
 impl GatewayMetrics {
     /// The metrics of `gateway` (the one being made: its levels and queues are read at scrape time through it).
     pub(super) fn new(gateway: Weak<Gateway>) -> GatewayMetrics {
-        let requests = CounterSlots::new(MTIS.len() * CODES);
-        let latency = LatencyHistogram::new(crate::metrics::LATENCY_BUCKETS);
+        let mut r = Registry::default();
+        let (requests, latency) = crate::metrics::request_metrics(
+            &mut r,
+            "pingate_gateway",
+            "Terminal requests by message type and response code.",
+            "Time from a request's arrival to its answer.",
+            MTIS.len() * CODES,
+        );
         let reversal_rates = Arc::new(super::policy::ReversalRates::default());
         let (connections_closed, mac_refused) = (Family::default(), Family::default());
         let (limit_refusals, origin_refused) = (Family::default(), Family::default());
         let reversals_too_late = Counter::default();
-        let mut r = Registry::default();
-        r.register(
-            "pingate_gateway_requests",
-            "Terminal requests by message type and response code.",
-            Described(requests.family()),
-        );
-        r.register(
-            "pingate_gateway_request_duration_seconds",
-            "Time from a request's arrival to its answer.",
-            latency.clone(),
-        );
         r.register(
             "pingate_gateway_terminal_connections_closed",
             "Terminal connections closed by the gateway, by listener and reason: no_first_frame (nothing within \

@@ -301,21 +301,16 @@ struct ServerMetrics {
 impl ServerMetrics {
     /// The metrics of the server `shared` (the one being made: what it holds is read at scrape time through it).
     fn new(shared: std::sync::Weak<Shared>) -> ServerMetrics {
-        let requests = CounterSlots::new(OPS.len() * RESULTS);
-        let latency = LatencyHistogram::new(crate::metrics::LATENCY_BUCKETS);
+        let mut r = Registry::default();
+        let (requests, latency) = crate::metrics::request_metrics(
+            &mut r,
+            "pingate_server",
+            "PSP requests by operation and result.",
+            "Time to answer a PSP request.",
+            OPS.len() * RESULTS,
+        );
         let (connections, unauthenticated_closed) = (Gauge::default(), Family::default());
         let (redeliveries, confirm_conflicts) = (Counter::default(), Counter::default());
-        let mut r = Registry::default();
-        r.register(
-            "pingate_server_requests",
-            "PSP requests by operation and result.",
-            Described(requests.family()),
-        );
-        r.register(
-            "pingate_server_request_duration_seconds",
-            "Time to answer a PSP request.",
-            latency.clone(),
-        );
         r.register(
             "pingate_server_connections",
             "Open gateway connections.",
