@@ -524,3 +524,54 @@ impl Gateway {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of the sample line `series` (name and labels) in `text`, if there is one.
+    fn value(text: &str, series: &str) -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn each_type_and_code_is_its_own_series_and_unknown_ones_are_still_counted() {
+        // No gateway behind it: its state is not shown, the counters are.
+        let m = GatewayMetrics::new(Weak::new());
+        for (mti, code) in [
+            ("0200", "00"),
+            ("0200", "00"),
+            ("0200", "91"),
+            ("0800", "00"),
+            ("0421", "none"),
+            ("0421", "other"),
+            ("9999", "00"),
+            ("0200", "Z9"),
+            ("0200", "Z9"),
+            ("unreadable", "30"),
+        ] {
+            m.count(mti, code);
+        }
+        let text = crate::metrics::exposition(&m.registry);
+        let requests = |mti: &str, code: &str| {
+            value(
+                &text,
+                &format!("pingate_gateway_requests_total{{mti=\"{mti}\",code=\"{code}\"}}"),
+            )
+        };
+        assert_eq!(requests("0200", "00"), Some(2), "{text}");
+        assert_eq!(requests("0200", "91"), Some(1), "{text}");
+        assert_eq!(requests("0800", "00"), Some(1), "{text}");
+        assert_eq!(requests("0421", "none"), Some(1), "{text}");
+        assert_eq!(requests("0421", "other"), Some(1), "{text}");
+        assert_eq!(requests("other", "00"), Some(1), "an MTI outside the contract: {text}");
+        assert_eq!(requests("0200", "Z9"), Some(2), "a code outside the contract: {text}");
+        assert_eq!(requests("unreadable", "30"), Some(1), "{text}");
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("pingate_gateway_requests_total{"))
+            .count();
+        assert_eq!(series, 8, "one series per label set seen, no more:\n{text}");
+    }
+}

@@ -815,6 +815,53 @@ async fn connection(
 mod tests {
     use super::*;
 
+    #[test]
+    fn each_operation_and_result_is_its_own_series() {
+        // No server behind it: its stock is not shown, the counters are.
+        let m = ServerMetrics::new(std::sync::Weak::new());
+        let all_errors = [
+            ErrorCode::OutOfStock,
+            ErrorCode::UnknownProduct,
+            ErrorCode::UnknownDenomination,
+            ErrorCode::DuplicateMismatch,
+            ErrorCode::AlreadyReversed,
+            ErrorCode::RepeatExpired,
+            ErrorCode::ReversalMismatch,
+            ErrorCode::ReversalTooLate,
+            ErrorCode::NotHolder,
+            ErrorCode::BadRequest,
+            ErrorCode::Busy,
+            ErrorCode::Internal,
+        ];
+        // Every operation with every result, each as many times as its place in the lists: a slot given to two label
+        // sets would add up two of them.
+        let results: Vec<Option<ErrorCode>> = std::iter::once(None).chain(all_errors.map(Some)).collect();
+        assert_eq!(results.len(), RESULTS, "a slot for ok and for each error code");
+        for (o, op) in OPS.iter().enumerate() {
+            for (r, result) in results.iter().enumerate() {
+                for _ in 0..(o * results.len() + r + 1) {
+                    m.count(op, *result);
+                }
+            }
+        }
+        m.count("not_an_op_yet", None);
+        let text = crate::metrics::exposition(&m.registry);
+        for (o, op) in OPS.iter().enumerate() {
+            for (r, result) in results.iter().enumerate() {
+                let result = result.map_or("ok", ErrorCode::as_str);
+                let line = format!(
+                    "pingate_server_requests_total{{op=\"{op}\",result=\"{result}\"}} {}",
+                    o * results.len() + r + 1
+                );
+                assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+            }
+        }
+        assert!(
+            text.contains("pingate_server_requests_total{op=\"not_an_op_yet\",result=\"ok\"} 1"),
+            "{text}"
+        );
+    }
+
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
