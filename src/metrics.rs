@@ -1,6 +1,6 @@
-//! Prometheus metrics, and the small HTTP endpoint that serves them beside health and readiness: `GET /metrics`, `GET /healthz` (the process answers), `GET /readyz` (it can do its work: 200, else 503).
-//! Off unless an address is configured; bind it to loopback (or a management network), it has no authentication.
-
+//! Prometheus metrics, and the small HTTP endpoint that serves them beside health and readiness: `GET /metrics`,
+//! `GET /healthz` (the process answers), `GET /readyz` (it can do its work: 200, else 503). Off unless an address is
+//! configured; bind it to loopback (or a management network), it has no authentication.
 //!
 //! The metrics are the `prometheus-client` crate's (the Prometheus project's Rust client): each process (a gateway, a
 //! PIN server) has one [`Registry`] of typed counters, gauges and histograms, plus a `Collector` that reads the
@@ -17,7 +17,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 pub use prometheus_client::registry::Registry;
-
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -184,9 +183,8 @@ impl<M: EncodeMetric> EncodeMetric for Described<M> {
     }
 }
 
-/// Writes one family of a collector: its `# HELP` and `# TYPE`, then one sample per `(labels, value)` (none: the
-/// family is still described, as a registered family with no sample yet is not). `M` is the crate's constant
-/// counter or gauge; the values are read at scrape time.
+/// Writes one family of a collector: its `# HELP` and `# TYPE` (even with no sample, like [`Described`]), then one
+/// sample per `(labels, value)`. `M` is the crate's constant counter or gauge; the values are read at scrape time.
 pub fn write_family<S: EncodeLabelSet, M: EncodeMetric + TypedMetric>(
     encoder: &mut DescriptorEncoder,
     name: &str,

@@ -58,22 +58,22 @@ pub struct StockReport {
 
 /// A request's labels: its message type and the response code it was answered with.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(super) struct RequestLabels {
+struct RequestLabels {
     mti: &'static str,
     code: Cow<'static, str>,
 }
 
 /// A terminal connection closed by the gateway: on which listener, and why.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(super) struct ClosedLabels {
+struct ClosedLabels {
     listener: String,
     reason: &'static str,
 }
 
 /// Why a request was refused (a fixed word).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(super) struct ReasonLabels {
-    pub(super) reason: &'static str,
+struct ReasonLabels {
+    reason: &'static str,
 }
 
 /// A sale refused for a limit: whose and which.
@@ -108,7 +108,7 @@ pub(super) struct GatewayMetrics {
     /// Terminal connections the gateway closed, by listener and reason.
     connections_closed: Family<ClosedLabels, Counter>,
     /// Requests refused for their MAC (63), by reason.
-    pub(super) mac_refused: Family<ReasonLabels, Counter>,
+    mac_refused: Family<ReasonLabels, Counter>,
     /// Sales and accepted reversals by merchant and by terminal (`policy`).
     pub(super) reversal_rates: Arc<super::policy::ReversalRates>,
     /// Terminal reversals answered 21: after the reversal window.
@@ -117,7 +117,7 @@ pub(super) struct GatewayMetrics {
     /// (`amount`, `frequency`).
     limit_refusals: Family<LimitLabels, Counter>,
     /// Requests refused for where they came from (certificate, source network, caller's number), by reason.
-    pub(super) origin_refused: Family<ReasonLabels, Counter>,
+    origin_refused: Family<ReasonLabels, Counter>,
     registry: Registry,
 }
 
@@ -181,6 +181,16 @@ impl GatewayMetrics {
             origin_refused,
             registry: r,
         }
+    }
+
+    /// A request refused (63) for its MAC, for `reason`.
+    pub(super) fn refused_for_mac(&self, reason: &'static str) {
+        self.mac_refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// A request refused (63) for where it came from, for `reason`.
+    pub(super) fn refused_for_origin(&self, reason: &'static str) {
+        self.origin_refused.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     /// A sale refused for a limit: whose (`scope`) and which (`kind`).

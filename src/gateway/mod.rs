@@ -45,7 +45,7 @@ use config::MacPolicy;
 pub use controller::MacStatus;
 use forward::{Forward, Job};
 use journal::{Journal, JournalOptions};
-use metrics::{GatewayMetrics, ReasonLabels};
+use metrics::GatewayMetrics;
 pub use metrics::{MetricsSource, Stats, StockReport};
 pub use reload::ReloadReport;
 use transaction::receipt_of;
@@ -351,10 +351,7 @@ impl Gateway {
             Ok(()) => self.handle_frame(dialect, raw, msg, mac, received).await,
             Err(refusal) => {
                 let reason = refusal.label();
-                self.metrics
-                    .origin_refused
-                    .get_or_create(&ReasonLabels { reason })
-                    .inc();
+                self.metrics.refused_for_origin(reason);
                 limited!(
                     info,
                     "request refused: not from where its terminal may come from (63)",
@@ -398,7 +395,7 @@ impl Gateway {
             }
             Err(refusal) => {
                 let reason = refusal.label();
-                self.metrics.mac_refused.get_or_create(&ReasonLabels { reason }).inc();
+                self.metrics.refused_for_mac(reason);
                 limited!(
                     info,
                     "request refused: bad or missing MAC (63)",
