@@ -148,7 +148,7 @@ impl GatewayMetrics {
         r.register(
             "pingate_gateway_limit_refusals",
             "Sales refused for a limit: 61 (amount: value per day) or 65 (frequency: sales per minute), by scope \
-             (terminal, merchant).",
+             (terminal, merchant, merchant_all_gateways: the allowance the PIN server grants across gateways).",
             Described(limit_refusals.clone()),
         );
         r.register(
