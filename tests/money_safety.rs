@@ -199,6 +199,26 @@ async fn one_terminal_through_two_gateways(
     assert_eq!(count(&s, PREFETCH, "voided"), 1, "the sale made through gw1 is voided");
     let again = t2.call(&me.sale(&sale(1, &t0, PREFETCH), true)).await.unwrap();
     assert_eq!(code(&again), "12", "a reversed sale is never handed out again");
+    // Nor by gw1, which still remembers the sale approved in its repeat window (before: the voided PIN again).
+    let again = t1.call(&me.sale(&sale(1, &t0, PREFETCH), true)).await.unwrap();
+    assert_eq!(
+        code(&again),
+        "12",
+        "gw1 asks the server before it re-delivers from its window"
+    );
+    assert_eq!(pin(&again), None);
+
+    // The same for an on-demand sale through gw1, reversed through gw2: a repeat, or a duplicate 0200, through gw1
+    // gets 12, and keeps getting it.
+    let od = t1.call(&me.sale(&sale(5, &t0, ON_DEMAND), false)).await.unwrap();
+    assert_eq!(code(&od), "00");
+    let reversed = t2.call(&me.reversal(&sale(5, &t0, ON_DEMAND), 6, false)).await.unwrap();
+    assert_eq!(code(&reversed), "00");
+    assert!(gw2.gateway.flush(Duration::from_secs(10)).await);
+    for repeat in [true, false, true] {
+        let again = t1.call(&me.sale(&sale(5, &t0, ON_DEMAND), repeat)).await.unwrap();
+        assert_eq!((code(&again), pin(&again)), ("12", None), "repeat: {repeat}");
+    }
 
     // An on-demand sale through gw1 and a duplicate 0200 of it through gw2: the same PIN, from the server.
     let od = t1.call(&me.sale(&sale(3, &t0, ON_DEMAND), false)).await.unwrap();

@@ -132,3 +132,65 @@ fn the_example_configuration_sets_the_reversal_window_and_its_range_is_checked()
     assert!(e.contains("policy.reversal_window_secs"), "{e}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// Seen on main: with a reversal window, a gateway that did not know the sale answered `00` to a reversal while the
+/// PIN server could not be asked, and the server later refused it as too late: the terminal was told "reversed" of a
+/// sale that stands. Now it answers `91` and sends the reversal on; the terminal's repeat gets the server's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reversal_the_server_cannot_judge_now_gets_91_and_its_repeat_the_servers_answer() {
+    let d = dir("unjudged");
+    let inv = Inventory::create(&d, &["gw1", "gw2", "obs"], &sample_products(20)).unwrap();
+    let opts = || ServerOptions {
+        reversal_window: Some(Duration::from_secs(600)),
+        ..ServerOptions::default()
+    };
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let db = DbUrl::Sqlite(inv.db.clone());
+    let server = start_server_with(&inv, &db, any, opts()).await.unwrap();
+    let addr = server.addr;
+    let policy = "clock_skew_secs = 0\nresponse_deadline_ms = 2000\n[policy]\nreversal_window_secs = 600";
+    let gw1 = start_gateway(&inv, "gw1", &[addr], 4, &sample_modes(5, 10), (policy, ""))
+        .await
+        .unwrap();
+    let gw2 = start_gateway(&inv, "gw2", &[addr], 4, &sample_modes(5, 10), (policy, ""))
+        .await
+        .unwrap();
+    past_this_second().await;
+    let me = common::demo_terminal("DEMO0003");
+    let t0 = pingate::traffic::sim::now_transmission();
+    let sale = |stan| common::demo_sale(stan, &t0, ON_DEMAND, 2500);
+    let mut t1 = gw1.terminal().await.unwrap();
+    assert_eq!(code(&t1.call(&me.sale(&sale(1), false)).await.unwrap()), "00");
+    assert!(gw1.gateway.flush(Duration::from_secs(10)).await);
+    let conn = rusqlite::Connection::open(&inv.db).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let n = conn
+        .execute(
+            "UPDATE sales SET sold_at = sold_at - 3600 WHERE terminal_id = 'DEMO0003' AND stan = '000001'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+    drop(conn);
+
+    // The server is down: gw2, which never saw the sale, cannot tell whether it is within the window.
+    server.stop().await;
+    let mut t2 = gw2.terminal().await.unwrap();
+    let unjudged = t2.call(&me.reversal(&sale(1), 2, false)).await.unwrap();
+    assert_eq!(code(&unjudged), "91", "not an approval the server may refuse");
+
+    // The server is back: the reversal sent on is refused as too late, and the terminal's repeat learns it.
+    let server = start_server_with(&inv, &db, addr, opts()).await.unwrap();
+    assert!(
+        gw2.gateway.flush(Duration::from_secs(20)).await,
+        "the reversal was sent on"
+    );
+    let repeat = t2.call(&me.reversal(&sale(1), 2, false)).await.unwrap();
+    assert_eq!(code(&repeat), "21");
+    let s = stock(&inv, server.addr).await;
+    assert_eq!(count(&s, ON_DEMAND, "sold"), 1, "the sale stands");
+    assert_eq!(count(&s, ON_DEMAND, "voided"), 0);
+    gw1.stop().await;
+    gw2.stop().await;
+    server.stop().await;
+}

@@ -18,7 +18,7 @@ use super::window::{Content, Outcome};
 use super::{Gateway, Reply};
 use crate::iso8583::Message;
 use crate::logging::limited;
-use crate::psp::{Request, Response};
+use crate::psp::{Request, Response, SaleState};
 use crate::sale::{
     answer, approved_answer, rrn_of_pin, sale_answer, PinReceipt, ResponseCode, ReversalRequest, SaleKey, SaleRequest,
     TerminalRequest,
@@ -117,6 +117,10 @@ impl Gateway {
                 return match waited {
                     Some(o) => {
                         if matches!(*o, Outcome::Approved { .. }) {
+                            if self.reversed_elsewhere(&s, deadline).await {
+                                self.overrule_reversed(&key);
+                                return self.declined(msg, &key, ResponseCode::InvalidTransaction);
+                            }
                             self.stats.redeliveries.fetch_add(1, Ordering::Relaxed);
                         }
                         self.reply_of(msg, &key, &o).await
@@ -246,6 +250,35 @@ impl Gateway {
                     limited!(warn, "no allowance from the PIN server and the margin is used", merchant = %m, answer = ?other);
                     Err(ResponseCode::ServerUnavailable)
                 }
+            }
+        }
+    }
+
+    /// Whether the PIN server says the sale with this key, which this gateway remembers approved, was reversed since
+    /// (through another gateway: a NAC failing over): its PIN is then never handed to a repeat again. Asked before
+    /// every re-delivery from the window; repeats are rare, so this costs little. When the server cannot say in
+    /// time, the window's record stands (the server would answer `unknown` for a cache sale whose confirm is still
+    /// queued here, and the PIN was sold to this very terminal).
+    async fn reversed_elsewhere(&self, s: &SaleRequest, deadline: Instant) -> bool {
+        let margin = (self.cfg.response_deadline / 20).min(Duration::from_millis(500));
+        let request = Request::CheckSale {
+            terminal: self.sale_record(s).terminal(),
+        };
+        match self.upstream.call(request, deadline - margin).await {
+            Ok(Response::SaleState { state }) => {
+                let reversed = state == SaleState::Reversed;
+                if reversed {
+                    limited!(info, "a repeat of a sale reversed through another gateway; no PIN", terminal = %s.key.terminal_id);
+                }
+                reversed
+            }
+            Ok(other) => {
+                limited!(error, "PIN server answered check_sale with something else", answer = ?other);
+                false
+            }
+            Err(e) => {
+                limited!(warn, "PIN server not asked whether a repeated sale stands; the gateway's record answers", error = %e);
+                false
             }
         }
     }
@@ -506,6 +539,15 @@ impl Gateway {
                     self.journal.append_lazy(vec![Record::Reversed { key }]);
                     self.stats.reversal_mismatches.fetch_add(1, Ordering::Relaxed);
                     return answer(msg, ResponseCode::InvalidAmount);
+                }
+                // Not answered in time under a reversal window: whether the sale is within it only the server
+                // knows (this gateway does not remember the sale). The reversal is sent on as it stands (judged by
+                // when the terminal asked), and the terminal is told to repeat it (91): it learns the server's
+                // answer then, never an approval the server may refuse as too late.
+                ServerReversal::Forward if window.is_some() => {
+                    self.enqueue(Job::Reverse { key, content, why });
+                    self.overrule_reversed(&r.sale);
+                    return answer(msg, ResponseCode::ServerUnavailable);
                 }
                 // Not answered in time, or refused otherwise: store-and-forward, as before (remembered).
                 ServerReversal::Forward => {}

@@ -98,6 +98,11 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         requested_at: Option<i64>,
     },
+    /// How the sale with this key stands, changing nothing: a gateway asks before it hands a PIN it remembers to a
+    /// repeat, since another gateway may have reversed that sale meanwhile.
+    CheckSale {
+        terminal: Terminal,
+    },
     /// Reverse the sale of one PIN this gateway sold, by its id.
     ReversePin {
         pin_id: i64,
@@ -131,6 +136,7 @@ impl Request {
             Request::ConfirmBatch { .. } => "confirm_batch",
             Request::Release { .. } => "release",
             Request::Reverse { .. } => "reverse",
+            Request::CheckSale { .. } => "check_sale",
             Request::ReversePin { .. } => "reverse_pin",
             Request::Renew { .. } => "renew",
             Request::Stock => "stock",
@@ -174,6 +180,7 @@ impl Request {
                 "reason",
                 "requested_at",
             ],
+            Request::CheckSale { .. } => &["terminal"],
             Request::ReversePin { .. } => &["pin_id"],
             Request::Stock | Request::Held | Request::Ping => &[],
             Request::Allowance { .. } => &["merchant_id", "currency", "amount"],
@@ -289,6 +296,10 @@ pub enum Response {
         pin_ids: Vec<i64>,
     },
     Pong,
+    /// How a `check_sale`'s sale stands.
+    SaleState {
+        state: SaleState,
+    },
     /// What of an `allowance` was granted (0 when the merchant's limit is reached); `limited`: the merchant has a
     /// limit in that currency (without one, all of it is granted and nothing recorded).
     Allowance {
@@ -326,6 +337,18 @@ impl ConfirmOutcome {
             ConfirmOutcome::Conflict => "conflict",
         }
     }
+}
+
+/// How a sale stands at the server (`check_sale`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SaleState {
+    /// Recorded and not reversed: its PIN may be handed to the terminal's repeat again.
+    Sold,
+    /// Reversed (the PIN voided), or a reversal of the key is remembered before its sale: no PIN for it, ever.
+    Reversed,
+    /// No sale and no reversal with this key is recorded (a cache sale whose confirm is still on its way).
+    Unknown,
 }
 
 /// What a `reverse` or `reverse_pin` did.

@@ -21,7 +21,7 @@ pub use limits::{
 };
 pub use messages::{
     BatchResult, CatalogEntry, ConfirmItem, ConfirmOutcome, ErrorCode, PinOut, Request, RequestFrame, Response,
-    ResponseFrame, ReverseOutcome, StockEntry, Terminal, WireError, VERSION,
+    ResponseFrame, ReverseOutcome, SaleState, StockEntry, Terminal, WireError, VERSION,
 };
 #[doc(hidden)]
 pub use parse::parse_request_slow;

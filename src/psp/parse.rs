@@ -147,6 +147,7 @@ impl WireRequest {
                 lease_secs: lease_secs?,
             },
             "stock" => Request::Stock,
+            "check_sale" => Request::CheckSale { terminal: terminal? },
             "held" => Request::Held,
             "ping" => Request::Ping,
             "allowance" => Request::Allowance {
@@ -270,6 +271,7 @@ mod tests {
                 requested_at: Some(1_700_000_000),
             },
             Request::ReversePin { pin_id: 1 },
+            Request::CheckSale { terminal: t.clone() },
             Request::Allowance {
                 merchant_id: "M".into(),
                 currency: "978".into(),

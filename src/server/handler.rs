@@ -204,6 +204,13 @@ async fn handle_request(shared: &Shared, gateway: &str, id: u64, request: Reques
                 // Not operations a gateway can ask for (see `to_op`).
                 Outcome::Catalog(_) | Outcome::Expired(_) => Response::Pong,
                 Outcome::Held(pin_ids) => Response::Held { pin_ids },
+                Outcome::SaleState(s) => Response::SaleState {
+                    state: match s {
+                        crate::store::SaleState::Sold => crate::psp::SaleState::Sold,
+                        crate::store::SaleState::Reversed => crate::psp::SaleState::Reversed,
+                        crate::store::SaleState::Unknown => crate::psp::SaleState::Unknown,
+                    },
+                },
                 Outcome::Allowance { granted, limited } => Response::Allowance { granted, limited },
             },
         ),
@@ -322,6 +329,9 @@ fn to_op(shared: &Shared, gateway: &str, request: Request) -> Result<Result<Op, 
         Request::ReversePin { pin_id } => Op::ReversePin {
             gateway: gateway.into(),
             pin_id,
+        },
+        Request::CheckSale { terminal } => Op::CheckSale {
+            sale: sale(gateway, terminal)?,
         },
         Request::Stock => Op::Stock,
         Request::Held => Op::Held { holder: gateway.into() },

@@ -855,6 +855,10 @@ pub enum Op {
     },
     Stock,
     Catalog,
+    /// How the sale with this key stands ([`SaleState`]), changing nothing.
+    CheckSale {
+        sale: SaleContext,
+    },
     /// The ids of the PINs reserved to `holder` (for a gateway to reconcile its journal at start).
     Held {
         holder: String,
@@ -867,6 +871,28 @@ pub enum Op {
         currency: String,
         want: i64,
     },
+}
+
+/// How the sale with a key stands ([`Op::CheckSale`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SaleState {
+    /// Recorded, its PIN not voided.
+    Sold,
+    /// Its PIN voided, or a reversal of the key remembered before any sale.
+    Reversed,
+    /// Neither a sale nor a reversal with the key is recorded.
+    Unknown,
+}
+
+/// [`SaleState`] from what a backend found: the key's sale and its PIN's state, and whether a reversal of the key
+/// is recorded (both backends).
+pub(crate) fn sale_state(found: Option<PinState>, reversal_recorded: bool) -> SaleState {
+    match found {
+        Some(PinState::Voided) => SaleState::Reversed,
+        Some(_) => SaleState::Sold,
+        None if reversal_recorded => SaleState::Reversed,
+        None => SaleState::Unknown,
+    }
 }
 
 /// The result of an [`Op`].
@@ -884,6 +910,7 @@ pub enum Outcome {
     Stock(Vec<StockRow>),
     Catalog(Vec<Product>),
     Held(Vec<i64>),
+    SaleState(SaleState),
     /// How many PINs expired.
     Expired(u64),
     /// Value granted (at most what was asked); `limited`: the merchant has a limit in that currency.

@@ -1319,6 +1319,11 @@ async fn apply(
         Op::Stock => stock(tx).await.map(Outcome::Stock),
         Op::Expire => expire_available(tx, today).await.map(Outcome::Expired),
         Op::Catalog => catalog(tx).await.map(Outcome::Catalog),
+        Op::CheckSale { sale } => {
+            let found = find_sale(tx, sale).await?.map(|f| f.state);
+            let reversed = found.is_none() && reversal_pending(tx, sale).await?;
+            Ok(Outcome::SaleState(super::sale_state(found, reversed)))
+        }
         Op::Held { holder } => {
             let rows = tx
                 .query(

@@ -1171,6 +1171,11 @@ fn apply(tx: &Connection, cipher: &PinCipher, op: &Op, now: i64, today: &str) ->
         Op::Stock => stock(tx).map(Outcome::Stock),
         Op::Expire => expire_available(tx, today).map(|n| Outcome::Expired(n as u64)),
         Op::Catalog => catalog(tx).map(Outcome::Catalog),
+        Op::CheckSale { sale } => {
+            let found = find_sale(tx, sale)?.map(|f| f.state);
+            let reversed = found.is_none() && reversal_pending(tx, sale)?;
+            Ok(Outcome::SaleState(super::sale_state(found, reversed)))
+        }
         Op::Held { holder } => {
             let mut st =
                 tx.prepare_cached("SELECT id FROM pins WHERE state = 'reserved' AND holder = ?1 ORDER BY id")?;
