@@ -259,7 +259,7 @@ struct ReasonLabels {
 
 /// The operations with a counter slot of their own ([`Request::op_name`]); one not listed is counted all the same,
 /// through the family's lock.
-const OPS: [&str; 13] = [
+const OPS: [&str; 14] = [
     "hello",
     "sell",
     "reserve",
@@ -273,6 +273,7 @@ const OPS: [&str; 13] = [
     "held",
     "ping",
     "allowance",
+    "check_sale",
 ];
 /// Results with a slot: `ok`, then each [`ErrorCode`] by its place in the enum.
 const RESULTS: usize = 1 + ErrorCode::Internal as usize + 1;
