@@ -275,8 +275,8 @@ const OPS: [&str; 14] = [
     "allowance",
     "check_sale",
 ];
-/// Results with a slot: `ok`, then each [`ErrorCode`] by its place in the enum.
-const RESULTS: usize = 1 + ErrorCode::Internal as usize + 1;
+/// Results with a slot: `ok`, then each [`ErrorCode`] by its place in [`ErrorCode::ALL`].
+const RESULTS: usize = 1 + ErrorCode::ALL.len();
 
 /// What the metrics endpoint shows, and the registry that holds it: one per server.
 struct ServerMetrics {
@@ -350,12 +350,8 @@ impl ServerMetrics {
 
     /// A request of operation `op` answered with `error` (`None`: ok).
     fn count(&self, op: &'static str, error: Option<ErrorCode>) {
-        let r = error.map_or(0, |e| e as usize + 1);
-        let slot = OPS
-            .iter()
-            .position(|o| *o == op)
-            .filter(|_| r < RESULTS)
-            .map(|o| o * RESULTS + r);
+        let r = error.map_or(Some(0), |e| ErrorCode::ALL.iter().position(|c| *c == e).map(|i| i + 1));
+        let slot = OPS.iter().position(|o| *o == op).zip(r).map(|(o, r)| o * RESULTS + r);
         let result = error.map_or("ok", ErrorCode::as_str);
         self.requests.inc(slot, || RequestLabels { op, result });
     }
@@ -820,23 +816,9 @@ mod tests {
     fn each_operation_and_result_is_its_own_series() {
         // No server behind it: its stock is not shown, the counters are.
         let m = ServerMetrics::new(std::sync::Weak::new());
-        let all_errors = [
-            ErrorCode::OutOfStock,
-            ErrorCode::UnknownProduct,
-            ErrorCode::UnknownDenomination,
-            ErrorCode::DuplicateMismatch,
-            ErrorCode::AlreadyReversed,
-            ErrorCode::RepeatExpired,
-            ErrorCode::ReversalMismatch,
-            ErrorCode::ReversalTooLate,
-            ErrorCode::NotHolder,
-            ErrorCode::BadRequest,
-            ErrorCode::Busy,
-            ErrorCode::Internal,
-        ];
         // Every operation with every result, each as many times as its place in the lists: a slot given to two label
         // sets would add up two of them.
-        let results: Vec<Option<ErrorCode>> = std::iter::once(None).chain(all_errors.map(Some)).collect();
+        let results: Vec<Option<ErrorCode>> = std::iter::once(None).chain(ErrorCode::ALL.map(Some)).collect();
         assert_eq!(results.len(), RESULTS, "a slot for ok and for each error code");
         for (o, op) in OPS.iter().enumerate() {
             for (r, result) in results.iter().enumerate() {
