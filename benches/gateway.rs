@@ -77,7 +77,7 @@ fn spec(addr: SocketAddr, a: &Args, product: &str, amount: u64) -> LoadSpec {
             weight: 1,
             currency: pingate::traffic::load::DEFAULT_CURRENCY.into(),
         }],
-        transmission: pingate::traffic::sim::now_transmission(),
+        transmission: None,
         progress: None,
     }
 }

@@ -1,7 +1,6 @@
 //! Operator commands on the inventory (`pingate pins …`), for both backends: their command line, and the PIN keys
 //! as the command line gives them (`pingate server` takes them the same way).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
@@ -501,20 +500,16 @@ async fn run(mut inv: impl PinStore, cmd: PinsCommand) -> Result<String, String>
         }
         PinsCommand::Import { file, .. } => {
             let pins = import_file(&file)?;
-            let total = pins.len();
-            let mut progress = move |n: usize| {
-                eprint!("\rimporting: {n}/{total} PINs ({}%)", n * 100 / total.max(1));
-                let _ = std::io::stderr().flush();
-            };
-            let n = inv
-                .import_with_progress(&pins, &mut progress)
-                .await
-                .map_err(|e| match e {
-                    // Line = position + 1 (the header is line 1).
-                    StoreError::ImportRow { row, reason } => format!("{}: line {}: {reason}", file.display(), row + 1),
-                    e => e.to_string(),
-                })?;
-            eprintln!();
+            let bar = crate::progress::bar("importing", pins.len() as u64, "PINs");
+            let mut progress = |n: usize| bar.set_position(n as u64);
+            let n = inv.import_with_progress(&pins, &mut progress).await;
+            // Cleared either way: the summary line (or the error) says what happened.
+            bar.finish_and_clear();
+            let n = n.map_err(|e| match e {
+                // Line = position + 1 (the header is line 1).
+                StoreError::ImportRow { row, reason } => format!("{}: line {}: {reason}", file.display(), row + 1),
+                e => e.to_string(),
+            })?;
             Ok(format!("imported {n} PINs from {}", file.display()))
         }
         PinsCommand::Stock { .. } => {

@@ -397,15 +397,50 @@ pub struct JournalInput {
 
 /// Runs every check, reads the journals, and reports `day` (UTC) if given.
 pub async fn run(db: &DbUrl, journals: &[JournalInput], day: Option<&str>) -> Result<AuditReport, AuditError> {
+    run_with_progress(db, journals, day, true).await
+}
+
+/// [`run`], with a progress bar on stderr (`pingate audit`) unless `quiet`: one step per check, summary and
+/// journal, drawn only when stderr is a terminal. The library's callers (the tests among them) run quiet, so a
+/// test run in a terminal draws no bar either.
+pub async fn run_with_progress(
+    db: &DbUrl,
+    journals: &[JournalInput],
+    day: Option<&str>,
+    quiet: bool,
+) -> Result<AuditReport, AuditError> {
     let conn = Db::open(db).await?;
-    let mut report = AuditReport::default();
     let trail = if conn.rows("SELECT 1 FROM audit_trail WHERE 1 = 0").await.is_ok() {
         "audit_trail"
     } else {
         "audit"
     };
-    for (check, meaning, sql) in checks(crate::clock::unix_now(), trail) {
+    let checks = checks(crate::clock::unix_now(), trail);
+    // Each step is one query over the whole inventory (minutes on tens of millions of PINs) or one journal read:
+    // the bar says which is running and how many are left.
+    let steps = checks.len() + 2 + if day.is_some() { 2 } else { 0 } + journals.len();
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        crate::progress::bar("auditing", steps as u64, "steps")
+    };
+    let report = run_steps(&conn, &bar, checks, journals, day).await;
+    bar.finish_and_clear();
+    report
+}
+
+async fn run_steps(
+    conn: &Db,
+    bar: &indicatif::ProgressBar,
+    checks: Vec<(&'static str, &'static str, String)>,
+    journals: &[JournalInput],
+    day: Option<&str>,
+) -> Result<AuditReport, AuditError> {
+    let mut report = AuditReport::default();
+    for (check, meaning, sql) in checks {
+        bar.set_message(check);
         let rows = conn.rows(&sql).await?;
+        bar.inc(1);
         if !rows.is_empty() {
             let ids: Vec<String> = rows.iter().take(20).map(|r| r[0].clone()).collect();
             let more = if rows.len() > 20 {
@@ -419,6 +454,7 @@ pub async fn run(db: &DbUrl, journals: &[JournalInput], day: Option<&str>) -> Re
             });
         }
     }
+    bar.set_message("stock");
     for r in conn
         .rows(
             "SELECT product, CAST(amount AS TEXT), state, CAST(COUNT(*) AS TEXT) FROM pins \
@@ -430,6 +466,8 @@ pub async fn run(db: &DbUrl, journals: &[JournalInput], day: Option<&str>) -> Re
             .stock
             .push((r[0].clone(), r[1].clone(), r[2].clone(), r[3].parse().unwrap_or(0)));
     }
+    bar.inc(1);
+    bar.set_message("quarantined");
     for r in conn
         .rows(
             "SELECT CAST(id AS TEXT), product, CAST(amount AS TEXT), serial FROM pins WHERE state = 'quarantined' \
@@ -441,8 +479,10 @@ pub async fn run(db: &DbUrl, journals: &[JournalInput], day: Option<&str>) -> Re
             .quarantined
             .push((r[0].parse().unwrap_or(-1), r[1].clone(), r[2].clone(), r[3].clone()));
     }
+    bar.inc(1);
     if let Some(day) = day {
         let (from, to) = day_bounds(day)?;
+        bar.set_message("day's sales");
         report.day = Some(day.into());
         for r in conn
             .rows(&format!(
@@ -463,6 +503,8 @@ pub async fn run(db: &DbUrl, journals: &[JournalInput], day: Option<&str>) -> Re
                 voided: r[5].parse().unwrap_or(0),
             });
         }
+        bar.inc(1);
+        bar.set_message("day's reversals");
         for r in conn
             .rows(&format!(
                 "SELECT terminal_id, CAST(COUNT(*) AS TEXT) FROM reversals WHERE at >= {from} AND at < {to} \
@@ -472,8 +514,10 @@ pub async fn run(db: &DbUrl, journals: &[JournalInput], day: Option<&str>) -> Re
         {
             report.reversals.push((r[0].clone(), r[1].parse().unwrap_or(0)));
         }
+        bar.inc(1);
     }
     for j in journals {
+        bar.set_message(format!("journal of {}", j.gateway));
         let cipher = crate::crypto::PinCipher::from_spec(&j.keys).map_err(|e| AuditError::Journal {
             path: j.path.clone(),
             reason: e.to_string(),
@@ -537,6 +581,7 @@ pub async fn run(db: &DbUrl, journals: &[JournalInput], day: Option<&str>) -> Re
             releasing: held.releasing.len(),
             reversals: held.reverse,
         });
+        bar.inc(1);
     }
     Ok(report)
 }

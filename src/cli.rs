@@ -421,7 +421,9 @@ async fn audit(
             gateway: id.into(),
         });
     }
-    let report = crate::audit::run(&url, &inputs, day).await.map_err(|e| e.to_string())?;
+    let report = crate::audit::run_with_progress(&url, &inputs, day, false)
+        .await
+        .map_err(|e| e.to_string())?;
     print!("{}", report.text());
     if let Some(path) = csv {
         std::fs::write(path, report.csv()).map_err(|e| format!("{}: {e}", path.display()))?;

@@ -40,6 +40,7 @@
 //! - [`logging`] — repeated warnings aggregated (`limited!`): one line, then a count per interval, so an outage or
 //!   a hostile peer cannot make the log grow with its traffic.
 //! - [`metrics`] — Prometheus exposition and the HTTP endpoint for metrics, health and readiness.
+//! - [`progress`] — progress bars of the long commands (indicatif), on stderr only when it is a terminal.
 //! - [`audit`] — `pingate audit`: the inventory's invariants, gateways' journals reconciled, a day's report.
 //! - [`admin`], [`cli`] — the `pingate` command line, thin over the library.
 #![forbid(unsafe_code)]
@@ -57,6 +58,7 @@ pub mod link;
 pub mod logging;
 pub mod mac;
 pub mod metrics;
+pub mod progress;
 pub mod psp;
 pub mod sale;
 pub mod server;

@@ -129,7 +129,7 @@ async fn ten_thousand_requests_and_an_outage_under_load_keep_the_log_and_memory_
             terminal_prefix: "DEMO".into(),
             merchant: pingate::traffic::sim::MERCHANT.into(),
             mix: vec![pingate::traffic::load::MixItem::parse("GIFT-25:2500").unwrap()],
-            transmission: "1130130000".into(),
+            transmission: Some("1130130000".into()),
             progress: None,
         },
         dialect,
@@ -380,6 +380,7 @@ fn the_first_frame_deadline_is_configured_per_listener_and_checked() {
     let d = dir("config");
     std::fs::create_dir_all(&d).unwrap();
     common::write_key(&d.join("journal.keys"), &format!("1:{}", "ab".repeat(32)));
+    common::write_example_terminal_keys(&d);
     let text = std::fs::read_to_string("protocols/gateway.example.toml").unwrap();
     let path = d.join("gateway.toml");
     let c = GatewayConfig::parse(&text, &path).unwrap();

@@ -235,11 +235,13 @@ fn check_config_lists_every_problem_with_its_key() {
         "upstream.cert",
         "upstream.key",
         "upstream.ca",
+        "gateway.terminal_kek_file",
     ] {
         assert!(err.contains(key), "{key} in {err}");
     }
     // With them present, the example is fine.
     write_key(&d.join("journal.keys"), &format!("1:{}", "ab".repeat(32)));
+    common::write_example_terminal_keys(&d);
     write_key(&d.join("certs/gateway.key"), "x");
     for f in ["certs/gateway.pem", "certs/ca.pem"] {
         std::fs::write(d.join(f), "x").unwrap();
@@ -323,6 +325,7 @@ fn check_config_of_a_bare_file_name_finds_the_journal_folder_as_the_gateway_does
         std::fs::write(d.join(f), "x").unwrap();
     }
     write_key(&d.join("certs/gateway.key"), "x");
+    common::write_example_terminal_keys(&d);
     let example = std::fs::read_to_string("protocols/gateway.example.toml").unwrap();
     assert!(example.contains("journal = \"gateway.journal\""));
     std::fs::write(d.join("gateway.toml"), &example).unwrap();
@@ -507,6 +510,7 @@ fn key_files_others_can_read_refuse_the_start_and_check_config_names_them() {
     let journal_keys = d.join("journal.keys");
     let o = pingate(&["certs", "key", &path(&journal_keys)], None);
     assert!(o.status.success(), "{}", text(&o.stderr));
+    common::write_example_terminal_keys(&d);
     let example = std::fs::read_to_string("protocols/gateway.example.toml").unwrap();
     let cfg = d.join("gateway.toml");
     std::fs::write(
@@ -545,6 +549,17 @@ fn key_files_others_can_read_refuse_the_start_and_check_config_names_them() {
     refused((o.status.code(), text(&o.stderr)), &certs.gateway_key("gw1"), "0604");
     assert!(text(&o.stderr).contains("upstream.key: "), "{}", text(&o.stderr));
     refused(gateway(), &certs.gateway_key("gw1"), "0604");
+    chmod(&certs.gateway_key("gw1"), 0o600);
+    // The terminals' key-encrypting key too.
+    let kek = d.join("terminal.kek");
+    chmod(&kek, 0o640);
+    let o = pingate(&["check-config", &path(&cfg)], None);
+    refused((o.status.code(), text(&o.stderr)), &kek, "0640");
+    assert!(
+        text(&o.stderr).contains("gateway.terminal_kek_file: "),
+        "{}",
+        text(&o.stderr)
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -569,7 +584,7 @@ fn the_systemd_units_verify() {
     for unit in ["pingate-server.service", "pingate-gateway.service"] {
         let text = std::fs::read_to_string(format!("deploy/{unit}"))
             .unwrap()
-            .replace("/usr/local/bin/pingate", env!("CARGO_BIN_EXE_pingate"));
+            .replace("/usr/bin/pingate", env!("CARGO_BIN_EXE_pingate"));
         let path = d.join(unit);
         std::fs::write(&path, text).unwrap();
         let o = Command::new("systemd-analyze")
@@ -641,4 +656,83 @@ fn the_kept_running_demo_requires_macs_and_prints_its_keys() {
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(unsigned, "63");
     assert_eq!(signed, "00");
+}
+
+/// Progress bars (indicatif) are for a person at a terminal: with stderr a pipe, as in CI logs, log collectors and
+/// these tests, the long commands write no `\r`, no escape sequence and no bar; on a pseudo-terminal the bar is
+/// there.
+#[test]
+fn progress_bars_show_on_a_terminal_only() {
+    let d = std::env::temp_dir().join(format!("pingate-cli-progress-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let keys = d.join("pin-keys");
+    let db = format!("sqlite:{}", d.join("pins.db").display());
+    assert!(pingate(&["certs", "key", keys.to_str().unwrap()], None)
+        .status
+        .success());
+    let o = pingate(
+        &[
+            "pins",
+            "product",
+            "--db",
+            &db,
+            "--code",
+            "TOPUP-EU-10",
+            "--name",
+            "Top-up 10",
+            "--supplier",
+            "Telco",
+            "--currency",
+            "978",
+            "--amounts",
+            "1000",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let import = [
+        "pins",
+        "import",
+        "--db",
+        &db,
+        "--pin-keys",
+        keys.to_str().unwrap(),
+        "fixtures/pins/sample-pins.csv",
+    ];
+    let clean = |o: &Output| {
+        let err = text(&o.stderr);
+        assert!(
+            !err.contains('\r') && !err.contains('\u{1b}') && !err.contains("importing") && !err.contains("auditing"),
+            "progress on a pipe: {err:?}"
+        );
+    };
+    let o = pingate(&import, None);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("imported 20 PINs"), "{}", text(&o.stdout));
+    clean(&o);
+    let o = pingate(&["audit", "--db", &db], None);
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+    clean(&o);
+    // On a terminal (script(1) gives the command a pseudo-terminal), the audit draws its bar. script is in
+    // util-linux, on every Debian machine; elsewhere there is nothing to run it under.
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("script(1) not installed: the terminal side is not checked");
+        let _ = std::fs::remove_dir_all(&d);
+        return;
+    }
+    let cmd = format!("{} audit --db {db}", env!("CARGO_BIN_EXE_pingate"));
+    let o = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let tty = text(&o.stdout);
+    assert!(o.status.success(), "{tty}");
+    assert!(
+        tty.contains("auditing") && tty.contains("steps"),
+        "no bar on a terminal: {tty:?}"
+    );
+    let _ = std::fs::remove_dir_all(&d);
 }

@@ -558,10 +558,15 @@ fn the_example_configuration_loads_and_mistakes_are_named() {
     let d = dir("config");
     std::fs::create_dir_all(&d).unwrap();
     common::write_key(&d.join("journal.keys"), &format!("1:{}", "ab".repeat(32)));
+    common::write_example_terminal_keys(&d);
     let text = std::fs::read_to_string("protocols/gateway.example.toml").unwrap();
     let path = d.join("gateway.toml");
     let c = GatewayConfig::parse(&text, &path).unwrap();
     assert_eq!(c.journal, d.join("gateway.journal"));
+    // The example requires MACs on its listener and its modem line, with the terminals' keys from the key file.
+    assert!(c.listeners[0].mac.required() && c.serial[0].mac.required());
+    let keys = c.terminal_keys.as_ref().expect("terminal keys");
+    assert!(keys.keys.signing_key("TERM0001").is_some() && keys.keys.signing_key("TERM0002").is_some());
     // The journal key it read is never in its Debug form.
     assert!(c.journal_keys.is_some() && !format!("{c:?}").contains(&"ab".repeat(32)));
     assert_eq!(c.response_deadline, Duration::from_secs(15));

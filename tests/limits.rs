@@ -75,6 +75,7 @@ fn limits_in_the_configuration_are_checked() {
     let d = dir("config");
     std::fs::create_dir_all(&d).unwrap();
     common::write_key(&d.join("journal.keys"), &format!("1:{}", "ab".repeat(32)));
+    common::write_example_terminal_keys(&d);
     let text = std::fs::read_to_string("protocols/gateway.example.toml").unwrap();
     let path = d.join("gateway.toml");
     let c = GatewayConfig::parse(&text, &path).unwrap();

@@ -122,6 +122,7 @@ fn the_example_configuration_sets_the_reversal_window_and_its_range_is_checked()
     let d = dir("config");
     std::fs::create_dir_all(&d).unwrap();
     common::write_key(&d.join("journal.keys"), &format!("1:{}", "ab".repeat(32)));
+    common::write_example_terminal_keys(&d);
     let text = std::fs::read_to_string("protocols/gateway.example.toml").unwrap();
     let path = d.join("gateway.toml");
     let c = GatewayConfig::parse(&text, &path).unwrap();

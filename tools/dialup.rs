@@ -26,6 +26,7 @@ use tokio::io::AsyncBufReadExt;
 #[derive(Parser)]
 #[command(
     name = "pingate-dialup",
+    version,
     about = "Hayes modem emulator and dial-up terminal on a pseudo-terminal"
 )]
 struct Cli {

@@ -1,8 +1,9 @@
 //! `pingate-load`: the load generator. N terminal connections against a gateway's listener, closed loop (requests
 //! in flight per connection) or open loop (a target rate), a product mix, a duration. Reports throughput and latency
-//! percentiles from an HDR histogram, answers by response code, a progress line while it runs; writes a JSON result
-//! and an SVG plot of latency and throughput over time. `--echo-ceiling` first runs the same load against a bare
-//! echo server of the same framing in this process: the machine's own limit, reported beside the gateway as a ratio.
+//! percentiles from an HDR histogram, answers by response code, a progress bar while it runs (on a terminal);
+//! writes a JSON result and an SVG plot of latency and throughput over time. `--echo-ceiling` first runs the same
+//! load against a bare echo server of the same framing in this process: the machine's own limit, reported beside
+//! the gateway as a ratio.
 //! `--cpu NAME=PID` (repeatable) reads each named process's CPU time at the start and the end of the gateway's run
 //! and reports it per answered request, beside the load generator's own.
 //!
@@ -15,8 +16,6 @@
 //! ```
 #![forbid(unsafe_code)]
 
-use std::fmt::Write as _;
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,7 +32,7 @@ use pingate::traffic::sim::WireArgs;
 use serde_json::json;
 
 #[derive(Parser)]
-#[command(name = "pingate-load", about = "Load generator for pingate gateways")]
+#[command(name = "pingate-load", version, about = "Load generator for pingate gateways")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -69,7 +68,8 @@ struct RunArgs {
     terminal_prefix: String,
     #[arg(long, default_value = pingate::traffic::sim::MERCHANT)]
     merchant: String,
-    /// Transmission date-time of every sale (MMDDhhmmss); give a new one per run against the same gateway.
+    /// Transmission date-time of every sale (MMDDhhmmss); default: each sale's own time, as a terminal's clock
+    /// gives it.
     #[arg(long)]
     transmission: Option<String>,
     /// Run the same load against an in-process echo server first: the machine's ceiling, and the ratio.
@@ -81,7 +81,7 @@ struct RunArgs {
     /// Write latency and throughput over time as SVG.
     #[arg(long)]
     svg: Option<PathBuf>,
-    /// No progress line.
+    /// No progress bar (there is none anyway when stderr is not a terminal).
     #[arg(long)]
     quiet: bool,
     /// NAME=PID: report the CPU time (user + system, from /proc/PID/stat) process PID spends over the gateway's run,
@@ -178,112 +178,6 @@ fn print_line(name: &str, r: &LoadReport) {
     }
 }
 
-/// Latency (p50, p99) and throughput per second, as an SVG a browser opens.
-fn svg(title: &str, r: &LoadReport) -> String {
-    let (w, h, left, right, top, bottom) = (900.0, 420.0, 70.0, 70.0, 40.0, 50.0);
-    let n = r.seconds.len().max(1);
-    let pct = |s: &pingate::traffic::load::Second, q: f64| {
-        if s.latency.is_empty() {
-            0.0
-        } else {
-            s.latency.value_at_quantile(q) as f64 / 1e3
-        }
-    };
-    let max_lat = r.seconds.iter().map(|s| pct(s, 0.99)).fold(0.1, f64::max) * 1.1;
-    let max_rate = r.seconds.iter().map(|s| s.answered as f64).fold(1.0, f64::max) * 1.1;
-    let x = |i: usize| left + (w - left - right) * (i as f64 + 0.5) / n as f64;
-    let y_lat = |v: f64| top + (h - top - bottom) * (1.0 - v / max_lat);
-    let y_rate = |v: f64| top + (h - top - bottom) * (1.0 - v / max_rate);
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-    let _ = writeln!(s, r#"<text x="{left}" y="22" font-size="15">{title}</text>"#);
-    // Throughput bars (right axis).
-    let bw = ((w - left - right) / n as f64 * 0.8).max(1.0);
-    for (i, sec) in r.seconds.iter().enumerate() {
-        let y = y_rate(sec.answered as f64);
-        let _ = writeln!(
-            s,
-            r##"<rect x="{:.1}" y="{y:.1}" width="{bw:.1}" height="{:.1}" fill="#dde8f4"/>"##,
-            x(i) - bw / 2.0,
-            h - bottom - y
-        );
-    }
-    for (q, colour, name) in [(0.5, "#2a7", "p50"), (0.99, "#c33", "p99")] {
-        let pts: Vec<String> = r
-            .seconds
-            .iter()
-            .enumerate()
-            .map(|(i, sec)| format!("{:.1},{:.1}", x(i), y_lat(pct(sec, q))))
-            .collect();
-        let _ = writeln!(
-            s,
-            r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
-            pts.join(" ")
-        );
-        let ly = if q < 0.9 { 40.0 } else { 56.0 };
-        let _ = writeln!(
-            s,
-            r#"<text x="{}" y="{ly}" fill="{colour}">{name} latency</text>"#,
-            w - right - 90.0
-        );
-    }
-    let _ = writeln!(
-        s,
-        r##"<text x="{}" y="72" fill="#7a9cc0">answers per second</text>"##,
-        w - right - 90.0
-    );
-    // Axes and ticks.
-    let _ = writeln!(
-        s,
-        r#"<line x1="{left}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#,
-        h - bottom,
-        w - right,
-        h - bottom
-    );
-    let _ = writeln!(
-        s,
-        r#"<line x1="{left}" y1="{top}" x2="{left}" y2="{}" stroke="black"/>"#,
-        h - bottom
-    );
-    for k in 0..=4 {
-        let v = max_lat * k as f64 / 4.0;
-        let r8 = max_rate * k as f64 / 4.0;
-        let _ = writeln!(
-            s,
-            r#"<text x="{}" y="{:.1}" text-anchor="end">{v:.1} ms</text>"#,
-            left - 6.0,
-            y_lat(v) + 4.0
-        );
-        let _ = writeln!(
-            s,
-            r#"<text x="{}" y="{:.1}">{r8:.0}/s</text>"#,
-            w - right + 6.0,
-            y_rate(r8) + 4.0
-        );
-    }
-    let step = (n / 10).max(1);
-    for i in (0..n).step_by(step) {
-        let _ = writeln!(
-            s,
-            r#"<text x="{:.1}" y="{}" text-anchor="middle">{i}s</text>"#,
-            x(i),
-            h - bottom + 18.0
-        );
-    }
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="{}" text-anchor="middle">seconds into the run</text>"#,
-        (left + w - right) / 2.0,
-        h - 10.0
-    );
-    s.push_str("</svg>\n");
-    s
-}
-
 async fn load(
     spec: LoadSpec,
     dialect: Arc<pingate::iso8583::Dialect>,
@@ -296,35 +190,35 @@ async fn load(
         progress: Some(progress.clone()),
         ..spec
     };
-    let tty = std::io::stderr().is_terminal();
+    // A bar over the run's duration, with what was sent and answered so far; drawn only on a terminal (indicatif
+    // hides it when stderr is a pipe or a file), and not at all with --quiet.
     let ticker = (!quiet).then(|| {
-        let (p, name) = (progress.clone(), name.to_string());
-        tokio::spawn(async move {
-            let mut last = 0;
-            for t in 1.. {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let a = p.answered.load(Ordering::Relaxed);
-                let line = format!(
-                    "[{name} {t:>4}s] sent {} answered {a} approved {} ({}/s)",
-                    p.sent.load(Ordering::Relaxed),
-                    p.approved.load(Ordering::Relaxed),
-                    a - last
-                );
-                last = a;
-                if tty {
-                    eprint!("\r{line}   ");
-                } else {
-                    eprintln!("{line}");
+        let bar = pingate::progress::timed(name, spec.duration.as_secs_f64().ceil() as u64);
+        let p = progress.clone();
+        let task = {
+            let bar = bar.clone();
+            tokio::spawn(async move {
+                let mut last = 0;
+                for t in 1.. {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let a = p.answered.load(Ordering::Relaxed);
+                    bar.set_position(t);
+                    bar.set_message(format!(
+                        "sent {} answered {a} approved {} ({}/s)",
+                        p.sent.load(Ordering::Relaxed),
+                        p.approved.load(Ordering::Relaxed),
+                        a - last
+                    ));
+                    last = a;
                 }
-            }
-        })
+            })
+        };
+        (bar, task)
     });
     let r = run_secured(spec, dialect, security).await;
-    if let Some(t) = ticker {
-        t.abort();
-        if tty {
-            eprintln!();
-        }
+    if let Some((bar, task)) = ticker {
+        task.abort();
+        bar.finish_and_clear();
     }
     r
 }
@@ -362,10 +256,7 @@ async fn run_cmd(a: RunArgs) -> Result<bool, String> {
         terminal_prefix: a.terminal_prefix.clone(),
         merchant: a.merchant.clone(),
         mix,
-        transmission: a
-            .transmission
-            .clone()
-            .unwrap_or_else(pingate::traffic::sim::now_transmission),
+        transmission: a.transmission.clone(),
         progress: None,
     };
     let security = LoadSecurity {
@@ -461,7 +352,8 @@ async fn run_cmd(a: RunArgs) -> Result<bool, String> {
             r.rate(),
             r.quantile_ms(0.99)
         );
-        std::fs::write(path, svg(&title, &r)).map_err(|e| format!("{}: {e}", path.display()))?;
+        let svg = pingate::traffic::plot::load_svg(&title, &r).map_err(|e| e.to_string())?;
+        std::fs::write(path, svg).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     // Every request must have been answered.
     Ok(r.answered() == r.sent)

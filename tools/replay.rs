@@ -4,7 +4,9 @@
 //!   again and compares each answer with the captured one; `--offline` checks the frames against the codec alone.
 //! - `pingate-replay import FILE.pcapng --port 9000 --framing binary2 --dialect iso87-bcd --tpdu -o out.capture`:
 //!   reads a pcap or pcapng file (tcpdump, tshark, Wireshark), reassembles the TCP streams of the port, cuts them
-//!   into frames and writes a capture file, PIN values masked (`--pins omitted` leaves field 63 out).
+//!   into frames and writes a capture file, PIN values masked (`--pins omitted` leaves field 63 out). Answers of a
+//!   host that is not pingate keep their place: `--pin-at 62`, `--pin-at 63:PI` or `--pin-at 63@5+16` says where
+//!   that host's PINs are and exactly those are masked; without it a field 63 of another layout is masked whole.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -16,7 +18,11 @@ use pingate::traffic::capture::PinPolicy;
 use pingate::traffic::pcap::{import, ImportOptions};
 
 #[derive(Parser)]
-#[command(name = "pingate-replay", about = "Replay and import captured terminal traffic")]
+#[command(
+    name = "pingate-replay",
+    version,
+    about = "Replay and import captured terminal traffic"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -44,6 +50,13 @@ enum Cmd {
         /// masked (default), omitted (field 63 left out) or clear (test traffic only).
         #[arg(long, default_value = "masked")]
         pins: String,
+        /// Where the host puts PINs in its answers, when it is not pingate (repeatable): `FIELD` (the whole
+        /// field), `FIELD:TAG` (the value of element TAG, in pingate's field-63 TLV form: a 2-character tag, a
+        /// 3-digit length, the value) or `FIELD@OFFSET+LEN` (LEN characters of the field's value from OFFSET,
+        /// counted from 0). Exactly those are masked, lengths kept. Without it, a field 63 that is not pingate's
+        /// receipt layout is masked whole.
+        #[arg(long = "pin-at", value_name = "PLACE")]
+        pin_at: Vec<pingate::traffic::capture::PinLocation>,
         #[arg(long, default_value_t = 8192)]
         max_frame: usize,
         /// The capture file to write.
@@ -65,6 +78,7 @@ fn main() -> ExitCode {
             tpdu,
             dialect,
             pins,
+            pin_at,
             max_frame,
             output,
         } => (|| {
@@ -80,6 +94,7 @@ fn main() -> ExitCode {
                 tpdu,
                 max_frame,
                 pins,
+                pin_at,
             };
             let (capture, report) =
                 import(&bytes, d, &dialect, &opts).map_err(|e| format!("{}: {e}", pcap.display()))?;

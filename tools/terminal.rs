@@ -32,7 +32,7 @@ use pingate::traffic::scenario::{result_json, Scenario};
 use pingate::traffic::sim::{Identity, TerminalClient, WireArgs};
 
 #[derive(Parser)]
-#[command(name = "pingate-terminal", about = "Simulated POS terminals over TCP")]
+#[command(name = "pingate-terminal", version, about = "Simulated POS terminals over TCP")]
 struct Cli {
     /// The gateway's terminal listener.
     #[arg(long, required_unless_present = "serial")]

@@ -33,6 +33,7 @@ fuzz_target!(|data: &[u8]| {
             tpdu,
             max_frame: 4096,
             pins: PinPolicy::Masked,
+            pin_at: Vec::new(),
         };
         let _ = import(data, d, "iso87-ascii-binbitmap", &opts);
     }

@@ -9,8 +9,9 @@
 //! ```
 //!
 //! - `#!` lines carry settings (`key=value`, space separated): `framing` and `tpdu` (how the frames were carried),
-//!   `dialect`, `pins` (`masked`: PIN values replaced by `*`, `omitted`: field 63 left out, `clear`: as sent). Other
-//!   `#` lines are comments.
+//!   `dialect`, `pins` (`masked`: PIN values replaced by `*`, `omitted`: field 63 left out, `clear`: as sent; in an
+//!   import of another host's traffic, the places `--pin-at` names, or its whole field 63: [`protect_answer`]).
+//!   Other `#` lines are comments.
 //! - Each frame: seconds since the capture started (decimal), the connection number, `T` (from the terminal) or `H`
 //!   (from the host, i.e. the gateway), and the frame's content in hex: the TPDU if any, then the message, without
 //!   the length header (the framing is a setting, so a capture can be replayed on any framing). An empty frame (a
@@ -287,50 +288,312 @@ fn record_line(at: Duration, conn: u64, dir: Direction, data: &[u8]) -> String {
     )
 }
 
-/// An answer's bytes with its PIN values treated by `policy`; `tpdu` bytes come first and are kept. A message that
-/// does not decode is left out entirely (`None`): it cannot be checked for PINs.
-pub fn protect_pins(dialect: &Dialect, data: &[u8], tpdu: bool, policy: PinPolicy) -> Option<Bytes> {
+/// Where a host that is not pingate puts the PINs of its answers (`pingate-replay import --pin-at`).
+///
+/// Written `FIELD` (the whole field), `FIELD:TAG` (the value of every element `TAG` of the field, read in
+/// pingate's field-63 TLV form: a 2-character ASCII tag, the value's length in 3 ASCII digits, the value; see
+/// `protocols/pin-sale-messages.md`) or `FIELD@OFFSET+LEN` (`LEN` bytes of the field's value from `OFFSET`, counted
+/// from 0 in the value as decoded: characters for text and numeric fields, bytes for binary ones).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PinLocation {
+    Field(u8),
+    Tag { field: u8, tag: [u8; 2] },
+    Span { field: u8, offset: usize, len: usize },
+}
+
+impl PinLocation {
+    /// The field it is in.
+    pub fn field(&self) -> u8 {
+        match self {
+            PinLocation::Field(f) | PinLocation::Tag { field: f, .. } | PinLocation::Span { field: f, .. } => *f,
+        }
+    }
+}
+
+impl std::fmt::Display for PinLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PinLocation::Field(n) => write!(f, "{n}"),
+            PinLocation::Tag { field, tag } => write!(f, "{field}:{}", String::from_utf8_lossy(tag)),
+            PinLocation::Span { field, offset, len } => write!(f, "{field}@{offset}+{len}"),
+        }
+    }
+}
+
+impl std::str::FromStr for PinLocation {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<PinLocation, String> {
+        let field_of = |t: &str| -> Result<u8, String> {
+            t.parse::<u8>()
+                .ok()
+                .filter(|n| (2..=128).contains(n))
+                .ok_or_else(|| format!("`{s}`: `{t}` is not a field number (2-128)"))
+        };
+        if let Some((field, tag)) = s.split_once(':') {
+            let field = field_of(field)?;
+            let tag: [u8; 2] = tag
+                .as_bytes()
+                .try_into()
+                .ok()
+                .filter(|t: &[u8; 2]| t.iter().all(u8::is_ascii_graphic))
+                .ok_or_else(|| format!("`{s}`: a tag is 2 printable ASCII characters (pingate's field-63 TLV form)"))?;
+            Ok(PinLocation::Tag { field, tag })
+        } else if let Some((field, span)) = s.split_once('@') {
+            let field = field_of(field)?;
+            let (offset, len) = span
+                .split_once('+')
+                .and_then(|(o, l)| Some((o.parse::<usize>().ok()?, l.parse::<usize>().ok()?)))
+                .filter(|(_, l)| *l > 0)
+                .ok_or_else(|| format!("`{s}`: FIELD@OFFSET+LEN with LEN at least 1, e.g. 62@10+16"))?;
+            Ok(PinLocation::Span { field, offset, len })
+        } else {
+            Ok(PinLocation::Field(field_of(s)?))
+        }
+    }
+}
+
+/// Something done to an answer's PIN data that a person should know (reported once per kind, with a count).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PinNote {
+    /// Field 63 is not pingate's receipt layout and no `--pin-at` was given: masked whole (or omitted).
+    NotReceipt { field: u8 },
+    /// A `--pin-at` place is not in a field that is present (no such tag, the field shorter than the span, a TLV
+    /// that does not parse): that whole field was masked.
+    PlaceMissing { place: PinLocation, why: String },
+}
+
+/// Why an answer was left out of a capture.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// It does not decode in the dialect, so it cannot be checked for PINs.
+    DoesNotDecode(String),
+    /// Masked, it no longer encodes (a field whose class takes neither `*` nor `0`).
+    DoesNotEncode(String),
+    /// A PIN found at its place is still somewhere else in the message.
+    PinElsewhere { field: u8 },
+}
+
+/// An answer with its PINs treated.
+#[derive(Clone, Debug)]
+pub struct Protected {
+    pub data: Bytes,
+    pub notes: Vec<PinNote>,
+}
+
+/// The character a masked byte of field `n` becomes: `*`, as pingate masks its own PINs, or `0` where the field's
+/// class does not take `*` (numeric, alphanumeric, track fields), so the answer still encodes with its length.
+fn mask_char(dialect: &Dialect, n: u8) -> u8 {
+    match dialect.field(n) {
+        Some(spec) if !spec.class.allows(b'*') => b'0',
+        _ => b'*',
+    }
+}
+
+/// An element of a value in pingate's field-63 TLV form: its tag and where its value is.
+type TlvElement = ([u8; 2], std::ops::Range<usize>);
+
+/// The elements of a value in pingate's field-63 TLV form.
+fn tlv_elements(data: &[u8]) -> Result<Vec<TlvElement>, String> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < data.len() {
+        let head = data.get(i..i + 5).ok_or_else(|| {
+            format!(
+                "TLV element header at offset {i} needs 5 bytes, {} remain",
+                data.len() - i
+            )
+        })?;
+        if !head[2..].iter().all(u8::is_ascii_digit) {
+            return Err(format!("TLV length at offset {} is not 3 digits", i + 2));
+        }
+        let len = head[2..].iter().fold(0usize, |a, d| a * 10 + usize::from(d - b'0'));
+        if data.len() - i - 5 < len {
+            return Err(format!(
+                "TLV element at offset {i} announces {len} bytes, {} remain",
+                data.len() - i - 5
+            ));
+        }
+        out.push(([head[0], head[1]], i + 5..i + 5 + len));
+        i += 5 + len;
+    }
+    Ok(out)
+}
+
+/// Replaces every other occurrence of `pin` in `value` (a receipt line that prints it, say) with `c`.
+fn mask_occurrences(value: &mut [u8], pin: &[u8], c: u8) {
+    if pin.is_empty() {
+        return;
+    }
+    let mut i = 0;
+    while i + pin.len() <= value.len() {
+        if &value[i..i + pin.len()] == pin {
+            value[i..i + pin.len()].fill(c);
+            i += pin.len();
+        } else {
+            i += 1;
+        }
+    }
+}
+
+/// PINs shorter than this are not searched for elsewhere in the message: 4 digits occur by chance in amounts and
+/// dates, and masking them there would change data that is not a PIN.
+const PIN_SEARCH_MIN: usize = 4;
+
+/// An answer's bytes with its PIN values treated by `policy`; `tpdu` bytes come first and are kept.
+///
+/// - Each `pin_at` place present in the answer is masked exactly (its bytes become `*`, or `0` in a field that does
+///   not take `*`; lengths kept), and so is any other occurrence of the PIN found there in the same field. A place
+///   missing from a field that is present masks that whole field.
+/// - Field 63, unless a `pin_at` names it: pingate's receipt layout has its PIN masked wherever the receipt prints
+///   it; another layout is masked whole when `pin_at` is empty (the capture of any host keeps its answers), and
+///   kept when `pin_at` is given (the user said where that host's PINs are).
+/// - `Omitted` leaves out field 63 and every field `pin_at` names instead of masking.
+///
+/// An answer that does not decode cannot be checked and is refused, as is one whose PIN (of at least 8 characters,
+/// the last check) is still elsewhere in its bytes.
+pub fn protect_answer(
+    dialect: &Dialect,
+    data: &[u8],
+    tpdu: bool,
+    policy: PinPolicy,
+    pin_at: &[PinLocation],
+) -> Result<Protected, Refused> {
+    let mut notes = Vec::new();
     if policy == PinPolicy::Clear {
-        return Some(Bytes::copy_from_slice(data));
+        return Ok(Protected {
+            data: Bytes::copy_from_slice(data),
+            notes,
+        });
     }
     let head = if tpdu { 5.min(data.len()) } else { 0 };
     let body = Bytes::copy_from_slice(&data[head..]);
     if body.is_empty() {
-        return Some(Bytes::copy_from_slice(data));
+        return Ok(Protected {
+            data: Bytes::copy_from_slice(data),
+            notes,
+        });
     }
-    let mut msg: Message = dialect.decode(&body).ok()?;
-    let mut pin = None;
-    if let Some(f) = msg.get(63).cloned() {
-        // Field 63 that is not a readable receipt cannot be checked for a PIN: the frame is left out.
-        let mut r = PinReceipt::from_tlv(&f).ok()?;
-        let value = r.pin.expose().to_string();
-        match policy {
-            PinPolicy::Omitted => {
-                msg.remove(63);
-            }
-            _ => {
-                // The PIN may also be printed in a receipt line ("dial *100*PIN#") or a serial: masked everywhere.
-                let stars = "*".repeat(value.len());
-                if !value.is_empty() {
-                    r.serial = r.serial.replace(&value, &stars);
-                    r.lines = r.lines.iter().map(|l| l.replace(&value, &stars)).collect();
+    let mut msg: Message = dialect
+        .decode(&body)
+        .map_err(|e| Refused::DoesNotDecode(e.to_string()))?;
+    // PINs found, with the field they came from: none of them may be left in the answer's bytes. Wiped when
+    // dropped, as pingate's own `Pin` is.
+    let mut pins: Vec<(u8, zeroize::Zeroizing<Vec<u8>>)> = Vec::new();
+    let mut named: Vec<u8> = pin_at.iter().map(PinLocation::field).collect();
+    named.sort_unstable();
+    named.dedup();
+    for &field in &named {
+        let Some(value) = msg.get(field).cloned() else { continue };
+        if policy == PinPolicy::Omitted {
+            msg.remove(field);
+            continue;
+        }
+        let c = mask_char(dialect, field);
+        let mut v = value.to_vec();
+        let mut found: Vec<zeroize::Zeroizing<Vec<u8>>> = Vec::new();
+        let mut whole = false;
+        for place in pin_at.iter().filter(|p| p.field() == field) {
+            let ranges = match place {
+                PinLocation::Field(_) => Ok(std::iter::once(0..v.len()).collect::<Vec<_>>()),
+                PinLocation::Span { offset, len, .. } => match offset.checked_add(*len) {
+                    Some(end) if end <= value.len() => Ok(std::iter::once(*offset..end).collect()),
+                    _ => Err(format!("field {field} is shorter than the span")),
+                },
+                PinLocation::Tag { tag, .. } => match tlv_elements(&value) {
+                    Ok(els) => {
+                        let r: Vec<_> = els.into_iter().filter(|(t, _)| t == tag).map(|(_, r)| r).collect();
+                        if r.is_empty() {
+                            Err(format!(
+                                "field {field} has no element {} in pingate's TLV form",
+                                String::from_utf8_lossy(tag)
+                            ))
+                        } else {
+                            Ok(r)
+                        }
+                    }
+                    Err(e) => Err(format!("field {field} is not in pingate's TLV form ({e})")),
+                },
+            };
+            match ranges {
+                Ok(ranges) => {
+                    for r in ranges {
+                        found.push(zeroize::Zeroizing::new(value[r.clone()].to_vec()));
+                        v[r].fill(c);
+                    }
                 }
-                r.pin = crate::sale::Pin::new(stars);
-                msg.set(63, r.to_tlv().ok()?.into_bytes());
+                Err(why) => {
+                    notes.push(PinNote::PlaceMissing {
+                        place: place.clone(),
+                        why,
+                    });
+                    whole = true;
+                }
             }
         }
-        pin = Some(value);
+        if whole {
+            v.fill(c);
+        }
+        for pin in &found {
+            if pin.len() >= PIN_SEARCH_MIN {
+                mask_occurrences(&mut v, pin, c);
+            }
+        }
+        pins.extend(found.into_iter().map(|p| (field, p)));
+        msg.set(field, v);
     }
-    let enc = dialect.encode(&msg).ok()?;
+    if let (Some(f), false) = (msg.get(63).cloned(), named.contains(&63)) {
+        match PinReceipt::from_tlv(&f) {
+            Ok(mut r) => {
+                let value = r.pin.expose().to_string();
+                if policy == PinPolicy::Omitted {
+                    msg.remove(63);
+                } else {
+                    // The PIN may also be printed in a receipt line ("dial *100*PIN#") or a serial: masked everywhere.
+                    let stars = "*".repeat(value.len());
+                    if !value.is_empty() {
+                        r.serial = r.serial.replace(&value, &stars);
+                        r.lines = r.lines.iter().map(|l| l.replace(&value, &stars)).collect();
+                    }
+                    r.pin = crate::sale::Pin::new(stars);
+                    let tlv = r.to_tlv().map_err(|e| Refused::DoesNotEncode(e.to_string()))?;
+                    msg.set(63, tlv.into_bytes());
+                }
+                pins.push((63, zeroize::Zeroizing::new(value.into_bytes())));
+            }
+            Err(_) if pin_at.is_empty() => {
+                // Another host's layout: where its PIN is, is not known, so none of it is kept.
+                notes.push(PinNote::NotReceipt { field: 63 });
+                if policy == PinPolicy::Omitted {
+                    msg.remove(63);
+                } else {
+                    msg.set(63, vec![mask_char(dialect, 63); f.len()]);
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    let enc = dialect
+        .encode(&msg)
+        .map_err(|e| Refused::DoesNotEncode(e.to_string()))?;
     let mut out = data[..head].to_vec();
     out.extend_from_slice(&enc);
-    // The last word: if the PIN is still in there, in any field, nothing is written.
-    if let Some(p) = pin.filter(|p| p.len() >= 8) {
-        if out.windows(p.len()).any(|w| w == p.as_bytes()) {
-            return None;
+    // The last word: if a PIN is still in there, in any field, nothing is written.
+    for (field, p) in &pins {
+        if p.len() >= 8 && out.windows(p.len()).any(|w| w == &p[..]) {
+            return Err(Refused::PinElsewhere { field: *field });
         }
     }
-    Some(Bytes::from(out))
+    Ok(Protected {
+        data: Bytes::from(out),
+        notes,
+    })
+}
+
+/// An answer's bytes with its PIN values treated by `policy`, as pingate's own answers carry them (field 63 in the
+/// receipt layout; another layout masked whole); `None` when it cannot be checked ([`protect_answer`]).
+pub fn protect_pins(dialect: &Dialect, data: &[u8], tpdu: bool, policy: PinPolicy) -> Option<Bytes> {
+    protect_answer(dialect, data, tpdu, policy, &[]).ok().map(|p| p.data)
 }
 
 /// Opens the capture file of `source` (a listener or a serial line, for the log), logging what it does; `None`, and
@@ -506,5 +769,78 @@ mod tests {
         );
         // A frame that does not decode cannot be checked: left out.
         assert_eq!(protect_pins(dialect, b"0210garbage", false, PinPolicy::Masked), None);
+    }
+
+    #[test]
+    fn pin_places_parse_and_print_back() {
+        for (text, place) in [
+            ("63", PinLocation::Field(63)),
+            ("62:PI", PinLocation::Tag { field: 62, tag: *b"PI" }),
+            (
+                "48@10+16",
+                PinLocation::Span {
+                    field: 48,
+                    offset: 10,
+                    len: 16,
+                },
+            ),
+        ] {
+            assert_eq!(text.parse::<PinLocation>().unwrap(), place);
+            assert_eq!(place.to_string(), text);
+        }
+        for bad in ["", "0", "129", "63:", "63:ABC", "63@", "63@1", "63@1+0", "x:PN"] {
+            assert!(bad.parse::<PinLocation>().is_err(), "{bad}");
+        }
+    }
+
+    /// Another host's answer: a PIN in a field that does not take `*` (37, class an: masked with `0`), one at an offset
+    /// of a text field, and a place the answer does not have (that field masked whole, the reason noted).
+    #[test]
+    fn a_foreign_layout_is_masked_where_told_with_lengths_kept() {
+        let d = crate::iso8583::Dialects::builtin();
+        let dialect = d.get("iso87-ascii").unwrap();
+        let mut m = Message::new(crate::iso8583::Mti::SALE_RESPONSE);
+        m.set(11, "000001").set(39, "00").set(37, "123456789012");
+        m.set(48, "SER1 PIN 99887766554433 END 99887766554433");
+        m.set(62, "NO TLV HERE");
+        m.set(63, "something of its own");
+        let raw = dialect.encode(&m).unwrap();
+        let at: Vec<PinLocation> = ["37", "48@9+14", "62:PI"].iter().map(|p| p.parse().unwrap()).collect();
+        let p = protect_answer(dialect, &raw, false, PinPolicy::Masked, &at).unwrap();
+        assert_eq!(p.data.len(), raw.len(), "lengths kept");
+        let got = dialect.decode(&p.data).unwrap();
+        assert_eq!(got.get_str(37), Some("000000000000"), "an: 0");
+        assert_eq!(got.get_str(48), Some("SER1 PIN ************** END **************"));
+        assert_eq!(got.get_str(62), Some("***********"), "no such tag: masked whole");
+        assert_eq!(
+            got.get_str(63),
+            Some("something of its own"),
+            "--pin-at given: 63 is the user's call"
+        );
+        assert!(matches!(
+            &p.notes[..],
+            [PinNote::PlaceMissing {
+                place: PinLocation::Tag { field: 62, .. },
+                ..
+            }]
+        ));
+        // Without --pin-at, field 63 of another layout is masked whole; omitted, it is left out.
+        let p = protect_answer(dialect, &raw, false, PinPolicy::Masked, &[]).unwrap();
+        assert_eq!(
+            dialect.decode(&p.data).unwrap().get_str(63),
+            Some("********************")
+        );
+        assert_eq!(p.notes, [PinNote::NotReceipt { field: 63 }]);
+        let p = protect_answer(dialect, &raw, false, PinPolicy::Omitted, &at).unwrap();
+        let got = dialect.decode(&p.data).unwrap();
+        assert!(!got.has(37) && !got.has(48) && !got.has(62) && got.has(63));
+        // A PIN still elsewhere (field 44 here) refuses the answer.
+        m.set(44, "99887766554433");
+        let raw = dialect.encode(&m).unwrap();
+        let at: Vec<PinLocation> = vec!["48@9+14".parse().unwrap()];
+        assert_eq!(
+            protect_answer(dialect, &raw, false, PinPolicy::Masked, &at).unwrap_err(),
+            Refused::PinElsewhere { field: 48 }
+        );
     }
 }

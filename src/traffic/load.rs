@@ -105,7 +105,7 @@ impl MixItem {
     }
 }
 
-/// Counters a progress line reads while the load runs.
+/// Counters the progress bar reads while the load runs.
 #[derive(Debug, Default)]
 pub struct Progress {
     pub sent: AtomicU64,
@@ -130,8 +130,11 @@ pub struct LoadSpec {
     pub merchant: String,
     /// Products and amounts, by weight (request `stan` of every connection takes its turn in the mix).
     pub mix: Vec<MixItem>,
-    /// Distinguishes runs against the same gateway (the sale keys must be new).
-    pub transmission: String,
+    /// Field 7 of every sale (`MMDDhhmmss`); `None`: each sale's own time, as a terminal's clock gives it. A fixed
+    /// one makes every key of the run as old as its start: a gateway sells from its cache only keys newer than what
+    /// it has forgotten (`clock_skew_secs`), so once its repeat window has turned over, such a run's sales all go
+    /// to the PIN server.
+    pub transmission: Option<String>,
     pub progress: Option<Arc<Progress>>,
 }
 
@@ -376,7 +379,10 @@ async fn connection(
         let item = spec.item(stan);
         let s = SaleSpec {
             stan,
-            transmission: spec.transmission.clone(),
+            transmission: spec
+                .transmission
+                .clone()
+                .unwrap_or_else(crate::traffic::sim::now_transmission),
             product: item.product.clone(),
             amount: item.amount,
             currency: item.currency.clone(),

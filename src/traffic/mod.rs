@@ -13,6 +13,7 @@
 //! - [`capture`] — capture files of terminal traffic (text, one frame per line), written by the gateway and read by
 //!   the replay.
 //! - [`pcap`] — import of pcap and pcapng files: TCP streams of a port reassembled and cut into frames.
+//! - [`plot`] — the load generator's SVG plot of latency and throughput over time (plotters).
 //! - [`secure`] — TLS to terminal listeners and terminals' MAC keys for the tools (`--tls`, `--mac-key-file`).
 //! - [`replay`] — replays a capture against a gateway (answers compared field by field) or the codec alone.
 
@@ -20,6 +21,7 @@ pub mod capture;
 pub mod dialsim;
 pub mod load;
 pub mod pcap;
+pub mod plot;
 pub mod procfs;
 pub mod replay;
 pub mod scenario;

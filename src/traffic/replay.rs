@@ -36,6 +36,8 @@ pub struct ReplayOptions {
     /// TLS to the listener; requests MACed again with their terminals' keys (the answers' MAC fields are then not
     /// compared: they cover fields that differ by nature, and a capture made without MACs has none).
     pub security: crate::traffic::secure::Security,
+    /// Advanced by one for each request replayed (`pingate replay` draws it on a terminal; hidden by default).
+    pub progress: indicatif::ProgressBar,
 }
 
 impl ReplayOptions {
@@ -47,6 +49,7 @@ impl ReplayOptions {
             ignore: BTreeSet::new(),
             timeout: Duration::from_secs(30),
             security: Default::default(),
+            progress: indicatif::ProgressBar::hidden(),
         }
     }
 }
@@ -276,6 +279,7 @@ async fn one_connection(
         Err(e) => {
             for r in records.iter().filter(|r| r.dir == Direction::Terminal) {
                 report.requests += 1;
+                opts.progress.inc(1);
                 report
                     .missing
                     .push(finding(r, format!("cannot connect to {}: {e}", opts.addr)));
@@ -291,6 +295,8 @@ async fn one_connection(
             continue;
         }
         report.requests += 1;
+        // Counted when its turn comes: a request that ends early (no answer, a send that failed) is done too.
+        opts.progress.inc(1);
         if opts.original_pacing {
             if let Some(t) = start.checked_add(r.at) {
                 tokio::time::sleep_until(t).await;
@@ -537,8 +543,14 @@ pub async fn run_cli(args: ReplayArgs) -> Result<bool, String> {
         ignore,
         timeout: Duration::from_millis(args.timeout_ms),
         security,
+        progress: crate::progress::bar(
+            "replaying",
+            capture.records.iter().filter(|r| r.dir == Direction::Terminal).count() as u64,
+            "requests",
+        ),
     };
     let r = replay(&capture, dialect, &opts).await;
+    opts.progress.finish_and_clear();
     for f in &r.mismatches {
         println!("differs: {f}");
     }

@@ -53,6 +53,28 @@ pub fn topup(amounts: &[i64]) -> Product {
 }
 
 /// Writes a key file as an operator must: readable by its owner only (a key file others can read is refused).
+/// The terminal MAC keys `protocols/gateway.example.toml` names, written into `dir` (its `terminal.kek` and
+/// `terminal-keys.toml`): a retail-DES key for TERM0001 (a dial-up terminal), an AES-CMAC key for TERM0002.
+#[allow(dead_code)]
+pub fn write_example_terminal_keys(dir: &std::path::Path) {
+    use pingate::mac::{MacAlgorithm, MacKey};
+    use pingate::terminal_keys::{load_kek, TerminalKeyFile};
+    let kek_path = dir.join("terminal.kek");
+    pingate::tls::write_new_key(&kek_path).unwrap();
+    let kek = load_kek(&kek_path).unwrap();
+    let path = dir.join("terminal-keys.toml");
+    let mut file = TerminalKeyFile::load_or_new(&path).unwrap();
+    for (terminal, algorithm) in [
+        ("TERM0001", MacAlgorithm::RetailDes),
+        ("TERM0002", MacAlgorithm::AesCmac),
+    ] {
+        let key = MacKey::generate(algorithm).unwrap();
+        file.add(&kek, terminal, &key, pingate::clock::unix_now(), None)
+            .unwrap();
+    }
+    file.save(&path).unwrap();
+}
+
 pub fn write_key(path: &std::path::Path, text: &str) {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
