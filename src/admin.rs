@@ -231,22 +231,28 @@ pub(crate) enum PinsCommand {
 /// `pingate limits`: merchants' limits kept by the PIN server across every gateway (issue 20, §4).
 #[derive(Subcommand)]
 pub(crate) enum LimitsCommand {
-    /// Set a merchant's value per UTC day in a currency (minor units), or remove it (`--remove`). Gateways with a
-    /// `merchant_allowance` in that currency sell from slices of it.
+    /// Set a merchant's value per UTC day in a currency (minor units: `--currency` and `--value-per-day`), or its
+    /// sales per minute (`--sales-per-minute`, fixed minutes of the PIN server's clock); or remove one (`--remove`
+    /// with `--currency`: the value limit in that currency; `--remove` alone: the sales per minute). Gateways with a
+    /// `merchant_allowance` in that currency, or a `merchant_sales_allowance`, sell from slices of them.
     Set {
         #[arg(long)]
         db: String,
         #[arg(long)]
         merchant: String,
         /// ISO 4217 numeric.
-        #[arg(long)]
-        currency: String,
-        #[arg(long, required_unless_present = "remove")]
+        #[arg(long, required_unless_present_any = ["sales_per_minute", "remove"])]
+        currency: Option<String>,
+        #[arg(long, requires = "currency", conflicts_with_all = ["sales_per_minute", "remove"])]
         value_per_day: Option<i64>,
+        /// Sales a minute across every gateway (0 to 100000; 0: none).
+        #[arg(long, conflicts_with_all = ["currency", "remove"])]
+        sales_per_minute: Option<i64>,
         #[arg(long)]
         remove: bool,
     },
-    /// Every merchant's limit and what gateways were granted of it today (UTC).
+    /// Every merchant's limit and what gateways were granted of it today (UTC), or in this minute for sales per
+    /// minute.
     Show {
         #[arg(long)]
         db: String,
@@ -278,16 +284,32 @@ async fn run_limits(mut inv: impl PinStore, cmd: LimitsCommand) -> Result<String
             merchant,
             currency,
             value_per_day,
+            sales_per_minute,
             remove,
             ..
         } => {
+            if merchant.is_empty() || merchant.len() > crate::psp::MAX_MERCHANT_ID {
+                return Err(format!("--merchant: 1 to {} characters", crate::psp::MAX_MERCHANT_ID));
+            }
+            let Some(currency) = currency else {
+                // The sales per minute (clap allows no `--currency` only with `--sales-per-minute` or `--remove`).
+                let rate = if remove { None } else { sales_per_minute };
+                if rate.is_some_and(|v| !(0..=i64::from(crate::psp::MAX_SALES_SLICE)).contains(&v)) {
+                    return Err(format!("--sales-per-minute: 0 to {}", crate::psp::MAX_SALES_SLICE));
+                }
+                inv.set_rate_limit(&merchant, rate).await.map_err(s)?;
+                return Ok(match rate {
+                    Some(v) => format!("merchant {merchant}: at most {v} sales a minute"),
+                    None => format!("merchant {merchant}: no limit of sales per minute"),
+                });
+            };
             if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_digit()) {
                 return Err("--currency: ISO 4217 numeric, 3 digits".into());
             }
-            if merchant.is_empty() || merchant.len() > crate::psp::MAX_MERCHANT_ID {
-                return Err("--merchant: 1 to 15 characters".into());
-            }
             let value = if remove { None } else { value_per_day };
+            if !remove && value.is_none() {
+                return Err("--value-per-day or --remove with --currency".into());
+            }
             if value.is_some_and(|v| !(0..=1_000_000_000_000).contains(&v)) {
                 return Err("--value-per-day: 0 to 1000000000000".into());
             }
@@ -298,8 +320,10 @@ async fn run_limits(mut inv: impl PinStore, cmd: LimitsCommand) -> Result<String
             })
         }
         LimitsCommand::Show { .. } => {
-            let rows = inv.limits(unix_now().div_euclid(86_400)).await.map_err(s)?;
-            if rows.is_empty() {
+            let now = unix_now();
+            let rows = inv.limits(now.div_euclid(86_400)).await.map_err(s)?;
+            let rates = inv.rate_limits(now.div_euclid(60)).await.map_err(s)?;
+            if rows.is_empty() && rates.is_empty() {
                 return Ok("no merchant limits".into());
             }
             Ok(rows
@@ -310,6 +334,12 @@ async fn run_limits(mut inv: impl PinStore, cmd: LimitsCommand) -> Result<String
                         r.merchant_id, r.currency, r.value_per_day, r.granted_today
                     )
                 })
+                .chain(rates.iter().map(|r| {
+                    format!(
+                        "{}: {} sales a minute, {} granted to gateways this minute",
+                        r.merchant_id, r.sales_per_minute, r.granted_this_minute
+                    )
+                }))
                 .collect::<Vec<_>>()
                 .join("\n"))
         }

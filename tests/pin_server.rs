@@ -485,6 +485,38 @@ async fn malformed_requests_get_bad_request_and_oversize_frames_close_the_connec
         r.error.unwrap().message,
         "terminal.terminal_id: 1 to 16 printable characters"
     );
+    // A sales allowance of no sale, or of more than a limit can name: refused, named.
+    for (body, message) in [
+        (
+            r#"{"id":3,"op":"sales_allowance","merchant_id":"M","count":0}"#,
+            "count: 1 to 100000",
+        ),
+        (
+            r#"{"id":3,"op":"sales_allowance","merchant_id":"M","count":100001}"#,
+            "count: 1 to 100000",
+        ),
+        (
+            r#"{"id":3,"op":"sales_allowance","merchant_id":"","count":1}"#,
+            "merchant_id: 1 to 32 characters",
+        ),
+    ] {
+        assert_eq!(
+            ask(&mut c, body).await.unwrap().error.unwrap().message,
+            message,
+            "{body}"
+        );
+    }
+    // A merchant without a limit: all of it.
+    let r = ask(&mut c, r#"{"id":3,"op":"sales_allowance","merchant_id":"M","count":5}"#)
+        .await
+        .unwrap();
+    assert_eq!(
+        r.ok,
+        Some(Response::Allowance {
+            granted: 5,
+            limited: false
+        })
+    );
     // Still usable after bad requests.
     assert_eq!(
         ask(&mut c, r#"{"id":4,"op":"ping"}"#).await.unwrap().ok,

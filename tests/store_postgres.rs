@@ -1211,8 +1211,20 @@ async fn enable_server_tls() -> std::path::PathBuf {
     ca
 }
 
+/// Undoes migration 9 (merchants' sales per minute), as a database of version 8 has it.
+async fn undo_migration_9(s: &PgStore) {
+    s.client()
+        .batch_execute(
+            "DROP TABLE merchant_sales_allowances; DROP TABLE merchant_rate_limits;
+             UPDATE pingate_schema SET version = 8",
+        )
+        .await
+        .unwrap();
+}
+
 /// Undoes migration 8 (the reversals' reason), as a database of version 7 has it.
 async fn undo_migration_8(s: &PgStore) {
+    undo_migration_9(s).await;
     s.client()
         .batch_execute(
             "ALTER TABLE reversals DROP COLUMN reason; DROP TABLE merchant_limits; DROP TABLE merchant_allowances;
@@ -1235,7 +1247,7 @@ async fn a_version_7_database_keeps_its_reversals_and_voided_pins_are_listed_wit
     drop(s);
     let mut s = schema.open().await;
     assert_eq!(s.schema_version().await.unwrap(), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 8);
+    assert_eq!(SCHEMA_VERSION, 9);
     s.client()
         .batch_execute("UPDATE sales SET sold_at = sold_at - 3600 WHERE stan = '000001'")
         .await
@@ -1325,6 +1337,94 @@ async fn allowances_from_several_servers_never_pass_a_merchants_limit() {
     assert_eq!(rows.len(), 1);
     assert_eq!((rows[0].value_per_day, rows[0].granted_today), (10_000, 10_000));
     drop(s);
+    schema.drop_it().await;
+}
+
+/// A database of version 8 gets migration 9 (opened without the PIN keys, as `pingate limits` opens it, too); then
+/// sales allowances asked at once through two connections (two servers) never add up past a merchant's sales per
+/// minute, all of it is granted again the next minute, and the rows of minutes gone are pruned.
+#[tokio::test]
+async fn a_version_8_database_is_migrated_and_sales_per_minute_hold_across_servers() {
+    let schema = Schema::new("rates").await;
+    let mut s = schema.open().await;
+    s.set_limit("M1", "978", Some(500)).await.unwrap();
+    undo_migration_9(&s).await;
+    drop(s);
+    let mut keyless = PgStore::connect(&url(), Some(&schema.name), PinCipher::without_keys())
+        .await
+        .unwrap();
+    assert_eq!(keyless.schema_version().await.unwrap(), SCHEMA_VERSION);
+    assert_eq!(SCHEMA_VERSION, 9);
+    keyless.set_rate_limit("M1", Some(10)).await.unwrap();
+    assert_eq!(
+        keyless.limits(0).await.unwrap().len(),
+        1,
+        "the value limit of version 8 kept"
+    );
+    drop(keyless);
+    let (a, b) = (schema.open().await, schema.open().await);
+    let minute = pingate::clock::unix_now().div_euclid(60);
+    let ask = |minute: i64, want: i64| Op::SalesAllowance {
+        merchant_id: "M1".into(),
+        minute,
+        want,
+    };
+    let a = std::sync::Arc::new(tokio::sync::Mutex::new(a));
+    let b = std::sync::Arc::new(tokio::sync::Mutex::new(b));
+    // 16 asks of 3 at once, in two minutes in turn: each minute's grants come to its 10, never more.
+    let mut tasks = Vec::new();
+    for (i, store) in [&a, &b, &a, &b].into_iter().cycle().take(16).enumerate() {
+        let store = store.clone();
+        let op = ask(minute + (i as i64 % 2), 3);
+        tasks.push(tokio::spawn(async move {
+            (i % 2, store.lock().await.apply(op).await.unwrap())
+        }));
+    }
+    let mut total = [0, 0];
+    for t in tasks {
+        let (m, Outcome::Allowance { granted, limited }) = t.await.unwrap() else {
+            panic!("an allowance")
+        };
+        assert!(limited);
+        total[m] += granted;
+    }
+    assert_eq!(total, [10, 10], "each minute's whole limit, never more");
+    let mut a = std::sync::Arc::try_unwrap(a).ok().unwrap().into_inner();
+    let rows = a.rate_limits(minute + 1).await.unwrap();
+    assert_eq!((rows[0].sales_per_minute, rows[0].granted_this_minute), (10, 10));
+    // Two minutes on: all of it again, and the first minute's row pruned (the last minute's is kept for a server
+    // whose clock is a little behind).
+    assert_eq!(
+        a.apply(ask(minute + 2, 4)).await.unwrap(),
+        Outcome::Allowance {
+            granted: 4,
+            limited: true
+        }
+    );
+    let rows: Vec<(i64, i64)> = a
+        .client()
+        .query(
+            "SELECT minute, granted FROM merchant_sales_allowances ORDER BY minute",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(rows, vec![(minute + 1, 10), (minute + 2, 4)]);
+    // Removed: no limit, the grants gone with it.
+    a.set_rate_limit("M1", None).await.unwrap();
+    assert!(a.rate_limits(minute + 2).await.unwrap().is_empty());
+    assert_eq!(
+        a.apply(ask(minute + 2, 4)).await.unwrap(),
+        Outcome::Allowance {
+            granted: 4,
+            limited: false
+        }
+    );
+    drop(a);
+    drop(b);
     schema.drop_it().await;
 }
 

@@ -940,8 +940,18 @@ fn operations_taken_while_a_batch_is_applied_share_its_commit() {
     assert_eq!(sold(&other), 2, "all committed together");
 }
 
+/// Undoes migration 9 (merchants' sales per minute), as a file of version 8 has it.
+fn undo_migration_9(c: &rusqlite::Connection) {
+    c.execute_batch(
+        "DROP TABLE merchant_sales_allowances; DROP TABLE merchant_rate_limits;
+         PRAGMA user_version = 8",
+    )
+    .unwrap();
+}
+
 /// Undoes migration 8 (the reversals' reason), as a file of version 7 has it.
 fn undo_migration_8(c: &rusqlite::Connection) {
+    undo_migration_9(c);
     c.execute_batch(
         "ALTER TABLE reversals DROP COLUMN reason; DROP TABLE merchant_limits; DROP TABLE merchant_allowances;
          PRAGMA user_version = 7",
@@ -984,7 +994,7 @@ async fn a_version_7_file_keeps_its_reversals_and_voided_pins_are_listed_with_th
     drop(s);
     let mut s = db.open();
     assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 8);
+    assert_eq!(SCHEMA_VERSION, 9);
     // Sale 1 was made an hour ago: a terminal's reversal after a 10-minute window is refused, the PIN stays sold.
     s.connection()
         .execute("UPDATE sales SET sold_at = sold_at - 3600 WHERE stan = '000001'", [])
@@ -1034,4 +1044,104 @@ async fn a_version_7_file_keeps_its_reversals_and_voided_pins_are_listed_with_th
     for p in pins(0, 6, 1000) {
         assert!(!text.contains(p.pin.expose()), "a PIN value in the report");
     }
+}
+
+/// One `sales_allowance` of `want` sales for `merchant` in `minute`: (granted, limited).
+fn ask_sales(s: &mut SqliteStore, merchant: &str, minute: i64, want: i64) -> (i64, bool) {
+    match s
+        .apply_batch(&[pingate::store::Op::SalesAllowance {
+            merchant_id: merchant.into(),
+            minute,
+            want,
+        }])
+        .pop()
+        .unwrap()
+    {
+        Ok(pingate::store::Outcome::Allowance { granted, limited }) => (granted, limited),
+        r => panic!("{r:?}"),
+    }
+}
+
+fn sales_allowance_rows(s: &SqliteStore) -> Vec<(String, i64, i64)> {
+    let mut st = s
+        .connection()
+        .prepare("SELECT merchant_id, minute, granted FROM merchant_sales_allowances ORDER BY merchant_id, minute")
+        .unwrap();
+    let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
+    rows.collect::<Result<_, _>>().unwrap()
+}
+
+/// A file of version 8 gets migration 9 (opened by an operator command, without the PIN keys, too); then a merchant's
+/// sales per minute, asked for by two servers on the one file, are never granted past the limit within a minute,
+/// all of it again the next minute, and the rows of minutes gone are pruned.
+#[tokio::test]
+async fn a_version_8_file_is_migrated_and_sales_per_minute_are_never_granted_past_the_limit() {
+    use pingate::store::PinStore;
+    let db = TempDb::new("rates");
+    let s = db.stocked(1);
+    s.connection()
+        .execute(
+            "INSERT INTO merchant_limits (merchant_id, currency, value_per_day) VALUES ('M1', '978', 500)",
+            [],
+        )
+        .unwrap();
+    undo_migration_9(s.connection());
+    drop(s);
+    // `pingate limits` opens the file without the PIN keys: the step to 9 needs none.
+    let mut keyless = SqliteStore::open(&db.path(), PinCipher::without_keys()).unwrap();
+    assert_eq!(keyless.schema_version().unwrap(), SCHEMA_VERSION);
+    assert_eq!(SCHEMA_VERSION, 9);
+    keyless.set_rate_limit("M1", Some(5)).await.unwrap();
+    assert_eq!(
+        keyless.limits(0).await.unwrap().len(),
+        1,
+        "the value limit of version 8 kept"
+    );
+    drop(keyless);
+    // Two servers on one file.
+    let (mut a, mut b) = (db.open(), db.open());
+    let minute = pingate::clock::unix_now().div_euclid(60);
+    // A merchant without the limit: all of it, nothing recorded.
+    assert_eq!(ask_sales(&mut a, "M2", minute, 7), (7, false));
+    assert_eq!(ask_sales(&mut a, "M1", minute, 2), (2, true));
+    assert_eq!(ask_sales(&mut b, "M1", minute, 2), (2, true));
+    assert_eq!(
+        ask_sales(&mut a, "M1", minute, 2),
+        (1, true),
+        "only what is left of the 5"
+    );
+    assert_eq!(ask_sales(&mut b, "M1", minute, 2), (0, true));
+    assert_eq!(ask_sales(&mut a, "M1", minute, 1), (0, true));
+    let rates = a.rate_limits(minute).await.unwrap();
+    assert_eq!(
+        rates,
+        vec![pingate::store::RateRow {
+            merchant_id: "M1".into(),
+            sales_per_minute: 5,
+            granted_this_minute: 5
+        }]
+    );
+    // The next minute: all of it again. A server whose clock is still in the minute before finds it granted out
+    // (its row is kept for that); once a third minute starts, the first one's row is pruned.
+    assert_eq!(ask_sales(&mut b, "M1", minute + 1, 4), (4, true));
+    assert_eq!(ask_sales(&mut a, "M1", minute, 1), (0, true));
+    assert_eq!(ask_sales(&mut a, "M1", minute + 1, 4), (1, true));
+    assert_eq!(
+        sales_allowance_rows(&a),
+        vec![("M1".to_string(), minute, 5), ("M1".to_string(), minute + 1, 5)]
+    );
+    assert_eq!(a.rate_limits(minute + 2).await.unwrap()[0].granted_this_minute, 0);
+    assert_eq!(ask_sales(&mut b, "M1", minute + 2, 2), (2, true));
+    assert_eq!(
+        sales_allowance_rows(&a),
+        vec![("M1".to_string(), minute + 1, 5), ("M1".to_string(), minute + 2, 2)]
+    );
+    // A lower limit holds at once; removed, the merchant's grants go with it.
+    a.set_rate_limit("M1", Some(0)).await.unwrap();
+    assert_eq!(ask_sales(&mut b, "M1", minute + 2, 1), (0, true));
+    assert_eq!(ask_sales(&mut b, "M1", minute + 3, 1), (0, true));
+    a.set_rate_limit("M1", None).await.unwrap();
+    assert!(a.rate_limits(minute + 2).await.unwrap().is_empty());
+    assert!(sales_allowance_rows(&a).is_empty());
+    assert_eq!(ask_sales(&mut b, "M1", minute + 2, 3), (3, false));
 }

@@ -1679,7 +1679,7 @@ _pingate() {
             return 0
             ;;
         pingate__subcmd__limits__subcmd__set)
-            opts="-h --db --merchant --currency --value-per-day --remove --log-format --log-level --help"
+            opts="-h --db --merchant --currency --value-per-day --sales-per-minute --remove --log-format --log-level --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1698,6 +1698,10 @@ _pingate() {
                     return 0
                     ;;
                 --value-per-day)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --sales-per-minute)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -5,8 +5,9 @@
 //! one, so that declines do not use up a limit.
 //!
 //! Only terminals of the registry get here (an unknown one is refused before), so the maps are bounded by the
-//! registry. A merchant served by several gateways is limited by each gateway on its own here; the limit across
-//! gateways is the PIN server's to keep (not done yet: see the README).
+//! registry. A merchant served by several gateways is limited by each gateway on its own here; its limits across
+//! gateways are the PIN server's to keep, which this gateway sells from in slices: [`Allowances`] (value per day) and
+//! [`SalesAllowances`] (sales per minute).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -457,5 +458,161 @@ mod allowance_tests {
         assert!(a.take_offline("M2", "978", 2_500, NOW + 1), "each merchant its own");
         let mut none = Allowances::new(HashMap::from([("978".to_string(), (5_000, 0))]));
         assert!(!none.take_offline("M1", "978", 1, NOW));
+    }
+}
+
+/// Merchants' sales per minute kept by the PIN server across every gateway, as [`Allowances`] keeps their value per
+/// day: this gateway sells from a count of sales the server granted it (`sales_allowance` in PSP) and asks for the
+/// next `slice` only when none is left. The server grants in fixed minutes of its clock and never past the limit;
+/// here a count is used within the minute of this gateway's clock it was granted in, and what is left when that
+/// minute ends is dropped (the clocks are expected to agree, as NTP keeps them; a count granted late in a server's
+/// minute is never carried into the next one here). When the server cannot be asked, a gateway may sell up to
+/// `margin` sales per merchant and minute on its own: across N gateways the limit is exceeded by at most N ×
+/// margin a minute (0 by default: never). Without I/O; the time goes in.
+#[derive(Debug, Default)]
+pub struct SalesAllowances {
+    /// Sales to ask for at a time.
+    pub slice: u32,
+    /// Sales per merchant and minute sold without the server.
+    pub margin: u32,
+    held: HashMap<String, HeldSales>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct HeldSales {
+    minute: i64,
+    left: u32,
+    offline: u32,
+}
+
+impl SalesAllowances {
+    pub fn new(slice: u32, margin: u32) -> SalesAllowances {
+        SalesAllowances {
+            slice,
+            margin,
+            held: HashMap::new(),
+        }
+    }
+
+    fn held(&mut self, merchant: &str, now: i64) -> &mut HeldSales {
+        let minute = now.div_euclid(60);
+        let h = self.held.entry(merchant.to_string()).or_default();
+        if h.minute != minute {
+            *h = HeldSales {
+                minute,
+                left: 0,
+                offline: 0,
+            };
+        }
+        h
+    }
+
+    /// One sale of `merchant` at `now`: [`Take::Taken`] from what is held, or [`Take::Ask`] the server for a slice
+    /// (then [`SalesAllowances::add`] and take again).
+    pub fn take(&mut self, merchant: &str, now: i64) -> Take {
+        let slice = self.slice;
+        let h = self.held(merchant, now);
+        if h.left > 0 {
+            h.left -= 1;
+            Take::Taken
+        } else {
+            Take::Ask(u64::from(slice.max(1)))
+        }
+    }
+
+    /// What the server granted, for the minute of `now`.
+    pub fn add(&mut self, merchant: &str, granted: u32, now: i64) {
+        let h = self.held(merchant, now);
+        h.left = h.left.saturating_add(granted);
+    }
+
+    /// The server could not be asked: one sale from the margin if it has one left this minute.
+    pub fn take_offline(&mut self, merchant: &str, now: i64) -> bool {
+        let margin = self.margin;
+        let h = self.held(merchant, now);
+        if h.offline < margin {
+            h.offline += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A sale taken at `at` ended without a PIN: it goes back to what is held (within the same minute only; a later
+    /// minute started afresh).
+    pub fn give_back(&mut self, merchant: &str, at: i64) {
+        if let Some(h) = self.held.get_mut(merchant) {
+            if h.minute == at.div_euclid(60) {
+                h.left = h.left.saturating_add(1);
+            }
+        }
+    }
+
+    /// Sales left by merchant this minute, sorted.
+    pub fn left(&self, now: i64) -> Vec<(String, u32)> {
+        let minute = now.div_euclid(60);
+        let mut v: Vec<_> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.minute == minute)
+            .map(|(m, h)| (m.clone(), h.left))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+#[cfg(test)]
+mod sales_allowance_tests {
+    use super::*;
+
+    /// 2025-12-01 12:00:00 UTC, the start of a minute.
+    const NOW: i64 = 1_764_590_400;
+
+    #[test]
+    fn sales_come_out_of_the_count_and_a_slice_is_asked_only_when_none_is_left() {
+        let mut a = SalesAllowances::new(2, 0);
+        assert_eq!(a.take("M1", NOW), Take::Ask(2));
+        a.add("M1", 2, NOW);
+        assert_eq!(a.take("M1", NOW + 1), Take::Taken);
+        assert_eq!(a.take("M1", NOW + 2), Take::Taken);
+        assert_eq!(a.take("M1", NOW + 3), Take::Ask(2));
+        // The server had only one left: one sale, then ask again (and the caller answers 65 on a 0).
+        a.add("M1", 1, NOW + 3);
+        assert_eq!(a.take("M1", NOW + 3), Take::Taken);
+        assert_eq!(a.take("M1", NOW + 4), Take::Ask(2));
+        a.add("M1", 0, NOW + 4);
+        assert_eq!(a.take("M1", NOW + 4), Take::Ask(2));
+        // Another merchant holds its own.
+        assert_eq!(a.take("M2", NOW + 4), Take::Ask(2));
+        assert_eq!(a.left(NOW + 5), vec![("M1".into(), 0), ("M2".into(), 0)]);
+    }
+
+    #[test]
+    fn a_sale_without_a_pin_is_given_back_and_the_count_ends_with_its_minute() {
+        let mut a = SalesAllowances::new(3, 0);
+        a.add("M1", 3, NOW + 10);
+        assert_eq!(a.take("M1", NOW + 10), Take::Taken);
+        a.give_back("M1", NOW + 10);
+        assert_eq!(a.left(NOW + 20), vec![("M1".into(), 3)]);
+        assert_eq!(a.take("M1", NOW + 59), Take::Taken);
+        // The next minute (of this clock): what was left is dropped, never carried over.
+        assert_eq!(a.take("M1", NOW + 60), Take::Ask(3));
+        assert!(a.left(NOW + 60).iter().all(|(_, n)| *n == 0));
+        // A sale of the minute before, given back now, does not add to this minute's count.
+        a.give_back("M1", NOW + 59);
+        assert_eq!(a.take("M1", NOW + 61), Take::Ask(3));
+    }
+
+    #[test]
+    fn without_the_server_only_the_margin_is_sold_each_minute() {
+        let mut a = SalesAllowances::new(5, 2);
+        assert!(a.take_offline("M1", NOW));
+        assert!(a.take_offline("M1", NOW + 30));
+        assert!(!a.take_offline("M1", NOW + 59), "past the margin");
+        assert!(a.take_offline("M2", NOW + 59), "each merchant its own");
+        assert!(a.take_offline("M1", NOW + 60), "a new minute");
+        let mut none = SalesAllowances::new(5, 0);
+        assert!(!none.take_offline("M1", NOW));
     }
 }

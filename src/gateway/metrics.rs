@@ -113,8 +113,8 @@ pub(super) struct GatewayMetrics {
     pub(super) reversal_rates: Arc<super::policy::ReversalRates>,
     /// Terminal reversals answered 21: after the reversal window.
     pub(super) reversals_too_late: Counter,
-    /// Sales refused for a limit (61, 65), by whose limit (`terminal`, `merchant`, `merchant_all_gateways`) and which
-    /// (`amount`, `frequency`).
+    /// Sales refused for a limit (61, 65), by whose limit (`terminal`, `merchant`: this gateway's;
+    /// `merchant_all_gateways`: kept by the PIN server) and which (`amount`, `frequency`).
     limit_refusals: Family<LimitLabels, Counter>,
     /// Requests refused for where they came from (certificate, source network, caller's number), by reason.
     origin_refused: Family<ReasonLabels, Counter>,
@@ -148,7 +148,7 @@ impl GatewayMetrics {
         r.register(
             "pingate_gateway_limit_refusals",
             "Sales refused for a limit: 61 (amount: value per day) or 65 (frequency: sales per minute), by scope \
-             (terminal, merchant, merchant_all_gateways: the allowance the PIN server grants across gateways).",
+             (terminal, merchant: this gateway's; merchant_all_gateways: kept by the PIN server).",
             Described(limit_refusals.clone()),
         );
         r.register(
@@ -270,6 +270,15 @@ impl Gateway {
                 "What is left today of the allowance the PIN server granted this gateway, by merchant and currency.",
                 left.iter()
                     .map(|(m, c, v)| ([("merchant", m), ("currency", c)], gauge(*v))),
+            )?;
+        }
+        if let Some(a) = &self.sales_allowances {
+            let left = a.lock().expect("not poisoned").left(now);
+            write_family(
+                e,
+                "pingate_gateway_merchant_sales_allowance_left",
+                "Sales left this minute of those the PIN server granted this gateway, by merchant.",
+                left.iter().map(|(m, n)| ([("merchant", m)], gauge(*n))),
             )?;
         }
         if let Some(l) = &self.limits {

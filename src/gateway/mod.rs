@@ -110,6 +110,8 @@ pub struct Gateway {
     limits: Option<Mutex<limits::Limits>>,
     /// Merchants' allowances from the PIN server (`None`: none configured).
     allowances: Option<Mutex<limits::Allowances>>,
+    /// Merchants' sales per minute from the PIN server (`None`: not configured).
+    sales_allowances: Option<Mutex<limits::SalesAllowances>>,
     cfg: GatewayConfig,
     journal: Journal,
     upstream: Upstream,
@@ -185,6 +187,7 @@ impl Gateway {
         let (cfg_terminals, cfg_products) = (cfg.terminals.clone(), cfg.products.clone());
         let cfg_limits = cfg.policy.limits.clone();
         let cfg_allowances = cfg.policy.allowances.clone();
+        let cfg_sales_allowance = cfg.policy.sales_allowance;
         let terminal_keys = cfg.terminal_keys.as_ref().map(|k| k.keys.clone()).unwrap_or_default();
         let mac_guard = controller::MacGuard::new(cfg.mac_failures, cfg.mac_failure_window)
             .with_locks(read_locks(&cfg.terminal_locks)?);
@@ -218,6 +221,8 @@ impl Gateway {
             mac_guard: Mutex::new(mac_guard),
             limits: cfg_limits.any().then(|| Mutex::new(limits::Limits::new(cfg_limits))),
             allowances: (!cfg_allowances.is_empty()).then(|| Mutex::new(limits::Allowances::new(cfg_allowances))),
+            sales_allowances: cfg_sales_allowance
+                .map(|(slice, margin)| Mutex::new(limits::SalesAllowances::new(slice, margin))),
             decoy,
         });
         tracing::info!(

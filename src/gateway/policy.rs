@@ -37,6 +37,11 @@ pub(super) struct PolicySection {
     merchant_allowance: std::collections::HashMap<String, u64>,
     #[serde(default)]
     merchant_allowance_margin: std::collections::HashMap<String, u64>,
+    /// Merchants' sales per minute kept by the PIN server (`pingate limits set --sales-per-minute`): the sales to
+    /// ask for at a time, and what may be sold beyond them per merchant and minute when the server cannot be asked
+    /// (0 by default).
+    merchant_sales_allowance: Option<u64>,
+    merchant_sales_allowance_margin: Option<u64>,
 }
 
 /// The fraud controls, read.
@@ -48,6 +53,9 @@ pub struct PolicyConfig {
     pub limits: super::limits::LimitsConfig,
     /// Currency → (slice asked of the PIN server, margin without it) for merchants' limits across gateways.
     pub allowances: std::collections::HashMap<String, (u64, u64)>,
+    /// (Sales asked of the PIN server at a time, margin a minute without it) for merchants' sales per minute across
+    /// gateways; `None`: not asked.
+    pub sales_allowance: Option<(u32, u32)>,
 }
 
 /// The reversal window's range (seconds): from a minute (a terminal's reversal follows its timeout at once) to a
@@ -79,6 +87,23 @@ impl PolicySection {
                     "a margin without a merchant_allowance in that currency".into(),
                 ));
             }
+        }
+        let max = u64::from(crate::psp::MAX_SALES_SLICE);
+        if self.merchant_sales_allowance.is_some_and(|v| !(1..=max).contains(&v)) {
+            problems.push(("policy.merchant_sales_allowance".into(), format!("must be 1 to {max}")));
+        }
+        match self.merchant_sales_allowance_margin {
+            Some(v) if v > max => {
+                problems.push((
+                    "policy.merchant_sales_allowance_margin".into(),
+                    format!("must be 0 to {max}"),
+                ));
+            }
+            Some(_) if self.merchant_sales_allowance.is_none() => problems.push((
+                "policy.merchant_sales_allowance_margin".into(),
+                "a margin without a merchant_sales_allowance".into(),
+            )),
+            _ => {}
         }
         let margins: std::collections::HashMap<String, u64> = self
             .merchant_allowance_margin
@@ -124,6 +149,10 @@ impl PolicySection {
                     )
                 })
                 .collect(),
+            // Both checked above to fit `MAX_SALES_SLICE`.
+            sales_allowance: self
+                .merchant_sales_allowance
+                .map(|v| (v as u32, self.merchant_sales_allowance_margin.unwrap_or(0) as u32)),
         })
     }
 }
@@ -257,6 +286,28 @@ mod tests {
         for bad in [0, 59, 604_801] {
             let e = s(bad).read().unwrap_err();
             assert_eq!(e[0].0, "policy.reversal_window_secs");
+        }
+    }
+
+    #[test]
+    fn the_sales_allowance_has_a_range_and_its_margin_needs_it() {
+        let s = |slice, margin| PolicySection {
+            merchant_sales_allowance: slice,
+            merchant_sales_allowance_margin: margin,
+            ..PolicySection::default()
+        };
+        assert_eq!(PolicySection::default().read().unwrap().sales_allowance, None);
+        assert_eq!(s(Some(5), None).read().unwrap().sales_allowance, Some((5, 0)));
+        assert_eq!(s(Some(5), Some(0)).read().unwrap().sales_allowance, Some((5, 0)));
+        assert_eq!(s(Some(5), Some(3)).read().unwrap().sales_allowance, Some((5, 3)));
+        for (slice, margin, key) in [
+            (Some(0), None, "policy.merchant_sales_allowance"),
+            (Some(100_001), None, "policy.merchant_sales_allowance"),
+            (Some(5), Some(100_001), "policy.merchant_sales_allowance_margin"),
+            (None, Some(1), "policy.merchant_sales_allowance_margin"),
+        ] {
+            let e = s(slice, margin).read().unwrap_err();
+            assert_eq!(e[0].0, key, "{slice:?} {margin:?}");
         }
     }
 

@@ -165,33 +165,32 @@ impl Gateway {
         let allowed = match self.take_allowance(&s, received_unix, deadline).await {
             Ok(taken) => taken,
             Err(code) => {
-                if admitted {
-                    if let Some(l) = &self.limits {
-                        let mut l = l.lock().expect("not poisoned");
-                        l.refund(&s.key.terminal_id, &s.merchant_id, &s.currency, s.amount, received_unix);
-                    }
-                }
+                self.refund_admitted(&s, admitted, received_unix);
+                entry.settle(Arc::new(Outcome::Declined(code)));
+                return self.declined(msg, &key, code);
+            }
+        };
+        let counted = match self.take_sales_allowance(&s, received_unix, deadline).await {
+            Ok(taken) => taken,
+            Err(code) => {
+                // The value taken for this sale goes back: it was never sold.
+                self.give_back_value(&s, allowed, received_unix);
+                self.refund_admitted(&s, admitted, received_unix);
                 entry.settle(Arc::new(Outcome::Declined(code)));
                 return self.declined(msg, &key, code);
             }
         };
         let outcome = Arc::new(self.sell(&s, deadline, source).await);
-        if allowed && matches!(*outcome, Outcome::Declined(_)) {
-            if let Some(a) = &self.allowances {
-                let mut a = a.lock().expect("not poisoned");
-                a.give_back(&s.merchant_id, &s.currency, s.amount, received_unix);
+        if matches!(*outcome, Outcome::Declined(_)) {
+            self.give_back_value(&s, allowed, received_unix);
+            if counted {
+                if let Some(a) = &self.sales_allowances {
+                    a.lock().expect("not poisoned").give_back(&s.merchant_id, received_unix);
+                }
             }
         }
-        if admitted && matches!(*outcome, Outcome::Declined(_)) {
-            if let Some(l) = &self.limits {
-                l.lock().expect("not poisoned").refund(
-                    &s.key.terminal_id,
-                    &s.merchant_id,
-                    &s.currency,
-                    s.amount,
-                    received_unix,
-                );
-            }
+        if matches!(*outcome, Outcome::Declined(_)) {
+            self.refund_admitted(&s, admitted, received_unix);
         }
         if !s.repeat && matches!(*outcome, Outcome::Approved { .. }) {
             self.metrics.reversal_rates.sale(&s.key.terminal_id, &s.merchant_id);
@@ -206,6 +205,69 @@ impl Gateway {
         // stands, never with a PIN being voided.
         let outcome = entry.outcome().unwrap_or(outcome);
         self.reply_of(msg, &key, &outcome).await
+    }
+
+    /// A sale admitted by this gateway's limits ended without a PIN: it no longer counts.
+    fn refund_admitted(&self, s: &SaleRequest, admitted: bool, at: i64) {
+        if let (true, Some(l)) = (admitted, &self.limits) {
+            let mut l = l.lock().expect("not poisoned");
+            l.refund(&s.key.terminal_id, &s.merchant_id, &s.currency, s.amount, at);
+        }
+    }
+
+    /// A sale whose value came from the merchant's allowance (`taken`) ended without a PIN: the value goes back.
+    fn give_back_value(&self, s: &SaleRequest, taken: bool, at: i64) {
+        if let (true, Some(a)) = (taken, &self.allowances) {
+            let mut a = a.lock().expect("not poisoned");
+            a.give_back(&s.merchant_id, &s.currency, s.amount, at);
+        }
+    }
+
+    /// Takes a new sale from its merchant's sales per minute granted by the PIN server (`Ok(true)`; `Ok(false)`: no
+    /// sales allowance applies, or the sale was sold within the margin, which is never given back), asking for a
+    /// slice when none is left; `Err(65)` when the merchant's sales this minute across gateways are used up,
+    /// `Err(91)` when the server cannot be asked and the margin is used up (as for value).
+    async fn take_sales_allowance(&self, s: &SaleRequest, now: i64, deadline: Instant) -> Result<bool, ResponseCode> {
+        use super::limits::Take;
+        let Some(a) = &self.sales_allowances else {
+            return Ok(false);
+        };
+        let m = &s.merchant_id;
+        let ask = match a.lock().expect("not poisoned").take(m, now) {
+            Take::Unmanaged => return Ok(false),
+            Take::Taken => return Ok(true),
+            Take::Ask(n) => n,
+        };
+        let margin = (self.cfg.response_deadline / 20).min(Duration::from_millis(500));
+        let request = Request::SalesAllowance {
+            merchant_id: m.clone(),
+            count: u32::try_from(ask).unwrap_or(crate::psp::MAX_SALES_SLICE),
+        };
+        let answer = self.upstream.call(request, deadline - margin).await;
+        let mut a = a.lock().expect("not poisoned");
+        match answer {
+            Ok(Response::Allowance { granted, .. }) => {
+                let granted = u32::try_from(granted.max(0)).unwrap_or(u32::MAX);
+                a.add(m, granted, now);
+                match a.take(m, now) {
+                    Take::Taken | Take::Unmanaged => Ok(true),
+                    Take::Ask(_) => {
+                        self.metrics.refused_for_limit("merchant_all_gateways", "frequency");
+                        limited!(info, "sale refused: the merchant's sales per minute across gateways are used up", merchant = %m);
+                        Err(ResponseCode::ExceedsFrequencyLimit)
+                    }
+                }
+            }
+            other => {
+                if a.take_offline(m, now) {
+                    limited!(warn, "no sales allowance from the PIN server; sold within the margin", merchant = %m, answer = ?other);
+                    Ok(false)
+                } else {
+                    limited!(warn, "no sales allowance from the PIN server and the margin is used", merchant = %m, answer = ?other);
+                    Err(ResponseCode::ServerUnavailable)
+                }
+            }
+        }
     }
 
     /// Takes a new sale's value from its merchant's allowance (`Ok(true)`; `Ok(false)`: no allowance applies), asking

@@ -10,6 +10,10 @@ pub const MAX_RESERVE: usize = 1_000;
 /// batches of this size.
 pub const MAX_CONFIRM_BATCH: usize = 256;
 
+/// Most sales one `sales_allowance` asks for (`count`: 1 to this), and most sales per minute a merchant's limit
+/// names (`pingate limits set --sales-per-minute`; the gateway's `merchant_sales_allowance` has the same bound).
+pub const MAX_SALES_SLICE: u32 = 100_000;
+
 /// Most PIN ids one `release` or `renew` names.
 pub const MAX_PIN_IDS: usize = 1_000;
 

@@ -123,6 +123,13 @@ pub enum Request {
         currency: String,
         amount: i64,
     },
+    /// A slice (`count` sales) of a merchant's sales per minute, kept across every gateway and server in fixed
+    /// minutes of the server's clock: the gateway sells from it without asking again until it runs out or the
+    /// minute ends. Answered with `allowance`.
+    SalesAllowance {
+        merchant_id: String,
+        count: u32,
+    },
 }
 
 impl Request {
@@ -143,6 +150,7 @@ impl Request {
             Request::Held => "held",
             Request::Ping => "ping",
             Request::Allowance { .. } => "allowance",
+            Request::SalesAllowance { .. } => "sales_allowance",
         }
     }
 
@@ -184,6 +192,7 @@ impl Request {
             Request::ReversePin { .. } => &["pin_id"],
             Request::Stock | Request::Held | Request::Ping => &[],
             Request::Allowance { .. } => &["merchant_id", "currency", "amount"],
+            Request::SalesAllowance { .. } => &["merchant_id", "count"],
         }
     }
 }
@@ -300,8 +309,9 @@ pub enum Response {
     SaleState {
         state: SaleState,
     },
-    /// What of an `allowance` was granted (0 when the merchant's limit is reached); `limited`: the merchant has a
-    /// limit in that currency (without one, all of it is granted and nothing recorded).
+    /// What of an `allowance` (value) or a `sales_allowance` (sales) was granted (0 when the merchant's limit is
+    /// reached); `limited`: the merchant has such a limit (in that currency, for value; without one, all of it is
+    /// granted and nothing recorded).
     Allowance {
         granted: i64,
         limited: bool,

@@ -17,7 +17,7 @@ mod parse;
 pub use codec::FrameCodec;
 pub use limits::{
     MAX_ANSWER_FRAME, MAX_CONFIRM_BATCH, MAX_MERCHANT_ID, MAX_PIN_IDS, MAX_REQUEST_FRAME, MAX_RESERVE, MAX_RRN,
-    MAX_STAN, MAX_TERMINAL_ID, MAX_TRANSMISSION,
+    MAX_SALES_SLICE, MAX_STAN, MAX_TERMINAL_ID, MAX_TRANSMISSION,
 };
 pub use messages::{
     BatchResult, CatalogEntry, ConfirmItem, ConfirmOutcome, ErrorCode, PinOut, Request, RequestFrame, Response,

@@ -155,6 +155,11 @@ impl WireRequest {
                 currency: currency?,
                 amount: amount?,
             },
+            // A count past `u32` is left to the slow parse, which refuses it with its message.
+            "sales_allowance" => Request::SalesAllowance {
+                merchant_id: merchant_id?,
+                count: u32::try_from(count?).ok()?,
+            },
             _ => return None,
         };
         // Every field the op takes was there (`?` above): any more is another op's.
@@ -277,6 +282,10 @@ mod tests {
                 currency: "978".into(),
                 amount: 10_000,
             },
+            Request::SalesAllowance {
+                merchant_id: "M".into(),
+                count: 5,
+            },
             Request::Renew {
                 pin_ids: vec![1],
                 lease_secs: 2,
@@ -351,6 +360,8 @@ mod tests {
                 "content",
                 serde_json::json!({"merchant_id": "M", "product": "P", "amount": 5, "currency": "978"}),
             ),
+            ("merchant_id", "M".into()),
+            ("currency", "978".into()),
             ("colour", "red".into()),
         ];
         // Every op, and one that does not exist.

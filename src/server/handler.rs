@@ -249,6 +249,20 @@ fn to_op(shared: &Shared, gateway: &str, request: Request) -> Result<Result<Op, 
                 want: amount,
             }
         }
+        Request::SalesAllowance { merchant_id, count } => {
+            if merchant_id.is_empty() || merchant_id.len() > crate::psp::MAX_MERCHANT_ID {
+                return Err(format!("merchant_id: 1 to {} characters", crate::psp::MAX_MERCHANT_ID));
+            }
+            if !(1..=crate::psp::MAX_SALES_SLICE).contains(&count) {
+                return Err(format!("count: 1 to {}", crate::psp::MAX_SALES_SLICE));
+            }
+            // The minute is this server's: a gateway's clock never decides which minute a grant counts in.
+            Op::SalesAllowance {
+                merchant_id,
+                minute: unix_now().div_euclid(60),
+                want: i64::from(count),
+            }
+        }
         Request::Sell {
             product,
             amount,

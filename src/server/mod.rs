@@ -259,7 +259,7 @@ struct ReasonLabels {
 
 /// The operations with a counter slot of their own ([`Request::op_name`]); one not listed is counted all the same,
 /// through the family's lock.
-const OPS: [&str; 14] = [
+const OPS: [&str; 15] = [
     "hello",
     "sell",
     "reserve",
@@ -274,6 +274,7 @@ const OPS: [&str; 14] = [
     "ping",
     "allowance",
     "check_sale",
+    "sales_allowance",
 ];
 /// Results with a slot: `ok`, then each [`ErrorCode`] by its place in [`ErrorCode::ALL`].
 const RESULTS: usize = 1 + ErrorCode::ALL.len();

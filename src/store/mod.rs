@@ -426,6 +426,10 @@ pub trait PinStore {
     ) -> Result<(), StoreError>;
     /// Every limit, with what was granted of it on UTC day `day` (`unix / 86400`).
     async fn limits(&self, day: i64) -> Result<Vec<LimitRow>, StoreError>;
+    /// Sets a merchant's sales per minute across every gateway (`None`: removes the limit, and its grants).
+    async fn set_rate_limit(&mut self, merchant_id: &str, sales_per_minute: Option<i64>) -> Result<(), StoreError>;
+    /// Every sales-per-minute limit, with what was granted of it in minute `minute` (`unix / 60`).
+    async fn rate_limits(&self, minute: i64) -> Result<Vec<RateRow>, StoreError>;
     /// Operator command: conflict `id` is dealt with (`note` says how); refused unless it is open.
     async fn resolve_conflict(&mut self, id: i64, note: &str, now: i64) -> Result<(), StoreError>;
 
@@ -726,6 +730,23 @@ CREATE TABLE merchant_allowances (
 );
 ";
 
+/// Both backends' schema 9: merchants' sales per minute across every gateway and server, and what was granted of
+/// them (sales allowances) by minute. Minutes are fixed windows of the server's clock (`unix / 60`); a merchant's
+/// rows of minutes before the last are deleted as its next grant is made, so the table holds at most two rows per
+/// merchant.
+pub(crate) const RATES_V9: &str = "
+CREATE TABLE merchant_rate_limits (
+    merchant_id TEXT NOT NULL PRIMARY KEY,
+    sales_per_minute BIGINT NOT NULL CHECK (sales_per_minute >= 0)
+);
+CREATE TABLE merchant_sales_allowances (
+    merchant_id TEXT NOT NULL,
+    minute BIGINT NOT NULL,
+    granted BIGINT NOT NULL CHECK (granted >= 0),
+    PRIMARY KEY (merchant_id, minute)
+);
+";
+
 /// What of a merchant's limit to grant: at most `want`, never past the limit (`None`: no limit, all of it).
 pub(crate) fn grant_allowance(limit: Option<i64>, granted_today: i64, want: i64) -> i64 {
     match limit {
@@ -747,6 +768,19 @@ pub struct LimitRow {
 pub(crate) const LIST_LIMITS: &str = "SELECT l.merchant_id, l.currency, l.value_per_day, COALESCE(a.granted, 0) \
      FROM merchant_limits l LEFT JOIN merchant_allowances a \
      ON a.merchant_id = l.merchant_id AND a.currency = l.currency AND a.day = $1 ORDER BY l.merchant_id, l.currency";
+
+/// A merchant's sales per minute and what was granted of it in the current minute, for `pingate limits show`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RateRow {
+    pub merchant_id: String,
+    pub sales_per_minute: i64,
+    pub granted_this_minute: i64,
+}
+
+/// Both backends: every sales-per-minute limit with minute `$1`'s grants.
+pub(crate) const LIST_RATE_LIMITS: &str = "SELECT l.merchant_id, l.sales_per_minute, COALESCE(a.granted, 0) \
+     FROM merchant_rate_limits l LEFT JOIN merchant_sales_allowances a \
+     ON a.merchant_id = l.merchant_id AND a.minute = $1 ORDER BY l.merchant_id";
 
 /// A voided PIN as `pingate pins voided` lists it for the supplier's deactivation: no PIN value.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -869,6 +903,13 @@ pub enum Op {
     Allowance {
         merchant_id: String,
         currency: String,
+        want: i64,
+    },
+    /// A slice (`want` sales) of a merchant's sales per minute for a gateway to sell from ([`grant_allowance`]).
+    /// `minute` (`unix / 60`) is the server's, set by the handler from its clock, never by the gateway.
+    SalesAllowance {
+        merchant_id: String,
+        minute: i64,
         want: i64,
     },
 }

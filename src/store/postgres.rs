@@ -19,7 +19,7 @@ use crate::psp::MAX_RESERVE;
 const DUPLICATE_PIN: &str = "duplicate PIN value (already loaded, or twice in this file)";
 
 /// Version of the schema this code writes.
-pub const SCHEMA_VERSION: i32 = 8;
+pub const SCHEMA_VERSION: i32 = 9;
 
 /// The schema version whose migration seals every PIN again bound to its row ([`reseal_pins`]).
 const RESEAL_VERSION: i32 = 6;
@@ -552,6 +552,10 @@ async fn migrate(client: &mut Client, cipher: &PinCipher) -> Result<(), StoreErr
             // Why each reversal was made (as the SQLite store's migration 8), for `pingate pins voided`.
             tx.batch_execute("ALTER TABLE reversals ADD COLUMN reason TEXT").await?;
             tx.batch_execute(super::LIMITS_V8).await?;
+        }
+        if resealed && version < 9 {
+            // Merchants' sales per minute across every gateway, and their grants by minute (as the SQLite store's).
+            tx.batch_execute(super::RATES_V9).await?;
         }
         let reached = if resealed { SCHEMA_VERSION } else { RESEAL_VERSION - 1 };
         tx.batch_execute(BATCH_FUNCTIONS).await?;
@@ -1316,6 +1320,54 @@ async fn apply(
             .await?;
             Ok(Outcome::Allowance { granted, limited: true })
         }
+        Op::SalesAllowance {
+            merchant_id,
+            minute,
+            want,
+        } => {
+            let limit: Option<i64> = tx
+                .query_opt(
+                    "SELECT sales_per_minute FROM merchant_rate_limits WHERE merchant_id = $1",
+                    &[merchant_id],
+                )
+                .await?
+                .map(|r| r.get(0));
+            let Some(limit) = limit else {
+                return Ok(Outcome::Allowance {
+                    granted: (*want).max(0),
+                    limited: false,
+                });
+            };
+            // The minute's row, locked first: servers sharing the database grant one after another, and each takes
+            // the row locks in the same order (this minute's, then the older ones it deletes), so none deadlock.
+            tx.execute(
+                "INSERT INTO merchant_sales_allowances (merchant_id, minute, granted) VALUES ($1, $2, 0)
+                 ON CONFLICT DO NOTHING",
+                &[merchant_id, minute],
+            )
+            .await?;
+            let granted_now: i64 = tx
+                .query_one(
+                    "SELECT granted FROM merchant_sales_allowances WHERE merchant_id = $1 AND minute = $2 FOR UPDATE",
+                    &[merchant_id, minute],
+                )
+                .await?
+                .get(0);
+            // Minutes before the last are done with: the table keeps at most two rows per merchant (the last
+            // minute's stays for a server whose clock is a little behind, which would otherwise grant it afresh).
+            tx.execute(
+                "DELETE FROM merchant_sales_allowances WHERE merchant_id = $1 AND minute < $2",
+                &[merchant_id, &(minute - 1)],
+            )
+            .await?;
+            let granted = super::grant_allowance(Some(limit), granted_now, *want);
+            tx.execute(
+                "UPDATE merchant_sales_allowances SET granted = granted + $3 WHERE merchant_id = $1 AND minute = $2",
+                &[merchant_id, minute, &granted],
+            )
+            .await?;
+            Ok(Outcome::Allowance { granted, limited: true })
+        }
         Op::Stock => stock(tx).await.map(Outcome::Stock),
         Op::Expire => expire_available(tx, today).await.map(Outcome::Expired),
         Op::Catalog => catalog(tx).await.map(Outcome::Catalog),
@@ -1979,6 +2031,45 @@ impl super::PinStore for PgStore {
                 currency: r.get(1),
                 value_per_day: r.get(2),
                 granted_today: r.get(3),
+            })
+            .collect())
+    }
+    async fn set_rate_limit(&mut self, merchant_id: &str, sales_per_minute: Option<i64>) -> Result<(), StoreError> {
+        let tx = self.client.transaction().await?;
+        match sales_per_minute {
+            Some(v) => {
+                tx.execute(
+                    "INSERT INTO merchant_rate_limits (merchant_id, sales_per_minute) VALUES ($1, $2)
+                     ON CONFLICT (merchant_id) DO UPDATE SET sales_per_minute = excluded.sales_per_minute",
+                    &[&merchant_id, &v],
+                )
+                .await?;
+            }
+            None => {
+                // Its grants go with it: nothing would ever prune them.
+                tx.execute(
+                    "DELETE FROM merchant_sales_allowances WHERE merchant_id = $1",
+                    &[&merchant_id],
+                )
+                .await?;
+                tx.execute(
+                    "DELETE FROM merchant_rate_limits WHERE merchant_id = $1",
+                    &[&merchant_id],
+                )
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+    async fn rate_limits(&self, minute: i64) -> Result<Vec<super::RateRow>, StoreError> {
+        let rows = self.client.query(super::LIST_RATE_LIMITS, &[&minute]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| super::RateRow {
+                merchant_id: r.get(0),
+                sales_per_minute: r.get(1),
+                granted_this_minute: r.get(2),
             })
             .collect())
     }

@@ -22,7 +22,7 @@ pub type AuditRow = (Option<String>, String, Option<String>);
 pub const IMPORT_PROGRESS_EVERY: usize = 5_000;
 
 /// Version of the schema this code writes; older files are migrated on open.
-pub const SCHEMA_VERSION: i64 = 8;
+pub const SCHEMA_VERSION: i64 = 9;
 
 /// The schema version whose migration seals every PIN again bound to its row ([`reseal_pins`]).
 const RESEAL_VERSION: i64 = 6;
@@ -325,6 +325,10 @@ impl SqliteStore {
             // gateway's own), for `pingate pins voided`.
             tx.execute_batch("ALTER TABLE reversals ADD COLUMN reason TEXT")?;
             tx.execute_batch(super::LIMITS_V8)?;
+        }
+        if resealed && version < 9 {
+            // Merchants' sales per minute across every gateway, and their grants by minute.
+            tx.execute_batch(super::RATES_V9)?;
         }
         let reached = if resealed { SCHEMA_VERSION } else { RESEAL_VERSION - 1 };
         tx.pragma_update(None, "user_version", reached.max(version))?;
@@ -1168,6 +1172,42 @@ fn apply(tx: &Connection, cipher: &PinCipher, op: &Op, now: i64, today: &str) ->
                 limited: limit.is_some(),
             })
         }
+        Op::SalesAllowance {
+            merchant_id,
+            minute,
+            want,
+        } => {
+            let limit: Option<i64> = tx
+                .prepare_cached("SELECT sales_per_minute FROM merchant_rate_limits WHERE merchant_id = ?1")?
+                .query_row(params![merchant_id], |r| r.get(0))
+                .optional()?;
+            let Some(limit) = limit else {
+                return Ok(Outcome::Allowance {
+                    granted: (*want).max(0),
+                    limited: false,
+                });
+            };
+            // Minutes before the last are done with: their rows go, so the table keeps at most two rows per
+            // merchant. The last minute's stays for a server whose clock is a little behind (servers sharing a
+            // database may disagree by seconds): pruned, it would be granted afresh. (The transaction is
+            // IMMEDIATE: grants are made one after another.)
+            tx.prepare_cached("DELETE FROM merchant_sales_allowances WHERE merchant_id = ?1 AND minute < ?2 - 1")?
+                .execute(params![merchant_id, minute])?;
+            let granted_now: i64 = tx
+                .prepare_cached("SELECT granted FROM merchant_sales_allowances WHERE merchant_id = ?1 AND minute = ?2")?
+                .query_row(params![merchant_id, minute], |r| r.get(0))
+                .optional()?
+                .unwrap_or(0);
+            let granted = super::grant_allowance(Some(limit), granted_now, *want);
+            if granted > 0 {
+                tx.prepare_cached(
+                    "INSERT INTO merchant_sales_allowances (merchant_id, minute, granted) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (merchant_id, minute) DO UPDATE SET granted = granted + excluded.granted",
+                )?
+                .execute(params![merchant_id, minute, granted])?;
+            }
+            Ok(Outcome::Allowance { granted, limited: true })
+        }
         Op::Stock => stock(tx).map(Outcome::Stock),
         Op::Expire => expire_available(tx, today).map(|n| Outcome::Expired(n as u64)),
         Op::Catalog => catalog(tx).map(Outcome::Catalog),
@@ -1668,6 +1708,42 @@ impl super::PinStore for SqliteStore {
                 currency: r.get(1)?,
                 value_per_day: r.get(2)?,
                 granted_today: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+    async fn set_rate_limit(&mut self, merchant_id: &str, sales_per_minute: Option<i64>) -> Result<(), StoreError> {
+        self.check_version()?;
+        let tx = self.conn.transaction()?;
+        match sales_per_minute {
+            Some(v) => tx.execute(
+                "INSERT INTO merchant_rate_limits (merchant_id, sales_per_minute) VALUES (?1, ?2)
+                 ON CONFLICT (merchant_id) DO UPDATE SET sales_per_minute = excluded.sales_per_minute",
+                params![merchant_id, v],
+            )?,
+            None => {
+                // Its grants go with it: nothing would ever prune them.
+                tx.execute(
+                    "DELETE FROM merchant_sales_allowances WHERE merchant_id = ?1",
+                    params![merchant_id],
+                )?;
+                tx.execute(
+                    "DELETE FROM merchant_rate_limits WHERE merchant_id = ?1",
+                    params![merchant_id],
+                )?
+            }
+        };
+        tx.commit()?;
+        Ok(())
+    }
+    async fn rate_limits(&self, minute: i64) -> Result<Vec<super::RateRow>, StoreError> {
+        self.check_version()?;
+        let mut st = self.conn.prepare(super::LIST_RATE_LIMITS)?;
+        let rows = st.query_map(params![minute], |r| {
+            Ok(super::RateRow {
+                merchant_id: r.get(0)?,
+                sales_per_minute: r.get(1)?,
+                granted_this_minute: r.get(2)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
