@@ -238,12 +238,11 @@ impl Gateway {
             Take::Taken => return Ok(true),
             Take::Ask(n) => n,
         };
-        let margin = (self.cfg.response_deadline / 20).min(Duration::from_millis(500));
         let request = Request::SalesAllowance {
             merchant_id: m.clone(),
             count: u32::try_from(ask).unwrap_or(crate::psp::MAX_SALES_SLICE),
         };
-        let answer = self.upstream.call(request, deadline - margin).await;
+        let answer = self.upstream.call(request, half_way(deadline)).await;
         let mut a = a.lock().expect("not poisoned");
         match answer {
             Ok(Response::Allowance { granted, .. }) => {
@@ -284,13 +283,12 @@ impl Gateway {
             Take::Taken => return Ok(true),
             Take::Ask(n) => n,
         };
-        let margin = (self.cfg.response_deadline / 20).min(Duration::from_millis(500));
         let request = Request::Allowance {
             merchant_id: m.clone(),
             currency: c.clone(),
             amount: ask as i64,
         };
-        let answer = self.upstream.call(request, deadline - margin).await;
+        let answer = self.upstream.call(request, half_way(deadline)).await;
         let mut a = a.lock().expect("not poisoned");
         match answer {
             Ok(Response::Allowance { granted, .. }) => {
@@ -322,11 +320,10 @@ impl Gateway {
     /// time, the window's record stands (the server would answer `unknown` for a cache sale whose confirm is still
     /// queued here, and the PIN was sold to this very terminal).
     async fn reversed_elsewhere(&self, s: &SaleRequest, deadline: Instant) -> bool {
-        let margin = (self.cfg.response_deadline / 20).min(Duration::from_millis(500));
         let request = Request::CheckSale {
             terminal: self.sale_record(s).terminal(),
         };
-        match self.upstream.call(request, deadline - margin).await {
+        match self.upstream.call(request, half_way(deadline)).await {
             Ok(Response::SaleState { state }) => {
                 let reversed = state == SaleState::Reversed;
                 if reversed {
@@ -634,6 +631,15 @@ impl Gateway {
             }
         }
     }
+}
+
+/// The deadline of a question asked of the PIN server before a sale that has an answer of its own when the server
+/// cannot be asked (an allowance: the margin; a re-delivery: the window's record): half the time left, so that the
+/// sale itself still fits before the terminal's deadline when the server does not answer at all (a server stopped
+/// without closing its connections leaves the call waiting to its deadline).
+fn half_way(deadline: Instant) -> Instant {
+    let now = Instant::now();
+    now + deadline.saturating_duration_since(now) / 2
 }
 
 pub(super) fn receipt_of(p: &crate::psp::PinOut) -> PinReceipt {

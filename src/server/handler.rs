@@ -202,7 +202,7 @@ async fn handle_request(shared: &Shared, gateway: &str, id: u64, request: Reques
                     stock: s.into_iter().map(StockEntry::from).collect(),
                 },
                 // Not operations a gateway can ask for (see `to_op`).
-                Outcome::Catalog(_) | Outcome::Expired(_) => Response::Pong,
+                Outcome::Catalog(_) | Outcome::Expired(_) | Outcome::Limits(..) => Response::Pong,
                 Outcome::Held(pin_ids) => Response::Held { pin_ids },
                 Outcome::SaleState(s) => Response::SaleState {
                     state: match s {

@@ -293,6 +293,8 @@ struct ServerMetrics {
     stock: std::sync::Mutex<(Vec<StockEntry>, Option<std::time::Instant>)>,
     /// A scrape that finds the stock older than a second asks for a new reading (and shows the last one).
     refresh: tokio::sync::Notify,
+    /// Merchants' limits across gateways and what was granted of them (today; this minute), read with the stock.
+    limits: std::sync::Mutex<(Vec<crate::store::LimitRow>, Vec<crate::store::RateRow>)>,
     /// Sold PINs handed out again to a repeat of their sale.
     redeliveries: Counter,
     /// Cached sales whose confirm was refused for good (see `Confirmation::Conflict`).
@@ -343,6 +345,7 @@ impl ServerMetrics {
             unauthenticated_closed,
             stock: std::sync::Mutex::new((Vec::new(), None)),
             refresh: tokio::sync::Notify::new(),
+            limits: std::sync::Mutex::new((Vec::new(), Vec::new())),
             redeliveries,
             confirm_conflicts,
             registry: r,
@@ -381,6 +384,54 @@ impl Collector for StateCollector {
             "Connections whose TLS handshake or hello is under way.",
             ConstGauge::new(i64::try_from(under_way).unwrap_or(i64::MAX)),
         )?;
+        {
+            // Limits set with `pingate limits set` (kept in the database, shared by every server on it); what was
+            // granted is what gateways took in slices to sell from, at most the limit, not what they sold.
+            let limits = shared.metrics.limits.lock().expect("not poisoned");
+            fn value_labels(l: &crate::store::LimitRow) -> [(&'static str, &str); 2] {
+                [("merchant", &l.merchant_id), ("currency", &l.currency)]
+            }
+            write_family(
+                &mut e,
+                "pingate_server_merchant_value_limit",
+                "A merchant's value per UTC day in a currency (minor units) across every gateway (pingate limits set).",
+                limits
+                    .0
+                    .iter()
+                    .map(|l| (value_labels(l), ConstGauge::new(l.value_per_day))),
+            )?;
+            write_family(
+                &mut e,
+                "pingate_server_merchant_value_granted_today",
+                "What of a merchant's value limit was granted to gateways today (UTC), in slices they sell from.",
+                limits
+                    .0
+                    .iter()
+                    .map(|l| (value_labels(l), ConstGauge::new(l.granted_today))),
+            )?;
+            write_family(
+                &mut e,
+                "pingate_server_merchant_sales_per_minute_limit",
+                "A merchant's sales per UTC minute across every gateway (pingate limits set --sales-per-minute).",
+                limits.1.iter().map(|l| {
+                    (
+                        [("merchant", l.merchant_id.as_str())],
+                        ConstGauge::new(l.sales_per_minute),
+                    )
+                }),
+            )?;
+            write_family(
+                &mut e,
+                "pingate_server_merchant_sales_granted_this_minute",
+                "What of a merchant's sales per minute was granted to gateways in the current UTC minute.",
+                limits.1.iter().map(|l| {
+                    (
+                        [("merchant", l.merchant_id.as_str())],
+                        ConstGauge::new(l.granted_this_minute),
+                    )
+                }),
+            )?;
+        }
         let stock = shared.metrics.stock.lock().expect("not poisoned");
         let amounts: Vec<String> = stock.0.iter().map(|s| s.amount.to_string()).collect();
         write_family(
@@ -507,6 +558,11 @@ pub async fn run(
                             let rows = rows.into_iter().map(StockEntry::from).collect();
                             *shared.metrics.stock.lock().expect("not poisoned") =
                                 (rows, Some(std::time::Instant::now()));
+                        }
+                        let now = crate::clock::unix_now();
+                        let (day, minute) = (now.div_euclid(86_400), now.div_euclid(60));
+                        if let Ok(Outcome::Limits(value, rate)) = shared.store.call(Op::Limits { day, minute }).await {
+                            *shared.metrics.limits.lock().expect("not poisoned") = (value, rate);
                         }
                         tokio::select! {
                             _ = stop.cancelled() => return,

@@ -1376,6 +1376,30 @@ async fn apply(
             let reversed = found.is_none() && reversal_pending(tx, sale).await?;
             Ok(Outcome::SaleState(super::sale_state(found, reversed)))
         }
+        Op::Limits { day, minute } => {
+            let value = tx
+                .query(super::LIST_LIMITS, &[day])
+                .await?
+                .iter()
+                .map(|r| super::LimitRow {
+                    merchant_id: r.get(0),
+                    currency: r.get(1),
+                    value_per_day: r.get(2),
+                    granted_today: r.get(3),
+                })
+                .collect();
+            let rate = tx
+                .query(super::LIST_RATE_LIMITS, &[minute])
+                .await?
+                .iter()
+                .map(|r| super::RateRow {
+                    merchant_id: r.get(0),
+                    sales_per_minute: r.get(1),
+                    granted_this_minute: r.get(2),
+                })
+                .collect();
+            Ok(Outcome::Limits(value, rate))
+        }
         Op::Held { holder } => {
             let rows = tx
                 .query(

@@ -1216,6 +1216,30 @@ fn apply(tx: &Connection, cipher: &PinCipher, op: &Op, now: i64, today: &str) ->
             let reversed = found.is_none() && reversal_pending(tx, sale)?;
             Ok(Outcome::SaleState(super::sale_state(found, reversed)))
         }
+        Op::Limits { day, minute } => {
+            let value = tx
+                .prepare_cached(super::LIST_LIMITS)?
+                .query_map(params![day], |r| {
+                    Ok(super::LimitRow {
+                        merchant_id: r.get(0)?,
+                        currency: r.get(1)?,
+                        value_per_day: r.get(2)?,
+                        granted_today: r.get(3)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            let rate = tx
+                .prepare_cached(super::LIST_RATE_LIMITS)?
+                .query_map(params![minute], |r| {
+                    Ok(super::RateRow {
+                        merchant_id: r.get(0)?,
+                        sales_per_minute: r.get(1)?,
+                        granted_this_minute: r.get(2)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(Outcome::Limits(value, rate))
+        }
         Op::Held { holder } => {
             let mut st =
                 tx.prepare_cached("SELECT id FROM pins WHERE state = 'reserved' AND holder = ?1 ORDER BY id")?;
