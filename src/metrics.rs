@@ -1,14 +1,24 @@
-//! Prometheus metrics (text exposition format 0.0.4), and the small HTTP endpoint that serves them beside health,
-//! readiness and the status page: `GET /metrics`, `GET /healthz` (the process answers), `GET /readyz` (it can do its
-//! work: 200, else 503), `GET /status` (HTML for a person, built by the `status_page` module). HTTP is hyper's (no
-//! parser of our own on a listening socket). Off unless an address is configured; bind it to loopback (or a
-//! management network), it has no authentication.
+//! Prometheus metrics, and the small HTTP endpoint that serves them beside health, readiness and the status page:
+//! `GET /metrics`, `GET /healthz` (the process answers), `GET /readyz` (it can do its work: 200, else 503), `GET
+//! /status` (HTML for a person, built by the `status_page` module). HTTP is hyper's (no parser of our own on a
+//! listening socket). Off unless an address is configured; bind it to loopback (or a management network), it has no
+//! authentication.
+//!
+//! The metrics are the `prometheus-client` crate's (the Prometheus project's Rust client): each process (a gateway, a
+//! PIN server) has one [`Registry`] of typed counters, gauges and histograms, plus a `Collector` that reads the
+//! levels and queues of its state at scrape time; the crate writes the text and escapes the labels. What is counted
+//! on every request stays one atomic add ([`CounterSlots`], [`LatencyHistogram`]).
 
-use std::fmt::Write as _;
+use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+pub use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -28,123 +38,175 @@ pub fn off_loopback(what: &str, addr: std::net::SocketAddr) -> Option<String> {
     })
 }
 
-/// A label value, escaped for the exposition format.
-pub fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+/// The exposition format served: Prometheus text 0.0.4, the one every Prometheus and promtool reads (a counter's
+/// `# TYPE` line names it with its `_total`, as the rules and dashboards do).
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// The exposition text of everything `registry` holds (names, label escaping and number formats are the crate's).
+pub fn exposition(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail, and neither do the collectors of this crate (they only read state).
+    prometheus_client::encoding::prometheus_text::encode(&mut out, registry).expect("encodes into a String");
+    out
 }
 
-fn labels_text(labels: &[(&str, &str)]) -> String {
-    if labels.is_empty() {
-        return String::new();
-    }
-    let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
-    format!("{{{}}}", inner.join(","))
+/// A counter family whose label sets are few and mostly known in advance, counted on the hot path (requests by
+/// type and answer). `Family::get_or_create` takes a lock and may allocate on every call; here a label set known in
+/// advance has a slot of its own, filled the first time the set is seen (so only sets seen appear, as before), and
+/// counting it after that is one atomic add. A set without a slot goes through the family's lock.
+pub struct CounterSlots<S> {
+    family: Family<S, Counter>,
+    slots: Box<[OnceLock<Counter>]>,
 }
 
-/// Builds an exposition: `# HELP`, `# TYPE`, then samples.
-#[derive(Default)]
-pub struct Exposition {
-    out: String,
-}
-
-impl Exposition {
-    pub fn family(&mut self, name: &str, kind: &str, help: &str) -> &mut Self {
-        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        self
+impl<S: Clone + Hash + Eq> CounterSlots<S> {
+    /// `len` slots, numbered from 0.
+    pub fn new(len: usize) -> CounterSlots<S> {
+        CounterSlots {
+            family: Family::default(),
+            slots: (0..len).map(|_| OnceLock::new()).collect(),
+        }
     }
 
-    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) -> &mut Self {
-        let _ = writeln!(self.out, "{name}{} {value}", labels_text(labels));
-        self
-    }
-
-    /// One family with one sample and no labels.
-    pub fn single(&mut self, name: &str, kind: &str, help: &str, value: f64) -> &mut Self {
-        self.family(name, kind, help).sample(name, &[], value)
-    }
-
-    pub fn finish(self) -> String {
-        self.out
-    }
-}
-
-/// A counter with labels, e.g. requests by message type and response code. Label sets are few (tens): counting
-/// looks its set up without allocating, and allocates only the first time a set is seen.
-#[derive(Default)]
-pub struct LabelledCounter {
-    values: Mutex<Vec<(LabelSet, u64)>>,
-}
-
-/// Label names and values.
-type LabelSet = Vec<(String, String)>;
-
-impl LabelledCounter {
-    pub fn inc(&self, labels: &[(&str, &str)]) {
-        let mut values = self.values.lock().expect("not poisoned");
-        let same = |set: &[(String, String)]| {
-            set.len() == labels.len() && set.iter().zip(labels).all(|((k, v), (k2, v2))| k == k2 && v == v2)
+    /// Counts one for the label set `labels` makes, in `slot` when it has one: a slot must always be given the same
+    /// label set (`labels` is called the first time only).
+    pub fn inc(&self, slot: Option<usize>, labels: impl FnOnce() -> S) {
+        match slot.and_then(|i| self.slots.get(i)) {
+            Some(s) => s.get_or_init(|| self.family.get_or_create_owned(&labels())).inc(),
+            None => self.family.get_or_create(&labels()).inc(),
         };
-        match values.iter_mut().find(|(set, _)| same(set)) {
-            Some((_, n)) => *n += 1,
-            None => values.push((labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), 1)),
-        }
     }
 
-    pub fn render(&self, e: &mut Exposition, name: &str, help: &str) {
-        e.family(name, "counter", help);
-        let mut values = self.values.lock().expect("not poisoned").clone();
-        values.sort();
-        for (labels, v) in &values {
-            let l: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            e.sample(name, &l, *v as f64);
-        }
+    /// The family, to register (it shares its counters with this).
+    pub fn family(&self) -> Family<S, Counter> {
+        self.family.clone()
     }
 }
 
-/// A histogram with fixed buckets, lock-free to observe.
-pub struct Histogram {
+/// A histogram of durations with fixed buckets, lock-free to observe. The crate's `Histogram` takes a lock on every
+/// observation; this one is observed on every request, so it keeps atomic counts and only encodes through the crate.
+/// A clone shares the counts (one is registered, the other observed), as the crate's metrics do.
+#[derive(Clone, Debug)]
+pub struct LatencyHistogram(Arc<Buckets>);
+
+#[derive(Debug)]
+struct Buckets {
     bounds: &'static [f64],
-    counts: Vec<AtomicU64>,
+    counts: Box<[AtomicU64]>,
     sum_micros: AtomicU64,
     count: AtomicU64,
 }
 
-impl Histogram {
-    pub fn new(bounds: &'static [f64]) -> Histogram {
-        Histogram {
+impl LatencyHistogram {
+    pub fn new(bounds: &'static [f64]) -> LatencyHistogram {
+        LatencyHistogram(Arc::new(Buckets {
             bounds,
             counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
             sum_micros: AtomicU64::new(0),
             count: AtomicU64::new(0),
-        }
+        }))
     }
 
     pub fn observe(&self, d: Duration) {
+        let h = &self.0;
         let s = d.as_secs_f64();
-        if let Some(i) = self.bounds.iter().position(|&b| s <= b) {
-            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        if let Some(i) = h.bounds.iter().position(|&b| s <= b) {
+            h.counts[i].fetch_add(1, Ordering::Relaxed);
         }
-        self.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
+        h.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        h.count.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for LatencyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        // Per bucket, not cumulative: the encoder adds them up, and writes `+Inf` with the count.
+        let h = &self.0;
+        let buckets: Vec<(f64, u64)> = h
+            .bounds
+            .iter()
+            .zip(h.counts.iter())
+            .map(|(b, c)| (*b, c.load(Ordering::Relaxed)))
+            .collect();
+        let sum = h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        encoder.encode_histogram::<NoLabelSet>(sum, h.count.load(Ordering::Relaxed), &buckets, None)
     }
 
-    pub fn render(&self, e: &mut Exposition, name: &str, help: &str) {
-        e.family(name, "histogram", help);
-        let mut cumulative = 0;
-        let bucket = format!("{name}_bucket");
-        for (b, c) in self.bounds.iter().zip(&self.counts) {
-            cumulative += c.load(Ordering::Relaxed);
-            e.sample(&bucket, &[("le", &b.to_string())], cumulative as f64);
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        e.sample(&bucket, &[("le", "+Inf")], count as f64);
-        e.sample(
-            &format!("{name}_sum"),
-            &[],
-            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
-        );
-        e.sample(&format!("{name}_count"), &[], count as f64);
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
     }
+}
+
+/// What each process counts on every request, registered in `r`: `{prefix}_requests_total` by `S` (`slots` of them
+/// known in advance, see [`CounterSlots`]) and `{prefix}_request_duration_seconds` over [`LATENCY_BUCKETS`].
+pub fn request_metrics<S>(
+    r: &mut Registry,
+    prefix: &str,
+    help: &str,
+    latency_help: &str,
+    slots: usize,
+) -> (CounterSlots<S>, LatencyHistogram)
+where
+    S: Clone + Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    let requests = CounterSlots::new(slots);
+    let latency = LatencyHistogram::new(LATENCY_BUCKETS);
+    r.register(format!("{prefix}_requests"), help, Described(requests.family()));
+    r.register(
+        format!("{prefix}_request_duration_seconds"),
+        latency_help,
+        latency.clone(),
+    );
+    (requests, latency)
+}
+
+/// A registered metric described even before its first sample (`# HELP`, `# TYPE`; the crate leaves out a family
+/// with no sample yet), as every family here always was: a scrape shows what can be counted, and the alert rules'
+/// names are checked against a scrape.
+#[derive(Debug)]
+pub struct Described<M>(pub M);
+
+impl<M: TypedMetric> TypedMetric for Described<M> {
+    const TYPE: MetricType = M::TYPE;
+}
+
+impl<M: EncodeMetric> EncodeMetric for Described<M> {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        self.0.metric_type()
+    }
+}
+
+/// Writes one family of a collector: its `# HELP` and `# TYPE` (even with no sample, like [`Described`]), then one
+/// sample per `(labels, value)`. `M` is the crate's constant counter or gauge; the values are read at scrape time.
+pub fn write_family<S: EncodeLabelSet, M: EncodeMetric + TypedMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (S, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, M::TYPE)?;
+    for (labels, metric) in samples {
+        metric.encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// [`write_family`] of one sample without labels.
+pub fn write_single<M: EncodeMetric + TypedMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> Result<(), std::fmt::Error> {
+    metric.encode(encoder.encode_descriptor(name, help, None, M::TYPE)?)
 }
 
 /// What the endpoint serves.
@@ -246,7 +308,7 @@ fn respond(
         (StatusCode::PAYLOAD_TOO_LARGE, TEXT, "no request body is taken\n".into())
     } else {
         match req.uri().path() {
-            "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", source.metrics()),
+            "/metrics" => (StatusCode::OK, CONTENT_TYPE, source.metrics()),
             "/healthz" => (StatusCode::OK, TEXT, "ok\n".into()),
             "/readyz" => match source.ready() {
                 Ok(()) => (StatusCode::OK, TEXT, "ready\n".into()),
@@ -308,33 +370,49 @@ pub async fn get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prometheus_client::encoding::EncodeLabelSet;
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    struct Labels {
+        mti: &'static str,
+        code: String,
+    }
 
     #[test]
-    fn exposition_text_histograms_and_escaping() {
-        let h = Histogram::new(&[0.001, 0.01]);
+    fn histograms_slots_and_escaping_in_the_text() {
+        let h = LatencyHistogram::new(&[0.001, 0.01]);
         h.observe(Duration::from_micros(500));
         h.observe(Duration::from_millis(5));
         h.observe(Duration::from_secs(1));
-        let c = LabelledCounter::default();
-        c.inc(&[("mti", "0200"), ("code", "00")]);
-        c.inc(&[("mti", "0200"), ("code", "00")]);
-        c.inc(&[("mti", "0800"), ("code", "a\"b")]);
-        let mut e = Exposition::default();
-        h.render(&mut e, "x_seconds", "latency");
-        c.render(&mut e, "x_total", "requests");
-        e.single("x_up", "gauge", "up", 1.0);
-        let t = e.finish();
+        let c = CounterSlots::<Labels>::new(2);
+        let l = |code: &str| {
+            let code = code.to_string();
+            move || Labels { mti: "0200", code }
+        };
+        c.inc(Some(0), l("00"));
+        c.inc(Some(0), l("00"));
+        c.inc(Some(1), l("13"));
+        // Without a slot: the same family, through its lock.
+        c.inc(None, l("a\"b"));
+        c.inc(None, l("a\"b"));
+        let mut r = Registry::default();
+        r.register("x_seconds", "latency", h.clone());
+        r.register("x", "requests", c.family());
+        let t = exposition(&r);
         for want in [
             "# TYPE x_seconds histogram",
             "x_seconds_bucket{le=\"0.001\"} 1",
             "x_seconds_bucket{le=\"0.01\"} 2",
             "x_seconds_bucket{le=\"+Inf\"} 3",
+            "x_seconds_sum 1.0055",
             "x_seconds_count 3",
+            "# TYPE x_total counter",
             "x_total{mti=\"0200\",code=\"00\"} 2",
-            "x_total{mti=\"0800\",code=\"a\\\"b\"} 1",
-            "x_up 1",
+            "x_total{mti=\"0200\",code=\"13\"} 1",
+            "x_total{mti=\"0200\",code=\"a\\\"b\"} 2",
         ] {
             assert!(t.contains(want), "{want} in\n{t}");
         }
+        assert!(!t.contains("# EOF"), "Prometheus text, not OpenMetrics:\n{t}");
     }
 }

@@ -129,7 +129,7 @@ fn pingate(args: &[&str]) -> String {
 /// and once the limit is granted out, every gateway answers 61.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merchants_limit_holds_across_two_gateways_sharing_one_server() {
-    use pingate::demo::rig::{past_this_second, sample_modes, sample_products, start_gateway, start_server, Inventory};
+    use pingate::demo::rig::{past_this_second, sample_modes, sample_products, start_gateway, Inventory};
     let d = dir("two-gateways");
     let inv = Inventory::create(&d, &["gw1", "gw2", "obs"], &sample_products(20)).unwrap();
     let db = format!("sqlite:{}", inv.db.display());
@@ -147,7 +147,17 @@ async fn a_merchants_limit_holds_across_two_gateways_sharing_one_server() {
         "7500",
     ]);
     assert!(set.contains("at most 7500"), "{set}");
-    let server = start_server(&inv, std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let opts = pingate::server::ServerOptions {
+        metrics: Some(metrics),
+        ..Default::default()
+    };
+    let any = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let url = pingate::store::handle::DbUrl::Sqlite(inv.db.clone());
+    let server = pingate::demo::rig::start_server_with(&inv, &url, any, opts)
         .await
         .unwrap();
     // Slices of 50.00: the first gateway's first sale takes 50.00 of the 75.00, the second's the 25.00 left.
@@ -182,6 +192,22 @@ async fn a_merchants_limit_holds_across_two_gateways_sharing_one_server() {
     assert!(
         m.contains("pingate_gateway_limit_refusals_total{scope=\"merchant_all_gateways\",kind=\"amount\"} 1"),
         "{m}"
+    );
+    // The PIN server's metrics show the limit and what was granted of it (read in the background, a scrape asking
+    // for a fresh reading).
+    let wanted = "pingate_server_merchant_value_granted_today{merchant=\"DEMOMERCHANT001\",currency=\"978\"} 7500";
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = pingate::metrics::get(metrics, "/metrics").await.unwrap().1;
+        if text.contains(wanted) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(text.contains(wanted), "{text}");
+    assert!(
+        text.contains("pingate_server_merchant_value_limit{merchant=\"DEMOMERCHANT001\",currency=\"978\"} 7500"),
+        "{text}"
     );
     assert!(gw1.gateway.flush(std::time::Duration::from_secs(10)).await);
     assert!(gw2.gateway.flush(std::time::Duration::from_secs(10)).await);

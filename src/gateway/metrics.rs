@@ -1,15 +1,23 @@
 //! What the gateway shows of itself: the counters since start ([`Stats`]), `gateway stock` ([`StockReport`]), and
 //! the metrics endpoint's text and readiness.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use serde::Serialize;
 use tokio::time::Instant;
 
 use super::cache::Level;
 use super::upstream::ServerHealth;
 use super::Gateway;
+use crate::metrics::{write_family, write_single, CounterSlots, Described, LatencyHistogram, Registry};
+use crate::sale::ResponseCode;
 
 /// Counters since start.
 #[derive(Default, Debug, Serialize)]
@@ -48,23 +56,189 @@ pub struct StockReport {
     pub stats: serde_json::Value,
 }
 
-/// Counters and timings the metrics endpoint shows beside [`Stats`] and [`StockReport`].
+/// A request's labels: its message type and the response code it was answered with.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    mti: &'static str,
+    code: Cow<'static, str>,
+}
+
+/// A terminal connection closed by the gateway: on which listener, and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClosedLabels {
+    listener: String,
+    reason: &'static str,
+}
+
+/// Why a request was refused (a fixed word).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// A sale refused for a limit: whose and which.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    scope: &'static str,
+    kind: &'static str,
+}
+
+/// The message types counted by name; any other is `other` (a terminal sending made-up MTIs must not grow the
+/// metrics), and a frame that did not decode is `unreadable`.
+const MTIS: [&str; 9] = [
+    "0200",
+    "0201",
+    "0400",
+    "0401",
+    "0420",
+    "0421",
+    "0800",
+    "other",
+    "unreadable",
+];
+/// The response codes with a slot: the contract's, then `none` (a frame not answered) and `other`.
+const CODES: usize = ResponseCode::ALL.len() + 2;
+
+/// Counters and timings the metrics endpoint shows beside [`Stats`] and [`StockReport`], and the registry that
+/// holds them: one per gateway.
 pub(super) struct GatewayMetrics {
     /// By message type and response code.
-    pub(super) requests: crate::metrics::LabelledCounter,
-    pub(super) latency: crate::metrics::Histogram,
+    requests: CounterSlots<RequestLabels>,
+    pub(super) latency: LatencyHistogram,
     /// Terminal connections the gateway closed, by listener and reason.
-    pub(super) connections_closed: crate::metrics::LabelledCounter,
+    connections_closed: Family<ClosedLabels, Counter>,
     /// Requests refused for their MAC (63), by reason.
-    pub(super) mac_refused: crate::metrics::LabelledCounter,
+    mac_refused: Family<ReasonLabels, Counter>,
     /// Sales and accepted reversals by merchant and by terminal (`policy`).
-    pub(super) reversal_rates: super::policy::ReversalRates,
+    pub(super) reversal_rates: Arc<super::policy::ReversalRates>,
     /// Terminal reversals answered 21: after the reversal window.
-    pub(super) reversals_too_late: AtomicU64,
-    /// Sales refused for a limit (61, 65), by whose limit (`terminal`, `merchant`) and which (`amount`, `frequency`).
-    pub(super) limit_refusals: crate::metrics::LabelledCounter,
+    pub(super) reversals_too_late: Counter,
+    /// Sales refused for a limit (61, 65), by whose limit (`terminal`, `merchant`: this gateway's;
+    /// `merchant_all_gateways`: kept by the PIN server) and which (`amount`, `frequency`).
+    limit_refusals: Family<LimitLabels, Counter>,
     /// Requests refused for where they came from (certificate, source network, caller's number), by reason.
-    pub(super) origin_refused: crate::metrics::LabelledCounter,
+    origin_refused: Family<ReasonLabels, Counter>,
+    registry: Registry,
+}
+
+impl GatewayMetrics {
+    /// The metrics of `gateway` (the one being made: its levels and queues are read at scrape time through it).
+    pub(super) fn new(gateway: Weak<Gateway>) -> GatewayMetrics {
+        let mut r = Registry::default();
+        let (requests, latency) = crate::metrics::request_metrics(
+            &mut r,
+            "pingate_gateway",
+            "Terminal requests by message type and response code.",
+            "Time from a request's arrival to its answer.",
+            MTIS.len() * CODES,
+        );
+        let reversal_rates = Arc::new(super::policy::ReversalRates::default());
+        let (connections_closed, mac_refused) = (Family::default(), Family::default());
+        let (limit_refusals, origin_refused) = (Family::default(), Family::default());
+        let reversals_too_late = Counter::default();
+        r.register(
+            "pingate_gateway_terminal_connections_closed",
+            "Terminal connections closed by the gateway, by listener and reason: no_first_frame (nothing within \
+             first_frame_timeout_ms), slow_sender, connection_cap, source_cap, source_not_allowed (outside the \
+             listener's allow list), tls_handshake (failed), tls_handshake_timeout (not done within \
+             first_frame_timeout_ms).",
+            Described(connections_closed.clone()),
+        );
+        r.register_collector(Box::new(reversal_rates.clone()));
+        r.register(
+            "pingate_gateway_limit_refusals",
+            "Sales refused for a limit: 61 (amount: value per day) or 65 (frequency: sales per minute), by scope \
+             (terminal, merchant: this gateway's; merchant_all_gateways: kept by the PIN server).",
+            Described(limit_refusals.clone()),
+        );
+        r.register(
+            "pingate_gateway_reversals_too_late",
+            "Terminal reversals answered 21 (after the reversal window): not reversed, the PIN stays sold.",
+            reversals_too_late.clone(),
+        );
+        r.register(
+            "pingate_gateway_mac_refused",
+            "Requests answered 63 on listeners and lines that require MACs, by reason: missing, mismatch, no_key, \
+             no_terminal, wrong_algorithm, unsupported, locked.",
+            Described(mac_refused.clone()),
+        );
+        r.register(
+            "pingate_gateway_origin_refused",
+            "Requests answered 63 for where they came from, by reason: certificate (a client certificate that may not \
+             speak for the terminal id), source (a terminal's allow list), caller_id (a terminal's caller_ids), \
+             no_terminal.",
+            Described(origin_refused.clone()),
+        );
+        r.register_collector(Box::new(StateCollector(gateway)));
+        GatewayMetrics {
+            requests,
+            latency,
+            connections_closed,
+            mac_refused,
+            reversal_rates,
+            reversals_too_late,
+            limit_refusals,
+            origin_refused,
+            registry: r,
+        }
+    }
+
+    /// A request refused (63) for its MAC, for `reason`.
+    pub(super) fn refused_for_mac(&self, reason: &'static str) {
+        self.mac_refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// A request refused (63) for where it came from, for `reason`.
+    pub(super) fn refused_for_origin(&self, reason: &'static str) {
+        self.origin_refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// A sale refused for a limit: whose (`scope`) and which (`kind`).
+    pub(super) fn refused_for_limit(&self, scope: &'static str, kind: &'static str) {
+        self.limit_refusals.get_or_create(&LimitLabels { scope, kind }).inc();
+    }
+
+    /// A request answered with `code` (`none`: not answered), by its message type `mti`: one of [`MTIS`], else
+    /// counted as `other`.
+    pub(super) fn count(&self, mti: &str, code: &str) {
+        let m = MTIS.iter().position(|x| *x == mti).unwrap_or(MTIS.len() - 2);
+        let (c, code): (Option<usize>, Cow<'static, str>) =
+            match ResponseCode::ALL.iter().position(|r| r.code() == code) {
+                Some(i) => (Some(i), Cow::Borrowed(ResponseCode::ALL[i].code())),
+                None if code == "none" => (Some(CODES - 2), Cow::Borrowed("none")),
+                None if code == "other" => (Some(CODES - 1), Cow::Borrowed("other")),
+                // A code outside the contract: counted by its name, through the family's lock.
+                None => (None, Cow::Owned(code.to_string())),
+            };
+        let mti = MTIS[m];
+        self.requests
+            .inc(c.map(|c| m * CODES + c), || RequestLabels { mti, code });
+    }
+}
+
+/// The gateway's levels, queues and counters read at scrape time: the cache, store-and-forward, PIN servers,
+/// journal, serial lines, limits and allowances, locked terminals, and [`Stats`].
+#[derive(Debug)]
+struct StateCollector(Weak<Gateway>);
+
+impl Collector for StateCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // A scrape that outlives its gateway shows nothing more of it.
+        match self.0.upgrade() {
+            Some(gw) => gw.encode_state(&mut e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A gauge of a count.
+fn gauge(v: impl TryInto<i64>) -> ConstGauge {
+    ConstGauge::new(v.try_into().unwrap_or(i64::MAX))
+}
+
+/// A gauge of a condition: 1 or 0.
+fn flag(on: bool) -> ConstGauge {
+    ConstGauge::new(i64::from(on))
 }
 
 /// The gateway as the metrics endpoint sees it.
@@ -83,330 +257,250 @@ impl crate::metrics::Source for MetricsSource {
 }
 
 impl Gateway {
-    /// The metrics endpoint's text (Prometheus exposition format).
+    /// The metrics endpoint's text (Prometheus exposition format), from the gateway's registry.
     pub fn metrics_text(&self) -> String {
-        use crate::metrics::Exposition;
-        let mut e = Exposition::default();
-        self.metrics.requests.render(
-            &mut e,
-            "pingate_gateway_requests_total",
-            "Terminal requests by message type and response code.",
-        );
-        self.metrics.latency.render(
-            &mut e,
-            "pingate_gateway_request_duration_seconds",
-            "Time from a request's arrival to its answer.",
-        );
-        self.metrics.connections_closed.render(
-            &mut e,
-            "pingate_gateway_terminal_connections_closed_total",
-            "Terminal connections closed by the gateway, by listener and reason: no_first_frame (nothing within \
-             first_frame_timeout_ms), slow_sender, connection_cap, source_cap, source_not_allowed (outside the \
-             listener's allow list), tls_handshake (failed), tls_handshake_timeout (not done within \
-             first_frame_timeout_ms).",
-        );
-        self.metrics.reversal_rates.render(&mut e);
-        self.metrics.limit_refusals.render(
-            &mut e,
-            "pingate_gateway_limit_refusals_total",
-            "Sales refused for a limit: 61 (amount: value per day) or 65 (frequency: sales per minute), by scope \
-             (terminal, merchant: this gateway's; merchant_all_gateways: kept by the PIN server).",
-        );
+        crate::metrics::exposition(&self.metrics.registry)
+    }
+
+    /// What [`StateCollector`] shows.
+    fn encode_state(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let now = crate::clock::unix_now();
         if let Some(a) = &self.allowances {
-            let left = a.lock().expect("not poisoned").left(crate::clock::unix_now());
-            e.family(
+            let left = a.lock().expect("not poisoned").left(now);
+            write_family(
+                e,
                 "pingate_gateway_merchant_allowance_left",
-                "gauge",
                 "What is left today of the allowance the PIN server granted this gateway, by merchant and currency.",
-            );
-            for (m, c, v) in &left {
-                e.sample(
-                    "pingate_gateway_merchant_allowance_left",
-                    &[("merchant", m), ("currency", c)],
-                    *v as f64,
-                );
-            }
+                left.iter()
+                    .map(|(m, c, v)| ([("merchant", m), ("currency", c)], gauge(*v))),
+            )?;
         }
         if let Some(a) = &self.sales_allowances {
-            let left = a.lock().expect("not poisoned").left(crate::clock::unix_now());
-            e.family(
+            let left = a.lock().expect("not poisoned").left(now);
+            write_family(
+                e,
                 "pingate_gateway_merchant_sales_allowance_left",
-                "gauge",
                 "Sales left this minute of those the PIN server granted this gateway, by merchant.",
-            );
-            for (m, n) in &left {
-                e.sample(
-                    "pingate_gateway_merchant_sales_allowance_left",
-                    &[("merchant", m)],
-                    f64::from(*n),
-                );
-            }
+                left.iter().map(|(m, n)| ([("merchant", m)], gauge(*n))),
+            )?;
         }
         if let Some(l) = &self.limits {
-            let usage = l.lock().expect("not poisoned").merchant_usage(crate::clock::unix_now());
-            e.family(
+            let usage = l.lock().expect("not poisoned").merchant_usage(now);
+            write_family(
+                e,
                 "pingate_gateway_merchant_value_today",
-                "gauge",
                 "Value sold today (UTC, minor units) by merchant and currency at this gateway, against its limits.",
-            );
-            for (m, _, values) in &usage {
-                for (c, v) in values {
-                    e.sample(
-                        "pingate_gateway_merchant_value_today",
-                        &[("merchant", m), ("currency", c)],
-                        *v as f64,
-                    );
-                }
-            }
-            e.family(
+                usage.iter().flat_map(|(m, _, values)| {
+                    values
+                        .iter()
+                        .map(move |(c, v)| ([("merchant", m), ("currency", c)], gauge(*v)))
+                }),
+            )?;
+            write_family(
+                e,
                 "pingate_gateway_merchant_sales_last_minute",
-                "gauge",
                 "Sales in the last 60 seconds by merchant at this gateway, against its limits.",
-            );
-            for (m, n, _) in &usage {
-                e.sample(
-                    "pingate_gateway_merchant_sales_last_minute",
-                    &[("merchant", m)],
-                    *n as f64,
-                );
-            }
+                usage.iter().map(|(m, n, _)| ([("merchant", m)], gauge(*n))),
+            )?;
         }
-        e.single(
-            "pingate_gateway_reversals_too_late_total",
-            "counter",
-            "Terminal reversals answered 21 (after the reversal window): not reversed, the PIN stays sold.",
-            self.metrics.reversals_too_late.load(Ordering::Relaxed) as f64,
-        );
-        self.metrics.mac_refused.render(
-            &mut e,
-            "pingate_gateway_mac_refused_total",
-            "Requests answered 63 on listeners and lines that require MACs, by reason: missing, mismatch, no_key, \
-             no_terminal, wrong_algorithm, unsupported, locked.",
-        );
-        self.metrics.origin_refused.render(
-            &mut e,
-            "pingate_gateway_origin_refused_total",
-            "Requests answered 63 for where they came from, by reason: certificate (a client certificate that may not \
-             speak for the terminal id), source (a terminal's allow list), caller_id (a terminal's caller_ids), \
-             no_terminal.",
-        );
         let locked = self.mac_status().iter().filter(|s| s.locked_since.is_some()).count();
-        e.family(
+        write_single(
+            e,
             "pingate_gateway_terminals_locked",
-            "gauge",
             "Terminals locked after too many bad or missing MACs (until `pingate terminals unlock`).",
-        );
-        e.sample("pingate_gateway_terminals_locked", &[], locked as f64);
+            gauge(locked),
+        )?;
         let st = &self.stats;
-        let c = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
-        e.family(
-            "pingate_gateway_sales_total",
-            "counter",
+        let c = |a: &AtomicU64| ConstCounter::new(a.load(Ordering::Relaxed));
+        write_family(
+            e,
+            "pingate_gateway_sales",
             "Approved sales by where the PIN came from.",
-        )
-        .sample(
-            "pingate_gateway_sales_total",
-            &[("source", "cache")],
-            c(&st.sales_from_cache),
-        )
-        .sample(
-            "pingate_gateway_sales_total",
-            &[("source", "on_demand")],
-            c(&st.sales_on_demand),
-        );
+            [
+                ([("source", "cache")], c(&st.sales_from_cache)),
+                ([("source", "on_demand")], c(&st.sales_on_demand)),
+            ],
+        )?;
         for (name, help, v) in [
-            ("pingate_gateway_declined_total", "Sales declined.", &st.declined),
+            ("pingate_gateway_declined", "Sales declined.", &st.declined),
             (
-                "pingate_gateway_refills_total",
+                "pingate_gateway_refills",
                 "Cache refills asked of the PIN server.",
                 &st.refills_started,
             ),
             (
-                "pingate_gateway_repeats_total",
+                "pingate_gateway_repeats",
                 "Repeats and duplicates answered from memory.",
                 &st.repeats,
             ),
             (
-                "pingate_gateway_reversals_total",
+                "pingate_gateway_reversals",
                 "Reversals taken from terminals.",
                 &st.reversals,
             ),
             (
-                "pingate_gateway_undelivered_total",
+                "pingate_gateway_undelivered",
                 "Approved answers that did not reach the terminal (the sale is reversed).",
                 &st.undelivered,
             ),
             (
-                "pingate_gateway_confirms_total",
+                "pingate_gateway_confirms",
                 "Cache sales confirmed to the PIN server.",
                 &st.confirms_done,
             ),
             (
-                "pingate_gateway_forward_failures_total",
+                "pingate_gateway_forward_failures",
                 "Store-and-forward attempts that failed (retried).",
                 &st.forward_failures,
             ),
             (
-                "pingate_gateway_forward_refused_total",
+                "pingate_gateway_forward_refused",
                 "Store-and-forward steps the PIN server refused for good (taken out of the queue, logged).",
                 &st.forward_refused,
             ),
             (
-                "pingate_gateway_confirm_conflicts_total",
+                "pingate_gateway_confirm_conflicts",
                 "Cache sales the PIN server could not confirm (a conflict it recorded; pingate audit shows it).",
                 &st.confirm_conflicts,
             ),
             (
-                "pingate_gateway_redeliveries_total",
+                "pingate_gateway_redeliveries",
                 "Sold PINs handed out again from memory to a repeat of their sale.",
                 &st.redeliveries,
             ),
             (
-                "pingate_gateway_unsure_keys_total",
+                "pingate_gateway_unsure_keys",
                 "Sales of prefetch products sent to the PIN server because their key may have been sold before.",
                 &st.unsure_keys,
             ),
             (
-                "pingate_gateway_reversal_mismatches_total",
+                "pingate_gateway_reversal_mismatches",
                 "Reversals refused (13) for naming another product, amount, currency or merchant than their sale.",
                 &st.reversal_mismatches,
             ),
         ] {
-            e.single(name, "counter", help, c(v));
+            write_single(e, name, help, c(v))?;
         }
         let stock = self.stock();
-        type Reading = fn(&Level) -> f64;
+        let amounts: Vec<String> = stock.cache.iter().map(|l| l.amount.to_string()).collect();
+        let at = |i: usize| {
+            [
+                ("product", stock.cache[i].product.as_str()),
+                ("amount", amounts[i].as_str()),
+            ]
+        };
+        type Reading = fn(&Level) -> usize;
         let gauges: [(&str, &str, Reading); 3] = [
             ("pingate_gateway_cache_pins", "PINs held in the prefetch cache.", |l| {
-                l.cached as f64
+                l.cached
             }),
             (
                 "pingate_gateway_cache_low",
                 "The cache's low mark (a refill is due under it; configured).",
-                |l| l.low as f64,
+                |l| l.low,
             ),
             (
                 "pingate_gateway_cache_target",
                 "What the cache refills towards (adapts to the sale rate).",
-                |l| l.target as f64,
+                |l| l.target,
             ),
         ];
         for (name, help, value) in gauges {
-            e.family(name, "gauge", help);
-            for l in &stock.cache {
-                let amount = l.amount.to_string();
-                e.sample(name, &[("product", &l.product), ("amount", &amount)], value(l));
-            }
+            write_family(
+                e,
+                name,
+                help,
+                stock.cache.iter().enumerate().map(|(i, l)| (at(i), gauge(value(l)))),
+            )?;
         }
-        e.family(
-            "pingate_gateway_cache_lookups_total",
-            "counter",
+        write_family(
+            e,
+            "pingate_gateway_cache_lookups",
             "Cache lookups by result (a miss is sold on demand).",
-        );
-        for l in &stock.cache {
-            let amount = l.amount.to_string();
-            let p = [("product", l.product.as_str()), ("amount", amount.as_str())];
-            e.sample(
-                "pingate_gateway_cache_lookups_total",
-                &[p[0], p[1], ("result", "hit")],
-                l.hits as f64,
-            );
-            e.sample(
-                "pingate_gateway_cache_lookups_total",
-                &[p[0], p[1], ("result", "miss")],
-                l.misses as f64,
-            );
-        }
-        e.family(
+            stock.cache.iter().enumerate().flat_map(|(i, l)| {
+                [("hit", l.hits), ("miss", l.misses)]
+                    .map(|(result, n)| ((at(i), [("result", result)]), ConstCounter::new(n)))
+            }),
+        )?;
+        write_family(
+            e,
             "pingate_gateway_pending",
-            "gauge",
             "Store-and-forward work waiting for the PIN server.",
-        )
-        .sample(
-            "pingate_gateway_pending",
-            &[("kind", "confirm")],
-            stock.pending_confirms as f64,
-        )
-        .sample(
-            "pingate_gateway_pending",
-            &[("kind", "reversal")],
-            stock.pending_reversals as f64,
-        )
-        .sample(
-            "pingate_gateway_pending",
-            &[("kind", "release")],
-            stock.pending_releases as f64,
-        );
-        e.family(
+            [
+                ("confirm", stock.pending_confirms),
+                ("reversal", stock.pending_reversals),
+                ("release", stock.pending_releases),
+            ]
+            .map(|(kind, n)| ([("kind", kind)], gauge(n))),
+        )?;
+        write_family(
+            e,
             "pingate_gateway_server_connections",
-            "gauge",
             "Open TLS connections per PIN server.",
-        );
-        for s in &stock.servers {
-            e.sample(
-                "pingate_gateway_server_connections",
-                &[("server", &s.server)],
-                s.connected as f64,
-            );
-        }
-        e.family(
+            stock
+                .servers
+                .iter()
+                .map(|s| ([("server", &s.server)], gauge(s.connected))),
+        )?;
+        write_family(
+            e,
             "pingate_gateway_server_circuit_open",
-            "gauge",
             "1 while a PIN server's circuit breaker is open.",
-        );
-        for s in &stock.servers {
-            let open = if s.circuit_open { 1.0 } else { 0.0 };
-            e.sample("pingate_gateway_server_circuit_open", &[("server", &s.server)], open);
-        }
-        e.single(
+            stock
+                .servers
+                .iter()
+                .map(|s| ([("server", &s.server)], flag(s.circuit_open))),
+        )?;
+        write_single(
+            e,
             "pingate_gateway_journal_writing",
-            "gauge",
             "1 while the journal takes records; 0 after a write it could not make (no sale is answered until a \
              restart).",
-            if self.journal.is_writing() { 1.0 } else { 0.0 },
-        );
+            flag(self.journal.is_writing()),
+        )?;
         let board = self.lines.borrow().clone();
-        e.family(
+        write_family(
+            e,
             "pingate_gateway_serial_line_state",
-            "gauge",
             "1 for each serial line's current state.",
-        );
-        for (name, l) in &board {
-            e.sample(
-                "pingate_gateway_serial_line_state",
-                &[("line", name), ("state", &l.state)],
-                1.0,
-            );
-        }
-        for (metric, help, f) in [
+            board
+                .iter()
+                .map(|(name, l)| ([("line", name), ("state", &l.state)], flag(true))),
+        )?;
+        type Count = fn(&super::serial::LineStatus) -> u64;
+        let counters: [(&str, &str, Count); 4] = [
             (
-                "pingate_gateway_serial_calls_total",
+                "pingate_gateway_serial_calls",
                 "Calls connected per serial line.",
-                0,
+                |l| l.calls,
             ),
             (
-                "pingate_gateway_serial_delivered_total",
+                "pingate_gateway_serial_delivered",
                 "Answers acknowledged per serial line.",
-                1,
+                |l| l.delivered,
             ),
             (
-                "pingate_gateway_serial_reversed_total",
+                "pingate_gateway_serial_reversed",
                 "Sales reversed for undelivered answers per line.",
-                2,
+                |l| l.reversed,
             ),
             (
-                "pingate_gateway_serial_opens_total",
+                "pingate_gateway_serial_opens",
                 "Times each serial device was opened.",
-                3,
+                |l| l.opens,
             ),
-        ] {
-            e.family(metric, "counter", help);
-            for (name, l) in &board {
-                let v = [l.calls, l.delivered, l.reversed, l.opens][f];
-                e.sample(metric, &[("line", name)], v as f64);
-            }
+        ];
+        for (name, help, value) in counters {
+            write_family(
+                e,
+                name,
+                help,
+                board
+                    .iter()
+                    .map(|(line, l)| ([("line", line)], ConstCounter::new(value(l)))),
+            )?;
         }
-        e.finish()
+        Ok(())
     }
 
     /// Ready: at least one PIN server connected (sales from the cache would still work without, but on-demand sales
@@ -425,15 +519,17 @@ impl Gateway {
 
     /// A terminal connection of `listener` closed by the gateway, for `reason` (a fixed word, not the peer's).
     pub(crate) fn note_closed(&self, listener: &str, reason: &'static str) {
-        self.metrics
-            .connections_closed
-            .inc(&[("listener", listener), ("reason", reason)]);
+        let labels = ClosedLabels {
+            listener: listener.to_string(),
+            reason,
+        };
+        self.metrics.connections_closed.get_or_create(&labels).inc();
     }
 
     /// A frame that did not decode (`answered`: with a format error): counted beside the requests.
     pub fn note_unreadable(&self, answered: bool) {
         let code = if answered { "30" } else { "none" };
-        self.metrics.requests.inc(&[("mti", "unreadable"), ("code", code)]);
+        self.metrics.count("unreadable", code);
     }
 
     /// What the gateway holds and owes now.
@@ -448,5 +544,56 @@ impl Gateway {
             servers: self.upstream.health(),
             stats: serde_json::to_value(&self.stats).unwrap_or_default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of the sample line `series` (name and labels) in `text`, if there is one.
+    fn value(text: &str, series: &str) -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn each_type_and_code_is_its_own_series_and_unknown_ones_are_still_counted() {
+        // No gateway behind it: its state is not shown, the counters are.
+        let m = GatewayMetrics::new(Weak::new());
+        for (mti, code) in [
+            ("0200", "00"),
+            ("0200", "00"),
+            ("0200", "91"),
+            ("0800", "00"),
+            ("0421", "none"),
+            ("0421", "other"),
+            ("9999", "00"),
+            ("0200", "Z9"),
+            ("0200", "Z9"),
+            ("unreadable", "30"),
+        ] {
+            m.count(mti, code);
+        }
+        let text = crate::metrics::exposition(&m.registry);
+        let requests = |mti: &str, code: &str| {
+            value(
+                &text,
+                &format!("pingate_gateway_requests_total{{mti=\"{mti}\",code=\"{code}\"}}"),
+            )
+        };
+        assert_eq!(requests("0200", "00"), Some(2), "{text}");
+        assert_eq!(requests("0200", "91"), Some(1), "{text}");
+        assert_eq!(requests("0800", "00"), Some(1), "{text}");
+        assert_eq!(requests("0421", "none"), Some(1), "{text}");
+        assert_eq!(requests("0421", "other"), Some(1), "{text}");
+        assert_eq!(requests("other", "00"), Some(1), "an MTI outside the contract: {text}");
+        assert_eq!(requests("0200", "Z9"), Some(2), "a code outside the contract: {text}");
+        assert_eq!(requests("unreadable", "30"), Some(1), "{text}");
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("pingate_gateway_requests_total{"))
+            .count();
+        assert_eq!(series, 8, "one series per label set seen, no more:\n{text}");
     }
 }

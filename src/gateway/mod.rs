@@ -202,7 +202,7 @@ impl Gateway {
             cfg.refill_lead,
             now,
         );
-        let gw = Arc::new(Gateway {
+        let gw = Arc::new_cyclic(|me| Gateway {
             recent: Mutex::new(Recent::new(cfg.repeat_window, cfg.repeat_max, crate::clock::unix_now())),
             cfg,
             journal,
@@ -217,16 +217,7 @@ impl Gateway {
             refills: AtomicU64::new(0),
             unreconciled: Mutex::new(None),
             lines: watch::Sender::new(serial::LineBoard::new()),
-            metrics: GatewayMetrics {
-                requests: Default::default(),
-                latency: crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS),
-                connections_closed: Default::default(),
-                mac_refused: Default::default(),
-                reversal_rates: Default::default(),
-                reversals_too_late: Default::default(),
-                limit_refusals: Default::default(),
-                origin_refused: Default::default(),
-            },
+            metrics: GatewayMetrics::new(me.clone()),
             activity: Default::default(),
             terminals: std::sync::RwLock::new(Arc::new(cfg_terminals)),
             products: Mutex::new(cfg_products),
@@ -339,17 +330,14 @@ impl Gateway {
 
     /// A request answered, for the metrics: by message type and code, and its latency.
     fn count_request(&self, mti: &str, code: &str, received: Instant) {
-        // Label values from the contract only: a terminal sending made-up MTIs must not grow the metrics.
-        let label = match mti {
-            "0200" | "0201" | "0400" | "0401" | "0420" | "0421" | "0800" => mti,
-            _ => "other",
-        };
+        // Label values from the contract only (the MTIs are, in `count`): a terminal sending made-up MTIs must not
+        // grow the metrics.
         let code = if code.len() == 2 && code.bytes().all(|b| b.is_ascii_alphanumeric()) {
             code
         } else {
             "other"
         };
-        self.metrics.requests.inc(&[("mti", label), ("code", code)]);
+        self.metrics.count(mti, code);
         self.metrics.latency.observe(received.elapsed());
     }
 
@@ -376,7 +364,7 @@ impl Gateway {
             Ok(()) => self.handle_frame(dialect, raw, msg, mac, received).await,
             Err(refusal) => {
                 let reason = refusal.label();
-                self.metrics.origin_refused.inc(&[("reason", reason)]);
+                self.metrics.refused_for_origin(reason);
                 limited!(
                     info,
                     "request refused: not from where its terminal may come from (63)",
@@ -420,7 +408,7 @@ impl Gateway {
             }
             Err(refusal) => {
                 let reason = refusal.label();
-                self.metrics.mac_refused.inc(&[("reason", reason)]);
+                self.metrics.refused_for_mac(reason);
                 limited!(
                     info,
                     "request refused: bad or missing MAC (63)",

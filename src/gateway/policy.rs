@@ -1,5 +1,5 @@
 //! Fraud controls that bound what a dishonest merchant can take (issue 20, §4 and §5): the `[policy]` table of the
-//! gateway's configuration, and reversal rates per merchant and terminal for the metrics endpoint.
+//! gateway's configuration, and reversal rates per merchant and terminal for the metrics endpoint (a `Collector`).
 //!
 //! The rules themselves are decided without I/O in the controller (`controller::decide_reversal`, with the time as
 //! an input); this module only holds their configuration and their counters.
@@ -8,7 +8,12 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 use serde::Deserialize;
+
+use crate::metrics::write_family;
 
 /// `[policy]` in the gateway's configuration (every key optional).
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -223,55 +228,46 @@ impl ReversalRates {
         terminals.truncate(TOP_TERMINALS);
         (merchants, terminals)
     }
+}
 
-    /// The metrics' text: per merchant, sales and reversals (their ratio is the merchant's reversal rate); for the
-    /// top terminals, the same.
-    pub fn render(&self, e: &mut crate::metrics::Exposition) {
+/// The metrics: per merchant, sales and reversals (their ratio is the merchant's reversal rate); for the top
+/// terminals, the same.
+impl prometheus_client::collector::Collector for ReversalRates {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let (merchants, terminals) = self.snapshot();
-        e.family(
-            "pingate_gateway_merchant_sales_total",
-            "counter",
+        write_family(
+            &mut e,
+            "pingate_gateway_merchant_sales",
             "New sales approved, by merchant (with reversals: the merchant's reversal rate).",
-        );
-        for (m, s, _) in &merchants {
-            e.sample("pingate_gateway_merchant_sales_total", &[("merchant", m)], *s as f64);
-        }
-        e.family(
-            "pingate_gateway_merchant_reversals_total",
-            "counter",
+            merchants
+                .iter()
+                .map(|(m, s, _)| ([("merchant", m)], ConstCounter::new(*s))),
+        )?;
+        write_family(
+            &mut e,
+            "pingate_gateway_merchant_reversals",
             "Terminal reversals accepted, by merchant.",
-        );
-        for (m, _, v) in &merchants {
-            e.sample(
-                "pingate_gateway_merchant_reversals_total",
-                &[("merchant", m)],
-                *v as f64,
-            );
-        }
-        e.family(
+            merchants
+                .iter()
+                .map(|(m, _, v)| ([("merchant", m)], ConstCounter::new(*v))),
+        )?;
+        let gauge = |n: u64| ConstGauge::new(n);
+        write_family(
+            &mut e,
             "pingate_gateway_top_terminal_reversals",
-            "gauge",
             "Terminal reversals accepted, for the terminals with the most of them (at most 20 terminals).",
-        );
-        for (t, m, _, v) in &terminals {
-            e.sample(
-                "pingate_gateway_top_terminal_reversals",
-                &[("terminal", t), ("merchant", m)],
-                *v as f64,
-            );
-        }
-        e.family(
+            terminals
+                .iter()
+                .map(|(t, m, _, v)| ([("terminal", t), ("merchant", m)], gauge(*v))),
+        )?;
+        write_family(
+            &mut e,
             "pingate_gateway_top_terminal_sales",
-            "gauge",
             "New sales approved, for the same terminals as pingate_gateway_top_terminal_reversals.",
-        );
-        for (t, m, s, _) in &terminals {
-            e.sample(
-                "pingate_gateway_top_terminal_sales",
-                &[("terminal", t), ("merchant", m)],
-                *s as f64,
-            );
-        }
+            terminals
+                .iter()
+                .map(|(t, m, s, _)| ([("terminal", t), ("merchant", m)], gauge(*s))),
+        )
     }
 }
 
@@ -332,9 +328,9 @@ mod tests {
         assert_eq!(m[0].1, 50);
         assert_eq!(t.len(), TOP_TERMINALS);
         assert!(t.iter().all(|x| x.3 >= 4) && t[0].3 == 6, "{t:?}");
-        let mut e = crate::metrics::Exposition::default();
-        r.render(&mut e);
-        let text = e.finish();
+        let mut registry = crate::metrics::Registry::default();
+        registry.register_collector(Box::new(r));
+        let text = crate::metrics::exposition(&registry);
         assert!(
             text.contains("pingate_gateway_merchant_reversals_total{merchant=\"M2\"} 0"),
             "{text}"

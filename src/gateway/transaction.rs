@@ -152,7 +152,7 @@ impl Gateway {
                         super::limits::Refusal::Amount => "amount",
                         super::limits::Refusal::Frequency => "frequency",
                     };
-                    self.metrics.limit_refusals.inc(&[("scope", scope), ("kind", kind)]);
+                    self.metrics.refused_for_limit(scope, kind);
                     limited!(info, "sale refused for a limit", terminal = %s.key.terminal_id, merchant = %s.merchant_id, scope, kind);
                     let code = r.refusal.code();
                     entry.settle(Arc::new(Outcome::Declined(code)));
@@ -238,12 +238,11 @@ impl Gateway {
             Take::Taken => return Ok(true),
             Take::Ask(n) => n,
         };
-        let margin = (self.cfg.response_deadline / 20).min(Duration::from_millis(500));
         let request = Request::SalesAllowance {
             merchant_id: m.clone(),
             count: u32::try_from(ask).unwrap_or(crate::psp::MAX_SALES_SLICE),
         };
-        let answer = self.upstream.call(request, deadline - margin).await;
+        let answer = self.upstream.call(request, half_way(deadline)).await;
         let mut a = a.lock().expect("not poisoned");
         match answer {
             Ok(Response::Allowance { granted, .. }) => {
@@ -252,9 +251,7 @@ impl Gateway {
                 match a.take(m, now) {
                     Take::Taken | Take::Unmanaged => Ok(true),
                     Take::Ask(_) => {
-                        self.metrics
-                            .limit_refusals
-                            .inc(&[("scope", "merchant_all_gateways"), ("kind", "frequency")]);
+                        self.metrics.refused_for_limit("merchant_all_gateways", "frequency");
                         limited!(info, "sale refused: the merchant's sales per minute across gateways are used up", merchant = %m);
                         Err(ResponseCode::ExceedsFrequencyLimit)
                     }
@@ -286,13 +283,12 @@ impl Gateway {
             Take::Taken => return Ok(true),
             Take::Ask(n) => n,
         };
-        let margin = (self.cfg.response_deadline / 20).min(Duration::from_millis(500));
         let request = Request::Allowance {
             merchant_id: m.clone(),
             currency: c.clone(),
             amount: ask as i64,
         };
-        let answer = self.upstream.call(request, deadline - margin).await;
+        let answer = self.upstream.call(request, half_way(deadline)).await;
         let mut a = a.lock().expect("not poisoned");
         match answer {
             Ok(Response::Allowance { granted, .. }) => {
@@ -300,9 +296,7 @@ impl Gateway {
                 match a.take(m, c, s.amount, now) {
                     Take::Taken | Take::Unmanaged => Ok(true),
                     Take::Ask(_) => {
-                        self.metrics
-                            .limit_refusals
-                            .inc(&[("scope", "merchant_all_gateways"), ("kind", "amount")]);
+                        self.metrics.refused_for_limit("merchant_all_gateways", "amount");
                         limited!(info, "sale refused: the merchant's limit across gateways is reached", merchant = %m);
                         Err(ResponseCode::ExceedsAmountLimit)
                     }
@@ -326,11 +320,10 @@ impl Gateway {
     /// time, the window's record stands (the server would answer `unknown` for a cache sale whose confirm is still
     /// queued here, and the PIN was sold to this very terminal).
     async fn reversed_elsewhere(&self, s: &SaleRequest, deadline: Instant) -> bool {
-        let margin = (self.cfg.response_deadline / 20).min(Duration::from_millis(500));
         let request = Request::CheckSale {
             terminal: self.sale_record(s).terminal(),
         };
-        match self.upstream.call(request, deadline - margin).await {
+        match self.upstream.call(request, half_way(deadline)).await {
             Ok(Response::SaleState { state }) => {
                 let reversed = state == SaleState::Reversed;
                 if reversed {
@@ -546,7 +539,7 @@ impl Gateway {
                 self.stats.reversal_mismatches.fetch_add(1, Ordering::Relaxed);
             }
             if code == ResponseCode::NoActionTaken {
-                self.metrics.reversals_too_late.fetch_add(1, Ordering::Relaxed);
+                self.metrics.reversals_too_late.inc();
                 limited!(info, "reversal after the reversal window; the sale stands", terminal = %r.sale.terminal_id, stan = %r.sale.stan);
             }
             return answer(msg, code);
@@ -598,7 +591,7 @@ impl Gateway {
                 ServerReversal::TooLate => {
                     // Nothing to reverse, ever: the sale stands.
                     self.journal.append_lazy(vec![Record::Reversed { key }]);
-                    self.metrics.reversals_too_late.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.reversals_too_late.inc();
                     return answer(msg, ResponseCode::NoActionTaken);
                 }
                 ServerReversal::Mismatch => {
@@ -638,6 +631,15 @@ impl Gateway {
             }
         }
     }
+}
+
+/// The deadline of a question asked of the PIN server before a sale that has an answer of its own when the server
+/// cannot be asked (an allowance: the margin; a re-delivery: the window's record): half the time left, so that the
+/// sale itself still fits before the terminal's deadline when the server does not answer at all (a server stopped
+/// without closing its connections leaves the call waiting to its deadline).
+fn half_way(deadline: Instant) -> Instant {
+    let now = Instant::now();
+    now + deadline.saturating_duration_since(now) / 2
 }
 
 pub(super) fn receipt_of(p: &crate::psp::PinOut) -> PinReceipt {

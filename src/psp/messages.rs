@@ -396,6 +396,22 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code (the PIN server's metrics count requests by it).
+    pub const ALL: [ErrorCode; 12] = [
+        ErrorCode::OutOfStock,
+        ErrorCode::UnknownProduct,
+        ErrorCode::UnknownDenomination,
+        ErrorCode::DuplicateMismatch,
+        ErrorCode::AlreadyReversed,
+        ErrorCode::RepeatExpired,
+        ErrorCode::ReversalMismatch,
+        ErrorCode::ReversalTooLate,
+        ErrorCode::NotHolder,
+        ErrorCode::BadRequest,
+        ErrorCode::Busy,
+        ErrorCode::Internal,
+    ];
+
     /// The code as it is written on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -478,20 +494,7 @@ mod tests {
 
     #[test]
     fn error_code_names_are_the_wire_names() {
-        for c in [
-            ErrorCode::OutOfStock,
-            ErrorCode::UnknownProduct,
-            ErrorCode::UnknownDenomination,
-            ErrorCode::DuplicateMismatch,
-            ErrorCode::AlreadyReversed,
-            ErrorCode::RepeatExpired,
-            ErrorCode::ReversalMismatch,
-            ErrorCode::ReversalTooLate,
-            ErrorCode::NotHolder,
-            ErrorCode::BadRequest,
-            ErrorCode::Busy,
-            ErrorCode::Internal,
-        ] {
+        for c in ErrorCode::ALL {
             assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());
         }
     }

@@ -2,8 +2,6 @@
 //! conversion from a store type to a PSP one is here (`From<store::X> for psp::Y`), and store errors become wire
 //! codes here and nowhere else, so that the protocol core (`crate::psp`) knows nothing of the store.
 
-use std::sync::atomic::Ordering;
-
 use super::Shared;
 use crate::clock::unix_now;
 use crate::logging::limited;
@@ -39,8 +37,7 @@ pub(super) async fn handle(shared: &Shared, gateway: &str, id: u64, request: Req
     let started = std::time::Instant::now();
     let op = request.op_name();
     let frame = handle_request(shared, gateway, id, request).await;
-    let result = frame.error.as_ref().map_or("ok", |e| e.code.as_str());
-    shared.metrics.requests.inc(&[("op", op), ("result", result)]);
+    shared.metrics.count(op, frame.error.as_ref().map(|e| e.code));
     shared.metrics.latency.observe(started.elapsed());
     frame
 }
@@ -68,7 +65,7 @@ fn sale(gateway: &str, t: Terminal) -> Result<SaleContext, String> {
 impl Shared {
     fn count_confirmation(&self, c: Confirmation) {
         if matches!(c, Confirmation::Conflict { .. }) {
-            self.metrics.confirm_conflicts.fetch_add(1, Ordering::Relaxed);
+            self.metrics.confirm_conflicts.inc();
         }
     }
 }
@@ -183,7 +180,7 @@ async fn handle_request(shared: &Shared, gateway: &str, id: u64, request: Reques
             match outcome {
                 Outcome::Sold(d) => {
                     if d.redelivered {
-                        shared.metrics.redeliveries.fetch_add(1, Ordering::Relaxed);
+                        shared.metrics.redeliveries.inc();
                     }
                     Response::Sold { pin: PinOut::from(d) }
                 }
@@ -205,7 +202,7 @@ async fn handle_request(shared: &Shared, gateway: &str, id: u64, request: Reques
                     stock: s.into_iter().map(StockEntry::from).collect(),
                 },
                 // Not operations a gateway can ask for (see `to_op`).
-                Outcome::Catalog(_) | Outcome::Expired(_) => Response::Pong,
+                Outcome::Catalog(_) | Outcome::Expired(_) | Outcome::Limits(..) => Response::Pong,
                 Outcome::Held(pin_ids) => Response::Held { pin_ids },
                 Outcome::SaleState(s) => Response::SaleState {
                     state: match s {

@@ -21,6 +21,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
@@ -33,6 +38,7 @@ mod handler;
 mod status;
 
 use crate::logging::limited;
+use crate::metrics::{write_family, write_single, CounterSlots, Described, LatencyHistogram, Registry};
 use crate::psp::{
     parse_request, ErrorCode, FrameCodec, Request, ResponseFrame, StockEntry, MAX_ANSWER_FRAME, MAX_REQUEST_FRAME,
     VERSION,
@@ -241,24 +247,208 @@ impl Drop for Pending {
     }
 }
 
-/// What the metrics endpoint shows.
+/// A PSP request's labels: its operation, and its result (`ok` or the error code).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    op: &'static str,
+    result: &'static str,
+}
+
+/// Why a connection was closed before it was authenticated (a fixed word).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// The operations with a counter slot of their own ([`Request::op_name`]); one not listed is counted all the same,
+/// through the family's lock.
+const OPS: [&str; 15] = [
+    "hello",
+    "sell",
+    "reserve",
+    "confirm",
+    "confirm_batch",
+    "release",
+    "reverse",
+    "reverse_pin",
+    "renew",
+    "stock",
+    "held",
+    "ping",
+    "allowance",
+    "check_sale",
+    "sales_allowance",
+];
+/// Results with a slot: `ok`, then each [`ErrorCode`] by its place in [`ErrorCode::ALL`].
+const RESULTS: usize = 1 + ErrorCode::ALL.len();
+
+/// What the metrics endpoint shows, and the registry that holds it: one per server.
 struct ServerMetrics {
     /// By operation and result (`ok` or the error code).
-    requests: crate::metrics::LabelledCounter,
-    latency: crate::metrics::Histogram,
+    requests: CounterSlots<RequestLabels>,
+    latency: LatencyHistogram,
     /// Authenticated (gateway) connections open.
-    connections: AtomicU64,
+    connections: Gauge,
     /// Connections closed before they were authenticated, by reason.
-    unauthenticated_closed: crate::metrics::LabelledCounter,
+    unauthenticated_closed: Family<ReasonLabels, Counter>,
     /// Stock by product, amount and state, refreshed in the background (a scrape never queries the database), and
     /// when it was last read successfully.
     stock: std::sync::Mutex<(Vec<StockEntry>, Option<std::time::Instant>)>,
     /// A scrape that finds the stock older than a second asks for a new reading (and shows the last one).
     refresh: tokio::sync::Notify,
+    /// Merchants' limits across gateways and what was granted of them (today; this minute), read with the stock.
+    limits: std::sync::Mutex<(Vec<crate::store::LimitRow>, Vec<crate::store::RateRow>)>,
     /// Sold PINs handed out again to a repeat of their sale.
-    redeliveries: AtomicU64,
+    redeliveries: Counter,
     /// Cached sales whose confirm was refused for good (see `Confirmation::Conflict`).
-    confirm_conflicts: AtomicU64,
+    confirm_conflicts: Counter,
+    registry: Registry,
+}
+
+impl ServerMetrics {
+    /// The metrics of the server `shared` (the one being made: what it holds is read at scrape time through it).
+    fn new(shared: std::sync::Weak<Shared>) -> ServerMetrics {
+        let mut r = Registry::default();
+        let (requests, latency) = crate::metrics::request_metrics(
+            &mut r,
+            "pingate_server",
+            "PSP requests by operation and result.",
+            "Time to answer a PSP request.",
+            OPS.len() * RESULTS,
+        );
+        let (connections, unauthenticated_closed) = (Gauge::default(), Family::default());
+        let (redeliveries, confirm_conflicts) = (Counter::default(), Counter::default());
+        r.register(
+            "pingate_server_connections",
+            "Open gateway connections.",
+            connections.clone(),
+        );
+        r.register(
+            "pingate_server_redeliveries",
+            "Sold PINs handed out again to a repeat of their sale (each recorded in the redeliveries table).",
+            redeliveries.clone(),
+        );
+        r.register(
+            "pingate_server_confirm_conflicts",
+            "Cached sales whose confirm was refused for good (recorded in confirm_conflicts for the operator).",
+            confirm_conflicts.clone(),
+        );
+        r.register(
+            "pingate_server_unauthenticated_closed",
+            "Connections closed before they were authenticated: source_cap and pool_cap (the oldest, to make room \
+             for a new one), deadline (no TLS handshake and hello in time), tls (handshake failed), gateway_cap (too \
+             many gateway connections).",
+            Described(unauthenticated_closed.clone()),
+        );
+        r.register_collector(Box::new(StateCollector(shared)));
+        ServerMetrics {
+            requests,
+            latency,
+            connections,
+            unauthenticated_closed,
+            stock: std::sync::Mutex::new((Vec::new(), None)),
+            refresh: tokio::sync::Notify::new(),
+            limits: std::sync::Mutex::new((Vec::new(), Vec::new())),
+            redeliveries,
+            confirm_conflicts,
+            registry: r,
+        }
+    }
+
+    /// A request of operation `op` answered with `error` (`None`: ok).
+    fn count(&self, op: &'static str, error: Option<ErrorCode>) {
+        let r = error.map_or(Some(0), |e| ErrorCode::ALL.iter().position(|c| *c == e).map(|i| i + 1));
+        let slot = OPS.iter().position(|o| *o == op).zip(r).map(|(o, r)| o * RESULTS + r);
+        let result = error.map_or("ok", ErrorCode::as_str);
+        self.requests.inc(slot, || RequestLabels { op, result });
+    }
+
+    fn closed(&self, reason: &'static str) {
+        self.unauthenticated_closed
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+}
+
+/// What the server holds, read at scrape time: connections under way, and the stock last read.
+#[derive(Debug)]
+struct StateCollector(std::sync::Weak<Shared>);
+
+impl Collector for StateCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // A scrape that outlives its server shows nothing more of it.
+        let Some(shared) = self.0.upgrade() else {
+            return Ok(());
+        };
+        let under_way = shared.unauthenticated.lock().expect("not poisoned").conns.len();
+        write_single(
+            &mut e,
+            "pingate_server_unauthenticated_connections",
+            "Connections whose TLS handshake or hello is under way.",
+            ConstGauge::new(i64::try_from(under_way).unwrap_or(i64::MAX)),
+        )?;
+        {
+            // Limits set with `pingate limits set` (kept in the database, shared by every server on it); what was
+            // granted is what gateways took in slices to sell from, at most the limit, not what they sold.
+            let limits = shared.metrics.limits.lock().expect("not poisoned");
+            fn value_labels(l: &crate::store::LimitRow) -> [(&'static str, &str); 2] {
+                [("merchant", &l.merchant_id), ("currency", &l.currency)]
+            }
+            write_family(
+                &mut e,
+                "pingate_server_merchant_value_limit",
+                "A merchant's value per UTC day in a currency (minor units) across every gateway (pingate limits set).",
+                limits
+                    .0
+                    .iter()
+                    .map(|l| (value_labels(l), ConstGauge::new(l.value_per_day))),
+            )?;
+            write_family(
+                &mut e,
+                "pingate_server_merchant_value_granted_today",
+                "What of a merchant's value limit was granted to gateways today (UTC), in slices they sell from.",
+                limits
+                    .0
+                    .iter()
+                    .map(|l| (value_labels(l), ConstGauge::new(l.granted_today))),
+            )?;
+            write_family(
+                &mut e,
+                "pingate_server_merchant_sales_per_minute_limit",
+                "A merchant's sales per UTC minute across every gateway (pingate limits set --sales-per-minute).",
+                limits.1.iter().map(|l| {
+                    (
+                        [("merchant", l.merchant_id.as_str())],
+                        ConstGauge::new(l.sales_per_minute),
+                    )
+                }),
+            )?;
+            write_family(
+                &mut e,
+                "pingate_server_merchant_sales_granted_this_minute",
+                "What of a merchant's sales per minute was granted to gateways in the current UTC minute.",
+                limits.1.iter().map(|l| {
+                    (
+                        [("merchant", l.merchant_id.as_str())],
+                        ConstGauge::new(l.granted_this_minute),
+                    )
+                }),
+            )?;
+        }
+        let stock = shared.metrics.stock.lock().expect("not poisoned");
+        let amounts: Vec<String> = stock.0.iter().map(|s| s.amount.to_string()).collect();
+        write_family(
+            &mut e,
+            "pingate_server_stock_pins",
+            "PINs by product, amount and state.",
+            stock.0.iter().zip(&amounts).map(|(s, amount)| {
+                (
+                    [("product", &s.product), ("amount", amount), ("state", &s.state)],
+                    ConstGauge::new(s.count),
+                )
+            }),
+        )
+    }
 }
 
 /// How often the stock shown in the metrics is read again; readiness fails when it could not be read for 3 times
@@ -299,64 +489,8 @@ impl MetricsSource {
 
 impl crate::metrics::Source for MetricsSource {
     fn metrics(&self) -> String {
-        let m = &self.0.metrics;
         self.refresh_stale();
-        let mut e = crate::metrics::Exposition::default();
-        m.requests.render(
-            &mut e,
-            "pingate_server_requests_total",
-            "PSP requests by operation and result.",
-        );
-        m.latency.render(
-            &mut e,
-            "pingate_server_request_duration_seconds",
-            "Time to answer a PSP request.",
-        );
-        e.single(
-            "pingate_server_connections",
-            "gauge",
-            "Open gateway connections.",
-            m.connections.load(Ordering::Relaxed) as f64,
-        );
-        e.single(
-            "pingate_server_redeliveries_total",
-            "counter",
-            "Sold PINs handed out again to a repeat of their sale (each recorded in the redeliveries table).",
-            m.redeliveries.load(Ordering::Relaxed) as f64,
-        );
-        e.single(
-            "pingate_server_confirm_conflicts_total",
-            "counter",
-            "Cached sales whose confirm was refused for good (recorded in confirm_conflicts for the operator).",
-            m.confirm_conflicts.load(Ordering::Relaxed) as f64,
-        );
-        e.single(
-            "pingate_server_unauthenticated_connections",
-            "gauge",
-            "Connections whose TLS handshake or hello is under way.",
-            self.0.unauthenticated.lock().expect("not poisoned").conns.len() as f64,
-        );
-        m.unauthenticated_closed.render(
-            &mut e,
-            "pingate_server_unauthenticated_closed_total",
-            "Connections closed before they were authenticated: source_cap and pool_cap (the oldest, to make room \
-             for a new one), deadline (no TLS handshake and hello in time), tls (handshake failed), gateway_cap (too \
-             many gateway connections).",
-        );
-        e.family(
-            "pingate_server_stock_pins",
-            "gauge",
-            "PINs by product, amount and state.",
-        );
-        for s in &m.stock.lock().expect("not poisoned").0 {
-            let amount = s.amount.to_string();
-            e.sample(
-                "pingate_server_stock_pins",
-                &[("product", &s.product), ("amount", &amount), ("state", &s.state)],
-                s.count as f64,
-            );
-        }
-        e.finish()
+        crate::metrics::exposition(&self.0.metrics.registry)
     }
 
     fn status(&self) -> String {
@@ -366,7 +500,7 @@ impl crate::metrics::Source for MetricsSource {
         let history = self.0.sold_history.lock().expect("not poisoned");
         status::render(&status::View {
             ready: self.ready(),
-            connections: m.connections.load(Ordering::Relaxed),
+            connections: m.connections.get().max(0) as u64,
             unauthenticated: self.0.unauthenticated.lock().expect("not poisoned").conns.len(),
             max_connections: self.0.opts.max_connections,
             stock: &stock.0,
@@ -422,23 +556,14 @@ pub async fn run(
     let acceptor = TlsAcceptor::from(tls);
     let metrics_addr = opts.metrics;
     let gateway_slots = Arc::new(Semaphore::new(opts.max_connections));
-    let shared = Arc::new(Shared {
+    let shared = Arc::new_cyclic(|me| Shared {
         store,
         gateways: gateways.into(),
         opts,
         unauthenticated: Mutex::new(Unauthenticated::default()),
         gateway_slots,
         sold_history: Mutex::new(status::SoldHistory::default()),
-        metrics: ServerMetrics {
-            requests: Default::default(),
-            latency: crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS),
-            connections: AtomicU64::new(0),
-            unauthenticated_closed: Default::default(),
-            stock: std::sync::Mutex::new((Vec::new(), None)),
-            refresh: tokio::sync::Notify::new(),
-            redeliveries: AtomicU64::new(0),
-            confirm_conflicts: AtomicU64::new(0),
-        },
+        metrics: ServerMetrics::new(me.clone()),
     });
     let stop = CancellationToken::new();
     // The background tasks below hold the store; should this future be dropped before its end (a caller's timeout
@@ -461,6 +586,11 @@ pub async fn run(
                             let now = std::time::Instant::now();
                             shared.sold_history.lock().expect("not poisoned").record(now, &rows);
                             *shared.metrics.stock.lock().expect("not poisoned") = (rows, Some(now));
+                        }
+                        let now = crate::clock::unix_now();
+                        let (day, minute) = (now.div_euclid(86_400), now.div_euclid(60));
+                        if let Ok(Outcome::Limits(value, rate)) = shared.store.call(Op::Limits { day, minute }).await {
+                            *shared.metrics.limits.lock().expect("not poisoned") = (value, rate);
                         }
                         tokio::select! {
                             _ = stop.cancelled() => return,
@@ -515,7 +645,7 @@ pub async fn run(
                     shared.opts.max_unauthenticated_per_source,
                 );
                 for (reason, source) in made_room {
-                    shared.metrics.unauthenticated_closed.inc(&[("reason", reason)]);
+                    shared.metrics.closed(reason);
                     limited!(warn, key: reason; "unauthenticated connections at their cap; the oldest closed", reason, %source);
                 }
                 let span = info_span!("psp", conn = id, %peer, gateway = tracing::field::Empty);
@@ -547,7 +677,7 @@ async fn connection(
     let _ = tcp.set_nodelay(true);
     // The TLS handshake and the hello must both be done by then.
     let deadline = tokio::time::Instant::now() + shared.opts.handshake_timeout;
-    let refused = |reason: &'static str| shared.metrics.unauthenticated_closed.inc(&[("reason", reason)]);
+    let refused = |reason: &'static str| shared.metrics.closed(reason);
     // A client that never finishes its handshake neither holds a slot for long nor delays shutdown; one closed to
     // make room was counted then.
     // (Pinned here, the socket outlives the select: a connection is counted before its peer sees it closed.)
@@ -596,7 +726,7 @@ async fn connection(
         limited!(warn, "gateway connections at their cap; closed", %gateway);
         return;
     };
-    shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.connections.inc();
     info!(%peer, "gateway connected");
 
     // Requests are read up to `max_frame`, answers written up to the protocol's answer cap.
@@ -759,13 +889,46 @@ async fn connection(
     // destroys answers the gateway has not read yet — answers to sales that are committed.
     let linger = async { while let Some(Ok(_)) = frames.next().await {} };
     let _ = tokio::time::timeout(LINGER, linger).await;
-    shared.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+    shared.metrics.connections.dec();
     info!("gateway disconnected");
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_operation_and_result_is_its_own_series() {
+        // No server behind it: its stock is not shown, the counters are.
+        let m = ServerMetrics::new(std::sync::Weak::new());
+        // Every operation with every result, each as many times as its place in the lists: a slot given to two label
+        // sets would add up two of them.
+        let results: Vec<Option<ErrorCode>> = std::iter::once(None).chain(ErrorCode::ALL.map(Some)).collect();
+        assert_eq!(results.len(), RESULTS, "a slot for ok and for each error code");
+        for (o, op) in OPS.iter().enumerate() {
+            for (r, result) in results.iter().enumerate() {
+                for _ in 0..(o * results.len() + r + 1) {
+                    m.count(op, *result);
+                }
+            }
+        }
+        m.count("not_an_op_yet", None);
+        let text = crate::metrics::exposition(&m.registry);
+        for (o, op) in OPS.iter().enumerate() {
+            for (r, result) in results.iter().enumerate() {
+                let result = result.map_or("ok", ErrorCode::as_str);
+                let line = format!(
+                    "pingate_server_requests_total{{op=\"{op}\",result=\"{result}\"}} {}",
+                    o * results.len() + r + 1
+                );
+                assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+            }
+        }
+        assert!(
+            text.contains("pingate_server_requests_total{op=\"not_an_op_yet\",result=\"ok\"} 1"),
+            "{text}"
+        );
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

@@ -893,6 +893,11 @@ pub enum Op {
     CheckSale {
         sale: SaleContext,
     },
+    /// Every merchant's limits with what was granted of them on UTC day `day` and in minute `minute` (the metrics).
+    Limits {
+        day: i64,
+        minute: i64,
+    },
     /// The ids of the PINs reserved to `holder` (for a gateway to reconcile its journal at start).
     Held {
         holder: String,
@@ -952,6 +957,7 @@ pub enum Outcome {
     Catalog(Vec<Product>),
     Held(Vec<i64>),
     SaleState(SaleState),
+    Limits(Vec<LimitRow>, Vec<RateRow>),
     /// How many PINs expired.
     Expired(u64),
     /// Value granted (at most what was asked); `limited`: the merchant has a limit in that currency.

@@ -1376,6 +1376,10 @@ async fn apply(
             let reversed = found.is_none() && reversal_pending(tx, sale).await?;
             Ok(Outcome::SaleState(super::sale_state(found, reversed)))
         }
+        Op::Limits { day, minute } => Ok(Outcome::Limits(
+            limits(tx, *day).await?,
+            rate_limits(tx, *minute).await?,
+        )),
         Op::Held { holder } => {
             let rows = tx
                 .query(
@@ -1386,6 +1390,33 @@ async fn apply(
             Ok(Outcome::Held(rows.iter().map(|r| r.get(0)).collect()))
         }
     }
+}
+
+/// Every merchant's value limit with what was granted of it on UTC day `day` (the CLI's `limits show`, the metrics).
+async fn limits(c: &impl GenericClient, day: i64) -> Result<Vec<super::LimitRow>, StoreError> {
+    Ok(c.query(super::LIST_LIMITS, &[&day])
+        .await?
+        .iter()
+        .map(|r| super::LimitRow {
+            merchant_id: r.get(0),
+            currency: r.get(1),
+            value_per_day: r.get(2),
+            granted_today: r.get(3),
+        })
+        .collect())
+}
+
+/// Every merchant's sales per minute with what was granted of it in minute `minute`.
+async fn rate_limits(c: &impl GenericClient, minute: i64) -> Result<Vec<super::RateRow>, StoreError> {
+    Ok(c.query(super::LIST_RATE_LIMITS, &[&minute])
+        .await?
+        .iter()
+        .map(|r| super::RateRow {
+            merchant_id: r.get(0),
+            sales_per_minute: r.get(1),
+            granted_this_minute: r.get(2),
+        })
+        .collect())
 }
 
 /// The sale recorded under a key, whichever gateway made it.
@@ -2023,16 +2054,7 @@ impl super::PinStore for PgStore {
         Ok(())
     }
     async fn limits(&self, day: i64) -> Result<Vec<super::LimitRow>, StoreError> {
-        let rows = self.client.query(super::LIST_LIMITS, &[&day]).await?;
-        Ok(rows
-            .iter()
-            .map(|r| super::LimitRow {
-                merchant_id: r.get(0),
-                currency: r.get(1),
-                value_per_day: r.get(2),
-                granted_today: r.get(3),
-            })
-            .collect())
+        limits(&self.client, day).await
     }
     async fn set_rate_limit(&mut self, merchant_id: &str, sales_per_minute: Option<i64>) -> Result<(), StoreError> {
         let tx = self.client.transaction().await?;
@@ -2063,15 +2085,7 @@ impl super::PinStore for PgStore {
         Ok(())
     }
     async fn rate_limits(&self, minute: i64) -> Result<Vec<super::RateRow>, StoreError> {
-        let rows = self.client.query(super::LIST_RATE_LIMITS, &[&minute]).await?;
-        Ok(rows
-            .iter()
-            .map(|r| super::RateRow {
-                merchant_id: r.get(0),
-                sales_per_minute: r.get(1),
-                granted_this_minute: r.get(2),
-            })
-            .collect())
+        rate_limits(&self.client, minute).await
     }
     async fn voided(&self, since: i64, include_unacknowledged: bool) -> Result<Vec<super::VoidedRow>, StoreError> {
         let rows = self

@@ -1093,6 +1093,33 @@ fn unexpected(o: Outcome) -> StoreError {
     StoreError::Db(format!("internal: unexpected outcome {o:?}"))
 }
 
+/// Every merchant's value limit with what was granted of it on UTC day `day` (the CLI's `limits show`, the metrics).
+fn limits(conn: &Connection, day: i64) -> Result<Vec<super::LimitRow>, StoreError> {
+    let mut st = conn.prepare_cached(super::LIST_LIMITS)?;
+    let rows = st.query_map(params![day], |r| {
+        Ok(super::LimitRow {
+            merchant_id: r.get(0)?,
+            currency: r.get(1)?,
+            value_per_day: r.get(2)?,
+            granted_today: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Every merchant's sales per minute with what was granted of it in minute `minute`.
+fn rate_limits(conn: &Connection, minute: i64) -> Result<Vec<super::RateRow>, StoreError> {
+    let mut st = conn.prepare_cached(super::LIST_RATE_LIMITS)?;
+    let rows = st.query_map(params![minute], |r| {
+        Ok(super::RateRow {
+            merchant_id: r.get(0)?,
+            sales_per_minute: r.get(1)?,
+            granted_this_minute: r.get(2)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 /// One operation inside the batch's transaction.
 fn apply(tx: &Connection, cipher: &PinCipher, op: &Op, now: i64, today: &str) -> Result<Outcome, StoreError> {
     match op {
@@ -1216,6 +1243,7 @@ fn apply(tx: &Connection, cipher: &PinCipher, op: &Op, now: i64, today: &str) ->
             let reversed = found.is_none() && reversal_pending(tx, sale)?;
             Ok(Outcome::SaleState(super::sale_state(found, reversed)))
         }
+        Op::Limits { day, minute } => Ok(Outcome::Limits(limits(tx, *day)?, rate_limits(tx, *minute)?)),
         Op::Held { holder } => {
             let mut st =
                 tx.prepare_cached("SELECT id FROM pins WHERE state = 'reserved' AND holder = ?1 ORDER BY id")?;
@@ -1701,16 +1729,7 @@ impl super::PinStore for SqliteStore {
         Ok(())
     }
     async fn limits(&self, day: i64) -> Result<Vec<super::LimitRow>, StoreError> {
-        let mut st = self.conn.prepare(super::LIST_LIMITS)?;
-        let rows = st.query_map(params![day], |r| {
-            Ok(super::LimitRow {
-                merchant_id: r.get(0)?,
-                currency: r.get(1)?,
-                value_per_day: r.get(2)?,
-                granted_today: r.get(3)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        limits(&self.conn, day)
     }
     async fn set_rate_limit(&mut self, merchant_id: &str, sales_per_minute: Option<i64>) -> Result<(), StoreError> {
         self.check_version()?;
@@ -1738,15 +1757,7 @@ impl super::PinStore for SqliteStore {
     }
     async fn rate_limits(&self, minute: i64) -> Result<Vec<super::RateRow>, StoreError> {
         self.check_version()?;
-        let mut st = self.conn.prepare(super::LIST_RATE_LIMITS)?;
-        let rows = st.query_map(params![minute], |r| {
-            Ok(super::RateRow {
-                merchant_id: r.get(0)?,
-                sales_per_minute: r.get(1)?,
-                granted_this_minute: r.get(2)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        rate_limits(&self.conn, minute)
     }
     async fn voided(&self, since: i64, include_unacknowledged: bool) -> Result<Vec<super::VoidedRow>, StoreError> {
         let mut st = self.conn.prepare(super::LIST_VOIDED)?;
