@@ -378,11 +378,7 @@ async fn a_client_that_never_says_hello_is_closed_at_the_handshake_deadline() {
 fn the_first_frame_deadline_is_configured_per_listener_and_checked() {
     use pingate::gateway::config::GatewayConfig;
     let d = dir("config");
-    std::fs::create_dir_all(&d).unwrap();
-    common::write_key(&d.join("journal.keys"), &format!("1:{}", "ab".repeat(32)));
-    common::write_example_terminal_keys(&d);
-    let text = std::fs::read_to_string("protocols/gateway.example.toml").unwrap();
-    let path = d.join("gateway.toml");
+    let (text, path) = common::example_config(&d);
     let c = GatewayConfig::parse(&text, &path).unwrap();
     assert_eq!(c.listeners[0].first_frame_timeout, Duration::from_secs(5));
     let bad = text.replace("first_frame_timeout_ms = 5000", "first_frame_timeout_ms = 0");

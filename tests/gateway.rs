@@ -556,11 +556,7 @@ fn the_example_configuration_loads_and_mistakes_are_named() {
     use pingate::gateway::cache::Mode;
     use pingate::gateway::config::{ConfigError, GatewayConfig};
     let d = dir("config");
-    std::fs::create_dir_all(&d).unwrap();
-    common::write_key(&d.join("journal.keys"), &format!("1:{}", "ab".repeat(32)));
-    common::write_example_terminal_keys(&d);
-    let text = std::fs::read_to_string("protocols/gateway.example.toml").unwrap();
-    let path = d.join("gateway.toml");
+    let (text, path) = common::example_config(&d);
     let c = GatewayConfig::parse(&text, &path).unwrap();
     assert_eq!(c.journal, d.join("gateway.journal"));
     // The example requires MACs on its listener and its modem line, with the terminals' keys from the key file.

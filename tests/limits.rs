@@ -73,11 +73,7 @@ async fn a_terminal_and_a_merchant_at_their_limits_get_65_and_61_and_no_pin() {
 fn limits_in_the_configuration_are_checked() {
     use pingate::gateway::config::GatewayConfig;
     let d = dir("config");
-    std::fs::create_dir_all(&d).unwrap();
-    common::write_key(&d.join("journal.keys"), &format!("1:{}", "ab".repeat(32)));
-    common::write_example_terminal_keys(&d);
-    let text = std::fs::read_to_string("protocols/gateway.example.toml").unwrap();
-    let path = d.join("gateway.toml");
+    let (text, path) = common::example_config(&d);
     let c = GatewayConfig::parse(&text, &path).unwrap();
     assert_eq!(c.policy.limits.terminal_sales_per_minute, Some(6));
     assert_eq!(c.policy.limits.merchant_value_per_day.get("978"), Some(&500_000));

@@ -120,11 +120,7 @@ async fn a_reversal_after_the_window_gets_21_through_another_gateway_and_the_pin
 fn the_example_configuration_sets_the_reversal_window_and_its_range_is_checked() {
     use pingate::gateway::config::GatewayConfig;
     let d = dir("config");
-    std::fs::create_dir_all(&d).unwrap();
-    common::write_key(&d.join("journal.keys"), &format!("1:{}", "ab".repeat(32)));
-    common::write_example_terminal_keys(&d);
-    let text = std::fs::read_to_string("protocols/gateway.example.toml").unwrap();
-    let path = d.join("gateway.toml");
+    let (text, path) = common::example_config(&d);
     let c = GatewayConfig::parse(&text, &path).unwrap();
     assert_eq!(c.policy.reversal_window, Some(Duration::from_secs(900)));
     let bad = text.replace("reversal_window_secs = 900", "reversal_window_secs = 5");

@@ -53,6 +53,17 @@ pub fn topup(amounts: &[i64]) -> Product {
 }
 
 /// Writes a key file as an operator must: readable by its owner only (a key file others can read is refused).
+/// `protocols/gateway.example.toml` ready to parse in `dir` (created): the journal key and the terminal MAC keys it
+/// names written beside it. Returns the example's text and the path it stands for (`dir/gateway.toml`, not written).
+#[allow(dead_code)]
+pub fn example_config(dir: &std::path::Path) -> (String, std::path::PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    write_key(&dir.join("journal.keys"), &format!("1:{}", "ab".repeat(32)));
+    write_example_terminal_keys(dir);
+    let text = std::fs::read_to_string("protocols/gateway.example.toml").unwrap();
+    (text, dir.join("gateway.toml"))
+}
+
 /// The terminal MAC keys `protocols/gateway.example.toml` names, written into `dir` (its `terminal.kek` and
 /// `terminal-keys.toml`): a retail-DES key for TERM0001 (a dial-up terminal), an AES-CMAC key for TERM0002.
 #[allow(dead_code)]
