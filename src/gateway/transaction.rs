@@ -562,6 +562,7 @@ impl Gateway {
             self.enqueue(Job::Reverse { key, content, why });
             return answer(msg, ResponseCode::ServerUnavailable);
         }
+        let mut code = ResponseCode::Approved;
         if step == ReversalStep::AskServer {
             let margin = (self.cfg.response_deadline / 20).min(Duration::from_millis(500));
             let request = Request::Reverse {
@@ -603,22 +604,20 @@ impl Gateway {
                 // knows (this gateway does not remember the sale). The reversal is sent on as it stands (judged by
                 // when the terminal asked), and the terminal is told to repeat it (91): it learns the server's
                 // answer then, never an approval the server may refuse as too late.
-                ServerReversal::Forward if window.is_some() => {
-                    self.enqueue(Job::Reverse { key, content, why });
-                    self.overrule_reversed(&r.sale);
-                    return answer(msg, ResponseCode::ServerUnavailable);
-                }
+                ServerReversal::Forward if window.is_some() => code = ResponseCode::ServerUnavailable,
                 // Not answered in time, or refused otherwise: store-and-forward, as before (remembered).
                 ServerReversal::Forward => {}
             }
         }
-        self.stats.reversals.fetch_add(1, Ordering::Relaxed);
-        self.metrics
-            .reversal_rates
-            .reversal(&r.sale.terminal_id, &r.merchant_id);
+        if code == ResponseCode::Approved {
+            self.stats.reversals.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .reversal_rates
+                .reversal(&r.sale.terminal_id, &r.merchant_id);
+        }
         self.enqueue(Job::Reverse { key, content, why });
         self.overrule_reversed(&r.sale);
-        answer(msg, ResponseCode::Approved)
+        answer(msg, code)
     }
 
     /// A terminal reversed `key`: whatever entry the sale has now (even one begun while the reversal was being

@@ -204,13 +204,7 @@ async fn handle_request(shared: &Shared, gateway: &str, id: u64, request: Reques
                 // Not operations a gateway can ask for (see `to_op`).
                 Outcome::Catalog(_) | Outcome::Expired(_) | Outcome::Limits(..) => Response::Pong,
                 Outcome::Held(pin_ids) => Response::Held { pin_ids },
-                Outcome::SaleState(s) => Response::SaleState {
-                    state: match s {
-                        crate::store::SaleState::Sold => crate::psp::SaleState::Sold,
-                        crate::store::SaleState::Reversed => crate::psp::SaleState::Reversed,
-                        crate::store::SaleState::Unknown => crate::psp::SaleState::Unknown,
-                    },
-                },
+                Outcome::SaleState(s) => Response::SaleState { state: s.into() },
                 Outcome::Allowance { granted, limited } => Response::Allowance { granted, limited },
             },
         ),
@@ -397,6 +391,16 @@ impl From<Confirmation> for ConfirmOutcome {
             Confirmation::Voided => ConfirmOutcome::Voided,
             Confirmation::Conflict { voided: true } => ConfirmOutcome::ConflictVoided,
             Confirmation::Conflict { voided: false } => ConfirmOutcome::Conflict,
+        }
+    }
+}
+
+impl From<crate::store::SaleState> for crate::psp::SaleState {
+    fn from(s: crate::store::SaleState) -> crate::psp::SaleState {
+        match s {
+            crate::store::SaleState::Sold => crate::psp::SaleState::Sold,
+            crate::store::SaleState::Reversed => crate::psp::SaleState::Reversed,
+            crate::store::SaleState::Unknown => crate::psp::SaleState::Unknown,
         }
     }
 }
